@@ -1,0 +1,180 @@
+//! Types shared by the eBPF programs and the userspace daemon.
+//!
+//! Everything here is `#[repr(C)]`, `Copy`, with explicit padding, and its size is asserted at
+//! compile time: the kernel side writes these bytes and the daemon reads them back.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Bytes of payload carried by one ring-buffer chunk.
+pub const CHUNK_DATA: usize = 16384;
+/// A syscall moving more bytes than this many chunks hold is truncated (and counted): the
+/// per-direction offset still advances by the real length, so the daemon sees a gap.
+pub const MAX_CHUNKS_PER_CALL: u32 = 8;
+/// iovecs examined per readv/writev/recvmsg/sendmsg.
+pub const MAX_IOVECS: u32 = 8;
+
+/// Record kinds at the head of every ring-buffer record.
+pub const RECORD_DATA: u32 = 1;
+pub const RECORD_OPEN: u32 = 2;
+pub const RECORD_CLOSE: u32 = 3;
+
+/// Bytes travelling from the client to the server.
+pub const DIR_TO_SERVER: u8 = 0;
+/// Bytes travelling from the server to the client.
+pub const DIR_TO_CLIENT: u8 = 1;
+
+/// The process owning the socket is the client (its peer is a Postgres endpoint).
+pub const ROLE_CLIENT: u8 = 0;
+/// The process owning the socket is the server (its local endpoint is a Postgres endpoint).
+pub const ROLE_SERVER: u8 = 1;
+
+/// How a connection was first seen by the kernel side.
+pub const SEEN_CONNECT: u8 = 1;
+pub const SEEN_ACCEPT: u8 = 2;
+/// First seen in a read or write: it may predate the daemon.
+pub const SEEN_IO: u8 = 3;
+
+/// Value of `PORT_RULES[port]`: the port is not watched.
+pub const PORT_NONE: u8 = 0;
+/// Any address with this port is a Postgres endpoint.
+pub const PORT_ANY_ADDR: u8 = 1;
+/// Only the addresses listed in `ENDPOINTS` with this port are Postgres endpoints.
+pub const PORT_LISTED_ADDRS: u8 = 2;
+
+/// Indices of the per-CPU counters in the `COUNTERS` map.
+pub mod counter {
+    /// Chunks that did not fit in the ring buffer.
+    pub const RINGBUF_DROPS: u32 = 0;
+    /// Syscalls whose payload exceeded what one call may copy.
+    pub const TRUNCATED_CALLS: u32 = 1;
+    /// Bytes not copied because of truncation.
+    pub const TRUNCATED_BYTES: u32 = 2;
+    /// `bpf_probe_read_user` failures (page not resident and the like).
+    pub const READ_FAILURES: u32 = 3;
+    /// Connections that could not be added to the connection table.
+    pub const CONN_TABLE_FULL: u32 = 4;
+    /// Data chunks sent.
+    pub const CHUNKS: u32 = 5;
+    /// Payload bytes sent.
+    pub const BYTES: u32 = 6;
+    /// Open/close records that did not fit in the ring buffer.
+    pub const CONTROL_DROPS: u32 = 7;
+    pub const COUNT: u32 = 8;
+}
+
+/// The endpoints of a TCP connection as seen from the socket's owner.
+/// (8-byte aligned so copies compile to word moves, not byte loops the verifier must walk.)
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tuple {
+    /// IPv4 addresses are stored as IPv4-mapped IPv6 (::ffff:a.b.c.d).
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// AF_INET or AF_INET6 as the socket reported it.
+    pub family: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<Tuple>() == 40);
+
+/// Header of every ring-buffer record; data records carry `len` payload bytes after it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RecordHeader {
+    /// RECORD_DATA, RECORD_OPEN or RECORD_CLOSE.
+    pub kind: u32,
+    /// Payload bytes after this header (data records only).
+    pub len: u32,
+    /// Kernel address of the `struct sock`: with `conn_start_ns`, identifies the connection.
+    pub sock: u64,
+    /// When the kernel side first saw this socket (bpf_ktime_get_ns).
+    pub conn_start_ns: u64,
+    /// When this record was produced (bpf_ktime_get_ns).
+    pub ts_ns: u64,
+    /// Offset of the first payload byte within this direction's stream. For a close record,
+    /// the total bytes seen towards the server.
+    pub offset: u64,
+    /// For a close record, the total bytes seen towards the client. For data, the full
+    /// length the syscall moved (may exceed what was copied).
+    pub call_len: u64,
+    pub pid_tgid: u64,
+    pub uid_gid: u64,
+    pub cgroup_id: u64,
+    pub comm: [u8; 16],
+    pub tuple: Tuple,
+    /// DIR_TO_SERVER or DIR_TO_CLIENT.
+    pub direction: u8,
+    /// ROLE_CLIENT or ROLE_SERVER.
+    pub role: u8,
+    /// SEEN_CONNECT, SEEN_ACCEPT or SEEN_IO.
+    pub seen: u8,
+    /// Index of this chunk within its syscall (0 for the first).
+    pub chunk_index: u8,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<RecordHeader>() == 136);
+
+/// A data record as the kernel side assembles it in per-CPU scratch space.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DataRecord {
+    pub header: RecordHeader,
+    pub data: [u8; CHUNK_DATA],
+}
+const _: () = assert!(size_of::<DataRecord>() == 136 + CHUNK_DATA);
+
+/// Offsets of kernel structure fields, computed by the daemon from the running kernel's BTF
+/// and handed to the programs as a global at load time (Rust eBPF has no CO-RE relocations).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_f_inode: u32,
+    pub file_private_data: u32,
+    pub inode_i_mode: u32,
+    pub socket_sk: u32,
+    pub sock_family: u32,
+    pub sock_num: u32,
+    pub sock_dport: u32,
+    pub sock_daddr: u32,
+    pub sock_rcv_saddr: u32,
+    pub sock_v6_daddr: u32,
+    pub sock_v6_rcv_saddr: u32,
+    /// `sk_protocol`; u32::MAX where the kernel keeps it in a bitfield (then it is not checked).
+    pub sock_protocol: u32,
+    /// Non-zero once the daemon has filled these in.
+    pub valid: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<KernelOffsets>() == 72);
+
+/// Key of the `ENDPOINTS` map: one watched address and port.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    /// IPv4 as IPv4-mapped IPv6.
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<EndpointKey>() == 24);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are repr(C), Copy, and every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::EndpointKey {}
+    unsafe impl aya::Pod for super::RecordHeader {}
+}
+
+/// Maps an IPv4 address (network order bytes) into IPv4-mapped IPv6.
+pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
+}

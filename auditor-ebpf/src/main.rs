@@ -1,0 +1,18 @@
+//! eBPF programs of the auditor. Thin entry points; each calls a `try_*` function.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod sock;
+mod syscalls;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that can reach this; it is never taken.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

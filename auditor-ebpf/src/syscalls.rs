@@ -1,0 +1,423 @@
+//! Syscall tracepoints: connect/accept mark connections, the read/write family copies payload
+//! bytes of watched sockets into the ring buffer, and `sock:inet_sock_set_state` ends them.
+//!
+//! A read or write is resolved to its `struct sock` at sys_enter (fd -> file -> socket), so a
+//! connection is recognised by what it is, not by which process happened to accept it: the
+//! postmaster accepts and a forked backend reads, and connections older than the daemon are
+//! seen at their next read or write.
+
+use core::ffi::c_void;
+
+use auditor_common::{
+    counter, RecordHeader, CHUNK_DATA, DIR_TO_CLIENT, DIR_TO_SERVER, MAX_CHUNKS_PER_CALL,
+    MAX_IOVECS, RECORD_CLOSE, RECORD_DATA, RECORD_OPEN, ROLE_CLIENT, SEEN_ACCEPT, SEEN_CONNECT,
+    SEEN_IO,
+};
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_user,
+        generated::bpf_probe_read_user as probe_read_user_raw,
+    },
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+
+use crate::{
+    maps::{
+        count, ConnState, PendingCall, CONNECTING, CONNS, DAEMON_TGID, EVENTS, PENDING, SCRATCH,
+    },
+    sock::{offsets, role_of, sock_of_fd, tuple_of_sock},
+};
+
+const HEADER_LEN: usize = core::mem::size_of::<RecordHeader>();
+const ARG0: usize = 16;
+const ARG1: usize = 24;
+const ARG2: usize = 32;
+const ARG3: usize = 40;
+const RET: usize = 16;
+const EINPROGRESS: i64 = 115;
+const MSG_PEEK: u64 = 2;
+const TCP_CLOSE: i32 = 7;
+
+#[inline(always)]
+fn arg(ctx: &TracePointContext, at: usize) -> u64 {
+    unsafe { ctx.read_at::<u64>(at) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn is_daemon(pid_tgid: u64) -> bool {
+    (pid_tgid >> 32) as u32 == DAEMON_TGID.load()
+}
+
+/// The watched connection behind `fd`, registering it on first sight.
+#[inline(always)]
+fn lookup_conn(fd: u64, seen: u8) -> Option<(u64, ConnState, bool)> {
+    let off = offsets()?;
+    let sk = sock_of_fd(&off, fd)?;
+    if let Some(state) = unsafe { CONNS.get(&sk) } {
+        return Some((sk, *state, false));
+    }
+    let tuple = tuple_of_sock(&off, sk)?;
+    let role = role_of(&tuple)?;
+    let state = ConnState {
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        tuple,
+        offsets: [0, 0],
+        role,
+        seen,
+        _pad: [0; 6],
+    };
+    // BPF_NOEXIST: two CPUs racing on first sight keep the first entry.
+    if CONNS.insert(&sk, &state, 1).is_err() {
+        match unsafe { CONNS.get(&sk) } {
+            Some(existing) => return Some((sk, *existing, false)),
+            None => {
+                count(counter::CONN_TABLE_FULL, 1);
+                return None;
+            }
+        }
+    }
+    Some((sk, state, true))
+}
+
+#[inline(always)]
+fn fill_identity(h: &mut RecordHeader) {
+    h.pid_tgid = bpf_get_current_pid_tgid();
+    h.uid_gid = bpf_get_current_uid_gid();
+    h.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    h.ts_ns = unsafe { bpf_ktime_get_ns() };
+}
+
+/// Sends an open or close record (header only).
+#[inline(always)]
+fn emit_control(kind: u32, sk: u64, state: &ConnState, dir: u8) {
+    let mut h = RecordHeader {
+        kind,
+        sock: sk,
+        conn_start_ns: state.start_ns,
+        tuple: state.tuple,
+        role: state.role,
+        seen: state.seen,
+        direction: dir,
+        offset: state.offsets[DIR_TO_SERVER as usize],
+        call_len: state.offsets[DIR_TO_CLIENT as usize],
+        ..RecordHeader::default()
+    };
+    fill_identity(&mut h);
+    if EVENTS.output::<RecordHeader>(&h, 0).is_err() {
+        count(counter::CONTROL_DROPS, 1);
+    }
+}
+
+// ---- read/write family -------------------------------------------------------------------
+
+#[inline(always)]
+fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> Option<()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if is_daemon(pid_tgid) {
+        return None;
+    }
+    let (sk, state, _) = lookup_conn(arg(ctx, ARG0), SEEN_IO)?;
+    let towards_server = (state.role == ROLE_CLIENT) == is_write;
+    let pending = PendingCall {
+        sock: sk,
+        buf,
+        iovcnt,
+        direction: if towards_server {
+            DIR_TO_SERVER
+        } else {
+            DIR_TO_CLIENT
+        },
+        _pad: [0; 7],
+    };
+    PENDING.insert(&pid_tgid, &pending, 0).ok()
+}
+
+/// Copies `len` bytes from user memory at `src` into one record and sends it.
+#[inline(always)]
+fn send_chunk(rec: *mut auditor_common::DataRecord, src: u64, len: u64, offset: u64, index: u32) {
+    let n = if len > CHUNK_DATA as u64 {
+        CHUNK_DATA as u64
+    } else {
+        len
+    };
+    unsafe {
+        (*rec).header.offset = offset;
+        (*rec).header.len = n as u32;
+        (*rec).header.chunk_index = index as u8;
+        let dst = core::ptr::addr_of_mut!((*rec).data) as *mut c_void;
+        if probe_read_user_raw(dst, n as u32, src as *const c_void) != 0 {
+            count(counter::READ_FAILURES, 1);
+            return;
+        }
+        let total = HEADER_LEN + n as usize;
+        let bytes = core::slice::from_raw_parts(rec as *const u8, total);
+        if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+            count(counter::RINGBUF_DROPS, 1);
+        } else {
+            count(counter::CHUNKS, 1);
+            count(counter::BYTES, n);
+        }
+    }
+}
+
+/// Takes the pending call of this thread and prepares the record header in scratch space.
+/// Returns (call, payload length, first stream offset, record).
+#[inline(always)]
+fn begin_exit(
+    ctx: &TracePointContext,
+) -> Option<(PendingCall, u64, u64, *mut auditor_common::DataRecord)> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pending = *unsafe { PENDING.get(&pid_tgid) }?;
+    let _ = PENDING.remove(&pid_tgid);
+    let ret = arg(ctx, RET) as i64;
+    if ret <= 0 {
+        return None;
+    }
+    let total = ret as u64;
+    let state = CONNS.get_ptr_mut(&pending.sock)?;
+    let dir = pending.direction as usize & 1;
+    // This call's range of the stream. A plain read-modify-write: the socket lock orders
+    // concurrent transfers on one socket and their exits can run in another order, so
+    // syscall hooks cannot order truly concurrent writers anyway (no Postgres client or
+    // backend does that: the protocol is sequential per connection).
+    let base = unsafe { (*state).offsets[dir] };
+    unsafe { (*state).offsets[dir] = base + total };
+
+    let rec = SCRATCH.get_ptr_mut(0)?;
+    unsafe {
+        let h = &mut (*rec).header;
+        h.kind = RECORD_DATA;
+        h.sock = pending.sock;
+        h.conn_start_ns = (*state).start_ns;
+        h.call_len = total;
+        h.tuple = (*state).tuple;
+        h.direction = pending.direction;
+        h.role = (*state).role;
+        h.seen = (*state).seen;
+        h._pad = 0;
+        fill_identity(h);
+    }
+    Some((pending, total, base, rec))
+}
+
+#[inline(always)]
+fn count_truncation(total: u64, done: u64) {
+    if done < total {
+        count(counter::TRUNCATED_CALLS, 1);
+        count(counter::TRUNCATED_BYTES, total - done);
+    }
+}
+
+/// read, write, recvfrom, sendto: one buffer, sent as up to MAX_CHUNKS_PER_CALL chunks.
+#[inline(always)]
+fn exit_plain(ctx: &TracePointContext) -> Option<()> {
+    let (pending, total, base, rec) = begin_exit(ctx)?;
+    let mut done: u64 = 0;
+    for i in 0..MAX_CHUNKS_PER_CALL {
+        if done >= total {
+            break;
+        }
+        let n = core::cmp::min(total - done, CHUNK_DATA as u64);
+        send_chunk(rec, pending.buf + done, n, base + done, i);
+        done += n;
+    }
+    count_truncation(total, done);
+    Some(())
+}
+
+/// readv, writev, recvmsg, sendmsg: one chunk per iovec, up to MAX_IOVECS iovecs. Clients
+/// that scatter a message over many or huge iovecs are truncated (counted; the stream
+/// offsets still advance, so the daemon records a gap).
+#[inline(always)]
+fn exit_vectored(ctx: &TracePointContext) -> Option<()> {
+    let (pending, total, base, rec) = begin_exit(ctx)?;
+    let mut done: u64 = 0;
+    for i in 0..MAX_IOVECS {
+        if done >= total || i as u64 >= pending.iovcnt {
+            break;
+        }
+        // struct iovec { void *iov_base; size_t iov_len; }
+        let iov = pending.buf + i as u64 * 16;
+        let Ok(ptr) = (unsafe { bpf_probe_read_user(iov as *const u64) }) else {
+            break;
+        };
+        let Ok(len) = (unsafe { bpf_probe_read_user((iov + 8) as *const u64) }) else {
+            break;
+        };
+        let n = core::cmp::min(core::cmp::min(len, total - done), CHUNK_DATA as u64);
+        send_chunk(rec, ptr, n, base + done, i);
+        done += n;
+        if n < len && done < total {
+            break; // the rest of this iovec did not fit in a chunk
+        }
+    }
+    count_truncation(total, done);
+    Some(())
+}
+
+macro_rules! plain_io {
+    ($enter:ident, $exit:ident, $is_write:expr) => {
+        #[tracepoint]
+        pub fn $enter(ctx: TracePointContext) -> u32 {
+            let _ = enter_io(&ctx, $is_write, arg(&ctx, ARG1), 0);
+            0
+        }
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            let _ = exit_plain(&ctx);
+            0
+        }
+    };
+}
+
+plain_io!(sys_enter_read, sys_exit_read, false);
+plain_io!(sys_enter_write, sys_exit_write, true);
+plain_io!(sys_enter_sendto, sys_exit_sendto, true);
+
+#[tracepoint]
+pub fn sys_enter_recvfrom(ctx: TracePointContext) -> u32 {
+    // A peek does not consume: the bytes come again in a later read.
+    if arg(&ctx, ARG3) & MSG_PEEK == 0 {
+        let _ = enter_io(&ctx, false, arg(&ctx, ARG1), 0);
+    }
+    0
+}
+#[tracepoint]
+pub fn sys_exit_recvfrom(ctx: TracePointContext) -> u32 {
+    let _ = exit_plain(&ctx);
+    0
+}
+
+macro_rules! vector_io {
+    ($enter:ident, $exit:ident, $is_write:expr) => {
+        #[tracepoint]
+        pub fn $enter(ctx: TracePointContext) -> u32 {
+            let iovcnt = arg(&ctx, ARG2);
+            if iovcnt > 0 {
+                let _ = enter_io(&ctx, $is_write, arg(&ctx, ARG1), iovcnt);
+            }
+            0
+        }
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            let _ = exit_vectored(&ctx);
+            0
+        }
+    };
+}
+
+vector_io!(sys_enter_readv, sys_exit_readv, false);
+vector_io!(sys_enter_writev, sys_exit_writev, true);
+
+/// recvmsg/sendmsg: the iovecs are behind a `struct user_msghdr` in user memory.
+#[inline(always)]
+fn enter_msg(ctx: &TracePointContext, is_write: bool) -> Option<()> {
+    let msg = arg(ctx, ARG1);
+    if !is_write && arg(ctx, ARG2) & MSG_PEEK != 0 {
+        return None;
+    }
+    // struct user_msghdr { void *msg_name; int msg_namelen; struct iovec *msg_iov; size_t msg_iovlen; ... }
+    let iov: u64 = unsafe { bpf_probe_read_user((msg + 16) as *const u64) }.ok()?;
+    let iovcnt: u64 = unsafe { bpf_probe_read_user((msg + 24) as *const u64) }.ok()?;
+    if iovcnt == 0 {
+        return None;
+    }
+    enter_io(ctx, is_write, iov, iovcnt)
+}
+
+#[tracepoint]
+pub fn sys_enter_recvmsg(ctx: TracePointContext) -> u32 {
+    let _ = enter_msg(&ctx, false);
+    0
+}
+#[tracepoint]
+pub fn sys_exit_recvmsg(ctx: TracePointContext) -> u32 {
+    let _ = exit_vectored(&ctx);
+    0
+}
+#[tracepoint]
+pub fn sys_enter_sendmsg(ctx: TracePointContext) -> u32 {
+    let _ = enter_msg(&ctx, true);
+    0
+}
+#[tracepoint]
+pub fn sys_exit_sendmsg(ctx: TracePointContext) -> u32 {
+    let _ = exit_vectored(&ctx);
+    0
+}
+
+// ---- connection lifecycle ----------------------------------------------------------------
+
+#[inline(always)]
+fn opened(fd: u64, seen: u8) -> Option<()> {
+    let (sk, state, new) = lookup_conn(fd, seen)?;
+    if new {
+        emit_control(RECORD_OPEN, sk, &state, 0);
+    }
+    Some(())
+}
+
+#[tracepoint]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !is_daemon(pid_tgid) {
+        let _ = CONNECTING.insert(&pid_tgid, &arg(&ctx, ARG0), 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if let Some(fd) = unsafe { CONNECTING.get(&pid_tgid) }.copied() {
+        let _ = CONNECTING.remove(&pid_tgid);
+        let ret = arg(&ctx, RET) as i64;
+        // libpq connects non-blocking: EINPROGRESS is the normal answer.
+        if ret == 0 || ret == -EINPROGRESS {
+            let _ = opened(fd, SEEN_CONNECT);
+        }
+    }
+    0
+}
+
+macro_rules! accept_exit {
+    ($name:ident) => {
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            let fd = arg(&ctx, RET) as i64;
+            if fd >= 0 && !is_daemon(bpf_get_current_pid_tgid()) {
+                let _ = opened(fd as u64, SEEN_ACCEPT);
+            }
+            0
+        }
+    };
+}
+
+accept_exit!(sys_exit_accept);
+accept_exit!(sys_exit_accept4);
+
+/// Offsets within the `sock:inet_sock_set_state` record, from its tracefs format.
+const STATE_SKADDR: usize = 8;
+const STATE_NEWSTATE: usize = 20;
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_set_state(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_set_state(ctx: &TracePointContext) -> Option<()> {
+    let newstate: i32 = unsafe { ctx.read_at(STATE_NEWSTATE) }.ok()?;
+    if newstate != TCP_CLOSE {
+        return None;
+    }
+    let sk: u64 = unsafe { ctx.read_at(STATE_SKADDR) }.ok()?;
+    let state = *unsafe { CONNS.get(&sk) }?;
+    let _ = CONNS.remove(&sk);
+    emit_control(RECORD_CLOSE, sk, &state, 0);
+    Some(())
+}

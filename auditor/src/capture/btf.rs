@@ -1,0 +1,326 @@
+//! A small reader of the kernel's BTF (/sys/kernel/btf/vmlinux): just enough to find the byte
+//! offset of a (possibly nested, possibly inside anonymous unions) field of a named struct.
+//!
+//! The eBPF programs read kernel structures with `bpf_probe_read_kernel` at these offsets, so
+//! one build of the programs runs on every kernel whose BTF names the same fields.
+
+use std::collections::HashMap;
+
+use auditor_common::KernelOffsets;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error("reading {path}: {source} (the kernel must be built with CONFIG_DEBUG_INFO_BTF)")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("BTF is malformed: {0}")]
+    Malformed(&'static str),
+    #[error("kernel BTF has no struct `{0}`")]
+    NoStruct(String),
+    #[error("kernel BTF: struct `{strukt}` has no field `{field}`")]
+    NoField { strukt: String, field: String },
+    #[error("kernel BTF: `{strukt}.{field}` is a bitfield; it cannot be read by offset")]
+    Bitfield { strukt: String, field: String },
+}
+
+const KIND_INT: u32 = 1;
+const KIND_PTR: u32 = 2;
+const KIND_ARRAY: u32 = 3;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_FWD: u32 = 7;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC: u32 = 12;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
+const KIND_FLOAT: u32 = 16;
+const KIND_DECL_TAG: u32 = 17;
+const KIND_TYPE_TAG: u32 = 18;
+const KIND_ENUM64: u32 = 19;
+
+#[derive(Debug, Clone)]
+struct Member {
+    name_off: u32,
+    type_id: u32,
+    /// Offset in bits from the start of the enclosing struct.
+    bit_offset: u32,
+    bitfield_size: u32,
+}
+
+#[derive(Debug, Clone)]
+enum Type {
+    /// struct or union
+    Composite {
+        name_off: u32,
+        members: Vec<Member>,
+    },
+    /// typedef, const, volatile, restrict, type_tag: follow to the real type
+    Alias {
+        target: u32,
+    },
+    Other,
+}
+
+pub struct Btf {
+    types: Vec<Type>,
+    strings: Vec<u8>,
+    by_name: HashMap<String, u32>,
+}
+
+fn u32_at(data: &[u8], at: usize) -> Result<u32, BtfError> {
+    data.get(at..at + 4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .ok_or(BtfError::Malformed("truncated"))
+}
+
+impl Btf {
+    pub fn from_sys_fs() -> Result<Self, BtfError> {
+        let path = "/sys/kernel/btf/vmlinux";
+        let data = std::fs::read(path).map_err(|source| BtfError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&data)
+    }
+
+    pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
+        if data.len() < 24 || data[0..2] != [0x9f, 0xeb] {
+            return Err(BtfError::Malformed("bad magic (not little-endian BTF)"));
+        }
+        let hdr_len = u32_at(data, 4)? as usize;
+        let type_off = u32_at(data, 8)? as usize;
+        let type_len = u32_at(data, 12)? as usize;
+        let str_off = u32_at(data, 16)? as usize;
+        let str_len = u32_at(data, 20)? as usize;
+        let types_at = hdr_len
+            .checked_add(type_off)
+            .ok_or(BtfError::Malformed("type offset"))?;
+        let strs_at = hdr_len
+            .checked_add(str_off)
+            .ok_or(BtfError::Malformed("string offset"))?;
+        let type_data = data
+            .get(types_at..types_at + type_len)
+            .ok_or(BtfError::Malformed("type section out of bounds"))?;
+        let strings = data
+            .get(strs_at..strs_at + str_len)
+            .ok_or(BtfError::Malformed("string section out of bounds"))?
+            .to_vec();
+
+        // Type id 0 is void.
+        let mut types = vec![Type::Other];
+        let mut at = 0usize;
+        while at < type_data.len() {
+            let name_off = u32_at(type_data, at)?;
+            let info = u32_at(type_data, at + 4)?;
+            let size_or_type = u32_at(type_data, at + 8)?;
+            let vlen = (info & 0xffff) as usize;
+            let kind = (info >> 24) & 0x1f;
+            let kind_flag = info >> 31 == 1;
+            at += 12;
+            let ty = match kind {
+                KIND_STRUCT | KIND_UNION => {
+                    let mut members = Vec::with_capacity(vlen);
+                    for i in 0..vlen {
+                        let m = at + i * 12;
+                        let offset = u32_at(type_data, m + 8)?;
+                        let (bit_offset, bitfield_size) = if kind_flag {
+                            (offset & 0x00ff_ffff, offset >> 24)
+                        } else {
+                            (offset, 0)
+                        };
+                        members.push(Member {
+                            name_off: u32_at(type_data, m)?,
+                            type_id: u32_at(type_data, m + 4)?,
+                            bit_offset,
+                            bitfield_size,
+                        });
+                    }
+                    at += vlen * 12;
+                    Type::Composite { name_off, members }
+                }
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    Type::Alias {
+                        target: size_or_type,
+                    }
+                }
+                KIND_INT => {
+                    at += 4;
+                    Type::Other
+                }
+                KIND_ARRAY => {
+                    at += 12;
+                    Type::Other
+                }
+                KIND_ENUM => {
+                    at += vlen * 8;
+                    Type::Other
+                }
+                KIND_ENUM64 => {
+                    at += vlen * 12;
+                    Type::Other
+                }
+                KIND_FUNC_PROTO => {
+                    at += vlen * 8;
+                    Type::Other
+                }
+                KIND_VAR | KIND_DECL_TAG => {
+                    at += 4;
+                    Type::Other
+                }
+                KIND_DATASEC => {
+                    at += vlen * 12;
+                    Type::Other
+                }
+                KIND_PTR | KIND_FWD | KIND_FUNC | KIND_FLOAT => Type::Other,
+                _ => return Err(BtfError::Malformed("unknown type kind")),
+            };
+            types.push(ty);
+        }
+        let mut btf = Btf {
+            types,
+            strings,
+            by_name: HashMap::new(),
+        };
+        // The first struct of a name wins (vmlinux has one definition per struct name).
+        let mut by_name = HashMap::new();
+        for (id, ty) in btf.types.iter().enumerate() {
+            if let Type::Composite { name_off, members } = ty {
+                let name = btf.name(*name_off);
+                if !name.is_empty() && !members.is_empty() {
+                    by_name.entry(name.to_string()).or_insert(id as u32);
+                }
+            }
+        }
+        btf.by_name = by_name;
+        Ok(btf)
+    }
+
+    fn name(&self, off: u32) -> &str {
+        let start = off as usize;
+        let Some(rest) = self.strings.get(start..) else {
+            return "";
+        };
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        std::str::from_utf8(&rest[..end]).unwrap_or("")
+    }
+
+    fn resolve(&self, mut id: u32) -> Option<&Type> {
+        for _ in 0..32 {
+            match self.types.get(id as usize)? {
+                Type::Alias { target } => id = *target,
+                ty => return Some(ty),
+            }
+        }
+        None
+    }
+
+    /// Byte offset of `field` in struct `strukt`, looking through anonymous members.
+    pub fn field_offset(&self, strukt: &str, field: &str) -> Result<u32, BtfError> {
+        let id = *self
+            .by_name
+            .get(strukt)
+            .ok_or_else(|| BtfError::NoStruct(strukt.into()))?;
+        match self.find(id, field, 0) {
+            Some((bits, 0)) if bits % 8 == 0 => Ok(bits / 8),
+            Some(_) => Err(BtfError::Bitfield {
+                strukt: strukt.into(),
+                field: field.into(),
+            }),
+            None => Err(BtfError::NoField {
+                strukt: strukt.into(),
+                field: field.into(),
+            }),
+        }
+    }
+
+    /// (bit offset, bitfield size) of `field` within type `id`, searching anonymous members.
+    fn find(&self, id: u32, field: &str, depth: u32) -> Option<(u32, u32)> {
+        if depth > 8 {
+            return None;
+        }
+        let Type::Composite { members, .. } = self.resolve(id)? else {
+            return None;
+        };
+        for m in members {
+            let name = self.name(m.name_off);
+            if name == field {
+                return Some((m.bit_offset, m.bitfield_size));
+            }
+            if name.is_empty() {
+                if let Some((inner, size)) = self.find(m.type_id, field, depth + 1) {
+                    return Some((m.bit_offset + inner, size));
+                }
+            }
+        }
+        None
+    }
+
+    /// The offsets the eBPF programs need, for the running kernel.
+    pub fn kernel_offsets(&self) -> Result<KernelOffsets, BtfError> {
+        let sk_common = self.field_offset("sock", "__sk_common")?;
+        let common = |f: &str| -> Result<u32, BtfError> {
+            Ok(sk_common + self.field_offset("sock_common", f)?)
+        };
+        let sock_protocol = match self.field_offset("sock", "sk_protocol") {
+            Ok(off) => off,
+            // Kernels before 5.6 keep sk_protocol in a bitfield: skip the check there.
+            Err(BtfError::Bitfield { .. }) => u32::MAX,
+            Err(e) => return Err(e),
+        };
+        Ok(KernelOffsets {
+            task_files: self.field_offset("task_struct", "files")?,
+            files_fdt: self.field_offset("files_struct", "fdt")?,
+            fdtable_max_fds: self.field_offset("fdtable", "max_fds")?,
+            fdtable_fd: self.field_offset("fdtable", "fd")?,
+            file_f_inode: self.field_offset("file", "f_inode")?,
+            file_private_data: self.field_offset("file", "private_data")?,
+            inode_i_mode: self.field_offset("inode", "i_mode")?,
+            socket_sk: self.field_offset("socket", "sk")?,
+            sock_family: common("skc_family")?,
+            sock_num: common("skc_num")?,
+            sock_dport: common("skc_dport")?,
+            sock_daddr: common("skc_daddr")?,
+            sock_rcv_saddr: common("skc_rcv_saddr")?,
+            sock_v6_daddr: common("skc_v6_daddr")?,
+            sock_v6_rcv_saddr: common("skc_v6_rcv_saddr")?,
+            sock_protocol,
+            valid: 1,
+            _pad: 0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_garbage_without_panicking() {
+        assert!(Btf::parse(&[]).is_err());
+        assert!(Btf::parse(&[0u8; 64]).is_err());
+        let mut hdr = vec![0x9f, 0xeb, 1, 0, 24, 0, 0, 0];
+        hdr.extend_from_slice(&[0, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(Btf::parse(&hdr).is_err());
+    }
+
+    #[test]
+    fn running_kernel_offsets() {
+        let Ok(btf) = Btf::from_sys_fs() else {
+            eprintln!("skipped: no /sys/kernel/btf/vmlinux on this machine");
+            return;
+        };
+        let off = btf.kernel_offsets().expect("offsets");
+        // struct sock starts with sock_common, whose address pair comes first.
+        assert_eq!(off.sock_daddr, 0);
+        assert_eq!(off.sock_rcv_saddr, 4);
+        assert!(off.sock_dport > off.sock_rcv_saddr && off.sock_num == off.sock_dport + 2);
+        assert!(off.task_files > 0 && off.file_private_data > 0);
+    }
+}

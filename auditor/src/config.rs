@@ -1,0 +1,260 @@
+//! The daemon's configuration (YAML). Every field has a default; an unknown or invalid field
+//! stops the daemon with a message that names it.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: `{field}`: {problem}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        problem: String,
+    },
+}
+
+/// One Postgres endpoint to watch: a port, optionally only on one address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    pub port: u16,
+    /// Only this address (IPv4 or IPv6); any address when absent.
+    #[serde(default)]
+    pub address: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Recording {
+    /// Record SQL text as sent, literals included. Default: false (literals become $n).
+    pub raw_statements: bool,
+    /// Record bind parameter values as sent. Default: false (keyed hashes).
+    pub raw_params: bool,
+}
+
+impl Default for Recording {
+    fn default() -> Self {
+        Recording {
+            raw_statements: false,
+            raw_params: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalLogConfig {
+    /// Write the hash-chained JSON Lines log under `state_dir/log`. Default: true.
+    pub enabled: bool,
+    /// Start a new file past this size. Default: 100 MiB.
+    pub rotate_bytes: u64,
+}
+
+impl Default for LocalLogConfig {
+    fn default() -> Self {
+        LocalLogConfig {
+            enabled: true,
+            rotate_bytes: 100 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    /// Size of the kernel ring buffer (a power of two, at least 64 KiB). Default: 64 MiB.
+    pub ring_buffer_bytes: u32,
+    /// Largest client message decoded (Query, Parse, Bind); larger ones are recorded as
+    /// truncated gap events. Default: 1 MiB.
+    pub max_message_bytes: u32,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            ring_buffer_bytes: 64 << 20,
+            max_message_bytes: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the log, the parameter-hash key and the stats live. Default: /var/lib/auditor.
+    pub state_dir: PathBuf,
+    /// Host name written into events. Default: this machine's host name.
+    pub host: Option<String>,
+    /// Postgres endpoints to watch. Default: TCP port 5432 on any address.
+    pub endpoints: Vec<Endpoint>,
+    pub record: Recording,
+    pub local_log: LocalLogConfig,
+    pub capture: CaptureConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            state_dir: PathBuf::from("/var/lib/auditor"),
+            host: None,
+            endpoints: vec![Endpoint {
+                port: 5432,
+                address: None,
+            }],
+            record: Recording::default(),
+            local_log: LocalLogConfig::default(),
+            capture: CaptureConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: &str, problem: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            problem,
+        };
+        if self.endpoints.is_empty() {
+            return Err(invalid(
+                "endpoints",
+                "is empty: nothing would be captured (the default is port 5432)".into(),
+            ));
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            if e.port == 0 {
+                return Err(invalid(
+                    &format!("endpoints[{i}].port"),
+                    "must be 1-65535".into(),
+                ));
+            }
+        }
+        let rb = self.capture.ring_buffer_bytes;
+        if !rb.is_power_of_two() || rb < 64 * 1024 {
+            return Err(invalid(
+                "capture.ring_buffer_bytes",
+                format!("{rb} must be a power of two of at least 65536"),
+            ));
+        }
+        let m = self.capture.max_message_bytes;
+        if !(1024..=(1 << 30)).contains(&m) {
+            return Err(invalid(
+                "capture.max_message_bytes",
+                format!("{m} must be between 1024 and 1073741824"),
+            ));
+        }
+        if self.local_log.rotate_bytes < 4096 {
+            return Err(invalid(
+                "local_log.rotate_bytes",
+                "must be at least 4096".into(),
+            ));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(invalid(
+                "state_dir",
+                format!("{} must be an absolute path", self.state_dir.display()),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn log_dir(&self) -> PathBuf {
+        self.state_dir.join("log")
+    }
+
+    pub fn stats_path(&self) -> PathBuf {
+        self.state_dir.join("stats.json")
+    }
+
+    pub fn host_name(&self) -> String {
+        if let Some(h) = &self.host {
+            return h.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into())
+    }
+}
+
+/// The commented default configuration (`auditor config-example`).
+pub const EXAMPLE: &str = r#"# auditor configuration. Every field is optional; shown are the defaults.
+state_dir: /var/lib/auditor        # log/, stats.json and the parameter-hash key live here
+# host: db-1                       # host name in events (default: this machine's)
+endpoints:                         # Postgres endpoints: a port, optionally one address
+  - port: 5432
+  # - port: 6432
+  #   address: 10.0.0.5
+record:
+  raw_statements: false            # true: keep literals in SQL text (default: $n)
+  raw_params: false                # true: keep bind values (default: keyed hashes)
+local_log:
+  enabled: true
+  rotate_bytes: 104857600          # start a new file past 100 MiB
+capture:
+  ring_buffer_bytes: 67108864      # kernel ring buffer, a power of two
+  max_message_bytes: 1048576       # larger client messages are recorded as truncated gaps
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_is_the_default() {
+        let cfg = Config::parse(EXAMPLE, Path::new("example.yaml")).unwrap();
+        assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = Config::parse(
+            "endpoints:\n  - port: 5432\n    adress: 1.2.3.4\n",
+            Path::new("c.yaml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("adress"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let err = Config::parse("capture:\n  ring_buffer_bytes: 1000\n", Path::new("c.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("capture.ring_buffer_bytes"), "{err}");
+    }
+}

@@ -1,0 +1,297 @@
+//! `auditor run`: capture -> tracker -> sinks, until SIGINT or SIGTERM.
+//!
+//! The capture loop runs on the main thread and hands batches of events to the sink thread
+//! over a bounded channel: when the sink falls behind, capture waits, the kernel ring buffer
+//! fills, and what the kernel cannot hand over is counted there and becomes gap events.
+
+use std::{
+    io::Write,
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    capture::{Capture, CaptureError, KernelCounters},
+    config::Config,
+    event::AuditEvent,
+    pg::FramerLimits,
+    session::RecordingPolicy,
+    sink::local::{LocalLog, LocalLogError},
+    tracker::{Record, Tracker, TrackerConfig, TrackerCounters},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Log(#[from] LocalLogError),
+    #[error("state directory {path}: {source}")]
+    State {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as *const () as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+/// What `auditor stats` shows, written by the daemon every second.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Stats {
+    pub pid: u32,
+    pub started_at: String,
+    pub updated_at: String,
+    pub uptime_s: u64,
+    pub events_written: u64,
+    pub sink_errors: u64,
+    pub active_sessions: u64,
+    pub tracker: TrackerCounters,
+    pub kernel: KernelCounters,
+}
+
+/// The key of the parameter hashes: created once per installation, never logged.
+fn param_key(state_dir: &Path) -> Result<Vec<u8>, DaemonError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state_dir.join("param.key");
+    let state_err = |source| DaemonError::State {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::read(&path) {
+        Ok(k) if k.len() >= 32 => return Ok(k),
+        Ok(_) | Err(_) => {}
+    }
+    let mut key = vec![0u8; 32];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut key[..]);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(state_err)?;
+    f.write_all(&key).map_err(state_err)?;
+    Ok(key)
+}
+
+fn write_stats(path: &Path, stats: &Stats) {
+    let tmp = path.with_extension("json.tmp");
+    if let Ok(text) = serde_json::to_vec_pretty(stats) {
+        if std::fs::write(&tmp, text).is_ok() {
+            let _ = std::fs::rename(&tmp, path);
+        }
+    }
+}
+
+struct SinkReport {
+    written: u64,
+    errors: u64,
+}
+
+fn spawn_sink(
+    mut log: Option<LocalLog>,
+    rx: mpsc::Receiver<Vec<AuditEvent>>,
+    written: Arc<std::sync::atomic::AtomicU64>,
+) -> std::thread::JoinHandle<SinkReport> {
+    std::thread::Builder::new()
+        .name("sink".into())
+        .spawn(move || {
+            let mut report = SinkReport {
+                written: 0,
+                errors: 0,
+            };
+            let write =
+                |log: &mut Option<LocalLog>, batch: Vec<AuditEvent>, report: &mut SinkReport| {
+                    for mut ev in batch {
+                        if let Some(log) = log.as_mut() {
+                            if let Err(e) = log.append(&mut ev) {
+                                report.errors += 1;
+                                eprintln!("auditor: writing the local log: {e}");
+                                continue;
+                            }
+                        }
+                        report.written += 1;
+                    }
+                    written.store(report.written, Ordering::Relaxed);
+                };
+            while let Ok(batch) = rx.recv() {
+                write(&mut log, batch, &mut report);
+                // Drain what is queued, then make it visible (tail sees it within a second).
+                while let Ok(more) = rx.try_recv() {
+                    write(&mut log, more, &mut report);
+                }
+                if let Some(log) = log.as_mut() {
+                    if let Err(e) = log.flush() {
+                        report.errors += 1;
+                        eprintln!("auditor: flushing the local log: {e}");
+                    }
+                }
+            }
+            if let Some(log) = log.as_mut() {
+                if let Err(e) = log.sync() {
+                    report.errors += 1;
+                    eprintln!("auditor: syncing the local log: {e}");
+                }
+            }
+            report
+        })
+        .expect("spawning the sink thread")
+}
+
+pub fn run(cfg: &Config) -> Result<(), DaemonError> {
+    install_signal_handlers();
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| DaemonError::State {
+        path: cfg.state_dir.display().to_string(),
+        source,
+    })?;
+    let key = param_key(&cfg.state_dir)?;
+    let mut capture = Capture::start(&cfg.endpoints, cfg.capture.ring_buffer_bytes)?;
+    let log = if cfg.local_log.enabled {
+        Some(LocalLog::open(&cfg.log_dir(), cfg.local_log.rotate_bytes)?)
+    } else {
+        None
+    };
+
+    let endpoints: Vec<String> = cfg
+        .endpoints
+        .iter()
+        .map(|e| match e.address {
+            Some(a) => format!("{a} port {}", e.port),
+            None => format!("port {} on any address", e.port),
+        })
+        .collect();
+    println!(
+        "auditor: attached {} tracepoints ({})",
+        capture.attached.len(),
+        capture.attached.join(", ")
+    );
+    println!("auditor: watching TCP {}", endpoints.join(", "));
+    if cfg.local_log.enabled {
+        println!(
+            "auditor: events -> {} (hash-chained JSON Lines; `auditor tail` follows them)",
+            cfg.log_dir().display()
+        );
+    } else {
+        println!("auditor: local log disabled: events are counted but not stored");
+    }
+    println!(
+        "auditor: stats -> {} (`auditor stats`)",
+        cfg.stats_path().display()
+    );
+    println!("auditor: ready; Ctrl-C stops and flushes everything");
+    let _ = std::io::stdout().flush();
+
+    let mut tracker = Tracker::new(TrackerConfig {
+        host: cfg.host_name(),
+        policy: RecordingPolicy {
+            raw_statements: cfg.record.raw_statements,
+            raw_params: cfg.record.raw_params,
+            param_key: Arc::from(key.into_boxed_slice()),
+        },
+        limits: FramerLimits {
+            max_buffered: cfg.capture.max_message_bytes,
+        },
+    });
+
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (tx, rx) = mpsc::sync_channel::<Vec<AuditEvent>>(1024);
+    let sink = spawn_sink(log, rx, written.clone());
+
+    let started = Instant::now();
+    let started_at = crate::event::format_ts(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0),
+    );
+    let mut last_stats = Instant::now() - Duration::from_secs(2);
+    let mut batch: Vec<AuditEvent> = Vec::with_capacity(256);
+    let stats_path = cfg.stats_path();
+    let make_stats = |tracker: &Tracker, capture: &Capture, sink_errors: u64| Stats {
+        pid: std::process::id(),
+        started_at: started_at.clone(),
+        updated_at: crate::event::format_ts(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i128)
+                .unwrap_or(0),
+        ),
+        uptime_s: started.elapsed().as_secs(),
+        events_written: written.load(Ordering::Relaxed),
+        sink_errors,
+        active_sessions: tracker.active_sessions() as u64,
+        tracker: tracker.counters,
+        kernel: capture.counters(),
+    };
+
+    let mut malformed_records = 0u64;
+    while !STOP.load(Ordering::SeqCst) {
+        capture.poll(Duration::from_millis(100), |bytes| {
+            match Record::parse(bytes) {
+                Some(rec) => tracker.handle(&rec, &mut batch),
+                None => malformed_records += 1,
+            }
+        })?;
+        if !batch.is_empty() {
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(256));
+            if tx.send(full).is_err() {
+                break;
+            }
+        }
+        if last_stats.elapsed() >= Duration::from_secs(1) {
+            write_stats(&stats_path, &make_stats(&tracker, &capture, 0));
+            last_stats = Instant::now();
+        }
+    }
+
+    // Stop: take what the kernel still holds, flush in-flight requests, close the sinks.
+    capture.poll(Duration::from_millis(0), |bytes| {
+        if let Some(rec) = Record::parse(bytes) {
+            tracker.handle(&rec, &mut batch)
+        }
+    })?;
+    tracker.shutdown(&mut batch);
+    if !batch.is_empty() {
+        let _ = tx.send(std::mem::take(&mut batch));
+    }
+    drop(tx);
+    let report = sink.join().unwrap_or(SinkReport {
+        written: 0,
+        errors: 1,
+    });
+    let stats = make_stats(&tracker, &capture, report.errors);
+    write_stats(&stats_path, &stats);
+    println!(
+        "auditor: stopped; {} events written, {} statements, {} gaps, {} kernel drops",
+        report.written,
+        stats.tracker.statements,
+        stats.tracker.gaps,
+        stats.kernel.ringbuf_drops + stats.kernel.control_drops
+    );
+    if malformed_records > 0 {
+        eprintln!("auditor: {malformed_records} malformed ring-buffer records were skipped");
+    }
+    Ok(())
+}

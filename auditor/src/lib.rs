@@ -1,0 +1,15 @@
+//! A host-level PostgreSQL traffic auditor: eBPF capture, protocol decoding, audit events.
+//!
+//! One module per concern; `main.rs` is only the command line.
+
+pub mod capture;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod event;
+pub mod identity;
+pub mod pg;
+pub mod session;
+pub mod sink;
+pub mod sql;
+pub mod tracker;

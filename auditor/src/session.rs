@@ -1,0 +1,856 @@
+//! One Postgres session: messages from both directions in, audit events out.
+//!
+//! Requests are queued as the client sends them and matched to responses in order, which
+//! is how the server answers (pipelining included). Named prepared statements and portals
+//! live as long as the session, so an Execute of a statement prepared long before still
+//! carries its SQL text. Pure: no I/O, time comes in with each message.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::{
+    event::{AuditEvent, EventKind},
+    pg::{
+        backend::{self, rows_of_tag, BackendMessage, ErrorFields},
+        framer::plausible_boundary,
+        frontend::{self, FrontendMessage, ParamValue},
+        Direction, Frame, Framer, FramerLimits,
+    },
+    sql::{split_statements, Analysis, Analyzer},
+};
+
+/// How statements and parameters are recorded.
+#[derive(Clone)]
+pub struct RecordingPolicy {
+    /// Record statement text as sent (literals included) instead of normalised.
+    pub raw_statements: bool,
+    /// Record parameter values as sent instead of keyed hashes.
+    pub raw_params: bool,
+    /// Key of the parameter hashes: equal values hash equal within one installation.
+    pub param_key: Arc<[u8]>,
+}
+
+impl Default for RecordingPolicy {
+    fn default() -> Self {
+        RecordingPolicy {
+            raw_statements: false,
+            raw_params: false,
+            param_key: Arc::from(&b"auditor-default-key"[..]),
+        }
+    }
+}
+
+/// Counters a session adds to.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SessionCounters {
+    pub parse_errors: u64,
+    pub unmatched_responses: u64,
+}
+
+#[derive(Clone)]
+struct Prepared {
+    sql: String,
+    analysis: Arc<Analysis>,
+}
+
+#[derive(Clone)]
+struct Portal {
+    statement_name: String,
+    /// None when the statement was prepared before capture started.
+    prepared: Option<Prepared>,
+    params: Vec<String>,
+    /// Rows from earlier Executes that stopped at their row limit.
+    rows_so_far: u64,
+    started_ns: Option<i128>,
+}
+
+struct SimpleStatement {
+    sql: String,
+    analysis: Arc<Analysis>,
+}
+
+enum Pending {
+    Simple {
+        statements: VecDeque<SimpleStatement>,
+        whole: String,
+        started_ns: i128,
+        rows: u64,
+    },
+    Parse,
+    Bind,
+    Execute {
+        portal_name: String,
+        portal: Portal,
+        started_ns: i128,
+        rows: u64,
+    },
+    Sync,
+    FunctionCall {
+        oid: u32,
+        started_ns: i128,
+    },
+}
+
+/// Connection facts that events carry (set by the tracker).
+#[derive(Debug, Clone, Default)]
+pub struct SessionMeta {
+    pub db_user: String,
+    pub database: String,
+    pub application_name: String,
+    pub tls: bool,
+}
+
+pub struct Session {
+    pub meta: SessionMeta,
+    framers: [Framer; 2],
+    /// After a gap, the direction waits for a syscall boundary that looks like a message.
+    resyncing: [bool; 2],
+    /// Responses are ignored until a request seen after a gap (mid-stream pick-up too).
+    responses_unreliable: bool,
+    prepared: HashMap<String, Prepared>,
+    portals: HashMap<String, Portal>,
+    pending: VecDeque<Pending>,
+    startup_seen: bool,
+    startup_done_flag: bool,
+    started_emitted: bool,
+    cancel_request: bool,
+    policy: RecordingPolicy,
+    pub counters: SessionCounters,
+    /// Flags for the next statement event (gap_before, mid_stream).
+    next_flags: Vec<String>,
+    mid_stream: bool,
+    pub startup_error: Option<ErrorFields>,
+}
+
+/// An event the session produced; the tracker adds identity, ids and endpoints.
+#[derive(Debug)]
+pub struct Draft {
+    pub ts_ns: i128,
+    pub event: AuditEvent,
+}
+
+fn kind_event(kind: EventKind) -> AuditEvent {
+    AuditEvent {
+        kind: kind.as_str().to_string(),
+        ..AuditEvent::default()
+    }
+}
+
+impl Session {
+    pub fn new(policy: RecordingPolicy, limits: FramerLimits, mid_stream: bool) -> Self {
+        let framers = if mid_stream {
+            [
+                Framer::typed(Direction::ToServer, limits),
+                Framer::typed(Direction::ToClient, limits),
+            ]
+        } else {
+            [
+                Framer::new(Direction::ToServer, limits),
+                Framer::new(Direction::ToClient, limits),
+            ]
+        };
+        Session {
+            meta: SessionMeta::default(),
+            framers,
+            // Joining mid-stream: wait for a syscall boundary that looks like a message.
+            resyncing: [mid_stream, mid_stream],
+            responses_unreliable: mid_stream,
+            prepared: HashMap::new(),
+            portals: HashMap::new(),
+            pending: VecDeque::new(),
+            startup_seen: false,
+            startup_done_flag: false,
+            started_emitted: false,
+            cancel_request: false,
+            policy,
+            counters: SessionCounters::default(),
+            next_flags: if mid_stream {
+                vec!["mid_stream".into()]
+            } else {
+                Vec::new()
+            },
+            mid_stream,
+            startup_error: None,
+        }
+    }
+
+    pub fn is_mid_stream(&self) -> bool {
+        self.mid_stream
+    }
+
+    pub fn is_cancel_request(&self) -> bool {
+        self.cancel_request
+    }
+
+    /// Bytes were lost in `direction`: decoding resumes at the next plausible boundary.
+    pub fn gap(&mut self, direction: Direction) {
+        self.resyncing[direction.index()] = true;
+        self.framers[direction.index()].resync_typed();
+        if !self.next_flags.iter().any(|f| f == "gap_before") {
+            self.next_flags.push("gap_before".into());
+        }
+        if direction == Direction::ToServer {
+            // Responses to requests we never saw would be matched to the wrong ones.
+            self.responses_unreliable = true;
+        }
+    }
+
+    /// Feeds bytes of one direction. `call_start` is true when `data` begins a syscall's
+    /// payload (the only places a lost stream may resume at a message boundary).
+    pub fn push(
+        &mut self,
+        direction: Direction,
+        data: &[u8],
+        call_start: bool,
+        ts_ns: i128,
+        analyzer: &mut Analyzer,
+        out: &mut Vec<Draft>,
+    ) {
+        let d = direction.index();
+        if self.resyncing[d] {
+            if !(call_start && plausible_boundary(direction, data)) {
+                return;
+            }
+            self.resyncing[d] = false;
+            self.framers[d].resync_typed();
+        }
+        let mut frames = Vec::new();
+        let result = self.framers[d].push(data, &mut |f| frames.push(f));
+        for frame in frames {
+            self.on_frame(direction, frame, ts_ns, analyzer, out);
+        }
+        if result.is_err() {
+            self.counters.parse_errors += 1;
+            // Try again at a later boundary rather than going silent for good.
+            self.gap(direction);
+        }
+    }
+
+    /// True once the stream turned encrypted (TLS) and cannot be decoded here.
+    pub fn is_encrypted(&self) -> bool {
+        self.meta.tls
+    }
+
+    fn on_frame(
+        &mut self,
+        direction: Direction,
+        frame: Frame,
+        ts: i128,
+        analyzer: &mut Analyzer,
+        out: &mut Vec<Draft>,
+    ) {
+        match (direction, frame) {
+            (Direction::ToServer, Frame::Startup(body)) => match frontend::decode_startup(&body) {
+                Ok(FrontendMessage::Startup { params, .. }) => {
+                    self.startup_seen = true;
+                    for (k, v) in params {
+                        match k.as_str() {
+                            "user" => self.meta.db_user = v,
+                            "database" => self.meta.database = v,
+                            "application_name" => self.meta.application_name = v,
+                            _ => {}
+                        }
+                    }
+                    if self.meta.database.is_empty() {
+                        self.meta.database = self.meta.db_user.clone();
+                    }
+                    self.emit_start(ts, out);
+                }
+                Ok(FrontendMessage::SslRequest) | Ok(FrontendMessage::GssEncRequest) => {
+                    self.framers[Direction::ToClient.index()].expect_encryption_reply();
+                }
+                Ok(FrontendMessage::CancelRequest) => {
+                    self.cancel_request = true;
+                }
+                Ok(_) => {}
+                Err(_) => self.counters.parse_errors += 1,
+            },
+            (Direction::ToClient, Frame::EncryptionReply(b)) => {
+                if b == b'S' || b == b'G' {
+                    self.meta.tls = true;
+                    self.framers[0].make_opaque();
+                    self.framers[1].make_opaque();
+                    self.emit_start(ts, out);
+                } else {
+                    // Refused: the client continues in plaintext with a startup packet.
+                    self.framers[Direction::ToServer.index()].expect_startup();
+                }
+            }
+            (Direction::ToServer, Frame::Message { tag, body }) => {
+                match frontend::decode(tag, &body) {
+                    Ok(m) => self.on_frontend(m, ts, analyzer, out),
+                    Err(_) => self.counters.parse_errors += 1,
+                }
+            }
+            (Direction::ToServer, Frame::Skipped { tag, len }) => {
+                if tag != b'd' {
+                    // A request too large to buffer: record that it happened.
+                    self.on_oversized_request(tag, len, ts, out);
+                }
+            }
+            (Direction::ToClient, Frame::Message { tag, body }) => {
+                match backend::decode(tag, &body) {
+                    Ok(m) => self.on_backend(m, ts, out),
+                    Err(_) => self.counters.parse_errors += 1,
+                }
+            }
+            (Direction::ToClient, Frame::Skipped { tag, .. }) => {
+                if tag == b'D' {
+                    self.on_backend(BackendMessage::DataRow, ts, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn emit_start(&mut self, ts: i128, out: &mut Vec<Draft>) {
+        if self.started_emitted {
+            return;
+        }
+        self.started_emitted = true;
+        let mut ev = kind_event(EventKind::SessionStart);
+        if self.meta.tls {
+            ev.flags.push("tls_unreadable".into());
+        }
+        if self.mid_stream {
+            ev.flags.push("mid_stream".into());
+        }
+        out.push(Draft {
+            ts_ns: ts,
+            event: ev,
+        });
+    }
+
+    /// Makes sure a session_start precedes anything else (mid-stream sessions have none).
+    pub fn ensure_started(&mut self, ts: i128, out: &mut Vec<Draft>) {
+        self.emit_start(ts, out);
+    }
+
+    fn params_of(&self, values: &[ParamValue], formats: &[i16]) -> Vec<String> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let Some(v) = v else {
+                    return "NULL".to_string();
+                };
+                if self.policy.raw_params {
+                    // Format codes: none = all text, one = for all, else per parameter.
+                    let binary = match formats.len() {
+                        0 => false,
+                        1 => formats[0] == 1,
+                        _ => formats.get(i).copied() == Some(1),
+                    };
+                    if binary {
+                        format!("\\x{}", hex::encode(v))
+                    } else {
+                        String::from_utf8_lossy(v).into_owned()
+                    }
+                } else {
+                    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.policy.param_key)
+                        .expect("HMAC takes any key length");
+                    mac.update(v);
+                    let digest = mac.finalize().into_bytes();
+                    format!("hmac:{}", hex::encode(&digest[..8]))
+                }
+            })
+            .collect()
+    }
+
+    fn on_frontend(
+        &mut self,
+        m: FrontendMessage,
+        ts: i128,
+        analyzer: &mut Analyzer,
+        out: &mut Vec<Draft>,
+    ) {
+        // A request after a gap: from here on responses match requests again. Responses
+        // still owed for requests lost in the gap arrive first and are not attributed.
+        let is_request = matches!(
+            m,
+            FrontendMessage::Query(_)
+                | FrontendMessage::Parse { .. }
+                | FrontendMessage::Bind { .. }
+                | FrontendMessage::Execute { .. }
+                | FrontendMessage::Sync
+                | FrontendMessage::FunctionCall { .. }
+        );
+        if is_request && self.responses_unreliable {
+            // Clients wait for answers before sending more (or pipeline from here on): the
+            // requests lost in the gap are answered by now, so matching starts over.
+            self.responses_unreliable = false;
+            self.pending.clear();
+        }
+        match m {
+            FrontendMessage::Query(sql) => {
+                let statements = split_statements(&sql)
+                    .into_iter()
+                    .map(|s| {
+                        let analysis = analyzer.analyze(&s);
+                        SimpleStatement { sql: s, analysis }
+                    })
+                    .collect();
+                self.pending.push_back(Pending::Simple {
+                    statements,
+                    whole: sql,
+                    started_ns: ts,
+                    rows: 0,
+                });
+            }
+            FrontendMessage::Parse {
+                statement, query, ..
+            } => {
+                let analysis = analyzer.analyze(&query);
+                self.prepared.insert(
+                    statement,
+                    Prepared {
+                        sql: query,
+                        analysis,
+                    },
+                );
+                self.pending.push_back(Pending::Parse);
+            }
+            FrontendMessage::Bind {
+                portal,
+                statement,
+                param_formats,
+                params,
+            } => {
+                let prepared = self.prepared.get(&statement).cloned();
+                let params = self.params_of(&params, &param_formats);
+                self.portals.insert(
+                    portal,
+                    Portal {
+                        statement_name: statement,
+                        prepared,
+                        params,
+                        rows_so_far: 0,
+                        started_ns: None,
+                    },
+                );
+                self.pending.push_back(Pending::Bind);
+            }
+            FrontendMessage::Execute { portal, .. } => {
+                let p = self.portals.get(&portal).cloned().unwrap_or(Portal {
+                    statement_name: String::new(),
+                    prepared: None,
+                    params: Vec::new(),
+                    rows_so_far: 0,
+                    started_ns: None,
+                });
+                let started_ns = p.started_ns.unwrap_or(ts);
+                self.pending.push_back(Pending::Execute {
+                    portal_name: portal,
+                    portal: p,
+                    started_ns,
+                    rows: 0,
+                });
+            }
+            FrontendMessage::Close { kind, name } => {
+                if kind == b'S' {
+                    self.prepared.remove(&name);
+                } else {
+                    self.portals.remove(&name);
+                }
+            }
+            FrontendMessage::Sync => self.pending.push_back(Pending::Sync),
+            FrontendMessage::FunctionCall { oid, .. } => {
+                self.pending.push_back(Pending::FunctionCall {
+                    oid,
+                    started_ns: ts,
+                })
+            }
+            FrontendMessage::Terminate => {}
+            // Startup-phase and COPY sub-protocol messages, Describe, Flush: no queue entry.
+            _ => {}
+        }
+        let _ = out;
+    }
+
+    fn on_oversized_request(&mut self, tag: u8, len: u32, ts: i128, out: &mut Vec<Draft>) {
+        let mut ev = kind_event(EventKind::Gap);
+        ev.flags.push("truncated".into());
+        ev.statement = format!(
+            "(message '{}' of {} bytes exceeds max_message_bytes and was not decoded)",
+            tag as char, len
+        );
+        ev.gap_bytes = len as u64;
+        out.push(Draft {
+            ts_ns: ts,
+            event: ev,
+        });
+        // Its responses can no longer be matched to a request.
+        self.responses_unreliable = true;
+    }
+
+    fn statement_event(
+        &mut self,
+        sql: Option<&str>,
+        analysis: Option<&Analysis>,
+        protocol: &str,
+    ) -> AuditEvent {
+        let mut ev = kind_event(EventKind::Statement);
+        ev.protocol = protocol.to_string();
+        match (sql, analysis) {
+            (Some(sql), Some(a)) => {
+                ev.statement = if self.policy.raw_statements {
+                    sql.to_string()
+                } else {
+                    a.normalized.clone()
+                };
+                ev.command = a.command.clone();
+                ev.tables = a.tables.clone();
+                ev.fingerprint = a.fingerprint.clone();
+                if a.unparsed {
+                    ev.flags.push("unparsed".into());
+                }
+            }
+            _ => ev.flags.push("prepared_before_capture".into()),
+        }
+        ev.flags.append(&mut self.next_flags);
+        ev
+    }
+
+    fn finish(
+        ev: &mut AuditEvent,
+        tag: Option<&str>,
+        data_rows: u64,
+        error: Option<&ErrorFields>,
+        start: i128,
+        end: i128,
+    ) {
+        if let Some(tag) = tag {
+            let cmd = backend::command_of_tag(tag);
+            if !cmd.is_empty() && (ev.command.is_empty() || ev.command == "TRANSACTION") {
+                ev.command = cmd;
+            }
+            ev.rows = rows_of_tag(tag).or(if data_rows > 0 { Some(data_rows) } else { None });
+        }
+        if let Some(e) = error {
+            ev.error_code = e.code.clone();
+            ev.error_message = e.message.clone();
+        }
+        ev.duration_us = ((end - start).max(0) / 1000) as u64;
+    }
+
+    fn on_backend(&mut self, m: BackendMessage, ts: i128, out: &mut Vec<Draft>) {
+        match &m {
+            BackendMessage::ParameterStatus { name, value } => {
+                if name == "application_name" {
+                    self.meta.application_name = value.clone();
+                }
+                return;
+            }
+            BackendMessage::NoticeResponse(_) | BackendMessage::NotificationResponse => return,
+            BackendMessage::ErrorResponse(e) if !self.startup_done() => {
+                // Authentication or startup failure: no statement to attach it to.
+                self.startup_error = Some(e.clone());
+                return;
+            }
+            BackendMessage::ReadyForQuery(_) if !self.startup_done() => {
+                self.startup_done_flag = true;
+                return;
+            }
+            _ => {}
+        }
+        if self.responses_unreliable {
+            self.counters.unmatched_responses += 1;
+            return;
+        }
+        match m {
+            BackendMessage::ParseComplete => {
+                self.pop_front_matching(|p| matches!(p, Pending::Parse))
+            }
+            BackendMessage::BindComplete => self.pop_front_matching(|p| matches!(p, Pending::Bind)),
+            BackendMessage::DataRow => match self
+                .pending
+                .iter_mut()
+                .find(|p| matches!(p, Pending::Simple { .. } | Pending::Execute { .. }))
+            {
+                Some(Pending::Simple { rows, .. }) | Some(Pending::Execute { rows, .. }) => {
+                    *rows += 1
+                }
+                _ => self.counters.unmatched_responses += 1,
+            },
+            BackendMessage::CommandComplete(tag) => self.complete(Some(&tag), None, ts, out),
+            BackendMessage::EmptyQueryResponse => self.complete(None, None, ts, out),
+            BackendMessage::ErrorResponse(e) => self.complete(None, Some(&e), ts, out),
+            BackendMessage::PortalSuspended => {
+                if let Some(Pending::Execute {
+                    portal_name,
+                    mut portal,
+                    started_ns,
+                    rows,
+                }) = self.pop_until_execute()
+                {
+                    portal.rows_so_far += rows;
+                    portal.started_ns = Some(started_ns);
+                    self.portals.insert(portal_name, portal);
+                }
+            }
+            BackendMessage::FunctionCallResponse => {
+                if let Some(Pending::FunctionCall { oid, started_ns }) = self.pending.front() {
+                    let (oid, started_ns) = (*oid, *started_ns);
+                    let mut ev = kind_event(EventKind::Statement);
+                    ev.protocol = "function_call".into();
+                    ev.command = "FUNCTION CALL".into();
+                    ev.statement = format!("(function call, oid {oid})");
+                    ev.flags.append(&mut self.next_flags);
+                    Self::finish(&mut ev, None, 0, None, started_ns, ts);
+                    out.push(Draft {
+                        ts_ns: started_ns,
+                        event: ev,
+                    });
+                }
+            }
+            BackendMessage::ReadyForQuery(status) => {
+                // Ends one Sync, simple Query or FunctionCall, with everything before it.
+                while let Some(p) = self.pending.pop_front() {
+                    match p {
+                        Pending::Sync | Pending::Simple { .. } | Pending::FunctionCall { .. } => {
+                            break
+                        }
+                        _ => {}
+                    }
+                }
+                if status == b'I' {
+                    // Transaction over: every portal is gone (prepared statements stay).
+                    self.portals.clear();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn startup_done(&self) -> bool {
+        self.startup_done_flag || !self.startup_seen
+    }
+
+    fn pop_front_matching(&mut self, is: impl Fn(&Pending) -> bool) {
+        if self.pending.front().is_some_and(is) {
+            self.pending.pop_front();
+        } else {
+            self.counters.unmatched_responses += 1;
+        }
+    }
+
+    /// Pops Parse/Bind entries ahead of the first Execute and returns that Execute.
+    fn pop_until_execute(&mut self) -> Option<Pending> {
+        while let Some(front) = self.pending.front() {
+            match front {
+                Pending::Parse | Pending::Bind => {
+                    self.pending.pop_front();
+                }
+                Pending::Execute { .. } => return self.pending.pop_front(),
+                _ => return None,
+            }
+        }
+        None
+    }
+
+    /// CommandComplete, EmptyQueryResponse or ErrorResponse: ends one statement.
+    fn complete(
+        &mut self,
+        tag: Option<&str>,
+        error: Option<&ErrorFields>,
+        ts: i128,
+        out: &mut Vec<Draft>,
+    ) {
+        let Some(front) = self.pending.front_mut() else {
+            self.counters.unmatched_responses += 1;
+            return;
+        };
+        match front {
+            Pending::Simple {
+                statements,
+                whole,
+                started_ns,
+                rows,
+            } => {
+                let st = statements.pop_front();
+                let data_rows = std::mem::take(rows);
+                let start = *started_ns;
+                *started_ns = ts;
+                if tag.is_none() && error.is_none() {
+                    return; // empty query
+                }
+                let whole = whole.clone();
+                if error.is_some() {
+                    // The rest of the string is not executed.
+                    statements.clear();
+                }
+                let mut ev = match &st {
+                    Some(s) => {
+                        let a = s.analysis.clone();
+                        self.statement_event(Some(&s.sql), Some(&a), "simple")
+                    }
+                    None => {
+                        let mut ev = self.statement_event(None, None, "simple");
+                        ev.flags.retain(|f| f != "prepared_before_capture");
+                        ev.flags.push("split_mismatch".into());
+                        ev.statement = crate::sql::redact_literals(&whole);
+                        ev
+                    }
+                };
+                Self::finish(&mut ev, tag, data_rows, error, start, ts);
+                out.push(Draft {
+                    ts_ns: start,
+                    event: ev,
+                });
+            }
+            Pending::Parse | Pending::Bind | Pending::Execute { .. } => {
+                if let Some(e) = error {
+                    self.fail_extended(e, ts, out);
+                    return;
+                }
+                let Some(Pending::Execute {
+                    portal,
+                    started_ns,
+                    rows,
+                    ..
+                }) = self.pop_until_execute()
+                else {
+                    self.counters.unmatched_responses += 1;
+                    return;
+                };
+                if tag.is_none() {
+                    return; // empty query
+                }
+                let prepared = portal.prepared.as_ref();
+                let mut ev = self.statement_event(
+                    prepared.map(|p| p.sql.as_str()),
+                    prepared.map(|p| p.analysis.as_ref()),
+                    "extended",
+                );
+                ev.params = portal.params.clone();
+                ev.prepared_name = portal.statement_name.clone();
+                Self::finish(
+                    &mut ev,
+                    tag,
+                    portal.rows_so_far + rows,
+                    None,
+                    started_ns,
+                    ts,
+                );
+                out.push(Draft {
+                    ts_ns: started_ns,
+                    event: ev,
+                });
+            }
+            Pending::Sync | Pending::FunctionCall { .. } => {
+                if let (Some(e), Pending::FunctionCall { started_ns, oid }) = (error, &*front) {
+                    let mut ev = kind_event(EventKind::Statement);
+                    ev.protocol = "function_call".into();
+                    ev.command = "FUNCTION CALL".into();
+                    ev.statement = format!("(function call, oid {oid})");
+                    let start = *started_ns;
+                    Self::finish(&mut ev, None, 0, Some(e), start, ts);
+                    out.push(Draft {
+                        ts_ns: start,
+                        event: ev,
+                    });
+                } else {
+                    // An error at Sync (a deferred constraint at implicit commit).
+                    self.counters.unmatched_responses += 1;
+                }
+            }
+        }
+    }
+
+    /// An error in the extended protocol: it belongs to the statement being prepared,
+    /// bound or executed; the server skips everything after it until Sync.
+    fn fail_extended(&mut self, e: &ErrorFields, ts: i128, out: &mut Vec<Draft>) {
+        let mut victim: Option<(Option<Prepared>, Vec<String>, String, i128)> = None;
+        let mut parse_only = true;
+        while let Some(front) = self.pending.front() {
+            if matches!(front, Pending::Sync) {
+                break;
+            }
+            let p = self.pending.pop_front().expect("front exists");
+            if let Pending::Execute {
+                portal, started_ns, ..
+            } = p
+            {
+                parse_only = false;
+                if victim.is_none() {
+                    victim = Some((
+                        portal.prepared.clone(),
+                        portal.params.clone(),
+                        portal.statement_name.clone(),
+                        started_ns,
+                    ));
+                }
+            }
+        }
+        let (prepared, params, name, start) = match victim {
+            Some(v) => v,
+            None => (None, Vec::new(), String::new(), ts),
+        };
+        let mut ev = self.statement_event(
+            prepared.as_ref().map(|p| p.sql.as_str()),
+            prepared.as_ref().map(|p| p.analysis.as_ref()),
+            "extended",
+        );
+        if parse_only {
+            // Failed while preparing (no Execute in this batch): the text is not known here
+            // beyond what was prepared; record the failure all the same.
+            ev.flags.retain(|f| f != "prepared_before_capture");
+            ev.flags.push("failed_before_execute".into());
+        }
+        ev.params = params;
+        ev.prepared_name = name;
+        Self::finish(&mut ev, None, 0, Some(e), start, ts);
+        out.push(Draft {
+            ts_ns: start,
+            event: ev,
+        });
+    }
+
+    /// Requests that never got an answer (the connection ended first).
+    pub fn abandon(&mut self, ts: i128, out: &mut Vec<Draft>) {
+        while let Some(p) = self.pending.pop_front() {
+            match p {
+                Pending::Simple {
+                    statements,
+                    started_ns,
+                    ..
+                } => {
+                    for s in statements {
+                        let a = s.analysis.clone();
+                        let mut ev = self.statement_event(Some(&s.sql), Some(&a), "simple");
+                        ev.flags.push("no_response".into());
+                        Self::finish(&mut ev, None, 0, None, started_ns, ts);
+                        out.push(Draft {
+                            ts_ns: started_ns,
+                            event: ev,
+                        });
+                    }
+                }
+                Pending::Execute {
+                    portal, started_ns, ..
+                } => {
+                    let prepared = portal.prepared.as_ref();
+                    let mut ev = self.statement_event(
+                        prepared.map(|p| p.sql.as_str()),
+                        prepared.map(|p| p.analysis.as_ref()),
+                        "extended",
+                    );
+                    ev.params = portal.params.clone();
+                    ev.prepared_name = portal.statement_name.clone();
+                    ev.flags.push("no_response".into());
+                    Self::finish(&mut ev, None, 0, None, started_ns, ts);
+                    out.push(Draft {
+                        ts_ns: started_ns,
+                        event: ev,
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+}

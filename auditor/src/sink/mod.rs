@@ -1,0 +1,3 @@
+//! Where audit events go. The local hash-chained log is the embedded default.
+
+pub mod local;

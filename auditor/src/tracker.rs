@@ -1,0 +1,555 @@
+//! Connections to sessions: reassembles each direction's byte stream by offset, detects
+//! gaps, joins the two ends of a connection seen on this host into one session, and turns
+//! what sessions produce into complete audit events.
+//!
+//! A connection end is one kernel socket (sock address + first-seen time). When client and
+//! server both run here, the kernel reports two ends with mirrored 4-tuples: the first end
+//! seen decodes the protocol (the primary) and the other only adds its process identity,
+//! so every statement is recorded once, with both identities.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv6Addr},
+};
+
+use auditor_common::{
+    RecordHeader, Tuple, DIR_TO_CLIENT, RECORD_CLOSE, RECORD_DATA, RECORD_OPEN, ROLE_CLIENT,
+    SEEN_IO,
+};
+
+use crate::{
+    event::{format_ts, new_event_id, AuditEvent, EventKind, ProcessIdentity},
+    identity::IdentityResolver,
+    pg::{
+        Direction, FramerLimits, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0,
+        SSL_REQUEST_CODE,
+    },
+    session::{Draft, RecordingPolicy, Session},
+    sql::Analyzer,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndKey {
+    pub sock: u64,
+    pub start_ns: u64,
+}
+
+/// A connection named by its client and server endpoints (the same from both ends).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub client_addr: [u8; 16],
+    pub client_port: u16,
+    pub server_addr: [u8; 16],
+    pub server_port: u16,
+}
+
+impl ConnKey {
+    fn of(tuple: &Tuple, role: u8) -> Self {
+        if role == ROLE_CLIENT {
+            ConnKey {
+                client_addr: tuple.local_addr,
+                client_port: tuple.local_port,
+                server_addr: tuple.remote_addr,
+                server_port: tuple.remote_port,
+            }
+        } else {
+            ConnKey {
+                client_addr: tuple.remote_addr,
+                client_port: tuple.remote_port,
+                server_addr: tuple.local_addr,
+                server_port: tuple.local_port,
+            }
+        }
+    }
+}
+
+pub fn addr_string(a: &[u8; 16]) -> String {
+    let v6 = Ipv6Addr::from(*a);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4).to_string(),
+        None => IpAddr::V6(v6).to_string(),
+    }
+}
+
+struct End {
+    conn: ConnKey,
+    role: u8,
+    /// Next expected offset per direction.
+    expected: [u64; 2],
+    identity: Option<ProcessIdentity>,
+}
+
+struct SessionEntry {
+    id: String,
+    seq: u64,
+    session: Session,
+    primary: EndKey,
+    client: Option<ProcessIdentity>,
+    server: Option<ProcessIdentity>,
+}
+
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct TrackerCounters {
+    pub records: u64,
+    pub bytes: u64,
+    pub sessions_started: u64,
+    pub sessions_ended: u64,
+    pub statements: u64,
+    pub gaps: u64,
+    pub gap_bytes: u64,
+    pub parse_errors: u64,
+    pub unmatched_responses: u64,
+    pub duplicate_bytes: u64,
+}
+
+pub struct TrackerConfig {
+    pub host: String,
+    pub policy: RecordingPolicy,
+    pub limits: FramerLimits,
+}
+
+pub struct Tracker {
+    cfg: TrackerConfig,
+    ends: HashMap<EndKey, End>,
+    sessions: HashMap<ConnKey, SessionEntry>,
+    analyzer: Analyzer,
+    identities: IdentityResolver,
+    /// Wall clock minus monotonic clock, to turn kernel timestamps into UTC.
+    wall_offset_ns: i128,
+    pub counters: TrackerCounters,
+    drafts: Vec<Draft>,
+}
+
+/// A ring-buffer record: header plus payload.
+pub struct Record<'a> {
+    pub header: RecordHeader,
+    pub data: &'a [u8],
+}
+
+impl<'a> Record<'a> {
+    /// Reads a record; None if it is shorter than it claims (never trusted blindly).
+    pub fn parse(bytes: &'a [u8]) -> Option<Self> {
+        let hlen = std::mem::size_of::<RecordHeader>();
+        if bytes.len() < hlen {
+            return None;
+        }
+        // SAFETY: RecordHeader is repr(C), plain integers, and the length was checked.
+        let header: RecordHeader =
+            unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const RecordHeader) };
+        let data = if header.kind == RECORD_DATA {
+            bytes.get(hlen..hlen + header.len as usize)?
+        } else {
+            &[]
+        };
+        Some(Record { header, data })
+    }
+}
+
+fn comm_str(comm: &[u8; 16]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(16);
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+/// Wall clock minus CLOCK_MONOTONIC (what bpf_ktime_get_ns reads), in ns.
+pub fn wall_offset_ns() -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let mono = ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0);
+    wall - mono
+}
+
+/// Whether a first client payload starts a connection (startup-phase packet).
+fn looks_like_startup(data: &[u8]) -> bool {
+    if data.len() < 8 {
+        return false;
+    }
+    let len = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
+    let code = u32::from_be_bytes([data[4], data[5], data[6], data[7]]);
+    (8..=10_000).contains(&len)
+        && (code == PROTOCOL_3_0
+            || code >> 16 == 3
+            || code == SSL_REQUEST_CODE
+            || code == GSSENC_REQUEST_CODE
+            || code == CANCEL_REQUEST_CODE)
+}
+
+impl Tracker {
+    pub fn new(cfg: TrackerConfig) -> Self {
+        Tracker {
+            cfg,
+            ends: HashMap::new(),
+            sessions: HashMap::new(),
+            analyzer: Analyzer::default(),
+            identities: IdentityResolver::new(),
+            wall_offset_ns: wall_offset_ns(),
+            counters: TrackerCounters::default(),
+            drafts: Vec::new(),
+        }
+    }
+
+    pub fn active_sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    fn wall(&self, mono_ns: i128) -> i128 {
+        mono_ns + self.wall_offset_ns
+    }
+
+    /// Handles one ring-buffer record; complete events go to `out`.
+    pub fn handle(&mut self, rec: &Record<'_>, out: &mut Vec<AuditEvent>) {
+        self.counters.records += 1;
+        let h = &rec.header;
+        let key = EndKey {
+            sock: h.sock,
+            start_ns: h.conn_start_ns,
+        };
+        match h.kind {
+            RECORD_OPEN => {
+                self.end_for(key, h, None);
+            }
+            RECORD_DATA => self.on_data(key, h, rec.data, out),
+            RECORD_CLOSE => self.on_close(key, h, out),
+            _ => {}
+        }
+    }
+
+    fn identity_of(&mut self, h: &RecordHeader) -> ProcessIdentity {
+        self.identities.resolve(
+            (h.pid_tgid >> 32) as u32,
+            &comm_str(&h.comm),
+            h.uid_gid as u32,
+            h.cgroup_id,
+        )
+    }
+
+    /// Finds or creates the end and its session; returns whether this end is the primary.
+    fn end_for(&mut self, key: EndKey, h: &RecordHeader, first_data: Option<&[u8]>) -> bool {
+        if let Some(end) = self.ends.get(&key) {
+            let conn = end.conn;
+            return self.sessions.get(&conn).is_some_and(|s| s.primary == key);
+        }
+        let conn = ConnKey::of(&h.tuple, h.role);
+        let identity = self.identity_of(h);
+        self.ends.insert(
+            key,
+            End {
+                conn,
+                role: h.role,
+                expected: [0, 0],
+                identity: Some(identity.clone()),
+            },
+        );
+        let primary_alive = self
+            .sessions
+            .get(&conn)
+            .is_some_and(|s| self.ends.contains_key(&s.primary) && s.primary != key);
+        if primary_alive {
+            let s = self.sessions.get_mut(&conn).expect("checked");
+            if h.role == ROLE_CLIENT {
+                s.client = Some(identity);
+            } else {
+                s.server = Some(identity);
+            }
+            return false;
+        }
+        // A session whose primary is gone without a close record is replaced.
+        let mid_stream = h.seen == SEEN_IO
+            && !(h.direction != DIR_TO_CLIENT
+                && h.offset == 0
+                && first_data.is_some_and(looks_like_startup));
+        let session = Session::new(self.cfg.policy.clone(), self.cfg.limits, mid_stream);
+        let mut entry = SessionEntry {
+            id: new_event_id(),
+            seq: 0,
+            session,
+            primary: key,
+            client: None,
+            server: None,
+        };
+        if h.role == ROLE_CLIENT {
+            entry.client = Some(identity);
+        } else {
+            entry.server = Some(identity);
+        }
+        if let Some(old) = self.sessions.insert(conn, entry) {
+            let _ = old;
+        }
+        true
+    }
+
+    fn on_data(&mut self, key: EndKey, h: &RecordHeader, data: &[u8], out: &mut Vec<AuditEvent>) {
+        self.counters.bytes += data.len() as u64;
+        let primary = self.end_for(key, h, Some(data));
+        let Some(end) = self.ends.get_mut(&key) else {
+            return;
+        };
+        let conn = end.conn;
+        let pid = (h.pid_tgid >> 32) as u32;
+        let identity_changed = end.identity.as_ref().is_none_or(|i| i.pid != pid);
+        if !primary {
+            // The other end decodes; keep this end's process identity current.
+            self.counters.duplicate_bytes += data.len() as u64;
+            if identity_changed {
+                let id = self.identity_of(h);
+                let role = h.role;
+                if let Some(e) = self.ends.get_mut(&key) {
+                    e.identity = Some(id.clone());
+                }
+                if let Some(s) = self.sessions.get_mut(&conn) {
+                    if role == ROLE_CLIENT {
+                        s.client = Some(id);
+                    } else {
+                        s.server = Some(id);
+                    }
+                }
+            }
+            return;
+        }
+        if identity_changed {
+            let id = self.identity_of(h);
+            let role = h.role;
+            if let Some(e) = self.ends.get_mut(&key) {
+                e.identity = Some(id.clone());
+            }
+            if let Some(s) = self.sessions.get_mut(&conn) {
+                if role == ROLE_CLIENT {
+                    s.client = Some(id);
+                } else {
+                    s.server = Some(id);
+                }
+            }
+        }
+        let end = self.ends.get_mut(&key).expect("present");
+        let dir_idx = (h.direction & 1) as usize;
+        let direction = if dir_idx == 0 {
+            Direction::ToServer
+        } else {
+            Direction::ToClient
+        };
+        let expected = end.expected[dir_idx];
+        let chunk_end = h.offset + data.len() as u64;
+        let ts = h.ts_ns as i128;
+        let mut payload = data;
+        let mut call_start = h.chunk_index == 0;
+        if h.offset > expected {
+            let missing = h.offset - expected;
+            self.emit_gap(conn, direction, missing, ts, out);
+            if let Some(s) = self.sessions.get_mut(&conn) {
+                s.session.gap(direction);
+            }
+        } else if h.offset < expected {
+            // Overlap with bytes already delivered: keep only what is new.
+            let skip = (expected - h.offset).min(data.len() as u64) as usize;
+            payload = &data[skip..];
+            call_start = false;
+        }
+        if let Some(end) = self.ends.get_mut(&key) {
+            end.expected[dir_idx] = end.expected[dir_idx].max(chunk_end);
+        }
+        if payload.is_empty() {
+            return;
+        }
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        let mut drafts = std::mem::take(&mut self.drafts);
+        s.session.push(
+            direction,
+            payload,
+            call_start,
+            ts,
+            &mut self.analyzer,
+            &mut drafts,
+        );
+        self.finish_drafts(conn, &mut drafts, out);
+        self.drafts = drafts;
+    }
+
+    fn emit_gap(
+        &mut self,
+        conn: ConnKey,
+        direction: Direction,
+        missing: u64,
+        ts: i128,
+        out: &mut Vec<AuditEvent>,
+    ) {
+        self.counters.gaps += 1;
+        self.counters.gap_bytes += missing;
+        let mut ev = AuditEvent {
+            kind: EventKind::Gap.as_str().into(),
+            gap_bytes: missing,
+            statement: format!(
+                "({missing} bytes {} were not captured)",
+                match direction {
+                    Direction::ToServer => "from the client",
+                    Direction::ToClient => "from the server",
+                }
+            ),
+            ..AuditEvent::default()
+        };
+        ev.flags.push(match direction {
+            Direction::ToServer => "to_server".into(),
+            Direction::ToClient => "to_client".into(),
+        });
+        let mut drafts = vec![Draft {
+            ts_ns: ts,
+            event: ev,
+        }];
+        self.finish_drafts(conn, &mut drafts, out);
+    }
+
+    fn on_close(&mut self, key: EndKey, h: &RecordHeader, out: &mut Vec<AuditEvent>) {
+        let Some(end) = self.ends.remove(&key) else {
+            return;
+        };
+        let conn = end.conn;
+        let is_primary = self.sessions.get(&conn).is_some_and(|s| s.primary == key);
+        if !is_primary {
+            return;
+        }
+        let ts = h.ts_ns as i128;
+        // The close record carries the kernel's byte totals: anything short of them is lost.
+        let totals = [h.offset, h.call_len];
+        for (i, total) in totals.iter().enumerate() {
+            if *total > end.expected[i] {
+                let dir = if i == 0 {
+                    Direction::ToServer
+                } else {
+                    Direction::ToClient
+                };
+                self.emit_gap(conn, dir, total - end.expected[i], ts, out);
+            }
+        }
+        let Some(mut s) = self.sessions.remove(&conn) else {
+            return;
+        };
+        let mut drafts = std::mem::take(&mut self.drafts);
+        s.session.abandon(ts, &mut drafts);
+        let mut ev = AuditEvent {
+            kind: EventKind::SessionEnd.as_str().into(),
+            ..AuditEvent::default()
+        };
+        if let Some(e) = &s.session.startup_error {
+            ev.error_code = e.code.clone();
+            ev.error_message = e.message.clone();
+        }
+        if s.session.is_cancel_request() {
+            ev.flags.push("cancel_request".into());
+        }
+        drafts.push(Draft {
+            ts_ns: ts,
+            event: ev,
+        });
+        self.sessions.insert(conn, s);
+        self.finish_drafts(conn, &mut drafts, out);
+        self.drafts = drafts;
+        if let Some(s) = self.sessions.remove(&conn) {
+            self.counters.parse_errors += s.session.counters.parse_errors;
+            self.counters.unmatched_responses += s.session.counters.unmatched_responses;
+        }
+        self.counters.sessions_ended += 1;
+        // The other end of a local connection is forgotten with it.
+        self.ends.retain(|_, e| e.conn != conn);
+    }
+
+    /// Fills in what a session draft lacks: ids, order, time, endpoints, identity.
+    fn finish_drafts(&mut self, conn: ConnKey, drafts: &mut Vec<Draft>, out: &mut Vec<AuditEvent>) {
+        if drafts.is_empty() {
+            return;
+        }
+        let wall_offset = self.wall_offset_ns;
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            drafts.clear();
+            return;
+        };
+        // Statements of a session joined mid-stream still get a session_start first.
+        if !drafts.iter().any(|d| d.event.kind == "session_start") && s.seq == 0 {
+            let mut pre = Vec::new();
+            s.session.ensure_started(drafts[0].ts_ns, &mut pre);
+            for d in pre.into_iter().rev() {
+                drafts.insert(0, d);
+            }
+        }
+        for d in drafts.drain(..) {
+            let mut ev = d.event;
+            ev.event_id = new_event_id();
+            ev.ts = format_ts(d.ts_ns + wall_offset);
+            ev.host = self.cfg.host.clone();
+            ev.session_id = s.id.clone();
+            s.seq += 1;
+            ev.seq = s.seq;
+            ev.db_user = s.session.meta.db_user.clone();
+            ev.database = s.session.meta.database.clone();
+            ev.application_name = s.session.meta.application_name.clone();
+            ev.tls = s.session.meta.tls;
+            ev.client_addr = addr_string(&conn.client_addr);
+            ev.client_port = conn.client_port;
+            ev.server_addr = addr_string(&conn.server_addr);
+            ev.server_port = conn.server_port;
+            ev.capture = "ebpf".into();
+            // The local process on the client end, or the backend when the client is remote.
+            let who = s.client.as_ref().or(s.server.as_ref());
+            if let Some(id) = who {
+                ev.apply_identity(id);
+                ev.labels = labels_of(id);
+            }
+            ev.server_pid = s.server.as_ref().map(|i| i.pid).unwrap_or(0);
+            match ev.kind.as_str() {
+                "statement" => self.counters.statements += 1,
+                "session_start" => self.counters.sessions_started += 1,
+                _ => {}
+            }
+            out.push(ev);
+        }
+        let _ = wall_offset;
+    }
+
+    /// Ends every session (daemon shutdown): pending requests are flushed as events.
+    pub fn shutdown(&mut self, out: &mut Vec<AuditEvent>) {
+        let conns: Vec<ConnKey> = self.sessions.keys().copied().collect();
+        let now = -self.wall_offset_ns
+            + std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i128)
+                .unwrap_or(0);
+        for conn in conns {
+            let Some(s) = self.sessions.get_mut(&conn) else {
+                continue;
+            };
+            let mut drafts = Vec::new();
+            s.session.abandon(now, &mut drafts);
+            self.finish_drafts(conn, &mut drafts, out);
+        }
+        let _ = self.wall(0);
+    }
+}
+
+/// Labels a policy can select on, derived from the process identity.
+pub fn labels_of(id: &ProcessIdentity) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    labels.insert("process.comm".to_string(), id.comm.clone());
+    if !id.exe.is_empty() {
+        labels.insert("process.exe".to_string(), id.exe.clone());
+    }
+    if !id.systemd_unit.is_empty() {
+        labels.insert("systemd.unit".to_string(), id.systemd_unit.clone());
+    }
+    if !id.container_id.is_empty() {
+        labels.insert("container.id".to_string(), id.container_id.clone());
+    }
+    if !id.pod_uid.is_empty() {
+        labels.insert("k8s.pod.uid".to_string(), id.pod_uid.clone());
+    }
+    if !id.cgroup_path.is_empty() {
+        labels.insert("cgroup.path".to_string(), id.cgroup_path.clone());
+    }
+    labels
+}
