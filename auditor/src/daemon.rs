@@ -248,12 +248,14 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
 
     let mut malformed_records = 0u64;
     while !STOP.load(Ordering::SeqCst) {
-        capture.poll(Duration::from_millis(100), |bytes| {
-            match Record::parse(bytes) {
+        capture.poll(
+            Duration::from_millis(100),
+            4096,
+            |bytes| match Record::parse(bytes) {
                 Some(rec) => tracker.handle(&rec, &mut batch),
                 None => malformed_records += 1,
-            }
-        })?;
+            },
+        )?;
         if !batch.is_empty() {
             let full = std::mem::replace(&mut batch, Vec::with_capacity(256));
             if tx.send(full).is_err() {
@@ -267,11 +269,16 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     }
 
     // Stop: take what the kernel still holds, flush in-flight requests, close the sinks.
-    capture.poll(Duration::from_millis(0), |bytes| {
+    while capture.poll(Duration::from_millis(0), 4096, |bytes| {
         if let Some(rec) = Record::parse(bytes) {
             tracker.handle(&rec, &mut batch)
         }
-    })?;
+    })? > 0
+    {
+        if batch.len() >= 4096 {
+            let _ = tx.send(std::mem::take(&mut batch));
+        }
+    }
     tracker.shutdown(&mut batch);
     if !batch.is_empty() {
         let _ = tx.send(std::mem::take(&mut batch));

@@ -233,13 +233,16 @@ impl Capture {
         })
     }
 
-    /// Waits up to `timeout` for records, then hands each one to `f`. Returns how many.
+    /// Waits up to `timeout` for records, then hands up to `budget` of them to `f` (bounded,
+    /// so the caller gets to ship what they produced while the kernel keeps writing).
+    /// Returns how many.
     pub fn poll(
         &mut self,
         timeout: Duration,
+        budget: usize,
         mut f: impl FnMut(&[u8]),
     ) -> Result<usize, CaptureError> {
-        let mut n = self.drain(&mut f);
+        let mut n = self.drain(budget, &mut f);
         if n > 0 {
             return Ok(n);
         }
@@ -256,13 +259,14 @@ impl Capture {
                 return Err(CaptureError::Poll(err));
             }
         }
-        n += self.drain(&mut f);
+        n += self.drain(budget, &mut f);
         Ok(n)
     }
 
-    fn drain(&mut self, f: &mut impl FnMut(&[u8])) -> usize {
+    fn drain(&mut self, budget: usize, f: &mut impl FnMut(&[u8])) -> usize {
         let mut n = 0;
-        while let Some(item) = self.ring.next() {
+        while n < budget {
+            let Some(item) = self.ring.next() else { break };
             f(&item);
             n += 1;
         }
