@@ -64,7 +64,7 @@ pub fn parse_cgroup_path(path: &str) -> CgroupFacts {
             facts.container_id = base.to_string();
         }
         // kubepods-burstable-pod<uid_with_underscores>.slice or pod<uid>
-        if let Some(pos) = base.find("pod") {
+        if let Some(pos) = base.rfind("pod") {
             let candidate = &base[pos + 3..];
             let uid = candidate.replace('_', "-");
             if uid.len() == 36 && uid.bytes().filter(|&b| b == b'-').count() == 4 {

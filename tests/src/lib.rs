@@ -1,1 +1,379 @@
+//! Harness for the integration tests (and the fixture recorder): a throwaway Postgres, the
+//! auditor daemon, cgroup v2 subgroups for simulated workloads, and the event log.
+//!
+//! These tests need root, BTF and Debian's postgresql-15. Outside CI they skip with a printed
+//! reason when those are missing; with CI set they fail instead.
 
+use std::{
+    io::{BufRead, BufReader},
+    net::TcpListener,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::Value;
+
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// Returns false (after printing why) when this environment cannot run root tests; panics
+/// instead when running in CI, where they must run.
+pub fn can_run(test: &str) -> bool {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root");
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        missing.push("kernel BTF (/sys/kernel/btf/vmlinux)");
+    }
+    if !Path::new(PG_BIN).join("postgres").exists() {
+        missing.push("postgresql-15 (run `cargo xtask setup`)");
+    }
+    if !auditor_bin().exists() {
+        missing.push("the release daemon (cargo build --release -p auditor)");
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let why = format!("{test}: needs {}", missing.join(", "));
+    if std::env::var_os("CI").is_some() {
+        panic!("{why} (CI is set: root tests must run here)");
+    }
+    eprintln!("skipped: {why}");
+    false
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
+}
+
+pub fn auditor_bin() -> PathBuf {
+    std::env::var_os("AUDITOR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/release/auditor"))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A Postgres 15 server in a temporary directory, on its own port, logging every
+/// statement (the ground truth the tests compare against). Stopped on drop.
+pub struct Postgres {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+fn as_postgres(cmd: &str) -> Result<()> {
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--", "sh", "-c", cmd])
+        .output()
+        .context("runuser")?;
+    if !out.status.success() {
+        bail!(
+            "`{cmd}` failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+impl Postgres {
+    /// `extra` lines are appended to postgresql.conf.
+    pub fn start(extra: &[&str]) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("auditor-pg-").tempdir()?;
+        let path = dir.path().display().to_string();
+        Command::new("chown")
+            .args(["postgres:postgres", &path])
+            .status()?;
+        let port = free_port();
+        as_postgres(&format!(
+            "{PG_BIN}/initdb -D {path}/data -A trust -U postgres --no-sync >/dev/null"
+        ))?;
+        let mut conf = vec![
+            format!("port = {port}"),
+            "listen_addresses = '127.0.0.1'".into(),
+            format!("unix_socket_directories = '{path}'"),
+            "fsync = off".into(),
+            "synchronous_commit = off".into(),
+            "log_statement = 'all'".into(),
+            "log_line_prefix = '%a|%p|'".into(),
+            "max_connections = 50".into(),
+        ];
+        conf.extend(extra.iter().map(|s| s.to_string()));
+        let conf_path = dir.path().join("data/postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path)?;
+        text.push('\n');
+        text.push_str(&conf.join("\n"));
+        text.push('\n');
+        std::fs::write(&conf_path, text)?;
+        as_postgres(&format!(
+            "{PG_BIN}/pg_ctl -D {path}/data -l {path}/server.log -w -t 60 start >/dev/null"
+        ))?;
+        Ok(Postgres { port, dir })
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    /// Statements the server logged for `application_name` (log_statement = all): one per
+    /// simple Query message and one per extended-protocol Execute.
+    pub fn logged_statements(&self, application_name: &str) -> Result<usize> {
+        let text = std::fs::read_to_string(self.log_path())?;
+        let prefix = format!("{application_name}|");
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .filter(|l| l.contains("LOG:  statement: ") || l.contains("LOG:  execute "))
+            .count())
+    }
+
+    /// psql against this server over TCP, as a command to adjust and run.
+    pub fn psql(&self) -> Command {
+        let mut c = Command::new("psql");
+        c.args([
+            "-X",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+        ])
+        .args(["-v", "ON_ERROR_STOP=0", "postgres"]);
+        c
+    }
+
+    pub fn pgbench(&self) -> Command {
+        let mut c = Command::new("pgbench");
+        c.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+        ]);
+        c
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let path = self.dir.path().display().to_string();
+        let _ = as_postgres(&format!(
+            "{PG_BIN}/pg_ctl -D {path}/data -m immediate -w stop >/dev/null 2>&1"
+        ));
+    }
+}
+
+/// A cgroup v2 subgroup standing in for one workload; removed on drop.
+pub struct Cgroup {
+    pub path: PathBuf,
+    /// The path as the auditor reports it ("/name").
+    pub name: String,
+}
+
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        (right.split_whitespace().next() == Some("cgroup2"))
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+            .flatten()
+    })
+}
+
+impl Cgroup {
+    pub fn new(name: &str) -> Result<Self> {
+        let root = cgroup2_mount().context("no cgroup v2 mount")?;
+        let name = format!("{name}-{}", std::process::id());
+        let path = root.join(&name);
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Cgroup {
+            path,
+            name: format!("/{name}"),
+        })
+    }
+
+    /// Makes `cmd` start inside this cgroup.
+    pub fn enter(&self, cmd: &mut Command) {
+        let procs = self.path.join("cgroup.procs");
+        // SAFETY: between fork and exec we only write our own pid to a file.
+        unsafe {
+            cmd.pre_exec(move || std::fs::write(&procs, std::process::id().to_string()));
+        }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // The processes have exited; a cgroup with none left can be removed.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The auditor daemon, watching one Postgres port, with its own state directory.
+pub struct Daemon {
+    child: Option<Child>,
+    pub state: tempfile::TempDir,
+    pub output: mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    pub fn start(pg_port: u16, extra_config: &str) -> Result<Self> {
+        let state = tempfile::Builder::new()
+            .prefix("auditor-state-")
+            .tempdir()?;
+        let config = state.path().join("config.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir: {}\nendpoints:\n  - port: {pg_port}\n{extra_config}",
+                state.path().display()
+            ),
+        )?;
+        let mut child = Command::new(auditor_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting the auditor")?;
+        let (tx, rx) = mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(|l| l.ok()) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains("auditor: ready") => break,
+                Ok(line) => seen.push(line),
+                Err(_) => {
+                    let _ = child.kill();
+                    bail!("the auditor did not become ready:\n{}", seen.join("\n"));
+                }
+            }
+        }
+        Ok(Daemon {
+            child: Some(child),
+            state,
+            output: rx,
+        })
+    }
+
+    pub fn log_dir(&self) -> PathBuf {
+        self.state.path().join("log")
+    }
+
+    /// Stops with SIGINT (the daemon flushes everything) and returns its last output.
+    pub fn stop(&mut self) -> Result<Vec<String>> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(Vec::new());
+        };
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let status = child.wait()?;
+        let lines: Vec<String> = self.output.try_iter().collect();
+        if !status.success() {
+            bail!("the auditor exited with {status}:\n{}", lines.join("\n"));
+        }
+        Ok(lines)
+    }
+
+    /// Every event in the log so far.
+    pub fn events(&self) -> Result<Vec<Value>> {
+        read_events(&self.log_dir())
+    }
+
+    /// Waits until `pred` holds for the events (or the timeout passes) and returns them.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&[Value]) -> bool,
+    ) -> Result<Vec<Value>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let events = self.events()?;
+            if pred(&events) || Instant::now() >= deadline {
+                return Ok(events);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn read_events(dir: &Path) -> Result<Vec<Value>> {
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd.flatten().map(|e| e.path()).collect(),
+        Err(_) => return Ok(Vec::new()),
+    };
+    files.sort();
+    let mut events = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f)?;
+        for line in text.lines() {
+            // A line being written right now may be incomplete: only whole lines count.
+            if let Ok(v) = serde_json::from_str::<Value>(line) {
+                events.push(v);
+            }
+        }
+    }
+    Ok(events)
+}
+
+pub fn str_of<'a>(ev: &'a Value, field: &str) -> &'a str {
+    ev.get(field).and_then(|v| v.as_str()).unwrap_or("")
+}
+
+/// Runs a command to completion, failing with its output if it fails.
+pub fn check(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

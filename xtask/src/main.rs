@@ -1,1 +1,94 @@
-fn main() {}
+//! The commands a person types: `cargo xtask setup | run | ci | fixtures`.
+
+mod fixtures;
+mod setup;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need and this machine lacks (Debian/Ubuntu, root):
+    /// the pinned nightly with rust-src and LLVM 22 with bpf-linker (to build the eBPF
+    /// programs), libclang (for pg_query), PostgreSQL 15 server and client (for the tests).
+    Setup,
+    /// Set up, build in release mode and run the auditor on this host in the foreground
+    /// with the embedded default (the hash-chained log under /var/lib/auditor).
+    Run {
+        /// Arguments after `--` go to `auditor run` (for example `-- --config my.yaml`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then check formatting and lints and run every test, the root-only
+    /// integration tests included (real eBPF, real Postgres, real clients).
+    Ci,
+    /// Record Postgres protocol transcripts through a recording proxy, as test fixtures.
+    Fixtures {
+        /// Where to write the transcripts.
+        #[arg(long, default_value = "auditor/tests/fixtures")]
+        out: PathBuf,
+    },
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c.env("PATH", setup::path_with_cargo_bin());
+    c
+}
+
+fn main() -> Result<()> {
+    match Args::parse().command {
+        Cmd::Setup => setup::setup(),
+        Cmd::Run { args } => {
+            setup::setup()?;
+            run(cargo().args(["build", "--release", "-p", "auditor"]))?;
+            let bin = workspace_root().join("target/release/auditor");
+            let mut cmd = Command::new(bin);
+            cmd.arg("run").args(args);
+            run(&mut cmd)
+        }
+        Cmd::Ci => {
+            setup::setup()?;
+            run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+            run(cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--release",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            // The daemon the integration tests start is this release build.
+            run(cargo().args(["build", "--release", "-p", "auditor"]))?;
+            run(cargo().args(["test", "--workspace", "--release", "--", "--test-threads=1"]))
+        }
+        Cmd::Fixtures { out } => fixtures::record(&workspace_root().join(out)),
+    }
+}

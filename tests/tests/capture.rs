@@ -1,0 +1,332 @@
+//! Plaintext capture end to end: real eBPF, a real Postgres 15, real psql and pgbench, each
+//! workload in its own cgroup v2 subgroup. Counts are exact.
+
+use std::{
+    collections::HashSet,
+    io::{BufRead, BufReader, Write},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use auditor_tests::{can_run, check, str_of, Cgroup, Daemon, Postgres};
+use serde_json::Value;
+
+fn statements<'a>(events: &'a [Value], cgroup: &str, app: &str) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| str_of(e, "kind") == "statement")
+        .filter(|e| str_of(e, "cgroup_path") == cgroup && str_of(e, "application_name") == app)
+        .collect()
+}
+
+fn assert_no_duplicates(events: &[Value]) {
+    let mut seen = HashSet::new();
+    for e in events {
+        let key = (
+            str_of(e, "session_id").to_string(),
+            e["seq"].as_u64().unwrap(),
+        );
+        assert!(seen.insert(key.clone()), "event recorded twice: {key:?}");
+    }
+}
+
+#[test]
+fn pgbench_simple_extended_prepared_recorded_exactly() {
+    if !can_run("pgbench_simple_extended_prepared_recorded_exactly") {
+        return;
+    }
+    let pg = Postgres::start(&[]).unwrap();
+    check(pg.pgbench().args(["-i", "-q", "-s", "2"]).arg("postgres")).unwrap();
+    let mut daemon = Daemon::start(pg.port, "").unwrap();
+    let cg = Cgroup::new("pgbench").unwrap();
+
+    const CLIENTS: u32 = 4;
+    const PER_CLIENT: u32 = 2500; // 10,000 transactions per mode
+    for mode in ["simple", "extended", "prepared"] {
+        let app = format!("pgbench_{mode}");
+        let mut cmd = pg.pgbench();
+        cmd.args(["-n", "-M", mode, "-c", &CLIENTS.to_string(), "-j", "2"])
+            .args(["-t", &PER_CLIENT.to_string(), "postgres"])
+            .env("PGAPPNAME", &app);
+        cg.enter(&mut cmd);
+        let out = check(&mut cmd).unwrap();
+        assert!(
+            out.contains("number of transactions actually processed: 10000/10000"),
+            "{out}"
+        );
+    }
+    // Let the daemon catch up, then stop it: everything is flushed on SIGINT.
+    std::thread::sleep(Duration::from_secs(1));
+    let output = daemon.stop().unwrap();
+    let events = daemon.events().unwrap();
+    assert_no_duplicates(&events);
+    assert!(
+        events.iter().all(|e| str_of(e, "kind") != "gap"),
+        "gaps recorded: {output:?}"
+    );
+
+    for mode in ["simple", "extended", "prepared"] {
+        let app = format!("pgbench_{mode}");
+        let recorded = statements(&events, &cg.name, &app);
+        let executed = pg.logged_statements(&app).unwrap();
+        // TPC-B-like: 7 statements per transaction, plus pgbench's own setup queries.
+        assert!(executed >= 70_000, "{app}: server logged {executed}");
+        assert_eq!(
+            recorded.len(),
+            executed,
+            "{app}: recorded vs executed by the server"
+        );
+        let protocol = if mode == "simple" {
+            "simple"
+        } else {
+            "extended"
+        };
+        let updates = recorded
+            .iter()
+            .filter(|e| str_of(e, "command") == "UPDATE")
+            .count();
+        assert_eq!(updates, 30_000, "{app}: three UPDATEs per transaction");
+        for e in &recorded {
+            assert_eq!(str_of(e, "db_user"), "postgres");
+            assert_eq!(str_of(e, "database"), "postgres");
+            assert_eq!(str_of(e, "comm"), "pgbench");
+            assert_eq!(str_of(e, "error_code"), "");
+            assert_eq!(str_of(e, "capture"), "ebpf");
+            if str_of(e, "command") == "UPDATE" {
+                assert_eq!(e["rows"].as_u64(), Some(1), "{e}");
+                assert_eq!(str_of(e, "protocol"), protocol);
+            }
+        }
+        // One session per client connection plus pgbench's main connection.
+        let sessions: HashSet<&str> = recorded.iter().map(|e| str_of(e, "session_id")).collect();
+        assert_eq!(sessions.len(), CLIENTS as usize + 1, "{app}");
+    }
+}
+
+#[test]
+fn psql_outcomes_identity_and_redaction() {
+    if !can_run("psql_outcomes_identity_and_redaction") {
+        return;
+    }
+    let pg = Postgres::start(&[]).unwrap();
+    let mut daemon = Daemon::start(pg.port, "").unwrap();
+    let cg = Cgroup::new("psql").unwrap();
+    let script = "\
+CREATE TABLE cards (id int PRIMARY KEY, owner text, number text);
+INSERT INTO cards VALUES (1, 'alice', '4111111111111111'), (2, 'bob', '5500005555555559');
+SELECT owner FROM cards WHERE number = '4111111111111111';
+UPDATE cards SET owner = 'carol' WHERE id IN (1, 2);
+SELECT missing_column FROM cards;
+SELECT 1; SELECT 2 AS two;
+PREPARE byid(int) AS SELECT owner FROM cards WHERE id = $1;
+EXECUTE byid(2);
+DELETE FROM cards;
+";
+    let mut cmd = pg.psql();
+    cmd.env("PGAPPNAME", "psql_test")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cg.enter(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let psql_pid = child.id();
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.stop().unwrap();
+    let events = daemon.events().unwrap();
+    assert_no_duplicates(&events);
+
+    let got: Vec<(String, Option<u64>, String)> = statements(&events, &cg.name, "psql_test")
+        .iter()
+        .map(|e| {
+            (
+                str_of(e, "command").to_string(),
+                e["rows"].as_u64(),
+                str_of(e, "error_code").to_string(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, Option<u64>, String)> = [
+        ("CREATE TABLE", None, ""),
+        ("INSERT", Some(2), ""),
+        ("SELECT", Some(1), ""),
+        ("UPDATE", Some(2), ""),
+        ("SELECT", None, "42703"),
+        ("SELECT", Some(1), ""),
+        ("SELECT", Some(1), ""),
+        ("PREPARE", None, ""),
+        ("EXECUTE", Some(1), ""),
+        ("DELETE", Some(2), ""),
+    ]
+    .iter()
+    .map(|(c, r, e)| (c.to_string(), *r, e.to_string()))
+    .collect();
+    assert_eq!(got, want);
+
+    let all = statements(&events, &cg.name, "psql_test");
+    for e in &all {
+        assert_eq!(e["pid"].as_u64(), Some(psql_pid as u64));
+        assert_eq!(str_of(e, "comm"), "psql");
+        assert!(str_of(e, "exe").ends_with("psql"), "{e}");
+        assert!(e["server_pid"].as_u64().unwrap() > 0, "backend joined: {e}");
+        assert_eq!(e["server_port"].as_u64(), Some(pg.port as u64));
+        assert_eq!(str_of(e, "client_addr"), "127.0.0.1");
+    }
+    assert_eq!(
+        str_of(all[2], "statement"),
+        "SELECT owner FROM cards WHERE number = $1"
+    );
+    assert_eq!(
+        str_of(all[4], "error_message"),
+        "column \"missing_column\" does not exist"
+    );
+    // Literals never reach the log.
+    let raw = std::fs::read_dir(daemon.log_dir())
+        .unwrap()
+        .flatten()
+        .map(|f| std::fs::read_to_string(f.path()).unwrap())
+        .collect::<String>();
+    for secret in ["4111111111111111", "5500005555555559", "alice", "carol"] {
+        assert!(!raw.contains(secret), "{secret} leaked into the log");
+    }
+    // One session, started and ended, from the client's cgroup.
+    let kinds: Vec<&str> = events
+        .iter()
+        .filter(|e| str_of(e, "cgroup_path") == cg.name)
+        .map(|e| str_of(e, "kind"))
+        .collect();
+    assert_eq!(kinds.len(), 12, "{kinds:?}");
+    assert_eq!(kinds.first(), Some(&"session_start"));
+    assert_eq!(kinds.last(), Some(&"session_end"));
+    // The chain verifies.
+    let out = check(
+        Command::new(auditor_tests::auditor_bin())
+            .args(["verify", "--state-dir"])
+            .arg(daemon.state.path()),
+    )
+    .unwrap();
+    assert!(out.starts_with("intact:"), "{out}");
+}
+
+#[test]
+fn tail_shows_each_statement_within_a_second() {
+    if !can_run("tail_shows_each_statement_within_a_second") {
+        return;
+    }
+    let pg = Postgres::start(&[]).unwrap();
+    let daemon = Daemon::start(pg.port, "").unwrap();
+    let cg = Cgroup::new("interactive").unwrap();
+    let mut tail = Command::new(auditor_tests::auditor_bin())
+        .args(["tail", "-n", "0", "--state-dir"])
+        .arg(daemon.state.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = tail.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+            let _ = tx.send((Instant::now(), line));
+        }
+    });
+
+    // An interactive session: psql reads statements one at a time from a pipe.
+    let mut cmd = pg.psql();
+    cmd.env("PGAPPNAME", "interactive")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null());
+    cg.enter(&mut cmd);
+    let mut psql = cmd.spawn().unwrap();
+    let mut stdin = psql.stdin.take().unwrap();
+    for i in 0..5 {
+        let marker = format!("marker_{i}");
+        writeln!(stdin, "SELECT 1 AS {marker};").unwrap();
+        stdin.flush().unwrap();
+        let sent = Instant::now();
+        let deadline = sent + Duration::from_secs(5);
+        let shown = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((at, line)) if line.contains(&marker) => break Some((at, line)),
+                Ok(_) => continue,
+                Err(_) => break None,
+            }
+        };
+        let (at, line) = shown.unwrap_or_else(|| panic!("{marker} never shown by tail"));
+        assert!(
+            at.duration_since(sent) < Duration::from_secs(1),
+            "{marker} shown after {:?}",
+            at.duration_since(sent)
+        );
+        assert!(line.contains(&format!("psql[{}]", psql.id())), "{line}");
+        assert!(line.contains(&cg.name), "{line}");
+    }
+    drop(stdin);
+    psql.wait().unwrap();
+    let _ = tail.kill();
+    let _ = tail.wait();
+}
+
+#[test]
+fn connection_older_than_the_daemon_is_picked_up_mid_stream() {
+    if !can_run("connection_older_than_the_daemon_is_picked_up_mid_stream") {
+        return;
+    }
+    let pg = Postgres::start(&[]).unwrap();
+    let cg = Cgroup::new("early").unwrap();
+    let mut cmd = pg.psql();
+    cmd.env("PGAPPNAME", "early_bird")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    cg.enter(&mut cmd);
+    let mut psql = cmd.spawn().unwrap();
+    let mut stdin = psql.stdin.take().unwrap();
+    let mut stdout = BufReader::new(psql.stdout.take().unwrap());
+    // Prepared before the daemon exists: its text cannot be known, its executions are.
+    writeln!(
+        stdin,
+        "PREPARE early(int) AS SELECT $1 + 1;\nSELECT 'before' AS w;"
+    )
+    .unwrap();
+    stdin.flush().unwrap();
+    let mut line = String::new();
+    while !line.contains("before") {
+        line.clear();
+        stdout.read_line(&mut line).unwrap();
+    }
+
+    let mut daemon = Daemon::start(pg.port, "").unwrap();
+    writeln!(stdin, "SELECT 'after' AS w;\nEXECUTE early(41);").unwrap();
+    stdin.flush().unwrap();
+    drop(stdin);
+    psql.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.stop().unwrap();
+    let events = daemon.events().unwrap();
+    let mine: Vec<&Value> = events
+        .iter()
+        .filter(|e| str_of(e, "cgroup_path") == cg.name)
+        .collect();
+    let stmts: Vec<&&Value> = mine
+        .iter()
+        .filter(|e| str_of(e, "kind") == "statement")
+        .collect();
+    assert_eq!(stmts.len(), 2, "{mine:#?}");
+    assert_eq!(str_of(stmts[0], "statement"), "SELECT $1 AS w");
+    assert_eq!(str_of(stmts[1], "command"), "EXECUTE");
+    assert_eq!(stmts[1]["rows"].as_u64(), Some(1));
+    assert!(stmts[0]["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f == "mid_stream"));
+    assert_eq!(str_of(mine[0], "kind"), "session_start");
+    assert_eq!(str_of(mine.last().unwrap(), "kind"), "session_end");
+    assert_eq!(str_of(stmts[0], "comm"), "psql");
+}

@@ -1,0 +1,142 @@
+//! Installs what a fresh Debian bookworm machine lacks, and says why. Idempotent: what is
+//! already there is left alone.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Result};
+
+use crate::run;
+
+/// The nightly that builds the eBPF programs (its LLVM is 22, like bpf-linker's).
+pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-19";
+
+/// Debian packages: (package, why).
+const PACKAGES: &[(&str, &str)] = &[
+    (
+        "llvm-22-dev",
+        "bpf-linker links the eBPF programs with LLVM 22",
+    ),
+    (
+        "libclang-dev",
+        "pg_query (the Postgres parser) generates its bindings with bindgen",
+    ),
+    (
+        "postgresql-15",
+        "the integration tests start a throwaway Postgres server",
+    ),
+    (
+        "postgresql-client-15",
+        "psql and pgbench drive the integration tests",
+    ),
+    ("postgresql-contrib", "pgbench ships here on some releases"),
+];
+
+pub fn path_with_cargo_bin() -> String {
+    let home = std::env::var("CARGO_HOME")
+        .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or("/root".into())));
+    let path = std::env::var("PATH").unwrap_or_default();
+    format!("{home}/bin:{path}")
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
+        .env("PATH", path_with_cargo_bin())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+pub fn setup() -> Result<()> {
+    let missing: Vec<&(&str, &str)> = PACKAGES.iter().filter(|(p, _)| !installed(p)).collect();
+    if !missing.is_empty() {
+        for (p, why) in &missing {
+            eprintln!("setup: installing {p}: {why}");
+        }
+        if !is_root() {
+            bail!(
+                "installing Debian packages needs root: run `sudo apt-get install {}` or rerun as root",
+                missing.iter().map(|(p, _)| *p).collect::<Vec<_>>().join(" ")
+            );
+        }
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        let mut cmd = Command::new("apt-get");
+        cmd.args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(missing.iter().map(|(p, _)| *p))
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        run(&mut cmd)?;
+    }
+
+    let toolchains = Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let sysroot_src = Command::new("rustup")
+        .args(["run", EBPF_TOOLCHAIN, "rustc", "--print", "sysroot"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .map(|s| {
+            Path::new(&s)
+                .join("lib/rustlib/src/rust/library/core")
+                .exists()
+        })
+        .unwrap_or(false);
+    if !toolchains.contains(EBPF_TOOLCHAIN) || !sysroot_src {
+        eprintln!(
+            "setup: installing Rust {EBPF_TOOLCHAIN} with rust-src: the eBPF programs build with -Z build-std"
+        );
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            EBPF_TOOLCHAIN,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+    }
+
+    if !have("bpf-linker") {
+        eprintln!(
+            "setup: installing bpf-linker (built against LLVM 22): it links the eBPF programs"
+        );
+        let mut cmd = Command::new("cargo");
+        cmd.args([
+            "install",
+            "--locked",
+            "bpf-linker",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+        .env("PATH", path_with_cargo_bin());
+        run(&mut cmd)?;
+    }
+    for tool in ["pgbench", "psql"] {
+        if !have(tool) {
+            bail!("{tool} is still missing after setup: install postgresql-client-15");
+        }
+    }
+    eprintln!("setup: everything needed is installed");
+    Ok(())
+}
