@@ -101,7 +101,7 @@ fn is_endpoint(addr: &[u8; 16], port: u16) -> bool {
                 port,
                 _pad: [0; 6],
             };
-            unsafe { ENDPOINTS.get(&key).is_some() }
+            unsafe { ENDPOINTS.get(key).is_some() }
         }
         _ => false,
     }

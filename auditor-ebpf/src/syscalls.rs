@@ -55,7 +55,7 @@ fn is_daemon(pid_tgid: u64) -> bool {
 fn lookup_conn(fd: u64, seen: u8) -> Option<(u64, ConnState, bool)> {
     let off = offsets()?;
     let sk = sock_of_fd(&off, fd)?;
-    if let Some(state) = unsafe { CONNS.get(&sk) } {
+    if let Some(state) = unsafe { CONNS.get(sk) } {
         return Some((sk, *state, false));
     }
     let tuple = tuple_of_sock(&off, sk)?;
@@ -69,8 +69,8 @@ fn lookup_conn(fd: u64, seen: u8) -> Option<(u64, ConnState, bool)> {
         _pad: [0; 6],
     };
     // BPF_NOEXIST: two CPUs racing on first sight keep the first entry.
-    if CONNS.insert(&sk, &state, 1).is_err() {
-        match unsafe { CONNS.get(&sk) } {
+    if CONNS.insert(sk, state, 1).is_err() {
+        match unsafe { CONNS.get(sk) } {
             Some(existing) => return Some((sk, *existing, false)),
             None => {
                 count(counter::CONN_TABLE_FULL, 1);
@@ -132,7 +132,7 @@ fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> O
         },
         _pad: [0; 7],
     };
-    PENDING.insert(&pid_tgid, &pending, 0).ok()
+    PENDING.insert(pid_tgid, pending, 0).ok()
 }
 
 /// Copies `len` bytes from user memory at `src` into one record and sends it.
@@ -170,14 +170,14 @@ fn begin_exit(
     ctx: &TracePointContext,
 ) -> Option<(PendingCall, u64, u64, *mut auditor_common::DataRecord)> {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let pending = *unsafe { PENDING.get(&pid_tgid) }?;
-    let _ = PENDING.remove(&pid_tgid);
+    let pending = *unsafe { PENDING.get(pid_tgid) }?;
+    let _ = PENDING.remove(pid_tgid);
     let ret = arg(ctx, RET) as i64;
     if ret <= 0 {
         return None;
     }
     let total = ret as u64;
-    let state = CONNS.get_ptr_mut(&pending.sock)?;
+    let state = CONNS.get_ptr_mut(pending.sock)?;
     let dir = pending.direction as usize & 1;
     // This call's range of the stream. A plain read-modify-write: the socket lock orders
     // concurrent transfers on one socket and their exits can run in another order, so
@@ -364,7 +364,7 @@ fn opened(fd: u64, seen: u8) -> Option<()> {
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     if !is_daemon(pid_tgid) {
-        let _ = CONNECTING.insert(&pid_tgid, &arg(&ctx, ARG0), 0);
+        let _ = CONNECTING.insert(pid_tgid, arg(&ctx, ARG0), 0);
     }
     0
 }
@@ -372,8 +372,8 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if let Some(fd) = unsafe { CONNECTING.get(&pid_tgid) }.copied() {
-        let _ = CONNECTING.remove(&pid_tgid);
+    if let Some(fd) = unsafe { CONNECTING.get(pid_tgid) }.copied() {
+        let _ = CONNECTING.remove(pid_tgid);
         let ret = arg(&ctx, RET) as i64;
         // libpq connects non-blocking: EINPROGRESS is the normal answer.
         if ret == 0 || ret == -EINPROGRESS {
@@ -416,8 +416,8 @@ fn try_set_state(ctx: &TracePointContext) -> Option<()> {
         return None;
     }
     let sk: u64 = unsafe { ctx.read_at(STATE_SKADDR) }.ok()?;
-    let state = *unsafe { CONNS.get(&sk) }?;
-    let _ = CONNS.remove(&sk);
+    let state = *unsafe { CONNS.get(sk) }?;
+    let _ = CONNS.remove(sk);
     emit_control(RECORD_CLOSE, sk, &state, 0);
     Some(())
 }

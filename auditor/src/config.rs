@@ -37,20 +37,12 @@ pub struct Endpoint {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 pub struct Recording {
     /// Record SQL text as sent, literals included. Default: false (literals become $n).
     pub raw_statements: bool,
     /// Record bind parameter values as sent. Default: false (keyed hashes).
     pub raw_params: bool,
-}
-
-impl Default for Recording {
-    fn default() -> Self {
-        Recording {
-            raw_statements: false,
-            raw_params: false,
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -287,11 +287,9 @@ impl Session {
                     Err(_) => self.counters.parse_errors += 1,
                 }
             }
-            (Direction::ToServer, Frame::Skipped { tag, len }) => {
-                if tag != b'd' {
-                    // A request too large to buffer: record that it happened.
-                    self.on_oversized_request(tag, len, ts, out);
-                }
+            (Direction::ToServer, Frame::Skipped { tag, len }) if tag != b'd' => {
+                // A request too large to buffer: record that it happened.
+                self.on_oversized_request(tag, len, ts, out);
             }
             (Direction::ToClient, Frame::Message { tag, body }) => {
                 match backend::decode(tag, &body) {
@@ -299,10 +297,8 @@ impl Session {
                     Err(_) => self.counters.parse_errors += 1,
                 }
             }
-            (Direction::ToClient, Frame::Skipped { tag, .. }) => {
-                if tag == b'D' {
-                    self.on_backend(BackendMessage::DataRow, ts, out);
-                }
+            (Direction::ToClient, Frame::Skipped { tag: b'D', .. }) => {
+                self.on_backend(BackendMessage::DataRow, ts, out);
             }
             _ => {}
         }

@@ -73,7 +73,6 @@ pub fn addr_string(a: &[u8; 16]) -> String {
 
 struct End {
     conn: ConnKey,
-    role: u8,
     /// Next expected offset per direction.
     expected: [u64; 2],
     identity: Option<ProcessIdentity>,
@@ -242,7 +241,6 @@ impl Tracker {
             key,
             End {
                 conn,
-                role: h.role,
                 expected: [0, 0],
                 identity: Some(identity.clone()),
             },

@@ -76,15 +76,24 @@ fn main() -> Result<()> {
         Cmd::Ci => {
             setup::setup()?;
             run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+            // Host crates (the default members), then the eBPF crate on its own target.
             run(cargo().args([
                 "clippy",
-                "--workspace",
                 "--all-targets",
                 "--release",
                 "--",
                 "-D",
                 "warnings",
             ]))?;
+            run(cargo()
+                .current_dir(workspace_root().join("auditor-ebpf"))
+                .args([
+                    &format!("+{}", setup::EBPF_TOOLCHAIN),
+                    "clippy",
+                    "--release",
+                ])
+                .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+                .args(["--", "-D", "warnings"]))?;
             // The daemon the integration tests start is this release build.
             run(cargo().args(["build", "--release", "-p", "auditor"]))?;
             run(cargo().args(["test", "--workspace", "--release", "--", "--test-threads=1"]))

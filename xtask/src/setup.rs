@@ -102,7 +102,7 @@ pub fn setup() -> Result<()> {
         .unwrap_or(false);
     if !toolchains.contains(EBPF_TOOLCHAIN) || !sysroot_src {
         eprintln!(
-            "setup: installing Rust {EBPF_TOOLCHAIN} with rust-src: the eBPF programs build with -Z build-std"
+            "setup: installing Rust {EBPF_TOOLCHAIN} with rust-src and clippy: the eBPF programs build with -Z build-std"
         );
         run(Command::new("rustup").args([
             "toolchain",
@@ -111,7 +111,7 @@ pub fn setup() -> Result<()> {
             "--profile",
             "minimal",
             "--component",
-            "rust-src",
+            "rust-src,clippy",
         ]))?;
     }
 

@@ -84,7 +84,7 @@ fn error_fields(body: &[u8]) -> Result<ErrorFields, ProtocolError> {
 
 fn row_description(body: &[u8]) -> nom::IResult<&[u8], Vec<FieldDescription>> {
     let (mut r, n) = be_i16(body)?;
-    let mut fields = Vec::with_capacity(n.max(0).min(1664) as usize);
+    let mut fields = Vec::with_capacity(n.clamp(0, 1664) as usize);
     for _ in 0..n.max(0) {
         let (r2, name) = cstr(r)?;
         let (r2, table_oid) = be_u32(r2)?;

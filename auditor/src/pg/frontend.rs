@@ -108,7 +108,7 @@ fn bind_msg(body: &[u8]) -> Res<'_, FrontendMessage> {
     let (r, nfmt) = be_i16(r)?;
     let (r, param_formats) = count(be_i16, nfmt.max(0) as usize)(r)?;
     let (mut r, nparams) = be_i16(r)?;
-    let mut params = Vec::with_capacity(nparams.max(0).min(4096) as usize);
+    let mut params = Vec::with_capacity(nparams.clamp(0, 4096) as usize);
     for _ in 0..nparams.max(0) {
         let (r2, len) = be_i32(r)?;
         if len < 0 {
