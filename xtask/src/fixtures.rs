@@ -111,7 +111,7 @@ fn pgbench(port: u16, mode: &str) -> Result<()> {
 }
 
 pub fn record(out: &Path) -> Result<()> {
-    crate::setup::setup()?;
+    crate::setup::setup(crate::setup::Purpose::Test)?;
     std::fs::create_dir_all(out)?;
     let pg = Postgres::start(&[])?;
     crate::run(

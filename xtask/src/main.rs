@@ -19,8 +19,12 @@ struct Args {
 enum Cmd {
     /// Install what building and testing need and this machine lacks (Debian/Ubuntu, root):
     /// the pinned nightly with rust-src and LLVM 22 with bpf-linker (to build the eBPF
-    /// programs), libclang (for pg_query), PostgreSQL 15 server and client (for the tests).
-    Setup,
+    /// programs), libclang (for pg_query); with --tests also PostgreSQL 15 server and
+    /// client (psql, pgbench) for the integration tests.
+    Setup {
+        #[arg(long)]
+        tests: bool,
+    },
     /// Set up, build in release mode and run the auditor on this host in the foreground
     /// with the embedded default (the hash-chained log under /var/lib/auditor).
     Run {
@@ -64,9 +68,13 @@ fn cargo() -> Command {
 
 fn main() -> Result<()> {
     match Args::parse().command {
-        Cmd::Setup => setup::setup(),
+        Cmd::Setup { tests } => setup::setup(if tests {
+            setup::Purpose::Test
+        } else {
+            setup::Purpose::Build
+        }),
         Cmd::Run { args } => {
-            setup::setup()?;
+            setup::setup(setup::Purpose::Build)?;
             run(cargo().args(["build", "--release", "-p", "auditor"]))?;
             let bin = workspace_root().join("target/release/auditor");
             let mut cmd = Command::new(bin);
@@ -74,7 +82,7 @@ fn main() -> Result<()> {
             run(&mut cmd)
         }
         Cmd::Ci => {
-            setup::setup()?;
+            setup::setup(setup::Purpose::Test)?;
             run(cargo().args(["fmt", "--all", "--", "--check"]))?;
             // Host crates (the default members), then the eBPF crate on its own target.
             run(cargo().args([
@@ -96,7 +104,9 @@ fn main() -> Result<()> {
                 .args(["--", "-D", "warnings"]))?;
             // The daemon the integration tests start is this release build.
             run(cargo().args(["build", "--release", "-p", "auditor"]))?;
-            run(cargo().args(["test", "--workspace", "--release", "--", "--test-threads=1"]))
+            // Default members: every host crate (the eBPF crate is built by auditor/build.rs).
+            // One test at a time: the integration tests load this 2-core machine fully.
+            run(cargo().args(["test", "--release", "--", "--test-threads=1"]))
         }
         Cmd::Fixtures { out } => fixtures::record(&workspace_root().join(out)),
     }

@@ -63,8 +63,11 @@ fn have(cmd: &str) -> bool {
         .unwrap_or(false)
 }
 
-pub fn setup() -> Result<()> {
-    let missing: Vec<&(&str, &str)> = PACKAGES.iter().filter(|(p, _)| !installed(p)).collect();
+pub fn setup(purpose: Purpose) -> Result<()> {
+    let wanted = BUILD_PACKAGES
+        .iter()
+        .chain(if purpose == Purpose::Test { TEST_PACKAGES } else { &[] });
+    let missing: Vec<&(&str, &str)> = wanted.filter(|(p, _)| !installed(p)).collect();
     if !missing.is_empty() {
         for (p, why) in &missing {
             eprintln!("setup: installing {p}: {why}");
@@ -132,9 +135,11 @@ pub fn setup() -> Result<()> {
         .env("PATH", path_with_cargo_bin());
         run(&mut cmd)?;
     }
-    for tool in ["pgbench", "psql"] {
-        if !have(tool) {
-            bail!("{tool} is still missing after setup: install postgresql-client-15");
+    if purpose == Purpose::Test {
+        for tool in ["pgbench", "psql"] {
+            if !have(tool) {
+                bail!("{tool} is still missing after setup: install postgresql-client-15");
+            }
         }
     }
     eprintln!("setup: everything needed is installed");
