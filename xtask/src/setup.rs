@@ -10,8 +10,8 @@ use crate::run;
 /// The nightly that builds the eBPF programs (its LLVM is 22, like bpf-linker's).
 pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-19";
 
-/// Debian packages: (package, why).
-const PACKAGES: &[(&str, &str)] = &[
+/// Debian packages needed to build: (package, why).
+const BUILD_PACKAGES: &[(&str, &str)] = &[
     (
         "llvm-22-dev",
         "bpf-linker links the eBPF programs with LLVM 22",
@@ -20,16 +20,26 @@ const PACKAGES: &[(&str, &str)] = &[
         "libclang-dev",
         "pg_query (the Postgres parser) generates its bindings with bindgen",
     ),
+];
+
+/// Debian packages needed only by the tests.
+const TEST_PACKAGES: &[(&str, &str)] = &[
     (
         "postgresql-15",
-        "the integration tests start a throwaway Postgres server",
+        "the integration tests start throwaway Postgres servers",
     ),
     (
         "postgresql-client-15",
         "psql and pgbench drive the integration tests",
     ),
-    ("postgresql-contrib", "pgbench ships here on some releases"),
 ];
+
+/// What to install.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Build,
+    Test,
+}
 
 pub fn path_with_cargo_bin() -> String {
     let home = std::env::var("CARGO_HOME")
@@ -64,9 +74,11 @@ fn have(cmd: &str) -> bool {
 }
 
 pub fn setup(purpose: Purpose) -> Result<()> {
-    let wanted = BUILD_PACKAGES
-        .iter()
-        .chain(if purpose == Purpose::Test { TEST_PACKAGES } else { &[] });
+    let wanted = BUILD_PACKAGES.iter().chain(if purpose == Purpose::Test {
+        TEST_PACKAGES
+    } else {
+        &[]
+    });
     let missing: Vec<&(&str, &str)> = wanted.filter(|(p, _)| !installed(p)).collect();
     if !missing.is_empty() {
         for (p, why) in &missing {
