@@ -1,6 +1,5 @@
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use auditor::{cli, config::Config, daemon};
 use clap::{Parser, Subcommand};
 
@@ -81,8 +80,16 @@ enum Command {
     ConfigExample,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
     let args = Args::parse();
+    if let Err(e) = dispatch(args) {
+        // The cause chain, one line: what failed and why, without a backtrace.
+        eprintln!("auditor: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(args: Args) -> anyhow::Result<()> {
     match args.command {
         Command::Run { config, state_dir } => {
             let mut cfg = match &config {
@@ -92,7 +99,7 @@ fn main() -> anyhow::Result<()> {
             if let Some(dir) = state_dir {
                 cfg.state_dir = dir;
             }
-            daemon::run(&cfg).context("auditor run")?;
+            daemon::run(&cfg)?;
         }
         Command::Tail {
             dir,
@@ -105,12 +112,7 @@ fn main() -> anyhow::Result<()> {
             cli::show(&dir.state_dir.join("log"), &session, json)?
         }
         Command::Stats { dir, json } => cli::stats(&dir.state_dir.join("stats.json"), json)?,
-        Command::Verify { dir } => {
-            if let Err(e) = cli::verify_log(&dir.state_dir.join("log")) {
-                eprintln!("auditor verify: {e}");
-                std::process::exit(1);
-            }
-        }
+        Command::Verify { dir } => cli::verify_log(&dir.state_dir.join("log"))?,
         Command::ConfigExample => print!("{}", auditor::config::EXAMPLE),
     }
     Ok(())

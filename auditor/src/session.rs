@@ -512,10 +512,13 @@ impl Session {
         ev
     }
 
+    /// `data_rows` counts this response's DataRows; `prior_rows` those of earlier
+    /// Executes of the same portal (a CommandComplete tag counts only the last one).
     fn finish(
         ev: &mut AuditEvent,
         tag: Option<&str>,
         data_rows: u64,
+        prior_rows: u64,
         error: Option<&ErrorFields>,
         start: i128,
         end: i128,
@@ -525,7 +528,8 @@ impl Session {
             if !cmd.is_empty() && (ev.command.is_empty() || ev.command == "TRANSACTION") {
                 ev.command = cmd;
             }
-            ev.rows = rows_of_tag(tag).or(if data_rows > 0 { Some(data_rows) } else { None });
+            let own = rows_of_tag(tag).or((data_rows > 0).then_some(data_rows));
+            ev.rows = own.map(|r| r + prior_rows);
         }
         if let Some(e) = error {
             ev.error_code = e.code.clone();
@@ -577,6 +581,8 @@ impl Session {
             BackendMessage::EmptyQueryResponse => self.complete(None, None, ts, out),
             BackendMessage::ErrorResponse(e) => self.complete(None, Some(&e), ts, out),
             BackendMessage::PortalSuspended => {
+                // The portal stopped at its row limit; a later Execute resumes it. Carry the
+                // rows and the start time to that Execute (already queued when pipelined).
                 if let Some(Pending::Execute {
                     portal_name,
                     mut portal,
@@ -584,9 +590,27 @@ impl Session {
                     rows,
                 }) = self.pop_until_execute()
                 {
-                    portal.rows_so_far += rows;
-                    portal.started_ns = Some(started_ns);
-                    self.portals.insert(portal_name, portal);
+                    let carried = portal.rows_so_far + rows;
+                    let queued = self.pending.iter_mut().find_map(|p| match p {
+                        Pending::Execute {
+                            portal_name: n,
+                            portal: q,
+                            started_ns: s,
+                            ..
+                        } if *n == portal_name => Some((q, s)),
+                        _ => None,
+                    });
+                    match queued {
+                        Some((next, next_start)) => {
+                            next.rows_so_far = carried;
+                            *next_start = started_ns;
+                        }
+                        None => {
+                            portal.rows_so_far = carried;
+                            portal.started_ns = Some(started_ns);
+                            self.portals.insert(portal_name, portal);
+                        }
+                    }
                 }
             }
             BackendMessage::FunctionCallResponse => {
@@ -597,7 +621,7 @@ impl Session {
                     ev.command = "FUNCTION CALL".into();
                     ev.statement = format!("(function call, oid {oid})");
                     ev.flags.append(&mut self.next_flags);
-                    Self::finish(&mut ev, None, 0, None, started_ns, ts);
+                    Self::finish(&mut ev, None, 0, 0, None, started_ns, ts);
                     out.push(Draft {
                         ts_ns: started_ns,
                         event: ev,
@@ -693,7 +717,7 @@ impl Session {
                         ev
                     }
                 };
-                Self::finish(&mut ev, tag, data_rows, error, start, ts);
+                Self::finish(&mut ev, tag, data_rows, 0, error, start, ts);
                 out.push(Draft {
                     ts_ns: start,
                     event: ev,
@@ -725,14 +749,7 @@ impl Session {
                 );
                 ev.params = portal.params.clone();
                 ev.prepared_name = portal.statement_name.clone();
-                Self::finish(
-                    &mut ev,
-                    tag,
-                    portal.rows_so_far + rows,
-                    None,
-                    started_ns,
-                    ts,
-                );
+                Self::finish(&mut ev, tag, rows, portal.rows_so_far, None, started_ns, ts);
                 out.push(Draft {
                     ts_ns: started_ns,
                     event: ev,
@@ -745,7 +762,7 @@ impl Session {
                     ev.command = "FUNCTION CALL".into();
                     ev.statement = format!("(function call, oid {oid})");
                     let start = *started_ns;
-                    Self::finish(&mut ev, None, 0, Some(e), start, ts);
+                    Self::finish(&mut ev, None, 0, 0, Some(e), start, ts);
                     out.push(Draft {
                         ts_ns: start,
                         event: ev,
@@ -800,7 +817,7 @@ impl Session {
         }
         ev.params = params;
         ev.prepared_name = name;
-        Self::finish(&mut ev, None, 0, Some(e), start, ts);
+        Self::finish(&mut ev, None, 0, 0, Some(e), start, ts);
         out.push(Draft {
             ts_ns: start,
             event: ev,
@@ -820,7 +837,7 @@ impl Session {
                         let a = s.analysis.clone();
                         let mut ev = self.statement_event(Some(&s.sql), Some(&a), "simple");
                         ev.flags.push("no_response".into());
-                        Self::finish(&mut ev, None, 0, None, started_ns, ts);
+                        Self::finish(&mut ev, None, 0, 0, None, started_ns, ts);
                         out.push(Draft {
                             ts_ns: started_ns,
                             event: ev,
@@ -839,7 +856,7 @@ impl Session {
                     ev.params = portal.params.clone();
                     ev.prepared_name = portal.statement_name.clone();
                     ev.flags.push("no_response".into());
-                    Self::finish(&mut ev, None, 0, None, started_ns, ts);
+                    Self::finish(&mut ev, None, 0, 0, None, started_ns, ts);
                     out.push(Draft {
                         ts_ns: started_ns,
                         event: ev,

@@ -198,10 +198,6 @@ impl Tracker {
         self.sessions.len()
     }
 
-    fn wall(&self, mono_ns: i128) -> i128 {
-        mono_ns + self.wall_offset_ns
-    }
-
     /// Handles one ring-buffer record; complete events go to `out`.
     pub fn handle(&mut self, rec: &Record<'_>, out: &mut Vec<AuditEvent>) {
         self.counters.records += 1;
@@ -212,7 +208,7 @@ impl Tracker {
         };
         match h.kind {
             RECORD_OPEN => {
-                self.end_for(key, h, None);
+                self.end_for(key, h, None, out);
             }
             RECORD_DATA => self.on_data(key, h, rec.data, out),
             RECORD_CLOSE => self.on_close(key, h, out),
@@ -230,7 +226,13 @@ impl Tracker {
     }
 
     /// Finds or creates the end and its session; returns whether this end is the primary.
-    fn end_for(&mut self, key: EndKey, h: &RecordHeader, first_data: Option<&[u8]>) -> bool {
+    fn end_for(
+        &mut self,
+        key: EndKey,
+        h: &RecordHeader,
+        first_data: Option<&[u8]>,
+        out: &mut Vec<AuditEvent>,
+    ) -> bool {
         if let Some(end) = self.ends.get(&key) {
             let conn = end.conn;
             return self.sessions.get(&conn).is_some_and(|s| s.primary == key);
@@ -278,14 +280,14 @@ impl Tracker {
             entry.server = Some(identity);
         }
         if let Some(old) = self.sessions.insert(conn, entry) {
-            let _ = old;
+            self.retire(conn, old, h.ts_ns as i128, out);
         }
         true
     }
 
     fn on_data(&mut self, key: EndKey, h: &RecordHeader, data: &[u8], out: &mut Vec<AuditEvent>) {
         self.counters.bytes += data.len() as u64;
-        let primary = self.end_for(key, h, Some(data));
+        let primary = self.end_for(key, h, Some(data), out);
         let Some(end) = self.ends.get_mut(&key) else {
             return;
         };
@@ -460,54 +462,48 @@ impl Tracker {
 
     /// Fills in what a session draft lacks: ids, order, time, endpoints, identity.
     fn finish_drafts(&mut self, conn: ConnKey, drafts: &mut Vec<Draft>, out: &mut Vec<AuditEvent>) {
-        if drafts.is_empty() {
-            return;
-        }
-        let wall_offset = self.wall_offset_ns;
         let Some(s) = self.sessions.get_mut(&conn) else {
             drafts.clear();
             return;
         };
-        // Statements of a session joined mid-stream still get a session_start first.
-        if !drafts.iter().any(|d| d.event.kind == "session_start") && s.seq == 0 {
-            let mut pre = Vec::new();
-            s.session.ensure_started(drafts[0].ts_ns, &mut pre);
-            for d in pre.into_iter().rev() {
-                drafts.insert(0, d);
-            }
-        }
-        for d in drafts.drain(..) {
-            let mut ev = d.event;
-            ev.event_id = new_event_id();
-            ev.ts = format_ts(d.ts_ns + wall_offset);
-            ev.host = self.cfg.host.clone();
-            ev.session_id = s.id.clone();
-            s.seq += 1;
-            ev.seq = s.seq;
-            ev.db_user = s.session.meta.db_user.clone();
-            ev.database = s.session.meta.database.clone();
-            ev.application_name = s.session.meta.application_name.clone();
-            ev.tls = s.session.meta.tls;
-            ev.client_addr = addr_string(&conn.client_addr);
-            ev.client_port = conn.client_port;
-            ev.server_addr = addr_string(&conn.server_addr);
-            ev.server_port = conn.server_port;
-            ev.capture = "ebpf".into();
-            // The local process on the client end, or the backend when the client is remote.
-            let who = s.client.as_ref().or(s.server.as_ref());
-            if let Some(id) = who {
-                ev.apply_identity(id);
-                ev.labels = labels_of(id);
-            }
-            ev.server_pid = s.server.as_ref().map(|i| i.pid).unwrap_or(0);
-            match ev.kind.as_str() {
-                "statement" => self.counters.statements += 1,
-                "session_start" => self.counters.sessions_started += 1,
-                _ => {}
-            }
-            out.push(ev);
-        }
-        let _ = wall_offset;
+        finish(
+            s,
+            conn,
+            &self.cfg.host,
+            self.wall_offset_ns,
+            &mut self.counters,
+            drafts,
+            out,
+        );
+    }
+
+    /// Ends a session whose connection was never seen to close (its close record was lost,
+    /// or its 4-tuple came back for a new connection): in-flight requests are flushed and
+    /// the end is recorded as such.
+    fn retire(&mut self, conn: ConnKey, mut s: SessionEntry, ts: i128, out: &mut Vec<AuditEvent>) {
+        let mut drafts = Vec::new();
+        s.session.abandon(ts, &mut drafts);
+        let mut ev = AuditEvent {
+            kind: EventKind::SessionEnd.as_str().into(),
+            ..AuditEvent::default()
+        };
+        ev.flags.push("close_not_seen".into());
+        drafts.push(Draft {
+            ts_ns: ts,
+            event: ev,
+        });
+        finish(
+            &mut s,
+            conn,
+            &self.cfg.host,
+            self.wall_offset_ns,
+            &mut self.counters,
+            &mut drafts,
+            out,
+        );
+        self.counters.sessions_ended += 1;
+        self.counters.parse_errors += s.session.counters.parse_errors;
+        self.counters.unmatched_responses += s.session.counters.unmatched_responses;
     }
 
     /// Ends every session (daemon shutdown): pending requests are flushed as events.
@@ -526,7 +522,60 @@ impl Tracker {
             s.session.abandon(now, &mut drafts);
             self.finish_drafts(conn, &mut drafts, out);
         }
-        let _ = self.wall(0);
+    }
+}
+
+/// Fills in what a session draft lacks: ids, order, time, endpoints, identity.
+fn finish(
+    s: &mut SessionEntry,
+    conn: ConnKey,
+    host: &str,
+    wall_offset: i128,
+    counters: &mut TrackerCounters,
+    drafts: &mut Vec<Draft>,
+    out: &mut Vec<AuditEvent>,
+) {
+    if drafts.is_empty() {
+        return;
+    }
+    // Statements of a session joined mid-stream still get a session_start first.
+    if !drafts.iter().any(|d| d.event.kind == "session_start") && s.seq == 0 {
+        let mut pre = Vec::new();
+        s.session.ensure_started(drafts[0].ts_ns, &mut pre);
+        for d in pre.into_iter().rev() {
+            drafts.insert(0, d);
+        }
+    }
+    for d in drafts.drain(..) {
+        let mut ev = d.event;
+        ev.event_id = new_event_id();
+        ev.ts = format_ts(d.ts_ns + wall_offset);
+        ev.host = host.to_string();
+        ev.session_id = s.id.clone();
+        s.seq += 1;
+        ev.seq = s.seq;
+        ev.db_user = s.session.meta.db_user.clone();
+        ev.database = s.session.meta.database.clone();
+        ev.application_name = s.session.meta.application_name.clone();
+        ev.tls = s.session.meta.tls;
+        ev.client_addr = addr_string(&conn.client_addr);
+        ev.client_port = conn.client_port;
+        ev.server_addr = addr_string(&conn.server_addr);
+        ev.server_port = conn.server_port;
+        ev.capture = "ebpf".into();
+        // The local process on the client end, or the backend when the client is remote.
+        let who = s.client.as_ref().or(s.server.as_ref());
+        if let Some(id) = who {
+            ev.apply_identity(id);
+            ev.labels = labels_of(id);
+        }
+        ev.server_pid = s.server.as_ref().map(|i| i.pid).unwrap_or(0);
+        match ev.kind.as_str() {
+            "statement" => counters.statements += 1,
+            "session_start" => counters.sessions_started += 1,
+            _ => {}
+        }
+        out.push(ev);
     }
 }
 

@@ -93,13 +93,12 @@ fn main() -> Result<()> {
                 "-D",
                 "warnings",
             ]))?;
-            run(cargo()
+            // `rustup run`: $CARGO is the stable toolchain's own cargo, not the proxy.
+            run(Command::new("rustup")
                 .current_dir(workspace_root().join("auditor-ebpf"))
-                .args([
-                    &format!("+{}", setup::EBPF_TOOLCHAIN),
-                    "clippy",
-                    "--release",
-                ])
+                .env("PATH", setup::path_with_cargo_bin())
+                .env_remove("RUSTC")
+                .args(["run", setup::EBPF_TOOLCHAIN, "cargo", "clippy", "--release"])
                 .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
                 .args(["--", "-D", "warnings"]))?;
             // The daemon the integration tests start is this release build.
