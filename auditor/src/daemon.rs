@@ -41,6 +41,10 @@ pub enum DaemonError {
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
+/// How often idle sessions are checked, and how idle they must be.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+const SWEEP_IDLE: Duration = Duration::from_secs(300);
+
 extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
@@ -247,6 +251,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     };
 
     let mut malformed_records = 0u64;
+    let mut last_sweep = Instant::now();
     while !STOP.load(Ordering::SeqCst) {
         capture.poll(
             Duration::from_millis(100),
@@ -261,6 +266,11 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             if tx.send(full).is_err() {
                 break;
             }
+        }
+        if last_sweep.elapsed() >= SWEEP_EVERY {
+            let now = crate::tracker::monotonic_ns();
+            tracker.sweep(now, SWEEP_IDLE.as_nanos() as u64, &mut batch);
+            last_sweep = Instant::now();
         }
         if last_stats.elapsed() >= Duration::from_secs(1) {
             write_stats(&stats_path, &make_stats(&tracker, &capture, 0));

@@ -81,6 +81,8 @@ struct End {
 struct SessionEntry {
     id: String,
     seq: u64,
+    /// Kernel time of the last record for this connection, from either end.
+    last_ns: u64,
     session: Session,
     primary: EndKey,
     client: Option<ProcessIdentity>,
@@ -88,6 +90,7 @@ struct SessionEntry {
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct TrackerCounters {
     pub records: u64,
     pub bytes: u64,
@@ -151,18 +154,23 @@ fn comm_str(comm: &[u8; 16]) -> String {
 
 /// Wall clock minus CLOCK_MONOTONIC (what bpf_ktime_get_ns reads), in ns.
 pub fn wall_offset_ns() -> i128 {
+    let mono = monotonic_ns() as i128;
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0);
+    wall - mono
+}
+
+/// CLOCK_MONOTONIC now, in ns (the clock of kernel timestamps).
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let mono = ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
-    let wall = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i128)
-        .unwrap_or(0);
-    wall - mono
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Whether a first client payload starts a connection (startup-phase packet).
@@ -269,6 +277,7 @@ impl Tracker {
         let mut entry = SessionEntry {
             id: new_event_id(),
             seq: 0,
+            last_ns: h.ts_ns,
             session,
             primary: key,
             client: None,
@@ -292,6 +301,9 @@ impl Tracker {
             return;
         };
         let conn = end.conn;
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            s.last_ns = s.last_ns.max(h.ts_ns);
+        }
         let pid = (h.pid_tgid >> 32) as u32;
         let identity_changed = end.identity.as_ref().is_none_or(|i| i.pid != pid);
         if !primary {
@@ -506,6 +518,34 @@ impl Tracker {
         self.counters.unmatched_responses += s.session.counters.unmatched_responses;
     }
 
+    /// Retires sessions idle for longer than `idle_ns` whose connection no longer exists
+    /// (their close record was lost, e.g. with the ring buffer full). A connection is
+    /// alive while any process on one of its ends still has its 4-tuple in
+    /// /proc/PID/net/tcp{,6}, which shows that process's own network namespace.
+    pub fn sweep(&mut self, now_ns: u64, idle_ns: u64, out: &mut Vec<AuditEvent>) {
+        let idle: Vec<ConnKey> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| now_ns.saturating_sub(s.last_ns) > idle_ns)
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in idle {
+            let pids: Vec<u32> = self
+                .ends
+                .values()
+                .filter(|e| e.conn == conn)
+                .filter_map(|e| e.identity.as_ref().map(|i| i.pid))
+                .collect();
+            if pids.iter().any(|&pid| tcp_tuple_alive(pid, &conn)) {
+                continue;
+            }
+            if let Some(s) = self.sessions.remove(&conn) {
+                self.ends.retain(|_, e| e.conn != conn);
+                self.retire(conn, s, now_ns as i128, out);
+            }
+        }
+    }
+
     /// Ends every session (daemon shutdown): pending requests are flushed as events.
     pub fn shutdown(&mut self, out: &mut Vec<AuditEvent>) {
         let conns: Vec<ConnKey> = self.sessions.keys().copied().collect();
@@ -579,6 +619,53 @@ fn finish(
     }
 }
 
+/// Parses an address of /proc/net/tcp{,6}: hex words in host byte order.
+fn proc_net_addr(hex_addr: &str) -> Option<([u8; 16], u16)> {
+    let (addr, port) = hex_addr.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::with_capacity(16);
+    for i in (0..addr.len()).step_by(8) {
+        let word = u32::from_str_radix(addr.get(i..i + 8)?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let out = match bytes.len() {
+        4 => auditor_common::v4_mapped([bytes[0], bytes[1], bytes[2], bytes[3]]),
+        16 => bytes.try_into().ok()?,
+        _ => return None,
+    };
+    Some((out, port))
+}
+
+/// Whether `pid` still sees a TCP socket with the connection's endpoints (either way round).
+fn tcp_tuple_alive(pid: u32, conn: &ConnKey) -> bool {
+    const TCP_CLOSE: &str = "07";
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let mut f = line.split_whitespace();
+            let (Some(_), Some(local), Some(remote), Some(state)) =
+                (f.next(), f.next(), f.next(), f.next())
+            else {
+                continue;
+            };
+            if state == TCP_CLOSE {
+                continue;
+            }
+            let (Some(l), Some(r)) = (proc_net_addr(local), proc_net_addr(remote)) else {
+                continue;
+            };
+            let client = (conn.client_addr, conn.client_port);
+            let server = (conn.server_addr, conn.server_port);
+            if (l == client && r == server) || (l == server && r == client) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// Labels a policy can select on, derived from the process identity.
 pub fn labels_of(id: &ProcessIdentity) -> BTreeMap<String, String> {
     let mut labels = BTreeMap::new();
@@ -599,4 +686,47 @@ pub fn labels_of(id: &ProcessIdentity) -> BTreeMap<String, String> {
         labels.insert("cgroup.path".to_string(), id.cgroup_path.clone());
     }
     labels
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_net_addresses() {
+        // 127.0.0.1:5432 as x86 /proc/net/tcp prints it.
+        let (a, p) = proc_net_addr("0100007F:1538").unwrap();
+        assert_eq!(addr_string(&a), "127.0.0.1");
+        assert_eq!(p, 5432);
+        // ::1 in /proc/net/tcp6.
+        let (a, _) = proc_net_addr("00000000000000000000000001000000:1538").unwrap();
+        assert_eq!(addr_string(&a), "::1");
+        assert!(proc_net_addr("zz:1").is_none());
+    }
+
+    #[test]
+    fn own_connection_is_alive() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = listener.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(server).unwrap();
+        let local = client.local_addr().unwrap();
+        let v4 = |a: std::net::SocketAddr| match a.ip() {
+            IpAddr::V4(v) => v.to_ipv6_mapped().octets(),
+            IpAddr::V6(v) => v.octets(),
+        };
+        let conn = ConnKey {
+            client_addr: v4(local),
+            client_port: local.port(),
+            server_addr: v4(server),
+            server_port: server.port(),
+        };
+        assert!(tcp_tuple_alive(std::process::id(), &conn));
+        drop(client);
+        drop(listener);
+        let gone = ConnKey {
+            client_port: 1,
+            ..conn
+        };
+        assert!(!tcp_tuple_alive(std::process::id(), &gone));
+    }
 }

@@ -295,6 +295,10 @@ impl Daemon {
         self.state.path().join("log")
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
     /// Stops with SIGINT (the daemon flushes everything) and returns its last output.
     pub fn stop(&mut self) -> Result<Vec<String>> {
         let Some(mut child) = self.child.take() else {

@@ -1,5 +1,6 @@
 //! The commands a person types: `cargo xtask setup | run | ci | fixtures`.
 
+mod bench;
 mod fixtures;
 mod setup;
 
@@ -35,6 +36,12 @@ enum Cmd {
     /// Set up, then check formatting and lints and run every test, the root-only
     /// integration tests included (real eBPF, real Postgres, real clients).
     Ci,
+    /// Measure what auditing costs next to no auditing and log_statement=all, interleaved,
+    /// and write docs/benchmarks.md (a few minutes; --smoke: seconds, report not written).
+    Bench {
+        #[arg(long)]
+        smoke: bool,
+    },
     /// Record Postgres protocol transcripts through a recording proxy, as test fixtures.
     Fixtures {
         /// Where to write the transcripts.
@@ -59,7 +66,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(workspace_root());
     c.env("PATH", setup::path_with_cargo_bin());
@@ -105,8 +112,11 @@ fn main() -> Result<()> {
             run(cargo().args(["build", "--release", "-p", "auditor"]))?;
             // Default members: every host crate (the eBPF crate is built by auditor/build.rs).
             // One test at a time: the integration tests load this 2-core machine fully.
-            run(cargo().args(["test", "--release", "--", "--test-threads=1"]))
+            run(cargo().args(["test", "--release", "--", "--test-threads=1"]))?;
+            // The benchmark in seconds, so the command never rots.
+            bench::bench(true)
         }
+        Cmd::Bench { smoke } => bench::bench(smoke),
         Cmd::Fixtures { out } => fixtures::record(&workspace_root().join(out)),
     }
 }

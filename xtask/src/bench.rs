@@ -1,0 +1,472 @@
+//! `cargo xtask bench [--smoke]`: what auditing costs, side by side, in one run, written to
+//! docs/benchmarks.md.
+//!
+//! Configurations run interleaved (repetition 1 of each, then repetition 2, ...), and each
+//! table shows the median of the ratios to "no auditing" and their spread. CPU time per
+//! transaction comes from /proc/stat (all CPUs, without idle, iowait and steal): much
+//! steadier than throughput on a small noisy VM.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use auditor_tests::{read_events, str_of, Daemon, Postgres};
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Config {
+    None,
+    AuditorLocalLog,
+    LogStatementAll,
+}
+
+impl Config {
+    fn name(self) -> &'static str {
+        match self {
+            Config::None => "no auditing",
+            Config::AuditorLocalLog => "auditor, local log",
+            Config::LogStatementAll => "log_statement = all",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct Sample {
+    tps: f64,
+    latency_ms: f64,
+    transactions: u64,
+    cpu_ns_per_tx: f64,
+    /// The daemon's CPU seconds per 10,000 statements.
+    daemon_cpu_per_10k: Option<f64>,
+    /// Mean run time per BPF program invocation, ns.
+    bpf_ns_per_call: Option<f64>,
+    bpf_calls: Option<u64>,
+    daemon_peak_rss_kib: Option<u64>,
+    recorded: Option<u64>,
+    expected: Option<u64>,
+}
+
+/// Busy CPU time of the whole machine, in ns (USER_HZ ticks from /proc/stat).
+fn busy_cpu_ns() -> Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal guest guest_nice
+    let busy = v[0] + v[1] + v[2] + v[5] + v[6];
+    let hz = 100; // USER_HZ on Linux
+    Ok(busy * 1_000_000_000 / hz)
+}
+
+/// utime + stime of a process, ns.
+fn process_cpu_ns(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks * 10_000_000)
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// (run_time_ns, run_cnt) summed over the BPF programs the process holds open.
+fn bpf_stats(pid: u32) -> Option<(u64, u64)> {
+    let mut time = 0;
+    let mut count = 0;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        let link = std::fs::read_link(fd.path()).ok()?;
+        if link.to_string_lossy() != "anon_inode:bpf-prog" {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            fd.file_name().to_string_lossy()
+        ))
+        .ok()?;
+        for line in info.lines() {
+            if let Some(v) = line.strip_prefix("run_time_ns:") {
+                time += v.trim().parse::<u64>().unwrap_or(0);
+            }
+            if let Some(v) = line.strip_prefix("run_cnt:") {
+                count += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    Some((time, count))
+}
+
+fn sql(pg: &Postgres, statement: &str) -> Result<()> {
+    crate::run(pg_psql(pg).args(["-c", statement]))
+}
+
+fn pg_psql(pg: &Postgres) -> Command {
+    let mut c = Command::new("psql");
+    c.args([
+        "-X",
+        "-q",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &pg.port.to_string(),
+        "-U",
+        "postgres",
+        "postgres",
+    ]);
+    c
+}
+
+fn parse_pgbench(out: &str) -> Result<(f64, f64, u64)> {
+    let find = |prefix: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(|s| s.trim().to_string())
+    };
+    let tps: f64 = find("tps = ")
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .context("pgbench printed no tps")?;
+    let lat: f64 = find("latency average = ")
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let tx: u64 = find("number of transactions actually processed: ")
+        .and_then(|s| s.split('/').next()?.trim().parse().ok())
+        .context("pgbench printed no transaction count")?;
+    Ok((tps, lat, tx))
+}
+
+/// Statements of pgbench's built-in scripts, as the auditor normalises them.
+fn script_statement(statement: &str) -> bool {
+    let s = statement.trim_end_matches(';');
+    s == "BEGIN"
+        || s == "END"
+        || s.starts_with("UPDATE pgbench_")
+        || s.starts_with("SELECT abalance FROM pgbench_accounts")
+        || s.starts_with("INSERT INTO pgbench_history")
+}
+
+struct Workload {
+    name: &'static str,
+    select_only: bool,
+    mode: &'static str,
+}
+
+fn one_run(
+    pg: &Postgres,
+    config: Config,
+    w: &Workload,
+    seconds: u32,
+    clients: u32,
+) -> Result<Sample> {
+    let mut daemon = None;
+    match config {
+        Config::LogStatementAll => {
+            sql(pg, "ALTER SYSTEM SET log_statement = 'all'")?;
+            sql(pg, "SELECT pg_reload_conf()")?;
+        }
+        Config::AuditorLocalLog => daemon = Some(Daemon::start(pg.port, "")?),
+        Config::None => {}
+    }
+    let daemon_pid = daemon.as_ref().map(|d: &Daemon| d.pid());
+    let cpu0 = busy_cpu_ns()?;
+    let dcpu0 = daemon_pid.and_then(process_cpu_ns);
+    let bpf0 = daemon_pid.and_then(bpf_stats);
+    let mut cmd = pg.pgbench();
+    cmd.args([
+        "-n",
+        "-M",
+        w.mode,
+        "-c",
+        &clients.to_string(),
+        "-j",
+        &clients.to_string(),
+    ])
+    .args(["-T", &seconds.to_string()])
+    .env("PGAPPNAME", "bench");
+    if w.select_only {
+        cmd.arg("-S");
+    }
+    cmd.arg("postgres");
+    let out = cmd.output()?;
+    if !out.status.success() {
+        bail!("pgbench failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let cpu1 = busy_cpu_ns()?;
+    let (tps, latency_ms, transactions) = parse_pgbench(&String::from_utf8_lossy(&out.stdout))?;
+    let mut s = Sample {
+        tps,
+        latency_ms,
+        transactions,
+        cpu_ns_per_tx: (cpu1 - cpu0) as f64 / transactions.max(1) as f64,
+        ..Sample::default()
+    };
+    if let (Some(mut d), Some(pid)) = (daemon, daemon_pid) {
+        let per_tx = if w.select_only { 1 } else { 7 };
+        let dcpu1 = process_cpu_ns(pid);
+        let bpf1 = bpf_stats(pid);
+        s.daemon_peak_rss_kib = peak_rss_kib(pid);
+        // Let the daemon finish what the kernel handed over, then stop it (it flushes).
+        std::thread::sleep(Duration::from_millis(500));
+        d.stop()?;
+        let events = read_events(&d.log_dir())?;
+        let recorded = events
+            .iter()
+            .filter(|e| {
+                str_of(e, "kind") == "statement" && str_of(e, "application_name") == "bench"
+            })
+            .filter(|e| script_statement(str_of(e, "statement")))
+            .count() as u64;
+        s.recorded = Some(recorded);
+        s.expected = Some(transactions * per_tx);
+        if let (Some(a), Some(b)) = (dcpu0, dcpu1) {
+            s.daemon_cpu_per_10k = Some((b - a) as f64 / 1e9 / (recorded.max(1) as f64 / 1e4));
+        }
+        if let (Some((t0, c0)), Some((t1, c1))) = (bpf0, bpf1) {
+            if c1 > c0 {
+                s.bpf_ns_per_call = Some((t1 - t0) as f64 / (c1 - c0) as f64);
+                s.bpf_calls = Some(c1 - c0);
+            }
+        }
+    }
+    if config == Config::LogStatementAll {
+        sql(pg, "ALTER SYSTEM RESET log_statement")?;
+        sql(pg, "SELECT pg_reload_conf()")?;
+    }
+    Ok(s)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn spread(v: &[f64]) -> String {
+    let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
+    let max = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    format!("{min:.3}–{max:.3}")
+}
+
+pub fn bench(smoke: bool) -> Result<()> {
+    crate::setup::setup(crate::setup::Purpose::Test)?;
+    crate::run(crate::cargo().args(["build", "--release", "-p", "auditor"]))?;
+    let started = Instant::now();
+    let _bpf_stats = BpfStats::enable();
+    let (seconds, reps, clients, scale) = if smoke { (3, 1, 2, 2) } else { (15, 5, 4, 10) };
+    let workloads: Vec<Workload> = if smoke {
+        vec![Workload {
+            name: "select-only",
+            select_only: true,
+            mode: "prepared",
+        }]
+    } else {
+        let mut v = Vec::new();
+        for (name, select_only) in [("select-only", true), ("TPC-B-like", false)] {
+            for mode in ["simple", "extended", "prepared"] {
+                v.push(Workload {
+                    name,
+                    select_only,
+                    mode,
+                });
+            }
+        }
+        v
+    };
+    let configs = if smoke {
+        vec![Config::None, Config::AuditorLocalLog]
+    } else {
+        vec![
+            Config::None,
+            Config::AuditorLocalLog,
+            Config::LogStatementAll,
+        ]
+    };
+    // The test harness logs every statement (its ground truth); a benchmark must not.
+    let pg = Postgres::start(&["log_statement = 'none'", "shared_buffers = '256MB'"])?;
+    crate::run(
+        pg.pgbench()
+            .args(["-i", "-q", "-s", &scale.to_string(), "postgres"]),
+    )?;
+
+    let mut results: BTreeMap<(usize, Config), Vec<Sample>> = BTreeMap::new();
+    for rep in 0..reps {
+        for (wi, w) in workloads.iter().enumerate() {
+            for &c in &configs {
+                eprintln!(
+                    "bench: rep {}/{reps} {} {} {}",
+                    rep + 1,
+                    w.name,
+                    w.mode,
+                    c.name()
+                );
+                let s = one_run(&pg, c, w, seconds, clients)?;
+                results.entry((wi, c)).or_default().push(s);
+            }
+        }
+    }
+
+    let mut md = String::new();
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|s| s.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let kernel = String::from_utf8_lossy(&Command::new("uname").arg("-r").output()?.stdout)
+        .trim()
+        .to_string();
+    writeln!(md, "# Benchmarks\n")?;
+    writeln!(
+        md,
+        "Written by `cargo xtask bench{}` in one run ({:.0} s). Machine: {} CPUs ({cpu_model}), \
+         kernel {kernel}, PostgreSQL 15 (fsync off: CPU, not the disk, is measured; pgbench scale {scale}), {clients} pgbench \
+         clients on loopback, {seconds} s per run, {reps} interleaved repetitions; medians of \
+         the ratios to no auditing, with their spread (min–max).\n",
+        if smoke { " --smoke" } else { "" },
+        started.elapsed().as_secs_f64(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    )?;
+    if smoke {
+        writeln!(
+            md,
+            "This is the smoke mode CI runs so the command never rots: too short to compare \
+             configurations. Run `cargo xtask bench` for the real tables.\n"
+        )?;
+    }
+    writeln!(md, "## Observe-mode overhead\n")?;
+    writeln!(
+        md,
+        "CPU/tx: busy CPU time of the whole machine (all cores; without idle, iowait, steal) \
+         per transaction, relative to no auditing. Throughput: tps relative to no auditing.\n"
+    )?;
+    writeln!(
+        md,
+        "| workload | mode | configuration | CPU/tx ratio (spread) | throughput ratio (spread) | latency ms | tps |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    for (wi, w) in workloads.iter().enumerate() {
+        let base = &results[&(wi, Config::None)];
+        for &c in &configs {
+            let runs = &results[&(wi, c)];
+            let cpu: Vec<f64> = runs
+                .iter()
+                .zip(base)
+                .map(|(r, b)| r.cpu_ns_per_tx / b.cpu_ns_per_tx)
+                .collect();
+            let thr: Vec<f64> = runs.iter().zip(base).map(|(r, b)| r.tps / b.tps).collect();
+            writeln!(
+                md,
+                "| {} | {} | {} | {:.3} ({}) | {:.3} ({}) | {:.3} | {:.0} |",
+                w.name,
+                w.mode,
+                c.name(),
+                median(cpu.clone()),
+                spread(&cpu),
+                median(thr.clone()),
+                spread(&thr),
+                median(runs.iter().map(|r| r.latency_ms).collect()),
+                median(runs.iter().map(|r| r.tps).collect()),
+            )?;
+        }
+    }
+    writeln!(md, "\n## The auditor's own cost and completeness\n")?;
+    writeln!(
+        md,
+        "| workload | mode | daemon CPU s / 10k statements | BPF ns per program run | BPF runs per transaction | daemon peak RSS MiB | recorded / expected statements |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    for (wi, w) in workloads.iter().enumerate() {
+        let runs = &results[&(wi, Config::AuditorLocalLog)];
+        let complete: Vec<String> = runs
+            .iter()
+            .map(|r| format!("{}/{}", r.recorded.unwrap_or(0), r.expected.unwrap_or(0)))
+            .collect();
+        writeln!(
+            md,
+            "| {} | {} | {:.3} | {:.0} | {:.1} | {:.1} | {} |",
+            w.name,
+            w.mode,
+            median(runs.iter().filter_map(|r| r.daemon_cpu_per_10k).collect()),
+            median(runs.iter().filter_map(|r| r.bpf_ns_per_call).collect()),
+            median(
+                runs.iter()
+                    .filter_map(|r| r.bpf_calls.map(|c| c as f64 / r.transactions.max(1) as f64))
+                    .collect()
+            ),
+            median(
+                runs.iter()
+                    .filter_map(|r| r.daemon_peak_rss_kib.map(|k| k as f64 / 1024.0))
+                    .collect()
+            ),
+            complete.join(", ")
+        )?;
+    }
+    let incomplete = results
+        .iter()
+        .flat_map(|(_, runs)| runs)
+        .any(|r| r.recorded.is_some() && r.recorded != r.expected);
+    if incomplete {
+        writeln!(
+            md,
+            "\n**Some runs recorded fewer or more statements than executed: that is a bug to fix.**"
+        )?;
+    }
+    writeln!(
+        md,
+        "\nBPF run times need `kernel.bpf_stats_enabled = 1` (the bench sets it for the run).\n"
+    )?;
+    let path = crate::workspace_root().join("docs/benchmarks.md");
+    if smoke {
+        // The smoke run proves the command works; it does not replace the real report.
+        let smoke_path = std::env::temp_dir().join("auditor-bench-smoke.md");
+        std::fs::write(&smoke_path, &md)?;
+        eprintln!("bench: smoke report at {}", smoke_path.display());
+        print!("{md}");
+    } else {
+        std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
+        std::fs::write(&path, &md)?;
+        eprintln!("bench: wrote {}", path.display());
+    }
+    if incomplete {
+        bail!("statements were lost or duplicated under load (see the report)");
+    }
+    Ok(())
+}
+
+/// Turns on the kernel's BPF run-time accounting for the benchmark, restoring it after.
+pub struct BpfStats(String);
+
+impl BpfStats {
+    pub fn enable() -> Self {
+        let path = "/proc/sys/kernel/bpf_stats_enabled";
+        let old = std::fs::read_to_string(path).unwrap_or_else(|_| "0".into());
+        let _ = std::fs::write(path, "1");
+        BpfStats(old.trim().to_string())
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", &self.0);
+    }
+}
