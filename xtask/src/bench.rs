@@ -109,23 +109,7 @@ fn bpf_stats(pid: u32) -> Option<(u64, u64)> {
 }
 
 fn sql(pg: &Postgres, statement: &str) -> Result<()> {
-    crate::run(pg_psql(pg).args(["-c", statement]))
-}
-
-fn pg_psql(pg: &Postgres) -> Command {
-    let mut c = Command::new("psql");
-    c.args([
-        "-X",
-        "-q",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &pg.port.to_string(),
-        "-U",
-        "postgres",
-        "postgres",
-    ]);
-    c
+    crate::run(pg.psql().args(["-c", statement]))
 }
 
 fn parse_pgbench(out: &str) -> Result<(f64, f64, u64)> {

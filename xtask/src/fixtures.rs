@@ -114,18 +114,7 @@ pub fn record(out: &Path) -> Result<()> {
     crate::setup::setup(crate::setup::Purpose::Test)?;
     std::fs::create_dir_all(out)?;
     let pg = Postgres::start(&[])?;
-    crate::run(
-        Command::new("pgbench")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &pg.port.to_string(),
-                "-U",
-                "postgres",
-            ])
-            .args(["-i", "-q", "-s", "1", "postgres"]),
-    )?;
+    crate::run(pg.pgbench().args(["-i", "-q", "-s", "1", "postgres"]))?;
     let upstream = pg.port;
     let port = || auditor_tests::free_port();
     scenario("psql-simple", out, port(), upstream, |p| {
