@@ -330,3 +330,80 @@ fn connection_older_than_the_daemon_is_picked_up_mid_stream() {
     assert_eq!(str_of(mine.last().unwrap(), "kind"), "session_end");
     assert_eq!(str_of(stmts[0], "comm"), "psql");
 }
+
+#[test]
+fn passwords_and_sasl_never_reach_the_log() {
+    if !can_run("passwords_and_sasl_never_reach_the_log") {
+        return;
+    }
+    let pg = Postgres::start(&["password_encryption = 'scram-sha-256'"]).unwrap();
+    // Over TCP, clients now authenticate with SCRAM; the unix socket stays trusted for setup.
+    let hba = pg.dir.path().join("data/pg_hba.conf");
+    std::fs::write(
+        &hba,
+        "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
+    )
+    .unwrap();
+    let secret = "Sup3r-Secret-Passw0rd";
+    // Set the password and switch TCP to SCRAM over the (unaudited) unix socket.
+    check(
+        Command::new("psql")
+            .args(["-X", "-q", "-h"])
+            .arg(pg.dir.path())
+            .args(["-p", &pg.port.to_string(), "-U", "postgres", "postgres"])
+            .args(["-c", &format!("ALTER ROLE postgres PASSWORD '{secret}'")])
+            .args(["-c", "SELECT pg_reload_conf()"]),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut daemon = Daemon::start(pg.port, "").unwrap();
+    let cg = Cgroup::new("scram").unwrap();
+    // Setting the password over an audited connection: the literal must be redacted.
+    let mut set = pg.psql();
+    set.env("PGPASSWORD", secret)
+        .env("PGAPPNAME", "scram_admin")
+        .args(["-c", &format!("ALTER ROLE postgres PASSWORD '{secret}'")]);
+    cg.enter(&mut set);
+    check(&mut set).unwrap();
+    let mut cmd = pg.psql();
+    cmd.env("PGPASSWORD", secret)
+        .env("PGAPPNAME", "scram_client")
+        .args(["-c", "SELECT 'authenticated' AS ok"]);
+    cg.enter(&mut cmd);
+    let out = check(&mut cmd).unwrap();
+    assert!(out.contains("authenticated"), "{out}");
+    let mut wrong = pg.psql();
+    wrong
+        .env("PGPASSWORD", "wrong-password-123")
+        .env("PGAPPNAME", "scram_wrong")
+        .args(["-c", "SELECT 1"]);
+    cg.enter(&mut wrong);
+    assert!(!wrong.output().unwrap().status.success());
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.stop().unwrap();
+
+    let raw = std::fs::read_dir(daemon.log_dir())
+        .unwrap()
+        .flatten()
+        .map(|f| std::fs::read_to_string(f.path()).unwrap())
+        .collect::<String>();
+    for needle in [secret, "wrong-password-123", "SCRAM-SHA-256", "c=biws"] {
+        assert!(!raw.contains(needle), "{needle:?} reached the log");
+    }
+    let events = daemon.events().unwrap();
+    let admin = statements(&events, &cg.name, "scram_admin");
+    assert_eq!(admin.len(), 1);
+    assert_eq!(str_of(admin[0], "command"), "ALTER ROLE");
+    let ok = statements(&events, &cg.name, "scram_client");
+    assert_eq!(ok.len(), 1);
+    assert_eq!(ok[0]["rows"].as_u64(), Some(1));
+    // The refused login is on record: a session that ended with SQLSTATE 28P01.
+    let refused: Vec<&Value> = events
+        .iter()
+        .filter(|e| str_of(e, "application_name") == "scram_wrong")
+        .filter(|e| str_of(e, "kind") == "session_end")
+        .collect();
+    assert_eq!(refused.len(), 1, "{events:#?}");
+    assert_eq!(str_of(refused[0], "error_code"), "28P01");
+}
