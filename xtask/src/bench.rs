@@ -406,8 +406,8 @@ pub fn bench(smoke: bool) -> Result<()> {
         )?;
     }
     let incomplete = results
-        .iter()
-        .flat_map(|(_, runs)| runs)
+        .values()
+        .flatten()
         .any(|r| r.recorded.is_some() && r.recorded != r.expected);
     if incomplete {
         writeln!(
