@@ -62,6 +62,12 @@ pub struct ConnState {
 #[map]
 pub static CONNS: HashMap<u64, ConnState> = HashMap::with_max_entries(65536, 0);
 
+/// Sockets whose payload the daemon does not need (the second end of a connection whose
+/// two ends are both on this host): sock address -> the connection's first-seen time, so
+/// an entry that outlives its socket never mutes a later connection at a reused address.
+#[map]
+pub static MUTED: HashMap<u64, u64> = HashMap::with_max_entries(65536, 0);
+
 /// A read or write in flight on a watched socket, from sys_enter to sys_exit.
 #[repr(C)]
 #[derive(Clone, Copy)]

@@ -25,7 +25,8 @@ use aya_ebpf::{
 
 use crate::{
     maps::{
-        count, ConnState, PendingCall, CONNECTING, CONNS, DAEMON_TGID, EVENTS, PENDING, SCRATCH,
+        count, ConnState, PendingCall, CONNECTING, CONNS, DAEMON_TGID, EVENTS, MUTED, PENDING,
+        SCRATCH,
     },
     sock::{offsets, role_of, sock_of_fd, tuple_of_sock},
 };
@@ -68,6 +69,8 @@ fn lookup_conn(fd: u64, seen: u8) -> Option<(u64, ConnState, bool)> {
         seen,
         _pad: [0; 6],
     };
+    // A mute left over from an earlier socket at this address does not apply.
+    let _ = MUTED.remove(sk);
     // BPF_NOEXIST: two CPUs racing on first sight keep the first entry.
     if CONNS.insert(sk, state, 1).is_err() {
         match unsafe { CONNS.get(sk) } {
@@ -120,6 +123,9 @@ fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> O
         return None;
     }
     let (sk, state, _) = lookup_conn(arg(ctx, ARG0), SEEN_IO)?;
+    if unsafe { MUTED.get(sk) }.is_some_and(|&start| start == state.start_ns) {
+        return None;
+    }
     let towards_server = (state.role == ROLE_CLIENT) == is_write;
     let pending = PendingCall {
         sock: sk,
@@ -418,6 +424,7 @@ fn try_set_state(ctx: &TracePointContext) -> Option<()> {
     let sk: u64 = unsafe { ctx.read_at(STATE_SKADDR) }.ok()?;
     let state = *unsafe { CONNS.get(sk) }?;
     let _ = CONNS.remove(sk);
+    let _ = MUTED.remove(sk);
     emit_control(RECORD_CLOSE, sk, &state, 0);
     Some(())
 }

@@ -209,11 +209,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
 
     let mut tracker = Tracker::new(TrackerConfig {
         host: cfg.host_name(),
-        policy: RecordingPolicy {
-            raw_statements: cfg.record.raw_statements,
-            raw_params: cfg.record.raw_params,
-            param_key: Arc::from(key.into_boxed_slice()),
-        },
+        policy: RecordingPolicy::new(cfg.record.raw_statements, cfg.record.raw_params, &key),
         limits: FramerLimits {
             max_buffered: cfg.capture.max_message_bytes,
         },
@@ -251,6 +247,8 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     };
 
     let mut malformed_records = 0u64;
+    // A failed mute only costs duplicate copying: counted, not fatal.
+    let mut mute_failures = 0u64;
     let mut last_sweep = Instant::now();
     while !STOP.load(Ordering::SeqCst) {
         capture.poll(
@@ -261,6 +259,11 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
                 None => malformed_records += 1,
             },
         )?;
+        for end in tracker.drain_mutes() {
+            if capture.mute(end.sock, end.start_ns).is_err() {
+                mute_failures += 1;
+            }
+        }
         if !batch.is_empty() {
             let full = std::mem::replace(&mut batch, Vec::with_capacity(256));
             if tx.send(full).is_err() {
@@ -307,6 +310,9 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         stats.tracker.gaps,
         stats.kernel.ringbuf_drops + stats.kernel.control_drops
     );
+    if mute_failures > 0 {
+        eprintln!("auditor: {mute_failures} redundant sockets could not be muted (table full?)");
+    }
     if malformed_records > 0 {
         eprintln!("auditor: {malformed_records} malformed ring-buffer records were skipped");
     }

@@ -110,9 +110,19 @@ impl AuditEvent {
     }
 }
 
-/// A UUIDv7: unique and sortable by creation time.
+/// A UUIDv7: unique and sortable by creation time. The 74 bits after the millisecond
+/// timestamp come from a userspace CSPRNG (one OS read per thread, not one per event).
 pub fn new_event_id() -> String {
-    uuid::Uuid::now_v7().to_string()
+    use rand::RngCore;
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut random = [0u8; 10];
+    rand::thread_rng().fill_bytes(&mut random);
+    uuid::Builder::from_unix_timestamp_millis(millis, &random)
+        .into_uuid()
+        .to_string()
 }
 
 /// RFC 3339 with microseconds, UTC.

@@ -31,17 +31,25 @@ pub struct RecordingPolicy {
     pub raw_statements: bool,
     /// Record parameter values as sent instead of keyed hashes.
     pub raw_params: bool,
-    /// Key of the parameter hashes: equal values hash equal within one installation.
-    pub param_key: Arc<[u8]>,
+    /// HMAC-SHA256 keyed with the installation's parameter key, cloned per value (the key
+    /// schedule is done once): equal values hash equal within one installation.
+    param_mac: Hmac<Sha256>,
+}
+
+impl RecordingPolicy {
+    pub fn new(raw_statements: bool, raw_params: bool, param_key: &[u8]) -> Self {
+        RecordingPolicy {
+            raw_statements,
+            raw_params,
+            param_mac: <Hmac<Sha256> as Mac>::new_from_slice(param_key)
+                .expect("HMAC takes any key length"),
+        }
+    }
 }
 
 impl Default for RecordingPolicy {
     fn default() -> Self {
-        RecordingPolicy {
-            raw_statements: false,
-            raw_params: false,
-            param_key: Arc::from(&b"auditor-default-key"[..]),
-        }
+        RecordingPolicy::new(false, false, b"auditor-default-key")
     }
 }
 
@@ -348,8 +356,7 @@ impl Session {
                         String::from_utf8_lossy(v).into_owned()
                     }
                 } else {
-                    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.policy.param_key)
-                        .expect("HMAC takes any key length");
+                    let mut mac = self.policy.param_mac.clone();
                     mac.update(v);
                     let digest = mac.finalize().into_bytes();
                     format!("hmac:{}", hex::encode(&digest[..8]))

@@ -73,6 +73,8 @@ pub fn addr_string(a: &[u8; 16]) -> String {
 
 struct End {
     conn: ConnKey,
+    /// The kernel was asked to stop copying this end's payload.
+    muted: bool,
     /// Next expected offset per direction.
     expected: [u64; 2],
     identity: Option<ProcessIdentity>,
@@ -87,6 +89,12 @@ struct SessionEntry {
     primary: EndKey,
     client: Option<ProcessIdentity>,
     server: Option<ProcessIdentity>,
+    /// Rendered once per session: events carry them by the hundred thousand.
+    client_addr: String,
+    server_addr: String,
+    /// Labels of the identity events carry, and whose (pid, cgroup) they were made for.
+    labels: BTreeMap<String, String>,
+    labels_of: (u32, u64),
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -120,6 +128,8 @@ pub struct Tracker {
     wall_offset_ns: i128,
     pub counters: TrackerCounters,
     drafts: Vec<Draft>,
+    /// Sockets whose payload is no longer needed, for the capture layer to mute.
+    to_mute: Vec<EndKey>,
 }
 
 /// A ring-buffer record: header plus payload.
@@ -199,7 +209,14 @@ impl Tracker {
             wall_offset_ns: wall_offset_ns(),
             counters: TrackerCounters::default(),
             drafts: Vec::new(),
+            to_mute: Vec::new(),
         }
+    }
+
+    /// Sockets to mute since the last call: the second end of local connections, once it
+    /// has shown its process (the backend, after the postmaster's fork).
+    pub fn drain_mutes(&mut self) -> std::vec::Drain<'_, EndKey> {
+        self.to_mute.drain(..)
     }
 
     pub fn active_sessions(&self) -> usize {
@@ -251,6 +268,7 @@ impl Tracker {
             key,
             End {
                 conn,
+                muted: false,
                 expected: [0, 0],
                 identity: Some(identity.clone()),
             },
@@ -282,6 +300,10 @@ impl Tracker {
             primary: key,
             client: None,
             server: None,
+            client_addr: addr_string(&conn.client_addr),
+            server_addr: addr_string(&conn.server_addr),
+            labels: BTreeMap::new(),
+            labels_of: (0, 0),
         };
         if h.role == ROLE_CLIENT {
             entry.client = Some(identity);
@@ -307,8 +329,12 @@ impl Tracker {
         let pid = (h.pid_tgid >> 32) as u32;
         let identity_changed = end.identity.as_ref().is_none_or(|i| i.pid != pid);
         if !primary {
-            // The other end decodes; keep this end's process identity current.
+            // The other end decodes; this end has shown its process: stop copying it.
             self.counters.duplicate_bytes += data.len() as u64;
+            if !end.muted {
+                end.muted = true;
+                self.to_mute.push(key);
+            }
             if identity_changed {
                 let id = self.identity_of(h);
                 let role = h.role;
@@ -598,16 +624,20 @@ fn finish(
         ev.database = s.session.meta.database.clone();
         ev.application_name = s.session.meta.application_name.clone();
         ev.tls = s.session.meta.tls;
-        ev.client_addr = addr_string(&conn.client_addr);
+        ev.client_addr = s.client_addr.clone();
         ev.client_port = conn.client_port;
-        ev.server_addr = addr_string(&conn.server_addr);
+        ev.server_addr = s.server_addr.clone();
         ev.server_port = conn.server_port;
         ev.capture = "ebpf".into();
         // The local process on the client end, or the backend when the client is remote.
         let who = s.client.as_ref().or(s.server.as_ref());
         if let Some(id) = who {
             ev.apply_identity(id);
-            ev.labels = labels_of(id);
+            if s.labels_of != (id.pid, id.cgroup_id) {
+                s.labels = labels_of(id);
+                s.labels_of = (id.pid, id.cgroup_id);
+            }
+            ev.labels = s.labels.clone();
         }
         ev.server_pid = s.server.as_ref().map(|i| i.pid).unwrap_or(0);
         match ev.kind.as_str() {

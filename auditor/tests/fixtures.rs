@@ -185,10 +185,7 @@ fn pgbench_prepared_executes_named_statements() {
 #[test]
 fn raw_params_when_the_policy_says_so() {
     let chunks = load("pgbench-extended-1");
-    let policy = RecordingPolicy {
-        raw_params: true,
-        ..RecordingPolicy::default()
-    };
+    let policy = RecordingPolicy::new(false, true, b"test-key");
     let mut session = Session::new(policy, FramerLimits::default(), false);
     let mut analyzer = Analyzer::default();
     let mut out = Vec::new();

@@ -87,6 +87,7 @@ pub struct KernelCounters {
 pub struct Capture {
     _ebpf: Ebpf,
     ring: RingBuf<MapData>,
+    muted: BpfHashMap<MapData, u64, u64>,
     counters: PerCpuArray<MapData, u64>,
     pub attached: Vec<String>,
 }
@@ -225,9 +226,18 @@ impl Capture {
             name: "COUNTERS",
             source,
         })?;
+        let muted = BpfHashMap::try_from(
+            ebpf.take_map("MUTED")
+                .ok_or(CaptureError::MissingMap("MUTED"))?,
+        )
+        .map_err(|source| CaptureError::Map {
+            name: "MUTED",
+            source,
+        })?;
         Ok(Capture {
             _ebpf: ebpf,
             ring,
+            muted,
             counters,
             attached,
         })
@@ -271,6 +281,17 @@ impl Capture {
             n += 1;
         }
         n
+    }
+
+    /// Stops copying the payload of a socket (the redundant end of a local connection).
+    /// The kernel forgets it when the socket closes.
+    pub fn mute(&mut self, sock: u64, conn_start_ns: u64) -> Result<(), CaptureError> {
+        self.muted
+            .insert(sock, conn_start_ns, 0)
+            .map_err(|source| CaptureError::Map {
+                name: "MUTED",
+                source,
+            })
     }
 
     pub fn counters(&self) -> KernelCounters {
