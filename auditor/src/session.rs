@@ -5,10 +5,9 @@
 //! live as long as the session, so an Execute of a statement prepared long before still
 //! carries its SQL text. Pure: no I/O, time comes in with each message.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::Arc,
-};
+use std::{collections::VecDeque, sync::Arc};
+
+use ahash::AHashMap as HashMap;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -168,8 +167,8 @@ impl Session {
             // Joining mid-stream: wait for a syscall boundary that looks like a message.
             resyncing: [mid_stream, mid_stream],
             responses_unreliable: mid_stream,
-            prepared: HashMap::new(),
-            portals: HashMap::new(),
+            prepared: HashMap::default(),
+            portals: HashMap::default(),
             pending: VecDeque::new(),
             startup_seen: false,
             startup_done_flag: false,

@@ -4,7 +4,9 @@
 //! Redaction never fails open: text that pg_query cannot parse (a syntax error, a statement
 //! cut short) goes through `redact_literals`, a lexer that replaces every literal it sees.
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
+
+use ahash::AHashMap as HashMap;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Analysis {
@@ -31,7 +33,7 @@ impl Default for Analyzer {
 impl Analyzer {
     pub fn new(capacity: usize) -> Self {
         Analyzer {
-            cache: HashMap::new(),
+            cache: HashMap::default(),
             capacity,
         }
     }

@@ -8,10 +8,11 @@
 //! so every statement is recorded once, with both identities.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::{IpAddr, Ipv6Addr},
 };
 
+use ahash::AHashMap as HashMap;
 use auditor_common::{
     RecordHeader, Tuple, DIR_TO_CLIENT, RECORD_CLOSE, RECORD_DATA, RECORD_OPEN, ROLE_CLIENT,
     SEEN_IO,
@@ -202,8 +203,8 @@ impl Tracker {
     pub fn new(cfg: TrackerConfig) -> Self {
         Tracker {
             cfg,
-            ends: HashMap::new(),
-            sessions: HashMap::new(),
+            ends: HashMap::default(),
+            sessions: HashMap::default(),
             analyzer: Analyzer::default(),
             identities: IdentityResolver::new(),
             wall_offset_ns: wall_offset_ns(),

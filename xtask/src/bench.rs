@@ -254,7 +254,7 @@ pub fn bench(smoke: bool) -> Result<()> {
     crate::run(crate::cargo().args(["build", "--release", "-p", "auditor"]))?;
     let started = Instant::now();
     let _bpf_stats = BpfStats::enable();
-    let (seconds, reps, clients, scale) = if smoke { (3, 1, 2, 2) } else { (15, 5, 4, 10) };
+    let (seconds, reps, clients, scale) = if smoke { (3, 1, 2, 2) } else { (10, 3, 4, 10) };
     let workloads: Vec<Workload> = if smoke {
         vec![Workload {
             name: "select-only",
@@ -419,6 +419,20 @@ pub fn bench(smoke: bool) -> Result<()> {
         md,
         "\nBPF run times need `kernel.bpf_stats_enabled = 1` (the bench sets it for the run).\n"
     )?;
+    if !smoke {
+        writeln!(md, "## Where the daemon's time goes\n")?;
+        match profile(&pg, seconds, clients) {
+            Ok(top) => {
+                writeln!(
+                    md,
+                    "`perf record` on the daemon during one more select-only (prepared) run; \
+                     self time of the top symbols, per thread (`auditor` decodes, `sink` \
+                     serializes, hashes and writes):\n\n```\n{top}```\n"
+                )?;
+            }
+            Err(e) => writeln!(md, "No profile: {e}.\n")?,
+        }
+    }
     let path = crate::workspace_root().join("docs/benchmarks.md");
     if smoke {
         // The smoke run proves the command works; it does not replace the real report.
@@ -435,6 +449,73 @@ pub fn bench(smoke: bool) -> Result<()> {
         bail!("statements were lost or duplicated under load (see the report)");
     }
     Ok(())
+}
+
+/// The daemon's top symbols under the select-only load, from perf (Debian's linux-perf).
+fn profile(pg: &Postgres, seconds: u32, clients: u32) -> Result<String> {
+    let ok = Command::new("perf")
+        .args(["--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        bail!("perf is not installed (apt-get install linux-perf)");
+    }
+    let mut daemon = Daemon::start(pg.port, "")?;
+    let data = std::env::temp_dir().join("auditor-bench-perf.data");
+    let mut load = pg.pgbench();
+    load.args(["-n", "-S", "-M", "prepared", "-c", &clients.to_string()])
+        .args([
+            "-j",
+            &clients.to_string(),
+            "-T",
+            &(seconds + 2).to_string(),
+            "postgres",
+        ]);
+    let mut load = load.spawn()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let rec = Command::new("perf")
+        .args([
+            "record",
+            "-F",
+            "999",
+            "-g",
+            "-p",
+            &daemon.pid().to_string(),
+            "-o",
+        ])
+        .arg(&data)
+        .args(["--", "sleep", &seconds.to_string()])
+        .output()?;
+    load.wait()?;
+    daemon.stop()?;
+    if !rec.status.success() {
+        bail!(
+            "perf record failed: {}",
+            String::from_utf8_lossy(&rec.stderr).trim()
+        );
+    }
+    let report = Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "-g",
+            "none",
+            "--percent-limit",
+            "1",
+            "-i",
+        ])
+        .arg(&data)
+        .output()?;
+    let text = String::from_utf8_lossy(&report.stdout);
+    let top: String = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .take(15)
+        .map(|l| format!("{}\n", l.trim_end()))
+        .collect();
+    Ok(top)
 }
 
 /// Turns on the kernel's BPF run-time accounting for the benchmark, restoring it after.
