@@ -312,7 +312,7 @@ impl Tracker {
             entry.server = Some(identity);
         }
         if let Some(old) = self.sessions.insert(conn, entry) {
-            self.retire(conn, old, h.ts_ns as i128, out);
+            self.end_session(conn, old, h.ts_ns as i128, true, out);
         }
         true
     }
@@ -328,43 +328,30 @@ impl Tracker {
             s.last_ns = s.last_ns.max(h.ts_ns);
         }
         let pid = (h.pid_tgid >> 32) as u32;
-        let identity_changed = end.identity.as_ref().is_none_or(|i| i.pid != pid);
-        if !primary {
-            // The other end decodes; this end has shown its process: stop copying it.
-            self.counters.duplicate_bytes += data.len() as u64;
-            if !end.muted {
-                end.muted = true;
-                self.to_mute.push(key);
-            }
-            if identity_changed {
-                let id = self.identity_of(h);
-                let role = h.role;
-                if let Some(e) = self.ends.get_mut(&key) {
-                    e.identity = Some(id.clone());
-                }
-                if let Some(s) = self.sessions.get_mut(&conn) {
-                    if role == ROLE_CLIENT {
-                        s.client = Some(id);
-                    } else {
-                        s.server = Some(id);
-                    }
-                }
-            }
-            return;
-        }
-        if identity_changed {
+        if end.identity.as_ref().is_none_or(|i| i.pid != pid) {
+            // A new process on this end (the forked backend, an fd handed over).
             let id = self.identity_of(h);
-            let role = h.role;
             if let Some(e) = self.ends.get_mut(&key) {
                 e.identity = Some(id.clone());
             }
             if let Some(s) = self.sessions.get_mut(&conn) {
-                if role == ROLE_CLIENT {
+                if h.role == ROLE_CLIENT {
                     s.client = Some(id);
                 } else {
                     s.server = Some(id);
                 }
             }
+        }
+        if !primary {
+            // The other end decodes; this end has shown its process: stop copying it.
+            self.counters.duplicate_bytes += data.len() as u64;
+            if let Some(end) = self.ends.get_mut(&key) {
+                if !end.muted {
+                    end.muted = true;
+                    self.to_mute.push(key);
+                }
+            }
+            return;
         }
         let end = self.ends.get_mut(&key).expect("present");
         let dir_idx = (h.direction & 1) as usize;
@@ -467,34 +454,10 @@ impl Tracker {
                 self.emit_gap(conn, dir, total - end.expected[i], ts, out);
             }
         }
-        let Some(mut s) = self.sessions.remove(&conn) else {
+        let Some(s) = self.sessions.remove(&conn) else {
             return;
         };
-        let mut drafts = std::mem::take(&mut self.drafts);
-        s.session.abandon(ts, &mut drafts);
-        let mut ev = AuditEvent {
-            kind: EventKind::SessionEnd.as_str().into(),
-            ..AuditEvent::default()
-        };
-        if let Some(e) = &s.session.startup_error {
-            ev.error_code = e.code.clone();
-            ev.error_message = e.message.clone();
-        }
-        if s.session.is_cancel_request() {
-            ev.flags.push("cancel_request".into());
-        }
-        drafts.push(Draft {
-            ts_ns: ts,
-            event: ev,
-        });
-        self.sessions.insert(conn, s);
-        self.finish_drafts(conn, &mut drafts, out);
-        self.drafts = drafts;
-        if let Some(s) = self.sessions.remove(&conn) {
-            self.counters.parse_errors += s.session.counters.parse_errors;
-            self.counters.unmatched_responses += s.session.counters.unmatched_responses;
-        }
-        self.counters.sessions_ended += 1;
+        self.end_session(conn, s, ts, false, out);
         // The other end of a local connection is forgotten with it.
         self.ends.retain(|_, e| e.conn != conn);
     }
@@ -516,17 +479,33 @@ impl Tracker {
         );
     }
 
-    /// Ends a session whose connection was never seen to close (its close record was lost,
-    /// or its 4-tuple came back for a new connection): in-flight requests are flushed and
-    /// the end is recorded as such.
-    fn retire(&mut self, conn: ConnKey, mut s: SessionEntry, ts: i128, out: &mut Vec<AuditEvent>) {
-        let mut drafts = Vec::new();
+    /// Records the end of a session: in-flight requests flushed as `no_response`, then
+    /// `session_end` with a startup failure if there was one. `close_not_seen`: the
+    /// connection's close record was lost (or its 4-tuple came back for a new connection).
+    fn end_session(
+        &mut self,
+        conn: ConnKey,
+        mut s: SessionEntry,
+        ts: i128,
+        close_not_seen: bool,
+        out: &mut Vec<AuditEvent>,
+    ) {
+        let mut drafts = std::mem::take(&mut self.drafts);
         s.session.abandon(ts, &mut drafts);
         let mut ev = AuditEvent {
             kind: EventKind::SessionEnd.as_str().into(),
             ..AuditEvent::default()
         };
-        ev.flags.push("close_not_seen".into());
+        if let Some(e) = &s.session.startup_error {
+            ev.error_code = e.code.clone();
+            ev.error_message = e.message.clone();
+        }
+        if s.session.is_cancel_request() {
+            ev.flags.push("cancel_request".into());
+        }
+        if close_not_seen {
+            ev.flags.push("close_not_seen".into());
+        }
         drafts.push(Draft {
             ts_ns: ts,
             event: ev,
@@ -540,6 +519,7 @@ impl Tracker {
             &mut drafts,
             out,
         );
+        self.drafts = drafts;
         self.counters.sessions_ended += 1;
         self.counters.parse_errors += s.session.counters.parse_errors;
         self.counters.unmatched_responses += s.session.counters.unmatched_responses;
@@ -568,7 +548,7 @@ impl Tracker {
             }
             if let Some(s) = self.sessions.remove(&conn) {
                 self.ends.retain(|_, e| e.conn != conn);
-                self.retire(conn, s, now_ns as i128, out);
+                self.end_session(conn, s, now_ns as i128, true, out);
             }
         }
     }

@@ -140,33 +140,32 @@ impl Postgres {
             .count())
     }
 
-    /// psql against this server over TCP, as a command to adjust and run.
-    pub fn psql(&self) -> Command {
-        let mut c = Command::new("psql");
-        c.args([
-            "-X",
-            "-q",
+    /// How clients reach this server: TCP on loopback, as user postgres.
+    fn conn_args(&self) -> [String; 6] {
+        [
             "-h",
             "127.0.0.1",
             "-p",
             &self.port.to_string(),
             "-U",
             "postgres",
-        ])
-        .args(["-v", "ON_ERROR_STOP=0", "postgres"]);
+        ]
+        .map(String::from)
+    }
+
+    /// psql against this server over TCP, as a command to adjust and run.
+    pub fn psql(&self) -> Command {
+        let mut c = Command::new("psql");
+        c.arg("-X")
+            .arg("-q")
+            .args(self.conn_args())
+            .args(["-v", "ON_ERROR_STOP=0", "postgres"]);
         c
     }
 
     pub fn pgbench(&self) -> Command {
         let mut c = Command::new("pgbench");
-        c.args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-            "-U",
-            "postgres",
-        ]);
+        c.args(self.conn_args());
         c
     }
 }
