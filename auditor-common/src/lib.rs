@@ -18,6 +18,22 @@ pub const MAX_IOVECS: u32 = 8;
 pub const RECORD_DATA: u32 = 1;
 pub const RECORD_OPEN: u32 = 2;
 pub const RECORD_CLOSE: u32 = 3;
+/// A process exec'd (`aux[0]` = 0) or mapped an executable file not seen before
+/// (`aux` = [kernel dev_t, inode]): the daemon checks it for a TLS library to hook.
+pub const RECORD_FILE: u32 = 4;
+
+/// Payload read or written by the socket syscalls (ciphertext on TLS connections).
+pub const STREAM_RAW: u8 = 0;
+/// Plaintext taken at the TLS library (SSL_read/SSL_write of OpenSSL).
+pub const STREAM_TLS: u8 = 1;
+
+/// Kinds of TLS library calls the uprobes track (see `TlsCall`).
+pub const TLS_READ: u8 = 1;
+pub const TLS_WRITE: u8 = 2;
+pub const TLS_READ_EX: u8 = 3;
+pub const TLS_WRITE_EX: u8 = 4;
+/// Handshake, peek, shutdown: the socket they use is learnt, no payload is taken.
+pub const TLS_OTHER: u8 = 5;
 
 /// Bytes travelling from the client to the server.
 pub const DIR_TO_SERVER: u8 = 0;
@@ -60,7 +76,15 @@ pub mod counter {
     pub const BYTES: u32 = 6;
     /// Open/close records that did not fit in the ring buffer.
     pub const CONTROL_DROPS: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// TLS plaintext calls that could not be tied to a socket (the library was used
+    /// without a socket under it, e.g. memory BIOs), and their bytes.
+    pub const TLS_UNTIED_CALLS: u32 = 8;
+    pub const TLS_UNTIED_BYTES: u32 = 9;
+    /// TLS plaintext chunks sent.
+    pub const TLS_CHUNKS: u32 = 10;
+    /// New-file records (exec, mmap of an executable file) that did not fit.
+    pub const FILE_DROPS: u32 = 11;
+    pub const COUNT: u32 = 12;
 }
 
 /// The endpoints of a TCP connection as seen from the socket's owner.
@@ -112,9 +136,16 @@ pub struct RecordHeader {
     pub seen: u8,
     /// Index of this chunk within its syscall (0 for the first).
     pub chunk_index: u8,
-    pub _pad: u32,
+    /// STREAM_RAW or STREAM_TLS: which byte stream of the connection `offset` counts in.
+    pub stream: u8,
+    pub _pad: [u8; 3],
+    /// For a close record, the TLS plaintext totals [towards server, towards client]; for
+    /// a file record, [kernel dev_t, inode].
+    pub aux: [u64; 2],
+    /// The TLS library's connection object (`SSL *`) of a STREAM_TLS record.
+    pub ssl: u64,
 }
-const _: () = assert!(size_of::<RecordHeader>() == 136);
+const _: () = assert!(size_of::<RecordHeader>() == 160);
 
 /// A data record as the kernel side assembles it in per-CPU scratch space.
 #[repr(C)]
@@ -123,7 +154,7 @@ pub struct DataRecord {
     pub header: RecordHeader,
     pub data: [u8; CHUNK_DATA],
 }
-const _: () = assert!(size_of::<DataRecord>() == 136 + CHUNK_DATA);
+const _: () = assert!(size_of::<DataRecord>() == 160 + CHUNK_DATA);
 
 /// Offsets of kernel structure fields, computed by the daemon from the running kernel's BTF
 /// and handed to the programs as a global at load time (Rust eBPF has no CO-RE relocations).
@@ -149,9 +180,12 @@ pub struct KernelOffsets {
     pub sock_protocol: u32,
     /// Non-zero once the daemon has filled these in.
     pub valid: u32,
+    pub inode_i_ino: u32,
+    pub inode_i_sb: u32,
+    pub sb_s_dev: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 72);
+const _: () = assert!(size_of::<KernelOffsets>() == 84);
 
 /// Key of the `ENDPOINTS` map: one watched address and port.
 #[repr(C, align(8))]

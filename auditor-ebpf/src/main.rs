@@ -5,6 +5,7 @@
 mod maps;
 mod sock;
 mod syscalls;
+mod tls;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -3,7 +3,7 @@
 use auditor_common::{counter, DataRecord, EndpointKey, KernelOffsets, Tuple};
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     Global,
 };
 
@@ -27,6 +27,9 @@ pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     sock_v6_rcv_saddr: 0,
     sock_protocol: 0,
     valid: 0,
+    inode_i_ino: 0,
+    inode_i_sb: 0,
+    sb_s_dev: 0,
     _pad: 0,
 });
 
@@ -56,7 +59,12 @@ pub struct ConnState {
     pub offsets: [u64; 2],
     pub role: u8,
     pub seen: u8,
-    pub _pad: [u8; 6],
+    /// Set once a hooked TLS library call used this socket: from then on its payload is
+    /// taken as plaintext at the library, and the ciphertext is not copied.
+    pub tls: u8,
+    pub _pad: [u8; 5],
+    /// Plaintext bytes seen so far in each direction (STREAM_TLS offsets).
+    pub tls_offsets: [u64; 2],
 }
 
 #[map]
@@ -87,6 +95,53 @@ pub static PENDING: HashMap<u64, PendingCall> = HashMap::with_max_entries(16384,
 /// Sockets in connect() or accept(): pid_tgid -> fd (connect) or 0 (accept).
 #[map]
 pub static CONNECTING: HashMap<u64, u64> = HashMap::with_max_entries(16384, 0);
+
+/// A TLS library call in flight on a thread, from its uprobe to its uretprobe.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TlsCall {
+    /// The `SSL *` argument.
+    pub ssl: u64,
+    /// The plaintext buffer.
+    pub buf: u64,
+    /// SSL_read_ex/SSL_write_ex: where the library stores the byte count.
+    pub len_out: u64,
+    /// The socket a nested read/write syscall used (0: none yet in this call).
+    pub sock: u64,
+    pub start_ns: u64,
+    /// Stack pointer at entry. Library calls nested in this one (SSL_connect calling
+    /// SSL_do_handshake) run deeper; only the outermost return is acted on.
+    pub sp: u64,
+    /// TLS_READ, TLS_WRITE, TLS_READ_EX, TLS_WRITE_EX or TLS_OTHER.
+    pub kind: u8,
+    pub _pad: [u8; 7],
+}
+
+#[map]
+pub static TLS_CALLS: HashMap<u64, TlsCall> = HashMap::with_max_entries(16384, 0);
+
+/// The socket an `SSL *` of a process was last seen using.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SslKey {
+    pub tgid: u64,
+    pub ssl: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SockRef {
+    /// 0: the SSL object runs over a socket that is not watched.
+    pub sock: u64,
+    pub start_ns: u64,
+}
+
+#[map]
+pub static SSL_SOCKS: LruHashMap<SslKey, SockRef> = LruHashMap::with_max_entries(65536, 0);
+
+/// Executable files already reported to the daemon: (kernel dev_t, inode) -> 1.
+#[map]
+pub static KNOWN_FILES: LruHashMap<[u64; 2], u8> = LruHashMap::with_max_entries(16384, 0);
 
 /// Scratch space for assembling one data record (too large for the stack).
 #[map]

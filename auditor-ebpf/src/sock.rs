@@ -22,9 +22,9 @@ unsafe fn read<T>(addr: u64) -> Result<T, i32> {
     unsafe { bpf_probe_read_kernel(addr as *const T) }
 }
 
-/// The `struct sock` behind `fd` of the current task, if it is a socket.
+/// The `struct file` behind `fd` of the current task.
 #[inline(always)]
-pub fn sock_of_fd(off: &KernelOffsets, fd: u64) -> Option<u64> {
+fn file_of_fd(off: &KernelOffsets, fd: u64) -> Option<u64> {
     unsafe {
         let task = bpf_get_current_task();
         let files: u64 = read(task + off.task_files as u64).ok()?;
@@ -39,8 +39,18 @@ pub fn sock_of_fd(off: &KernelOffsets, fd: u64) -> Option<u64> {
         let fd_array: u64 = read(fdt + off.fdtable_fd as u64).ok()?;
         let file: u64 = read(fd_array + fd * 8).ok()?;
         if file == 0 {
-            return None;
+            None
+        } else {
+            Some(file)
         }
+    }
+}
+
+/// The `struct sock` behind `fd` of the current task, if it is a socket.
+#[inline(always)]
+pub fn sock_of_fd(off: &KernelOffsets, fd: u64) -> Option<u64> {
+    unsafe {
+        let file = file_of_fd(off, fd)?;
         let inode: u64 = read(file + off.file_f_inode as u64).ok()?;
         let mode: u16 = read(inode + off.inode_i_mode as u64).ok()?;
         if mode & S_IFMT != S_IFSOCK {
@@ -53,6 +63,19 @@ pub fn sock_of_fd(off: &KernelOffsets, fd: u64) -> Option<u64> {
         } else {
             Some(sk)
         }
+    }
+}
+
+/// (kernel dev_t, inode number) of the file behind `fd` of the current task.
+#[inline(always)]
+pub fn file_id_of_fd(off: &KernelOffsets, fd: u64) -> Option<(u64, u64)> {
+    unsafe {
+        let file = file_of_fd(off, fd)?;
+        let inode: u64 = read(file + off.file_f_inode as u64).ok()?;
+        let ino: u64 = read(inode + off.inode_i_ino as u64).ok()?;
+        let sb: u64 = read(inode + off.inode_i_sb as u64).ok()?;
+        let dev: u32 = read(sb + off.sb_s_dev as u64).ok()?;
+        Some((dev as u64, ino))
     }
 }
 

@@ -9,9 +9,9 @@
 use core::ffi::c_void;
 
 use auditor_common::{
-    counter, RecordHeader, CHUNK_DATA, DIR_TO_CLIENT, DIR_TO_SERVER, MAX_CHUNKS_PER_CALL,
-    MAX_IOVECS, RECORD_CLOSE, RECORD_DATA, RECORD_OPEN, ROLE_CLIENT, SEEN_ACCEPT, SEEN_CONNECT,
-    SEEN_IO,
+    counter, KernelOffsets, RecordHeader, CHUNK_DATA, DIR_TO_CLIENT, DIR_TO_SERVER,
+    MAX_CHUNKS_PER_CALL, MAX_IOVECS, RECORD_CLOSE, RECORD_DATA, RECORD_FILE, RECORD_OPEN,
+    ROLE_CLIENT, SEEN_ACCEPT, SEEN_CONNECT, SEEN_IO, STREAM_RAW, STREAM_TLS,
 };
 use aya_ebpf::{
     helpers::{
@@ -25,10 +25,10 @@ use aya_ebpf::{
 
 use crate::{
     maps::{
-        count, ConnState, PendingCall, CONNECTING, CONNS, DAEMON_TGID, EVENTS, MUTED, PENDING,
-        SCRATCH,
+        count, ConnState, PendingCall, SockRef, SslKey, CONNECTING, CONNS, DAEMON_TGID, EVENTS,
+        KNOWN_FILES, MUTED, PENDING, SCRATCH, SSL_SOCKS, TLS_CALLS,
     },
-    sock::{offsets, role_of, sock_of_fd, tuple_of_sock},
+    sock::{file_id_of_fd, offsets, role_of, sock_of_fd, tuple_of_sock},
 };
 
 const HEADER_LEN: usize = core::mem::size_of::<RecordHeader>();
@@ -36,6 +36,7 @@ const ARG0: usize = 16;
 const ARG1: usize = 24;
 const ARG2: usize = 32;
 const ARG3: usize = 40;
+const ARG4: usize = 48;
 const RET: usize = 16;
 const EINPROGRESS: i64 = 115;
 const MSG_PEEK: u64 = 2;
@@ -47,19 +48,18 @@ fn arg(ctx: &TracePointContext, at: usize) -> u64 {
 }
 
 #[inline(always)]
-fn is_daemon(pid_tgid: u64) -> bool {
+pub(crate) fn is_daemon(pid_tgid: u64) -> bool {
     (pid_tgid >> 32) as u32 == DAEMON_TGID.load()
 }
 
-/// The watched connection behind `fd`, registering it on first sight.
+/// The watched connection of socket `sk`, registering it on first sight. None if the
+/// socket is not a watched TCP connection.
 #[inline(always)]
-fn lookup_conn(fd: u64, seen: u8) -> Option<(u64, ConnState, bool)> {
-    let off = offsets()?;
-    let sk = sock_of_fd(&off, fd)?;
+fn conn_of_sock(off: &KernelOffsets, sk: u64, seen: u8) -> Option<(ConnState, bool)> {
     if let Some(state) = unsafe { CONNS.get(sk) } {
-        return Some((sk, *state, false));
+        return Some((*state, false));
     }
-    let tuple = tuple_of_sock(&off, sk)?;
+    let tuple = tuple_of_sock(off, sk)?;
     let role = role_of(&tuple)?;
     let state = ConnState {
         start_ns: unsafe { bpf_ktime_get_ns() },
@@ -67,25 +67,36 @@ fn lookup_conn(fd: u64, seen: u8) -> Option<(u64, ConnState, bool)> {
         offsets: [0, 0],
         role,
         seen,
-        _pad: [0; 6],
+        tls: 0,
+        _pad: [0; 5],
+        tls_offsets: [0, 0],
     };
     // A mute left over from an earlier socket at this address does not apply.
     let _ = MUTED.remove(sk);
     // BPF_NOEXIST: two CPUs racing on first sight keep the first entry.
     if CONNS.insert(sk, state, 1).is_err() {
         match unsafe { CONNS.get(sk) } {
-            Some(existing) => return Some((sk, *existing, false)),
+            Some(existing) => return Some((*existing, false)),
             None => {
                 count(counter::CONN_TABLE_FULL, 1);
                 return None;
             }
         }
     }
-    Some((sk, state, true))
+    Some((state, true))
+}
+
+/// The watched connection behind `fd`, registering it on first sight.
+#[inline(always)]
+fn lookup_conn(fd: u64, seen: u8) -> Option<(u64, ConnState, bool)> {
+    let off = offsets()?;
+    let sk = sock_of_fd(&off, fd)?;
+    let (state, new) = conn_of_sock(&off, sk, seen)?;
+    Some((sk, state, new))
 }
 
 #[inline(always)]
-fn fill_identity(h: &mut RecordHeader) {
+pub(crate) fn fill_identity(h: &mut RecordHeader) {
     h.pid_tgid = bpf_get_current_pid_tgid();
     h.uid_gid = bpf_get_current_uid_gid();
     h.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
@@ -106,6 +117,7 @@ fn emit_control(kind: u32, sk: u64, state: &ConnState, dir: u8) {
         direction: dir,
         offset: state.offsets[DIR_TO_SERVER as usize],
         call_len: state.offsets[DIR_TO_CLIENT as usize],
+        aux: state.tls_offsets,
         ..RecordHeader::default()
     };
     fill_identity(&mut h);
@@ -122,7 +134,58 @@ fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> O
     if is_daemon(pid_tgid) {
         return None;
     }
-    let (sk, state, _) = lookup_conn(arg(ctx, ARG0), SEEN_IO)?;
+    let off = offsets()?;
+    let sk = sock_of_fd(&off, arg(ctx, ARG0))?;
+    // Inside a hooked TLS library call: this syscall moves ciphertext for that call, and
+    // tells which socket the library object runs over.
+    let tls_call = TLS_CALLS.get_ptr_mut(pid_tgid);
+    let Some((state, _)) = conn_of_sock(&off, sk, SEEN_IO) else {
+        if let Some(call) = tls_call {
+            if unsafe { (*call).sock } == 0 {
+                let key = SslKey {
+                    tgid: pid_tgid >> 32,
+                    ssl: unsafe { (*call).ssl },
+                };
+                let _ = SSL_SOCKS.insert(
+                    key,
+                    SockRef {
+                        sock: 0,
+                        start_ns: 0,
+                    },
+                    0,
+                );
+            }
+        }
+        return None;
+    };
+    if let Some(call) = tls_call {
+        let key = SslKey {
+            tgid: pid_tgid >> 32,
+            ssl: unsafe { (*call).ssl },
+        };
+        unsafe {
+            (*call).sock = sk;
+            (*call).start_ns = state.start_ns;
+        }
+        let _ = SSL_SOCKS.insert(
+            key,
+            SockRef {
+                sock: sk,
+                start_ns: state.start_ns,
+            },
+            0,
+        );
+        if state.tls == 0 {
+            if let Some(p) = CONNS.get_ptr_mut(sk) {
+                unsafe { (*p).tls = 1 };
+            }
+        }
+        return None;
+    }
+    if state.tls != 0 {
+        // Plaintext of this socket comes from the TLS hooks.
+        return None;
+    }
     if unsafe { MUTED.get(sk) }.is_some_and(|&start| start == state.start_ns) {
         return None;
     }
@@ -143,7 +206,7 @@ fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> O
 
 /// Copies `len` bytes from user memory at `src` into one record and sends it.
 #[inline(always)]
-fn send_chunk(rec: *mut auditor_common::DataRecord, src: u64, len: u64, offset: u64, index: u32) {
+pub(crate) fn send_chunk(rec: *mut auditor_common::DataRecord, src: u64, len: u64, offset: u64, index: u32) {
     let n = if len > CHUNK_DATA as u64 {
         CHUNK_DATA as u64
     } else {
@@ -169,6 +232,53 @@ fn send_chunk(rec: *mut auditor_common::DataRecord, src: u64, len: u64, offset: 
     }
 }
 
+/// Reserves `total` bytes of one stream of connection `sock` and prepares the record
+/// header in scratch space. Returns (first stream offset, record).
+#[inline(always)]
+pub(crate) fn prepare_record(
+    sock: u64,
+    direction: u8,
+    stream: u8,
+    ssl: u64,
+    total: u64,
+) -> Option<(u64, *mut auditor_common::DataRecord)> {
+    let state = CONNS.get_ptr_mut(sock)?;
+    let dir = direction as usize & 1;
+    // This call's range of the stream. A plain read-modify-write: the socket lock orders
+    // concurrent transfers on one socket and their exits can run in another order, so
+    // syscall hooks cannot order truly concurrent writers anyway (no Postgres client or
+    // backend does that: the protocol is sequential per connection).
+    let base = unsafe {
+        if stream == STREAM_TLS {
+            let base = (*state).tls_offsets[dir];
+            (*state).tls_offsets[dir] = base + total;
+            base
+        } else {
+            let base = (*state).offsets[dir];
+            (*state).offsets[dir] = base + total;
+            base
+        }
+    };
+    let rec = SCRATCH.get_ptr_mut(0)?;
+    unsafe {
+        let h = &mut (*rec).header;
+        h.kind = RECORD_DATA;
+        h.sock = sock;
+        h.conn_start_ns = (*state).start_ns;
+        h.call_len = total;
+        h.tuple = (*state).tuple;
+        h.direction = direction;
+        h.role = (*state).role;
+        h.seen = (*state).seen;
+        h.stream = stream;
+        h._pad = [0; 3];
+        h.aux = [0, 0];
+        h.ssl = ssl;
+        fill_identity(h);
+    }
+    Some((base, rec))
+}
+
 /// Takes the pending call of this thread and prepares the record header in scratch space.
 /// Returns (call, payload length, first stream offset, record).
 #[inline(always)]
@@ -183,34 +293,12 @@ fn begin_exit(
         return None;
     }
     let total = ret as u64;
-    let state = CONNS.get_ptr_mut(pending.sock)?;
-    let dir = pending.direction as usize & 1;
-    // This call's range of the stream. A plain read-modify-write: the socket lock orders
-    // concurrent transfers on one socket and their exits can run in another order, so
-    // syscall hooks cannot order truly concurrent writers anyway (no Postgres client or
-    // backend does that: the protocol is sequential per connection).
-    let base = unsafe { (*state).offsets[dir] };
-    unsafe { (*state).offsets[dir] = base + total };
-
-    let rec = SCRATCH.get_ptr_mut(0)?;
-    unsafe {
-        let h = &mut (*rec).header;
-        h.kind = RECORD_DATA;
-        h.sock = pending.sock;
-        h.conn_start_ns = (*state).start_ns;
-        h.call_len = total;
-        h.tuple = (*state).tuple;
-        h.direction = pending.direction;
-        h.role = (*state).role;
-        h.seen = (*state).seen;
-        h._pad = 0;
-        fill_identity(h);
-    }
+    let (base, rec) = prepare_record(pending.sock, pending.direction, STREAM_RAW, 0, total)?;
     Some((pending, total, base, rec))
 }
 
 #[inline(always)]
-fn count_truncation(total: u64, done: u64) {
+pub(crate) fn count_truncation(total: u64, done: u64) {
     if done < total {
         count(counter::TRUNCATED_CALLS, 1);
         count(counter::TRUNCATED_BYTES, total - done);
@@ -426,5 +514,60 @@ fn try_set_state(ctx: &TracePointContext) -> Option<()> {
     let _ = CONNS.remove(sk);
     let _ = MUTED.remove(sk);
     emit_control(RECORD_CLOSE, sk, &state, 0);
+    Some(())
+}
+
+// ---- new programs and libraries (for the TLS uprobes) ------------------------------------
+
+#[inline(always)]
+fn emit_file(dev: u64, ino: u64) {
+    let mut h = RecordHeader {
+        kind: RECORD_FILE,
+        aux: [dev, ino],
+        ..RecordHeader::default()
+    };
+    fill_identity(&mut h);
+    if EVENTS.output::<RecordHeader>(&h, 0).is_err() {
+        count(counter::FILE_DROPS, 1);
+    }
+}
+
+/// A process replaced its program: the daemon checks the new executable (which may link a
+/// TLS library statically) before the program gets far.
+#[tracepoint]
+pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    if !is_daemon(bpf_get_current_pid_tgid()) {
+        emit_file(0, 0);
+    }
+    0
+}
+
+const PROT_EXEC: u64 = 4;
+
+/// mmap(addr, len, prot, flags, fd, off) of a file with PROT_EXEC: a library being loaded
+/// (by the dynamic loader or dlopen). Each file is reported once.
+#[tracepoint]
+pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
+    let _ = try_mmap(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_mmap(ctx: &TracePointContext) -> Option<()> {
+    if arg(ctx, ARG2) & PROT_EXEC == 0 {
+        return None;
+    }
+    let fd = arg(ctx, ARG4) as i64;
+    if fd < 0 || is_daemon(bpf_get_current_pid_tgid()) {
+        return None;
+    }
+    let off = offsets()?;
+    let (dev, ino) = file_id_of_fd(&off, fd as u64)?;
+    let key = [dev, ino];
+    if unsafe { KNOWN_FILES.get(key) }.is_some() {
+        return None;
+    }
+    let _ = KNOWN_FILES.insert(key, 1, 0);
+    emit_file(dev, ino);
     Some(())
 }

@@ -14,10 +14,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use auditor_common::RECORD_FILE;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    capture::{Capture, CaptureError, KernelCounters},
+    capture::{
+        tls::{self, TlsCounters, TlsFinder},
+        Capture, CaptureError, KernelCounters,
+    },
     config::Config,
     event::AuditEvent,
     pg::FramerLimits,
@@ -73,6 +77,9 @@ pub struct Stats {
     pub active_sessions: u64,
     pub tracker: TrackerCounters,
     pub kernel: KernelCounters,
+    pub tls: TlsCounters,
+    /// The TLS libraries hooked so far.
+    pub tls_libraries: Vec<String>,
 }
 
 /// The key of the parameter hashes: created once per installation, never logged.
@@ -191,6 +198,30 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         capture.attached.len(),
         capture.attached.join(", ")
     );
+    // TLS libraries: the usual library directories, then what running processes map.
+    let mut finder = TlsFinder::default();
+    let mut candidates = tls::library_dir_candidates();
+    candidates.extend(tls::running_candidates());
+    for c in &candidates {
+        capture.consider_tls_file(&mut finder, c);
+    }
+    if finder.libraries.is_empty() {
+        println!(
+            "auditor: no OpenSSL library found yet ({} files checked); TLS connections are recorded as tls_unreadable until one is mapped",
+            finder.counters.files_checked
+        );
+    } else {
+        println!(
+            "auditor: hooked TLS plaintext (OpenSSL) in {} file(s): {}",
+            finder.libraries.len(),
+            finder
+                .libraries
+                .iter()
+                .map(|l| l.path.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     println!("auditor: watching TCP {}", endpoints.join(", "));
     if cfg.local_log.enabled {
         println!(
@@ -229,7 +260,10 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     let mut last_stats = Instant::now() - Duration::from_secs(2);
     let mut batch: Vec<AuditEvent> = Vec::with_capacity(256);
     let stats_path = cfg.stats_path();
-    let make_stats = |tracker: &Tracker, capture: &Capture, sink_errors: u64| Stats {
+    let make_stats = |tracker: &Tracker,
+                      capture: &Capture,
+                      finder: &TlsFinder,
+                      sink_errors: u64| Stats {
         pid: std::process::id(),
         started_at: started_at.clone(),
         updated_at: crate::event::format_ts(
@@ -244,21 +278,56 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         active_sessions: tracker.active_sessions() as u64,
         tracker: tracker.counters,
         kernel: capture.counters(),
+        tls: finder.counters,
+        tls_libraries: finder.libraries.iter().map(|l| l.path.clone()).collect(),
     };
 
     let mut malformed_records = 0u64;
     // A failed mute only costs duplicate copying: counted, not fatal.
     let mut mute_failures = 0u64;
     let mut last_sweep = Instant::now();
+    let mut last_tick = Instant::now();
+    // New programs and newly mapped executable files: (pid, file or None for exec).
+    let mut new_files: Vec<(u32, Option<tls::FileId>)> = Vec::new();
     while !STOP.load(Ordering::SeqCst) {
         capture.poll(
             Duration::from_millis(100),
             4096,
             |bytes| match Record::parse(bytes) {
+                Some(rec) if rec.header.kind == RECORD_FILE => {
+                    let pid = (rec.header.pid_tgid >> 32) as u32;
+                    let [dev, ino] = rec.header.aux;
+                    new_files.push((pid, (ino != 0).then_some((dev, ino))));
+                }
                 Some(rec) => tracker.handle(&rec, &mut batch),
                 None => malformed_records += 1,
             },
         )?;
+        for (pid, file) in new_files.drain(..) {
+            let candidates = match file {
+                None => tls::exe_candidate(pid).into_iter().collect(),
+                Some(id) if finder.is_checked(&id) => Vec::new(),
+                Some(id) => tls::mapped_candidates(pid, Some(id)),
+            };
+            for c in candidates {
+                if finder.is_checked(&c.id) {
+                    continue;
+                }
+                if let Some(lib) = capture.consider_tls_file(&mut finder, &c) {
+                    println!(
+                        "auditor: hooked TLS plaintext (OpenSSL) in {} (first mapped by pid {pid})",
+                        lib.path
+                    );
+                    if tracker.has_connection_of(pid) {
+                        finder.counters.late_processes += 1;
+                    }
+                }
+            }
+        }
+        if last_tick.elapsed() >= Duration::from_millis(250) {
+            tracker.tick(crate::tracker::monotonic_ns(), &mut batch);
+            last_tick = Instant::now();
+        }
         for end in tracker.drain_mutes() {
             if capture.mute(end.sock, end.start_ns).is_err() {
                 mute_failures += 1;
@@ -276,7 +345,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             last_sweep = Instant::now();
         }
         if last_stats.elapsed() >= Duration::from_secs(1) {
-            write_stats(&stats_path, &make_stats(&tracker, &capture, 0));
+            write_stats(&stats_path, &make_stats(&tracker, &capture, &finder, 0));
             last_stats = Instant::now();
         }
     }
@@ -301,7 +370,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         written: 0,
         errors: 1,
     });
-    let stats = make_stats(&tracker, &capture, report.errors);
+    let stats = make_stats(&tracker, &capture, &finder, report.errors);
     write_stats(&stats_path, &stats);
     println!(
         "auditor: stopped; {} events written, {} statements, {} gaps, {} kernel drops",

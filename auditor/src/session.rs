@@ -132,6 +132,16 @@ pub struct Session {
     next_flags: Vec<String>,
     mid_stream: bool,
     pub startup_error: Option<ErrorFields>,
+    /// An SSLRequest or GSSENCRequest is waiting for its one-byte answer.
+    negotiating: bool,
+    /// The server accepted encryption: the rest comes as plaintext from a TLS hook, or not
+    /// at all.
+    awaiting_plaintext: bool,
+    /// The encryption is GSSAPI (no hooks exist for it).
+    gss: bool,
+    /// Declared unreadable: no end of the connection delivers plaintext.
+    unreadable: bool,
+    limits: FramerLimits,
 }
 
 /// An event the session produced; the tracker adds identity, ids and endpoints.
@@ -183,7 +193,64 @@ impl Session {
             },
             mid_stream,
             startup_error: None,
+            negotiating: false,
+            awaiting_plaintext: false,
+            gss: false,
+            unreadable: false,
+            limits,
         }
+    }
+
+    /// Whether the bytes still to come are ones this session can decode, so the other end
+    /// of a local connection is no longer needed: the startup packet went by in the clear
+    /// (or the session was joined mid-stream), and no encryption is being set up.
+    pub fn settled(&self) -> bool {
+        (self.startup_seen || self.mid_stream) && !self.negotiating && !self.awaiting_plaintext
+    }
+
+    /// The server accepted TLS (or the stream was joined mid-stream and is TLS records):
+    /// what follows on the socket is ciphertext.
+    pub fn awaiting_plaintext(&self) -> bool {
+        self.awaiting_plaintext
+    }
+
+    pub fn is_unreadable(&self) -> bool {
+        self.unreadable
+    }
+
+    /// A connection joined mid-stream whose bytes are TLS records.
+    pub fn assume_tls(&mut self) {
+        self.meta.tls = true;
+        self.awaiting_plaintext = true;
+        self.framers[0].make_opaque();
+        self.framers[1].make_opaque();
+    }
+
+    /// Plaintext from a TLS hook starts here: the conversation resumes as if it had never
+    /// been encrypted (a startup packet first, unless the session was joined mid-stream).
+    pub fn begin_plaintext(&mut self) {
+        self.meta.tls = true;
+        self.awaiting_plaintext = false;
+        self.framers = if self.mid_stream && !self.startup_seen {
+            [
+                Framer::typed(Direction::ToServer, self.limits),
+                Framer::typed(Direction::ToClient, self.limits),
+            ]
+        } else {
+            let mut to_server = Framer::new(Direction::ToServer, self.limits);
+            to_server.expect_startup();
+            [to_server, Framer::typed(Direction::ToClient, self.limits)]
+        };
+    }
+
+    /// No end of the connection delivers plaintext: record the session as unreadable
+    /// (its identity and endpoints still are), once.
+    pub fn mark_unreadable(&mut self, ts: i128, out: &mut Vec<Draft>) {
+        if self.unreadable {
+            return;
+        }
+        self.unreadable = true;
+        self.emit_start(ts, out);
     }
 
     pub fn is_mid_stream(&self) -> bool {
@@ -238,11 +305,6 @@ impl Session {
         }
     }
 
-    /// True once the stream turned encrypted (TLS) and cannot be decoded here.
-    pub fn is_encrypted(&self) -> bool {
-        self.meta.tls
-    }
-
     fn on_frame(
         &mut self,
         direction: Direction,
@@ -269,6 +331,7 @@ impl Session {
                     self.emit_start(ts, out);
                 }
                 Ok(FrontendMessage::SslRequest) | Ok(FrontendMessage::GssEncRequest) => {
+                    self.negotiating = true;
                     self.framers[Direction::ToClient.index()].expect_encryption_reply();
                 }
                 Ok(FrontendMessage::CancelRequest) => {
@@ -278,11 +341,13 @@ impl Session {
                 Err(_) => self.counters.parse_errors += 1,
             },
             (Direction::ToClient, Frame::EncryptionReply(b)) => {
+                self.negotiating = false;
                 if b == b'S' || b == b'G' {
-                    self.meta.tls = true;
+                    self.meta.tls = b == b'S';
+                    self.gss = b == b'G';
+                    self.awaiting_plaintext = true;
                     self.framers[0].make_opaque();
                     self.framers[1].make_opaque();
-                    self.emit_start(ts, out);
                 } else {
                     // Refused: the client continues in plaintext with a startup packet.
                     self.framers[Direction::ToServer.index()].expect_startup();
@@ -317,8 +382,12 @@ impl Session {
         }
         self.started_emitted = true;
         let mut ev = kind_event(EventKind::SessionStart);
-        if self.meta.tls {
-            ev.flags.push("tls_unreadable".into());
+        if self.unreadable {
+            ev.flags.push(if self.gss {
+                "gssenc_unreadable".into()
+            } else {
+                "tls_unreadable".into()
+            });
         }
         if self.mid_stream {
             ev.flags.push("mid_stream".into());

@@ -15,7 +15,7 @@ use std::{
 use ahash::AHashMap as HashMap;
 use auditor_common::{
     RecordHeader, Tuple, DIR_TO_CLIENT, RECORD_CLOSE, RECORD_DATA, RECORD_OPEN, ROLE_CLIENT,
-    SEEN_IO,
+    SEEN_IO, STREAM_RAW, STREAM_TLS,
 };
 
 use crate::{
@@ -76,10 +76,17 @@ struct End {
     conn: ConnKey,
     /// The kernel was asked to stop copying this end's payload.
     muted: bool,
-    /// Next expected offset per direction.
-    expected: [u64; 2],
+    /// Next expected offset per stream (STREAM_RAW, STREAM_TLS) and direction.
+    expected: [[u64; 2]; 2],
     identity: Option<ProcessIdentity>,
+    /// Ciphertext came from this end after the server accepted TLS: the TLS library of
+    /// its process is not hooked (a stack without hooks, or hooked too late).
+    ciphertext_seen: bool,
 }
+
+/// How long a TLS session may show only ciphertext, from every end, before it is recorded
+/// as unreadable (plaintext from a hook that attached late still gets decoded after).
+pub const TLS_UNREADABLE_AFTER_NS: u64 = 1_000_000_000;
 
 struct SessionEntry {
     id: String,
@@ -87,7 +94,11 @@ struct SessionEntry {
     /// Kernel time of the last record for this connection, from either end.
     last_ns: u64,
     session: Session,
+    /// The end whose bytes are decoded, and from which of its streams.
     primary: EndKey,
+    stream: u8,
+    /// Since when (kernel ns) every end of the connection has shown only ciphertext.
+    ciphertext_only_since: Option<u64>,
     client: Option<ProcessIdentity>,
     server: Option<ProcessIdentity>,
     /// Rendered once per session: events carry them by the hundred thousand.
@@ -111,6 +122,13 @@ pub struct TrackerCounters {
     pub parse_errors: u64,
     pub unmatched_responses: u64,
     pub duplicate_bytes: u64,
+    /// Plaintext bytes taken at TLS libraries, and sessions decoded from them.
+    pub tls_bytes: u64,
+    pub tls_sessions: u64,
+    /// TLS sessions no end of which delivered plaintext.
+    pub tls_unreadable_sessions: u64,
+    /// Ciphertext bytes received (from processes whose TLS library is not hooked).
+    pub ciphertext_bytes: u64,
 }
 
 pub struct TrackerConfig {
@@ -199,6 +217,11 @@ fn looks_like_startup(data: &[u8]) -> bool {
             || code == CANCEL_REQUEST_CODE)
 }
 
+/// Whether bytes start with a TLS record header (content type 20..=23, version 3.x).
+fn looks_like_tls_record(data: &[u8]) -> bool {
+    data.len() >= 5 && (20..=23).contains(&data[0]) && data[1] == 3 && data[2] <= 4
+}
+
 impl Tracker {
     pub fn new(cfg: TrackerConfig) -> Self {
         Tracker {
@@ -270,8 +293,9 @@ impl Tracker {
             End {
                 conn,
                 muted: false,
-                expected: [0, 0],
+                expected: [[0, 0], [0, 0]],
                 identity: Some(identity.clone()),
+                ciphertext_seen: false,
             },
         );
         let primary_alive = self
@@ -288,17 +312,27 @@ impl Tracker {
             return false;
         }
         // A session whose primary is gone without a close record is replaced.
-        let mid_stream = h.seen == SEEN_IO
-            && !(h.direction != DIR_TO_CLIENT
-                && h.offset == 0
-                && first_data.is_some_and(looks_like_startup));
-        let session = Session::new(self.cfg.policy.clone(), self.cfg.limits, mid_stream);
+        let starts_clean = h.direction != DIR_TO_CLIENT
+            && h.offset == 0
+            && first_data.is_some_and(looks_like_startup);
+        let tls = h.stream == STREAM_TLS;
+        // Plaintext offsets count from the first library call the kernel side saw.
+        let mid_stream = first_data.is_some() && !starts_clean && (tls || h.seen == SEEN_IO);
+        let mut session = Session::new(self.cfg.policy.clone(), self.cfg.limits, mid_stream);
+        if tls {
+            session.begin_plaintext();
+            self.counters.tls_sessions += 1;
+        } else if mid_stream && first_data.is_some_and(looks_like_tls_record) {
+            session.assume_tls();
+        }
         let mut entry = SessionEntry {
             id: new_event_id(),
             seq: 0,
             last_ns: h.ts_ns,
             session,
             primary: key,
+            stream: h.stream,
+            ciphertext_only_since: None,
             client: None,
             server: None,
             client_addr: addr_string(&conn.client_addr),
@@ -317,6 +351,81 @@ impl Tracker {
         true
     }
 
+    /// Stops the kernel copying an end's payload (it is not needed).
+    fn mute(&mut self, key: EndKey) {
+        if let Some(end) = self.ends.get_mut(&key) {
+            if !end.muted {
+                end.muted = true;
+                self.to_mute.push(key);
+            }
+        }
+    }
+
+    /// Decides what a record is for: decoding (true), or only its end's identity.
+    fn route(&mut self, key: EndKey, h: &RecordHeader, primary: bool, len: usize) -> bool {
+        let Some(conn) = self.ends.get(&key).map(|e| e.conn) else {
+            return false;
+        };
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return false;
+        };
+        if h.stream == STREAM_TLS {
+            self.counters.tls_bytes += len as u64;
+            if primary && s.stream == STREAM_TLS {
+                return true;
+            }
+            if s.session.awaiting_plaintext() {
+                // The first plaintext of a TLS session: this end decodes from now on, and
+                // the other ends are no longer needed.
+                s.primary = key;
+                s.stream = STREAM_TLS;
+                s.ciphertext_only_since = None;
+                s.session.begin_plaintext();
+                self.counters.tls_sessions += 1;
+                let others: Vec<EndKey> = self
+                    .ends
+                    .iter()
+                    .filter(|(k, e)| e.conn == conn && **k != key)
+                    .map(|(k, _)| *k)
+                    .collect();
+                for k in others {
+                    self.mute(k);
+                }
+                return true;
+            }
+            // The other end's plaintext of a session decoded already.
+            self.counters.duplicate_bytes += len as u64;
+            self.mute(key);
+            return false;
+        }
+        if s.session.awaiting_plaintext() {
+            // Ciphertext: this end's process has no hooked TLS library.
+            self.counters.ciphertext_bytes += len as u64;
+            if let Some(e) = self.ends.get_mut(&key) {
+                e.ciphertext_seen = true;
+            }
+            if s.ciphertext_only_since.is_none()
+                && self
+                    .ends
+                    .values()
+                    .filter(|e| e.conn == conn)
+                    .all(|e| e.ciphertext_seen)
+            {
+                s.ciphertext_only_since = Some(h.ts_ns);
+            }
+            return false;
+        }
+        if primary && s.stream == STREAM_RAW {
+            return true;
+        }
+        if !primary && s.session.settled() {
+            // The other end decodes; this end has shown its process: stop copying it.
+            self.counters.duplicate_bytes += len as u64;
+            self.mute(key);
+        }
+        false
+    }
+
     fn on_data(&mut self, key: EndKey, h: &RecordHeader, data: &[u8], out: &mut Vec<AuditEvent>) {
         self.counters.bytes += data.len() as u64;
         let primary = self.end_for(key, h, Some(data), out);
@@ -324,6 +433,11 @@ impl Tracker {
             return;
         };
         let conn = end.conn;
+        let stream = (h.stream & 1) as usize;
+        let dir_idx = (h.direction & 1) as usize;
+        let expected = end.expected[stream][dir_idx];
+        let chunk_end = h.offset + data.len() as u64;
+        end.expected[stream][dir_idx] = expected.max(chunk_end);
         if let Some(s) = self.sessions.get_mut(&conn) {
             s.last_ns = s.last_ns.max(h.ts_ns);
         }
@@ -342,26 +456,14 @@ impl Tracker {
                 }
             }
         }
-        if !primary {
-            // The other end decodes; this end has shown its process: stop copying it.
-            self.counters.duplicate_bytes += data.len() as u64;
-            if let Some(end) = self.ends.get_mut(&key) {
-                if !end.muted {
-                    end.muted = true;
-                    self.to_mute.push(key);
-                }
-            }
+        if !self.route(key, h, primary, data.len()) {
             return;
         }
-        let end = self.ends.get_mut(&key).expect("present");
-        let dir_idx = (h.direction & 1) as usize;
         let direction = if dir_idx == 0 {
             Direction::ToServer
         } else {
             Direction::ToClient
         };
-        let expected = end.expected[dir_idx];
-        let chunk_end = h.offset + data.len() as u64;
         let ts = h.ts_ns as i128;
         let mut payload = data;
         let mut call_start = h.chunk_index == 0;
@@ -376,9 +478,6 @@ impl Tracker {
             let skip = (expected - h.offset).min(data.len() as u64) as usize;
             payload = &data[skip..];
             call_start = false;
-        }
-        if let Some(end) = self.ends.get_mut(&key) {
-            end.expected[dir_idx] = end.expected[dir_idx].max(chunk_end);
         }
         if payload.is_empty() {
             return;
@@ -397,6 +496,37 @@ impl Tracker {
         );
         self.finish_drafts(conn, &mut drafts, out);
         self.drafts = drafts;
+    }
+
+    /// Records TLS sessions that showed only ciphertext, from every end, for longer than
+    /// TLS_UNREADABLE_AFTER_NS as unreadable (with their identity and endpoints).
+    pub fn tick(&mut self, now_ns: u64, out: &mut Vec<AuditEvent>) {
+        let due: Vec<ConnKey> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                !s.session.is_unreadable()
+                    && s.ciphertext_only_since
+                        .is_some_and(|t| now_ns.saturating_sub(t) >= TLS_UNREADABLE_AFTER_NS)
+            })
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in due {
+            let Some(s) = self.sessions.get_mut(&conn) else {
+                continue;
+            };
+            let mut drafts = Vec::new();
+            s.session.mark_unreadable(now_ns as i128, &mut drafts);
+            self.counters.tls_unreadable_sessions += 1;
+            self.finish_drafts(conn, &mut drafts, out);
+        }
+    }
+
+    /// Whether a process has a watched connection open (it was hooked late if so).
+    pub fn has_connection_of(&self, pid: u32) -> bool {
+        self.ends
+            .values()
+            .any(|e| e.identity.as_ref().is_some_and(|i| i.pid == pid))
     }
 
     fn emit_gap(
@@ -443,15 +573,25 @@ impl Tracker {
         }
         let ts = h.ts_ns as i128;
         // The close record carries the kernel's byte totals: anything short of them is lost.
-        let totals = [h.offset, h.call_len];
+        let stream = self.sessions.get(&conn).map(|s| s.stream).unwrap_or(STREAM_RAW);
+        let (totals, expected) = if stream == STREAM_TLS {
+            (h.aux, end.expected[1])
+        } else {
+            ([h.offset, h.call_len], end.expected[0])
+        };
+        let awaiting = self
+            .sessions
+            .get(&conn)
+            .is_some_and(|s| s.session.awaiting_plaintext());
         for (i, total) in totals.iter().enumerate() {
-            if *total > end.expected[i] {
+            // (Ciphertext nobody could read is not a gap in the conversation.)
+            if *total > expected[i] && !awaiting {
                 let dir = if i == 0 {
                     Direction::ToServer
                 } else {
                     Direction::ToClient
                 };
-                self.emit_gap(conn, dir, total - end.expected[i], ts, out);
+                self.emit_gap(conn, dir, total - expected[i], ts, out);
             }
         }
         let Some(s) = self.sessions.remove(&conn) else {
@@ -491,6 +631,11 @@ impl Tracker {
         out: &mut Vec<AuditEvent>,
     ) {
         let mut drafts = std::mem::take(&mut self.drafts);
+        if s.session.awaiting_plaintext() && !s.session.is_unreadable() {
+            // Ended before any plaintext: never silent.
+            s.session.mark_unreadable(ts, &mut drafts);
+            self.counters.tls_unreadable_sessions += 1;
+        }
         s.session.abandon(ts, &mut drafts);
         let mut ev = AuditEvent {
             kind: EventKind::SessionEnd.as_str().into(),
@@ -609,7 +754,11 @@ fn finish(
         ev.client_port = conn.client_port;
         ev.server_addr = s.server_addr.clone();
         ev.server_port = conn.server_port;
-        ev.capture = "ebpf".into();
+        ev.capture = if s.stream == STREAM_TLS {
+            "ebpf_tls".into()
+        } else {
+            "ebpf".into()
+        };
         // The local process on the client end, or the backend when the client is remote.
         let who = s.client.as_ref().or(s.server.as_ref());
         if let Some(id) = who {

@@ -292,6 +292,9 @@ impl Btf {
             sock_v6_rcv_saddr: common("skc_v6_rcv_saddr")?,
             sock_protocol,
             valid: 1,
+            inode_i_ino: self.field_offset("inode", "i_ino")?,
+            inode_i_sb: self.field_offset("inode", "i_sb")?,
+            sb_s_dev: self.field_offset("super_block", "s_dev")?,
             _pad: 0,
         })
     }

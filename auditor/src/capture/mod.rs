@@ -2,6 +2,7 @@
 //! the ring buffer and the kernel-side counters.
 
 pub mod btf;
+pub mod tls;
 
 use std::{
     os::fd::{AsFd, AsRawFd},
@@ -12,7 +13,10 @@ use std::{
 use auditor_common::{counter, EndpointKey, PORT_ANY_ADDR, PORT_LISTED_ADDRS};
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{
+        uprobe::{UProbeAttachLocation, UProbeScope},
+        TracePoint, UProbe,
+    },
     Ebpf, EbpfLoader,
 };
 
@@ -69,7 +73,19 @@ const TRACEPOINTS: &[(&str, &str)] = &[
     ("syscalls", "sys_exit_accept"),
     ("syscalls", "sys_exit_accept4"),
     ("sock", "inet_sock_set_state"),
+    ("sched", "sched_process_exec"),
+    ("syscalls", "sys_enter_mmap"),
 ];
+
+/// Entry programs of the TLS uprobes (see tls::TLS_FUNCTIONS) and the one return program.
+const TLS_ENTRY_PROGRAMS: &[&str] = &[
+    "ssl_read",
+    "ssl_write",
+    "ssl_read_ex",
+    "ssl_write_ex",
+    "ssl_other",
+];
+const TLS_RETURN_PROGRAM: &str = "ssl_return";
 
 /// Kernel-side counters, summed over CPUs.
 #[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -82,12 +98,17 @@ pub struct KernelCounters {
     pub chunks: u64,
     pub bytes: u64,
     pub control_drops: u64,
+    pub tls_untied_calls: u64,
+    pub tls_untied_bytes: u64,
+    pub tls_chunks: u64,
+    pub file_drops: u64,
 }
 
 pub struct Capture {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     ring: RingBuf<MapData>,
     muted: BpfHashMap<MapData, u64, u64>,
+    known_files: BpfHashMap<MapData, [u64; 2], u8>,
     counters: PerCpuArray<MapData, u64>,
     pub attached: Vec<String>,
 }
@@ -209,6 +230,21 @@ impl Capture {
             prog.attach(category, name).map_err(program_err)?;
             attached.push(format!("{category}:{name}"));
         }
+        for name in TLS_ENTRY_PROGRAMS.iter().chain([&TLS_RETURN_PROGRAM]) {
+            let program_err = |source| CaptureError::Program {
+                name: name.to_string(),
+                source,
+            };
+            let prog: &mut UProbe = ebpf
+                .program_mut(name)
+                .ok_or_else(|| CaptureError::Program {
+                    name: name.to_string(),
+                    source: aya::programs::ProgramError::UnexpectedProgramType,
+                })?
+                .try_into()
+                .map_err(program_err)?;
+            prog.load().map_err(program_err)?;
+        }
 
         let ring = RingBuf::try_from(
             ebpf.take_map("EVENTS")
@@ -234,10 +270,19 @@ impl Capture {
             name: "MUTED",
             source,
         })?;
+        let known_files = BpfHashMap::try_from(
+            ebpf.take_map("KNOWN_FILES")
+                .ok_or(CaptureError::MissingMap("KNOWN_FILES"))?,
+        )
+        .map_err(|source| CaptureError::Map {
+            name: "KNOWN_FILES",
+            source,
+        })?;
         Ok(Capture {
-            _ebpf: ebpf,
+            ebpf,
             ring,
             muted,
+            known_files,
             counters,
             attached,
         })
@@ -294,6 +339,88 @@ impl Capture {
             })
     }
 
+    /// Hooks the TLS functions of one file (every process mapping it, now or later).
+    /// Returns how many functions were hooked; the first failure, if any, is returned
+    /// after trying them all.
+    pub fn hook_tls(
+        &mut self,
+        path: &Path,
+        symbols: &tls::TlsSymbols,
+    ) -> (usize, Option<CaptureError>) {
+        let mut hooked = 0;
+        let mut first_error = None;
+        for (function, offset) in &symbols.functions {
+            let Some((_, entry)) = tls::TLS_FUNCTIONS.iter().find(|(f, _)| f == function) else {
+                continue;
+            };
+            let mut ok = true;
+            for program in [*entry, TLS_RETURN_PROGRAM] {
+                let result = self
+                    .ebpf
+                    .program_mut(program)
+                    .ok_or(aya::programs::ProgramError::UnexpectedProgramType)
+                    .and_then(|p| {
+                        let p: &mut UProbe = p.try_into()?;
+                        p.attach(
+                            UProbeAttachLocation::AbsoluteOffset(*offset),
+                            path,
+                            UProbeScope::AllProcesses,
+                        )
+                    });
+                if let Err(source) = result {
+                    ok = false;
+                    first_error.get_or_insert(CaptureError::Program {
+                        name: format!("{program} at {function} in {}", path.display()),
+                        source,
+                    });
+                }
+            }
+            if ok {
+                hooked += 1;
+            }
+        }
+        (hooked, first_error)
+    }
+
+    /// Tells the kernel side a file was examined, so it is not reported again.
+    pub fn mark_file_known(&mut self, id: tls::FileId) {
+        let _ = self.known_files.insert([id.0, id.1], 1, 0);
+    }
+
+    /// Examines one file and hooks it if it is a TLS library. Returns the library hooked.
+    pub fn consider_tls_file(
+        &mut self,
+        finder: &mut tls::TlsFinder,
+        cand: &tls::Candidate,
+    ) -> Option<tls::TlsLibrary> {
+        if !finder.mark(cand.id) {
+            return None;
+        }
+        self.mark_file_known(cand.id);
+        finder.counted_check();
+        let (path, symbols) = cand.open_paths.iter().find_map(|p| match tls::find_tls_symbols(p) {
+            Ok(Some(s)) => Some(Some((p.clone(), s))),
+            Ok(None) => Some(None),
+            Err(_) => None,
+        })??;
+        let (hooked, error) = self.hook_tls(&path, &symbols);
+        if let Some(e) = &error {
+            finder.counters.hook_failures += 1;
+            eprintln!("auditor: hooking TLS in {}: {e}", cand.shown);
+        }
+        if hooked == 0 {
+            return None;
+        }
+        finder.counters.libraries_hooked += 1;
+        let lib = tls::TlsLibrary {
+            path: cand.shown.clone(),
+            id: cand.id,
+            functions: hooked,
+        };
+        finder.libraries.push(lib.clone());
+        Some(lib)
+    }
+
     pub fn counters(&self) -> KernelCounters {
         let get = |i: u32| -> u64 {
             self.counters
@@ -310,6 +437,10 @@ impl Capture {
             chunks: get(counter::CHUNKS),
             bytes: get(counter::BYTES),
             control_drops: get(counter::CONTROL_DROPS),
+            tls_untied_calls: get(counter::TLS_UNTIED_CALLS),
+            tls_untied_bytes: get(counter::TLS_UNTIED_BYTES),
+            tls_chunks: get(counter::TLS_CHUNKS),
+            file_drops: get(counter::FILE_DROPS),
         }
     }
 }

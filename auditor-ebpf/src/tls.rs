@@ -1,0 +1,167 @@
+//! uprobes on OpenSSL (1.1 and 3.x): SSL_read, SSL_read_ex, SSL_write, SSL_write_ex take the
+//! plaintext; SSL_do_handshake, SSL_connect, SSL_accept, SSL_peek(_ex) and SSL_shutdown only
+//! let the socket under an `SSL *` be learnt.
+//!
+//! Which connection a plaintext belongs to is never guessed: while a library call is in
+//! flight on a thread, the read/write syscalls it makes (sys_enter_* in syscalls.rs) name
+//! the socket, mark it as TLS (its ciphertext is no longer copied) and remember the socket of
+//! that `SSL *`. A read served from the library's buffer without a syscall uses the socket
+//! remembered for its `SSL *`; with neither, the call is counted as untied.
+
+use auditor_common::{
+    counter, CHUNK_DATA, DIR_TO_CLIENT, DIR_TO_SERVER, MAX_CHUNKS_PER_CALL, ROLE_CLIENT,
+    STREAM_TLS, TLS_OTHER, TLS_READ, TLS_READ_EX, TLS_WRITE, TLS_WRITE_EX,
+};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+
+use crate::{
+    maps::{count, SslKey, TlsCall, CONNS, MUTED, SSL_SOCKS, TLS_CALLS},
+    syscalls::{count_truncation, is_daemon, prepare_record, send_chunk},
+};
+
+/// The stack pointer at a probe: tells a nested library call (deeper stack) from the
+/// return of the outermost one, and a stale entry (its frame is gone) from a live one.
+#[inline(always)]
+fn stack_pointer(regs: *mut aya_ebpf::bindings::pt_regs) -> u64 {
+    #[cfg(bpf_target_arch = "x86_64")]
+    {
+        unsafe { (*regs).rsp }
+    }
+    #[cfg(bpf_target_arch = "aarch64")]
+    {
+        let regs = regs as *const aya_ebpf::bindings::user_pt_regs;
+        unsafe { (*regs).sp }
+    }
+    #[cfg(not(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64")))]
+    {
+        let _ = regs;
+        0
+    }
+}
+
+#[inline(always)]
+fn enter(ctx: &ProbeContext, kind: u8) -> Option<()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if is_daemon(pid_tgid) {
+        return None;
+    }
+    let sp = stack_pointer(ctx.regs);
+    if let Some(outer) = TLS_CALLS.get_ptr_mut(pid_tgid) {
+        // Deeper than a call in flight: nested in it (SSL_connect -> SSL_do_handshake).
+        if sp < unsafe { (*outer).sp } {
+            return None;
+        }
+        // Otherwise that entry is left from a call whose return was never seen.
+    }
+    let ssl: u64 = ctx.arg(0)?;
+    let (buf, len_out) = match kind {
+        TLS_READ | TLS_WRITE => (ctx.arg::<u64>(1)?, 0),
+        TLS_READ_EX | TLS_WRITE_EX => (ctx.arg::<u64>(1)?, ctx.arg::<u64>(3)?),
+        _ => (0, 0),
+    };
+    let call = TlsCall {
+        ssl,
+        buf,
+        len_out,
+        sock: 0,
+        start_ns: 0,
+        sp,
+        kind,
+        _pad: [0; 7],
+    };
+    TLS_CALLS.insert(pid_tgid, call, 0).ok()
+}
+
+macro_rules! entry_probe {
+    ($name:ident, $kind:expr) => {
+        #[uprobe]
+        pub fn $name(ctx: ProbeContext) -> u32 {
+            let _ = enter(&ctx, $kind);
+            0
+        }
+    };
+}
+
+entry_probe!(ssl_read, TLS_READ);
+entry_probe!(ssl_write, TLS_WRITE);
+entry_probe!(ssl_read_ex, TLS_READ_EX);
+entry_probe!(ssl_write_ex, TLS_WRITE_EX);
+entry_probe!(ssl_other, TLS_OTHER);
+
+/// One return program for every hooked function: the entry recorded what it was.
+#[uretprobe]
+pub fn ssl_return(ctx: RetProbeContext) -> u32 {
+    let _ = exit(&ctx);
+    0
+}
+
+#[inline(always)]
+fn exit(ctx: &RetProbeContext) -> Option<()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let call = *unsafe { TLS_CALLS.get(pid_tgid) }?;
+    if stack_pointer(ctx.regs) < call.sp {
+        return None; // the return of a nested call
+    }
+    let _ = TLS_CALLS.remove(pid_tgid);
+    // All hooked functions return a C int: the upper half of the register is not theirs.
+    let ret = ctx.ret::<u64>() as u32 as i32;
+    let total: u64 = match call.kind {
+        TLS_READ | TLS_WRITE if ret > 0 => ret as u64,
+        TLS_READ_EX | TLS_WRITE_EX if ret == 1 => {
+            unsafe { bpf_probe_read_user(call.len_out as *const u64) }.ok()?
+        }
+        _ => return None,
+    };
+    if total == 0 {
+        return None;
+    }
+    let (sock, start_ns) = if call.sock != 0 {
+        (call.sock, call.start_ns)
+    } else {
+        let key = SslKey {
+            tgid: pid_tgid >> 32,
+            ssl: call.ssl,
+        };
+        match unsafe { SSL_SOCKS.get(key) } {
+            Some(r) => (r.sock, r.start_ns),
+            None => {
+                count(counter::TLS_UNTIED_CALLS, 1);
+                count(counter::TLS_UNTIED_BYTES, total);
+                return None;
+            }
+        }
+    };
+    if sock == 0 {
+        return None; // a TLS connection that is not a watched one
+    }
+    let state = unsafe { CONNS.get(sock) }?;
+    if state.start_ns != start_ns {
+        return None; // the socket closed and its address was reused
+    }
+    if unsafe { MUTED.get(sock) }.is_some_and(|&s| s == start_ns) {
+        return None;
+    }
+    let is_write = call.kind == TLS_WRITE || call.kind == TLS_WRITE_EX;
+    let direction = if (state.role == ROLE_CLIENT) == is_write {
+        DIR_TO_SERVER
+    } else {
+        DIR_TO_CLIENT
+    };
+    let (base, rec) = prepare_record(sock, direction, STREAM_TLS, call.ssl, total)?;
+    let mut done: u64 = 0;
+    for i in 0..MAX_CHUNKS_PER_CALL {
+        if done >= total {
+            break;
+        }
+        let n = core::cmp::min(total - done, CHUNK_DATA as u64);
+        send_chunk(rec, call.buf + done, n, base + done, i);
+        count(counter::TLS_CHUNKS, 1);
+        done += n;
+    }
+    count_truncation(total, done);
+    Some(())
+}
