@@ -206,7 +206,13 @@ fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> O
 
 /// Copies `len` bytes from user memory at `src` into one record and sends it.
 #[inline(always)]
-pub(crate) fn send_chunk(rec: *mut auditor_common::DataRecord, src: u64, len: u64, offset: u64, index: u32) {
+pub(crate) fn send_chunk(
+    rec: *mut auditor_common::DataRecord,
+    src: u64,
+    len: u64,
+    offset: u64,
+    index: u32,
+) {
     let n = if len > CHUNK_DATA as u64 {
         CHUNK_DATA as u64
     } else {

@@ -71,6 +71,10 @@ pub struct CaptureConfig {
     /// Largest client message decoded (Query, Parse, Bind); larger ones are recorded as
     /// truncated gap events. Default: 1 MiB.
     pub max_message_bytes: u32,
+    /// Take the plaintext of TLS connections at OpenSSL (uprobes on every libssl and
+    /// OpenSSL-linked program on the host). Default: true. With false, TLS sessions are
+    /// recorded as `tls_unreadable`.
+    pub tls: bool,
 }
 
 impl Default for CaptureConfig {
@@ -78,6 +82,7 @@ impl Default for CaptureConfig {
         CaptureConfig {
             ring_buffer_bytes: 64 << 20,
             max_message_bytes: 1 << 20,
+            tls: true,
         }
     }
 }
@@ -218,6 +223,7 @@ local_log:
 capture:
   ring_buffer_bytes: 67108864      # kernel ring buffer, a power of two
   max_message_bytes: 1048576       # larger client messages are recorded as truncated gaps
+  tls: true                        # plaintext of TLS connections through uprobes on OpenSSL
 "#;
 
 #[cfg(test)]

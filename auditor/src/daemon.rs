@@ -178,7 +178,11 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         source,
     })?;
     let key = param_key(&cfg.state_dir)?;
-    let mut capture = Capture::start(&cfg.endpoints, cfg.capture.ring_buffer_bytes)?;
+    let mut capture = Capture::start(
+        &cfg.endpoints,
+        cfg.capture.ring_buffer_bytes,
+        cfg.capture.tls,
+    )?;
     let log = if cfg.local_log.enabled {
         Some(LocalLog::open(&cfg.log_dir(), cfg.local_log.rotate_bytes)?)
     } else {
@@ -200,12 +204,16 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     );
     // TLS libraries: the usual library directories, then what running processes map.
     let mut finder = TlsFinder::default();
-    let mut candidates = tls::library_dir_candidates();
-    candidates.extend(tls::running_candidates());
-    for c in &candidates {
-        capture.consider_tls_file(&mut finder, c);
+    if cfg.capture.tls {
+        let mut candidates = tls::library_dir_candidates();
+        candidates.extend(tls::running_candidates());
+        for c in &candidates {
+            capture.consider_tls_file(&mut finder, c);
+        }
     }
-    if finder.libraries.is_empty() {
+    if !cfg.capture.tls {
+        println!("auditor: TLS plaintext capture is off (capture.tls: false): TLS sessions are recorded as tls_unreadable");
+    } else if finder.libraries.is_empty() {
         println!(
             "auditor: no OpenSSL library found yet ({} files checked); TLS connections are recorded as tls_unreadable until one is mapped",
             finder.counters.files_checked
@@ -260,27 +268,25 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     let mut last_stats = Instant::now() - Duration::from_secs(2);
     let mut batch: Vec<AuditEvent> = Vec::with_capacity(256);
     let stats_path = cfg.stats_path();
-    let make_stats = |tracker: &Tracker,
-                      capture: &Capture,
-                      finder: &TlsFinder,
-                      sink_errors: u64| Stats {
-        pid: std::process::id(),
-        started_at: started_at.clone(),
-        updated_at: crate::event::format_ts(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as i128)
-                .unwrap_or(0),
-        ),
-        uptime_s: started.elapsed().as_secs(),
-        events_written: written.load(Ordering::Relaxed),
-        sink_errors,
-        active_sessions: tracker.active_sessions() as u64,
-        tracker: tracker.counters,
-        kernel: capture.counters(),
-        tls: finder.counters,
-        tls_libraries: finder.libraries.iter().map(|l| l.path.clone()).collect(),
-    };
+    let make_stats =
+        |tracker: &Tracker, capture: &Capture, finder: &TlsFinder, sink_errors: u64| Stats {
+            pid: std::process::id(),
+            started_at: started_at.clone(),
+            updated_at: crate::event::format_ts(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as i128)
+                    .unwrap_or(0),
+            ),
+            uptime_s: started.elapsed().as_secs(),
+            events_written: written.load(Ordering::Relaxed),
+            sink_errors,
+            active_sessions: tracker.active_sessions() as u64,
+            tracker: tracker.counters,
+            kernel: capture.counters(),
+            tls: finder.counters,
+            tls_libraries: finder.libraries.iter().map(|l| l.path.clone()).collect(),
+        };
 
     let mut malformed_records = 0u64;
     // A failed mute only costs duplicate copying: counted, not fatal.

@@ -573,7 +573,11 @@ impl Tracker {
         }
         let ts = h.ts_ns as i128;
         // The close record carries the kernel's byte totals: anything short of them is lost.
-        let stream = self.sessions.get(&conn).map(|s| s.stream).unwrap_or(STREAM_RAW);
+        let stream = self
+            .sessions
+            .get(&conn)
+            .map(|s| s.stream)
+            .unwrap_or(STREAM_RAW);
         let (totals, expected) = if stream == STREAM_TLS {
             (h.aux, end.expected[1])
         } else {
@@ -851,6 +855,225 @@ pub fn labels_of(id: &ProcessIdentity) -> BTreeMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use auditor_common::{DIR_TO_SERVER, ROLE_SERVER, SEEN_ACCEPT, SEEN_CONNECT};
+
+    fn tracker() -> Tracker {
+        Tracker::new(TrackerConfig {
+            host: "test".into(),
+            policy: RecordingPolicy::default(),
+            limits: FramerLimits::default(),
+        })
+    }
+
+    /// A connection 127.0.0.1:40000 -> 127.0.0.1:5432 seen from one end.
+    struct Wire {
+        sock: u64,
+        role: u8,
+        offsets: [[u64; 2]; 2],
+        ts: u64,
+    }
+
+    impl Wire {
+        fn new(sock: u64, role: u8) -> Self {
+            Wire {
+                sock,
+                role,
+                offsets: [[0; 2]; 2],
+                ts: 1_000,
+            }
+        }
+
+        fn header(&mut self, kind: u32) -> RecordHeader {
+            let lo = auditor_common::v4_mapped([127, 0, 0, 1]);
+            let (lp, rp) = if self.role == ROLE_CLIENT {
+                (40000, 5432)
+            } else {
+                (5432, 40000)
+            };
+            self.ts += 1_000;
+            RecordHeader {
+                kind,
+                sock: self.sock,
+                conn_start_ns: 7,
+                ts_ns: self.ts,
+                pid_tgid: (std::process::id() as u64) << 32,
+                role: self.role,
+                seen: if self.role == ROLE_CLIENT {
+                    SEEN_CONNECT
+                } else {
+                    SEEN_ACCEPT
+                },
+                tuple: Tuple {
+                    local_addr: lo,
+                    remote_addr: lo,
+                    local_port: lp,
+                    remote_port: rp,
+                    family: 2,
+                    _pad: 0,
+                },
+                ..RecordHeader::default()
+            }
+        }
+
+        fn data(&mut self, t: &mut Tracker, stream: u8, dir: u8, bytes: &[u8]) -> Vec<AuditEvent> {
+            let mut h = self.header(RECORD_DATA);
+            h.stream = stream;
+            h.direction = dir;
+            h.len = bytes.len() as u32;
+            h.offset = self.offsets[stream as usize][dir as usize];
+            self.offsets[stream as usize][dir as usize] += bytes.len() as u64;
+            let mut out = Vec::new();
+            t.handle(
+                &Record {
+                    header: h,
+                    data: bytes,
+                },
+                &mut out,
+            );
+            out
+        }
+
+        fn close(&mut self, t: &mut Tracker) -> Vec<AuditEvent> {
+            let mut h = self.header(RECORD_CLOSE);
+            h.offset = self.offsets[0][0];
+            h.call_len = self.offsets[0][1];
+            h.aux = self.offsets[1];
+            let mut out = Vec::new();
+            t.handle(
+                &Record {
+                    header: h,
+                    data: &[],
+                },
+                &mut out,
+            );
+            out
+        }
+    }
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn startup() -> Vec<u8> {
+        let body = b"\0\x03\0\0user\0alice\0database\0shop\0\0";
+        let mut m = (body.len() as u32 + 4).to_be_bytes().to_vec();
+        m.extend_from_slice(body);
+        m
+    }
+
+    const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+    /// SSLRequest and 'S' in the clear, then the handshake's ciphertext from `unhooked`.
+    fn negotiate(t: &mut Tracker, primary: &mut Wire, unhooked: &mut [&mut Wire]) {
+        primary.data(t, STREAM_RAW, DIR_TO_SERVER, &SSL_REQUEST);
+        primary.data(t, STREAM_RAW, DIR_TO_CLIENT, b"S");
+        for w in unhooked.iter_mut() {
+            w.data(t, STREAM_RAW, DIR_TO_SERVER, b"\x16\x03\x01\x00\x05hello");
+        }
+    }
+
+    fn converse(t: &mut Tracker, w: &mut Wire) -> Vec<AuditEvent> {
+        let mut out = w.data(t, STREAM_TLS, DIR_TO_SERVER, &startup());
+        let mut resp = msg(b'R', &0u32.to_be_bytes());
+        resp.extend(msg(b'Z', b"I"));
+        out.extend(w.data(t, STREAM_TLS, DIR_TO_CLIENT, &resp));
+        out.extend(w.data(t, STREAM_TLS, DIR_TO_SERVER, &msg(b'Q', b"select 1\0")));
+        let mut resp = msg(b'C', b"SELECT 1\0");
+        resp.extend(msg(b'Z', b"I"));
+        out.extend(w.data(t, STREAM_TLS, DIR_TO_CLIENT, &resp));
+        out
+    }
+
+    #[test]
+    fn tls_plaintext_from_the_client_end() {
+        let mut t = tracker();
+        let mut client = Wire::new(1, ROLE_CLIENT);
+        let mut server = Wire::new(2, ROLE_SERVER);
+        negotiate(&mut t, &mut client, &mut [&mut server]);
+        let mut out = converse(&mut t, &mut client);
+        out.extend(client.close(&mut t));
+        let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["session_start", "statement", "session_end"],
+            "{out:#?}"
+        );
+        assert!(out.iter().all(|e| e.tls && e.capture == "ebpf_tls"));
+        assert!(out[0].flags.is_empty());
+        assert_eq!(out[1].db_user, "alice");
+        assert_eq!(t.counters.gaps, 0);
+    }
+
+    #[test]
+    fn tls_plaintext_from_the_server_end_takes_over() {
+        let mut t = tracker();
+        let mut client = Wire::new(1, ROLE_CLIENT);
+        let mut server = Wire::new(2, ROLE_SERVER);
+        // The client end is seen first (the primary) but its library is not hooked.
+        client.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &SSL_REQUEST);
+        server.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &SSL_REQUEST);
+        server.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, b"S");
+        client.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, b"S");
+        client.data(
+            &mut t,
+            STREAM_RAW,
+            DIR_TO_SERVER,
+            b"\x16\x03\x01\x00\x05hello",
+        );
+        // The server end was not muted while the session was undecided.
+        assert!(t.drain_mutes().next().is_none());
+        let out = converse(&mut t, &mut server);
+        let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["session_start", "statement"], "{out:#?}");
+        // The client end is muted now: its ciphertext is not needed.
+        let muted: Vec<EndKey> = t.drain_mutes().collect();
+        assert_eq!(muted.len(), 1);
+        assert_eq!(muted[0].sock, 1);
+        let mut out = Vec::new();
+        t.tick(u64::MAX, &mut out);
+        assert!(out.is_empty(), "not unreadable: {out:#?}");
+    }
+
+    #[test]
+    fn tls_without_plaintext_is_recorded_unreadable() {
+        let mut t = tracker();
+        let mut client = Wire::new(1, ROLE_CLIENT);
+        negotiate(&mut t, &mut client, &mut []);
+        let mut out = client.data(
+            &mut t,
+            STREAM_RAW,
+            DIR_TO_SERVER,
+            b"\x17\x03\x03\x00\x05xxxxx",
+        );
+        assert!(out.is_empty());
+        t.tick(client.ts + TLS_UNREADABLE_AFTER_NS - 1, &mut out);
+        assert!(out.is_empty(), "too early: {out:#?}");
+        t.tick(client.ts + TLS_UNREADABLE_AFTER_NS, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].kind, "session_start");
+        assert!(out[0].tls);
+        assert_eq!(out[0].flags, ["tls_unreadable"]);
+        assert_eq!(out[0].pid, std::process::id());
+        // Once, even at the end.
+        let end = client.close(&mut t);
+        let kinds: Vec<&str> = end.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["session_end"]);
+        assert_eq!(t.counters.gaps, 0, "ciphertext is not a gap");
+    }
+
+    #[test]
+    fn tls_closed_before_any_plaintext_is_unreadable() {
+        let mut t = tracker();
+        let mut client = Wire::new(1, ROLE_CLIENT);
+        negotiate(&mut t, &mut client, &mut []);
+        let out = client.close(&mut t);
+        let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["session_start", "session_end"]);
+        assert_eq!(out[0].flags, ["tls_unreadable"]);
+    }
 
     #[test]
     fn proc_net_addresses() {

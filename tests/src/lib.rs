@@ -7,7 +7,7 @@
 use std::{
     io::{BufRead, BufReader},
     net::TcpListener,
-    os::unix::process::CommandExt,
+    os::unix::{fs::PermissionsExt, process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -92,6 +92,15 @@ fn as_postgres(cmd: &str) -> Result<()> {
 impl Postgres {
     /// `extra` lines are appended to postgresql.conf.
     pub fn start(extra: &[&str]) -> Result<Self> {
+        Self::start_with(extra, false)
+    }
+
+    /// With `ssl = on` and a self-signed certificate made for this server.
+    pub fn start_tls(extra: &[&str]) -> Result<Self> {
+        Self::start_with(extra, true)
+    }
+
+    fn start_with(extra: &[&str], tls: bool) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("auditor-pg-").tempdir()?;
         let path = dir.path().display().to_string();
         Command::new("chown")
@@ -111,6 +120,24 @@ impl Postgres {
             "log_line_prefix = '%a|%p|'".into(),
             "max_connections = 50".into(),
         ];
+        if tls {
+            let data = dir.path().join("data");
+            check(
+                Command::new("openssl")
+                    .args(["req", "-new", "-x509", "-days", "2", "-nodes"])
+                    .args(["-subj", "/CN=localhost", "-newkey", "rsa:2048"])
+                    .arg("-keyout")
+                    .arg(data.join("server.key"))
+                    .arg("-out")
+                    .arg(data.join("server.crt")),
+            )?;
+            for f in ["server.key", "server.crt"] {
+                let p = data.join(f);
+                check(Command::new("chown").arg("postgres:postgres").arg(&p))?;
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
+            }
+            conf.push("ssl = on".into());
+        }
         conf.extend(extra.iter().map(|s| s.to_string()));
         let conf_path = dir.path().join("data/postgresql.conf");
         let mut text = std::fs::read_to_string(&conf_path)?;
@@ -126,6 +153,12 @@ impl Postgres {
 
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("server.log")
+    }
+
+    /// The certificate and key of a server started with `start_tls`.
+    pub fn cert_and_key(&self) -> (PathBuf, PathBuf) {
+        let data = self.dir.path().join("data");
+        (data.join("server.crt"), data.join("server.key"))
     }
 
     /// Statements the server logged for `application_name` (log_statement = all): one per
@@ -313,6 +346,12 @@ impl Daemon {
         Ok(lines)
     }
 
+    /// What the daemon last wrote to stats.json (`auditor stats`).
+    pub fn stats(&self) -> Result<Value> {
+        let text = std::fs::read_to_string(self.state.path().join("stats.json"))?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
     /// Every event in the log so far.
     pub fn events(&self) -> Result<Vec<Value>> {
         read_events(&self.log_dir())
@@ -379,4 +418,55 @@ pub fn check(cmd: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Python 3 (Debian's, where present) and the TLS test peers in tests/helpers/pg_tls.py.
+pub fn pg_tls_helper() -> Command {
+    let python = if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
+    let mut c = Command::new(python);
+    c.arg(workspace_root().join("tests/helpers/pg_tls.py"));
+    c
+}
+
+/// A TLS-terminating front for a Postgres server, whose OpenSSL runs over memory buffers
+/// (no socket under the library: its plaintext cannot be tied to a connection). Killed on
+/// drop.
+pub struct TlsProxy {
+    pub port: u16,
+    child: Child,
+}
+
+impl TlsProxy {
+    pub fn start(pg: &Postgres) -> Result<Self> {
+        let port = free_port();
+        let (cert, key) = pg.cert_and_key();
+        let mut child = pg_tls_helper()
+            .args(["proxy", "--listen", &port.to_string()])
+            .args(["--upstream", &pg.port.to_string()])
+            .arg("--cert")
+            .arg(cert)
+            .arg("--key")
+            .arg(key)
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the TLS proxy")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line)?;
+        if !line.contains("listening") {
+            let _ = child.kill();
+            bail!("the TLS proxy did not start: {line}");
+        }
+        Ok(TlsProxy { port, child })
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

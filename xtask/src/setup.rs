@@ -32,6 +32,14 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "postgresql-client-15",
         "psql and pgbench drive the integration tests",
     ),
+    (
+        "openssl",
+        "the TLS tests make a certificate for their Postgres server",
+    ),
+    (
+        "python3",
+        "the TLS tests' own peers (tests/helpers/pg_tls.py) use Python's ssl module",
+    ),
 ];
 
 /// What to install.

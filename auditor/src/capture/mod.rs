@@ -77,6 +77,9 @@ const TRACEPOINTS: &[(&str, &str)] = &[
     ("syscalls", "sys_enter_mmap"),
 ];
 
+/// Tracepoints needed only to find TLS libraries.
+const TLS_TRACEPOINTS: &[&str] = &["sched_process_exec", "sys_enter_mmap"];
+
 /// Entry programs of the TLS uprobes (see tls::TLS_FUNCTIONS) and the one return program.
 const TLS_ENTRY_PROGRAMS: &[&str] = &[
     "ssl_read",
@@ -146,7 +149,12 @@ fn addr16(ip: &std::net::IpAddr) -> [u8; 16] {
 impl Capture {
     /// Loads, configures and attaches everything; on error nothing stays attached (the
     /// programs and links are dropped with the `Ebpf`).
-    pub fn start(endpoints: &[Endpoint], ring_buffer_bytes: u32) -> Result<Self, CaptureError> {
+    /// `tls`: also load the OpenSSL uprobes and watch for new programs and libraries.
+    pub fn start(
+        endpoints: &[Endpoint],
+        ring_buffer_bytes: u32,
+        tls: bool,
+    ) -> Result<Self, CaptureError> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err(CaptureError::NotRoot);
@@ -214,6 +222,9 @@ impl Capture {
 
         let mut attached = Vec::new();
         for (category, name) in TRACEPOINTS {
+            if !tls && TLS_TRACEPOINTS.contains(name) {
+                continue;
+            }
             let program_err = |source| CaptureError::Program {
                 name: name.to_string(),
                 source,
@@ -230,7 +241,11 @@ impl Capture {
             prog.attach(category, name).map_err(program_err)?;
             attached.push(format!("{category}:{name}"));
         }
-        for name in TLS_ENTRY_PROGRAMS.iter().chain([&TLS_RETURN_PROGRAM]) {
+        let tls_programs: &[&str] = if tls { TLS_ENTRY_PROGRAMS } else { &[] };
+        for name in tls_programs
+            .iter()
+            .chain(tls.then_some(&TLS_RETURN_PROGRAM))
+        {
             let program_err = |source| CaptureError::Program {
                 name: name.to_string(),
                 source,
@@ -398,11 +413,14 @@ impl Capture {
         }
         self.mark_file_known(cand.id);
         finder.counted_check();
-        let (path, symbols) = cand.open_paths.iter().find_map(|p| match tls::find_tls_symbols(p) {
-            Ok(Some(s)) => Some(Some((p.clone(), s))),
-            Ok(None) => Some(None),
-            Err(_) => None,
-        })??;
+        let (path, symbols) =
+            cand.open_paths
+                .iter()
+                .find_map(|p| match tls::find_tls_symbols(p) {
+                    Ok(Some(s)) => Some(Some((p.clone(), s))),
+                    Ok(None) => Some(None),
+                    Err(_) => None,
+                })??;
         let (hooked, error) = self.hook_tls(&path, &symbols);
         if let Some(e) = &error {
             finder.counters.hook_failures += 1;

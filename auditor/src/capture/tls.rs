@@ -42,7 +42,10 @@ pub fn kernel_dev(major: u64, minor: u64) -> u64 {
 
 fn file_id_of(meta: &std::fs::Metadata) -> FileId {
     let dev = meta.dev();
-    (kernel_dev(libc::major(dev) as u64, libc::minor(dev) as u64), meta.ino())
+    (
+        kernel_dev(libc::major(dev) as u64, libc::minor(dev) as u64),
+        meta.ino(),
+    )
 }
 
 /// Where each hooked function starts, as offsets into the file.
@@ -165,7 +168,9 @@ pub fn parse_maps(text: &str) -> Vec<ExecMapping> {
         if !perms.contains('x') || !path.starts_with('/') || path.ends_with(" (deleted)") {
             continue;
         }
-        let Ok(ino) = ino.parse::<u64>() else { continue };
+        let Ok(ino) = ino.parse::<u64>() else {
+            continue;
+        };
         if ino == 0 {
             continue;
         }
@@ -270,9 +275,10 @@ pub fn library_dir_candidates() -> Vec<Candidate> {
             if !meta.is_file() {
                 continue;
             }
+            let real = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
             out.push(Candidate {
                 id: file_id_of(&meta),
-                shown: path.display().to_string(),
+                shown: real.display().to_string(),
                 open_paths: vec![path],
             });
         }
@@ -396,7 +402,13 @@ garbage line
             .unwrap()
             .expect("libssl defines SSL_read and SSL_write");
         let names: Vec<&str> = syms.functions.iter().map(|(n, _)| *n).collect();
-        for f in ["SSL_read", "SSL_write", "SSL_read_ex", "SSL_write_ex", "SSL_connect"] {
+        for f in [
+            "SSL_read",
+            "SSL_write",
+            "SSL_read_ex",
+            "SSL_write_ex",
+            "SSL_connect",
+        ] {
             assert!(names.contains(&f), "{f} missing from {names:?}");
         }
         assert!(syms.functions.iter().all(|(_, off)| *off > 0));
