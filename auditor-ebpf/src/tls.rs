@@ -1,6 +1,6 @@
 //! uprobes on OpenSSL (1.1 and 3.x): SSL_read, SSL_read_ex, SSL_write, SSL_write_ex take the
-//! plaintext; SSL_do_handshake, SSL_connect, SSL_accept, SSL_peek(_ex) and SSL_shutdown only
-//! let the socket under an `SSL *` be learnt.
+//! plaintext; SSL_do_handshake (which SSL_connect and SSL_accept call), SSL_peek(_ex) and
+//! SSL_shutdown only let the socket under an `SSL *` be learnt.
 //!
 //! Which connection a plaintext belongs to is never guessed: while a library call is in
 //! flight on a thread, the read/write syscalls it makes (sys_enter_* in syscalls.rs) name

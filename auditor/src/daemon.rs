@@ -294,7 +294,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     let mut last_sweep = Instant::now();
     let mut last_tick = Instant::now();
     // New programs and newly mapped executable files: (pid, file or None for exec).
-    let mut new_files: Vec<(u32, Option<tls::FileId>)> = Vec::new();
+    let mut new_files: Vec<(u32, Option<tls::FileId>, u64)> = Vec::new();
     while !STOP.load(Ordering::SeqCst) {
         capture.poll(
             Duration::from_millis(100),
@@ -303,13 +303,13 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
                 Some(rec) if rec.header.kind == RECORD_FILE => {
                     let pid = (rec.header.pid_tgid >> 32) as u32;
                     let [dev, ino] = rec.header.aux;
-                    new_files.push((pid, (ino != 0).then_some((dev, ino))));
+                    new_files.push((pid, (ino != 0).then_some((dev, ino)), rec.header.ts_ns));
                 }
                 Some(rec) => tracker.handle(&rec, &mut batch),
                 None => malformed_records += 1,
             },
         )?;
-        for (pid, file) in new_files.drain(..) {
+        for (pid, file, seen_ns) in new_files.drain(..) {
             let candidates = match file {
                 None => tls::exe_candidate(pid).into_iter().collect(),
                 Some(id) if finder.is_checked(&id) => Vec::new(),
@@ -320,13 +320,12 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
                     continue;
                 }
                 if let Some(lib) = capture.consider_tls_file(&mut finder, &c) {
+                    let after = crate::tracker::monotonic_ns().saturating_sub(seen_ns);
                     println!(
-                        "auditor: hooked TLS plaintext (OpenSSL) in {} (first mapped by pid {pid})",
-                        lib.path
+                        "auditor: hooked TLS plaintext (OpenSSL) in {} (mapped by pid {pid}; hooked {:.1} ms later)",
+                        lib.path,
+                        after as f64 / 1e6
                     );
-                    if tracker.has_connection_of(pid) {
-                        finder.counters.late_processes += 1;
-                    }
                 }
             }
         }

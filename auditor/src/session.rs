@@ -243,6 +243,24 @@ impl Session {
         };
     }
 
+    /// Plaintext from a TLS hook that was attached late (the process was already talking):
+    /// decoding resumes at the first message boundary, as for a connection joined
+    /// mid-stream.
+    pub fn begin_plaintext_late(&mut self) {
+        self.meta.tls = true;
+        self.awaiting_plaintext = false;
+        self.mid_stream = true;
+        self.framers = [
+            Framer::typed(Direction::ToServer, self.limits),
+            Framer::typed(Direction::ToClient, self.limits),
+        ];
+        self.resyncing = [true, true];
+        self.responses_unreliable = true;
+        if !self.next_flags.iter().any(|f| f == "mid_stream") {
+            self.next_flags.push("mid_stream".into());
+        }
+    }
+
     /// No end of the connection delivers plaintext: record the session as unreadable
     /// (its identity and endpoints still are), once.
     pub fn mark_unreadable(&mut self, ts: i128, out: &mut Vec<Draft>) {

@@ -82,6 +82,9 @@ struct End {
     /// Ciphertext came from this end after the server accepted TLS: the TLS library of
     /// its process is not hooked (a stack without hooks, or hooked too late).
     ciphertext_seen: bool,
+    /// The session ended at the other end's close (kernel ns): what this end still sends
+    /// belongs to that ended session and is ignored until its own close.
+    retired_ns: Option<u64>,
 }
 
 /// How long a TLS session may show only ciphertext, from every end, before it is recorded
@@ -127,6 +130,9 @@ pub struct TrackerCounters {
     pub tls_sessions: u64,
     /// TLS sessions no end of which delivered plaintext.
     pub tls_unreadable_sessions: u64,
+    /// TLS sessions whose plaintext began after the conversation had (a hook attached
+    /// late): decoded from the next message boundary, flagged `mid_stream`.
+    pub tls_late_sessions: u64,
     /// Ciphertext bytes received (from processes whose TLS library is not hooked).
     pub ciphertext_bytes: u64,
 }
@@ -296,6 +302,7 @@ impl Tracker {
                 expected: [[0, 0], [0, 0]],
                 identity: Some(identity.clone()),
                 ciphertext_seen: false,
+                retired_ns: None,
             },
         );
         let primary_alive = self
@@ -362,7 +369,8 @@ impl Tracker {
     }
 
     /// Decides what a record is for: decoding (true), or only its end's identity.
-    fn route(&mut self, key: EndKey, h: &RecordHeader, primary: bool, len: usize) -> bool {
+    fn route(&mut self, key: EndKey, h: &RecordHeader, primary: bool, data: &[u8]) -> bool {
+        let len = data.len();
         let Some(conn) = self.ends.get(&key).map(|e| e.conn) else {
             return false;
         };
@@ -380,12 +388,22 @@ impl Tracker {
                 s.primary = key;
                 s.stream = STREAM_TLS;
                 s.ciphertext_only_since = None;
-                s.session.begin_plaintext();
+                let clean_start = h.direction != DIR_TO_CLIENT
+                    && h.offset == 0
+                    && h.chunk_index == 0
+                    && looks_like_startup(data);
+                if clean_start {
+                    s.session.begin_plaintext();
+                } else {
+                    // The hook came late: the conversation had already begun.
+                    s.session.begin_plaintext_late();
+                    self.counters.tls_late_sessions += 1;
+                }
                 self.counters.tls_sessions += 1;
                 let others: Vec<EndKey> = self
                     .ends
                     .iter()
-                    .filter(|(k, e)| e.conn == conn && **k != key)
+                    .filter(|(k, e)| e.conn == conn && **k != key && e.retired_ns.is_none())
                     .map(|(k, _)| *k)
                     .collect();
                 for k in others {
@@ -408,7 +426,7 @@ impl Tracker {
                 && self
                     .ends
                     .values()
-                    .filter(|e| e.conn == conn)
+                    .filter(|e| e.conn == conn && e.retired_ns.is_none())
                     .all(|e| e.ciphertext_seen)
             {
                 s.ciphertext_only_since = Some(h.ts_ns);
@@ -432,6 +450,10 @@ impl Tracker {
         let Some(end) = self.ends.get_mut(&key) else {
             return;
         };
+        if end.retired_ns.is_some() {
+            self.counters.duplicate_bytes += data.len() as u64;
+            return;
+        }
         let conn = end.conn;
         let stream = (h.stream & 1) as usize;
         let dir_idx = (h.direction & 1) as usize;
@@ -456,7 +478,7 @@ impl Tracker {
                 }
             }
         }
-        if !self.route(key, h, primary, data.len()) {
+        if !self.route(key, h, primary, data) {
             return;
         }
         let direction = if dir_idx == 0 {
@@ -520,13 +542,6 @@ impl Tracker {
             self.counters.tls_unreadable_sessions += 1;
             self.finish_drafts(conn, &mut drafts, out);
         }
-    }
-
-    /// Whether a process has a watched connection open (it was hooked late if so).
-    pub fn has_connection_of(&self, pid: u32) -> bool {
-        self.ends
-            .values()
-            .any(|e| e.identity.as_ref().is_some_and(|i| i.pid == pid))
     }
 
     fn emit_gap(
@@ -602,8 +617,13 @@ impl Tracker {
             return;
         };
         self.end_session(conn, s, ts, false, out);
-        // The other end of a local connection is forgotten with it.
-        self.ends.retain(|_, e| e.conn != conn);
+        // The other end of a local connection may still send (its close, a last read):
+        // kept, retired, until its own close record or the sweep.
+        for e in self.ends.values_mut() {
+            if e.conn == conn && e.retired_ns.is_none() {
+                e.retired_ns = Some(h.ts_ns);
+            }
+        }
     }
 
     /// Fills in what a session draft lacks: ids, order, time, endpoints, identity.
@@ -679,6 +699,11 @@ impl Tracker {
     /// alive while any process on one of its ends still has its 4-tuple in
     /// /proc/PID/net/tcp{,6}, which shows that process's own network namespace.
     pub fn sweep(&mut self, now_ns: u64, idle_ns: u64, out: &mut Vec<AuditEvent>) {
+        // Retired ends whose close record never came.
+        self.ends.retain(|_, e| {
+            e.retired_ns
+                .is_none_or(|t| now_ns.saturating_sub(t) <= idle_ns)
+        });
         let idle: Vec<ConnKey> = self
             .sessions
             .iter()
@@ -689,7 +714,7 @@ impl Tracker {
             let pids: Vec<u32> = self
                 .ends
                 .values()
-                .filter(|e| e.conn == conn)
+                .filter(|e| e.conn == conn && e.retired_ns.is_none())
                 .filter_map(|e| e.identity.as_ref().map(|i| i.pid))
                 .collect();
             if pids.iter().any(|&pid| tcp_tuple_alive(pid, &conn)) {
@@ -1062,6 +1087,23 @@ mod tests {
         let kinds: Vec<&str> = end.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(kinds, ["session_end"]);
         assert_eq!(t.counters.gaps, 0, "ciphertext is not a gap");
+    }
+
+    #[test]
+    fn the_other_end_after_the_close_is_not_a_new_session() {
+        let mut t = tracker();
+        let mut client = Wire::new(1, ROLE_CLIENT);
+        let mut server = Wire::new(2, ROLE_SERVER);
+        negotiate(&mut t, &mut client, &mut [&mut server]);
+        client.data(&mut t, STREAM_RAW, DIR_TO_SERVER, b"\x17\x03\x03\x00\x01x");
+        let out = client.close(&mut t);
+        assert_eq!(out.last().unwrap().kind, "session_end");
+        // The server end still reads the last ciphertext, then closes.
+        let mut late = server.data(&mut t, STREAM_RAW, DIR_TO_SERVER, b"\x17\x03\x03\x00\x01x");
+        late.extend(server.close(&mut t));
+        assert!(late.is_empty(), "{late:#?}");
+        assert_eq!(t.active_sessions(), 0);
+        assert!(t.ends.is_empty());
     }
 
     #[test]

@@ -356,3 +356,107 @@ fn client_with_its_own_libssl_started_after_the_daemon() {
     assert_eq!(psql.len(), 1, "{events:#?}");
     assert_tls_statement(psql[0]);
 }
+
+#[test]
+fn executable_with_openssl_linked_statically() {
+    if !can_run("executable_with_openssl_linked_statically") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("static_tls_client");
+    let src = auditor_tests::workspace_root().join("tests/helpers/static_tls_client.c");
+    let lib = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu"]
+        .into_iter()
+        .find(|d| std::path::Path::new(d).join("libssl.a").exists())
+        .expect("libssl.a (libssl-dev)");
+    check(
+        Command::new("gcc")
+            .args(["-O1", "-o"])
+            .arg(&exe)
+            .arg(&src)
+            .arg(format!("{lib}/libssl.a"))
+            .arg(format!("{lib}/libcrypto.a"))
+            .args(["-lpthread", "-ldl"]),
+    )
+    .unwrap();
+    let quick = dir.path().join("static_tls_client_quick");
+    std::fs::copy(&exe, &quick).unwrap();
+
+    let pg = Postgres::start_tls(&[]).unwrap();
+    let proxy = TlsProxy::start(&pg).unwrap();
+    let mut daemon = Daemon::start(proxy.port, "").unwrap();
+    let cg = Cgroup::new("static-tls").unwrap();
+    // No libssl.so is mapped: only hooks found in the executable see its plaintext (the
+    // front's OpenSSL runs over memory buffers). It waits 300 ms before connecting, as a
+    // service does while it starts; the hook takes milliseconds.
+    let port = proxy.port.to_string();
+    let mut cmd = Command::new(&exe);
+    cmd.args([&port, "static_client", "300", "SELECT 1", "SELECT 'two'"]);
+    cg.enter(&mut cmd);
+    check(&mut cmd).unwrap();
+    // Another new executable that talks at once: hooked in time, late (decoded from the
+    // next message, flagged mid_stream) or not at all (tls_unreadable); never silent.
+    let mut cmd = Command::new(&quick);
+    cmd.args([
+        &port,
+        "static_quick",
+        "0",
+        "SELECT 3",
+        "SELECT 4",
+        "SELECT 5",
+    ]);
+    cg.enter(&mut cmd);
+    let child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let quick_pid = child.id();
+    assert!(child.wait_with_output().unwrap().status.success());
+    std::thread::sleep(Duration::from_millis(1500));
+    let stats = daemon.stats().unwrap();
+    daemon.stop().unwrap();
+    let events = daemon.events().unwrap();
+    assert_no_duplicates(&events);
+    let exe_shown = exe.display().to_string();
+    assert!(
+        stats["tls_libraries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l.as_str() == Some(exe_shown.as_str())),
+        "{exe_shown} not hooked: {stats}"
+    );
+    let recorded = statements(&events, "static_client");
+    assert_eq!(recorded.len(), 2, "{events:#?}");
+    for e in &recorded {
+        assert_tls_statement(e);
+        assert_eq!(str_of(e, "cgroup_path"), cg.name);
+    }
+    let quick_events: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["pid"].as_u64() == Some(quick_pid as u64))
+        .collect();
+    let start = quick_events
+        .iter()
+        .find(|e| str_of(e, "kind") == "session_start")
+        .unwrap_or_else(|| panic!("the quick client left no session: {events:#?}"));
+    let flags: Vec<&str> = start["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f.as_str())
+        .collect();
+    let quick_statements: Vec<&&Value> = quick_events
+        .iter()
+        .filter(|e| str_of(e, "kind") == "statement")
+        .collect();
+    match quick_statements.len() {
+        3 => assert!(flags.is_empty() || flags == ["mid_stream"], "{start}"),
+        0 => assert!(
+            flags.contains(&"tls_unreadable") || flags.contains(&"mid_stream"),
+            "{start}"
+        ),
+        n => assert!(n < 3 && flags.contains(&"mid_stream"), "{quick_events:#?}"),
+    }
+    eprintln!(
+        "static_tls_client_quick: {} of 3 statements, session flags {flags:?}",
+        quick_statements.len()
+    );
+}

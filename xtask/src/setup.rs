@@ -40,6 +40,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "python3",
         "the TLS tests' own peers (tests/helpers/pg_tls.py) use Python's ssl module",
     ),
+    (
+        "libssl-dev",
+        "a TLS test builds a client with OpenSSL linked statically (libssl.a)",
+    ),
 ];
 
 /// What to install.

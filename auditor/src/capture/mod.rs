@@ -5,8 +5,11 @@ pub mod btf;
 pub mod tls;
 
 use std::{
-    os::fd::{AsFd, AsRawFd},
-    path::Path,
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::fs::MetadataExt,
+    },
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -413,14 +416,23 @@ impl Capture {
         }
         self.mark_file_known(cand.id);
         finder.counted_check();
-        let (path, symbols) =
-            cand.open_paths
-                .iter()
-                .find_map(|p| match tls::find_tls_symbols(p) {
-                    Ok(Some(s)) => Some(Some((p.clone(), s))),
-                    Ok(None) => Some(None),
-                    Err(_) => None,
-                })??;
+        // The file is opened once and hooked through the daemon's own descriptor
+        // (/proc/self/fd/N names the same inode), so a process that exits meanwhile, or
+        // lives in another mount namespace, does not matter.
+        let file = cand.open_paths.iter().find_map(|p| {
+            let f = std::fs::File::open(p).ok()?;
+            let meta = f.metadata().ok()?;
+            (meta.ino() == cand.id.1).then_some(f)
+        })?;
+        let symbols = match tls::find_tls_symbols_in(&file) {
+            Ok(Some(s)) => s,
+            Ok(None) => return None,
+            Err(e) => {
+                eprintln!("auditor: reading {}: {e}", cand.shown);
+                return None;
+            }
+        };
+        let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
         let (hooked, error) = self.hook_tls(&path, &symbols);
         if let Some(e) = &error {
             finder.counters.hook_failures += 1;

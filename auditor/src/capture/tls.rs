@@ -15,15 +15,15 @@ use std::{
 
 use object::{Object, ObjectSegment, ObjectSymbol};
 
-/// The OpenSSL functions hooked, and which entry program each gets.
+/// The OpenSSL functions hooked, in the order they are hooked (the payload first: a
+/// program already running gets its plaintext taken as early as possible), and which entry
+/// program each gets. SSL_connect and SSL_accept call SSL_do_handshake.
 pub const TLS_FUNCTIONS: &[(&str, &str)] = &[
-    ("SSL_read", "ssl_read"),
     ("SSL_write", "ssl_write"),
-    ("SSL_read_ex", "ssl_read_ex"),
+    ("SSL_read", "ssl_read"),
     ("SSL_write_ex", "ssl_write_ex"),
+    ("SSL_read_ex", "ssl_read_ex"),
     ("SSL_do_handshake", "ssl_other"),
-    ("SSL_connect", "ssl_other"),
-    ("SSL_accept", "ssl_other"),
     ("SSL_peek", "ssl_other"),
     ("SSL_peek_ex", "ssl_other"),
     ("SSL_shutdown", "ssl_other"),
@@ -61,9 +61,8 @@ struct Mapped {
 }
 
 impl Mapped {
-    fn open(path: &Path) -> std::io::Result<Option<Mapped>> {
+    fn open(file: &std::fs::File) -> std::io::Result<Option<Mapped>> {
         use std::os::fd::AsRawFd;
-        let file = std::fs::File::open(path)?;
         let len = file.metadata()?.len() as usize;
         if len == 0 {
             return Ok(None);
@@ -103,7 +102,12 @@ impl Drop for Mapped {
 /// The hookable OpenSSL functions a file defines; None if it is not an ELF file with at
 /// least SSL_read and SSL_write.
 pub fn find_tls_symbols(path: &Path) -> std::io::Result<Option<TlsSymbols>> {
-    let Some(map) = Mapped::open(path)? else {
+    find_tls_symbols_in(&std::fs::File::open(path)?)
+}
+
+/// `find_tls_symbols` of an open file.
+pub fn find_tls_symbols_in(file: &std::fs::File) -> std::io::Result<Option<TlsSymbols>> {
+    let Some(map) = Mapped::open(file)? else {
         return Ok(None);
     };
     let data = map.bytes();
@@ -207,12 +211,10 @@ pub struct TlsCounters {
     pub libraries_hooked: u64,
     /// Files with TLS functions that could not be hooked.
     pub hook_failures: u64,
-    /// Processes that already had a watched connection when their TLS library was hooked.
-    pub late_processes: u64,
 }
 
-/// A file to look at, and where it can be opened (a path valid in the daemon's own mount
-/// namespace: through /proc/PID/root for other namespaces).
+/// A file to look at, and where it can be opened: paths tried in order, the first whose
+/// inode matches is used.
 #[derive(Debug, Clone)]
 pub struct Candidate {
     pub id: FileId,
@@ -296,8 +298,8 @@ pub fn exe_candidate(pid: u32) -> Option<Candidate> {
     let root_path = PathBuf::from(format!("/proc/{pid}/root")).join(shown.trim_start_matches('/'));
     Some(Candidate {
         id: file_id_of(&meta),
+        open_paths: vec![exe, root_path, PathBuf::from(&shown)],
         shown,
-        open_paths: vec![root_path, exe],
     })
 }
 
@@ -321,9 +323,11 @@ pub fn mapped_candidates(pid: u32, only: Option<FileId>) -> Vec<Candidate> {
         }
         out.push(Candidate {
             id: only.unwrap_or(m.id),
+            // The process's own view first; the path in this namespace if it is gone.
             open_paths: vec![
-                PathBuf::from(format!("/proc/{pid}/root")).join(m.path.trim_start_matches('/')),
                 PathBuf::from(format!("/proc/{pid}/map_files/{}", m.range)),
+                PathBuf::from(format!("/proc/{pid}/root")).join(m.path.trim_start_matches('/')),
+                PathBuf::from(&m.path),
             ],
             shown: m.path,
         });
