@@ -411,7 +411,7 @@ garbage line
             "SSL_write",
             "SSL_read_ex",
             "SSL_write_ex",
-            "SSL_connect",
+            "SSL_do_handshake",
         ] {
             assert!(names.contains(&f), "{f} missing from {names:?}");
         }
