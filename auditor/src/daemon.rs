@@ -26,7 +26,10 @@ use crate::{
     event::AuditEvent,
     pg::FramerLimits,
     session::RecordingPolicy,
-    sink::local::{LocalLog, LocalLogError},
+    sink::{
+        clickhouse::{ClickHouseCounters, ClickHouseSink},
+        local::{LocalLog, LocalLogError},
+    },
     tracker::{Record, Tracker, TrackerConfig, TrackerCounters},
 };
 
@@ -36,6 +39,8 @@ pub enum DaemonError {
     Capture(#[from] CaptureError),
     #[error(transparent)]
     Log(#[from] LocalLogError),
+    #[error(transparent)]
+    ClickHouse(#[from] crate::sink::clickhouse::ClickHouseError),
     #[error("state directory {path}: {source}")]
     State {
         path: String,
@@ -80,6 +85,7 @@ pub struct Stats {
     pub tls: TlsCounters,
     /// The TLS libraries hooked so far.
     pub tls_libraries: Vec<String>,
+    pub clickhouse: Option<ClickHouseCounters>,
 }
 
 /// The key of the parameter hashes: created once per installation, never logged.
@@ -125,6 +131,7 @@ fn spawn_sink(
     mut log: Option<LocalLog>,
     rx: mpsc::Receiver<Vec<AuditEvent>>,
     written: Arc<std::sync::atomic::AtomicU64>,
+    clickhouse: Option<ClickHouseSink>,
 ) -> std::thread::JoinHandle<SinkReport> {
     std::thread::Builder::new()
         .name("sink".into())
@@ -133,20 +140,25 @@ fn spawn_sink(
                 written: 0,
                 errors: 0,
             };
-            let write =
-                |log: &mut Option<LocalLog>, batch: Vec<AuditEvent>, report: &mut SinkReport| {
-                    for mut ev in batch {
-                        if let Some(log) = log.as_mut() {
-                            if let Err(e) = log.append(&mut ev) {
-                                report.errors += 1;
-                                eprintln!("auditor: writing the local log: {e}");
-                                continue;
-                            }
+            // The local log first (it fills in the hash chain), then ClickHouse's spool.
+            let write = |log: &mut Option<LocalLog>,
+                         mut batch: Vec<AuditEvent>,
+                         report: &mut SinkReport| {
+                for ev in batch.iter_mut() {
+                    if let Some(log) = log.as_mut() {
+                        if let Err(e) = log.append(ev) {
+                            report.errors += 1;
+                            eprintln!("auditor: writing the local log: {e}");
+                            continue;
                         }
-                        report.written += 1;
                     }
-                    written.store(report.written, Ordering::Relaxed);
-                };
+                    report.written += 1;
+                }
+                written.store(report.written, Ordering::Relaxed);
+                if let Some(ch) = &clickhouse {
+                    ch.send(batch);
+                }
+            };
             while let Ok(batch) = rx.recv() {
                 write(&mut log, batch, &mut report);
                 // Drain what is queued, then make it visible (tail sees it within a second).
@@ -165,6 +177,10 @@ fn spawn_sink(
                     report.errors += 1;
                     eprintln!("auditor: syncing the local log: {e}");
                 }
+            }
+            if let Some(ch) = clickhouse {
+                // What ClickHouse does not take in this time stays spooled for next start.
+                ch.finish(Duration::from_secs(10));
             }
             report
         })
@@ -185,6 +201,11 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     )?;
     let log = if cfg.local_log.enabled {
         Some(LocalLog::open(&cfg.log_dir(), cfg.local_log.rotate_bytes)?)
+    } else {
+        None
+    };
+    let clickhouse = if cfg.clickhouse.enabled {
+        Some(ClickHouseSink::start(&cfg.clickhouse, &cfg.spool_dir())?)
     } else {
         None
     };
@@ -239,6 +260,14 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     } else {
         println!("auditor: local log disabled: events are counted but not stored");
     }
+    if cfg.clickhouse.enabled {
+        println!(
+            "auditor: events -> ClickHouse {} database {} (spooled in {} until delivered)",
+            cfg.clickhouse.url,
+            cfg.clickhouse.database,
+            cfg.spool_dir().display()
+        );
+    }
     println!(
         "auditor: stats -> {} (`auditor stats`)",
         cfg.stats_path().display()
@@ -256,7 +285,8 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
 
     let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (tx, rx) = mpsc::sync_channel::<Vec<AuditEvent>>(1024);
-    let sink = spawn_sink(log, rx, written.clone());
+    let clickhouse_counters = clickhouse.as_ref().map(|c| c.shared.clone());
+    let sink = spawn_sink(log, rx, written.clone(), clickhouse);
 
     let started = Instant::now();
     let started_at = crate::event::format_ts(
@@ -286,6 +316,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             kernel: capture.counters(),
             tls: finder.counters,
             tls_libraries: finder.libraries.iter().map(|l| l.path.clone()).collect(),
+            clickhouse: clickhouse_counters.as_ref().map(|c| c.counters()),
         };
 
     let mut malformed_records = 0u64;

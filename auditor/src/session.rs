@@ -57,6 +57,8 @@ impl Default for RecordingPolicy {
 pub struct SessionCounters {
     pub parse_errors: u64,
     pub unmatched_responses: u64,
+    /// Protocol messages framed, both directions.
+    pub messages: u64,
 }
 
 #[derive(Clone)]
@@ -331,6 +333,7 @@ impl Session {
         analyzer: &mut Analyzer,
         out: &mut Vec<Draft>,
     ) {
+        self.counters.messages += 1;
         match (direction, frame) {
             (Direction::ToServer, Frame::Startup(body)) => match frontend::decode_startup(&body) {
                 Ok(FrontendMessage::Startup { params, .. }) => {

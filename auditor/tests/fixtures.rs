@@ -7,21 +7,9 @@ use auditor::{
     sql::Analyzer,
 };
 
-/// (direction, bytes) as the recording proxy read them.
-fn load(name: &str) -> Vec<(Direction, Vec<u8>)> {
-    let path = format!("{}/tests/fixtures/{name}.jsonl", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    text.lines()
-        .map(|line| {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            let dir = match v["d"].as_str().unwrap() {
-                "c" => Direction::ToServer,
-                _ => Direction::ToClient,
-            };
-            (dir, hex::decode(v["hex"].as_str().unwrap()).unwrap())
-        })
-        .collect()
-}
+#[path = "support/fixture_io.rs"]
+mod fixture_io;
+use fixture_io::load;
 
 /// What a test compares: everything but ids and times.
 #[derive(Debug, PartialEq, Eq, Clone)]

@@ -266,7 +266,8 @@ impl Drop for Cgroup {
 /// The auditor daemon, watching one Postgres port, with its own state directory.
 pub struct Daemon {
     child: Option<Child>,
-    pub state: tempfile::TempDir,
+    _owned_state: Option<tempfile::TempDir>,
+    pub state: PathBuf,
     pub output: mpsc::Receiver<String>,
 }
 
@@ -275,12 +276,19 @@ impl Daemon {
         let state = tempfile::Builder::new()
             .prefix("auditor-state-")
             .tempdir()?;
-        let config = state.path().join("config.yaml");
+        let mut d = Self::start_in(state.path(), pg_port, extra_config)?;
+        d._owned_state = Some(state);
+        Ok(d)
+    }
+
+    /// With a state directory the caller keeps (to start another daemon on it later).
+    pub fn start_in(state: &Path, pg_port: u16, extra_config: &str) -> Result<Self> {
+        let config = state.join("config.yaml");
         std::fs::write(
             &config,
             format!(
                 "state_dir: {}\nendpoints:\n  - port: {pg_port}\n{extra_config}",
-                state.path().display()
+                state.display()
             ),
         )?;
         let mut child = Command::new(auditor_bin())
@@ -318,13 +326,14 @@ impl Daemon {
         }
         Ok(Daemon {
             child: Some(child),
-            state,
+            _owned_state: None,
+            state: state.to_path_buf(),
             output: rx,
         })
     }
 
     pub fn log_dir(&self) -> PathBuf {
-        self.state.path().join("log")
+        self.state.join("log")
     }
 
     pub fn pid(&self) -> u32 {
@@ -348,7 +357,7 @@ impl Daemon {
 
     /// What the daemon last wrote to stats.json (`auditor stats`).
     pub fn stats(&self) -> Result<Value> {
-        let text = std::fs::read_to_string(self.state.path().join("stats.json"))?;
+        let text = std::fs::read_to_string(self.state.join("stats.json"))?;
         Ok(serde_json::from_str(&text)?)
     }
 
@@ -468,5 +477,106 @@ impl Drop for TlsProxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A ClickHouse server (Debian's clickhouse-server) in a temporary directory, on its own
+/// ports. Stopped on drop; `stop` and `restart` simulate an outage.
+pub struct ClickHouse {
+    pub http_port: u16,
+    tcp_port: u16,
+    interserver_port: u16,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+pub const CLICKHOUSE_SERVER: &str = "/usr/sbin/clickhouse-server";
+
+impl ClickHouse {
+    pub fn start() -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("auditor-ch-").tempdir()?;
+        let mut ch = ClickHouse {
+            http_port: free_port(),
+            tcp_port: free_port(),
+            interserver_port: free_port(),
+            dir,
+            child: None,
+        };
+        ch.restart()?;
+        Ok(ch)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// Starts the server (again) and waits until it answers.
+    pub fn restart(&mut self) -> Result<()> {
+        let d = self.dir.path().display().to_string();
+        let child = Command::new(CLICKHOUSE_SERVER)
+            .arg("--config-file=/etc/clickhouse-server/config.xml")
+            .arg("--")
+            .arg(format!("--http_port={}", self.http_port))
+            .arg(format!("--tcp_port={}", self.tcp_port))
+            .arg(format!("--interserver_http_port={}", self.interserver_port))
+            .arg(format!("--path={d}/data/"))
+            .arg(format!("--tmp_path={d}/tmp/"))
+            .arg(format!("--user_files_path={d}/user_files/"))
+            .arg(format!("--format_schema_path={d}/format_schemas/"))
+            .arg(format!("--logger.log={d}/server.log"))
+            .arg(format!("--logger.errorlog={d}/error.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting clickhouse-server")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.query("SELECT 1").is_ok_and(|r| r.trim() == "1") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "clickhouse-server did not answer on port {}",
+                    self.http_port
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Kills the server (SIGKILL: the worst case for what it had acknowledged).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs a query over HTTP and returns the body (TabSeparated).
+    pub fn query(&self, sql: &str) -> Result<String> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.http_port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        write!(
+            stream,
+            "POST / HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{sql}",
+            sql.len()
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .context("malformed HTTP response")?;
+        if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+            bail!("clickhouse: {}", body.trim());
+        }
+        Ok(body.to_string())
+    }
+}
+
+impl Drop for ClickHouse {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

@@ -208,7 +208,7 @@ DELETE FROM cards;
     let out = check(
         Command::new(auditor_tests::auditor_bin())
             .args(["verify", "--state-dir"])
-            .arg(daemon.state.path()),
+            .arg(&daemon.state),
     )
     .unwrap();
     assert!(out.starts_with("intact:"), "{out}");
@@ -224,7 +224,7 @@ fn tail_shows_each_statement_within_a_second() {
     let cg = Cgroup::new("interactive").unwrap();
     let mut tail = Command::new(auditor_tests::auditor_bin())
         .args(["tail", "-n", "0", "--state-dir"])
-        .arg(daemon.state.path())
+        .arg(&daemon.state)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

@@ -21,6 +21,7 @@ use auditor_tests::{read_events, str_of, Daemon, Postgres};
 enum Config {
     None,
     AuditorLocalLog,
+    Pgaudit,
     LogStatementAll,
 }
 
@@ -29,6 +30,7 @@ impl Config {
         match self {
             Config::None => "no auditing",
             Config::AuditorLocalLog => "auditor, local log",
+            Config::Pgaudit => "pgaudit, log = all",
             Config::LogStatementAll => "log_statement = all",
         }
     }
@@ -159,6 +161,10 @@ fn one_run(
             sql(pg, "ALTER SYSTEM SET log_statement = 'all'")?;
             sql(pg, "SELECT pg_reload_conf()")?;
         }
+        Config::Pgaudit => {
+            sql(pg, "ALTER SYSTEM SET pgaudit.log = 'all'")?;
+            sql(pg, "SELECT pg_reload_conf()")?;
+        }
         Config::AuditorLocalLog => daemon = Some(Daemon::start(pg.port, "")?),
         Config::None => {}
     }
@@ -227,6 +233,10 @@ fn one_run(
         sql(pg, "ALTER SYSTEM RESET log_statement")?;
         sql(pg, "SELECT pg_reload_conf()")?;
     }
+    if config == Config::Pgaudit {
+        sql(pg, "ALTER SYSTEM SET pgaudit.log = 'none'")?;
+        sql(pg, "SELECT pg_reload_conf()")?;
+    }
     Ok(s)
 }
 
@@ -280,11 +290,20 @@ pub fn bench(smoke: bool) -> Result<()> {
         vec![
             Config::None,
             Config::AuditorLocalLog,
+            Config::Pgaudit,
             Config::LogStatementAll,
         ]
     };
     // The test harness logs every statement (its ground truth); a benchmark must not.
-    let pg = Postgres::start(&["log_statement = 'none'", "shared_buffers = '256MB'"])?;
+    // pgaudit is loaded in every configuration (log = none outside its own runs) so that
+    // all of them run against one server, switched by a reload.
+    let pg = Postgres::start(&[
+        "log_statement = 'none'",
+        "shared_buffers = '256MB'",
+        "shared_preload_libraries = 'pgaudit'",
+        "pgaudit.log = 'none'",
+    ])?;
+    sql(&pg, "CREATE EXTENSION IF NOT EXISTS pgaudit")?;
     crate::run(
         pg.pgbench()
             .args(["-i", "-q", "-s", &scale.to_string(), "postgres"]),
@@ -419,6 +438,7 @@ pub fn bench(smoke: bool) -> Result<()> {
         md,
         "\nBPF run times need `kernel.bpf_stats_enabled = 1` (the bench sets it for the run).\n"
     )?;
+    pipeline_section(&mut md, smoke)?;
     if !smoke {
         writeln!(md, "## Where the daemon's time goes\n")?;
         match profile(&pg, seconds, clients) {
@@ -448,6 +468,75 @@ pub fn bench(smoke: bool) -> Result<()> {
     if incomplete {
         bail!("statements were lost or duplicated under load (see the report)");
     }
+    Ok(())
+}
+
+/// Decoder and sink throughput: the criterion benchmarks in auditor/benches/pipeline.rs.
+fn pipeline_section(md: &mut String, smoke: bool) -> Result<()> {
+    let root = crate::workspace_root();
+    let mut cmd = crate::cargo();
+    cmd.args(["bench", "-p", "auditor", "--bench", "pipeline", "--"]);
+    if smoke {
+        cmd.args([
+            "--warm-up-time",
+            "0.1",
+            "--measurement-time",
+            "0.3",
+            "--sample-size",
+            "10",
+        ]);
+    }
+    crate::run(&mut cmd)?;
+    let criterion = root.join("target/criterion");
+    let sizes: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(criterion.join("pipeline-sizes.json"))?)?;
+    let median_ns = |id: &str| -> Result<f64> {
+        let path = criterion.join(id).join("new/estimates.json");
+        let v: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+        )?;
+        v["median"]["point_estimate"]
+            .as_f64()
+            .context("no median in estimates.json")
+    };
+    writeln!(md, "## Decoder throughput\n")?;
+    writeln!(
+        md,
+        "Criterion (`cargo bench -p auditor --bench pipeline`), one core: each iteration replays a \
+         protocol transcript recorded from Postgres 15 through a new session (framing, message \
+         decoding, request/response matching, SQL normalisation with pg_query and its cache).\n"
+    )?;
+    writeln!(
+        md,
+        "| transcript | bytes | messages | events | messages/s | MB/s | events/s |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    if let Some(map) = sizes.as_object() {
+        for (id, size) in map.iter().filter(|(id, _)| id.starts_with("decode/")) {
+            let ns = median_ns(id)?;
+            let per_s = |n: f64| n / (ns / 1e9);
+            let bytes = size["bytes"].as_f64().unwrap_or(0.0);
+            let messages = size["messages"].as_f64().unwrap_or(0.0);
+            let events = size["events"].as_f64().unwrap_or(0.0);
+            writeln!(
+                md,
+                "| {} | {bytes:.0} | {messages:.0} | {events:.0} | {:.0} | {:.1} | {:.0} |",
+                id.trim_start_matches("decode/"),
+                per_s(messages),
+                per_s(bytes) / 1e6,
+                per_s(events),
+            )?;
+        }
+    }
+    writeln!(md, "\n## Sink throughput\n")?;
+    let events = sizes["sink/local-log"]["events"].as_f64().unwrap_or(0.0);
+    let ns = median_ns("sink/local-log")?;
+    writeln!(
+        md,
+        "Local hash-chained log (serialise to JSON, SHA-256 chain, buffered write, flush per \
+         batch of {events:.0}), one core: **{:.0} events/s**. ClickHouse: not built yet.\n",
+        events / (ns / 1e9)
+    )?;
     Ok(())
 }
 

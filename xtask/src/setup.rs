@@ -33,6 +33,14 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "psql and pgbench drive the integration tests",
     ),
     (
+        "postgresql-15-pgaudit",
+        "the benchmark compares the auditor with pgaudit",
+    ),
+    (
+        "clickhouse-server",
+        "the ClickHouse tests start throwaway servers on their own ports",
+    ),
+    (
         "openssl",
         "the TLS tests make a certificate for their Postgres server",
     ),

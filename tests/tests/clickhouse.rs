@@ -1,0 +1,124 @@
+//! ClickHouse delivery end to end: a real ClickHouse (Debian's 18.16) on its own ports, the
+//! daemon with its spool, pgbench against a real Postgres. Counts are exact.
+
+use std::time::{Duration, Instant};
+
+use auditor_tests::{can_run, check, ClickHouse, Daemon, Postgres};
+
+fn count(ch: &ClickHouse, sql: &str) -> u64 {
+    ch.query(sql)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn clickhouse_outage_during_pgbench_loses_nothing() {
+    if !can_run("clickhouse_outage_during_pgbench_loses_nothing") {
+        return;
+    }
+    let pg = Postgres::start(&[]).unwrap();
+    check(pg.pgbench().args(["-i", "-q", "-s", "1", "postgres"])).unwrap();
+    let mut ch = ClickHouse::start().unwrap();
+    let mut daemon = Daemon::start(
+        pg.port,
+        &format!(
+            "clickhouse:\n  enabled: true\n  url: {}\n  database: audit_test\n  batch_period_ms: 200\n",
+            ch.url()
+        ),
+    )
+    .unwrap();
+
+    // pgbench runs for 12 s; ClickHouse is killed after 3 s and comes back 5 s later.
+    let mut bench = pg.pgbench();
+    bench
+        .args([
+            "-n", "-M", "extended", "-c", "2", "-j", "2", "-T", "12", "postgres",
+        ])
+        .env("PGAPPNAME", "ch_fault");
+    let run = std::thread::spawn(move || check(&mut bench));
+    std::thread::sleep(Duration::from_secs(3));
+    let before = count(&ch, "SELECT count() FROM audit_test.events");
+    ch.kill();
+    std::thread::sleep(Duration::from_secs(5));
+    ch.restart().unwrap();
+    let out = run.join().unwrap().unwrap();
+    assert!(
+        out.contains("number of transactions actually processed"),
+        "{out}"
+    );
+
+    let executed = pg.logged_statements("ch_fault").unwrap() as u64;
+    assert!(executed > 1000, "{executed}");
+    let q = "SELECT count() FROM audit_test.statements WHERE application_name = 'ch_fault'";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut got = count(&ch, q);
+    while got < executed && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        got = count(&ch, q);
+    }
+    let output = daemon.stop().unwrap();
+    let got = count(&ch, q);
+    assert!(before > 0, "nothing reached ClickHouse before the outage");
+    assert_eq!(
+        got, executed,
+        "statements in ClickHouse vs executed\n{output:#?}"
+    );
+    // Each event once in the views, whatever was retried.
+    let unique = count(
+        &ch,
+        "SELECT uniqExact(event_id) FROM audit_test.events WHERE application_name = 'ch_fault' AND kind = 'statement'",
+    );
+    assert_eq!(unique, executed);
+    // The same events as the local log, beside it.
+    let local = daemon
+        .events()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "statement" && e["application_name"] == "ch_fault")
+        .count() as u64;
+    assert_eq!(local, executed);
+    // The migrations were recorded once each.
+    assert_eq!(
+        count(&ch, "SELECT count() FROM audit_test.schema_migrations"),
+        2
+    );
+    let sessions = count(
+        &ch,
+        "SELECT count() FROM audit_test.sessions WHERE application_name = 'ch_fault'",
+    );
+    assert_eq!(sessions, 3, "two clients and pgbench's own connection");
+}
+
+#[test]
+fn spool_survives_a_daemon_restart_while_clickhouse_is_down() {
+    if !can_run("spool_survives_a_daemon_restart_while_clickhouse_is_down") {
+        return;
+    }
+    let pg = Postgres::start(&[]).unwrap();
+    let mut ch = ClickHouse::start().unwrap();
+    let url = ch.url();
+    ch.kill();
+    let state = tempfile::tempdir().unwrap();
+    let config = format!(
+        "clickhouse:\n  enabled: true\n  url: {url}\n  database: audit_restart\n  batch_period_ms: 200\n"
+    );
+    // First daemon: ClickHouse is down the whole time; the events are spooled.
+    let mut first = Daemon::start_in(state.path(), pg.port, &config).unwrap();
+    let mut psql = pg.psql();
+    psql.env("PGAPPNAME", "spooled")
+        .args(["-c", "SELECT 1", "-c", "SELECT 2", "-c", "SELECT 3"]);
+    check(&mut psql).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    first.stop().unwrap();
+    // Second daemon, ClickHouse back: the spool is delivered.
+    ch.restart().unwrap();
+    let mut second = Daemon::start_in(state.path(), pg.port, &config).unwrap();
+    let q = "SELECT count() FROM audit_restart.statements WHERE application_name = 'spooled'";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count(&ch, q) < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    second.stop().unwrap();
+    assert_eq!(count(&ch, q), 3);
+}
