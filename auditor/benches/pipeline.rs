@@ -104,6 +104,52 @@ fn benches(c: &mut Criterion) {
     });
     group.finish();
 
+    // ClickHouse: events through the spool into a real server, until all are acknowledged
+    // (`cargo xtask bench` starts one and sets AUDITOR_BENCH_CLICKHOUSE_URL).
+    if let Ok(url) = std::env::var("AUDITOR_BENCH_CLICKHOUSE_URL") {
+        const PER_ITER: usize = 50_000;
+        let events: Vec<AuditEvent> = template.iter().cycle().take(PER_ITER).cloned().collect();
+        let spool_dir = tempfile::tempdir().expect("tempdir");
+        let cfg = auditor::config::ClickHouseConfig {
+            enabled: true,
+            url,
+            database: "auditor_bench".into(),
+            ..Default::default()
+        };
+        let sink = auditor::sink::clickhouse::ClickHouseSink::start(&cfg, spool_dir.path())
+            .expect("clickhouse sink");
+        sizes.insert(
+            "sink/clickhouse".into(),
+            serde_json::json!({"events": PER_ITER}),
+        );
+        let mut group = c.benchmark_group("sink");
+        group.throughput(Throughput::Elements(PER_ITER as u64));
+        group.sample_size(10);
+        group.bench_function("clickhouse", |b| {
+            b.iter_custom(|iters| {
+                let mut total = std::time::Duration::ZERO;
+                for _ in 0..iters {
+                    let target = sink.shared.counters().inserted + PER_ITER as u64;
+                    let start = std::time::Instant::now();
+                    for chunk in events.chunks(1000) {
+                        let mut batch = chunk.to_vec();
+                        for ev in batch.iter_mut() {
+                            ev.event_id = auditor::event::new_event_id();
+                        }
+                        sink.send(batch);
+                    }
+                    while sink.shared.counters().inserted < target {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    total += start.elapsed();
+                }
+                total
+            })
+        });
+        group.finish();
+        sink.finish(std::time::Duration::from_secs(5));
+    }
+
     if let Some(parent) = sizes_path().parent() {
         let _ = std::fs::create_dir_all(parent);
     }
