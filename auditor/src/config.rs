@@ -75,6 +75,10 @@ pub struct CaptureConfig {
     /// OpenSSL-linked program on the host). Default: true. With false, TLS sessions are
     /// recorded as `tls_unreadable`.
     pub tls: bool,
+    /// Scheduling niceness of the daemon (-20..19). Default: -5: under a CPU-saturating
+    /// load the daemon must keep up with the kernel ring buffer, or bytes are lost (and
+    /// recorded as gaps); at the default niceness a busy 2-core host starved it.
+    pub nice: i32,
 }
 
 impl Default for CaptureConfig {
@@ -83,6 +87,7 @@ impl Default for CaptureConfig {
             ring_buffer_bytes: 64 << 20,
             max_message_bytes: 1 << 20,
             tls: true,
+            nice: -5,
         }
     }
 }
@@ -250,6 +255,12 @@ impl Config {
                 format!("{m} must be between 1024 and 1073741824"),
             ));
         }
+        if !(-20..=19).contains(&self.capture.nice) {
+            return Err(invalid(
+                "capture.nice",
+                format!("{} must be between -20 and 19", self.capture.nice),
+            ));
+        }
         if self.local_log.rotate_bytes < 4096 {
             return Err(invalid(
                 "local_log.rotate_bytes",
@@ -348,6 +359,7 @@ capture:
   ring_buffer_bytes: 67108864      # kernel ring buffer, a power of two
   max_message_bytes: 1048576       # larger client messages are recorded as truncated gaps
   tls: true                        # plaintext of TLS connections through uprobes on OpenSSL
+  nice: -5                         # scheduling priority: keep up with the kernel under load
 clickhouse:
   enabled: false
   url: http://127.0.0.1:8123       # the HTTP interface

@@ -189,6 +189,15 @@ fn spawn_sink(
 
 pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     install_signal_handlers();
+    // Before any thread starts: threads inherit it.
+    // SAFETY: setpriority on our own process; no memory is passed.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, cfg.capture.nice) } != 0 {
+        eprintln!(
+            "auditor: could not set niceness {}: {} (running at the default)",
+            cfg.capture.nice,
+            std::io::Error::last_os_error()
+        );
+    }
     std::fs::create_dir_all(&cfg.state_dir).map_err(|source| DaemonError::State {
         path: cfg.state_dir.display().to_string(),
         source,

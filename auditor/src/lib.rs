@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod event;
 pub mod identity;
 pub mod pg;
+pub mod query;
 pub mod session;
 pub mod sink;
 pub mod sql;

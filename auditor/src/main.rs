@@ -80,6 +80,55 @@ enum Command {
         #[command(flatten)]
         dir: StateDir,
     },
+    /// Ask the audit trail in ClickHouse a named question, with filters.
+    ///
+    /// Examples:
+    ///   auditor query sessions --since 1h --label app=payments
+    ///   auditor query statements --workload unit:billing.service --since 30m
+    ///   auditor query errors --db-user app_rw --since 1d
+    ///   auditor query ddl --since 7d
+    ///   auditor query top --since 1d --limit 20
+    #[command(verbatim_doc_comment)]
+    Query {
+        /// What to ask.
+        #[arg(value_enum)]
+        name: auditor::query::Named,
+        /// The daemon's configuration: where ClickHouse is (its `clickhouse` section).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// ClickHouse HTTP URL, instead of the config's.
+        #[arg(long)]
+        url: Option<String>,
+        /// Only events newer than this (30m, 2h, 7d).
+        #[arg(long, value_parser = auditor::query::parse_age)]
+        since: Option<std::time::Duration>,
+        /// Only events older than this.
+        #[arg(long, value_parser = auditor::query::parse_age)]
+        until: Option<std::time::Duration>,
+        /// Only workloads with this label (key=value; repeat to require several).
+        #[arg(long, value_parser = auditor::query::parse_label)]
+        label: Vec<(String, String)>,
+        /// Only this database user.
+        #[arg(long)]
+        db_user: Option<String>,
+        /// Only this database.
+        #[arg(long)]
+        db: Option<String>,
+        /// Only this workload (as the `workload` column shows it, e.g. unit:x.service).
+        #[arg(long)]
+        workload: Option<String>,
+        /// Only this session.
+        #[arg(long)]
+        session: Option<String>,
+        /// Only this query fingerprint.
+        #[arg(long)]
+        fingerprint: Option<String>,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 50)]
+        limit: u64,
+        #[arg(long, value_enum, default_value = "table")]
+        format: auditor::query::Format,
+    },
     /// Print a commented configuration file with every default.
     ConfigExample,
 }
@@ -117,6 +166,41 @@ fn dispatch(args: Args) -> anyhow::Result<()> {
         }
         Command::Stats { dir, json } => cli::stats(&dir.state_dir.join("stats.json"), json)?,
         Command::Verify { dir } => cli::verify_log(&dir.state_dir.join("log"))?,
+        Command::Query {
+            name,
+            config,
+            url,
+            since,
+            until,
+            label,
+            db_user,
+            db,
+            workload,
+            session,
+            fingerprint,
+            limit,
+            format,
+        } => {
+            let mut ch = match &config {
+                Some(path) => Config::load(path)?.clickhouse,
+                None => auditor::config::ClickHouseConfig::default(),
+            };
+            if let Some(u) = url {
+                ch.url = u;
+            }
+            let filters = auditor::query::Filters {
+                since,
+                until,
+                labels: label,
+                db_user,
+                database: db,
+                workload,
+                session,
+                fingerprint,
+                limit,
+            };
+            auditor::query::run(&ch, name, &filters, format)?;
+        }
         Command::ConfigExample => print!("{}", auditor::config::EXAMPLE),
     }
     Ok(())

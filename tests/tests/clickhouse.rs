@@ -122,3 +122,103 @@ fn spool_survives_a_daemon_restart_while_clickhouse_is_down() {
     second.stop().unwrap();
     assert_eq!(count(&ch, q), 3);
 }
+
+#[test]
+fn auditor_query_answers_from_clickhouse() {
+    if !can_run("auditor_query_answers_from_clickhouse") {
+        return;
+    }
+    let pg = Postgres::start(&[]).unwrap();
+    let ch = ClickHouse::start().unwrap();
+    let mut daemon = Daemon::start(
+        pg.port,
+        &format!(
+            "clickhouse:\n  enabled: true\n  url: {}\n  database: audit_query\n  batch_period_ms: 200\n",
+            ch.url()
+        ),
+    )
+    .unwrap();
+    let cg = auditor_tests::Cgroup::new("query-app").unwrap();
+    let mut psql = pg.psql();
+    psql.env("PGAPPNAME", "query_test").args([
+        "-c",
+        "CREATE TABLE accounts (id int, owner text)",
+        "-c",
+        "INSERT INTO accounts VALUES (1, 'alice')",
+        "-c",
+        "SELECT owner FROM accounts WHERE id = 1",
+        "-c",
+        "SELECT no_such_column FROM accounts",
+    ]);
+    cg.enter(&mut psql);
+    let _ = psql.output().unwrap(); // the last statement fails on purpose
+                                    // Another workload, which the label filter must leave out.
+    check(
+        pg.psql()
+            .env("PGAPPNAME", "other")
+            .args(["-c", "SELECT 42"]),
+    )
+    .unwrap();
+    let q = "SELECT count() FROM audit_query.statements WHERE application_name IN ('query_test', 'other')";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count(&ch, q) < 5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    daemon.stop().unwrap();
+    assert_eq!(count(&ch, q), 5);
+
+    let config = daemon.state.join("config.yaml");
+    let query = |args: &[&str]| -> String {
+        let mut c = std::process::Command::new(auditor_tests::auditor_bin());
+        c.arg("query").args(args).arg("--config").arg(&config);
+        check(&mut c).unwrap()
+    };
+    let label = format!("cgroup.path={}", cg.name);
+    let sessions = query(&["sessions", "--since", "1h", "--label", &label]);
+    assert_eq!(
+        sessions.lines().count(),
+        2,
+        "header and one session:\n{sessions}"
+    );
+    assert!(
+        sessions.contains("query_test") && !sessions.contains("other"),
+        "{sessions}"
+    );
+
+    let workload = format!("cgroup:{}", cg.name);
+    let statements = query(&["statements", "--workload", &workload, "--format", "tsv"]);
+    assert_eq!(
+        statements.lines().count(),
+        5,
+        "header and four statements:\n{statements}"
+    );
+    assert!(
+        !statements.contains("alice"),
+        "literals are redacted:\n{statements}"
+    );
+
+    let errors = query(&["errors", "--since", "1h", "--label", &label]);
+    assert_eq!(errors.lines().count(), 2, "{errors}");
+    assert!(errors.contains("42703"), "{errors}");
+
+    let ddl = query(&["ddl", "--since", "1h"]);
+    assert_eq!(ddl.lines().count(), 2, "{ddl}");
+    assert!(ddl.contains("CREATE TABLE"), "{ddl}");
+
+    let json = query(&["top", "--label", &label, "--format", "json"]);
+    assert!(json.lines().count() >= 3, "{json}");
+    for line in json.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v.get("fingerprint").is_some(), "{v}");
+    }
+
+    // A bad filter is an error that says what is wrong, not a crash.
+    let mut c = std::process::Command::new(auditor_tests::auditor_bin());
+    c.args(["query", "sessions", "--since", "3 fortnights"]);
+    let out = c.output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unit"),
+        "{out:?}"
+    );
+}
