@@ -206,13 +206,7 @@ fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> O
 
 /// Copies `len` bytes from user memory at `src` into one record and sends it.
 #[inline(always)]
-pub(crate) fn send_chunk(
-    rec: *mut auditor_common::DataRecord,
-    src: u64,
-    len: u64,
-    offset: u64,
-    index: u32,
-) {
+fn send_chunk(rec: *mut auditor_common::DataRecord, src: u64, len: u64, offset: u64, index: u32) {
     let n = if len > CHUNK_DATA as u64 {
         CHUNK_DATA as u64
     } else {
@@ -304,7 +298,7 @@ fn begin_exit(
 }
 
 #[inline(always)]
-pub(crate) fn count_truncation(total: u64, done: u64) {
+fn count_truncation(total: u64, done: u64) {
     if done < total {
         count(counter::TRUNCATED_CALLS, 1);
         count(counter::TRUNCATED_BYTES, total - done);
@@ -315,17 +309,32 @@ pub(crate) fn count_truncation(total: u64, done: u64) {
 #[inline(always)]
 fn exit_plain(ctx: &TracePointContext) -> Option<()> {
     let (pending, total, base, rec) = begin_exit(ctx)?;
+    send_buffer(rec, pending.buf, total, base);
+    Some(())
+}
+
+/// Sends `total` bytes of one user buffer as up to MAX_CHUNKS_PER_CALL chunks; what does
+/// not fit is counted as truncated. Returns the chunks sent.
+#[inline(always)]
+pub(crate) fn send_buffer(
+    rec: *mut auditor_common::DataRecord,
+    buf: u64,
+    total: u64,
+    base: u64,
+) -> u64 {
     let mut done: u64 = 0;
+    let mut chunks: u64 = 0;
     for i in 0..MAX_CHUNKS_PER_CALL {
         if done >= total {
             break;
         }
         let n = core::cmp::min(total - done, CHUNK_DATA as u64);
-        send_chunk(rec, pending.buf + done, n, base + done, i);
+        send_chunk(rec, buf + done, n, base + done, i);
         done += n;
+        chunks += 1;
     }
     count_truncation(total, done);
-    Some(())
+    chunks
 }
 
 /// readv, writev, recvmsg, sendmsg: one chunk per iovec, up to MAX_IOVECS iovecs. Clients

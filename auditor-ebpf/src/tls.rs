@@ -9,8 +9,8 @@
 //! remembered for its `SSL *`; with neither, the call is counted as untied.
 
 use auditor_common::{
-    counter, CHUNK_DATA, DIR_TO_CLIENT, DIR_TO_SERVER, MAX_CHUNKS_PER_CALL, ROLE_CLIENT,
-    STREAM_TLS, TLS_OTHER, TLS_READ, TLS_READ_EX, TLS_WRITE, TLS_WRITE_EX,
+    counter, DIR_TO_CLIENT, DIR_TO_SERVER, ROLE_CLIENT, STREAM_TLS, TLS_OTHER, TLS_READ,
+    TLS_READ_EX, TLS_WRITE, TLS_WRITE_EX,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
@@ -20,7 +20,7 @@ use aya_ebpf::{
 
 use crate::{
     maps::{count, SslKey, TlsCall, CONNS, MUTED, SSL_SOCKS, TLS_CALLS},
-    syscalls::{count_truncation, is_daemon, prepare_record, send_chunk},
+    syscalls::{is_daemon, prepare_record, send_buffer},
 };
 
 /// The stack pointer at a probe: tells a nested library call (deeper stack) from the
@@ -152,16 +152,7 @@ fn exit(ctx: &RetProbeContext) -> Option<()> {
         DIR_TO_CLIENT
     };
     let (base, rec) = prepare_record(sock, direction, STREAM_TLS, call.ssl, total)?;
-    let mut done: u64 = 0;
-    for i in 0..MAX_CHUNKS_PER_CALL {
-        if done >= total {
-            break;
-        }
-        let n = core::cmp::min(total - done, CHUNK_DATA as u64);
-        send_chunk(rec, call.buf + done, n, base + done, i);
-        count(counter::TLS_CHUNKS, 1);
-        done += n;
-    }
-    count_truncation(total, done);
+    let chunks = send_buffer(rec, call.buf, total, base);
+    count(counter::TLS_CHUNKS, chunks);
     Some(())
 }

@@ -412,6 +412,18 @@ pub fn read_events(dir: &Path) -> Result<Vec<Value>> {
     Ok(events)
 }
 
+/// Fails if any (session_id, seq) occurs twice: an event recorded twice.
+pub fn assert_no_duplicates(events: &[Value]) {
+    let mut seen = std::collections::HashSet::new();
+    for e in events {
+        let key = (
+            str_of(e, "session_id").to_string(),
+            e["seq"].as_u64().unwrap(),
+        );
+        assert!(seen.insert(key.clone()), "event recorded twice: {key:?}");
+    }
+}
+
 pub fn str_of<'a>(ev: &'a Value, field: &str) -> &'a str {
     ev.get(field).and_then(|v| v.as_str()).unwrap_or("")
 }

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use auditor_tests::{can_run, check, str_of, Cgroup, Daemon, Postgres};
+use auditor_tests::{assert_no_duplicates, can_run, check, str_of, Cgroup, Daemon, Postgres};
 use serde_json::Value;
 
 fn statements<'a>(events: &'a [Value], cgroup: &str, app: &str) -> Vec<&'a Value> {
@@ -17,17 +17,6 @@ fn statements<'a>(events: &'a [Value], cgroup: &str, app: &str) -> Vec<&'a Value
         .filter(|e| str_of(e, "kind") == "statement")
         .filter(|e| str_of(e, "cgroup_path") == cgroup && str_of(e, "application_name") == app)
         .collect()
-}
-
-fn assert_no_duplicates(events: &[Value]) {
-    let mut seen = HashSet::new();
-    for e in events {
-        let key = (
-            str_of(e, "session_id").to_string(),
-            e["seq"].as_u64().unwrap(),
-        );
-        assert!(seen.insert(key.clone()), "event recorded twice: {key:?}");
-    }
 }
 
 #[test]

@@ -15,7 +15,9 @@ use std::{
     time::Duration,
 };
 
-use auditor_tests::{can_run, check, pg_tls_helper, str_of, Cgroup, Daemon, Postgres, TlsProxy};
+use auditor_tests::{
+    assert_no_duplicates, can_run, check, pg_tls_helper, str_of, Cgroup, Daemon, Postgres, TlsProxy,
+};
 use serde_json::Value;
 
 fn statements<'a>(events: &'a [Value], app: &str) -> Vec<&'a Value> {
@@ -23,17 +25,6 @@ fn statements<'a>(events: &'a [Value], app: &str) -> Vec<&'a Value> {
         .iter()
         .filter(|e| str_of(e, "kind") == "statement" && str_of(e, "application_name") == app)
         .collect()
-}
-
-fn assert_no_duplicates(events: &[Value]) {
-    let mut seen = HashSet::new();
-    for e in events {
-        let key = (
-            str_of(e, "session_id").to_string(),
-            e["seq"].as_u64().unwrap(),
-        );
-        assert!(seen.insert(key.clone()), "event recorded twice: {key:?}");
-    }
 }
 
 fn assert_tls_statement(e: &Value) {

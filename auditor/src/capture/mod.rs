@@ -149,6 +149,51 @@ fn addr16(ip: &std::net::IpAddr) -> [u8; 16] {
     }
 }
 
+/// Takes a map out of the object as its typed handle.
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, CaptureError>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(CaptureError::MissingMap(name))?;
+    M::try_from(map).map_err(|source| CaptureError::Map { name, source })
+}
+
+/// `load()` of the program types used here.
+trait Loadable {
+    fn load_into_kernel(&mut self) -> Result<(), aya::programs::ProgramError>;
+}
+
+impl Loadable for TracePoint {
+    fn load_into_kernel(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.load()
+    }
+}
+
+impl Loadable for UProbe {
+    fn load_into_kernel(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.load()
+    }
+}
+
+/// The program `name`, loaded into the kernel, as its typed handle.
+fn load_program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, CaptureError>
+where
+    P: Loadable + 'a,
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program_err = |source| CaptureError::Program {
+        name: name.to_string(),
+        source,
+    };
+    let prog: &mut P = ebpf
+        .program_mut(name)
+        .ok_or_else(|| program_err(aya::programs::ProgramError::UnexpectedProgramType))?
+        .try_into()
+        .map_err(program_err)?;
+    prog.load_into_kernel().map_err(program_err)?;
+    Ok(prog)
+}
+
 impl Capture {
     /// Loads, configures and attaches everything; on error nothing stays attached (the
     /// programs and links are dropped with the `Ebpf`).
@@ -228,20 +273,12 @@ impl Capture {
             if !tls && TLS_TRACEPOINTS.contains(name) {
                 continue;
             }
-            let program_err = |source| CaptureError::Program {
-                name: name.to_string(),
-                source,
-            };
-            let prog: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or_else(|| CaptureError::Program {
+            let prog: &mut TracePoint = load_program(&mut ebpf, name)?;
+            prog.attach(category, name)
+                .map_err(|source| CaptureError::Program {
                     name: name.to_string(),
-                    source: aya::programs::ProgramError::UnexpectedProgramType,
-                })?
-                .try_into()
-                .map_err(program_err)?;
-            prog.load().map_err(program_err)?;
-            prog.attach(category, name).map_err(program_err)?;
+                    source,
+                })?;
             attached.push(format!("{category}:{name}"));
         }
         let tls_programs: &[&str] = if tls { TLS_ENTRY_PROGRAMS } else { &[] };
@@ -249,53 +286,13 @@ impl Capture {
             .iter()
             .chain(tls.then_some(&TLS_RETURN_PROGRAM))
         {
-            let program_err = |source| CaptureError::Program {
-                name: name.to_string(),
-                source,
-            };
-            let prog: &mut UProbe = ebpf
-                .program_mut(name)
-                .ok_or_else(|| CaptureError::Program {
-                    name: name.to_string(),
-                    source: aya::programs::ProgramError::UnexpectedProgramType,
-                })?
-                .try_into()
-                .map_err(program_err)?;
-            prog.load().map_err(program_err)?;
+            load_program::<UProbe>(&mut ebpf, name)?;
         }
 
-        let ring = RingBuf::try_from(
-            ebpf.take_map("EVENTS")
-                .ok_or(CaptureError::MissingMap("EVENTS"))?,
-        )
-        .map_err(|source| CaptureError::Map {
-            name: "EVENTS",
-            source,
-        })?;
-        let counters = PerCpuArray::try_from(
-            ebpf.take_map("COUNTERS")
-                .ok_or(CaptureError::MissingMap("COUNTERS"))?,
-        )
-        .map_err(|source| CaptureError::Map {
-            name: "COUNTERS",
-            source,
-        })?;
-        let muted = BpfHashMap::try_from(
-            ebpf.take_map("MUTED")
-                .ok_or(CaptureError::MissingMap("MUTED"))?,
-        )
-        .map_err(|source| CaptureError::Map {
-            name: "MUTED",
-            source,
-        })?;
-        let known_files = BpfHashMap::try_from(
-            ebpf.take_map("KNOWN_FILES")
-                .ok_or(CaptureError::MissingMap("KNOWN_FILES"))?,
-        )
-        .map_err(|source| CaptureError::Map {
-            name: "KNOWN_FILES",
-            source,
-        })?;
+        let ring = take_map(&mut ebpf, "EVENTS")?;
+        let counters = take_map(&mut ebpf, "COUNTERS")?;
+        let muted = take_map(&mut ebpf, "MUTED")?;
+        let known_files = take_map(&mut ebpf, "KNOWN_FILES")?;
         Ok(Capture {
             ebpf,
             ring,
