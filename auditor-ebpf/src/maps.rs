@@ -37,6 +37,13 @@ pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
 #[unsafe(no_mangle)]
 pub static DAEMON_TGID: Global<u32> = Global::new(0);
 
+/// Records wake the daemon only once this many bytes wait in the ring buffer (set by the
+/// daemon at load time to a fraction of the ring); otherwise it drains on its own timer.
+/// Waking a consumer per record costs more than the record (an irq_work per submit and a
+/// context switch per transaction): batching is what keeps observe mode cheap.
+#[unsafe(no_mangle)]
+pub static WAKE_BYTES: Global<u64> = Global::new(0);
+
 /// Chunks and connection records for the daemon. Sized by the daemon at load time.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);

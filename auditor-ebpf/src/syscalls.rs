@@ -26,7 +26,7 @@ use aya_ebpf::{
 use crate::{
     maps::{
         count, ConnState, PendingCall, SockRef, SslKey, CONNECTING, CONNS, DAEMON_TGID, EVENTS,
-        KNOWN_FILES, MUTED, PENDING, SCRATCH, SSL_SOCKS, TLS_CALLS,
+        KNOWN_FILES, MUTED, PENDING, SCRATCH, SSL_SOCKS, TLS_CALLS, WAKE_BYTES,
     },
     sock::{file_id_of_fd, offsets, role_of, sock_of_fd, tuple_of_sock},
 };
@@ -104,6 +104,24 @@ pub(crate) fn fill_identity(h: &mut RecordHeader) {
     h.ts_ns = unsafe { bpf_ktime_get_ns() };
 }
 
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
+/// Submit flags: no wake-up until WAKE_BYTES wait unread (the daemon drains on a timer).
+#[inline(always)]
+fn wake_flags() -> u64 {
+    let wake_at = WAKE_BYTES.load();
+    if wake_at == 0 {
+        return 0; // adaptive: the kernel's default
+    }
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= wake_at {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
 /// Sends an open or close record (header only).
 #[inline(always)]
 fn emit_control(kind: u32, sk: u64, state: &ConnState, dir: u8) {
@@ -121,7 +139,7 @@ fn emit_control(kind: u32, sk: u64, state: &ConnState, dir: u8) {
         ..RecordHeader::default()
     };
     fill_identity(&mut h);
-    if EVENTS.output::<RecordHeader>(&h, 0).is_err() {
+    if EVENTS.output::<RecordHeader>(&h, wake_flags()).is_err() {
         count(counter::CONTROL_DROPS, 1);
     }
 }
@@ -223,7 +241,7 @@ fn send_chunk(rec: *mut auditor_common::DataRecord, src: u64, len: u64, offset: 
         }
         let total = HEADER_LEN + n as usize;
         let bytes = core::slice::from_raw_parts(rec as *const u8, total);
-        if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+        if EVENTS.output::<[u8]>(bytes, wake_flags()).is_err() {
             count(counter::RINGBUF_DROPS, 1);
         } else {
             count(counter::CHUNKS, 1);
@@ -542,7 +560,11 @@ fn emit_file(dev: u64, ino: u64) {
         ..RecordHeader::default()
     };
     fill_identity(&mut h);
-    if EVENTS.output::<RecordHeader>(&h, 0).is_err() {
+    // Rare, and the daemon hooks TLS libraries from them: wake it at once.
+    if EVENTS
+        .output::<RecordHeader>(&h, BPF_RB_FORCE_WAKEUP)
+        .is_err()
+    {
         count(counter::FILE_DROPS, 1);
     }
 }

@@ -331,24 +331,21 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     let mut malformed_records = 0u64;
     // A failed mute only costs duplicate copying: counted, not fatal.
     let mut mute_failures = 0u64;
+    let drain_every = Duration::from_millis(u64::from(cfg.capture.drain_every_ms));
     let mut last_sweep = Instant::now();
     let mut last_tick = Instant::now();
     // New programs and newly mapped executable files: (pid, file or None for exec).
     let mut new_files: Vec<(u32, Option<tls::FileId>, u64)> = Vec::new();
     while !STOP.load(Ordering::SeqCst) {
-        capture.poll(
-            Duration::from_millis(100),
-            4096,
-            |bytes| match Record::parse(bytes) {
-                Some(rec) if rec.header.kind == RECORD_FILE => {
-                    let pid = (rec.header.pid_tgid >> 32) as u32;
-                    let [dev, ino] = rec.header.aux;
-                    new_files.push((pid, (ino != 0).then_some((dev, ino)), rec.header.ts_ns));
-                }
-                Some(rec) => tracker.handle(&rec, &mut batch),
-                None => malformed_records += 1,
-            },
-        )?;
+        capture.poll(drain_every, 4096, |bytes| match Record::parse(bytes) {
+            Some(rec) if rec.header.kind == RECORD_FILE => {
+                let pid = (rec.header.pid_tgid >> 32) as u32;
+                let [dev, ino] = rec.header.aux;
+                new_files.push((pid, (ino != 0).then_some((dev, ino)), rec.header.ts_ns));
+            }
+            Some(rec) => tracker.handle(&rec, &mut batch),
+            None => malformed_records += 1,
+        })?;
         for (pid, file, seen_ns) in new_files.drain(..) {
             let candidates = match file {
                 None => tls::exe_candidate(pid).into_iter().collect(),

@@ -21,15 +21,32 @@ use auditor_tests::{read_events, str_of, Daemon, Postgres};
 enum Config {
     None,
     AuditorLocalLog,
+    AuditorClickHouse,
     Pgaudit,
     LogStatementAll,
 }
 
 impl Config {
+    /// The short name `--configs` takes.
+    fn key(self) -> &'static str {
+        match self {
+            Config::None => "none",
+            Config::AuditorLocalLog => "auditor",
+            Config::AuditorClickHouse => "clickhouse",
+            Config::Pgaudit => "pgaudit",
+            Config::LogStatementAll => "log_statement",
+        }
+    }
+
+    fn is_auditor(self) -> bool {
+        matches!(self, Config::AuditorLocalLog | Config::AuditorClickHouse)
+    }
+
     fn name(self) -> &'static str {
         match self {
             Config::None => "no auditing",
             Config::AuditorLocalLog => "auditor, local log",
+            Config::AuditorClickHouse => "auditor, local log + ClickHouse",
             Config::Pgaudit => "pgaudit, log = all",
             Config::LogStatementAll => "log_statement = all",
         }
@@ -49,6 +66,8 @@ struct Sample {
     bpf_calls: Option<u64>,
     daemon_peak_rss_kib: Option<u64>,
     recorded: Option<u64>,
+    /// Statements in ClickHouse after the run (the ClickHouse configuration).
+    clickhouse_recorded: Option<u64>,
     expected: Option<u64>,
 }
 
@@ -150,12 +169,20 @@ struct Workload {
 
 fn one_run(
     pg: &Postgres,
+    clickhouse: Option<&auditor_tests::ClickHouse>,
     config: Config,
     w: &Workload,
     seconds: u32,
     clients: u32,
 ) -> Result<Sample> {
     let mut daemon = None;
+    // Each ClickHouse run writes to a database of its own, to count what arrived.
+    static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ch_database = format!(
+        "audit_bench_{}_{}",
+        std::process::id(),
+        RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     match config {
         Config::LogStatementAll => {
             sql(pg, "ALTER SYSTEM SET log_statement = 'all'")?;
@@ -166,6 +193,16 @@ fn one_run(
             sql(pg, "SELECT pg_reload_conf()")?;
         }
         Config::AuditorLocalLog => daemon = Some(Daemon::start(pg.port, "")?),
+        Config::AuditorClickHouse => {
+            let ch = clickhouse.context("no ClickHouse server for this configuration")?;
+            daemon = Some(Daemon::start(
+                pg.port,
+                &format!(
+                    "clickhouse:\n  enabled: true\n  url: {}\n  database: {ch_database}\n",
+                    ch.url()
+                ),
+            )?)
+        }
         Config::None => {}
     }
     let daemon_pid = daemon.as_ref().map(|d: &Daemon| d.pid());
@@ -218,6 +255,17 @@ fn one_run(
             .filter(|e| script_statement(str_of(e, "statement")))
             .count() as u64;
         s.recorded = Some(recorded);
+        if let (Config::AuditorClickHouse, Some(ch)) = (config, clickhouse) {
+            // What the daemon delivered before it stopped, as the standard views see it.
+            let n = ch.query(&format!(
+                "SELECT count() FROM {ch_database}.events FINAL WHERE kind = 'statement' \
+                 AND application_name = 'bench' AND (statement IN ('BEGIN', 'END') \
+                 OR startsWith(statement, 'UPDATE pgbench_') \
+                 OR startsWith(statement, 'SELECT abalance FROM pgbench_accounts') \
+                 OR startsWith(statement, 'INSERT INTO pgbench_history'))"
+            ))?;
+            s.clickhouse_recorded = Some(n.trim().parse().context("ClickHouse count")?);
+        }
         s.expected = Some(transactions * per_tx);
         if let (Some(a), Some(b)) = (dcpu0, dcpu1) {
             s.daemon_cpu_per_10k = Some((b - a) as f64 / 1e9 / (recorded.max(1) as f64 / 1e4));
@@ -259,13 +307,42 @@ fn spread(v: &[f64]) -> String {
     format!("{min:.3}–{max:.3}")
 }
 
-pub fn bench(smoke: bool) -> Result<()> {
+/// What `cargo xtask bench` runs. Without a selection, everything, into docs/benchmarks.md;
+/// a selection (`--only`, `--configs`, `--reps`, `--seconds`) is for working on one number
+/// and writes target/bench-partial.md instead.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    pub smoke: bool,
+    /// `workload/mode` pairs, e.g. `select-only/prepared`.
+    pub only: Vec<String>,
+    /// Configuration keys: none, auditor, clickhouse, pgaudit, log_statement.
+    pub configs: Vec<String>,
+    pub reps: Option<u32>,
+    pub seconds: Option<u32>,
+}
+
+impl Options {
+    fn partial(&self) -> bool {
+        !self.only.is_empty()
+            || !self.configs.is_empty()
+            || self.reps.is_some()
+            || self.seconds.is_some()
+    }
+}
+
+pub fn bench(opts: Options) -> Result<()> {
+    let smoke = opts.smoke;
+    let partial = !smoke && opts.partial();
     crate::setup::setup(crate::setup::Purpose::Test)?;
     crate::run(crate::cargo().args(["build", "--release", "-p", "auditor"]))?;
     let started = Instant::now();
     let _bpf_stats = BpfStats::enable();
-    let (seconds, reps, clients, scale) = if smoke { (3, 1, 2, 2) } else { (10, 3, 4, 10) };
-    let workloads: Vec<Workload> = if smoke {
+    let (mut seconds, mut reps, clients, scale) = if smoke { (3, 1, 2, 2) } else { (10, 3, 4, 10) };
+    if !smoke {
+        seconds = opts.seconds.unwrap_or(seconds);
+        reps = opts.reps.unwrap_or(reps);
+    }
+    let mut workloads: Vec<Workload> = if smoke {
         vec![Workload {
             name: "select-only",
             select_only: true,
@@ -284,15 +361,53 @@ pub fn bench(smoke: bool) -> Result<()> {
         }
         v
     };
-    let configs = if smoke {
+    let all_configs = [
+        Config::None,
+        Config::AuditorLocalLog,
+        Config::AuditorClickHouse,
+        Config::Pgaudit,
+        Config::LogStatementAll,
+    ];
+    let configs: Vec<Config> = if smoke {
         vec![Config::None, Config::AuditorLocalLog]
+    } else if opts.configs.is_empty() {
+        all_configs.to_vec()
     } else {
-        vec![
-            Config::None,
-            Config::AuditorLocalLog,
-            Config::Pgaudit,
-            Config::LogStatementAll,
-        ]
+        let mut v = vec![Config::None];
+        for key in &opts.configs {
+            let c = all_configs
+                .iter()
+                .find(|c| c.key() == key)
+                .with_context(|| {
+                    format!(
+                        "unknown configuration {key:?}; one of: {}",
+                        all_configs.map(|c| c.key()).join(", ")
+                    )
+                })?;
+            if !v.contains(c) {
+                v.push(*c);
+            }
+        }
+        v
+    };
+    if !smoke && !opts.only.is_empty() {
+        let known: Vec<String> = workloads
+            .iter()
+            .map(|w| format!("{}/{}", w.name, w.mode))
+            .collect();
+        for o in &opts.only {
+            if !known.contains(o) {
+                bail!("unknown workload {o:?}; one of: {}", known.join(", "));
+            }
+        }
+        workloads.retain(|w| opts.only.contains(&format!("{}/{}", w.name, w.mode)));
+    }
+    // A throwaway ClickHouse for the auditor's ClickHouse configuration and the sink's
+    // ingest rate.
+    let clickhouse = if smoke || (partial && !configs.contains(&Config::AuditorClickHouse)) {
+        None
+    } else {
+        Some(auditor_tests::ClickHouse::start()?)
     };
     // The test harness logs every statement (its ground truth); a benchmark must not.
     // pgaudit is loaded in every configuration (log = none outside its own runs) so that
@@ -320,7 +435,7 @@ pub fn bench(smoke: bool) -> Result<()> {
                     w.mode,
                     c.name()
                 );
-                let s = one_run(&pg, c, w, seconds, clients)?;
+                let s = one_run(&pg, clickhouse.as_ref(), c, w, seconds, clients)?;
                 results.entry((wi, c)).or_default().push(s);
             }
         }
@@ -395,39 +510,51 @@ pub fn bench(smoke: bool) -> Result<()> {
     writeln!(md, "\n## The auditor's own cost and completeness\n")?;
     writeln!(
         md,
-        "| workload | mode | daemon CPU s / 10k statements | BPF ns per program run | BPF runs per transaction | daemon peak RSS MiB | recorded / expected statements |"
+        "| workload | mode | configuration | daemon CPU s / 10k statements | BPF ns per program run | BPF runs per transaction | daemon peak RSS MiB | recorded / expected statements |"
     )?;
-    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
     for (wi, w) in workloads.iter().enumerate() {
-        let runs = &results[&(wi, Config::AuditorLocalLog)];
-        let complete: Vec<String> = runs
-            .iter()
-            .map(|r| format!("{}/{}", r.recorded.unwrap_or(0), r.expected.unwrap_or(0)))
-            .collect();
-        writeln!(
-            md,
-            "| {} | {} | {:.3} | {:.0} | {:.1} | {:.1} | {} |",
-            w.name,
-            w.mode,
-            median(runs.iter().filter_map(|r| r.daemon_cpu_per_10k).collect()),
-            median(runs.iter().filter_map(|r| r.bpf_ns_per_call).collect()),
-            median(
-                runs.iter()
-                    .filter_map(|r| r.bpf_calls.map(|c| c as f64 / r.transactions.max(1) as f64))
-                    .collect()
-            ),
-            median(
-                runs.iter()
-                    .filter_map(|r| r.daemon_peak_rss_kib.map(|k| k as f64 / 1024.0))
-                    .collect()
-            ),
-            complete.join(", ")
-        )?;
+        for &c in configs.iter().filter(|c| c.is_auditor()) {
+            let runs = &results[&(wi, c)];
+            let complete: Vec<String> = runs
+                .iter()
+                .map(|r| match r.clickhouse_recorded {
+                    Some(ch) => format!(
+                        "{}/{} (ClickHouse {ch})",
+                        r.recorded.unwrap_or(0),
+                        r.expected.unwrap_or(0)
+                    ),
+                    None => format!("{}/{}", r.recorded.unwrap_or(0), r.expected.unwrap_or(0)),
+                })
+                .collect();
+            writeln!(
+                md,
+                "| {} | {} | {} | {:.3} | {:.0} | {:.1} | {:.1} | {} |",
+                w.name,
+                w.mode,
+                c.name(),
+                median(runs.iter().filter_map(|r| r.daemon_cpu_per_10k).collect()),
+                median(runs.iter().filter_map(|r| r.bpf_ns_per_call).collect()),
+                median(
+                    runs.iter()
+                        .filter_map(|r| r
+                            .bpf_calls
+                            .map(|c| c as f64 / r.transactions.max(1) as f64))
+                        .collect()
+                ),
+                median(
+                    runs.iter()
+                        .filter_map(|r| r.daemon_peak_rss_kib.map(|k| k as f64 / 1024.0))
+                        .collect()
+                ),
+                complete.join(", ")
+            )?;
+        }
     }
-    let incomplete = results
-        .values()
-        .flatten()
-        .any(|r| r.recorded.is_some() && r.recorded != r.expected);
+    let incomplete = results.values().flatten().any(|r| {
+        (r.recorded.is_some() && r.recorded != r.expected)
+            || (r.clickhouse_recorded.is_some() && r.clickhouse_recorded != r.expected)
+    });
     if incomplete {
         writeln!(
             md,
@@ -438,8 +565,10 @@ pub fn bench(smoke: bool) -> Result<()> {
         md,
         "\nBPF run times need `kernel.bpf_stats_enabled = 1` (the bench sets it for the run).\n"
     )?;
-    pipeline_section(&mut md, smoke)?;
-    if !smoke {
+    if !partial {
+        pipeline_section(&mut md, smoke, clickhouse.as_ref())?;
+    }
+    if !smoke && !partial {
         writeln!(md, "## Where the daemon's time goes\n")?;
         match profile(&pg, seconds, clients) {
             Ok(top) => {
@@ -454,7 +583,15 @@ pub fn bench(smoke: bool) -> Result<()> {
         }
     }
     let path = crate::workspace_root().join("docs/benchmarks.md");
-    if smoke {
+    if partial {
+        let partial_path = crate::workspace_root().join("target/bench-partial.md");
+        std::fs::write(&partial_path, &md)?;
+        eprintln!(
+            "bench: partial report at {} (docs/benchmarks.md untouched)",
+            partial_path.display()
+        );
+        print!("{md}");
+    } else if smoke {
         // The smoke run proves the command works; it does not replace the real report.
         let smoke_path = std::env::temp_dir().join("auditor-bench-smoke.md");
         std::fs::write(&smoke_path, &md)?;
@@ -472,16 +609,14 @@ pub fn bench(smoke: bool) -> Result<()> {
 }
 
 /// Decoder and sink throughput: the criterion benchmarks in auditor/benches/pipeline.rs.
-fn pipeline_section(md: &mut String, smoke: bool) -> Result<()> {
+fn pipeline_section(
+    md: &mut String,
+    smoke: bool,
+    clickhouse: Option<&auditor_tests::ClickHouse>,
+) -> Result<()> {
     let root = crate::workspace_root();
-    // A throwaway ClickHouse for the sink's ingest rate (the full run only).
-    let clickhouse = if smoke {
-        None
-    } else {
-        Some(auditor_tests::ClickHouse::start()?)
-    };
     let mut cmd = crate::cargo();
-    if let Some(ch) = &clickhouse {
+    if let Some(ch) = clickhouse {
         cmd.env("AUDITOR_BENCH_CLICKHOUSE_URL", ch.url());
     }
     cmd.args(["bench", "-p", "auditor", "--bench", "pipeline", "--"]);

@@ -36,11 +36,28 @@ enum Cmd {
     /// Set up, then check formatting and lints and run every test, the root-only
     /// integration tests included (real eBPF, real Postgres, real clients).
     Ci,
-    /// Measure what auditing costs next to no auditing and log_statement=all, interleaved,
-    /// and write docs/benchmarks.md (a few minutes; --smoke: seconds, report not written).
+    /// Measure what auditing costs next to no auditing, pgaudit and log_statement=all,
+    /// interleaved, and write docs/benchmarks.md (about 25 minutes; --smoke: seconds, report
+    /// not written; a selection of workloads or configurations: target/bench-partial.md).
     Bench {
+        /// Seconds instead of minutes; CI runs it. The report goes to the temp directory.
         #[arg(long)]
         smoke: bool,
+        /// Only this workload (repeatable): select-only/simple, select-only/extended,
+        /// select-only/prepared, TPC-B-like/simple, TPC-B-like/extended, TPC-B-like/prepared.
+        /// Any selection writes target/bench-partial.md, not docs/benchmarks.md.
+        #[arg(long, value_name = "WORKLOAD/MODE")]
+        only: Vec<String>,
+        /// Only these configurations besides "none" (comma-separated): auditor, clickhouse,
+        /// pgaudit, log_statement.
+        #[arg(long, value_delimiter = ',')]
+        configs: Vec<String>,
+        /// Interleaved repetitions (default 3).
+        #[arg(long)]
+        reps: Option<u32>,
+        /// Seconds per pgbench run (default 10).
+        #[arg(long)]
+        seconds: Option<u32>,
     },
     /// Record Postgres protocol transcripts through a recording proxy, as test fixtures.
     Fixtures {
@@ -114,9 +131,24 @@ fn main() -> Result<()> {
             // One test at a time: the integration tests load this 2-core machine fully.
             run(cargo().args(["test", "--release", "--", "--test-threads=1"]))?;
             // The benchmark in seconds, so the command never rots.
-            bench::bench(true)
+            bench::bench(bench::Options {
+                smoke: true,
+                ..bench::Options::default()
+            })
         }
-        Cmd::Bench { smoke } => bench::bench(smoke),
+        Cmd::Bench {
+            smoke,
+            only,
+            configs,
+            reps,
+            seconds,
+        } => bench::bench(bench::Options {
+            smoke,
+            only,
+            configs,
+            reps,
+            seconds,
+        }),
         Cmd::Fixtures { out } => fixtures::record(&workspace_root().join(out)),
     }
 }

@@ -113,6 +113,8 @@ pub struct KernelCounters {
 pub struct Capture {
     ebpf: Ebpf,
     ring: RingBuf<MapData>,
+    /// The last drain stopped at its budget: more records may be waiting.
+    ring_had_more: bool,
     muted: BpfHashMap<MapData, u64, u64>,
     known_files: BpfHashMap<MapData, [u64; 2], u8>,
     counters: PerCpuArray<MapData, u64>,
@@ -203,6 +205,9 @@ impl Capture {
         ring_buffer_bytes: u32,
         tls: bool,
     ) -> Result<Self, CaptureError> {
+        // Records wake the daemon only when an eighth of the ring is waiting; otherwise it
+        // drains on its own timer (`poll`).
+        let wake_bytes = u64::from(ring_buffer_bytes / 8);
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err(CaptureError::NotRoot);
@@ -213,6 +218,7 @@ impl Capture {
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .override_global("DAEMON_TGID", &tgid, true)
+            .override_global("WAKE_BYTES", &wake_bytes, true)
             .map_max_entries("EVENTS", ring_buffer_bytes)
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
@@ -296,6 +302,7 @@ impl Capture {
         Ok(Capture {
             ebpf,
             ring,
+            ring_had_more: true,
             muted,
             known_files,
             counters,
@@ -303,17 +310,19 @@ impl Capture {
         })
     }
 
-    /// Waits up to `timeout` for records, then hands up to `budget` of them to `f` (bounded,
-    /// so the caller gets to ship what they produced while the kernel keeps writing).
-    /// Returns how many.
+    /// Hands up to `budget` records to `f` (bounded, so the caller gets to ship what they
+    /// produced while the kernel keeps writing). If the previous call emptied the ring, it
+    /// first waits `timeout`: records do not wake the daemon (only a ring an eighth full
+    /// does), so this wait is what batches the work. Returns how many records.
     pub fn poll(
         &mut self,
         timeout: Duration,
         budget: usize,
         mut f: impl FnMut(&[u8]),
     ) -> Result<usize, CaptureError> {
-        let mut n = self.drain(budget, &mut f);
-        if n > 0 {
+        if self.ring_had_more {
+            let n = self.drain(budget, &mut f);
+            self.ring_had_more = n == budget;
             return Ok(n);
         }
         let mut pfd = libc::pollfd {
@@ -329,7 +338,8 @@ impl Capture {
                 return Err(CaptureError::Poll(err));
             }
         }
-        n += self.drain(budget, &mut f);
+        let n = self.drain(budget, &mut f);
+        self.ring_had_more = n == budget;
         Ok(n)
     }
 

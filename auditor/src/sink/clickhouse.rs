@@ -13,6 +13,7 @@
 //! server has them; Debian's 18.16 gets DateTime plus microseconds and label arrays).
 
 use std::{
+    io::Write as _,
     sync::{
         atomic::{AtomicU64, Ordering},
         mpsc, Arc, Condvar, Mutex,
@@ -26,7 +27,10 @@ use serde::Serialize;
 use crate::{
     config::{ClickHouseConfig, WhenSpoolFull},
     event::AuditEvent,
-    sink::spool::{Position, Spool, SpoolError},
+    sink::{
+        record::{self, EventRef},
+        spool::{Position, Spool, SpoolError},
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -224,37 +228,6 @@ ORDER BY (workload, db_user, ts, event_id){ttl}",
     ]
 }
 
-/// The workload an event belongs to, most specific first: pod, container, systemd unit,
-/// cgroup, program.
-pub fn workload_of(ev: &AuditEvent) -> String {
-    if !ev.pod_name.is_empty() {
-        format!("pod:{}/{}", ev.namespace, ev.pod_name)
-    } else if !ev.pod_uid.is_empty() {
-        format!("pod-uid:{}", ev.pod_uid)
-    } else if !ev.container_id.is_empty() {
-        format!("container:{}", ev.container_id)
-    } else if !ev.systemd_unit.is_empty() {
-        format!("unit:{}", ev.systemd_unit)
-    } else if !ev.cgroup_path.is_empty() && ev.cgroup_path != "/" {
-        format!("cgroup:{}", ev.cgroup_path)
-    } else {
-        format!("process:{}", ev.comm)
-    }
-}
-
-/// Unix microseconds of an event's RFC 3339 timestamp.
-pub fn ts_micros(ts: &str) -> i64 {
-    let fmt = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
-    );
-    time::PrimitiveDateTime::parse(ts, &fmt)
-        .map(|t| {
-            let t = t.assume_utc();
-            t.unix_timestamp() * 1_000_000 + t.microsecond() as i64
-        })
-        .unwrap_or(0)
-}
-
 /// A row for servers with DateTime64, LowCardinality and Map.
 #[derive(Row, Serialize)]
 struct ModernRow<'a> {
@@ -267,10 +240,10 @@ struct ModernRow<'a> {
     seq: u64,
     statement: &'a str,
     command: &'a str,
-    tables: &'a [String],
+    tables: &'a [&'a str],
     fingerprint: &'a str,
     protocol: &'a str,
-    params: &'a [String],
+    params: &'a [&'a str],
     rows: Option<u64>,
     error_code: &'a str,
     error_message: &'a str,
@@ -293,10 +266,10 @@ struct ModernRow<'a> {
     pod_name: &'a str,
     namespace: &'a str,
     systemd_unit: &'a str,
-    workload: String,
-    labels: Vec<(&'a str, &'a str)>,
+    workload: &'a str,
+    labels: &'a [(&'a str, &'a str)],
     capture: &'a str,
-    flags: &'a [String],
+    flags: &'a [&'a str],
     server_pid: u32,
     prepared_name: &'a str,
     gap_bytes: u64,
@@ -316,10 +289,10 @@ struct CompatRow<'a> {
     seq: u64,
     statement: &'a str,
     command: &'a str,
-    tables: &'a [String],
+    tables: &'a [&'a str],
     fingerprint: &'a str,
     protocol: &'a str,
-    params: &'a [String],
+    params: &'a [&'a str],
     rows: Option<u64>,
     error_code: &'a str,
     error_message: &'a str,
@@ -342,11 +315,11 @@ struct CompatRow<'a> {
     pod_name: &'a str,
     namespace: &'a str,
     systemd_unit: &'a str,
-    workload: String,
-    label_keys: Vec<&'a str>,
-    label_values: Vec<&'a str>,
+    workload: &'a str,
+    label_keys: &'a [&'a str],
+    label_values: &'a [&'a str],
     capture: &'a str,
-    flags: &'a [String],
+    flags: &'a [&'a str],
     server_pid: u32,
     prepared_name: &'a str,
     gap_bytes: u64,
@@ -356,47 +329,47 @@ struct CompatRow<'a> {
 macro_rules! row_of {
     ($ty:ident, $ev:expr, { $($extra:tt)* }) => {
         $ty {
-            event_id: &$ev.event_id,
-            kind: &$ev.kind,
+            event_id: $ev.event_id,
+            kind: $ev.kind,
             duration_us: $ev.duration_us,
-            host: &$ev.host,
-            session_id: &$ev.session_id,
+            host: $ev.host,
+            session_id: $ev.session_id,
             seq: $ev.seq,
-            statement: &$ev.statement,
-            command: &$ev.command,
+            statement: $ev.statement,
+            command: $ev.command,
             tables: &$ev.tables,
-            fingerprint: &$ev.fingerprint,
-            protocol: &$ev.protocol,
+            fingerprint: $ev.fingerprint,
+            protocol: $ev.protocol,
             params: &$ev.params,
             rows: $ev.rows,
-            error_code: &$ev.error_code,
-            error_message: &$ev.error_message,
-            db_user: &$ev.db_user,
-            database: &$ev.database,
-            application_name: &$ev.application_name,
-            client_addr: &$ev.client_addr,
+            error_code: $ev.error_code,
+            error_message: $ev.error_message,
+            db_user: $ev.db_user,
+            database: $ev.database,
+            application_name: $ev.application_name,
+            client_addr: $ev.client_addr,
             client_port: $ev.client_port,
-            server_addr: &$ev.server_addr,
+            server_addr: $ev.server_addr,
             server_port: $ev.server_port,
             tls: $ev.tls as u8,
             pid: $ev.pid,
-            comm: &$ev.comm,
-            exe: &$ev.exe,
+            comm: $ev.comm,
+            exe: $ev.exe,
             uid: $ev.uid,
             cgroup_id: $ev.cgroup_id,
-            cgroup_path: &$ev.cgroup_path,
-            container_id: &$ev.container_id,
-            pod_uid: &$ev.pod_uid,
-            pod_name: &$ev.pod_name,
-            namespace: &$ev.namespace,
-            systemd_unit: &$ev.systemd_unit,
-            workload: workload_of($ev),
-            capture: &$ev.capture,
+            cgroup_path: $ev.cgroup_path,
+            container_id: $ev.container_id,
+            pod_uid: $ev.pod_uid,
+            pod_name: $ev.pod_name,
+            namespace: $ev.namespace,
+            systemd_unit: $ev.systemd_unit,
+            workload: $ev.workload,
+            capture: $ev.capture,
             flags: &$ev.flags,
             server_pid: $ev.server_pid,
-            prepared_name: &$ev.prepared_name,
+            prepared_name: $ev.prepared_name,
             gap_bytes: $ev.gap_bytes,
-            tx_status: &$ev.tx_status,
+            tx_status: $ev.tx_status,
             $($extra)*
         }
     };
@@ -409,22 +382,24 @@ enum RowInserter {
 }
 
 impl RowInserter {
-    async fn write(&mut self, ev: &AuditEvent) -> Result<(), clickhouse::error::Error> {
-        let micros = ts_micros(&ev.ts);
+    async fn write(&mut self, ev: &EventRef<'_>) -> Result<(), clickhouse::error::Error> {
+        let micros = ev.ts_us;
         match self {
             RowInserter::Modern(i) => {
                 let row = row_of!(ModernRow, ev, {
                     ts: micros,
-                    labels: ev.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+                    labels: &ev.labels,
                 });
                 i.write(&row).await
             }
             RowInserter::Compat(i) => {
+                let keys: Vec<&str> = ev.labels.iter().map(|(k, _)| *k).collect();
+                let values: Vec<&str> = ev.labels.iter().map(|(_, v)| *v).collect();
                 let row = row_of!(CompatRow, ev, {
                     ts: micros.div_euclid(1_000_000) as u32,
                     ts_us: micros.rem_euclid(1_000_000) as u32,
-                    label_keys: ev.labels.keys().map(|k| k.as_str()).collect(),
-                    label_values: ev.labels.values().map(|v| v.as_str()).collect(),
+                    label_keys: &keys,
+                    label_values: &values,
                 });
                 i.write(&row).await
             }
@@ -701,15 +676,14 @@ fn spool_loop(
                 ..AuditEvent::default()
             };
             buf.clear();
-            if serde_json::to_writer(&mut buf, &gap).is_ok() && s.append(&buf).is_ok() {
+            record::encode(&gap, &mut buf);
+            if s.append(&buf).is_ok() {
                 dropped_unreported = 0;
             }
         }
         for ev in &batch {
             buf.clear();
-            if serde_json::to_writer(&mut buf, ev).is_err() {
-                continue;
-            }
+            record::encode(ev, &mut buf);
             if let Err(e) = s.append(&buf) {
                 eprintln!("auditor: clickhouse spool: {e}");
                 break;
@@ -807,6 +781,7 @@ async fn send_loop(
         let mut acked = spool.lock().map(|s| s.cursor()).unwrap_or_default();
         let mut written: Position = acked;
         let mut written_rows = 0u64;
+        let mut scratch = Vec::new();
         loop {
             let read = {
                 let Ok(mut s) = spool.lock() else { return };
@@ -827,8 +802,9 @@ async fn send_loop(
             };
             let mut failed = None;
             for rec in &records {
-                // A record that does not parse was not written by this version: skipped.
-                let Ok(ev) = serde_json::from_slice::<AuditEvent>(rec) else {
+                // A record that does not decode passed its checksum but is not an event
+                // this version can read: counted and skipped (never a crash).
+                let Ok(ev) = record::decode_any(rec, &mut scratch) else {
                     shared.corrupt.fetch_add(1, Ordering::Relaxed);
                     continue;
                 };
@@ -916,8 +892,21 @@ fn set_aside(spool: &Arc<Mutex<Spool>>, from: Position, cfg: &ClickHouseConfig, 
     let dir = s.dir().join("rejected");
     let path = dir.join(format!("{}-{}.jsonl", from.segment, from.offset));
     let mut text = Vec::new();
+    let mut scratch = Vec::new();
     for r in &records {
-        text.extend_from_slice(r);
+        match record::decode_any(r, &mut scratch) {
+            Ok(ev) => {
+                let _ = serde_json::to_writer(&mut text, &ev.to_event());
+            }
+            // Kept as it is, for a person with a hex editor.
+            Err(e) => {
+                let _ = write!(
+                    text,
+                    "{{\"undecodable_record\":\"{e}\",\"hex\":\"{}\"}}",
+                    hex::encode(r)
+                );
+            }
+        }
         text.push(b'\n');
     }
     let saved = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, &text));
@@ -964,15 +953,5 @@ mod tests {
         assert!(sql.contains("DateTime64(6, 'UTC')") && sql.contains("Map(String, String)"));
         assert!(sql.contains("LowCardinality(String)") && sql.contains("INTERVAL 30 DAY"));
         assert!(new.windows(2).all(|w| w[0].version < w[1].version));
-    }
-
-    #[test]
-    fn timestamps_to_micros() {
-        assert_eq!(ts_micros("1970-01-01T00:00:01.000002Z"), 1_000_002);
-        assert_eq!(
-            ts_micros("2023-11-14T22:13:20.123456Z"),
-            1_700_000_000_123_456
-        );
-        assert_eq!(ts_micros("nonsense"), 0);
     }
 }

@@ -3,4 +3,5 @@
 
 pub mod clickhouse;
 pub mod local;
+pub mod record;
 pub mod spool;
