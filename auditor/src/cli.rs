@@ -75,7 +75,7 @@ pub fn format_event(ev: &AuditEvent) -> String {
         "{}[{}]{}",
         ev.comm,
         ev.pid,
-        if ev.cgroup_path.is_empty() || ev.cgroup_path == "/" {
+        if ev.cgroup_path.is_empty() || &*ev.cgroup_path == "/" {
             String::new()
         } else {
             format!(" {}", ev.cgroup_path)
@@ -87,7 +87,7 @@ pub fn format_event(ev: &AuditEvent) -> String {
     } else {
         format!(" [{}]", ev.flags.join(","))
     };
-    match ev.kind.as_str() {
+    match &*ev.kind {
         "statement" => {
             let outcome = if !ev.error_code.is_empty() {
                 format!("ERROR {} {}", ev.error_code, ev.error_message)
@@ -236,8 +236,8 @@ pub fn sessions(dir: &Path, limit: usize) -> Result<(), CliError> {
     let mut by_id: BTreeMap<String, SessionSummary> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     read_events(dir, |ev| {
-        let s = by_id.entry(ev.session_id.clone()).or_insert_with(|| {
-            order.push(ev.session_id.clone());
+        let s = by_id.entry(ev.session_id.to_string()).or_insert_with(|| {
+            order.push(ev.session_id.to_string());
             SessionSummary {
                 first_ts: ev.ts.clone(),
                 ..SessionSummary::default()
@@ -246,12 +246,12 @@ pub fn sessions(dir: &Path, limit: usize) -> Result<(), CliError> {
         s.last_ts = ev.ts.clone();
         s.who = format!("{}[{}] {}", ev.comm, ev.pid, ev.cgroup_path);
         s.db = format!("{}@{}", ev.db_user, ev.database);
-        s.app = ev.application_name.clone();
+        s.app = ev.application_name.to_string();
         s.endpoints = format!(
             "{}:{} -> {}:{}",
             ev.client_addr, ev.client_port, ev.server_addr, ev.server_port
         );
-        match ev.kind.as_str() {
+        match &*ev.kind {
             "statement" => {
                 s.statements += 1;
                 if !ev.error_code.is_empty() {
@@ -303,7 +303,8 @@ pub fn show(dir: &Path, session: &str, json: bool) -> Result<(), CliError> {
     let mut out = stdout.lock();
     let mut found = 0;
     read_events(dir, |ev| {
-        if ev.session_id == session || (session.len() >= 8 && ev.session_id.starts_with(session)) {
+        if &*ev.session_id == session || (session.len() >= 8 && ev.session_id.starts_with(session))
+        {
             found += 1;
             let _ = print_event(&mut out, &ev, json);
         }

@@ -285,7 +285,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     let _ = std::io::stdout().flush();
 
     let mut tracker = Tracker::new(TrackerConfig {
-        host: cfg.host_name(),
+        host: cfg.host_name().into(),
         policy: RecordingPolicy::new(cfg.record.raw_statements, cfg.record.raw_params, &key),
         limits: FramerLimits {
             max_buffered: cfg.capture.max_message_bytes,

@@ -1,6 +1,8 @@
 //! The audit event: one JSON object per line in the local log, one row in ClickHouse.
 //! The field names are a contract (see DESIGN.md): extend, never rename.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,74 +26,178 @@ impl EventKind {
 }
 
 /// Where a process sits: the local end of the connection.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessIdentity {
     pub pid: u32,
-    pub comm: String,
-    pub exe: String,
+    pub comm: Text,
+    pub exe: Text,
     pub uid: u32,
     pub cgroup_id: u64,
-    pub cgroup_path: String,
-    pub container_id: String,
-    pub pod_uid: String,
-    pub pod_name: String,
-    pub namespace: String,
-    pub systemd_unit: String,
+    pub cgroup_path: Text,
+    pub container_id: Text,
+    pub pod_uid: Text,
+    pub pod_name: Text,
+    pub namespace: Text,
+    pub systemd_unit: Text,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+impl Default for ProcessIdentity {
+    fn default() -> Self {
+        let empty = constant("");
+        ProcessIdentity {
+            pid: Default::default(),
+            comm: empty.clone(),
+            exe: empty.clone(),
+            uid: Default::default(),
+            cgroup_id: Default::default(),
+            cgroup_path: empty.clone(),
+            container_id: empty.clone(),
+            pod_uid: empty.clone(),
+            pod_name: empty.clone(),
+            namespace: empty.clone(),
+            systemd_unit: empty.clone(),
+        }
+    }
+}
+
+/// Text shared by many events (identity, session, statement): cloning it is a reference
+/// count, not an allocation, on the path of every event.
+pub type Text = Arc<str>;
+
+/// A shared copy of a constant (event kinds, protocols, capture names): one allocation per
+/// thread and value, then reference counts.
+pub fn constant(s: &'static str) -> Text {
+    thread_local! {
+        static CONSTANTS: std::cell::RefCell<Vec<(&'static str, Text)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    CONSTANTS.with(|c| {
+        let mut c = c.borrow_mut();
+        // Callers pass literals: the same pointer, almost always.
+        let same = |k: &&str| std::ptr::eq(k.as_ptr(), s.as_ptr()) && k.len() == s.len();
+        if let Some((_, t)) = c
+            .iter()
+            .find(|(k, _)| same(k))
+            .or_else(|| c.iter().find(|(k, _)| *k == s))
+        {
+            return t.clone();
+        }
+        let t = Text::from(s);
+        c.push((s, t.clone()));
+        t
+    })
+}
+
+/// Workload labels, shared by the events of a session.
+pub type Labels = Arc<std::collections::BTreeMap<String, String>>;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditEvent {
     pub event_id: String,
-    pub kind: String,
+    pub kind: Text,
     /// Start time, RFC 3339 with microseconds, UTC.
     pub ts: String,
     pub duration_us: u64,
-    pub host: String,
-    pub session_id: String,
+    pub host: Text,
+    pub session_id: Text,
     pub seq: u64,
-    pub statement: String,
-    pub command: String,
-    pub tables: Vec<String>,
-    pub fingerprint: String,
+    pub statement: Text,
+    pub command: Text,
+    pub tables: Arc<[String]>,
+    pub fingerprint: Text,
     /// "simple", "extended" or "function_call"; empty for session and gap events.
-    pub protocol: String,
+    pub protocol: Text,
     /// Bind parameters: keyed hashes ("hmac:…") unless the policy records raw values.
     pub params: Vec<String>,
     pub rows: Option<u64>,
     pub error_code: String,
     pub error_message: String,
-    pub db_user: String,
-    pub database: String,
-    pub application_name: String,
-    pub client_addr: String,
+    pub db_user: Text,
+    pub database: Text,
+    pub application_name: Text,
+    pub client_addr: Text,
     pub client_port: u16,
-    pub server_addr: String,
+    pub server_addr: Text,
     pub server_port: u16,
     pub tls: bool,
     pub pid: u32,
-    pub comm: String,
-    pub exe: String,
+    pub comm: Text,
+    pub exe: Text,
     pub uid: u32,
     pub cgroup_id: u64,
-    pub cgroup_path: String,
-    pub container_id: String,
-    pub pod_uid: String,
-    pub pod_name: String,
-    pub namespace: String,
-    pub systemd_unit: String,
-    pub labels: std::collections::BTreeMap<String, String>,
-    pub capture: String,
+    pub cgroup_path: Text,
+    pub container_id: Text,
+    pub pod_uid: Text,
+    pub pod_name: Text,
+    pub namespace: Text,
+    pub systemd_unit: Text,
+    pub labels: Labels,
+    pub capture: Text,
     pub flags: Vec<String>,
     /// The backend serving the session, when it runs on this host (extension).
     pub server_pid: u32,
     /// Name of the prepared statement executed, if any (extension).
-    pub prepared_name: String,
+    pub prepared_name: Text,
     /// Bytes missing, for gap events (extension).
     pub gap_bytes: u64,
     /// The SQLSTATE class or transaction status at the end of the statement (extension).
     pub tx_status: String,
     pub prev_hash: String,
     pub hash: String,
+}
+
+impl Default for AuditEvent {
+    /// Every text field shares one empty string: `Arc<str>::default()` would allocate one
+    /// per field, and events are built on the path of every statement.
+    fn default() -> Self {
+        let empty = constant("");
+        AuditEvent {
+            event_id: Default::default(),
+            kind: empty.clone(),
+            ts: Default::default(),
+            duration_us: Default::default(),
+            host: empty.clone(),
+            session_id: empty.clone(),
+            seq: Default::default(),
+            statement: empty.clone(),
+            command: empty.clone(),
+            tables: Default::default(),
+            fingerprint: empty.clone(),
+            protocol: empty.clone(),
+            params: Default::default(),
+            rows: Default::default(),
+            error_code: Default::default(),
+            error_message: Default::default(),
+            db_user: empty.clone(),
+            database: empty.clone(),
+            application_name: empty.clone(),
+            client_addr: empty.clone(),
+            client_port: Default::default(),
+            server_addr: empty.clone(),
+            server_port: Default::default(),
+            tls: Default::default(),
+            pid: Default::default(),
+            comm: empty.clone(),
+            exe: empty.clone(),
+            uid: Default::default(),
+            cgroup_id: Default::default(),
+            cgroup_path: empty.clone(),
+            container_id: empty.clone(),
+            pod_uid: empty.clone(),
+            pod_name: empty.clone(),
+            namespace: empty.clone(),
+            systemd_unit: empty.clone(),
+            labels: Default::default(),
+            capture: empty.clone(),
+            flags: Default::default(),
+            server_pid: Default::default(),
+            prepared_name: empty.clone(),
+            gap_bytes: Default::default(),
+            tx_status: Default::default(),
+            prev_hash: Default::default(),
+            hash: Default::default(),
+        }
+    }
 }
 
 impl AuditEvent {
@@ -110,6 +216,148 @@ impl AuditEvent {
     }
 }
 
+/// Appends `s` as a JSON string, escaped as serde_json escapes it (so a line reads the same
+/// whichever wrote it).
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    let b = s.as_bytes();
+    // Most values need no escaping: one pass without branches to find out.
+    let plain = b
+        .iter()
+        .fold(true, |ok, &c| ok & (c >= 0x20 && c != b'"' && c != b'\\'));
+    if plain {
+        out.extend_from_slice(b);
+    } else {
+        let mut start = 0;
+        for (i, &c) in b.iter().enumerate() {
+            let esc: &[u8] = match c {
+                b'"' => b"\\\"",
+                b'\\' => b"\\\\",
+                b'\n' => b"\\n",
+                b'\r' => b"\\r",
+                b'\t' => b"\\t",
+                0x08 => b"\\b",
+                0x0c => b"\\f",
+                0..=0x1f => &[],
+                _ => continue,
+            };
+            out.extend_from_slice(&b[start..i]);
+            if esc.is_empty() {
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[(c >> 4) as usize]);
+                out.push(HEX[(c & 0xf) as usize]);
+            } else {
+                out.extend_from_slice(esc);
+            }
+            start = i + 1;
+        }
+        out.extend_from_slice(&b[start..]);
+    }
+    out.push(b'"');
+}
+
+fn json_strs<'s>(out: &mut Vec<u8>, items: impl Iterator<Item = &'s str>) {
+    out.push(b'[');
+    for (i, s) in items.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        json_str(out, s);
+    }
+    out.push(b']');
+}
+
+fn json_num(out: &mut Vec<u8>, n: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+impl AuditEvent {
+    /// Appends the event as one JSON object, fields in declaration order, up to and without
+    /// the closing `,"hash":"…"}` (the local log hashes this prefix, then appends the hash).
+    /// Byte for byte what serde_json writes for the same fields, only without per-field
+    /// dispatch: this runs for every event.
+    pub fn write_json_prefix(&self, out: &mut Vec<u8>) {
+        macro_rules! s {
+            ($key:literal, $v:expr) => {
+                out.extend_from_slice(concat!(",\"", $key, "\":").as_bytes());
+                json_str(out, $v);
+            };
+        }
+        macro_rules! n {
+            ($key:literal, $v:expr) => {
+                out.extend_from_slice(concat!(",\"", $key, "\":").as_bytes());
+                json_num(out, $v);
+            };
+        }
+        out.extend_from_slice(b"{\"event_id\":");
+        json_str(out, &self.event_id);
+        s!("kind", &self.kind);
+        s!("ts", &self.ts);
+        n!("duration_us", self.duration_us);
+        s!("host", &self.host);
+        s!("session_id", &self.session_id);
+        n!("seq", self.seq);
+        s!("statement", &self.statement);
+        s!("command", &self.command);
+        out.extend_from_slice(b",\"tables\":");
+        json_strs(out, self.tables.iter().map(|t| t.as_str()));
+        s!("fingerprint", &self.fingerprint);
+        s!("protocol", &self.protocol);
+        out.extend_from_slice(b",\"params\":");
+        json_strs(out, self.params.iter().map(|t| t.as_str()));
+        match self.rows {
+            Some(r) => {
+                n!("rows", r);
+            }
+            None => out.extend_from_slice(b",\"rows\":null"),
+        }
+        s!("error_code", &self.error_code);
+        s!("error_message", &self.error_message);
+        s!("db_user", &self.db_user);
+        s!("database", &self.database);
+        s!("application_name", &self.application_name);
+        s!("client_addr", &self.client_addr);
+        n!("client_port", self.client_port);
+        s!("server_addr", &self.server_addr);
+        n!("server_port", self.server_port);
+        out.extend_from_slice(if self.tls {
+            b",\"tls\":true"
+        } else {
+            b",\"tls\":false"
+        });
+        n!("pid", self.pid);
+        s!("comm", &self.comm);
+        s!("exe", &self.exe);
+        n!("uid", self.uid);
+        n!("cgroup_id", self.cgroup_id);
+        s!("cgroup_path", &self.cgroup_path);
+        s!("container_id", &self.container_id);
+        s!("pod_uid", &self.pod_uid);
+        s!("pod_name", &self.pod_name);
+        s!("namespace", &self.namespace);
+        s!("systemd_unit", &self.systemd_unit);
+        out.extend_from_slice(b",\"labels\":{");
+        for (i, (k, v)) in self.labels.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json_str(out, k);
+            out.push(b':');
+            json_str(out, v);
+        }
+        out.push(b'}');
+        s!("capture", &self.capture);
+        out.extend_from_slice(b",\"flags\":");
+        json_strs(out, self.flags.iter().map(|t| t.as_str()));
+        n!("server_pid", self.server_pid);
+        s!("prepared_name", &self.prepared_name);
+        n!("gap_bytes", self.gap_bytes);
+        s!("tx_status", &self.tx_status);
+        s!("prev_hash", &self.prev_hash);
+    }
+}
+
 /// A UUIDv7: unique and sortable by creation time. The 74 bits after the millisecond
 /// timestamp come from a userspace CSPRNG (one OS read per thread, not one per event).
 pub fn new_event_id() -> String {
@@ -125,19 +373,101 @@ pub fn new_event_id() -> String {
         .to_string()
 }
 
-/// RFC 3339 with microseconds, UTC.
+/// RFC 3339 with microseconds, UTC (`2023-11-14T22:13:20.123456Z`). Years outside
+/// 0000-9999 are clamped to the epoch, as before.
 pub fn format_ts(unix_ns: i128) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(unix_ns)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    let fmt = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
-    );
-    t.format(&fmt).unwrap_or_default()
+    let us = unix_ns.div_euclid(1000);
+    let secs = us.div_euclid(1_000_000);
+    let micros = us.rem_euclid(1_000_000) as u32;
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400) as u32;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i128::from(month <= 2);
+    if !(0..=9999).contains(&year) {
+        return format_ts(0);
+    }
+    let mut b = *b"0000-00-00T00:00:00.000000Z";
+    let mut put = |at: usize, width: usize, mut v: u32| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year as u32);
+    put(5, 2, month);
+    put(8, 2, day);
+    put(11, 2, sod / 3600);
+    put(14, 2, sod / 60 % 60);
+    put(17, 2, sod % 60);
+    put(20, 6, micros);
+    String::from_utf8_lossy(&b).into_owned()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hand_written_json_is_serde_json_byte_for_byte() {
+        let mut ev = AuditEvent {
+            event_id: "e1".into(),
+            kind: "statement".into(),
+            ts: "2023-11-14T22:13:20.123456Z".into(),
+            duration_us: u64::MAX,
+            statement: "SELECT \"q\", '\\', $1 -- \u{1}\u{1f}\u{7f}\t\r\n\u{8}\u{c} ü 日本 😀"
+                .into(),
+            tables: vec!["a".into(), "b\"c".into()].into(),
+            params: vec![],
+            rows: None,
+            tls: true,
+            labels: [
+                ("app".to_string(), "pay\nments".to_string()),
+                ("k\"".to_string(), String::new()),
+            ]
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into(),
+            flags: vec!["mid_stream".into()],
+            prev_hash: "00ff".into(),
+            hash: String::new(),
+            ..AuditEvent::default()
+        };
+        for rows in [None, Some(0), Some(12345)] {
+            ev.rows = rows;
+            ev.tls = !ev.tls;
+            let serde = serde_json::to_string(&ev).unwrap();
+            let mut mine = Vec::new();
+            ev.write_json_prefix(&mut mine);
+            mine.extend_from_slice(b",\"hash\":\"\"}");
+            assert_eq!(String::from_utf8(mine).unwrap(), serde);
+        }
+    }
+
+    #[test]
+    fn timestamps_match_the_time_crate() {
+        let fmt = time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+        );
+        let mut ns: i128 = -86_400_000_000_000 * 365 * 3;
+        while ns < 4_102_444_800_000_000_000 {
+            let t = time::OffsetDateTime::from_unix_timestamp_nanos(ns).unwrap();
+            assert_eq!(format_ts(ns), t.format(&fmt).unwrap(), "{ns}");
+            ns += 7_777_777_777_777_777 / 13; // about 6.9 days and odd microseconds
+        }
+        assert_eq!(
+            format_ts(951_868_799_999_999_000),
+            "2000-02-29T23:59:59.999999Z"
+        );
+        assert_eq!(format_ts(-1_000), "1969-12-31T23:59:59.999999Z");
+    }
 
     #[test]
     fn timestamp_format() {

@@ -108,30 +108,31 @@ impl IdentityResolver {
         if let Some(c) = self.processes.get(&tgid) {
             if c.at.elapsed() < PROCESS_TTL
                 && c.identity.cgroup_id == cgroup_id
-                && c.identity.comm == comm
+                && &*c.identity.comm == comm
             {
                 return c.identity.clone();
             }
         }
         let mut id = ProcessIdentity {
             pid: tgid,
-            comm: comm.to_string(),
+            comm: comm.into(),
             uid,
             cgroup_id,
             ..ProcessIdentity::default()
         };
         let proc_dir = self.proc_root.join(tgid.to_string());
         id.exe = std::fs::read_link(proc_dir.join("exe"))
-            .map(|p| p.to_string_lossy().into_owned())
+            .map(|p| p.to_string_lossy().into())
             .unwrap_or_default();
         id.cgroup_path = self
             .cgroup_path(cgroup_id)
             .or_else(|| cgroup_of_proc(&proc_dir))
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .into();
         let facts = parse_cgroup_path(&id.cgroup_path);
-        id.container_id = facts.container_id;
-        id.pod_uid = facts.pod_uid;
-        id.systemd_unit = facts.systemd_unit;
+        id.container_id = facts.container_id.into();
+        id.pod_uid = facts.pod_uid.into();
+        id.systemd_unit = facts.systemd_unit.into();
         if self.processes.len() > 65536 {
             self.processes.retain(|_, c| c.at.elapsed() < PROCESS_TTL);
         }
@@ -202,7 +203,7 @@ mod tests {
         let f = parse_cgroup_path(
             "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b2c3d4e_1111_2222_3333_444455556666.slice/cri-containerd-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope",
         );
-        assert_eq!(f.pod_uid, "1b2c3d4e-1111-2222-3333-444455556666");
+        assert_eq!(&*f.pod_uid, "1b2c3d4e-1111-2222-3333-444455556666");
         assert_eq!(
             f.container_id,
             "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
@@ -216,7 +217,7 @@ mod tests {
         );
         assert_eq!(f.container_id.len(), 64);
         let f = parse_cgroup_path("/system.slice/payments.service");
-        assert_eq!(f.systemd_unit, "payments.service");
-        assert_eq!(f.container_id, "");
+        assert_eq!(&*f.systemd_unit, "payments.service");
+        assert_eq!(&*f.container_id, "");
     }
 }

@@ -13,7 +13,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::{
-    event::{AuditEvent, EventKind},
+    event::{AuditEvent, EventKind, Text},
     pg::{
         backend::{self, rows_of_tag, BackendMessage, ErrorFields},
         framer::plausible_boundary,
@@ -69,7 +69,7 @@ struct Prepared {
 
 #[derive(Clone)]
 struct Portal {
-    statement_name: String,
+    statement_name: Text,
     /// None when the statement was prepared before capture started.
     prepared: Option<Prepared>,
     params: Vec<String>,
@@ -108,9 +108,9 @@ enum Pending {
 /// Connection facts that events carry (set by the tracker).
 #[derive(Debug, Clone, Default)]
 pub struct SessionMeta {
-    pub db_user: String,
-    pub database: String,
-    pub application_name: String,
+    pub db_user: Text,
+    pub database: Text,
+    pub application_name: Text,
     pub tls: bool,
 }
 
@@ -155,7 +155,7 @@ pub struct Draft {
 
 fn kind_event(kind: EventKind) -> AuditEvent {
     AuditEvent {
-        kind: kind.as_str().to_string(),
+        kind: crate::event::constant(kind.as_str()),
         ..AuditEvent::default()
     }
 }
@@ -340,9 +340,9 @@ impl Session {
                     self.startup_seen = true;
                     for (k, v) in params {
                         match k.as_str() {
-                            "user" => self.meta.db_user = v,
-                            "database" => self.meta.database = v,
-                            "application_name" => self.meta.application_name = v,
+                            "user" => self.meta.db_user = v.into(),
+                            "database" => self.meta.database = v.into(),
+                            "application_name" => self.meta.application_name = v.into(),
                             _ => {}
                         }
                     }
@@ -518,7 +518,7 @@ impl Session {
                 self.portals.insert(
                     portal,
                     Portal {
-                        statement_name: statement,
+                        statement_name: statement.into(),
                         prepared,
                         params,
                         rows_so_far: 0,
@@ -529,7 +529,7 @@ impl Session {
             }
             FrontendMessage::Execute { portal, .. } => {
                 let p = self.portals.get(&portal).cloned().unwrap_or(Portal {
-                    statement_name: String::new(),
+                    statement_name: Text::default(),
                     prepared: None,
                     params: Vec::new(),
                     rows_so_far: 0,
@@ -570,7 +570,8 @@ impl Session {
         ev.statement = format!(
             "(message '{}' of {} bytes exceeds max_message_bytes and was not decoded)",
             tag as char, len
-        );
+        )
+        .into();
         ev.gap_bytes = len as u64;
         out.push(Draft {
             ts_ns: ts,
@@ -584,14 +585,14 @@ impl Session {
         &mut self,
         sql: Option<&str>,
         analysis: Option<&Analysis>,
-        protocol: &str,
+        protocol: &'static str,
     ) -> AuditEvent {
         let mut ev = kind_event(EventKind::Statement);
-        ev.protocol = protocol.to_string();
+        ev.protocol = crate::event::constant(protocol);
         match (sql, analysis) {
             (Some(sql), Some(a)) => {
                 ev.statement = if self.policy.raw_statements {
-                    sql.to_string()
+                    sql.into()
                 } else {
                     a.normalized.clone()
                 };
@@ -621,8 +622,8 @@ impl Session {
     ) {
         if let Some(tag) = tag {
             let cmd = backend::command_of_tag(tag);
-            if !cmd.is_empty() && (ev.command.is_empty() || ev.command == "TRANSACTION") {
-                ev.command = cmd;
+            if !cmd.is_empty() && (ev.command.is_empty() || &*ev.command == "TRANSACTION") {
+                ev.command = cmd.into();
             }
             let own = rows_of_tag(tag).or((data_rows > 0).then_some(data_rows));
             ev.rows = own.map(|r| r + prior_rows);
@@ -638,7 +639,7 @@ impl Session {
         match &m {
             BackendMessage::ParameterStatus { name, value } => {
                 if name == "application_name" {
-                    self.meta.application_name = value.clone();
+                    self.meta.application_name = value.as_str().into();
                 }
                 return;
             }
@@ -715,7 +716,7 @@ impl Session {
                     let mut ev = kind_event(EventKind::Statement);
                     ev.protocol = "function_call".into();
                     ev.command = "FUNCTION CALL".into();
-                    ev.statement = format!("(function call, oid {oid})");
+                    ev.statement = format!("(function call, oid {oid})").into();
                     ev.flags.append(&mut self.next_flags);
                     Self::finish(&mut ev, None, 0, 0, None, started_ns, ts);
                     out.push(Draft {
@@ -809,7 +810,7 @@ impl Session {
                         let mut ev = self.statement_event(None, None, "simple");
                         ev.flags.retain(|f| f != "prepared_before_capture");
                         ev.flags.push("split_mismatch".into());
-                        ev.statement = crate::sql::redact_literals(&whole);
+                        ev.statement = crate::sql::redact_literals(&whole).into();
                         ev
                     }
                 };
@@ -856,7 +857,7 @@ impl Session {
                     let mut ev = kind_event(EventKind::Statement);
                     ev.protocol = "function_call".into();
                     ev.command = "FUNCTION CALL".into();
-                    ev.statement = format!("(function call, oid {oid})");
+                    ev.statement = format!("(function call, oid {oid})").into();
                     let start = *started_ns;
                     Self::finish(&mut ev, None, 0, 0, Some(e), start, ts);
                     out.push(Draft {
@@ -874,7 +875,7 @@ impl Session {
     /// An error in the extended protocol: it belongs to the statement being prepared,
     /// bound or executed; the server skips everything after it until Sync.
     fn fail_extended(&mut self, e: &ErrorFields, ts: i128, out: &mut Vec<Draft>) {
-        let mut victim: Option<(Option<Prepared>, Vec<String>, String, i128)> = None;
+        let mut victim: Option<(Option<Prepared>, Vec<String>, Text, i128)> = None;
         let mut parse_only = true;
         while let Some(front) = self.pending.front() {
             if matches!(front, Pending::Sync) {
@@ -898,7 +899,7 @@ impl Session {
         }
         let (prepared, params, name, start) = match victim {
             Some(v) => v,
-            None => (None, Vec::new(), String::new(), ts),
+            None => (None, Vec::new(), Text::default(), ts),
         };
         let mut ev = self.statement_event(
             prepared.as_ref().map(|p| p.sql.as_str()),

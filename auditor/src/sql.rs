@@ -6,21 +6,26 @@
 
 use std::sync::Arc;
 
+use crate::event::Text;
+
 use ahash::AHashMap as HashMap;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Analysis {
-    pub normalized: String,
-    pub command: String,
-    pub tables: Vec<String>,
-    pub fingerprint: String,
+    pub normalized: Text,
+    pub command: Text,
+    pub tables: Arc<[String]>,
+    pub fingerprint: Text,
     /// pg_query could not parse the text (it was redacted by the fallback lexer).
     pub unparsed: bool,
 }
 
-/// Caches analyses by exact text: prepared statements and repeated queries are parsed once.
+/// Caches analyses: by exact text (prepared statements, repeated queries) and, for data
+/// statements written with literals, by shape (the same statement with other values), so
+/// that a stream of `SELECT ... WHERE id = 42`, `... = 43` is parsed once, not per query.
 pub struct Analyzer {
     cache: HashMap<String, Arc<Analysis>>,
+    shapes: HashMap<String, Arc<Analysis>>,
     capacity: usize,
 }
 
@@ -30,10 +35,25 @@ impl Default for Analyzer {
     }
 }
 
+/// Statements whose literals are all constants of the parse tree, so that pg_query's
+/// normalised text, command, tables and fingerprint do not depend on their values. (Not
+/// so for utility statements: `COPY t FROM 'file'` keeps its file name, for one.)
+fn shape_cacheable(sql: &str) -> bool {
+    let word = sql
+        .trim_start()
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .next()
+        .unwrap_or("");
+    ["SELECT", "INSERT", "UPDATE", "DELETE", "WITH", "VALUES"]
+        .iter()
+        .any(|k| word.eq_ignore_ascii_case(k))
+}
+
 impl Analyzer {
     pub fn new(capacity: usize) -> Self {
         Analyzer {
             cache: HashMap::default(),
+            shapes: HashMap::default(),
             capacity,
         }
     }
@@ -42,12 +62,30 @@ impl Analyzer {
         if let Some(a) = self.cache.get(sql) {
             return a.clone();
         }
-        let a = Arc::new(analyze_uncached(sql));
-        if self.cache.len() >= self.capacity {
-            // Simple and bounded: start over rather than track recency.
-            self.cache.clear();
+        let shape = (shape_cacheable(sql) && !sql.contains('\u{1}'))
+            .then(|| shape_of(sql))
+            .filter(|(_, literals)| *literals > 0)
+            .map(|(shape, _)| shape);
+        if let Some(a) = shape.as_ref().and_then(|s| self.shapes.get(s)) {
+            return a.clone();
         }
-        self.cache.insert(sql.to_string(), a.clone());
+        let a = Arc::new(analyze_uncached(sql));
+        // Simple and bounded: start over rather than track recency.
+        match shape {
+            // Only what pg_query parsed: the fallback lexer's text is not pg_query's.
+            Some(shape) if !a.unparsed => {
+                if self.shapes.len() >= self.capacity {
+                    self.shapes.clear();
+                }
+                self.shapes.insert(shape, a.clone());
+            }
+            _ => {
+                if self.cache.len() >= self.capacity {
+                    self.cache.clear();
+                }
+                self.cache.insert(sql.to_string(), a.clone());
+            }
+        }
         a
     }
 }
@@ -116,18 +154,18 @@ fn analyze_uncached(sql: &str) -> Analysis {
                 .map(|f| f.hex)
                 .unwrap_or_default();
             Analysis {
-                normalized,
-                command,
-                tables,
-                fingerprint,
+                normalized: normalized.into(),
+                command: command.into(),
+                tables: tables.into(),
+                fingerprint: fingerprint.into(),
                 unparsed: false,
             }
         }
         _ => Analysis {
-            normalized: redact_literals(sql),
-            command: first_keyword(sql),
-            tables: Vec::new(),
-            fingerprint: String::new(),
+            normalized: redact_literals(sql).into(),
+            command: first_keyword(sql).into(),
+            tables: Arc::from([]),
+            fingerprint: Text::default(),
             unparsed: true,
         },
     }
@@ -201,30 +239,53 @@ fn first_keyword(sql: &str) -> String {
 /// identifiers, keywords, operators and existing $n parameters. Tolerates text that ends
 /// in the middle of anything (an unterminated literal is replaced whole).
 pub fn redact_literals(sql: &str) -> String {
+    scan_literals(sql, false).0
+}
+
+/// The text with every literal replaced by a \x01 byte and everything else (comments
+/// included) kept, and the number of literals: texts with equal shapes differ only in
+/// literal values.
+fn shape_of(sql: &str) -> (String, u32) {
+    scan_literals(sql, true)
+}
+
+fn scan_literals(sql: &str, shape: bool) -> (String, u32) {
     let b = sql.as_bytes();
     let mut out = String::with_capacity(sql.len());
     let mut n = 0u32;
     let mut i = 0usize;
     let mut placeholder = |out: &mut String| {
         n += 1;
-        out.push('$');
-        out.push_str(&n.to_string());
+        if shape {
+            out.push('\u{1}');
+        } else {
+            out.push('$');
+            out.push_str(&n.to_string());
+        }
     };
     while i < b.len() {
         let c = b[i];
         // Comments
         if c == b'-' && b.get(i + 1) == Some(&b'-') {
+            let start = i;
             while i < b.len() && b[i] != b'\n' {
                 i += 1;
+            }
+            if shape {
+                out.push_str(&sql[start..i]);
             }
             continue;
         }
         if c == b'/' && b.get(i + 1) == Some(&b'*') {
+            let start = i;
             i += 2;
             while i < b.len() && !(b[i] == b'*' && b.get(i + 1) == Some(&b'/')) {
                 i += 1;
             }
             i = (i + 2).min(b.len());
+            if shape {
+                out.push_str(sql.get(start..i).unwrap_or(""));
+            }
             continue;
         }
         // Quoted identifier
@@ -335,7 +396,7 @@ pub fn redact_literals(sql: &str) -> String {
         out.push_str(sql.get(i..end).unwrap_or(""));
         i = end;
     }
-    out
+    (out, n)
 }
 
 fn is_ident(c: u8) -> bool {
@@ -360,13 +421,51 @@ mod tests {
         let mut a = Analyzer::default();
         let r = a.analyze("SELECT abalance FROM pgbench_accounts WHERE aid = 42");
         assert_eq!(
-            r.normalized,
+            &*r.normalized,
             "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
         );
-        assert_eq!(r.command, "SELECT");
-        assert_eq!(r.tables, vec!["pgbench_accounts".to_string()]);
+        assert_eq!(&*r.command, "SELECT");
+        assert_eq!(&r.tables[..], ["pgbench_accounts".to_string()]);
         assert!(!r.fingerprint.is_empty());
         assert!(!r.unparsed);
+    }
+
+    #[test]
+    fn same_statement_other_literals_is_parsed_once_and_right() {
+        let mut a = Analyzer::default();
+        let first = a.analyze("SELECT abalance FROM pgbench_accounts WHERE aid = 42 AND n = 'x'");
+        let second = a.analyze("SELECT abalance FROM pgbench_accounts WHERE aid = 7 AND n = 'yy'");
+        assert!(Arc::ptr_eq(&first, &second), "served from the shape cache");
+        assert_eq!(
+            &*second.normalized,
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1 AND n = $2"
+        );
+        assert_eq!(
+            a.cache.len(),
+            0,
+            "literal-bearing texts do not fill the exact cache"
+        );
+        // What pg_query would say of each, uncached, is what the cache says.
+        for sql in [
+            "select * from t where a = -1 /* c1 */",
+            "select * from t where a = -2 /* c2 */",
+            "select * from t where a = - 3 -- it's",
+            "INSERT INTO t VALUES (1, 'a', E'\\n', $$d$$, B'101', 1.5e3)",
+            "insert into t values (22, 'bb', E'\\t', $$ee$$, B'1', 2.5e-3)",
+            "WITH x AS (SELECT 1) SELECT * FROM x LIMIT 5",
+            "with x as (select 2) select * from x limit 10",
+            "UPDATE t SET a = 'p' WHERE b IN (1, 2, 3)",
+            "update t set a = 'q' where b in (4, 5)",
+        ] {
+            let cached = a.analyze(sql);
+            let fresh = analyze_uncached(sql);
+            assert_eq!(*cached, fresh, "{sql}");
+        }
+        // Utility statements are cached by exact text only.
+        let c1 = a.analyze("COPY t FROM '/tmp/a.csv'");
+        let c2 = a.analyze("COPY t FROM '/tmp/b.csv'");
+        assert!(!Arc::ptr_eq(&c1, &c2));
+        assert_eq!(*c2, analyze_uncached("COPY t FROM '/tmp/b.csv'"));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv6Addr},
+    sync::Arc,
 };
 
 use ahash::AHashMap as HashMap;
@@ -19,7 +20,7 @@ use auditor_common::{
 };
 
 use crate::{
-    event::{format_ts, new_event_id, AuditEvent, EventKind, ProcessIdentity},
+    event::{format_ts, new_event_id, AuditEvent, EventKind, Labels, ProcessIdentity, Text},
     identity::IdentityResolver,
     pg::{
         Direction, FramerLimits, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0,
@@ -92,7 +93,7 @@ struct End {
 pub const TLS_UNREADABLE_AFTER_NS: u64 = 1_000_000_000;
 
 struct SessionEntry {
-    id: String,
+    id: Text,
     seq: u64,
     /// Kernel time of the last record for this connection, from either end.
     last_ns: u64,
@@ -105,10 +106,10 @@ struct SessionEntry {
     client: Option<ProcessIdentity>,
     server: Option<ProcessIdentity>,
     /// Rendered once per session: events carry them by the hundred thousand.
-    client_addr: String,
-    server_addr: String,
+    client_addr: Text,
+    server_addr: Text,
     /// Labels of the identity events carry, and whose (pid, cgroup) they were made for.
-    labels: BTreeMap<String, String>,
+    labels: Labels,
     labels_of: (u32, u64),
 }
 
@@ -138,7 +139,7 @@ pub struct TrackerCounters {
 }
 
 pub struct TrackerConfig {
-    pub host: String,
+    pub host: Text,
     pub policy: RecordingPolicy,
     pub limits: FramerLimits,
 }
@@ -333,7 +334,7 @@ impl Tracker {
             session.assume_tls();
         }
         let mut entry = SessionEntry {
-            id: new_event_id(),
+            id: new_event_id().into(),
             seq: 0,
             last_ns: h.ts_ns,
             session,
@@ -342,9 +343,9 @@ impl Tracker {
             ciphertext_only_since: None,
             client: None,
             server: None,
-            client_addr: addr_string(&conn.client_addr),
-            server_addr: addr_string(&conn.server_addr),
-            labels: BTreeMap::new(),
+            client_addr: addr_string(&conn.client_addr).into(),
+            server_addr: addr_string(&conn.server_addr).into(),
+            labels: Labels::default(),
             labels_of: (0, 0),
         };
         if h.role == ROLE_CLIENT {
@@ -563,7 +564,8 @@ impl Tracker {
                     Direction::ToServer => "from the client",
                     Direction::ToClient => "from the server",
                 }
-            ),
+            )
+            .into(),
             ..AuditEvent::default()
         };
         ev.flags.push(match direction {
@@ -750,7 +752,7 @@ impl Tracker {
 fn finish(
     s: &mut SessionEntry,
     conn: ConnKey,
-    host: &str,
+    host: &Text,
     wall_offset: i128,
     counters: &mut TrackerCounters,
     drafts: &mut Vec<Draft>,
@@ -760,7 +762,7 @@ fn finish(
         return;
     }
     // Statements of a session joined mid-stream still get a session_start first.
-    if !drafts.iter().any(|d| d.event.kind == "session_start") && s.seq == 0 {
+    if !drafts.iter().any(|d| &*d.event.kind == "session_start") && s.seq == 0 {
         let mut pre = Vec::new();
         s.session.ensure_started(drafts[0].ts_ns, &mut pre);
         for d in pre.into_iter().rev() {
@@ -771,7 +773,7 @@ fn finish(
         let mut ev = d.event;
         ev.event_id = new_event_id();
         ev.ts = format_ts(d.ts_ns + wall_offset);
-        ev.host = host.to_string();
+        ev.host = host.clone();
         ev.session_id = s.id.clone();
         s.seq += 1;
         ev.seq = s.seq;
@@ -783,23 +785,23 @@ fn finish(
         ev.client_port = conn.client_port;
         ev.server_addr = s.server_addr.clone();
         ev.server_port = conn.server_port;
-        ev.capture = if s.stream == STREAM_TLS {
-            "ebpf_tls".into()
+        ev.capture = crate::event::constant(if s.stream == STREAM_TLS {
+            "ebpf_tls"
         } else {
-            "ebpf".into()
-        };
+            "ebpf"
+        });
         // The local process on the client end, or the backend when the client is remote.
         let who = s.client.as_ref().or(s.server.as_ref());
         if let Some(id) = who {
             ev.apply_identity(id);
             if s.labels_of != (id.pid, id.cgroup_id) {
-                s.labels = labels_of(id);
+                s.labels = Arc::new(labels_of(id));
                 s.labels_of = (id.pid, id.cgroup_id);
             }
             ev.labels = s.labels.clone();
         }
         ev.server_pid = s.server.as_ref().map(|i| i.pid).unwrap_or(0);
-        match ev.kind.as_str() {
+        match &*ev.kind {
             "statement" => counters.statements += 1,
             "session_start" => counters.sessions_started += 1,
             _ => {}
@@ -858,21 +860,21 @@ fn tcp_tuple_alive(pid: u32, conn: &ConnKey) -> bool {
 /// Labels a policy can select on, derived from the process identity.
 pub fn labels_of(id: &ProcessIdentity) -> BTreeMap<String, String> {
     let mut labels = BTreeMap::new();
-    labels.insert("process.comm".to_string(), id.comm.clone());
+    labels.insert("process.comm".to_string(), id.comm.to_string());
     if !id.exe.is_empty() {
-        labels.insert("process.exe".to_string(), id.exe.clone());
+        labels.insert("process.exe".to_string(), id.exe.to_string());
     }
     if !id.systemd_unit.is_empty() {
-        labels.insert("systemd.unit".to_string(), id.systemd_unit.clone());
+        labels.insert("systemd.unit".to_string(), id.systemd_unit.to_string());
     }
     if !id.container_id.is_empty() {
-        labels.insert("container.id".to_string(), id.container_id.clone());
+        labels.insert("container.id".to_string(), id.container_id.to_string());
     }
     if !id.pod_uid.is_empty() {
-        labels.insert("k8s.pod.uid".to_string(), id.pod_uid.clone());
+        labels.insert("k8s.pod.uid".to_string(), id.pod_uid.to_string());
     }
     if !id.cgroup_path.is_empty() {
-        labels.insert("cgroup.path".to_string(), id.cgroup_path.clone());
+        labels.insert("cgroup.path".to_string(), id.cgroup_path.to_string());
     }
     labels
 }
@@ -1020,15 +1022,15 @@ mod tests {
         negotiate(&mut t, &mut client, &mut [&mut server]);
         let mut out = converse(&mut t, &mut client);
         out.extend(client.close(&mut t));
-        let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_str()).collect();
+        let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_ref()).collect();
         assert_eq!(
             kinds,
             ["session_start", "statement", "session_end"],
             "{out:#?}"
         );
-        assert!(out.iter().all(|e| e.tls && e.capture == "ebpf_tls"));
+        assert!(out.iter().all(|e| e.tls && &*e.capture == "ebpf_tls"));
         assert!(out[0].flags.is_empty());
-        assert_eq!(out[1].db_user, "alice");
+        assert_eq!(&*out[1].db_user, "alice");
         assert_eq!(t.counters.gaps, 0);
     }
 
@@ -1051,7 +1053,7 @@ mod tests {
         // The server end was not muted while the session was undecided.
         assert!(t.drain_mutes().next().is_none());
         let out = converse(&mut t, &mut server);
-        let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_str()).collect();
+        let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_ref()).collect();
         assert_eq!(kinds, ["session_start", "statement"], "{out:#?}");
         // The client end is muted now: its ciphertext is not needed.
         let muted: Vec<EndKey> = t.drain_mutes().collect();
@@ -1078,13 +1080,13 @@ mod tests {
         assert!(out.is_empty(), "too early: {out:#?}");
         t.tick(client.ts + TLS_UNREADABLE_AFTER_NS, &mut out);
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].kind, "session_start");
+        assert_eq!(&*out[0].kind, "session_start");
         assert!(out[0].tls);
         assert_eq!(out[0].flags, ["tls_unreadable"]);
         assert_eq!(out[0].pid, std::process::id());
         // Once, even at the end.
         let end = client.close(&mut t);
-        let kinds: Vec<&str> = end.iter().map(|e| e.kind.as_str()).collect();
+        let kinds: Vec<&str> = end.iter().map(|e| e.kind.as_ref()).collect();
         assert_eq!(kinds, ["session_end"]);
         assert_eq!(t.counters.gaps, 0, "ciphertext is not a gap");
     }
@@ -1097,7 +1099,7 @@ mod tests {
         negotiate(&mut t, &mut client, &mut [&mut server]);
         client.data(&mut t, STREAM_RAW, DIR_TO_SERVER, b"\x17\x03\x03\x00\x01x");
         let out = client.close(&mut t);
-        assert_eq!(out.last().unwrap().kind, "session_end");
+        assert_eq!(&*out.last().unwrap().kind, "session_end");
         // The server end still reads the last ciphertext, then closes.
         let mut late = server.data(&mut t, STREAM_RAW, DIR_TO_SERVER, b"\x17\x03\x03\x00\x01x");
         late.extend(server.close(&mut t));
@@ -1112,7 +1114,7 @@ mod tests {
         let mut client = Wire::new(1, ROLE_CLIENT);
         negotiate(&mut t, &mut client, &mut []);
         let out = client.close(&mut t);
-        let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_str()).collect();
+        let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_ref()).collect();
         assert_eq!(kinds, ["session_start", "session_end"]);
         assert_eq!(out[0].flags, ["tls_unreadable"]);
     }

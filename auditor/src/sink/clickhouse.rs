@@ -671,7 +671,8 @@ fn spool_loop(
                 ts: batch.first().map(|e| e.ts.clone()).unwrap_or_default(),
                 statement: format!(
                     "({dropped_unreported} events were dropped: the ClickHouse spool was full)"
-                ),
+                )
+                .into(),
                 flags: vec!["clickhouse_spool_full".into()],
                 ..AuditEvent::default()
             };

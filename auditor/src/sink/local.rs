@@ -147,7 +147,7 @@ pub struct LocalLog {
     size: u64,
     prev_hash: String,
     out: BufWriter<File>,
-    line: String,
+    line: Vec<u8>,
 }
 
 impl LocalLog {
@@ -168,7 +168,7 @@ impl LocalLog {
             size,
             prev_hash,
             out: BufWriter::with_capacity(256 * 1024, file),
-            line: String::with_capacity(4096),
+            line: Vec::with_capacity(4096),
         })
     }
 
@@ -178,29 +178,29 @@ impl LocalLog {
 
     /// Appends one event, setting its prev_hash and hash.
     pub fn append(&mut self, ev: &mut AuditEvent) -> Result<(), LocalLogError> {
-        ev.prev_hash = self.prev_hash.clone();
-        ev.hash.clear();
-        let mut json = serde_json::to_string(ev).expect("events serialize");
-        // Serialized with an empty `hash` last: cut it off, hash the rest, append the hash.
-        let tail = ",\"hash\":\"\"}";
-        debug_assert!(json.ends_with(tail));
-        json.truncate(json.len() - tail.len());
-        let hash = hash_of(&json);
+        ev.prev_hash.clone_from(&self.prev_hash);
+        // The line up to its hash, the hash of that, then the hash itself.
         self.line.clear();
-        self.line.push_str(&json);
-        self.line.push_str(",\"hash\":\"");
-        self.line.push_str(&hash);
-        self.line.push_str("\"}\n");
+        ev.write_json_prefix(&mut self.line);
+        let mut h = Sha256::new();
+        h.update(&self.line);
+        h.update(b"}");
+        let mut hex = [0u8; 64];
+        hex::encode_to_slice(h.finalize(), &mut hex).expect("64 hex digits");
+        self.line.extend_from_slice(b",\"hash\":\"");
+        self.line.extend_from_slice(&hex);
+        self.line.extend_from_slice(b"\"}\n");
         if self.size > 0 && self.size + self.line.len() as u64 > self.rotate_bytes {
             self.rotate()?;
         }
         let path = self.current_path();
-        self.out
-            .write_all(self.line.as_bytes())
-            .map_err(io_err(&path))?;
+        self.out.write_all(&self.line).map_err(io_err(&path))?;
         self.size += self.line.len() as u64;
-        ev.hash = hash.clone();
-        self.prev_hash = hash;
+        let hash = std::str::from_utf8(&hex).expect("hex is ASCII");
+        ev.hash.clear();
+        ev.hash.push_str(hash);
+        self.prev_hash.clear();
+        self.prev_hash.push_str(hash);
         Ok(())
     }
 
@@ -314,7 +314,7 @@ mod tests {
         AuditEvent {
             kind: "statement".into(),
             seq: n,
-            statement: format!("SELECT {n}"),
+            statement: format!("SELECT {n}").into(),
             ..AuditEvent::default()
         }
     }

@@ -136,7 +136,7 @@ pub fn encode(ev: &AuditEvent, out: &mut Vec<u8>) {
     put_str(out, &ev.systemd_unit);
     put_str(out, &workload_of(ev));
     out.extend_from_slice(&(ev.labels.len() as u32).to_le_bytes());
-    for (k, v) in &ev.labels {
+    for (k, v) in ev.labels.iter() {
         put_str(out, k);
         put_str(out, v);
     }
@@ -290,7 +290,9 @@ pub fn decode_any<'a>(
 impl EventRef<'_> {
     /// The owned event (for JSON: records set aside for a person to read).
     pub fn to_event(&self) -> AuditEvent {
-        let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        fn owned<C: FromIterator<String>>(v: &[&str]) -> C {
+            v.iter().map(|s| s.to_string()).collect()
+        }
         AuditEvent {
             event_id: self.event_id.into(),
             kind: self.kind.into(),
@@ -331,7 +333,8 @@ impl EventRef<'_> {
                 .labels
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>(),
+                .collect::<BTreeMap<_, _>>()
+                .into(),
             capture: self.capture.into(),
             flags: owned(&self.flags),
             server_pid: self.server_pid,
@@ -355,7 +358,7 @@ pub fn workload_of(ev: &AuditEvent) -> String {
         format!("container:{}", ev.container_id)
     } else if !ev.systemd_unit.is_empty() {
         format!("unit:{}", ev.systemd_unit)
-    } else if !ev.cgroup_path.is_empty() && ev.cgroup_path != "/" {
+    } else if !ev.cgroup_path.is_empty() && &*ev.cgroup_path != "/" {
         format!("cgroup:{}", ev.cgroup_path)
     } else {
         format!("process:{}", ev.comm)
@@ -420,7 +423,7 @@ mod tests {
             seq: 11,
             statement: "SELECT abalance FROM pgbench_accounts WHERE aid = $1 -- \"ü\"\n".into(),
             command: "SELECT".into(),
-            tables: vec!["pgbench_accounts".into()],
+            tables: vec!["pgbench_accounts".into()].into(),
             fingerprint: "348bee4e67e86ca6".into(),
             protocol: "extended".into(),
             params: vec!["hmac:1b9891be7a5a66b4".into(), "hmac:00".into()],
@@ -435,7 +438,7 @@ mod tests {
             cgroup_id: 7,
             pod_name: "payments-1".into(),
             namespace: "prod".into(),
-            labels: [("app".to_string(), "payments".to_string())].into(),
+            labels: std::sync::Arc::new([("app".to_string(), "payments".to_string())].into()),
             capture: "ebpf".into(),
             flags: vec!["mid_stream".into()],
             server_pid: 9,
