@@ -26,7 +26,7 @@ impl EventKind {
 }
 
 /// Where a process sits: the local end of the connection.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessIdentity {
     pub pid: u32,
     pub comm: Text,
@@ -41,57 +41,134 @@ pub struct ProcessIdentity {
     pub systemd_unit: Text,
 }
 
-impl Default for ProcessIdentity {
-    fn default() -> Self {
-        let empty = constant("");
-        ProcessIdentity {
-            pid: Default::default(),
-            comm: empty.clone(),
-            exe: empty.clone(),
-            uid: Default::default(),
-            cgroup_id: Default::default(),
-            cgroup_path: empty.clone(),
-            container_id: empty.clone(),
-            pod_uid: empty.clone(),
-            pod_name: empty.clone(),
-            namespace: empty.clone(),
-            systemd_unit: empty.clone(),
+/// Text of an event. Constants (kinds, protocols, capture names, the empty string) are
+/// static and cost nothing to copy; text shared by many events (identity, session,
+/// statement) is reference-counted, not copied, on the path of every event.
+#[derive(Clone)]
+pub enum Text {
+    Static(&'static str),
+    Shared(Arc<str>),
+}
+
+impl Text {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Text::Static(s) => s,
+            Text::Shared(s) => s,
         }
     }
 }
 
-/// Text shared by many events (identity, session, statement): cloning it is a reference
-/// count, not an allocation, on the path of every event.
-pub type Text = Arc<str>;
-
-/// A shared copy of a constant (event kinds, protocols, capture names): one allocation per
-/// thread and value, then reference counts.
-pub fn constant(s: &'static str) -> Text {
-    thread_local! {
-        static CONSTANTS: std::cell::RefCell<Vec<(&'static str, Text)>> =
-            const { std::cell::RefCell::new(Vec::new()) };
+impl Default for Text {
+    fn default() -> Self {
+        Text::Static("")
     }
-    CONSTANTS.with(|c| {
-        let mut c = c.borrow_mut();
-        // Callers pass literals: the same pointer, almost always.
-        let same = |k: &&str| std::ptr::eq(k.as_ptr(), s.as_ptr()) && k.len() == s.len();
-        if let Some((_, t)) = c
-            .iter()
-            .find(|(k, _)| same(k))
-            .or_else(|| c.iter().find(|(k, _)| *k == s))
-        {
-            return t.clone();
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for Text {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::borrow::Borrow<str> for Text {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<&str> for Text {
+    fn from(s: &str) -> Self {
+        if s.is_empty() {
+            Text::default()
+        } else {
+            Text::Shared(Arc::from(s))
         }
-        let t = Text::from(s);
-        c.push((s, t.clone()));
-        t
-    })
+    }
+}
+
+impl From<String> for Text {
+    fn from(s: String) -> Self {
+        if s.is_empty() {
+            Text::default()
+        } else {
+            Text::Shared(Arc::from(s))
+        }
+    }
+}
+
+impl From<std::borrow::Cow<'_, str>> for Text {
+    fn from(s: std::borrow::Cow<'_, str>) -> Self {
+        Text::from(s.as_ref())
+    }
+}
+
+impl PartialEq for Text {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Text {}
+
+impl PartialEq<str> for Text {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Text {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::hash::Hash for Text {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state)
+    }
+}
+
+impl std::fmt::Debug for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Text {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Text::from)
+    }
+}
+
+/// A constant as event text: no allocation, no reference count.
+pub fn constant(s: &'static str) -> Text {
+    Text::Static(s)
 }
 
 /// Workload labels, shared by the events of a session.
 pub type Labels = Arc<std::collections::BTreeMap<String, String>>;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AuditEvent {
     pub event_id: String,
     pub kind: Text,
@@ -144,60 +221,6 @@ pub struct AuditEvent {
     pub tx_status: String,
     pub prev_hash: String,
     pub hash: String,
-}
-
-impl Default for AuditEvent {
-    /// Every text field shares one empty string: `Arc<str>::default()` would allocate one
-    /// per field, and events are built on the path of every statement.
-    fn default() -> Self {
-        let empty = constant("");
-        AuditEvent {
-            event_id: Default::default(),
-            kind: empty.clone(),
-            ts: Default::default(),
-            duration_us: Default::default(),
-            host: empty.clone(),
-            session_id: empty.clone(),
-            seq: Default::default(),
-            statement: empty.clone(),
-            command: empty.clone(),
-            tables: Default::default(),
-            fingerprint: empty.clone(),
-            protocol: empty.clone(),
-            params: Default::default(),
-            rows: Default::default(),
-            error_code: Default::default(),
-            error_message: Default::default(),
-            db_user: empty.clone(),
-            database: empty.clone(),
-            application_name: empty.clone(),
-            client_addr: empty.clone(),
-            client_port: Default::default(),
-            server_addr: empty.clone(),
-            server_port: Default::default(),
-            tls: Default::default(),
-            pid: Default::default(),
-            comm: empty.clone(),
-            exe: empty.clone(),
-            uid: Default::default(),
-            cgroup_id: Default::default(),
-            cgroup_path: empty.clone(),
-            container_id: empty.clone(),
-            pod_uid: empty.clone(),
-            pod_name: empty.clone(),
-            namespace: empty.clone(),
-            systemd_unit: empty.clone(),
-            labels: Default::default(),
-            capture: empty.clone(),
-            flags: Default::default(),
-            server_pid: Default::default(),
-            prepared_name: empty.clone(),
-            gap_bytes: Default::default(),
-            tx_status: Default::default(),
-            prev_hash: Default::default(),
-            hash: Default::default(),
-        }
-    }
 }
 
 impl AuditEvent {
