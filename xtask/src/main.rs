@@ -37,7 +37,7 @@ enum Cmd {
     /// integration tests included (real eBPF, real Postgres, real clients).
     Ci,
     /// Measure what auditing costs next to no auditing, pgaudit and log_statement=all,
-    /// interleaved, and write docs/benchmarks.md (about 25 minutes; --smoke: seconds, report
+    /// interleaved, and write docs/benchmarks.md (about 30 minutes; --smoke: seconds, report
     /// not written; a selection of workloads or configurations: target/bench-partial.md).
     Bench {
         /// Seconds instead of minutes; CI runs it. The report goes to the temp directory.
