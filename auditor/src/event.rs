@@ -160,11 +160,6 @@ impl<'de> Deserialize<'de> for Text {
     }
 }
 
-/// A constant as event text: no allocation, no reference count.
-pub fn constant(s: &'static str) -> Text {
-    Text::Static(s)
-}
-
 /// Workload labels, shared by the events of a session.
 pub type Labels = Arc<std::collections::BTreeMap<String, String>>;
 

@@ -155,7 +155,7 @@ pub struct Draft {
 
 fn kind_event(kind: EventKind) -> AuditEvent {
     AuditEvent {
-        kind: crate::event::constant(kind.as_str()),
+        kind: Text::Static(kind.as_str()),
         ..AuditEvent::default()
     }
 }
@@ -588,7 +588,7 @@ impl Session {
         protocol: &'static str,
     ) -> AuditEvent {
         let mut ev = kind_event(EventKind::Statement);
-        ev.protocol = crate::event::constant(protocol);
+        ev.protocol = Text::Static(protocol);
         match (sql, analysis) {
             (Some(sql), Some(a)) => {
                 ev.statement = if self.policy.raw_statements {

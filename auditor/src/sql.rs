@@ -39,11 +39,7 @@ impl Default for Analyzer {
 /// normalised text, command, tables and fingerprint do not depend on their values. (Not
 /// so for utility statements: `COPY t FROM 'file'` keeps its file name, for one.)
 fn shape_cacheable(sql: &str) -> bool {
-    let word = sql
-        .trim_start()
-        .split(|c: char| !c.is_ascii_alphabetic())
-        .next()
-        .unwrap_or("");
+    let word = first_word(sql);
     ["SELECT", "INSERT", "UPDATE", "DELETE", "WITH", "VALUES"]
         .iter()
         .any(|k| word.eq_ignore_ascii_case(k))
@@ -227,12 +223,15 @@ fn command_of_node(node: &str) -> String {
     out
 }
 
-fn first_keyword(sql: &str) -> String {
+fn first_word(sql: &str) -> &str {
     sql.trim_start()
         .split(|c: char| !c.is_ascii_alphabetic())
         .next()
         .unwrap_or("")
-        .to_ascii_uppercase()
+}
+
+fn first_keyword(sql: &str) -> String {
+    first_word(sql).to_ascii_uppercase()
 }
 
 /// Replaces string, numeric, bit-string and dollar-quoted literals with $n; keeps

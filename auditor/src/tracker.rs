@@ -785,7 +785,7 @@ fn finish(
         ev.client_port = conn.client_port;
         ev.server_addr = s.server_addr.clone();
         ev.server_port = conn.server_port;
-        ev.capture = crate::event::constant(if s.stream == STREAM_TLS {
+        ev.capture = Text::Static(if s.stream == STREAM_TLS {
             "ebpf_tls"
         } else {
             "ebpf"

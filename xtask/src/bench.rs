@@ -173,6 +173,17 @@ struct Workload {
     mode: &'static str,
 }
 
+impl Workload {
+    /// Statements in one transaction of pgbench's built-in script.
+    fn statements_per_tx(&self) -> u64 {
+        if self.select_only {
+            1
+        } else {
+            7
+        }
+    }
+}
+
 fn one_run(
     pg: &Postgres,
     clickhouse: Option<&auditor_tests::ClickHouse>,
@@ -245,7 +256,7 @@ fn one_run(
         ..Sample::default()
     };
     if let (Some(mut d), Some(pid)) = (daemon, daemon_pid) {
-        let per_tx = if w.select_only { 1 } else { 7 };
+        let per_tx = w.statements_per_tx();
         let mut dcpu1 = process_cpu_ns(pid);
         let bpf1 = bpf_stats(pid);
         s.daemon_peak_rss_kib = peak_rss_kib(pid);
@@ -604,7 +615,7 @@ pub fn bench(opts: Options) -> Result<()> {
         let base_us = median(base.iter().map(|b| b.cpu_ns_per_tx / 1e3).collect());
         for &c in configs.iter().filter(|c| c.is_auditor()) {
             let runs = &results[&(wi, c)];
-            let per_tx = if w.select_only { 1.0 } else { 7.0 };
+            let per_tx = w.statements_per_tx() as f64;
             let added = median(
                 runs.iter()
                     .zip(base)

@@ -134,7 +134,7 @@ pub fn encode(ev: &AuditEvent, out: &mut Vec<u8>) {
     put_str(out, &ev.pod_name);
     put_str(out, &ev.namespace);
     put_str(out, &ev.systemd_unit);
-    put_str(out, &workload_of(ev));
+    put_workload(out, ev);
     out.extend_from_slice(&(ev.labels.len() as u32).to_le_bytes());
     for (k, v) in ev.labels.iter() {
         put_str(out, k);
@@ -348,20 +348,30 @@ impl EventRef<'_> {
 }
 
 /// The workload an event belongs to, most specific first: pod, container, systemd unit,
-/// cgroup, program.
-pub fn workload_of(ev: &AuditEvent) -> String {
-    if !ev.pod_name.is_empty() {
-        format!("pod:{}/{}", ev.namespace, ev.pod_name)
+/// cgroup, program; appended as a string field without building it first (this runs for
+/// every spooled event).
+fn put_workload(out: &mut Vec<u8>, ev: &AuditEvent) {
+    let parts: [&str; 3] = if !ev.pod_name.is_empty() {
+        ["pod:", &ev.namespace, &ev.pod_name]
     } else if !ev.pod_uid.is_empty() {
-        format!("pod-uid:{}", ev.pod_uid)
+        ["pod-uid:", &ev.pod_uid, ""]
     } else if !ev.container_id.is_empty() {
-        format!("container:{}", ev.container_id)
+        ["container:", &ev.container_id, ""]
     } else if !ev.systemd_unit.is_empty() {
-        format!("unit:{}", ev.systemd_unit)
+        ["unit:", &ev.systemd_unit, ""]
     } else if !ev.cgroup_path.is_empty() && &*ev.cgroup_path != "/" {
-        format!("cgroup:{}", ev.cgroup_path)
+        ["cgroup:", &ev.cgroup_path, ""]
     } else {
-        format!("process:{}", ev.comm)
+        ["process:", &ev.comm, ""]
+    };
+    let slash = !parts[2].is_empty();
+    let len = parts.iter().map(|p| p.len()).sum::<usize>() + usize::from(slash);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    out.extend_from_slice(parts[0].as_bytes());
+    out.extend_from_slice(parts[1].as_bytes());
+    if slash {
+        out.push(b'/');
+        out.extend_from_slice(parts[2].as_bytes());
     }
 }
 
@@ -454,6 +464,55 @@ mod tests {
         encode(&ev, &mut buf);
         let r = decode(&buf).unwrap();
         assert_eq!(r.workload, "pod:prod/payments-1");
+        for (ev, want) in [
+            (
+                AuditEvent {
+                    comm: "psql".into(),
+                    ..AuditEvent::default()
+                },
+                "process:psql",
+            ),
+            (
+                AuditEvent {
+                    cgroup_path: "/".into(),
+                    comm: "x".into(),
+                    ..AuditEvent::default()
+                },
+                "process:x",
+            ),
+            (
+                AuditEvent {
+                    cgroup_path: "/a.slice".into(),
+                    ..AuditEvent::default()
+                },
+                "cgroup:/a.slice",
+            ),
+            (
+                AuditEvent {
+                    systemd_unit: "api.service".into(),
+                    ..AuditEvent::default()
+                },
+                "unit:api.service",
+            ),
+            (
+                AuditEvent {
+                    container_id: "c0ffee".into(),
+                    ..AuditEvent::default()
+                },
+                "container:c0ffee",
+            ),
+            (
+                AuditEvent {
+                    pod_uid: "u-1".into(),
+                    ..AuditEvent::default()
+                },
+                "pod-uid:u-1",
+            ),
+        ] {
+            let mut buf = Vec::new();
+            encode(&ev, &mut buf);
+            assert_eq!(decode(&buf).unwrap().workload, want);
+        }
         assert_eq!(r.ts_us, 1_795_346_980_381_256);
         assert_eq!(r.to_event(), ev);
     }
