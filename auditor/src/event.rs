@@ -386,9 +386,10 @@ pub fn new_event_id() -> String {
         .unwrap_or(0);
     let mut random = [0u8; 10];
     rand::thread_rng().fill_bytes(&mut random);
-    uuid::Builder::from_unix_timestamp_millis(millis, &random)
-        .into_uuid()
-        .to_string()
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
+    // One exact allocation (Display grows a String several times).
+    String::from(&*id.hyphenated().encode_lower(&mut text))
 }
 
 /// RFC 3339 with microseconds, UTC (`2023-11-14T22:13:20.123456Z`). Years outside

@@ -313,7 +313,8 @@ impl Session {
             self.resyncing[d] = false;
             self.framers[d].resync_typed();
         }
-        let mut frames = Vec::new();
+        // Frames borrow `data`; a push rarely holds more than a few messages.
+        let mut frames: smallvec::SmallVec<[Frame; 8]> = smallvec::SmallVec::new();
         let result = self.framers[d].push(data, &mut |f| frames.push(f));
         for frame in frames {
             self.on_frame(direction, frame, ts_ns, analyzer, out);
@@ -448,7 +449,12 @@ impl Session {
                     let mut mac = self.policy.param_mac.clone();
                     mac.update(v);
                     let digest = mac.finalize().into_bytes();
-                    format!("hmac:{}", hex::encode(&digest[..8]))
+                    let mut text = [0u8; 16];
+                    hex::encode_to_slice(&digest[..8], &mut text).expect("16 hex digits");
+                    let mut out = String::with_capacity(5 + text.len());
+                    out.push_str("hmac:");
+                    out.push_str(std::str::from_utf8(&text).expect("hex is ASCII"));
+                    out
                 }
             })
             .collect()

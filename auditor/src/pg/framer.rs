@@ -1,5 +1,7 @@
 //! Cuts one direction of a connection into messages.
 
+use std::borrow::Cow;
+
 use super::{Direction, ProtocolError};
 
 #[derive(Clone, Copy, Debug)]
@@ -23,14 +25,15 @@ const MAX_STARTUP_LEN: u32 = 10_000;
 
 /// One unit out of the framer.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Frame {
+pub enum Frame<'a> {
     /// An untyped startup-phase packet (StartupMessage, SSLRequest, GSSENCRequest,
     /// CancelRequest): its body after the length.
     Startup(Vec<u8>),
     /// The one-byte answer to an SSLRequest or GSSENCRequest ('S', 'G' or 'N').
     EncryptionReply(u8),
-    /// A typed message, with its body.
-    Message { tag: u8, body: Vec<u8> },
+    /// A typed message, with its body: borrowed from the pushed bytes when the whole
+    /// message was in one push (the common case), else reassembled.
+    Message { tag: u8, body: Cow<'a, [u8]> },
     /// A typed message whose body was not buffered (only counted, or over the limit).
     Skipped { tag: u8, len: u32 },
 }
@@ -125,10 +128,10 @@ impl Framer {
 
     /// Feeds bytes; frames come out through `out`. On a framing error the framer turns
     /// opaque and the error is returned: the caller records it and may resync later.
-    pub fn push(
+    pub fn push<'a>(
         &mut self,
-        mut data: &[u8],
-        out: &mut impl FnMut(Frame),
+        mut data: &'a [u8],
+        out: &mut impl FnMut(Frame<'a>),
     ) -> Result<(), ProtocolError> {
         while !data.is_empty() {
             match self.mode {
@@ -182,6 +185,42 @@ impl Framer {
                         out(Frame::Startup(body));
                     }
                 }
+                Mode::Typed if self.buf.is_empty() && data.len() >= 5 => {
+                    // Fast path: the header is in this push; the body too, usually.
+                    let tag = data[0];
+                    let len = u32::from_be_bytes([data[1], data[2], data[3], data[4]]);
+                    if !(4..=MAX_MESSAGE_LEN).contains(&len) {
+                        self.make_opaque();
+                        return Err(ProtocolError::BadLength {
+                            tag: tag as char,
+                            len,
+                            min: 4,
+                            max: MAX_MESSAGE_LEN,
+                        });
+                    }
+                    let body_len = len - 4;
+                    if counted_only(self.direction, tag) || body_len > self.limits.max_buffered {
+                        data = &data[5..];
+                        out(Frame::Skipped { tag, len: body_len });
+                        if body_len > 0 {
+                            self.mode = Mode::Skipping {
+                                remaining: body_len,
+                            };
+                        }
+                        continue;
+                    }
+                    let end = 5 + body_len as usize;
+                    if data.len() >= end {
+                        out(Frame::Message {
+                            tag,
+                            body: Cow::Borrowed(&data[5..end]),
+                        });
+                        data = &data[end..];
+                    } else {
+                        self.buf.extend_from_slice(data);
+                        data = &[];
+                    }
+                }
                 Mode::Typed => {
                     if self.buf.len() < 5 {
                         let n = (5 - self.buf.len()).min(data.len());
@@ -221,7 +260,10 @@ impl Framer {
                     if self.buf.len() == 5 + body_len as usize {
                         let body = self.buf[5..].to_vec();
                         self.buf.clear();
-                        out(Frame::Message { tag, body });
+                        out(Frame::Message {
+                            tag,
+                            body: Cow::Owned(body),
+                        });
                     }
                 }
             }
@@ -255,7 +297,7 @@ pub fn plausible_boundary(direction: Direction, data: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    fn frames(f: &mut Framer, data: &[u8]) -> Vec<Frame> {
+    fn frames<'a>(f: &mut Framer, data: &'a [u8]) -> Vec<Frame<'a>> {
         let mut v = Vec::new();
         f.push(data, &mut |fr| v.push(fr)).unwrap();
         v
@@ -272,7 +314,7 @@ mod tests {
             out[1],
             Frame::Message {
                 tag: b'Q',
-                body: b"SELECT 1\0".to_vec()
+                body: Cow::Borrowed(&b"SELECT 1\0"[..])
             }
         );
     }
@@ -316,9 +358,45 @@ mod tests {
             out[1],
             Frame::Message {
                 tag: b'S',
-                body: vec![]
+                body: Cow::Borrowed(&[][..])
             }
         );
+    }
+
+    #[test]
+    fn split_anywhere_gives_the_same_frames() {
+        // Messages borrowed whole from one push, or reassembled from pieces: the same.
+        let mut stream = Vec::new();
+        stream.extend_from_slice(b"P\0\0\0\x11\0SELECT $1\0\0\0");
+        stream.extend_from_slice(b"B\0\0\0\x0c\0\0\0\0\0\0\0\0");
+        stream.extend_from_slice(b"d\0\0\0\x07abc");
+        stream.extend_from_slice(b"E\0\0\0\x09\0\0\0\0\0");
+        stream.extend_from_slice(b"S\0\0\0\x04");
+        let whole = {
+            let mut f = Framer::typed(Direction::ToServer, FramerLimits::default());
+            frames(&mut f, &stream)
+        };
+        assert_eq!(whole.len(), 5);
+        assert!(whole.iter().all(|fr| matches!(
+            fr,
+            Frame::Message {
+                body: Cow::Borrowed(_),
+                ..
+            } | Frame::Skipped { .. }
+        )));
+        for cut in 1..stream.len() {
+            let mut f = Framer::typed(Direction::ToServer, FramerLimits::default());
+            let mut got = frames(&mut f, &stream[..cut]);
+            got.extend(frames(&mut f, &stream[cut..]));
+            assert_eq!(got, whole, "cut at {cut}");
+            assert!(f.at_boundary());
+        }
+        let mut f = Framer::typed(Direction::ToServer, FramerLimits::default());
+        let mut got = Vec::new();
+        for b in stream.chunks(1) {
+            got.extend(frames(&mut f, b));
+        }
+        assert_eq!(got, whole, "byte by byte");
     }
 
     #[test]

@@ -193,8 +193,9 @@ impl LocalLog {
         if self.size > 0 && self.size + self.line.len() as u64 > self.rotate_bytes {
             self.rotate()?;
         }
-        let path = self.current_path();
-        self.out.write_all(&self.line).map_err(io_err(&path))?;
+        if let Err(e) = self.out.write_all(&self.line) {
+            return Err(io_err(&self.current_path())(e));
+        }
         self.size += self.line.len() as u64;
         let hash = std::str::from_utf8(&hex).expect("hex is ASCII");
         ev.hash.clear();
