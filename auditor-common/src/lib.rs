@@ -52,6 +52,11 @@ pub const SEEN_ACCEPT: u8 = 2;
 pub const SEEN_IO: u8 = 3;
 
 /// Value of `PORT_RULES[port]`: the port is not watched.
+/// Address families as the kernel numbers them.
+pub const AF_UNIX: u16 = 1;
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
 pub const PORT_NONE: u8 = 0;
 /// Any address with this port is a Postgres endpoint.
 pub const PORT_ANY_ADDR: u8 = 1;
@@ -97,7 +102,10 @@ pub struct Tuple {
     pub remote_addr: [u8; 16],
     pub local_port: u16,
     pub remote_port: u16,
-    /// AF_INET or AF_INET6 as the socket reported it.
+    /// AF_INET or AF_INET6 as the socket reported it, or AF_UNIX. A Unix-domain
+    /// connection has no addresses: each end is named by the kernel address of its
+    /// `struct sock` (first 8 bytes, little-endian), and the server end's port is the one
+    /// in its socket file's name (`.s.PGSQL.<port>`); the client's port is 0.
     pub family: u16,
     pub _pad: u16,
 }
@@ -183,9 +191,19 @@ pub struct KernelOffsets {
     pub inode_i_ino: u32,
     pub inode_i_sb: u32,
     pub sb_s_dev: u32,
-    pub _pad: u32,
+    /// Non-zero when the Unix-domain socket fields below were found (AF_UNIX may be a
+    /// module without BTF: then Unix sockets are not watched).
+    pub unix_valid: u32,
+    /// `sock.sk_type` (u16).
+    pub sock_type: u32,
+    /// `unix_sock.addr`, `unix_sock.peer`.
+    pub unix_addr: u32,
+    pub unix_peer: u32,
+    /// `unix_address.len`, `unix_address.name`.
+    pub unix_address_len: u32,
+    pub unix_address_name: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 84);
+const _: () = assert!(size_of::<KernelOffsets>() == 104);
 
 /// Key of the `ENDPOINTS` map: one watched address and port.
 #[repr(C, align(8))]

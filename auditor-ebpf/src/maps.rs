@@ -30,7 +30,12 @@ pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     inode_i_ino: 0,
     inode_i_sb: 0,
     sb_s_dev: 0,
-    _pad: 0,
+    unix_valid: 0,
+    sock_type: 0,
+    unix_addr: 0,
+    unix_peer: 0,
+    unix_address_len: 0,
+    unix_address_name: 0,
 });
 
 /// The daemon's own tgid: its traffic is never captured.
@@ -72,10 +77,15 @@ pub struct ConnState {
     pub _pad: [u8; 5],
     /// Plaintext bytes seen so far in each direction (STREAM_TLS offsets).
     pub tls_offsets: [u64; 2],
+    /// The socket's inode number: a different one at the same address is a new socket
+    /// (the old one's close was not seen).
+    pub ino: u64,
 }
 
+/// LRU: Unix-domain sockets have no close tracepoint, so their entries are replaced when
+/// the address is reused (see `ino`) or evicted as the least recently used.
 #[map]
-pub static CONNS: HashMap<u64, ConnState> = HashMap::with_max_entries(65536, 0);
+pub static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(65536, 0);
 
 /// Sockets whose payload the daemon does not need (the second end of a connection whose
 /// two ends are both on this host): sock address -> the connection's first-seen time, so
@@ -93,8 +103,16 @@ pub struct PendingCall {
     /// Number of iovecs; 0 for a plain buffer.
     pub iovcnt: u64,
     pub direction: u8,
-    pub _pad: [u8; 7],
+    /// PENDING_READ, PENDING_EOF_ONLY.
+    pub flags: u8,
+    pub _pad: [u8; 6],
 }
+
+/// The call reads (a return of 0 is the end of the stream).
+pub const PENDING_READ: u8 = 1;
+/// A read on a muted Unix-domain end: only its end of stream matters (there is no close
+/// tracepoint for Unix sockets).
+pub const PENDING_EOF_ONLY: u8 = 2;
 
 #[map]
 pub static PENDING: HashMap<u64, PendingCall> = HashMap::with_max_entries(16384, 0);

@@ -4,8 +4,8 @@
 //! with field offsets from the daemon (computed from the running kernel's BTF).
 
 use auditor_common::{
-    v4_mapped, EndpointKey, KernelOffsets, Tuple, PORT_ANY_ADDR, PORT_LISTED_ADDRS, ROLE_CLIENT,
-    ROLE_SERVER,
+    v4_mapped, EndpointKey, KernelOffsets, Tuple, AF_INET, AF_INET6, AF_UNIX, PORT_ANY_ADDR,
+    PORT_LISTED_ADDRS, PORT_NONE, ROLE_CLIENT, ROLE_SERVER,
 };
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
 
@@ -13,9 +13,8 @@ use crate::maps::{ENDPOINTS, OFFSETS, PORT_RULES};
 
 const S_IFMT: u16 = 0o170000;
 const S_IFSOCK: u16 = 0o140000;
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u16 = 6;
+const SOCK_STREAM: u16 = 1;
 
 #[inline(always)]
 unsafe fn read<T>(addr: u64) -> Result<T, i32> {
@@ -46,9 +45,10 @@ fn file_of_fd(off: &KernelOffsets, fd: u64) -> Option<u64> {
     }
 }
 
-/// The `struct sock` behind `fd` of the current task, if it is a socket.
+/// The `struct sock` behind `fd` of the current task, if it is a socket, and the socket's
+/// inode number (unique among live sockets: it tells a reused `struct sock` address apart).
 #[inline(always)]
-pub fn sock_of_fd(off: &KernelOffsets, fd: u64) -> Option<u64> {
+pub fn sock_of_fd(off: &KernelOffsets, fd: u64) -> Option<(u64, u64)> {
     unsafe {
         let file = file_of_fd(off, fd)?;
         let inode: u64 = read(file + off.file_f_inode as u64).ok()?;
@@ -56,12 +56,13 @@ pub fn sock_of_fd(off: &KernelOffsets, fd: u64) -> Option<u64> {
         if mode & S_IFMT != S_IFSOCK {
             return None;
         }
+        let ino: u64 = read(inode + off.inode_i_ino as u64).ok()?;
         let socket: u64 = read(file + off.file_private_data as u64).ok()?;
         let sk: u64 = read(socket + off.socket_sk as u64).ok()?;
         if sk == 0 {
             None
         } else {
-            Some(sk)
+            Some((sk, ino))
         }
     }
 }
@@ -79,11 +80,145 @@ pub fn file_id_of_fd(off: &KernelOffsets, fd: u64) -> Option<(u64, u64)> {
     }
 }
 
-/// The endpoints of a TCP socket; None for other families and protocols.
+/// The endpoints of a watched connection and which side the socket's owner is on: a TCP
+/// socket with a watched endpoint, or a Unix-domain stream socket whose own or peer's
+/// socket file is a Postgres one (`.s.PGSQL.<port>`) for a watched port.
 #[inline(always)]
-pub fn tuple_of_sock(off: &KernelOffsets, sk: u64) -> Option<Tuple> {
+pub fn watched_sock(off: &KernelOffsets, sk: u64) -> Option<(Tuple, u8)> {
+    let family: u16 = unsafe { read(sk + off.sock_family as u64) }.ok()?;
+    if family == AF_UNIX {
+        return unix_tuple(off, sk);
+    }
+    let tuple = tuple_of_sock(off, sk, family)?;
+    let role = role_of(&tuple)?;
+    Some((tuple, role))
+}
+
+/// The Postgres port in the name of a Unix socket's bound address, if it is
+/// `<dir>/.s.PGSQL.<port>` (also in the abstract namespace).
+#[inline(always)]
+fn pg_port_of_unix_addr(off: &KernelOffsets, usk: u64) -> Option<u16> {
     unsafe {
-        let family: u16 = read(sk + off.sock_family as u64).ok()?;
+        let addr: u64 = read(usk + off.unix_addr as u64).ok()?;
+        if addr == 0 {
+            return None;
+        }
+        // len counts sun_family, the path and (for file names) its terminating NUL.
+        let len: i32 = read(addr + off.unix_address_len as u64).ok()?;
+        if !(2 + 10..=2 + 108 + 1).contains(&len) {
+            return None;
+        }
+        let name = addr + off.unix_address_name as u64;
+        let mut end = len as u64;
+        let last: u8 = read(name + end - 1).ok()?;
+        if last == 0 {
+            end -= 1;
+        }
+        if end < 2 + 10 {
+            return None;
+        }
+        // The last 16 bytes hold the longest suffix, ".s.PGSQL.65535", and what precedes
+        // it. For a shorter path they start inside the address header: still readable, and
+        // only path bytes are looked at.
+        let tail: [u8; 16] = read(name + end - 16).ok()?;
+        let path_len = end - 2;
+        // Digits from the back (at most five), then the fixed part, then '/' or the start.
+        let mut port: u32 = 0;
+        let mut scale: u32 = 1;
+        let mut digits: usize = 0;
+        while digits < 5 {
+            let c = tail[15 - digits];
+            if !c.is_ascii_digit() {
+                break;
+            }
+            port += (c - b'0') as u32 * scale;
+            scale *= 10;
+            digits += 1;
+        }
+        if digits == 0 || port == 0 || port > 65535 || path_len < (digits + 9) as u64 {
+            return None;
+        }
+        // Constant indices only (the verifier refuses variable offsets into the stack).
+        let named = match digits {
+            1 => pg_suffix::<1>(&tail, path_len),
+            2 => pg_suffix::<2>(&tail, path_len),
+            3 => pg_suffix::<3>(&tail, path_len),
+            4 => pg_suffix::<4>(&tail, path_len),
+            _ => pg_suffix::<5>(&tail, path_len),
+        };
+        if !named {
+            return None;
+        }
+        Some(port as u16)
+    }
+}
+
+/// Whether the last 16 bytes of a socket path of `path_len` bytes end in `.s.PGSQL.`
+/// and `D` digits, preceded by '/' (or NUL in the abstract namespace) or nothing.
+#[inline(always)]
+fn pg_suffix<const D: usize>(tail: &[u8; 16], path_len: u64) -> bool {
+    const SUFFIX: &[u8; 9] = b".s.PGSQL.";
+    let start = 16 - D - 9;
+    let mut i = 0;
+    while i < 9 {
+        if tail[start + i] != SUFFIX[i] {
+            return false;
+        }
+        i += 1;
+    }
+    path_len == (D + 9) as u64 || tail[start - 1] == b'/' || tail[start - 1] == 0
+}
+
+/// A Unix-domain connection to a watched Postgres socket: the server end is the socket
+/// bound to `.s.PGSQL.<port>` (an accepted socket shares its listener's address), the
+/// client end the socket whose peer is.
+#[inline(always)]
+fn unix_tuple(off: &KernelOffsets, sk: u64) -> Option<(Tuple, u8)> {
+    if off.unix_valid == 0 {
+        return None;
+    }
+    let ty: u16 = unsafe { read(sk + off.sock_type as u64) }.ok()?;
+    if ty != SOCK_STREAM {
+        return None;
+    }
+    let peer: u64 = unsafe { read(sk + off.unix_peer as u64) }.ok()?;
+    if peer == 0 {
+        return None;
+    }
+    let (port, role) = match pg_port_of_unix_addr(off, sk) {
+        Some(port) => (port, ROLE_SERVER),
+        None => (pg_port_of_unix_addr(off, peer)?, ROLE_CLIENT),
+    };
+    if PORT_RULES
+        .get(port as u32)
+        .is_none_or(|&rule| rule == PORT_NONE)
+    {
+        return None;
+    }
+    let mut tuple = Tuple {
+        family: AF_UNIX,
+        ..Tuple::default()
+    };
+    let mine = sk.to_le_bytes();
+    let theirs = peer.to_le_bytes();
+    let mut i = 0;
+    while i < 8 {
+        tuple.local_addr[i] = mine[i];
+        tuple.remote_addr[i] = theirs[i];
+        i += 1;
+    }
+    if role == ROLE_SERVER {
+        tuple.local_port = port;
+    } else {
+        tuple.remote_port = port;
+    }
+    Some((tuple, role))
+}
+
+/// The endpoints of a TCP socket of `family`; None for other protocols.
+#[inline(always)]
+fn tuple_of_sock(off: &KernelOffsets, sk: u64, family: u16) -> Option<Tuple> {
+    unsafe {
         if family != AF_INET && family != AF_INET6 {
             return None;
         }
@@ -132,7 +267,7 @@ fn is_endpoint(addr: &[u8; 16], port: u16) -> bool {
 
 /// Which side of a Postgres connection the socket's owner is on, if either end is watched.
 #[inline(always)]
-pub fn role_of(tuple: &Tuple) -> Option<u8> {
+fn role_of(tuple: &Tuple) -> Option<u8> {
     if is_endpoint(&tuple.local_addr, tuple.local_port) {
         Some(ROLE_SERVER)
     } else if is_endpoint(&tuple.remote_addr, tuple.remote_port) {

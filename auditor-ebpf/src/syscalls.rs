@@ -9,7 +9,7 @@
 use core::ffi::c_void;
 
 use auditor_common::{
-    counter, KernelOffsets, RecordHeader, CHUNK_DATA, DIR_TO_CLIENT, DIR_TO_SERVER,
+    counter, KernelOffsets, RecordHeader, AF_UNIX, CHUNK_DATA, DIR_TO_CLIENT, DIR_TO_SERVER,
     MAX_CHUNKS_PER_CALL, MAX_IOVECS, RECORD_CLOSE, RECORD_DATA, RECORD_FILE, RECORD_OPEN,
     ROLE_CLIENT, SEEN_ACCEPT, SEEN_CONNECT, SEEN_IO, STREAM_RAW, STREAM_TLS,
 };
@@ -26,9 +26,10 @@ use aya_ebpf::{
 use crate::{
     maps::{
         count, ConnState, PendingCall, SockRef, SslKey, CONNECTING, CONNS, DAEMON_TGID, EVENTS,
-        KNOWN_FILES, MUTED, PENDING, SCRATCH, SSL_SOCKS, TLS_CALLS, WAKE_BYTES,
+        KNOWN_FILES, MUTED, PENDING, PENDING_EOF_ONLY, PENDING_READ, SCRATCH, SSL_SOCKS, TLS_CALLS,
+        WAKE_BYTES,
     },
-    sock::{file_id_of_fd, offsets, role_of, sock_of_fd, tuple_of_sock},
+    sock::{file_id_of_fd, offsets, sock_of_fd, watched_sock},
 };
 
 const HEADER_LEN: usize = core::mem::size_of::<RecordHeader>();
@@ -52,15 +53,21 @@ pub(crate) fn is_daemon(pid_tgid: u64) -> bool {
     (pid_tgid >> 32) as u32 == DAEMON_TGID.load()
 }
 
-/// The watched connection of socket `sk`, registering it on first sight. None if the
-/// socket is not a watched TCP connection.
+/// The watched connection of socket `sk` (inode `ino`), registering it on first sight.
+/// None if the socket is not a watched connection.
 #[inline(always)]
-fn conn_of_sock(off: &KernelOffsets, sk: u64, seen: u8) -> Option<(ConnState, bool)> {
+fn conn_of_sock(off: &KernelOffsets, sk: u64, ino: u64, seen: u8) -> Option<(ConnState, bool)> {
     if let Some(state) = unsafe { CONNS.get(sk) } {
-        return Some((*state, false));
+        if state.ino == ino {
+            return Some((*state, false));
+        }
+        // A new socket at the address of one whose close was not seen (Unix-domain sockets
+        // have no close tracepoint): the old connection ends here.
+        emit_control(RECORD_CLOSE, sk, state, 0);
+        let _ = CONNS.remove(sk);
+        let _ = MUTED.remove(sk);
     }
-    let tuple = tuple_of_sock(off, sk)?;
-    let role = role_of(&tuple)?;
+    let (tuple, role) = watched_sock(off, sk)?;
     let state = ConnState {
         start_ns: unsafe { bpf_ktime_get_ns() },
         tuple,
@@ -70,6 +77,7 @@ fn conn_of_sock(off: &KernelOffsets, sk: u64, seen: u8) -> Option<(ConnState, bo
         tls: 0,
         _pad: [0; 5],
         tls_offsets: [0, 0],
+        ino,
     };
     // A mute left over from an earlier socket at this address does not apply.
     let _ = MUTED.remove(sk);
@@ -90,8 +98,8 @@ fn conn_of_sock(off: &KernelOffsets, sk: u64, seen: u8) -> Option<(ConnState, bo
 #[inline(always)]
 fn lookup_conn(fd: u64, seen: u8) -> Option<(u64, ConnState, bool)> {
     let off = offsets()?;
-    let sk = sock_of_fd(&off, fd)?;
-    let (state, new) = conn_of_sock(&off, sk, seen)?;
+    let (sk, ino) = sock_of_fd(&off, fd)?;
+    let (state, new) = conn_of_sock(&off, sk, ino, seen)?;
     Some((sk, state, new))
 }
 
@@ -122,25 +130,35 @@ fn wake_flags() -> u64 {
     }
 }
 
-/// Sends an open or close record (header only).
+/// Sends an open or close record (header only), assembled in scratch space (the stack is
+/// too small for it next to the callers' state).
 #[inline(always)]
 fn emit_control(kind: u32, sk: u64, state: &ConnState, dir: u8) {
-    let mut h = RecordHeader {
-        kind,
-        sock: sk,
-        conn_start_ns: state.start_ns,
-        tuple: state.tuple,
-        role: state.role,
-        seen: state.seen,
-        direction: dir,
-        offset: state.offsets[DIR_TO_SERVER as usize],
-        call_len: state.offsets[DIR_TO_CLIENT as usize],
-        aux: state.tls_offsets,
-        ..RecordHeader::default()
-    };
-    fill_identity(&mut h);
-    if EVENTS.output::<RecordHeader>(&h, wake_flags()).is_err() {
+    let Some(rec) = SCRATCH.get_ptr_mut(0) else {
         count(counter::CONTROL_DROPS, 1);
+        return;
+    };
+    unsafe {
+        let h = &mut (*rec).header;
+        h.kind = kind;
+        h.len = 0;
+        h.sock = sk;
+        h.conn_start_ns = state.start_ns;
+        h.tuple = state.tuple;
+        h.role = state.role;
+        h.seen = state.seen;
+        h.direction = dir;
+        h.chunk_index = 0;
+        h.stream = 0;
+        h._pad = [0; 3];
+        h.offset = state.offsets[DIR_TO_SERVER as usize];
+        h.call_len = state.offsets[DIR_TO_CLIENT as usize];
+        h.aux = state.tls_offsets;
+        h.ssl = 0;
+        fill_identity(h);
+        if EVENTS.output::<RecordHeader>(h, wake_flags()).is_err() {
+            count(counter::CONTROL_DROPS, 1);
+        }
     }
 }
 
@@ -153,11 +171,11 @@ fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> O
         return None;
     }
     let off = offsets()?;
-    let sk = sock_of_fd(&off, arg(ctx, ARG0))?;
+    let (sk, ino) = sock_of_fd(&off, arg(ctx, ARG0))?;
     // Inside a hooked TLS library call: this syscall moves ciphertext for that call, and
     // tells which socket the library object runs over.
     let tls_call = TLS_CALLS.get_ptr_mut(pid_tgid);
-    let Some((state, _)) = conn_of_sock(&off, sk, SEEN_IO) else {
+    let Some((state, _)) = conn_of_sock(&off, sk, ino, SEEN_IO) else {
         if let Some(call) = tls_call {
             if unsafe { (*call).sock } == 0 {
                 let key = SslKey {
@@ -204,8 +222,12 @@ fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> O
         // Plaintext of this socket comes from the TLS hooks.
         return None;
     }
+    let mut flags = if is_write { 0 } else { PENDING_READ };
     if unsafe { MUTED.get(sk) }.is_some_and(|&start| start == state.start_ns) {
-        return None;
+        if is_write || state.tuple.family != AF_UNIX {
+            return None;
+        }
+        flags |= PENDING_EOF_ONLY;
     }
     let towards_server = (state.role == ROLE_CLIENT) == is_write;
     let pending = PendingCall {
@@ -217,7 +239,8 @@ fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> O
         } else {
             DIR_TO_CLIENT
         },
-        _pad: [0; 7],
+        flags,
+        _pad: [0; 6],
     };
     PENDING.insert(pid_tgid, pending, 0).ok()
 }
@@ -307,12 +330,31 @@ fn begin_exit(
     let pending = *unsafe { PENDING.get(pid_tgid) }?;
     let _ = PENDING.remove(pid_tgid);
     let ret = arg(ctx, RET) as i64;
-    if ret <= 0 {
+    if ret == 0 && pending.flags & PENDING_READ != 0 {
+        end_of_stream(pending.sock);
+        return None;
+    }
+    if ret <= 0 || pending.flags & PENDING_EOF_ONLY != 0 {
         return None;
     }
     let total = ret as u64;
     let (base, rec) = prepare_record(pending.sock, pending.direction, STREAM_RAW, 0, total)?;
     Some((pending, total, base, rec))
+}
+
+/// A read returned end of stream: the peer is gone. TCP connections end on their state
+/// change; a Unix-domain one has no such tracepoint, so its end is recorded here.
+#[inline(always)]
+fn end_of_stream(sk: u64) {
+    let Some(state) = (unsafe { CONNS.get(sk) }) else {
+        return;
+    };
+    if state.tuple.family != AF_UNIX {
+        return;
+    }
+    emit_control(RECORD_CLOSE, sk, state, 0);
+    let _ = CONNS.remove(sk);
+    let _ = MUTED.remove(sk);
 }
 
 #[inline(always)]
@@ -543,10 +585,10 @@ fn try_set_state(ctx: &TracePointContext) -> Option<()> {
         return None;
     }
     let sk: u64 = unsafe { ctx.read_at(STATE_SKADDR) }.ok()?;
-    let state = *unsafe { CONNS.get(sk) }?;
+    let state = unsafe { CONNS.get(sk) }?;
+    emit_control(RECORD_CLOSE, sk, state, 0);
     let _ = CONNS.remove(sk);
     let _ = MUTED.remove(sk);
-    emit_control(RECORD_CLOSE, sk, &state, 0);
     Some(())
 }
 

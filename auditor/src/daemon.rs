@@ -261,6 +261,13 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         );
     }
     println!("auditor: watching TCP {}", endpoints.join(", "));
+    if capture.unix_sockets {
+        println!(
+            "auditor: and Unix-domain sockets named .s.PGSQL.<port> for those ports (any directory)"
+        );
+    } else {
+        println!("auditor: Unix-domain sockets are NOT watched: this kernel's BTF does not describe them (AF_UNIX built as a module?)");
+    }
     if cfg.local_log.enabled {
         println!(
             "auditor: events -> {} (hash-chained JSON Lines; `auditor tail` follows them)",

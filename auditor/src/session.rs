@@ -125,6 +125,8 @@ pub struct Session {
     portals: HashMap<String, Portal>,
     pending: VecDeque<Pending>,
     startup_seen: bool,
+    /// The client sent Terminate: nothing more can follow on this connection.
+    pub terminated: bool,
     startup_done_flag: bool,
     started_emitted: bool,
     cancel_request: bool,
@@ -183,6 +185,7 @@ impl Session {
             portals: HashMap::default(),
             pending: VecDeque::new(),
             startup_seen: false,
+            terminated: false,
             startup_done_flag: false,
             started_emitted: false,
             cancel_request: false,
@@ -563,7 +566,7 @@ impl Session {
                     started_ns: ts,
                 })
             }
-            FrontendMessage::Terminate => {}
+            FrontendMessage::Terminate => self.terminated = true,
             // Startup-phase and COPY sub-protocol messages, Describe, Flush: no queue entry.
             _ => {}
         }

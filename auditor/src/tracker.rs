@@ -15,8 +15,8 @@ use std::{
 
 use ahash::AHashMap as HashMap;
 use auditor_common::{
-    RecordHeader, Tuple, DIR_TO_CLIENT, RECORD_CLOSE, RECORD_DATA, RECORD_OPEN, ROLE_CLIENT,
-    SEEN_IO, STREAM_RAW, STREAM_TLS,
+    RecordHeader, Tuple, AF_UNIX, DIR_TO_CLIENT, RECORD_CLOSE, RECORD_DATA, RECORD_OPEN,
+    ROLE_CLIENT, ROLE_SERVER, SEEN_IO, STREAM_RAW, STREAM_TLS,
 };
 
 use crate::{
@@ -62,6 +62,16 @@ impl ConnKey {
                 server_port: tuple.local_port,
             }
         }
+    }
+}
+
+/// How events show an endpoint address: the IP address, or `unix` for a Unix-domain
+/// socket (whose port is that of its socket file, `.s.PGSQL.<port>`).
+fn endpoint_string(family: u16, a: &[u8; 16]) -> Text {
+    if family == AF_UNIX {
+        Text::Static("unix")
+    } else {
+        addr_string(a).into()
     }
 }
 
@@ -111,6 +121,12 @@ struct SessionEntry {
     /// Labels of the identity events carry, and whose (pid, cgroup) they were made for.
     labels: Labels,
     labels_of: (u32, u64),
+    /// The end seen for each role (ROLE_CLIENT, ROLE_SERVER). Another end in a role that
+    /// already has one means the connection these ends belonged to is gone.
+    role_ends: [Option<EndKey>; 2],
+    /// A Unix-domain connection: it has no close tracepoint, so it ends at the client's
+    /// Terminate, at either end's end of stream, or when its processes are gone.
+    unix: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -295,6 +311,19 @@ impl Tracker {
         }
         let conn = ConnKey::of(&h.tuple, h.role);
         let identity = self.identity_of(h);
+        let role = (h.role == ROLE_SERVER) as usize;
+        let replaced = self
+            .sessions
+            .get(&conn)
+            .is_some_and(|s| s.role_ends[role].is_some_and(|k| k != key));
+        if replaced {
+            // The same endpoints with a new socket in a role already taken: the earlier
+            // connection ended without a close record (socket addresses are reused).
+            if let Some(old) = self.sessions.remove(&conn) {
+                self.ends.retain(|_, e| e.conn != conn);
+                self.end_session(conn, old, h.ts_ns as i128, true, out);
+            }
+        }
         self.ends.insert(
             key,
             End {
@@ -312,6 +341,7 @@ impl Tracker {
             .is_some_and(|s| self.ends.contains_key(&s.primary) && s.primary != key);
         if primary_alive {
             let s = self.sessions.get_mut(&conn).expect("checked");
+            s.role_ends[role] = Some(key);
             if h.role == ROLE_CLIENT {
                 s.client = Some(identity);
             } else {
@@ -343,11 +373,14 @@ impl Tracker {
             ciphertext_only_since: None,
             client: None,
             server: None,
-            client_addr: addr_string(&conn.client_addr).into(),
-            server_addr: addr_string(&conn.server_addr).into(),
+            client_addr: endpoint_string(h.tuple.family, &conn.client_addr),
+            server_addr: endpoint_string(h.tuple.family, &conn.server_addr),
             labels: Labels::default(),
             labels_of: (0, 0),
+            role_ends: [None, None],
+            unix: h.tuple.family == AF_UNIX,
         };
+        entry.role_ends[role] = Some(key);
         if h.role == ROLE_CLIENT {
             entry.client = Some(identity);
         } else {
@@ -517,8 +550,12 @@ impl Tracker {
             &mut self.analyzer,
             &mut drafts,
         );
+        let terminated = s.unix && s.session.terminated;
         self.finish_drafts(conn, &mut drafts, out);
         self.drafts = drafts;
+        if terminated {
+            self.close_session(conn, h.ts_ns, out);
+        }
     }
 
     /// Records TLS sessions that showed only ciphertext, from every end, for longer than
@@ -583,12 +620,24 @@ impl Tracker {
         let Some(end) = self.ends.remove(&key) else {
             return;
         };
+        if end.retired_ns.is_some() {
+            // Its session is over; another connection may have the same endpoints by now
+            // (Unix socket addresses are reused at once) and is not this end's to end.
+            return;
+        }
         let conn = end.conn;
         let is_primary = self.sessions.get(&conn).is_some_and(|s| s.primary == key);
-        if !is_primary {
+        // Either end's close ends a Unix-domain connection (the kernel reports it at that
+        // end's end of stream, or when its socket's address comes back for a new one).
+        let unix = self.sessions.get(&conn).is_some_and(|s| s.unix);
+        if !is_primary && !unix {
             return;
         }
         let ts = h.ts_ns as i128;
+        if !is_primary {
+            self.close_session(conn, h.ts_ns, out);
+            return;
+        }
         // The close record carries the kernel's byte totals: anything short of them is lost.
         let stream = self
             .sessions
@@ -615,15 +664,19 @@ impl Tracker {
                 self.emit_gap(conn, dir, total - expected[i], ts, out);
             }
         }
+        self.close_session(conn, h.ts_ns, out);
+    }
+
+    /// Ends the session of a connection that closed; its other ends may still send (their
+    /// close, a last read): kept, retired, until their own close record or the sweep.
+    fn close_session(&mut self, conn: ConnKey, ts_ns: u64, out: &mut Vec<AuditEvent>) {
         let Some(s) = self.sessions.remove(&conn) else {
             return;
         };
-        self.end_session(conn, s, ts, false, out);
-        // The other end of a local connection may still send (its close, a last read):
-        // kept, retired, until its own close record or the sweep.
+        self.end_session(conn, s, ts_ns as i128, false, out);
         for e in self.ends.values_mut() {
             if e.conn == conn && e.retired_ns.is_none() {
-                e.retired_ns = Some(h.ts_ns);
+                e.retired_ns = Some(ts_ns);
             }
         }
     }
@@ -719,7 +772,13 @@ impl Tracker {
                 .filter(|e| e.conn == conn && e.retired_ns.is_none())
                 .filter_map(|e| e.identity.as_ref().map(|i| i.pid))
                 .collect();
-            if pids.iter().any(|&pid| tcp_tuple_alive(pid, &conn)) {
+            let unix = self.sessions.get(&conn).is_some_and(|s| s.unix);
+            if unix {
+                // Both ends are on this host: alive while every process seen on it is.
+                if !pids.is_empty() && pids.iter().all(|&pid| process_alive(pid)) {
+                    continue;
+                }
+            } else if pids.iter().any(|&pid| tcp_tuple_alive(pid, &conn)) {
                 continue;
             }
             if let Some(s) = self.sessions.remove(&conn) {
@@ -827,6 +886,10 @@ fn proc_net_addr(hex_addr: &str) -> Option<([u8; 16], u16)> {
     Some((out, port))
 }
 
+fn process_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// Whether `pid` still sees a TCP socket with the connection's endpoints (either way round).
 fn tcp_tuple_alive(pid: u32, conn: &ConnKey) -> bool {
     const TCP_CLOSE: &str = "07";
@@ -898,6 +961,10 @@ mod tests {
         role: u8,
         offsets: [[u64; 2]; 2],
         ts: u64,
+        start: u64,
+        pid: u32,
+        /// Some(peer sock): a Unix-domain connection to port 5432's socket file.
+        unix_peer: Option<u64>,
     }
 
     impl Wire {
@@ -907,6 +974,19 @@ mod tests {
                 role,
                 offsets: [[0; 2]; 2],
                 ts: 1_000,
+                start: 7,
+                pid: std::process::id(),
+                unix_peer: None,
+            }
+        }
+
+        fn unix(sock: u64, peer: u64, role: u8, start: u64, pid: u32, ts: u64) -> Self {
+            Wire {
+                start,
+                pid,
+                unix_peer: Some(peer),
+                ts,
+                ..Wire::new(sock, role)
             }
         }
 
@@ -918,26 +998,37 @@ mod tests {
                 (5432, 40000)
             };
             self.ts += 1_000;
+            let mut tuple = Tuple {
+                local_addr: lo,
+                remote_addr: lo,
+                local_port: lp,
+                remote_port: rp,
+                family: 2,
+                _pad: 0,
+            };
+            if let Some(peer) = self.unix_peer {
+                tuple = Tuple {
+                    family: AF_UNIX,
+                    local_port: if self.role == ROLE_CLIENT { 0 } else { 5432 },
+                    remote_port: if self.role == ROLE_CLIENT { 5432 } else { 0 },
+                    ..Tuple::default()
+                };
+                tuple.local_addr[..8].copy_from_slice(&self.sock.to_le_bytes());
+                tuple.remote_addr[..8].copy_from_slice(&peer.to_le_bytes());
+            }
             RecordHeader {
                 kind,
                 sock: self.sock,
-                conn_start_ns: 7,
+                conn_start_ns: self.start,
                 ts_ns: self.ts,
-                pid_tgid: (std::process::id() as u64) << 32,
+                pid_tgid: (self.pid as u64) << 32,
                 role: self.role,
                 seen: if self.role == ROLE_CLIENT {
                     SEEN_CONNECT
                 } else {
                     SEEN_ACCEPT
                 },
-                tuple: Tuple {
-                    local_addr: lo,
-                    remote_addr: lo,
-                    local_port: lp,
-                    remote_port: rp,
-                    family: 2,
-                    _pad: 0,
-                },
+                tuple,
                 ..RecordHeader::default()
             }
         }
@@ -1106,6 +1197,83 @@ mod tests {
         assert!(late.is_empty(), "{late:#?}");
         assert_eq!(t.active_sessions(), 0);
         assert!(t.ends.is_empty());
+    }
+
+    /// One Unix-domain conversation: startup, one query answered, Terminate.
+    fn unix_conversation(t: &mut Tracker, client: &mut Wire, server: &mut Wire) -> Vec<AuditEvent> {
+        let mut out = Vec::new();
+        for w in [&mut *client, &mut *server] {
+            out.extend(w.data(t, STREAM_RAW, DIR_TO_SERVER, &startup()));
+        }
+        let ready = msg(b'Z', b"I");
+        for w in [&mut *client, &mut *server] {
+            out.extend(w.data(t, STREAM_RAW, DIR_TO_CLIENT, &ready));
+        }
+        let mut q = msg(b'Q', b"SELECT 1\0");
+        q.extend(msg(b'X', b""));
+        let mut answer = msg(b'C', b"SELECT 1\0");
+        answer.extend(msg(b'Z', b"I"));
+        out.extend(client.data(t, STREAM_RAW, DIR_TO_SERVER, &q));
+        out.extend(client.data(t, STREAM_RAW, DIR_TO_CLIENT, &answer));
+        out
+    }
+
+    #[test]
+    fn unix_socket_addresses_reused_make_a_new_session_with_its_own_client() {
+        let mut t = tracker();
+        // First connection: client socket 1 (pid 100), server socket 2 (backend 101).
+        let mut c1 = Wire::unix(1, 2, ROLE_CLIENT, 10, 100, 1_000);
+        let mut s1 = Wire::unix(2, 1, ROLE_SERVER, 11, 101, 1_500);
+        let first = unix_conversation(&mut t, &mut c1, &mut s1);
+        let kinds: Vec<&str> = first.iter().map(|e| &*e.kind).collect();
+        assert_eq!(kinds, ["session_start", "statement", "session_end"]);
+        assert!(first
+            .iter()
+            .all(|e| e.pid == 100 && &*e.client_addr == "unix"));
+        assert_eq!(first[1].server_port, 5432);
+        // The same two socket addresses for the next connection (pid 200, backend 201).
+        // The kernel reports the stale server end's close when the new one shows up.
+        let mut c2 = Wire::unix(1, 2, ROLE_CLIENT, 20, 200, 100_000);
+        let mut s2 = Wire::unix(2, 1, ROLE_SERVER, 21, 201, 100_500);
+        let mut second = c2.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &startup());
+        second.extend(s1.close(&mut t));
+        second.extend(s2.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &startup()));
+        let ready = msg(b'Z', b"I");
+        second.extend(c2.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &ready));
+        let mut q = msg(b'Q', b"SELECT 2\0");
+        q.extend(msg(b'X', b""));
+        let mut answer = msg(b'C', b"SELECT 1\0");
+        answer.extend(msg(b'Z', b"I"));
+        second.extend(c2.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &q));
+        second.extend(c2.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &answer));
+        let kinds: Vec<&str> = second.iter().map(|e| &*e.kind).collect();
+        assert_eq!(
+            kinds,
+            ["session_start", "statement", "session_end"],
+            "{second:#?}"
+        );
+        assert!(second.iter().all(|e| e.pid == 200), "{second:#?}");
+        assert_ne!(first[0].session_id, second[0].session_id);
+        assert_eq!(second[2].server_pid, 201);
+    }
+
+    #[test]
+    fn unix_session_ends_at_either_ends_end_of_stream() {
+        let mut t = tracker();
+        let mut c = Wire::unix(1, 2, ROLE_CLIENT, 10, 100, 1_000);
+        let mut s = Wire::unix(2, 1, ROLE_SERVER, 11, 101, 1_500);
+        let mut out = c.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &startup());
+        out.extend(s.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &startup()));
+        out.extend(c.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &msg(b'Q', b"SELECT 1\0")));
+        // The client dies; the (muted) backend reads the end of the stream.
+        out.extend(s.close(&mut t));
+        let kinds: Vec<&str> = out.iter().map(|e| &*e.kind).collect();
+        assert_eq!(
+            kinds,
+            ["session_start", "statement", "session_end"],
+            "{out:#?}"
+        );
+        assert_eq!(t.active_sessions(), 0);
     }
 
     #[test]

@@ -186,6 +186,19 @@ impl Postgres {
         .map(String::from)
     }
 
+    /// How clients reach this server through its Unix-domain socket
+    /// (`<dir>/.s.PGSQL.<port>`), as user postgres.
+    fn unix_conn_args(&self) -> [String; 6] {
+        [
+            "-h".to_string(),
+            self.dir.path().display().to_string(),
+            "-p".to_string(),
+            self.port.to_string(),
+            "-U".to_string(),
+            "postgres".to_string(),
+        ]
+    }
+
     /// psql against this server over TCP, as a command to adjust and run.
     pub fn psql(&self) -> Command {
         let mut c = Command::new("psql");
@@ -196,9 +209,27 @@ impl Postgres {
         c
     }
 
+    /// psql through the Unix-domain socket.
+    pub fn psql_unix(&self) -> Command {
+        let mut c = Command::new("psql");
+        c.arg("-X").arg("-q").args(self.unix_conn_args()).args([
+            "-v",
+            "ON_ERROR_STOP=0",
+            "postgres",
+        ]);
+        c
+    }
+
     pub fn pgbench(&self) -> Command {
         let mut c = Command::new("pgbench");
         c.args(self.conn_args());
+        c
+    }
+
+    /// pgbench through the Unix-domain socket.
+    pub fn pgbench_unix(&self) -> Command {
+        let mut c = Command::new("pgbench");
+        c.args(self.unix_conn_args());
         c
     }
 }

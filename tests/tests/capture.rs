@@ -396,3 +396,135 @@ fn passwords_and_sasl_never_reach_the_log() {
     assert_eq!(refused.len(), 1, "{events:#?}");
     assert_eq!(str_of(refused[0], "error_code"), "28P01");
 }
+
+#[test]
+fn unix_socket_clients_recorded_exactly_and_their_sessions_end() {
+    if !can_run("unix_socket_clients_recorded_exactly_and_their_sessions_end") {
+        return;
+    }
+    let pg = Postgres::start(&[]).unwrap();
+    check(pg.pgbench().args(["-i", "-q", "-s", "1"]).arg("postgres")).unwrap();
+    let mut daemon = Daemon::start(pg.port, "").unwrap();
+    let cg = Cgroup::new("unixclients").unwrap();
+
+    // pgbench through <dir>/.s.PGSQL.<port>, the way local clients reach Postgres by default.
+    for mode in ["simple", "prepared"] {
+        let app = format!("unix_pgbench_{mode}");
+        let mut cmd = pg.pgbench_unix();
+        cmd.args([
+            "-n", "-M", mode, "-c", "2", "-j", "2", "-t", "1000", "postgres",
+        ])
+        .env("PGAPPNAME", &app);
+        cg.enter(&mut cmd);
+        let out = check(&mut cmd).unwrap();
+        assert!(
+            out.contains("number of transactions actually processed: 2000/2000"),
+            "{out}"
+        );
+    }
+    // Many short connections in a row: socket addresses are reused, and no session may
+    // absorb the next one's statements.
+    for i in 0..40 {
+        let mut cmd = pg.psql_unix();
+        cmd.env("PGAPPNAME", "unix_short")
+            .args(["-c", &format!("SELECT {i} AS n")]);
+        cg.enter(&mut cmd);
+        check(&mut cmd).unwrap();
+    }
+    // A client killed while idle: the backend reads the end of the stream and the
+    // session ends (there is no close tracepoint for Unix-domain sockets).
+    let mut cmd = pg.psql_unix();
+    cmd.env("PGAPPNAME", "unix_killed")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    cg.enter(&mut cmd);
+    let mut psql = cmd.spawn().unwrap();
+    let mut stdin = psql.stdin.take().unwrap();
+    let mut stdout = BufReader::new(psql.stdout.take().unwrap());
+    writeln!(stdin, "SELECT 'alive' AS w;").unwrap();
+    stdin.flush().unwrap();
+    let mut line = String::new();
+    while !line.contains("alive") {
+        line.clear();
+        stdout.read_line(&mut line).unwrap();
+    }
+    let killed_pid = psql.id();
+    psql.kill().unwrap();
+    psql.wait().unwrap();
+    let events = daemon
+        .wait_for(Duration::from_secs(10), |evs| {
+            evs.iter().any(|e| {
+                str_of(e, "kind") == "session_end" && str_of(e, "application_name") == "unix_killed"
+            })
+        })
+        .unwrap();
+    let output = daemon.stop().unwrap();
+    let after_stop = daemon.events().unwrap();
+    assert_no_duplicates(&after_stop);
+    assert!(
+        after_stop.iter().all(|e| str_of(e, "kind") != "gap"),
+        "gaps recorded: {output:?}"
+    );
+
+    for mode in ["simple", "prepared"] {
+        let app = format!("unix_pgbench_{mode}");
+        let recorded = statements(&after_stop, &cg.name, &app);
+        let executed = pg.logged_statements(&app).unwrap();
+        assert!(executed >= 14_000, "{app}: server logged {executed}");
+        assert_eq!(recorded.len(), executed, "{app}: recorded vs executed");
+        for e in &recorded {
+            assert_eq!(str_of(e, "comm"), "pgbench", "{e}");
+            assert_eq!(str_of(e, "client_addr"), "unix", "{e}");
+            assert_eq!(str_of(e, "server_addr"), "unix", "{e}");
+            assert_eq!(e["server_port"].as_u64(), Some(pg.port as u64), "{e}");
+            assert!(e["server_pid"].as_u64().unwrap_or(0) > 0, "{e}");
+        }
+        let sessions: HashSet<&str> = recorded.iter().map(|e| str_of(e, "session_id")).collect();
+        assert_eq!(
+            sessions.len(),
+            3,
+            "{app}: two clients and pgbench's main connection"
+        );
+    }
+
+    let short: Vec<&Value> = after_stop
+        .iter()
+        .filter(|e| str_of(e, "application_name") == "unix_short")
+        .collect();
+    let mut by_session: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+    for e in &short {
+        by_session
+            .entry(str_of(e, "session_id"))
+            .or_default()
+            .push(str_of(e, "kind"));
+    }
+    assert_eq!(
+        by_session.len(),
+        40,
+        "one session per connection: {by_session:?}"
+    );
+    for kinds in by_session.values() {
+        assert_eq!(
+            kinds,
+            &["session_start", "statement", "session_end"],
+            "{by_session:?}"
+        );
+    }
+    let short_pids: HashSet<u64> = short.iter().filter_map(|e| e["pid"].as_u64()).collect();
+    assert_eq!(short_pids.len(), 40, "each session names its own psql");
+
+    let killed: Vec<&Value> = events
+        .iter()
+        .filter(|e| str_of(e, "application_name") == "unix_killed")
+        .collect();
+    let kinds: Vec<&str> = killed.iter().map(|e| str_of(e, "kind")).collect();
+    assert_eq!(
+        kinds,
+        ["session_start", "statement", "session_end"],
+        "{killed:#?}"
+    );
+    for e in &killed {
+        assert_eq!(e["pid"].as_u64(), Some(killed_pid as u64));
+        assert_eq!(str_of(e, "cgroup_path"), cg.name);
+    }
+}

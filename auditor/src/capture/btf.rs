@@ -274,6 +274,7 @@ impl Btf {
             Err(BtfError::Bitfield { .. }) => u32::MAX,
             Err(e) => return Err(e),
         };
+        let unix = self.unix_offsets();
         Ok(KernelOffsets {
             task_files: self.field_offset("task_struct", "files")?,
             files_fdt: self.field_offset("files_struct", "fdt")?,
@@ -295,8 +296,26 @@ impl Btf {
             inode_i_ino: self.field_offset("inode", "i_ino")?,
             inode_i_sb: self.field_offset("inode", "i_sb")?,
             sb_s_dev: self.field_offset("super_block", "s_dev")?,
-            _pad: 0,
+            unix_valid: unix.is_some() as u32,
+            sock_type: unix.map_or(0, |u| u.0),
+            unix_addr: unix.map_or(0, |u| u.1),
+            unix_peer: unix.map_or(0, |u| u.2),
+            unix_address_len: unix.map_or(0, |u| u.3),
+            unix_address_name: unix.map_or(0, |u| u.4),
         })
+    }
+
+    /// Offsets for Unix-domain sockets: (sock.sk_type, unix_sock.addr, unix_sock.peer,
+    /// unix_address.len, unix_address.name); None where AF_UNIX is a module whose types
+    /// are not in vmlinux's BTF.
+    fn unix_offsets(&self) -> Option<(u32, u32, u32, u32, u32)> {
+        Some((
+            self.field_offset("sock", "sk_type").ok()?,
+            self.field_offset("unix_sock", "addr").ok()?,
+            self.field_offset("unix_sock", "peer").ok()?,
+            self.field_offset("unix_address", "len").ok()?,
+            self.field_offset("unix_address", "name").ok()?,
+        ))
     }
 }
 
@@ -325,5 +344,10 @@ mod tests {
         assert_eq!(off.sock_rcv_saddr, 4);
         assert!(off.sock_dport > off.sock_rcv_saddr && off.sock_num == off.sock_dport + 2);
         assert!(off.task_files > 0 && off.file_private_data > 0);
+        // struct unix_sock starts with its struct sock; unix_address.name follows len.
+        if off.unix_valid != 0 {
+            assert!(off.unix_addr > off.sock_type && off.unix_peer > off.unix_addr);
+            assert_eq!(off.unix_address_name, off.unix_address_len + 4);
+        }
     }
 }

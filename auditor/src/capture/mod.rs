@@ -119,6 +119,8 @@ pub struct Capture {
     known_files: BpfHashMap<MapData, [u64; 2], u8>,
     counters: PerCpuArray<MapData, u64>,
     pub attached: Vec<String>,
+    /// Unix-domain sockets are watched (this kernel's BTF describes them).
+    pub unix_sockets: bool,
 }
 
 /// Mounts tracefs where the tracepoint attach code looks for it, if it is not there yet.
@@ -307,6 +309,7 @@ impl Capture {
             known_files,
             counters,
             attached,
+            unix_sockets: offsets.unix_valid != 0,
         })
     }
 
