@@ -90,8 +90,9 @@ pub static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(6553
 /// Sockets whose payload the daemon does not need (the second end of a connection whose
 /// two ends are both on this host): sock address -> the connection's first-seen time, so
 /// an entry that outlives its socket never mutes a later connection at a reused address.
+/// LRU: a Unix-domain connection that ends at its Terminate leaves its entry behind.
 #[map]
-pub static MUTED: HashMap<u64, u64> = HashMap::with_max_entries(65536, 0);
+pub static MUTED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
 
 /// A read or write in flight on a watched socket, from sys_enter to sys_exit.
 #[repr(C)]

@@ -142,6 +142,8 @@ pub struct TrackerCounters {
     pub parse_errors: u64,
     pub unmatched_responses: u64,
     pub duplicate_bytes: u64,
+    /// Sessions over Unix-domain sockets.
+    pub unix_sessions: u64,
     /// Plaintext bytes taken at TLS libraries, and sessions decoded from them.
     pub tls_bytes: u64,
     pub tls_sessions: u64,
@@ -380,6 +382,9 @@ impl Tracker {
             role_ends: [None, None],
             unix: h.tuple.family == AF_UNIX,
         };
+        if entry.unix {
+            self.counters.unix_sessions += 1;
+        }
         entry.role_ends[role] = Some(key);
         if h.role == ROLE_CLIENT {
             entry.client = Some(identity);

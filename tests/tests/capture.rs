@@ -459,6 +459,13 @@ fn unix_socket_clients_recorded_exactly_and_their_sessions_end() {
         })
         .unwrap();
     let output = daemon.stop().unwrap();
+    // (The last stats are written at shutdown.) 2 x 3 pgbench connections, 40 short
+    // ones, the killed one.
+    let stats = daemon.stats().unwrap();
+    assert!(
+        stats["tracker"]["unix_sessions"].as_u64().unwrap_or(0) >= 47,
+        "{stats}"
+    );
     let after_stop = daemon.events().unwrap();
     assert_no_duplicates(&after_stop);
     assert!(
