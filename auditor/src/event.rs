@@ -180,7 +180,7 @@ pub struct AuditEvent {
     /// "simple", "extended" or "function_call"; empty for session and gap events.
     pub protocol: Text,
     /// Bind parameters: keyed hashes ("hmac:…") unless the policy records raw values.
-    pub params: Vec<String>,
+    pub params: Arc<[String]>,
     pub rows: Option<u64>,
     pub error_code: String,
     pub error_message: String,
@@ -444,7 +444,7 @@ mod tests {
             statement: "SELECT \"q\", '\\', $1 -- \u{1}\u{1f}\u{7f}\t\r\n\u{8}\u{c} ü 日本 😀"
                 .into(),
             tables: vec!["a".into(), "b\"c".into()].into(),
-            params: vec![],
+            params: Arc::from([]),
             rows: None,
             tls: true,
             labels: [

@@ -63,6 +63,8 @@ pub struct SessionCounters {
 
 #[derive(Clone)]
 struct Prepared {
+    /// The statement's name, shared by the events of its executions.
+    name: Text,
     sql: String,
     analysis: Arc<Analysis>,
 }
@@ -71,8 +73,8 @@ struct Prepared {
 struct Portal {
     statement_name: Text,
     /// None when the statement was prepared before capture started.
-    prepared: Option<Prepared>,
-    params: Vec<String>,
+    prepared: Option<Arc<Prepared>>,
+    params: Arc<[String]>,
     /// Rows from earlier Executes that stopped at their row limit.
     rows_so_far: u64,
     started_ns: Option<i128>,
@@ -121,7 +123,7 @@ pub struct Session {
     resyncing: [bool; 2],
     /// Responses are ignored until a request seen after a gap (mid-stream pick-up too).
     responses_unreliable: bool,
-    prepared: HashMap<String, Prepared>,
+    prepared: HashMap<String, Arc<Prepared>>,
     portals: HashMap<String, Portal>,
     pending: VecDeque<Pending>,
     startup_seen: bool,
@@ -428,7 +430,7 @@ impl Session {
         self.emit_start(ts, out);
     }
 
-    fn params_of(&self, values: &[ParamValue], formats: &[i16]) -> Vec<String> {
+    fn params_of(&self, values: &[ParamValue], formats: &[i16]) -> Arc<[String]> {
         values
             .iter()
             .enumerate()
@@ -507,12 +509,14 @@ impl Session {
                 statement, query, ..
             } => {
                 let analysis = analyzer.analyze(&query);
+                let name: Text = statement.as_str().into();
                 self.prepared.insert(
                     statement,
-                    Prepared {
+                    Arc::new(Prepared {
+                        name,
                         sql: query,
                         analysis,
-                    },
+                    }),
                 );
                 self.pending.push_back(Pending::Parse);
             }
@@ -524,10 +528,14 @@ impl Session {
             } => {
                 let prepared = self.prepared.get(&statement).cloned();
                 let params = self.params_of(&params, &param_formats);
+                let statement_name = match &prepared {
+                    Some(p) => p.name.clone(),
+                    None => statement.into(),
+                };
                 self.portals.insert(
                     portal,
                     Portal {
-                        statement_name: statement.into(),
+                        statement_name,
                         prepared,
                         params,
                         rows_so_far: 0,
@@ -540,7 +548,7 @@ impl Session {
                 let p = self.portals.get(&portal).cloned().unwrap_or(Portal {
                     statement_name: Text::default(),
                     prepared: None,
-                    params: Vec::new(),
+                    params: Arc::from([]),
                     rows_so_far: 0,
                     started_ns: None,
                 });
@@ -884,7 +892,7 @@ impl Session {
     /// An error in the extended protocol: it belongs to the statement being prepared,
     /// bound or executed; the server skips everything after it until Sync.
     fn fail_extended(&mut self, e: &ErrorFields, ts: i128, out: &mut Vec<Draft>) {
-        let mut victim: Option<(Option<Prepared>, Vec<String>, Text, i128)> = None;
+        let mut victim: Option<(Option<Arc<Prepared>>, Arc<[String]>, Text, i128)> = None;
         let mut parse_only = true;
         while let Some(front) = self.pending.front() {
             if matches!(front, Pending::Sync) {
@@ -908,7 +916,7 @@ impl Session {
         }
         let (prepared, params, name, start) = match victim {
             Some(v) => v,
-            None => (None, Vec::new(), Text::default(), ts),
+            None => (None, Arc::from([]), Text::default(), ts),
         };
         let mut ev = self.statement_event(
             prepared.as_ref().map(|p| p.sql.as_str()),

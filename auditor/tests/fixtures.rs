@@ -35,7 +35,7 @@ fn seen(drafts: &[Draft]) -> Vec<Seen> {
             rows: d.event.rows,
             error_code: d.event.error_code.to_string(),
             protocol: d.event.protocol.to_string(),
-            params: d.event.params.clone(),
+            params: d.event.params.to_vec(),
             prepared_name: d.event.prepared_name.to_string(),
             flags: d.event.flags.clone(),
         })
