@@ -892,7 +892,7 @@ impl Session {
     /// An error in the extended protocol: it belongs to the statement being prepared,
     /// bound or executed; the server skips everything after it until Sync.
     fn fail_extended(&mut self, e: &ErrorFields, ts: i128, out: &mut Vec<Draft>) {
-        let mut victim: Option<(Option<Arc<Prepared>>, Arc<[String]>, Text, i128)> = None;
+        let mut victim: Option<(Portal, i128)> = None;
         let mut parse_only = true;
         while let Some(front) = self.pending.front() {
             if matches!(front, Pending::Sync) {
@@ -905,17 +905,12 @@ impl Session {
             {
                 parse_only = false;
                 if victim.is_none() {
-                    victim = Some((
-                        portal.prepared.clone(),
-                        portal.params.clone(),
-                        portal.statement_name.clone(),
-                        started_ns,
-                    ));
+                    victim = Some((portal, started_ns));
                 }
             }
         }
         let (prepared, params, name, start) = match victim {
-            Some(v) => v,
+            Some((p, start)) => (p.prepared, p.params, p.statement_name, start),
             None => (None, Arc::from([]), Text::default(), ts),
         };
         let mut ev = self.statement_event(
