@@ -19,6 +19,29 @@ fn statements<'a>(events: &'a [Value], cgroup: &str, app: &str) -> Vec<&'a Value
         .collect()
 }
 
+/// Runs TPC-B-like pgbench in `mode` as `app` inside `cg`; every transaction must succeed.
+fn run_pgbench(
+    mut cmd: Command,
+    cg: &Cgroup,
+    mode: &str,
+    app: &str,
+    clients: u32,
+    per_client: u32,
+) {
+    cmd.args(["-n", "-M", mode, "-c", &clients.to_string(), "-j", "2"])
+        .args(["-t", &per_client.to_string(), "postgres"])
+        .env("PGAPPNAME", app);
+    cg.enter(&mut cmd);
+    let out = check(&mut cmd).unwrap();
+    let total = clients * per_client;
+    assert!(
+        out.contains(&format!(
+            "number of transactions actually processed: {total}/{total}"
+        )),
+        "{out}"
+    );
+}
+
 #[test]
 fn pgbench_simple_extended_prepared_recorded_exactly() {
     if !can_run("pgbench_simple_extended_prepared_recorded_exactly") {
@@ -33,16 +56,7 @@ fn pgbench_simple_extended_prepared_recorded_exactly() {
     const PER_CLIENT: u32 = 2500; // 10,000 transactions per mode
     for mode in ["simple", "extended", "prepared"] {
         let app = format!("pgbench_{mode}");
-        let mut cmd = pg.pgbench();
-        cmd.args(["-n", "-M", mode, "-c", &CLIENTS.to_string(), "-j", "2"])
-            .args(["-t", &PER_CLIENT.to_string(), "postgres"])
-            .env("PGAPPNAME", &app);
-        cg.enter(&mut cmd);
-        let out = check(&mut cmd).unwrap();
-        assert!(
-            out.contains("number of transactions actually processed: 10000/10000"),
-            "{out}"
-        );
+        run_pgbench(pg.pgbench(), &cg, mode, &app, CLIENTS, PER_CLIENT);
     }
     // Let the daemon catch up, then stop it: everything is flushed on SIGINT.
     std::thread::sleep(Duration::from_secs(1));
@@ -410,17 +424,7 @@ fn unix_socket_clients_recorded_exactly_and_their_sessions_end() {
     // pgbench through <dir>/.s.PGSQL.<port>, the way local clients reach Postgres by default.
     for mode in ["simple", "prepared"] {
         let app = format!("unix_pgbench_{mode}");
-        let mut cmd = pg.pgbench_unix();
-        cmd.args([
-            "-n", "-M", mode, "-c", "2", "-j", "2", "-t", "1000", "postgres",
-        ])
-        .env("PGAPPNAME", &app);
-        cg.enter(&mut cmd);
-        let out = check(&mut cmd).unwrap();
-        assert!(
-            out.contains("number of transactions actually processed: 2000/2000"),
-            "{out}"
-        );
+        run_pgbench(pg.pgbench_unix(), &cg, mode, &app, 2, 1000);
     }
     // Many short connections in a row: socket addresses are reused, and no session may
     // absorb the next one's statements.

@@ -188,27 +188,10 @@ impl Framer {
                 Mode::Typed if self.buf.is_empty() && data.len() >= 5 => {
                     // Fast path: the header is in this push; the body too, usually.
                     let tag = data[0];
-                    let len = u32::from_be_bytes([data[1], data[2], data[3], data[4]]);
-                    if !(4..=MAX_MESSAGE_LEN).contains(&len) {
-                        self.make_opaque();
-                        return Err(ProtocolError::BadLength {
-                            tag: tag as char,
-                            len,
-                            min: 4,
-                            max: MAX_MESSAGE_LEN,
-                        });
-                    }
-                    let body_len = len - 4;
-                    if counted_only(self.direction, tag) || body_len > self.limits.max_buffered {
+                    let Some(body_len) = self.header(tag, &data[1..5], out)? else {
                         data = &data[5..];
-                        out(Frame::Skipped { tag, len: body_len });
-                        if body_len > 0 {
-                            self.mode = Mode::Skipping {
-                                remaining: body_len,
-                            };
-                        }
                         continue;
-                    }
+                    };
                     let end = 5 + body_len as usize;
                     if data.len() >= end {
                         out(Frame::Message {
@@ -231,28 +214,11 @@ impl Framer {
                         }
                     }
                     let tag = self.buf[0];
-                    let len =
-                        u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
-                    if !(4..=MAX_MESSAGE_LEN).contains(&len) {
-                        self.make_opaque();
-                        return Err(ProtocolError::BadLength {
-                            tag: tag as char,
-                            len,
-                            min: 4,
-                            max: MAX_MESSAGE_LEN,
-                        });
-                    }
-                    let body_len = len - 4;
-                    if counted_only(self.direction, tag) || body_len > self.limits.max_buffered {
+                    let len_bytes = [self.buf[1], self.buf[2], self.buf[3], self.buf[4]];
+                    let Some(body_len) = self.header(tag, &len_bytes, out)? else {
                         self.buf.clear();
-                        out(Frame::Skipped { tag, len: body_len });
-                        if body_len > 0 {
-                            self.mode = Mode::Skipping {
-                                remaining: body_len,
-                            };
-                        }
                         continue;
-                    }
+                    };
                     let want = 5 + body_len as usize - self.buf.len();
                     let n = want.min(data.len());
                     self.buf.extend_from_slice(&data[..n]);
@@ -269,6 +235,38 @@ impl Framer {
             }
         }
         Ok(())
+    }
+
+    /// Checks a typed message's length (`len_bytes`, big-endian, counting itself). Returns
+    /// the body length of a message to buffer, or None for one that is only counted (or
+    /// over the limit): reported as skipped, its body passed over.
+    fn header<'a>(
+        &mut self,
+        tag: u8,
+        len_bytes: &[u8],
+        out: &mut impl FnMut(Frame<'a>),
+    ) -> Result<Option<u32>, ProtocolError> {
+        let len = u32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]);
+        if !(4..=MAX_MESSAGE_LEN).contains(&len) {
+            self.make_opaque();
+            return Err(ProtocolError::BadLength {
+                tag: tag as char,
+                len,
+                min: 4,
+                max: MAX_MESSAGE_LEN,
+            });
+        }
+        let body_len = len - 4;
+        if counted_only(self.direction, tag) || body_len > self.limits.max_buffered {
+            out(Frame::Skipped { tag, len: body_len });
+            if body_len > 0 {
+                self.mode = Mode::Skipping {
+                    remaining: body_len,
+                };
+            }
+            return Ok(None);
+        }
+        Ok(Some(body_len))
     }
 }
 
