@@ -108,8 +108,45 @@ pub struct Tuple {
     /// in its socket file's name (`.s.PGSQL.<port>`); the client's port is 0.
     pub family: u16,
     pub _pad: u16,
+    /// The network namespace (its inode number, as in /proc/PID/ns/net) of a connection
+    /// over a loopback address, 0 for any other: two namespaces (pods, containers) can
+    /// each have a loopback connection with the very same addresses and ports, and only
+    /// this tells them apart. Both ends of a loopback connection are in one namespace;
+    /// the ends of any other connection may not be, so it is not set for them.
+    pub netns: u32,
+    pub _pad2: u32,
 }
-const _: () = assert!(size_of::<Tuple>() == 40);
+const _: () = assert!(size_of::<Tuple>() == 48);
+
+impl Tuple {
+    /// Whether either endpoint is a loopback address (127.0.0.0/8, ::1): then the
+    /// connection cannot leave its network namespace.
+    #[inline(always)]
+    pub fn is_loopback(&self) -> bool {
+        is_loopback(&self.local_addr) || is_loopback(&self.remote_addr)
+    }
+}
+
+/// 127.0.0.0/8 (IPv4-mapped) or ::1.
+#[inline(always)]
+pub fn is_loopback(addr: &[u8; 16]) -> bool {
+    let mut i = 0;
+    while i < 10 {
+        if addr[i] != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    if addr[10] == 0xff && addr[11] == 0xff {
+        return addr[12] == 127;
+    }
+    addr[10] == 0
+        && addr[11] == 0
+        && addr[12] == 0
+        && addr[13] == 0
+        && addr[14] == 0
+        && addr[15] == 1
+}
 
 /// Header of every ring-buffer record; data records carry `len` payload bytes after it.
 #[repr(C)]
@@ -153,7 +190,7 @@ pub struct RecordHeader {
     /// The TLS library's connection object (`SSL *`) of a STREAM_TLS record.
     pub ssl: u64,
 }
-const _: () = assert!(size_of::<RecordHeader>() == 160);
+const _: () = assert!(size_of::<RecordHeader>() == 168);
 
 /// A data record as the kernel side assembles it in per-CPU scratch space.
 #[repr(C)]
@@ -162,7 +199,7 @@ pub struct DataRecord {
     pub header: RecordHeader,
     pub data: [u8; CHUNK_DATA],
 }
-const _: () = assert!(size_of::<DataRecord>() == 160 + CHUNK_DATA);
+const _: () = assert!(size_of::<DataRecord>() == 168 + CHUNK_DATA);
 
 /// Offsets of kernel structure fields, computed by the daemon from the running kernel's BTF
 /// and handed to the programs as a global at load time (Rust eBPF has no CO-RE relocations).
@@ -202,8 +239,12 @@ pub struct KernelOffsets {
     /// `unix_address.len`, `unix_address.name`.
     pub unix_address_len: u32,
     pub unix_address_name: u32,
+    /// `sock.__sk_common.skc_net.net` (a `struct net *`) and `net.ns.inum`; u32::MAX
+    /// where the kernel has no network namespaces (then every netns is 0).
+    pub sock_net: u32,
+    pub net_ns_inum: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 104);
+const _: () = assert!(size_of::<KernelOffsets>() == 112);
 
 /// Key of the `ENDPOINTS` map: one watched address and port.
 #[repr(C, align(8))]

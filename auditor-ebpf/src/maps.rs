@@ -36,6 +36,8 @@ pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     unix_peer: 0,
     unix_address_len: 0,
     unix_address_name: 0,
+    sock_net: u32::MAX,
+    net_ns_inum: u32::MAX,
 });
 
 /// The daemon's own tgid: its traffic is never captured.

@@ -245,6 +245,14 @@ fn tuple_of_sock(off: &KernelOffsets, sk: u64, family: u16) -> Option<Tuple> {
             tuple.local_addr = read(sk + off.sock_v6_rcv_saddr as u64).ok()?;
             tuple.remote_addr = read(sk + off.sock_v6_daddr as u64).ok()?;
         }
+        if tuple.is_loopback() && off.sock_net != u32::MAX {
+            // Failing reads leave 0: the connection is still watched, only not told
+            // apart from a twin in another namespace.
+            let net: u64 = read(sk + off.sock_net as u64).unwrap_or(0);
+            if net != 0 {
+                tuple.netns = read(net + off.net_ns_inum as u64).unwrap_or(0);
+            }
+        }
         Some(tuple)
     }
 }

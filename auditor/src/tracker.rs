@@ -36,13 +36,15 @@ pub struct EndKey {
     pub start_ns: u64,
 }
 
-/// A connection named by its client and server endpoints (the same from both ends).
+/// A connection named by its client and server endpoints (the same from both ends), and
+/// for a loopback connection its network namespace (see `Tuple::netns`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConnKey {
     pub client_addr: [u8; 16],
     pub client_port: u16,
     pub server_addr: [u8; 16],
     pub server_port: u16,
+    pub netns: u32,
 }
 
 impl ConnKey {
@@ -53,6 +55,7 @@ impl ConnKey {
                 client_port: tuple.local_port,
                 server_addr: tuple.remote_addr,
                 server_port: tuple.remote_port,
+                netns: tuple.netns,
             }
         } else {
             ConnKey {
@@ -60,6 +63,7 @@ impl ConnKey {
                 client_port: tuple.remote_port,
                 server_addr: tuple.local_addr,
                 server_port: tuple.local_port,
+                netns: tuple.netns,
             }
         }
     }
@@ -970,6 +974,8 @@ mod tests {
         pid: u32,
         /// Some(peer sock): a Unix-domain connection to port 5432's socket file.
         unix_peer: Option<u64>,
+        /// The network namespace the kernel side reports for the loopback connection.
+        netns: u32,
     }
 
     impl Wire {
@@ -982,6 +988,7 @@ mod tests {
                 start: 7,
                 pid: std::process::id(),
                 unix_peer: None,
+                netns: 0,
             }
         }
 
@@ -1009,7 +1016,8 @@ mod tests {
                 local_port: lp,
                 remote_port: rp,
                 family: 2,
-                _pad: 0,
+                netns: self.netns,
+                ..Tuple::default()
             };
             if let Some(peer) = self.unix_peer {
                 tuple = Tuple {
@@ -1263,6 +1271,78 @@ mod tests {
     }
 
     #[test]
+    fn twin_loopback_connections_in_two_network_namespaces_stay_apart() {
+        // Two pods, each with its own Postgres on 127.0.0.1:5432 and a client that got
+        // the same ephemeral port: the same addresses and ports, different namespaces.
+        let mut t = tracker();
+        let wire = |sock, role, pid, netns| Wire {
+            pid,
+            netns,
+            start: sock,
+            ..Wire::new(sock, role)
+        };
+        let mut c1 = wire(1, ROLE_CLIENT, 100, 4026532001);
+        let mut s1 = wire(2, ROLE_SERVER, 101, 4026532001);
+        let mut c2 = wire(3, ROLE_CLIENT, 200, 4026532002);
+        let mut s2 = wire(4, ROLE_SERVER, 201, 4026532002);
+        let mut out = Vec::new();
+        // Interleaved: both start up, then each runs its statement while the other's
+        // server end is busy too.
+        for w in [&mut c1, &mut c2, &mut s1, &mut s2] {
+            out.extend(w.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &startup()));
+        }
+        let ready = msg(b'Z', b"I");
+        for w in [&mut s2, &mut c1, &mut s1, &mut c2] {
+            out.extend(w.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &ready));
+        }
+        let mut answer = msg(b'C', b"SELECT 1\0");
+        answer.extend(msg(b'Z', b"I"));
+        for (w, q) in [(&mut c1, b"SELECT 'one'\0"), (&mut c2, b"SELECT 'two'\0")] {
+            out.extend(w.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &msg(b'Q', q)));
+        }
+        for w in [&mut s1, &mut s2] {
+            out.extend(w.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &msg(b'Q', b"x\0")));
+        }
+        for w in [&mut c2, &mut c1] {
+            out.extend(w.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &answer));
+        }
+        for w in [&mut s1, &mut s2] {
+            out.extend(w.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &answer));
+        }
+        for w in [&mut c1, &mut s1, &mut s2, &mut c2] {
+            out.extend(w.close(&mut t));
+        }
+        let kinds: Vec<&str> = out.iter().map(|e| &*e.kind).collect();
+        assert_eq!(
+            kinds.iter().filter(|k| **k == "session_start").count(),
+            2,
+            "{out:#?}"
+        );
+        assert_eq!(
+            kinds.iter().filter(|k| **k == "session_end").count(),
+            2,
+            "{out:#?}"
+        );
+        let statements: Vec<&AuditEvent> = out.iter().filter(|e| &*e.kind == "statement").collect();
+        assert_eq!(statements.len(), 2, "{out:#?}");
+        for e in &out {
+            assert!(e.flags.is_empty(), "{e:#?}");
+            let mine = if e.pid == 100 { 101 } else { 201 };
+            assert!(e.pid == 100 || e.pid == 200, "{e:#?}");
+            if &*e.kind == "statement" {
+                assert_eq!(e.server_pid, mine, "{e:#?}");
+                let want = if e.pid == 100 { "'one'" } else { "'two'" };
+                assert!(
+                    e.statement.contains(want) || e.statement.contains("$1"),
+                    "{e:#?}"
+                );
+            }
+        }
+        assert_ne!(statements[0].session_id, statements[1].session_id);
+        assert_eq!(t.active_sessions(), 0);
+    }
+
+    #[test]
     fn unix_session_ends_at_either_ends_end_of_stream() {
         let mut t = tracker();
         let mut c = Wire::unix(1, 2, ROLE_CLIENT, 10, 100, 1_000);
@@ -1319,6 +1399,7 @@ mod tests {
             client_port: local.port(),
             server_addr: v4(server),
             server_port: server.port(),
+            netns: 0,
         };
         assert!(tcp_tuple_alive(std::process::id(), &conn));
         drop(client);

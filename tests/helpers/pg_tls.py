@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""TLS peers for the auditor's integration tests, written against the Postgres protocol.
+"""Postgres protocol peers for the auditor's integration tests (TLS ones mostly).
 
 client: a Postgres client that negotiates TLS (SSLRequest, then a TLS handshake), logs
         in with trust authentication, runs each --query with the simple protocol and
         exits. --bio memory runs OpenSSL over memory buffers (as Node.js and Python's
         asyncio do), so no socket is under the library's calls; --bio socket lets the
-        library read and write the socket itself (as libpq does).
+        library read and write the socket itself (as libpq does); --bio none speaks
+        plaintext. --source-port binds the client's own port (to make two connections
+        with the very same addresses and ports in two network namespaces); --pause waits
+        between queries.
 proxy:  a TLS-terminating front for a Postgres server: answers SSLRequest with 'S',
         decrypts with OpenSSL over memory buffers, and forwards the plaintext to
         --upstream over plain TCP.
@@ -90,14 +93,23 @@ def read_message(conn):
 
 
 def run_client(args):
-    sock = socket.create_connection(("127.0.0.1", args.port))
-    sock.sendall(SSL_REQUEST)
-    if sock.recv(1) != b"S":
-        sys.exit("server refused TLS")
+    if args.source_port:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", args.source_port))
+        sock.connect(("127.0.0.1", args.port))
+    else:
+        sock = socket.create_connection(("127.0.0.1", args.port))
+    if args.bio != "none":
+        sock.sendall(SSL_REQUEST)
+        if sock.recv(1) != b"S":
+            sys.exit("server refused TLS")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    if args.bio == "memory":
+    if args.bio == "none":
+        conn = sock
+    elif args.bio == "memory":
         conn = MemoryTls(sock, ctx, server_side=False)
         conn.handshake()
     else:
@@ -113,7 +125,9 @@ def run_client(args):
             sys.exit("login failed: %r" % body)
         if tag == b"Z":
             break
-    for q in args.query:
+    for i, q in enumerate(args.query):
+        if i > 0:
+            time.sleep(args.pause)
         data = q.encode() + b"\0"
         conn.sendall(b"Q" + struct.pack("!i", 4 + len(data)) + data)
         while True:
@@ -180,7 +194,9 @@ def main():
     c = sub.add_parser("client")
     c.add_argument("--port", type=int, required=True)
     c.add_argument("--app", default="pg_tls")
-    c.add_argument("--bio", choices=["memory", "socket"], default="memory")
+    c.add_argument("--bio", choices=["memory", "socket", "none"], default="memory")
+    c.add_argument("--source-port", type=int, default=0)
+    c.add_argument("--pause", type=float, default=0.0, help="seconds between queries")
     c.add_argument("--wait", type=float, default=0.0, help="seconds to wait before connecting")
     c.add_argument("--query", action="append", default=[])
     x = sub.add_parser("proxy")

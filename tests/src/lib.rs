@@ -75,7 +75,16 @@ pub struct Postgres {
 }
 
 fn as_postgres(cmd: &str) -> Result<()> {
-    let out = Command::new("runuser")
+    as_postgres_in(None, cmd)
+}
+
+/// Runs `cmd` as user postgres, in network namespace `netns` if given.
+fn as_postgres_in(netns: Option<&Netns>, cmd: &str) -> Result<()> {
+    let mut command = match netns {
+        Some(ns) => ns.command("runuser"),
+        None => Command::new("runuser"),
+    };
+    let out = command
         .args(["-u", "postgres", "--", "sh", "-c", cmd])
         .output()
         .context("runuser")?;
@@ -92,21 +101,25 @@ fn as_postgres(cmd: &str) -> Result<()> {
 impl Postgres {
     /// `extra` lines are appended to postgresql.conf.
     pub fn start(extra: &[&str]) -> Result<Self> {
-        Self::start_with(extra, false)
+        Self::start_with(extra, false, None, free_port())
     }
 
     /// With `ssl = on` and a self-signed certificate made for this server.
     pub fn start_tls(extra: &[&str]) -> Result<Self> {
-        Self::start_with(extra, true)
+        Self::start_with(extra, true, None, free_port())
     }
 
-    fn start_with(extra: &[&str], tls: bool) -> Result<Self> {
+    /// Inside network namespace `netns`, on `port` of its own loopback.
+    pub fn start_in_netns(netns: &Netns, port: u16) -> Result<Self> {
+        Self::start_with(&[], false, Some(netns), port)
+    }
+
+    fn start_with(extra: &[&str], tls: bool, netns: Option<&Netns>, port: u16) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("auditor-pg-").tempdir()?;
         let path = dir.path().display().to_string();
         Command::new("chown")
             .args(["postgres:postgres", &path])
             .status()?;
-        let port = free_port();
         as_postgres(&format!(
             "{PG_BIN}/initdb -D {path}/data -A trust -U postgres --no-sync >/dev/null"
         ))?;
@@ -145,9 +158,12 @@ impl Postgres {
         text.push_str(&conf.join("\n"));
         text.push('\n');
         std::fs::write(&conf_path, text)?;
-        as_postgres(&format!(
-            "{PG_BIN}/pg_ctl -D {path}/data -l {path}/server.log -w -t 60 start >/dev/null"
-        ))?;
+        as_postgres_in(
+            netns,
+            &format!(
+                "{PG_BIN}/pg_ctl -D {path}/data -l {path}/server.log -w -t 60 start >/dev/null"
+            ),
+        )?;
         Ok(Postgres { port, dir })
     }
 
@@ -240,6 +256,44 @@ impl Drop for Postgres {
         let _ = as_postgres(&format!(
             "{PG_BIN}/pg_ctl -D {path}/data -m immediate -w stop >/dev/null 2>&1"
         ));
+    }
+}
+
+/// A network namespace of the test's own (`ip netns add`), its loopback up; deleted on
+/// drop. Processes started in it (`command`) reach only its own loopback.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Result<Self> {
+        let name = format!("auditor-{tag}-{}", std::process::id());
+        check(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Netns { name };
+        check(ns.command("ip").args(["link", "set", "lo", "up"]))?;
+        Ok(ns)
+    }
+
+    /// `program` to run inside the namespace (`ip netns exec` execs it: the child's pid is
+    /// the program's).
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// The namespace's inode number, as /proc/PID/ns/net shows it.
+    pub fn inode(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(std::fs::metadata(format!("/run/netns/{}", self.name))?.ino())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -474,14 +528,24 @@ pub fn check(cmd: &mut Command) -> Result<String> {
 
 /// Python 3 (Debian's, where present) and the TLS test peers in tests/helpers/pg_tls.py.
 pub fn pg_tls_helper() -> Command {
-    let python = if Path::new("/usr/bin/python3").exists() {
+    let mut c = Command::new(python3());
+    c.arg(workspace_root().join("tests/helpers/pg_tls.py"));
+    c
+}
+
+/// The same peers, run inside network namespace `ns`.
+pub fn pg_tls_helper_in(ns: &Netns) -> Command {
+    let mut c = ns.command(python3());
+    c.arg(workspace_root().join("tests/helpers/pg_tls.py"));
+    c
+}
+
+fn python3() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
         "/usr/bin/python3"
     } else {
         "python3"
-    };
-    let mut c = Command::new(python);
-    c.arg(workspace_root().join("tests/helpers/pg_tls.py"));
-    c
+    }
 }
 
 /// A TLS-terminating front for a Postgres server, whose OpenSSL runs over memory buffers

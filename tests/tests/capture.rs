@@ -8,7 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use auditor_tests::{assert_no_duplicates, can_run, check, str_of, Cgroup, Daemon, Postgres};
+use auditor_tests::{
+    assert_no_duplicates, can_run, check, free_port, pg_tls_helper_in, str_of, Cgroup, Daemon,
+    Netns, Postgres,
+};
 use serde_json::Value;
 
 fn statements<'a>(events: &'a [Value], cgroup: &str, app: &str) -> Vec<&'a Value> {
@@ -538,4 +541,91 @@ fn unix_socket_clients_recorded_exactly_and_their_sessions_end() {
         assert_eq!(e["pid"].as_u64(), Some(killed_pid as u64));
         assert_eq!(str_of(e, "cgroup_path"), cg.name);
     }
+}
+
+#[test]
+fn twin_loopback_connections_in_two_network_namespaces_stay_apart() {
+    if !can_run("twin_loopback_connections_in_two_network_namespaces_stay_apart") {
+        return;
+    }
+    // Two pods on one node, each with its own Postgres on 127.0.0.1:<port> and a client
+    // that got the same ephemeral port: the very same addresses and ports twice, told
+    // apart only by their network namespaces.
+    let port = free_port();
+    let source_port = free_port();
+    let (ns_a, ns_b) = (Netns::new("a").unwrap(), Netns::new("b").unwrap());
+    let _pg_a = Postgres::start_in_netns(&ns_a, port).unwrap();
+    let _pg_b = Postgres::start_in_netns(&ns_b, port).unwrap();
+    let mut daemon = Daemon::start(port, "").unwrap();
+    let cg_a = Cgroup::new("twin_a").unwrap();
+    let cg_b = Cgroup::new("twin_b").unwrap();
+    const QUERIES: usize = 25;
+    let mut clients = Vec::new();
+    for (ns, cg, tag) in [(&ns_a, &cg_a, "a"), (&ns_b, &cg_b, "b")] {
+        let mut cmd = pg_tls_helper_in(ns);
+        cmd.args(["client", "--bio", "none", "--port", &port.to_string()])
+            .args(["--source-port", &source_port.to_string()])
+            .args(["--app", &format!("twin_{tag}"), "--pause", "0.04"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for i in 0..QUERIES {
+            cmd.args(["--query", &format!("SELECT '{tag}' AS side, {i} AS n")]);
+        }
+        cg.enter(&mut cmd);
+        clients.push(cmd.spawn().unwrap());
+    }
+    let pids: Vec<u64> = clients.iter().map(|c| c.id() as u64).collect();
+    for c in clients {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("done"),
+            "client: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    daemon
+        .wait_for(Duration::from_secs(10), |evs| {
+            evs.iter()
+                .filter(|e| str_of(e, "kind") == "session_end")
+                .count()
+                >= 2
+        })
+        .unwrap();
+    let output = daemon.stop().unwrap();
+    let events = daemon.events().unwrap();
+    assert_no_duplicates(&events);
+    assert!(
+        events.iter().all(|e| str_of(e, "kind") != "gap"),
+        "gaps recorded: {output:?}"
+    );
+    for (tag, cg, pid) in [("a", &cg_a, pids[0]), ("b", &cg_b, pids[1])] {
+        let app = format!("twin_{tag}");
+        let mine: Vec<&Value> = events
+            .iter()
+            .filter(|e| str_of(e, "application_name") == app)
+            .collect();
+        let kinds: Vec<&str> = mine.iter().map(|e| str_of(e, "kind")).collect();
+        let mut want = vec!["session_start"];
+        want.extend(std::iter::repeat_n("statement", QUERIES));
+        want.push("session_end");
+        assert_eq!(kinds, want, "{app}: {mine:#?}");
+        let sessions: HashSet<&str> = mine.iter().map(|e| str_of(e, "session_id")).collect();
+        assert_eq!(sessions.len(), 1, "{app}");
+        for e in &mine {
+            assert_eq!(e["pid"].as_u64(), Some(pid), "{app}: {e}");
+            assert_eq!(str_of(e, "cgroup_path"), cg.name, "{e}");
+            assert_eq!(e["client_port"].as_u64(), Some(source_port as u64), "{e}");
+            assert_eq!(e["server_port"].as_u64(), Some(port as u64), "{e}");
+            assert!(
+                e["flags"].as_array().is_none_or(|f| f.is_empty()),
+                "{app}: {e}"
+            );
+        }
+    }
+    let other: Vec<&Value> = events
+        .iter()
+        .filter(|e| !str_of(e, "application_name").starts_with("twin_"))
+        .collect();
+    assert!(other.is_empty(), "events of no client: {other:#?}");
 }

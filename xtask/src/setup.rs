@@ -52,6 +52,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "libssl-dev",
         "a TLS test builds a client with OpenSSL linked statically (libssl.a)",
     ),
+    (
+        "iproute2",
+        "a capture test runs Postgres servers in network namespaces of its own (`ip netns`)",
+    ),
 ];
 
 /// What to install.

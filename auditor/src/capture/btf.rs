@@ -275,6 +275,10 @@ impl Btf {
             Err(e) => return Err(e),
         };
         let unix = self.unix_offsets();
+        let (sock_net, net_ns_inum) = match self.netns_offsets() {
+            Some((net, inum)) => (sk_common + net, inum),
+            None => (u32::MAX, u32::MAX),
+        };
         Ok(KernelOffsets {
             task_files: self.field_offset("task_struct", "files")?,
             files_fdt: self.field_offset("files_struct", "fdt")?,
@@ -302,7 +306,34 @@ impl Btf {
             unix_peer: unix.map_or(0, |u| u.2),
             unix_address_len: unix.map_or(0, |u| u.3),
             unix_address_name: unix.map_or(0, |u| u.4),
+            sock_net,
+            net_ns_inum,
         })
+    }
+
+    /// (sock_common.skc_net.net, net.ns.inum); None on a kernel built without network
+    /// namespaces (`possible_net_t` is empty there).
+    fn netns_offsets(&self) -> Option<(u32, u32)> {
+        let skc_net = self.field_offset("sock_common", "skc_net").ok()?;
+        // possible_net_t is an anonymous typedef'd struct: find `net` through the member.
+        let net = self.member_field_offset("sock_common", "skc_net", "net")?;
+        let ns = self.field_offset("net", "ns").ok()?;
+        let inum = self.field_offset("ns_common", "inum").ok()?;
+        Some((skc_net + net, ns + inum))
+    }
+
+    /// Byte offset of `field` inside the (possibly typedef'd, anonymous) type of member
+    /// `member` of struct `strukt`.
+    fn member_field_offset(&self, strukt: &str, member: &str, field: &str) -> Option<u32> {
+        let id = *self.by_name.get(strukt)?;
+        let Type::Composite { members, .. } = self.resolve(id)? else {
+            return None;
+        };
+        let m = members.iter().find(|m| self.name(m.name_off) == member)?;
+        match self.find(m.type_id, field, 0)? {
+            (bits, 0) if bits % 8 == 0 => Some(bits / 8),
+            _ => None,
+        }
     }
 
     /// Offsets for Unix-domain sockets: (sock.sk_type, unix_sock.addr, unix_sock.peer,
@@ -349,5 +380,8 @@ mod tests {
             assert!(off.unix_addr > off.sock_type && off.unix_peer > off.unix_addr);
             assert_eq!(off.unix_address_name, off.unix_address_len + 4);
         }
+        // This kernel has network namespaces: skc_net follows the address pair and ports.
+        assert!(off.sock_net != u32::MAX && off.sock_net > off.sock_num);
+        assert!(off.net_ns_inum != u32::MAX && off.net_ns_inum > 0);
     }
 }
