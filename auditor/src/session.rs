@@ -92,8 +92,17 @@ enum Pending {
         started_ns: i128,
         rows: u64,
     },
-    Parse,
-    Bind,
+    /// A Parse the server has not answered yet, and the statement it replaced under the
+    /// same name: if the Parse fails (or is skipped after an earlier error), the server
+    /// still has the old one.
+    Parse {
+        prepared: Arc<Prepared>,
+        replaced: Option<Arc<Prepared>>,
+    },
+    /// A Bind not answered yet, with its portal's name.
+    Bind {
+        portal: String,
+    },
     Execute {
         portal_name: String,
         portal: Portal,
@@ -510,15 +519,14 @@ impl Session {
             } => {
                 let analysis = analyzer.analyze(&query);
                 let name: Text = statement.as_str().into();
-                self.prepared.insert(
-                    statement,
-                    Arc::new(Prepared {
-                        name,
-                        sql: query,
-                        analysis,
-                    }),
-                );
-                self.pending.push_back(Pending::Parse);
+                let prepared = Arc::new(Prepared {
+                    name,
+                    sql: query,
+                    analysis,
+                });
+                let replaced = self.prepared.insert(statement, prepared.clone());
+                self.pending
+                    .push_back(Pending::Parse { prepared, replaced });
             }
             FrontendMessage::Bind {
                 portal,
@@ -532,8 +540,8 @@ impl Session {
                     Some(p) => p.name.clone(),
                     None => statement.into(),
                 };
-                self.portals.insert(
-                    portal,
+                let replaced = self.portals.insert(
+                    portal.clone(),
                     Portal {
                         statement_name,
                         prepared,
@@ -542,16 +550,30 @@ impl Session {
                         started_ns: None,
                     },
                 );
-                self.pending.push_back(Pending::Bind);
+                if let Some(old) = replaced {
+                    // A portal left suspended at its row limit ends here.
+                    self.finish_suspended(old, ts, out);
+                }
+                self.pending.push_back(Pending::Bind { portal });
             }
             FrontendMessage::Execute { portal, .. } => {
-                let p = self.portals.get(&portal).cloned().unwrap_or(Portal {
-                    statement_name: Text::default(),
-                    prepared: None,
-                    params: Arc::from([]),
-                    rows_so_far: 0,
-                    started_ns: None,
-                });
+                let p = match self.portals.get_mut(&portal) {
+                    Some(p) => {
+                        let taken = p.clone();
+                        // A suspended portal resumes in this Execute: it is recorded when
+                        // this one ends, not again when the portal goes away.
+                        p.started_ns = None;
+                        p.rows_so_far = 0;
+                        taken
+                    }
+                    None => Portal {
+                        statement_name: Text::default(),
+                        prepared: None,
+                        params: Arc::from([]),
+                        rows_so_far: 0,
+                        started_ns: None,
+                    },
+                };
                 let started_ns = p.started_ns.unwrap_or(ts);
                 self.pending.push_back(Pending::Execute {
                     portal_name: portal,
@@ -563,8 +585,8 @@ impl Session {
             FrontendMessage::Close { kind, name } => {
                 if kind == b'S' {
                     self.prepared.remove(&name);
-                } else {
-                    self.portals.remove(&name);
+                } else if let Some(old) = self.portals.remove(&name) {
+                    self.finish_suspended(old, ts, out);
                 }
             }
             FrontendMessage::Sync => self.pending.push_back(Pending::Sync),
@@ -578,7 +600,47 @@ impl Session {
             // Startup-phase and COPY sub-protocol messages, Describe, Flush: no queue entry.
             _ => {}
         }
-        let _ = out;
+    }
+
+    /// Every portal is gone (the transaction or the session ended).
+    fn end_portals(&mut self, ts: i128, out: &mut Vec<Draft>) {
+        if self.portals.values().all(|p| p.started_ns.is_none()) {
+            self.portals.clear(); // (keeps the map's allocation)
+            return;
+        }
+        let suspended: Vec<Portal> = self
+            .portals
+            .drain()
+            .map(|(_, p)| p)
+            .filter(|p| p.started_ns.is_some())
+            .collect();
+        for portal in suspended {
+            self.finish_suspended(portal, ts, out);
+        }
+    }
+
+    /// Records the execution of a portal that stopped at its row limit (PortalSuspended)
+    /// and was not run to completion: it ends unresumed when the portal goes away (Close,
+    /// a Bind reusing its name, the end of the transaction, the end of the session).
+    fn finish_suspended(&mut self, portal: Portal, ts: i128, out: &mut Vec<Draft>) {
+        let Some(start) = portal.started_ns else {
+            return;
+        };
+        let prepared = portal.prepared.as_ref();
+        let mut ev = self.statement_event(
+            prepared.map(|p| p.sql.as_str()),
+            prepared.map(|p| p.analysis.as_ref()),
+            "extended",
+        );
+        ev.params = portal.params;
+        ev.prepared_name = portal.statement_name;
+        ev.flags.push("portal_suspended".into());
+        Self::finish(&mut ev, None, 0, 0, None, start, ts);
+        ev.rows = Some(portal.rows_so_far);
+        out.push(Draft {
+            ts_ns: start,
+            event: ev,
+        });
     }
 
     fn on_oversized_request(&mut self, tag: u8, len: u32, ts: i128, out: &mut Vec<Draft>) {
@@ -678,9 +740,11 @@ impl Session {
         }
         match m {
             BackendMessage::ParseComplete => {
-                self.pop_front_matching(|p| matches!(p, Pending::Parse))
+                self.pop_front_matching(|p| matches!(p, Pending::Parse { .. }))
             }
-            BackendMessage::BindComplete => self.pop_front_matching(|p| matches!(p, Pending::Bind)),
+            BackendMessage::BindComplete => {
+                self.pop_front_matching(|p| matches!(p, Pending::Bind { .. }))
+            }
             BackendMessage::DataRow => match self
                 .pending
                 .iter_mut()
@@ -695,8 +759,10 @@ impl Session {
             BackendMessage::EmptyQueryResponse => self.complete(None, None, ts, out),
             BackendMessage::ErrorResponse(e) => self.complete(None, Some(&e), ts, out),
             BackendMessage::PortalSuspended => {
-                // The portal stopped at its row limit; a later Execute resumes it. Carry the
-                // rows and the start time to that Execute (already queued when pipelined).
+                // The portal stopped at its row limit. A later Execute of the same portal
+                // resumes it: carry the rows and the start time to it (already queued when
+                // pipelined); otherwise keep them with the portal until it is resumed or
+                // goes away (then the execution is recorded as it stands).
                 if let Some(Pending::Execute {
                     portal_name,
                     mut portal,
@@ -705,24 +771,39 @@ impl Session {
                 }) = self.pop_until_execute()
                 {
                     let carried = portal.rows_so_far + rows;
-                    let queued = self.pending.iter_mut().find_map(|p| match p {
-                        Pending::Execute {
-                            portal_name: n,
-                            portal: q,
-                            started_ns: s,
-                            ..
-                        } if *n == portal_name => Some((q, s)),
-                        _ => None,
-                    });
+                    let mut rebound = false;
+                    let mut queued = None;
+                    for p in self.pending.iter_mut() {
+                        match p {
+                            Pending::Bind { portal: n } if *n == portal_name => {
+                                rebound = true;
+                                break;
+                            }
+                            Pending::Execute {
+                                portal_name: n,
+                                portal: q,
+                                started_ns: s,
+                                ..
+                            } if *n == portal_name => {
+                                queued = Some((q, s));
+                                break;
+                            }
+                            _ => {}
+                        }
+                    }
+                    portal.rows_so_far = carried;
+                    portal.started_ns = Some(started_ns);
                     match queued {
                         Some((next, next_start)) => {
                             next.rows_so_far = carried;
                             *next_start = started_ns;
                         }
+                        // A new portal of that name is already bound: this one is over.
+                        None if rebound => self.finish_suspended(portal, ts, out),
                         None => {
-                            portal.rows_so_far = carried;
-                            portal.started_ns = Some(started_ns);
-                            self.portals.insert(portal_name, portal);
+                            if let Some(old) = self.portals.insert(portal_name, portal) {
+                                self.finish_suspended(old, ts, out);
+                            }
                         }
                     }
                 }
@@ -754,7 +835,7 @@ impl Session {
                 }
                 if status == b'I' {
                     // Transaction over: every portal is gone (prepared statements stay).
-                    self.portals.clear();
+                    self.end_portals(ts, out);
                 }
             }
             _ => {}
@@ -777,7 +858,7 @@ impl Session {
     fn pop_until_execute(&mut self) -> Option<Pending> {
         while let Some(front) = self.pending.front() {
             match front {
-                Pending::Parse | Pending::Bind => {
+                Pending::Parse { .. } | Pending::Bind { .. } => {
                     self.pending.pop_front();
                 }
                 Pending::Execute { .. } => return self.pending.pop_front(),
@@ -837,7 +918,7 @@ impl Session {
                     event: ev,
                 });
             }
-            Pending::Parse | Pending::Bind | Pending::Execute { .. } => {
+            Pending::Parse { .. } | Pending::Bind { .. } | Pending::Execute { .. } => {
                 if let Some(e) = error {
                     self.fail_extended(e, ts, out);
                     return;
@@ -890,38 +971,85 @@ impl Session {
     }
 
     /// An error in the extended protocol: it belongs to the statement being prepared,
-    /// bound or executed; the server skips everything after it until Sync.
+    /// bound or executed; the server skips everything after it until Sync. A statement
+    /// that failed while being prepared or bound (never executed) keeps its text and is
+    /// flagged `failed_before_execute`; Parses that failed or were skipped did not create
+    /// their statements, so the names keep what the server still has.
     fn fail_extended(&mut self, e: &ErrorFields, ts: i128, out: &mut Vec<Draft>) {
         let mut victim: Option<(Portal, i128)> = None;
-        let mut parse_only = true;
+        let mut failed_parse: Option<Arc<Prepared>> = None;
+        let mut undone: Vec<(Arc<Prepared>, Option<Arc<Prepared>>)> = Vec::new();
+        let mut before_execute = true;
+        let mut first = true;
         while let Some(front) = self.pending.front() {
             if matches!(front, Pending::Sync) {
                 break;
             }
-            let p = self.pending.pop_front().expect("front exists");
-            if let Pending::Execute {
-                portal, started_ns, ..
-            } = p
+            match self.pending.pop_front().expect("front exists") {
+                Pending::Parse { prepared, replaced } => {
+                    if first {
+                        failed_parse = Some(prepared.clone());
+                    }
+                    undone.push((prepared, replaced));
+                }
+                Pending::Execute {
+                    portal, started_ns, ..
+                } => {
+                    if first {
+                        before_execute = false;
+                    }
+                    if victim.is_none() {
+                        victim = Some((portal, started_ns));
+                    }
+                }
+                _ => {}
+            }
+            first = false;
+        }
+        for (prepared, replaced) in undone.into_iter().rev() {
+            let name = prepared.name.to_string();
+            if !self
+                .prepared
+                .get(&name)
+                .is_some_and(|current| Arc::ptr_eq(current, &prepared))
             {
-                parse_only = false;
-                if victim.is_none() {
-                    victim = Some((portal, started_ns));
+                continue;
+            }
+            match replaced {
+                // The unnamed statement is dropped before a new one is parsed.
+                Some(old) if !name.is_empty() => {
+                    self.prepared.insert(name, old);
+                }
+                _ => {
+                    self.prepared.remove(&name);
                 }
             }
         }
-        let (prepared, params, name, start) = match victim {
-            Some((p, start)) => (p.prepared, p.params, p.statement_name, start),
-            None => (None, Arc::from([]), Text::default(), ts),
+        let (prepared, params, name, start) = match (failed_parse, victim) {
+            (Some(failed), Some((p, start)))
+                if p.prepared
+                    .as_ref()
+                    .is_some_and(|bound| Arc::ptr_eq(bound, &failed)) =>
+            {
+                (Some(failed), p.params, p.statement_name, start)
+            }
+            (Some(failed), _) => {
+                let name = failed.name.clone();
+                (Some(failed), Arc::from([]), name, ts)
+            }
+            (None, Some((p, start))) => (p.prepared, p.params, p.statement_name, start),
+            (None, None) => (None, Arc::from([]), Text::default(), ts),
         };
         let mut ev = self.statement_event(
             prepared.as_ref().map(|p| p.sql.as_str()),
             prepared.as_ref().map(|p| p.analysis.as_ref()),
             "extended",
         );
-        if parse_only {
-            // Failed while preparing (no Execute in this batch): the text is not known here
-            // beyond what was prepared; record the failure all the same.
-            ev.flags.retain(|f| f != "prepared_before_capture");
+        if before_execute {
+            if prepared.is_none() {
+                // Nothing of it was seen (a Bind to a statement prepared before capture).
+                ev.flags.retain(|f| f != "prepared_before_capture");
+            }
             ev.flags.push("failed_before_execute".into());
         }
         ev.params = params;
@@ -933,8 +1061,10 @@ impl Session {
         });
     }
 
-    /// Requests that never got an answer (the connection ended first).
+    /// Requests that never got an answer, and portals left suspended (the connection
+    /// ended first).
     pub fn abandon(&mut self, ts: i128, out: &mut Vec<Draft>) {
+        self.end_portals(ts, out);
         while let Some(p) = self.pending.pop_front() {
             match p {
                 Pending::Simple {
