@@ -8,11 +8,18 @@ use core::mem::size_of;
 
 /// Bytes of payload carried by one ring-buffer chunk.
 pub const CHUNK_DATA: usize = 16384;
-/// A syscall moving more bytes than this many chunks hold is truncated (and counted): the
-/// per-direction offset still advances by the real length, so the daemon sees a gap.
-pub const MAX_CHUNKS_PER_CALL: u32 = 8;
-/// iovecs examined per readv/writev/recvmsg/sendmsg.
-pub const MAX_IOVECS: u32 = 8;
+/// A syscall moving more bytes than this many chunks hold (2 MiB) is truncated (and
+/// counted): the per-direction offset still advances by the real length, so the daemon
+/// records a gap. Drivers read big: asyncio's transports (asyncpg, psycopg's async mode)
+/// ask for 256 KiB per recv, and a large result fills them.
+pub const MAX_CHUNKS_PER_CALL: u32 = 128;
+/// iovecs examined per readv/writev/recvmsg/sendmsg (each may take several chunks).
+pub const MAX_IOVECS: u32 = 16;
+/// On kernels without `bpf_loop` (before 5.17) the chunk loops are unrolled for the
+/// verifier, which bounds them far lower: 8 chunks per call (128 KiB), and one chunk of
+/// each of the first 8 iovecs.
+pub const COMPAT_CHUNKS_PER_CALL: u32 = 8;
+pub const COMPAT_IOVECS: u32 = 8;
 
 /// Record kinds at the head of every ring-buffer record.
 pub const RECORD_DATA: u32 = 1;

@@ -9,15 +9,16 @@
 use core::ffi::c_void;
 
 use auditor_common::{
-    counter, KernelOffsets, RecordHeader, AF_UNIX, CHUNK_DATA, DIR_TO_CLIENT, DIR_TO_SERVER,
-    MAX_CHUNKS_PER_CALL, MAX_IOVECS, RECORD_CLOSE, RECORD_DATA, RECORD_FILE, RECORD_OPEN,
-    ROLE_CLIENT, SEEN_ACCEPT, SEEN_CONNECT, SEEN_IO, STREAM_RAW, STREAM_TLS,
+    counter, KernelOffsets, RecordHeader, AF_UNIX, CHUNK_DATA, COMPAT_CHUNKS_PER_CALL,
+    COMPAT_IOVECS, DIR_TO_CLIENT, DIR_TO_SERVER, MAX_CHUNKS_PER_CALL, MAX_IOVECS, RECORD_CLOSE,
+    RECORD_DATA, RECORD_FILE, RECORD_OPEN, ROLE_CLIENT, SEEN_ACCEPT, SEEN_CONNECT, SEEN_IO,
+    STREAM_RAW, STREAM_TLS,
 };
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_user,
-        generated::bpf_probe_read_user as probe_read_user_raw,
+        generated::{bpf_loop, bpf_probe_read_user as probe_read_user_raw},
     },
     macros::tracepoint,
     programs::TracePointContext,
@@ -367,44 +368,161 @@ fn count_truncation(total: u64, done: u64) {
 
 /// read, write, recvfrom, sendto: one buffer, sent as up to MAX_CHUNKS_PER_CALL chunks.
 #[inline(always)]
-fn exit_plain(ctx: &TracePointContext) -> Option<()> {
-    let (pending, total, base, rec) = begin_exit(ctx)?;
-    send_buffer(rec, pending.buf, total, base);
+fn exit_plain<const LOOP: bool>(ctx: &TracePointContext) -> Option<()> {
+    let (pending, total, base, _rec) = begin_exit(ctx)?;
+    send_buffer::<LOOP>(pending.buf, total, base);
     Some(())
+}
+
+/// What one round of a chunk loop works on (the loops run under `bpf_loop`, so the
+/// verifier checks one round, not MAX_CHUNKS_PER_CALL of them).
+#[repr(C)]
+struct Chunks {
+    /// Where the current buffer continues and how much of it is left.
+    ptr: u64,
+    left: u64,
+    /// Bytes sent so far, of `total`; the stream offset of the first.
+    done: u64,
+    total: u64,
+    base: u64,
+    /// Vectored calls: the iovec array, its length, the next to take.
+    iov: u64,
+    iovcnt: u64,
+    next_iov: u64,
+    chunk: u32,
+    _pad: u32,
+}
+
+/// One chunk of the current buffer into the ring. 0: go on, 1: stop.
+#[inline(always)]
+fn send_next_chunk(c: &mut Chunks) -> i64 {
+    if c.done >= c.total || c.left == 0 || c.chunk >= MAX_CHUNKS_PER_CALL {
+        return 1;
+    }
+    let Some(rec) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    let n = core::cmp::min(c.left, CHUNK_DATA as u64);
+    send_chunk(rec, c.ptr, n, c.base + c.done, c.chunk);
+    c.ptr += n;
+    c.left -= n;
+    c.done += n;
+    c.chunk += 1;
+    0
+}
+
+#[inline(never)]
+extern "C" fn buffer_round(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the caller's `Chunks`.
+    let c = unsafe { &mut *(ctx as *mut Chunks) };
+    send_next_chunk(c)
+}
+
+#[inline(never)]
+extern "C" fn vectored_round(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the caller's `Chunks`.
+    let c = unsafe { &mut *(ctx as *mut Chunks) };
+    if c.done >= c.total {
+        return 1;
+    }
+    if c.left > 0 {
+        return send_next_chunk(c);
+    }
+    // Take the next iovec: struct iovec { void *iov_base; size_t iov_len; }
+    if c.next_iov >= c.iovcnt || c.next_iov >= MAX_IOVECS as u64 {
+        return 1;
+    }
+    let iov = c.iov + c.next_iov * 16;
+    c.next_iov += 1;
+    let Ok(ptr) = (unsafe { bpf_probe_read_user(iov as *const u64) }) else {
+        return 1;
+    };
+    let Ok(len) = (unsafe { bpf_probe_read_user((iov + 8) as *const u64) }) else {
+        return 1;
+    };
+    c.ptr = ptr;
+    c.left = core::cmp::min(len, c.total - c.done);
+    0
 }
 
 /// Sends `total` bytes of one user buffer as up to MAX_CHUNKS_PER_CALL chunks; what does
 /// not fit is counted as truncated. Returns the chunks sent.
+/// `LOOP`: with `bpf_loop` (Linux 5.17+), up to MAX_CHUNKS_PER_CALL; without, an unrolled
+/// loop of COMPAT_CHUNKS_PER_CALL.
 #[inline(always)]
-pub(crate) fn send_buffer(
-    rec: *mut auditor_common::DataRecord,
-    buf: u64,
-    total: u64,
-    base: u64,
-) -> u64 {
-    let mut done: u64 = 0;
-    let mut chunks: u64 = 0;
-    for i in 0..MAX_CHUNKS_PER_CALL {
-        if done >= total {
-            break;
+pub(crate) fn send_buffer<const LOOP: bool>(buf: u64, total: u64, base: u64) -> u64 {
+    let mut c = Chunks {
+        ptr: buf,
+        left: total,
+        done: 0,
+        total,
+        base,
+        iov: 0,
+        iovcnt: 0,
+        next_iov: 0,
+        chunk: 0,
+        _pad: 0,
+    };
+    if LOOP {
+        unsafe {
+            bpf_loop(
+                MAX_CHUNKS_PER_CALL,
+                buffer_round as *mut c_void,
+                &mut c as *mut Chunks as *mut c_void,
+                0,
+            );
         }
-        let n = core::cmp::min(total - done, CHUNK_DATA as u64);
-        send_chunk(rec, buf + done, n, base + done, i);
-        done += n;
-        chunks += 1;
+    } else {
+        for _ in 0..COMPAT_CHUNKS_PER_CALL {
+            if send_next_chunk(&mut c) != 0 {
+                break;
+            }
+        }
     }
-    count_truncation(total, done);
-    chunks
+    count_truncation(total, c.done);
+    c.chunk as u64
 }
 
-/// readv, writev, recvmsg, sendmsg: one chunk per iovec, up to MAX_IOVECS iovecs. Clients
-/// that scatter a message over many or huge iovecs are truncated (counted; the stream
-/// offsets still advance, so the daemon records a gap).
+/// readv, writev, recvmsg, sendmsg: the iovecs in order (up to MAX_IOVECS), each in as
+/// many chunks as it needs, up to MAX_CHUNKS_PER_CALL in all. What does not fit is counted
+/// as truncated (the stream offsets still advance, so the daemon records a gap).
 #[inline(always)]
-fn exit_vectored(ctx: &TracePointContext) -> Option<()> {
+fn exit_vectored<const LOOP: bool>(ctx: &TracePointContext) -> Option<()> {
+    if !LOOP {
+        return exit_vectored_compat(ctx);
+    }
+    let (pending, total, base, _rec) = begin_exit(ctx)?;
+    let mut c = Chunks {
+        ptr: 0,
+        left: 0,
+        done: 0,
+        total,
+        base,
+        iov: pending.buf,
+        iovcnt: pending.iovcnt,
+        next_iov: 0,
+        chunk: 0,
+        _pad: 0,
+    };
+    // Each round takes the next iovec or sends one chunk of the current one.
+    unsafe {
+        bpf_loop(
+            MAX_CHUNKS_PER_CALL + MAX_IOVECS,
+            vectored_round as *mut c_void,
+            &mut c as *mut Chunks as *mut c_void,
+            0,
+        );
+    }
+    count_truncation(total, c.done);
+    Some(())
+}
+
+/// Without bpf_loop: one chunk of each of the first COMPAT_IOVECS iovecs.
+#[inline(always)]
+fn exit_vectored_compat(ctx: &TracePointContext) -> Option<()> {
     let (pending, total, base, rec) = begin_exit(ctx)?;
     let mut done: u64 = 0;
-    for i in 0..MAX_IOVECS {
+    for i in 0..COMPAT_IOVECS {
         if done >= total || i as u64 >= pending.iovcnt {
             break;
         }
@@ -427,8 +545,10 @@ fn exit_vectored(ctx: &TracePointContext) -> Option<()> {
     Some(())
 }
 
+/// Each exit that copies payload comes twice: with bpf_loop, and `_compat` without (the
+/// daemon loads the second where the kernel lacks bpf_loop).
 macro_rules! plain_io {
-    ($enter:ident, $exit:ident, $is_write:expr) => {
+    ($enter:ident, $exit:ident, $compat:ident, $is_write:expr) => {
         #[tracepoint]
         pub fn $enter(ctx: TracePointContext) -> u32 {
             let _ = enter_io(&ctx, $is_write, arg(&ctx, ARG1), 0);
@@ -436,15 +556,25 @@ macro_rules! plain_io {
         }
         #[tracepoint]
         pub fn $exit(ctx: TracePointContext) -> u32 {
-            let _ = exit_plain(&ctx);
+            let _ = exit_plain::<true>(&ctx);
+            0
+        }
+        #[tracepoint]
+        pub fn $compat(ctx: TracePointContext) -> u32 {
+            let _ = exit_plain::<false>(&ctx);
             0
         }
     };
 }
 
-plain_io!(sys_enter_read, sys_exit_read, false);
-plain_io!(sys_enter_write, sys_exit_write, true);
-plain_io!(sys_enter_sendto, sys_exit_sendto, true);
+plain_io!(sys_enter_read, sys_exit_read, sys_exit_read_compat, false);
+plain_io!(sys_enter_write, sys_exit_write, sys_exit_write_compat, true);
+plain_io!(
+    sys_enter_sendto,
+    sys_exit_sendto,
+    sys_exit_sendto_compat,
+    true
+);
 
 #[tracepoint]
 pub fn sys_enter_recvfrom(ctx: TracePointContext) -> u32 {
@@ -456,12 +586,17 @@ pub fn sys_enter_recvfrom(ctx: TracePointContext) -> u32 {
 }
 #[tracepoint]
 pub fn sys_exit_recvfrom(ctx: TracePointContext) -> u32 {
-    let _ = exit_plain(&ctx);
+    let _ = exit_plain::<true>(&ctx);
+    0
+}
+#[tracepoint]
+pub fn sys_exit_recvfrom_compat(ctx: TracePointContext) -> u32 {
+    let _ = exit_plain::<false>(&ctx);
     0
 }
 
 macro_rules! vector_io {
-    ($enter:ident, $exit:ident, $is_write:expr) => {
+    ($enter:ident, $exit:ident, $compat:ident, $is_write:expr) => {
         #[tracepoint]
         pub fn $enter(ctx: TracePointContext) -> u32 {
             let iovcnt = arg(&ctx, ARG2);
@@ -472,14 +607,29 @@ macro_rules! vector_io {
         }
         #[tracepoint]
         pub fn $exit(ctx: TracePointContext) -> u32 {
-            let _ = exit_vectored(&ctx);
+            let _ = exit_vectored::<true>(&ctx);
+            0
+        }
+        #[tracepoint]
+        pub fn $compat(ctx: TracePointContext) -> u32 {
+            let _ = exit_vectored::<false>(&ctx);
             0
         }
     };
 }
 
-vector_io!(sys_enter_readv, sys_exit_readv, false);
-vector_io!(sys_enter_writev, sys_exit_writev, true);
+vector_io!(
+    sys_enter_readv,
+    sys_exit_readv,
+    sys_exit_readv_compat,
+    false
+);
+vector_io!(
+    sys_enter_writev,
+    sys_exit_writev,
+    sys_exit_writev_compat,
+    true
+);
 
 /// recvmsg/sendmsg: the iovecs are behind a `struct user_msghdr` in user memory.
 #[inline(always)]
@@ -504,7 +654,12 @@ pub fn sys_enter_recvmsg(ctx: TracePointContext) -> u32 {
 }
 #[tracepoint]
 pub fn sys_exit_recvmsg(ctx: TracePointContext) -> u32 {
-    let _ = exit_vectored(&ctx);
+    let _ = exit_vectored::<true>(&ctx);
+    0
+}
+#[tracepoint]
+pub fn sys_exit_recvmsg_compat(ctx: TracePointContext) -> u32 {
+    let _ = exit_vectored::<false>(&ctx);
     0
 }
 #[tracepoint]
@@ -514,7 +669,12 @@ pub fn sys_enter_sendmsg(ctx: TracePointContext) -> u32 {
 }
 #[tracepoint]
 pub fn sys_exit_sendmsg(ctx: TracePointContext) -> u32 {
-    let _ = exit_vectored(&ctx);
+    let _ = exit_vectored::<true>(&ctx);
+    0
+}
+#[tracepoint]
+pub fn sys_exit_sendmsg_compat(ctx: TracePointContext) -> u32 {
+    let _ = exit_vectored::<false>(&ctx);
     0
 }
 

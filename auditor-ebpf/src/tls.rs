@@ -95,12 +95,19 @@ entry_probe!(ssl_other, TLS_OTHER);
 /// One return program for every hooked function: the entry recorded what it was.
 #[uretprobe]
 pub fn ssl_return(ctx: RetProbeContext) -> u32 {
-    let _ = exit(&ctx);
+    let _ = exit::<true>(&ctx);
+    0
+}
+
+/// The same without bpf_loop (kernels before 5.17).
+#[uretprobe]
+pub fn ssl_return_compat(ctx: RetProbeContext) -> u32 {
+    let _ = exit::<false>(&ctx);
     0
 }
 
 #[inline(always)]
-fn exit(ctx: &RetProbeContext) -> Option<()> {
+fn exit<const LOOP: bool>(ctx: &RetProbeContext) -> Option<()> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let call = *unsafe { TLS_CALLS.get(pid_tgid) }?;
     if stack_pointer(ctx.regs) < call.sp {
@@ -151,8 +158,8 @@ fn exit(ctx: &RetProbeContext) -> Option<()> {
     } else {
         DIR_TO_CLIENT
     };
-    let (base, rec) = prepare_record(sock, direction, STREAM_TLS, call.ssl, total)?;
-    let chunks = send_buffer(rec, call.buf, total, base);
+    let (base, _rec) = prepare_record(sock, direction, STREAM_TLS, call.ssl, total)?;
+    let chunks = send_buffer::<LOOP>(call.buf, total, base);
     count(counter::TLS_CHUNKS, chunks);
     Some(())
 }

@@ -69,7 +69,8 @@ pub struct CaptureConfig {
     /// Size of the kernel ring buffer (a power of two, at least 64 KiB). Default: 64 MiB.
     pub ring_buffer_bytes: u32,
     /// Largest client message decoded (Query, Parse, Bind); larger ones are recorded as
-    /// truncated gap events. Default: 1 MiB.
+    /// truncated gap events. Default: 16 MiB (bulk INSERTs and long IN lists run to
+    /// megabytes).
     pub max_message_bytes: u32,
     /// Take the plaintext of TLS connections at OpenSSL (uprobes on every libssl and
     /// OpenSSL-linked program on the host). Default: true. With false, TLS sessions are
@@ -89,7 +90,7 @@ impl Default for CaptureConfig {
     fn default() -> Self {
         CaptureConfig {
             ring_buffer_bytes: 64 << 20,
-            max_message_bytes: 1 << 20,
+            max_message_bytes: 16 << 20,
             tls: true,
             nice: -5,
             drain_every_ms: 10,
@@ -368,7 +369,7 @@ local_log:
   rotate_bytes: 104857600          # start a new file past 100 MiB
 capture:
   ring_buffer_bytes: 67108864      # kernel ring buffer, a power of two
-  max_message_bytes: 1048576       # larger client messages are recorded as truncated gaps
+  max_message_bytes: 16777216      # larger client messages are recorded as truncated gaps
   tls: true                        # plaintext of TLS connections through uprobes on OpenSSL
   nice: -5                         # scheduling priority: keep up with the kernel under load
   drain_every_ms: 10               # drain the ring buffer this often (or when 1/8 full)

@@ -232,6 +232,17 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         capture.attached.len(),
         capture.attached.join(", ")
     );
+    match &capture.without_bpf_loop {
+        None => println!(
+            "auditor: each read or write call is copied up to {} KiB",
+            capture.copy_limit / 1024
+        ),
+        Some(why) => eprintln!(
+            "auditor: warning: without bpf_loop (Linux 5.17+), each read or write call is \
+             copied up to {} KiB only; a larger one is recorded as a gap ({why})",
+            capture.copy_limit / 1024
+        ),
+    }
     // TLS libraries: the usual library directories, then what running processes map.
     let mut finder = TlsFinder::default();
     if cfg.capture.tls {

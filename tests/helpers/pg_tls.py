@@ -125,7 +125,10 @@ def run_client(args):
             sys.exit("login failed: %r" % body)
         if tag == b"Z":
             break
-    for i, q in enumerate(args.query):
+    queries = list(args.query)
+    if args.big:
+        queries.append("SELECT length('" + "y" * args.big + "')")
+    for i, q in enumerate(queries):
         if i > 0:
             time.sleep(args.pause)
         data = q.encode() + b"\0"
@@ -197,6 +200,7 @@ def main():
     c.add_argument("--bio", choices=["memory", "socket", "none"], default="memory")
     c.add_argument("--source-port", type=int, default=0)
     c.add_argument("--pause", type=float, default=0.0, help="seconds between queries")
+    c.add_argument("--big", type=int, default=0, help="one more query of about this many bytes")
     c.add_argument("--wait", type=float, default=0.0, help="seconds to wait before connecting")
     c.add_argument("--query", action="append", default=[])
     x = sub.add_parser("proxy")

@@ -189,6 +189,18 @@ impl Postgres {
             .count())
     }
 
+    /// Statements the server logged for backend process `pid`, whatever the application
+    /// name was at the time (a driver may set it with a statement of its own).
+    pub fn logged_statements_of_backend(&self, pid: u64) -> Result<usize> {
+        let text = std::fs::read_to_string(self.log_path())?;
+        let field = format!("|{pid}|");
+        Ok(text
+            .lines()
+            .filter(|l| l.find('|').is_some_and(|at| l[at..].starts_with(&field)))
+            .filter(|l| l.contains("LOG:  statement: ") || l.contains("LOG:  execute "))
+            .count())
+    }
+
     /// How clients reach this server: TCP on loopback, as user postgres.
     fn conn_args(&self) -> [String; 6] {
         [
@@ -366,8 +378,27 @@ impl Daemon {
         Ok(d)
     }
 
+    /// With environment variables set for the daemon.
+    pub fn start_with_env(pg_port: u16, extra_config: &str, env: &[(&str, &str)]) -> Result<Self> {
+        let state = tempfile::Builder::new()
+            .prefix("auditor-state-")
+            .tempdir()?;
+        let mut d = Self::start_in_env(state.path(), pg_port, extra_config, env)?;
+        d._owned_state = Some(state);
+        Ok(d)
+    }
+
     /// With a state directory the caller keeps (to start another daemon on it later).
     pub fn start_in(state: &Path, pg_port: u16, extra_config: &str) -> Result<Self> {
+        Self::start_in_env(state, pg_port, extra_config, &[])
+    }
+
+    fn start_in_env(
+        state: &Path,
+        pg_port: u16,
+        extra_config: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let config = state.join("config.yaml");
         std::fs::write(
             &config,
@@ -380,6 +411,7 @@ impl Daemon {
             .arg("run")
             .arg("--config")
             .arg(&config)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -540,7 +572,7 @@ pub fn pg_tls_helper_in(ns: &Netns) -> Command {
     c
 }
 
-fn python3() -> &'static str {
+pub fn python3() -> &'static str {
     if Path::new("/usr/bin/python3").exists() {
         "/usr/bin/python3"
     } else {

@@ -9,8 +9,8 @@ use std::{
 };
 
 use auditor_tests::{
-    assert_no_duplicates, can_run, check, free_port, pg_tls_helper_in, str_of, Cgroup, Daemon,
-    Netns, Postgres,
+    assert_no_duplicates, can_run, check, free_port, pg_tls_helper, pg_tls_helper_in, str_of,
+    Cgroup, Daemon, Netns, Postgres,
 };
 use serde_json::Value;
 
@@ -628,4 +628,82 @@ fn twin_loopback_connections_in_two_network_namespaces_stay_apart() {
         .filter(|e| !str_of(e, "application_name").starts_with("twin_"))
         .collect();
     assert!(other.is_empty(), "events of no client: {other:#?}");
+}
+
+#[test]
+fn without_bpf_loop_exact_and_oversized_calls_recorded_as_gaps() {
+    if !can_run("without_bpf_loop_exact_and_oversized_calls_recorded_as_gaps") {
+        return;
+    }
+    // The programs built for kernels before 5.17 (no bpf_loop), forced on this one.
+    let pg = Postgres::start(&[]).unwrap();
+    check(pg.pgbench().args(["-i", "-q", "-s", "1"]).arg("postgres")).unwrap();
+    let mut daemon = Daemon::start_with_env(pg.port, "", &[("AUDITOR_NO_BPF_LOOP", "1")]).unwrap();
+    let cg = Cgroup::new("compat").unwrap();
+    for mode in ["simple", "prepared"] {
+        run_pgbench(pg.pgbench(), &cg, mode, &format!("compat_{mode}"), 2, 500);
+    }
+    // One blocking send of a 1 MiB query: more than these programs copy per call (128
+    // KiB). What is lost must show as a gap, counted.
+    let mut cmd = pg_tls_helper();
+    cmd.args(["client", "--bio", "none", "--port", &pg.port.to_string()])
+        .args(["--app", "compat_big", "--big", "1048576"])
+        .args(["--query", "SELECT 'compatmarker'"]);
+    cg.enter(&mut cmd);
+    let out = check(&mut cmd).unwrap();
+    assert!(out.contains("done"), "{out}");
+    daemon.stop().unwrap();
+    let stats = daemon.stats().unwrap();
+    let events = daemon.events().unwrap();
+    assert_no_duplicates(&events);
+    for mode in ["simple", "prepared"] {
+        let app = format!("compat_{mode}");
+        let recorded = statements(&events, &cg.name, &app);
+        let executed = pg.logged_statements(&app).unwrap();
+        assert!(executed >= 3500, "{app}: server logged {executed}");
+        assert_eq!(recorded.len(), executed, "{app}: recorded vs executed");
+    }
+    let gaps: Vec<&Value> = events
+        .iter()
+        .filter(|e| str_of(e, "kind") == "gap" && str_of(e, "application_name") == "compat_big")
+        .collect();
+    assert!(
+        !gaps.is_empty(),
+        "no gap recorded for calls over 128 KiB: {:?}",
+        events
+            .iter()
+            .filter(|e| str_of(e, "kind") == "gap")
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        stats["kernel"]["truncated_calls"].as_u64().unwrap_or(0) > 0,
+        "{stats}"
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| !e.to_string().contains("compatmarker")),
+        "a literal reached the log"
+    );
+
+    // The same call with bpf_loop (2 MiB per call): copied whole, the statement recorded.
+    let mut daemon = Daemon::start(pg.port, "").unwrap();
+    let mut cmd = pg_tls_helper();
+    cmd.args(["client", "--bio", "none", "--port", &pg.port.to_string()])
+        .args(["--app", "looped_big", "--big", "1048576"]);
+    cg.enter(&mut cmd);
+    check(&mut cmd).unwrap();
+    daemon.stop().unwrap();
+    let events = daemon.events().unwrap();
+    let mine: Vec<&Value> = events
+        .iter()
+        .filter(|e| str_of(e, "application_name") == "looped_big")
+        .collect();
+    let kinds: Vec<&str> = mine.iter().map(|e| str_of(e, "kind")).collect();
+    assert_eq!(
+        kinds,
+        ["session_start", "statement", "session_end"],
+        "{mine:#?}"
+    );
+    assert_eq!(str_of(mine[1], "statement"), "SELECT length($1)");
 }

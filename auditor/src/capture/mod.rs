@@ -93,6 +93,23 @@ const TLS_ENTRY_PROGRAMS: &[&str] = &[
 ];
 const TLS_RETURN_PROGRAM: &str = "ssl_return";
 
+/// The programs that copy payload come in two builds: with `bpf_loop` (Linux 5.17+, up to
+/// MAX_CHUNKS_PER_CALL chunks per call) and `<name>_compat` without (COMPAT_CHUNKS_PER_CALL).
+const COPYING_EXITS: &[&str] = &[
+    "sys_exit_read",
+    "sys_exit_write",
+    "sys_exit_recvfrom",
+    "sys_exit_sendto",
+    "sys_exit_readv",
+    "sys_exit_writev",
+    "sys_exit_recvmsg",
+    "sys_exit_sendmsg",
+];
+
+/// Set (to anything) to load the programs built without `bpf_loop` even where the kernel
+/// has it (how the tests keep them working).
+pub const NO_BPF_LOOP_ENV: &str = "AUDITOR_NO_BPF_LOOP";
+
 /// Kernel-side counters, summed over CPUs.
 #[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct KernelCounters {
@@ -121,6 +138,11 @@ pub struct Capture {
     pub attached: Vec<String>,
     /// Unix-domain sockets are watched (this kernel's BTF describes them).
     pub unix_sockets: bool,
+    /// Bytes one read or write call is copied up to (more is recorded as a gap).
+    pub copy_limit: u64,
+    /// Why the programs with `bpf_loop` were not used (a kernel before 5.17 refuses them).
+    pub without_bpf_loop: Option<String>,
+    tls_return_program: &'static str,
 }
 
 /// Mounts tracefs where the tracepoint attach code looks for it, if it is not there yet.
@@ -277,11 +299,35 @@ impl Capture {
         }
 
         let mut attached = Vec::new();
+        let mut without_bpf_loop =
+            std::env::var_os(NO_BPF_LOOP_ENV).map(|_| format!("{NO_BPF_LOOP_ENV} is set"));
         for (category, name) in TRACEPOINTS {
             if !tls && TLS_TRACEPOINTS.contains(name) {
                 continue;
             }
-            let prog: &mut TracePoint = load_program(&mut ebpf, name)?;
+            let copying = COPYING_EXITS.contains(name);
+            let compat = format!("{name}_compat");
+            let mut program = if copying && without_bpf_loop.is_some() {
+                compat.as_str()
+            } else {
+                name
+            };
+            if let Err(e) = load_program::<TracePoint>(&mut ebpf, program).map(|_| ()) {
+                if !copying || without_bpf_loop.is_some() {
+                    return Err(e);
+                }
+                // A kernel without bpf_loop (before 5.17) refuses the looping build.
+                without_bpf_loop = Some(e.to_string());
+                program = compat.as_str();
+                load_program::<TracePoint>(&mut ebpf, program)?;
+            }
+            let prog: &mut TracePoint = ebpf
+                .program_mut(program)
+                .and_then(|p| p.try_into().ok())
+                .ok_or_else(|| CaptureError::Program {
+                name: program.to_string(),
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?;
             prog.attach(category, name)
                 .map_err(|source| CaptureError::Program {
                     name: name.to_string(),
@@ -289,13 +335,23 @@ impl Capture {
                 })?;
             attached.push(format!("{category}:{name}"));
         }
+        let tls_return_program = if without_bpf_loop.is_some() {
+            "ssl_return_compat"
+        } else {
+            TLS_RETURN_PROGRAM
+        };
         let tls_programs: &[&str] = if tls { TLS_ENTRY_PROGRAMS } else { &[] };
         for name in tls_programs
             .iter()
-            .chain(tls.then_some(&TLS_RETURN_PROGRAM))
+            .chain(tls.then_some(&tls_return_program))
         {
             load_program::<UProbe>(&mut ebpf, name)?;
         }
+        let chunks = if without_bpf_loop.is_some() {
+            auditor_common::COMPAT_CHUNKS_PER_CALL
+        } else {
+            auditor_common::MAX_CHUNKS_PER_CALL
+        };
 
         let ring = take_map(&mut ebpf, "EVENTS")?;
         let counters = take_map(&mut ebpf, "COUNTERS")?;
@@ -310,6 +366,9 @@ impl Capture {
             counters,
             attached,
             unix_sockets: offsets.unix_valid != 0,
+            copy_limit: u64::from(chunks) * auditor_common::CHUNK_DATA as u64,
+            without_bpf_loop,
+            tls_return_program,
         })
     }
 
@@ -382,7 +441,7 @@ impl Capture {
                 continue;
             };
             let mut ok = true;
-            for program in [*entry, TLS_RETURN_PROGRAM] {
+            for program in [*entry, self.tls_return_program] {
                 let result = self
                     .ebpf
                     .program_mut(program)

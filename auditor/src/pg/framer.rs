@@ -13,7 +13,7 @@ pub struct FramerLimits {
 impl Default for FramerLimits {
     fn default() -> Self {
         FramerLimits {
-            max_buffered: 1 << 20,
+            max_buffered: 16 << 20,
         }
     }
 }
