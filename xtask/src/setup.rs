@@ -56,7 +56,38 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "iproute2",
         "a capture test runs Postgres servers in network namespaces of its own (`ip netns`)",
     ),
+    (
+        "python3-asyncpg",
+        "the drivers test runs asyncpg (its own protocol implementation)",
+    ),
+    (
+        "python3-psycopg",
+        "the drivers test runs psycopg 3 in pipeline mode",
+    ),
+    (
+        "libpostgresql-jdbc-java",
+        "the drivers test runs pgjdbc (batches, named statements)",
+    ),
 ];
+
+/// Tools the tests need, satisfied by any installation that puts the command on PATH
+/// (Node.js from NodeSource, a JDK from elsewhere): (command, Debian package, why).
+const TEST_COMMANDS: &[(&str, &str, &str)] = &[
+    (
+        "javac",
+        "default-jdk-headless",
+        "the drivers test compiles its pgjdbc client",
+    ),
+    ("node", "nodejs", "the drivers test runs node-postgres"),
+    (
+        "npm",
+        "npm",
+        "setup installs node-postgres (npm's `pg`) for the drivers test",
+    ),
+];
+
+/// node-postgres for the drivers test, from npm into target/test-deps.
+const NODE_PG: &str = "pg@8";
 
 /// What to install.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -103,7 +134,17 @@ pub fn setup(purpose: Purpose) -> Result<()> {
     } else {
         &[]
     });
-    let missing: Vec<&(&str, &str)> = wanted.filter(|(p, _)| !installed(p)).collect();
+    let mut missing: Vec<&(&str, &str)> = wanted.filter(|(p, _)| !installed(p)).collect();
+    let commands: Vec<(&str, &str)> = if purpose == Purpose::Test {
+        TEST_COMMANDS
+            .iter()
+            .filter(|(cmd, _, _)| !have(cmd))
+            .map(|(_, p, why)| (*p, *why))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    missing.extend(commands.iter());
     if !missing.is_empty() {
         for (p, why) in &missing {
             eprintln!("setup: installing {p}: {why}");
@@ -172,6 +213,19 @@ pub fn setup(purpose: Purpose) -> Result<()> {
         run(&mut cmd)?;
     }
     if purpose == Purpose::Test {
+        let node_modules = crate::workspace_root().join("target/test-deps");
+        if !node_modules.join("node_modules/pg").exists() {
+            eprintln!(
+                "setup: installing node-postgres ({NODE_PG}) into {}: the drivers test runs it",
+                node_modules.display()
+            );
+            std::fs::create_dir_all(&node_modules)?;
+            run(Command::new("npm")
+                .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+                .arg("--prefix")
+                .arg(&node_modules)
+                .arg(NODE_PG))?;
+        }
         for tool in ["pgbench", "psql"] {
             if !have(tool) {
                 bail!("{tool} is still missing after setup: install postgresql-client-15");

@@ -1,0 +1,234 @@
+//! Client drivers other than libpq's tools, each with its own protocol implementation and
+//! habits: asyncpg (Parse/Describe/Sync before executing, binary formats, pipelined
+//! executemany), psycopg 3 (pipeline mode with an error mid-batch), pgjdbc (batches, the
+//! switch to named statements after prepareThreshold) and node-postgres. The same workload
+//! for each (tests/helpers/drivers/): what the server logged is what the auditor recorded,
+//! every event names the driver's own process, a failed statement keeps its text and
+//! SQLSTATE, statements the server skipped are not recorded, and the marker the workload
+//! puts in parameters and rows never reaches the log.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use auditor_tests::{
+    assert_no_duplicates, can_run, python3, str_of, workspace_root, Cgroup, Daemon, Postgres,
+};
+use serde_json::Value;
+
+fn helper(name: &str) -> PathBuf {
+    workspace_root().join("tests/helpers/drivers").join(name)
+}
+
+/// Where `cargo xtask setup --tests` installs node-postgres (npm's `pg`).
+fn node_modules() -> PathBuf {
+    workspace_root().join("target/test-deps/node_modules")
+}
+
+/// Runs `client` (which gets PORT APP SECRET as its last arguments) against a fresh
+/// Postgres under a fresh daemon and checks the trail against the server's own log.
+/// `skipped` is a statement the workload makes the server skip (never executed).
+fn check_driver(test: &str, app: &str, mut client: Command, skipped: Option<&str>) {
+    if !can_run(test) {
+        return;
+    }
+    let pg = Postgres::start(&[]).unwrap();
+    let mut daemon = Daemon::start(pg.port, "").unwrap();
+    let cg = Cgroup::new(app).unwrap();
+    let secret = format!("drvsecret{}x{}", std::process::id(), pg.port);
+    client
+        .args([&pg.port.to_string(), app, &secret])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cg.enter(&mut client);
+    let child = client.spawn().unwrap_or_else(|e| panic!("{app}: {e}"));
+    let pid = child.id() as u64;
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("done"),
+        "{app} failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    daemon
+        .wait_for(Duration::from_secs(10), |evs| {
+            evs.iter()
+                .any(|e| str_of(e, "kind") == "session_end" && str_of(e, "application_name") == app)
+        })
+        .unwrap();
+    let output = daemon.stop().unwrap();
+    let events = daemon.events().unwrap();
+    assert_no_duplicates(&events);
+    let gaps: Vec<&Value> = events
+        .iter()
+        .filter(|e| str_of(e, "kind") == "gap")
+        .collect();
+    assert!(
+        gaps.is_empty(),
+        "{app}: gaps recorded: {output:?} {gaps:#?}"
+    );
+
+    // The driver's connection (some set application_name with a statement of their own,
+    // after the first events).
+    let session = events
+        .iter()
+        .find(|e| str_of(e, "application_name") == app)
+        .map(|e| str_of(e, "session_id"))
+        .unwrap_or_else(|| panic!("{app}: nothing recorded"));
+    let mine: Vec<&Value> = events
+        .iter()
+        .filter(|e| str_of(e, "session_id") == session)
+        .collect();
+    let statements: Vec<&Value> = mine
+        .iter()
+        .copied()
+        .filter(|e| str_of(e, "kind") == "statement")
+        .collect();
+    for e in &mine {
+        assert_eq!(
+            e["pid"].as_u64(),
+            Some(pid),
+            "{app}: not the driver's process: {e}"
+        );
+        assert_eq!(str_of(e, "cgroup_path"), cg.name, "{e}");
+        let flags: Vec<&str> = e["flags"]
+            .as_array()
+            .map(|f| f.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        // (asyncpg's fetchval and fetchrow ask for one row and leave the portal there.)
+        assert!(
+            flags
+                .iter()
+                .all(|f| *f == "failed_before_execute" || *f == "portal_suspended"),
+            "{app}: {e}"
+        );
+    }
+    let other: Vec<&Value> = events
+        .iter()
+        .filter(|e| str_of(e, "session_id") != session && str_of(e, "kind") == "statement")
+        .collect();
+    assert!(
+        other.is_empty(),
+        "{app}: statements of no client: {other:#?}"
+    );
+    let backend = statements
+        .first()
+        .and_then(|e| e["server_pid"].as_u64())
+        .unwrap_or_else(|| panic!("{app}: no backend pid"));
+
+    // The server logs a statement when it executes it (log_statement = all); one that
+    // fails while being prepared never executes, and is recorded with its error.
+    let failed_early = statements
+        .iter()
+        .filter(|e| {
+            e["flags"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|v| v == "failed_before_execute"))
+        })
+        .count();
+    let executed = pg.logged_statements_of_backend(backend).unwrap();
+    assert!(executed >= 70, "{app}: server logged {executed}");
+    if statements.len() != executed + failed_early {
+        let recorded: Vec<String> = statements
+            .iter()
+            .map(|e| format!("{} [{}]", str_of(e, "statement"), str_of(e, "error_code")))
+            .collect();
+        let log = std::fs::read_to_string(pg.log_path()).unwrap_or_default();
+        panic!(
+            "{app}: recorded {} statements, the server executed {executed} ({failed_early} \
+             failed before executing)\nrecorded:\n{}\nserver log:\n{log}",
+            statements.len(),
+            recorded.join("\n"),
+        );
+    }
+
+    // The failed statement: its text, its SQLSTATE.
+    let failed: Vec<&&Value> = statements
+        .iter()
+        .filter(|e| str_of(e, "error_code") == "42P01")
+        .collect();
+    assert_eq!(failed.len(), 1, "{app}: {failed:#?}");
+    assert!(
+        str_of(failed[0], "statement").contains("drv_missing_table"),
+        "{app}: the failed statement's text: {}",
+        failed[0]
+    );
+    assert!(str_of(failed[0], "error_message").contains("drv_missing_table"));
+    if let Some(skipped) = skipped {
+        assert!(
+            statements
+                .iter()
+                .all(|e| !str_of(e, "statement").contains(skipped)),
+            "{app}: a statement the server skipped was recorded"
+        );
+    }
+    // The large result: every row counted.
+    assert!(
+        statements
+            .iter()
+            .any(|e| str_of(e, "statement").contains("generate_series") && e["rows"] == 2000),
+        "{app}: the 2000-row result"
+    );
+    // Parameters are redacted by default: the marker never lands in the log.
+    for entry in std::fs::read_dir(daemon.log_dir()).unwrap().flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        assert!(
+            !text.contains(&secret),
+            "{app}: a parameter value reached the log"
+        );
+    }
+}
+
+#[test]
+fn asyncpg() {
+    let mut cmd = Command::new(python3());
+    cmd.arg(helper("asyncpg_client.py"));
+    check_driver("asyncpg", "drv_asyncpg", cmd, None);
+}
+
+#[test]
+fn psycopg3_pipeline() {
+    let mut cmd = Command::new(python3());
+    cmd.arg(helper("psycopg_client.py"));
+    check_driver("psycopg3_pipeline", "drv_psycopg", cmd, Some("'skipped'"));
+}
+
+#[test]
+fn pgjdbc() {
+    if !can_run("pgjdbc") {
+        return;
+    }
+    // Compiled once per run into the target directory.
+    let classes = workspace_root().join("target/test-deps/jdbc");
+    std::fs::create_dir_all(&classes).unwrap();
+    let jar = "/usr/share/java/postgresql.jar";
+    let status = Command::new("javac")
+        .args(["-cp", jar, "-d"])
+        .arg(&classes)
+        .arg(helper("PgjdbcClient.java"))
+        .status()
+        .expect("javac (cargo xtask setup --tests installs default-jdk-headless)");
+    assert!(status.success(), "javac failed");
+    let mut cmd = Command::new("java");
+    cmd.arg("-cp")
+        .arg(format!("{jar}:{}", classes.display()))
+        .arg("PgjdbcClient");
+    check_driver("pgjdbc", "drv_jdbc", cmd, None);
+}
+
+#[test]
+fn node_postgres() {
+    if !can_run("node_postgres") {
+        return;
+    }
+    assert!(
+        node_modules().join("pg").exists(),
+        "node-postgres is not installed: run `cargo xtask setup --tests`"
+    );
+    let mut cmd = Command::new("node");
+    cmd.arg(helper("node_pg_client.js"))
+        .env("NODE_PATH", node_modules());
+    check_driver("node_postgres", "drv_node", cmd, None);
+}
