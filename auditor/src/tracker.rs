@@ -1358,14 +1358,20 @@ mod tests {
         m
     }
 
+    /// A client end (the only one seen) past its startup and authentication.
+    fn logged_in_client(t: &mut Tracker) -> (Wire, Vec<AuditEvent>) {
+        let mut c = Wire::new(1, ROLE_CLIENT);
+        let mut out = c.data(t, STREAM_RAW, DIR_TO_SERVER, &startup());
+        let mut ok = msg(b'R', &0u32.to_be_bytes());
+        ok.extend(msg(b'Z', b"I"));
+        out.extend(c.data(t, STREAM_RAW, DIR_TO_CLIENT, &ok));
+        (c, out)
+    }
+
     #[test]
     fn failed_parse_keeps_its_text_and_the_name_keeps_the_old_statement() {
         let mut t = tracker();
-        let mut c = Wire::new(1, ROLE_CLIENT);
-        let mut out = c.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &startup());
-        let mut ok = msg(b'R', &0u32.to_be_bytes());
-        ok.extend(msg(b'Z', b"I"));
-        out.extend(c.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &ok));
+        let (mut c, mut out) = logged_in_client(&mut t);
         let ready = msg(b'Z', b"I");
         // S1 prepared (as asyncpg and pgjdbc do: Parse, Describe, Sync).
         let mut m = parse("S1", "SELECT 1");
@@ -1430,11 +1436,7 @@ mod tests {
     #[test]
     fn portal_stopped_at_its_row_limit_is_recorded_once() {
         let mut t = tracker();
-        let mut c = Wire::new(1, ROLE_CLIENT);
-        let mut out = c.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &startup());
-        let mut ok = msg(b'R', &0u32.to_be_bytes());
-        ok.extend(msg(b'Z', b"I"));
-        out.extend(c.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &ok));
+        let (mut c, mut out) = logged_in_client(&mut t);
         let row = msg(b'D', b"\0\x01\0\0\0\x011");
         let sync = msg(b'S', b"");
         // asyncpg's fetchval: one row asked for, never resumed; Sync ends the transaction.
@@ -1443,12 +1445,10 @@ mod tests {
         m.extend(execute("", 1));
         m.extend(sync.clone());
         out.extend(c.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &m));
-        let mut r = msg(b'1', b"");
-        r.extend(msg(b'2', b""));
-        r.extend(row.clone());
-        r.extend(msg(b's', b""));
-        r.extend(msg(b'Z', b"I"));
-        out.extend(c.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &r));
+        let (parsed, bound, suspended) = (msg(b'1', b""), msg(b'2', b""), msg(b's', b""));
+        let idle = msg(b'Z', b"I");
+        let r = [&parsed, &bound, &row, &suspended, &idle].map(|m| &m[..]);
+        out.extend(c.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &r.concat()));
         // In a transaction: a cursor-like portal fetched 1 row at a time, then to the end.
         out.extend(c.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &msg(b'Q', b"BEGIN\0")));
         let mut r = msg(b'C', b"BEGIN\0");
@@ -1459,12 +1459,9 @@ mod tests {
         m.extend(execute("cur", 1));
         m.extend(sync.clone());
         out.extend(c.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &m));
-        let mut r = msg(b'1', b"");
-        r.extend(msg(b'2', b""));
-        r.extend(row.clone());
-        r.extend(msg(b's', b""));
-        r.extend(msg(b'Z', b"T"));
-        out.extend(c.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &r));
+        let in_tx = msg(b'Z', b"T");
+        let r = [&parsed, &bound, &row, &suspended, &in_tx].map(|m| &m[..]);
+        out.extend(c.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &r.concat()));
         let mut m = execute("cur", 0);
         m.extend(sync.clone());
         out.extend(c.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &m));
@@ -1478,11 +1475,8 @@ mod tests {
         m.extend(execute("cur2", 1));
         m.extend(sync.clone());
         out.extend(c.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &m));
-        let mut r = msg(b'2', b"");
-        r.extend(row.clone());
-        r.extend(msg(b's', b""));
-        r.extend(msg(b'Z', b"T"));
-        out.extend(c.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &r));
+        let r = [&bound, &row, &suspended, &in_tx].map(|m| &m[..]);
+        out.extend(c.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &r.concat()));
         let mut m = msg(b'C', b"Pcur2\0");
         m.extend(sync.clone());
         out.extend(c.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &m));

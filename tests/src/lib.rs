@@ -472,6 +472,20 @@ impl Daemon {
         Ok(lines)
     }
 
+    /// Stops the daemon and returns every event, checking that none is recorded twice and
+    /// that no bytes were lost (a gap fails, with the daemon's last words and the gaps).
+    pub fn stop_without_gaps(&mut self) -> Vec<Value> {
+        let output = self.stop().unwrap();
+        let events = self.events().unwrap();
+        assert_no_duplicates(&events);
+        let gaps: Vec<&Value> = events
+            .iter()
+            .filter(|e| str_of(e, "kind") == "gap")
+            .collect();
+        assert!(gaps.is_empty(), "gaps recorded: {output:?} {gaps:#?}");
+        events
+    }
+
     /// What the daemon last wrote to stats.json (`auditor stats`).
     pub fn stats(&self) -> Result<Value> {
         let text = std::fs::read_to_string(self.state.join("stats.json"))?;

@@ -22,6 +22,16 @@ fn statements<'a>(events: &'a [Value], cgroup: &str, app: &str) -> Vec<&'a Value
         .collect()
 }
 
+/// The events of application `app`, in order, and their kinds.
+fn of_app<'a>(events: &'a [Value], app: &str) -> (Vec<&'a Value>, Vec<&'a str>) {
+    let mine: Vec<&Value> = events
+        .iter()
+        .filter(|e| str_of(e, "application_name") == app)
+        .collect();
+    let kinds = mine.iter().map(|e| str_of(e, "kind")).collect();
+    (mine, kinds)
+}
+
 /// Runs TPC-B-like pgbench in `mode` as `app` inside `cg`; every transaction must succeed.
 fn run_pgbench(
     mut cmd: Command,
@@ -63,13 +73,7 @@ fn pgbench_simple_extended_prepared_recorded_exactly() {
     }
     // Let the daemon catch up, then stop it: everything is flushed on SIGINT.
     std::thread::sleep(Duration::from_secs(1));
-    let output = daemon.stop().unwrap();
-    let events = daemon.events().unwrap();
-    assert_no_duplicates(&events);
-    assert!(
-        events.iter().all(|e| str_of(e, "kind") != "gap"),
-        "gaps recorded: {output:?}"
-    );
+    let events = daemon.stop_without_gaps();
 
     for mode in ["simple", "extended", "prepared"] {
         let app = format!("pgbench_{mode}");
@@ -527,11 +531,7 @@ fn unix_socket_clients_recorded_exactly_and_their_sessions_end() {
     let short_pids: HashSet<u64> = short.iter().filter_map(|e| e["pid"].as_u64()).collect();
     assert_eq!(short_pids.len(), 40, "each session names its own psql");
 
-    let killed: Vec<&Value> = events
-        .iter()
-        .filter(|e| str_of(e, "application_name") == "unix_killed")
-        .collect();
-    let kinds: Vec<&str> = killed.iter().map(|e| str_of(e, "kind")).collect();
+    let (killed, kinds) = of_app(&events, "unix_killed");
     assert_eq!(
         kinds,
         ["session_start", "statement", "session_end"],
@@ -592,20 +592,10 @@ fn twin_loopback_connections_in_two_network_namespaces_stay_apart() {
                 >= 2
         })
         .unwrap();
-    let output = daemon.stop().unwrap();
-    let events = daemon.events().unwrap();
-    assert_no_duplicates(&events);
-    assert!(
-        events.iter().all(|e| str_of(e, "kind") != "gap"),
-        "gaps recorded: {output:?}"
-    );
+    let events = daemon.stop_without_gaps();
     for (tag, cg, pid) in [("a", &cg_a, pids[0]), ("b", &cg_b, pids[1])] {
         let app = format!("twin_{tag}");
-        let mine: Vec<&Value> = events
-            .iter()
-            .filter(|e| str_of(e, "application_name") == app)
-            .collect();
-        let kinds: Vec<&str> = mine.iter().map(|e| str_of(e, "kind")).collect();
+        let (mine, kinds) = of_app(&events, &app);
         let mut want = vec!["session_start"];
         want.extend(std::iter::repeat_n("statement", QUERIES));
         want.push("session_end");
@@ -693,13 +683,8 @@ fn without_bpf_loop_exact_and_oversized_calls_recorded_as_gaps() {
         .args(["--app", "looped_big", "--big", "1048576"]);
     cg.enter(&mut cmd);
     check(&mut cmd).unwrap();
-    daemon.stop().unwrap();
-    let events = daemon.events().unwrap();
-    let mine: Vec<&Value> = events
-        .iter()
-        .filter(|e| str_of(e, "application_name") == "looped_big")
-        .collect();
-    let kinds: Vec<&str> = mine.iter().map(|e| str_of(e, "kind")).collect();
+    let events = daemon.stop_without_gaps();
+    let (mine, kinds) = of_app(&events, "looped_big");
     assert_eq!(
         kinds,
         ["session_start", "statement", "session_end"],
