@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, hint::black_box, path::PathBuf};
 
 use auditor::{
     event::AuditEvent,
-    pg::{Direction, FramerLimits},
+    pg::{Direction, TokenizerLimits},
     session::{RecordingPolicy, Session},
     sink::local::LocalLog,
     sql::Analyzer,
@@ -30,7 +30,11 @@ fn replay(
     analyzer: &mut Analyzer,
     out: &mut Vec<auditor::session::Draft>,
 ) -> (u64, u64) {
-    let mut session = Session::new(RecordingPolicy::default(), FramerLimits::default(), false);
+    let mut session = Session::new(
+        RecordingPolicy::default(),
+        TokenizerLimits::default(),
+        false,
+    );
     out.clear();
     for (i, (dir, bytes)) in chunks.iter().enumerate() {
         session.push(*dir, bytes, true, i as i128, analyzer, out);

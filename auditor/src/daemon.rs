@@ -24,7 +24,7 @@ use crate::{
     },
     config::Config,
     event::AuditEvent,
-    pg::FramerLimits,
+    pg::TokenizerLimits,
     session::RecordingPolicy,
     sink::{
         clickhouse::{ClickHouseCounters, ClickHouseSink},
@@ -305,7 +305,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     let mut tracker = Tracker::new(TrackerConfig {
         host: cfg.host_name().into(),
         policy: RecordingPolicy::new(cfg.record.raw_statements, cfg.record.raw_params, &key),
-        limits: FramerLimits {
+        limits: TokenizerLimits {
             max_buffered: cfg.capture.max_message_bytes,
         },
     });

@@ -13,12 +13,13 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::{
+    capture::stream,
     event::{AuditEvent, EventKind, Text},
     pg::{
         backend::{self, rows_of_tag, BackendMessage, ErrorFields},
-        framer::plausible_boundary,
-        frontend::{self, FrontendMessage, ParamValue},
-        Direction, Frame, Framer, FramerLimits,
+        frontend::{self, FrontendMessage, Target},
+        wire::{I16s, Values},
+        Direction, Token, Tokenizer, TokenizerLimits,
     },
     sql::{split_statements, Analysis, Analyzer},
 };
@@ -127,7 +128,7 @@ pub struct SessionMeta {
 
 pub struct Session {
     pub meta: SessionMeta,
-    framers: [Framer; 2],
+    tokenizers: [Tokenizer; 2],
     /// After a gap, the direction waits for a syscall boundary that looks like a message.
     resyncing: [bool; 2],
     /// Responses are ignored until a request seen after a gap (mid-stream pick-up too).
@@ -156,7 +157,7 @@ pub struct Session {
     gss: bool,
     /// Declared unreadable: no end of the connection delivers plaintext.
     unreadable: bool,
-    limits: FramerLimits,
+    limits: TokenizerLimits,
 }
 
 /// An event the session produced; the tracker adds identity, ids and endpoints.
@@ -174,21 +175,10 @@ fn kind_event(kind: EventKind) -> AuditEvent {
 }
 
 impl Session {
-    pub fn new(policy: RecordingPolicy, limits: FramerLimits, mid_stream: bool) -> Self {
-        let framers = if mid_stream {
-            [
-                Framer::typed(Direction::ToServer, limits),
-                Framer::typed(Direction::ToClient, limits),
-            ]
-        } else {
-            [
-                Framer::new(Direction::ToServer, limits),
-                Framer::new(Direction::ToClient, limits),
-            ]
-        };
+    pub fn new(policy: RecordingPolicy, limits: TokenizerLimits, mid_stream: bool) -> Self {
         Session {
             meta: SessionMeta::default(),
-            framers,
+            tokenizers: Self::tokenizers(limits, mid_stream),
             // Joining mid-stream: wait for a syscall boundary that looks like a message.
             resyncing: [mid_stream, mid_stream],
             responses_unreliable: mid_stream,
@@ -238,8 +228,15 @@ impl Session {
     pub fn assume_tls(&mut self) {
         self.meta.tls = true;
         self.awaiting_plaintext = true;
-        self.framers[0].make_opaque();
-        self.framers[1].make_opaque();
+        self.tokenizers[0].make_opaque();
+        self.tokenizers[1].make_opaque();
+    }
+
+    fn tokenizers(limits: TokenizerLimits, typed: bool) -> [Tokenizer; 2] {
+        [
+            stream::tokenizer(Direction::ToServer, limits, typed),
+            stream::tokenizer(Direction::ToClient, limits, typed),
+        ]
     }
 
     /// Plaintext from a TLS hook starts here: the conversation resumes as if it had never
@@ -247,16 +244,10 @@ impl Session {
     pub fn begin_plaintext(&mut self) {
         self.meta.tls = true;
         self.awaiting_plaintext = false;
-        self.framers = if self.mid_stream && !self.startup_seen {
-            [
-                Framer::typed(Direction::ToServer, self.limits),
-                Framer::typed(Direction::ToClient, self.limits),
-            ]
-        } else {
-            let mut to_server = Framer::new(Direction::ToServer, self.limits);
-            to_server.expect_startup();
-            [to_server, Framer::typed(Direction::ToClient, self.limits)]
-        };
+        // After the handshake the client sends a startup packet again, unless the session
+        // was joined mid-stream.
+        let typed = self.mid_stream && !self.startup_seen;
+        self.tokenizers = Self::tokenizers(self.limits, typed);
     }
 
     /// Plaintext from a TLS hook that was attached late (the process was already talking):
@@ -266,10 +257,7 @@ impl Session {
         self.meta.tls = true;
         self.awaiting_plaintext = false;
         self.mid_stream = true;
-        self.framers = [
-            Framer::typed(Direction::ToServer, self.limits),
-            Framer::typed(Direction::ToClient, self.limits),
-        ];
+        self.tokenizers = Self::tokenizers(self.limits, true);
         self.resyncing = [true, true];
         self.responses_unreliable = true;
         if !self.next_flags.iter().any(|f| f == "mid_stream") {
@@ -298,7 +286,7 @@ impl Session {
     /// Bytes were lost in `direction`: decoding resumes at the next plausible boundary.
     pub fn gap(&mut self, direction: Direction) {
         self.resyncing[direction.index()] = true;
-        self.framers[direction.index()].resync_typed();
+        self.tokenizers[direction.index()].resync_typed();
         if !self.next_flags.iter().any(|f| f == "gap_before") {
             self.next_flags.push("gap_before".into());
         }
@@ -321,17 +309,22 @@ impl Session {
     ) {
         let d = direction.index();
         if self.resyncing[d] {
-            if !(call_start && plausible_boundary(direction, data)) {
+            if !(call_start && stream::plausible_boundary(direction, data)) {
                 return;
             }
             self.resyncing[d] = false;
-            self.framers[d].resync_typed();
+            self.tokenizers[d].resync_typed();
         }
-        // Frames borrow `data`; a push rarely holds more than a few messages.
-        let mut frames: smallvec::SmallVec<[Frame; 8]> = smallvec::SmallVec::new();
-        let result = self.framers[d].push(data, &mut |f| frames.push(f));
-        for frame in frames {
-            self.on_frame(direction, frame, ts_ns, analyzer, out);
+        // Tokens borrow `data`; a push rarely holds more than a few messages.
+        let mut tokens: smallvec::SmallVec<[Token; 8]> = smallvec::SmallVec::new();
+        let result = self.tokenizers[d].push(data, &mut |t| {
+            // Bodies streamed past are only counted (rows, COPY data).
+            if !matches!(t, Token::Chunk { .. }) {
+                tokens.push(t)
+            }
+        });
+        for token in tokens {
+            self.on_token(direction, token, ts_ns, analyzer, out);
         }
         if result.is_err() {
             self.counters.parse_errors += 1;
@@ -340,73 +333,78 @@ impl Session {
         }
     }
 
-    fn on_frame(
+    fn on_token(
         &mut self,
         direction: Direction,
-        frame: Frame,
+        token: Token,
         ts: i128,
         analyzer: &mut Analyzer,
         out: &mut Vec<Draft>,
     ) {
         self.counters.messages += 1;
-        match (direction, frame) {
-            (Direction::ToServer, Frame::Startup(body)) => match frontend::decode_startup(&body) {
-                Ok(FrontendMessage::Startup { params, .. }) => {
-                    self.startup_seen = true;
-                    for (k, v) in params {
-                        match k.as_str() {
-                            "user" => self.meta.db_user = v.into(),
-                            "database" => self.meta.database = v.into(),
-                            "application_name" => self.meta.application_name = v.into(),
-                            _ => {}
+        match (direction, token) {
+            (Direction::ToServer, Token::Startup { body, .. }) => {
+                match frontend::decode_startup(&body) {
+                    Ok(FrontendMessage::Startup { params, .. }) => {
+                        self.startup_seen = true;
+                        for (k, v) in params {
+                            let v = String::from_utf8_lossy(v);
+                            match k {
+                                b"user" => self.meta.db_user = v.as_ref().into(),
+                                b"database" => self.meta.database = v.as_ref().into(),
+                                b"application_name" => {
+                                    self.meta.application_name = v.as_ref().into()
+                                }
+                                _ => {}
+                            }
                         }
+                        if self.meta.database.is_empty() {
+                            self.meta.database = self.meta.db_user.clone();
+                        }
+                        self.emit_start(ts, out);
                     }
-                    if self.meta.database.is_empty() {
-                        self.meta.database = self.meta.db_user.clone();
+                    Ok(FrontendMessage::SslRequest) | Ok(FrontendMessage::GssEncRequest) => {
+                        self.negotiating = true;
+                        self.tokenizers[Direction::ToClient.index()].expect_encryption_reply();
                     }
-                    self.emit_start(ts, out);
+                    Ok(FrontendMessage::CancelRequest { .. }) => {
+                        self.cancel_request = true;
+                    }
+                    Ok(_) => {}
+                    Err(_) => self.counters.parse_errors += 1,
                 }
-                Ok(FrontendMessage::SslRequest) | Ok(FrontendMessage::GssEncRequest) => {
-                    self.negotiating = true;
-                    self.framers[Direction::ToClient.index()].expect_encryption_reply();
-                }
-                Ok(FrontendMessage::CancelRequest) => {
-                    self.cancel_request = true;
-                }
-                Ok(_) => {}
-                Err(_) => self.counters.parse_errors += 1,
-            },
-            (Direction::ToClient, Frame::EncryptionReply(b)) => {
+            }
+            (Direction::ToClient, Token::EncryptionReply { reply: b, .. }) => {
                 self.negotiating = false;
                 if b == b'S' || b == b'G' {
                     self.meta.tls = b == b'S';
                     self.gss = b == b'G';
                     self.awaiting_plaintext = true;
-                    self.framers[0].make_opaque();
-                    self.framers[1].make_opaque();
+                    self.tokenizers[0].make_opaque();
+                    self.tokenizers[1].make_opaque();
                 } else {
                     // Refused: the client continues in plaintext with a startup packet.
-                    self.framers[Direction::ToServer.index()].expect_startup();
+                    self.tokenizers[Direction::ToServer.index()].expect_startup();
                 }
             }
-            (Direction::ToServer, Frame::Message { tag, body }) => {
+            (Direction::ToServer, Token::Message { tag, body, .. }) => {
                 match frontend::decode(tag, &body) {
                     Ok(m) => self.on_frontend(m, ts, analyzer, out),
                     Err(_) => self.counters.parse_errors += 1,
                 }
             }
-            (Direction::ToServer, Frame::Skipped { tag, len }) if tag != b'd' => {
+            (Direction::ToServer, Token::Header { tag, body_len, .. }) if tag != b'd' => {
                 // A request too large to buffer: record that it happened.
-                self.on_oversized_request(tag, len, ts, out);
+                self.on_oversized_request(tag, body_len, ts, out);
             }
-            (Direction::ToClient, Frame::Message { tag, body }) => {
+            (Direction::ToClient, Token::Message { tag, body, .. }) => {
                 match backend::decode(tag, &body) {
                     Ok(m) => self.on_backend(m, ts, out),
                     Err(_) => self.counters.parse_errors += 1,
                 }
             }
-            (Direction::ToClient, Frame::Skipped { tag: b'D', .. }) => {
-                self.on_backend(BackendMessage::DataRow, ts, out);
+            (Direction::ToClient, Token::Header { tag: b'D', .. }) => {
+                self.on_backend(BackendMessage::DataRow(Values::default()), ts, out);
             }
             _ => {}
         }
@@ -439,7 +437,7 @@ impl Session {
         self.emit_start(ts, out);
     }
 
-    fn params_of(&self, values: &[ParamValue], formats: &[i16]) -> Arc<[String]> {
+    fn params_of(&self, values: Values<'_>, formats: I16s<'_>) -> Arc<[String]> {
         values
             .iter()
             .enumerate()
@@ -448,13 +446,7 @@ impl Session {
                     return "NULL".to_string();
                 };
                 if self.policy.raw_params {
-                    // Format codes: none = all text, one = for all, else per parameter.
-                    let binary = match formats.len() {
-                        0 => false,
-                        1 => formats[0] == 1,
-                        _ => formats.get(i).copied() == Some(1),
-                    };
-                    if binary {
+                    if formats.format_of(i) == 1 {
                         format!("\\x{}", hex::encode(v))
                     } else {
                         String::from_utf8_lossy(v).into_owned()
@@ -485,7 +477,7 @@ impl Session {
         // still owed for requests lost in the gap arrive first and are not attributed.
         let is_request = matches!(
             m,
-            FrontendMessage::Query(_)
+            FrontendMessage::Query { .. }
                 | FrontendMessage::Parse { .. }
                 | FrontendMessage::Bind { .. }
                 | FrontendMessage::Execute { .. }
@@ -499,7 +491,8 @@ impl Session {
             self.pending.clear();
         }
         match m {
-            FrontendMessage::Query(sql) => {
+            FrontendMessage::Query { sql } => {
+                let sql = String::from_utf8_lossy(sql).into_owned();
                 let statements = split_statements(&sql)
                     .into_iter()
                     .map(|s| {
@@ -514,9 +507,9 @@ impl Session {
                     rows: 0,
                 });
             }
-            FrontendMessage::Parse {
-                statement, query, ..
-            } => {
+            FrontendMessage::Parse { name, sql, .. } => {
+                let statement = String::from_utf8_lossy(name).into_owned();
+                let query = String::from_utf8_lossy(sql).into_owned();
                 let analysis = analyzer.analyze(&query);
                 let name: Text = statement.as_str().into();
                 let prepared = Arc::new(Prepared {
@@ -533,12 +526,15 @@ impl Session {
                 statement,
                 param_formats,
                 params,
+                ..
             } => {
-                let prepared = self.prepared.get(&statement).cloned();
-                let params = self.params_of(&params, &param_formats);
+                let portal = String::from_utf8_lossy(portal).into_owned();
+                let statement = String::from_utf8_lossy(statement);
+                let prepared = self.prepared.get(statement.as_ref()).cloned();
+                let params = self.params_of(params, param_formats);
                 let statement_name = match &prepared {
                     Some(p) => p.name.clone(),
-                    None => statement.into(),
+                    None => statement.as_ref().into(),
                 };
                 let replaced = self.portals.insert(
                     portal.clone(),
@@ -557,6 +553,7 @@ impl Session {
                 self.pending.push_back(Pending::Bind { portal });
             }
             FrontendMessage::Execute { portal, .. } => {
+                let portal = String::from_utf8_lossy(portal).into_owned();
                 let p = match self.portals.get_mut(&portal) {
                     Some(p) => {
                         let taken = p.clone();
@@ -582,10 +579,11 @@ impl Session {
                     rows: 0,
                 });
             }
-            FrontendMessage::Close { kind, name } => {
-                if kind == b'S' {
-                    self.prepared.remove(&name);
-                } else if let Some(old) = self.portals.remove(&name) {
+            FrontendMessage::Close { target, name } => {
+                let name = String::from_utf8_lossy(name);
+                if target == Target::Statement {
+                    self.prepared.remove(name.as_ref());
+                } else if let Some(old) = self.portals.remove(name.as_ref()) {
                     self.finish_suspended(old, ts, out);
                 }
             }
@@ -717,18 +715,20 @@ impl Session {
     fn on_backend(&mut self, m: BackendMessage, ts: i128, out: &mut Vec<Draft>) {
         match &m {
             BackendMessage::ParameterStatus { name, value } => {
-                if name == "application_name" {
-                    self.meta.application_name = value.as_str().into();
+                if *name == b"application_name" {
+                    self.meta.application_name = String::from_utf8_lossy(value).as_ref().into();
                 }
                 return;
             }
-            BackendMessage::NoticeResponse(_) | BackendMessage::NotificationResponse => return,
+            BackendMessage::NoticeResponse(_) | BackendMessage::NotificationResponse { .. } => {
+                return
+            }
             BackendMessage::ErrorResponse(e) if !self.startup_done() => {
                 // Authentication or startup failure: no statement to attach it to.
-                self.startup_error = Some(e.clone());
+                self.startup_error = Some(e.summary());
                 return;
             }
-            BackendMessage::ReadyForQuery(_) if !self.startup_done() => {
+            BackendMessage::ReadyForQuery { .. } if !self.startup_done() => {
                 self.startup_done_flag = true;
                 return;
             }
@@ -745,7 +745,7 @@ impl Session {
             BackendMessage::BindComplete => {
                 self.pop_front_matching(|p| matches!(p, Pending::Bind { .. }))
             }
-            BackendMessage::DataRow => match self
+            BackendMessage::DataRow(_) => match self
                 .pending
                 .iter_mut()
                 .find(|p| matches!(p, Pending::Simple { .. } | Pending::Execute { .. }))
@@ -755,9 +755,11 @@ impl Session {
                 }
                 _ => self.counters.unmatched_responses += 1,
             },
-            BackendMessage::CommandComplete(tag) => self.complete(Some(&tag), None, ts, out),
+            BackendMessage::CommandComplete { tag } => {
+                self.complete(Some(&String::from_utf8_lossy(tag)), None, ts, out)
+            }
             BackendMessage::EmptyQueryResponse => self.complete(None, None, ts, out),
-            BackendMessage::ErrorResponse(e) => self.complete(None, Some(&e), ts, out),
+            BackendMessage::ErrorResponse(e) => self.complete(None, Some(&e.summary()), ts, out),
             BackendMessage::PortalSuspended => {
                 // The portal stopped at its row limit. A later Execute of the same portal
                 // resumes it: carry the rows and the start time to it (already queued when
@@ -808,7 +810,7 @@ impl Session {
                     }
                 }
             }
-            BackendMessage::FunctionCallResponse => {
+            BackendMessage::FunctionCallResponse { .. } => {
                 if let Some(Pending::FunctionCall { oid, started_ns }) = self.pending.front() {
                     let (oid, started_ns) = (*oid, *started_ns);
                     let mut ev = kind_event(EventKind::Statement);
@@ -823,7 +825,7 @@ impl Session {
                     });
                 }
             }
-            BackendMessage::ReadyForQuery(status) => {
+            BackendMessage::ReadyForQuery { status } => {
                 // Ends one Sync, simple Query or FunctionCall, with everything before it.
                 while let Some(p) = self.pending.pop_front() {
                     match p {

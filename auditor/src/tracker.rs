@@ -23,7 +23,7 @@ use crate::{
     event::{format_ts, new_event_id, AuditEvent, EventKind, Labels, ProcessIdentity, Text},
     identity::IdentityResolver,
     pg::{
-        Direction, FramerLimits, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0,
+        Direction, TokenizerLimits, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0,
         SSL_REQUEST_CODE,
     },
     session::{Draft, RecordingPolicy, Session},
@@ -163,7 +163,7 @@ pub struct TrackerCounters {
 pub struct TrackerConfig {
     pub host: Text,
     pub policy: RecordingPolicy,
-    pub limits: FramerLimits,
+    pub limits: TokenizerLimits,
 }
 
 pub struct Tracker {
@@ -960,7 +960,7 @@ mod tests {
         Tracker::new(TrackerConfig {
             host: "test".into(),
             policy: RecordingPolicy::default(),
-            limits: FramerLimits::default(),
+            limits: TokenizerLimits::default(),
         })
     }
 

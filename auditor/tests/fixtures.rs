@@ -2,7 +2,7 @@
 //! Postgres 15 (`cargo xtask fixtures` records new ones).
 
 use auditor::{
-    pg::{Direction, FramerLimits},
+    pg::{self, frontend, Direction, FrontendMessage, Token, Tokenizer, TokenizerLimits},
     session::{Draft, RecordingPolicy, Session},
     sql::Analyzer,
 };
@@ -45,7 +45,11 @@ fn seen(drafts: &[Draft]) -> Vec<Seen> {
 /// Feeds the transcript, optionally cutting the whole stream into pieces at `cuts` (byte
 /// positions over the concatenated transcript).
 fn run(chunks: &[(Direction, Vec<u8>)], cuts: &[usize]) -> (Vec<Seen>, Session) {
-    let mut session = Session::new(RecordingPolicy::default(), FramerLimits::default(), false);
+    let mut session = Session::new(
+        RecordingPolicy::default(),
+        TokenizerLimits::default(),
+        false,
+    );
     let mut analyzer = Analyzer::default();
     let mut out = Vec::new();
     let mut pos = 0usize;
@@ -174,7 +178,7 @@ fn pgbench_prepared_executes_named_statements() {
 fn raw_params_when_the_policy_says_so() {
     let chunks = load("pgbench-extended-1");
     let policy = RecordingPolicy::new(false, true, b"test-key");
-    let mut session = Session::new(policy, FramerLimits::default(), false);
+    let mut session = Session::new(policy, TokenizerLimits::default(), false);
     let mut analyzer = Analyzer::default();
     let mut out = Vec::new();
     for (i, (dir, b)) in chunks.iter().enumerate() {
@@ -247,5 +251,93 @@ fn garbage_does_not_panic() {
             chunks[i].1[j] = next() as u8;
         }
         let _ = run(&chunks, &[]);
+    }
+}
+
+const ALL_FIXTURES: [&str; 7] = [
+    "psql-simple-0",
+    "psql-simple-1",
+    "psql-copy-0",
+    "pgbench-extended-0",
+    "pgbench-extended-1",
+    "pgbench-prepared-0",
+    "pgbench-prepared-1",
+];
+
+/// What the proxy will do with a transcript: cut both directions into messages, decode
+/// each whole message and encode it again, forward streamed bodies as they come. The
+/// bytes forwarded must be the bytes received, to the byte, whether messages come whole
+/// or in chunks.
+fn forward_transcript(chunks: &[(Direction, Vec<u8>)], limits: TokenizerLimits) -> [Vec<u8>; 2] {
+    let mut tokenizers = [
+        Tokenizer::new(Direction::ToServer, limits),
+        Tokenizer::new(Direction::ToClient, limits),
+    ];
+    let mut forwarded = [Vec::new(), Vec::new()];
+    let mut decoded = 0usize;
+    for (dir, bytes) in chunks {
+        let d = dir.index();
+        let mut tokens = Vec::new();
+        tokenizers[d]
+            .push(bytes, &mut |t| tokens.push(t))
+            .unwrap_or_else(|e| panic!("{dir:?}: {e}"));
+        for t in tokens {
+            let out = &mut forwarded[d];
+            match t {
+                Token::Startup { body, span } => {
+                    let m = frontend::decode_startup(&body).unwrap();
+                    let before = out.len();
+                    m.encode(out);
+                    assert_eq!(out.len() - before, (span.end - span.start) as usize);
+                    if matches!(
+                        m,
+                        FrontendMessage::SslRequest | FrontendMessage::GssEncRequest
+                    ) {
+                        tokenizers[1].expect_encryption_reply();
+                    }
+                }
+                Token::EncryptionReply { reply, .. } => {
+                    assert_eq!(reply, b'N', "the fixtures are recorded in plaintext");
+                    out.push(reply);
+                    tokenizers[0].expect_startup();
+                }
+                Token::Message { tag, body, span } => {
+                    let m = pg::decode(*dir, tag, &body)
+                        .unwrap_or_else(|e| panic!("{dir:?} '{}': {e}", tag as char));
+                    assert_eq!(m.direction(), *dir);
+                    let before = out.len();
+                    m.encode(out);
+                    assert_eq!(out.len() - before, (span.end - span.start) as usize);
+                    decoded += 1;
+                }
+                Token::Header { tag, body_len, .. } => {
+                    out.push(tag);
+                    out.extend_from_slice(&(body_len + 4).to_be_bytes());
+                }
+                Token::Chunk { data, .. } => out.extend_from_slice(data),
+            }
+        }
+    }
+    assert!(decoded > 0);
+    for t in &tokenizers {
+        assert!(t.at_boundary());
+    }
+    forwarded
+}
+
+#[test]
+fn transcripts_forward_byte_for_byte_through_the_codec() {
+    for name in ALL_FIXTURES {
+        let chunks = load(name);
+        let mut received = [Vec::new(), Vec::new()];
+        for (dir, bytes) in &chunks {
+            received[dir.index()].extend_from_slice(bytes);
+        }
+        // Every message decoded and re-encoded; then everything over 16 bytes streamed.
+        for max_buffered in [16 << 20, 16] {
+            let forwarded = forward_transcript(&chunks, TokenizerLimits { max_buffered });
+            assert_eq!(forwarded[0], received[0], "{name}: client bytes");
+            assert_eq!(forwarded[1], received[1], "{name}: server bytes");
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! the ring buffer and the kernel-side counters.
 
 pub mod btf;
+pub mod stream;
 pub mod tls;
 
 use std::{
