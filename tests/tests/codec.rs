@@ -69,55 +69,65 @@ fn forward_one(listener: TcpListener, upstream_port: u16, counters: Arc<Counters
     let st = status.clone();
     let upstream = thread::spawn(move || {
         let limits = TokenizerLimits::default();
-        pump(client, Tokenizer::new(Direction::ToServer, limits), |tok, t| {
-            c.messages.fetch_add(1, Ordering::Relaxed);
-            let mut out = Vec::new();
-            match t {
-                Token::Startup { body, .. } => {
-                    let m = pg::frontend::decode_startup(&body).unwrap();
-                    if matches!(m, FrontendMessage::SslRequest | FrontendMessage::GssEncRequest) {
-                        reply_tx.send(()).unwrap();
-                        // If refused, a startup packet comes next: tokenizers start in the
-                        // typed phase after a packet, so say so (refusal is all we get here).
-                        tok.expect_startup();
-                    }
-                    m.encode(&mut out);
-                }
-                Token::Message { tag, body, .. } => {
-                    let m = pg::decode(Direction::ToServer, tag, &body).unwrap();
-                    if let pg::Message::Frontend(FrontendMessage::Query { sql }) = &m {
-                        if sql.windows(BLOCK_MARKER.len()).any(|w| w == BLOCK_MARKER) {
-                            // Answered here; the server never sees it.
-                            c.answered_here.fetch_add(1, Ordering::Relaxed);
-                            let mut answer = Vec::new();
-                            encode_error(
-                                &mut answer,
-                                false,
-                                "ERROR",
-                                "42501",
-                                "stopped by the test forwarder",
-                                &[(b'D', "the codec built this ErrorResponse")],
-                            );
-                            let s = match st.load(Ordering::Relaxed) {
-                                b'I' => b'I',
-                                _ => b'E',
-                            };
-                            encode_ready_for_query(&mut answer, s);
-                            replies.lock().unwrap().write_all(&answer).unwrap();
-                            return;
+        pump(
+            client,
+            Tokenizer::new(Direction::ToServer, limits),
+            |tok, t| {
+                c.messages.fetch_add(1, Ordering::Relaxed);
+                let mut out = Vec::new();
+                match t {
+                    Token::Startup { body, .. } => {
+                        let m = pg::frontend::decode_startup(&body).unwrap();
+                        if matches!(
+                            m,
+                            FrontendMessage::SslRequest | FrontendMessage::GssEncRequest
+                        ) {
+                            reply_tx.send(()).unwrap();
+                            // If refused, a startup packet comes next: tokenizers start in the
+                            // typed phase after a packet, so say so (refusal is all we get here).
+                            tok.expect_startup();
                         }
+                        m.encode(&mut out);
                     }
-                    m.encode(&mut out);
+                    Token::Message { tag, body, .. } => {
+                        let m = pg::decode(Direction::ToServer, tag, &body).unwrap();
+                        if let pg::Message::Frontend(FrontendMessage::Query { sql }) = &m {
+                            if sql.windows(BLOCK_MARKER.len()).any(|w| w == BLOCK_MARKER) {
+                                // Answered here; the server never sees it.
+                                c.answered_here.fetch_add(1, Ordering::Relaxed);
+                                let mut answer = Vec::new();
+                                encode_error(
+                                    &mut answer,
+                                    false,
+                                    "ERROR",
+                                    "42501",
+                                    "stopped by the test forwarder",
+                                    &[(b'D', "the codec built this ErrorResponse")],
+                                );
+                                let s = match st.load(Ordering::Relaxed) {
+                                    b'I' => b'I',
+                                    _ => b'E',
+                                };
+                                encode_ready_for_query(&mut answer, s);
+                                replies.lock().unwrap().write_all(&answer).unwrap();
+                                return;
+                            }
+                        }
+                        m.encode(&mut out);
+                    }
+                    other => panic!("unexpected client token {other:?}"),
                 }
-                other => panic!("unexpected client token {other:?}"),
-            }
-            to_server.write_all(&out).unwrap();
-        });
+                to_server.write_all(&out).unwrap();
+            },
+        );
     });
 
     let c = counters;
     let mut tokenizer = Tokenizer::new(Direction::ToClient, TokenizerLimits::default());
-    if reply_rx.recv_timeout(std::time::Duration::from_secs(5)).is_ok() {
+    if reply_rx
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .is_ok()
+    {
         tokenizer.expect_encryption_reply();
     }
     pump(server, tokenizer, |_, t| {
@@ -128,30 +138,28 @@ fn forward_one(listener: TcpListener, upstream_port: u16, counters: Arc<Counters
                 assert_eq!(reply, b'N', "this server has no TLS");
                 out.push(reply);
             }
-            Token::Message { tag, body, .. } => {
-                match pg::backend::decode(tag, &body).unwrap() {
-                    BackendMessage::DataRow(values) => {
-                        let rewritten: Vec<Option<&[u8]>> = values
-                            .iter()
-                            .map(|v| match v {
-                                Some(b"secret-value") => Some(&b"****"[..]),
-                                Some(b"short") => Some(&b"a value much longer than before"[..]),
-                                other => other,
-                            })
-                            .collect();
-                        if rewritten.iter().copied().ne(values.iter()) {
-                            c.rewritten_rows.fetch_add(1, Ordering::Relaxed);
-                        }
-                        encode_data_row(&mut out, rewritten.into_iter());
+            Token::Message { tag, body, .. } => match pg::backend::decode(tag, &body).unwrap() {
+                BackendMessage::DataRow(values) => {
+                    let rewritten: Vec<Option<&[u8]>> = values
+                        .iter()
+                        .map(|v| match v {
+                            Some(b"secret-value") => Some(&b"****"[..]),
+                            Some(b"short") => Some(&b"a value much longer than before"[..]),
+                            other => other,
+                        })
+                        .collect();
+                    if rewritten.iter().copied().ne(values.iter()) {
+                        c.rewritten_rows.fetch_add(1, Ordering::Relaxed);
                     }
-                    m => {
-                        if let BackendMessage::ReadyForQuery { status: s } = m {
-                            status.store(s, Ordering::Relaxed);
-                        }
-                        m.encode(&mut out);
-                    }
+                    encode_data_row(&mut out, rewritten.into_iter());
                 }
-            }
+                m => {
+                    if let BackendMessage::ReadyForQuery { status: s } = m {
+                        status.store(s, Ordering::Relaxed);
+                    }
+                    m.encode(&mut out);
+                }
+            },
             other => panic!("unexpected server token {other:?}"),
         }
         to_client.lock().unwrap().write_all(&out).unwrap();
@@ -186,11 +194,7 @@ fn psql_accepts_built_errors_and_rewritten_rows() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .and_then(|mut child| {
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(script.as_bytes())?;
+            child.stdin.take().unwrap().write_all(script.as_bytes())?;
             child.wait_with_output()
         })
         .unwrap();

@@ -60,6 +60,16 @@ enum Cmd {
         #[arg(long)]
         seconds: Option<u32>,
     },
+    /// Run the fuzz targets (auditor/fuzz: codec, session) with the pinned nightly and
+    /// cargo-fuzz, each for a bounded time; a crash leaves its input in
+    /// auditor/fuzz/artifacts/TARGET/ and fails the command.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
+    },
     /// Record Postgres protocol transcripts through a recording proxy, as test fixtures.
     Fixtures {
         /// Where to write the transcripts.
@@ -89,6 +99,76 @@ pub fn cargo() -> Command {
     c.current_dir(workspace_root());
     c.env("PATH", setup::path_with_cargo_bin());
     c
+}
+
+/// Fuzz targets in auditor/fuzz/fuzz_targets.
+const FUZZ_TARGETS: &[&str] = &["codec", "session"];
+
+fn fuzz(seconds: u32, only: &[String]) -> Result<()> {
+    for target in FUZZ_TARGETS {
+        if !only.is_empty() && !only.iter().any(|t| t == target) {
+            continue;
+        }
+        // The corpus grows in target/ (not committed); the seeds are the recorded
+        // transcripts' bytes, so the fuzzer starts from real conversations.
+        let corpus = workspace_root().join("target/fuzz-corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        seed_corpus(&corpus)?;
+        run(Command::new("rustup")
+            .current_dir(workspace_root().join("auditor"))
+            .env("PATH", setup::path_with_cargo_bin())
+            .env_remove("RUSTC")
+            .env_remove("RUSTFLAGS")
+            .args([
+                "run",
+                setup::EBPF_TOOLCHAIN,
+                "cargo",
+                "fuzz",
+                "run",
+                "--release",
+            ])
+            .args(["--fuzz-dir", "fuzz", target])
+            .arg(&corpus)
+            .args([
+                "--",
+                &format!("-max_total_time={seconds}"),
+                "-rss_limit_mb=2048",
+            ])
+            .args(["-max_len=65536", "-print_final_stats=1"]))?;
+    }
+    Ok(())
+}
+
+/// Seeds: each recorded transcript's client bytes and server bytes, and both interleaved
+/// as the session target reads them (flags, length, bytes).
+fn seed_corpus(dir: &std::path::Path) -> Result<()> {
+    let fixtures = workspace_root().join("auditor/tests/fixtures");
+    for entry in std::fs::read_dir(&fixtures)? {
+        let path = entry?.path();
+        let name = path
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let text = std::fs::read_to_string(&path)?;
+        let mut client = vec![0x04u8];
+        let mut server = vec![0x05u8];
+        let mut both = vec![0u8];
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            let bytes = hex::decode(v["hex"].as_str().unwrap_or_default())?;
+            let to_client = v["d"] == "s";
+            if to_client { &mut server } else { &mut client }.extend_from_slice(&bytes);
+            for piece in bytes.chunks(255) {
+                both.extend_from_slice(&[to_client as u8, piece.len() as u8]);
+                both.extend_from_slice(piece);
+            }
+        }
+        std::fs::write(dir.join(format!("{name}-client")), &client)?;
+        std::fs::write(dir.join(format!("{name}-server")), &server)?;
+        std::fs::write(dir.join(format!("{name}-both")), &both)?;
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -135,6 +215,8 @@ fn main() -> Result<()> {
             run(cargo()
                 .env("CI", "true")
                 .args(["test", "--release", "--", "--test-threads=1"]))?;
+            // The parsers under arbitrary bytes, bounded: a minute per target.
+            fuzz(60, &[])?;
             // The benchmark in seconds, so the command never rots.
             bench::bench(bench::Options {
                 smoke: true,
@@ -154,6 +236,10 @@ fn main() -> Result<()> {
             reps,
             seconds,
         }),
+        Cmd::Fuzz { seconds, targets } => {
+            setup::setup(setup::Purpose::Test)?;
+            fuzz(seconds, &targets)
+        }
         Cmd::Fixtures { out } => fixtures::record(&workspace_root().join(out)),
     }
 }

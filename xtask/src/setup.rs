@@ -212,6 +212,14 @@ pub fn setup(purpose: Purpose) -> Result<()> {
         .env("PATH", path_with_cargo_bin());
         run(&mut cmd)?;
     }
+    if purpose == Purpose::Test && !have("cargo-fuzz") {
+        eprintln!(
+            "setup: installing cargo-fuzz: CI runs the codec and session fuzz targets for a bounded time"
+        );
+        run(Command::new("cargo")
+            .args(["install", "--locked", "cargo-fuzz"])
+            .env("PATH", path_with_cargo_bin()))?;
+    }
     if purpose == Purpose::Test {
         let node_modules = crate::workspace_root().join("target/test-deps");
         if !node_modules.join("node_modules/pg").exists() {

@@ -133,7 +133,7 @@ pub struct Tokenizer {
     buf: Vec<u8>,
     /// What `buf`'s message holds of the budget.
     reserved: usize,
-    /// Stream offset of the next byte pushed.
+    /// Stream offset where `buf` begins (of the next byte pushed when `buf` is empty).
     offset: u64,
 }
 
@@ -186,9 +186,10 @@ impl Tokenizer {
         self.direction
     }
 
-    /// Stream offset of the next byte to be pushed (bytes pushed so far).
+    /// Stream offset of the next byte to be pushed (bytes pushed so far, those held for a
+    /// split message included).
     pub fn offset(&self) -> u64 {
-        self.offset
+        self.offset + self.buf.len() as u64
     }
 
     /// The next client packet is untyped again (after an SSL/GSS request was refused).
@@ -230,6 +231,8 @@ impl Tokenizer {
     }
 
     fn clear_buf(&mut self) {
+        // Held bytes given up are still bytes of the stream.
+        self.offset += self.buf.len() as u64;
         self.buf = Vec::new();
         self.release();
     }
