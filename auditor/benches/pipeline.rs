@@ -9,9 +9,10 @@
 use std::{collections::BTreeMap, hint::black_box, path::PathBuf};
 
 use auditor::{
+    audit::recorder::RecordingPolicy,
+    capture::session::Session,
     event::AuditEvent,
     pg::{Direction, TokenizerLimits},
-    session::{RecordingPolicy, Session},
     sink::local::LocalLog,
     sql::Analyzer,
 };
@@ -28,7 +29,7 @@ mod fixture_io;
 fn replay(
     chunks: &[(Direction, Vec<u8>)],
     analyzer: &mut Analyzer,
-    out: &mut Vec<auditor::session::Draft>,
+    out: &mut Vec<auditor::audit::recorder::Draft>,
 ) -> (u64, u64) {
     let mut session = Session::new(
         RecordingPolicy::default(),
@@ -39,7 +40,7 @@ fn replay(
     for (i, (dir, bytes)) in chunks.iter().enumerate() {
         session.push(*dir, bytes, true, i as i128, analyzer, out);
     }
-    (session.counters.messages, out.len() as u64)
+    (session.counters().messages, out.len() as u64)
 }
 
 fn sizes_path() -> PathBuf {

@@ -18,6 +18,7 @@ use auditor_common::RECORD_FILE;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    audit::recorder::RecordingPolicy,
     capture::{
         tls::{self, TlsCounters, TlsFinder},
         Capture, CaptureError, KernelCounters,
@@ -25,7 +26,6 @@ use crate::{
     config::Config,
     event::AuditEvent,
     pg::TokenizerLimits,
-    session::RecordingPolicy,
     sink::{
         clickhouse::{ClickHouseCounters, ClickHouseSink},
         local::{LocalLog, LocalLogError},
@@ -148,7 +148,7 @@ fn spawn_sink(
                     if let Some(log) = log.as_mut() {
                         if let Err(e) = log.append(ev) {
                             report.errors += 1;
-                            eprintln!("auditor: writing the local log: {e}");
+                            tracing::error!("writing the local log: {e}");
                             continue;
                         }
                     }
@@ -168,14 +168,14 @@ fn spawn_sink(
                 if let Some(log) = log.as_mut() {
                     if let Err(e) = log.flush() {
                         report.errors += 1;
-                        eprintln!("auditor: flushing the local log: {e}");
+                        tracing::error!("flushing the local log: {e}");
                     }
                 }
             }
             if let Some(log) = log.as_mut() {
                 if let Err(e) = log.sync() {
                     report.errors += 1;
-                    eprintln!("auditor: syncing the local log: {e}");
+                    tracing::error!("syncing the local log: {e}");
                 }
             }
             if let Some(ch) = clickhouse {
@@ -192,8 +192,8 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     // Before any thread starts: threads inherit it.
     // SAFETY: setpriority on our own process; no memory is passed.
     if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, cfg.capture.nice) } != 0 {
-        eprintln!(
-            "auditor: could not set niceness {}: {} (running at the default)",
+        tracing::warn!(
+            "could not set niceness {}: {} (running at the default)",
             cfg.capture.nice,
             std::io::Error::last_os_error()
         );
@@ -227,18 +227,18 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             None => format!("port {} on any address", e.port),
         })
         .collect();
-    println!(
-        "auditor: attached {} tracepoints ({})",
+    tracing::info!(
+        "attached {} tracepoints ({})",
         capture.attached.len(),
         capture.attached.join(", ")
     );
     match &capture.without_bpf_loop {
-        None => println!(
-            "auditor: each read or write call is copied up to {} KiB",
+        None => tracing::info!(
+            "each read or write call is copied up to {} KiB",
             capture.copy_limit / 1024
         ),
-        Some(why) => eprintln!(
-            "auditor: warning: without bpf_loop (Linux 5.17+), each read or write call is \
+        Some(why) => tracing::warn!(
+            "without bpf_loop (Linux 5.17+), each read or write call is \
              copied up to {} KiB only; a larger one is recorded as a gap ({why})",
             capture.copy_limit / 1024
         ),
@@ -253,15 +253,15 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         }
     }
     if !cfg.capture.tls {
-        println!("auditor: TLS plaintext capture is off (capture.tls: false): TLS sessions are recorded as tls_unreadable");
+        tracing::info!("TLS plaintext capture is off (capture.tls: false): TLS sessions are recorded as tls_unreadable");
     } else if finder.libraries.is_empty() {
-        println!(
-            "auditor: no OpenSSL library found yet ({} files checked); TLS connections are recorded as tls_unreadable until one is mapped",
+        tracing::info!(
+            "no OpenSSL library found yet ({} files checked); TLS connections are recorded as tls_unreadable until one is mapped",
             finder.counters.files_checked
         );
     } else {
-        println!(
-            "auditor: hooked TLS plaintext (OpenSSL) in {} file(s): {}",
+        tracing::info!(
+            "hooked TLS plaintext (OpenSSL) in {} file(s): {}",
             finder.libraries.len(),
             finder
                 .libraries
@@ -271,35 +271,32 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
                 .join(", ")
         );
     }
-    println!("auditor: watching TCP {}", endpoints.join(", "));
+    tracing::info!("watching TCP {}", endpoints.join(", "));
     if capture.unix_sockets {
-        println!(
-            "auditor: and Unix-domain sockets named .s.PGSQL.<port> for those ports (any directory)"
+        tracing::info!(
+            "and Unix-domain sockets named .s.PGSQL.<port> for those ports (any directory)"
         );
     } else {
-        println!("auditor: Unix-domain sockets are NOT watched: this kernel's BTF does not describe them (AF_UNIX built as a module?)");
+        tracing::info!("Unix-domain sockets are NOT watched: this kernel's BTF does not describe them (AF_UNIX built as a module?)");
     }
     if cfg.local_log.enabled {
-        println!(
-            "auditor: events -> {} (hash-chained JSON Lines; `auditor tail` follows them)",
+        tracing::info!(
+            "events -> {} (hash-chained JSON Lines; `auditor tail` follows them)",
             cfg.log_dir().display()
         );
     } else {
-        println!("auditor: local log disabled: events are counted but not stored");
+        tracing::info!("local log disabled: events are counted but not stored");
     }
     if cfg.clickhouse.enabled {
-        println!(
-            "auditor: events -> ClickHouse {} database {} (spooled in {} until delivered)",
+        tracing::info!(
+            "events -> ClickHouse {} database {} (spooled in {} until delivered)",
             cfg.clickhouse.url,
             cfg.clickhouse.database,
             cfg.spool_dir().display()
         );
     }
-    println!(
-        "auditor: stats -> {} (`auditor stats`)",
-        cfg.stats_path().display()
-    );
-    println!("auditor: ready; Ctrl-C stops and flushes everything");
+    tracing::info!("stats -> {} (`auditor stats`)", cfg.stats_path().display());
+    tracing::info!("ready; Ctrl-C stops and flushes everything");
     let _ = std::io::stdout().flush();
 
     let mut tracker = Tracker::new(TrackerConfig {
@@ -376,8 +373,8 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
                 }
                 if let Some(lib) = capture.consider_tls_file(&mut finder, &c) {
                     let after = crate::tracker::monotonic_ns().saturating_sub(seen_ns);
-                    println!(
-                        "auditor: hooked TLS plaintext (OpenSSL) in {} (mapped by pid {pid}; hooked {:.1} ms later)",
+                    tracing::info!(
+                        "hooked TLS plaintext (OpenSSL) in {} (mapped by pid {pid}; hooked {:.1} ms later)",
                         lib.path,
                         after as f64 / 1e6
                     );
@@ -432,18 +429,18 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     });
     let stats = make_stats(&tracker, &capture, &finder, report.errors);
     write_stats(&stats_path, &stats);
-    println!(
-        "auditor: stopped; {} events written, {} statements, {} gaps, {} kernel drops",
+    tracing::info!(
+        "stopped; {} events written, {} statements, {} gaps, {} kernel drops",
         report.written,
         stats.tracker.statements,
         stats.tracker.gaps,
         stats.kernel.ringbuf_drops + stats.kernel.control_drops
     );
     if mute_failures > 0 {
-        eprintln!("auditor: {mute_failures} redundant sockets could not be muted (table full?)");
+        tracing::warn!("{mute_failures} redundant sockets could not be muted (table full?)");
     }
     if malformed_records > 0 {
-        eprintln!("auditor: {malformed_records} malformed ring-buffer records were skipped");
+        tracing::warn!("{malformed_records} malformed ring-buffer records were skipped");
     }
     Ok(())
 }

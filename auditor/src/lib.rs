@@ -2,15 +2,16 @@
 //!
 //! One module per concern; `main.rs` is only the command line.
 
+pub mod audit;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod conversation;
 pub mod daemon;
 pub mod event;
 pub mod identity;
 pub mod pg;
 pub mod query;
-pub mod session;
 pub mod sink;
 pub mod sql;
 pub mod tracker;

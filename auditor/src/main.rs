@@ -35,6 +35,11 @@ enum Command {
         /// Overrides the config's state_dir.
         #[arg(long, env = "AUDITOR_STATE_DIR")]
         state_dir: Option<PathBuf>,
+        /// How the daemon's own log lines look on stderr: `human`, or `json` (one object
+        /// per line, for a DaemonSet's log collector). Levels and modules are chosen with
+        /// AUDITOR_LOG (e.g. `debug`, `info,auditor::sink=debug`; default `info`).
+        #[arg(long, env = "AUDITOR_LOG_FORMAT", value_enum, default_value = "human")]
+        log_format: LogFormat,
     },
     /// Show the latest events and follow new ones as they are written.
     Tail {
@@ -133,6 +138,32 @@ enum Command {
     ConfigExample,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+/// The daemon's own diagnostics (not the audit trail): tracing to stderr.
+fn init_logging(format: LogFormat) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("AUDITOR_LOG") {
+        Ok(spec) => EnvFilter::try_new(&spec)
+            .map_err(|e| anyhow::anyhow!("AUDITOR_LOG={spec:?} is not a valid filter: {e}"))?,
+        Err(_) => EnvFilter::new("info"),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    Ok(())
+}
+
 fn main() {
     let args = Args::parse();
     if let Err(e) = dispatch(args) {
@@ -144,7 +175,12 @@ fn main() {
 
 fn dispatch(args: Args) -> anyhow::Result<()> {
     match args.command {
-        Command::Run { config, state_dir } => {
+        Command::Run {
+            config,
+            state_dir,
+            log_format,
+        } => {
+            init_logging(log_format)?;
             let mut cfg = match &config {
                 Some(path) => Config::load(path)?,
                 None => Config::default(),

@@ -20,13 +20,14 @@ use auditor_common::{
 };
 
 use crate::{
+    audit::recorder::{Draft, RecordingPolicy},
+    capture::session::Session,
     event::{format_ts, new_event_id, AuditEvent, EventKind, Labels, ProcessIdentity, Text},
     identity::IdentityResolver,
     pg::{
         Direction, TokenizerLimits, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0,
         SSL_REQUEST_CODE,
     },
-    session::{Draft, RecordingPolicy, Session},
     sql::Analyzer,
 };
 
@@ -559,7 +560,7 @@ impl Tracker {
             &mut self.analyzer,
             &mut drafts,
         );
-        let terminated = s.unix && s.session.terminated;
+        let terminated = s.unix && s.session.terminated();
         self.finish_drafts(conn, &mut drafts, out);
         self.drafts = drafts;
         if terminated {
@@ -729,7 +730,7 @@ impl Tracker {
             kind: EventKind::SessionEnd.as_str().into(),
             ..AuditEvent::default()
         };
-        if let Some(e) = &s.session.startup_error {
+        if let Some(e) = s.session.startup_error() {
             ev.error_code = e.code.clone();
             ev.error_message = e.message.clone();
         }
@@ -754,8 +755,8 @@ impl Tracker {
         );
         self.drafts = drafts;
         self.counters.sessions_ended += 1;
-        self.counters.parse_errors += s.session.counters.parse_errors;
-        self.counters.unmatched_responses += s.session.counters.unmatched_responses;
+        self.counters.parse_errors += s.session.counters().parse_errors;
+        self.counters.unmatched_responses += s.session.counters().unmatched_responses;
     }
 
     /// Retires sessions idle for longer than `idle_ns` whose connection no longer exists
@@ -845,10 +846,10 @@ fn finish(
         ev.session_id = s.id.clone();
         s.seq += 1;
         ev.seq = s.seq;
-        ev.db_user = s.session.meta.db_user.clone();
-        ev.database = s.session.meta.database.clone();
-        ev.application_name = s.session.meta.application_name.clone();
-        ev.tls = s.session.meta.tls;
+        ev.db_user = s.session.meta().db_user.clone();
+        ev.database = s.session.meta().database.clone();
+        ev.application_name = s.session.meta().application_name.clone();
+        ev.tls = s.session.meta().tls;
         ev.client_addr = s.client_addr.clone();
         ev.client_port = conn.client_port;
         ev.server_addr = s.server_addr.clone();

@@ -2,8 +2,9 @@
 //! Postgres 15 (`cargo xtask fixtures` records new ones).
 
 use auditor::{
+    audit::recorder::{Draft, RecordingPolicy},
+    capture::session::Session,
     pg::{self, frontend, Direction, FrontendMessage, Token, Tokenizer, TokenizerLimits},
-    session::{Draft, RecordingPolicy, Session},
     sql::Analyzer,
 };
 
@@ -96,8 +97,8 @@ fn statements(s: &[Seen]) -> Vec<&Seen> {
 #[test]
 fn psql_multi_statement_query() {
     let (events, session) = run(&load("psql-simple-0"), &[]);
-    assert_eq!(&*session.meta.db_user, "postgres");
-    assert_eq!(&*session.meta.application_name, "psql");
+    assert_eq!(&*session.meta().db_user, "postgres");
+    assert_eq!(&*session.meta().application_name, "psql");
     assert_eq!(&*events[0].kind, "session_start");
     let got: Vec<(&str, Option<u64>, &str)> = statements(&events)
         .iter()
@@ -339,5 +340,15 @@ fn transcripts_forward_byte_for_byte_through_the_codec() {
             assert_eq!(forwarded[0], received[0], "{name}: client bytes");
             assert_eq!(forwarded[1], received[1], "{name}: server bytes");
         }
+    }
+}
+
+#[test]
+fn every_response_matches_its_request() {
+    for name in ALL_FIXTURES {
+        let (_, session) = run(&load(name), &[]);
+        let counters = session.counters();
+        assert_eq!(counters.unmatched_responses, 0, "{name}");
+        assert_eq!(counters.parse_errors, 0, "{name}");
     }
 }

@@ -433,7 +433,7 @@ impl Daemon {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(line) if line.contains("auditor: ready") => break,
+                Ok(line) if line.contains("ready; Ctrl-C stops") => break,
                 Ok(line) => seen.push(line),
                 Err(_) => {
                     let _ = child.kill();
@@ -495,6 +495,26 @@ impl Daemon {
     /// Every event in the log so far.
     pub fn events(&self) -> Result<Vec<Value>> {
         read_events(&self.log_dir())
+    }
+
+    /// Waits until every session of the workload in cgroup `cgroup` (its path, as events
+    /// show it) that started has ended, at least one: a condition instead of a fixed sleep
+    /// before the trail is read or the daemon stopped. Returns the events (after 30 s
+    /// whatever they are: the assertions that follow say what is missing).
+    pub fn wait_sessions_ended(&self, cgroup: &str) -> Vec<Value> {
+        self.wait_for(Duration::from_secs(30), |evs| {
+            let mut started = std::collections::HashSet::new();
+            let mut ended = std::collections::HashSet::new();
+            for e in evs.iter().filter(|e| str_of(e, "cgroup_path") == cgroup) {
+                match str_of(e, "kind") {
+                    "session_start" => started.insert(str_of(e, "session_id")),
+                    "session_end" => ended.insert(str_of(e, "session_id")),
+                    _ => false,
+                };
+            }
+            !started.is_empty() && started.is_subset(&ended)
+        })
+        .unwrap()
     }
 
     /// Waits until `pred` holds for the events (or the timeout passes) and returns them.

@@ -72,7 +72,7 @@ fn pgbench_simple_extended_prepared_recorded_exactly() {
         run_pgbench(pg.pgbench(), &cg, mode, &app, CLIENTS, PER_CLIENT);
     }
     // Let the daemon catch up, then stop it: everything is flushed on SIGINT.
-    std::thread::sleep(Duration::from_secs(1));
+    daemon.wait_sessions_ended(&cg.name);
     let events = daemon.stop_without_gaps();
 
     for mode in ["simple", "extended", "prepared"] {
@@ -147,7 +147,7 @@ DELETE FROM cards;
         .unwrap();
     let psql_pid = child.id();
     child.wait().unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    daemon.wait_sessions_ended(&cg.name);
     daemon.stop().unwrap();
     let events = daemon.events().unwrap();
     assert_no_duplicates(&events);
@@ -316,7 +316,7 @@ fn connection_older_than_the_daemon_is_picked_up_mid_stream() {
     stdin.flush().unwrap();
     drop(stdin);
     psql.wait().unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    daemon.wait_sessions_ended(&cg.name);
     daemon.stop().unwrap();
     let events = daemon.events().unwrap();
     let mine: Vec<&Value> = events
@@ -390,7 +390,7 @@ fn passwords_and_sasl_never_reach_the_log() {
         .args(["-c", "SELECT 1"]);
     cg.enter(&mut wrong);
     assert!(!wrong.output().unwrap().status.success());
-    std::thread::sleep(Duration::from_millis(500));
+    daemon.wait_sessions_ended(&cg.name);
     daemon.stop().unwrap();
 
     let raw = std::fs::read_dir(daemon.log_dir())

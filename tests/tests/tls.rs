@@ -63,7 +63,7 @@ fn pgbench_over_tls_recorded_exactly() {
             "{out}"
         );
     }
-    std::thread::sleep(Duration::from_secs(1));
+    daemon.wait_sessions_ended(&cg.name);
     let events = daemon.stop_without_gaps();
     for mode in ["simple", "extended", "prepared"] {
         let app = format!("tls_{mode}");
@@ -119,7 +119,7 @@ fn psql_over_tls_identity_and_redaction() {
         .unwrap();
     let pid = child.id();
     assert!(child.wait().unwrap().success());
-    std::thread::sleep(Duration::from_millis(500));
+    daemon.wait_sessions_ended(&cg.name);
     daemon.stop().unwrap();
     let events = daemon.events().unwrap();
     let recorded = statements(&events, "psql_tls");
@@ -172,7 +172,7 @@ fn tls_plaintext_from_one_end_only() {
         .args(["-c", "SELECT 1", "-c", "SELECT 2", "postgres"]);
         cg.enter(&mut cmd);
         check(&mut cmd).unwrap();
-        std::thread::sleep(Duration::from_millis(500));
+        daemon.wait_sessions_ended(&cg.name);
         daemon.stop().unwrap();
         let events = daemon.events().unwrap();
         let recorded = statements(&events, "client_end");
@@ -203,7 +203,7 @@ fn tls_plaintext_from_one_end_only() {
         let pid = child.id();
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success());
-        std::thread::sleep(Duration::from_millis(500));
+        daemon.wait_sessions_ended(&cg.name);
         daemon.stop().unwrap();
         let events = daemon.events().unwrap();
         let recorded = statements(&events, "server_end");
@@ -240,7 +240,7 @@ fn tls_nobody_can_read_is_recorded_unreadable() {
     let child = cmd.stdout(Stdio::piped()).spawn().unwrap();
     let pid = child.id();
     assert!(child.wait_with_output().unwrap().status.success());
-    std::thread::sleep(Duration::from_millis(500));
+    daemon.wait_sessions_ended(&cg.name);
     daemon.stop().unwrap();
     let events = daemon.events().unwrap();
     let mine: Vec<&Value> = events

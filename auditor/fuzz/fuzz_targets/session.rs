@@ -5,7 +5,8 @@
 
 use auditor::{
     pg::{Direction, TokenizerLimits},
-    session::{RecordingPolicy, Session},
+    audit::recorder::RecordingPolicy,
+    capture::session::Session,
     sql::Analyzer,
 };
 use libfuzzer_sys::fuzz_target;

@@ -2,6 +2,7 @@
 //! the ring buffer and the kernel-side counters.
 
 pub mod btf;
+pub mod session;
 pub mod stream;
 pub mod tls;
 
@@ -498,7 +499,7 @@ impl Capture {
             Ok(Some(s)) => s,
             Ok(None) => return None,
             Err(e) => {
-                eprintln!("auditor: reading {}: {e}", cand.shown);
+                tracing::warn!("reading {}: {e}", cand.shown);
                 return None;
             }
         };
@@ -506,7 +507,7 @@ impl Capture {
         let (hooked, error) = self.hook_tls(&path, &symbols);
         if let Some(e) = &error {
             finder.counters.hook_failures += 1;
-            eprintln!("auditor: hooking TLS in {}: {e}", cand.shown);
+            tracing::warn!("hooking TLS in {}: {e}", cand.shown);
         }
         if hooked == 0 {
             return None;

@@ -583,7 +583,7 @@ impl ClickHouseSink {
                     {
                         Ok(rt) => rt,
                         Err(e) => {
-                            eprintln!("auditor: clickhouse: no runtime: {e}");
+                            tracing::error!("clickhouse: no runtime: {e}");
                             return;
                         }
                     };
@@ -686,13 +686,13 @@ fn spool_loop(
             buf.clear();
             record::encode(ev, &mut buf);
             if let Err(e) = s.append(&buf) {
-                eprintln!("auditor: clickhouse spool: {e}");
+                tracing::error!("clickhouse spool: {e}");
                 break;
             }
             shared.spooled.fetch_add(1, Ordering::Relaxed);
         }
         if let Err(e) = s.flush() {
-            eprintln!("auditor: clickhouse spool: {e}");
+            tracing::error!("clickhouse spool: {e}");
         }
         shared
             .spool_bytes
@@ -755,8 +755,8 @@ async fn send_loop(
         shared.connected.store(0, Ordering::Relaxed);
         let msg = e.to_string();
         if msg != *last_error {
-            eprintln!(
-                "auditor: clickhouse: {}; events wait in the spool",
+            tracing::warn!(
+                "clickhouse: {}; events wait in the spool",
                 msg.trim_start_matches("clickhouse: ")
             );
             *last_error = msg;
@@ -796,7 +796,7 @@ async fn send_loop(
             let (records, next) = match read {
                 Ok(r) => r,
                 Err(e) => {
-                    eprintln!("auditor: clickhouse spool: {e}");
+                    tracing::error!("clickhouse spool: {e}");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
@@ -829,7 +829,7 @@ async fn send_loop(
                         acked = written;
                         if let Ok(mut s) = spool.lock() {
                             if let Err(e) = s.commit(acked) {
-                                eprintln!("auditor: clickhouse spool: {e}");
+                                tracing::error!("clickhouse spool: {e}");
                             }
                             shared
                                 .spool_bytes
@@ -841,7 +841,7 @@ async fn send_loop(
                         backoff = Duration::from_millis(200);
                         shared.connected.store(1, Ordering::Relaxed);
                         if failing {
-                            eprintln!("auditor: clickhouse: delivering again");
+                            tracing::warn!("clickhouse: delivering again");
                             failing = false;
                             last_error.clear();
                         }
@@ -913,8 +913,8 @@ fn set_aside(spool: &Arc<Mutex<Spool>>, from: Position, cfg: &ClickHouseConfig, 
     let saved = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, &text));
     match saved {
         Ok(()) => {
-            eprintln!(
-                "auditor: clickhouse refused {} events {MAX_REFUSALS} times; set aside in {}",
+            tracing::warn!(
+                "clickhouse refused {} events {MAX_REFUSALS} times; set aside in {}",
                 records.len(),
                 path.display()
             );
@@ -922,10 +922,10 @@ fn set_aside(spool: &Arc<Mutex<Spool>>, from: Position, cfg: &ClickHouseConfig, 
                 .rejected
                 .fetch_add(records.len() as u64, Ordering::Relaxed);
             if let Err(e) = s.commit(next) {
-                eprintln!("auditor: clickhouse spool: {e}");
+                tracing::error!("clickhouse spool: {e}");
             }
         }
-        Err(e) => eprintln!("auditor: clickhouse: setting aside {}: {e}", path.display()),
+        Err(e) => tracing::error!("clickhouse: setting aside {}: {e}", path.display()),
     }
 }
 

@@ -1,0 +1,3 @@
+//! The audit trail's side of a conversation: events built from its outcomes.
+
+pub mod recorder;

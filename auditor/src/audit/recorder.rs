@@ -1,0 +1,214 @@
+//! Audit events from conversation outcomes: what is recorded of a statement (normalised or
+//! raw text, parameters as keyed hashes or raw), its result, and the flags that say what
+//! is missing. Pure: identity, ids and times are added by the driver.
+
+use std::sync::Arc;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::{
+    conversation::{
+        command_of, BoundParams, Outcome, Protocol, StatementOutcome, StatementResult,
+        StatementText,
+    },
+    event::{AuditEvent, EventKind, Text},
+    sql::redact_literals,
+};
+
+/// How statements and parameters are recorded.
+#[derive(Clone)]
+pub struct RecordingPolicy {
+    /// Record statement text as sent (literals included) instead of normalised.
+    pub raw_statements: bool,
+    /// Record parameter values as sent instead of keyed hashes.
+    pub raw_params: bool,
+    /// HMAC-SHA256 keyed with the installation's parameter key, cloned per value (the key
+    /// schedule is done once): equal values hash equal within one installation.
+    param_mac: Hmac<Sha256>,
+}
+
+impl RecordingPolicy {
+    pub fn new(raw_statements: bool, raw_params: bool, param_key: &[u8]) -> Self {
+        RecordingPolicy {
+            raw_statements,
+            raw_params,
+            param_mac: <Hmac<Sha256> as Mac>::new_from_slice(param_key)
+                .expect("HMAC takes any key length"),
+        }
+    }
+}
+
+impl Default for RecordingPolicy {
+    fn default() -> Self {
+        RecordingPolicy::new(false, false, b"auditor-default-key")
+    }
+}
+
+/// An event and the time it is about (the driver turns it into a timestamp).
+#[derive(Debug)]
+pub struct Draft {
+    pub ts_ns: i128,
+    pub event: AuditEvent,
+}
+
+pub fn kind_event(kind: EventKind) -> AuditEvent {
+    AuditEvent {
+        kind: Text::Static(kind.as_str()),
+        ..AuditEvent::default()
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct Recorder {
+    pub policy: RecordingPolicy,
+}
+
+impl Recorder {
+    pub fn new(policy: RecordingPolicy) -> Self {
+        Recorder { policy }
+    }
+
+    /// The event of an outcome, `flags` (what the driver knows: gap_before, mid_stream)
+    /// taken into it. `SessionStarted` is the driver's to record: None.
+    pub fn record(&self, outcome: Outcome, flags: &mut Vec<String>) -> Option<Draft> {
+        match outcome {
+            Outcome::SessionStarted { .. } => None,
+            Outcome::Statement(s) => Some(self.statement(s, flags)),
+            Outcome::FunctionCall {
+                oid,
+                error,
+                started_ns,
+                ended_ns,
+            } => {
+                let mut ev = kind_event(EventKind::Statement);
+                ev.protocol = Text::Static("function_call");
+                ev.command = Text::Static("FUNCTION CALL");
+                ev.statement = format!("(function call, oid {oid})").into();
+                ev.flags.append(flags);
+                if let Some(e) = error {
+                    ev.error_code = e.code;
+                    ev.error_message = e.message;
+                }
+                ev.duration_us = duration_us(started_ns, ended_ns);
+                Some(Draft {
+                    ts_ns: started_ns,
+                    event: ev,
+                })
+            }
+        }
+    }
+
+    fn statement(&self, s: StatementOutcome, flags: &mut Vec<String>) -> Draft {
+        let mut ev = kind_event(EventKind::Statement);
+        ev.protocol = Text::Static(match s.protocol {
+            Protocol::Simple => "simple",
+            Protocol::Extended => "extended",
+        });
+        match &s.text {
+            StatementText::Known { sql, analysis } => {
+                ev.statement = if self.policy.raw_statements {
+                    Text::Shared(sql.clone())
+                } else {
+                    analysis.normalized.clone()
+                };
+                ev.command = analysis.command.clone();
+                ev.tables = analysis.tables.clone();
+                ev.fingerprint = analysis.fingerprint.clone();
+                if analysis.unparsed {
+                    ev.flags.push("unparsed".into());
+                }
+            }
+            StatementText::PreparedBeforeCapture => {
+                // A statement refused before it ran, of which nothing was seen, is not
+                // "prepared before capture": nothing says it ever existed.
+                let refused_unseen = matches!(
+                    s.result,
+                    StatementResult::Failed {
+                        before_execute: true,
+                        ..
+                    }
+                );
+                if !refused_unseen {
+                    ev.flags.push("prepared_before_capture".into());
+                }
+            }
+            StatementText::Unsplit { whole } => {
+                ev.flags.push("split_mismatch".into());
+                ev.statement = redact_literals(whole).into();
+            }
+        }
+        ev.flags.append(flags);
+        if s.protocol == Protocol::Extended {
+            ev.prepared_name = s.prepared_name;
+            ev.params = match &s.params {
+                Some(p) => self.params_of(p),
+                None => Arc::from([]),
+            };
+        }
+        match s.result {
+            StatementResult::Completed { tag, rows } => {
+                let cmd = command_of(&tag);
+                if !cmd.is_empty() && (ev.command.is_empty() || &*ev.command == "TRANSACTION") {
+                    ev.command = cmd.into();
+                }
+                ev.rows = rows;
+            }
+            StatementResult::Failed {
+                error,
+                before_execute,
+            } => {
+                ev.error_code = error.code;
+                ev.error_message = error.message;
+                if before_execute {
+                    ev.flags.push("failed_before_execute".into());
+                }
+            }
+            StatementResult::Suspended { rows } => {
+                ev.flags.push("portal_suspended".into());
+                ev.rows = Some(rows);
+            }
+            StatementResult::NoResponse => ev.flags.push("no_response".into()),
+        }
+        ev.duration_us = duration_us(s.started_ns, s.ended_ns);
+        Draft {
+            ts_ns: s.started_ns,
+            event: ev,
+        }
+    }
+
+    fn params_of(&self, params: &BoundParams) -> Arc<[String]> {
+        let formats = params.formats();
+        params
+            .values()
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let Some(v) = v else {
+                    return "NULL".to_string();
+                };
+                if self.policy.raw_params {
+                    if formats.format_of(i) == 1 {
+                        format!("\\x{}", hex::encode(v))
+                    } else {
+                        String::from_utf8_lossy(v).into_owned()
+                    }
+                } else {
+                    let mut mac = self.policy.param_mac.clone();
+                    mac.update(v);
+                    let digest = mac.finalize().into_bytes();
+                    let mut text = [0u8; 16];
+                    hex::encode_to_slice(&digest[..8], &mut text).expect("16 hex digits");
+                    let mut out = String::with_capacity(5 + text.len());
+                    out.push_str("hmac:");
+                    out.push_str(std::str::from_utf8(&text).expect("hex is ASCII"));
+                    out
+                }
+            })
+            .collect()
+    }
+}
+
+fn duration_us(start: i128, end: i128) -> u64 {
+    ((end - start).max(0) / 1000) as u64
+}

@@ -1,0 +1,1305 @@
+//! One Postgres conversation as a state machine: decoded messages in, typed outcomes out.
+//!
+//! No I/O and no notion of where the bytes came from: the capture path (kernel records)
+//! and the inline proxy drive the same model. It keeps what a proxy must know before it
+//! forwards a message and what the audit needs after: the protocol [`Phase`], prepared
+//! statements and portals with their SQL, parameter types, bound values, result formats
+//! and result columns (from ParameterDescription/RowDescription, kept for statements that
+//! are executed later without a new Describe, as pgjdbc does), and the queue of requests
+//! waiting for their responses (pipelining). Responses are matched to requests in order,
+//! which is how the server answers.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, OnceLock},
+};
+
+use ahash::AHashMap as HashMap;
+
+use crate::{
+    event::Text,
+    pg::{
+        backend::{self, rows_of_tag, BackendMessage, ErrorFields, Fields},
+        frontend::{FrontendMessage, Target},
+        wire::{I16s, Values},
+    },
+    sql::{split_statements, Analysis, Analyzer},
+};
+
+/// Where the conversation is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for the client's first packet (or the next, after a refused encryption
+    /// request).
+    Startup,
+    /// An SSLRequest (`gss` false) or GSSENCRequest waits for the server's one-byte answer.
+    NegotiatingEncryption { gss: bool },
+    /// The server accepted encryption: what follows on the socket is ciphertext. The
+    /// conversation resumes from plaintext (a hook on the TLS library, or the proxy's own
+    /// TLS) with [`Conversation::begin_plaintext`].
+    Encrypted { gss: bool },
+    /// The startup packet was sent; authentication and parameters until the first
+    /// ReadyForQuery.
+    Authenticating,
+    /// Queries flow.
+    Ready,
+    /// A connection that only carries a CancelRequest.
+    CancelRequest,
+    /// The client sent Terminate: nothing more can follow.
+    Terminated,
+}
+
+/// Connection facts from the startup packet and the server's parameters.
+#[derive(Debug, Clone, Default)]
+pub struct SessionMeta {
+    pub db_user: Text,
+    pub database: Text,
+    pub application_name: Text,
+    pub tls: bool,
+}
+
+/// A result column, as RowDescription gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    pub table_oid: u32,
+    pub column: i16,
+    pub type_oid: u32,
+    pub type_size: i16,
+    pub type_modifier: i32,
+    /// 0 text, 1 binary: in a statement's description always 0 (formats are chosen at Bind).
+    pub format: i16,
+}
+
+fn columns_of(fields: &Fields<'_>) -> Arc<[Column]> {
+    fields
+        .iter()
+        .map(|f| Column {
+            name: String::from_utf8_lossy(f.name).into_owned(),
+            table_oid: f.table_oid,
+            column: f.column,
+            type_oid: f.type_oid,
+            type_size: f.type_size,
+            type_modifier: f.type_modifier,
+            format: f.format,
+        })
+        .collect()
+}
+
+/// What the server said of a statement when it was described.
+#[derive(Debug, Clone, Default)]
+pub struct Description {
+    /// Parameter types as the server resolved them.
+    pub param_types: Arc<[u32]>,
+    /// None: the statement returns no rows (NoData).
+    pub columns: Option<Arc<[Column]>>,
+}
+
+/// A prepared statement, named or unnamed, as the client parsed it.
+#[derive(Debug)]
+pub struct PreparedStatement {
+    /// The statement's name, shared by the outcomes of its executions.
+    pub name: Text,
+    pub sql: Arc<str>,
+    pub analysis: Arc<Analysis>,
+    /// Parameter types the client declared in Parse (0: let the server infer).
+    pub declared_types: Box<[u32]>,
+    /// Filled when a Describe of this statement is answered; a statement's description
+    /// never changes (a new Parse makes a new statement).
+    pub description: OnceLock<Description>,
+}
+
+/// Values as a Bind carried them, kept as they came on the wire: the audit hashes or
+/// shows them, an approval binds them.
+#[derive(Debug, Default)]
+pub struct BoundParams {
+    formats: Box<[u8]>,
+    count: u16,
+    values: Box<[u8]>,
+}
+
+impl BoundParams {
+    fn of(formats: I16s<'_>, values: Values<'_>) -> Self {
+        BoundParams {
+            formats: formats.0.into(),
+            count: values.len() as u16,
+            values: values.raw().into(),
+        }
+    }
+    pub fn formats(&self) -> I16s<'_> {
+        I16s(&self.formats)
+    }
+    pub fn values(&self) -> Values<'_> {
+        Values {
+            count: self.count,
+            raw: &self.values,
+        }
+    }
+}
+
+/// A portal: a statement bound to values, executed by Execute.
+#[derive(Debug, Clone)]
+pub struct Portal {
+    pub statement_name: Text,
+    /// None when the statement was prepared before the conversation was seen.
+    pub statement: Option<Arc<PreparedStatement>>,
+    pub params: Arc<BoundParams>,
+    /// Result format codes from Bind (see [`I16s::format_of`]).
+    pub result_formats: Arc<[i16]>,
+    /// Columns, from a Describe of the portal or of its statement.
+    pub columns: Option<Arc<[Column]>>,
+    /// Rows from earlier Executes that stopped at their row limit.
+    pub rows_so_far: u64,
+    /// When the first of those Executes started (a suspended portal).
+    pub started_ns: Option<i128>,
+}
+
+impl Portal {
+    fn unknown() -> Self {
+        Portal {
+            statement_name: Text::default(),
+            statement: None,
+            params: Arc::default(),
+            result_formats: Arc::from([]),
+            columns: None,
+            rows_so_far: 0,
+            started_ns: None,
+        }
+    }
+
+    /// The format each result column will be sent in.
+    pub fn result_format_of(&self, column: usize) -> i16 {
+        match self.result_formats.len() {
+            0 => 0,
+            1 => self.result_formats[0],
+            _ => self.result_formats.get(column).copied().unwrap_or(0),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SimpleStatement {
+    sql: Arc<str>,
+    analysis: Arc<Analysis>,
+}
+
+#[derive(Debug)]
+enum Pending {
+    Simple {
+        statements: VecDeque<SimpleStatement>,
+        whole: String,
+        started_ns: i128,
+        rows: u64,
+        /// Columns of the statement whose rows are coming.
+        columns: Option<Arc<[Column]>>,
+    },
+    /// A Parse the server has not answered yet, and the statement it replaced under the
+    /// same name: if the Parse fails (or is skipped after an earlier error), the server
+    /// still has the old one.
+    Parse {
+        statement: Arc<PreparedStatement>,
+        replaced: Option<Arc<PreparedStatement>>,
+    },
+    /// A Bind not answered yet, with its portal's name.
+    Bind {
+        portal: String,
+    },
+    /// A Describe not answered yet: of a statement (its ParameterDescription, then
+    /// RowDescription or NoData) or of a portal (RowDescription or NoData).
+    Describe {
+        target: Target,
+        name: String,
+        statement: Option<Arc<PreparedStatement>>,
+        param_types: Option<Arc<[u32]>>,
+    },
+    Execute {
+        portal_name: String,
+        portal: Portal,
+        started_ns: i128,
+        rows: u64,
+    },
+    Sync,
+    FunctionCall {
+        oid: u32,
+        started_ns: i128,
+    },
+}
+
+/// Which protocol ran a statement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Simple,
+    Extended,
+}
+
+/// What is known of a statement's text.
+#[derive(Debug, Clone)]
+pub enum StatementText {
+    Known {
+        sql: Arc<str>,
+        analysis: Arc<Analysis>,
+    },
+    /// Executed through a statement prepared before the conversation was seen.
+    PreparedBeforeCapture,
+    /// A simple query's responses outnumbered the statements it was split into: the whole
+    /// query string, since which part ran is unknown.
+    Unsplit { whole: String },
+}
+
+#[derive(Debug, Clone)]
+pub enum StatementResult {
+    /// CommandComplete; `rows` from its tag, or DataRows counted, plus earlier Executes of
+    /// the same portal.
+    Completed { tag: String, rows: Option<u64> },
+    /// ErrorResponse. `before_execute`: refused while being parsed or bound, never ran.
+    Failed {
+        error: ErrorFields,
+        before_execute: bool,
+    },
+    /// Stopped at its row limit and never resumed before the portal went away.
+    Suspended { rows: u64 },
+    /// The connection ended before the answer.
+    NoResponse,
+}
+
+#[derive(Debug, Clone)]
+pub struct StatementOutcome {
+    pub protocol: Protocol,
+    pub text: StatementText,
+    pub prepared_name: Text,
+    pub params: Option<Arc<BoundParams>>,
+    pub result: StatementResult,
+    pub started_ns: i128,
+    pub ended_ns: i128,
+}
+
+/// What the conversation tells its driver.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The startup packet went by: `meta` now names user and database.
+    SessionStarted {
+        ts_ns: i128,
+    },
+    Statement(StatementOutcome),
+    /// A FunctionCall ('F') answered with a result or an error.
+    FunctionCall {
+        oid: u32,
+        error: Option<ErrorFields>,
+        started_ns: i128,
+        ended_ns: i128,
+    },
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ConversationCounters {
+    /// Responses that matched no request (lost requests, or a protocol we misread).
+    pub unmatched_responses: u64,
+}
+
+pub struct Conversation {
+    phase: Phase,
+    pub meta: SessionMeta,
+    /// Authentication or startup failure: no statement to attach it to.
+    pub startup_error: Option<ErrorFields>,
+    /// The startup packet was seen (user and database are known).
+    startup_seen: bool,
+    /// Responses are not matched until the next request (the conversation was joined
+    /// mid-stream, or requests were lost).
+    responses_unreliable: bool,
+    /// The last ReadyForQuery's transaction status (b'I', b'T', b'E').
+    transaction: u8,
+    prepared: HashMap<String, Arc<PreparedStatement>>,
+    portals: HashMap<String, Portal>,
+    pending: VecDeque<Pending>,
+    pub counters: ConversationCounters,
+}
+
+impl Default for Conversation {
+    fn default() -> Self {
+        Conversation::new()
+    }
+}
+
+impl Conversation {
+    /// A conversation from its first byte.
+    pub fn new() -> Self {
+        Conversation {
+            phase: Phase::Startup,
+            meta: SessionMeta::default(),
+            startup_error: None,
+            startup_seen: false,
+            responses_unreliable: false,
+            transaction: b'I',
+            prepared: HashMap::default(),
+            portals: HashMap::default(),
+            pending: VecDeque::new(),
+            counters: ConversationCounters::default(),
+        }
+    }
+
+    /// A conversation joined after its start: queries flow, and responses are matched
+    /// from the next request on.
+    pub fn joined_mid_stream() -> Self {
+        let mut c = Conversation::new();
+        c.phase = Phase::Ready;
+        c.responses_unreliable = true;
+        c
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Whether the startup packet was seen (a conversation joined mid-stream never sees it).
+    pub fn startup_seen(&self) -> bool {
+        self.startup_seen
+    }
+
+    /// The transaction status of the last ReadyForQuery.
+    pub fn transaction_status(&self) -> u8 {
+        self.transaction
+    }
+
+    /// A prepared statement the server has under this name (as far as seen).
+    pub fn statement(&self, name: &str) -> Option<&Arc<PreparedStatement>> {
+        self.prepared.get(name)
+    }
+
+    /// A portal bound and not yet closed.
+    pub fn portal(&self, name: &str) -> Option<&Portal> {
+        self.portals.get(name)
+    }
+
+    /// What an Execute of this portal will run and return: its SQL and result columns
+    /// with the formats Bind chose (None where the conversation does not know).
+    pub fn execute_target(&self, portal: &str) -> Option<(Arc<str>, Option<Vec<Column>>)> {
+        let p = self.portals.get(portal)?;
+        let statement = p.statement.as_ref()?;
+        let columns = p
+            .columns
+            .clone()
+            .or_else(|| statement.description.get()?.columns.clone())
+            .map(|cols| {
+                cols.iter()
+                    .enumerate()
+                    .map(|(i, c)| Column {
+                        format: p.result_format_of(i),
+                        ..c.clone()
+                    })
+                    .collect()
+            });
+        Some((statement.sql.clone(), columns))
+    }
+
+    /// Requests were lost (bytes the capture did not see, a request too large to read):
+    /// the responses owed to them cannot be matched.
+    pub fn requests_lost(&mut self) {
+        self.responses_unreliable = true;
+    }
+
+    /// An untyped startup-phase packet from the client.
+    pub fn on_startup(&mut self, m: &FrontendMessage<'_>, ts: i128, out: &mut Vec<Outcome>) {
+        match m {
+            FrontendMessage::Startup { params, .. } => {
+                self.phase = Phase::Authenticating;
+                self.startup_seen = true;
+                for (k, v) in params {
+                    let v = String::from_utf8_lossy(v);
+                    match *k {
+                        b"user" => self.meta.db_user = v.as_ref().into(),
+                        b"database" => self.meta.database = v.as_ref().into(),
+                        b"application_name" => self.meta.application_name = v.as_ref().into(),
+                        _ => {}
+                    }
+                }
+                if self.meta.database.is_empty() {
+                    self.meta.database = self.meta.db_user.clone();
+                }
+                out.push(Outcome::SessionStarted { ts_ns: ts });
+            }
+            FrontendMessage::SslRequest => self.phase = Phase::NegotiatingEncryption { gss: false },
+            FrontendMessage::GssEncRequest => {
+                self.phase = Phase::NegotiatingEncryption { gss: true }
+            }
+            FrontendMessage::CancelRequest { .. } => self.phase = Phase::CancelRequest,
+            _ => {}
+        }
+    }
+
+    /// The server's one-byte answer to an encryption request: 'S' (TLS), 'G' (GSSAPI) or
+    /// 'N' (refused: the client goes on in plaintext with a startup packet).
+    pub fn on_encryption_reply(&mut self, reply: u8) {
+        self.phase = match reply {
+            b'S' => {
+                self.meta.tls = true;
+                Phase::Encrypted { gss: false }
+            }
+            b'G' => Phase::Encrypted { gss: true },
+            _ => Phase::Startup,
+        };
+    }
+
+    /// The connection's bytes are TLS records from the start of what is seen.
+    pub fn assume_tls(&mut self) {
+        self.meta.tls = true;
+        self.phase = Phase::Encrypted { gss: false };
+    }
+
+    /// Plaintext starts: with the startup packet (`from_startup`), or in the middle of the
+    /// conversation (matched from the next request on).
+    pub fn begin_plaintext(&mut self, from_startup: bool) {
+        self.meta.tls = true;
+        if from_startup {
+            self.phase = Phase::Startup;
+        } else {
+            self.phase = Phase::Ready;
+            self.responses_unreliable = true;
+        }
+    }
+
+    /// A typed message from the client.
+    pub fn on_frontend(
+        &mut self,
+        m: FrontendMessage<'_>,
+        ts: i128,
+        analyzer: &mut Analyzer,
+        out: &mut Vec<Outcome>,
+    ) {
+        // A request after a gap: from here on responses match requests again. Clients wait
+        // for answers before sending more (or pipeline from here on): the requests lost in
+        // the gap are answered by now, so matching starts over.
+        let is_request = matches!(
+            m,
+            FrontendMessage::Query { .. }
+                | FrontendMessage::Parse { .. }
+                | FrontendMessage::Bind { .. }
+                | FrontendMessage::Execute { .. }
+                | FrontendMessage::Sync
+                | FrontendMessage::FunctionCall { .. }
+        );
+        if is_request && self.responses_unreliable {
+            self.responses_unreliable = false;
+            self.pending.clear();
+        }
+        match m {
+            FrontendMessage::Query { sql } => {
+                let whole = String::from_utf8_lossy(sql).into_owned();
+                let statements = split_statements(&whole)
+                    .into_iter()
+                    .map(|s| {
+                        let analysis = analyzer.analyze(&s);
+                        SimpleStatement {
+                            sql: s.into(),
+                            analysis,
+                        }
+                    })
+                    .collect();
+                self.pending.push_back(Pending::Simple {
+                    statements,
+                    whole,
+                    started_ns: ts,
+                    rows: 0,
+                    columns: None,
+                });
+            }
+            FrontendMessage::Parse {
+                name,
+                sql,
+                param_types,
+            } => {
+                let name = String::from_utf8_lossy(name).into_owned();
+                let sql = String::from_utf8_lossy(sql);
+                let statement = Arc::new(PreparedStatement {
+                    name: name.as_str().into(),
+                    analysis: analyzer.analyze(&sql),
+                    sql: sql.as_ref().into(),
+                    declared_types: param_types.iter().collect(),
+                    description: OnceLock::new(),
+                });
+                let replaced = self.prepared.insert(name, statement.clone());
+                self.pending.push_back(Pending::Parse {
+                    statement,
+                    replaced,
+                });
+            }
+            FrontendMessage::Bind {
+                portal,
+                statement,
+                param_formats,
+                params,
+                result_formats,
+            } => {
+                let portal = String::from_utf8_lossy(portal).into_owned();
+                let name = String::from_utf8_lossy(statement);
+                let statement = self.prepared.get(name.as_ref()).cloned();
+                let statement_name = match &statement {
+                    Some(p) => p.name.clone(),
+                    None => name.as_ref().into(),
+                };
+                let replaced = self.portals.insert(
+                    portal.clone(),
+                    Portal {
+                        statement_name,
+                        statement,
+                        params: Arc::new(BoundParams::of(param_formats, params)),
+                        result_formats: result_formats.iter().collect(),
+                        columns: None,
+                        rows_so_far: 0,
+                        started_ns: None,
+                    },
+                );
+                if let Some(old) = replaced {
+                    // A portal left suspended at its row limit ends here.
+                    self.finish_suspended(old, ts, out);
+                }
+                self.pending.push_back(Pending::Bind { portal });
+            }
+            FrontendMessage::Describe { target, name } => {
+                let name = String::from_utf8_lossy(name).into_owned();
+                let statement = match target {
+                    Target::Statement => self.prepared.get(&name).cloned(),
+                    Target::Portal => None,
+                };
+                self.pending.push_back(Pending::Describe {
+                    target,
+                    name,
+                    statement,
+                    param_types: None,
+                });
+            }
+            FrontendMessage::Execute { portal, .. } => {
+                let portal = String::from_utf8_lossy(portal).into_owned();
+                let p = match self.portals.get_mut(&portal) {
+                    Some(p) => {
+                        let taken = p.clone();
+                        // A suspended portal resumes in this Execute: it is recorded when
+                        // this one ends, not again when the portal goes away.
+                        p.started_ns = None;
+                        p.rows_so_far = 0;
+                        taken
+                    }
+                    None => Portal::unknown(),
+                };
+                let started_ns = p.started_ns.unwrap_or(ts);
+                self.pending.push_back(Pending::Execute {
+                    portal_name: portal,
+                    portal: p,
+                    started_ns,
+                    rows: 0,
+                });
+            }
+            FrontendMessage::Close { target, name } => {
+                let name = String::from_utf8_lossy(name);
+                if target == Target::Statement {
+                    self.prepared.remove(name.as_ref());
+                } else if let Some(old) = self.portals.remove(name.as_ref()) {
+                    self.finish_suspended(old, ts, out);
+                }
+            }
+            FrontendMessage::Sync => self.pending.push_back(Pending::Sync),
+            FrontendMessage::FunctionCall { oid, .. } => {
+                self.pending.push_back(Pending::FunctionCall {
+                    oid,
+                    started_ns: ts,
+                })
+            }
+            FrontendMessage::Terminate => self.phase = Phase::Terminated,
+            // Startup-phase and COPY sub-protocol messages, Flush: no queue entry.
+            _ => {}
+        }
+    }
+
+    /// A typed message from the server.
+    pub fn on_backend(&mut self, m: BackendMessage<'_>, ts: i128, out: &mut Vec<Outcome>) {
+        match &m {
+            BackendMessage::ParameterStatus { name, value } => {
+                if *name == b"application_name" {
+                    self.meta.application_name = String::from_utf8_lossy(value).as_ref().into();
+                }
+                return;
+            }
+            BackendMessage::NoticeResponse(_) | BackendMessage::NotificationResponse { .. } => {
+                return
+            }
+            BackendMessage::ErrorResponse(e) if self.phase == Phase::Authenticating => {
+                self.startup_error = Some(e.summary());
+                return;
+            }
+            BackendMessage::ReadyForQuery { status } if self.phase == Phase::Authenticating => {
+                self.phase = Phase::Ready;
+                self.transaction = *status;
+                return;
+            }
+            _ => {}
+        }
+        if self.responses_unreliable {
+            self.counters.unmatched_responses += 1;
+            return;
+        }
+        match m {
+            BackendMessage::ParseComplete => {
+                self.pop_front_matching(|p| matches!(p, Pending::Parse { .. }))
+            }
+            BackendMessage::BindComplete => {
+                self.pop_front_matching(|p| matches!(p, Pending::Bind { .. }))
+            }
+            BackendMessage::ParameterDescription(oids) => match self.pending.front_mut() {
+                Some(Pending::Describe {
+                    target: Target::Statement,
+                    param_types,
+                    ..
+                }) => *param_types = Some(oids.iter().collect()),
+                _ => self.counters.unmatched_responses += 1,
+            },
+            BackendMessage::RowDescription(fields) => {
+                let columns = columns_of(&fields);
+                match self.pending.front_mut() {
+                    Some(Pending::Simple { columns: c, .. }) => *c = Some(columns),
+                    Some(Pending::Describe { .. }) => self.described(Some(columns)),
+                    _ => self.counters.unmatched_responses += 1,
+                }
+            }
+            BackendMessage::NoData => match self.pending.front() {
+                Some(Pending::Describe { .. }) => self.described(None),
+                _ => self.counters.unmatched_responses += 1,
+            },
+            BackendMessage::DataRow(_) => match self
+                .pending
+                .iter_mut()
+                .find(|p| matches!(p, Pending::Simple { .. } | Pending::Execute { .. }))
+            {
+                Some(Pending::Simple { rows, .. }) | Some(Pending::Execute { rows, .. }) => {
+                    *rows += 1
+                }
+                _ => self.counters.unmatched_responses += 1,
+            },
+            BackendMessage::CommandComplete { tag } => {
+                self.complete(Some(&String::from_utf8_lossy(tag)), None, ts, out)
+            }
+            BackendMessage::EmptyQueryResponse => self.complete(None, None, ts, out),
+            BackendMessage::ErrorResponse(e) => self.complete(None, Some(e.summary()), ts, out),
+            BackendMessage::PortalSuspended => self.suspended(ts, out),
+            BackendMessage::FunctionCallResponse { .. } => {
+                if let Some(Pending::FunctionCall { oid, started_ns }) = self.pending.front() {
+                    out.push(Outcome::FunctionCall {
+                        oid: *oid,
+                        error: None,
+                        started_ns: *started_ns,
+                        ended_ns: ts,
+                    });
+                }
+            }
+            BackendMessage::ReadyForQuery { status } => {
+                self.transaction = status;
+                // Ends one Sync, simple Query or FunctionCall, with everything before it.
+                while let Some(p) = self.pending.pop_front() {
+                    if matches!(
+                        p,
+                        Pending::Sync | Pending::Simple { .. } | Pending::FunctionCall { .. }
+                    ) {
+                        break;
+                    }
+                }
+                if status == b'I' {
+                    // Transaction over: every portal is gone (prepared statements stay).
+                    self.end_portals(ts, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A Describe is answered (RowDescription or NoData): the statement or portal keeps
+    /// its columns.
+    fn described(&mut self, columns: Option<Arc<[Column]>>) {
+        let Some(Pending::Describe {
+            target,
+            name,
+            statement,
+            param_types,
+        }) = self.pending.pop_front()
+        else {
+            return;
+        };
+        match target {
+            Target::Statement => {
+                if let Some(s) = statement {
+                    let _ = s.description.set(Description {
+                        param_types: param_types.unwrap_or_else(|| Arc::from([])),
+                        columns,
+                    });
+                }
+            }
+            Target::Portal => {
+                if let Some(p) = self.portals.get_mut(&name) {
+                    p.columns = columns;
+                }
+            }
+        }
+    }
+
+    fn pop_front_matching(&mut self, is: impl Fn(&Pending) -> bool) {
+        if self.pending.front().is_some_and(is) {
+            self.pending.pop_front();
+        } else {
+            self.counters.unmatched_responses += 1;
+        }
+    }
+
+    /// Pops Parse/Bind/Describe entries ahead of the first Execute and returns that Execute.
+    fn pop_until_execute(&mut self) -> Option<Pending> {
+        while let Some(front) = self.pending.front() {
+            match front {
+                Pending::Parse { .. } | Pending::Bind { .. } | Pending::Describe { .. } => {
+                    self.pending.pop_front();
+                }
+                Pending::Execute { .. } => return self.pending.pop_front(),
+                _ => return None,
+            }
+        }
+        None
+    }
+
+    /// The portal stopped at its row limit. A later Execute of the same portal resumes it:
+    /// carry the rows and the start time to it (already queued when pipelined); otherwise
+    /// keep them with the portal until it is resumed or goes away (then the execution is
+    /// recorded as it stands).
+    fn suspended(&mut self, ts: i128, out: &mut Vec<Outcome>) {
+        let Some(Pending::Execute {
+            portal_name,
+            mut portal,
+            started_ns,
+            rows,
+        }) = self.pop_until_execute()
+        else {
+            return;
+        };
+        let carried = portal.rows_so_far + rows;
+        let mut rebound = false;
+        let mut queued = None;
+        for p in self.pending.iter_mut() {
+            match p {
+                Pending::Bind { portal: n } if *n == portal_name => {
+                    rebound = true;
+                    break;
+                }
+                Pending::Execute {
+                    portal_name: n,
+                    portal: q,
+                    started_ns: s,
+                    ..
+                } if *n == portal_name => {
+                    queued = Some((q, s));
+                    break;
+                }
+                _ => {}
+            }
+        }
+        portal.rows_so_far = carried;
+        portal.started_ns = Some(started_ns);
+        match queued {
+            Some((next, next_start)) => {
+                next.rows_so_far = carried;
+                *next_start = started_ns;
+            }
+            // A new portal of that name is already bound: this one is over.
+            None if rebound => self.finish_suspended(portal, ts, out),
+            None => {
+                if let Some(old) = self.portals.insert(portal_name, portal) {
+                    self.finish_suspended(old, ts, out);
+                }
+            }
+        }
+    }
+
+    fn extended(portal: Portal, result: StatementResult, started: i128, ended: i128) -> Outcome {
+        Outcome::Statement(StatementOutcome {
+            protocol: Protocol::Extended,
+            text: match &portal.statement {
+                Some(s) => StatementText::Known {
+                    sql: s.sql.clone(),
+                    analysis: s.analysis.clone(),
+                },
+                None => StatementText::PreparedBeforeCapture,
+            },
+            prepared_name: portal.statement_name,
+            params: Some(portal.params),
+            result,
+            started_ns: started,
+            ended_ns: ended,
+        })
+    }
+
+    /// CommandComplete, EmptyQueryResponse or ErrorResponse: ends one statement.
+    fn complete(
+        &mut self,
+        tag: Option<&str>,
+        error: Option<ErrorFields>,
+        ts: i128,
+        out: &mut Vec<Outcome>,
+    ) {
+        let Some(front) = self.pending.front_mut() else {
+            self.counters.unmatched_responses += 1;
+            return;
+        };
+        match front {
+            Pending::Simple {
+                statements,
+                whole,
+                started_ns,
+                rows,
+                columns,
+            } => {
+                let st = statements.pop_front();
+                let data_rows = std::mem::take(rows);
+                *columns = None;
+                let start = *started_ns;
+                *started_ns = ts;
+                if tag.is_none() && error.is_none() {
+                    return; // empty query
+                }
+                if error.is_some() {
+                    // The rest of the string is not executed.
+                    statements.clear();
+                }
+                let text = match st {
+                    Some(s) => StatementText::Known {
+                        sql: s.sql,
+                        analysis: s.analysis,
+                    },
+                    None => StatementText::Unsplit {
+                        whole: whole.clone(),
+                    },
+                };
+                out.push(Outcome::Statement(StatementOutcome {
+                    protocol: Protocol::Simple,
+                    text,
+                    prepared_name: Text::default(),
+                    params: None,
+                    result: match (tag, error) {
+                        (_, Some(error)) => StatementResult::Failed {
+                            error,
+                            before_execute: false,
+                        },
+                        (Some(tag), None) => StatementResult::Completed {
+                            rows: rows_of(tag, data_rows, 0),
+                            tag: tag.to_string(),
+                        },
+                        (None, None) => unreachable!("empty queries returned above"),
+                    },
+                    started_ns: start,
+                    ended_ns: ts,
+                }));
+            }
+            Pending::Parse { .. }
+            | Pending::Bind { .. }
+            | Pending::Describe { .. }
+            | Pending::Execute { .. } => {
+                if let Some(e) = error {
+                    self.fail_extended(e, ts, out);
+                    return;
+                }
+                let Some(Pending::Execute {
+                    portal,
+                    started_ns,
+                    rows,
+                    ..
+                }) = self.pop_until_execute()
+                else {
+                    self.counters.unmatched_responses += 1;
+                    return;
+                };
+                let Some(tag) = tag else {
+                    return; // empty query
+                };
+                let result = StatementResult::Completed {
+                    rows: rows_of(tag, rows, portal.rows_so_far),
+                    tag: tag.to_string(),
+                };
+                out.push(Self::extended(portal, result, started_ns, ts));
+            }
+            Pending::FunctionCall { oid, started_ns } => match error {
+                Some(e) => out.push(Outcome::FunctionCall {
+                    oid: *oid,
+                    error: Some(e),
+                    started_ns: *started_ns,
+                    ended_ns: ts,
+                }),
+                None => self.counters.unmatched_responses += 1,
+            },
+            // An error at Sync (a deferred constraint at implicit commit).
+            Pending::Sync => self.counters.unmatched_responses += 1,
+        }
+    }
+
+    /// An error in the extended protocol: it belongs to the statement being prepared,
+    /// bound or executed; the server skips everything after it until Sync. A statement
+    /// that failed while being prepared or bound (never executed) keeps its text and is
+    /// flagged `before_execute`; Parses that failed or were skipped did not create their
+    /// statements, so the names keep what the server still has.
+    fn fail_extended(&mut self, e: ErrorFields, ts: i128, out: &mut Vec<Outcome>) {
+        let mut victim: Option<(Portal, i128)> = None;
+        let mut failed_parse: Option<Arc<PreparedStatement>> = None;
+        let mut undone: Vec<(Arc<PreparedStatement>, Option<Arc<PreparedStatement>>)> = Vec::new();
+        let mut before_execute = true;
+        let mut first = true;
+        while let Some(front) = self.pending.front() {
+            if matches!(front, Pending::Sync) {
+                break;
+            }
+            match self.pending.pop_front().expect("front exists") {
+                Pending::Parse {
+                    statement,
+                    replaced,
+                } => {
+                    if first {
+                        failed_parse = Some(statement.clone());
+                    }
+                    undone.push((statement, replaced));
+                }
+                Pending::Execute {
+                    portal, started_ns, ..
+                } => {
+                    if first {
+                        before_execute = false;
+                    }
+                    if victim.is_none() {
+                        victim = Some((portal, started_ns));
+                    }
+                }
+                _ => {}
+            }
+            first = false;
+        }
+        for (statement, replaced) in undone.into_iter().rev() {
+            let name = statement.name.to_string();
+            if !self
+                .prepared
+                .get(&name)
+                .is_some_and(|current| Arc::ptr_eq(current, &statement))
+            {
+                continue;
+            }
+            match replaced {
+                // The unnamed statement is dropped before a new one is parsed.
+                Some(old) if !name.is_empty() => {
+                    self.prepared.insert(name, old);
+                }
+                _ => {
+                    self.prepared.remove(&name);
+                }
+            }
+        }
+        let (portal, start) = match (failed_parse, victim) {
+            (Some(failed), Some((p, start)))
+                if p.statement
+                    .as_ref()
+                    .is_some_and(|bound| Arc::ptr_eq(bound, &failed)) =>
+            {
+                (p, start)
+            }
+            (Some(failed), _) => (
+                Portal {
+                    statement_name: failed.name.clone(),
+                    statement: Some(failed),
+                    ..Portal::unknown()
+                },
+                ts,
+            ),
+            (None, Some((p, start))) => (p, start),
+            (None, None) => (Portal::unknown(), ts),
+        };
+        let result = StatementResult::Failed {
+            error: e,
+            before_execute,
+        };
+        out.push(Self::extended(portal, result, start, ts));
+    }
+
+    /// Every portal is gone (the transaction or the session ended).
+    fn end_portals(&mut self, ts: i128, out: &mut Vec<Outcome>) {
+        if self.portals.values().all(|p| p.started_ns.is_none()) {
+            self.portals.clear(); // (keeps the map's allocation)
+            return;
+        }
+        let suspended: Vec<Portal> = self
+            .portals
+            .drain()
+            .map(|(_, p)| p)
+            .filter(|p| p.started_ns.is_some())
+            .collect();
+        for portal in suspended {
+            self.finish_suspended(portal, ts, out);
+        }
+    }
+
+    /// The execution of a portal that stopped at its row limit (PortalSuspended) and was
+    /// not run to completion: it ends unresumed when the portal goes away (Close, a Bind
+    /// reusing its name, the end of the transaction, the end of the session).
+    fn finish_suspended(&mut self, portal: Portal, ts: i128, out: &mut Vec<Outcome>) {
+        let Some(start) = portal.started_ns else {
+            return;
+        };
+        let rows = portal.rows_so_far;
+        out.push(Self::extended(
+            portal,
+            StatementResult::Suspended { rows },
+            start,
+            ts,
+        ));
+    }
+
+    /// The connection ended: requests that never got an answer, and portals left
+    /// suspended.
+    pub fn abandon(&mut self, ts: i128, out: &mut Vec<Outcome>) {
+        self.end_portals(ts, out);
+        while let Some(p) = self.pending.pop_front() {
+            match p {
+                Pending::Simple {
+                    statements,
+                    started_ns,
+                    ..
+                } => {
+                    for s in statements {
+                        out.push(Outcome::Statement(StatementOutcome {
+                            protocol: Protocol::Simple,
+                            text: StatementText::Known {
+                                sql: s.sql,
+                                analysis: s.analysis,
+                            },
+                            prepared_name: Text::default(),
+                            params: None,
+                            result: StatementResult::NoResponse,
+                            started_ns,
+                            ended_ns: ts,
+                        }));
+                    }
+                }
+                Pending::Execute {
+                    portal, started_ns, ..
+                } => out.push(Self::extended(
+                    portal,
+                    StatementResult::NoResponse,
+                    started_ns,
+                    ts,
+                )),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Rows of a completed statement: the tag's count, else the DataRows seen (if any), plus
+/// rows of earlier Executes of the same portal (a tag counts only the last one).
+fn rows_of(tag: &str, data_rows: u64, prior_rows: u64) -> Option<u64> {
+    rows_of_tag(tag)
+        .or((data_rows > 0).then_some(data_rows))
+        .map(|r| r + prior_rows)
+}
+
+/// The command of a completed statement's tag ("INSERT 0 5" -> "INSERT").
+pub fn command_of(tag: &str) -> String {
+    backend::command_of_tag(tag)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::{backend, frontend, tokenizer::frame};
+
+    /// Feeds one encoded stream of typed messages from a direction.
+    fn feed(c: &mut Conversation, from_client: bool, stream: &[u8], out: &mut Vec<Outcome>) {
+        let mut analyzer = Analyzer::default();
+        let mut at = 0;
+        while at < stream.len() {
+            let tag = stream[at];
+            let len = u32::from_be_bytes(stream[at + 1..at + 5].try_into().unwrap()) as usize;
+            let body = &stream[at + 5..at + 1 + len];
+            if from_client {
+                c.on_frontend(frontend::decode(tag, body).unwrap(), 0, &mut analyzer, out);
+            } else {
+                c.on_backend(backend::decode(tag, body).unwrap(), 0, out);
+            }
+            at += 1 + len;
+        }
+    }
+
+    fn cstr(s: &str) -> Vec<u8> {
+        let mut v = s.as_bytes().to_vec();
+        v.push(0);
+        v
+    }
+
+    fn row_description(cols: &[(&str, u32, i16, u32)]) -> Vec<u8> {
+        let mut b = (cols.len() as u16).to_be_bytes().to_vec();
+        for (name, table, attnum, type_oid) in cols {
+            b.extend(cstr(name));
+            b.extend(table.to_be_bytes());
+            b.extend(attnum.to_be_bytes());
+            b.extend(type_oid.to_be_bytes());
+            b.extend((-1i16).to_be_bytes());
+            b.extend((-1i32).to_be_bytes());
+            b.extend(0i16.to_be_bytes());
+        }
+        frame(b'T', &b)
+    }
+
+    fn ready() -> Conversation {
+        let mut c = Conversation::new();
+        let mut out = Vec::new();
+        let startup = FrontendMessage::Startup {
+            protocol: crate::pg::PROTOCOL_3_0,
+            params: vec![(b"user", b"app"), (b"database", b"shop")],
+        };
+        c.on_startup(&startup, 0, &mut out);
+        assert_eq!(c.phase(), Phase::Authenticating);
+        feed(&mut c, false, &frame(b'Z', b"I"), &mut out);
+        assert_eq!(c.phase(), Phase::Ready);
+        assert_eq!(&*c.meta.database, "shop");
+        c
+    }
+
+    #[test]
+    fn statement_described_once_serves_later_executes_without_describe() {
+        // pgjdbc: Parse + Describe + Sync once, then Bind (binary results) + Execute only.
+        let mut c = ready();
+        let mut out = Vec::new();
+        let mut client = frame(
+            b'P',
+            &[
+                cstr("S_1"),
+                cstr("select email, id from users where id = $1"),
+                vec![0, 1, 0, 0, 0, 23],
+            ]
+            .concat(),
+        );
+        client.extend(frame(b'D', b"SS_1\0"));
+        client.extend(frame(b'S', b""));
+        feed(&mut c, true, &client, &mut out);
+        let mut server = frame(b'1', b"");
+        server.extend(frame(b't', b"\0\x01\0\0\0\x17"));
+        server.extend(row_description(&[
+            ("email", 16384, 2, 25),
+            ("id", 16384, 1, 20),
+        ]));
+        server.extend(frame(b'Z', b"I"));
+        feed(&mut c, false, &server, &mut out);
+        let s = c.statement("S_1").unwrap();
+        let d = s.description.get().unwrap();
+        assert_eq!(&*d.param_types, &[23]);
+        assert_eq!(d.columns.as_ref().unwrap().len(), 2);
+
+        let mut bind = [cstr(""), cstr("S_1")].concat();
+        bind.extend([0, 0, 0, 1, 0, 0, 0, 1, b'7', 0, 1, 0, 1]); // one text param "7"; results binary
+        let mut client = frame(b'B', &bind);
+        feed(&mut c, true, &client, &mut out);
+        // Before Execute is forwarded: which SQL, which columns, in which format.
+        let (sql, columns) = c.execute_target("").unwrap();
+        assert_eq!(&*sql, "select email, id from users where id = $1");
+        let columns = columns.unwrap();
+        assert_eq!(
+            columns
+                .iter()
+                .map(|c| (c.name.as_str(), c.table_oid, c.column, c.format))
+                .collect::<Vec<_>>(),
+            vec![("email", 16384, 2, 1), ("id", 16384, 1, 1)]
+        );
+        client = frame(b'E', b"\0\0\0\0\0");
+        client.extend(frame(b'S', b""));
+        feed(&mut c, true, &client, &mut out);
+        let mut server = frame(b'2', b"");
+        server.extend(frame(
+            b'D',
+            b"\0\x02\0\0\0\x01a\0\0\0\x08\0\0\0\0\0\0\0\x07",
+        ));
+        server.extend(frame(b'C', b"SELECT 1\0"));
+        server.extend(frame(b'Z', b"I"));
+        feed(&mut c, false, &server, &mut out);
+        let statements: Vec<_> = out
+            .iter()
+            .filter_map(|o| match o {
+                Outcome::Statement(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(statements.len(), 1);
+        let s = statements[0];
+        assert!(matches!(
+            &s.result,
+            StatementResult::Completed { rows: Some(1), .. }
+        ));
+        assert_eq!(&*s.prepared_name, "S_1");
+        let params = s.params.as_ref().unwrap();
+        assert_eq!(
+            params.values().iter().collect::<Vec<_>>(),
+            vec![Some(&b"7"[..])]
+        );
+        assert_eq!(c.counters.unmatched_responses, 0);
+    }
+
+    #[test]
+    fn portal_described_and_simple_query_columns() {
+        let mut c = ready();
+        let mut out = Vec::new();
+        let mut client = frame(
+            b'P',
+            &[cstr(""), cstr("select 1 as one"), vec![0, 0]].concat(),
+        );
+        client.extend(frame(
+            b'B',
+            &[cstr("p"), cstr(""), vec![0, 0, 0, 0, 0, 0]].concat(),
+        ));
+        client.extend(frame(b'D', b"Pp\0"));
+        feed(&mut c, true, &client, &mut out);
+        let mut server = frame(b'1', b"");
+        server.extend(frame(b'2', b""));
+        server.extend(row_description(&[("one", 0, 0, 23)]));
+        feed(&mut c, false, &server, &mut out);
+        let (_, columns) = c.execute_target("p").unwrap();
+        assert_eq!(columns.unwrap()[0].name, "one");
+        assert_eq!(c.counters.unmatched_responses, 0);
+        // A statement the conversation never saw prepared: no SQL to tell.
+        assert!(c.execute_target("nope").is_none());
+    }
+
+    #[test]
+    fn phases_through_encryption_and_termination() {
+        let mut c = Conversation::new();
+        let mut out = Vec::new();
+        c.on_startup(&FrontendMessage::SslRequest, 0, &mut out);
+        assert_eq!(c.phase(), Phase::NegotiatingEncryption { gss: false });
+        c.on_encryption_reply(b'N');
+        assert_eq!(c.phase(), Phase::Startup);
+        c.on_startup(&FrontendMessage::GssEncRequest, 0, &mut out);
+        c.on_encryption_reply(b'G');
+        assert_eq!(c.phase(), Phase::Encrypted { gss: true });
+        let mut c = Conversation::new();
+        c.on_startup(&FrontendMessage::SslRequest, 0, &mut out);
+        c.on_encryption_reply(b'S');
+        assert_eq!(c.phase(), Phase::Encrypted { gss: false });
+        assert!(c.meta.tls);
+        c.begin_plaintext(true);
+        assert_eq!(c.phase(), Phase::Startup);
+        let mut c = ready();
+        // A failed login keeps its error; the phase says startup never finished.
+        let mut f = Conversation::new();
+        f.on_startup(
+            &FrontendMessage::Startup {
+                protocol: crate::pg::PROTOCOL_3_0,
+                params: vec![(b"user", b"x")],
+            },
+            0,
+            &mut out,
+        );
+        feed(
+            &mut f,
+            false,
+            &frame(b'E', b"SFATAL\0C28P01\0Mpassword authentication failed\0\0"),
+            &mut out,
+        );
+        assert_eq!(f.startup_error.as_ref().unwrap().code, "28P01");
+        assert_eq!(f.phase(), Phase::Authenticating);
+        feed(&mut c, true, &frame(b'X', b""), &mut out);
+        assert_eq!(c.phase(), Phase::Terminated);
+    }
+}
