@@ -7,11 +7,7 @@
 //! seen decodes the protocol (the primary) and the other only adds its process identity,
 //! so every statement is recorded once, with both identities.
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv6Addr},
-    sync::Arc,
-};
+use std::net::{IpAddr, Ipv6Addr};
 
 use ahash::AHashMap as HashMap;
 use auditor_common::{
@@ -23,12 +19,12 @@ use crate::{
     audit::recorder::{Draft, RecordingPolicy},
     capture::session::Session,
     event::{format_ts, new_event_id, AuditEvent, EventKind, Labels, ProcessIdentity, Text},
-    identity::IdentityResolver,
     pg::{
         Direction, TokenizerLimits, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0,
         SSL_REQUEST_CODE,
     },
     sql::Analyzer,
+    workload::WorkloadResolver,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -172,7 +168,7 @@ pub struct Tracker {
     ends: HashMap<EndKey, End>,
     sessions: HashMap<ConnKey, SessionEntry>,
     analyzer: Analyzer,
-    identities: IdentityResolver,
+    workloads: WorkloadResolver,
     /// Wall clock minus monotonic clock, to turn kernel timestamps into UTC.
     wall_offset_ns: i128,
     pub counters: TrackerCounters,
@@ -259,7 +255,7 @@ impl Tracker {
             ends: HashMap::default(),
             sessions: HashMap::default(),
             analyzer: Analyzer::default(),
-            identities: IdentityResolver::new(),
+            workloads: WorkloadResolver::default(),
             wall_offset_ns: wall_offset_ns(),
             counters: TrackerCounters::default(),
             drafts: Vec::new(),
@@ -296,7 +292,7 @@ impl Tracker {
     }
 
     fn identity_of(&mut self, h: &RecordHeader) -> ProcessIdentity {
-        self.identities.resolve(
+        self.workloads.process(
             (h.pid_tgid >> 32) as u32,
             &comm_str(&h.comm),
             h.uid_gid as u32,
@@ -700,8 +696,11 @@ impl Tracker {
         finish(
             s,
             conn,
-            &self.cfg.host,
-            self.wall_offset_ns,
+            EventContext {
+                workloads: &self.workloads,
+                host: &self.cfg.host,
+                wall_offset: self.wall_offset_ns,
+            },
             &mut self.counters,
             drafts,
             out,
@@ -747,8 +746,11 @@ impl Tracker {
         finish(
             &mut s,
             conn,
-            &self.cfg.host,
-            self.wall_offset_ns,
+            EventContext {
+                workloads: &self.workloads,
+                host: &self.cfg.host,
+                wall_offset: self.wall_offset_ns,
+            },
             &mut self.counters,
             &mut drafts,
             out,
@@ -818,15 +820,27 @@ impl Tracker {
 }
 
 /// Fills in what a session draft lacks: ids, order, time, endpoints, identity.
+/// What every event of this host shares.
+struct EventContext<'t> {
+    workloads: &'t WorkloadResolver,
+    host: &'t Text,
+    /// Wall clock minus monotonic clock.
+    wall_offset: i128,
+}
+
 fn finish(
     s: &mut SessionEntry,
     conn: ConnKey,
-    host: &Text,
-    wall_offset: i128,
+    ctx: EventContext<'_>,
     counters: &mut TrackerCounters,
     drafts: &mut Vec<Draft>,
     out: &mut Vec<AuditEvent>,
 ) {
+    let EventContext {
+        workloads,
+        host,
+        wall_offset,
+    } = ctx;
     if drafts.is_empty() {
         return;
     }
@@ -864,7 +878,7 @@ fn finish(
         if let Some(id) = who {
             ev.apply_identity(id);
             if s.labels_of != (id.pid, id.cgroup_id) {
-                s.labels = Arc::new(labels_of(id));
+                s.labels = workloads.workload(id).labels;
                 s.labels_of = (id.pid, id.cgroup_id);
             }
             ev.labels = s.labels.clone();
@@ -928,28 +942,6 @@ fn tcp_tuple_alive(pid: u32, conn: &ConnKey) -> bool {
         }
     }
     false
-}
-
-/// Labels a policy can select on, derived from the process identity.
-pub fn labels_of(id: &ProcessIdentity) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::new();
-    labels.insert("process.comm".to_string(), id.comm.to_string());
-    if !id.exe.is_empty() {
-        labels.insert("process.exe".to_string(), id.exe.to_string());
-    }
-    if !id.systemd_unit.is_empty() {
-        labels.insert("systemd.unit".to_string(), id.systemd_unit.to_string());
-    }
-    if !id.container_id.is_empty() {
-        labels.insert("container.id".to_string(), id.container_id.to_string());
-    }
-    if !id.pod_uid.is_empty() {
-        labels.insert("k8s.pod.uid".to_string(), id.pod_uid.to_string());
-    }
-    if !id.cgroup_path.is_empty() {
-        labels.insert("cgroup.path".to_string(), id.cgroup_path.to_string());
-    }
-    labels
 }
 
 #[cfg(test)]

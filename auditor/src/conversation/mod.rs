@@ -109,31 +109,42 @@ pub struct PreparedStatement {
     pub description: OnceLock<Description>,
 }
 
-/// Values as a Bind carried them, kept as they came on the wire: the audit hashes or
-/// shows them, an approval binds them.
+/// What a Bind carried, kept as it came on the wire (one allocation: parameter formats,
+/// values, result formats): the audit hashes or shows the values, an approval binds them,
+/// masking reads the result formats.
 #[derive(Debug, Default)]
 pub struct BoundParams {
-    formats: Box<[u8]>,
+    raw: Box<[u8]>,
     count: u16,
-    values: Box<[u8]>,
+    values_at: usize,
+    results_at: usize,
 }
 
 impl BoundParams {
-    fn of(formats: I16s<'_>, values: Values<'_>) -> Self {
+    fn of(formats: I16s<'_>, values: Values<'_>, results: I16s<'_>) -> Self {
+        let raw = [formats.0, values.raw(), results.0]
+            .concat()
+            .into_boxed_slice();
         BoundParams {
-            formats: formats.0.into(),
+            raw,
             count: values.len() as u16,
-            values: values.raw().into(),
+            values_at: formats.0.len(),
+            results_at: formats.0.len() + values.raw().len(),
         }
     }
+    /// Parameter format codes.
     pub fn formats(&self) -> I16s<'_> {
-        I16s(&self.formats)
+        I16s(&self.raw[..self.values_at])
     }
     pub fn values(&self) -> Values<'_> {
         Values {
             count: self.count,
-            raw: &self.values,
+            raw: &self.raw[self.values_at..self.results_at],
         }
+    }
+    /// Result-column format codes.
+    pub fn result_formats(&self) -> I16s<'_> {
+        I16s(&self.raw[self.results_at..])
     }
 }
 
@@ -143,9 +154,8 @@ pub struct Portal {
     pub statement_name: Text,
     /// None when the statement was prepared before the conversation was seen.
     pub statement: Option<Arc<PreparedStatement>>,
+    /// Values and formats from Bind.
     pub params: Arc<BoundParams>,
-    /// Result format codes from Bind (see [`I16s::format_of`]).
-    pub result_formats: Arc<[i16]>,
     /// Columns, from a Describe of the portal or of its statement.
     pub columns: Option<Arc<[Column]>>,
     /// Rows from earlier Executes that stopped at their row limit.
@@ -160,7 +170,6 @@ impl Portal {
             statement_name: Text::default(),
             statement: None,
             params: Arc::default(),
-            result_formats: Arc::from([]),
             columns: None,
             rows_so_far: 0,
             started_ns: None,
@@ -169,11 +178,7 @@ impl Portal {
 
     /// The format each result column will be sent in.
     pub fn result_format_of(&self, column: usize) -> i16 {
-        match self.result_formats.len() {
-            0 => 0,
-            1 => self.result_formats[0],
-            _ => self.result_formats.get(column).copied().unwrap_or(0),
-        }
+        self.params.result_formats().format_of(column)
     }
 }
 
@@ -541,8 +546,7 @@ impl Conversation {
                     Portal {
                         statement_name,
                         statement,
-                        params: Arc::new(BoundParams::of(param_formats, params)),
-                        result_formats: result_formats.iter().collect(),
+                        params: Arc::new(BoundParams::of(param_formats, params, result_formats)),
                         columns: None,
                         rows_so_far: 0,
                         started_ns: None,

@@ -15,14 +15,15 @@
 use std::{
     io::Write as _,
     sync::{
-        atomic::{AtomicU64, Ordering},
-        mpsc, Arc, Condvar, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc, Arc, Mutex,
     },
     time::{Duration, Instant},
 };
 
 use clickhouse::{Client, Row};
 use serde::Serialize;
+use tokio::sync::Notify;
 
 use crate::{
     config::{ClickHouseConfig, WhenSpoolFull},
@@ -542,7 +543,8 @@ pub struct ClickHouseSink {
     tx: Option<mpsc::SyncSender<Vec<AuditEvent>>>,
     spooler: Option<std::thread::JoinHandle<()>>,
     sender: Option<std::thread::JoinHandle<()>>,
-    stop: Arc<(Mutex<bool>, Condvar)>,
+    stop: Arc<AtomicBool>,
+    wake: Arc<Notify>,
     pub shared: Arc<Shared>,
 }
 
@@ -555,8 +557,10 @@ impl ClickHouseSink {
         let client = client(cfg)?;
         let spool = Arc::new(Mutex::new(Spool::open(spool_dir, 64 << 20)?));
         let shared = Arc::new(Shared::default());
-        let stop = Arc::new((Mutex::new(false), Condvar::new()));
-        let wake = Arc::new((Mutex::new(0u64), Condvar::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        // The spool thread wakes the sender when it appended events (a permit is kept if
+        // the sender is busy, so no wake-up is lost).
+        let wake = Arc::new(Notify::new());
         let (tx, rx) = mpsc::sync_channel::<Vec<AuditEvent>>(256);
 
         let spooler = {
@@ -574,6 +578,7 @@ impl ClickHouseSink {
             let cfg = cfg.clone();
             let shared = shared.clone();
             let stop = stop.clone();
+            let wake = wake.clone();
             std::thread::Builder::new()
                 .name("ch-send".into())
                 .spawn(move || {
@@ -596,6 +601,7 @@ impl ClickHouseSink {
             spooler: Some(spooler),
             sender: Some(sender),
             stop,
+            wake,
             shared,
         })
     }
@@ -618,11 +624,8 @@ impl ClickHouseSink {
         while Instant::now() < deadline && self.shared.spool_bytes.load(Ordering::Relaxed) > 0 {
             std::thread::sleep(Duration::from_millis(50));
         }
-        {
-            let (lock, cv) = &*self.stop;
-            *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
-            cv.notify_all();
-        }
+        self.stop.store(true, Ordering::Release);
+        self.wake.notify_one();
         if let Some(h) = self.sender.take() {
             let _ = h.join();
         }
@@ -633,7 +636,7 @@ fn spool_loop(
     rx: mpsc::Receiver<Vec<AuditEvent>>,
     spool: Arc<Mutex<Spool>>,
     shared: Arc<Shared>,
-    wake: Arc<(Mutex<u64>, Condvar)>,
+    wake: Arc<Notify>,
     max_bytes: u64,
     policy: WhenSpoolFull,
 ) {
@@ -698,11 +701,7 @@ fn spool_loop(
             .spool_bytes
             .store(s.pending_bytes(), Ordering::Relaxed);
         drop(s);
-        let (lock, cv) = &*wake;
-        if let Ok(mut n) = lock.lock() {
-            *n += 1;
-        }
-        cv.notify_all();
+        wake.notify_one();
     }
     if let Ok(mut s) = spool.lock() {
         let _ = s.sync();
@@ -740,10 +739,13 @@ async fn send_loop(
     client: Client,
     spool: Arc<Mutex<Spool>>,
     shared: Arc<Shared>,
-    wake: Arc<(Mutex<u64>, Condvar)>,
-    stop: Arc<(Mutex<bool>, Condvar)>,
+    wake: Arc<Notify>,
+    stop: Arc<AtomicBool>,
 ) {
-    let stopped = || *stop.0.lock().unwrap_or_else(|e| e.into_inner());
+    // Spool reads and commits are file I/O under a lock shared with the spool thread: they
+    // run on the blocking pool, never on this runtime's thread (which drives the HTTP
+    // connection), and the loop waits for new events on `wake`, not on a std Condvar.
+    let stopped = || stop.load(Ordering::Acquire);
     let mut backoff = Duration::from_millis(200);
     let mut failing = false;
     let mut last_error = String::new();
@@ -779,19 +781,36 @@ async fn send_loop(
         let mut inserter = make_inserter(&client, &cfg, features);
         // Everything before `acked` is in ClickHouse; the inserter holds what follows, up
         // to `written`.
-        let mut acked = spool.lock().map(|s| s.cursor()).unwrap_or_default();
+        let mut acked = {
+            let spool = spool.clone();
+            blocking(move || spool.lock().map(|s| s.cursor()).unwrap_or_default())
+                .await
+                .unwrap_or_default()
+        };
         let mut written: Position = acked;
         let mut written_rows = 0u64;
         let mut scratch = Vec::new();
         loop {
             let read = {
-                let Ok(mut s) = spool.lock() else { return };
-                let before = s.counters.corruptions;
-                let r = s.read_from(written, 10_000, cfg.batch_bytes);
-                shared
-                    .corrupt
-                    .fetch_add(s.counters.corruptions - before, Ordering::Relaxed);
-                r
+                let (spool, shared, max_bytes) = (spool.clone(), shared.clone(), cfg.batch_bytes);
+                let read = blocking(move || {
+                    let Ok(mut s) = spool.lock() else {
+                        return None;
+                    };
+                    let before = s.counters.corruptions;
+                    let r = s.read_from(written, 10_000, max_bytes);
+                    shared
+                        .corrupt
+                        .fetch_add(s.counters.corruptions - before, Ordering::Relaxed);
+                    Some(r)
+                })
+                .await;
+                match read {
+                    Some(Some(r)) => r,
+                    // The spool's lock was poisoned (its thread panicked) or the blocking
+                    // pool is gone: nothing more can be delivered.
+                    _ => return,
+                }
             };
             let (records, next) = match read {
                 Ok(r) => r,
@@ -827,14 +846,16 @@ async fn send_loop(
                     Ok(_) if inserter.pending_rows() == 0 && written != acked => {
                         // Acknowledged: everything written so far is in ClickHouse.
                         acked = written;
-                        if let Ok(mut s) = spool.lock() {
-                            if let Err(e) = s.commit(acked) {
-                                tracing::error!("clickhouse spool: {e}");
+                        let (spool, sh) = (spool.clone(), shared.clone());
+                        blocking(move || {
+                            if let Ok(mut s) = spool.lock() {
+                                if let Err(e) = s.commit(acked) {
+                                    tracing::error!("clickhouse spool: {e}");
+                                }
+                                sh.spool_bytes.store(s.pending_bytes(), Ordering::Relaxed);
                             }
-                            shared
-                                .spool_bytes
-                                .store(s.pending_bytes(), Ordering::Relaxed);
-                        }
+                        })
+                        .await;
                         shared.inserted.fetch_add(written_rows, Ordering::Relaxed);
                         written_rows = 0;
                         refusals = 0;
@@ -861,7 +882,8 @@ async fn send_loop(
                 report(&shared, &e, &mut failing, &mut last_error);
                 if refusals >= MAX_REFUSALS {
                     refusals = 0;
-                    set_aside(&spool, acked, &cfg, &shared);
+                    let (spool, cfg, sh) = (spool.clone(), cfg.clone(), shared.clone());
+                    blocking(move || set_aside(&spool, acked, &cfg, &sh)).await;
                 }
                 if stopped() {
                     break 'connect;
@@ -874,13 +896,18 @@ async fn send_loop(
                 if stopped() {
                     break 'connect;
                 }
-                let (lock, cv) = &*wake;
-                let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-                let _ = cv.wait_timeout(guard, Duration::from_millis(100));
+                // New events, a stop, or the batch period (the inserter's own timer).
+                let _ = tokio::time::timeout(Duration::from_millis(100), wake.notified()).await;
             }
         }
     }
     shared.connected.store(0, Ordering::Relaxed);
+}
+
+/// Runs blocking work (spool file I/O) on the runtime's blocking pool; None if it could
+/// not run to the end (the runtime is shutting down, or the work panicked).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    tokio::task::spawn_blocking(f).await.ok()
 }
 
 /// Moves the batch at `from` out of the way: its records go to `spool/rejected/` as JSON
