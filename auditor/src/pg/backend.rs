@@ -188,11 +188,9 @@ pub enum BackendMessage<'a> {
 }
 
 fn copy_response<'a>(r: &mut Reader<'a>) -> Result<CopyResponse<'a>, ProtocolError> {
-    let format = r.u8("missing format")?;
-    let n = r.u16("missing column count")? as usize;
     Ok(CopyResponse {
-        format,
-        column_formats: I16s(r.array(n, 2, "truncated column formats")?),
+        format: r.u8("missing format")?,
+        column_formats: r.counted_i16s("truncated column formats")?,
     })
 }
 
@@ -255,13 +253,7 @@ pub fn decode(tag: u8, body: &[u8]) -> Result<BackendMessage<'_>, ProtocolError>
             fr.finish()?;
             BackendMessage::RowDescription(Fields { count, raw: start })
         }
-        b'D' => {
-            let count = r.u16("missing column count")?;
-            BackendMessage::DataRow(Values {
-                count,
-                raw: r.values(count as usize, "truncated column value")?,
-            })
-        }
+        b'D' => BackendMessage::DataRow(r.counted_values("truncated column value")?),
         b'C' => BackendMessage::CommandComplete {
             tag: r.cstr("unterminated command tag")?,
         },
@@ -272,10 +264,7 @@ pub fn decode(tag: u8, body: &[u8]) -> Result<BackendMessage<'_>, ProtocolError>
         b'2' => BackendMessage::BindComplete,
         b'3' => BackendMessage::CloseComplete,
         b'n' => BackendMessage::NoData,
-        b't' => {
-            let n = r.u16("missing parameter count")? as usize;
-            BackendMessage::ParameterDescription(Oids(r.array(n, 4, "truncated type oids")?))
-        }
+        b't' => BackendMessage::ParameterDescription(r.counted_oids("truncated type oids")?),
         b's' => BackendMessage::PortalSuspended,
         b'G' => BackendMessage::CopyInResponse(copy_response(&mut r)?),
         b'H' => BackendMessage::CopyOutResponse(copy_response(&mut r)?),

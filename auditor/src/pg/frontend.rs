@@ -135,34 +135,19 @@ pub fn decode(tag: u8, body: &[u8]) -> Result<FrontendMessage<'_>, ProtocolError
             sql: r.cstr("unterminated query")?,
         },
         b'P' => {
-            let name = r.cstr("unterminated statement name")?;
-            let sql = r.cstr("unterminated query")?;
-            let n = r.u16("missing parameter type count")? as usize;
             FrontendMessage::Parse {
-                name,
-                sql,
-                param_types: Oids(r.array(n, 4, "truncated parameter types")?),
+                name: r.cstr("unterminated statement name")?,
+                sql: r.cstr("unterminated query")?,
+                param_types: r.counted_oids("truncated parameter types")?,
             }
         }
-        b'B' => {
-            let portal = r.cstr("unterminated portal name")?;
-            let statement = r.cstr("unterminated statement name")?;
-            let nf = r.u16("missing format count")? as usize;
-            let param_formats = I16s(r.array(nf, 2, "truncated parameter formats")?);
-            let np = r.u16("missing parameter count")?;
-            let params = Values {
-                count: np,
-                raw: r.values(np as usize, "truncated parameter values")?,
-            };
-            let nr = r.u16("missing result format count")? as usize;
-            FrontendMessage::Bind {
-                portal,
-                statement,
-                param_formats,
-                params,
-                result_formats: I16s(r.array(nr, 2, "truncated result formats")?),
-            }
-        }
+        b'B' => FrontendMessage::Bind {
+            portal: r.cstr("unterminated portal name")?,
+            statement: r.cstr("unterminated statement name")?,
+            param_formats: r.counted_i16s("truncated parameter formats")?,
+            params: r.counted_values("truncated parameter values")?,
+            result_formats: r.counted_i16s("truncated result formats")?,
+        },
         b'D' => FrontendMessage::Describe {
             target: Target::decode(&mut r)?,
             name: r.cstr("unterminated name")?,
@@ -182,22 +167,12 @@ pub fn decode(tag: u8, body: &[u8]) -> Result<FrontendMessage<'_>, ProtocolError
         b'f' => FrontendMessage::CopyFail {
             message: r.cstr("unterminated message")?,
         },
-        b'F' => {
-            let oid = r.u32("missing function oid")?;
-            let nf = r.u16("missing format count")? as usize;
-            let arg_formats = I16s(r.array(nf, 2, "truncated argument formats")?);
-            let na = r.u16("missing argument count")?;
-            let args = Values {
-                count: na,
-                raw: r.values(na as usize, "truncated arguments")?,
-            };
-            FrontendMessage::FunctionCall {
-                oid,
-                arg_formats,
-                args,
-                result_format: r.i16("missing result format")?,
-            }
-        }
+        b'F' => FrontendMessage::FunctionCall {
+            oid: r.u32("missing function oid")?,
+            arg_formats: r.counted_i16s("truncated argument formats")?,
+            args: r.counted_values("truncated arguments")?,
+            result_format: r.i16("missing result format")?,
+        },
         b'X' => FrontendMessage::Terminate,
         b'p' => FrontendMessage::AuthResponse(Secret(r.rest())),
         other => return Err(ProtocolError::UnknownTag(other)),

@@ -101,6 +101,30 @@ impl<'a> Reader<'a> {
         Ok(&start[..used])
     }
 
+    /// An Int16 count, then that many Int16 format codes.
+    pub(crate) fn counted_i16s(&mut self, what: &'static str) -> Result<I16s<'a>, ProtocolError> {
+        let n = self.u16(what)? as usize;
+        Ok(I16s(self.array(n, 2, what)?))
+    }
+
+    /// An Int16 count, then that many UInt32 OIDs.
+    pub(crate) fn counted_oids(&mut self, what: &'static str) -> Result<Oids<'a>, ProtocolError> {
+        let n = self.u16(what)? as usize;
+        Ok(Oids(self.array(n, 4, what)?))
+    }
+
+    /// An Int16 count, then that many length-prefixed values.
+    pub(crate) fn counted_values(
+        &mut self,
+        what: &'static str,
+    ) -> Result<Values<'a>, ProtocolError> {
+        let count = self.u16(what)?;
+        Ok(Values {
+            count,
+            raw: self.values(count as usize, what)?,
+        })
+    }
+
     pub(crate) fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.buf)
     }
