@@ -354,3 +354,209 @@ impl Session {
         self.drain_outcomes(out);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Session behaviour on byte streams (no kernel records): what the conversation and
+    //! the recorder make of what both ends sent.
+    use super::*;
+    use crate::{event::AuditEvent, pg::tokenizer::frame as msg};
+
+    struct Fed {
+        session: Session,
+        analyzer: Analyzer,
+        ts: i128,
+    }
+
+    fn feed(c: &mut Fed, direction: Direction, bytes: &[u8]) -> Vec<AuditEvent> {
+        let mut drafts = Vec::new();
+        c.ts += 1_000;
+        c.session
+            .push(direction, bytes, true, c.ts, &mut c.analyzer, &mut drafts);
+        drafts.into_iter().map(|d| d.event).collect()
+    }
+
+    fn startup() -> Vec<u8> {
+        let body = b"\0\x03\0\0user\0alice\0database\0shop\0\0";
+        let mut m = (body.len() as u32 + 4).to_be_bytes().to_vec();
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn error(code: &str, message: &str) -> Vec<u8> {
+        let body = format!("SERROR\0C{code}\0M{message}\0\0");
+        msg(b'E', body.as_bytes())
+    }
+
+    fn parse(name: &str, sql: &str) -> Vec<u8> {
+        msg(b'P', format!("{name}\0{sql}\0\0\0").as_bytes())
+    }
+
+    fn bind_execute_sync(name: &str) -> Vec<u8> {
+        let mut m = msg(b'B', format!("\0{name}\0\0\0\0\0\0\0").as_bytes());
+        m.extend(msg(b'E', b"\0\0\0\0\0"));
+        m.extend(msg(b'S', b""));
+        m
+    }
+
+    /// A session past its startup and authentication.
+    fn logged_in_client() -> (Fed, Vec<AuditEvent>) {
+        let mut c = Fed {
+            session: Session::new(
+                RecordingPolicy::default(),
+                TokenizerLimits::default(),
+                false,
+            ),
+            analyzer: Analyzer::default(),
+            ts: 0,
+        };
+        let mut out = feed(&mut c, Direction::ToServer, &startup());
+        let mut ok = msg(b'R', &0u32.to_be_bytes());
+        ok.extend(msg(b'Z', b"I"));
+        out.extend(feed(&mut c, Direction::ToClient, &ok));
+        (c, out)
+    }
+
+    #[test]
+    fn failed_parse_keeps_its_text_and_the_name_keeps_the_old_statement() {
+        let (mut c, mut out) = logged_in_client();
+        let ready = msg(b'Z', b"I");
+        // S1 prepared (as asyncpg and pgjdbc do: Parse, Describe, Sync).
+        let mut m = parse("S1", "SELECT 1");
+        m.extend(msg(b'S', b""));
+        out.extend(feed(&mut c, Direction::ToServer, &m));
+        let mut r = msg(b'1', b"");
+        r.extend(ready.clone());
+        out.extend(feed(&mut c, Direction::ToClient, &r));
+        // The same name again: refused; the server keeps the first S1.
+        let mut m = parse("S1", "SELECT * FROM payroll");
+        m.extend(msg(b'S', b""));
+        out.extend(feed(&mut c, Direction::ToServer, &m));
+        let mut r = error("42P05", "prepared statement \"S1\" already exists");
+        r.extend(ready.clone());
+        out.extend(feed(&mut c, Direction::ToClient, &r));
+        // S1 executed: it is the first text.
+        out.extend(feed(&mut c, Direction::ToServer, &bind_execute_sync("S1")));
+        let mut r = msg(b'2', b"");
+        r.extend(msg(b'C', b"SELECT 1\0"));
+        r.extend(ready.clone());
+        out.extend(feed(&mut c, Direction::ToClient, &r));
+        // Parse, Bind, Execute, Sync in one batch; the Parse fails, the rest is skipped.
+        let mut m = parse("", "SELECT * FROM missing");
+        m.extend(bind_execute_sync(""));
+        out.extend(feed(&mut c, Direction::ToServer, &m));
+        let mut r = error("42P01", "relation \"missing\" does not exist");
+        r.extend(ready.clone());
+        out.extend(feed(&mut c, Direction::ToClient, &r));
+
+        let st: Vec<&AuditEvent> = out.iter().filter(|e| &*e.kind == "statement").collect();
+        assert_eq!(st.len(), 3, "{out:#?}");
+        assert_eq!(&*st[0].statement, "SELECT * FROM payroll");
+        assert_eq!(&*st[0].error_code, "42P05");
+        assert_eq!(st[0].flags, ["failed_before_execute"]);
+        assert_eq!(
+            &*st[1].statement, "SELECT $1",
+            "the server's S1, not the refused one"
+        );
+        assert!(
+            st[1].error_code.is_empty() && st[1].flags.is_empty(),
+            "{:#?}",
+            st[1]
+        );
+        assert_eq!(&*st[2].statement, "SELECT * FROM missing");
+        assert_eq!(&*st[2].error_code, "42P01");
+        assert_eq!(st[2].flags, ["failed_before_execute"]);
+    }
+
+    fn execute(portal: &str, max_rows: u32) -> Vec<u8> {
+        let mut body = format!("{portal}\0").into_bytes();
+        body.extend_from_slice(&max_rows.to_be_bytes());
+        msg(b'E', &body)
+    }
+
+    fn bind(portal: &str, statement: &str) -> Vec<u8> {
+        msg(
+            b'B',
+            format!("{portal}\0{statement}\0\0\0\0\0\0\0").as_bytes(),
+        )
+    }
+
+    #[test]
+    fn portal_stopped_at_its_row_limit_is_recorded_once() {
+        let (mut c, mut out) = logged_in_client();
+        let row = msg(b'D', b"\0\x01\0\0\0\x011");
+        let sync = msg(b'S', b"");
+        // asyncpg's fetchval: one row asked for, never resumed; Sync ends the transaction.
+        let mut m = parse("", "SELECT name FROM t WHERE id = $1");
+        m.extend(bind("", ""));
+        m.extend(execute("", 1));
+        m.extend(sync.clone());
+        out.extend(feed(&mut c, Direction::ToServer, &m));
+        let (parsed, bound, suspended) = (msg(b'1', b""), msg(b'2', b""), msg(b's', b""));
+        let idle = msg(b'Z', b"I");
+        let r = [&parsed, &bound, &row, &suspended, &idle].map(|m| &m[..]);
+        out.extend(feed(&mut c, Direction::ToClient, &r.concat()));
+        // In a transaction: a cursor-like portal fetched 1 row at a time, then to the end.
+        out.extend(feed(&mut c, Direction::ToServer, &msg(b'Q', b"BEGIN\0")));
+        let mut r = msg(b'C', b"BEGIN\0");
+        r.extend(msg(b'Z', b"T"));
+        out.extend(feed(&mut c, Direction::ToClient, &r));
+        let mut m = parse("big", "SELECT * FROM generate_series(1, 3)");
+        m.extend(bind("cur", "big"));
+        m.extend(execute("cur", 1));
+        m.extend(sync.clone());
+        out.extend(feed(&mut c, Direction::ToServer, &m));
+        let in_tx = msg(b'Z', b"T");
+        let r = [&parsed, &bound, &row, &suspended, &in_tx].map(|m| &m[..]);
+        out.extend(feed(&mut c, Direction::ToClient, &r.concat()));
+        let mut m = execute("cur", 0);
+        m.extend(sync.clone());
+        out.extend(feed(&mut c, Direction::ToServer, &m));
+        let mut r = row.clone();
+        r.extend(row.clone());
+        r.extend(msg(b'C', b"SELECT 2\0"));
+        r.extend(msg(b'Z', b"T"));
+        out.extend(feed(&mut c, Direction::ToClient, &r));
+        // A second cursor left suspended, then closed.
+        let mut m = bind("cur2", "big");
+        m.extend(execute("cur2", 1));
+        m.extend(sync.clone());
+        out.extend(feed(&mut c, Direction::ToServer, &m));
+        let r = [&bound, &row, &suspended, &in_tx].map(|m| &m[..]);
+        out.extend(feed(&mut c, Direction::ToClient, &r.concat()));
+        let mut m = msg(b'C', b"Pcur2\0");
+        m.extend(sync.clone());
+        out.extend(feed(&mut c, Direction::ToServer, &m));
+        out.extend(feed(&mut c, Direction::ToServer, &msg(b'Q', b"COMMIT\0")));
+        let mut r = msg(b'3', b"");
+        r.extend(msg(b'Z', b"T"));
+        r.extend(msg(b'C', b"COMMIT\0"));
+        r.extend(msg(b'Z', b"I"));
+        out.extend(feed(&mut c, Direction::ToClient, &r));
+
+        let st: Vec<&AuditEvent> = out.iter().filter(|e| &*e.kind == "statement").collect();
+        let summary: Vec<(&str, Option<u64>, Vec<String>)> = st
+            .iter()
+            .map(|e| (&*e.statement, e.rows, e.flags.clone()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (
+                    "SELECT name FROM t WHERE id = $1",
+                    Some(1),
+                    vec!["portal_suspended".to_string()]
+                ),
+                ("BEGIN", None, vec![]),
+                ("SELECT * FROM generate_series($1, $2)", Some(3), vec![]),
+                (
+                    "SELECT * FROM generate_series($1, $2)",
+                    Some(1),
+                    vec!["portal_suspended".to_string()]
+                ),
+                ("COMMIT", None, vec![]),
+            ],
+            "{out:#?}"
+        );
+    }
+}

@@ -134,13 +134,11 @@ pub fn decode(tag: u8, body: &[u8]) -> Result<FrontendMessage<'_>, ProtocolError
         b'Q' => FrontendMessage::Query {
             sql: r.cstr("unterminated query")?,
         },
-        b'P' => {
-            FrontendMessage::Parse {
-                name: r.cstr("unterminated statement name")?,
-                sql: r.cstr("unterminated query")?,
-                param_types: r.counted_oids("truncated parameter types")?,
-            }
-        }
+        b'P' => FrontendMessage::Parse {
+            name: r.cstr("unterminated statement name")?,
+            sql: r.cstr("unterminated query")?,
+            param_types: r.counted_oids("truncated parameter types")?,
+        },
         b'B' => FrontendMessage::Bind {
             portal: r.cstr("unterminated portal name")?,
             statement: r.cstr("unterminated statement name")?,
