@@ -19,7 +19,7 @@ use ahash::AHashMap as HashMap;
 use crate::{
     event::Text,
     pg::{
-        backend::{self, rows_of_tag, BackendMessage, ErrorFields, Fields},
+        backend::{self, rows_of_tag, BackendMessage, ErrorFields, Field, Fields},
         frontend::{FrontendMessage, Target},
         wire::{I16s, Values},
     },
@@ -58,18 +58,9 @@ pub struct SessionMeta {
     pub tls: bool,
 }
 
-/// A result column, as RowDescription gave it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Column {
-    pub name: String,
-    pub table_oid: u32,
-    pub column: i16,
-    pub type_oid: u32,
-    pub type_size: i16,
-    pub type_modifier: i32,
-    /// 0 text, 1 binary: in a statement's description always 0 (formats are chosen at Bind).
-    pub format: i16,
-}
+/// A result column, as RowDescription gave it, its name owned. (In a statement's
+/// description the format is always 0: formats are chosen at Bind.)
+pub type Column = Field<String>;
 
 fn columns_of(fields: &Fields<'_>) -> Arc<[Column]> {
     fields

@@ -14,10 +14,12 @@ pub struct Fields<'a> {
 }
 
 /// One result column: its table OID and column number tie it to a table column (0 for an
-/// expression); its type and format say how its values are encoded.
+/// expression); its type and format say how its values are encoded. `N` is how the name is
+/// held: borrowed from the message ([`FieldDescription`]) or owned (the conversation's
+/// `Column`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FieldDescription<'a> {
-    pub name: &'a [u8],
+pub struct Field<N> {
+    pub name: N,
     pub table_oid: u32,
     pub column: i16,
     pub type_oid: u32,
@@ -26,6 +28,9 @@ pub struct FieldDescription<'a> {
     /// 0 text, 1 binary.
     pub format: i16,
 }
+
+/// A column as a RowDescription carries it, its name borrowed.
+pub type FieldDescription<'a> = Field<&'a [u8]>;
 
 const FIELD_FIXED: usize = 18;
 
@@ -43,7 +48,7 @@ impl<'a> Fields<'a> {
             let name = &rest[..nul];
             let f = rest.get(nul + 1..nul + 1 + FIELD_FIXED)?;
             rest = &rest[nul + 1 + FIELD_FIXED..];
-            Some(FieldDescription {
+            Some(Field {
                 name,
                 table_oid: u32::from_be_bytes([f[0], f[1], f[2], f[3]]),
                 column: i16::from_be_bytes([f[4], f[5]]),
