@@ -9,10 +9,10 @@ use sha2::Sha256;
 
 use crate::{
     conversation::{
-        command_of, BoundParams, Outcome, Protocol, StatementOutcome, StatementResult,
-        StatementText,
+        BoundParams, Outcome, Protocol, StatementOutcome, StatementResult, StatementText,
     },
     event::{AuditEvent, EventKind, Text},
+    pg::backend::command_of_tag,
     sql::redact_literals,
 };
 
@@ -148,7 +148,7 @@ impl Recorder {
         }
         match s.result {
             StatementResult::Completed { tag, rows } => {
-                let cmd = command_of(&tag);
+                let cmd = command_of_tag(&tag);
                 if !cmd.is_empty() && (ev.command.is_empty() || &*ev.command == "TRANSACTION") {
                     ev.command = cmd.into();
                 }

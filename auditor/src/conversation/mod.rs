@@ -19,7 +19,7 @@ use ahash::AHashMap as HashMap;
 use crate::{
     event::Text,
     pg::{
-        backend::{self, rows_of_tag, BackendMessage, ErrorFields, Field, Fields},
+        backend::{rows_of_tag, BackendMessage, ErrorFields, Field, Fields},
         frontend::{FrontendMessage, Target},
         wire::{I16s, Values},
     },
@@ -1090,11 +1090,6 @@ fn rows_of(tag: &str, data_rows: u64, prior_rows: u64) -> Option<u64> {
     rows_of_tag(tag)
         .or((data_rows > 0).then_some(data_rows))
         .map(|r| r + prior_rows)
-}
-
-/// The command of a completed statement's tag ("INSERT 0 5" -> "INSERT").
-pub fn command_of(tag: &str) -> String {
-    backend::command_of_tag(tag)
 }
 
 #[cfg(test)]
