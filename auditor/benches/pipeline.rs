@@ -11,9 +11,9 @@ use std::{collections::BTreeMap, hint::black_box, path::PathBuf};
 use auditor::{
     audit::recorder::RecordingPolicy,
     capture::session::Session,
-    event::AuditEvent,
+    audit::event::{new_event_id, AuditEvent},
     pg::{Direction, TokenizerLimits},
-    sink::local::LocalLog,
+    sink::{local::LocalLog, Sink},
     sql::Analyzer,
 };
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -81,8 +81,8 @@ fn benches(c: &mut Criterion) {
         .iter()
         .map(|d| {
             let mut ev = d.event.clone();
-            ev.event_id = auditor::event::new_event_id();
-            ev.session_id = auditor::event::new_event_id().into();
+            ev.event_id = new_event_id();
+            ev.session_id = new_event_id().into();
             ev.host = "bench-host".into();
             ev.comm = "pgbench".into();
             ev.exe = "/usr/lib/postgresql/15/bin/pgbench".into();
@@ -105,8 +105,7 @@ fn benches(c: &mut Criterion) {
     group.bench_function("local-log", |b| {
         b.iter(|| {
             for ev in &batch {
-                let mut ev = ev.clone();
-                log.append(&mut ev).expect("append");
+                log.append(ev).expect("append");
             }
             log.flush().expect("flush");
         })
@@ -125,7 +124,7 @@ fn benches(c: &mut Criterion) {
             database: "auditor_bench".into(),
             ..Default::default()
         };
-        let sink = auditor::sink::clickhouse::ClickHouseSink::start(&cfg, spool_dir.path())
+        let mut sink = auditor::sink::clickhouse::ClickHouseSink::start(&cfg, spool_dir.path())
             .expect("clickhouse sink");
         sizes.insert(
             "sink/clickhouse".into(),
@@ -143,9 +142,9 @@ fn benches(c: &mut Criterion) {
                     for chunk in events.chunks(1000) {
                         let mut batch = chunk.to_vec();
                         for ev in batch.iter_mut() {
-                            ev.event_id = auditor::event::new_event_id();
+                            ev.event_id = new_event_id();
                         }
-                        sink.send(batch);
+                        sink.send(&std::sync::Arc::new(batch)).expect("send");
                     }
                     while sink.shared.counters().inserted < target {
                         std::thread::sleep(std::time::Duration::from_millis(1));
@@ -156,7 +155,9 @@ fn benches(c: &mut Criterion) {
             })
         });
         group.finish();
-        sink.finish(std::time::Duration::from_secs(5));
+        Box::new(sink)
+            .finish(std::time::Duration::from_secs(5))
+            .expect("finish");
     }
 
     if let Some(parent) = sizes_path().parent() {

@@ -9,8 +9,8 @@ use std::{
 };
 
 use crate::{
+    audit::event::{AuditEvent, EventKind, Flags},
     daemon::Stats,
-    event::AuditEvent,
     sink::local::{log_files, verify, Verdict},
 };
 
@@ -44,8 +44,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
     }
 }
 
-/// Every event in the log, oldest first. Lines that do not parse are skipped and counted.
-pub fn read_events(dir: &Path, mut f: impl FnMut(AuditEvent)) -> Result<u64, CliError> {
+/// Every event in the log, oldest first, with its line. Lines that do not parse are
+/// skipped and counted.
+pub fn read_events(dir: &Path, mut f: impl FnMut(AuditEvent, &str)) -> Result<u64, CliError> {
     let files = log_files(dir)?;
     if files.is_empty() {
         return Err(CliError::NoLog(dir.to_path_buf()));
@@ -56,7 +57,7 @@ pub fn read_events(dir: &Path, mut f: impl FnMut(AuditEvent)) -> Result<u64, Cli
         for line in BufReader::new(file).lines() {
             let line = line.map_err(io(&path))?;
             match serde_json::from_str::<AuditEvent>(&line) {
-                Ok(ev) => f(ev),
+                Ok(ev) => f(ev, &line),
                 Err(_) => bad += 1,
             }
         }
@@ -85,10 +86,11 @@ pub fn format_event(ev: &AuditEvent) -> String {
     let flags = if ev.flags.is_empty() {
         String::new()
     } else {
-        format!(" [{}]", ev.flags.join(","))
+        format!(" [{}]", ev.flags.names().collect::<Vec<_>>().join(","))
     };
-    match &*ev.kind {
-        "statement" => {
+    let ts = ev.ts.to_string();
+    match ev.kind {
+        EventKind::Statement => {
             let outcome = if !ev.error_code.is_empty() {
                 format!("ERROR {} {}", ev.error_code, ev.error_message)
             } else {
@@ -99,8 +101,8 @@ pub fn format_event(ev: &AuditEvent) -> String {
             };
             format!(
                 "{} {:<13} {} {} {} {:.3}ms {} | {}{}",
-                short_ts(&ev.ts),
-                ev.kind,
+                short_ts(&ts),
+                ev.kind.as_str(),
                 who,
                 db,
                 if ev.command.is_empty() {
@@ -114,19 +116,19 @@ pub fn format_event(ev: &AuditEvent) -> String {
                 flags
             )
         }
-        "gap" => format!(
+        EventKind::Gap => format!(
             "{} {:<13} {} {} {}{}",
-            short_ts(&ev.ts),
-            ev.kind,
+            short_ts(&ts),
+            ev.kind.as_str(),
             who,
             db,
             ev.statement,
             flags
         ),
-        _ => format!(
+        EventKind::SessionStart | EventKind::SessionEnd => format!(
             "{} {:<13} {} {} app={} {}:{} -> {}:{}{}{}{}",
-            short_ts(&ev.ts),
-            ev.kind,
+            short_ts(&ts),
+            ev.kind.as_str(),
             who,
             db,
             ev.application_name,
@@ -145,9 +147,15 @@ pub fn format_event(ev: &AuditEvent) -> String {
     }
 }
 
-fn print_event(out: &mut impl Write, ev: &AuditEvent, json: bool) -> std::io::Result<()> {
+/// An event as read (`--json` prints its line as logged, chain fields included).
+fn print_event(
+    out: &mut impl Write,
+    ev: &AuditEvent,
+    line: &str,
+    json: bool,
+) -> std::io::Result<()> {
     if json {
-        writeln!(out, "{}", serde_json::to_string(ev).unwrap_or_default())
+        writeln!(out, "{}", line.trim_end())
     } else {
         writeln!(out, "{}", format_event(ev))
     }
@@ -169,15 +177,15 @@ pub fn tail(dir: &Path, last: usize, json: bool, follow: bool) -> Result<(), Cli
     // The last `last` events across files.
     let mut ring = std::collections::VecDeque::with_capacity(last + 1);
     if last > 0 {
-        read_events(dir, |ev| {
-            ring.push_back(ev);
+        read_events(dir, |ev, line| {
+            ring.push_back((ev, line.to_string()));
             if ring.len() > last {
                 ring.pop_front();
             }
         })?;
     }
-    for ev in &ring {
-        let _ = print_event(&mut out, ev, json);
+    for (ev, line) in &ring {
+        let _ = print_event(&mut out, ev, line, json);
     }
     let _ = out.flush();
     if !follow {
@@ -209,7 +217,7 @@ pub fn tail(dir: &Path, last: usize, json: bool, follow: bool) -> Result<(), Cli
             continue; // the writer is mid-line
         }
         if let Ok(ev) = serde_json::from_str::<AuditEvent>(partial.trim_end()) {
-            if print_event(&mut out, &ev, json).is_err() {
+            if print_event(&mut out, &ev, &partial, json).is_err() {
                 return Ok(()); // stdout closed (piped into head)
             }
         }
@@ -229,21 +237,21 @@ struct SessionSummary {
     errors: u64,
     gaps: u64,
     ended: bool,
-    flags: Vec<String>,
+    flags: Flags,
 }
 
 pub fn sessions(dir: &Path, limit: usize) -> Result<(), CliError> {
     let mut by_id: BTreeMap<String, SessionSummary> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
-    read_events(dir, |ev| {
+    read_events(dir, |ev, _| {
         let s = by_id.entry(ev.session_id.to_string()).or_insert_with(|| {
             order.push(ev.session_id.to_string());
             SessionSummary {
-                first_ts: ev.ts.clone(),
+                first_ts: ev.ts.to_string(),
                 ..SessionSummary::default()
             }
         });
-        s.last_ts = ev.ts.clone();
+        s.last_ts = ev.ts.to_string();
         s.who = format!("{}[{}] {}", ev.comm, ev.pid, ev.cgroup_path);
         s.db = format!("{}@{}", ev.db_user, ev.database);
         s.app = ev.application_name.to_string();
@@ -251,23 +259,16 @@ pub fn sessions(dir: &Path, limit: usize) -> Result<(), CliError> {
             "{}:{} -> {}:{}",
             ev.client_addr, ev.client_port, ev.server_addr, ev.server_port
         );
-        match &*ev.kind {
-            "statement" => {
+        match ev.kind {
+            EventKind::Statement => {
                 s.statements += 1;
                 if !ev.error_code.is_empty() {
                     s.errors += 1;
                 }
             }
-            "gap" => s.gaps += 1,
-            "session_end" => s.ended = true,
-            "session_start" => {
-                for f in &ev.flags {
-                    if !s.flags.contains(f) {
-                        s.flags.push(f.clone());
-                    }
-                }
-            }
-            _ => {}
+            EventKind::Gap => s.gaps += 1,
+            EventKind::SessionEnd => s.ended = true,
+            EventKind::SessionStart => s.flags |= ev.flags,
         }
     })?;
     let stdout = std::io::stdout();
@@ -291,7 +292,7 @@ pub fn sessions(dir: &Path, limit: usize) -> Result<(), CliError> {
             if s.flags.is_empty() {
                 String::new()
             } else {
-                format!("  [{}]", s.flags.join(","))
+                format!("  [{}]", s.flags.names().collect::<Vec<_>>().join(","))
             }
         );
     }
@@ -302,11 +303,11 @@ pub fn show(dir: &Path, session: &str, json: bool) -> Result<(), CliError> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut found = 0;
-    read_events(dir, |ev| {
+    read_events(dir, |ev, line| {
         if &*ev.session_id == session || (session.len() >= 8 && ev.session_id.starts_with(session))
         {
             found += 1;
-            let _ = print_event(&mut out, &ev, json);
+            let _ = print_event(&mut out, &ev, line, json);
         }
     })?;
     if found == 0 {

@@ -8,6 +8,11 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::sink::{
+    clickhouse::{ClickHouseConfig, WhenSpoolFull},
+    local::LocalLogConfig,
+};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading config {path}: {source}")]
@@ -47,24 +52,6 @@ pub struct Recording {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct LocalLogConfig {
-    /// Write the hash-chained JSON Lines log under `state_dir/log`. Default: true.
-    pub enabled: bool,
-    /// Start a new file past this size. Default: 100 MiB.
-    pub rotate_bytes: u64,
-}
-
-impl Default for LocalLogConfig {
-    fn default() -> Self {
-        LocalLogConfig {
-            enabled: true,
-            rotate_bytes: 100 << 20,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
 pub struct CaptureConfig {
     /// Size of the kernel ring buffer (a power of two, at least 64 KiB). Default: 64 MiB.
     pub ring_buffer_bytes: u32,
@@ -95,81 +82,6 @@ impl Default for CaptureConfig {
             nice: -5,
             drain_every_ms: 10,
         }
-    }
-}
-
-/// What to do when the ClickHouse spool reaches its size limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WhenSpoolFull {
-    /// Stop taking events until ClickHouse catches up: capture waits, the kernel ring
-    /// buffer fills, and what it cannot hold is recorded as gaps.
-    Block,
-    /// Drop new events and record how many in a `gap` event once there is room again.
-    Drop,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ClickHouseConfig {
-    /// Send events to ClickHouse. Default: false.
-    pub enabled: bool,
-    /// HTTP interface of the server. Default: http://127.0.0.1:8123.
-    pub url: String,
-    /// Database (created if missing). Default: auditor.
-    pub database: String,
-    /// Default: default.
-    pub user: String,
-    /// The password itself (prefer password_file or password_env).
-    pub password: Option<String>,
-    /// A file whose first line is the password.
-    pub password_file: Option<PathBuf>,
-    /// An environment variable holding the password.
-    pub password_env: Option<String>,
-    /// Days of events kept (a TTL, where the server supports it); 0 keeps them forever.
-    pub retention_days: u32,
-    /// An insert is sent after this many rows, bytes or milliseconds, whichever first.
-    pub batch_rows: u64,
-    pub batch_bytes: u64,
-    pub batch_period_ms: u64,
-    /// Events not yet in ClickHouse wait in `state_dir/spool`, up to this many bytes.
-    pub spool_max_bytes: u64,
-    /// block (default) or drop, when the spool is full.
-    pub when_spool_full: WhenSpoolFull,
-}
-
-impl Default for ClickHouseConfig {
-    fn default() -> Self {
-        ClickHouseConfig {
-            enabled: false,
-            url: "http://127.0.0.1:8123".into(),
-            database: "auditor".into(),
-            user: "default".into(),
-            password: None,
-            password_file: None,
-            password_env: None,
-            retention_days: 0,
-            batch_rows: 100_000,
-            batch_bytes: 64 << 20,
-            batch_period_ms: 1000,
-            spool_max_bytes: 4 << 30,
-            when_spool_full: WhenSpoolFull::Block,
-        }
-    }
-}
-
-impl ClickHouseConfig {
-    /// The password from wherever it is configured (empty if nowhere).
-    pub fn resolve_password(&self) -> Result<String, String> {
-        if let Some(p) = &self.password_file {
-            let text = std::fs::read_to_string(p)
-                .map_err(|e| format!("password_file {}: {e}", p.display()))?;
-            return Ok(text.lines().next().unwrap_or("").to_string());
-        }
-        if let Some(var) = &self.password_env {
-            return std::env::var(var).map_err(|_| format!("password_env: ${var} is not set"));
-        }
-        Ok(self.password.clone().unwrap_or_default())
     }
 }
 
@@ -273,55 +185,12 @@ impl Config {
                 format!("{} must be between -20 and 19", self.capture.nice),
             ));
         }
-        if self.local_log.rotate_bytes < 4096 {
-            return Err(invalid(
-                "local_log.rotate_bytes",
-                "must be at least 4096".into(),
-            ));
-        }
-        let ch = &self.clickhouse;
-        if ch.enabled {
-            if !(ch.url.starts_with("http://") || ch.url.starts_with("https://")) {
-                return Err(invalid(
-                    "clickhouse.url",
-                    format!("{} must start with http:// or https://", ch.url),
-                ));
-            }
-            if ch.database.is_empty()
-                || !ch
-                    .database
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
-            {
-                return Err(invalid(
-                    "clickhouse.database",
-                    format!("{:?} must be letters, digits and _", ch.database),
-                ));
-            }
-            let set = [
-                ch.password.is_some(),
-                ch.password_file.is_some(),
-                ch.password_env.is_some(),
-            ];
-            if set.iter().filter(|&&b| b).count() > 1 {
-                return Err(invalid(
-                    "clickhouse.password",
-                    "give one of password, password_file, password_env".into(),
-                ));
-            }
-            if ch.batch_rows == 0 || ch.batch_bytes == 0 || ch.batch_period_ms == 0 {
-                return Err(invalid(
-                    "clickhouse.batch_*",
-                    "batch_rows, batch_bytes and batch_period_ms must be positive".into(),
-                ));
-            }
-            if ch.spool_max_bytes < (16 << 20) {
-                return Err(invalid(
-                    "clickhouse.spool_max_bytes",
-                    "must be at least 16 MiB".into(),
-                ));
-            }
-        }
+        self.local_log
+            .validate()
+            .map_err(|(field, problem)| invalid(&format!("local_log.{field}"), problem))?;
+        self.clickhouse
+            .validate()
+            .map_err(|(field, problem)| invalid(&format!("clickhouse.{field}"), problem))?;
         if !self.state_dir.is_absolute() {
             return Err(invalid(
                 "state_dir",

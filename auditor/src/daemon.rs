@@ -7,10 +7,7 @@
 use std::{
     io::Write,
     path::Path,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        mpsc, Arc,
-    },
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -18,18 +15,15 @@ use auditor_common::RECORD_FILE;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    audit::event::{AuditEvent, Timestamp},
     audit::recorder::RecordingPolicy,
     capture::{
         tls::{self, TlsCounters, TlsFinder},
         Capture, CaptureError, KernelCounters,
     },
     config::Config,
-    event::AuditEvent,
     pg::TokenizerLimits,
-    sink::{
-        clickhouse::{ClickHouseCounters, ClickHouseSink},
-        local::{LocalLog, LocalLogError},
-    },
+    sink::{self, clickhouse::ClickHouseCounters, Health, SinkError, SinkThread},
     tracker::{Record, Tracker, TrackerConfig, TrackerCounters},
 };
 
@@ -37,10 +31,8 @@ use crate::{
 pub enum DaemonError {
     #[error(transparent)]
     Capture(#[from] CaptureError),
-    #[error(transparent)]
-    Log(#[from] LocalLogError),
-    #[error(transparent)]
-    ClickHouse(#[from] crate::sink::clickhouse::ClickHouseError),
+    #[error("{0}")]
+    Sink(SinkError),
     #[error("state directory {path}: {source}")]
     State {
         path: String,
@@ -85,6 +77,9 @@ pub struct Stats {
     pub tls: TlsCounters,
     /// The TLS libraries hooked so far.
     pub tls_libraries: Vec<String>,
+    /// Each sink's health, by name.
+    pub sinks: std::collections::BTreeMap<String, Health>,
+    /// The ClickHouse sink's counters (also under `sinks`), when it runs.
     pub clickhouse: Option<ClickHouseCounters>,
 }
 
@@ -113,6 +108,13 @@ fn param_key(state_dir: &Path) -> Result<Vec<u8>, DaemonError> {
     Ok(key)
 }
 
+fn sinks_health(board: &sink::HealthBoard) -> std::collections::BTreeMap<String, Health> {
+    board
+        .lock()
+        .map(|b| b.iter().map(|(k, v)| (k.to_string(), v.clone())).collect())
+        .unwrap_or_default()
+}
+
 fn write_stats(path: &Path, stats: &Stats) {
     let tmp = path.with_extension("json.tmp");
     if let Ok(text) = serde_json::to_vec_pretty(stats) {
@@ -120,71 +122,6 @@ fn write_stats(path: &Path, stats: &Stats) {
             let _ = std::fs::rename(&tmp, path);
         }
     }
-}
-
-struct SinkReport {
-    written: u64,
-    errors: u64,
-}
-
-fn spawn_sink(
-    mut log: Option<LocalLog>,
-    rx: mpsc::Receiver<Vec<AuditEvent>>,
-    written: Arc<std::sync::atomic::AtomicU64>,
-    clickhouse: Option<ClickHouseSink>,
-) -> std::thread::JoinHandle<SinkReport> {
-    std::thread::Builder::new()
-        .name("sink".into())
-        .spawn(move || {
-            let mut report = SinkReport {
-                written: 0,
-                errors: 0,
-            };
-            // The local log first (it fills in the hash chain), then ClickHouse's spool.
-            let write = |log: &mut Option<LocalLog>,
-                         mut batch: Vec<AuditEvent>,
-                         report: &mut SinkReport| {
-                for ev in batch.iter_mut() {
-                    if let Some(log) = log.as_mut() {
-                        if let Err(e) = log.append(ev) {
-                            report.errors += 1;
-                            tracing::error!("writing the local log: {e}");
-                            continue;
-                        }
-                    }
-                    report.written += 1;
-                }
-                written.store(report.written, Ordering::Relaxed);
-                if let Some(ch) = &clickhouse {
-                    ch.send(batch);
-                }
-            };
-            while let Ok(batch) = rx.recv() {
-                write(&mut log, batch, &mut report);
-                // Drain what is queued, then make it visible (tail sees it within a second).
-                while let Ok(more) = rx.try_recv() {
-                    write(&mut log, more, &mut report);
-                }
-                if let Some(log) = log.as_mut() {
-                    if let Err(e) = log.flush() {
-                        report.errors += 1;
-                        tracing::error!("flushing the local log: {e}");
-                    }
-                }
-            }
-            if let Some(log) = log.as_mut() {
-                if let Err(e) = log.sync() {
-                    report.errors += 1;
-                    tracing::error!("syncing the local log: {e}");
-                }
-            }
-            if let Some(ch) = clickhouse {
-                // What ClickHouse does not take in this time stays spooled for next start.
-                ch.finish(Duration::from_secs(10));
-            }
-            report
-        })
-        .expect("spawning the sink thread")
 }
 
 pub fn run(cfg: &Config) -> Result<(), DaemonError> {
@@ -208,16 +145,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         cfg.capture.ring_buffer_bytes,
         cfg.capture.tls,
     )?;
-    let log = if cfg.local_log.enabled {
-        Some(LocalLog::open(&cfg.log_dir(), cfg.local_log.rotate_bytes)?)
-    } else {
-        None
-    };
-    let clickhouse = if cfg.clickhouse.enabled {
-        Some(ClickHouseSink::start(&cfg.clickhouse, &cfg.spool_dir())?)
-    } else {
-        None
-    };
+    let sinks = sink::build(cfg).map_err(DaemonError::Sink)?;
 
     let endpoints: Vec<String> = cfg
         .endpoints
@@ -307,18 +235,13 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         },
     });
 
-    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (tx, rx) = mpsc::sync_channel::<Vec<AuditEvent>>(1024);
-    let clickhouse_counters = clickhouse.as_ref().map(|c| c.shared.clone());
-    let sink = spawn_sink(log, rx, written.clone(), clickhouse);
+    // What ClickHouse does not take within the grace period at stop stays spooled for
+    // the next start.
+    let (tx, sink) = SinkThread::spawn(sinks, 1024, Duration::from_secs(10));
+    let (written, health) = (sink.events.clone(), sink.health.clone());
 
     let started = Instant::now();
-    let started_at = crate::event::format_ts(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i128)
-            .unwrap_or(0),
-    );
+    let started_at = Timestamp::now().to_string();
     let mut last_stats = Instant::now() - Duration::from_secs(2);
     let mut batch: Vec<AuditEvent> = Vec::with_capacity(256);
     let stats_path = cfg.stats_path();
@@ -326,12 +249,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         |tracker: &Tracker, capture: &Capture, finder: &TlsFinder, sink_errors: u64| Stats {
             pid: std::process::id(),
             started_at: started_at.clone(),
-            updated_at: crate::event::format_ts(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as i128)
-                    .unwrap_or(0),
-            ),
+            updated_at: Timestamp::now().to_string(),
             uptime_s: started.elapsed().as_secs(),
             events_written: written.load(Ordering::Relaxed),
             sink_errors,
@@ -340,7 +258,10 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             kernel: capture.counters(),
             tls: finder.counters,
             tls_libraries: finder.libraries.iter().map(|l| l.path.clone()).collect(),
-            clickhouse: clickhouse_counters.as_ref().map(|c| c.counters()),
+            sinks: sinks_health(&health),
+            clickhouse: sinks_health(&health)
+                .get("clickhouse")
+                .and_then(|h| serde_json::from_value(h.detail.clone()).ok()),
         };
 
     let mut malformed_records = 0u64;
@@ -423,15 +344,12 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         let _ = tx.send(std::mem::take(&mut batch));
     }
     drop(tx);
-    let report = sink.join().unwrap_or(SinkReport {
-        written: 0,
-        errors: 1,
-    });
+    let report = sink.join();
     let stats = make_stats(&tracker, &capture, &finder, report.errors);
     write_stats(&stats_path, &stats);
     tracing::info!(
         "stopped; {} events written, {} statements, {} gaps, {} kernel drops",
-        report.written,
+        report.events,
         stats.tracker.statements,
         stats.tracker.gaps,
         stats.kernel.ringbuf_drops + stats.kernel.control_drops

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::event::Text;
+use crate::text::Text;
 
 use ahash::AHashMap as HashMap;
 

@@ -16,15 +16,16 @@ use auditor_common::{
 };
 
 use crate::{
+    audit::event::{new_event_id, AuditEvent, EventKind, Flag, ProcessIdentity, Timestamp},
     audit::recorder::{Draft, RecordingPolicy},
     capture::session::Session,
-    event::{format_ts, new_event_id, AuditEvent, EventKind, Labels, ProcessIdentity, Text},
     pg::{
         Direction, TokenizerLimits, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0,
         SSL_REQUEST_CODE,
     },
     sql::Analyzer,
-    workload::WorkloadResolver,
+    text::Text,
+    workload::{Workload, WorkloadResolver},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -119,9 +120,9 @@ struct SessionEntry {
     /// Rendered once per session: events carry them by the hundred thousand.
     client_addr: Text,
     server_addr: Text,
-    /// Labels of the identity events carry, and whose (pid, cgroup) they were made for.
-    labels: Labels,
-    labels_of: (u32, u64),
+    /// The workload of the identity events carry, and whose (pid, cgroup) it was made for.
+    workload: Workload,
+    workload_of: (u32, u64),
     /// The end seen for each role (ROLE_CLIENT, ROLE_SERVER). Another end in a role that
     /// already has one means the connection these ends belonged to is gone.
     role_ends: [Option<EndKey>; 2],
@@ -378,8 +379,8 @@ impl Tracker {
             server: None,
             client_addr: endpoint_string(h.tuple.family, &conn.client_addr),
             server_addr: endpoint_string(h.tuple.family, &conn.server_addr),
-            labels: Labels::default(),
-            labels_of: (0, 0),
+            workload: Workload::default(),
+            workload_of: (0, 0),
             role_ends: [None, None],
             unix: h.tuple.family == AF_UNIX,
         };
@@ -599,7 +600,7 @@ impl Tracker {
         self.counters.gaps += 1;
         self.counters.gap_bytes += missing;
         let mut ev = AuditEvent {
-            kind: EventKind::Gap.as_str().into(),
+            kind: EventKind::Gap,
             gap_bytes: missing,
             statement: format!(
                 "({missing} bytes {} were not captured)",
@@ -611,9 +612,9 @@ impl Tracker {
             .into(),
             ..AuditEvent::default()
         };
-        ev.flags.push(match direction {
-            Direction::ToServer => "to_server".into(),
-            Direction::ToClient => "to_client".into(),
+        ev.flags.insert(match direction {
+            Direction::ToServer => Flag::ToServer,
+            Direction::ToClient => Flag::ToClient,
         });
         let mut drafts = vec![Draft {
             ts_ns: ts,
@@ -726,7 +727,7 @@ impl Tracker {
         }
         s.session.abandon(ts, &mut drafts);
         let mut ev = AuditEvent {
-            kind: EventKind::SessionEnd.as_str().into(),
+            kind: EventKind::SessionEnd,
             ..AuditEvent::default()
         };
         if let Some(e) = s.session.startup_error() {
@@ -734,10 +735,10 @@ impl Tracker {
             ev.error_message = e.message.clone();
         }
         if s.session.is_cancel_request() {
-            ev.flags.push("cancel_request".into());
+            ev.flags.insert(Flag::CancelRequest);
         }
         if close_not_seen {
-            ev.flags.push("close_not_seen".into());
+            ev.flags.insert(Flag::CloseNotSeen);
         }
         drafts.push(Draft {
             ts_ns: ts,
@@ -845,7 +846,11 @@ fn finish(
         return;
     }
     // Statements of a session joined mid-stream still get a session_start first.
-    if !drafts.iter().any(|d| &*d.event.kind == "session_start") && s.seq == 0 {
+    if !drafts
+        .iter()
+        .any(|d| d.event.kind == EventKind::SessionStart)
+        && s.seq == 0
+    {
         let mut pre = Vec::new();
         s.session.ensure_started(drafts[0].ts_ns, &mut pre);
         for d in pre.into_iter().rev() {
@@ -855,7 +860,7 @@ fn finish(
     for d in drafts.drain(..) {
         let mut ev = d.event;
         ev.event_id = new_event_id();
-        ev.ts = format_ts(d.ts_ns + wall_offset);
+        ev.ts = Timestamp::from_unix_ns(d.ts_ns + wall_offset);
         ev.host = host.clone();
         ev.session_id = s.id.clone();
         s.seq += 1;
@@ -877,17 +882,18 @@ fn finish(
         let who = s.client.as_ref().or(s.server.as_ref());
         if let Some(id) = who {
             ev.apply_identity(id);
-            if s.labels_of != (id.pid, id.cgroup_id) {
-                s.labels = workloads.workload(id).labels;
-                s.labels_of = (id.pid, id.cgroup_id);
+            if s.workload_of != (id.pid, id.cgroup_id) {
+                s.workload = workloads.workload(id);
+                s.workload_of = (id.pid, id.cgroup_id);
             }
-            ev.labels = s.labels.clone();
+            ev.workload = s.workload.name.clone();
+            ev.labels = s.workload.labels.clone();
         }
         ev.server_pid = s.server.as_ref().map(|i| i.pid).unwrap_or(0);
-        match &*ev.kind {
-            "statement" => counters.statements += 1,
-            "session_start" => counters.sessions_started += 1,
-            _ => {}
+        match ev.kind {
+            EventKind::Statement => counters.statements += 1,
+            EventKind::SessionStart => counters.sessions_started += 1,
+            EventKind::SessionEnd | EventKind::Gap => {}
         }
         out.push(ev);
     }
@@ -1119,7 +1125,7 @@ mod tests {
         negotiate(&mut t, &mut client, &mut [&mut server]);
         let mut out = converse(&mut t, &mut client);
         out.extend(client.close(&mut t));
-        let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_ref()).collect();
+        let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(
             kinds,
             ["session_start", "statement", "session_end"],
@@ -1150,7 +1156,7 @@ mod tests {
         // The server end was not muted while the session was undecided.
         assert!(t.drain_mutes().next().is_none());
         let out = converse(&mut t, &mut server);
-        let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_ref()).collect();
+        let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(kinds, ["session_start", "statement"], "{out:#?}");
         // The client end is muted now: its ciphertext is not needed.
         let muted: Vec<EndKey> = t.drain_mutes().collect();
@@ -1177,13 +1183,13 @@ mod tests {
         assert!(out.is_empty(), "too early: {out:#?}");
         t.tick(client.ts + TLS_UNREADABLE_AFTER_NS, &mut out);
         assert_eq!(out.len(), 1);
-        assert_eq!(&*out[0].kind, "session_start");
+        assert_eq!(out[0].kind, EventKind::SessionStart);
         assert!(out[0].tls);
         assert_eq!(out[0].flags, ["tls_unreadable"]);
         assert_eq!(out[0].pid, std::process::id());
         // Once, even at the end.
         let end = client.close(&mut t);
-        let kinds: Vec<&str> = end.iter().map(|e| e.kind.as_ref()).collect();
+        let kinds: Vec<&str> = end.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(kinds, ["session_end"]);
         assert_eq!(t.counters.gaps, 0, "ciphertext is not a gap");
     }
@@ -1196,7 +1202,7 @@ mod tests {
         negotiate(&mut t, &mut client, &mut [&mut server]);
         client.data(&mut t, STREAM_RAW, DIR_TO_SERVER, b"\x17\x03\x03\x00\x01x");
         let out = client.close(&mut t);
-        assert_eq!(&*out.last().unwrap().kind, "session_end");
+        assert_eq!(out.last().unwrap().kind, EventKind::SessionEnd);
         // The server end still reads the last ciphertext, then closes.
         let mut late = server.data(&mut t, STREAM_RAW, DIR_TO_SERVER, b"\x17\x03\x03\x00\x01x");
         late.extend(server.close(&mut t));
@@ -1231,7 +1237,7 @@ mod tests {
         let mut c1 = Wire::unix(1, 2, ROLE_CLIENT, 10, 100, 1_000);
         let mut s1 = Wire::unix(2, 1, ROLE_SERVER, 11, 101, 1_500);
         let first = unix_conversation(&mut t, &mut c1, &mut s1);
-        let kinds: Vec<&str> = first.iter().map(|e| &*e.kind).collect();
+        let kinds: Vec<&str> = first.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(kinds, ["session_start", "statement", "session_end"]);
         assert!(first
             .iter()
@@ -1252,7 +1258,7 @@ mod tests {
         answer.extend(msg(b'Z', b"I"));
         second.extend(c2.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &q));
         second.extend(c2.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &answer));
-        let kinds: Vec<&str> = second.iter().map(|e| &*e.kind).collect();
+        let kinds: Vec<&str> = second.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(
             kinds,
             ["session_start", "statement", "session_end"],
@@ -1305,7 +1311,7 @@ mod tests {
         for w in [&mut c1, &mut s1, &mut s2, &mut c2] {
             out.extend(w.close(&mut t));
         }
-        let kinds: Vec<&str> = out.iter().map(|e| &*e.kind).collect();
+        let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(
             kinds.iter().filter(|k| **k == "session_start").count(),
             2,
@@ -1316,13 +1322,16 @@ mod tests {
             2,
             "{out:#?}"
         );
-        let statements: Vec<&AuditEvent> = out.iter().filter(|e| &*e.kind == "statement").collect();
+        let statements: Vec<&AuditEvent> = out
+            .iter()
+            .filter(|e| e.kind == EventKind::Statement)
+            .collect();
         assert_eq!(statements.len(), 2, "{out:#?}");
         for e in &out {
             assert!(e.flags.is_empty(), "{e:#?}");
             let mine = if e.pid == 100 { 101 } else { 201 };
             assert!(e.pid == 100 || e.pid == 200, "{e:#?}");
-            if &*e.kind == "statement" {
+            if e.kind == EventKind::Statement {
                 assert_eq!(e.server_pid, mine, "{e:#?}");
                 let want = if e.pid == 100 { "'one'" } else { "'two'" };
                 assert!(
@@ -1345,7 +1354,7 @@ mod tests {
         out.extend(c.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &msg(b'Q', b"SELECT 1\0")));
         // The client dies; the (muted) backend reads the end of the stream.
         out.extend(s.close(&mut t));
-        let kinds: Vec<&str> = out.iter().map(|e| &*e.kind).collect();
+        let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(
             kinds,
             ["session_start", "statement", "session_end"],
@@ -1360,7 +1369,7 @@ mod tests {
         let mut client = Wire::new(1, ROLE_CLIENT);
         negotiate(&mut t, &mut client, &mut []);
         let out = client.close(&mut t);
-        let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_ref()).collect();
+        let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(kinds, ["session_start", "session_end"]);
         assert_eq!(out[0].flags, ["tls_unreadable"]);
     }

@@ -38,7 +38,7 @@ fn seen(drafts: &[Draft]) -> Vec<Seen> {
             protocol: d.event.protocol.to_string(),
             params: d.event.params.to_vec(),
             prepared_name: d.event.prepared_name.to_string(),
-            flags: d.event.flags.clone(),
+            flags: d.event.flags.names().map(String::from).collect(),
         })
         .collect()
 }

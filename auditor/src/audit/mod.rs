@@ -1,3 +1,6 @@
-//! The audit trail's side of a conversation: events built from its outcomes.
+//! The audit trail: the event (its fields declared once, its layouts derived in `schema`)
+//! and the recorder that builds events from a conversation's outcomes.
 
+pub mod event;
 pub mod recorder;
+pub mod schema;

@@ -8,12 +8,13 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::{
+    audit::event::{AuditEvent, EventKind, Flag, Flags},
     conversation::{
         BoundParams, Outcome, Protocol, StatementOutcome, StatementResult, StatementText,
     },
-    event::{AuditEvent, EventKind, Text},
     pg::backend::command_of_tag,
     sql::redact_literals,
+    text::Text,
 };
 
 /// How statements and parameters are recorded.
@@ -53,10 +54,7 @@ pub struct Draft {
 }
 
 pub fn kind_event(kind: EventKind) -> AuditEvent {
-    AuditEvent {
-        kind: Text::Static(kind.as_str()),
-        ..AuditEvent::default()
-    }
+    AuditEvent::of_kind(kind)
 }
 
 #[derive(Clone, Default)]
@@ -71,7 +69,7 @@ impl Recorder {
 
     /// The event of an outcome, `flags` (what the driver knows: gap_before, mid_stream)
     /// taken into it. `SessionStarted` is the driver's to record: None.
-    pub fn record(&self, outcome: Outcome, flags: &mut Vec<String>) -> Option<Draft> {
+    pub fn record(&self, outcome: Outcome, flags: &mut Flags) -> Option<Draft> {
         match outcome {
             Outcome::SessionStarted { .. } => None,
             Outcome::Statement(s) => Some(self.statement(s, flags)),
@@ -85,7 +83,7 @@ impl Recorder {
                 ev.protocol = Text::Static("function_call");
                 ev.command = Text::Static("FUNCTION CALL");
                 ev.statement = format!("(function call, oid {oid})").into();
-                ev.flags.append(flags);
+                ev.flags |= std::mem::take(flags);
                 if let Some(e) = error {
                     ev.error_code = e.code;
                     ev.error_message = e.message;
@@ -99,7 +97,7 @@ impl Recorder {
         }
     }
 
-    fn statement(&self, s: StatementOutcome, flags: &mut Vec<String>) -> Draft {
+    fn statement(&self, s: StatementOutcome, flags: &mut Flags) -> Draft {
         let mut ev = kind_event(EventKind::Statement);
         ev.protocol = Text::Static(match s.protocol {
             Protocol::Simple => "simple",
@@ -116,7 +114,7 @@ impl Recorder {
                 ev.tables = analysis.tables.clone();
                 ev.fingerprint = analysis.fingerprint.clone();
                 if analysis.unparsed {
-                    ev.flags.push("unparsed".into());
+                    ev.flags.insert(Flag::Unparsed);
                 }
             }
             StatementText::PreparedBeforeCapture => {
@@ -130,15 +128,15 @@ impl Recorder {
                     }
                 );
                 if !refused_unseen {
-                    ev.flags.push("prepared_before_capture".into());
+                    ev.flags.insert(Flag::PreparedBeforeCapture);
                 }
             }
             StatementText::Unsplit { whole } => {
-                ev.flags.push("split_mismatch".into());
+                ev.flags.insert(Flag::SplitMismatch);
                 ev.statement = redact_literals(whole).into();
             }
         }
-        ev.flags.append(flags);
+        ev.flags |= std::mem::take(flags);
         if s.protocol == Protocol::Extended {
             ev.prepared_name = s.prepared_name;
             ev.params = match &s.params {
@@ -161,14 +159,14 @@ impl Recorder {
                 ev.error_code = error.code;
                 ev.error_message = error.message;
                 if before_execute {
-                    ev.flags.push("failed_before_execute".into());
+                    ev.flags.insert(Flag::FailedBeforeExecute);
                 }
             }
             StatementResult::Suspended { rows } => {
-                ev.flags.push("portal_suspended".into());
+                ev.flags.insert(Flag::PortalSuspended);
                 ev.rows = Some(rows);
             }
-            StatementResult::NoResponse => ev.flags.push("no_response".into()),
+            StatementResult::NoResponse => ev.flags.insert(Flag::NoResponse),
         }
         ev.duration_us = duration_us(s.started_ns, s.ended_ns);
         Draft {

@@ -7,10 +7,10 @@
 //! to read, and the flags that say so on the events.
 
 use crate::{
+    audit::event::{EventKind, Flag, Flags},
     audit::recorder::{kind_event, Draft, Recorder, RecordingPolicy},
     capture::stream,
     conversation::{Conversation, Outcome, Phase, SessionMeta},
-    event::EventKind,
     pg::{
         backend::{self, BackendMessage, ErrorFields},
         frontend,
@@ -38,7 +38,7 @@ pub struct Session {
     parse_errors: u64,
     messages: u64,
     /// Flags for the next statement event (gap_before, mid_stream).
-    next_flags: Vec<String>,
+    next_flags: Flags,
     mid_stream: bool,
     /// Declared unreadable: no end of the connection delivers plaintext.
     unreadable: bool,
@@ -62,9 +62,9 @@ impl Session {
             parse_errors: 0,
             messages: 0,
             next_flags: if mid_stream {
-                vec!["mid_stream".into()]
+                Flag::MidStream.into()
             } else {
-                Vec::new()
+                Flags::empty()
             },
             mid_stream,
             unreadable: false,
@@ -155,9 +155,7 @@ impl Session {
         self.mid_stream = true;
         self.tokenizers = Self::tokenizers(self.limits, true);
         self.resyncing = [true, true];
-        if !self.next_flags.iter().any(|f| f == "mid_stream") {
-            self.next_flags.push("mid_stream".into());
-        }
+        self.next_flags.insert(Flag::MidStream);
     }
 
     /// No end of the connection delivers plaintext: record the session as unreadable
@@ -182,9 +180,7 @@ impl Session {
     pub fn gap(&mut self, direction: Direction) {
         self.resyncing[direction.index()] = true;
         self.tokenizers[direction.index()].resync_typed();
-        if !self.next_flags.iter().any(|f| f == "gap_before") {
-            self.next_flags.push("gap_before".into());
-        }
+        self.next_flags.insert(Flag::GapBefore);
         if direction == Direction::ToServer {
             // Responses to requests we never saw would be matched to the wrong ones.
             self.conversation.requests_lost();
@@ -310,14 +306,14 @@ impl Session {
         let mut ev = kind_event(EventKind::SessionStart);
         if self.unreadable {
             let gss = matches!(self.conversation.phase(), Phase::Encrypted { gss: true });
-            ev.flags.push(if gss {
-                "gssenc_unreadable".into()
+            ev.flags.insert(if gss {
+                Flag::GssencUnreadable
             } else {
-                "tls_unreadable".into()
+                Flag::TlsUnreadable
             });
         }
         if self.mid_stream {
-            ev.flags.push("mid_stream".into());
+            ev.flags.insert(Flag::MidStream);
         }
         out.push(Draft {
             ts_ns: ts,
@@ -332,7 +328,7 @@ impl Session {
 
     fn on_oversized_request(&mut self, tag: u8, len: u32, ts: i128, out: &mut Vec<Draft>) {
         let mut ev = kind_event(EventKind::Gap);
-        ev.flags.push("truncated".into());
+        ev.flags.insert(Flag::Truncated);
         ev.statement = format!(
             "(message '{}' of {} bytes exceeds max_message_bytes and was not decoded)",
             tag as char, len
@@ -360,7 +356,7 @@ mod tests {
     //! Session behaviour on byte streams (no kernel records): what the conversation and
     //! the recorder make of what both ends sent.
     use super::*;
-    use crate::{event::AuditEvent, pg::tokenizer::frame as msg};
+    use crate::{audit::event::AuditEvent, pg::tokenizer::frame as msg};
 
     struct Fed {
         session: Session,
@@ -449,7 +445,10 @@ mod tests {
         r.extend(ready.clone());
         out.extend(feed(&mut c, Direction::ToClient, &r));
 
-        let st: Vec<&AuditEvent> = out.iter().filter(|e| &*e.kind == "statement").collect();
+        let st: Vec<&AuditEvent> = out
+            .iter()
+            .filter(|e| e.kind == EventKind::Statement)
+            .collect();
         assert_eq!(st.len(), 3, "{out:#?}");
         assert_eq!(&*st[0].statement, "SELECT * FROM payroll");
         assert_eq!(&*st[0].error_code, "42P05");
@@ -534,10 +533,13 @@ mod tests {
         r.extend(msg(b'Z', b"I"));
         out.extend(feed(&mut c, Direction::ToClient, &r));
 
-        let st: Vec<&AuditEvent> = out.iter().filter(|e| &*e.kind == "statement").collect();
-        let summary: Vec<(&str, Option<u64>, Vec<String>)> = st
+        let st: Vec<&AuditEvent> = out
             .iter()
-            .map(|e| (&*e.statement, e.rows, e.flags.clone()))
+            .filter(|e| e.kind == EventKind::Statement)
+            .collect();
+        let summary: Vec<(&str, Option<u64>, Vec<&str>)> = st
+            .iter()
+            .map(|e| (&*e.statement, e.rows, e.flags.names().collect()))
             .collect();
         assert_eq!(
             summary,
@@ -545,14 +547,14 @@ mod tests {
                 (
                     "SELECT name FROM t WHERE id = $1",
                     Some(1),
-                    vec!["portal_suspended".to_string()]
+                    vec!["portal_suspended"]
                 ),
                 ("BEGIN", None, vec![]),
                 ("SELECT * FROM generate_series($1, $2)", Some(3), vec![]),
                 (
                     "SELECT * FROM generate_series($1, $2)",
                     Some(1),
-                    vec!["portal_suspended".to_string()]
+                    vec!["portal_suspended"]
                 ),
                 ("COMMIT", None, vec![]),
             ],

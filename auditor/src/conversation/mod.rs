@@ -17,13 +17,13 @@ use std::{
 use ahash::AHashMap as HashMap;
 
 use crate::{
-    event::Text,
     pg::{
         backend::{rows_of_tag, BackendMessage, ErrorFields, Field, Fields},
         frontend::{FrontendMessage, Target},
         wire::{I16s, Values},
     },
     sql::{split_statements, Analysis, Analyzer},
+    text::Text,
 };
 
 /// Where the conversation is.

@@ -22,17 +22,141 @@ use std::{
 };
 
 use clickhouse::{Client, Row};
-use serde::Serialize;
+use serde::{ser::SerializeStruct, Deserialize, Serialize};
+use std::path::PathBuf;
 use tokio::sync::Notify;
 
 use crate::{
-    config::{ClickHouseConfig, WhenSpoolFull},
-    event::AuditEvent,
+    audit::{
+        event::{AuditEvent, EventKind, EventRef, Flag, Timestamp, FIELDS},
+        schema::{column_names, compat_column_names, split_count, ColumnStyle, FieldSpec},
+    },
     sink::{
-        record::{self, EventRef},
+        record,
         spool::{Position, Spool, SpoolError},
+        Batch, Health, Sink, SinkError,
     },
 };
+
+/// What to do when the ClickHouse spool reaches its size limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenSpoolFull {
+    /// Stop taking events until ClickHouse catches up: capture waits, the kernel ring
+    /// buffer fills, and what it cannot hold is recorded as gaps.
+    Block,
+    /// Drop new events and record how many in a `gap` event once there is room again.
+    Drop,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouseConfig {
+    /// Send events to ClickHouse. Default: false.
+    pub enabled: bool,
+    /// HTTP interface of the server. Default: http://127.0.0.1:8123.
+    pub url: String,
+    /// Database (created if missing). Default: auditor.
+    pub database: String,
+    /// Default: default.
+    pub user: String,
+    /// The password itself (prefer password_file or password_env).
+    pub password: Option<String>,
+    /// A file whose first line is the password.
+    pub password_file: Option<PathBuf>,
+    /// An environment variable holding the password.
+    pub password_env: Option<String>,
+    /// Days of events kept (a TTL, where the server supports it); 0 keeps them forever.
+    pub retention_days: u32,
+    /// An insert is sent after this many rows, bytes or milliseconds, whichever first.
+    pub batch_rows: u64,
+    pub batch_bytes: u64,
+    pub batch_period_ms: u64,
+    /// Events not yet in ClickHouse wait in `state_dir/spool`, up to this many bytes.
+    pub spool_max_bytes: u64,
+    /// block (default) or drop, when the spool is full.
+    pub when_spool_full: WhenSpoolFull,
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        ClickHouseConfig {
+            enabled: false,
+            url: "http://127.0.0.1:8123".into(),
+            database: "auditor".into(),
+            user: "default".into(),
+            password: None,
+            password_file: None,
+            password_env: None,
+            retention_days: 0,
+            batch_rows: 100_000,
+            batch_bytes: 64 << 20,
+            batch_period_ms: 1000,
+            spool_max_bytes: 4 << 30,
+            when_spool_full: WhenSpoolFull::Block,
+        }
+    }
+}
+
+impl ClickHouseConfig {
+    /// The password from wherever it is configured (empty if nowhere).
+    pub fn resolve_password(&self) -> Result<String, String> {
+        if let Some(p) = &self.password_file {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| format!("password_file {}: {e}", p.display()))?;
+            return Ok(text.lines().next().unwrap_or("").to_string());
+        }
+        if let Some(var) = &self.password_env {
+            return std::env::var(var).map_err(|_| format!("password_env: ${var} is not set"));
+        }
+        Ok(self.password.clone().unwrap_or_default())
+    }
+
+    /// Checks the values (when enabled); Err names the field and the problem.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !self.enabled {
+            return Ok(());
+        }
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return Err((
+                "url",
+                format!("{} must start with http:// or https://", self.url),
+            ));
+        }
+        if self.database.is_empty()
+            || !self
+                .database
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err((
+                "database",
+                format!("{:?} must be letters, digits and _", self.database),
+            ));
+        }
+        let set = [
+            self.password.is_some(),
+            self.password_file.is_some(),
+            self.password_env.is_some(),
+        ];
+        if set.iter().filter(|&&b| b).count() > 1 {
+            return Err((
+                "password",
+                "give one of password, password_file, password_env".into(),
+            ));
+        }
+        if self.batch_rows == 0 || self.batch_bytes == 0 || self.batch_period_ms == 0 {
+            return Err((
+                "batch_*",
+                "batch_rows, batch_bytes and batch_period_ms must be positive".into(),
+            ));
+        }
+        if self.spool_max_bytes < (16 << 20) {
+            return Err(("spool_max_bytes", "must be at least 16 MiB".into()));
+        }
+        Ok(())
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClickHouseError {
@@ -82,104 +206,39 @@ impl Features {
 /// One migration: a version number, a name, and its statements for this server.
 pub struct Migration {
     pub version: u32,
-    pub name: &'static str,
+    pub name: String,
     pub statements: Vec<String>,
 }
 
-/// Every migration, in order, as SQL for a server with `f`.
-pub fn migrations(db: &str, f: Features, retention_days: u32) -> Vec<Migration> {
-    let lc = |t: &str| {
-        if f.low_cardinality {
-            format!("LowCardinality({t})")
-        } else {
-            t.to_string()
+impl Features {
+    /// How this server stores events.
+    pub fn style(self) -> ColumnStyle {
+        ColumnStyle {
+            compat: !(self.datetime64 && self.map),
+            low_cardinality: self.low_cardinality,
         }
-    };
-    let ts = if f.datetime64 {
-        "ts DateTime64(6, 'UTC')".to_string()
-    } else {
-        "ts DateTime('UTC'),\n    ts_us UInt32".to_string()
-    };
-    let labels = if f.map {
-        "labels Map(String, String)".to_string()
-    } else {
-        "label_keys Array(String),\n    label_values Array(String)".to_string()
-    };
-    let ttl = if f.ttl && retention_days > 0 {
-        format!("\nTTL toDateTime(ts) + INTERVAL {retention_days} DAY")
-    } else {
-        String::new()
-    };
-    let indexes = if f.skip_indexes {
-        ",\n    INDEX session_idx session_id TYPE bloom_filter GRANULARITY 4,\n    \
-         INDEX fingerprint_idx fingerprint TYPE bloom_filter GRANULARITY 4,\n    \
-         INDEX user_idx db_user TYPE set(1000) GRANULARITY 4"
-            .to_string()
-    } else {
-        String::new()
-    };
-    let events = format!(
-        "CREATE TABLE IF NOT EXISTS {db}.events (
-    event_id String,
-    kind {kind},
-    {ts},
-    duration_us UInt64,
-    host {host},
-    session_id String,
-    seq UInt64,
-    statement String,
-    command {command},
-    tables Array(String),
-    fingerprint String,
-    protocol {protocol},
-    params Array(String),
-    rows Nullable(UInt64),
-    error_code {error_code},
-    error_message String,
-    db_user {db_user},
-    database {database},
-    application_name String,
-    client_addr String,
-    client_port UInt16,
-    server_addr String,
-    server_port UInt16,
-    tls UInt8,
-    pid UInt32,
-    comm {comm},
-    exe String,
-    uid UInt32,
-    cgroup_id UInt64,
-    cgroup_path String,
-    container_id String,
-    pod_uid String,
-    pod_name String,
-    namespace {namespace},
-    systemd_unit String,
-    workload String,
-    {labels},
-    capture {capture},
-    flags Array(String),
-    server_pid UInt32,
-    prepared_name String,
-    gap_bytes UInt64,
-    tx_status String{indexes}
-)
-ENGINE = ReplacingMergeTree
-PARTITION BY toYYYYMMDD(ts)
-ORDER BY (workload, db_user, ts, event_id){ttl}",
-        kind = lc("String"),
-        host = lc("String"),
-        command = lc("String"),
-        protocol = lc("String"),
-        error_code = lc("String"),
-        db_user = lc("String"),
-        database = lc("String"),
-        comm = lc("String"),
-        namespace = lc("String"),
-        capture = lc("String"),
-    );
+    }
+}
+
+/// The events table's column definitions for a server of `style`, from the event's
+/// declaration.
+fn column_definitions(
+    fields: &[FieldSpec],
+    style: ColumnStyle,
+    which: impl Fn(&FieldSpec) -> bool,
+) -> Vec<String> {
+    fields
+        .iter()
+        .filter(|f| which(f))
+        .flat_map(|f| (f.columns)(f.name, f.low_cardinality, style))
+        .collect()
+}
+
+/// The views, recreated whenever columns are added (`SELECT *` views fix their columns
+/// when created).
+fn views(db: &str) -> Vec<String> {
     // Views read the table with FINAL: an event sent twice (a retried insert) shows once.
-    let views = vec![
+    vec![
         format!("DROP TABLE IF EXISTS {db}.sessions"),
         format!(
             "CREATE VIEW {db}.sessions AS SELECT session_id, min(ts) AS started, max(ts) AS last_seen, \
@@ -214,167 +273,115 @@ ORDER BY (workload, db_user, ts, event_id){ttl}",
              sum(duration_us) AS total_us, uniqExact(workload) AS workloads \
              FROM {db}.events FINAL WHERE kind = 'statement' GROUP BY fingerprint"
         ),
-    ];
-    vec![
-        Migration {
-            version: 1,
-            name: "events table",
-            statements: vec![events],
-        },
-        Migration {
-            version: 2,
-            name: "views: sessions, statements, errors, ddl, top_fingerprints",
-            statements: views,
-        },
     ]
 }
 
-/// A row for servers with DateTime64, LowCardinality and Map.
-#[derive(Row, Serialize)]
-struct ModernRow<'a> {
-    event_id: &'a str,
-    kind: &'a str,
-    ts: i64,
-    duration_us: u64,
-    host: &'a str,
-    session_id: &'a str,
-    seq: u64,
-    statement: &'a str,
-    command: &'a str,
-    tables: &'a [&'a str],
-    fingerprint: &'a str,
-    protocol: &'a str,
-    params: &'a [&'a str],
-    rows: Option<u64>,
-    error_code: &'a str,
-    error_message: &'a str,
-    db_user: &'a str,
-    database: &'a str,
-    application_name: &'a str,
-    client_addr: &'a str,
-    client_port: u16,
-    server_addr: &'a str,
-    server_port: u16,
-    tls: u8,
-    pid: u32,
-    comm: &'a str,
-    exe: &'a str,
-    uid: u32,
-    cgroup_id: u64,
-    cgroup_path: &'a str,
-    container_id: &'a str,
-    pod_uid: &'a str,
-    pod_name: &'a str,
-    namespace: &'a str,
-    systemd_unit: &'a str,
-    workload: &'a str,
-    labels: &'a [(&'a str, &'a str)],
-    capture: &'a str,
-    flags: &'a [&'a str],
-    server_pid: u32,
-    prepared_name: &'a str,
-    gap_bytes: u64,
-    tx_status: &'a str,
+/// The schema version of the views (migration 2).
+const VIEWS_VERSION: u32 = 2;
+
+/// Every migration, in order, as SQL for a server with `f`: the table as the fields of
+/// version 1 declare it, the views, then for each later version that added fields, their
+/// columns and the views again.
+pub fn migrations(db: &str, f: Features, retention_days: u32) -> Vec<Migration> {
+    migrations_of(FIELDS, db, f, retention_days)
 }
+
+fn migrations_of(
+    fields: &[FieldSpec],
+    db: &str,
+    f: Features,
+    retention_days: u32,
+) -> Vec<Migration> {
+    let style = f.style();
+    let ttl = if f.ttl && retention_days > 0 {
+        format!("\nTTL toDateTime(ts) + INTERVAL {retention_days} DAY")
+    } else {
+        String::new()
+    };
+    let mut columns = column_definitions(fields, style, |f| f.since <= 1);
+    if f.skip_indexes {
+        columns.extend([
+            "INDEX session_idx session_id TYPE bloom_filter GRANULARITY 4".to_string(),
+            "INDEX fingerprint_idx fingerprint TYPE bloom_filter GRANULARITY 4".to_string(),
+            "INDEX user_idx db_user TYPE set(1000) GRANULARITY 4".to_string(),
+        ]);
+    }
+    let events = format!(
+        "CREATE TABLE IF NOT EXISTS {db}.events (\n    {}\n)\n\
+         ENGINE = ReplacingMergeTree\n\
+         PARTITION BY toYYYYMMDD(ts)\n\
+         ORDER BY (workload, db_user, ts, event_id){ttl}",
+        columns.join(",\n    ")
+    );
+    let mut all = vec![
+        Migration {
+            version: 1,
+            name: "events table".into(),
+            statements: vec![events],
+        },
+        Migration {
+            version: VIEWS_VERSION,
+            name: "views: sessions, statements, errors, ddl, top_fingerprints".into(),
+            statements: views(db),
+        },
+    ];
+    let mut later: Vec<u32> = fields
+        .iter()
+        .map(|f| f.since)
+        .filter(|&v| v > VIEWS_VERSION)
+        .collect();
+    later.sort_unstable();
+    later.dedup();
+    for version in later {
+        let added: Vec<&FieldSpec> = fields.iter().filter(|f| f.since == version).collect();
+        let mut statements: Vec<String> = column_definitions(fields, style, |f| f.since == version)
+            .into_iter()
+            .map(|c| format!("ALTER TABLE {db}.events ADD COLUMN IF NOT EXISTS {c}"))
+            .collect();
+        statements.extend(views(db));
+        all.push(Migration {
+            version,
+            name: format!(
+                "columns {}",
+                added.iter().map(|f| f.name).collect::<Vec<_>>().join(", ")
+            ),
+            statements,
+        });
+    }
+    all
+}
+
+/// A row for servers with DateTime64 and Map (the event's fields as declared).
+struct ModernRow<'a>(&'a EventRef<'a>);
 
 /// A row for older servers (Debian's 18.16): DateTime plus microseconds, label arrays.
-#[derive(Row, Serialize)]
-struct CompatRow<'a> {
-    event_id: &'a str,
-    kind: &'a str,
-    ts: u32,
-    ts_us: u32,
-    duration_us: u64,
-    host: &'a str,
-    session_id: &'a str,
-    seq: u64,
-    statement: &'a str,
-    command: &'a str,
-    tables: &'a [&'a str],
-    fingerprint: &'a str,
-    protocol: &'a str,
-    params: &'a [&'a str],
-    rows: Option<u64>,
-    error_code: &'a str,
-    error_message: &'a str,
-    db_user: &'a str,
-    database: &'a str,
-    application_name: &'a str,
-    client_addr: &'a str,
-    client_port: u16,
-    server_addr: &'a str,
-    server_port: u16,
-    tls: u8,
-    pid: u32,
-    comm: &'a str,
-    exe: &'a str,
-    uid: u32,
-    cgroup_id: u64,
-    cgroup_path: &'a str,
-    container_id: &'a str,
-    pod_uid: &'a str,
-    pod_name: &'a str,
-    namespace: &'a str,
-    systemd_unit: &'a str,
-    workload: &'a str,
-    label_keys: &'a [&'a str],
-    label_values: &'a [&'a str],
-    capture: &'a str,
-    flags: &'a [&'a str],
-    server_pid: u32,
-    prepared_name: &'a str,
-    gap_bytes: u64,
-    tx_status: &'a str,
-}
+struct CompatRow<'a>(&'a EventRef<'a>);
 
-macro_rules! row_of {
-    ($ty:ident, $ev:expr, { $($extra:tt)* }) => {
-        $ty {
-            event_id: $ev.event_id,
-            kind: $ev.kind,
-            duration_us: $ev.duration_us,
-            host: $ev.host,
-            session_id: $ev.session_id,
-            seq: $ev.seq,
-            statement: $ev.statement,
-            command: $ev.command,
-            tables: &$ev.tables,
-            fingerprint: $ev.fingerprint,
-            protocol: $ev.protocol,
-            params: &$ev.params,
-            rows: $ev.rows,
-            error_code: $ev.error_code,
-            error_message: $ev.error_message,
-            db_user: $ev.db_user,
-            database: $ev.database,
-            application_name: $ev.application_name,
-            client_addr: $ev.client_addr,
-            client_port: $ev.client_port,
-            server_addr: $ev.server_addr,
-            server_port: $ev.server_port,
-            tls: $ev.tls as u8,
-            pid: $ev.pid,
-            comm: $ev.comm,
-            exe: $ev.exe,
-            uid: $ev.uid,
-            cgroup_id: $ev.cgroup_id,
-            cgroup_path: $ev.cgroup_path,
-            container_id: $ev.container_id,
-            pod_uid: $ev.pod_uid,
-            pod_name: $ev.pod_name,
-            namespace: $ev.namespace,
-            systemd_unit: $ev.systemd_unit,
-            workload: $ev.workload,
-            capture: $ev.capture,
-            flags: &$ev.flags,
-            server_pid: $ev.server_pid,
-            prepared_name: $ev.prepared_name,
-            gap_bytes: $ev.gap_bytes,
-            tx_status: $ev.tx_status,
-            $($extra)*
+const MODERN_COLUMNS: [&str; FIELDS.len()] = column_names(FIELDS);
+const COMPAT_COLUMNS: [&str; FIELDS.len() + split_count(FIELDS)] = compat_column_names(FIELDS);
+
+macro_rules! row {
+    ($ty:ident, $columns:expr, $compat:expr) => {
+        impl Row for $ty<'_> {
+            const NAME: &'static str = "AuditEvent";
+            const COLUMN_NAMES: &'static [&'static str] = &$columns;
+            const COLUMN_COUNT: usize = $columns.len();
+            const KIND: clickhouse::_priv::RowKind = clickhouse::_priv::RowKind::Struct;
+            type Value<'a> = $ty<'a>;
+        }
+
+        impl Serialize for $ty<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut st = s.serialize_struct("AuditEvent", $columns.len())?;
+                self.0.write_clickhouse($compat, &mut st)?;
+                st.end()
+            }
         }
     };
 }
+
+row!(ModernRow, MODERN_COLUMNS, false);
+row!(CompatRow, COMPAT_COLUMNS, true);
 
 /// Inserts into one server, with the row layout its version calls for.
 enum RowInserter {
@@ -383,27 +390,10 @@ enum RowInserter {
 }
 
 impl RowInserter {
-    async fn write(&mut self, ev: &EventRef<'_>) -> Result<(), clickhouse::error::Error> {
-        let micros = ev.ts_us;
+    async fn write<'a>(&mut self, ev: &'a EventRef<'a>) -> Result<(), clickhouse::error::Error> {
         match self {
-            RowInserter::Modern(i) => {
-                let row = row_of!(ModernRow, ev, {
-                    ts: micros,
-                    labels: &ev.labels,
-                });
-                i.write(&row).await
-            }
-            RowInserter::Compat(i) => {
-                let keys: Vec<&str> = ev.labels.iter().map(|(k, _)| *k).collect();
-                let values: Vec<&str> = ev.labels.iter().map(|(_, v)| *v).collect();
-                let row = row_of!(CompatRow, ev, {
-                    ts: micros.div_euclid(1_000_000) as u32,
-                    ts_us: micros.rem_euclid(1_000_000) as u32,
-                    label_keys: &keys,
-                    label_values: &values,
-                });
-                i.write(&row).await
-            }
+            RowInserter::Modern(i) => i.write(&ModernRow(ev)).await,
+            RowInserter::Compat(i) => i.write(&CompatRow(ev)).await,
         }
     }
 
@@ -540,7 +530,7 @@ pub async fn migrate(
 
 /// Handle to the running sink: send batches, then `finish`.
 pub struct ClickHouseSink {
-    tx: Option<mpsc::SyncSender<Vec<AuditEvent>>>,
+    tx: Option<mpsc::SyncSender<Batch>>,
     spooler: Option<std::thread::JoinHandle<()>>,
     sender: Option<std::thread::JoinHandle<()>>,
     stop: Arc<AtomicBool>,
@@ -561,7 +551,7 @@ impl ClickHouseSink {
         // The spool thread wakes the sender when it appended events (a permit is kept if
         // the sender is busy, so no wake-up is lost).
         let wake = Arc::new(Notify::new());
-        let (tx, rx) = mpsc::sync_channel::<Vec<AuditEvent>>(256);
+        let (tx, rx) = mpsc::sync_channel::<Batch>(256);
 
         let spooler = {
             let spool = spool.clone();
@@ -606,16 +596,9 @@ impl ClickHouseSink {
         })
     }
 
-    /// Queues events (blocks when the spool thread is behind).
-    pub fn send(&self, batch: Vec<AuditEvent>) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(batch);
-        }
-    }
-
     /// Spools what is queued, gives ClickHouse `grace` to take what is spooled, and stops.
     /// What is not delivered stays in the spool for the next start.
-    pub fn finish(mut self, grace: Duration) {
+    fn stop(&mut self, grace: Duration) {
         drop(self.tx.take());
         if let Some(h) = self.spooler.take() {
             let _ = h.join();
@@ -632,8 +615,53 @@ impl ClickHouseSink {
     }
 }
 
+impl Sink for ClickHouseSink {
+    fn name(&self) -> &'static str {
+        "clickhouse"
+    }
+
+    /// Queues the batch for the spool thread (waits when it is behind).
+    fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        match &self.tx {
+            Some(tx) => tx
+                .send(batch.clone())
+                .map_err(|_| "the spool thread has stopped".into()),
+            None => Err("stopped".into()),
+        }
+    }
+
+    /// The spool thread writes each batch through; nothing waits here.
+    fn flush(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    fn health(&self) -> Health {
+        let c = self.shared.counters();
+        Health {
+            healthy: c.connected,
+            events: c.spooled + c.dropped_spool_full,
+            errors: c.insert_errors + c.dropped_spool_full + c.rejected + c.corrupt_spool_records,
+            detail: serde_json::to_value(c).unwrap_or_default(),
+        }
+    }
+
+    fn finish(mut self: Box<Self>, grace: Duration) -> Result<Health, SinkError> {
+        self.stop(grace);
+        Ok(self.health())
+    }
+}
+
+impl Drop for ClickHouseSink {
+    fn drop(&mut self) {
+        // Never leaves its threads running (a daemon that fails after starting the sink).
+        if self.spooler.is_some() || self.sender.is_some() {
+            self.stop(Duration::ZERO);
+        }
+    }
+}
+
 fn spool_loop(
-    rx: mpsc::Receiver<Vec<AuditEvent>>,
+    rx: mpsc::Receiver<Batch>,
     spool: Arc<Mutex<Spool>>,
     shared: Arc<Shared>,
     wake: Arc<Notify>,
@@ -669,14 +697,14 @@ fn spool_loop(
         let Ok(mut s) = spool.lock() else { return };
         if dropped_unreported > 0 {
             let gap = AuditEvent {
-                event_id: crate::event::new_event_id(),
-                kind: "gap".into(),
-                ts: batch.first().map(|e| e.ts.clone()).unwrap_or_default(),
+                event_id: crate::audit::event::new_event_id(),
+                kind: EventKind::Gap,
+                ts: batch.first().map(|e| e.ts).unwrap_or_else(Timestamp::now),
                 statement: format!(
                     "({dropped_unreported} events were dropped: the ClickHouse spool was full)"
                 )
                 .into(),
-                flags: vec!["clickhouse_spool_full".into()],
+                flags: Flag::ClickhouseSpoolFull.into(),
                 ..AuditEvent::default()
             };
             buf.clear();
@@ -685,7 +713,7 @@ fn spool_loop(
                 dropped_unreported = 0;
             }
         }
-        for ev in &batch {
+        for ev in batch.iter() {
             buf.clear();
             record::encode(ev, &mut buf);
             if let Err(e) = s.append(&buf) {
@@ -711,7 +739,7 @@ fn spool_loop(
 fn make_inserter(client: &Client, cfg: &ClickHouseConfig, f: Features) -> RowInserter {
     let table = "events";
     let period = Some(Duration::from_millis(cfg.batch_period_ms));
-    if f.datetime64 && f.map {
+    if !f.style().compat {
         RowInserter::Modern(
             client
                 .inserter::<ModernRow<'static>>(table)
@@ -923,9 +951,18 @@ fn set_aside(spool: &Arc<Mutex<Spool>>, from: Position, cfg: &ClickHouseConfig, 
     let mut scratch = Vec::new();
     for r in &records {
         match record::decode_any(r, &mut scratch) {
-            Ok(ev) => {
-                let _ = serde_json::to_writer(&mut text, &ev.to_event());
-            }
+            Ok(ev) => match ev.to_event() {
+                Ok(ev) => {
+                    let _ = serde_json::to_writer(&mut text, &ev);
+                }
+                Err(e) => {
+                    let _ = write!(
+                        text,
+                        "{{\"undecodable_record\":\"{e}\",\"hex\":\"{}\"}}",
+                        hex::encode(r)
+                    );
+                }
+            },
             // Kept as it is, for a person with a hex editor.
             Err(e) => {
                 let _ = write!(
@@ -981,5 +1018,85 @@ mod tests {
         assert!(sql.contains("DateTime64(6, 'UTC')") && sql.contains("Map(String, String)"));
         assert!(sql.contains("LowCardinality(String)") && sql.contains("INTERVAL 30 DAY"));
         assert!(new.windows(2).all(|w| w[0].version < w[1].version));
+    }
+
+    /// The inserter names its columns from the row type: they must be the table's, in
+    /// the order the row serializes them, for both layouts.
+    #[test]
+    fn row_columns_are_the_tables() {
+        for (version, columns) in [
+            ("18.16.1", &COMPAT_COLUMNS[..]),
+            ("24.3.1", &MODERN_COLUMNS[..]),
+        ] {
+            let f = Features::of_version(version);
+            let table: Vec<String> = column_definitions(FIELDS, f.style(), |_| true)
+                .iter()
+                .map(|c| c.split_whitespace().next().unwrap().to_string())
+                .collect();
+            assert_eq!(table, columns, "{version}");
+        }
+        assert!(COMPAT_COLUMNS.contains(&"ts_us") && COMPAT_COLUMNS.contains(&"label_values"));
+    }
+
+    /// Counts the fields a row serializes.
+    struct Counter(usize);
+    impl SerializeStruct for &mut Counter {
+        type Ok = ();
+        type Error = std::fmt::Error;
+        fn serialize_field<T: Serialize + ?Sized>(
+            &mut self,
+            _: &'static str,
+            _: &T,
+        ) -> Result<(), std::fmt::Error> {
+            self.0 += 1;
+            Ok(())
+        }
+        fn end(self) -> Result<(), std::fmt::Error> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn rows_serialize_one_value_per_column() {
+        let ev = EventRef::default();
+        for (compat, columns) in [(true, COMPAT_COLUMNS.len()), (false, MODERN_COLUMNS.len())] {
+            let mut c = Counter(0);
+            ev.write_clickhouse(compat, &mut &mut c).unwrap();
+            assert_eq!(c.0, columns);
+        }
+    }
+
+    #[test]
+    fn a_field_added_later_gets_its_own_migration() {
+        let mut fields = FIELDS.to_vec();
+        fields.push(
+            FieldSpec::new::<crate::text::Text>("decision")
+                .lc()
+                .since(3),
+        );
+        fields.push(FieldSpec::new::<u64>("approval_seq").since(3));
+        fields.push(FieldSpec::new::<bool>("masked").since(4));
+        let m = migrations_of(&fields, "auditor", Features::of_version("24.3.1"), 0);
+        assert_eq!(
+            m.iter().map(|m| m.version).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        assert!(!m[0].statements[0].contains("decision"));
+        assert_eq!(
+            m[2].statements[..2],
+            [
+                "ALTER TABLE auditor.events ADD COLUMN IF NOT EXISTS decision LowCardinality(String)",
+                "ALTER TABLE auditor.events ADD COLUMN IF NOT EXISTS approval_seq UInt64",
+            ]
+        );
+        // The views are made again, so that `SELECT *` includes the new columns.
+        assert!(m[2]
+            .statements
+            .iter()
+            .any(|s| s.starts_with("CREATE VIEW auditor.statements")));
+        assert_eq!(m[3].name, "columns masked");
+        // Today's fields all belong to the first table.
+        let today = migrations("auditor", Features::of_version("24.3.1"), 0);
+        assert_eq!(today.iter().map(|m| m.version).collect::<Vec<_>>(), [1, 2]);
     }
 }

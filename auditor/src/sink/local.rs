@@ -12,9 +12,41 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::event::AuditEvent;
+use crate::{
+    audit::{event::AuditEvent, schema::json_str},
+    sink::{Batch, Health, Sink, SinkError},
+};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalLogConfig {
+    /// Write the hash-chained JSON Lines log under `state_dir/log`. Default: true.
+    pub enabled: bool,
+    /// Start a new file past this size. Default: 100 MiB.
+    pub rotate_bytes: u64,
+}
+
+impl Default for LocalLogConfig {
+    fn default() -> Self {
+        LocalLogConfig {
+            enabled: true,
+            rotate_bytes: 100 << 20,
+        }
+    }
+}
+
+impl LocalLogConfig {
+    /// Checks the values; Err names the field and the problem.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.rotate_bytes < 4096 {
+            return Err(("rotate_bytes", "must be at least 4096".into()));
+        }
+        Ok(())
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalLogError {
@@ -172,16 +204,17 @@ impl LocalLog {
         })
     }
 
-    fn current_path(&self) -> PathBuf {
+    pub fn current_path(&self) -> PathBuf {
         self.dir.join(file_name(self.index))
     }
 
-    /// Appends one event, setting its prev_hash and hash.
-    pub fn append(&mut self, ev: &mut AuditEvent) -> Result<(), LocalLogError> {
-        ev.prev_hash.clone_from(&self.prev_hash);
+    /// Appends one event: its fields, then the chain's `prev_hash` and `hash`.
+    pub fn append(&mut self, ev: &AuditEvent) -> Result<(), LocalLogError> {
         // The line up to its hash, the hash of that, then the hash itself.
         self.line.clear();
-        ev.write_json_prefix(&mut self.line);
+        ev.write_json_fields(&mut self.line);
+        self.line.extend_from_slice(b",\"prev_hash\":");
+        json_str(&mut self.line, &self.prev_hash);
         let mut h = Sha256::new();
         h.update(&self.line);
         h.update(b"}");
@@ -198,8 +231,6 @@ impl LocalLog {
         }
         self.size += self.line.len() as u64;
         let hash = std::str::from_utf8(&hex).expect("hex is ASCII");
-        ev.hash.clear();
-        ev.hash.push_str(hash);
         self.prev_hash.clear();
         self.prev_hash.push_str(hash);
         Ok(())
@@ -230,6 +261,73 @@ impl LocalLog {
         self.out = BufWriter::with_capacity(256 * 1024, file);
         self.size = 0;
         Ok(())
+    }
+}
+
+/// The local log as a [`Sink`].
+pub struct LocalLogSink {
+    log: LocalLog,
+    events: u64,
+    errors: u64,
+    /// The last write or flush failed.
+    failing: bool,
+}
+
+impl LocalLogSink {
+    pub fn open(dir: &Path, cfg: &LocalLogConfig) -> Result<Self, LocalLogError> {
+        Ok(LocalLogSink {
+            log: LocalLog::open(dir, cfg.rotate_bytes)?,
+            events: 0,
+            errors: 0,
+            failing: false,
+        })
+    }
+}
+
+impl Sink for LocalLogSink {
+    fn name(&self) -> &'static str {
+        "local_log"
+    }
+
+    fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        let mut first = None;
+        for ev in batch.iter() {
+            match self.log.append(ev) {
+                Ok(()) => self.events += 1,
+                Err(e) => {
+                    self.errors += 1;
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        self.failing = first.is_some();
+        match first {
+            None => Ok(()),
+            Some(e) => Err(e.into()),
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), SinkError> {
+        let r = self.log.flush();
+        self.failing = r.is_err();
+        r.map_err(|e| {
+            self.errors += 1;
+            e.into()
+        })
+    }
+
+    fn health(&self) -> Health {
+        Health {
+            healthy: !self.failing,
+            events: self.events,
+            errors: self.errors,
+            detail: serde_json::json!({ "file": self.log.current_path() }),
+        }
+    }
+
+    fn finish(mut self: Box<Self>, _grace: std::time::Duration) -> Result<Health, SinkError> {
+        self.log.sync()?;
+        Ok(self.health())
     }
 }
 
@@ -313,7 +411,6 @@ mod tests {
 
     fn ev(n: u64) -> AuditEvent {
         AuditEvent {
-            kind: "statement".into(),
             seq: n,
             statement: format!("SELECT {n}").into(),
             ..AuditEvent::default()
@@ -326,14 +423,14 @@ mod tests {
         {
             let mut log = LocalLog::open(dir.path(), 4096).unwrap();
             for i in 0..50 {
-                log.append(&mut ev(i)).unwrap();
+                log.append(&ev(i)).unwrap();
             }
             log.sync().unwrap();
         }
         {
             let mut log = LocalLog::open(dir.path(), 4096).unwrap();
             for i in 50..60 {
-                log.append(&mut ev(i)).unwrap();
+                log.append(&ev(i)).unwrap();
             }
             log.sync().unwrap();
         }
@@ -349,7 +446,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut log = LocalLog::open(dir.path(), 1 << 30).unwrap();
         for i in 0..5 {
-            log.append(&mut ev(i)).unwrap();
+            log.append(&ev(i)).unwrap();
         }
         log.sync().unwrap();
         let path = log_files(dir.path()).unwrap()[0].clone();

@@ -10,7 +10,10 @@ pub mod process;
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use crate::event::{Labels, ProcessIdentity};
+use crate::{
+    audit::event::{Labels, ProcessIdentity},
+    text::Text,
+};
 
 pub use process::{cgroup2_mount, parse_cgroup_path, CgroupFacts, IdentityResolver};
 
@@ -49,11 +52,32 @@ impl LabelSource for CgroupLabels {
     }
 }
 
-/// A session's workload: the process identity events carry, and its labels.
+/// A session's workload: the process identity events carry, its name and its labels.
 #[derive(Debug, Clone, Default)]
 pub struct Workload {
     pub process: ProcessIdentity,
+    /// See [`workload_name`].
+    pub name: Text,
     pub labels: Labels,
+}
+
+/// The workload a process belongs to, most specific first: `pod:<namespace>/<name>`,
+/// `pod-uid:<uid>`, `container:<id>`, `unit:<systemd unit>`, `cgroup:<path>`, or
+/// `process:<comm>` for a process in the root cgroup.
+pub fn workload_name(p: &ProcessIdentity) -> Text {
+    if !p.pod_name.is_empty() {
+        format!("pod:{}/{}", p.namespace, p.pod_name).into()
+    } else if !p.pod_uid.is_empty() {
+        format!("pod-uid:{}", p.pod_uid).into()
+    } else if !p.container_id.is_empty() {
+        format!("container:{}", p.container_id).into()
+    } else if !p.systemd_unit.is_empty() {
+        format!("unit:{}", p.systemd_unit).into()
+    } else if !p.cgroup_path.is_empty() && &*p.cgroup_path != "/" {
+        format!("cgroup:{}", p.cgroup_path).into()
+    } else {
+        format!("process:{}", p.comm).into()
+    }
 }
 
 /// Resolves processes (from /proc and cgroup v2, cached) and their labels.
@@ -90,6 +114,7 @@ impl WorkloadResolver {
         }
         Workload {
             process: process.clone(),
+            name: workload_name(process),
             labels: Arc::new(labels),
         }
     }
@@ -98,6 +123,50 @@ impl WorkloadResolver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_most_specific_first() {
+        let p = |f: &dyn Fn(&mut ProcessIdentity)| {
+            let mut id = ProcessIdentity {
+                comm: "psql".into(),
+                ..ProcessIdentity::default()
+            };
+            f(&mut id);
+            workload_name(&id).to_string()
+        };
+        assert_eq!(p(&|_| {}), "process:psql");
+        assert_eq!(p(&|i| i.cgroup_path = "/".into()), "process:psql");
+        assert_eq!(p(&|i| i.cgroup_path = "/a.slice".into()), "cgroup:/a.slice");
+        assert_eq!(
+            p(&|i| {
+                i.cgroup_path = "/system.slice/api.service".into();
+                i.systemd_unit = "api.service".into();
+            }),
+            "unit:api.service"
+        );
+        assert_eq!(
+            p(&|i| {
+                i.systemd_unit = "x.service".into();
+                i.container_id = "c0ffee".into();
+            }),
+            "container:c0ffee"
+        );
+        assert_eq!(
+            p(&|i| {
+                i.container_id = "c0ffee".into();
+                i.pod_uid = "u-1".into();
+            }),
+            "pod-uid:u-1"
+        );
+        assert_eq!(
+            p(&|i| {
+                i.pod_uid = "u-1".into();
+                i.pod_name = "payments-1".into();
+                i.namespace = "prod".into();
+            }),
+            "pod:prod/payments-1"
+        );
+    }
 
     #[test]
     fn labels_from_process_and_cgroup() {

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::event::ProcessIdentity;
+use crate::audit::event::ProcessIdentity;
 
 /// Where cgroup v2 is mounted (read from /proc/self/mountinfo).
 pub fn cgroup2_mount() -> Option<PathBuf> {

@@ -1,0 +1,698 @@
+//! The audit event: its kinds, flags, time stamp and fields, declared once (the layouts
+//! follow from the declaration, see `schema.rs`).
+
+use serde::{ser::SerializeStruct, Deserialize, Serialize};
+
+pub use super::schema::Labels;
+use super::schema::{
+    audit_event, json_str, json_strs, put_str, put_strs, ColumnStyle, Field, RecordError,
+    RecordReader,
+};
+use crate::text::Text;
+
+/// What an event records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum EventKind {
+    /// A connection's startup: who connected, as which database user.
+    SessionStart,
+    /// A statement (or function call) and its outcome.
+    #[default]
+    Statement,
+    /// The connection's end.
+    SessionEnd,
+    /// Bytes that were not captured: statements may be missing here.
+    Gap,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 4] = [
+        EventKind::SessionStart,
+        EventKind::Statement,
+        EventKind::SessionEnd,
+        EventKind::Gap,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::SessionStart => "session_start",
+            EventKind::Statement => "statement",
+            EventKind::SessionEnd => "session_end",
+            EventKind::Gap => "gap",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<EventKind> {
+        EventKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for EventKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for EventKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        EventKind::from_name(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown event kind {name:?}")))
+    }
+}
+
+impl Field for EventKind {
+    // A record keeps the name: one written by a newer version reaches ClickHouse as it is.
+    type Ref<'a> = &'a str;
+    fn json(&self, out: &mut Vec<u8>) {
+        json_str(out, self.as_str());
+    }
+    fn put(&self, out: &mut Vec<u8>) {
+        put_str(out, self.as_str());
+    }
+    fn get<'a>(r: &mut RecordReader<'a>) -> Result<&'a str, RecordError> {
+        r.str()
+    }
+    fn own(r: &&str) -> Result<Self, RecordError> {
+        EventKind::from_name(r).ok_or_else(|| RecordError::Unknown {
+            what: "event kind",
+            name: r.to_string(),
+        })
+    }
+    fn ch_columns(name: &'static str, lc: bool, style: ColumnStyle) -> Vec<String> {
+        String::ch_columns(name, lc, style)
+    }
+    fn ch_write<S: SerializeStruct>(
+        r: &&str,
+        name: &'static str,
+        _: bool,
+        s: &mut S,
+    ) -> Result<(), S::Error> {
+        s.serialize_field(name, *r)
+    }
+}
+
+macro_rules! flags {
+    ($( $(#[doc = $doc:literal])* $variant:ident = $name:literal, )*) => {
+        /// Something an event's reader must know about how it was captured.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(u8)]
+        pub enum Flag {
+            $( $(#[doc = $doc])* $variant, )*
+        }
+
+        impl Flag {
+            pub const ALL: &[Flag] = &[$(Flag::$variant),*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $( Flag::$variant => $name, )*
+                }
+            }
+
+            pub fn from_name(name: &str) -> Option<Flag> {
+                match name {
+                    $( $name => Some(Flag::$variant), )*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+flags! {
+    /// The session was joined after it began (it is older than the daemon, or the
+    /// stream was resynchronised after a gap): its startup was not seen.
+    MidStream = "mid_stream",
+    /// A message larger than the capture limit: its text was cut.
+    Truncated = "truncated",
+    /// Bytes of this session were lost before this event (see the gap event).
+    GapBefore = "gap_before",
+    /// TLS the daemon could not read (no hooked library): statements are not recorded.
+    TlsUnreadable = "tls_unreadable",
+    /// GSSAPI encryption, which the daemon cannot read: statements are not recorded.
+    GssencUnreadable = "gssenc_unreadable",
+    /// A gap in what the server sent.
+    ToClient = "to_client",
+    /// A gap in what the client sent.
+    ToServer = "to_server",
+    /// The SQL did not parse: text, tables and command are as far as they could be read.
+    Unparsed = "unparsed",
+    /// The statement was prepared before capture began: its text is unknown.
+    PreparedBeforeCapture = "prepared_before_capture",
+    /// A multi-statement query whose parts could not be matched to its results.
+    SplitMismatch = "split_mismatch",
+    /// Refused before it ran (at Parse or Bind): never executed.
+    FailedBeforeExecute = "failed_before_execute",
+    /// A portal stopped at its row limit (Execute with max_rows).
+    PortalSuspended = "portal_suspended",
+    /// The server never answered (the connection ended first).
+    NoResponse = "no_response",
+    /// A CancelRequest connection.
+    CancelRequest = "cancel_request",
+    /// The connection's close was not seen (it was found gone later).
+    CloseNotSeen = "close_not_seen",
+    /// Events were dropped because the ClickHouse spool was full.
+    ClickhouseSpoolFull = "clickhouse_spool_full",
+}
+
+/// A set of flags; written as their names, in declaration order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Flags(u32);
+
+const _: () = assert!(Flag::ALL.len() <= 32);
+
+impl Flags {
+    pub const fn empty() -> Flags {
+        Flags(0)
+    }
+
+    pub fn of(flags: &[Flag]) -> Flags {
+        let mut f = Flags::empty();
+        for &x in flags {
+            f.insert(x);
+        }
+        f
+    }
+
+    pub fn insert(&mut self, f: Flag) {
+        self.0 |= 1 << f as u8;
+    }
+
+    pub fn remove(&mut self, f: Flag) {
+        self.0 &= !(1 << f as u8);
+    }
+
+    pub fn contains(self, f: Flag) -> bool {
+        self.0 & (1 << f as u8) != 0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn len(self) -> usize {
+        self.0.count_ones() as usize
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = Flag> {
+        Flag::ALL.iter().copied().filter(move |f| self.contains(*f))
+    }
+
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        self.iter().map(Flag::as_str)
+    }
+}
+
+impl std::ops::BitOrAssign for Flags {
+    fn bitor_assign(&mut self, other: Flags) {
+        self.0 |= other.0;
+    }
+}
+
+impl From<Flag> for Flags {
+    fn from(f: Flag) -> Flags {
+        Flags::of(&[f])
+    }
+}
+
+impl PartialEq<[&str]> for Flags {
+    fn eq(&self, other: &[&str]) -> bool {
+        self.names().eq(other.iter().copied())
+    }
+}
+
+impl<const N: usize> PartialEq<[&str; N]> for Flags {
+    fn eq(&self, other: &[&str; N]) -> bool {
+        self.names().eq(other.iter().copied())
+    }
+}
+
+impl Serialize for Flags {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.names())
+    }
+}
+
+impl<'de> Deserialize<'de> for Flags {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let names = <Vec<std::borrow::Cow<'de, str>>>::deserialize(d)?;
+        let mut flags = Flags::empty();
+        for n in names {
+            let f = Flag::from_name(&n)
+                .ok_or_else(|| serde::de::Error::custom(format!("unknown flag {n:?}")))?;
+            flags.insert(f);
+        }
+        Ok(flags)
+    }
+}
+
+impl Field for Flags {
+    // A record keeps the names: those of a newer version reach ClickHouse as they are.
+    type Ref<'a> = Vec<&'a str>;
+    fn json(&self, out: &mut Vec<u8>) {
+        json_strs(out, self.names());
+    }
+    fn put(&self, out: &mut Vec<u8>) {
+        put_strs(out, self.len(), self.names());
+    }
+    fn get<'a>(r: &mut RecordReader<'a>) -> Result<Vec<&'a str>, RecordError> {
+        r.strs()
+    }
+    fn own(r: &Vec<&str>) -> Result<Self, RecordError> {
+        let mut flags = Flags::empty();
+        for n in r {
+            flags.insert(Flag::from_name(n).ok_or_else(|| RecordError::Unknown {
+                what: "flag",
+                name: n.to_string(),
+            })?);
+        }
+        Ok(flags)
+    }
+    fn ch_columns(name: &'static str, _: bool, style: ColumnStyle) -> Vec<String> {
+        <std::sync::Arc<[String]>>::ch_columns(name, false, style)
+    }
+    fn ch_write<S: SerializeStruct>(
+        r: &Vec<&str>,
+        name: &'static str,
+        _: bool,
+        s: &mut S,
+    ) -> Result<(), S::Error> {
+        s.serialize_field(name, r.as_slice())
+    }
+}
+
+/// A point in time: microseconds since the Unix epoch, UTC. Written as RFC 3339 with
+/// microseconds (`2023-11-14T22:13:20.123456Z`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    pub fn from_unix_ns(ns: i128) -> Timestamp {
+        Timestamp(
+            ns.div_euclid(1000)
+                .clamp(i64::MIN as i128, i64::MAX as i128) as i64,
+        )
+    }
+
+    pub fn now() -> Timestamp {
+        Timestamp::from_unix_ns(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i128)
+                .unwrap_or(0),
+        )
+    }
+
+    pub fn unix_micros(self) -> i64 {
+        self.0
+    }
+
+    /// RFC 3339 text, UTC, microseconds; years outside 0000-9999 read as the epoch.
+    pub fn text(self) -> [u8; 27] {
+        ts_text(i128::from(self.0) * 1000)
+    }
+
+    /// Parses RFC 3339 (the daemon's own form fast, any other through the `time` crate).
+    pub fn parse(s: &str) -> Option<Timestamp> {
+        fast_ts_micros(s.as_bytes()).map(Timestamp).or_else(|| {
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .ok()
+                .map(|t| Timestamp((t.unix_timestamp_nanos() / 1000) as i64))
+        })
+    }
+}
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(std::str::from_utf8(&self.text()).unwrap_or("?"))
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(std::str::from_utf8(&self.text()).unwrap_or_default())
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Timestamp::parse(&s)
+            .ok_or_else(|| serde::de::Error::custom(format!("not an RFC 3339 time: {s:?}")))
+    }
+}
+
+impl Field for Timestamp {
+    type Ref<'a> = Timestamp;
+    const COMPAT_SPLIT: Option<[&'static str; 2]> = Some(["ts", "ts_us"]);
+    fn json(&self, out: &mut Vec<u8>) {
+        out.push(b'"');
+        out.extend_from_slice(&self.text());
+        out.push(b'"');
+    }
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.0.to_le_bytes());
+    }
+    fn get<'a>(r: &mut RecordReader<'a>) -> Result<Timestamp, RecordError> {
+        Ok(Timestamp(r.u64()? as i64))
+    }
+    fn own(r: &Timestamp) -> Result<Self, RecordError> {
+        Ok(*r)
+    }
+    fn ch_columns(name: &'static str, _: bool, style: ColumnStyle) -> Vec<String> {
+        match Self::COMPAT_SPLIT {
+            Some([secs, micros]) if style.compat => vec![
+                format!("{secs} DateTime('UTC')"),
+                format!("{micros} UInt32"),
+            ],
+            _ => vec![format!("{name} DateTime64(6, 'UTC')")],
+        }
+    }
+    fn ch_write<S: SerializeStruct>(
+        r: &Timestamp,
+        name: &'static str,
+        compat: bool,
+        s: &mut S,
+    ) -> Result<(), S::Error> {
+        match Self::COMPAT_SPLIT {
+            Some([secs, micros]) if compat => {
+                s.serialize_field(secs, &(r.0.div_euclid(1_000_000) as u32))?;
+                s.serialize_field(micros, &(r.0.rem_euclid(1_000_000) as u32))
+            }
+            _ => s.serialize_field(name, &r.0),
+        }
+    }
+}
+
+/// Where a process sits: the local end of the connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessIdentity {
+    pub pid: u32,
+    pub comm: Text,
+    pub exe: Text,
+    pub uid: u32,
+    pub cgroup_id: u64,
+    pub cgroup_path: Text,
+    pub container_id: Text,
+    pub pod_uid: Text,
+    pub pod_name: Text,
+    pub namespace: Text,
+    pub systemd_unit: Text,
+}
+
+audit_event! {
+    /// Unique and sortable by creation time (a UUIDv7).
+    event_id: String,
+    kind: EventKind [lc],
+    /// Start time, RFC 3339 with microseconds, UTC.
+    ts: Timestamp,
+    /// From the request to the end of its response (statements).
+    duration_us: u64,
+    host: Text [lc],
+    /// Stable for the connection's life.
+    session_id: Text,
+    /// Order of the event within its session, from 1.
+    seq: u64,
+    /// SQL text, literals replaced by $n unless the policy records raw text.
+    statement: Text,
+    /// SELECT, INSERT, CREATE TABLE, ...
+    command: Text [lc],
+    /// Relations the statement touches.
+    tables: std::sync::Arc<[String]>,
+    /// Query fingerprint (pg_query).
+    fingerprint: Text,
+    /// "simple", "extended" or "function_call"; empty for session and gap events.
+    protocol: Text [lc],
+    /// Bind parameters: keyed hashes ("hmac:…") unless the policy records raw values.
+    params: std::sync::Arc<[String]>,
+    /// Rows returned or affected.
+    rows: Option<u64>,
+    /// SQLSTATE, empty on success.
+    error_code: String [lc],
+    error_message: String,
+    db_user: Text [lc],
+    database: Text [lc],
+    application_name: Text,
+    client_addr: Text,
+    client_port: u16,
+    server_addr: Text,
+    server_port: u16,
+    /// Whether the connection is encrypted.
+    tls: bool,
+    /// The local process on the client end (or the backend when the client is remote).
+    pid: u32,
+    comm: Text [lc],
+    exe: Text,
+    uid: u32,
+    /// Its cgroup v2 id and path.
+    cgroup_id: u64,
+    cgroup_path: Text,
+    container_id: Text,
+    pod_uid: Text,
+    pod_name: Text,
+    namespace: Text [lc],
+    systemd_unit: Text,
+    /// The workload, most specific first: `pod:<namespace>/<name>`, `container:<id>`,
+    /// `unit:<unit>`, `cgroup:<path>` or `process:<comm>`.
+    workload: Text,
+    /// Workload labels policies select on.
+    labels: Labels,
+    /// "ebpf", "ebpf_tls" or "proxy".
+    capture: Text [lc],
+    flags: Flags,
+    /// The backend serving the session, when it runs on this host.
+    server_pid: u32,
+    /// Name of the prepared statement executed, if any.
+    prepared_name: Text,
+    /// Bytes missing, for gap events.
+    gap_bytes: u64,
+    /// The SQLSTATE class or transaction status at the end of the statement.
+    tx_status: String,
+}
+
+impl AuditEvent {
+    pub fn of_kind(kind: EventKind) -> AuditEvent {
+        AuditEvent {
+            kind,
+            ..AuditEvent::default()
+        }
+    }
+
+    pub fn apply_identity(&mut self, id: &ProcessIdentity) {
+        self.pid = id.pid;
+        self.comm = id.comm.clone();
+        self.exe = id.exe.clone();
+        self.uid = id.uid;
+        self.cgroup_id = id.cgroup_id;
+        self.cgroup_path = id.cgroup_path.clone();
+        self.container_id = id.container_id.clone();
+        self.pod_uid = id.pod_uid.clone();
+        self.pod_name = id.pod_name.clone();
+        self.namespace = id.namespace.clone();
+        self.systemd_unit = id.systemd_unit.clone();
+    }
+}
+
+/// A UUIDv7: unique and sortable by creation time. The 74 bits after the millisecond
+/// timestamp come from a userspace CSPRNG (one OS read per thread, not one per event).
+pub fn new_event_id() -> String {
+    use rand::RngCore;
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut random = [0u8; 10];
+    rand::thread_rng().fill_bytes(&mut random);
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
+    // One exact allocation (Display grows a String several times).
+    String::from(&*id.hyphenated().encode_lower(&mut text))
+}
+
+/// RFC 3339 with microseconds, UTC (`2023-11-14T22:13:20.123456Z`). Years outside
+/// 0000-9999 are clamped to the epoch.
+pub fn format_ts(unix_ns: i128) -> String {
+    String::from_utf8_lossy(&ts_text(unix_ns)).into_owned()
+}
+
+fn ts_text(unix_ns: i128) -> [u8; 27] {
+    let us = unix_ns.div_euclid(1000);
+    let secs = us.div_euclid(1_000_000);
+    let micros = us.rem_euclid(1_000_000) as u32;
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400) as u32;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i128::from(month <= 2);
+    if !(0..=9999).contains(&year) {
+        return ts_text(0);
+    }
+    let mut b = *b"0000-00-00T00:00:00.000000Z";
+    let mut put = |at: usize, width: usize, mut v: u32| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year as u32);
+    put(5, 2, month);
+    put(8, 2, day);
+    put(11, 2, sod / 3600);
+    put(14, 2, sod / 60 % 60);
+    put(17, 2, sod % 60);
+    put(20, 6, micros);
+    b
+}
+
+/// Unix microseconds of `YYYY-MM-DDTHH:MM:SS.ffffffZ`, the form the daemon writes.
+fn fast_ts_micros(b: &[u8]) -> Option<i64> {
+    if b.len() != 27
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[19] != b'.'
+        || b[26] != b'Z'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        b[r].iter().try_fold(0i64, |acc, &c| {
+            c.is_ascii_digit().then(|| acc * 10 + i64::from(c - b'0'))
+        })
+    };
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss, us) = (num(11..13)?, num(14..16)?, num(17..19)?, num(20..26)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    // Days from the civil date (H. Hinnant's algorithm), proleptic Gregorian.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1_000_000) + us)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn hand_written_json_is_serde_json_byte_for_byte() {
+        let mut ev = AuditEvent {
+            event_id: "e1".into(),
+            kind: EventKind::Statement,
+            ts: Timestamp::parse("2023-11-14T22:13:20.123456Z").unwrap(),
+            duration_us: u64::MAX,
+            statement: "SELECT \"q\", '\\', $1 -- \u{1}\u{1f}\u{7f}\t\r\n\u{8}\u{c} ü 日本 😀"
+                .into(),
+            tables: vec!["a".into(), "b\"c".into()].into(),
+            params: Arc::from([]),
+            rows: None,
+            tls: true,
+            labels: [
+                ("app".to_string(), "pay\nments".to_string()),
+                ("k\"".to_string(), String::new()),
+            ]
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into(),
+            flags: Flags::of(&[Flag::GapBefore, Flag::MidStream]),
+            ..AuditEvent::default()
+        };
+        for rows in [None, Some(0), Some(12345)] {
+            ev.rows = rows;
+            ev.tls = !ev.tls;
+            let serde = serde_json::to_string(&ev).unwrap();
+            let mut mine = Vec::new();
+            ev.write_json_fields(&mut mine);
+            mine.push(b'}');
+            assert_eq!(String::from_utf8(mine).unwrap(), serde);
+            // And it reads back.
+            assert_eq!(serde_json::from_str::<AuditEvent>(&serde).unwrap(), ev);
+        }
+    }
+
+    #[test]
+    fn every_flag_and_kind_round_trips_by_name() {
+        for &f in Flag::ALL {
+            assert_eq!(Flag::from_name(f.as_str()), Some(f));
+        }
+        for k in EventKind::ALL {
+            assert_eq!(EventKind::from_name(k.as_str()), Some(k));
+        }
+        let all = Flags::of(Flag::ALL);
+        assert_eq!(all.len(), Flag::ALL.len());
+        let json = serde_json::to_string(&all).unwrap();
+        assert_eq!(serde_json::from_str::<Flags>(&json).unwrap(), all);
+        assert!(serde_json::from_str::<Flags>("[\"no_such_flag\"]").is_err());
+        assert!(serde_json::from_str::<EventKind>("\"no_such_kind\"").is_err());
+        // Names come out in declaration order, whatever the order of insertion.
+        let mut f = Flags::from(Flag::GapBefore);
+        f.insert(Flag::MidStream);
+        assert_eq!(f, ["mid_stream", "gap_before"]);
+    }
+
+    #[test]
+    fn timestamps_match_the_time_crate() {
+        let fmt = time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+        );
+        let mut ns: i128 = -86_400_000_000_000 * 365 * 3;
+        while ns < 4_102_444_800_000_000_000 {
+            let t = time::OffsetDateTime::from_unix_timestamp_nanos(ns).unwrap();
+            let text = t.format(&fmt).unwrap();
+            assert_eq!(format_ts(ns), text, "{ns}");
+            assert_eq!(
+                Timestamp::parse(&text),
+                Some(Timestamp::from_unix_ns(ns)),
+                "{text}"
+            );
+            ns += 7_777_777_777_777_777 / 13; // about 6.9 days and odd microseconds
+        }
+        assert_eq!(
+            format_ts(951_868_799_999_999_000),
+            "2000-02-29T23:59:59.999999Z"
+        );
+        assert_eq!(format_ts(-1_000), "1969-12-31T23:59:59.999999Z");
+    }
+
+    #[test]
+    fn timestamp_text_and_parsing() {
+        assert_eq!(
+            format_ts(1_700_000_000_123_456_789),
+            "2023-11-14T22:13:20.123456Z"
+        );
+        let p = |s| Timestamp::parse(s).map(Timestamp::unix_micros);
+        assert_eq!(p("1970-01-01T00:00:01.000002Z"), Some(1_000_002));
+        assert_eq!(p("2000-02-29T23:59:59.999999Z"), Some(951_868_799_999_999));
+        assert_eq!(p("1969-12-31T23:59:59.000000Z"), Some(-1_000_000));
+        // Other RFC 3339 forms.
+        assert_eq!(
+            p("2023-11-14T23:13:20.5+01:00"),
+            Some(1_700_000_000_500_000)
+        );
+        assert_eq!(p("nonsense"), None);
+        assert_eq!(p("2023-13-14T22:13:20.123456Z"), None);
+    }
+}

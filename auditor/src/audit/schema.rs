@@ -1,0 +1,618 @@
+//! How an audit event's fields are written: one declaration of the fields (the
+//! `audit_event!` invocation in `event.rs`) and, per field type, its three layouts:
+//!
+//! - JSON, byte for byte as serde_json writes it (the local log, `auditor tail --json`),
+//!   without serde's per-field dispatch: this runs for every event;
+//! - the spool record (ClickHouse's on-disk queue), little endian by field order: strings
+//!   as a u32 length and UTF-8, integers fixed width, lists as a u32 count and their items,
+//!   read back without copying ([`Field::Ref`] borrows the record);
+//! - ClickHouse: the column's type for the server at hand and its RowBinary value (through
+//!   the `clickhouse` crate's serializer).
+//!
+//! A new field is one line in the declaration: the struct, the JSON writer, the spool
+//! record, the ClickHouse row, its column and the migration adding it all follow.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use serde::ser::SerializeStruct;
+
+use crate::text::Text;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RecordError {
+    #[error("record ends inside a field")]
+    Truncated,
+    #[error("a string field is not UTF-8")]
+    NotUtf8,
+    #[error("unknown record layout {0}")]
+    UnknownVersion(u8),
+    #[error("{0} bytes after the last field")]
+    Trailing(usize),
+    #[error("not an audit event in JSON: {0}")]
+    Json(String),
+    #[error("{what} {name:?} is not known to this version")]
+    Unknown { what: &'static str, name: String },
+}
+
+/// How the ClickHouse server at hand stores events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ColumnStyle {
+    /// Servers without DateTime64 or Map (before 21.8): DateTime plus microseconds, and
+    /// labels as two arrays.
+    pub compat: bool,
+    /// LowCardinality(String) for the fields declared `lc`.
+    pub low_cardinality: bool,
+}
+
+/// One declared field, for the ClickHouse schema.
+#[derive(Clone, Copy)]
+pub struct FieldSpec {
+    pub name: &'static str,
+    /// Stored as LowCardinality where the server has it (few distinct values).
+    pub low_cardinality: bool,
+    /// The schema version that added the field (1: the first table).
+    pub since: u32,
+    /// Its column definitions (`name Type`), for a server of this style.
+    pub columns: fn(&'static str, bool, ColumnStyle) -> Vec<String>,
+    /// The two columns it is stored in on a compat server, if not one of its own name.
+    pub compat_split: Option<[&'static str; 2]>,
+}
+
+impl FieldSpec {
+    pub const fn new<T: Field>(name: &'static str) -> FieldSpec {
+        FieldSpec {
+            name,
+            low_cardinality: false,
+            since: 1,
+            columns: T::ch_columns,
+            compat_split: T::COMPAT_SPLIT,
+        }
+    }
+
+    pub const fn lc(mut self) -> Self {
+        self.low_cardinality = true;
+        self
+    }
+
+    pub const fn since(mut self, version: u32) -> Self {
+        self.since = version;
+        self
+    }
+}
+
+/// The ClickHouse column names of every field in order, with split fields expanded
+/// (`M` = fields + split fields).
+pub const fn compat_column_names<const M: usize>(fields: &[FieldSpec]) -> [&'static str; M] {
+    let mut out = [""; M];
+    let (mut i, mut j) = (0, 0);
+    while i < fields.len() {
+        match fields[i].compat_split {
+            Some([a, b]) => {
+                out[j] = a;
+                out[j + 1] = b;
+                j += 2;
+            }
+            None => {
+                out[j] = fields[i].name;
+                j += 1;
+            }
+        }
+        i += 1;
+    }
+    assert!(j == M, "column count");
+    out
+}
+
+pub const fn column_names<const N: usize>(fields: &[FieldSpec]) -> [&'static str; N] {
+    let mut out = [""; N];
+    let mut i = 0;
+    while i < N {
+        out[i] = fields[i].name;
+        i += 1;
+    }
+    out
+}
+
+pub const fn split_count(fields: &[FieldSpec]) -> usize {
+    let (mut i, mut n) = (0, 0);
+    while i < fields.len() {
+        if fields[i].compat_split.is_some() {
+            n += 1;
+        }
+        i += 1;
+    }
+    n
+}
+
+/// Reads a spool record field by field.
+pub struct RecordReader<'a> {
+    pub(crate) buf: &'a [u8],
+}
+
+impl<'a> RecordReader<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        RecordReader { buf }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    pub fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
+        if self.buf.len() < n {
+            return Err(RecordError::Truncated);
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], RecordError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    pub fn u8(&mut self) -> Result<u8, RecordError> {
+        Ok(self.take(1)?[0])
+    }
+
+    pub fn u16(&mut self) -> Result<u16, RecordError> {
+        self.array().map(u16::from_le_bytes)
+    }
+
+    pub fn u32(&mut self) -> Result<u32, RecordError> {
+        self.array().map(u32::from_le_bytes)
+    }
+
+    pub fn u64(&mut self) -> Result<u64, RecordError> {
+        self.array().map(u64::from_le_bytes)
+    }
+
+    pub fn str(&mut self) -> Result<&'a str, RecordError> {
+        let n = self.u32()? as usize;
+        std::str::from_utf8(self.take(n)?).map_err(|_| RecordError::NotUtf8)
+    }
+
+    /// A count, checked against what is left (each item takes at least `min_item` bytes),
+    /// so a corrupt count cannot ask for a huge allocation.
+    pub fn count(&mut self, min_item: usize) -> Result<usize, RecordError> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_item) > self.buf.len() {
+            return Err(RecordError::Truncated);
+        }
+        Ok(n)
+    }
+
+    pub fn strs(&mut self) -> Result<Vec<&'a str>, RecordError> {
+        let n = self.count(4)?;
+        (0..n).map(|_| self.str()).collect()
+    }
+}
+
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+pub(crate) fn put_strs<'s>(out: &mut Vec<u8>, n: usize, items: impl Iterator<Item = &'s str>) {
+    out.extend_from_slice(&(n as u32).to_le_bytes());
+    for s in items {
+        put_str(out, s);
+    }
+}
+
+/// Appends `s` as a JSON string, escaped as serde_json escapes it (so a line reads the same
+/// whichever wrote it).
+pub(crate) fn json_str(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    let b = s.as_bytes();
+    // Most values need no escaping: one pass without branches to find out.
+    let plain = b
+        .iter()
+        .fold(true, |ok, &c| ok & (c >= 0x20 && c != b'"' && c != b'\\'));
+    if plain {
+        out.extend_from_slice(b);
+    } else {
+        let mut start = 0;
+        for (i, &c) in b.iter().enumerate() {
+            let esc: &[u8] = match c {
+                b'"' => b"\\\"",
+                b'\\' => b"\\\\",
+                b'\n' => b"\\n",
+                b'\r' => b"\\r",
+                b'\t' => b"\\t",
+                0x08 => b"\\b",
+                0x0c => b"\\f",
+                0..=0x1f => &[],
+                _ => continue,
+            };
+            out.extend_from_slice(&b[start..i]);
+            if esc.is_empty() {
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[(c >> 4) as usize]);
+                out.push(HEX[(c & 0xf) as usize]);
+            } else {
+                out.extend_from_slice(esc);
+            }
+            start = i + 1;
+        }
+        out.extend_from_slice(&b[start..]);
+    }
+    out.push(b'"');
+}
+
+pub(crate) fn json_strs<'s>(out: &mut Vec<u8>, items: impl Iterator<Item = &'s str>) {
+    out.push(b'[');
+    for (i, s) in items.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        json_str(out, s);
+    }
+    out.push(b']');
+}
+
+fn json_num(out: &mut Vec<u8>, n: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// A type an audit event field can have, with its layouts.
+pub trait Field: Sized {
+    /// The field as read from a spool record, borrowing the record.
+    type Ref<'a>: std::fmt::Debug + Clone + PartialEq + Default;
+    /// Stored in two ClickHouse columns (these) on a compat server.
+    const COMPAT_SPLIT: Option<[&'static str; 2]> = None;
+
+    /// Appends the value as serde_json writes it.
+    fn json(&self, out: &mut Vec<u8>);
+    /// Appends the value to a spool record.
+    fn put(&self, out: &mut Vec<u8>);
+    /// Reads the value from a spool record.
+    fn get<'a>(r: &mut RecordReader<'a>) -> Result<Self::Ref<'a>, RecordError>;
+    /// The owned value of what a record holds.
+    fn own(r: &Self::Ref<'_>) -> Result<Self, RecordError>;
+    /// Column definitions for a field of this type named `name`.
+    fn ch_columns(name: &'static str, lc: bool, style: ColumnStyle) -> Vec<String>;
+    /// The RowBinary value(s), in column order.
+    fn ch_write<S: SerializeStruct>(
+        r: &Self::Ref<'_>,
+        name: &'static str,
+        compat: bool,
+        s: &mut S,
+    ) -> Result<(), S::Error>;
+}
+
+fn one_column(name: &str, ty: &str, lc: bool, style: ColumnStyle) -> Vec<String> {
+    if lc && style.low_cardinality {
+        vec![format!("{name} LowCardinality({ty})")]
+    } else {
+        vec![format!("{name} {ty}")]
+    }
+}
+
+macro_rules! text_field {
+    ($t:ty) => {
+        impl Field for $t {
+            type Ref<'a> = &'a str;
+            fn json(&self, out: &mut Vec<u8>) {
+                json_str(out, self);
+            }
+            fn put(&self, out: &mut Vec<u8>) {
+                put_str(out, self);
+            }
+            fn get<'a>(r: &mut RecordReader<'a>) -> Result<&'a str, RecordError> {
+                r.str()
+            }
+            fn own(r: &&str) -> Result<Self, RecordError> {
+                Ok((*r).into())
+            }
+            fn ch_columns(name: &'static str, lc: bool, style: ColumnStyle) -> Vec<String> {
+                one_column(name, "String", lc, style)
+            }
+            fn ch_write<S: SerializeStruct>(
+                r: &&str,
+                name: &'static str,
+                _: bool,
+                s: &mut S,
+            ) -> Result<(), S::Error> {
+                s.serialize_field(name, *r)
+            }
+        }
+    };
+}
+
+text_field!(String);
+text_field!(Text);
+
+macro_rules! int_field {
+    ($t:ty, $ch:literal) => {
+        impl Field for $t {
+            type Ref<'a> = $t;
+            fn json(&self, out: &mut Vec<u8>) {
+                json_num(out, *self);
+            }
+            fn put(&self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn get<'a>(r: &mut RecordReader<'a>) -> Result<$t, RecordError> {
+                Ok(<$t>::from_le_bytes(r.array()?))
+            }
+            fn own(r: &$t) -> Result<Self, RecordError> {
+                Ok(*r)
+            }
+            fn ch_columns(name: &'static str, lc: bool, style: ColumnStyle) -> Vec<String> {
+                one_column(name, $ch, lc, style)
+            }
+            fn ch_write<S: SerializeStruct>(
+                r: &$t,
+                name: &'static str,
+                _: bool,
+                s: &mut S,
+            ) -> Result<(), S::Error> {
+                s.serialize_field(name, r)
+            }
+        }
+    };
+}
+
+int_field!(u16, "UInt16");
+int_field!(u32, "UInt32");
+int_field!(u64, "UInt64");
+
+impl Field for bool {
+    type Ref<'a> = bool;
+    fn json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(if *self { b"true" } else { b"false" });
+    }
+    fn put(&self, out: &mut Vec<u8>) {
+        out.push(u8::from(*self));
+    }
+    fn get<'a>(r: &mut RecordReader<'a>) -> Result<bool, RecordError> {
+        Ok(r.u8()? != 0)
+    }
+    fn own(r: &bool) -> Result<Self, RecordError> {
+        Ok(*r)
+    }
+    fn ch_columns(name: &'static str, lc: bool, style: ColumnStyle) -> Vec<String> {
+        one_column(name, "UInt8", lc, style)
+    }
+    fn ch_write<S: SerializeStruct>(
+        r: &bool,
+        name: &'static str,
+        _: bool,
+        s: &mut S,
+    ) -> Result<(), S::Error> {
+        s.serialize_field(name, &u8::from(*r))
+    }
+}
+
+impl Field for Option<u64> {
+    type Ref<'a> = Option<u64>;
+    fn json(&self, out: &mut Vec<u8>) {
+        match self {
+            Some(n) => json_num(out, *n),
+            None => out.extend_from_slice(b"null"),
+        }
+    }
+    fn put(&self, out: &mut Vec<u8>) {
+        match self {
+            Some(n) => {
+                out.push(1);
+                out.extend_from_slice(&n.to_le_bytes());
+            }
+            None => out.push(0),
+        }
+    }
+    fn get<'a>(r: &mut RecordReader<'a>) -> Result<Option<u64>, RecordError> {
+        Ok(match r.u8()? {
+            0 => None,
+            _ => Some(r.u64()?),
+        })
+    }
+    fn own(r: &Option<u64>) -> Result<Self, RecordError> {
+        Ok(*r)
+    }
+    fn ch_columns(name: &'static str, lc: bool, style: ColumnStyle) -> Vec<String> {
+        one_column(name, "Nullable(UInt64)", lc, style)
+    }
+    fn ch_write<S: SerializeStruct>(
+        r: &Option<u64>,
+        name: &'static str,
+        _: bool,
+        s: &mut S,
+    ) -> Result<(), S::Error> {
+        s.serialize_field(name, r)
+    }
+}
+
+impl Field for Arc<[String]> {
+    type Ref<'a> = Vec<&'a str>;
+    fn json(&self, out: &mut Vec<u8>) {
+        json_strs(out, self.iter().map(String::as_str));
+    }
+    fn put(&self, out: &mut Vec<u8>) {
+        put_strs(out, self.len(), self.iter().map(String::as_str));
+    }
+    fn get<'a>(r: &mut RecordReader<'a>) -> Result<Vec<&'a str>, RecordError> {
+        r.strs()
+    }
+    fn own(r: &Vec<&str>) -> Result<Self, RecordError> {
+        Ok(r.iter().map(|s| s.to_string()).collect())
+    }
+    fn ch_columns(name: &'static str, _: bool, style: ColumnStyle) -> Vec<String> {
+        one_column(name, "Array(String)", false, style)
+    }
+    fn ch_write<S: SerializeStruct>(
+        r: &Vec<&str>,
+        name: &'static str,
+        _: bool,
+        s: &mut S,
+    ) -> Result<(), S::Error> {
+        s.serialize_field(name, r.as_slice())
+    }
+}
+
+/// Workload labels, shared by the events of a session.
+pub type Labels = Arc<BTreeMap<String, String>>;
+
+impl Field for Labels {
+    type Ref<'a> = Vec<(&'a str, &'a str)>;
+    const COMPAT_SPLIT: Option<[&'static str; 2]> = Some(["label_keys", "label_values"]);
+    fn json(&self, out: &mut Vec<u8>) {
+        out.push(b'{');
+        for (i, (k, v)) in self.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json_str(out, k);
+            out.push(b':');
+            json_str(out, v);
+        }
+        out.push(b'}');
+    }
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.len() as u32).to_le_bytes());
+        for (k, v) in self.iter() {
+            put_str(out, k);
+            put_str(out, v);
+        }
+    }
+    fn get<'a>(r: &mut RecordReader<'a>) -> Result<Vec<(&'a str, &'a str)>, RecordError> {
+        let n = r.count(8)?;
+        (0..n).map(|_| Ok((r.str()?, r.str()?))).collect()
+    }
+    fn own(r: &Vec<(&str, &str)>) -> Result<Self, RecordError> {
+        Ok(Arc::new(
+            r.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ))
+    }
+    fn ch_columns(name: &'static str, _: bool, style: ColumnStyle) -> Vec<String> {
+        match Self::COMPAT_SPLIT {
+            Some([keys, values]) if style.compat => vec![
+                format!("{keys} Array(String)"),
+                format!("{values} Array(String)"),
+            ],
+            _ => vec![format!("{name} Map(String, String)")],
+        }
+    }
+    fn ch_write<S: SerializeStruct>(
+        r: &Vec<(&str, &str)>,
+        name: &'static str,
+        compat: bool,
+        s: &mut S,
+    ) -> Result<(), S::Error> {
+        match Self::COMPAT_SPLIT {
+            Some([keys, values]) if compat => {
+                let k: Vec<&str> = r.iter().map(|(k, _)| *k).collect();
+                let v: Vec<&str> = r.iter().map(|(_, v)| *v).collect();
+                s.serialize_field(keys, k.as_slice())?;
+                s.serialize_field(values, v.as_slice())
+            }
+            _ => s.serialize_field(name, r.as_slice()),
+        }
+    }
+}
+
+/// Declares the audit event's fields once; see the module's documentation. Each field is
+/// `name: Type` with optional attributes in brackets: `lc` (few distinct values:
+/// LowCardinality in ClickHouse), `since = N` (added by schema version N; a migration adds
+/// its column to existing tables).
+macro_rules! audit_event {
+    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty $([ $($attr:tt)* ])? ),* $(,)?) => {
+        /// One audit event: one JSON object per line in the local log, one row in
+        /// ClickHouse. The field names are a contract (see DESIGN.md): extend, never
+        /// rename.
+        #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+        #[serde(default)]
+        pub struct AuditEvent {
+            $( $(#[doc = $doc])* pub $name: $ty, )*
+        }
+
+        /// An audit event read from a spool record; text borrows the record.
+        #[derive(Debug, Clone, Default, PartialEq)]
+        pub struct EventRef<'a> {
+            $( $(#[doc = $doc])* pub $name: <$ty as $crate::audit::schema::Field>::Ref<'a>, )*
+        }
+
+        /// Every field, in order.
+        pub const FIELDS: &[$crate::audit::schema::FieldSpec] = &[
+            $( $crate::audit::schema::audit_event!(@spec $name, $ty; $($($attr)*)?) ),*
+        ];
+
+        impl AuditEvent {
+            /// Appends the event's fields as a JSON object without its closing brace
+            /// (`{"event_id":…,…,"tx_status":"…"`): the local log adds its chain fields.
+            /// Byte for byte what serde_json writes for the same fields.
+            pub fn write_json_fields(&self, out: &mut Vec<u8>) {
+                let start = out.len();
+                $(
+                    out.extend_from_slice(concat!(",\"", stringify!($name), "\":").as_bytes());
+                    $crate::audit::schema::Field::json(&self.$name, out);
+                )*
+                out[start] = b'{';
+            }
+
+            /// Appends the fields to a spool record.
+            pub fn put_fields(&self, out: &mut Vec<u8>) {
+                $( $crate::audit::schema::Field::put(&self.$name, out); )*
+            }
+        }
+
+        impl<'a> EventRef<'a> {
+            /// Reads the fields of a spool record; fields after the first `fields` (a
+            /// record of an earlier version) take their defaults.
+            pub fn get_fields(
+                r: &mut $crate::audit::schema::RecordReader<'a>,
+                fields: usize,
+            ) -> Result<Self, $crate::audit::schema::RecordError> {
+                let mut ev = EventRef::default();
+                let mut i = 0usize;
+                $(
+                    if i < fields {
+                        ev.$name = <$ty as $crate::audit::schema::Field>::get(r)?;
+                    }
+                    i += 1;
+                )*
+                let _ = i;
+                Ok(ev)
+            }
+
+            /// The owned event.
+            pub fn to_event(&self) -> Result<AuditEvent, $crate::audit::schema::RecordError> {
+                Ok(AuditEvent {
+                    $( $name: <$ty as $crate::audit::schema::Field>::own(&self.$name)?, )*
+                })
+            }
+
+            /// Serializes the ClickHouse row's columns, in order.
+            pub fn write_clickhouse<S: serde::ser::SerializeStruct>(
+                &self,
+                compat: bool,
+                s: &mut S,
+            ) -> Result<(), S::Error> {
+                $( <$ty as $crate::audit::schema::Field>::ch_write(
+                    &self.$name, stringify!($name), compat, s)?; )*
+                Ok(())
+            }
+        }
+    };
+    (@spec $name:ident, $ty:ty; ) => {
+        $crate::audit::schema::FieldSpec::new::<$ty>(stringify!($name))
+    };
+    (@spec $name:ident, $ty:ty; lc $(, $($rest:tt)*)?) => {
+        $crate::audit::schema::audit_event!(@spec $name, $ty; $($($rest)*)?).lc()
+    };
+    (@spec $name:ident, $ty:ty; since = $v:literal $(, $($rest:tt)*)?) => {
+        $crate::audit::schema::audit_event!(@spec $name, $ty; $($($rest)*)?).since($v)
+    };
+}
+
+pub(crate) use audit_event;
