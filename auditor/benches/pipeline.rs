@@ -9,9 +9,9 @@
 use std::{collections::BTreeMap, hint::black_box, path::PathBuf};
 
 use auditor::{
+    audit::event::{new_event_id, AuditEvent},
     audit::recorder::RecordingPolicy,
     capture::session::Session,
-    audit::event::{new_event_id, AuditEvent},
     pg::{Direction, TokenizerLimits},
     sink::{local::LocalLog, Sink},
     sql::Analyzer,

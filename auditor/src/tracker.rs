@@ -129,6 +129,8 @@ struct SessionEntry {
     /// A Unix-domain connection: it has no close tracepoint, so it ends at the client's
     /// Terminate, at either end's end of stream, or when its processes are gone.
     unix: bool,
+    /// The daemon's own diagnostics about this connection (`AUDITOR_LOG=auditor=debug`).
+    span: tracing::Span,
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -367,8 +369,18 @@ impl Tracker {
         } else if mid_stream && first_data.is_some_and(looks_like_tls_record) {
             session.assume_tls();
         }
+        let id: Text = new_event_id().into();
+        let client_addr = endpoint_string(h.tuple.family, &conn.client_addr);
+        let server_addr = endpoint_string(h.tuple.family, &conn.server_addr);
+        let span = tracing::debug_span!(
+            "session",
+            id = %id,
+            client = %format_args!("{client_addr}:{}", conn.client_port),
+            server = %format_args!("{server_addr}:{}", conn.server_port),
+        );
+        tracing::debug!(parent: &span, mid_stream, tls, pid = identity.pid, comm = %identity.comm, "connection seen");
         let mut entry = SessionEntry {
-            id: new_event_id().into(),
+            id,
             seq: 0,
             last_ns: h.ts_ns,
             session,
@@ -377,12 +389,13 @@ impl Tracker {
             ciphertext_only_since: None,
             client: None,
             server: None,
-            client_addr: endpoint_string(h.tuple.family, &conn.client_addr),
-            server_addr: endpoint_string(h.tuple.family, &conn.server_addr),
+            client_addr,
+            server_addr,
             workload: Workload::default(),
             workload_of: (0, 0),
             role_ends: [None, None],
             unix: h.tuple.family == AF_UNIX,
+            span,
         };
         if entry.unix {
             self.counters.unix_sessions += 1;
@@ -549,6 +562,7 @@ impl Tracker {
             return;
         };
         let mut drafts = std::mem::take(&mut self.drafts);
+        let entered = s.span.enter();
         s.session.push(
             direction,
             payload,
@@ -557,6 +571,7 @@ impl Tracker {
             &mut self.analyzer,
             &mut drafts,
         );
+        drop(entered);
         let terminated = s.unix && s.session.terminated();
         self.finish_drafts(conn, &mut drafts, out);
         self.drafts = drafts;
@@ -599,6 +614,9 @@ impl Tracker {
     ) {
         self.counters.gaps += 1;
         self.counters.gap_bytes += missing;
+        if let Some(s) = self.sessions.get(&conn) {
+            tracing::debug!(parent: &s.span, bytes = missing, ?direction, "bytes lost: gap recorded");
+        }
         let mut ev = AuditEvent {
             kind: EventKind::Gap,
             gap_bytes: missing,
@@ -758,6 +776,13 @@ impl Tracker {
         );
         self.drafts = drafts;
         self.counters.sessions_ended += 1;
+        tracing::debug!(
+            parent: &s.span,
+            events = s.seq,
+            close_not_seen,
+            parse_errors = s.session.counters().parse_errors,
+            "session ended"
+        );
         self.counters.parse_errors += s.session.counters().parse_errors;
         self.counters.unmatched_responses += s.session.counters().unmatched_responses;
     }

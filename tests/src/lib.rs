@@ -517,6 +517,18 @@ impl Daemon {
         .unwrap()
     }
 
+    /// Waits until `pred` holds for the stats (or the timeout passes) and returns them.
+    pub fn wait_for_stats(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let stats = self.stats().unwrap_or(Value::Null);
+            if pred(&stats) || Instant::now() >= deadline {
+                return stats;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits until `pred` holds for the events (or the timeout passes) and returns them.
     pub fn wait_for(
         &self,

@@ -109,7 +109,7 @@ fn spool_survives_a_daemon_restart_while_clickhouse_is_down() {
     psql.env("PGAPPNAME", "spooled")
         .args(["-c", "SELECT 1", "-c", "SELECT 2", "-c", "SELECT 3"]);
     check(&mut psql).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // Stop spools everything the kernel holds before it returns.
     first.stop().unwrap();
     // Second daemon, ClickHouse back: the spool is delivered.
     ch.restart().unwrap();

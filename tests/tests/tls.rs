@@ -315,9 +315,9 @@ fn client_with_its_own_libssl_started_after_the_daemon() {
         ])
         .args(["-c", "SELECT 3", "postgres"]);
     check(&mut cmd).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    let stats = daemon.stats().unwrap();
+    // The stats written at shutdown are final.
     daemon.stop().unwrap();
+    let stats = daemon.stats().unwrap();
     let events = daemon.events().unwrap();
     let libraries: Vec<&str> = stats["tls_libraries"]
         .as_array()
@@ -394,20 +394,20 @@ fn executable_with_openssl_linked_statically() {
     let child = cmd.stdout(Stdio::piped()).spawn().unwrap();
     let quick_pid = child.id();
     assert!(child.wait_with_output().unwrap().status.success());
-    std::thread::sleep(Duration::from_millis(1500));
-    let stats = daemon.stats().unwrap();
-    daemon.stop().unwrap();
-    let events = daemon.events().unwrap();
-    assert_no_duplicates(&events);
+    // Hooking is asynchronous to the client: wait until the stats show it (or 10 s), then
+    // stop (which takes every record the kernel holds) and read the final stats.
     let exe_shown = exe.display().to_string();
-    assert!(
+    let hooked = |stats: &Value| {
         stats["tls_libraries"]
             .as_array()
-            .unwrap()
-            .iter()
-            .any(|l| l.as_str() == Some(exe_shown.as_str())),
-        "{exe_shown} not hooked: {stats}"
-    );
+            .is_some_and(|l| l.iter().any(|l| l.as_str() == Some(exe_shown.as_str())))
+    };
+    daemon.wait_for_stats(Duration::from_secs(10), hooked);
+    daemon.stop().unwrap();
+    let stats = daemon.stats().unwrap();
+    let events = daemon.events().unwrap();
+    assert_no_duplicates(&events);
+    assert!(hooked(&stats), "{exe_shown} not hooked: {stats}");
     let recorded = statements(&events, "static_client");
     assert_eq!(recorded.len(), 2, "{events:#?}");
     for e in &recorded {

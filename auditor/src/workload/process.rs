@@ -84,8 +84,16 @@ struct Cached {
 }
 
 /// Resolves identities, caching per process for a short while (pids are reused).
+///
+/// It runs when a connection's end is first seen, on the capture thread: exe can only be
+/// read while the process lives, so it is read at once. Every step costs a few system
+/// calls and is cached (per process, per cgroup); a cgroup's path comes from its id by
+/// handle, never from walking the cgroup tree (thousands of directories on a Kubernetes
+/// node) unless the kernel cannot open cgroups by handle.
 pub struct IdentityResolver {
     cgroup_root: Option<PathBuf>,
+    /// The cgroup v2 mount, opened once, to open cgroups by handle.
+    cgroup_mount_fd: Option<std::os::fd::OwnedFd>,
     cgroup_paths: HashMap<u64, String>,
     processes: HashMap<u32, Cached>,
     proc_root: PathBuf,
@@ -95,8 +103,19 @@ const PROCESS_TTL: Duration = Duration::from_secs(30);
 
 impl IdentityResolver {
     pub fn new() -> Self {
+        let cgroup_root = cgroup2_mount();
+        let cgroup_mount_fd = cgroup_root.as_ref().and_then(|root| {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECTORY)
+                .open(root)
+                .ok()
+                .map(std::os::fd::OwnedFd::from)
+        });
         IdentityResolver {
-            cgroup_root: cgroup2_mount(),
+            cgroup_mount_fd,
+            cgroup_root,
             cgroup_paths: HashMap::new(),
             processes: HashMap::new(),
             proc_root: PathBuf::from("/proc"),
@@ -125,8 +144,7 @@ impl IdentityResolver {
             .map(|p| p.to_string_lossy().into())
             .unwrap_or_default();
         id.cgroup_path = self
-            .cgroup_path(cgroup_id)
-            .or_else(|| cgroup_of_proc(&proc_dir))
+            .cgroup_path(cgroup_id, &proc_dir)
             .unwrap_or_default()
             .into();
         let facts = parse_cgroup_path(&id.cgroup_path);
@@ -146,13 +164,25 @@ impl IdentityResolver {
         id
     }
 
-    /// The path of cgroup `id` (its directory's inode number under the v2 mount).
-    fn cgroup_path(&mut self, id: u64) -> Option<String> {
+    /// The path of cgroup `id` (its directory's inode number under the v2 mount): cached;
+    /// else opened by its handle; else the process's own cgroup if its inode is `id`; else,
+    /// on kernels that cannot open cgroups by handle, a walk of the tree.
+    fn cgroup_path(&mut self, id: u64, proc_dir: &Path) -> Option<String> {
         if let Some(p) = self.cgroup_paths.get(&id) {
             return Some(p.clone());
         }
         let root = self.cgroup_root.clone()?;
-        let found = find_cgroup(&root, &root, id, 0)?;
+        let by_handle = self
+            .cgroup_mount_fd
+            .as_ref()
+            .and_then(|fd| cgroup_path_by_handle(fd, &root, id));
+        let found = match by_handle {
+            Some(p) => p,
+            None => cgroup_of_proc(proc_dir)
+                .filter(|p| inode_of(&root, p) == Some(id))
+                .or_else(|| find_cgroup(&root, &root, id, 0))
+                .or_else(|| cgroup_of_proc(proc_dir))?,
+        };
         if self.cgroup_paths.len() > 16384 {
             self.cgroup_paths.clear();
         }
@@ -165,6 +195,48 @@ impl Default for IdentityResolver {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The path of cgroup `id` from its kernfs file handle (`open_by_handle_at`, which needs
+/// CAP_DAC_READ_SEARCH): one open and one readlink.
+fn cgroup_path_by_handle(mount: &std::os::fd::OwnedFd, root: &Path, id: u64) -> Option<String> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    /// `struct file_handle` with the 8 bytes of a kernfs node id.
+    #[repr(C)]
+    struct KernfsHandle {
+        handle_bytes: u32,
+        handle_type: i32,
+        id: [u8; 8],
+    }
+    const FILEID_KERNFS: i32 = 0xfe;
+    let mut h = KernfsHandle {
+        handle_bytes: 8,
+        handle_type: FILEID_KERNFS,
+        id: id.to_ne_bytes(),
+    };
+    // SAFETY: `h` is a valid file_handle with 8 bytes of handle; the kernel reads it only.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount.as_raw_fd(),
+            (&mut h as *mut KernfsHandle).cast::<libc::file_handle>(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a descriptor we just opened and own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
+    let rel = target.strip_prefix(root).ok()?;
+    Some(format!("/{}", rel.to_string_lossy()))
+}
+
+fn inode_of(root: &Path, cgroup_path: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(root.join(cgroup_path.trim_start_matches('/')))
+        .ok()
+        .map(|m| m.ino())
 }
 
 fn find_cgroup(root: &Path, dir: &Path, id: u64, depth: u32) -> Option<String> {
@@ -197,6 +269,53 @@ fn cgroup_of_proc(proc_dir: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every cgroup this process can see resolves to its own path by handle (as root; the
+    /// walk and /proc stand in otherwise, and are checked against the same answers).
+    #[test]
+    fn cgroup_paths_from_ids() {
+        use std::os::unix::fs::MetadataExt;
+        let Some(root) = cgroup2_mount() else {
+            eprintln!("skipped: no cgroup v2 mount");
+            return;
+        };
+        let mine = cgroup_of_proc(Path::new("/proc/self")).unwrap();
+        let mut dirs = vec![
+            ("/".to_string(), root.clone()),
+            (mine.clone(), root.join(mine.trim_start_matches('/'))),
+        ];
+        for e in std::fs::read_dir(&root).unwrap().flatten().take(20) {
+            if e.file_type().unwrap().is_dir() {
+                dirs.push((format!("/{}", e.file_name().to_string_lossy()), e.path()));
+            }
+        }
+        let mut r = IdentityResolver::new();
+        let by_handle = r.cgroup_mount_fd.is_some() && unsafe { libc::geteuid() } == 0;
+        for (want, dir) in dirs {
+            let id = std::fs::metadata(&dir).unwrap().ino();
+            if by_handle {
+                let fd = r.cgroup_mount_fd.as_ref().unwrap();
+                assert_eq!(
+                    cgroup_path_by_handle(fd, &root, id).as_deref(),
+                    Some(want.as_str())
+                );
+            }
+            assert_eq!(
+                find_cgroup(&root, &root, id, 0).as_deref(),
+                Some(want.as_str())
+            );
+            assert_eq!(
+                r.cgroup_path(id, Path::new("/proc/self")).as_deref(),
+                Some(want.as_str())
+            );
+        }
+        // An id that is no cgroup opens nothing.
+        let none = u64::MAX - 7;
+        if by_handle {
+            let fd = r.cgroup_mount_fd.as_ref().unwrap();
+            assert_eq!(cgroup_path_by_handle(fd, &root, none), None);
+        }
+    }
 
     #[test]
     fn kubernetes_systemd_driver() {
