@@ -51,6 +51,12 @@ pub static DAEMON_TGID: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static WAKE_BYTES: Global<u64> = Global::new(0);
 
+/// Chunks of CHUNK_DATA bytes one read or write call may take (with bpf_loop): set by the
+/// daemon at load time from the ring's size (an eighth of it); what a call moves beyond
+/// is counted as truncated and becomes a gap.
+#[unsafe(no_mangle)]
+pub static CHUNKS_PER_CALL: Global<u32> = Global::new(0);
+
 /// Chunks and connection records for the daemon. Sized by the daemon at load time.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);

@@ -26,9 +26,9 @@ use aya_ebpf::{
 
 use crate::{
     maps::{
-        count, ConnState, PendingCall, SockRef, SslKey, CONNECTING, CONNS, DAEMON_TGID, EVENTS,
-        KNOWN_FILES, MUTED, PENDING, PENDING_EOF_ONLY, PENDING_READ, SCRATCH, SSL_SOCKS, TLS_CALLS,
-        WAKE_BYTES,
+        count, ConnState, PendingCall, SockRef, SslKey, CHUNKS_PER_CALL, CONNECTING, CONNS,
+        DAEMON_TGID, EVENTS, KNOWN_FILES, MUTED, PENDING, PENDING_EOF_ONLY, PENDING_READ, SCRATCH,
+        SSL_SOCKS, TLS_CALLS, WAKE_BYTES,
     },
     sock::{file_id_of_fd, offsets, sock_of_fd, watched_sock},
 };
@@ -257,7 +257,8 @@ fn send_chunk(rec: *mut auditor_common::DataRecord, src: u64, len: u64, offset: 
     unsafe {
         (*rec).header.offset = offset;
         (*rec).header.len = n as u32;
-        (*rec).header.chunk_index = index as u8;
+        // Saturating: the daemon only asks whether a chunk starts its call (index 0).
+        (*rec).header.chunk_index = if index > 255 { 255 } else { index as u8 };
         let dst = core::ptr::addr_of_mut!((*rec).data) as *mut c_void;
         if probe_read_user_raw(dst, n as u32, src as *const c_void) != 0 {
             count(counter::READ_FAILURES, 1);
@@ -359,10 +360,10 @@ fn end_of_stream(sk: u64) {
 }
 
 #[inline(always)]
-fn count_truncation(total: u64, done: u64) {
-    if done < total {
+fn count_truncation(total: u64, copied: u64) {
+    if copied < total {
         count(counter::TRUNCATED_CALLS, 1);
-        count(counter::TRUNCATED_BYTES, total - done);
+        count(counter::TRUNCATED_BYTES, total - copied);
     }
 }
 
@@ -390,18 +391,46 @@ struct Chunks {
     iovcnt: u64,
     next_iov: u64,
     chunk: u32,
+    /// Chunks this call may take (CHUNKS_PER_CALL, read once).
+    max_chunks: u32,
+    /// Bytes jumped over to send the buffer's last chunk (see `tail`).
+    skipped: u64,
+    /// 1: when the buffer does not fit, its last chunk is its end, not the bytes that
+    /// follow the head. A huge message usually shares its call with the small ones after
+    /// it (Bind, Execute, Sync): with the head and the end, the daemon knows where the
+    /// huge one ends and reads the rest whole; the lost middle is a gap inside it.
+    tail: u32,
     _pad: u32,
+}
+
+/// Chunks one call may take with bpf_loop: set by the daemon from the ring's size,
+/// never fewer than MAX_CHUNKS_PER_CALL.
+#[inline(always)]
+fn chunks_per_call() -> u32 {
+    let n = CHUNKS_PER_CALL.load();
+    if n < MAX_CHUNKS_PER_CALL {
+        MAX_CHUNKS_PER_CALL
+    } else {
+        n
+    }
 }
 
 /// One chunk of the current buffer into the ring. 0: go on, 1: stop.
 #[inline(always)]
 fn send_next_chunk(c: &mut Chunks) -> i64 {
-    if c.done >= c.total || c.left == 0 || c.chunk >= MAX_CHUNKS_PER_CALL {
+    if c.done >= c.total || c.left == 0 || c.chunk >= c.max_chunks {
         return 1;
     }
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
         return 1;
     };
+    if c.tail != 0 && c.chunk + 1 == c.max_chunks && c.left > CHUNK_DATA as u64 {
+        let skip = c.left - CHUNK_DATA as u64;
+        c.ptr += skip;
+        c.left -= skip;
+        c.done += skip;
+        c.skipped += skip;
+    }
     let n = core::cmp::min(c.left, CHUNK_DATA as u64);
     send_chunk(rec, c.ptr, n, c.base + c.done, c.chunk);
     c.ptr += n;
@@ -445,8 +474,9 @@ extern "C" fn vectored_round(_index: u64, ctx: *mut c_void) -> i64 {
     0
 }
 
-/// Sends `total` bytes of one user buffer as up to MAX_CHUNKS_PER_CALL chunks; what does
-/// not fit is counted as truncated. Returns the chunks sent.
+/// Sends `total` bytes of one user buffer as up to CHUNKS_PER_CALL chunks: when it does not
+/// fit, its head and its last chunk (see `Chunks::tail`); what is left out is counted as
+/// truncated. Returns the chunks sent.
 /// `LOOP`: with `bpf_loop` (Linux 5.17+), up to MAX_CHUNKS_PER_CALL; without, an unrolled
 /// loop of COMPAT_CHUNKS_PER_CALL.
 #[inline(always)]
@@ -461,12 +491,19 @@ pub(crate) fn send_buffer<const LOOP: bool>(buf: u64, total: u64, base: u64) -> 
         iovcnt: 0,
         next_iov: 0,
         chunk: 0,
+        max_chunks: if LOOP {
+            chunks_per_call()
+        } else {
+            COMPAT_CHUNKS_PER_CALL
+        },
+        skipped: 0,
+        tail: LOOP as u32,
         _pad: 0,
     };
     if LOOP {
         unsafe {
             bpf_loop(
-                MAX_CHUNKS_PER_CALL,
+                c.max_chunks,
                 buffer_round as *mut c_void,
                 &mut c as *mut Chunks as *mut c_void,
                 0,
@@ -479,7 +516,7 @@ pub(crate) fn send_buffer<const LOOP: bool>(buf: u64, total: u64, base: u64) -> 
             }
         }
     }
-    count_truncation(total, c.done);
+    count_truncation(total, c.done - c.skipped);
     c.chunk as u64
 }
 
@@ -502,12 +539,15 @@ fn exit_vectored<const LOOP: bool>(ctx: &TracePointContext) -> Option<()> {
         iovcnt: pending.iovcnt,
         next_iov: 0,
         chunk: 0,
+        max_chunks: chunks_per_call(),
+        skipped: 0,
+        tail: 0,
         _pad: 0,
     };
     // Each round takes the next iovec or sends one chunk of the current one.
     unsafe {
         bpf_loop(
-            MAX_CHUNKS_PER_CALL + MAX_IOVECS,
+            c.max_chunks + MAX_IOVECS,
             vectored_round as *mut c_void,
             &mut c as *mut Chunks as *mut c_void,
             0,

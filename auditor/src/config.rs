@@ -55,9 +55,9 @@ pub struct Recording {
 pub struct CaptureConfig {
     /// Size of the kernel ring buffer (a power of two, at least 64 KiB). Default: 64 MiB.
     pub ring_buffer_bytes: u32,
-    /// Largest client message decoded (Query, Parse, Bind); larger ones are recorded as
-    /// truncated gap events. Default: 16 MiB (bulk INSERTs and long IN lists run to
-    /// megabytes).
+    /// Largest client message decoded whole (Query, Parse, Bind); a larger one is recorded
+    /// from its first 64 KiB, flagged `truncated`, with its outcome. Default: 16 MiB (bulk
+    /// INSERTs and long IN lists run to megabytes).
     pub max_message_bytes: u32,
     /// Take the plaintext of TLS connections at OpenSSL (uprobes on every libssl and
     /// OpenSSL-linked program on the host). Default: true. With false, TLS sessions are

@@ -547,7 +547,13 @@ impl Tracker {
             let missing = h.offset - expected;
             self.emit_gap(conn, direction, missing, ts, out);
             if let Some(s) = self.sessions.get_mut(&conn) {
-                s.session.gap(direction);
+                let mut drafts = std::mem::take(&mut self.drafts);
+                let entered = s.span.enter();
+                s.session
+                    .gap(direction, missing, ts, &mut self.analyzer, &mut drafts);
+                drop(entered);
+                self.finish_drafts(conn, &mut drafts, out);
+                self.drafts = drafts;
             }
         } else if h.offset < expected {
             // Overlap with bytes already delivered: keep only what is new.

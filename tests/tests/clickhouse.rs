@@ -78,10 +78,19 @@ fn clickhouse_outage_during_pgbench_loses_nothing() {
         .filter(|e| e["kind"] == "statement" && e["application_name"] == "ch_fault")
         .count() as u64;
     assert_eq!(local, executed);
-    // The migrations were recorded once each.
+    // The migrations were recorded once each: the table, the views, message_bytes.
     assert_eq!(
         count(&ch, "SELECT count() FROM audit_test.schema_migrations"),
-        2
+        3
+    );
+    assert_eq!(
+        count(
+            &ch,
+            "SELECT count() FROM system.columns WHERE database = 'audit_test' \
+             AND table = 'statements' AND name = 'message_bytes'"
+        ),
+        1,
+        "the views were made again with the new column"
     );
     let sessions = count(
         &ch,

@@ -2,102 +2,17 @@
 //! against a real Postgres 15: pipelining across Syncs, binary parameters, a portal fetched
 //! in pieces (PortalSuspended), an error in the middle of a pipeline, an empty query.
 
-use std::{
-    io::{Read, Write},
-    net::TcpStream,
-    process::Command,
-    time::Duration,
-};
+use std::{io::Write, process::Command};
 
-use auditor_tests::{can_run, str_of, Cgroup, Daemon, Postgres};
+use auditor_tests::{
+    can_run,
+    raw::{bind, connect, cstr, execute, msg, parse, read_until_ready},
+    str_of, Cgroup, Daemon, Postgres,
+};
 use serde_json::Value;
 
-fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut m = vec![tag];
-    m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-    m.extend_from_slice(body);
-    m
-}
-
-fn cstr(s: &str) -> Vec<u8> {
-    let mut v = s.as_bytes().to_vec();
-    v.push(0);
-    v
-}
-
-fn parse(name: &str, sql: &str, types: &[u32]) -> Vec<u8> {
-    let mut b = cstr(name);
-    b.extend(cstr(sql));
-    b.extend((types.len() as i16).to_be_bytes());
-    for t in types {
-        b.extend(t.to_be_bytes());
-    }
-    msg(b'P', &b)
-}
-
-/// Bind with one parameter in the given format (0 text, 1 binary).
-fn bind(portal: &str, stmt: &str, param: Option<(i16, &[u8])>) -> Vec<u8> {
-    let mut b = cstr(portal);
-    b.extend(cstr(stmt));
-    match param {
-        Some((format, value)) => {
-            b.extend(1i16.to_be_bytes());
-            b.extend(format.to_be_bytes());
-            b.extend(1i16.to_be_bytes());
-            b.extend((value.len() as i32).to_be_bytes());
-            b.extend(value);
-        }
-        None => {
-            b.extend(0i16.to_be_bytes());
-            b.extend(0i16.to_be_bytes());
-        }
-    }
-    b.extend(0i16.to_be_bytes());
-    msg(b'B', &b)
-}
-
-fn execute(portal: &str, max_rows: i32) -> Vec<u8> {
-    let mut b = cstr(portal);
-    b.extend(max_rows.to_be_bytes());
-    msg(b'E', &b)
-}
-
-/// Reads messages until `ready` ReadyForQuery messages were seen; returns the tags.
-fn read_until_ready(s: &mut TcpStream, ready: usize) -> Vec<u8> {
-    let mut tags = Vec::new();
-    let mut seen = 0;
-    while seen < ready {
-        let mut head = [0u8; 5];
-        s.read_exact(&mut head).unwrap();
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        let mut body = vec![0u8; len - 4];
-        s.read_exact(&mut body).unwrap();
-        tags.push(head[0]);
-        if head[0] == b'Z' {
-            seen += 1;
-        }
-    }
-    tags
-}
-
 fn raw_client(port: u16) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut startup = Vec::new();
-    startup.extend(196_608u32.to_be_bytes());
-    for (k, v) in [
-        ("user", "postgres"),
-        ("database", "postgres"),
-        ("application_name", "raw_client"),
-    ] {
-        startup.extend(cstr(k));
-        startup.extend(cstr(v));
-    }
-    startup.push(0);
-    let mut packet = ((startup.len() + 4) as u32).to_be_bytes().to_vec();
-    packet.extend(startup);
-    s.write_all(&packet).unwrap();
-    read_until_ready(&mut s, 1);
+    let mut s = connect(port, "raw_client");
 
     // One pipeline, three Syncs, written before reading anything.
     let mut out = Vec::new();

@@ -129,7 +129,9 @@ flags! {
     /// The session was joined after it began (it is older than the daemon, or the
     /// stream was resynchronised after a gap): its startup was not seen.
     MidStream = "mid_stream",
-    /// A message larger than the capture limit: its text was cut.
+    /// Only the beginning of the statement's message was read (it exceeded
+    /// `capture.max_message_bytes`, or bytes of it were lost): the text is that beginning,
+    /// parameters may be unknown; `message_bytes` is its real size.
     Truncated = "truncated",
     /// Bytes of this session were lost before this event (see the gap event).
     GapBefore = "gap_before",
@@ -143,6 +145,9 @@ flags! {
     ToServer = "to_server",
     /// The SQL did not parse: text, tables and command are as far as they could be read.
     Unparsed = "unparsed",
+    /// The statement's request was lost in a gap: the server's answer shows that it ran
+    /// and how it ended (command, rows, error); its text is unknown.
+    RequestLost = "request_lost",
     /// The statement was prepared before capture began: its text is unknown.
     PreparedBeforeCapture = "prepared_before_capture",
     /// A multi-statement query whose parts could not be matched to its results.
@@ -474,6 +479,9 @@ audit_event! {
     gap_bytes: u64,
     /// The SQLSTATE class or transaction status at the end of the statement.
     tx_status: String,
+    /// For a statement flagged `truncated`: the size in bytes of the client message
+    /// (Query, Parse or Bind) of which only the beginning was read.
+    message_bytes: u64 [since = 3],
 }
 
 impl AuditEvent {

@@ -102,8 +102,10 @@ impl Recorder {
         ev.protocol = Text::Static(match s.protocol {
             Protocol::Simple => "simple",
             Protocol::Extended => "extended",
+            Protocol::Unknown => "",
         });
         match &s.text {
+            StatementText::Lost => ev.flags.insert(Flag::RequestLost),
             StatementText::Known { sql, analysis } => {
                 ev.statement = if self.policy.raw_statements {
                     Text::Shared(sql.clone())
@@ -137,6 +139,10 @@ impl Recorder {
             }
         }
         ev.flags |= std::mem::take(flags);
+        if let Some(size) = s.cut {
+            ev.flags.insert(Flag::Truncated);
+            ev.message_bytes = u64::from(size);
+        }
         if s.protocol == Protocol::Extended {
             ev.prepared_name = s.prepared_name;
             ev.params = match &s.params {

@@ -222,6 +222,15 @@ where
     Ok(prog)
 }
 
+/// Chunks one read or write call may take: an eighth of the ring (so one huge call cannot
+/// crowd out every other connection), at least MAX_CHUNKS_PER_CALL (2 MiB), at most 64 MiB.
+/// With the default 64 MiB ring, a call is copied up to 8 MiB: ORMs' bulk inserts and
+/// JSON documents of a few megabytes arrive whole; what a call moves beyond is a gap.
+pub fn chunks_per_call(ring_buffer_bytes: u32) -> u32 {
+    let chunk = auditor_common::CHUNK_DATA as u32;
+    (ring_buffer_bytes / 8 / chunk).clamp(auditor_common::MAX_CHUNKS_PER_CALL, (64 << 20) / chunk)
+}
+
 impl Capture {
     /// Loads, configures and attaches everything; on error nothing stays attached (the
     /// programs and links are dropped with the `Ebpf`).
@@ -241,10 +250,12 @@ impl Capture {
         ensure_tracefs()?;
         let offsets = btf::Btf::from_sys_fs()?.kernel_offsets()?;
         let tgid = std::process::id();
+        let chunks_per_call = chunks_per_call(ring_buffer_bytes);
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .override_global("DAEMON_TGID", &tgid, true)
             .override_global("WAKE_BYTES", &wake_bytes, true)
+            .override_global("CHUNKS_PER_CALL", &chunks_per_call, true)
             .map_max_entries("EVENTS", ring_buffer_bytes)
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
@@ -352,7 +363,7 @@ impl Capture {
         let chunks = if without_bpf_loop.is_some() {
             auditor_common::COMPAT_CHUNKS_PER_CALL
         } else {
-            auditor_common::MAX_CHUNKS_PER_CALL
+            chunks_per_call
         };
 
         let ring = take_map(&mut ebpf, "EVENTS")?;

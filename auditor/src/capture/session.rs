@@ -14,6 +14,7 @@ use crate::{
     pg::{
         backend::{self, BackendMessage, ErrorFields},
         frontend,
+        tokenizer::Skip,
         wire::Values,
         Direction, Token, Tokenizer, TokenizerLimits,
     },
@@ -29,8 +30,46 @@ pub struct SessionCounters {
     pub messages: u64,
 }
 
+/// How much of a message read in parts is kept to record it: its beginning (the SQL text
+/// of a Query or Parse, the names in a Bind, the fields of an error).
+pub const PARTIAL_PREFIX: usize = 64 << 10;
+
+/// A message read in parts (larger than `max_message_bytes`, or with bytes of it lost):
+/// its beginning, and whether all of it went by.
+struct Partial {
+    tag: u8,
+    body_len: u32,
+    prefix: Vec<u8>,
+    /// Bytes of it that were not captured.
+    lost: u64,
+}
+
+impl Partial {
+    fn new(tag: u8, body_len: u32) -> Self {
+        Partial {
+            tag,
+            body_len,
+            prefix: Vec::new(),
+            lost: 0,
+        }
+    }
+
+    fn take(&mut self, data: &[u8]) {
+        let room = PARTIAL_PREFIX.saturating_sub(self.prefix.len());
+        self.prefix.extend_from_slice(&data[..room.min(data.len())]);
+    }
+
+    /// The whole body is in `prefix`.
+    fn complete(&self) -> bool {
+        self.lost == 0 && self.prefix.len() == self.body_len as usize
+    }
+}
+
 pub struct Session {
     conversation: Conversation,
+    /// Per direction, a message being read in parts (not DataRow or CopyData, which are
+    /// only counted).
+    partial: [Option<Partial>; 2],
     recorder: Recorder,
     tokenizers: [Tokenizer; 2],
     /// After a gap, the direction waits for a syscall boundary that looks like a message.
@@ -56,6 +95,7 @@ impl Session {
                 Conversation::new()
             },
             recorder: Recorder::new(policy),
+            partial: [None, None],
             tokenizers: Self::tokenizers(limits, mid_stream),
             // Joining mid-stream: wait for a syscall boundary that looks like a message.
             resyncing: [mid_stream, mid_stream],
@@ -176,12 +216,65 @@ impl Session {
         self.conversation.phase() == Phase::CancelRequest
     }
 
-    /// Bytes were lost in `direction`: decoding resumes at the next plausible boundary.
-    pub fn gap(&mut self, direction: Direction) {
-        self.resyncing[direction.index()] = true;
-        self.tokenizers[direction.index()].resync_typed();
+    /// `bytes` of `direction` were lost here. Inside a message whose header went by, the
+    /// framing survives: the message is recorded from what came of it (flagged
+    /// `truncated`) and decoding goes on at the next message. Otherwise decoding resumes
+    /// at the next plausible boundary, and requests in flight are lost.
+    pub fn gap(
+        &mut self,
+        direction: Direction,
+        bytes: u64,
+        ts: i128,
+        analyzer: &mut Analyzer,
+        out: &mut Vec<Draft>,
+    ) {
+        let d = direction.index();
         self.next_flags.insert(Flag::GapBefore);
-        if direction == Direction::ToServer {
+        if self.resyncing[d] {
+            return self.resync(direction);
+        }
+        let (converted, ended, framing) = match self.tokenizers[d].skip(bytes) {
+            Skip::Inside {
+                converted,
+                ends_message,
+            } => (converted, ends_message, true),
+            Skip::PastMessage { converted } => (converted, true, false),
+            Skip::FramingLost => (None, false, false),
+        };
+        if let Some(c) = converted {
+            if is_counted_only(direction, c.tag) {
+                let header = Token::Header {
+                    tag: c.tag,
+                    body_len: c.body_len,
+                    span: c.span,
+                };
+                self.on_token(direction, header, ts, analyzer, out);
+            } else {
+                let mut p = Partial::new(c.tag, c.body_len);
+                p.take(&c.body);
+                self.partial[d] = Some(p);
+            }
+        }
+        if let Some(p) = &mut self.partial[d] {
+            p.lost += bytes;
+        }
+        if ended {
+            // The message is over: recorded from what came of it.
+            self.finish_partial(direction, ts, analyzer);
+            self.drain_outcomes(out);
+        }
+        if !framing {
+            self.resync(direction);
+        }
+    }
+
+    /// Decoding resumes at the next plausible boundary of `direction`.
+    fn resync(&mut self, direction: Direction) {
+        let d = direction.index();
+        self.resyncing[d] = true;
+        self.tokenizers[d].resync_typed();
+        self.next_flags.insert(Flag::GapBefore);
+        if self.partial[d].take().is_some() || direction == Direction::ToServer {
             // Responses to requests we never saw would be matched to the wrong ones.
             self.conversation.requests_lost();
         }
@@ -208,11 +301,16 @@ impl Session {
         }
         // Tokens borrow `data`; a push rarely holds more than a few messages.
         let mut tokens: smallvec::SmallVec<[Token; 8]> = smallvec::SmallVec::new();
-        let result = self.tokenizers[d].push(data, &mut |t| {
-            // Bodies streamed past are only counted (rows, COPY data).
-            if !matches!(t, Token::Chunk { .. }) {
+        // Bodies streamed past are only counted (rows, COPY data); the parts of other
+        // messages read in parts are kept.
+        let mut keep_chunks = self.partial[d].is_some();
+        let result = self.tokenizers[d].push(data, &mut |t| match t {
+            Token::Chunk { .. } if !keep_chunks => {}
+            Token::Header { tag, .. } => {
+                keep_chunks = !is_counted_only(direction, tag);
                 tokens.push(t)
             }
+            t => tokens.push(t),
         });
         for token in tokens {
             self.on_token(direction, token, ts_ns, analyzer, out);
@@ -220,7 +318,7 @@ impl Session {
         if result.is_err() {
             self.parse_errors += 1;
             // Try again at a later boundary rather than going silent for good.
-            self.gap(direction);
+            self.resync(direction);
         }
     }
 
@@ -264,9 +362,30 @@ impl Session {
                     Err(_) => self.parse_errors += 1,
                 }
             }
-            (Direction::ToServer, Token::Header { tag, body_len, .. }) if tag != b'd' => {
-                // A request too large to buffer: record that it happened.
-                self.on_oversized_request(tag, body_len, ts, out);
+            (Direction::ToServer, Token::Header { tag, body_len, .. })
+                if !is_counted_only(direction, tag) =>
+            {
+                // A request too large to buffer: its beginning is kept to record it.
+                self.partial[0] = Some(Partial::new(tag, body_len));
+                if body_len == 0 {
+                    self.finish_partial(direction, ts, analyzer);
+                }
+            }
+            (Direction::ToClient, Token::Header { tag, body_len, .. })
+                if !is_counted_only(direction, tag) =>
+            {
+                self.partial[1] = Some(Partial::new(tag, body_len));
+                if body_len == 0 {
+                    self.finish_partial(direction, ts, analyzer);
+                }
+            }
+            (_, Token::Chunk { data, last }) => {
+                if let Some(p) = &mut self.partial[direction.index()] {
+                    p.take(data);
+                    if last {
+                        self.finish_partial(direction, ts, analyzer);
+                    }
+                }
             }
             (Direction::ToClient, Token::Message { tag, body, .. }) => {
                 match backend::decode(tag, &body) {
@@ -287,7 +406,16 @@ impl Session {
         self.drain_outcomes(out);
     }
 
+    #[inline]
     fn drain_outcomes(&mut self, out: &mut Vec<Draft>) {
+        // Most messages end nothing (a row, a header): no work for them.
+        if !self.outcomes.is_empty() {
+            self.record_outcomes(out);
+        }
+    }
+
+    #[inline(never)]
+    fn record_outcomes(&mut self, out: &mut Vec<Draft>) {
         let mut outcomes = std::mem::take(&mut self.outcomes);
         for outcome in outcomes.drain(..) {
             match outcome {
@@ -326,21 +454,44 @@ impl Session {
         self.emit_start(ts, out);
     }
 
-    fn on_oversized_request(&mut self, tag: u8, len: u32, ts: i128, out: &mut Vec<Draft>) {
-        let mut ev = kind_event(EventKind::Gap);
-        ev.flags.insert(Flag::Truncated);
-        ev.statement = format!(
-            "(message '{}' of {} bytes exceeds max_message_bytes and was not decoded)",
-            tag as char, len
-        )
-        .into();
-        ev.gap_bytes = len as u64;
-        out.push(Draft {
-            ts_ns: ts,
-            event: ev,
-        });
-        // Its responses can no longer be matched to a request.
-        self.conversation.requests_lost();
+    /// A message read in parts has ended: what its beginning says goes to the conversation
+    /// (a request's statement is recorded with the flag `truncated` when its text or
+    /// parameters are incomplete).
+    fn finish_partial(&mut self, direction: Direction, ts: i128, analyzer: &mut Analyzer) {
+        let Some(p) = self.partial[direction.index()].take() else {
+            return;
+        };
+        match direction {
+            Direction::ToServer if p.complete() => match frontend::decode(p.tag, &p.prefix) {
+                Ok(m) => self
+                    .conversation
+                    .on_frontend(m, ts, analyzer, &mut self.outcomes),
+                Err(_) => self.parse_errors += 1,
+            },
+            Direction::ToServer => match frontend::decode_partial(p.tag, &p.prefix) {
+                Some(m) => self.conversation.on_frontend_partial(
+                    m,
+                    p.body_len,
+                    ts,
+                    analyzer,
+                    &mut self.outcomes,
+                ),
+                None => {
+                    // Not even its names: responses can no longer be matched to requests.
+                    self.parse_errors += 1;
+                    self.conversation.requests_lost();
+                }
+            },
+            Direction::ToClient if p.complete() => match backend::decode(p.tag, &p.prefix) {
+                Ok(m) => self.conversation.on_backend(m, ts, &mut self.outcomes),
+                Err(_) => self.parse_errors += 1,
+            },
+            Direction::ToClient => match backend::decode_partial(p.tag, &p.prefix) {
+                Some(m) => self.conversation.on_backend(m, ts, &mut self.outcomes),
+                // A huge RowDescription or notification, cut: nothing the trail needs.
+                None => self.parse_errors += 1,
+            },
+        }
     }
 
     /// Requests that never got an answer, and portals left suspended (the connection
@@ -349,6 +500,11 @@ impl Session {
         self.conversation.abandon(ts, &mut self.outcomes);
         self.drain_outcomes(out);
     }
+}
+
+/// Messages whose bodies the capture only counts: DataRow, and CopyData either way.
+fn is_counted_only(direction: Direction, tag: u8) -> bool {
+    tag == b'd' || (direction == Direction::ToClient && tag == b'D')
 }
 
 #[cfg(test)]
@@ -560,5 +716,255 @@ mod tests {
             ],
             "{out:#?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod partial_tests {
+    //! Statements larger than what is kept, and bytes lost inside a message: recorded once,
+    //! with the text that came, flagged, matched to their responses.
+    use super::*;
+    use crate::{
+        audit::event::AuditEvent,
+        pg::{tokenizer::frame as msg, wire::MessageWriter},
+    };
+
+    struct Fed {
+        session: Session,
+        analyzer: Analyzer,
+        ts: i128,
+        out: Vec<AuditEvent>,
+    }
+
+    impl Fed {
+        fn new(max_buffered: u32) -> Self {
+            let mut c = Fed {
+                session: Session::new(
+                    RecordingPolicy::default(),
+                    TokenizerLimits { max_buffered },
+                    false,
+                ),
+                analyzer: Analyzer::default(),
+                ts: 0,
+                out: Vec::new(),
+            };
+            let body = b"\0\x03\0\0user\0alice\0database\0shop\0\0";
+            let mut startup = (body.len() as u32 + 4).to_be_bytes().to_vec();
+            startup.extend_from_slice(body);
+            c.push(Direction::ToServer, &startup);
+            let mut ok = msg(b'R', &0u32.to_be_bytes());
+            ok.extend(msg(b'Z', b"I"));
+            c.push(Direction::ToClient, &ok);
+            c
+        }
+
+        fn push(&mut self, direction: Direction, bytes: &[u8]) {
+            let mut drafts = Vec::new();
+            self.ts += 1_000;
+            self.session.push(
+                direction,
+                bytes,
+                true,
+                self.ts,
+                &mut self.analyzer,
+                &mut drafts,
+            );
+            self.out.extend(drafts.into_iter().map(|d| d.event));
+        }
+
+        fn lose(&mut self, direction: Direction, bytes: u64) {
+            let mut drafts = Vec::new();
+            self.session
+                .gap(direction, bytes, self.ts, &mut self.analyzer, &mut drafts);
+            self.out.extend(drafts.into_iter().map(|d| d.event));
+        }
+
+        fn statements(&self) -> Vec<&AuditEvent> {
+            self.out
+                .iter()
+                .filter(|e| e.kind == EventKind::Statement)
+                .collect()
+        }
+    }
+
+    /// `SELECT 'xxx…' AS big` of `n` bytes (NUL included).
+    fn big_query(n: usize) -> Vec<u8> {
+        let head = b"SELECT '";
+        let tail = b"' AS big\0";
+        let mut sql = head.to_vec();
+        sql.resize(n - tail.len(), b'x');
+        sql.extend_from_slice(tail);
+        msg(b'Q', &sql)
+    }
+
+    fn one_row_response() -> Vec<u8> {
+        let mut r = msg(
+            b'T',
+            b"\0\x01big\0\0\0\0\0\0\0\0\0\0\x19\xff\xff\xff\xff\xff\xff\0\0",
+        );
+        r.extend(msg(b'D', b"\0\x01\0\0\0\x01x"));
+        r.extend(msg(b'C', b"SELECT 1\0"));
+        r.extend(msg(b'Z', b"I"));
+        r
+    }
+
+    #[test]
+    fn a_query_larger_than_kept_is_recorded_with_its_beginning() {
+        let mut c = Fed::new(1 << 20);
+        let q = big_query(3 << 20);
+        // In pieces, as a socket delivers it.
+        for part in q.chunks(200_000) {
+            c.push(Direction::ToServer, part);
+        }
+        c.push(Direction::ToClient, &one_row_response());
+        let st = c.statements();
+        assert_eq!(st.len(), 1, "{:#?}", c.out);
+        // The text is cut inside the literal: it does not parse.
+        assert_eq!(st[0].flags, ["truncated", "unparsed"]);
+        assert_eq!(st[0].message_bytes, 3 << 20);
+        assert_eq!(st[0].rows, Some(1));
+        assert_eq!(&*st[0].command, "SELECT");
+        // The literal, cut, is still redacted.
+        assert!(
+            st[0].statement.starts_with("SELECT $1"),
+            "{}",
+            st[0].statement
+        );
+        assert!(!st[0].statement.contains("xxx"));
+        assert!(c.out.iter().all(|e| e.kind != EventKind::Gap));
+    }
+
+    #[test]
+    fn bytes_lost_inside_a_query_keep_the_framing() {
+        // 1 MiB captured of a 5 MiB write, buffered whole until the loss.
+        let mut c = Fed::new(16 << 20);
+        let q = big_query(5 << 20);
+        c.push(Direction::ToServer, &q[..1 << 20]);
+        c.lose(Direction::ToServer, (q.len() - (1 << 20)) as u64);
+        c.push(Direction::ToClient, &one_row_response());
+        // And the session goes on: the next query is recorded normally.
+        c.push(Direction::ToServer, &msg(b'Q', b"SELECT 2\0"));
+        c.push(Direction::ToClient, &one_row_response());
+        let st = c.statements();
+        assert_eq!(st.len(), 2, "{:#?}", c.out);
+        assert_eq!(st[0].flags, ["truncated", "gap_before", "unparsed"]);
+        assert_eq!(st[0].message_bytes, 5 << 20);
+        assert_eq!(st[0].rows, Some(1));
+        assert!(st[1].flags.is_empty(), "{:?}", st[1].flags);
+        assert_eq!(&*st[1].statement, "SELECT $1");
+    }
+
+    #[test]
+    fn a_hole_in_the_middle_of_a_streamed_query() {
+        let mut c = Fed::new(1 << 20);
+        let q = big_query(50 << 20);
+        c.push(Direction::ToServer, &q[..2 << 20]);
+        c.lose(Direction::ToServer, 40 << 20);
+        c.push(Direction::ToServer, &q[(42 << 20)..]);
+        c.push(Direction::ToClient, &one_row_response());
+        let st = c.statements();
+        assert_eq!(st.len(), 1, "{:#?}", c.out);
+        assert_eq!(st[0].flags, ["truncated", "gap_before", "unparsed"]);
+        assert_eq!(st[0].message_bytes, 50 << 20);
+    }
+
+    #[test]
+    fn a_bind_whose_parameters_were_lost_still_runs_its_statement() {
+        let mut c = Fed::new(16 << 20);
+        c.push(
+            Direction::ToServer,
+            &msg(b'P', b"s1\0INSERT INTO docs VALUES ($1)\0\0\0"),
+        );
+        let mut bind = Vec::new();
+        let value = vec![b'v'; 10 << 20];
+        let mut w = MessageWriter::begin(&mut bind, Some(b'B'));
+        w.cstr(b"")
+            .cstr(b"s1")
+            .i16(0)
+            .i16(1)
+            .value(Some(&value))
+            .i16(0);
+        w.finish();
+        let mut tail = msg(b'E', b"\0\0\0\0\0");
+        tail.extend(msg(b'S', b""));
+        c.push(Direction::ToServer, &bind[..1 << 20]);
+        c.lose(Direction::ToServer, (bind.len() - (1 << 20)) as u64);
+        c.push(Direction::ToServer, &tail);
+        let mut r = msg(b'1', b"");
+        r.extend(msg(b'2', b""));
+        r.extend(msg(b'C', b"INSERT 0 1\0"));
+        r.extend(msg(b'Z', b"I"));
+        c.push(Direction::ToClient, &r);
+        let st = c.statements();
+        assert_eq!(st.len(), 1, "{:#?}", c.out);
+        assert_eq!(&*st[0].statement, "INSERT INTO docs VALUES ($1)");
+        assert_eq!(st[0].flags, ["truncated", "gap_before"]);
+        assert_eq!(st[0].message_bytes, bind.len() as u64 - 5);
+        assert!(st[0].params.is_empty());
+        assert_eq!(st[0].rows, Some(1));
+    }
+
+    #[test]
+    fn a_hole_at_a_message_boundary_resynchronises() {
+        let mut c = Fed::new(16 << 20);
+        c.push(Direction::ToServer, &msg(b'Q', b"SELECT 1\0"));
+        c.push(Direction::ToClient, &one_row_response());
+        // The next message's header is lost: nothing can be framed until a boundary.
+        c.lose(Direction::ToServer, 100);
+        c.push(Direction::ToServer, &msg(b'Q', b"SELECT 3\0"));
+        c.push(Direction::ToClient, &one_row_response());
+        let st = c.statements();
+        assert_eq!(st.len(), 2, "{:#?}", c.out);
+        assert!(st[1].flags.contains(Flag::GapBefore));
+        assert!(!st[1].flags.contains(Flag::Truncated));
+    }
+
+    #[test]
+    fn an_error_response_cut_short_still_fails_its_statement() {
+        let mut c = Fed::new(1024);
+        c.push(Direction::ToServer, &msg(b'Q', b"SELECT boom\0"));
+        let mut body = b"SERROR\0VERROR\0C42703\0Mcolumn \"boom\" does not exist\0D".to_vec();
+        body.resize(body.len() + 4096, b'd');
+        body.extend_from_slice(b"\0\0");
+        let e = msg(b'E', &body);
+        c.push(Direction::ToClient, &e[..2000]);
+        c.lose(Direction::ToClient, (e.len() - 2000) as u64);
+        c.push(Direction::ToClient, &msg(b'Z', b"I"));
+        let st = c.statements();
+        assert_eq!(st.len(), 1, "{:#?}", c.out);
+        assert_eq!(st[0].error_code, "42703");
+    }
+
+    #[test]
+    fn requests_lost_in_a_gap_are_recorded_from_their_answers() {
+        let mut c = Fed::new(16 << 20);
+        // One write: a Parse of 3 MiB, then Bind, Execute, Sync; the capture got 1 MiB of
+        // it and the rest is lost (past the Parse's end, so its Execute is unknown).
+        let mut w = msg(
+            b'P',
+            &[b"\0".as_slice(), &big_query(3 << 20)[5..], b"\0\0"].concat(),
+        );
+        let parse_len = w.len();
+        w.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+        w.extend(msg(b'E', b"\0\0\0\0\0"));
+        w.extend(msg(b'S', b""));
+        c.push(Direction::ToServer, &w[..1 << 20]);
+        c.lose(Direction::ToServer, (w.len() - (1 << 20)) as u64);
+        assert!(w.len() > parse_len);
+        let mut r = msg(b'1', b"");
+        r.extend(msg(b'2', b""));
+        r.extend(msg(b'D', b"\0\x01\0\0\0\x01x"));
+        r.extend(msg(b'C', b"SELECT 1\0"));
+        r.extend(msg(b'Z', b"I"));
+        c.push(Direction::ToClient, &r);
+        c.push(Direction::ToServer, &msg(b'Q', b"SELECT 2\0"));
+        c.push(Direction::ToClient, &one_row_response());
+        let st = c.statements();
+        assert_eq!(st.len(), 2, "{:#?}", c.out);
+        assert_eq!(st[0].flags, ["gap_before", "request_lost"]);
+        assert_eq!((&*st[0].command, st[0].rows), ("SELECT", Some(1)));
+        assert_eq!(&*st[0].statement, "");
+        assert_eq!(&*st[1].statement, "SELECT $1");
+        assert!(st[1].flags.is_empty());
     }
 }

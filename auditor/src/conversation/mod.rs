@@ -98,6 +98,8 @@ pub struct PreparedStatement {
     /// Filled when a Describe of this statement is answered; a statement's description
     /// never changes (a new Parse makes a new statement).
     pub description: OnceLock<Description>,
+    /// Only the beginning of the Parse was read (see [`StatementOutcome::cut`]): its size.
+    pub cut: Option<u32>,
 }
 
 /// What a Bind carried, kept as it came on the wire (one allocation: parameter formats,
@@ -153,6 +155,8 @@ pub struct Portal {
     pub rows_so_far: u64,
     /// When the first of those Executes started (a suspended portal).
     pub started_ns: Option<i128>,
+    /// Only the beginning of the Bind was read (its parameters are unknown): its size.
+    pub params_cut: Option<u32>,
 }
 
 impl Portal {
@@ -164,6 +168,7 @@ impl Portal {
             columns: None,
             rows_so_far: 0,
             started_ns: None,
+            params_cut: None,
         }
     }
 
@@ -177,6 +182,7 @@ impl Portal {
 struct SimpleStatement {
     sql: Arc<str>,
     analysis: Arc<Analysis>,
+    cut: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -219,6 +225,11 @@ enum Pending {
         oid: u32,
         started_ns: i128,
     },
+    /// Requests were lost here (bytes the capture did not see): the responses owed to
+    /// them still say which statements ran, and how they ended.
+    Lost {
+        rows: u64,
+    },
 }
 
 /// Which protocol ran a statement.
@@ -226,11 +237,16 @@ enum Pending {
 pub enum Protocol {
     Simple,
     Extended,
+    /// Its request was not seen.
+    Unknown,
 }
 
 /// What is known of a statement's text.
 #[derive(Debug, Clone)]
 pub enum StatementText {
+    /// Its request was lost (bytes the capture did not see); the server's answer shows it
+    /// ran.
+    Lost,
     Known {
         sql: Arc<str>,
         analysis: Arc<Analysis>,
@@ -262,6 +278,10 @@ pub enum StatementResult {
 pub struct StatementOutcome {
     pub protocol: Protocol,
     pub text: StatementText,
+    /// The message carrying the statement's text (Query, Parse) or its parameters (Bind)
+    /// was only partly read (larger than the capture keeps, or bytes of it were lost):
+    /// its size in bytes. The text is its beginning; parameters are unknown.
+    pub cut: Option<u32>,
     pub prepared_name: Text,
     pub params: Option<Arc<BoundParams>>,
     pub result: StatementResult,
@@ -304,6 +324,8 @@ pub struct Conversation {
     responses_unreliable: bool,
     /// The last ReadyForQuery's transaction status (b'I', b'T', b'E').
     transaction: u8,
+    /// While a partly read message is handled: its size.
+    partial: Option<u32>,
     prepared: HashMap<String, Arc<PreparedStatement>>,
     portals: HashMap<String, Portal>,
     pending: VecDeque<Pending>,
@@ -326,6 +348,7 @@ impl Conversation {
             startup_seen: false,
             responses_unreliable: false,
             transaction: b'I',
+            partial: None,
             prepared: HashMap::default(),
             portals: HashMap::default(),
             pending: VecDeque::new(),
@@ -387,10 +410,13 @@ impl Conversation {
         Some((statement.sql.clone(), columns))
     }
 
-    /// Requests were lost (bytes the capture did not see, a request too large to read):
-    /// the responses owed to them cannot be matched.
+    /// Requests were lost (bytes the capture did not see, a request that could not be
+    /// read): the responses owed to them, after those of the requests before, are
+    /// recorded as statements whose text is unknown, until the client's next request.
     pub fn requests_lost(&mut self) {
-        self.responses_unreliable = true;
+        if !matches!(self.pending.back(), Some(Pending::Lost { .. })) {
+            self.pending.push_back(Pending::Lost { rows: 0 });
+        }
     }
 
     /// An untyped startup-phase packet from the client.
@@ -453,6 +479,21 @@ impl Conversation {
         }
     }
 
+    /// A client message of which only the beginning was read (`frontend::decode_partial`),
+    /// `size` bytes long: the statement it carries is recorded with what is known.
+    pub fn on_frontend_partial(
+        &mut self,
+        m: FrontendMessage<'_>,
+        size: u32,
+        ts: i128,
+        analyzer: &mut Analyzer,
+        out: &mut Vec<Outcome>,
+    ) {
+        self.partial = Some(size);
+        self.on_frontend(m, ts, analyzer, out);
+        self.partial = None;
+    }
+
     /// A typed message from the client.
     pub fn on_frontend(
         &mut self,
@@ -477,6 +518,11 @@ impl Conversation {
             self.responses_unreliable = false;
             self.pending.clear();
         }
+        if is_request {
+            // The lost requests are answered by now (or the client pipelines past them,
+            // and matching goes on from the requests it is seen to send).
+            self.pending.retain(|p| !matches!(p, Pending::Lost { .. }));
+        }
         match m {
             FrontendMessage::Query { sql } => {
                 let whole = String::from_utf8_lossy(sql).into_owned();
@@ -487,6 +533,7 @@ impl Conversation {
                         SimpleStatement {
                             sql: s.into(),
                             analysis,
+                            cut: self.partial,
                         }
                     })
                     .collect();
@@ -511,6 +558,7 @@ impl Conversation {
                     sql: sql.as_ref().into(),
                     declared_types: param_types.iter().collect(),
                     description: OnceLock::new(),
+                    cut: self.partial,
                 });
                 let replaced = self.prepared.insert(name, statement.clone());
                 self.pending.push_back(Pending::Parse {
@@ -541,6 +589,7 @@ impl Conversation {
                         columns: None,
                         rows_so_far: 0,
                         started_ns: None,
+                        params_cut: self.partial,
                     },
                 );
                 if let Some(old) = replaced {
@@ -629,6 +678,48 @@ impl Conversation {
         }
         if self.responses_unreliable {
             self.counters.unmatched_responses += 1;
+            return;
+        }
+        if let Some(Pending::Lost { rows }) = self.pending.front_mut() {
+            let result = match m {
+                BackendMessage::DataRow(_) => {
+                    *rows += 1;
+                    None
+                }
+                BackendMessage::CommandComplete { tag } => {
+                    let tag = String::from_utf8_lossy(tag).into_owned();
+                    let rows = rows_of(&tag, std::mem::take(rows), 0);
+                    Some(StatementResult::Completed { tag, rows })
+                }
+                BackendMessage::ErrorResponse(e) => {
+                    *rows = 0;
+                    Some(StatementResult::Failed {
+                        error: e.summary(),
+                        before_execute: false,
+                    })
+                }
+                BackendMessage::PortalSuspended => Some(StatementResult::Suspended {
+                    rows: std::mem::take(rows),
+                }),
+                BackendMessage::ReadyForQuery { status } => {
+                    self.transaction = status;
+                    None
+                }
+                // ParseComplete, BindComplete, descriptions: of statements not seen.
+                _ => None,
+            };
+            if let Some(result) = result {
+                out.push(Outcome::Statement(StatementOutcome {
+                    protocol: Protocol::Unknown,
+                    text: StatementText::Lost,
+                    cut: None,
+                    prepared_name: Text::default(),
+                    params: None,
+                    result,
+                    started_ns: ts,
+                    ended_ns: ts,
+                }));
+            }
             return;
         }
         match m {
@@ -810,6 +901,11 @@ impl Conversation {
     fn extended(portal: Portal, result: StatementResult, started: i128, ended: i128) -> Outcome {
         Outcome::Statement(StatementOutcome {
             protocol: Protocol::Extended,
+            cut: portal
+                .statement
+                .as_ref()
+                .and_then(|s| s.cut)
+                .or(portal.params_cut),
             text: match &portal.statement {
                 Some(s) => StatementText::Known {
                     sql: s.sql.clone(),
@@ -857,6 +953,7 @@ impl Conversation {
                     // The rest of the string is not executed.
                     statements.clear();
                 }
+                let cut = st.as_ref().and_then(|s| s.cut);
                 let text = match st {
                     Some(s) => StatementText::Known {
                         sql: s.sql,
@@ -868,6 +965,7 @@ impl Conversation {
                 };
                 out.push(Outcome::Statement(StatementOutcome {
                     protocol: Protocol::Simple,
+                    cut,
                     text,
                     prepared_name: Text::default(),
                     params: None,
@@ -924,6 +1022,8 @@ impl Conversation {
             },
             // An error at Sync (a deferred constraint at implicit commit).
             Pending::Sync => self.counters.unmatched_responses += 1,
+            // Answered in `on_backend` before it gets here.
+            Pending::Lost { .. } => self.counters.unmatched_responses += 1,
         }
     }
 
@@ -1058,6 +1158,7 @@ impl Conversation {
                     for s in statements {
                         out.push(Outcome::Statement(StatementOutcome {
                             protocol: Protocol::Simple,
+                            cut: s.cut,
                             text: StatementText::Known {
                                 sql: s.sql,
                                 analysis: s.analysis,

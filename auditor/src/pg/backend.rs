@@ -108,6 +108,18 @@ impl<'a> NoticeFields<'a> {
     }
 }
 
+/// What can be read of a server message of which only the first bytes of the body are
+/// known: the complete fields of an ErrorResponse or NoticeResponse (severity and SQLSTATE
+/// come first). None for other messages.
+pub fn decode_partial(tag: u8, prefix: &[u8]) -> Option<BackendMessage<'_>> {
+    let fields = NoticeFields { raw: prefix };
+    match tag {
+        b'E' => Some(BackendMessage::ErrorResponse(fields)),
+        b'N' => Some(BackendMessage::NoticeResponse(fields)),
+        _ => None,
+    }
+}
+
 impl std::fmt::Debug for NoticeFields<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list()

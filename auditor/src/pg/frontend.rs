@@ -179,6 +179,43 @@ pub fn decode(tag: u8, body: &[u8]) -> Result<FrontendMessage<'_>, ProtocolError
     Ok(m)
 }
 
+/// What can be read of a client message of which only the first bytes of the body are
+/// known (the rest was too large to keep, or lost): the SQL text of a Query or Parse as
+/// far as it goes, the portal and statement names of a Bind (its parameters are lost),
+/// the function of a FunctionCall. None for other messages, or when not even the names
+/// are complete.
+pub fn decode_partial(tag: u8, prefix: &[u8]) -> Option<FrontendMessage<'_>> {
+    fn text(b: &[u8]) -> &[u8] {
+        b.iter().position(|&c| c == 0).map_or(b, |end| &b[..end])
+    }
+    let mut r = Reader::new(tag, prefix);
+    Some(match tag {
+        b'Q' => FrontendMessage::Query { sql: text(prefix) },
+        b'P' => {
+            let name = r.cstr("").ok()?;
+            FrontendMessage::Parse {
+                name,
+                sql: text(r.rest()),
+                param_types: Oids::default(),
+            }
+        }
+        b'B' => FrontendMessage::Bind {
+            portal: r.cstr("").ok()?,
+            statement: r.cstr("").ok()?,
+            param_formats: I16s::default(),
+            params: Values::default(),
+            result_formats: I16s::default(),
+        },
+        b'F' => FrontendMessage::FunctionCall {
+            oid: r.u32("").ok()?,
+            arg_formats: I16s::default(),
+            args: Values::default(),
+            result_format: 0,
+        },
+        _ => return None,
+    })
+}
+
 impl FrontendMessage<'_> {
     /// The message's tag; None for the untyped startup-phase packets.
     pub fn tag(&self) -> Option<u8> {

@@ -107,6 +107,37 @@ pub fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// What became of bytes lost from the stream ([`Tokenizer::skip`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Skip {
+    /// They lay inside the message being read: framing survives, and the next message
+    /// starts where this one's length says.
+    Inside {
+        /// The message was being buffered whole; it goes on as a streamed one: its header
+        /// and the body that had come (no token of it was given out yet).
+        converted: Option<Converted>,
+        /// The lost bytes ran to the message's end: no more chunks of it follow.
+        ends_message: bool,
+    },
+    /// They ran past the end of the message being read (its header had come): the
+    /// message ended in the loss (`converted` as above; None if it was streaming), and
+    /// where the next one begins is unknown (the caller resynchronises).
+    PastMessage { converted: Option<Converted> },
+    /// They began at a message boundary (or inside a header): where the next message
+    /// begins is unknown (the caller resynchronises).
+    FramingLost,
+}
+
+/// A message that was being buffered when bytes of it were lost.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Converted {
+    pub tag: u8,
+    pub body_len: u32,
+    pub span: Span,
+    /// The part of the body that arrived before the loss.
+    pub body: Vec<u8>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     /// Waiting for an untyped startup packet (client side, before the StartupMessage).
@@ -228,6 +259,79 @@ impl Tokenizer {
     pub fn resync_typed(&mut self) {
         self.clear_buf();
         self.mode = Mode::Typed;
+    }
+
+    /// `n` bytes of the stream at this point were not captured. See [`Skip`].
+    pub fn skip(&mut self, n: u64) -> Skip {
+        match self.mode {
+            Mode::Streaming { remaining } if n > u64::from(remaining) => {
+                self.lose(n);
+                Skip::PastMessage { converted: None }
+            }
+            Mode::Streaming { remaining } => {
+                self.offset += n;
+                let left = remaining - n as u32;
+                self.mode = if left == 0 {
+                    Mode::Typed
+                } else {
+                    Mode::Streaming { remaining: left }
+                };
+                Skip::Inside {
+                    converted: None,
+                    ends_message: left == 0,
+                }
+            }
+            Mode::Typed if self.buf.len() >= 5 => {
+                let tag = self.buf[0];
+                let body_len =
+                    u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) - 4;
+                let total = 5 + u64::from(body_len);
+                let have = self.buf.len() as u64;
+                let span = Span {
+                    start: self.offset,
+                    end: self.offset + total,
+                };
+                let body = self.buf[5..].to_vec();
+                let converted = Converted {
+                    tag,
+                    body_len,
+                    span,
+                    body,
+                };
+                if have + n > total {
+                    self.lose(n);
+                    return Skip::PastMessage {
+                        converted: Some(converted),
+                    };
+                }
+                self.offset += have + n;
+                self.buf = Vec::new();
+                self.release();
+                let left = (total - have - n) as u32;
+                self.mode = if left == 0 {
+                    Mode::Typed
+                } else {
+                    Mode::Streaming { remaining: left }
+                };
+                Skip::Inside {
+                    converted: Some(converted),
+                    ends_message: left == 0,
+                }
+            }
+            _ => {
+                self.lose(n);
+                Skip::FramingLost
+            }
+        }
+    }
+
+    /// Gives up the message being read and `n` lost bytes after what was pushed.
+    fn lose(&mut self, n: u64) {
+        self.clear_buf();
+        self.offset += n;
+        if matches!(self.mode, Mode::Streaming { .. }) {
+            self.mode = Mode::Typed;
+        }
     }
 
     fn clear_buf(&mut self) {
@@ -675,5 +779,109 @@ mod tests {
             got.extend(tokens(&mut t, b));
         }
         assert_eq!(normal(got), expected, "byte by byte");
+    }
+
+    #[test]
+    fn bytes_lost_inside_a_message_keep_the_framing() {
+        let limits = TokenizerLimits { max_buffered: 1000 };
+        let q = frame(b'Q', &[b'x'; 500]);
+        let next = frame(b'S', b"");
+        // Lost inside a buffered message: it turns into a streamed one.
+        let mut t = Tokenizer::typed(Direction::ToServer, limits);
+        assert!(tokens(&mut t, &q[..100]).is_empty());
+        match t.skip(300) {
+            Skip::Inside {
+                converted: Some(c),
+                ends_message: false,
+            } => {
+                assert_eq!((c.tag, c.body_len, c.body.len()), (b'Q', 500, 95));
+                assert_eq!(c.span, Span { start: 0, end: 505 });
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut rest = q[400..].to_vec();
+        rest.extend_from_slice(&next);
+        let out = tokens(&mut t, &rest);
+        assert_eq!(
+            out[0],
+            Token::Chunk {
+                data: &q[400..],
+                last: true
+            }
+        );
+        assert!(matches!(
+            out[1],
+            Token::Message {
+                tag: b'S',
+                span: Span {
+                    start: 505,
+                    end: 510
+                },
+                ..
+            }
+        ));
+        // Lost up to the message's very end.
+        let mut t = Tokenizer::typed(Direction::ToServer, limits);
+        tokens(&mut t, &q[..100]);
+        assert!(matches!(
+            t.skip(405),
+            Skip::Inside {
+                ends_message: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            tokens(&mut t, &next)[0],
+            Token::Message { tag: b'S', .. }
+        ));
+        // Lost inside a streamed body.
+        let big = frame(b'Q', &[b'y'; 5000]);
+        let mut t = Tokenizer::typed(Direction::ToServer, limits);
+        assert!(matches!(
+            tokens(&mut t, &big[..1000])[0],
+            Token::Header { body_len: 5000, .. }
+        ));
+        assert_eq!(
+            t.skip(3000),
+            Skip::Inside {
+                converted: None,
+                ends_message: false
+            }
+        );
+        let out = tokens(&mut t, &big[4000..]);
+        assert_eq!(out.len(), 1);
+        assert!(matches!(out[0], Token::Chunk { last: true, .. }));
+        assert_eq!(t.offset(), big.len() as u64);
+    }
+
+    #[test]
+    fn bytes_lost_across_a_boundary_lose_the_framing() {
+        let limits = TokenizerLimits { max_buffered: 1000 };
+        let q = frame(b'Q', &[b'x'; 500]);
+        // At a boundary.
+        let mut t = Tokenizer::typed(Direction::ToServer, limits);
+        tokens(&mut t, &q);
+        assert_eq!(t.skip(10), Skip::FramingLost);
+        assert_eq!(t.offset(), q.len() as u64 + 10);
+        // Past the message's end: it ends in the loss.
+        let mut t = Tokenizer::typed(Direction::ToServer, limits);
+        tokens(&mut t, &q[..100]);
+        match t.skip(406) {
+            Skip::PastMessage { converted: Some(c) } => {
+                assert_eq!((c.tag, c.body.len()), (b'Q', 95))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(t.offset(), q.len() as u64 + 1);
+        let big = frame(b'Q', &[b'y'; 5000]);
+        let mut t = Tokenizer::typed(Direction::ToServer, limits);
+        tokens(&mut t, &big[..1000]);
+        assert_eq!(t.skip(4006), Skip::PastMessage { converted: None });
+        assert_eq!(t.offset(), big.len() as u64 + 1);
+        // Inside a header.
+        let mut t = Tokenizer::typed(Direction::ToServer, limits);
+        tokens(&mut t, &q[..3]);
+        assert_eq!(t.skip(10), Skip::FramingLost);
+        assert_eq!(t.offset(), 13);
     }
 }

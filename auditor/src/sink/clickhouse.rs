@@ -207,6 +207,10 @@ impl Features {
 pub struct Migration {
     pub version: u32,
     pub name: String,
+    /// Columns added to the events table first, each unless it is there already (a
+    /// migration cut short before it was recorded runs again; servers before 19.x have
+    /// no `ADD COLUMN IF NOT EXISTS`): (name, definition).
+    pub add_columns: Vec<(&'static str, String)>,
     pub statements: Vec<String>,
 }
 
@@ -317,11 +321,13 @@ fn migrations_of(
         Migration {
             version: 1,
             name: "events table".into(),
+            add_columns: Vec::new(),
             statements: vec![events],
         },
         Migration {
             version: VIEWS_VERSION,
             name: "views: sessions, statements, errors, ddl, top_fingerprints".into(),
+            add_columns: Vec::new(),
             statements: views(db),
         },
     ];
@@ -334,18 +340,31 @@ fn migrations_of(
     later.dedup();
     for version in later {
         let added: Vec<&FieldSpec> = fields.iter().filter(|f| f.since == version).collect();
-        let mut statements: Vec<String> = column_definitions(fields, style, |f| f.since == version)
-            .into_iter()
-            .map(|c| format!("ALTER TABLE {db}.events ADD COLUMN IF NOT EXISTS {c}"))
+        // Each added column by name (a split field's columns by their own names).
+        let add_columns = added
+            .iter()
+            .flat_map(|f| {
+                (f.columns)(f.name, f.low_cardinality, style)
+                    .into_iter()
+                    .map(move |def| {
+                        let first = def.split_whitespace().next().unwrap_or_default();
+                        let name = match f.compat_split {
+                            Some([a, _]) if a == first => a,
+                            Some([_, b]) if b == first => b,
+                            _ => f.name,
+                        };
+                        (name, def)
+                    })
+            })
             .collect();
-        statements.extend(views(db));
         all.push(Migration {
             version,
             name: format!(
                 "columns {}",
                 added.iter().map(|f| f.name).collect::<Vec<_>>().join(", ")
             ),
-            statements,
+            add_columns,
+            statements: views(db),
         });
     }
     all
@@ -511,6 +530,25 @@ pub async fn migrate(
     for m in migrations(database, f, retention_days) {
         if applied.contains(&m.version) {
             continue;
+        }
+        for (name, definition) in &m.add_columns {
+            let present: u64 = client
+                .query(
+                    "SELECT count() FROM system.columns \
+                     WHERE database = ? AND table = 'events' AND name = ?",
+                )
+                .bind(database)
+                .bind(*name)
+                .fetch_one()
+                .await?;
+            if present == 0 {
+                client
+                    .query(&format!(
+                        "ALTER TABLE {database}.events ADD COLUMN {definition}"
+                    ))
+                    .execute()
+                    .await?;
+            }
         }
         for sql in &m.statements {
             client.query(sql).execute().await?;
@@ -1072,31 +1110,34 @@ mod tests {
         fields.push(
             FieldSpec::new::<crate::text::Text>("decision")
                 .lc()
-                .since(3),
+                .since(40),
         );
-        fields.push(FieldSpec::new::<u64>("approval_seq").since(3));
-        fields.push(FieldSpec::new::<bool>("masked").since(4));
+        fields.push(FieldSpec::new::<u64>("approval_seq").since(40));
+        fields.push(FieldSpec::new::<bool>("masked").since(41));
         let m = migrations_of(&fields, "auditor", Features::of_version("24.3.1"), 0);
-        assert_eq!(
-            m.iter().map(|m| m.version).collect::<Vec<_>>(),
-            [1, 2, 3, 4]
-        );
+        let n = m.len();
+        assert_eq!((m[n - 2].version, m[n - 1].version), (40, 41));
         assert!(!m[0].statements[0].contains("decision"));
         assert_eq!(
-            m[2].statements[..2],
+            m[n - 2].add_columns,
             [
-                "ALTER TABLE auditor.events ADD COLUMN IF NOT EXISTS decision LowCardinality(String)",
-                "ALTER TABLE auditor.events ADD COLUMN IF NOT EXISTS approval_seq UInt64",
+                ("decision", "decision LowCardinality(String)".to_string()),
+                ("approval_seq", "approval_seq UInt64".to_string()),
             ]
         );
         // The views are made again, so that `SELECT *` includes the new columns.
-        assert!(m[2]
+        assert!(m[n - 2]
             .statements
             .iter()
             .any(|s| s.starts_with("CREATE VIEW auditor.statements")));
-        assert_eq!(m[3].name, "columns masked");
-        // Today's fields all belong to the first table.
-        let today = migrations("auditor", Features::of_version("24.3.1"), 0);
-        assert_eq!(today.iter().map(|m| m.version).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(m[n - 1].name, "columns masked");
+        // Today: the table, the views, then message_bytes.
+        let today = migrations("auditor", Features::of_version("18.16.1"), 0);
+        let versions: Vec<u32> = today.iter().map(|m| m.version).collect();
+        assert_eq!(versions, [1, 2, 3]);
+        assert_eq!(
+            today[2].add_columns,
+            [("message_bytes", "message_bytes UInt64".to_string())]
+        );
     }
 }

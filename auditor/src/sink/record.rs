@@ -132,12 +132,15 @@ mod tests {
         assert_eq!(r.to_event().unwrap(), ev);
     }
 
-    /// A record of layout 1, as the previous version wrote it (no field count).
+    /// A record of layout 1, as the previous version wrote it: no field count, and none of
+    /// the fields added since (message_bytes, a u64).
     fn v1_record(ev: &AuditEvent) -> Vec<u8> {
+        assert_eq!(ev.message_bytes, 0);
         let mut buf = Vec::new();
         encode(ev, &mut buf);
         buf.drain(1..3);
         buf[0] = 1;
+        buf.truncate(buf.len() - 8);
         buf
     }
 
