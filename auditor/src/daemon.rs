@@ -234,6 +234,8 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             max_buffered: cfg.capture.max_message_bytes,
         },
     });
+    // Capture is attached: the backends running now serve sessions older than the daemon.
+    tracker.remember_backends();
 
     // What ClickHouse does not take within the grace period at stop stays spooled for
     // the next start.

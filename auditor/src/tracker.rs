@@ -131,6 +131,10 @@ struct SessionEntry {
     unix: bool,
     /// The daemon's own diagnostics about this connection (`AUDITOR_LOG=auditor=debug`).
     span: tracing::Span,
+    /// For a session older than the daemon: whether the backend's process title was read
+    /// for its database user and database, and whether it told them.
+    title_tried: bool,
+    meta_from_title: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -272,6 +276,12 @@ impl Tracker {
         self.to_mute.drain(..)
     }
 
+    /// Remembers the Postgres backends running as capture begins: their sessions are older
+    /// than the daemon (see `WorkloadResolver::remember_backends`).
+    pub fn remember_backends(&mut self) {
+        self.workloads.remember_backends();
+    }
+
     pub fn active_sessions(&self) -> usize {
         self.sessions.len()
     }
@@ -396,6 +406,8 @@ impl Tracker {
             role_ends: [None, None],
             unix: h.tuple.family == AF_UNIX,
             span,
+            title_tried: false,
+            meta_from_title: false,
         };
         if entry.unix {
             self.counters.unix_sessions += 1;
@@ -888,8 +900,12 @@ fn finish(
             drafts.insert(0, d);
         }
     }
+    recover_meta(s, conn, workloads);
     for d in drafts.drain(..) {
         let mut ev = d.event;
+        if s.meta_from_title {
+            ev.flags.insert(Flag::MetaFromProcessTitle);
+        }
         ev.event_id = new_event_id();
         ev.ts = Timestamp::from_unix_ns(d.ts_ns + wall_offset);
         ev.host = host.clone();
@@ -927,6 +943,28 @@ fn finish(
             EventKind::SessionEnd | EventKind::Gap => {}
         }
         out.push(ev);
+    }
+}
+
+/// A session older than the daemon never showed its startup packet: when its server end
+/// is a backend on this host, its process title names the database user and database
+/// (once per session; the events say where they came from).
+fn recover_meta(s: &mut SessionEntry, conn: ConnKey, workloads: &WorkloadResolver) {
+    if s.title_tried || s.session.conversation().startup_seen() {
+        return;
+    }
+    let Some(server) = &s.server else {
+        return;
+    };
+    s.title_tried = true;
+    let port = (!s.unix).then_some(conn.client_port);
+    let Some(title) = workloads.backend_title(server.pid) else {
+        return;
+    };
+    tracing::debug!(parent: &s.span, pid = server.pid, %title, "backend's process title");
+    if let Some((user, db)) = crate::workload::process::parse_backend_title(&title, port) {
+        s.session.recover_meta(user.into(), db.into());
+        s.meta_from_title = true;
     }
 }
 

@@ -339,6 +339,20 @@ fn connection_older_than_the_daemon_is_picked_up_mid_stream() {
     assert_eq!(str_of(mine[0], "kind"), "session_start");
     assert_eq!(str_of(mine.last().unwrap(), "kind"), "session_end");
     assert_eq!(str_of(stmts[0], "comm"), "psql");
+    // Its startup went by before the daemon: user and database come from the backend's
+    // process title, and every event says so.
+    for e in &mine {
+        assert_eq!(str_of(e, "db_user"), "postgres", "{e}");
+        assert_eq!(str_of(e, "database"), "postgres", "{e}");
+        assert!(
+            e["flags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f == "meta_from_process_title"),
+            "{e}"
+        );
+    }
 }
 
 #[test]

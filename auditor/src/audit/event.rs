@@ -158,6 +158,9 @@ flags! {
     PortalSuspended = "portal_suspended",
     /// The server never answered (the connection ended first).
     NoResponse = "no_response",
+    /// The session is older than the daemon: its database user and database were read
+    /// from its backend's process title.
+    MetaFromProcessTitle = "meta_from_process_title",
     /// A CancelRequest connection.
     CancelRequest = "cancel_request",
     /// The connection's close was not seen (it was found gone later).

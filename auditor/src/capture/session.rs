@@ -129,6 +129,15 @@ impl Session {
         &self.conversation.meta
     }
 
+    /// Database user and database learnt elsewhere (a session older than the daemon):
+    /// kept unless the startup packet named them.
+    pub fn recover_meta(&mut self, db_user: crate::text::Text, database: crate::text::Text) {
+        if !self.conversation.startup_seen() {
+            self.conversation.meta.db_user = db_user;
+            self.conversation.meta.database = database;
+        }
+    }
+
     pub fn startup_error(&self) -> Option<&ErrorFields> {
         self.conversation.startup_error.as_ref()
     }

@@ -84,6 +84,10 @@ pub fn workload_name(p: &ProcessIdentity) -> Text {
 pub struct WorkloadResolver {
     pub processes: IdentityResolver,
     sources: Vec<Box<dyn LabelSource>>,
+    /// Process titles of the Postgres backends that ran when capture began: their
+    /// sessions are older than the daemon, and a backend may be gone by the time its
+    /// records are read.
+    backend_titles: std::collections::HashMap<u32, String>,
 }
 
 impl Default for WorkloadResolver {
@@ -91,11 +95,25 @@ impl Default for WorkloadResolver {
         WorkloadResolver {
             processes: IdentityResolver::new(),
             sources: vec![Box::new(ProcessLabels), Box::new(CgroupLabels)],
+            backend_titles: Default::default(),
         }
     }
 }
 
 impl WorkloadResolver {
+    /// Remembers the process titles of the Postgres backends running now (call when
+    /// capture begins).
+    pub fn remember_backends(&mut self) {
+        self.backend_titles = process::backend_titles();
+    }
+
+    /// The process title of backend `pid`: as it is now, or as it was when capture began.
+    pub fn backend_title(&self, pid: u32) -> Option<String> {
+        process::process_title(pid)
+            .filter(|t| t.starts_with("postgres: "))
+            .or_else(|| self.backend_titles.get(&pid).cloned())
+    }
+
     /// Another source of labels, consulted after those already added.
     pub fn add_source(&mut self, source: Box<dyn LabelSource>) {
         self.sources.push(source);

@@ -78,6 +78,56 @@ pub fn parse_cgroup_path(path: &str) -> CgroupFacts {
     facts
 }
 
+/// A Postgres backend's process title (`/proc/PID/cmdline` as `ps` shows it).
+pub fn process_title(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let text = String::from_utf8_lossy(&raw).replace('\0', " ");
+    Some(text.trim().to_string())
+}
+
+/// The process titles of every Postgres backend on the host (processes whose title
+/// starts with `postgres: `), by pid.
+pub fn backend_titles() -> std::collections::HashMap<u32, String> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Default::default();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let title = process_title(pid)?;
+            title.starts_with("postgres: ").then_some((pid, title))
+        })
+        .collect()
+}
+
+/// Database user and database from a backend's process title:
+/// `postgres: [CLUSTER: ]USER DB HOST(PORT) STATE` (or `[local]` for a Unix socket), as
+/// Postgres sets it while `update_process_title` is on. None when the title is not a
+/// backend's, when user and database cannot be told apart (a name with a space), or when
+/// `client_port` is given and the title names another port (another connection).
+pub fn parse_backend_title(title: &str, client_port: Option<u16>) -> Option<(String, String)> {
+    let rest = title.strip_prefix("postgres: ")?;
+    let tokens: Vec<&str> = rest.split(' ').filter(|t| !t.is_empty()).collect();
+    // The client's token: HOST(PORT) or [local].
+    let at = tokens
+        .iter()
+        .position(|t| *t == "[local]" || (t.ends_with(')') && t.contains('(')))?;
+    let mut names = &tokens[..at];
+    if names.len() == 3 && names[0].ends_with(':') {
+        names = &names[1..]; // cluster_name
+    }
+    let [user, db] = names else {
+        return None;
+    };
+    if let (Some(want), Some(port)) = (client_port, tokens[at].rsplit_once('(')) {
+        let port: u16 = port.1.trim_end_matches(')').parse().ok()?;
+        if port != want {
+            return None;
+        }
+    }
+    Some((user.to_string(), db.to_string()))
+}
+
 struct Cached {
     identity: ProcessIdentity,
     at: Instant,
@@ -315,6 +365,44 @@ mod tests {
             let fd = r.cgroup_mount_fd.as_ref().unwrap();
             assert_eq!(cgroup_path_by_handle(fd, &root, none), None);
         }
+    }
+
+    #[test]
+    fn backend_titles() {
+        let p = parse_backend_title;
+        let ok = |u: &str, d: &str| Some((u.to_string(), d.to_string()));
+        assert_eq!(
+            p("postgres: alice shop 127.0.0.1(43210) idle", Some(43210)),
+            ok("alice", "shop")
+        );
+        assert_eq!(
+            p("postgres: alice shop ::1(5) SELECT", None),
+            ok("alice", "shop")
+        );
+        assert_eq!(
+            p(
+                "postgres: main: alice shop 10.0.0.2(41000) idle in transaction",
+                Some(41000)
+            ),
+            ok("alice", "shop")
+        );
+        assert_eq!(
+            p("postgres: bob app [local] idle", Some(0)),
+            ok("bob", "app")
+        );
+        // Another connection's backend (the pid was reused), names with spaces, other
+        // processes, titles turned off.
+        assert_eq!(
+            p("postgres: alice shop 127.0.0.1(43211) idle", Some(43210)),
+            None
+        );
+        assert_eq!(p("postgres: my user shop 127.0.0.1(1) idle", None), None);
+        assert_eq!(p("postgres: checkpointer", None), None);
+        assert_eq!(p("postgres: walwriter ", None), None);
+        assert_eq!(
+            p("/usr/lib/postgresql/15/bin/postgres -D /var/lib/pg", None),
+            None
+        );
     }
 
     #[test]
