@@ -346,6 +346,32 @@ impl Cgroup {
             cmd.pre_exec(move || std::fs::write(&procs, std::process::id().to_string()));
         }
     }
+
+    /// Runs the (ignored) test `test` of this test binary as a client process inside this
+    /// cgroup, with `env` set, and fails if it fails: a hand-written client whose traffic
+    /// is told apart by its cgroup.
+    pub fn run_test_client(&self, test: &str, env: &[(&str, String)]) {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", test, "--nocapture", "--include-ignored"]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.enter(&mut cmd);
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{test}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The statement events of the workload in cgroup `cgroup` (its path, as events show it).
+pub fn statements_of<'a>(events: &'a [Value], cgroup: &str) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| str_of(e, "cgroup_path") == cgroup && str_of(e, "kind") == "statement")
+        .collect()
 }
 
 impl Drop for Cgroup {

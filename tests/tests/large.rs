@@ -5,12 +5,12 @@
 //! text that came, `truncated` and its real size, and never takes the next statement with
 //! it.
 
-use std::{io::Write, process::Command};
+use std::io::Write;
 
 use auditor_tests::{
     can_run,
     raw::{bind, connect, execute, msg, parse, read_until_ready},
-    str_of, Cgroup, Daemon, Postgres,
+    statements_of, str_of, Cgroup, Daemon, Postgres,
 };
 use serde_json::Value;
 
@@ -69,28 +69,13 @@ fn statements_larger_than_one_copy_are_recorded_once_with_their_outcome() {
     let pg = Postgres::start(&[]).unwrap();
     let mut daemon = Daemon::start(pg.port, "").unwrap();
     let cg = Cgroup::new("large").unwrap();
-    // The client in its own process inside the cgroup: this test binary re-executed.
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "--exact",
+    cg.run_test_client(
         "large_client_process",
-        "--nocapture",
-        "--include-ignored",
-    ])
-    .env("LARGE_CLIENT_PORT", pg.port.to_string());
-    cg.enter(&mut cmd);
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        &[("LARGE_CLIENT_PORT", pg.port.to_string())],
     );
     daemon.stop().unwrap();
     let events = daemon.events().unwrap();
-    let st: Vec<&Value> = events
-        .iter()
-        .filter(|e| str_of(e, "cgroup_path") == cg.name && str_of(e, "kind") == "statement")
-        .collect();
+    let st = statements_of(&events, &cg.name);
     let summary: Vec<String> = st
         .iter()
         .map(|e| {

@@ -2,14 +2,13 @@
 //! against a real Postgres 15: pipelining across Syncs, binary parameters, a portal fetched
 //! in pieces (PortalSuspended), an error in the middle of a pipeline, an empty query.
 
-use std::{io::Write, process::Command};
+use std::io::Write;
 
 use auditor_tests::{
     can_run,
     raw::{bind, connect, cstr, execute, msg, parse, read_until_ready},
-    str_of, Cgroup, Daemon, Postgres,
+    statements_of, str_of, Cgroup, Daemon, Postgres,
 };
-use serde_json::Value;
 
 fn raw_client(port: u16) {
     let mut s = connect(port, "raw_client");
@@ -58,31 +57,14 @@ fn pipelined_binary_suspended_and_failing_extended_protocol() {
     let mut daemon = Daemon::start(pg.port, "").unwrap();
     let cg = Cgroup::new("raw").unwrap();
 
-    // Run the client in its own process inside the cgroup: this test binary re-executed.
-    let me = std::env::current_exe().unwrap();
-    let mut cmd = Command::new(me);
-    cmd.args([
-        "--exact",
+    cg.run_test_client(
         "raw_client_process",
-        "--nocapture",
-        "--include-ignored",
-    ])
-    .env("RAW_CLIENT_PORT", pg.port.to_string());
-    cg.enter(&mut cmd);
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        &[("RAW_CLIENT_PORT", pg.port.to_string())],
     );
-
     // Stop takes every record the kernel holds: no wait needed before it.
     daemon.stop().unwrap();
     let events = daemon.events().unwrap();
-    let stmts: Vec<&Value> = events
-        .iter()
-        .filter(|e| str_of(e, "cgroup_path") == cg.name && str_of(e, "kind") == "statement")
-        .collect();
+    let stmts = statements_of(&events, &cg.name);
     let got: Vec<(&str, Option<u64>, &str, &str)> = stmts
         .iter()
         .map(|e| {

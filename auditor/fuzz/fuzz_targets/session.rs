@@ -20,8 +20,8 @@ fuzz_target!(|data: &[u8]| {
     let mut analyzer = Analyzer::default();
     let mut out = Vec::new();
     let mut ts = 0i128;
-    // Records: [flags][len][bytes]: flags bit 0 direction, bit 1 a gap before, bit 2
-    // not a call start.
+    // Records: [flags][len][bytes]: flags bit 0 direction, bit 1 a gap before (of a size
+    // from bits 3-7: inside a message, to its end, or past it), bit 2 not a call start.
     while let [flags, len, tail @ ..] = rest {
         let n = (*len as usize).min(tail.len());
         let (chunk, next) = tail.split_at(n);
@@ -32,7 +32,8 @@ fuzz_target!(|data: &[u8]| {
             Direction::ToClient
         };
         if flags & 2 != 0 {
-            session.gap(direction);
+            let lost = u64::from(flags >> 3) * 301 + 1;
+            session.gap(direction, lost, ts, &mut analyzer, &mut out);
         }
         ts += 1000;
         session.push(direction, chunk, flags & 4 == 0, ts, &mut analyzer, &mut out);

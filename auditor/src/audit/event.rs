@@ -5,8 +5,8 @@ use serde::{ser::SerializeStruct, Deserialize, Serialize};
 
 pub use super::schema::Labels;
 use super::schema::{
-    audit_event, json_str, json_strs, put_str, put_strs, ColumnStyle, Field, RecordError,
-    RecordReader,
+    audit_event, json_str, json_strs, put_str, put_strs, split_columns, ColumnStyle, Field,
+    RecordError, RecordReader,
 };
 use crate::text::Text;
 
@@ -374,13 +374,12 @@ impl Field for Timestamp {
         Ok(*r)
     }
     fn ch_columns(name: &'static str, _: bool, style: ColumnStyle) -> Vec<String> {
-        match Self::COMPAT_SPLIT {
-            Some([secs, micros]) if style.compat => vec![
-                format!("{secs} DateTime('UTC')"),
-                format!("{micros} UInt32"),
-            ],
-            _ => vec![format!("{name} DateTime64(6, 'UTC')")],
-        }
+        split_columns::<Self>(
+            name,
+            "DateTime64(6, 'UTC')",
+            ["DateTime('UTC')", "UInt32"],
+            style,
+        )
     }
     fn ch_write<S: SerializeStruct>(
         r: &Timestamp,

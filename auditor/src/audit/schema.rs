@@ -288,6 +288,23 @@ pub trait Field: Sized {
     ) -> Result<(), S::Error>;
 }
 
+/// The column(s) of a field a compat server stores in two (`T::COMPAT_SPLIT`): those two
+/// with `split_types` there, else one named `name` of type `ty`.
+pub(crate) fn split_columns<T: Field>(
+    name: &str,
+    ty: &str,
+    split_types: [&str; 2],
+    style: ColumnStyle,
+) -> Vec<String> {
+    match T::COMPAT_SPLIT {
+        Some([a, b]) if style.compat => vec![
+            format!("{a} {}", split_types[0]),
+            format!("{b} {}", split_types[1]),
+        ],
+        _ => vec![format!("{name} {ty}")],
+    }
+}
+
 fn one_column(name: &str, ty: &str, lc: bool, style: ColumnStyle) -> Vec<String> {
     if lc && style.low_cardinality {
         vec![format!("{name} LowCardinality({ty})")]
@@ -495,13 +512,12 @@ impl Field for Labels {
         ))
     }
     fn ch_columns(name: &'static str, _: bool, style: ColumnStyle) -> Vec<String> {
-        match Self::COMPAT_SPLIT {
-            Some([keys, values]) if style.compat => vec![
-                format!("{keys} Array(String)"),
-                format!("{values} Array(String)"),
-            ],
-            _ => vec![format!("{name} Map(String, String)")],
-        }
+        split_columns::<Self>(
+            name,
+            "Map(String, String)",
+            ["Array(String)", "Array(String)"],
+            style,
+        )
     }
     fn ch_write<S: SerializeStruct>(
         r: &Vec<(&str, &str)>,
