@@ -90,10 +90,10 @@ impl Field for EventKind {
     fn ch_write<S: SerializeStruct>(
         r: &&str,
         name: &'static str,
-        _: bool,
+        compat: bool,
         s: &mut S,
     ) -> Result<(), S::Error> {
-        s.serialize_field(name, *r)
+        String::ch_write(r, name, compat, s)
     }
 }
 
@@ -288,10 +288,10 @@ impl Field for Flags {
     fn ch_write<S: SerializeStruct>(
         r: &Vec<&str>,
         name: &'static str,
-        _: bool,
+        compat: bool,
         s: &mut S,
     ) -> Result<(), S::Error> {
-        s.serialize_field(name, r.as_slice())
+        <std::sync::Arc<[String]>>::ch_write(r, name, compat, s)
     }
 }
 
