@@ -187,7 +187,7 @@ pub struct RecordHeader {
     pub role: u8,
     /// SEEN_CONNECT, SEEN_ACCEPT or SEEN_IO.
     pub seen: u8,
-    /// Index of this chunk within its syscall (0 for the first).
+    /// 0 for the first chunk of its syscall, 1 for the ones that continue it.
     pub chunk_index: u8,
     /// STREAM_RAW or STREAM_TLS: which byte stream of the connection `offset` counts in.
     pub stream: u8,

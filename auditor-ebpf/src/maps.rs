@@ -57,6 +57,10 @@ pub static WAKE_BYTES: Global<u64> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static CHUNKS_PER_CALL: Global<u32> = Global::new(0);
 
+/// The state of the chunk loop under way on this CPU (see `syscalls::Chunks`).
+#[map]
+pub static LOOP_STATE: PerCpuArray<crate::syscalls::Chunks> = PerCpuArray::with_max_entries(1, 0);
+
 /// Chunks and connection records for the daemon. Sized by the daemon at load time.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);

@@ -27,8 +27,8 @@ use aya_ebpf::{
 use crate::{
     maps::{
         count, ConnState, PendingCall, SockRef, SslKey, CHUNKS_PER_CALL, CONNECTING, CONNS,
-        DAEMON_TGID, EVENTS, KNOWN_FILES, MUTED, PENDING, PENDING_EOF_ONLY, PENDING_READ, SCRATCH,
-        SSL_SOCKS, TLS_CALLS, WAKE_BYTES,
+        DAEMON_TGID, EVENTS, KNOWN_FILES, LOOP_STATE, MUTED, PENDING, PENDING_EOF_ONLY,
+        PENDING_READ, SCRATCH, SSL_SOCKS, TLS_CALLS, WAKE_BYTES,
     },
     sock::{file_id_of_fd, offsets, sock_of_fd, watched_sock},
 };
@@ -248,7 +248,7 @@ fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> O
 
 /// Copies `len` bytes from user memory at `src` into one record and sends it.
 #[inline(always)]
-fn send_chunk(rec: *mut auditor_common::DataRecord, src: u64, len: u64, offset: u64, index: u32) {
+fn send_chunk(rec: *mut auditor_common::DataRecord, src: u64, len: u64, offset: u64, more: bool) {
     let n = if len > CHUNK_DATA as u64 {
         CHUNK_DATA as u64
     } else {
@@ -257,8 +257,8 @@ fn send_chunk(rec: *mut auditor_common::DataRecord, src: u64, len: u64, offset: 
     unsafe {
         (*rec).header.offset = offset;
         (*rec).header.len = n as u32;
-        // Saturating: the daemon only asks whether a chunk starts its call (index 0).
-        (*rec).header.chunk_index = if index > 255 { 255 } else { index as u8 };
+        // The daemon only asks whether a chunk starts its call (0) or continues it (1).
+        (*rec).header.chunk_index = more as u8;
         let dst = core::ptr::addr_of_mut!((*rec).data) as *mut c_void;
         if probe_read_user_raw(dst, n as u32, src as *const c_void) != 0 {
             count(counter::READ_FAILURES, 1);
@@ -375,10 +375,14 @@ fn exit_plain<const LOOP: bool>(ctx: &TracePointContext) -> Option<()> {
     Some(())
 }
 
-/// What one round of a chunk loop works on (the loops run under `bpf_loop`, so the
-/// verifier checks one round, not MAX_CHUNKS_PER_CALL of them).
+/// What one round of a chunk loop works on. It lives in a per-CPU map (`LOOP_STATE`), not
+/// on the stack: the verifier checks a `bpf_loop` callback round after round until two
+/// rounds look alike, and values it reads from a map are unknown to it, so every round
+/// looks alike after the first. Counters kept on the stack are exact constants to the
+/// verifier (0, 1, 2, ...), never alike, and with a bound the daemon sets at load time
+/// (`CHUNKS_PER_CALL`) the check ran into the kernel's million-instruction limit.
 #[repr(C)]
-struct Chunks {
+pub struct Chunks {
     /// Where the current buffer continues and how much of it is left.
     ptr: u64,
     left: u64,
@@ -390,41 +394,41 @@ struct Chunks {
     iov: u64,
     iovcnt: u64,
     next_iov: u64,
-    chunk: u32,
+    /// Chunks sent so far.
+    chunks: u64,
     /// Chunks this call may take (CHUNKS_PER_CALL, read once).
-    max_chunks: u32,
+    max_chunks: u64,
     /// Bytes jumped over to send the buffer's last chunk (see `tail`).
     skipped: u64,
     /// 1: when the buffer does not fit, its last chunk is its end, not the bytes that
     /// follow the head. A huge message usually shares its call with the small ones after
     /// it (Bind, Execute, Sync): with the head and the end, the daemon knows where the
     /// huge one ends and reads the rest whole; the lost middle is a gap inside it.
-    tail: u32,
-    _pad: u32,
+    tail: u64,
 }
 
 /// Chunks one call may take with bpf_loop: set by the daemon from the ring's size,
 /// never fewer than MAX_CHUNKS_PER_CALL.
 #[inline(always)]
-fn chunks_per_call() -> u32 {
+fn chunks_per_call() -> u64 {
     let n = CHUNKS_PER_CALL.load();
     if n < MAX_CHUNKS_PER_CALL {
-        MAX_CHUNKS_PER_CALL
+        MAX_CHUNKS_PER_CALL as u64
     } else {
-        n
+        n as u64
     }
 }
 
 /// One chunk of the current buffer into the ring. 0: go on, 1: stop.
 #[inline(always)]
 fn send_next_chunk(c: &mut Chunks) -> i64 {
-    if c.done >= c.total || c.left == 0 || c.chunk >= c.max_chunks {
+    if c.done >= c.total || c.left == 0 || c.chunks >= c.max_chunks {
         return 1;
     }
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
         return 1;
     };
-    if c.tail != 0 && c.chunk + 1 == c.max_chunks && c.left > CHUNK_DATA as u64 {
+    if c.tail != 0 && c.chunks + 1 == c.max_chunks && c.left > CHUNK_DATA as u64 {
         let skip = c.left - CHUNK_DATA as u64;
         c.ptr += skip;
         c.left -= skip;
@@ -432,25 +436,30 @@ fn send_next_chunk(c: &mut Chunks) -> i64 {
         c.skipped += skip;
     }
     let n = core::cmp::min(c.left, CHUNK_DATA as u64);
-    send_chunk(rec, c.ptr, n, c.base + c.done, c.chunk);
+    send_chunk(rec, c.ptr, n, c.base + c.done, c.chunks != 0);
     c.ptr += n;
     c.left -= n;
     c.done += n;
-    c.chunk += 1;
+    c.chunks += 1;
     0
 }
 
 #[inline(never)]
-extern "C" fn buffer_round(_index: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: bpf_loop hands back the caller's `Chunks`.
-    let c = unsafe { &mut *(ctx as *mut Chunks) };
-    send_next_chunk(c)
+extern "C" fn buffer_round(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(c) = LOOP_STATE.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's slot; the program that filled it is the one looping.
+    send_next_chunk(unsafe { &mut *c })
 }
 
 #[inline(never)]
-extern "C" fn vectored_round(_index: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: bpf_loop hands back the caller's `Chunks`.
-    let c = unsafe { &mut *(ctx as *mut Chunks) };
+extern "C" fn vectored_round(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(c) = LOOP_STATE.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: as in `buffer_round`.
+    let c = unsafe { &mut *c };
     if c.done >= c.total {
         return 1;
     }
@@ -477,11 +486,11 @@ extern "C" fn vectored_round(_index: u64, ctx: *mut c_void) -> i64 {
 /// Sends `total` bytes of one user buffer as up to CHUNKS_PER_CALL chunks: when it does not
 /// fit, its head and its last chunk (see `Chunks::tail`); what is left out is counted as
 /// truncated. Returns the chunks sent.
-/// `LOOP`: with `bpf_loop` (Linux 5.17+), up to MAX_CHUNKS_PER_CALL; without, an unrolled
-/// loop of COMPAT_CHUNKS_PER_CALL.
+/// `LOOP`: with `bpf_loop` (Linux 5.17+), up to CHUNKS_PER_CALL; without, an unrolled
+/// loop of COMPAT_CHUNKS_PER_CALL on the stack.
 #[inline(always)]
 pub(crate) fn send_buffer<const LOOP: bool>(buf: u64, total: u64, base: u64) -> u64 {
-    let mut c = Chunks {
+    let init = Chunks {
         ptr: buf,
         left: total,
         done: 0,
@@ -490,38 +499,44 @@ pub(crate) fn send_buffer<const LOOP: bool>(buf: u64, total: u64, base: u64) -> 
         iov: 0,
         iovcnt: 0,
         next_iov: 0,
-        chunk: 0,
+        chunks: 0,
         max_chunks: if LOOP {
             chunks_per_call()
         } else {
-            COMPAT_CHUNKS_PER_CALL
+            COMPAT_CHUNKS_PER_CALL as u64
         },
         skipped: 0,
-        tail: LOOP as u32,
-        _pad: 0,
+        tail: LOOP as u64,
     };
-    if LOOP {
+    let (done, skipped, chunks) = if LOOP {
+        let Some(c) = LOOP_STATE.get_ptr_mut(0) else {
+            return 0;
+        };
         unsafe {
+            *c = init;
             bpf_loop(
-                c.max_chunks,
+                (*c).max_chunks as u32,
                 buffer_round as *mut c_void,
-                &mut c as *mut Chunks as *mut c_void,
+                core::ptr::null_mut(),
                 0,
             );
+            ((*c).done, (*c).skipped, (*c).chunks)
         }
     } else {
+        let mut c = init;
         for _ in 0..COMPAT_CHUNKS_PER_CALL {
             if send_next_chunk(&mut c) != 0 {
                 break;
             }
         }
-    }
-    count_truncation(total, c.done - c.skipped);
-    c.chunk as u64
+        (c.done, c.skipped, c.chunks)
+    };
+    count_truncation(total, done - skipped);
+    chunks
 }
 
 /// readv, writev, recvmsg, sendmsg: the iovecs in order (up to MAX_IOVECS), each in as
-/// many chunks as it needs, up to MAX_CHUNKS_PER_CALL in all. What does not fit is counted
+/// many chunks as it needs, up to CHUNKS_PER_CALL in all. What does not fit is counted
 /// as truncated (the stream offsets still advance, so the daemon records a gap).
 #[inline(always)]
 fn exit_vectored<const LOOP: bool>(ctx: &TracePointContext) -> Option<()> {
@@ -529,31 +544,32 @@ fn exit_vectored<const LOOP: bool>(ctx: &TracePointContext) -> Option<()> {
         return exit_vectored_compat(ctx);
     }
     let (pending, total, base, _rec) = begin_exit(ctx)?;
-    let mut c = Chunks {
-        ptr: 0,
-        left: 0,
-        done: 0,
-        total,
-        base,
-        iov: pending.buf,
-        iovcnt: pending.iovcnt,
-        next_iov: 0,
-        chunk: 0,
-        max_chunks: chunks_per_call(),
-        skipped: 0,
-        tail: 0,
-        _pad: 0,
-    };
-    // Each round takes the next iovec or sends one chunk of the current one.
-    unsafe {
+    let c = LOOP_STATE.get_ptr_mut(0)?;
+    let done = unsafe {
+        *c = Chunks {
+            ptr: 0,
+            left: 0,
+            done: 0,
+            total,
+            base,
+            iov: pending.buf,
+            iovcnt: pending.iovcnt,
+            next_iov: 0,
+            chunks: 0,
+            max_chunks: chunks_per_call(),
+            skipped: 0,
+            tail: 0,
+        };
+        // Each round takes the next iovec or sends one chunk of the current one.
         bpf_loop(
-            c.max_chunks + MAX_IOVECS,
+            (*c).max_chunks as u32 + MAX_IOVECS,
             vectored_round as *mut c_void,
-            &mut c as *mut Chunks as *mut c_void,
+            core::ptr::null_mut(),
             0,
         );
-    }
-    count_truncation(total, c.done);
+        (*c).done
+    };
+    count_truncation(total, done);
     Some(())
 }
 
@@ -575,7 +591,7 @@ fn exit_vectored_compat(ctx: &TracePointContext) -> Option<()> {
             break;
         };
         let n = core::cmp::min(core::cmp::min(len, total - done), CHUNK_DATA as u64);
-        send_chunk(rec, ptr, n, base + done, i);
+        send_chunk(rec, ptr, n, base + done, i != 0);
         done += n;
         if n < len && done < total {
             break; // the rest of this iovec did not fit in a chunk

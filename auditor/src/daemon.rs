@@ -77,6 +77,10 @@ pub struct Stats {
     pub tls: TlsCounters,
     /// The TLS libraries hooked so far.
     pub tls_libraries: Vec<String>,
+    /// Bytes one read or write call is copied up to; more is recorded as a gap (8 MiB
+    /// with the default ring, 128 KiB on a kernel without bpf_loop).
+    #[serde(default)]
+    pub copy_limit_bytes: u64,
     /// Each sink's health, by name.
     pub sinks: std::collections::BTreeMap<String, Health>,
     /// The ClickHouse sink's counters (also under `sinks`), when it runs.
@@ -260,6 +264,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             kernel: capture.counters(),
             tls: finder.counters,
             tls_libraries: finder.libraries.iter().map(|l| l.path.clone()).collect(),
+            copy_limit_bytes: capture.copy_limit,
             sinks: sinks_health(&health),
             clickhouse: sinks_health(&health)
                 .get("clickhouse")

@@ -460,6 +460,12 @@ impl Daemon {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) if line.contains("ready; Ctrl-C stops") => break,
+                // Every program must load on this kernel as built: a refused one falls
+                // back to a weaker copy and would leave the tests passing on the fallback.
+                Ok(line) if line.contains("the verifier refused") => {
+                    let _ = child.kill();
+                    bail!("the auditor's eBPF programs were refused: {line}");
+                }
                 Ok(line) => seen.push(line),
                 Err(_) => {
                     let _ = child.kill();

@@ -302,10 +302,14 @@ pub struct Timestamp(pub i64);
 
 impl Timestamp {
     pub fn from_unix_ns(ns: i128) -> Timestamp {
-        Timestamp(
-            ns.div_euclid(1000)
-                .clamp(i64::MIN as i128, i64::MAX as i128) as i64,
-        )
+        match i64::try_from(ns) {
+            // Every time until 2262: 64-bit division (128-bit is a call).
+            Ok(ns) => Timestamp(ns.div_euclid(1000)),
+            Err(_) => Timestamp(
+                ns.div_euclid(1000)
+                    .clamp(i64::MIN as i128, i64::MAX as i128) as i64,
+            ),
+        }
     }
 
     pub fn now() -> Timestamp {
@@ -323,7 +327,7 @@ impl Timestamp {
 
     /// RFC 3339 text, UTC, microseconds; years outside 0000-9999 read as the epoch.
     pub fn text(self) -> [u8; 27] {
-        ts_text(i128::from(self.0) * 1000)
+        ts_text(self.0)
     }
 
     /// Parses RFC 3339 (the daemon's own form fast, any other through the `time` crate).
@@ -528,11 +532,11 @@ pub fn new_event_id() -> String {
 /// RFC 3339 with microseconds, UTC (`2023-11-14T22:13:20.123456Z`). Years outside
 /// 0000-9999 are clamped to the epoch.
 pub fn format_ts(unix_ns: i128) -> String {
-    String::from_utf8_lossy(&ts_text(unix_ns)).into_owned()
+    String::from_utf8_lossy(&Timestamp::from_unix_ns(unix_ns).text()).into_owned()
 }
 
-fn ts_text(unix_ns: i128) -> [u8; 27] {
-    let us = unix_ns.div_euclid(1000);
+/// In 64-bit arithmetic: it runs for every event written (128-bit division is a call).
+fn ts_text(us: i64) -> [u8; 27] {
     let secs = us.div_euclid(1_000_000);
     let micros = us.rem_euclid(1_000_000) as u32;
     let days = secs.div_euclid(86_400);
@@ -546,7 +550,7 @@ fn ts_text(unix_ns: i128) -> [u8; 27] {
     let mp = (5 * doy + 2) / 153;
     let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i128::from(month <= 2);
+    let year = yoe + era * 400 + i64::from(month <= 2);
     if !(0..=9999).contains(&year) {
         return ts_text(0);
     }

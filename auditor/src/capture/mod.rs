@@ -222,6 +222,43 @@ where
     Ok(prog)
 }
 
+/// Whether the verifier refused a program because the kernel has no `bpf_loop` helper
+/// (number 181): "invalid func unknown#181" before 5.17, "unknown func bpf_loop#181" where
+/// a kernel knows the name but not the helper for this program type.
+fn lacks_bpf_loop(e: &CaptureError) -> bool {
+    let CaptureError::Program {
+        source: aya::programs::ProgramError::LoadError { verifier_log, .. },
+        ..
+    } = e
+    else {
+        return false;
+    };
+    verifier_log.to_string().lines().any(|l| {
+        let l = l.trim();
+        (l.starts_with("invalid func") || l.starts_with("unknown func")) && l.ends_with("#181")
+    })
+}
+
+/// A loading error without the whole verifier log (it can run to megabytes): the error and
+/// the log's last lines, which say why.
+fn brief(e: &CaptureError) -> String {
+    let CaptureError::Program {
+        name,
+        source:
+            aya::programs::ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            },
+    } = e
+    else {
+        return e.to_string();
+    };
+    let log = verifier_log.to_string();
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = lines[lines.len().saturating_sub(6)..].join(" | ");
+    format!("eBPF program {name}: {io_error}; verifier: {tail}")
+}
+
 /// Chunks one read or write call may take: an eighth of the ring (so one huge call cannot
 /// crowd out every other connection), at least MAX_CHUNKS_PER_CALL (2 MiB), at most 64 MiB.
 /// With the default 64 MiB ring, a call is copied up to 8 MiB: ORMs' bulk inserts and
@@ -311,9 +348,11 @@ impl Capture {
             }
         }
 
-        let mut attached = Vec::new();
+        // Every program is loaded before any is attached: a hook that fires while the rest
+        // are still being verified would fill the ring before the daemon reads it.
         let mut without_bpf_loop =
             std::env::var_os(NO_BPF_LOOP_ENV).map(|_| format!("{NO_BPF_LOOP_ENV} is set"));
+        let mut to_attach = Vec::new();
         for (category, name) in TRACEPOINTS {
             if !tls && TLS_TRACEPOINTS.contains(name) {
                 continue;
@@ -321,26 +360,42 @@ impl Capture {
             let copying = COPYING_EXITS.contains(name);
             let compat = format!("{name}_compat");
             let mut program = if copying && without_bpf_loop.is_some() {
-                compat.as_str()
+                compat.clone()
             } else {
-                name
+                name.to_string()
             };
-            if let Err(e) = load_program::<TracePoint>(&mut ebpf, program).map(|_| ()) {
+            if let Err(e) = load_program::<TracePoint>(&mut ebpf, &program).map(|_| ()) {
                 if !copying || without_bpf_loop.is_some() {
                     return Err(e);
                 }
-                // A kernel without bpf_loop (before 5.17) refuses the looping build.
-                without_bpf_loop = Some(e.to_string());
-                program = compat.as_str();
-                load_program::<TracePoint>(&mut ebpf, program)?;
+                without_bpf_loop = Some(match lacks_bpf_loop(&e) {
+                    // A kernel before 5.17 does not know the helper.
+                    true => "this kernel has no bpf_loop helper".to_string(),
+                    // Any other refusal is ours to mend: the looping build must load on
+                    // every kernel that has the helper. Run on, loudly, with the compat build.
+                    false => {
+                        tracing::error!(
+                            "the verifier refused {program}, which copies with bpf_loop; \
+                             falling back to the build without it: {}",
+                            brief(&e)
+                        );
+                        format!("the verifier refused {program}")
+                    }
+                });
+                program = compat;
+                load_program::<TracePoint>(&mut ebpf, &program)?;
             }
+            to_attach.push((*category, *name, program));
+        }
+        let mut attached = Vec::new();
+        for (category, name, program) in to_attach {
             let prog: &mut TracePoint = ebpf
-                .program_mut(program)
+                .program_mut(&program)
                 .and_then(|p| p.try_into().ok())
                 .ok_or_else(|| CaptureError::Program {
-                name: program.to_string(),
-                source: aya::programs::ProgramError::UnexpectedProgramType,
-            })?;
+                    name: program.clone(),
+                    source: aya::programs::ProgramError::UnexpectedProgramType,
+                })?;
             prog.attach(category, name)
                 .map_err(|source| CaptureError::Program {
                     name: name.to_string(),

@@ -12,10 +12,9 @@ use crate::{
     capture::stream,
     conversation::{Conversation, Outcome, Phase, SessionMeta},
     pg::{
-        backend::{self, BackendMessage, ErrorFields},
+        backend::{self, ErrorFields},
         frontend,
         tokenizer::Skip,
-        wire::Values,
         Direction, Token, Tokenizer, TokenizerLimits,
     },
     sql::Analyzer,
@@ -308,26 +307,44 @@ impl Session {
             self.resyncing[d] = false;
             self.tokenizers[d].resync_typed();
         }
-        // Tokens borrow `data`; a push rarely holds more than a few messages.
-        let mut tokens: smallvec::SmallVec<[Token; 8]> = smallvec::SmallVec::new();
+        // Tokens borrow `data`; a push rarely holds more than a few messages besides rows.
+        // Rows and COPY data are only counted: runs of them travel as counts before the
+        // token that follows them (a result of thousands of rows is a few counts here).
+        let mut tokens: smallvec::SmallVec<[(Counted, Token); 8]> = smallvec::SmallVec::new();
+        let mut counted = Counted::default();
         // Bodies streamed past are only counted (rows, COPY data); the parts of other
         // messages read in parts are kept.
         let mut keep_chunks = self.partial[d].is_some();
         let result = self.tokenizers[d].push(data, &mut |t| match t {
             Token::Chunk { .. } if !keep_chunks => {}
-            Token::Header { tag, .. } => {
-                keep_chunks = !is_counted_only(direction, tag);
-                tokens.push(t)
+            Token::Message { tag, .. } if is_counted_only(direction, tag) => counted.add(tag),
+            Token::Header { tag, .. } if is_counted_only(direction, tag) => {
+                keep_chunks = false;
+                counted.add(tag)
             }
-            t => tokens.push(t),
+            Token::Header { .. } => {
+                keep_chunks = true;
+                tokens.push((std::mem::take(&mut counted), t))
+            }
+            t => tokens.push((std::mem::take(&mut counted), t)),
         });
-        for token in tokens {
+        for (before, token) in tokens {
+            self.on_counted(before);
             self.on_token(direction, token, ts_ns, analyzer, out);
         }
+        self.on_counted(counted);
         if result.is_err() {
             self.parse_errors += 1;
             // Try again at a later boundary rather than going silent for good.
             self.resync(direction);
+        }
+    }
+
+    /// Messages only counted: rows go to the statement they belong to.
+    fn on_counted(&mut self, c: Counted) {
+        self.messages += c.rows + c.other;
+        if c.rows > 0 {
+            self.conversation.on_data_rows(c.rows);
         }
     }
 
@@ -401,14 +418,6 @@ impl Session {
                     Ok(m) => self.conversation.on_backend(m, ts, &mut self.outcomes),
                     Err(_) => self.parse_errors += 1,
                 }
-            }
-            (Direction::ToClient, Token::Header { tag: b'D', .. }) => {
-                // Only counted: the body streams past unread.
-                self.conversation.on_backend(
-                    BackendMessage::DataRow(Values::default()),
-                    ts,
-                    &mut self.outcomes,
-                );
             }
             _ => {}
         }
@@ -514,6 +523,26 @@ impl Session {
 /// Messages whose bodies the capture only counts: DataRow, and CopyData either way.
 fn is_counted_only(direction: Direction, tag: u8) -> bool {
     tag == b'd' || (direction == Direction::ToClient && tag == b'D')
+}
+
+/// A run of messages that are only counted ([`is_counted_only`]).
+#[derive(Default)]
+struct Counted {
+    /// DataRows (from the server).
+    rows: u64,
+    /// CopyData, either way.
+    other: u64,
+}
+
+impl Counted {
+    #[inline]
+    fn add(&mut self, tag: u8) {
+        if tag == b'D' {
+            self.rows += 1
+        } else {
+            self.other += 1
+        }
+    }
 }
 
 #[cfg(test)]

@@ -654,8 +654,29 @@ impl Conversation {
     }
 
     /// A typed message from the server.
+    /// `n` DataRows (their values unread): counted for the statement they answer.
+    pub fn on_data_rows(&mut self, n: u64) {
+        if self.responses_unreliable {
+            self.counters.unmatched_responses += n;
+            return;
+        }
+        if let Some(Pending::Lost { rows }) = self.pending.front_mut() {
+            *rows += n;
+            return;
+        }
+        match self
+            .pending
+            .iter_mut()
+            .find(|p| matches!(p, Pending::Simple { .. } | Pending::Execute { .. }))
+        {
+            Some(Pending::Simple { rows, .. }) | Some(Pending::Execute { rows, .. }) => *rows += n,
+            _ => self.counters.unmatched_responses += n,
+        }
+    }
+
     pub fn on_backend(&mut self, m: BackendMessage<'_>, ts: i128, out: &mut Vec<Outcome>) {
         match &m {
+            BackendMessage::DataRow(_) => return self.on_data_rows(1),
             BackendMessage::ParameterStatus { name, value } => {
                 if *name == b"application_name" {
                     self.meta.application_name = String::from_utf8_lossy(value).as_ref().into();
@@ -682,10 +703,6 @@ impl Conversation {
         }
         if let Some(Pending::Lost { rows }) = self.pending.front_mut() {
             let result = match m {
-                BackendMessage::DataRow(_) => {
-                    *rows += 1;
-                    None
-                }
                 BackendMessage::CommandComplete { tag } => {
                     let tag = String::from_utf8_lossy(tag).into_owned();
                     let rows = rows_of(&tag, std::mem::take(rows), 0);
@@ -747,16 +764,6 @@ impl Conversation {
             }
             BackendMessage::NoData => match self.pending.front() {
                 Some(Pending::Describe { .. }) => self.described(None),
-                _ => self.counters.unmatched_responses += 1,
-            },
-            BackendMessage::DataRow(_) => match self
-                .pending
-                .iter_mut()
-                .find(|p| matches!(p, Pending::Simple { .. } | Pending::Execute { .. }))
-            {
-                Some(Pending::Simple { rows, .. }) | Some(Pending::Execute { rows, .. }) => {
-                    *rows += 1
-                }
                 _ => self.counters.unmatched_responses += 1,
             },
             BackendMessage::CommandComplete { tag } => {
