@@ -490,6 +490,14 @@ extern "C" fn vectored_round(_index: u64, _ctx: *mut c_void) -> i64 {
 /// loop of COMPAT_CHUNKS_PER_CALL on the stack.
 #[inline(always)]
 pub(crate) fn send_buffer<const LOOP: bool>(buf: u64, total: u64, base: u64) -> u64 {
+    // Most calls fit one chunk: no loop, no loop state.
+    if total <= CHUNK_DATA as u64 {
+        let Some(rec) = SCRATCH.get_ptr_mut(0) else {
+            return 0;
+        };
+        send_chunk(rec, buf, total, base, false);
+        return 1;
+    }
     let init = Chunks {
         ptr: buf,
         left: total,

@@ -22,6 +22,7 @@ use crate::{
         Capture, CaptureError, KernelCounters,
     },
     config::Config,
+    continuity,
     pg::TokenizerLimits,
     sink::{self, clickhouse::ClickHouseCounters, Health, SinkError, SinkThread},
     tracker::{Record, Tracker, TrackerConfig, TrackerCounters},
@@ -61,6 +62,10 @@ fn install_signal_handlers() {
         }
     }
 }
+
+/// Events handed to the sink thread at a time, at least (unless `SEND_EVERY` passed).
+const SEND_AT: usize = 512;
+const SEND_EVERY: Duration = Duration::from_millis(20);
 
 /// What `auditor stats` shows, written by the daemon every second.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -144,11 +149,17 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         source,
     })?;
     let key = param_key(&cfg.state_dir)?;
+    // What the run before this one left: read before this run writes its own.
+    let previous_watermark = continuity::Watermark::read(&cfg.state_dir);
+    let previous_stats: Option<Stats> = std::fs::read_to_string(cfg.stats_path())
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
     let mut capture = Capture::start(
         &cfg.endpoints,
         cfg.capture.ring_buffer_bytes,
         cfg.capture.tls,
     )?;
+    let capture_since = Timestamp::now();
     let sinks = sink::build(cfg).map_err(DaemonError::Sink)?;
 
     let endpoints: Vec<String> = cfg
@@ -245,11 +256,26 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     // the next start.
     let (tx, sink) = SinkThread::spawn(sinks, 1024, Duration::from_secs(10));
     let (written, health) = (sink.events.clone(), sink.health.clone());
+    let flushed = sink.flushed.clone();
+    let mut sent: u64 = 0;
+    let mut watermark = continuity::WatermarkKeeper::default();
+    let mut batch: Vec<AuditEvent> = Vec::with_capacity(256);
+    if let Some(ev) = continuity::interrupted_event(
+        previous_watermark.as_ref(),
+        previous_stats
+            .as_ref()
+            .map(|s| (s.pid, s.updated_at.as_str())),
+        capture_since,
+        &cfg.host_name(),
+    ) {
+        tracing::warn!("{}", ev.statement);
+        batch.push(ev);
+    }
 
     let started = Instant::now();
     let started_at = Timestamp::now().to_string();
     let mut last_stats = Instant::now() - Duration::from_secs(2);
-    let mut batch: Vec<AuditEvent> = Vec::with_capacity(256);
+    let mut last_send = Instant::now();
     let stats_path = cfg.stats_path();
     let make_stats =
         |tracker: &Tracker, capture: &Capture, finder: &TlsFinder, sink_errors: u64| Stats {
@@ -312,17 +338,54 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         if last_tick.elapsed() >= Duration::from_millis(250) {
             tracker.tick(crate::tracker::monotonic_ns(), &mut batch);
             last_tick = Instant::now();
+            // A watermark candidate covers every event made so far: all are handed on.
+            if !batch.is_empty() {
+                let n = batch.len() as u64;
+                if tx
+                    .send(std::mem::replace(&mut batch, Vec::with_capacity(SEND_AT)))
+                    .is_err()
+                {
+                    break;
+                }
+                sent += n;
+                last_send = Instant::now();
+            }
+            let now = Timestamp::now();
+            watermark.offer(
+                sent,
+                Timestamp::from_unix_ns(
+                    tracker.complete_until_ns(now.unix_micros() as i128 * 1000),
+                ),
+            );
+        }
+        if let Some(t) = watermark.ready(flushed.load(Ordering::Relaxed)) {
+            let w = continuity::Watermark {
+                pid: std::process::id(),
+                complete_until: t.to_string(),
+                stopped: false,
+            };
+            if let Err(e) = w.write(&cfg.state_dir) {
+                tracing::warn!(
+                    "{}: {e}",
+                    continuity::Watermark::path(&cfg.state_dir).display()
+                );
+            }
         }
         for end in tracker.drain_mutes() {
             if capture.mute(end.sock, end.start_ns).is_err() {
                 mute_failures += 1;
             }
         }
-        if !batch.is_empty() {
-            let full = std::mem::replace(&mut batch, Vec::with_capacity(256));
+        // Batches go to the sink thread when large or 20 ms old: one hand-over (a thread
+        // wake-up) per few hundred events, not per drain of the ring.
+        if batch.len() >= SEND_AT || (!batch.is_empty() && last_send.elapsed() >= SEND_EVERY) {
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(SEND_AT));
+            let n = full.len() as u64;
             if tx.send(full).is_err() {
                 break;
             }
+            sent += n;
+            last_send = Instant::now();
         }
         if last_sweep.elapsed() >= SWEEP_EVERY {
             let now = crate::tracker::monotonic_ns();
@@ -354,6 +417,21 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     let report = sink.join();
     let stats = make_stats(&tracker, &capture, &finder, report.errors);
     write_stats(&stats_path, &stats);
+    // Everything read is recorded (in-flight statements as no_response): the trail is
+    // complete up to now, unless a sink failed.
+    if report.errors == 0 {
+        let w = continuity::Watermark {
+            pid: std::process::id(),
+            complete_until: Timestamp::now().to_string(),
+            stopped: true,
+        };
+        if let Err(e) = w.write(&cfg.state_dir) {
+            tracing::warn!(
+                "{}: {e}",
+                continuity::Watermark::path(&cfg.state_dir).display()
+            );
+        }
+    }
     tracing::info!(
         "stopped; {} events written, {} statements, {} gaps, {} kernel drops",
         report.events,

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod continuity;
 pub mod conversation;
 pub mod daemon;
 pub mod pg;

@@ -845,6 +845,17 @@ impl Tracker {
     }
 
     /// Ends every session (daemon shutdown): pending requests are flushed as events.
+    /// The time (wall clock, ns) before which everything read has become events: the start
+    /// of the oldest statement still waiting for its answer, else now. Were the daemon to
+    /// die now, nothing before it would be missing from the events already handed on.
+    pub fn complete_until_ns(&self, now_wall_ns: i128) -> i128 {
+        self.sessions
+            .values()
+            .filter_map(|s| s.session.oldest_pending_ns())
+            .min()
+            .map_or(now_wall_ns, |t| (t + self.wall_offset_ns).min(now_wall_ns))
+    }
+
     pub fn shutdown(&mut self, out: &mut Vec<AuditEvent>) {
         let conns: Vec<ConnKey> = self.sessions.keys().copied().collect();
         let now = -self.wall_offset_ns

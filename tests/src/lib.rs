@@ -489,6 +489,15 @@ impl Daemon {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
+    /// Kills the daemon with SIGKILL (no flushing, nothing to clean up): a crash.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
     /// Stops with SIGINT (the daemon flushes everything) and returns its last output.
     pub fn stop(&mut self) -> Result<Vec<String>> {
         let Some(mut child) = self.child.take() else {

@@ -167,6 +167,9 @@ flags! {
     CloseNotSeen = "close_not_seen",
     /// Events were dropped because the ClickHouse spool was full.
     ClickhouseSpoolFull = "clickhouse_spool_full",
+    /// No daemon captured during this gap's window (`ts` for `duration_us`): the one
+    /// before was stopped, killed or crashed; statements run then may be missing.
+    CaptureInterrupted = "capture_interrupted",
 }
 
 /// A set of flags; written as their names, in declaration order.

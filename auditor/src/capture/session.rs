@@ -149,6 +149,11 @@ impl Session {
         }
     }
 
+    /// When the oldest statement still waiting for its answer began (kernel ns).
+    pub fn oldest_pending_ns(&self) -> Option<i128> {
+        self.conversation.oldest_pending_ns()
+    }
+
     /// The client sent Terminate: nothing more can follow on this connection.
     pub fn terminated(&self) -> bool {
         self.conversation.phase() == Phase::Terminated

@@ -365,6 +365,19 @@ impl Conversation {
         c
     }
 
+    /// When the oldest statement still waiting for its answer began (kernel ns).
+    pub fn oldest_pending_ns(&self) -> Option<i128> {
+        self.pending
+            .iter()
+            .filter_map(|p| match p {
+                Pending::Simple { started_ns, .. }
+                | Pending::Execute { started_ns, .. }
+                | Pending::FunctionCall { started_ns, .. } => Some(*started_ns),
+                _ => None,
+            })
+            .min()
+    }
+
     pub fn phase(&self) -> Phase {
         self.phase
     }

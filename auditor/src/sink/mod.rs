@@ -90,6 +90,8 @@ pub struct SinkThread {
     handle: std::thread::JoinHandle<SinkReport>,
     pub health: HealthBoard,
     pub events: Arc<std::sync::atomic::AtomicU64>,
+    /// Events every sink has written out (a killed daemon loses none of these).
+    pub flushed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// How long the thread waits for a batch before it refreshes the sinks' health.
@@ -108,7 +110,8 @@ impl SinkThread {
         let (tx, rx) = mpsc::sync_channel::<Vec<AuditEvent>>(queue);
         let health: HealthBoard = Arc::default();
         let events = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (board, counter) = (health.clone(), events.clone());
+        let flushed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (board, counter, flushed_counter) = (health.clone(), events.clone(), flushed.clone());
         let handle = std::thread::Builder::new()
             .name("sink".into())
             .spawn(move || {
@@ -144,11 +147,16 @@ impl SinkThread {
                             while let Ok(more) = rx.try_recv() {
                                 deliver(&mut sinks, more, &mut report);
                             }
+                            let mut all = true;
                             for s in sinks.iter_mut() {
                                 if let Err(e) = s.flush() {
+                                    all = false;
                                     report.errors += 1;
                                     tracing::error!("{}: {e}", s.name());
                                 }
+                            }
+                            if all {
+                                flushed_counter.store(report.events, Ordering::Relaxed);
                             }
                         }
                         Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -179,6 +187,7 @@ impl SinkThread {
                 handle,
                 health,
                 events,
+                flushed,
             },
         )
     }

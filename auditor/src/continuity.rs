@@ -1,0 +1,215 @@
+//! The trail across daemon runs: what a daemon that stops, is killed or crashes leaves
+//! uncovered is recorded by the next one as a `gap` event flagged `capture_interrupted`,
+//! never left silent.
+//!
+//! While it runs, the daemon keeps `trail.watermark` in its state directory: a time before
+//! which everything it read is in events every sink has written out (the start of the
+//! oldest statement still waiting for its answer, else the time of the check), updated
+//! every second once the sinks have flushed the events handed to them before it. A killed
+//! daemon loses at most what came after its last watermark; the next start records that
+//! window, from the watermark to the moment its own capture was attached.
+
+use std::{
+    collections::VecDeque,
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::audit::event::{AuditEvent, EventKind, Flag, Timestamp};
+
+const FILE: &str = "trail.watermark";
+
+/// What `trail.watermark` holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Watermark {
+    /// The daemon that wrote it.
+    pub pid: u32,
+    /// Everything before this time is in the trail (RFC 3339).
+    pub complete_until: String,
+    /// The daemon stopped cleanly (everything it read was recorded).
+    #[serde(default)]
+    pub stopped: bool,
+}
+
+impl Watermark {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join(FILE)
+    }
+
+    /// The previous run's watermark, if it left one that reads.
+    pub fn read(state_dir: &Path) -> Option<Watermark> {
+        let text = std::fs::read_to_string(Self::path(state_dir)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Written whole or not at all (a temporary file renamed over the old one).
+    pub fn write(&self, state_dir: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let tmp = state_dir.join(format!("{FILE}.tmp"));
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&serde_json::to_vec(self).unwrap_or_default())?;
+        drop(f);
+        std::fs::rename(&tmp, Self::path(state_dir))
+    }
+}
+
+/// The window the previous run left uncovered, as a `gap` event flagged
+/// `capture_interrupted`: from its watermark to `capture_since` (when this daemon's capture
+/// was attached). `previous_pid`/`previous_update` come from its stats.json when it left no
+/// watermark (a daemon from before watermarks): the window then starts at its last update.
+pub fn interrupted_event(
+    previous: Option<&Watermark>,
+    previous_stats: Option<(u32, &str)>,
+    capture_since: Timestamp,
+    host: &str,
+) -> Option<AuditEvent> {
+    let (pid, from, how) = match (previous, previous_stats) {
+        (Some(w), _) => (
+            w.pid,
+            Timestamp::parse(&w.complete_until)?,
+            if w.stopped {
+                "stopped"
+            } else {
+                "ended without stopping (killed or crashed)"
+            },
+        ),
+        (None, Some((pid, updated))) => (
+            pid,
+            Timestamp::parse(updated)?,
+            "ended; it left no watermark, so the window starts at its last stats update",
+        ),
+        (None, None) => return None,
+    };
+    let from = from.min(capture_since);
+    let to = capture_since;
+    let mut ev = AuditEvent::of_kind(EventKind::Gap);
+    ev.event_id = crate::audit::event::new_event_id();
+    ev.ts = from;
+    ev.duration_us = (to.unix_micros() - from.unix_micros()).max(0) as u64;
+    ev.host = host.into();
+    ev.flags.insert(Flag::CaptureInterrupted);
+    ev.statement = format!(
+        "(capture was interrupted from {from} to {to}: the daemon before this one (pid {pid}) \
+         {how}; statements run in between may be missing)"
+    )
+    .into();
+    Some(ev)
+}
+
+/// Keeps the watermark while the daemon runs: each second a candidate (events handed to
+/// the sinks so far, complete-until time) is queued; it is written once the sinks have
+/// flushed that many events.
+#[derive(Debug, Default)]
+pub struct WatermarkKeeper {
+    candidates: VecDeque<(u64, Timestamp)>,
+    written: Option<Timestamp>,
+}
+
+impl WatermarkKeeper {
+    /// `sent`: events handed to the sinks so far; `complete_until`: the tracker's time
+    /// before which everything read is in those events.
+    pub fn offer(&mut self, sent: u64, complete_until: Timestamp) {
+        // Time goes one way: an older statement still pending keeps it back.
+        let last = self.candidates.back().map(|c| c.1).or(self.written);
+        let t = last.map_or(complete_until, |l| complete_until.max(l));
+        self.candidates.push_back((sent, t));
+        // A sink stuck for minutes must not grow this without bound.
+        if self.candidates.len() > 2400 {
+            self.candidates.pop_front();
+        }
+    }
+
+    /// The newest candidate the sinks have caught up with (`flushed` events), if it moves
+    /// the watermark forward: to be written.
+    pub fn ready(&mut self, flushed: u64) -> Option<Timestamp> {
+        let mut newest = None;
+        while let Some(&(sent, t)) = self.candidates.front() {
+            if sent > flushed {
+                break;
+            }
+            newest = Some(t);
+            self.candidates.pop_front();
+        }
+        let t = newest?;
+        if self.written.is_some_and(|w| w >= t) {
+            return None;
+        }
+        self.written = Some(t);
+        Some(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(s: &str) -> Timestamp {
+        Timestamp::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_candidate_waits_for_the_sinks_to_flush_its_events() {
+        let mut k = WatermarkKeeper::default();
+        k.offer(10, ts("2026-01-01T00:00:01Z"));
+        k.offer(20, ts("2026-01-01T00:00:02Z"));
+        assert_eq!(k.ready(9), None);
+        assert_eq!(k.ready(15), Some(ts("2026-01-01T00:00:01Z")));
+        assert_eq!(k.ready(15), None);
+        // A statement pending since before the last watermark cannot move it back.
+        k.offer(30, ts("2026-01-01T00:00:00Z"));
+        assert_eq!(k.ready(40), Some(ts("2026-01-01T00:00:02Z")));
+        assert_eq!(k.ready(40), None);
+    }
+
+    #[test]
+    fn the_next_run_records_the_window_as_a_gap() {
+        let since = ts("2026-01-01T00:00:09Z");
+        let killed = Watermark {
+            pid: 7,
+            complete_until: "2026-01-01T00:00:05.5Z".into(),
+            stopped: false,
+        };
+        let ev = interrupted_event(Some(&killed), None, since, "h").unwrap();
+        assert_eq!(ev.kind, EventKind::Gap);
+        assert_eq!(ev.flags, ["capture_interrupted"]);
+        assert_eq!(ev.ts, ts("2026-01-01T00:00:05.5Z"));
+        assert_eq!(ev.duration_us, 3_500_000);
+        assert!(ev.statement.contains("pid 7"), "{}", ev.statement);
+        assert!(
+            ev.statement.contains("killed or crashed"),
+            "{}",
+            ev.statement
+        );
+        let stopped = Watermark {
+            stopped: true,
+            ..killed
+        };
+        let ev = interrupted_event(Some(&stopped), None, since, "h").unwrap();
+        assert!(ev.statement.contains(") stopped;"), "{}", ev.statement);
+        // From a daemon without watermarks: its last stats update.
+        let ev = interrupted_event(None, Some((3, "2026-01-01T00:00:04Z")), since, "h").unwrap();
+        assert_eq!(ev.duration_us, 5_000_000);
+        // A first start: nothing before it.
+        assert!(interrupted_event(None, None, since, "h").is_none());
+    }
+
+    #[test]
+    fn the_watermark_file_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Watermark::read(dir.path()), None);
+        let w = Watermark {
+            pid: 1,
+            complete_until: "2026-01-01T00:00:00Z".into(),
+            stopped: true,
+        };
+        w.write(dir.path()).unwrap();
+        assert_eq!(Watermark::read(dir.path()), Some(w));
+    }
+}
