@@ -29,6 +29,12 @@ pub const RECORD_CLOSE: u32 = 3;
 /// A process exec'd (`aux[0]` = 0) or mapped an executable file not seen before
 /// (`aux` = [kernel dev_t, inode]): the daemon checks it for a TLS library to hook.
 pub const RECORD_FILE: u32 = 4;
+/// A Postgres backend bound a named prepared statement (uprobe on `PortalDefineQuery`):
+/// the payload is the statement's name in the first SERVER_NAME_BYTES (NUL-padded, `aux[0]`
+/// its length), then its source text (`call_len` bytes, cut at the record's capacity).
+pub const RECORD_SERVER_TEXT: u32 = 5;
+/// Room for a statement name in a RECORD_SERVER_TEXT (Postgres names are at most 63 bytes).
+pub const SERVER_NAME_BYTES: usize = 64;
 
 /// Payload read or written by the socket syscalls (ciphertext on TLS connections).
 pub const STREAM_RAW: u8 = 0;

@@ -181,6 +181,11 @@ pub static SSL_SOCKS: LruHashMap<SslKey, SockRef> = LruHashMap::with_max_entries
 #[map]
 pub static KNOWN_FILES: LruHashMap<[u64; 2], u8> = LruHashMap::with_max_entries(16384, 0);
 
+/// Postgres backends older than the daemon (tgid -> 1): the only ones whose statement texts
+/// the PortalDefineQuery probe reports (see server.rs).
+#[map]
+pub static OLD_BACKENDS: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
+
 /// Scratch space for assembling one data record (too large for the stack).
 #[map]
 pub static SCRATCH: PerCpuArray<DataRecord> = PerCpuArray::with_max_entries(1, 0);

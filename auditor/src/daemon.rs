@@ -239,9 +239,6 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         );
     }
     tracing::info!("stats -> {} (`auditor stats`)", cfg.stats_path().display());
-    tracing::info!("ready; Ctrl-C stops and flushes everything");
-    let _ = std::io::stdout().flush();
-
     let mut tracker = Tracker::new(TrackerConfig {
         host: cfg.host_name().into(),
         policy: RecordingPolicy::new(cfg.record.raw_statements, cfg.record.raw_params, &key),
@@ -250,7 +247,30 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         },
     });
     // Capture is attached: the backends running now serve sessions older than the daemon.
-    tracker.remember_backends();
+    let backends = tracker.remember_backends();
+    // Their prepared statements were parsed before capture: the backends name the texts
+    // when they bind them.
+    let mut hooked = 0;
+    for pid in &backends {
+        match capture.hook_backend(*pid) {
+            Ok(true) => hooked += 1,
+            Ok(false) => {}
+            Err(e) => tracing::debug!("backend {pid}: {e}"),
+        }
+    }
+    match &capture.server_probe_error {
+        Some(e) => {
+            tracing::warn!("statements prepared before the daemon started will have no text: {e}")
+        }
+        None if !backends.is_empty() => tracing::info!(
+            "{} Postgres backends older than the daemon; {hooked} report the text of the \
+             statements they prepared before it (PortalDefineQuery)",
+            backends.len()
+        ),
+        None => {}
+    }
+    tracing::info!("ready; Ctrl-C stops and flushes everything");
+    let _ = std::io::stdout().flush();
 
     // What ClickHouse does not take within the grace period at stop stays spooled for
     // the next start.
@@ -390,6 +410,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         if last_sweep.elapsed() >= SWEEP_EVERY {
             let now = crate::tracker::monotonic_ns();
             tracker.sweep(now, SWEEP_IDLE.as_nanos() as u64, &mut batch);
+            capture.unhook_gone_backends();
             last_sweep = Instant::now();
         }
         if last_stats.elapsed() >= Duration::from_secs(1) {

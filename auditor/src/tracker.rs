@@ -12,7 +12,8 @@ use std::net::{IpAddr, Ipv6Addr};
 use ahash::AHashMap as HashMap;
 use auditor_common::{
     RecordHeader, Tuple, AF_UNIX, DIR_TO_CLIENT, RECORD_CLOSE, RECORD_DATA, RECORD_OPEN,
-    ROLE_CLIENT, ROLE_SERVER, SEEN_IO, STREAM_RAW, STREAM_TLS,
+    RECORD_SERVER_TEXT, ROLE_CLIENT, ROLE_SERVER, SEEN_IO, SERVER_NAME_BYTES, STREAM_RAW,
+    STREAM_TLS,
 };
 
 use crate::{
@@ -162,6 +163,11 @@ pub struct TrackerCounters {
     pub tls_late_sessions: u64,
     /// Ciphertext bytes received (from processes whose TLS library is not hooked).
     pub ciphertext_bytes: u64,
+    /// Statement texts read from backends older than the daemon (uprobe on
+    /// PortalDefineQuery), and those that told a session something new.
+    pub server_texts: u64,
+    pub server_texts_learnt: u64,
+    pub server_texts_unmatched: u64,
 }
 
 pub struct TrackerConfig {
@@ -200,7 +206,7 @@ impl<'a> Record<'a> {
         // SAFETY: RecordHeader is repr(C), plain integers, and the length was checked.
         let header: RecordHeader =
             unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const RecordHeader) };
-        let data = if header.kind == RECORD_DATA {
+        let data = if header.kind == RECORD_DATA || header.kind == RECORD_SERVER_TEXT {
             bytes.get(hlen..hlen + header.len as usize)?
         } else {
             &[]
@@ -276,10 +282,10 @@ impl Tracker {
         self.to_mute.drain(..)
     }
 
-    /// Remembers the Postgres backends running as capture begins: their sessions are older
-    /// than the daemon (see `WorkloadResolver::remember_backends`).
-    pub fn remember_backends(&mut self) {
-        self.workloads.remember_backends();
+    /// Remembers the Postgres backends running as capture begins (their sessions are
+    /// older than the daemon); returns the client backends among them.
+    pub fn remember_backends(&mut self) -> Vec<u32> {
+        self.workloads.remember_backends()
     }
 
     pub fn active_sessions(&self) -> usize {
@@ -300,7 +306,35 @@ impl Tracker {
             }
             RECORD_DATA => self.on_data(key, h, rec.data, out),
             RECORD_CLOSE => self.on_close(key, h, out),
+            RECORD_SERVER_TEXT => self.on_server_text(h, rec.data),
             _ => {}
+        }
+    }
+
+    /// A backend older than the daemon bound a named prepared statement: its text goes to
+    /// the session that backend serves (see capture's `hook_backend`).
+    fn on_server_text(&mut self, h: &RecordHeader, data: &[u8]) {
+        self.counters.server_texts += 1;
+        let pid = (h.pid_tgid >> 32) as u32;
+        let name_len = (h.aux[0] as usize).min(SERVER_NAME_BYTES);
+        let (Some(name), Some(text)) = (
+            data.get(..name_len),
+            data.get(SERVER_NAME_BYTES..SERVER_NAME_BYTES + h.call_len as usize),
+        ) else {
+            return;
+        };
+        let (name, text) = (String::from_utf8_lossy(name), String::from_utf8_lossy(text));
+        let mut served = false;
+        for s in self.sessions.values_mut() {
+            if s.server.as_ref().is_some_and(|i| i.pid == pid) {
+                served = true;
+                if s.session.learn_prepared(&name, &text, &mut self.analyzer) {
+                    self.counters.server_texts_learnt += 1;
+                }
+            }
+        }
+        if !served {
+            self.counters.server_texts_unmatched += 1;
         }
     }
 

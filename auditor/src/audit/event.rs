@@ -150,6 +150,9 @@ flags! {
     RequestLost = "request_lost",
     /// The statement was prepared before capture began: its text is unknown.
     PreparedBeforeCapture = "prepared_before_capture",
+    /// The statement was prepared before capture began; its text was read from the
+    /// backend process (a Postgres server on this host) when it was bound.
+    TextFromServer = "text_from_server",
     /// A multi-statement query whose parts could not be matched to its results.
     SplitMismatch = "split_mismatch",
     /// Refused before it ran (at Parse or Bind): never executed.

@@ -106,7 +106,11 @@ impl Recorder {
         });
         match &s.text {
             StatementText::Lost => ev.flags.insert(Flag::RequestLost),
-            StatementText::Known { sql, analysis } => {
+            StatementText::Known { sql, analysis }
+            | StatementText::FromServer { sql, analysis } => {
+                if matches!(s.text, StatementText::FromServer { .. }) {
+                    ev.flags.insert(Flag::TextFromServer);
+                }
                 ev.statement = if self.policy.raw_statements {
                     Text::Shared(sql.clone())
                 } else {

@@ -145,7 +145,20 @@ pub struct Capture {
     /// Why the programs with `bpf_loop` were not used (a kernel before 5.17 refuses them).
     pub without_bpf_loop: Option<String>,
     tls_return_program: &'static str,
+    /// Why backends older than the daemon cannot be asked for statement texts (the
+    /// PortalDefineQuery probe did not load), if so.
+    pub server_probe_error: Option<String>,
+    /// The backends hooked, by executable (dev, inode) (see [`Capture::hook_backend`]).
+    backend_hooks: std::collections::HashMap<u32, (u64, u64)>,
+    /// The probe on each Postgres executable with hooked backends.
+    server_links: std::collections::HashMap<(u64, u64), aya::programs::uprobe::UProbeLinkId>,
+    /// PortalDefineQuery's file offset in each Postgres executable examined (dev, inode).
+    server_symbols: std::collections::HashMap<(u64, u64), Option<u64>>,
+    old_backends: Option<BpfHashMap<MapData, u32, u8>>,
 }
+
+/// The uprobe on Postgres's PortalDefineQuery (auditor-ebpf/src/server.rs).
+const SERVER_PROGRAM: &str = "portal_define_query";
 
 /// Mounts tracefs where the tracepoint attach code looks for it, if it is not there yet.
 fn ensure_tracefs() -> Result<(), CaptureError> {
@@ -415,6 +428,16 @@ impl Capture {
         {
             load_program::<UProbe>(&mut ebpf, name)?;
         }
+        let mut server_probe_error = load_program::<UProbe>(&mut ebpf, SERVER_PROGRAM)
+            .err()
+            .map(|e| brief(&e));
+        let old_backends = match take_map(&mut ebpf, "OLD_BACKENDS") {
+            Ok(m) => Some(m),
+            Err(e) => {
+                server_probe_error.get_or_insert(e.to_string());
+                None
+            }
+        };
         let chunks = if without_bpf_loop.is_some() {
             auditor_common::COMPAT_CHUNKS_PER_CALL
         } else {
@@ -437,7 +460,106 @@ impl Capture {
             copy_limit: u64::from(chunks) * auditor_common::CHUNK_DATA as u64,
             without_bpf_loop,
             tls_return_program,
+            server_probe_error,
+            backend_hooks: Default::default(),
+            server_links: Default::default(),
+            server_symbols: Default::default(),
+            old_backends,
         })
+    }
+
+    /// Asks backend `pid` (a Postgres server process older than the daemon) for the text of
+    /// each named prepared statement it binds (its Parse went by before capture): it is
+    /// listed in OLD_BACKENDS, and its executable gets the uprobe on PortalDefineQuery if
+    /// it has none yet. The probe fires in every process of that executable (a per-process
+    /// probe does not fire on this kernel), so it goes when the last listed backend exits
+    /// ([`Capture::unhook_gone_backends`]). Returns whether `pid` was hooked now.
+    pub fn hook_backend(&mut self, pid: u32) -> Result<bool, String> {
+        use std::os::{fd::AsRawFd, unix::fs::MetadataExt};
+        if self.server_probe_error.is_some() || self.backend_hooks.contains_key(&pid) {
+            return Ok(false);
+        }
+        let exe = format!("/proc/{pid}/exe");
+        let file = std::fs::File::open(&exe).map_err(|e| format!("{exe}: {e}"))?;
+        let meta = file.metadata().map_err(|e| format!("{exe}: {e}"))?;
+        let id = (meta.dev(), meta.ino());
+        let offset = match self.server_symbols.get(&id) {
+            Some(o) => *o,
+            None => {
+                let o = tls::find_symbols_in(&file, &["PortalDefineQuery"])
+                    .map_err(|e| format!("{exe}: {e}"))?
+                    .and_then(|found| found.first().map(|(_, o)| *o));
+                self.server_symbols.insert(id, o);
+                o
+            }
+        };
+        let Some(offset) = offset else {
+            return Ok(false);
+        };
+        if let Some(map) = &mut self.old_backends {
+            map.insert(pid, 1, 0)
+                .map_err(|e| format!("OLD_BACKENDS: {e}"))?;
+        }
+        if !self.server_links.contains_key(&id) {
+            // Through the daemon's own descriptor: the same inode, whatever mount
+            // namespace the backend runs in.
+            let target = format!("/proc/self/fd/{}", file.as_raw_fd());
+            let link = self
+                .ebpf
+                .program_mut(SERVER_PROGRAM)
+                .ok_or(aya::programs::ProgramError::UnexpectedProgramType)
+                .and_then(|p| {
+                    let p: &mut UProbe = p.try_into()?;
+                    p.attach(
+                        UProbeAttachLocation::AbsoluteOffset(offset),
+                        &target,
+                        UProbeScope::AllProcesses,
+                    )
+                })
+                .map_err(|e| format!("PortalDefineQuery in {exe}: {e}"))?;
+            self.server_links.insert(id, link);
+        }
+        self.backend_hooks.insert(pid, id);
+        Ok(true)
+    }
+
+    /// Forgets the hooked backends that have exited; removes the probe from executables
+    /// none of whose hooked backends is left.
+    pub fn unhook_gone_backends(&mut self) {
+        let gone: Vec<u32> = self
+            .backend_hooks
+            .keys()
+            .copied()
+            .filter(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+            .collect();
+        for pid in gone {
+            self.backend_hooks.remove(&pid);
+            if let Some(map) = &mut self.old_backends {
+                let _ = map.remove(&pid);
+            }
+        }
+        let unused: Vec<(u64, u64)> = self
+            .server_links
+            .keys()
+            .copied()
+            .filter(|id| !self.backend_hooks.values().any(|v| v == id))
+            .collect();
+        for id in unused {
+            let Some(link) = self.server_links.remove(&id) else {
+                continue;
+            };
+            if let Some(p) = self
+                .ebpf
+                .program_mut(SERVER_PROGRAM)
+                .and_then(|p| <&mut UProbe>::try_from(p).ok())
+            {
+                let _ = p.detach(link);
+            }
+        }
+    }
+
+    pub fn hooked_backends(&self) -> usize {
+        self.backend_hooks.len()
     }
 
     /// Hands up to `budget` records to `f` (bounded, so the caller gets to ship what they

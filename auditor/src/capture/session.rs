@@ -149,6 +149,11 @@ impl Session {
         }
     }
 
+    /// See [`Conversation::learn_prepared`].
+    pub fn learn_prepared(&mut self, name: &str, sql: &str, analyzer: &mut Analyzer) -> bool {
+        self.conversation.learn_prepared(name, sql, analyzer)
+    }
+
     /// When the oldest statement still waiting for its answer began (kernel ns).
     pub fn oldest_pending_ns(&self) -> Option<i128> {
         self.conversation.oldest_pending_ns()
@@ -610,6 +615,45 @@ mod tests {
         ok.extend(msg(b'Z', b"I"));
         out.extend(feed(&mut c, Direction::ToClient, &ok));
         (c, out)
+    }
+
+    #[test]
+    fn a_statement_prepared_before_capture_gets_the_text_the_server_names() {
+        let mut c = Fed {
+            session: Session::new(RecordingPolicy::default(), TokenizerLimits::default(), true),
+            analyzer: Analyzer::default(),
+            ts: 0,
+        };
+        let done = |tag: &[u8]| {
+            let mut r = msg(b'2', b"");
+            r.extend(msg(b'D', b"\0\0"));
+            r.extend(msg(b'C', tag));
+            r.extend(msg(b'Z', b"I"));
+            r
+        };
+        let mut out = Vec::new();
+        // S1 bound and executed; the backend names its text before it answers.
+        out.extend(feed(&mut c, Direction::ToServer, &bind_execute_sync("S1")));
+        assert!(c
+            .session
+            .learn_prepared("S1", "SELECT 42 AS n", &mut c.analyzer));
+        out.extend(feed(&mut c, Direction::ToClient, &done(b"SELECT 1\0")));
+        // Later executions find it; another name stays unknown; news only once.
+        out.extend(feed(&mut c, Direction::ToServer, &bind_execute_sync("S1")));
+        out.extend(feed(&mut c, Direction::ToClient, &done(b"SELECT 1\0")));
+        assert!(!c.session.learn_prepared("S1", "SELECT 42 AS n", &mut c.analyzer));
+        out.extend(feed(&mut c, Direction::ToServer, &bind_execute_sync("S2")));
+        out.extend(feed(&mut c, Direction::ToClient, &done(b"SELECT 1\0")));
+        let stmts: Vec<&AuditEvent> =
+            out.iter().filter(|e| e.kind == EventKind::Statement).collect();
+        assert_eq!(stmts.len(), 3, "{stmts:#?}");
+        for e in &stmts[..2] {
+            assert_eq!(&*e.statement, "SELECT $1 AS n");
+            assert!(e.flags.contains(Flag::TextFromServer), "{e:?}");
+            assert!(!e.flags.contains(Flag::PreparedBeforeCapture), "{e:?}");
+        }
+        assert!(stmts[2].flags.contains(Flag::PreparedBeforeCapture));
+        assert_eq!(&*stmts[2].statement, "");
     }
 
     #[test]

@@ -105,8 +105,12 @@ pub fn find_tls_symbols(path: &Path) -> std::io::Result<Option<TlsSymbols>> {
     find_tls_symbols_in(&std::fs::File::open(path)?)
 }
 
-/// `find_tls_symbols` of an open file.
-pub fn find_tls_symbols_in(file: &std::fs::File) -> std::io::Result<Option<TlsSymbols>> {
+/// File offsets (for uprobes) of the functions `names` defines, from its dynamic symbol
+/// table or its full one; in the order of `names`. None when it is not an ELF file.
+pub fn find_symbols_in(
+    file: &std::fs::File,
+    names: &[&'static str],
+) -> std::io::Result<Option<Vec<(&'static str, u64)>>> {
     let Some(map) = Mapped::open(file)? else {
         return Ok(None);
     };
@@ -126,7 +130,7 @@ pub fn find_tls_symbols_in(file: &std::fs::File) -> std::io::Result<Option<TlsSy
         let Ok(name) = sym.name() else { continue };
         // Versioned names in .symtab look like SSL_read@@OPENSSL_3.0.0.
         let base = name.split('@').next().unwrap_or(name);
-        let Some(&(known, _)) = TLS_FUNCTIONS.iter().find(|(f, _)| *f == base) else {
+        let Some(&known) = names.iter().find(|f| **f == base) else {
             continue;
         };
         if found.iter().any(|(f, _)| *f == known) {
@@ -142,9 +146,18 @@ pub fn find_tls_symbols_in(file: &std::fs::File) -> std::io::Result<Option<TlsSy
             found.push((known, offset));
         }
     }
+    found.sort_by_key(|(n, _)| names.iter().position(|f| f == n));
+    Ok(Some(found))
+}
+
+/// The OpenSSL functions `file` defines, when it has at least SSL_read and SSL_write.
+pub fn find_tls_symbols_in(file: &std::fs::File) -> std::io::Result<Option<TlsSymbols>> {
+    let names: Vec<&'static str> = TLS_FUNCTIONS.iter().map(|(f, _)| *f).collect();
+    let Some(found) = find_symbols_in(file, &names)? else {
+        return Ok(None);
+    };
     let has = |f: &str| found.iter().any(|(n, _)| *n == f);
     if has("SSL_read") && has("SSL_write") {
-        found.sort_by_key(|(n, _)| TLS_FUNCTIONS.iter().position(|(f, _)| f == n));
         Ok(Some(TlsSymbols { functions: found }))
     } else {
         Ok(None)

@@ -100,6 +100,9 @@ pub struct PreparedStatement {
     pub description: OnceLock<Description>,
     /// Only the beginning of the Parse was read (see [`StatementOutcome::cut`]): its size.
     pub cut: Option<u32>,
+    /// Prepared before capture: its text was read from the server process when a Bind
+    /// used it ([`Conversation::learn_prepared`]), not from the Parse.
+    pub from_server: bool,
 }
 
 /// What a Bind carried, kept as it came on the wire (one allocation: parameter formats,
@@ -251,6 +254,12 @@ pub enum StatementText {
         sql: Arc<str>,
         analysis: Arc<Analysis>,
     },
+    /// Executed through a statement prepared before the conversation was seen; its text
+    /// was read from the server process.
+    FromServer {
+        sql: Arc<str>,
+        analysis: Arc<Analysis>,
+    },
     /// Executed through a statement prepared before the conversation was seen.
     PreparedBeforeCapture,
     /// A simple query's responses outnumbered the statements it was split into: the whole
@@ -363,6 +372,40 @@ impl Conversation {
         c.phase = Phase::Ready;
         c.responses_unreliable = true;
         c
+    }
+
+    /// The server process named the text of statement `name` as a Bind used it (the
+    /// statement was prepared before this conversation was seen). Portals bound to it,
+    /// and executions waiting for their answer, get the text; later Binds find it.
+    /// Returns whether it was news.
+    pub fn learn_prepared(&mut self, name: &str, sql: &str, analyzer: &mut Analyzer) -> bool {
+        if name.is_empty() || self.prepared.contains_key(name) {
+            return false;
+        }
+        let statement = Arc::new(PreparedStatement {
+            name: name.into(),
+            analysis: analyzer.analyze(sql),
+            sql: sql.into(),
+            declared_types: Box::default(),
+            description: OnceLock::new(),
+            cut: None,
+            from_server: true,
+        });
+        self.prepared.insert(name.to_string(), statement.clone());
+        let unknown = |p: &Portal| p.statement.is_none() && &*p.statement_name == name;
+        for portal in self.portals.values_mut() {
+            if unknown(portal) {
+                portal.statement = Some(statement.clone());
+            }
+        }
+        for p in self.pending.iter_mut() {
+            if let Pending::Execute { portal, .. } = p {
+                if unknown(portal) {
+                    portal.statement = Some(statement.clone());
+                }
+            }
+        }
+        true
     }
 
     /// When the oldest statement still waiting for its answer began (kernel ns).
@@ -572,6 +615,7 @@ impl Conversation {
                     declared_types: param_types.iter().collect(),
                     description: OnceLock::new(),
                     cut: self.partial,
+                    from_server: false,
                 });
                 let replaced = self.prepared.insert(name, statement.clone());
                 self.pending.push_back(Pending::Parse {
@@ -927,6 +971,10 @@ impl Conversation {
                 .and_then(|s| s.cut)
                 .or(portal.params_cut),
             text: match &portal.statement {
+                Some(s) if s.from_server => StatementText::FromServer {
+                    sql: s.sql.clone(),
+                    analysis: s.analysis.clone(),
+                },
                 Some(s) => StatementText::Known {
                     sql: s.sql.clone(),
                     analysis: s.analysis.clone(),

@@ -103,8 +103,15 @@ impl Default for WorkloadResolver {
 impl WorkloadResolver {
     /// Remembers the process titles of the Postgres backends running now (call when
     /// capture begins).
-    pub fn remember_backends(&mut self) {
+    /// Remembers the process titles of the Postgres processes running now; returns the
+    /// client backends among them (sessions older than the daemon).
+    pub fn remember_backends(&mut self) -> Vec<u32> {
         self.backend_titles = process::backend_titles();
+        self.backend_titles
+            .iter()
+            .filter(|(_, t)| process::parse_backend_title(t, None).is_some())
+            .map(|(pid, _)| *pid)
+            .collect()
     }
 
     /// The process title of backend `pid`: as it is now, or as it was when capture began.

@@ -1,0 +1,103 @@
+//! Sessions older than the daemon: a client connects and prepares named statements, then
+//! the daemon starts, then the client executes each of them 50 times. Every execution is
+//! recorded once, with the statement's text (read from the backend, which names it as it
+//! binds: flag `text_from_server`), and the database user and database (from the backend's
+//! process title).
+
+use std::{
+    io::Write,
+    time::{Duration, Instant},
+};
+
+use auditor_tests::{
+    can_run, check,
+    raw::{bind, connect, execute, msg, parse, read_until_ready},
+    str_of, Daemon, Postgres,
+};
+use serde_json::Value;
+
+const STATEMENTS: [(&str, &str); 3] = [
+    ("s1", "SELECT $1::int + 1 AS n"),
+    ("s2", "SELECT count(*) FROM pg_class WHERE relname <> $1"),
+    ("S_1", "SELECT upper($1::text) AS u"),
+];
+
+#[test]
+fn statements_prepared_before_the_daemon_are_recorded_with_their_text() {
+    if !can_run("statements_prepared_before_the_daemon_are_recorded_with_their_text") {
+        return;
+    }
+    let pg = Postgres::start(&[]).unwrap();
+    let mut s = connect(pg.port, "early_raw");
+    let mut prepare = Vec::new();
+    for (name, sql) in STATEMENTS {
+        prepare.extend(parse(name, sql, &[]));
+    }
+    prepare.extend(msg(b'S', &[]));
+    s.write_all(&prepare).unwrap();
+    read_until_ready(&mut s, 1);
+    let backend: u64 = check(pg.psql().args([
+        "-At",
+        "-c",
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'early_raw'",
+    ]))
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap();
+
+    let mut daemon = Daemon::start(pg.port, "").unwrap();
+    for _ in 0..50 {
+        for (name, _) in STATEMENTS {
+            let mut m = bind("", name, Some((0, b"7")));
+            m.extend(execute("", 0));
+            m.extend(msg(b'S', &[]));
+            s.write_all(&m).unwrap();
+            read_until_ready(&mut s, 1);
+        }
+    }
+    s.write_all(&msg(b'X', &[])).unwrap();
+    drop(s);
+    let mine = |events: &[Value]| -> Vec<Value> {
+        events
+            .iter()
+            .filter(|e| str_of(e, "kind") == "statement")
+            .filter(|e| e["server_pid"].as_u64() == Some(backend))
+            .cloned()
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mine(&daemon.events().unwrap()).len() < 150 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    daemon.stop().unwrap();
+    let stats = daemon.stats().unwrap();
+    let stmts = mine(&daemon.events().unwrap());
+    assert_eq!(stmts.len(), 150, "{stmts:#?}");
+    for (i, e) in stmts.iter().enumerate() {
+        let (name, _) = STATEMENTS[i % 3];
+        let flags: Vec<&str> = e["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|f| f.as_str())
+            .collect();
+        assert!(flags.contains(&"text_from_server"), "{e:#}");
+        assert!(!flags.contains(&"prepared_before_capture"), "{e:#}");
+        assert_eq!(str_of(e, "prepared_name"), name, "{e:#}");
+        assert_eq!(str_of(e, "command"), "SELECT", "{e:#}");
+        assert_eq!(str_of(e, "db_user"), "postgres", "{e:#}");
+        assert_eq!(str_of(e, "database"), "postgres", "{e:#}");
+        assert_eq!(e["rows"].as_u64(), Some(1), "{e:#}");
+    }
+    // The texts, normalised (literals redacted) like any other statement's.
+    assert_eq!(str_of(&stmts[0], "statement"), "SELECT $1::int + $2 AS n");
+    assert!(str_of(&stmts[1], "statement").contains("pg_class"));
+    assert_eq!(stmts[1]["tables"], serde_json::json!(["pg_class"]));
+    assert!(str_of(&stmts[2], "statement").starts_with("SELECT upper($1"));
+    assert_eq!(
+        stats["tracker"]["server_texts_learnt"].as_u64(),
+        Some(3),
+        "{stats:#}"
+    );
+}
