@@ -159,8 +159,45 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         cfg.capture.ring_buffer_bytes,
         cfg.capture.tls,
     )?;
-    let capture_since = Timestamp::now();
     let sinks = sink::build(cfg).map_err(DaemonError::Sink)?;
+    let mut tracker = Tracker::new(TrackerConfig {
+        host: cfg.host_name().into(),
+        policy: RecordingPolicy::new(cfg.record.raw_statements, cfg.record.raw_params, &key),
+        limits: TokenizerLimits {
+            max_buffered: cfg.capture.max_message_bytes,
+        },
+    });
+    // The backends running now serve sessions older than the capture about to begin.
+    let backends = tracker.remember_backends();
+    // Their prepared statements were parsed before capture: the backends name the texts
+    // when they bind them.
+    let mut hooked = 0;
+    for pid in &backends {
+        match capture.hook_backend(*pid) {
+            Ok(true) => hooked += 1,
+            Ok(false) => {}
+            Err(e) => tracing::debug!("backend {pid}: {e}"),
+        }
+    }
+    match &capture.server_probe_error {
+        Some(e) => {
+            tracing::warn!("statements prepared before the daemon started will have no text: {e}")
+        }
+        None if !backends.is_empty() => tracing::info!(
+            "{} Postgres backends older than the daemon; {hooked} report the text of the \
+             statements they prepared before it (PortalDefineQuery)",
+            backends.len()
+        ),
+        None => {}
+    }
+    // Backends are hooked first, so every statement captured has its report before it.
+    capture.attach()?;
+    let capture_since = Timestamp::now();
+    tracing::info!(
+        "attached {} tracepoints ({})",
+        capture.attached.len(),
+        capture.attached.join(", ")
+    );
 
     let endpoints: Vec<String> = cfg
         .endpoints
@@ -170,11 +207,6 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             None => format!("port {} on any address", e.port),
         })
         .collect();
-    tracing::info!(
-        "attached {} tracepoints ({})",
-        capture.attached.len(),
-        capture.attached.join(", ")
-    );
     match &capture.without_bpf_loop {
         None => tracing::info!(
             "each read or write call is copied up to {} KiB",
@@ -239,36 +271,6 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         );
     }
     tracing::info!("stats -> {} (`auditor stats`)", cfg.stats_path().display());
-    let mut tracker = Tracker::new(TrackerConfig {
-        host: cfg.host_name().into(),
-        policy: RecordingPolicy::new(cfg.record.raw_statements, cfg.record.raw_params, &key),
-        limits: TokenizerLimits {
-            max_buffered: cfg.capture.max_message_bytes,
-        },
-    });
-    // Capture is attached: the backends running now serve sessions older than the daemon.
-    let backends = tracker.remember_backends();
-    // Their prepared statements were parsed before capture: the backends name the texts
-    // when they bind them.
-    let mut hooked = 0;
-    for pid in &backends {
-        match capture.hook_backend(*pid) {
-            Ok(true) => hooked += 1,
-            Ok(false) => {}
-            Err(e) => tracing::debug!("backend {pid}: {e}"),
-        }
-    }
-    match &capture.server_probe_error {
-        Some(e) => {
-            tracing::warn!("statements prepared before the daemon started will have no text: {e}")
-        }
-        None if !backends.is_empty() => tracing::info!(
-            "{} Postgres backends older than the daemon; {hooked} report the text of the \
-             statements they prepared before it (PortalDefineQuery)",
-            backends.len()
-        ),
-        None => {}
-    }
     tracing::info!("ready; Ctrl-C stops and flushes everything");
     let _ = std::io::stdout().flush();
 

@@ -7,7 +7,13 @@
 //! seen decodes the protocol (the primary) and the other only adds its process identity,
 //! so every statement is recorded once, with both identities.
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv6Addr},
+    sync::Arc,
+};
+
+/// Statement names remembered per older backend (a pool's connection prepares a few dozen).
+const MAX_BACKEND_STATEMENTS: usize = 1024;
 
 use ahash::AHashMap as HashMap;
 use auditor_common::{
@@ -18,7 +24,7 @@ use auditor_common::{
 
 use crate::{
     audit::event::{new_event_id, AuditEvent, EventKind, Flag, ProcessIdentity, Timestamp},
-    audit::recorder::{Draft, RecordingPolicy},
+    audit::recorder::{apply_text, Draft, RecordingPolicy},
     capture::session::Session,
     pg::{
         Direction, TokenizerLimits, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0,
@@ -181,6 +187,10 @@ pub struct Tracker {
     ends: HashMap<EndKey, End>,
     sessions: HashMap<ConnKey, SessionEntry>,
     analyzer: Analyzer,
+    /// Named statements older backends reported binding (see `on_server_text`): pid ->
+    /// name -> text. An execution recorded before its session learnt the text (the
+    /// report came before the session was seen) takes it from here.
+    backend_statements: HashMap<u32, HashMap<String, Arc<str>>>,
     workloads: WorkloadResolver,
     /// Wall clock minus monotonic clock, to turn kernel timestamps into UTC.
     wall_offset_ns: i128,
@@ -268,6 +278,7 @@ impl Tracker {
             ends: HashMap::default(),
             sessions: HashMap::default(),
             analyzer: Analyzer::default(),
+            backend_statements: HashMap::default(),
             workloads: WorkloadResolver::default(),
             wall_offset_ns: wall_offset_ns(),
             counters: TrackerCounters::default(),
@@ -324,6 +335,10 @@ impl Tracker {
             return;
         };
         let (name, text) = (String::from_utf8_lossy(name), String::from_utf8_lossy(text));
+        let known = self.backend_statements.entry(pid).or_default();
+        if known.len() < MAX_BACKEND_STATEMENTS && !known.contains_key(name.as_ref()) {
+            known.insert(name.to_string(), text.as_ref().into());
+        }
         let mut served = false;
         for s in self.sessions.values_mut() {
             if s.server.as_ref().is_some_and(|i| i.pid == pid) {
@@ -764,6 +779,29 @@ impl Tracker {
             drafts.clear();
             return;
         };
+        // Executions of statements prepared before capture whose backend already named
+        // their text (before this session was seen, or before it learnt the name).
+        if let Some(known) = s
+            .server
+            .as_ref()
+            .and_then(|i| self.backend_statements.get(&i.pid))
+        {
+            for d in drafts.iter_mut() {
+                let ev = &mut d.event;
+                if !ev.flags.contains(Flag::PreparedBeforeCapture) {
+                    continue;
+                }
+                let Some(sql) = known.get(&*ev.prepared_name) else {
+                    continue;
+                };
+                s.session
+                    .learn_prepared(&ev.prepared_name, sql, &mut self.analyzer);
+                let analysis = self.analyzer.analyze(sql);
+                apply_text(ev, sql, &analysis, self.cfg.policy.raw_statements);
+                ev.flags.remove(Flag::PreparedBeforeCapture);
+                ev.flags.insert(Flag::TextFromServer);
+            }
+        }
         finish(
             s,
             conn,
@@ -844,6 +882,8 @@ impl Tracker {
     /// alive while any process on one of its ends still has its 4-tuple in
     /// /proc/PID/net/tcp{,6}, which shows that process's own network namespace.
     pub fn sweep(&mut self, now_ns: u64, idle_ns: u64, out: &mut Vec<AuditEvent>) {
+        self.backend_statements
+            .retain(|pid, _| std::path::Path::new(&format!("/proc/{pid}")).exists());
         // Retired ends whose close record never came.
         self.ends.retain(|_, e| {
             e.retired_ns

@@ -71,6 +71,7 @@ fn restart_during_pgbench(kill: bool) {
     );
     // Wait until the trail has caught up with the server before stopping.
     second.stop().unwrap();
+    println!("second daemon: {}", second.stats().unwrap()["tracker"]);
     let events = read_events(&state.path().join("log")).unwrap();
     assert_no_duplicates(&events);
 
@@ -142,12 +143,27 @@ fn restart_during_pgbench(kill: bool) {
         }
     }
     let mut recorded: BTreeMap<u64, Vec<i64>> = BTreeMap::new();
+    let mut without_text = 0;
     for e in &events {
         if str_of(e, "kind") == "statement" && str_of(e, "comm") == "pgbench" {
             let pid = e["server_pid"].as_u64().unwrap();
             recorded.entry(pid).or_default().push(event_time_us(e));
+            // After the restart, statements prepared before it get their text from the
+            // backends (flag text_from_server).
+            if str_of(e, "statement").is_empty() {
+                without_text += 1;
+                if without_text < 3 {
+                    println!("without text: {e}");
+                }
+            }
         }
     }
+    assert_eq!(
+        without_text,
+        0,
+        "statements recorded without their text (of {})",
+        events.len()
+    );
     let (mut total_logged, mut total_recorded, mut in_window) = (0, 0, 0);
     let (mut total_before, mut total_after) = (0, 0);
     for (pid, times) in &logged {

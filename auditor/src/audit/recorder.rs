@@ -13,7 +13,7 @@ use crate::{
         BoundParams, Outcome, Protocol, StatementOutcome, StatementResult, StatementText,
     },
     pg::backend::command_of_tag,
-    sql::redact_literals,
+    sql::{redact_literals, Analysis},
     text::Text,
 };
 
@@ -111,17 +111,7 @@ impl Recorder {
                 if matches!(s.text, StatementText::FromServer { .. }) {
                     ev.flags.insert(Flag::TextFromServer);
                 }
-                ev.statement = if self.policy.raw_statements {
-                    Text::Shared(sql.clone())
-                } else {
-                    analysis.normalized.clone()
-                };
-                ev.command = analysis.command.clone();
-                ev.tables = analysis.tables.clone();
-                ev.fingerprint = analysis.fingerprint.clone();
-                if analysis.unparsed {
-                    ev.flags.insert(Flag::Unparsed);
-                }
+                apply_text(&mut ev, sql, analysis, self.policy.raw_statements);
             }
             StatementText::PreparedBeforeCapture => {
                 // A statement refused before it ran, of which nothing was seen, is not
@@ -214,6 +204,22 @@ impl Recorder {
                 }
             })
             .collect()
+    }
+}
+
+/// A statement's text on its event: as it came (`raw`) or normalised, with what its
+/// analysis says.
+pub fn apply_text(ev: &mut AuditEvent, sql: &Arc<str>, analysis: &Analysis, raw: bool) {
+    ev.statement = if raw {
+        Text::Shared(sql.clone())
+    } else {
+        analysis.normalized.clone()
+    };
+    ev.command = analysis.command.clone();
+    ev.tables = analysis.tables.clone();
+    ev.fingerprint = analysis.fingerprint.clone();
+    if analysis.unparsed {
+        ev.flags.insert(Flag::Unparsed);
     }
 }
 

@@ -138,6 +138,8 @@ pub struct Capture {
     known_files: BpfHashMap<MapData, [u64; 2], u8>,
     counters: PerCpuArray<MapData, u64>,
     pub attached: Vec<String>,
+    /// Loaded, not attached yet: (category, tracepoint, program).
+    to_attach: Vec<(&'static str, &'static str, String)>,
     /// Unix-domain sockets are watched (this kernel's BTF describes them).
     pub unix_sockets: bool,
     /// Bytes one read or write call is copied up to (more is recorded as a gap).
@@ -282,8 +284,8 @@ pub fn chunks_per_call(ring_buffer_bytes: u32) -> u32 {
 }
 
 impl Capture {
-    /// Loads, configures and attaches everything; on error nothing stays attached (the
-    /// programs and links are dropped with the `Ebpf`).
+    /// Loads and configures everything; [`Capture::attach`] then begins capture. On error
+    /// nothing stays attached (the programs and links are dropped with the `Ebpf`).
     /// `tls`: also load the OpenSSL uprobes and watch for new programs and libraries.
     pub fn start(
         endpoints: &[Endpoint],
@@ -400,22 +402,6 @@ impl Capture {
             }
             to_attach.push((*category, *name, program));
         }
-        let mut attached = Vec::new();
-        for (category, name, program) in to_attach {
-            let prog: &mut TracePoint = ebpf
-                .program_mut(&program)
-                .and_then(|p| p.try_into().ok())
-                .ok_or_else(|| CaptureError::Program {
-                    name: program.clone(),
-                    source: aya::programs::ProgramError::UnexpectedProgramType,
-                })?;
-            prog.attach(category, name)
-                .map_err(|source| CaptureError::Program {
-                    name: name.to_string(),
-                    source,
-                })?;
-            attached.push(format!("{category}:{name}"));
-        }
         let tls_return_program = if without_bpf_loop.is_some() {
             "ssl_return_compat"
         } else {
@@ -455,7 +441,8 @@ impl Capture {
             muted,
             known_files,
             counters,
-            attached,
+            attached: Vec::new(),
+            to_attach,
             unix_sockets: offsets.unix_valid != 0,
             copy_limit: u64::from(chunks) * auditor_common::CHUNK_DATA as u64,
             without_bpf_loop,
@@ -466,6 +453,28 @@ impl Capture {
             server_symbols: Default::default(),
             old_backends,
         })
+    }
+
+    /// Attaches the syscall tracepoints: capture begins. (Everything else is ready first:
+    /// records flow from here on.)
+    pub fn attach(&mut self) -> Result<(), CaptureError> {
+        for (category, name, program) in std::mem::take(&mut self.to_attach) {
+            let prog: &mut TracePoint = self
+                .ebpf
+                .program_mut(&program)
+                .and_then(|p| p.try_into().ok())
+                .ok_or_else(|| CaptureError::Program {
+                    name: program.clone(),
+                    source: aya::programs::ProgramError::UnexpectedProgramType,
+                })?;
+            prog.attach(category, name)
+                .map_err(|source| CaptureError::Program {
+                    name: name.to_string(),
+                    source,
+                })?;
+            self.attached.push(format!("{category}:{name}"));
+        }
+        Ok(())
     }
 
     /// Asks backend `pid` (a Postgres server process older than the daemon) for the text of

@@ -641,11 +641,15 @@ mod tests {
         // Later executions find it; another name stays unknown; news only once.
         out.extend(feed(&mut c, Direction::ToServer, &bind_execute_sync("S1")));
         out.extend(feed(&mut c, Direction::ToClient, &done(b"SELECT 1\0")));
-        assert!(!c.session.learn_prepared("S1", "SELECT 42 AS n", &mut c.analyzer));
+        assert!(!c
+            .session
+            .learn_prepared("S1", "SELECT 42 AS n", &mut c.analyzer));
         out.extend(feed(&mut c, Direction::ToServer, &bind_execute_sync("S2")));
         out.extend(feed(&mut c, Direction::ToClient, &done(b"SELECT 1\0")));
-        let stmts: Vec<&AuditEvent> =
-            out.iter().filter(|e| e.kind == EventKind::Statement).collect();
+        let stmts: Vec<&AuditEvent> = out
+            .iter()
+            .filter(|e| e.kind == EventKind::Statement)
+            .collect();
         assert_eq!(stmts.len(), 3, "{stmts:#?}");
         for e in &stmts[..2] {
             assert_eq!(&*e.statement, "SELECT $1 AS n");
