@@ -254,6 +254,24 @@ fn lacks_bpf_loop(e: &CaptureError) -> bool {
     })
 }
 
+/// Attaches the loaded uprobe `program` at `offset` of file `target`, in every process.
+fn attach_uprobe(
+    ebpf: &mut Ebpf,
+    program: &str,
+    offset: u64,
+    target: &Path,
+) -> Result<aya::programs::uprobe::UProbeLinkId, aya::programs::ProgramError> {
+    let p: &mut UProbe = ebpf
+        .program_mut(program)
+        .ok_or(aya::programs::ProgramError::UnexpectedProgramType)?
+        .try_into()?;
+    p.attach(
+        UProbeAttachLocation::AbsoluteOffset(offset),
+        target,
+        UProbeScope::AllProcesses,
+    )
+}
+
 /// A loading error without the whole verifier log (it can run to megabytes): the error and
 /// the log's last lines, which say why.
 fn brief(e: &CaptureError) -> String {
@@ -513,18 +531,7 @@ impl Capture {
             // Through the daemon's own descriptor: the same inode, whatever mount
             // namespace the backend runs in.
             let target = format!("/proc/self/fd/{}", file.as_raw_fd());
-            let link = self
-                .ebpf
-                .program_mut(SERVER_PROGRAM)
-                .ok_or(aya::programs::ProgramError::UnexpectedProgramType)
-                .and_then(|p| {
-                    let p: &mut UProbe = p.try_into()?;
-                    p.attach(
-                        UProbeAttachLocation::AbsoluteOffset(offset),
-                        &target,
-                        UProbeScope::AllProcesses,
-                    )
-                })
+            let link = attach_uprobe(&mut self.ebpf, SERVER_PROGRAM, offset, Path::new(&target))
                 .map_err(|e| format!("PortalDefineQuery in {exe}: {e}"))?;
             self.server_links.insert(id, link);
         }
@@ -641,18 +648,7 @@ impl Capture {
             };
             let mut ok = true;
             for program in [*entry, self.tls_return_program] {
-                let result = self
-                    .ebpf
-                    .program_mut(program)
-                    .ok_or(aya::programs::ProgramError::UnexpectedProgramType)
-                    .and_then(|p| {
-                        let p: &mut UProbe = p.try_into()?;
-                        p.attach(
-                            UProbeAttachLocation::AbsoluteOffset(*offset),
-                            path,
-                            UProbeScope::AllProcesses,
-                        )
-                    });
+                let result = attach_uprobe(&mut self.ebpf, program, *offset, path);
                 if let Err(source) = result {
                     ok = false;
                     first_error.get_or_insert(CaptureError::Program {
