@@ -1,18 +1,20 @@
-//! Sessions older than the daemon: a client connects and prepares named statements, then
-//! the daemon starts, then the client executes each of them 50 times. Every execution is
+//! Sessions older than the daemon: a client (raw protocol, psycopg 3, pgjdbc) connects and
+//! prepares named statements, then the daemon starts, then the client executes each of
+//! them 50 times. Every execution is
 //! recorded once, with the statement's text (read from the backend, which names it as it
 //! binds: flag `text_from_server`), and the database user and database (from the backend's
 //! process title).
 
 use std::{
-    io::Write,
+    io::{BufRead, BufReader, Write},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use auditor_tests::{
-    can_run, check,
+    can_run, check, python3,
     raw::{bind, connect, execute, msg, parse, read_until_ready},
-    str_of, Daemon, Postgres,
+    str_of, workspace_root, Daemon, Postgres,
 };
 use serde_json::Value;
 
@@ -100,4 +102,109 @@ fn statements_prepared_before_the_daemon_are_recorded_with_their_text() {
         Some(3),
         "{stats:#}"
     );
+}
+
+/// The statements of `backend` in the trail, once 150 are there (or 20 s passed).
+fn statements_of_backend(daemon: &Daemon, backend: u64) -> Vec<Value> {
+    let mine = |events: &[Value]| -> Vec<Value> {
+        events
+            .iter()
+            .filter(|e| str_of(e, "kind") == "statement")
+            .filter(|e| e["server_pid"].as_u64() == Some(backend))
+            .cloned()
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mine(&daemon.events().unwrap()).len() < 150 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    mine(&daemon.events().unwrap())
+}
+
+/// A driver's client (`psycopg_early.py`, `PgjdbcEarly.java`) prepares three statements,
+/// the daemon starts, the client runs each 50 times: all 150 recorded with their text.
+fn driver_prepared_before_the_daemon(mut client: Command, app: &str, names: &str, pg: &Postgres) {
+    let mut client = client
+        .args([&pg.port.to_string(), app])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(client.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "prepared", "{app}: {line}");
+    let backend: u64 = check(pg.psql().args([
+        "-At",
+        "-c",
+        &format!("SELECT pid FROM pg_stat_activity WHERE application_name = '{app}'"),
+    ]))
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap();
+
+    let mut daemon = Daemon::start(pg.port, "").unwrap();
+    writeln!(client.stdin.take().unwrap(), "go").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "done", "{app}: {line}");
+    assert!(client.wait().unwrap().success());
+    let stmts = statements_of_backend(&daemon, backend);
+    daemon.stop().unwrap();
+    assert_eq!(stmts.len(), 150, "{stmts:#?}");
+    let texts = [
+        "SELECT $1::int + $2 AS n",
+        "SELECT count(*) FROM pg_class WHERE relname <> $1",
+        "SELECT upper($1::text) AS u",
+    ];
+    for (i, e) in stmts.iter().enumerate() {
+        assert_eq!(str_of(e, "statement"), texts[i % 3], "{e:#}");
+        assert!(str_of(e, "prepared_name").starts_with(names), "{e:#}");
+        assert!(
+            e["flags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f == "text_from_server"),
+            "{e:#}"
+        );
+        assert_eq!(str_of(e, "db_user"), "postgres", "{e:#}");
+        assert_eq!(str_of(e, "database"), "postgres", "{e:#}");
+    }
+}
+
+#[test]
+fn psycopg_statements_prepared_before_the_daemon_are_recorded_with_their_text() {
+    if !can_run("psycopg_statements_prepared_before_the_daemon_are_recorded_with_their_text") {
+        return;
+    }
+    let pg = Postgres::start(&[]).unwrap();
+    let mut client = Command::new(python3());
+    client.arg(workspace_root().join("tests/helpers/drivers/psycopg_early.py"));
+    driver_prepared_before_the_daemon(client, "early_psycopg", "_pg3_", &pg);
+}
+
+#[test]
+fn pgjdbc_statements_prepared_before_the_daemon_are_recorded_with_their_text() {
+    if !can_run("pgjdbc_statements_prepared_before_the_daemon_are_recorded_with_their_text") {
+        return;
+    }
+    let pg = Postgres::start(&[]).unwrap();
+    let classes = workspace_root().join("target/test-deps/jdbc-early");
+    std::fs::create_dir_all(&classes).unwrap();
+    let jar = "/usr/share/java/postgresql.jar";
+    let status = Command::new("javac")
+        .args(["-cp", jar, "-d"])
+        .arg(&classes)
+        .arg(workspace_root().join("tests/helpers/drivers/PgjdbcEarly.java"))
+        .status()
+        .expect("javac (cargo xtask setup --tests installs default-jdk-headless)");
+    assert!(status.success(), "javac failed");
+    let mut client = Command::new("java");
+    client
+        .arg("-cp")
+        .arg(format!("{jar}:{}", classes.display()))
+        .arg("PgjdbcEarly");
+    driver_prepared_before_the_daemon(client, "early_jdbc", "S_", &pg);
 }
