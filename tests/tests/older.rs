@@ -7,6 +7,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
+    net::{TcpListener, TcpStream},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -207,4 +208,79 @@ fn pgjdbc_statements_prepared_before_the_daemon_are_recorded_with_their_text() {
         .arg(format!("{jar}:{}", classes.display()))
         .arg("PgjdbcEarly");
     driver_prepared_before_the_daemon(client, "early_jdbc", "S_", &pg);
+}
+
+/// A TCP relay in this process to Postgres on `port`, for one connection: to the daemon
+/// watching the relay's port, the server end of the connection is not a Postgres backend
+/// (as for a server on another host). Returns the relay's port.
+fn relay_to(port: u16) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay_port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let (mut client, _) = listener.accept().unwrap();
+        let mut server = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (mut client2, mut server2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        std::thread::spawn(move || std::io::copy(&mut client, &mut server2));
+        let _ = std::io::copy(&mut server, &mut client2);
+    });
+    relay_port
+}
+
+#[test]
+fn a_server_not_on_this_host_leaves_the_text_unknown_and_says_so() {
+    if !can_run("a_server_not_on_this_host_leaves_the_text_unknown_and_says_so") {
+        return;
+    }
+    let pg = Postgres::start(&[]).unwrap();
+    let relay = relay_to(pg.port);
+    let mut s = connect(relay, "early_remote");
+    let mut prepare = Vec::new();
+    for (name, sql) in STATEMENTS {
+        prepare.extend(parse(name, sql, &[]));
+    }
+    prepare.extend(msg(b'S', &[]));
+    s.write_all(&prepare).unwrap();
+    read_until_ready(&mut s, 1);
+    // The daemon watches the relay's port only: the backend behind it is not this
+    // connection's server end.
+    let mut daemon = Daemon::start(relay, "").unwrap();
+    for _ in 0..10 {
+        for (name, _) in STATEMENTS {
+            let mut m = bind("", name, Some((0, b"7")));
+            m.extend(execute("", 0));
+            m.extend(msg(b'S', &[]));
+            s.write_all(&m).unwrap();
+            read_until_ready(&mut s, 1);
+        }
+    }
+    s.write_all(&msg(b'X', &[])).unwrap();
+    drop(s);
+    let mine = |events: &[Value]| -> Vec<Value> {
+        events
+            .iter()
+            .filter(|e| str_of(e, "kind") == "statement" && e["server_port"] == relay)
+            .cloned()
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mine(&daemon.events().unwrap()).len() < 30 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    daemon.stop().unwrap();
+    let stmts = mine(&daemon.events().unwrap());
+    assert_eq!(stmts.len(), 30, "{stmts:#?}");
+    for e in &stmts {
+        let flags: Vec<&str> = e["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|f| f.as_str())
+            .collect();
+        assert!(flags.contains(&"prepared_before_capture"), "{e:#}");
+        assert!(!flags.contains(&"text_from_server"), "{e:#}");
+        assert!(!flags.contains(&"meta_from_process_title"), "{e:#}");
+        assert_eq!(str_of(e, "statement"), "", "{e:#}");
+        assert_eq!(str_of(e, "db_user"), "", "not guessed: {e:#}");
+        assert_eq!(e["rows"].as_u64(), Some(1), "{e:#}");
+    }
 }
