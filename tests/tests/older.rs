@@ -25,13 +25,9 @@ const STATEMENTS: [(&str, &str); 3] = [
     ("S_1", "SELECT upper($1::text) AS u"),
 ];
 
-#[test]
-fn statements_prepared_before_the_daemon_are_recorded_with_their_text() {
-    if !can_run("statements_prepared_before_the_daemon_are_recorded_with_their_text") {
-        return;
-    }
-    let pg = Postgres::start(&[]).unwrap();
-    let mut s = connect(pg.port, "early_raw");
+/// A raw-protocol session through `port` that has prepared STATEMENTS.
+fn prepared_raw_session(port: u16, app: &str) -> TcpStream {
+    let mut s = connect(port, app);
     let mut prepare = Vec::new();
     for (name, sql) in STATEMENTS {
         prepare.extend(parse(name, sql, &[]));
@@ -39,6 +35,30 @@ fn statements_prepared_before_the_daemon_are_recorded_with_their_text() {
     prepare.extend(msg(b'S', &[]));
     s.write_all(&prepare).unwrap();
     read_until_ready(&mut s, 1);
+    s
+}
+
+/// Executes each of STATEMENTS `times` times (Bind, Execute, Sync), then ends the session.
+fn execute_raw(mut s: TcpStream, times: usize) {
+    for _ in 0..times {
+        for (name, _) in STATEMENTS {
+            let mut m = bind("", name, Some((0, b"7")));
+            m.extend(execute("", 0));
+            m.extend(msg(b'S', &[]));
+            s.write_all(&m).unwrap();
+            read_until_ready(&mut s, 1);
+        }
+    }
+    s.write_all(&msg(b'X', &[])).unwrap();
+}
+
+#[test]
+fn statements_prepared_before_the_daemon_are_recorded_with_their_text() {
+    if !can_run("statements_prepared_before_the_daemon_are_recorded_with_their_text") {
+        return;
+    }
+    let pg = Postgres::start(&[]).unwrap();
+    let s = prepared_raw_session(pg.port, "early_raw");
     let backend: u64 = check(pg.psql().args([
         "-At",
         "-c",
@@ -50,32 +70,10 @@ fn statements_prepared_before_the_daemon_are_recorded_with_their_text() {
     .unwrap();
 
     let mut daemon = Daemon::start(pg.port, "").unwrap();
-    for _ in 0..50 {
-        for (name, _) in STATEMENTS {
-            let mut m = bind("", name, Some((0, b"7")));
-            m.extend(execute("", 0));
-            m.extend(msg(b'S', &[]));
-            s.write_all(&m).unwrap();
-            read_until_ready(&mut s, 1);
-        }
-    }
-    s.write_all(&msg(b'X', &[])).unwrap();
-    drop(s);
-    let mine = |events: &[Value]| -> Vec<Value> {
-        events
-            .iter()
-            .filter(|e| str_of(e, "kind") == "statement")
-            .filter(|e| e["server_pid"].as_u64() == Some(backend))
-            .cloned()
-            .collect()
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while mine(&daemon.events().unwrap()).len() < 150 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    execute_raw(s, 50);
+    let stmts = statements_of_backend(&daemon, backend);
     daemon.stop().unwrap();
     let stats = daemon.stats().unwrap();
-    let stmts = mine(&daemon.events().unwrap());
     assert_eq!(stmts.len(), 150, "{stmts:#?}");
     for (i, e) in stmts.iter().enumerate() {
         let (name, _) = STATEMENTS[i % 3];
@@ -233,28 +231,11 @@ fn a_server_not_on_this_host_leaves_the_text_unknown_and_says_so() {
     }
     let pg = Postgres::start(&[]).unwrap();
     let relay = relay_to(pg.port);
-    let mut s = connect(relay, "early_remote");
-    let mut prepare = Vec::new();
-    for (name, sql) in STATEMENTS {
-        prepare.extend(parse(name, sql, &[]));
-    }
-    prepare.extend(msg(b'S', &[]));
-    s.write_all(&prepare).unwrap();
-    read_until_ready(&mut s, 1);
+    let s = prepared_raw_session(relay, "early_remote");
     // The daemon watches the relay's port only: the backend behind it is not this
     // connection's server end.
     let mut daemon = Daemon::start(relay, "").unwrap();
-    for _ in 0..10 {
-        for (name, _) in STATEMENTS {
-            let mut m = bind("", name, Some((0, b"7")));
-            m.extend(execute("", 0));
-            m.extend(msg(b'S', &[]));
-            s.write_all(&m).unwrap();
-            read_until_ready(&mut s, 1);
-        }
-    }
-    s.write_all(&msg(b'X', &[])).unwrap();
-    drop(s);
+    execute_raw(s, 10);
     let mine = |events: &[Value]| -> Vec<Value> {
         events
             .iter()
