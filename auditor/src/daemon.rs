@@ -67,6 +67,25 @@ fn install_signal_handlers() {
 const SEND_AT: usize = 512;
 const SEND_EVERY: Duration = Duration::from_millis(20);
 
+/// Hands `batch` to the sink thread, counting it in `sent`. False: the thread is gone.
+fn hand_on(
+    tx: &std::sync::mpsc::SyncSender<Vec<AuditEvent>>,
+    batch: &mut Vec<AuditEvent>,
+    sent: &mut u64,
+    last_send: &mut Instant,
+) -> bool {
+    let n = batch.len() as u64;
+    if tx
+        .send(std::mem::replace(batch, Vec::with_capacity(SEND_AT)))
+        .is_err()
+    {
+        return false;
+    }
+    *sent += n;
+    *last_send = Instant::now();
+    true
+}
+
 /// What `auditor stats` shows, written by the daemon every second.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Stats {
@@ -361,16 +380,8 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             tracker.tick(crate::tracker::monotonic_ns(), &mut batch);
             last_tick = Instant::now();
             // A watermark candidate covers every event made so far: all are handed on.
-            if !batch.is_empty() {
-                let n = batch.len() as u64;
-                if tx
-                    .send(std::mem::replace(&mut batch, Vec::with_capacity(SEND_AT)))
-                    .is_err()
-                {
-                    break;
-                }
-                sent += n;
-                last_send = Instant::now();
+            if !batch.is_empty() && !hand_on(&tx, &mut batch, &mut sent, &mut last_send) {
+                break;
             }
             let now = Timestamp::now();
             watermark.offer(
@@ -400,14 +411,10 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         }
         // Batches go to the sink thread when large or 20 ms old: one hand-over (a thread
         // wake-up) per few hundred events, not per drain of the ring.
-        if batch.len() >= SEND_AT || (!batch.is_empty() && last_send.elapsed() >= SEND_EVERY) {
-            let full = std::mem::replace(&mut batch, Vec::with_capacity(SEND_AT));
-            let n = full.len() as u64;
-            if tx.send(full).is_err() {
-                break;
-            }
-            sent += n;
-            last_send = Instant::now();
+        if (batch.len() >= SEND_AT || (!batch.is_empty() && last_send.elapsed() >= SEND_EVERY))
+            && !hand_on(&tx, &mut batch, &mut sent, &mut last_send)
+        {
+            break;
         }
         if last_sweep.elapsed() >= SWEEP_EVERY {
             let now = crate::tracker::monotonic_ns();

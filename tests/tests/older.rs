@@ -77,12 +77,7 @@ fn statements_prepared_before_the_daemon_are_recorded_with_their_text() {
     assert_eq!(stmts.len(), 150, "{stmts:#?}");
     for (i, e) in stmts.iter().enumerate() {
         let (name, _) = STATEMENTS[i % 3];
-        let flags: Vec<&str> = e["flags"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|f| f.as_str())
-            .collect();
+        let flags = flags_of(e);
         assert!(flags.contains(&"text_from_server"), "{e:#}");
         assert!(!flags.contains(&"prepared_before_capture"), "{e:#}");
         assert_eq!(str_of(e, "prepared_name"), name, "{e:#}");
@@ -251,12 +246,7 @@ fn a_server_not_on_this_host_leaves_the_text_unknown_and_says_so() {
     let stmts = mine(&daemon.events().unwrap());
     assert_eq!(stmts.len(), 30, "{stmts:#?}");
     for e in &stmts {
-        let flags: Vec<&str> = e["flags"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|f| f.as_str())
-            .collect();
+        let flags = flags_of(e);
         assert!(flags.contains(&"prepared_before_capture"), "{e:#}");
         assert!(!flags.contains(&"text_from_server"), "{e:#}");
         assert!(!flags.contains(&"meta_from_process_title"), "{e:#}");
@@ -264,4 +254,13 @@ fn a_server_not_on_this_host_leaves_the_text_unknown_and_says_so() {
         assert_eq!(str_of(e, "db_user"), "", "not guessed: {e:#}");
         assert_eq!(e["rows"].as_u64(), Some(1), "{e:#}");
     }
+}
+
+fn flags_of(e: &Value) -> Vec<&str> {
+    e["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f.as_str())
+        .collect()
 }
