@@ -116,6 +116,12 @@ pub fn format_event(ev: &AuditEvent) -> String {
                 flags
             )
         }
+        EventKind::PolicyError => format!(
+            "{} {:<13} {}",
+            short_ts(&ts),
+            ev.kind.as_str(),
+            ev.error_message
+        ),
         EventKind::Gap => format!(
             "{} {:<13} {} {} {}{}",
             short_ts(&ts),
@@ -244,6 +250,9 @@ pub fn sessions(dir: &Path, limit: usize) -> Result<(), CliError> {
     let mut by_id: BTreeMap<String, SessionSummary> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     read_events(dir, |ev, _| {
+        if ev.session_id.is_empty() {
+            return; // not a session's (a policy error, a capture interruption)
+        }
         let s = by_id.entry(ev.session_id.to_string()).or_insert_with(|| {
             order.push(ev.session_id.to_string());
             SessionSummary {
@@ -269,6 +278,7 @@ pub fn sessions(dir: &Path, limit: usize) -> Result<(), CliError> {
             EventKind::Gap => s.gaps += 1,
             EventKind::SessionEnd => s.ended = true,
             EventKind::SessionStart => s.flags |= ev.flags,
+            EventKind::PolicyError => {}
         }
     })?;
     let stdout = std::io::stdout();

@@ -95,6 +95,12 @@ pub struct Config {
     /// Postgres endpoints to watch. Default: TCP port 5432 on any address.
     pub endpoints: Vec<Endpoint>,
     pub record: Recording,
+    /// Directory of policy files (`*.yaml`), reloaded on change and on SIGHUP. Default:
+    /// /etc/auditor/policies; when the default does not exist, no policy applies (every
+    /// session is audited as `record` says). A directory set here must exist.
+    pub policies_dir: Option<PathBuf>,
+    /// Labels of this host, for policy selectors (`host.label/<key>`).
+    pub host_labels: std::collections::BTreeMap<String, String>,
     pub local_log: LocalLogConfig,
     pub capture: CaptureConfig,
     pub clickhouse: ClickHouseConfig,
@@ -110,6 +116,8 @@ impl Default for Config {
                 address: None,
             }],
             record: Recording::default(),
+            policies_dir: None,
+            host_labels: Default::default(),
             local_log: LocalLogConfig::default(),
             capture: CaptureConfig::default(),
             clickhouse: ClickHouseConfig::default(),
@@ -200,6 +208,14 @@ impl Config {
         Ok(())
     }
 
+    /// The policies directory, and whether the configuration named it.
+    pub fn policies_dir(&self) -> (PathBuf, bool) {
+        match &self.policies_dir {
+            Some(d) => (d.clone(), true),
+            None => (PathBuf::from(DEFAULT_POLICIES_DIR), false),
+        }
+    }
+
     pub fn log_dir(&self) -> PathBuf {
         self.state_dir.join("log")
     }
@@ -222,6 +238,8 @@ impl Config {
     }
 }
 
+pub const DEFAULT_POLICIES_DIR: &str = "/etc/auditor/policies";
+
 /// The commented default configuration (`auditor config-example`).
 pub const EXAMPLE: &str = r#"# auditor configuration. Every field is optional; shown are the defaults.
 state_dir: /var/lib/auditor        # log/, stats.json and the parameter-hash key live here
@@ -233,6 +251,8 @@ endpoints:                         # Postgres endpoints: a port, optionally one 
 record:
   raw_statements: false            # true: keep literals in SQL text (default: $n)
   raw_params: false                # true: keep bind values (default: keyed hashes)
+# policies_dir: /etc/auditor/policies   # policy files, reloaded on change (see policies/)
+host_labels: {}                    # e.g. {env: prod, region: eu-1}: selectors see host.label/env
 local_log:
   enabled: true
   rotate_bytes: 104857600          # start a new file past 100 MiB

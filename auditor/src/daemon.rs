@@ -39,6 +39,8 @@ pub enum DaemonError {
         path: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Policy(#[from] crate::policy::live::PolicyError),
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -47,12 +49,16 @@ static STOP: AtomicBool = AtomicBool::new(false);
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 const SWEEP_IDLE: Duration = Duration::from_secs(300);
 
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
+extern "C" fn on_signal(sig: libc::c_int) {
+    if sig == libc::SIGHUP {
+        crate::policy::live::RELOAD.store(true, Ordering::SeqCst);
+    } else {
+        STOP.store(true, Ordering::SeqCst);
+    }
 }
 
 fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
@@ -105,6 +111,9 @@ pub struct Stats {
     /// with the default ring, 128 KiB on a kernel without bpf_loop).
     #[serde(default)]
     pub copy_limit_bytes: u64,
+    /// Policies in force, reloads and refused reloads.
+    #[serde(default)]
+    pub policies: crate::policy::live::PolicyCounters,
     /// Each sink's health, by name.
     pub sinks: std::collections::BTreeMap<String, Health>,
     /// The ClickHouse sink's counters (also under `sinks`), when it runs.
@@ -168,6 +177,9 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         source,
     })?;
     let key = param_key(&cfg.state_dir)?;
+    // Policies before capture: a broken set refuses the start, before anything attaches.
+    let (policies_dir, policies_required) = cfg.policies_dir();
+    let mut policies = crate::policy::live::LivePolicies::start(&policies_dir, policies_required)?;
     // What the run before this one left: read before this run writes its own.
     let previous_watermark = continuity::Watermark::read(&cfg.state_dir);
     let previous_stats: Option<Stats> = std::fs::read_to_string(cfg.stats_path())
@@ -186,6 +198,10 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             max_buffered: cfg.capture.max_message_bytes,
         },
     });
+    tracker.set_policies(policies.set.clone());
+    if !cfg.host_labels.is_empty() {
+        tracker.add_label_source(Box::new(crate::workload::HostLabels::new(&cfg.host_labels)));
+    }
     // The backends running now serve sessions older than the capture about to begin.
     let backends = tracker.remember_backends();
     // Their prepared statements were parsed before capture: the backends name the texts
@@ -318,25 +334,29 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     let mut last_stats = Instant::now() - Duration::from_secs(2);
     let mut last_send = Instant::now();
     let stats_path = cfg.stats_path();
-    let make_stats =
-        |tracker: &Tracker, capture: &Capture, finder: &TlsFinder, sink_errors: u64| Stats {
-            pid: std::process::id(),
-            started_at: started_at.clone(),
-            updated_at: Timestamp::now().to_string(),
-            uptime_s: started.elapsed().as_secs(),
-            events_written: written.load(Ordering::Relaxed),
-            sink_errors,
-            active_sessions: tracker.active_sessions() as u64,
-            tracker: tracker.counters,
-            kernel: capture.counters(),
-            tls: finder.counters,
-            tls_libraries: finder.libraries.iter().map(|l| l.path.clone()).collect(),
-            copy_limit_bytes: capture.copy_limit,
-            sinks: sinks_health(&health),
-            clickhouse: sinks_health(&health)
-                .get("clickhouse")
-                .and_then(|h| serde_json::from_value(h.detail.clone()).ok()),
-        };
+    let make_stats = |tracker: &Tracker,
+                      capture: &Capture,
+                      finder: &TlsFinder,
+                      policies: crate::policy::live::PolicyCounters,
+                      sink_errors: u64| Stats {
+        pid: std::process::id(),
+        started_at: started_at.clone(),
+        updated_at: Timestamp::now().to_string(),
+        uptime_s: started.elapsed().as_secs(),
+        events_written: written.load(Ordering::Relaxed),
+        sink_errors,
+        active_sessions: tracker.active_sessions() as u64,
+        tracker: tracker.counters,
+        kernel: capture.counters(),
+        tls: finder.counters,
+        tls_libraries: finder.libraries.iter().map(|l| l.path.clone()).collect(),
+        copy_limit_bytes: capture.copy_limit,
+        policies,
+        sinks: sinks_health(&health),
+        clickhouse: sinks_health(&health)
+            .get("clickhouse")
+            .and_then(|h| serde_json::from_value(h.detail.clone()).ok()),
+    };
 
     let mut malformed_records = 0u64;
     // A failed mute only costs duplicate copying: counted, not fatal.
@@ -379,6 +399,9 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         if last_tick.elapsed() >= Duration::from_millis(250) {
             tracker.tick(crate::tracker::monotonic_ns(), &mut batch);
             last_tick = Instant::now();
+            if let Some(set) = policies.poll(&mut batch) {
+                tracker.set_policies(set);
+            }
             // A watermark candidate covers every event made so far: all are handed on.
             if !batch.is_empty() && !hand_on(&tx, &mut batch, &mut sent, &mut last_send) {
                 break;
@@ -423,7 +446,10 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             last_sweep = Instant::now();
         }
         if last_stats.elapsed() >= Duration::from_secs(1) {
-            write_stats(&stats_path, &make_stats(&tracker, &capture, &finder, 0));
+            write_stats(
+                &stats_path,
+                &make_stats(&tracker, &capture, &finder, policies.counters, 0),
+            );
             last_stats = Instant::now();
         }
     }
@@ -445,7 +471,13 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     }
     drop(tx);
     let report = sink.join();
-    let stats = make_stats(&tracker, &capture, &finder, report.errors);
+    let stats = make_stats(
+        &tracker,
+        &capture,
+        &finder,
+        policies.counters,
+        report.errors,
+    );
     write_stats(&stats_path, &stats);
     // Everything read is recorded (in-flight statements as no_response): the trail is
     // complete up to now, unless a sink failed.

@@ -10,6 +10,7 @@ pub mod continuity;
 pub mod conversation;
 pub mod daemon;
 pub mod pg;
+pub mod policy;
 pub mod query;
 pub mod sink;
 pub mod sql;

@@ -136,6 +136,72 @@ enum Command {
     },
     /// Print a commented configuration file with every default.
     ConfigExample,
+    /// Check, try out and explain policies (see policies/ for examples).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(clap::Args)]
+struct PolicyDir {
+    /// Policies directory, instead of the one the configuration names (default
+    /// /etc/auditor/policies).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// The daemon's configuration: its `policies_dir`, `record` and `host_labels`.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Check every policy file of a directory: errors with file:line:column, and warnings
+    /// (a selector on a label no source sets). Exit status 1 on any error.
+    Lint {
+        /// The directory (default: the configuration's policies_dir).
+        dir: Option<PathBuf>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Which policies a session with these labels gets, and the verdict on a statement.
+    ///
+    /// Example:
+    ///   auditor policy test --dir policies --labels k8s.namespace=agents,k8s.pod/app=bot \
+    ///       --db-user app_rw --sql "DELETE FROM orders"
+    #[command(verbatim_doc_comment)]
+    Test {
+        #[command(flatten)]
+        dir: PolicyDir,
+        /// Workload labels, key=value, comma-separated (repeatable).
+        #[arg(long, value_delimiter = ',', value_parser = auditor::query::parse_label)]
+        labels: Vec<(String, String)>,
+        #[arg(long, default_value = "")]
+        db_user: String,
+        #[arg(long, default_value = "")]
+        db_name: String,
+        #[arg(long, default_value = "")]
+        application_name: String,
+        #[arg(long)]
+        client_addr: Option<std::net::IpAddr>,
+        #[arg(long)]
+        server_addr: Option<std::net::IpAddr>,
+        #[arg(long, default_value_t = 5432)]
+        server_port: u16,
+        /// A query string (several statements are judged one by one, as captured).
+        #[arg(long)]
+        sql: Option<String>,
+    },
+    /// Which policies applied to a recorded session and why, from its events in the local
+    /// log; and what the policies as they are now would make of it.
+    Explain {
+        /// Session id (or a prefix of at least 8 characters), from `auditor sessions`.
+        session: String,
+        #[command(flatten)]
+        state: StateDir,
+        #[command(flatten)]
+        dir: PolicyDir,
+    },
+    /// Print the JSON Schema of policy files (committed as policies/schema.json).
+    Schema,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -238,6 +304,62 @@ fn dispatch(args: Args) -> anyhow::Result<()> {
             auditor::query::run(&ch, name, &filters, format)?;
         }
         Command::ConfigExample => print!("{}", auditor::config::EXAMPLE),
+        Command::Policy(cmd) => policy_command(cmd)?,
+    }
+    Ok(())
+}
+
+fn policy_config(config: &Option<PathBuf>) -> anyhow::Result<Config> {
+    Ok(match config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    })
+}
+
+fn policy_command(cmd: PolicyCommand) -> anyhow::Result<()> {
+    use auditor::policy::cli as pc;
+    match cmd {
+        PolicyCommand::Lint { dir, config } => {
+            let cfg = policy_config(&config)?;
+            let dir = dir.unwrap_or_else(|| cfg.policies_dir().0);
+            if !pc::lint(&dir) {
+                std::process::exit(1);
+            }
+        }
+        PolicyCommand::Test {
+            dir,
+            labels,
+            db_user,
+            db_name,
+            application_name,
+            client_addr,
+            server_addr,
+            server_port,
+            sql,
+        } => {
+            let cfg = policy_config(&dir.config)?;
+            let path = dir.dir.unwrap_or_else(|| cfg.policies_dir().0);
+            let session = pc::TestSession {
+                labels: labels.into_iter().collect(),
+                db_user,
+                database: db_name,
+                application_name,
+                client_addr,
+                server_addr,
+                server_port,
+            };
+            pc::test(&path, &cfg, &session, sql.as_deref())?;
+        }
+        PolicyCommand::Explain {
+            session,
+            state,
+            dir,
+        } => {
+            let cfg = policy_config(&dir.config)?;
+            let path = dir.dir.unwrap_or_else(|| cfg.policies_dir().0);
+            pc::explain(&state.state_dir.join("log"), &session, &path, &cfg)?;
+        }
+        PolicyCommand::Schema => println!("{}", auditor::policy::schema_json()),
     }
     Ok(())
 }

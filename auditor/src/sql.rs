@@ -18,6 +18,23 @@ pub struct Analysis {
     pub fingerprint: Text,
     /// pg_query could not parse the text (it was redacted by the fallback lexer).
     pub unparsed: bool,
+    /// What the statement does, read from its parse tree when a policy first asks (most
+    /// sessions are judged by no rule). Shared by every text of the same shape: literals
+    /// do not change it.
+    pub facts: std::sync::OnceLock<Option<crate::policy::Facts>>,
+}
+
+impl Analysis {
+    /// The statement's facts (`sql` is its text: this analysis's or one of its shape's);
+    /// None when it does not parse.
+    pub fn facts(&self, sql: &str) -> Option<&crate::policy::Facts> {
+        if self.unparsed {
+            return None;
+        }
+        self.facts
+            .get_or_init(|| crate::policy::Facts::of(sql))
+            .as_ref()
+    }
 }
 
 /// Caches analyses: by exact text (prepared statements, repeated queries) and, for data
@@ -155,6 +172,7 @@ fn analyze_uncached(sql: &str) -> Analysis {
                 tables: tables.into(),
                 fingerprint: fingerprint.into(),
                 unparsed: false,
+                facts: Default::default(),
             }
         }
         _ => Analysis {
@@ -163,12 +181,13 @@ fn analyze_uncached(sql: &str) -> Analysis {
             tables: Arc::from([]),
             fingerprint: Text::default(),
             unparsed: true,
+            facts: Default::default(),
         },
     }
 }
 
 /// The command for a parse-tree node name ("SelectStmt" -> "SELECT").
-fn command_of_node(node: &str) -> String {
+pub(crate) fn command_of_node(node: &str) -> String {
     let known = match node {
         "SelectStmt" => "SELECT",
         "InsertStmt" => "INSERT",

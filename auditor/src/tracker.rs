@@ -24,12 +24,13 @@ use auditor_common::{
 
 use crate::{
     audit::event::{new_event_id, AuditEvent, EventKind, Flag, ProcessIdentity, Timestamp},
-    audit::recorder::{apply_text, Draft, RecordingPolicy},
+    audit::recorder::{apply_text, render, Draft, RecordingPolicy},
     capture::session::Session,
     pg::{
         Direction, TokenizerLimits, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0,
         SSL_REQUEST_CODE,
     },
+    policy::{self, Applied, Defaults, PolicySet, Subject},
     sql::Analyzer,
     text::Text,
     workload::{Workload, WorkloadResolver},
@@ -142,6 +143,10 @@ struct SessionEntry {
     /// for its database user and database, and whether it told them.
     title_tried: bool,
     meta_from_title: bool,
+    /// What the policies make of the session, and for which (policy set generation,
+    /// workload, database user) it was resolved.
+    applied: Option<Arc<Applied>>,
+    applied_for: (u64, (u32, u64), Text),
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -174,6 +179,8 @@ pub struct TrackerCounters {
     pub server_texts: u64,
     pub server_texts_learnt: u64,
     pub server_texts_unmatched: u64,
+    /// Statements policies in dry-run or enforce mode decided on (would_block, ...).
+    pub decisions: u64,
 }
 
 pub struct TrackerConfig {
@@ -198,6 +205,9 @@ pub struct Tracker {
     drafts: Vec<Draft>,
     /// Sockets whose payload is no longer needed, for the capture layer to mute.
     to_mute: Vec<EndKey>,
+    /// The policies in force, and a number that changes with each new set.
+    policies: Arc<PolicySet>,
+    policy_generation: u64,
 }
 
 /// A ring-buffer record: header plus payload.
@@ -284,7 +294,20 @@ impl Tracker {
             counters: TrackerCounters::default(),
             drafts: Vec::new(),
             to_mute: Vec::new(),
+            policies: Arc::new(PolicySet::default()),
+            policy_generation: 1,
         }
+    }
+
+    /// Puts a new policy set in force: each session takes it at its next event.
+    pub fn set_policies(&mut self, set: Arc<PolicySet>) {
+        self.policies = set;
+        self.policy_generation += 1;
+    }
+
+    /// Adds a source of workload labels (Kubernetes pods, systemd unit labels, host).
+    pub fn add_label_source(&mut self, source: Box<dyn crate::workload::LabelSource>) {
+        self.workloads.add_source(source);
     }
 
     /// Sockets to mute since the last call: the second end of local connections, once it
@@ -457,6 +480,8 @@ impl Tracker {
             span,
             title_tried: false,
             meta_from_title: false,
+            applied: None,
+            applied_for: (0, (0, 0), Text::default()),
         };
         if entry.unix {
             self.counters.unix_sessions += 1;
@@ -701,10 +726,7 @@ impl Tracker {
             Direction::ToServer => Flag::ToServer,
             Direction::ToClient => Flag::ToClient,
         });
-        let mut drafts = vec![Draft {
-            ts_ns: ts,
-            event: ev,
-        }];
+        let mut drafts = vec![Draft::new(ts, ev)];
         self.finish_drafts(conn, &mut drafts, out);
     }
 
@@ -800,6 +822,8 @@ impl Tracker {
                 apply_text(ev, sql, &analysis, self.cfg.policy.raw_statements);
                 ev.flags.remove(Flag::PreparedBeforeCapture);
                 ev.flags.insert(Flag::TextFromServer);
+                d.source.sql = Some(sql.clone());
+                d.source.analysis = Some(analysis);
             }
         }
         finish(
@@ -809,6 +833,9 @@ impl Tracker {
                 workloads: &self.workloads,
                 host: &self.cfg.host,
                 wall_offset: self.wall_offset_ns,
+                policies: &self.policies,
+                policy_generation: self.policy_generation,
+                recording: &self.cfg.policy,
             },
             &mut self.counters,
             drafts,
@@ -848,10 +875,7 @@ impl Tracker {
         if close_not_seen {
             ev.flags.insert(Flag::CloseNotSeen);
         }
-        drafts.push(Draft {
-            ts_ns: ts,
-            event: ev,
-        });
+        drafts.push(Draft::new(ts, ev));
         finish(
             &mut s,
             conn,
@@ -859,6 +883,9 @@ impl Tracker {
                 workloads: &self.workloads,
                 host: &self.cfg.host,
                 wall_offset: self.wall_offset_ns,
+                policies: &self.policies,
+                policy_generation: self.policy_generation,
+                recording: &self.cfg.policy,
             },
             &mut self.counters,
             &mut drafts,
@@ -955,6 +982,10 @@ struct EventContext<'t> {
     host: &'t Text,
     /// Wall clock minus monotonic clock.
     wall_offset: i128,
+    policies: &'t PolicySet,
+    policy_generation: u64,
+    /// The daemon's recording defaults (how drafts are rendered).
+    recording: &'t RecordingPolicy,
 }
 
 fn finish(
@@ -969,6 +1000,9 @@ fn finish(
         workloads,
         host,
         wall_offset,
+        policies,
+        policy_generation,
+        recording,
     } = ctx;
     if drafts.is_empty() {
         return;
@@ -987,12 +1021,16 @@ fn finish(
     }
     recover_meta(s, conn, workloads);
     for d in drafts.drain(..) {
-        let mut ev = d.event;
+        let Draft {
+            ts_ns,
+            event: mut ev,
+            source,
+        } = d;
         if s.meta_from_title {
             ev.flags.insert(Flag::MetaFromProcessTitle);
         }
         ev.event_id = new_event_id();
-        ev.ts = Timestamp::from_unix_ns(d.ts_ns + wall_offset);
+        ev.ts = Timestamp::from_unix_ns(ts_ns + wall_offset);
         ev.host = host.clone();
         ev.session_id = s.id.clone();
         s.seq += 1;
@@ -1022,12 +1060,109 @@ fn finish(
             ev.labels = s.workload.labels.clone();
         }
         ev.server_pid = s.server.as_ref().map(|i| i.pid).unwrap_or(0);
+        apply_policy(
+            s,
+            &mut ev,
+            &source,
+            policies,
+            policy_generation,
+            recording,
+            counters,
+        );
         match ev.kind {
             EventKind::Statement => counters.statements += 1,
             EventKind::SessionStart => counters.sessions_started += 1,
-            EventKind::SessionEnd | EventKind::Gap => {}
+            EventKind::SessionEnd | EventKind::Gap | EventKind::PolicyError => {}
         }
         out.push(ev);
+    }
+}
+
+/// The session's policies (resolved again when the set, the workload or the database
+/// user changed) on an event: their name, how the statement is recorded, and what their
+/// rules decide.
+fn apply_policy(
+    s: &mut SessionEntry,
+    ev: &mut AuditEvent,
+    source: &crate::audit::recorder::Source,
+    policies: &PolicySet,
+    generation: u64,
+    recording: &RecordingPolicy,
+    counters: &mut TrackerCounters,
+) {
+    let key = (generation, s.workload_of, ev.db_user.clone());
+    if s.applied.is_none() || s.applied_for != key {
+        let empty = std::collections::BTreeMap::new();
+        let subject = Subject {
+            labels: if s.workload_of == (0, 0) {
+                &empty
+            } else {
+                &s.workload.labels
+            },
+            db_user: &ev.db_user,
+            database: &ev.database,
+            application_name: &ev.application_name,
+            client_addr: s.client_addr.parse().ok(),
+            server_addr: s.server_addr.parse().ok(),
+            server_port: ev.server_port,
+        };
+        let applied = policies.resolve(
+            &subject,
+            Defaults {
+                raw_statements: recording.raw_statements,
+                raw_params: recording.raw_params,
+            },
+        );
+        tracing::debug!(parent: &s.span, policy = %applied.name, version = %applied.version,
+            mode = applied.mode.as_str(), "policies resolved");
+        s.applied = Some(Arc::new(applied));
+        s.applied_for = key;
+    }
+    let Some(applied) = &s.applied else {
+        return;
+    };
+    ev.policy = applied.name.clone();
+    ev.policy_version = applied.version.clone();
+    if ev.kind != EventKind::Statement {
+        return;
+    }
+    if applied.raw_statements != recording.raw_statements
+        || applied.raw_params != recording.raw_params
+    {
+        render(
+            ev,
+            source,
+            recording,
+            applied.raw_statements,
+            applied.raw_params,
+        );
+    }
+    if !applied.judges {
+        return;
+    }
+    let call_facts;
+    let (sql, facts): (&str, Option<&policy::Facts>) = if source.function_call {
+        call_facts = policy::Facts::function_call();
+        (&ev.statement, Some(&call_facts))
+    } else {
+        match (&source.sql, &source.analysis) {
+            (Some(sql), Some(a)) => (sql, a.facts(sql)),
+            // Its text was not captured: nothing to judge.
+            _ => return,
+        }
+    };
+    let decision = applied.judge(&policy::Statement {
+        sql,
+        facts,
+        multi: source.multi,
+    });
+    if let Some(d) = decision {
+        counters.decisions += 1;
+        ev.decision = Text::Static(d.action.would());
+        ev.decision_rule = format!("{}/{}", d.policy, d.rule).into();
+        if !d.columns.is_empty() {
+            ev.masked_columns = d.columns.into();
+        }
     }
 }
 

@@ -22,14 +22,17 @@ pub enum EventKind {
     SessionEnd,
     /// Bytes that were not captured: statements may be missing here.
     Gap,
+    /// A policy reload was refused (the previous set stays in force): what was wrong.
+    PolicyError,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 4] = [
+    pub const ALL: [EventKind; 5] = [
         EventKind::SessionStart,
         EventKind::Statement,
         EventKind::SessionEnd,
         EventKind::Gap,
+        EventKind::PolicyError,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -38,6 +41,7 @@ impl EventKind {
             EventKind::Statement => "statement",
             EventKind::SessionEnd => "session_end",
             EventKind::Gap => "gap",
+            EventKind::PolicyError => "policy_error",
         }
     }
 
@@ -421,6 +425,10 @@ pub struct ProcessIdentity {
     pub pod_name: Text,
     pub namespace: Text,
     pub systemd_unit: Text,
+    /// The audit login uid and session of the process (`/proc/PID/loginuid`,
+    /// `sessionid`): who logged in, even after `sudo -u postgres psql`. None when unset.
+    pub loginuid: Option<u32>,
+    pub sessionid: Option<u32>,
 }
 
 audit_event! {
@@ -494,6 +502,18 @@ audit_event! {
     /// For a statement flagged `truncated`: the size in bytes of the client message
     /// (Query, Parse or Bind) of which only the beginning was read.
     message_bytes: u64 [since = 3],
+    /// The policy that applied to the session: the first of those whose selectors matched
+    /// (see `auditor policy explain`); empty when none did.
+    policy: Text [lc, since = 4],
+    /// Hash over the texts of the policies that matched: changes when any of them does.
+    policy_version: Text [lc, since = 4],
+    /// What the rules made of the statement: `would_block`, `would_hold` or `would_mask`
+    /// (a dry run, or passive capture of an enforced workload); empty when it passed.
+    decision: Text [lc, since = 4],
+    /// The rule behind the decision: `policy/rule`.
+    decision_rule: Text [lc, since = 4],
+    /// For a mask decision: the columns (`table.column`) it masks.
+    masked_columns: std::sync::Arc<[String]> [since = 4],
 }
 
 impl AuditEvent {

@@ -51,6 +51,49 @@ impl Default for RecordingPolicy {
 pub struct Draft {
     pub ts_ns: i128,
     pub event: AuditEvent,
+    /// What a statement's event was made from: the event holds it as the recorder's
+    /// policy renders it; a session's policy may render it otherwise ([`render`]) and
+    /// judge it.
+    pub source: Source,
+}
+
+impl Draft {
+    pub fn new(ts_ns: i128, event: AuditEvent) -> Draft {
+        Draft {
+            ts_ns,
+            event,
+            source: Source::default(),
+        }
+    }
+}
+
+/// A statement as it was sent: text, its analysis, parameters.
+#[derive(Debug, Default)]
+pub struct Source {
+    pub sql: Option<Arc<str>>,
+    pub analysis: Option<Arc<Analysis>>,
+    pub params: Option<Arc<BoundParams>>,
+    /// One of several statements of a simple query string.
+    pub multi: bool,
+    /// A FunctionCall message: what it runs is not SQL.
+    pub function_call: bool,
+}
+
+/// Renders a statement's text and parameters into its event as a policy says: raw, or
+/// normalised text and keyed hashes.
+pub fn render(
+    ev: &mut AuditEvent,
+    source: &Source,
+    policy: &RecordingPolicy,
+    raw_statements: bool,
+    raw_params: bool,
+) {
+    if let (Some(sql), Some(analysis)) = (&source.sql, &source.analysis) {
+        apply_text(ev, sql, analysis, raw_statements);
+    }
+    if let Some(p) = &source.params {
+        ev.params = policy.params_of(p, raw_params);
+    }
 }
 
 pub fn kind_event(kind: EventKind) -> AuditEvent {
@@ -89,16 +132,19 @@ impl Recorder {
                     ev.error_message = e.message;
                 }
                 ev.duration_us = duration_us(started_ns, ended_ns);
-                Some(Draft {
-                    ts_ns: started_ns,
-                    event: ev,
-                })
+                let mut d = Draft::new(started_ns, ev);
+                d.source.function_call = true;
+                Some(d)
             }
         }
     }
 
     fn statement(&self, s: StatementOutcome, flags: &mut Flags) -> Draft {
         let mut ev = kind_event(EventKind::Statement);
+        let mut source = Source {
+            multi: s.multi,
+            ..Source::default()
+        };
         ev.protocol = Text::Static(match s.protocol {
             Protocol::Simple => "simple",
             Protocol::Extended => "extended",
@@ -112,6 +158,8 @@ impl Recorder {
                     ev.flags.insert(Flag::TextFromServer);
                 }
                 apply_text(&mut ev, sql, analysis, self.policy.raw_statements);
+                source.sql = Some(sql.clone());
+                source.analysis = Some(analysis.clone());
             }
             StatementText::PreparedBeforeCapture => {
                 // A statement refused before it ran, of which nothing was seen, is not
@@ -140,9 +188,10 @@ impl Recorder {
         if s.protocol == Protocol::Extended {
             ev.prepared_name = s.prepared_name;
             ev.params = match &s.params {
-                Some(p) => self.params_of(p),
+                Some(p) => self.policy.params_of(p, self.policy.raw_params),
                 None => Arc::from([]),
             };
+            source.params = s.params.clone();
         }
         match s.result {
             StatementResult::Completed { tag, rows } => {
@@ -172,10 +221,14 @@ impl Recorder {
         Draft {
             ts_ns: s.started_ns,
             event: ev,
+            source,
         }
     }
+}
 
-    fn params_of(&self, params: &BoundParams) -> Arc<[String]> {
+impl RecordingPolicy {
+    /// Parameters as recorded: raw (binary ones as `\\x` hex), or keyed hashes.
+    pub fn params_of(&self, params: &BoundParams, raw: bool) -> Arc<[String]> {
         let formats = params.formats();
         params
             .values()
@@ -185,14 +238,14 @@ impl Recorder {
                 let Some(v) = v else {
                     return "NULL".to_string();
                 };
-                if self.policy.raw_params {
+                if raw {
                     if formats.format_of(i) == 1 {
                         format!("\\x{}", hex::encode(v))
                     } else {
                         String::from_utf8_lossy(v).into_owned()
                     }
                 } else {
-                    let mut mac = self.policy.param_mac.clone();
+                    let mut mac = self.param_mac.clone();
                     mac.update(v);
                     let digest = mac.finalize().into_bytes();
                     let mut text = [0u8; 16];

@@ -471,10 +471,7 @@ impl Session {
         if self.mid_stream {
             ev.flags.insert(Flag::MidStream);
         }
-        out.push(Draft {
-            ts_ns: ts,
-            event: ev,
-        });
+        out.push(Draft::new(ts, ev));
     }
 
     /// Makes sure a session_start precedes anything else (mid-stream sessions have none).

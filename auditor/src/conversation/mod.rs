@@ -186,6 +186,8 @@ struct SimpleStatement {
     sql: Arc<str>,
     analysis: Arc<Analysis>,
     cut: Option<u32>,
+    /// One of several statements of its query string.
+    multi: bool,
 }
 
 #[derive(Debug)]
@@ -296,6 +298,8 @@ pub struct StatementOutcome {
     pub result: StatementResult,
     pub started_ns: i128,
     pub ended_ns: i128,
+    /// One of several statements of a simple query string.
+    pub multi: bool,
 }
 
 /// What the conversation tells its driver.
@@ -582,7 +586,9 @@ impl Conversation {
         match m {
             FrontendMessage::Query { sql } => {
                 let whole = String::from_utf8_lossy(sql).into_owned();
-                let statements = split_statements(&whole)
+                let split = split_statements(&whole);
+                let multi = split.len() > 1;
+                let statements = split
                     .into_iter()
                     .map(|s| {
                         let analysis = analyzer.analyze(&s);
@@ -590,6 +596,7 @@ impl Conversation {
                             sql: s.into(),
                             analysis,
                             cut: self.partial,
+                            multi,
                         }
                     })
                     .collect();
@@ -792,6 +799,7 @@ impl Conversation {
                     result,
                     started_ns: ts,
                     ended_ns: ts,
+                    multi: false,
                 }));
             }
             return;
@@ -986,6 +994,7 @@ impl Conversation {
             result,
             started_ns: started,
             ended_ns: ended,
+            multi: false,
         })
     }
 
@@ -1022,6 +1031,7 @@ impl Conversation {
                     statements.clear();
                 }
                 let cut = st.as_ref().and_then(|s| s.cut);
+                let multi = st.as_ref().is_some_and(|s| s.multi);
                 let text = match st {
                     Some(s) => StatementText::Known {
                         sql: s.sql,
@@ -1050,6 +1060,7 @@ impl Conversation {
                     },
                     started_ns: start,
                     ended_ns: ts,
+                    multi,
                 }));
             }
             Pending::Parse { .. }
@@ -1236,6 +1247,7 @@ impl Conversation {
                             result: StatementResult::NoResponse,
                             started_ns,
                             ended_ns: ts,
+                            multi: s.multi,
                         }));
                     }
                 }

@@ -1108,7 +1108,7 @@ mod tests {
     fn a_field_added_later_gets_its_own_migration() {
         let mut fields = FIELDS.to_vec();
         fields.push(
-            FieldSpec::new::<crate::text::Text>("decision")
+            FieldSpec::new::<crate::text::Text>("approver")
                 .lc()
                 .since(40),
         );
@@ -1117,11 +1117,11 @@ mod tests {
         let m = migrations_of(&fields, "auditor", Features::of_version("24.3.1"), 0);
         let n = m.len();
         assert_eq!((m[n - 2].version, m[n - 1].version), (40, 41));
-        assert!(!m[0].statements[0].contains("decision"));
+        assert!(!m[0].statements[0].contains("approver"));
         assert_eq!(
             m[n - 2].add_columns,
             [
-                ("decision", "decision LowCardinality(String)".to_string()),
+                ("approver", "approver LowCardinality(String)".to_string()),
                 ("approval_seq", "approval_seq UInt64".to_string()),
             ]
         );
@@ -1131,13 +1131,24 @@ mod tests {
             .iter()
             .any(|s| s.starts_with("CREATE VIEW auditor.statements")));
         assert_eq!(m[n - 1].name, "columns masked");
-        // Today: the table, the views, then message_bytes.
+        // Today: the table, the views, message_bytes, then the policy columns.
         let today = migrations("auditor", Features::of_version("18.16.1"), 0);
         let versions: Vec<u32> = today.iter().map(|m| m.version).collect();
-        assert_eq!(versions, [1, 2, 3]);
+        assert_eq!(versions, [1, 2, 3, 4]);
         assert_eq!(
             today[2].add_columns,
             [("message_bytes", "message_bytes UInt64".to_string())]
+        );
+        let added: Vec<&str> = today[3].add_columns.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            added,
+            [
+                "policy",
+                "policy_version",
+                "decision",
+                "decision_rule",
+                "masked_columns"
+            ]
         );
     }
 }

@@ -132,15 +132,22 @@ mod tests {
         assert_eq!(r.to_event().unwrap(), ev);
     }
 
-    /// A record of layout 1, as the previous version wrote it: no field count, and none of
-    /// the fields added since (message_bytes, a u64).
+    /// A record of layout 1, as the first version wrote it: no field count, and none of
+    /// the fields added since (message_bytes, then the policy fields).
     fn v1_record(ev: &AuditEvent) -> Vec<u8> {
-        assert_eq!(ev.message_bytes, 0);
+        use crate::audit::schema::Field;
+        let mut tail = Vec::new();
+        ev.message_bytes.put(&mut tail);
+        ev.policy.put(&mut tail);
+        ev.policy_version.put(&mut tail);
+        ev.decision.put(&mut tail);
+        ev.decision_rule.put(&mut tail);
+        ev.masked_columns.put(&mut tail);
         let mut buf = Vec::new();
         encode(ev, &mut buf);
         buf.drain(1..3);
         buf[0] = 1;
-        buf.truncate(buf.len() - 8);
+        buf.truncate(buf.len() - tail.len());
         buf
     }
 

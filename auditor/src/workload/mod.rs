@@ -22,7 +22,9 @@ pub trait LabelSource: Send {
     fn add_labels(&self, id: &ProcessIdentity, labels: &mut BTreeMap<String, String>);
 }
 
-/// `process.comm`, `process.exe`.
+/// `process.comm`, `process.exe`, `process.uid`, `process.user`, and who logged in:
+/// `process.loginuid`, `process.login_user`, `process.sessionid` (the audit login
+/// identity, kept across `sudo` and `su`).
 pub struct ProcessLabels;
 
 impl LabelSource for ProcessLabels {
@@ -30,6 +32,22 @@ impl LabelSource for ProcessLabels {
         labels.insert("process.comm".to_string(), id.comm.to_string());
         if !id.exe.is_empty() {
             labels.insert("process.exe".to_string(), id.exe.to_string());
+        }
+        if id.pid == 0 {
+            return; // no process known
+        }
+        labels.insert("process.uid".to_string(), id.uid.to_string());
+        if let Some(name) = process::user_name(id.uid) {
+            labels.insert("process.user".to_string(), name);
+        }
+        if let Some(login) = id.loginuid {
+            labels.insert("process.loginuid".to_string(), login.to_string());
+            if let Some(name) = process::user_name(login) {
+                labels.insert("process.login_user".to_string(), name);
+            }
+        }
+        if let Some(session) = id.sessionid {
+            labels.insert("process.sessionid".to_string(), session.to_string());
         }
     }
 }
@@ -46,9 +64,37 @@ impl LabelSource for CgroupLabels {
             }
         };
         put("systemd.unit", &id.systemd_unit);
+        put(
+            "systemd.slice",
+            process::systemd_slice(&id.cgroup_path).unwrap_or(""),
+        );
         put("container.id", &id.container_id);
         put("k8s.pod.uid", &id.pod_uid);
         put("cgroup.path", &id.cgroup_path);
+    }
+}
+
+/// The configuration's `host_labels`, as `host.label/<key>`.
+pub struct HostLabels {
+    labels: Vec<(String, String)>,
+}
+
+impl HostLabels {
+    pub fn new(labels: &BTreeMap<String, String>) -> HostLabels {
+        HostLabels {
+            labels: labels
+                .iter()
+                .map(|(k, v)| (format!("host.label/{k}"), v.clone()))
+                .collect(),
+        }
+    }
+}
+
+impl LabelSource for HostLabels {
+    fn add_labels(&self, _: &ProcessIdentity, labels: &mut BTreeMap<String, String>) {
+        for (k, v) in &self.labels {
+            labels.insert(k.clone(), v.clone());
+        }
     }
 }
 
@@ -201,6 +247,8 @@ mod tests {
             exe: "/usr/bin/psql".into(),
             cgroup_path: "/system.slice/billing.service".into(),
             systemd_unit: "billing.service".into(),
+            loginuid: Some(54321), // no such user here: no login_user
+            sessionid: Some(3),
             ..ProcessIdentity::default()
         };
         let w = WorkloadResolver::default().workload(&id);
@@ -215,6 +263,11 @@ mod tests {
                 ("cgroup.path", "/system.slice/billing.service"),
                 ("process.comm", "psql"),
                 ("process.exe", "/usr/bin/psql"),
+                ("process.loginuid", "54321"),
+                ("process.sessionid", "3"),
+                ("process.uid", "0"),
+                ("process.user", "root"),
+                ("systemd.slice", "system.slice"),
                 ("systemd.unit", "billing.service"),
             ]
         );

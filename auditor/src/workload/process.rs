@@ -78,6 +78,36 @@ pub fn parse_cgroup_path(path: &str) -> CgroupFacts {
     facts
 }
 
+/// The systemd slice a cgroup path is in (the innermost `.slice`), if any.
+pub fn systemd_slice(path: &str) -> Option<&str> {
+    path.split('/').rev().find(|s| s.ends_with(".slice"))
+}
+
+/// The name of user `uid` (this host's user database, or the daemon container's).
+pub fn user_name(uid: u32) -> Option<String> {
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: getpwuid_r writes into `pwd` and `buf`, both ours and sized as passed.
+    unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwuid_r(
+            uid,
+            &mut pwd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        );
+        if rc != 0 || result.is_null() || pwd.pw_name.is_null() {
+            return None;
+        }
+        Some(
+            std::ffi::CStr::from_ptr(pwd.pw_name)
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
+}
+
 /// A Postgres backend's process title (`/proc/PID/cmdline` as `ps` shows it).
 pub fn process_title(pid: u32) -> Option<String> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
@@ -193,6 +223,14 @@ impl IdentityResolver {
         id.exe = std::fs::read_link(proc_dir.join("exe"))
             .map(|p| p.to_string_lossy().into())
             .unwrap_or_default();
+        let audit_id = |file: &str| {
+            std::fs::read_to_string(proc_dir.join(file))
+                .ok()
+                .and_then(|t| t.trim().parse::<u32>().ok())
+                .filter(|&v| v != u32::MAX) // (uid_t)-1: never logged in
+        };
+        id.loginuid = audit_id("loginuid");
+        id.sessionid = audit_id("sessionid");
         id.cgroup_path = self
             .cgroup_path(cgroup_id, &proc_dir)
             .unwrap_or_default()
