@@ -87,6 +87,62 @@ impl Default for CaptureConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// `auto` (default): on when the daemon runs in a pod (KUBERNETES_SERVICE_HOST is
+    /// set) or `kubeconfig` is given; `true`; `false`.
+    pub enabled: Toggle,
+    /// A kubeconfig file; default: the pod's service account (in-cluster).
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name, as pods' `spec.nodeName` says it. Default: the NODE_NAME
+    /// environment variable (set it from the downward API), else the host name.
+    pub node_name: Option<String>,
+    /// How long a session whose pod the watch has not shown yet waits for it before its
+    /// events are recorded without pod metadata (flagged `pod_unknown`). Default: 5000.
+    pub pod_wait_ms: u32,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            enabled: Toggle::Auto,
+            kubeconfig: None,
+            node_name: None,
+            pod_wait_ms: 5000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Toggle {
+    Auto,
+    #[serde(alias = "yes", alias = "on")]
+    True,
+    #[serde(alias = "no", alias = "off")]
+    False,
+}
+
+impl KubernetesConfig {
+    pub fn active(&self) -> bool {
+        match self.enabled {
+            Toggle::True => true,
+            Toggle::False => false,
+            Toggle::Auto => {
+                self.kubeconfig.is_some() || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+            }
+        }
+    }
+
+    pub fn node(&self, host: &str) -> String {
+        self.node_name
+            .clone()
+            .or_else(|| std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()))
+            .unwrap_or_else(|| host.to_string())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Where the log, the parameter-hash key and the stats live. Default: /var/lib/auditor.
     pub state_dir: PathBuf,
@@ -99,6 +155,8 @@ pub struct Config {
     /// /etc/auditor/policies; when the default does not exist, no policy applies (every
     /// session is audited as `record` says). A directory set here must exist.
     pub policies_dir: Option<PathBuf>,
+    /// Pod metadata from the Kubernetes API server (labels for policies, pod names).
+    pub kubernetes: KubernetesConfig,
     /// Labels of this host, for policy selectors (`host.label/<key>`).
     pub host_labels: std::collections::BTreeMap<String, String>,
     pub local_log: LocalLogConfig,
@@ -117,6 +175,7 @@ impl Default for Config {
             }],
             record: Recording::default(),
             policies_dir: None,
+            kubernetes: KubernetesConfig::default(),
             host_labels: Default::default(),
             local_log: LocalLogConfig::default(),
             capture: CaptureConfig::default(),
@@ -253,6 +312,11 @@ record:
   raw_params: false                # true: keep bind values (default: keyed hashes)
 # policies_dir: /etc/auditor/policies   # policy files, reloaded on change (see policies/)
 host_labels: {}                    # e.g. {env: prod, region: eu-1}: selectors see host.label/env
+kubernetes:
+  enabled: auto                    # auto: on inside a pod, or with a kubeconfig
+  # kubeconfig: /etc/auditor/kubeconfig   # default: the pod's service account
+  # node_name: node-1              # default: $NODE_NAME (downward API), else the host name
+  pod_wait_ms: 5000                # a session waits this long for its pod to be known
 local_log:
   enabled: true
   rotate_bytes: 104857600          # start a new file past 100 MiB

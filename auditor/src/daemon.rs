@@ -114,6 +114,9 @@ pub struct Stats {
     /// Policies in force, reloads and refused reloads.
     #[serde(default)]
     pub policies: crate::policy::live::PolicyCounters,
+    /// The Kubernetes pod watch, when it runs.
+    #[serde(default)]
+    pub kubernetes: Option<crate::workload::kubernetes::KubeStats>,
     /// Each sink's health, by name.
     pub sinks: std::collections::BTreeMap<String, Health>,
     /// The ClickHouse sink's counters (also under `sinks`), when it runs.
@@ -197,7 +200,25 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         limits: TokenizerLimits {
             max_buffered: cfg.capture.max_message_bytes,
         },
+        pod_wait: Duration::from_millis(u64::from(cfg.kubernetes.pod_wait_ms)),
     });
+    let pods = if cfg.kubernetes.active() {
+        let settings = crate::workload::kubernetes::KubeSettings {
+            kubeconfig: cfg.kubernetes.kubeconfig.clone(),
+            node_name: cfg.kubernetes.node(&cfg.host_name()),
+        };
+        let cache =
+            crate::workload::kubernetes::start(settings).map_err(|source| DaemonError::State {
+                path: "kubernetes watch thread".into(),
+                source,
+            })?;
+        tracker.add_label_source(Box::new(crate::workload::kubernetes::PodLabels {
+            cache: cache.clone(),
+        }));
+        Some(cache)
+    } else {
+        None
+    };
     tracker.set_policies(policies.set.clone());
     if !cfg.host_labels.is_empty() {
         tracker.add_label_source(Box::new(crate::workload::HostLabels::new(&cfg.host_labels)));
@@ -352,6 +373,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         tls_libraries: finder.libraries.iter().map(|l| l.path.clone()).collect(),
         copy_limit_bytes: capture.copy_limit,
         policies,
+        kubernetes: pods.as_ref().map(|p| p.stats()),
         sinks: sinks_health(&health),
         clickhouse: sinks_health(&health)
             .get("clickhouse")

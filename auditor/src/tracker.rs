@@ -147,6 +147,9 @@ struct SessionEntry {
     /// workload, database user) it was resolved.
     applied: Option<Arc<Applied>>,
     applied_for: (u64, (u32, u64), Text),
+    /// Drafts held while the workload is pending (its pod not known yet), and since when.
+    deferred: Vec<Draft>,
+    pending_since: Option<std::time::Instant>,
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -181,12 +184,18 @@ pub struct TrackerCounters {
     pub server_texts_unmatched: u64,
     /// Statements policies in dry-run or enforce mode decided on (would_block, ...).
     pub decisions: u64,
+    /// Sessions whose events waited for their pod to be known, and those whose pod never
+    /// was (recorded `pod_unknown`).
+    pub pod_waits: u64,
+    pub pod_unknown: u64,
 }
 
 pub struct TrackerConfig {
     pub host: Text,
     pub policy: RecordingPolicy,
     pub limits: TokenizerLimits,
+    /// How long a session's events wait for its workload's labels (a pod not yet seen).
+    pub pod_wait: std::time::Duration,
 }
 
 pub struct Tracker {
@@ -208,6 +217,10 @@ pub struct Tracker {
     /// The policies in force, and a number that changes with each new set.
     policies: Arc<PolicySet>,
     policy_generation: u64,
+    /// Shutting down: nothing waits any more.
+    flushing: bool,
+    /// Ended sessions whose events wait for their pod.
+    ended_waiting: Vec<(ConnKey, SessionEntry)>,
 }
 
 /// A ring-buffer record: header plus payload.
@@ -296,6 +309,8 @@ impl Tracker {
             to_mute: Vec::new(),
             policies: Arc::new(PolicySet::default()),
             policy_generation: 1,
+            flushing: false,
+            ended_waiting: Vec::new(),
         }
     }
 
@@ -482,6 +497,8 @@ impl Tracker {
             meta_from_title: false,
             applied: None,
             applied_for: (0, (0, 0), Text::default()),
+            deferred: Vec::new(),
+            pending_since: None,
         };
         if entry.unix {
             self.counters.unix_sessions += 1;
@@ -694,6 +711,7 @@ impl Tracker {
             self.counters.tls_unreadable_sessions += 1;
             self.finish_drafts(conn, &mut drafts, out);
         }
+        self.retry_waiting(out);
     }
 
     fn emit_gap(
@@ -836,6 +854,8 @@ impl Tracker {
                 policies: &self.policies,
                 policy_generation: self.policy_generation,
                 recording: &self.cfg.policy,
+                pod_wait: self.cfg.pod_wait,
+                may_defer: !self.flushing,
             },
             &mut self.counters,
             drafts,
@@ -886,6 +906,8 @@ impl Tracker {
                 policies: &self.policies,
                 policy_generation: self.policy_generation,
                 recording: &self.cfg.policy,
+                pod_wait: self.cfg.pod_wait,
+                may_defer: !self.flushing,
             },
             &mut self.counters,
             &mut drafts,
@@ -893,6 +915,7 @@ impl Tracker {
         );
         self.drafts = drafts;
         self.counters.sessions_ended += 1;
+        let waiting = !s.deferred.is_empty();
         tracing::debug!(
             parent: &s.span,
             events = s.seq,
@@ -902,6 +925,46 @@ impl Tracker {
         );
         self.counters.parse_errors += s.session.counters().parse_errors;
         self.counters.unmatched_responses += s.session.counters().unmatched_responses;
+        if waiting {
+            // Its events wait for its pod (see `tick`).
+            self.ended_waiting.push((conn, s));
+        }
+    }
+
+    /// Sessions whose events wait for their pod: recorded once it is known, or when the
+    /// wait is over (at once when shutting down).
+    fn retry_waiting(&mut self, out: &mut Vec<AuditEvent>) {
+        let waiting: Vec<ConnKey> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| !s.deferred.is_empty())
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in waiting {
+            self.finish_drafts(conn, &mut Vec::new(), out);
+        }
+        let mut ended = std::mem::take(&mut self.ended_waiting);
+        for (conn, s) in ended.iter_mut() {
+            finish(
+                s,
+                *conn,
+                EventContext {
+                    workloads: &self.workloads,
+                    host: &self.cfg.host,
+                    wall_offset: self.wall_offset_ns,
+                    policies: &self.policies,
+                    policy_generation: self.policy_generation,
+                    recording: &self.cfg.policy,
+                    pod_wait: self.cfg.pod_wait,
+                    may_defer: !self.flushing,
+                },
+                &mut self.counters,
+                &mut Vec::new(),
+                out,
+            );
+        }
+        ended.retain(|(_, s)| !s.deferred.is_empty());
+        self.ended_waiting = ended;
     }
 
     /// Retires sessions idle for longer than `idle_ns` whose connection no longer exists
@@ -952,12 +1015,22 @@ impl Tracker {
     pub fn complete_until_ns(&self, now_wall_ns: i128) -> i128 {
         self.sessions
             .values()
-            .filter_map(|s| s.session.oldest_pending_ns())
+            .chain(self.ended_waiting.iter().map(|(_, s)| s))
+            .filter_map(|s| {
+                // Statements waiting for an answer, and events waiting for their pod.
+                let held = s.deferred.iter().map(|d| d.ts_ns).min();
+                match (s.session.oldest_pending_ns(), held) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            })
             .min()
             .map_or(now_wall_ns, |t| (t + self.wall_offset_ns).min(now_wall_ns))
     }
 
     pub fn shutdown(&mut self, out: &mut Vec<AuditEvent>) {
+        self.flushing = true;
+        self.retry_waiting(out);
         let conns: Vec<ConnKey> = self.sessions.keys().copied().collect();
         let now = -self.wall_offset_ns
             + std::time::SystemTime::now()
@@ -975,7 +1048,6 @@ impl Tracker {
     }
 }
 
-/// Fills in what a session draft lacks: ids, order, time, endpoints, identity.
 /// What every event of this host shares.
 struct EventContext<'t> {
     workloads: &'t WorkloadResolver,
@@ -986,6 +1058,9 @@ struct EventContext<'t> {
     policy_generation: u64,
     /// The daemon's recording defaults (how drafts are rendered).
     recording: &'t RecordingPolicy,
+    pod_wait: std::time::Duration,
+    /// Whether drafts may wait for a pending workload (not when the session ends).
+    may_defer: bool,
 }
 
 fn finish(
@@ -1003,9 +1078,42 @@ fn finish(
         policies,
         policy_generation,
         recording,
+        pod_wait,
+        may_defer,
     } = ctx;
+    if !s.deferred.is_empty() {
+        let held = std::mem::take(&mut s.deferred);
+        drafts.splice(0..0, held);
+    }
     if drafts.is_empty() {
         return;
+    }
+    // The workload first: a process in a pod the watch has not shown yet waits for it
+    // (bounded), rather than be recorded without its labels or with another pod's.
+    let mut pod_unknown = false;
+    if let Some(id) = s.client.as_ref().or(s.server.as_ref()) {
+        if s.workload_of != (id.pid, id.cgroup_id) || s.workload.pending {
+            s.workload = workloads.workload(id);
+            s.workload_of = (id.pid, id.cgroup_id);
+        }
+        if s.workload.pending {
+            let since = *s.pending_since.get_or_insert_with(|| {
+                counters.pod_waits += 1;
+                std::time::Instant::now()
+            });
+            if may_defer && since.elapsed() < pod_wait {
+                s.deferred.append(drafts);
+                return;
+            }
+            if s.pending_since.take().is_some() {
+                counters.pod_unknown += 1;
+                tracing::warn!(parent: &s.span, pod_uid = %id.pod_uid,
+                    "the pod of this session is not known to the API server watch: recorded without its metadata");
+            }
+            pod_unknown = true;
+        } else {
+            s.pending_since = None;
+        }
     }
     // Statements of a session joined mid-stream still get a session_start first.
     if !drafts
@@ -1050,14 +1158,13 @@ fn finish(
         });
         // The local process on the client end, or the backend when the client is remote.
         let who = s.client.as_ref().or(s.server.as_ref());
-        if let Some(id) = who {
-            ev.apply_identity(id);
-            if s.workload_of != (id.pid, id.cgroup_id) {
-                s.workload = workloads.workload(id);
-                s.workload_of = (id.pid, id.cgroup_id);
-            }
+        if who.is_some() {
+            ev.apply_identity(&s.workload.process);
             ev.workload = s.workload.name.clone();
             ev.labels = s.workload.labels.clone();
+            if pod_unknown {
+                ev.flags.insert(Flag::PodUnknown);
+            }
         }
         ev.server_pid = s.server.as_ref().map(|i| i.pid).unwrap_or(0);
         apply_policy(
@@ -1246,6 +1353,7 @@ mod tests {
 
     fn tracker() -> Tracker {
         Tracker::new(TrackerConfig {
+            pod_wait: std::time::Duration::from_secs(5),
             host: "test".into(),
             policy: RecordingPolicy::default(),
             limits: TokenizerLimits::default(),

@@ -378,7 +378,7 @@ impl Drop for Cgroup {
     fn drop(&mut self) {
         // The processes have exited; a cgroup with none left can be removed.
         for _ in 0..50 {
-            if std::fs::remove_dir(&self.path).is_ok() {
+            if std::fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -904,5 +904,200 @@ pub mod raw {
         s.write_all(&packet).unwrap();
         read_until_ready(&mut s, 1);
         s
+    }
+}
+
+/// The fake Kubernetes API server (tests/helpers/fake_kube_api.py): pods listed and
+/// watched in the real API's JSON shapes, on loopback, with a kubeconfig pointing at it.
+pub struct FakeKubeApi {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+    pub kubeconfig: PathBuf,
+}
+
+/// A pod as the API server shows it.
+pub fn pod_json(
+    namespace: &str,
+    name: &str,
+    uid: &str,
+    node: &str,
+    labels: &[(&str, &str)],
+) -> Value {
+    let labels: serde_json::Map<String, Value> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), Value::from(*v)))
+        .collect();
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "uid": uid, "labels": labels},
+        "spec": {"nodeName": node, "serviceAccountName": format!("{name}-sa"),
+                 "containers": [{"name": "main", "image": "example"}]},
+        "status": {"phase": "Running"},
+    })
+}
+
+impl FakeKubeApi {
+    pub fn start() -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("fake-kube-").tempdir()?;
+        let port_file = dir.path().join("port");
+        let child = Command::new(python3())
+            .arg(workspace_root().join("tests/helpers/fake_kube_api.py"))
+            .arg(&port_file)
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the fake Kubernetes API server")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let port: u16 = loop {
+            if let Ok(p) = std::fs::read_to_string(&port_file) {
+                break p.trim().parse()?;
+            }
+            if Instant::now() > deadline {
+                bail!("the fake Kubernetes API server did not start");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:{port}\n\
+                 users:\n- name: auditor\n  user:\n    token: not-a-secret\n\
+                 contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: auditor\ncurrent-context: fake\n"
+            ),
+        )?;
+        Ok(FakeKubeApi {
+            child,
+            port,
+            _dir: dir,
+            kubeconfig,
+        })
+    }
+
+    fn request(&self, method: &str, path: &str, body: &str) -> Result<String> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            stream,
+            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .context("malformed HTTP response")?;
+        if !head.contains(" 200 ") {
+            bail!("fake API server: {head}");
+        }
+        Ok(body.to_string())
+    }
+
+    /// Replaces every pod (the watch sees ADDED, MODIFIED and DELETED events).
+    pub fn set_pods(&self, pods: &[Value]) -> Result<()> {
+        self.request(
+            "PUT",
+            "/control/pods",
+            &Value::from(pods.to_vec()).to_string(),
+        )
+        .map(|_| ())
+    }
+
+    /// Gives a pod new labels (a MODIFIED event).
+    pub fn relabel(&self, namespace: &str, name: &str, labels: &[(&str, &str)]) -> Result<()> {
+        let labels: serde_json::Map<String, Value> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::from(*v)))
+            .collect();
+        self.request(
+            "POST",
+            &format!("/control/pods/{namespace}/{name}"),
+            &serde_json::json!({ "labels": labels }).to_string(),
+        )
+        .map(|_| ())
+    }
+
+    /// The API requests served so far (paths with their queries).
+    pub fn requests(&self) -> Result<Vec<String>> {
+        Ok(self
+            .request("GET", "/control/requests", "")?
+            .lines()
+            .map(str::to_string)
+            .collect())
+    }
+}
+
+impl Drop for FakeKubeApi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A pod's container cgroup as the kubelet makes it, with the systemd cgroup driver
+/// (`kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice/
+/// cri-containerd-<id>.scope`) or the cgroupfs one (`kubepods/burstable/pod<uid>/<id>`).
+pub struct PodCgroup {
+    /// Directories made, outermost first (removed innermost first).
+    made: Vec<PathBuf>,
+    pub cgroup: Cgroup,
+}
+
+impl PodCgroup {
+    pub fn new(pod_uid: &str, container_id: &str, systemd_driver: bool) -> Result<Self> {
+        let root = cgroup2_mount().context("no cgroup v2 mount")?;
+        let tag = std::process::id();
+        let parts: Vec<String> = if systemd_driver {
+            vec![
+                format!("kubepods{tag}.slice"),
+                format!("kubepods{tag}-besteffort.slice"),
+                format!(
+                    "kubepods{tag}-besteffort-pod{}.slice",
+                    pod_uid.replace('-', "_")
+                ),
+                format!("cri-containerd-{container_id}.scope"),
+            ]
+        } else {
+            vec![
+                format!("kubepods{tag}"),
+                "burstable".into(),
+                format!("pod{pod_uid}"),
+                container_id.to_string(),
+            ]
+        };
+        let mut made = Vec::new();
+        let mut path = root.clone();
+        for p in &parts {
+            path = path.join(p);
+            if !path.exists() {
+                std::fs::create_dir(&path)
+                    .with_context(|| format!("creating {}", path.display()))?;
+                made.push(path.clone());
+            }
+        }
+        let name = format!("/{}", parts.join("/"));
+        Ok(PodCgroup {
+            cgroup: Cgroup {
+                path: path.clone(),
+                name,
+            },
+            made,
+        })
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        // The container's directory first (its processes have exited), then its parents.
+        for dir in std::iter::once(&self.cgroup.path).chain(self.made.iter().rev().skip(1)) {
+            for _ in 0..50 {
+                if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     }
 }

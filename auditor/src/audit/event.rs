@@ -177,6 +177,9 @@ flags! {
     /// No daemon captured during this gap's window (`ts` for `duration_us`): the one
     /// before was stopped, killed or crashed; statements run then may be missing.
     CaptureInterrupted = "capture_interrupted",
+    /// The process runs in a Kubernetes pod the API server's watch did not show within
+    /// `kubernetes.pod_wait_ms`: pod name, namespace and labels are missing.
+    PodUnknown = "pod_unknown",
 }
 
 /// A set of flags; written as their names, in declaration order.

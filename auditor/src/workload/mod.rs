@@ -6,6 +6,7 @@
 //! further sources. Captured and proxied sessions resolve their workload the same way,
 //! once per session (again only if the process on that end changes).
 
+pub mod kubernetes;
 pub mod process;
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -20,6 +21,12 @@ pub use process::{cgroup2_mount, parse_cgroup_path, CgroupFacts, IdentityResolve
 /// Adds the labels it knows of a process.
 pub trait LabelSource: Send {
     fn add_labels(&self, id: &ProcessIdentity, labels: &mut BTreeMap<String, String>);
+
+    /// Whether it should know the process but does not yet (a pod the watch has not
+    /// shown yet): its session waits a bounded time rather than be recorded without them.
+    fn pending(&self, _id: &ProcessIdentity) -> bool {
+        false
+    }
 }
 
 /// `process.comm`, `process.exe`, `process.uid`, `process.user`, and who logged in:
@@ -101,10 +108,13 @@ impl LabelSource for HostLabels {
 /// A session's workload: the process identity events carry, its name and its labels.
 #[derive(Debug, Clone, Default)]
 pub struct Workload {
+    /// The process, with what the sources told of it (its pod's name and namespace).
     pub process: ProcessIdentity,
     /// See [`workload_name`].
     pub name: Text,
     pub labels: Labels,
+    /// A source should know the process but does not yet.
+    pub pending: bool,
 }
 
 /// The workload a process belongs to, most specific first: `pod:<namespace>/<name>`,
@@ -180,13 +190,23 @@ impl WorkloadResolver {
     /// The workload of a process: its labels from every source.
     pub fn workload(&self, process: &ProcessIdentity) -> Workload {
         let mut labels = BTreeMap::new();
+        let mut pending = false;
         for source in &self.sources {
             source.add_labels(process, &mut labels);
+            pending |= source.pending(process);
+        }
+        let mut process = process.clone();
+        if let Some(name) = labels.get("k8s.pod.name") {
+            process.pod_name = name.as_str().into();
+        }
+        if let Some(ns) = labels.get("k8s.namespace") {
+            process.namespace = ns.as_str().into();
         }
         Workload {
-            process: process.clone(),
-            name: workload_name(process),
+            name: workload_name(&process),
+            process,
             labels: Arc::new(labels),
+            pending,
         }
     }
 }
