@@ -159,6 +159,9 @@ pub struct Config {
     pub kubernetes: KubernetesConfig,
     /// Labels of this host, for policy selectors (`host.label/<key>`).
     pub host_labels: std::collections::BTreeMap<String, String>,
+    /// Where systemd unit files are (for their `X-Auditor-Labels=`), in systemd's order.
+    /// In a container, the host's directories as mounted there.
+    pub systemd_unit_dirs: Vec<PathBuf>,
     pub local_log: LocalLogConfig,
     pub capture: CaptureConfig,
     pub clickhouse: ClickHouseConfig,
@@ -177,6 +180,10 @@ impl Default for Config {
             policies_dir: None,
             kubernetes: KubernetesConfig::default(),
             host_labels: Default::default(),
+            systemd_unit_dirs: crate::workload::systemd::DEFAULT_UNIT_DIRS
+                .iter()
+                .map(PathBuf::from)
+                .collect(),
             local_log: LocalLogConfig::default(),
             capture: CaptureConfig::default(),
             clickhouse: ClickHouseConfig::default(),
@@ -312,6 +319,12 @@ record:
   raw_params: false                # true: keep bind values (default: keyed hashes)
 # policies_dir: /etc/auditor/policies   # policy files, reloaded on change (see policies/)
 host_labels: {}                    # e.g. {env: prod, region: eu-1}: selectors see host.label/env
+systemd_unit_dirs:                 # unit files, for X-Auditor-Labels= (selectors: systemd.label/KEY)
+  - /etc/systemd/system
+  - /run/systemd/system
+  - /usr/local/lib/systemd/system
+  - /usr/lib/systemd/system
+  - /lib/systemd/system
 kubernetes:
   enabled: auto                    # auto: on inside a pod, or with a kubeconfig
   # kubeconfig: /etc/auditor/kubeconfig   # default: the pod's service account
@@ -348,6 +361,23 @@ mod tests {
     fn example_is_the_default() {
         let cfg = Config::parse(EXAMPLE, Path::new("example.yaml")).unwrap();
         assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn the_deployment_configs_load() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let path = root.join("deploy/kubernetes/config.yaml");
+        let cfg = Config::load(&path).unwrap();
+        assert!(cfg.kubernetes.active());
+        assert_eq!(
+            cfg.policies_dir(),
+            (PathBuf::from("/etc/auditor/policies"), true)
+        );
+        // The DaemonSet's default policy is the repository's.
+        assert_eq!(
+            std::fs::read_to_string(root.join("deploy/kubernetes/policies/default.yaml")).unwrap(),
+            std::fs::read_to_string(root.join("policies/default.yaml")).unwrap(),
+        );
     }
 
     #[test]

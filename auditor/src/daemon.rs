@@ -220,6 +220,9 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         None
     };
     tracker.set_policies(policies.set.clone());
+    tracker.add_label_source(Box::new(crate::workload::systemd::UnitLabels::new(
+        cfg.systemd_unit_dirs.clone(),
+    )));
     if !cfg.host_labels.is_empty() {
         tracker.add_label_source(Box::new(crate::workload::HostLabels::new(&cfg.host_labels)));
     }

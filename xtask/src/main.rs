@@ -37,6 +37,10 @@ enum Cmd {
     /// integration tests included (real eBPF, real Postgres, real clients). Needs root:
     /// a test that cannot run fails with the reason instead of being skipped.
     Ci,
+    /// Validate the deployment files: deploy/kubernetes rendered by kustomize and checked
+    /// against the Kubernetes API schemas, its policies linted, deploy/systemd verified
+    /// (part of `ci`; needs a release build).
+    DeployCheck,
     /// Measure what auditing costs next to no auditing, pgaudit and log_statement=all,
     /// interleaved, and write docs/benchmarks.md (about 30 minutes; --smoke: seconds, report
     /// not written; a selection of workloads or configurations: target/bench-partial.md).
@@ -171,6 +175,66 @@ fn seed_corpus(dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// The deployment files: the DaemonSet manifests rendered by kustomize and validated
+/// against the Kubernetes API schemas (strict: unknown fields fail), their configuration
+/// and policies loaded by the daemon's own checks, and the systemd unit verified.
+fn check_deploy() -> Result<()> {
+    let root = workspace_root();
+    let auditor = root.join("target/release/auditor");
+    let out = Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(root.join("deploy/kubernetes"))
+        .output()
+        .context("running kubectl kustomize")?;
+    if !out.status.success() {
+        bail!(
+            "kubectl kustomize deploy/kubernetes: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rendered = root.join("target/deploy-kubernetes.yaml");
+    std::fs::write(&rendered, &out.stdout)?;
+    run(Command::new("python3")
+        .env("PYTHONPATH", root.join("target/test-deps/python"))
+        .args([
+            "-m",
+            "kubernetes_validate",
+            "--strict",
+            "--quiet",
+            "-k",
+            "1.30.0",
+        ])
+        .arg(&rendered))?;
+    run(Command::new(&auditor)
+        .args(["policy", "lint"])
+        .arg(root.join("deploy/kubernetes/policies")))?;
+    // The unit as installed, with ExecStart pointing at this build.
+    let unit = std::fs::read_to_string(root.join("deploy/systemd/auditor.service"))?;
+    let dir = root.join("target/deploy-systemd");
+    std::fs::create_dir_all(&dir)?;
+    let local = dir.join("auditor.service");
+    std::fs::write(
+        &local,
+        unit.replace("/usr/local/bin/auditor", &auditor.display().to_string()),
+    )?;
+    // `verify` exits 0 on unknown or misspelt keys, only saying so: any word is a failure.
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&local)
+        .output()
+        .context("running systemd-analyze verify")?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() || !said.trim().is_empty() {
+        bail!("systemd-analyze verify deploy/systemd/auditor.service:\n{said}");
+    }
+    eprintln!("deploy: the DaemonSet manifests validate, the unit verifies");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Args::parse().command {
         Cmd::Setup { tests } => setup::setup(if tests {
@@ -208,6 +272,7 @@ fn main() -> Result<()> {
                 .args(["--", "-D", "warnings"]))?;
             // The daemon the integration tests start is this release build.
             run(cargo().args(["build", "--release", "-p", "auditor"]))?;
+            check_deploy()?;
             // Default members: every host crate (the eBPF crate is built by auditor/build.rs).
             // One test at a time: the integration tests load this 2-core machine fully.
             // CI=true: a root integration test that cannot run here (not root, no server)
@@ -239,6 +304,11 @@ fn main() -> Result<()> {
         Cmd::Fuzz { seconds, targets } => {
             setup::setup(setup::Purpose::Test)?;
             fuzz(seconds, &targets)
+        }
+        Cmd::DeployCheck => {
+            setup::setup(setup::Purpose::Test)?;
+            run(cargo().args(["build", "--release", "-p", "auditor"]))?;
+            check_deploy()
         }
         Cmd::Fixtures { out } => fixtures::record(&workspace_root().join(out)),
     }

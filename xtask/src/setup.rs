@@ -80,6 +80,16 @@ const TEST_COMMANDS: &[(&str, &str, &str)] = &[
     ),
     ("node", "nodejs", "the drivers test runs node-postgres"),
     (
+        "kubectl",
+        "kubernetes-client",
+        "CI renders deploy/kubernetes with `kubectl kustomize` to validate it",
+    ),
+    (
+        "systemd-analyze",
+        "systemd",
+        "CI checks deploy/systemd/auditor.service with `systemd-analyze verify`",
+    ),
+    (
         "npm",
         "npm",
         "setup installs node-postgres (npm's `pg`) for the drivers test",
@@ -88,6 +98,10 @@ const TEST_COMMANDS: &[(&str, &str, &str)] = &[
 
 /// node-postgres for the drivers test, from npm into target/test-deps.
 const NODE_PG: &str = "pg@8";
+
+/// The Kubernetes manifest validator (with the API schemas it bundles), from PyPI into
+/// target/test-deps/python.
+pub const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 
 /// What to install.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -233,6 +247,24 @@ pub fn setup(purpose: Purpose) -> Result<()> {
                 .arg("--prefix")
                 .arg(&node_modules)
                 .arg(NODE_PG))?;
+        }
+        let python = crate::workspace_root().join("target/test-deps/python");
+        if !python.join("kubernetes_validate").exists() {
+            eprintln!(
+                "setup: installing {KUBERNETES_VALIDATE} into {}: CI validates the DaemonSet manifests",
+                python.display()
+            );
+            run(Command::new("python3")
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                ])
+                .arg("--target")
+                .arg(&python)
+                .arg(KUBERNETES_VALIDATE))?;
         }
         for tool in ["pgbench", "psql"] {
             if !have(tool) {

@@ -8,6 +8,7 @@
 
 pub mod kubernetes;
 pub mod process;
+pub mod systemd;
 
 use std::{collections::BTreeMap, sync::Arc};
 
