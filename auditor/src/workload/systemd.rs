@@ -28,9 +28,12 @@ const KEY: &str = "X-Auditor-Labels";
 /// A unit file edited since is read again after this long.
 const TTL: Duration = Duration::from_secs(60);
 
+/// A unit's labels, and when they were read.
+type Cached = (Instant, Vec<(String, String)>);
+
 pub struct UnitLabels {
     dirs: Vec<PathBuf>,
-    cache: Mutex<HashMap<String, (Instant, Vec<(String, String)>)>>,
+    cache: Mutex<HashMap<String, Cached>>,
 }
 
 impl UnitLabels {
