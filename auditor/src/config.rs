@@ -157,6 +157,9 @@ pub struct Config {
     pub policies_dir: Option<PathBuf>,
     /// Pod metadata from the Kubernetes API server (labels for policies, pod names).
     pub kubernetes: KubernetesConfig,
+    /// Where to serve Prometheus metrics (`GET /metrics`), e.g. 0.0.0.0:9464. Default:
+    /// not served.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Labels of this host, for policy selectors (`host.label/<key>`).
     pub host_labels: std::collections::BTreeMap<String, String>,
     /// Where systemd unit files are (for their `X-Auditor-Labels=`), in systemd's order.
@@ -179,6 +182,7 @@ impl Default for Config {
             record: Recording::default(),
             policies_dir: None,
             kubernetes: KubernetesConfig::default(),
+            metrics_listen: None,
             host_labels: Default::default(),
             systemd_unit_dirs: crate::workload::systemd::DEFAULT_UNIT_DIRS
                 .iter()
@@ -318,6 +322,7 @@ record:
   raw_statements: false            # true: keep literals in SQL text (default: $n)
   raw_params: false                # true: keep bind values (default: keyed hashes)
 # policies_dir: /etc/auditor/policies   # policy files, reloaded on change (see policies/)
+# metrics_listen: 127.0.0.1:9464  # Prometheus metrics on GET /metrics (default: off)
 host_labels: {}                    # e.g. {env: prod, region: eu-1}: selectors see host.label/env
 systemd_unit_dirs:                 # unit files, for X-Auditor-Labels= (selectors: systemd.label/KEY)
   - /etc/systemd/system

@@ -330,6 +330,20 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         );
     }
     tracing::info!("stats -> {} (`auditor stats`)", cfg.stats_path().display());
+    let metrics = match cfg.metrics_listen {
+        Some(addr) => {
+            let latest = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+            let bound = crate::metrics::serve(addr, latest.clone()).map_err(|source| {
+                DaemonError::State {
+                    path: format!("metrics_listen {addr}"),
+                    source,
+                }
+            })?;
+            tracing::info!("metrics -> http://{bound}/metrics (Prometheus)");
+            Some(latest)
+        }
+        None => None,
+    };
     tracing::info!("ready; Ctrl-C stops and flushes everything");
     let _ = std::io::stdout().flush();
 
@@ -471,10 +485,13 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             last_sweep = Instant::now();
         }
         if last_stats.elapsed() >= Duration::from_secs(1) {
-            write_stats(
-                &stats_path,
-                &make_stats(&tracker, &capture, &finder, policies.counters, 0),
-            );
+            let stats = make_stats(&tracker, &capture, &finder, policies.counters, 0);
+            write_stats(&stats_path, &stats);
+            if let Some(latest) = &metrics {
+                if let Ok(mut m) = latest.lock() {
+                    *m = crate::metrics::render(&stats);
+                }
+            }
             last_stats = Instant::now();
         }
     }

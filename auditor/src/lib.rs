@@ -9,6 +9,8 @@ pub mod config;
 pub mod continuity;
 pub mod conversation;
 pub mod daemon;
+pub mod doctor;
+pub mod metrics;
 pub mod pg;
 pub mod policy;
 pub mod query;

@@ -93,6 +93,7 @@ enum Command {
     ///   auditor query errors --db-user app_rw --since 1d
     ///   auditor query ddl --since 7d
     ///   auditor query top --since 1d --limit 20
+    ///   auditor query decisions --since 1d --label k8s.namespace=agents
     #[command(verbatim_doc_comment)]
     Query {
         /// What to ask.
@@ -136,6 +137,14 @@ enum Command {
     },
     /// Print a commented configuration file with every default.
     ConfigExample,
+    /// Check whether this host can run the daemon as configured (kernel, BTF, tracefs,
+    /// cgroup v2, capabilities, state directory, policies, the Kubernetes API server,
+    /// ClickHouse), and say what to fix. Exit status 1 when a check fails.
+    Doctor {
+        /// The daemon's configuration (default: the built-in defaults).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Check, try out and explain policies (see policies/ for examples).
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -305,6 +314,12 @@ fn dispatch(args: Args) -> anyhow::Result<()> {
         }
         Command::ConfigExample => print!("{}", auditor::config::EXAMPLE),
         Command::Policy(cmd) => policy_command(cmd)?,
+        Command::Doctor { config } => {
+            let cfg = policy_config(&config)?;
+            if !auditor::doctor::report(&auditor::doctor::run_checks(&cfg)) {
+                std::process::exit(1);
+            }
+        }
     }
     Ok(())
 }

@@ -25,6 +25,9 @@ pub enum Named {
     Ddl,
     /// The most executed query shapes (fingerprints).
     Top,
+    /// What policy rules decided on statements (would_block, would_hold, would_mask),
+    /// with the rule, newest first: what a dry-run policy would have done.
+    Decisions,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -152,6 +155,11 @@ pub fn sql(name: Named, db: &str, f: &Filters, features: Features) -> (String, V
         Named::Ddl => format!(
             "SELECT {ts}, workload, db_user, database, comm, pid, command, error_code, statement \
              FROM {db}.ddl WHERE {cond} ORDER BY ts DESC LIMIT {limit}"
+        ),
+        Named::Decisions => format!(
+            "SELECT {ts}, workload, db_user, policy, decision, decision_rule, masked_columns, \
+             command, statement FROM {db}.statements WHERE decision != '' AND {cond} \
+             ORDER BY ts DESC LIMIT {limit}"
         ),
         Named::Top => format!(
             "SELECT fingerprint, any(statement) AS example, count() AS executions, \

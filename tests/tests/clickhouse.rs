@@ -78,10 +78,11 @@ fn clickhouse_outage_during_pgbench_loses_nothing() {
         .filter(|e| e["kind"] == "statement" && e["application_name"] == "ch_fault")
         .count() as u64;
     assert_eq!(local, executed);
-    // The migrations were recorded once each: the table, the views, message_bytes.
+    // The migrations were recorded once each: the table, the views, message_bytes, the
+    // policy columns.
     assert_eq!(
         count(&ch, "SELECT count() FROM audit_test.schema_migrations"),
-        3
+        4
     );
     assert_eq!(
         count(
@@ -139,15 +140,26 @@ fn auditor_query_answers_from_clickhouse() {
     }
     let pg = Postgres::start(&[]).unwrap();
     let ch = ClickHouse::start().unwrap();
-    let mut daemon = Daemon::start(
-        pg.port,
-        &format!(
-            "clickhouse:\n  enabled: true\n  url: {}\n  database: audit_query\n  batch_period_ms: 200\n",
-            ch.url()
+    let cg = auditor_tests::Cgroup::new("query-app").unwrap();
+    // A dry run for this workload: its DDL would have been blocked.
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::write(
+        policies.path().join("p.yaml"),
+        format!(
+            "name: query-guard\nselector:\n  matchLabels:\n    cgroup.path: {}\nmode: dry-run\nblock:\n  - name: no-ddl\n    when: {{ddl: true}}\n",
+            cg.name
         ),
     )
     .unwrap();
-    let cg = auditor_tests::Cgroup::new("query-app").unwrap();
+    let mut daemon = Daemon::start(
+        pg.port,
+        &format!(
+            "clickhouse:\n  enabled: true\n  url: {}\n  database: audit_query\n  batch_period_ms: 200\npolicies_dir: {}\n",
+            ch.url(),
+            policies.path().display()
+        ),
+    )
+    .unwrap();
     let mut psql = pg.psql();
     psql.env("PGAPPNAME", "query_test").args([
         "-c",
@@ -213,6 +225,14 @@ fn auditor_query_answers_from_clickhouse() {
     let ddl = query(&["ddl", "--since", "1h"]);
     assert_eq!(ddl.lines().count(), 2, "{ddl}");
     assert!(ddl.contains("CREATE TABLE"), "{ddl}");
+
+    let decisions = query(&["decisions", "--since", "1h", "--format", "tsv"]);
+    assert_eq!(decisions.lines().count(), 2, "{decisions}");
+    assert!(
+        decisions.contains("would_block\tquery-guard/no-ddl"),
+        "{decisions}"
+    );
+    assert!(decisions.contains("CREATE TABLE"), "{decisions}");
 
     let json = query(&["top", "--label", &label, "--format", "json"]);
     assert!(json.lines().count() >= 3, "{json}");

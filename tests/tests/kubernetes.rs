@@ -116,6 +116,18 @@ fn pods_get_their_labels_and_their_policies() {
     daemon.wait_for_stats(Duration::from_secs(20), |s| {
         s["kubernetes"]["synced"].as_bool() == Some(true)
     });
+    // `auditor doctor` with the daemon's configuration reaches the API server.
+    let out = std::process::Command::new(auditor_tests::auditor_bin())
+        .args(["doctor", "--config"])
+        .arg(daemon.state.join("config.yaml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("ok   kubernetes       the API server lists 2 pods on node node-test"),
+        "{text}"
+    );
 
     let sql = [
         "SELECT 42 AS answer",

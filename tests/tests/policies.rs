@@ -28,9 +28,13 @@ fn a_reload_under_load_loses_nothing_and_switches_the_policy() {
     check(pg.pgbench().args(["-i", "-q", "-s", "1"]).arg("postgres")).unwrap();
     let policies = tempfile::tempdir().unwrap();
     write_policy(policies.path(), "p.yaml", "name: before\nselector: {}\n");
+    let metrics_port = auditor_tests::free_port();
     let mut daemon = Daemon::start(
         pg.port,
-        &format!("policies_dir: {}\n", policies.path().display()),
+        &format!(
+            "policies_dir: {}\nmetrics_listen: 127.0.0.1:{metrics_port}\n",
+            policies.path().display()
+        ),
     )
     .unwrap();
     let cg = Cgroup::new("reload").unwrap();
@@ -54,6 +58,25 @@ fn a_reload_under_load_loses_nothing_and_switches_the_policy() {
     assert!(out.contains("number of failed transactions: 0"), "{out}");
 
     daemon.wait_sessions_ended(&cg.name);
+    // Prometheus metrics say the same as stats.json.
+    std::thread::sleep(Duration::from_millis(1200));
+    let metrics = {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+        write!(c, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut r = String::new();
+        c.read_to_string(&mut r).unwrap();
+        r
+    };
+    assert!(
+        metrics.contains("\nauditor_policy_reloads_total 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\nauditor_policy_reload_errors_total 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("\nauditor_policies 1\n"), "{metrics}");
     let events = daemon.stop_without_gaps();
     let stats = daemon.stats().unwrap();
     let recorded: Vec<&Value> = events

@@ -1,0 +1,320 @@
+//! `auditor doctor`: whether this host can run the daemon as configured, each check with
+//! what to do when it fails. Nothing is changed; nothing is loaded into the kernel.
+
+use std::{path::Path, time::Duration};
+
+use crate::config::Config;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Ok,
+    Warn,
+    Fail,
+}
+
+pub struct Check {
+    pub name: &'static str,
+    pub verdict: Verdict,
+    pub detail: String,
+    /// What to do about it (for Warn and Fail).
+    pub fix: String,
+}
+
+fn check(name: &'static str, verdict: Verdict, detail: String, fix: &str) -> Check {
+    Check {
+        name,
+        verdict,
+        detail,
+        fix: fix.to_string(),
+    }
+}
+
+/// The running kernel's release, as (major, minor).
+fn kernel_version() -> Option<(u32, u32, String)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let release = release.trim().to_string();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor, release))
+}
+
+/// Effective capabilities of this process (CapEff of /proc/self/status).
+fn effective_caps() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("CapEff:"))?;
+    u64::from_str_radix(line.trim_start_matches("CapEff:").trim(), 16).ok()
+}
+
+/// The capabilities the daemon uses, with why.
+const CAPABILITIES: [(u32, &str, &str); 5] = [
+    (39, "CAP_BPF", "load eBPF programs and maps"),
+    (38, "CAP_PERFMON", "attach tracepoints and uprobes"),
+    (
+        19,
+        "CAP_SYS_PTRACE",
+        "read other processes' exe, root and maps",
+    ),
+    (
+        2,
+        "CAP_DAC_READ_SEARCH",
+        "cgroup paths from cgroup ids (open_by_handle_at)",
+    ),
+    (23, "CAP_SYS_NICE", "run at capture.nice below 0"),
+];
+const CAP_SYS_ADMIN: u32 = 21;
+
+pub fn run_checks(cfg: &Config) -> Vec<Check> {
+    use Verdict::*;
+    let mut out = Vec::new();
+    match kernel_version() {
+        Some((maj, min, rel)) if (maj, min) >= (5, 17) => out.push(check(
+            "kernel",
+            Ok,
+            format!("{rel}: bpf_loop, ring buffer, CAP_BPF"),
+            "",
+        )),
+        Some((maj, min, rel)) if (maj, min) >= (5, 8) => out.push(check(
+            "kernel",
+            Warn,
+            format!("{rel}: no bpf_loop (5.17): each read or write is copied up to 128 KiB only; larger ones are recorded as gaps"),
+            "run Linux 5.17 or later",
+        )),
+        Some((_, _, rel)) => out.push(check(
+            "kernel",
+            Fail,
+            format!("{rel}: the ring buffer and CAP_BPF need Linux 5.8"),
+            "run Linux 5.17 or later",
+        )),
+        None => out.push(check("kernel", Warn, "release unknown".into(), "")),
+    }
+    let btf = Path::new("/sys/kernel/btf/vmlinux");
+    out.push(if btf.exists() {
+        check("BTF", Ok, btf.display().to_string(), "")
+    } else {
+        check(
+            "BTF",
+            Fail,
+            "no /sys/kernel/btf/vmlinux: the programs are relocated against the kernel's BTF"
+                .into(),
+            "use a kernel built with CONFIG_DEBUG_INFO_BTF=y (every major distribution's is)",
+        )
+    });
+    let tracefs = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.join("events/syscalls").is_dir());
+    out.push(match tracefs {
+        Some(p) => check("tracefs", Ok, format!("{} (syscall tracepoints)", p.display()), ""),
+        None => check(
+            "tracefs",
+            Fail,
+            "no syscall tracepoints under /sys/kernel/tracing".into(),
+            "mount it: `mount -t tracefs tracefs /sys/kernel/tracing` (in a pod: a hostPath volume, see deploy/kubernetes)",
+        ),
+    });
+    out.push(match crate::workload::cgroup2_mount() {
+        Some(p) => check("cgroup v2", Ok, format!("mounted at {}", p.display()), ""),
+        None => check(
+            "cgroup v2",
+            Warn,
+            "no cgroup2 mount: workloads are told apart by process only (no container, pod or unit)".into(),
+            "boot with the unified hierarchy (systemd.unified_cgroup_hierarchy=1); in a pod, mount the host's /sys/fs/cgroup",
+        ),
+    });
+    match effective_caps() {
+        Some(caps) => {
+            let has = |bit: u32| caps & (1u64 << bit) != 0;
+            let missing: Vec<String> = CAPABILITIES
+                .iter()
+                .filter(|(bit, _, _)| !has(*bit))
+                .map(|(_, name, why)| format!("{name} ({why})"))
+                .collect();
+            if missing.is_empty() {
+                out.push(check(
+                    "capabilities",
+                    Ok,
+                    CAPABILITIES.map(|(_, n, _)| n).join(", "),
+                    "",
+                ));
+            } else {
+                let fatal = !has(39) && !has(CAP_SYS_ADMIN) || !has(38) && !has(CAP_SYS_ADMIN);
+                out.push(check(
+                    "capabilities",
+                    if fatal { Fail } else { Warn },
+                    format!("missing {}", missing.join(", ")),
+                    "run as root, or grant them (deploy/systemd/auditor.service, deploy/kubernetes/daemonset.yaml)",
+                ));
+            }
+        }
+        None => out.push(check("capabilities", Warn, "unknown".into(), "")),
+    }
+    let state = &cfg.state_dir;
+    out.push(
+        match std::fs::create_dir_all(state).and_then(|_| {
+            let probe = state.join(".doctor-probe");
+            std::fs::write(&probe, b"")?;
+            std::fs::remove_file(&probe)
+        }) {
+            Result::Ok(()) => check(
+                "state directory",
+                Ok,
+                format!("{} is writable", state.display()),
+                "",
+            ),
+            Err(e) => check(
+                "state directory",
+                Fail,
+                format!("{}: {e}", state.display()),
+                "make it writable by the daemon, or set state_dir",
+            ),
+        },
+    );
+    let (dir, required) = cfg.policies_dir();
+    if dir.is_dir() || required {
+        let (set, report) = crate::policy::load_dir(&dir);
+        out.push(if report.errors.is_empty() {
+            check(
+                "policies",
+                if report.warnings.is_empty() { Ok } else { Warn },
+                format!(
+                    "{}: {} policies, version {}{}",
+                    dir.display(),
+                    set.policies.len(),
+                    set.version,
+                    if report.warnings.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; {} warning(s)", report.warnings.len())
+                    }
+                ),
+                "see `auditor policy lint`",
+            )
+        } else {
+            check(
+                "policies",
+                Fail,
+                format!("{}: {}", dir.display(), report.errors[0]),
+                "fix them (`auditor policy lint` lists every error): the daemon refuses to start with them",
+            )
+        });
+    } else {
+        out.push(check(
+            "policies",
+            Ok,
+            format!(
+                "no {}: every session is audited as `record` says",
+                dir.display()
+            ),
+            "",
+        ));
+    }
+    if cfg.kubernetes.active() {
+        out.push(kubernetes_check(cfg));
+    }
+    if cfg.clickhouse.enabled {
+        out.push(clickhouse_check(cfg));
+    }
+    out
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+fn kubernetes_check(cfg: &Config) -> Check {
+    let node = cfg.kubernetes.node(&cfg.host_name());
+    let kubeconfig = cfg.kubernetes.kubeconfig.clone();
+    let result: Result<usize, String> = runtime().map_err(|e| e.to_string()).and_then(|rt| {
+        rt.block_on(async {
+            let config = match &kubeconfig {
+                Some(p) => {
+                    let kc = kube::config::Kubeconfig::read_from(p).map_err(|e| e.to_string())?;
+                    kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                        .await
+                        .map_err(|e| e.to_string())?
+                }
+                None => kube::Config::infer().await.map_err(|e| e.to_string())?,
+            };
+            let client = kube::Client::try_from(config).map_err(|e| e.to_string())?;
+            let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::all(client);
+            let lp = kube::api::ListParams::default().fields(&format!("spec.nodeName={node}"));
+            tokio::time::timeout(Duration::from_secs(10), pods.list(&lp))
+                .await
+                .map_err(|_| "no answer in 10 s".to_string())?
+                .map(|l| l.items.len())
+                .map_err(|e| e.to_string())
+        })
+    });
+    match result {
+        Ok(n) => check(
+            "kubernetes",
+            Verdict::Ok,
+            format!("the API server lists {n} pods on node {node}"),
+            "",
+        ),
+        Err(e) => check(
+            "kubernetes",
+            Verdict::Fail,
+            format!("listing the pods of node {node}: {e}"),
+            "check kubernetes.kubeconfig (or the pod's service account) and that RBAC allows get/list/watch on pods",
+        ),
+    }
+}
+
+fn clickhouse_check(cfg: &Config) -> Check {
+    let result: Result<String, String> = runtime().map_err(|e| e.to_string()).and_then(|rt| {
+        rt.block_on(async {
+            let client =
+                crate::sink::clickhouse::client(&cfg.clickhouse).map_err(|e| e.to_string())?;
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                client.query("SELECT version()").fetch_one::<String>(),
+            )
+            .await
+            .map_err(|_| "no answer in 10 s".to_string())?
+            .map_err(|e| e.to_string())
+        })
+    });
+    match result {
+        Ok(v) => check(
+            "clickhouse",
+            Verdict::Ok,
+            format!("{} answers: version {v}", cfg.clickhouse.url),
+            "",
+        ),
+        Err(e) => check(
+            "clickhouse",
+            Verdict::Warn,
+            format!(
+                "{}: {e} (events are spooled until it answers)",
+                cfg.clickhouse.url
+            ),
+            "check clickhouse.url and the credentials",
+        ),
+    }
+}
+
+/// Prints the checks; false when any failed.
+pub fn report(checks: &[Check]) -> bool {
+    for c in checks {
+        let mark = match c.verdict {
+            Verdict::Ok => "ok  ",
+            Verdict::Warn => "warn",
+            Verdict::Fail => "FAIL",
+        };
+        println!("{mark} {:<16} {}", c.name, c.detail);
+        if c.verdict != Verdict::Ok && !c.fix.is_empty() {
+            println!("     {:<16} fix: {}", "", c.fix);
+        }
+    }
+    let failed = checks.iter().filter(|c| c.verdict == Verdict::Fail).count();
+    if failed == 0 {
+        println!("the daemon can run here as configured");
+    } else {
+        println!("{failed} check(s) failed: the daemon cannot run here as configured");
+    }
+    failed == 0
+}

@@ -1,0 +1,289 @@
+//! Prometheus metrics (`metrics_listen`): the daemon's counters in the text exposition
+//! format on `GET /metrics`, from the same snapshot as stats.json (refreshed every second).
+//! A plain blocking server on its own thread: one scrape at a time is plenty.
+
+use std::{
+    fmt::Write as _,
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use crate::daemon::Stats;
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(out, "# HELP auditor_{name} {help}");
+    let _ = writeln!(out, "# TYPE auditor_{name} {kind}");
+    let _ = writeln!(out, "auditor_{name} {value}");
+}
+
+/// The exposition of a stats snapshot.
+pub fn render(s: &Stats) -> String {
+    let mut o = String::new();
+    let t = &s.tracker;
+    let k = &s.kernel;
+    metric(
+        &mut o,
+        "uptime_seconds",
+        "gauge",
+        "Seconds since the daemon started.",
+        s.uptime_s,
+    );
+    metric(
+        &mut o,
+        "events_written_total",
+        "counter",
+        "Events every sink has taken.",
+        s.events_written,
+    );
+    metric(
+        &mut o,
+        "sink_errors_total",
+        "counter",
+        "Sink failures.",
+        s.sink_errors,
+    );
+    metric(
+        &mut o,
+        "active_sessions",
+        "gauge",
+        "Connections being followed.",
+        s.active_sessions,
+    );
+    metric(
+        &mut o,
+        "sessions_started_total",
+        "counter",
+        "Sessions seen starting.",
+        t.sessions_started,
+    );
+    metric(
+        &mut o,
+        "sessions_ended_total",
+        "counter",
+        "Sessions seen ending.",
+        t.sessions_ended,
+    );
+    metric(
+        &mut o,
+        "statements_total",
+        "counter",
+        "Statements recorded.",
+        t.statements,
+    );
+    metric(
+        &mut o,
+        "gaps_total",
+        "counter",
+        "Gap events: bytes that were not captured.",
+        t.gaps,
+    );
+    metric(
+        &mut o,
+        "gap_bytes_total",
+        "counter",
+        "Bytes lost in gaps.",
+        t.gap_bytes,
+    );
+    metric(
+        &mut o,
+        "kernel_drops_total",
+        "counter",
+        "Records the kernel could not put in the ring buffer (full).",
+        k.ringbuf_drops + k.control_drops,
+    );
+    metric(
+        &mut o,
+        "captured_bytes_total",
+        "counter",
+        "Payload bytes copied by the kernel side.",
+        k.bytes,
+    );
+    metric(
+        &mut o,
+        "parse_errors_total",
+        "counter",
+        "Protocol messages that did not decode.",
+        t.parse_errors,
+    );
+    metric(
+        &mut o,
+        "tls_unreadable_sessions_total",
+        "counter",
+        "TLS sessions whose plaintext could not be read.",
+        t.tls_unreadable_sessions,
+    );
+    metric(
+        &mut o,
+        "decisions_total",
+        "counter",
+        "Statements policy rules decided on (dry run: would_*).",
+        t.decisions,
+    );
+    metric(
+        &mut o,
+        "pod_waits_total",
+        "counter",
+        "Sessions whose events waited for their pod.",
+        t.pod_waits,
+    );
+    metric(
+        &mut o,
+        "pod_unknown_total",
+        "counter",
+        "Sessions recorded without their pod (pod_unknown).",
+        t.pod_unknown,
+    );
+    metric(
+        &mut o,
+        "policies",
+        "gauge",
+        "Policies in force.",
+        s.policies.policies,
+    );
+    metric(
+        &mut o,
+        "policy_reloads_total",
+        "counter",
+        "Policy sets put in force after the first.",
+        s.policies.reloads,
+    );
+    metric(
+        &mut o,
+        "policy_reload_errors_total",
+        "counter",
+        "Policy reloads refused (the previous set stayed).",
+        s.policies.reload_errors,
+    );
+    if let Some(kube) = &s.kubernetes {
+        metric(
+            &mut o,
+            "kubernetes_pods",
+            "gauge",
+            "Pods of this node in the watch's cache.",
+            kube.pods,
+        );
+        metric(
+            &mut o,
+            "kubernetes_synced",
+            "gauge",
+            "1 once the first list completed.",
+            u8::from(kube.synced),
+        );
+        metric(
+            &mut o,
+            "kubernetes_watch_errors_total",
+            "counter",
+            "Failed lists or watches.",
+            kube.errors,
+        );
+    }
+    if let Some(ch) = &s.clickhouse {
+        metric(
+            &mut o,
+            "clickhouse_inserted_total",
+            "counter",
+            "Events ClickHouse acknowledged.",
+            ch.inserted,
+        );
+        metric(
+            &mut o,
+            "clickhouse_insert_errors_total",
+            "counter",
+            "Failed inserts (retried).",
+            ch.insert_errors,
+        );
+        metric(
+            &mut o,
+            "clickhouse_spool_bytes",
+            "gauge",
+            "Undelivered events waiting on disk.",
+            ch.spool_bytes,
+        );
+        metric(
+            &mut o,
+            "clickhouse_dropped_total",
+            "counter",
+            "Events dropped with the spool full (recorded as gaps).",
+            ch.dropped_spool_full,
+        );
+        metric(
+            &mut o,
+            "clickhouse_connected",
+            "gauge",
+            "1 while the last insert succeeded.",
+            u8::from(ch.connected),
+        );
+    }
+    o
+}
+
+/// Serves `latest` on `addr` (GET /metrics) from a thread.
+pub fn serve(addr: SocketAddr, latest: Arc<Mutex<String>>) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+                let mut line = String::new();
+                let mut reader = BufReader::new(&stream);
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                // The rest of the request head.
+                let mut header = String::new();
+                while reader.read_line(&mut header).is_ok_and(|n| n > 2) {
+                    header.clear();
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("");
+                let response = if line.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?")) {
+                    let body = latest.lock().map(|b| b.clone()).unwrap_or_default();
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 20\r\nConnection: close\r\n\r\nonly /metrics here\r\n".to_string()
+                };
+                let _ = stream.write_all(response.as_bytes());
+            }
+        })?;
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_and_server() {
+        let mut s = Stats::default();
+        s.tracker.statements = 42;
+        s.policies.reload_errors = 1;
+        let text = render(&s);
+        assert!(
+            text.contains("# TYPE auditor_statements_total counter\nauditor_statements_total 42\n")
+        );
+        assert!(text.contains("auditor_policy_reload_errors_total 1\n"));
+        assert!(!text.contains("kubernetes"));
+        let latest = Arc::new(Mutex::new(text.clone()));
+        let addr = serve("127.0.0.1:0".parse().unwrap(), latest).unwrap();
+        let get = |path: &str| {
+            use std::io::Read;
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut r = String::new();
+            c.read_to_string(&mut r).unwrap();
+            r
+        };
+        let r = get("/metrics");
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(r.ends_with(&text));
+        assert!(get("/other").starts_with("HTTP/1.1 404"));
+    }
+}
