@@ -144,6 +144,14 @@ impl WatermarkKeeper {
         self.written = Some(t);
         Some(t)
     }
+
+    /// How far the trail's completeness lags behind `now`: everything before
+    /// `now - lag` is in events the sinks have flushed. None before the first watermark.
+    pub fn lag(&self, now: Timestamp) -> Option<std::time::Duration> {
+        let w = self.written?;
+        let micros = (now.unix_micros() - w.unix_micros()).max(0) as u64;
+        Some(std::time::Duration::from_micros(micros))
+    }
 }
 
 #[cfg(test)]

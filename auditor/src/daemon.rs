@@ -117,6 +117,13 @@ pub struct Stats {
     /// The Kubernetes pod watch, when it runs.
     #[serde(default)]
     pub kubernetes: Option<crate::workload::kubernetes::KubeStats>,
+    /// How far behind now the trail is known complete (the watermark: everything read
+    /// before it is in events every sink has flushed), in ms.
+    #[serde(default)]
+    pub trail_lag_ms: Option<u64>,
+    /// Events handed to the sinks and not flushed by all of them yet.
+    #[serde(default)]
+    pub sink_backlog_events: u64,
     /// Each sink's health, by name.
     pub sinks: std::collections::BTreeMap<String, Health>,
     /// The ClickHouse sink's counters (also under `sinks`), when it runs.
@@ -391,6 +398,8 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         copy_limit_bytes: capture.copy_limit,
         policies,
         kubernetes: pods.as_ref().map(|p| p.stats()),
+        trail_lag_ms: None,
+        sink_backlog_events: 0,
         sinks: sinks_health(&health),
         clickhouse: sinks_health(&health)
             .get("clickhouse")
@@ -485,7 +494,11 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             last_sweep = Instant::now();
         }
         if last_stats.elapsed() >= Duration::from_secs(1) {
-            let stats = make_stats(&tracker, &capture, &finder, policies.counters, 0);
+            let mut stats = make_stats(&tracker, &capture, &finder, policies.counters, 0);
+            stats.trail_lag_ms = watermark
+                .lag(Timestamp::now())
+                .map(|d| d.as_millis() as u64);
+            stats.sink_backlog_events = sent.saturating_sub(flushed.load(Ordering::Relaxed));
             write_stats(&stats_path, &stats);
             if let Some(latest) = &metrics {
                 if let Ok(mut m) = latest.lock() {

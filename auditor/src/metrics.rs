@@ -51,6 +51,22 @@ pub fn render(s: &Stats) -> String {
         "Connections being followed.",
         s.active_sessions,
     );
+    if let Some(lag) = s.trail_lag_ms {
+        metric(
+            &mut o,
+            "trail_lag_seconds",
+            "gauge",
+            "How far behind now the trail is known complete (flushed by every sink).",
+            lag as f64 / 1000.0,
+        );
+    }
+    metric(
+        &mut o,
+        "sink_backlog_events",
+        "gauge",
+        "Events handed to the sinks, not yet flushed by all of them.",
+        s.sink_backlog_events,
+    );
     metric(
         &mut o,
         "sessions_started_total",
@@ -264,12 +280,14 @@ mod tests {
     fn exposition_and_server() {
         let mut s = Stats::default();
         s.tracker.statements = 42;
+        s.trail_lag_ms = Some(1500);
         s.policies.reload_errors = 1;
         let text = render(&s);
         assert!(
             text.contains("# TYPE auditor_statements_total counter\nauditor_statements_total 42\n")
         );
         assert!(text.contains("auditor_policy_reload_errors_total 1\n"));
+        assert!(text.contains("\nauditor_trail_lag_seconds 1.5\n"));
         assert!(!text.contains("kubernetes"));
         let latest = Arc::new(Mutex::new(text.clone()));
         let addr = serve("127.0.0.1:0".parse().unwrap(), latest).unwrap();

@@ -77,6 +77,10 @@ fn a_reload_under_load_loses_nothing_and_switches_the_policy() {
         "{metrics}"
     );
     assert!(metrics.contains("\nauditor_policies 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("\nauditor_trail_lag_seconds "),
+        "{metrics}"
+    );
     let events = daemon.stop_without_gaps();
     let stats = daemon.stats().unwrap();
     let recorded: Vec<&Value> = events
