@@ -224,6 +224,17 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+#[cfg(not(feature = "kubernetes"))]
+fn kubernetes_check(_: &Config) -> Check {
+    check(
+        "kubernetes",
+        Verdict::Fail,
+        "this build has no Kubernetes support".into(),
+        "build with the `kubernetes` feature (the default)",
+    )
+}
+
+#[cfg(feature = "kubernetes")]
 fn kubernetes_check(cfg: &Config) -> Check {
     let node = cfg.kubernetes.node(&cfg.host_name());
     let kubeconfig = cfg.kubernetes.kubeconfig.clone();

@@ -36,6 +36,23 @@ use crate::{
     workload::{Workload, WorkloadResolver},
 };
 
+/// The tracker's [`EventContext`], built in place (so that a session borrowed from
+/// `self.sessions` and the context's fields can be borrowed together).
+macro_rules! event_context {
+    ($t:expr) => {
+        EventContext {
+            workloads: &$t.workloads,
+            host: &$t.cfg.host,
+            wall_offset: $t.wall_offset_ns,
+            policies: &$t.policies,
+            policy_generation: $t.policy_generation,
+            recording: &$t.cfg.policy,
+            pod_wait: $t.cfg.pod_wait,
+            may_defer: !$t.flushing,
+        }
+    };
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct EndKey {
     pub sock: u64,
@@ -847,16 +864,7 @@ impl Tracker {
         finish(
             s,
             conn,
-            EventContext {
-                workloads: &self.workloads,
-                host: &self.cfg.host,
-                wall_offset: self.wall_offset_ns,
-                policies: &self.policies,
-                policy_generation: self.policy_generation,
-                recording: &self.cfg.policy,
-                pod_wait: self.cfg.pod_wait,
-                may_defer: !self.flushing,
-            },
+            event_context!(self),
             &mut self.counters,
             drafts,
             out,
@@ -899,16 +907,7 @@ impl Tracker {
         finish(
             &mut s,
             conn,
-            EventContext {
-                workloads: &self.workloads,
-                host: &self.cfg.host,
-                wall_offset: self.wall_offset_ns,
-                policies: &self.policies,
-                policy_generation: self.policy_generation,
-                recording: &self.cfg.policy,
-                pod_wait: self.cfg.pod_wait,
-                may_defer: !self.flushing,
-            },
+            event_context!(self),
             &mut self.counters,
             &mut drafts,
             out,
@@ -948,16 +947,7 @@ impl Tracker {
             finish(
                 s,
                 *conn,
-                EventContext {
-                    workloads: &self.workloads,
-                    host: &self.cfg.host,
-                    wall_offset: self.wall_offset_ns,
-                    policies: &self.policies,
-                    policy_generation: self.policy_generation,
-                    recording: &self.cfg.policy,
-                    pod_wait: self.cfg.pod_wait,
-                    may_defer: !self.flushing,
-                },
+                event_context!(self),
                 &mut self.counters,
                 &mut Vec::new(),
                 out,

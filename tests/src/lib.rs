@@ -781,23 +781,8 @@ impl ClickHouse {
 
     /// Runs a query over HTTP and returns the body (TabSeparated).
     pub fn query(&self, sql: &str) -> Result<String> {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.http_port))?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        write!(
-            stream,
-            "POST / HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{sql}",
-            sql.len()
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let (head, body) = response
-            .split_once("\r\n\r\n")
-            .context("malformed HTTP response")?;
-        if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-            bail!("clickhouse: {}", body.trim());
-        }
-        Ok(body.to_string())
+        http(self.http_port, "POST", "/", sql, Duration::from_secs(30))
+            .map_err(|e| anyhow::anyhow!("clickhouse: {e}"))
     }
 }
 
@@ -907,6 +892,28 @@ pub mod raw {
     }
 }
 
+/// One HTTP/1.0 request to a server on loopback: the body of a 200 answer, else an error
+/// with the answer.
+pub fn http(port: u16, method: &str, path: &str, body: &str, timeout: Duration) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!("{}: {}", head.lines().next().unwrap_or(""), body.trim());
+    }
+    Ok(body.to_string())
+}
+
 /// The fake Kubernetes API server (tests/helpers/fake_kube_api.py): pods listed and
 /// watched in the real API's JSON shapes, on loopback, with a kubeconfig pointing at it.
 pub struct FakeKubeApi {
@@ -976,23 +983,8 @@ impl FakeKubeApi {
     }
 
     fn request(&self, method: &str, path: &str, body: &str) -> Result<String> {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            stream,
-            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let (head, body) = response
-            .split_once("\r\n\r\n")
-            .context("malformed HTTP response")?;
-        if !head.contains(" 200 ") {
-            bail!("fake API server: {head}");
-        }
-        Ok(body.to_string())
+        http(self.port, method, path, body, Duration::from_secs(10))
+            .map_err(|e| anyhow::anyhow!("fake API server: {e}"))
     }
 
     /// Replaces every pod (the watch sees ADDED, MODIFIED and DELETED events).
@@ -1036,18 +1028,19 @@ impl Drop for FakeKubeApi {
     }
 }
 
-/// A pod's container cgroup as the kubelet makes it, with the systemd cgroup driver
-/// (`kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice/
-/// cri-containerd-<id>.scope`) or the cgroupfs one (`kubepods/burstable/pod<uid>/<id>`).
-pub struct PodCgroup {
-    /// Directories made, outermost first (removed innermost first).
+/// A cgroup some levels deep (a pod's container, a systemd unit in its slice); the
+/// directories it made are removed on drop, innermost first.
+pub struct NestedCgroup {
+    /// Directories made, outermost first.
     made: Vec<PathBuf>,
     pub cgroup: Cgroup,
 }
 
-impl PodCgroup {
-    pub fn new(pod_uid: &str, container_id: &str, systemd_driver: bool) -> Result<Self> {
-        let root = cgroup2_mount().context("no cgroup v2 mount")?;
+impl NestedCgroup {
+    /// A pod's container cgroup as the kubelet makes it, with the systemd cgroup driver
+    /// (`kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice/
+    /// cri-containerd-<id>.scope`) or the cgroupfs one (`kubepods/burstable/pod<uid>/<id>`).
+    pub fn pod(pod_uid: &str, container_id: &str, systemd_driver: bool) -> Result<Self> {
         let tag = std::process::id();
         let parts: Vec<String> = if systemd_driver {
             vec![
@@ -1067,9 +1060,15 @@ impl PodCgroup {
                 container_id.to_string(),
             ]
         };
+        Self::new(&parts)
+    }
+
+    /// The cgroup `parts` (joined by `/`) under the cgroup v2 root.
+    pub fn new(parts: &[String]) -> Result<Self> {
+        let root = cgroup2_mount().context("no cgroup v2 mount")?;
         let mut made = Vec::new();
         let mut path = root.clone();
-        for p in &parts {
+        for p in parts {
             path = path.join(p);
             if !path.exists() {
                 std::fs::create_dir(&path)
@@ -1078,7 +1077,7 @@ impl PodCgroup {
             }
         }
         let name = format!("/{}", parts.join("/"));
-        Ok(PodCgroup {
+        Ok(NestedCgroup {
             cgroup: Cgroup {
                 path: path.clone(),
                 name,
@@ -1088,7 +1087,7 @@ impl PodCgroup {
     }
 }
 
-impl Drop for PodCgroup {
+impl Drop for NestedCgroup {
     fn drop(&mut self) {
         // The container's directory first (its processes have exited), then its parents.
         for dir in std::iter::once(&self.cgroup.path).chain(self.made.iter().rev().skip(1)) {

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use auditor_tests::{can_run, pod_json, str_of, Daemon, FakeKubeApi, PodCgroup, Postgres};
+use auditor_tests::{can_run, pod_json, str_of, Daemon, FakeKubeApi, NestedCgroup, Postgres};
 use serde_json::Value;
 
 const NODE: &str = "node-test";
@@ -45,7 +45,7 @@ mode: audit
 "#;
 
 /// Runs psql in `cg` with `sql` (one -c per statement), application_name `app`.
-fn psql_in(pg: &Postgres, cg: &PodCgroup, app: &str, sql: &[&str]) {
+fn psql_in(pg: &Postgres, cg: &NestedCgroup, app: &str, sql: &[&str]) {
     let mut cmd = pg.psql();
     cmd.env("PGAPPNAME", app);
     for s in sql {
@@ -99,10 +99,10 @@ fn pods_get_their_labels_and_their_policies() {
     .unwrap();
     let policies = tempfile::tempdir().unwrap();
     std::fs::write(policies.path().join("p.yaml"), POLICIES).unwrap();
-    let agent = PodCgroup::new(AGENT_UID, &container_id(1), true).unwrap();
-    let web = PodCgroup::new(WEB_UID, &container_id(2), false).unwrap();
-    let late = PodCgroup::new(LATE_UID, &container_id(3), true).unwrap();
-    let ghost = PodCgroup::new(GHOST_UID, &container_id(4), false).unwrap();
+    let agent = NestedCgroup::pod(AGENT_UID, &container_id(1), true).unwrap();
+    let web = NestedCgroup::pod(WEB_UID, &container_id(2), false).unwrap();
+    let late = NestedCgroup::pod(LATE_UID, &container_id(3), true).unwrap();
+    let ghost = NestedCgroup::pod(GHOST_UID, &container_id(4), false).unwrap();
 
     let mut daemon = Daemon::start(
         pg.port,

@@ -60,14 +60,8 @@ fn a_reload_under_load_loses_nothing_and_switches_the_policy() {
     daemon.wait_sessions_ended(&cg.name);
     // Prometheus metrics say the same as stats.json.
     std::thread::sleep(Duration::from_millis(1200));
-    let metrics = {
-        use std::io::{Read, Write};
-        let mut c = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
-        write!(c, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut r = String::new();
-        c.read_to_string(&mut r).unwrap();
-        r
-    };
+    let metrics =
+        auditor_tests::http(metrics_port, "GET", "/metrics", "", Duration::from_secs(10)).unwrap();
     assert!(
         metrics.contains("\nauditor_policy_reloads_total 1\n"),
         "{metrics}"
@@ -289,4 +283,79 @@ fn policy_lint_and_test_on_the_examples() {
         "{text}"
     );
     assert!(text.contains("columns customers.email"), "{text}");
+}
+
+#[test]
+fn systemd_unit_labels_select_policies() {
+    if !can_run("systemd_unit_labels_select_policies") {
+        return;
+    }
+    let pg = Postgres::start(&[]).unwrap();
+    let tag = std::process::id();
+    let unit = format!("billing-{tag}.service");
+    let slice = format!("system-{tag}.slice");
+    // The unit file, with its labels in [Unit] and a drop-in adding one.
+    let units = tempfile::tempdir().unwrap();
+    std::fs::write(
+        units.path().join(&unit),
+        "[Unit]\nDescription=billing\nX-Auditor-Labels=team=payments tier=batch\n[Service]\nExecStart=/bin/true\n",
+    )
+    .unwrap();
+    std::fs::create_dir(units.path().join(format!("{unit}.d"))).unwrap();
+    std::fs::write(
+        units.path().join(format!("{unit}.d/10-owner.conf")),
+        "[Unit]\nX-Auditor-Labels=owner=dba\n",
+    )
+    .unwrap();
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::write(
+        policies.path().join("p.yaml"),
+        "name: payments-raw\nselector:\n  matchLabels:\n    systemd.label/team: payments\nrecord: {raw_statements: true}\n",
+    )
+    .unwrap();
+    let cg = auditor_tests::NestedCgroup::new(&[slice.clone(), unit.clone()]).unwrap();
+    let mut daemon = Daemon::start(
+        pg.port,
+        &format!(
+            "policies_dir: {}\nsystemd_unit_dirs: [{}]\n",
+            policies.path().display(),
+            units.path().display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = pg.psql();
+    cmd.env("PGAPPNAME", "unit_labels")
+        .args(["-c", "SELECT 'card' AS what"]);
+    cg.cgroup.enter(&mut cmd);
+    check(&mut cmd).unwrap();
+    check(
+        pg.psql()
+            .env("PGAPPNAME", "no_unit")
+            .args(["-c", "SELECT 'card' AS what"]),
+    )
+    .unwrap();
+    daemon.wait_sessions_ended(&cg.cgroup.name);
+    let events = daemon.stop_without_gaps();
+    let of = |app: &str| -> Vec<&Value> {
+        events
+            .iter()
+            .filter(|e| str_of(e, "kind") == "statement" && str_of(e, "application_name") == app)
+            .collect()
+    };
+    let unit_events = of("unit_labels");
+    assert_eq!(unit_events.len(), 1, "{unit_events:#?}");
+    let e = unit_events[0];
+    assert_eq!(str_of(e, "systemd_unit"), unit);
+    assert_eq!(str_of(e, "workload"), format!("unit:{unit}"));
+    assert_eq!(e["labels"]["systemd.slice"], slice.as_str());
+    assert_eq!(e["labels"]["systemd.label/team"], "payments");
+    assert_eq!(e["labels"]["systemd.label/tier"], "batch");
+    assert_eq!(e["labels"]["systemd.label/owner"], "dba");
+    assert_eq!(str_of(e, "policy"), "payments-raw");
+    assert_eq!(str_of(e, "statement"), "SELECT 'card' AS what");
+    // Another workload: no labels from the unit, no policy, literals redacted.
+    let other = of("no_unit");
+    assert_eq!(other.len(), 1);
+    assert_eq!(str_of(other[0], "policy"), "");
+    assert_eq!(str_of(other[0], "statement"), "SELECT $1 AS what");
 }

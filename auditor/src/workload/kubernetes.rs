@@ -15,8 +15,11 @@ use std::{
     },
 };
 
+#[cfg(feature = "kubernetes")]
 use futures::StreamExt;
+#[cfg(feature = "kubernetes")]
 use k8s_openapi::api::core::v1::Pod;
+#[cfg(feature = "kubernetes")]
 use kube::runtime::{watcher, WatchStreamExt};
 
 use super::LabelSource;
@@ -32,6 +35,7 @@ pub struct PodMeta {
     pub node: String,
 }
 
+#[cfg(feature = "kubernetes")]
 impl PodMeta {
     fn of(pod: &Pod) -> Option<(String, PodMeta)> {
         let m = &pod.metadata;
@@ -102,18 +106,21 @@ impl PodCache {
         self.len() == 0
     }
 
+    #[cfg(feature = "kubernetes")]
     fn apply(&self, pod: &Pod) {
         if let (Some((uid, meta)), Ok(mut pods)) = (PodMeta::of(pod), self.pods.write()) {
             pods.insert(uid, Arc::new(meta));
         }
     }
 
+    #[cfg(feature = "kubernetes")]
     fn delete(&self, pod: &Pod) {
         if let (Some(uid), Ok(mut pods)) = (&pod.metadata.uid, self.pods.write()) {
             pods.remove(uid);
         }
     }
 
+    #[cfg(feature = "kubernetes")]
     fn replace(&self, all: HashMap<String, Arc<PodMeta>>) {
         if let Ok(mut pods) = self.pods.write() {
             *pods = all;
@@ -130,7 +137,16 @@ pub struct KubeSettings {
     pub node_name: String,
 }
 
+/// This build has no Kubernetes client.
+#[cfg(not(feature = "kubernetes"))]
+pub fn start(_: KubeSettings) -> std::io::Result<Arc<PodCache>> {
+    Err(std::io::Error::other(
+        "this build has no Kubernetes support (the `kubernetes` feature)",
+    ))
+}
+
 /// Starts the watch on its own thread; the cache fills as it lists.
+#[cfg(feature = "kubernetes")]
 pub fn start(settings: KubeSettings) -> std::io::Result<Arc<PodCache>> {
     let cache = Arc::new(PodCache::default());
     let c = cache.clone();
@@ -152,6 +168,7 @@ pub fn start(settings: KubeSettings) -> std::io::Result<Arc<PodCache>> {
     Ok(cache)
 }
 
+#[cfg(feature = "kubernetes")]
 async fn client(settings: &KubeSettings) -> Result<kube::Client, String> {
     let config = match &settings.kubeconfig {
         Some(path) => {
@@ -168,6 +185,7 @@ async fn client(settings: &KubeSettings) -> Result<kube::Client, String> {
     kube::Client::try_from(config).map_err(|e| e.to_string())
 }
 
+#[cfg(feature = "kubernetes")]
 async fn watch(settings: KubeSettings, cache: Arc<PodCache>) {
     let client = loop {
         match client(&settings).await {
