@@ -164,6 +164,26 @@ fn a_reload_under_load_loses_nothing_and_switches_the_policy() {
     );
 }
 
+/// Runs `auditor run` with a config of `state_dir` and `rest`; it must refuse to start.
+/// Its stderr.
+fn refused_start(rest: &str) -> String {
+    let state = tempfile::tempdir().unwrap();
+    let config = state.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!("state_dir: {}\n{rest}", state.path().display()),
+    )
+    .unwrap();
+    let out = Command::new(auditor_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "started with {rest:?}: {err}");
+    err
+}
+
 #[test]
 fn a_broken_policy_refuses_the_start() {
     if !can_run("a_broken_policy_refuses_the_start") {
@@ -181,24 +201,7 @@ fn a_broken_policy_refuses_the_start() {
     let started = Instant::now();
     for (text, want) in cases {
         std::fs::write(dir.path().join("p.yaml"), text).unwrap();
-        let state = tempfile::tempdir().unwrap();
-        let config = state.path().join("config.yaml");
-        std::fs::write(
-            &config,
-            format!(
-                "state_dir: {}\npolicies_dir: {}\n",
-                state.path().display(),
-                dir.path().display()
-            ),
-        )
-        .unwrap();
-        let out = Command::new(auditor_bin())
-            .args(["run", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "started with {text:?}: {err}");
+        let err = refused_start(&format!("policies_dir: {}\n", dir.path().display()));
         assert!(err.contains(want), "{text:?}: want {want:?} in {err}");
         assert!(err.contains("do not load"), "{err}");
         // Refused before any eBPF program was loaded.
@@ -206,23 +209,8 @@ fn a_broken_policy_refuses_the_start() {
     }
     assert!(started.elapsed() < Duration::from_secs(30));
     // A directory the configuration names must exist.
-    let state = tempfile::tempdir().unwrap();
-    let config = state.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir: {}\npolicies_dir: /nonexistent/policies\n",
-            state.path().display()
-        ),
-    )
-    .unwrap();
-    let out = Command::new(auditor_bin())
-        .args(["run", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/policies"));
+    let err = refused_start("policies_dir: /nonexistent/policies\n");
+    assert!(err.contains("/nonexistent/policies"), "{err}");
 }
 
 #[test]
