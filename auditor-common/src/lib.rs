@@ -40,6 +40,9 @@ pub const SERVER_NAME_BYTES: usize = 64;
 pub const STREAM_RAW: u8 = 0;
 /// Plaintext taken at the TLS library (SSL_read/SSL_write of OpenSSL).
 pub const STREAM_TLS: u8 = 1;
+/// Plaintext relayed by the daemon's inline proxy: records the proxy makes itself (the
+/// client's bytes as it sent them, and what it received), never the kernel.
+pub const STREAM_PROXY: u8 = 2;
 
 /// Kinds of TLS library calls the uprobes track (see `TlsCall`).
 pub const TLS_READ: u8 = 1;
@@ -103,7 +106,12 @@ pub mod counter {
     pub const TLS_CHUNKS: u32 = 10;
     /// New-file records (exec, mmap of an executable file) that did not fit.
     pub const FILE_DROPS: u32 = 11;
-    pub const COUNT: u32 = 12;
+    /// Connections of enforced workloads sent to the inline proxy.
+    pub const REDIRECTED: u32 = 12;
+    /// Connections of enforced workloads refused (no proxy listening, or the original
+    /// destination could not be kept): enforcement fails closed.
+    pub const REDIRECT_REFUSED: u32 = 13;
+    pub const COUNT: u32 = 14;
 }
 
 /// The endpoints of a TCP connection as seen from the socket's owner.
@@ -271,12 +279,64 @@ pub struct EndpointKey {
 }
 const _: () = assert!(size_of::<EndpointKey>() == 24);
 
+/// Where a redirected connection was going, and who made it: written by `cgroup/connect4`
+/// and `connect6` under the socket's cookie, moved by `sock_ops` (at the client's
+/// established callback) under the client's local port, where the proxy finds it by the
+/// peer port of the connection it accepted (see `auditor-ebpf/src/redirect.rs`).
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// The address the client dialled; IPv4 as IPv4-mapped IPv6.
+    pub addr: [u8; 16],
+    /// The port it dialled (host order).
+    pub port: u16,
+    /// AF_INET or AF_INET6: the family of the client's socket.
+    pub family: u16,
+    pub _pad: u32,
+    pub pid_tgid: u64,
+    pub uid_gid: u64,
+    pub cgroup_id: u64,
+    pub comm: [u8; 16],
+    /// bpf_ktime_get_ns at connect.
+    pub ts_ns: u64,
+    /// The client socket's cookie.
+    pub cookie: u64,
+}
+const _: () = assert!(size_of::<OrigDst>() == 80);
+
+/// Key of the redirect's by-port map: the client's local port (host order) as seen by the
+/// proxy on the connection it accepts, and the network namespace's inode (0: the host's).
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    pub port: u32,
+    pub netns: u32,
+}
+const _: () = assert!(size_of::<PeerKey>() == 8);
+
+/// The redirect's settings, set by the daemon when its proxy listens.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedirectConfig {
+    /// The proxy's port on 127.0.0.1 and ::1 (host order); 0: no proxy, and connections
+    /// of enforced workloads to watched endpoints are refused (fail closed).
+    pub proxy_port: u16,
+    /// 1: connections of cgroups the daemon has not judged yet (created since its last
+    /// look) go to the proxy too, which resolves their policies itself (fail closed while
+    /// any policy enforces).
+    pub redirect_unknown: u8,
+    pub _pad: [u8; 5],
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all are repr(C), Copy, and every bit pattern is a valid value.
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::EndpointKey {}
     unsafe impl aya::Pod for super::RecordHeader {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::RedirectConfig {}
 }
 
 /// Maps an IPv4 address (network order bytes) into IPv4-mapped IPv6.

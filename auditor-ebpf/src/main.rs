@@ -3,6 +3,7 @@
 #![no_main]
 
 mod maps;
+mod redirect;
 mod server;
 mod sock;
 mod syscalls;

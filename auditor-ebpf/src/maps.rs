@@ -1,6 +1,8 @@
 //! Maps and globals shared by the programs.
 
-use auditor_common::{counter, DataRecord, EndpointKey, KernelOffsets, Tuple};
+use auditor_common::{
+    counter, DataRecord, EndpointKey, KernelOffsets, OrigDst, PeerKey, RedirectConfig, Tuple,
+};
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -201,3 +203,29 @@ pub fn count(index: u32, by: u64) {
         unsafe { *slot += by };
     }
 }
+
+/// The inline proxy's upstream sockets (their local address and port): the server end of
+/// such a connection is not captured, since the proxy records the session it relays.
+#[map]
+pub static PROXY_PEERS: HashMap<EndpointKey, u8> = HashMap::with_max_entries(65536, 0);
+
+/// The daemon's verdict on each cgroup (by id): 1, its connections to watched endpoints go
+/// to the inline proxy (a workload that may be under an `enforce` policy); 0, they do not.
+/// A cgroup not listed is one the daemon has not judged yet (see `RedirectConfig`).
+#[map]
+pub static ENFORCED: HashMap<u64, u8> = HashMap::with_max_entries(65536, 0);
+
+/// Where the proxy listens.
+#[map]
+pub static REDIRECT: Array<RedirectConfig> = Array::with_max_entries(1, 0);
+
+/// Original destinations of redirected sockets, by socket cookie (connect4/6, then read by
+/// getpeername4/6). LRU: a cookie is never reused, so an entry whose socket closed is
+/// only waiting to be evicted.
+#[map]
+pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+
+/// The same, keyed by the client's local port once the connection is established
+/// (sock_ops): what the proxy looks up for the connection it accepted.
+#[map]
+pub static ORIG_BY_PEER: LruHashMap<PeerKey, OrigDst> = LruHashMap::with_max_entries(65536, 0);

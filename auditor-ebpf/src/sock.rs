@@ -9,7 +9,7 @@ use auditor_common::{
 };
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
 
-use crate::maps::{ENDPOINTS, OFFSETS, PORT_RULES};
+use crate::maps::{ENDPOINTS, OFFSETS, PORT_RULES, PROXY_PEERS};
 
 const S_IFMT: u16 = 0o170000;
 const S_IFSOCK: u16 = 0o140000;
@@ -258,7 +258,7 @@ fn tuple_of_sock(off: &KernelOffsets, sk: u64, family: u16) -> Option<Tuple> {
 }
 
 #[inline(always)]
-fn is_endpoint(addr: &[u8; 16], port: u16) -> bool {
+pub fn is_endpoint(addr: &[u8; 16], port: u16) -> bool {
     match PORT_RULES.get(port as u32) {
         Some(&PORT_ANY_ADDR) => true,
         Some(&PORT_LISTED_ADDRS) => {
@@ -277,6 +277,16 @@ fn is_endpoint(addr: &[u8; 16], port: u16) -> bool {
 #[inline(always)]
 fn role_of(tuple: &Tuple) -> Option<u8> {
     if is_endpoint(&tuple.local_addr, tuple.local_port) {
+        // The server end of the inline proxy's own upstream connection: the proxy
+        // records that session itself, from the client it relays.
+        let peer = EndpointKey {
+            addr: tuple.remote_addr,
+            port: tuple.remote_port,
+            _pad: [0; 6],
+        };
+        if unsafe { PROXY_PEERS.get(peer).is_some() } {
+            return None;
+        }
         Some(ROLE_SERVER)
     } else if is_endpoint(&tuple.remote_addr, tuple.remote_port) {
         Some(ROLE_CLIENT)

@@ -112,6 +112,37 @@ impl Default for KubernetesConfig {
     }
 }
 
+/// The inline proxy of enforced workloads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// `auto` (default): the proxy listens and the redirect attaches when the daemon
+    /// starts (it acts only on workloads under an `enforce` policy); `false`: neither,
+    /// and `enforce` policies are judged like `dry-run` ones (recorded, not enforced).
+    pub enabled: Toggle,
+    /// The proxy's port on 127.0.0.1 and ::1. Default: 15432.
+    pub port: u16,
+    /// Largest client message the proxy holds to judge (a statement, a Bind); a larger
+    /// one is refused in an enforced session (fail closed). Default: 64 MiB.
+    pub max_message_bytes: u32,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            enabled: Toggle::Auto,
+            port: 15432,
+            max_message_bytes: 64 << 20,
+        }
+    }
+}
+
+impl ProxyConfig {
+    pub fn active(&self) -> bool {
+        self.enabled != Toggle::False
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Toggle {
@@ -157,6 +188,8 @@ pub struct Config {
     pub policies_dir: Option<PathBuf>,
     /// Pod metadata from the Kubernetes API server (labels for policies, pod names).
     pub kubernetes: KubernetesConfig,
+    /// The inline proxy that enforced workloads' connections are redirected into.
+    pub proxy: ProxyConfig,
     /// Where to serve Prometheus metrics (`GET /metrics`), e.g. 0.0.0.0:9464. Default:
     /// not served.
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -182,6 +215,7 @@ impl Default for Config {
             record: Recording::default(),
             policies_dir: None,
             kubernetes: KubernetesConfig::default(),
+            proxy: ProxyConfig::default(),
             metrics_listen: None,
             host_labels: Default::default(),
             systemd_unit_dirs: crate::workload::systemd::DEFAULT_UNIT_DIRS
@@ -335,6 +369,10 @@ kubernetes:
   # kubeconfig: /etc/auditor/kubeconfig   # default: the pod's service account
   # node_name: node-1              # default: $NODE_NAME (downward API), else the host name
   pod_wait_ms: 5000                # a session waits this long for its pod to be known
+proxy:
+  enabled: auto                    # the inline proxy of workloads under an enforce policy
+  port: 15432                      # on 127.0.0.1 and ::1; redirected connections land here
+  max_message_bytes: 67108864      # larger statements are refused in enforced sessions
 local_log:
   enabled: true
   rotate_bytes: 104857600          # start a new file past 100 MiB

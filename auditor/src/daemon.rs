@@ -41,6 +41,8 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Policy(#[from] crate::policy::live::PolicyError),
+    #[error("enforcement cannot start: {0} (an enforce policy is loaded; the daemon does not run without enforcing it)")]
+    Enforcement(String),
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -117,6 +119,9 @@ pub struct Stats {
     /// The Kubernetes pod watch, when it runs.
     #[serde(default)]
     pub kubernetes: Option<crate::workload::kubernetes::KubeStats>,
+    /// The inline proxy of enforced workloads, when it runs.
+    #[serde(default)]
+    pub proxy: Option<crate::proxy::ProxyStats>,
     /// How far behind now the trail is known complete (the watermark: everything read
     /// before it is in events every sink has flushed), in ms.
     #[serde(default)]
@@ -256,6 +261,48 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         ),
         None => {}
     }
+    // The redirect of enforced workloads and its proxy: before capture begins, so the
+    // first connections of an enforced workload already go to the proxy.
+    let mut enforcement = if cfg.proxy.active() {
+        match crate::proxy::Enforcement::start(
+            capture.ebpf_mut(),
+            cfg.proxy.port,
+            policies.set.clone(),
+            crate::policy::Defaults {
+                raw_statements: cfg.record.raw_statements,
+                raw_params: cfg.record.raw_params,
+            },
+            TokenizerLimits {
+                max_buffered: cfg.proxy.max_message_bytes,
+            },
+        ) {
+            Ok(mut e) => {
+                e.refresh(&|id| tracker.workload_of(id))
+                    .map_err(|e| DaemonError::Enforcement(e.to_string()))?;
+                tracing::info!(
+                    "proxy listening on 127.0.0.1:{} for workloads under an enforce policy ({} cgroups redirected now)",
+                    e.proxy.port,
+                    e.redirect.redirected_cgroups()
+                );
+                Some(e)
+            }
+            Err(e) if policies.set.any_enforce() => {
+                // Enforcement fails closed: no start without it.
+                return Err(DaemonError::Enforcement(e.to_string()));
+            }
+            Err(e) => {
+                tracing::warn!("enforcement is unavailable: {e}; enforce policies loaded later will not be enforced");
+                None
+            }
+        }
+    } else {
+        if policies.set.any_enforce() {
+            tracing::warn!(
+                "proxy.enabled is false: enforce policies are recorded as dry runs, not enforced"
+            );
+        }
+        None
+    };
     // Backends are hooked first, so every statement captured has its report before it.
     capture.attach()?;
     let capture_since = Timestamp::now();
@@ -383,6 +430,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
                       capture: &Capture,
                       finder: &TlsFinder,
                       policies: crate::policy::live::PolicyCounters,
+                      proxy_stats: Option<crate::proxy::ProxyStats>,
                       sink_errors: u64| Stats {
         pid: std::process::id(),
         started_at: started_at.clone(),
@@ -398,6 +446,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         copy_limit_bytes: capture.copy_limit,
         policies,
         kubernetes: pods.as_ref().map(|p| p.stats()),
+        proxy: proxy_stats,
         trail_lag_ms: None,
         sink_backlog_events: 0,
         sinks: sinks_health(&health),
@@ -424,6 +473,17 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             Some(rec) => tracker.handle(&rec, &mut batch),
             None => malformed_records += 1,
         })?;
+        if let Some(e) = &enforcement {
+            for r in e.records.try_iter() {
+                tracker.handle(
+                    &Record {
+                        header: r.header,
+                        data: &r.data,
+                    },
+                    &mut batch,
+                );
+            }
+        }
         for (pid, file, seen_ns) in new_files.drain(..) {
             let candidates = match file {
                 None => tls::exe_candidate(pid).into_iter().collect(),
@@ -448,7 +508,15 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             tracker.tick(crate::tracker::monotonic_ns(), &mut batch);
             last_tick = Instant::now();
             if let Some(set) = policies.poll(&mut batch) {
+                if let Some(e) = &mut enforcement {
+                    e.set_policies(set.clone());
+                }
                 tracker.set_policies(set);
+            }
+            if let Some(e) = &mut enforcement {
+                if let Err(err) = e.refresh(&|id| tracker.workload_of(id)) {
+                    tracing::warn!("{err}");
+                }
             }
             // A watermark candidate covers every event made so far: all are handed on.
             if !batch.is_empty() && !hand_on(&tx, &mut batch, &mut sent, &mut last_send) {
@@ -494,7 +562,14 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             last_sweep = Instant::now();
         }
         if last_stats.elapsed() >= Duration::from_secs(1) {
-            let mut stats = make_stats(&tracker, &capture, &finder, policies.counters, 0);
+            let mut stats = make_stats(
+                &tracker,
+                &capture,
+                &finder,
+                policies.counters,
+                enforcement.as_ref().map(|e| e.stats()),
+                0,
+            );
             stats.trail_lag_ms = watermark
                 .lag(Timestamp::now())
                 .map(|d| d.as_millis() as u64);
@@ -520,6 +595,17 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             let _ = tx.send(std::mem::take(&mut batch));
         }
     }
+    if let Some(e) = &enforcement {
+        for r in e.records.try_iter() {
+            tracker.handle(
+                &Record {
+                    header: r.header,
+                    data: &r.data,
+                },
+                &mut batch,
+            );
+        }
+    }
     tracker.shutdown(&mut batch);
     if !batch.is_empty() {
         let _ = tx.send(std::mem::take(&mut batch));
@@ -531,6 +617,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         &capture,
         &finder,
         policies.counters,
+        enforcement.as_ref().map(|e| e.stats()),
         report.errors,
     );
     write_stats(&stats_path, &stats);

@@ -13,6 +13,7 @@ pub mod doctor;
 pub mod metrics;
 pub mod pg;
 pub mod policy;
+pub mod proxy;
 pub mod query;
 pub mod sink;
 pub mod sql;

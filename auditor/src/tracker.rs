@@ -18,8 +18,8 @@ const MAX_BACKEND_STATEMENTS: usize = 1024;
 use ahash::AHashMap as HashMap;
 use auditor_common::{
     RecordHeader, Tuple, AF_UNIX, DIR_TO_CLIENT, RECORD_CLOSE, RECORD_DATA, RECORD_OPEN,
-    RECORD_SERVER_TEXT, ROLE_CLIENT, ROLE_SERVER, SEEN_IO, SERVER_NAME_BYTES, STREAM_RAW,
-    STREAM_TLS,
+    RECORD_SERVER_TEXT, ROLE_CLIENT, ROLE_SERVER, SEEN_IO, SERVER_NAME_BYTES, STREAM_PROXY,
+    STREAM_RAW, STREAM_TLS,
 };
 
 use crate::{
@@ -167,6 +167,8 @@ struct SessionEntry {
     /// Drafts held while the workload is pending (its pod not known yet), and since when.
     deferred: Vec<Draft>,
     pending_since: Option<std::time::Instant>,
+    /// Relayed by the daemon's inline proxy (records it made, `capture = proxy`).
+    proxied: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -354,6 +356,12 @@ impl Tracker {
         self.workloads.remember_backends()
     }
 
+    /// The workload of a process identity (for the redirect: a cgroup's, without a
+    /// process).
+    pub fn workload_of(&self, id: &ProcessIdentity) -> Workload {
+        self.workloads.workload(id)
+    }
+
     pub fn active_sessions(&self) -> usize {
         self.sessions.len()
     }
@@ -474,6 +482,7 @@ impl Tracker {
             && h.offset == 0
             && first_data.is_some_and(looks_like_startup);
         let tls = h.stream == STREAM_TLS;
+        let proxied = h.stream == STREAM_PROXY;
         // Plaintext offsets count from the first library call the kernel side saw.
         let mid_stream = first_data.is_some() && !starts_clean && (tls || h.seen == SEEN_IO);
         let mut session = Session::new(self.cfg.policy.clone(), self.cfg.limits, mid_stream);
@@ -499,7 +508,8 @@ impl Tracker {
             last_ns: h.ts_ns,
             session,
             primary: key,
-            stream: h.stream,
+            // The proxy's records are plaintext, decoded as the raw stream is.
+            stream: if proxied { STREAM_RAW } else { h.stream },
             ciphertext_only_since: None,
             client: None,
             server: None,
@@ -516,6 +526,7 @@ impl Tracker {
             applied_for: (0, (0, 0), Text::default()),
             deferred: Vec::new(),
             pending_since: None,
+            proxied,
         };
         if entry.unix {
             self.counters.unix_sessions += 1;
@@ -1141,7 +1152,9 @@ fn finish(
         ev.client_port = conn.client_port;
         ev.server_addr = s.server_addr.clone();
         ev.server_port = conn.server_port;
-        ev.capture = Text::Static(if s.stream == STREAM_TLS {
+        ev.capture = Text::Static(if s.proxied {
+            "proxy"
+        } else if s.stream == STREAM_TLS {
             "ebpf_tls"
         } else {
             "ebpf"
@@ -1255,7 +1268,13 @@ fn apply_policy(
     });
     if let Some(d) = decision {
         counters.decisions += 1;
-        ev.decision = Text::Static(d.action.would());
+        // The proxy enforces what an enforce policy decides in the sessions it relays
+        // (holds and masks it cannot apply yet it refuses: fail closed).
+        ev.decision = Text::Static(if s.proxied && d.enforce {
+            "blocked"
+        } else {
+            d.action.would()
+        });
         ev.decision_rule = format!("{}/{}", d.policy, d.rule).into();
         if !d.columns.is_empty() {
             ev.masked_columns = d.columns.into();

@@ -127,6 +127,11 @@ pub struct KernelCounters {
     pub tls_untied_bytes: u64,
     pub tls_chunks: u64,
     pub file_drops: u64,
+    /// Connections of enforced workloads sent to the inline proxy, and refused (no proxy).
+    #[serde(default)]
+    pub redirected: u64,
+    #[serde(default)]
+    pub redirect_refused: u64,
 }
 
 pub struct Capture {
@@ -715,6 +720,11 @@ impl Capture {
         Some(lib)
     }
 
+    /// The loaded object, for the redirect (see `proxy::redirect`).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
     pub fn counters(&self) -> KernelCounters {
         let get = |i: u32| -> u64 {
             self.counters
@@ -735,6 +745,8 @@ impl Capture {
             tls_untied_bytes: get(counter::TLS_UNTIED_BYTES),
             tls_chunks: get(counter::TLS_CHUNKS),
             file_drops: get(counter::FILE_DROPS),
+            redirected: get(counter::REDIRECTED),
+            redirect_refused: get(counter::REDIRECT_REFUSED),
         }
     }
 }

@@ -157,6 +157,73 @@ impl PolicySet {
         PolicySet { policies, version }
     }
 
+    /// Whether a workload with these labels may be under an `enforce` policy, judged
+    /// before any of its connections exists: keys that only a connection or a process
+    /// supplies (`db.*`, `client.addr`, `server.*`, `process.*`) are unknown, and a
+    /// requirement on an unknown key may hold. True if some value of the unknown keys makes
+    /// the combined mode `enforce`: its connections then go to the proxy, which resolves
+    /// the policies exactly once the session is known (and only relays, recording, those
+    /// that turn out not to be enforced).
+    pub fn may_enforce(&self, labels: &BTreeMap<String, String>) -> bool {
+        let unknown = |k: &str| CONNECTION_KEYS.contains(&k) || k.starts_with("process.");
+        let subject = Subject {
+            labels,
+            db_user: "",
+            database: "",
+            application_name: "",
+            client_addr: None,
+            server_addr: None,
+            server_port: 0,
+        };
+        let mut ordered: Vec<&Arc<LoadedPolicy>> = self.policies.iter().collect();
+        ordered.sort_by(|a, b| {
+            b.policy
+                .selector
+                .specificity()
+                .cmp(&a.policy.selector.specificity())
+                .then(b.policy.priority.cmp(&a.policy.priority))
+                .then(a.policy.name.cmp(&b.policy.name))
+        });
+        for p in ordered {
+            let Some(mode) = p.policy.mode else { continue };
+            let sel = &p.policy.selector;
+            let mut certain = true;
+            let mut possible = true;
+            for (k, v) in &sel.match_labels {
+                if unknown(k) {
+                    certain = false;
+                } else if subject.value(k).is_none_or(|x| x != v.as_str()) {
+                    possible = false;
+                }
+            }
+            for r in &sel.match_expressions {
+                if unknown(&r.key) {
+                    certain = false;
+                } else if !r.matches(&subject) {
+                    possible = false;
+                }
+            }
+            if !possible {
+                continue;
+            }
+            if mode == Mode::Enforce {
+                return true;
+            }
+            if certain {
+                // The first policy that surely matches and sets a mode decides it.
+                return false;
+            }
+        }
+        false
+    }
+
+    /// Whether any policy enforces at all.
+    pub fn any_enforce(&self) -> bool {
+        self.policies
+            .iter()
+            .any(|p| p.policy.mode == Some(Mode::Enforce))
+    }
+
     /// The matching policies, in the order they combine.
     pub fn matching(&self, s: &Subject<'_>) -> Vec<Arc<LoadedPolicy>> {
         let mut m: Vec<Arc<LoadedPolicy>> = self

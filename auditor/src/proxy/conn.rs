@@ -1,0 +1,447 @@
+//! Accepting redirected connections and moving their bytes: one task per direction, the
+//! [`Relay`] between them. Reads wait while the other side is written to (backpressure);
+//! the two directions never wait on each other, so a server streaming results while the
+//! client pipelines requests cannot deadlock the proxy.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
+
+use auditor_common::{
+    OrigDst, RecordHeader, Tuple, AF_INET, AF_INET6, DIR_TO_CLIENT, DIR_TO_SERVER, RECORD_CLOSE,
+    RECORD_DATA, RECORD_OPEN, ROLE_CLIENT, SEEN_CONNECT, STREAM_PROXY,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::Mutex as AsyncMutex,
+};
+
+use super::{relay::Relay, ProxyRecord, Shared};
+use crate::{
+    audit::event::ProcessIdentity,
+    conversation::SessionMeta,
+    pg::backend::encode_error,
+    policy::{Applied, Subject},
+    workload::{LabelSource, ProcessLabels},
+};
+
+/// How long a connection waits for its server's TCP handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new cgroup's labels may take to appear (the main loop looks every second).
+const LABELS_WAIT: Duration = Duration::from_millis(1500);
+
+pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handle(stream, peer, shared.clone()));
+            }
+            Err(e) => {
+                // EMFILE and the like: back off rather than spin.
+                tracing::warn!("proxy accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn fatal(message: &str, sqlstate: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_error(&mut out, false, "FATAL", sqlstate, message, &[]);
+    out
+}
+
+fn addr_of(orig: &OrigDst) -> SocketAddr {
+    let v6 = Ipv6Addr::from(orig.addr);
+    let ip = match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    };
+    SocketAddr::new(ip, orig.port)
+}
+
+/// The source address the host would use towards `dest` (a UDP socket's connect picks
+/// the route; nothing is sent).
+fn source_for(dest: SocketAddr) -> Option<IpAddr> {
+    if dest.ip().is_loopback() {
+        return Some(dest.ip());
+    }
+    let bind: SocketAddr = match dest {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let s = std::net::UdpSocket::bind(bind).ok()?;
+    s.connect(dest).ok()?;
+    Some(s.local_addr().ok()?.ip())
+}
+
+/// What the records of one proxied connection share.
+struct Recorder {
+    shared: Arc<Shared>,
+    template: RecordHeader,
+    offsets: [u64; 2],
+}
+
+impl Recorder {
+    fn send(&mut self, kind: u32, direction: u8, data: &[u8]) {
+        let mut h = self.template;
+        h.kind = kind;
+        h.ts_ns = crate::tracker::monotonic_ns();
+        h.direction = direction;
+        match kind {
+            RECORD_DATA => {
+                let d = (direction & 1) as usize;
+                h.offset = self.offsets[d];
+                h.len = data.len() as u32;
+                h.call_len = data.len() as u64;
+                self.offsets[d] += data.len() as u64;
+            }
+            RECORD_CLOSE => {
+                h.offset = self.offsets[0];
+                h.call_len = self.offsets[1];
+            }
+            _ => {}
+        }
+        if let Ok(tx) = self.shared.records.lock() {
+            let _ = tx.send(ProxyRecord {
+                header: h,
+                data: data.to_vec(),
+            });
+        }
+    }
+}
+
+/// The relay and the connection's records, behind one lock (taken per read, never across
+/// an await).
+struct Conn {
+    relay: Relay,
+    recorder: Recorder,
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    shared.counters.connections.fetch_add(1, Ordering::Relaxed);
+    shared.counters.active.fetch_add(1, Ordering::Relaxed);
+    let ended = Ended(shared.clone());
+    let orig = shared
+        .maps
+        .lock()
+        .ok()
+        .and_then(|mut m| m.take_origin(peer.port()));
+    let Some(orig) = orig else {
+        shared
+            .counters
+            .unknown_origin
+            .fetch_add(1, Ordering::Relaxed);
+        let mut client = client;
+        let _ = client
+            .write_all(&fatal(
+                "auditor proxy: this port only takes connections the auditor redirected",
+                "08004",
+            ))
+            .await;
+        drop(ended);
+        return;
+    };
+    let dest = addr_of(&orig);
+    match connect_upstream(&shared, dest).await {
+        Ok((server, local)) => {
+            relay(client, peer, server, orig, dest, shared.clone()).await;
+            if let Ok(mut m) = shared.maps.lock() {
+                m.remove_upstream(local);
+            }
+        }
+        Err(e) => {
+            shared
+                .counters
+                .upstream_failures
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                "proxy: cannot reach {dest} for pid {}: {e}",
+                orig.pid_tgid >> 32
+            );
+            let mut client = client;
+            let _ = client
+                .write_all(&fatal(
+                    &format!("auditor proxy: cannot reach the server at {dest}: {e}"),
+                    "08006",
+                ))
+                .await;
+        }
+    }
+    drop(ended);
+}
+
+struct Ended(Arc<Shared>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.counters.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Connects to the server from a source address and port registered first, so that the
+/// capture never takes this connection's server end for a client's.
+async fn connect_upstream(
+    shared: &Shared,
+    dest: SocketAddr,
+) -> std::io::Result<(TcpStream, SocketAddr)> {
+    let source = source_for(dest).ok_or_else(|| std::io::Error::other("no route to the server"))?;
+    let socket = match dest {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    let local = socket.local_addr()?;
+    shared
+        .maps
+        .lock()
+        .map_err(|_| std::io::Error::other("redirect maps poisoned"))?
+        .add_upstream(local)
+        .map_err(std::io::Error::other)?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dest)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok((s, local))
+        }
+        Ok(Err(e)) => {
+            if let Ok(mut m) = shared.maps.lock() {
+                m.remove_upstream(local);
+            }
+            Err(e)
+        }
+        Err(_) => {
+            if let Ok(mut m) = shared.maps.lock() {
+                m.remove_upstream(local);
+            }
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            ))
+        }
+    }
+}
+
+fn v6_bytes(a: SocketAddr) -> [u8; 16] {
+    match a.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// Labels of the client's cgroup (from the main loop), then of its process.
+async fn labels_of(shared: &Shared, identity: &ProcessIdentity) -> BTreeMap<String, String> {
+    let deadline = tokio::time::Instant::now() + LABELS_WAIT;
+    let mut labels = loop {
+        let found = shared
+            .cgroup_labels
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&identity.cgroup_id).cloned());
+        if let Some(l) = found {
+            break (*l).clone();
+        }
+        if tokio::time::Instant::now() >= deadline {
+            // Not seen yet: what the cgroup path says.
+            let mut l = BTreeMap::new();
+            crate::workload::CgroupLabels.add_labels(identity, &mut l);
+            break l;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    ProcessLabels.add_labels(identity, &mut labels);
+    labels
+}
+
+async fn relay(
+    client: TcpStream,
+    peer: SocketAddr,
+    server: TcpStream,
+    orig: OrigDst,
+    dest: SocketAddr,
+    shared: Arc<Shared>,
+) {
+    let tgid = (orig.pid_tgid >> 32) as u32;
+    let comm = {
+        let end = orig.comm.iter().position(|&b| b == 0).unwrap_or(16);
+        String::from_utf8_lossy(&orig.comm[..end]).into_owned()
+    };
+    let identity = crate::workload::IdentityResolver::new().resolve(
+        tgid,
+        &comm,
+        orig.uid_gid as u32,
+        orig.cgroup_id,
+    );
+    let labels = Arc::new(labels_of(&shared, &identity).await);
+    let policies = shared
+        .policies
+        .lock()
+        .map(|p| p.clone())
+        .unwrap_or_default();
+    let defaults = shared.defaults;
+    let client_ip = peer.ip();
+    let resolver = Box::new(move |meta: &SessionMeta| -> Arc<Applied> {
+        Arc::new(policies.resolve(
+            &Subject {
+                labels: &labels,
+                db_user: &meta.db_user,
+                database: &meta.database,
+                application_name: &meta.application_name,
+                client_addr: Some(client_ip),
+                server_addr: Some(dest.ip()),
+                server_port: dest.port(),
+            },
+            defaults,
+        ))
+    });
+    let family = if orig.family == AF_INET6 && !dest.is_ipv4() {
+        AF_INET6
+    } else {
+        AF_INET
+    };
+    let template = RecordHeader {
+        sock: shared.next_id(),
+        conn_start_ns: crate::tracker::monotonic_ns(),
+        pid_tgid: orig.pid_tgid,
+        uid_gid: orig.uid_gid,
+        cgroup_id: orig.cgroup_id,
+        comm: orig.comm,
+        tuple: Tuple {
+            local_addr: v6_bytes(peer),
+            remote_addr: orig.addr,
+            local_port: peer.port(),
+            remote_port: orig.port,
+            family,
+            ..Tuple::default()
+        },
+        role: ROLE_CLIENT,
+        seen: SEEN_CONNECT,
+        stream: STREAM_PROXY,
+        ..RecordHeader::default()
+    };
+    let mut recorder = Recorder {
+        shared: shared.clone(),
+        template,
+        offsets: [0, 0],
+    };
+    recorder.send(RECORD_OPEN, DIR_TO_SERVER, &[]);
+    let conn = Arc::new(std::sync::Mutex::new(Conn {
+        relay: Relay::new(shared.limits, shared.budget.clone(), resolver),
+        recorder,
+    }));
+    let (mut client_rd, client_wr) = client.into_split();
+    let (mut server_rd, mut server_wr) = server.into_split();
+    let client_wr = Arc::new(AsyncMutex::new(client_wr));
+
+    // Client -> server.
+    let c2s = {
+        let conn = conn.clone();
+        let client_wr = client_wr.clone();
+        let shared = shared.clone();
+        async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut enforced_counted = false;
+            loop {
+                let n = match client_rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let (to_server, to_client, close, writer) = {
+                    let Ok(mut c) = conn.lock() else { break };
+                    let Conn { relay, recorder } = &mut *c;
+                    recorder.send(RECORD_DATA, DIR_TO_SERVER, &buf[..n]);
+                    relay.on_client(&buf[..n]);
+                    if relay.enforcing() && !enforced_counted {
+                        enforced_counted = true;
+                        shared
+                            .counters
+                            .enforced_sessions
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    for r in relay.refused.drain(..) {
+                        shared.counters.blocked.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(
+                            pid = tgid,
+                            policy = %r.decision.policy,
+                            rule = %r.decision.rule,
+                            "proxy: statement blocked"
+                        );
+                    }
+                    let to_client = std::mem::take(&mut relay.to_client);
+                    if !to_client.is_empty() {
+                        recorder.send(RECORD_DATA, DIR_TO_CLIENT, &to_client);
+                    }
+                    // Bytes for the client from this direction: the answer to an
+                    // encryption request (before the server has said anything) or a
+                    // fatal error (after which nothing else is written).
+                    let writer = (!to_client.is_empty()).then(|| client_wr.clone());
+                    (
+                        std::mem::take(&mut relay.to_server),
+                        to_client,
+                        relay.close.is_some(),
+                        writer,
+                    )
+                };
+                if let Some(w) = writer {
+                    let mut w = w.lock().await;
+                    if w.write_all(&to_client).await.is_err() {
+                        break;
+                    }
+                }
+                if close {
+                    break;
+                }
+                if !to_server.is_empty() && server_wr.write_all(&to_server).await.is_err() {
+                    break;
+                }
+            }
+            let _ = server_wr.shutdown().await;
+        }
+    };
+    // Server -> client.
+    let s2c = {
+        let conn = conn.clone();
+        let client_wr = client_wr.clone();
+        async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match server_rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let (to_client, close) = {
+                    let Ok(mut c) = conn.lock() else { break };
+                    let Conn { relay, recorder } = &mut *c;
+                    relay.on_server(&buf[..n]);
+                    let to_client = std::mem::take(&mut relay.to_client);
+                    if !to_client.is_empty() {
+                        recorder.send(RECORD_DATA, DIR_TO_CLIENT, &to_client);
+                    }
+                    (to_client, relay.close.is_some())
+                };
+                if !to_client.is_empty() {
+                    let mut w = client_wr.lock().await;
+                    if w.write_all(&to_client).await.is_err() {
+                        break;
+                    }
+                }
+                if close {
+                    break;
+                }
+            }
+            let _ = client_wr.lock().await.shutdown().await;
+        }
+    };
+    tokio::select! {
+        _ = c2s => {}
+        _ = s2c => {}
+    }
+    let closing = conn.lock();
+    if let Ok(mut c) = closing {
+        c.recorder.send(RECORD_CLOSE, DIR_TO_SERVER, &[]);
+    }
+}

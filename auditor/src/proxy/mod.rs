@@ -1,0 +1,287 @@
+//! The inline proxy of enforced workloads.
+//!
+//! Connections of cgroups that may be under an `enforce` policy are redirected in the
+//! kernel ([`redirect`]) to the proxy's listener on the loopback address; the proxy finds
+//! where each was going and who made it (by the client's port, from the redirect's map),
+//! connects there itself, and relays ([`relay`]): statements its policies refuse never
+//! reach the server. It records each session once, as the capture path would (the
+//! client's bytes as sent and what it received go to the tracker as `capture = proxy`
+//! records); its own upstream sockets are neither captured nor redirected.
+//!
+//! The proxy runs on its own thread with a tokio runtime; the daemon's main loop keeps
+//! the redirect's verdicts (which cgroups) and drains the proxy's records.
+
+pub mod conn;
+pub mod redirect;
+pub mod relay;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc, Arc, Mutex,
+    },
+};
+
+use auditor_common::RecordHeader;
+
+use crate::{
+    pg::{BufferBudget, TokenizerLimits},
+    policy::{Defaults, PolicySet},
+};
+
+/// A record the proxy makes for the tracker: the same shape the kernel's ring buffer
+/// carries (`stream = STREAM_PROXY`).
+pub struct ProxyRecord {
+    pub header: RecordHeader,
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize, Clone, Copy)]
+pub struct ProxyStats {
+    pub connections: u64,
+    pub active: u64,
+    pub enforced_sessions: u64,
+    pub blocked: u64,
+    /// Connections to the proxy's port that the redirect did not send (refused).
+    pub unknown_origin: u64,
+    /// Redirected connections whose server could not be reached.
+    pub upstream_failures: u64,
+    pub redirected_cgroups: u64,
+}
+
+#[derive(Default)]
+pub struct ProxyCounters {
+    pub connections: AtomicU64,
+    pub active: AtomicU64,
+    pub enforced_sessions: AtomicU64,
+    pub blocked: AtomicU64,
+    pub unknown_origin: AtomicU64,
+    pub upstream_failures: AtomicU64,
+}
+
+impl ProxyCounters {
+    pub fn stats(&self) -> ProxyStats {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ProxyStats {
+            connections: g(&self.connections),
+            active: g(&self.active),
+            enforced_sessions: g(&self.enforced_sessions),
+            blocked: g(&self.blocked),
+            unknown_origin: g(&self.unknown_origin),
+            upstream_failures: g(&self.upstream_failures),
+            redirected_cgroups: 0,
+        }
+    }
+}
+
+/// What the proxy's connections share with the daemon.
+pub struct Shared {
+    pub maps: Arc<Mutex<redirect::RedirectMaps>>,
+    /// The policy set in force (replaced on reload).
+    pub policies: Mutex<Arc<PolicySet>>,
+    /// Labels of each cgroup from every source but the process (kept by the main loop).
+    pub cgroup_labels: Mutex<HashMap<u64, Arc<BTreeMap<String, String>>>>,
+    pub defaults: Defaults,
+    pub records: Mutex<mpsc::Sender<ProxyRecord>>,
+    pub counters: ProxyCounters,
+    pub limits: TokenizerLimits,
+    pub budget: BufferBudget,
+    /// Connection ids (the `sock` of the records: high bit set, never a kernel address).
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(
+        maps: Arc<Mutex<redirect::RedirectMaps>>,
+        policies: Arc<PolicySet>,
+        defaults: Defaults,
+        records: mpsc::Sender<ProxyRecord>,
+        limits: TokenizerLimits,
+    ) -> Shared {
+        Shared {
+            maps,
+            policies: Mutex::new(policies),
+            cgroup_labels: Mutex::new(HashMap::new()),
+            defaults,
+            records: Mutex::new(records),
+            counters: ProxyCounters::default(),
+            limits,
+            budget: BufferBudget::new(256 << 20),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    pub fn next_id(&self) -> u64 {
+        (1 << 63) | self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// The running proxy: its port, and the thread serving it.
+pub struct Proxy {
+    pub port: u16,
+    pub shared: Arc<Shared>,
+}
+
+/// Binds the listeners on 127.0.0.1 and ::1 (`port`, 0 for any free one) and starts
+/// serving on a thread of its own. An error binding 127.0.0.1 is returned (nothing runs);
+/// ::1 is optional (a host without IPv6).
+pub fn start(port: u16, shared: Arc<Shared>) -> std::io::Result<Proxy> {
+    let v4 = std::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
+    let port = v4.local_addr()?.port();
+    let v6 = match std::net::TcpListener::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::info!("proxy: not listening on [::1]:{port} ({e}); IPv6 connections of enforced workloads will be refused");
+            None
+        }
+    };
+    v4.set_nonblocking(true)?;
+    if let Some(l) = &v6 {
+        l.set_nonblocking(true)?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("auditor-proxy")
+        .enable_all()
+        .build()?;
+    let s = shared.clone();
+    std::thread::Builder::new()
+        .name("auditor-proxy".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let mut listeners = Vec::new();
+                for l in [Some(v4), v6].into_iter().flatten() {
+                    match tokio::net::TcpListener::from_std(l) {
+                        Ok(l) => listeners.push(l),
+                        Err(e) => tracing::error!("proxy listener: {e}"),
+                    }
+                }
+                let tasks: Vec<_> = listeners
+                    .into_iter()
+                    .map(|l| tokio::spawn(conn::accept_loop(l, s.clone())))
+                    .collect();
+                for t in tasks {
+                    let _ = t.await;
+                }
+            })
+        })?;
+    Ok(Proxy { port, shared })
+}
+
+/// Enforcement as the daemon's main loop runs it: the redirect's verdicts per cgroup, the
+/// proxy, and the policies they follow.
+pub struct Enforcement {
+    pub redirect: redirect::Redirect,
+    pub proxy: Proxy,
+    policies: Arc<PolicySet>,
+    last_scan: Option<std::time::Instant>,
+    pub records: mpsc::Receiver<ProxyRecord>,
+}
+
+/// How often the cgroup tree is looked at for new workloads (between looks, connections
+/// of cgroups not judged yet go to the proxy while any policy enforces).
+pub const SCAN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnforcementError {
+    #[error("the redirect into the proxy: {0}")]
+    Redirect(#[from] redirect::RedirectError),
+    #[error("the proxy cannot listen on 127.0.0.1:{port}: {source} (set proxy.port)")]
+    Listen { port: u16, source: std::io::Error },
+    #[error("the redirect's settings: {0}")]
+    Configure(String),
+}
+
+impl Enforcement {
+    /// Attaches the redirect (acting on nothing yet) and starts the proxy.
+    pub fn start(
+        ebpf: &mut aya::Ebpf,
+        port: u16,
+        policies: Arc<PolicySet>,
+        defaults: Defaults,
+        limits: TokenizerLimits,
+    ) -> Result<Enforcement, EnforcementError> {
+        let redirect = redirect::Redirect::attach(ebpf)?;
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared::new(
+            redirect.maps.clone(),
+            policies.clone(),
+            defaults,
+            tx,
+            limits,
+        ));
+        let proxy =
+            start(port, shared).map_err(|source| EnforcementError::Listen { port, source })?;
+        Ok(Enforcement {
+            redirect,
+            proxy,
+            policies,
+            last_scan: None,
+            records: rx,
+        })
+    }
+
+    pub fn set_policies(&mut self, set: Arc<PolicySet>) {
+        if let Ok(mut p) = self.proxy.shared.policies.lock() {
+            *p = set.clone();
+        }
+        self.policies = set;
+        self.last_scan = None;
+    }
+
+    /// Looks at the cgroup tree (at most every SCAN_EVERY, or at once after a policy
+    /// change) and brings the kernel's verdicts and the proxy's labels up to date.
+    pub fn refresh(
+        &mut self,
+        workload_of: &dyn Fn(&crate::audit::event::ProcessIdentity) -> crate::workload::Workload,
+    ) -> Result<(), EnforcementError> {
+        if self.last_scan.is_some_and(|t| t.elapsed() < SCAN_EVERY) {
+            return Ok(());
+        }
+        self.last_scan = Some(std::time::Instant::now());
+        let any = self.policies.any_enforce();
+        let mut verdicts = HashMap::new();
+        let mut labels_of = HashMap::new();
+        for (id, path) in redirect::cgroups(&self.redirect.root) {
+            let facts = crate::workload::parse_cgroup_path(&path);
+            let identity = crate::audit::event::ProcessIdentity {
+                cgroup_id: id,
+                cgroup_path: path.as_str().into(),
+                container_id: facts.container_id.into(),
+                pod_uid: facts.pod_uid.into(),
+                systemd_unit: facts.systemd_unit.into(),
+                ..Default::default()
+            };
+            let w = workload_of(&identity);
+            let mut labels: BTreeMap<String, String> = (*w.labels).clone();
+            labels.retain(|k, _| !k.starts_with("process."));
+            // A pod not known yet may turn out enforced: its connections go to the proxy,
+            // which waits for its labels.
+            let redirect = any && (w.pending || self.policies.may_enforce(&labels));
+            verdicts.insert(id, redirect);
+            labels_of.insert(id, Arc::new(labels));
+        }
+        if let Ok(mut m) = self.proxy.shared.cgroup_labels.lock() {
+            *m = labels_of;
+        }
+        let changed = self.redirect.set_verdicts(&verdicts);
+        if changed > 0 {
+            tracing::debug!(
+                changed,
+                redirected = self.redirect.redirected_cgroups(),
+                "redirect verdicts"
+            );
+        }
+        self.redirect
+            .configure(self.proxy.port, any)
+            .map_err(EnforcementError::Configure)
+    }
+
+    pub fn stats(&self) -> ProxyStats {
+        let mut s = self.proxy.shared.counters.stats();
+        s.redirected_cgroups = self.redirect.redirected_cgroups() as u64;
+        s
+    }
+}

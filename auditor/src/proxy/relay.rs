@@ -1,0 +1,558 @@
+//! One proxied connection as a state machine, without I/O: client bytes and server bytes
+//! in, bytes for each side out. Built on the shared codec (`pg::Tokenizer`, the message
+//! decoders) and conversation model (prepared statements and portals with their SQL, the
+//! protocol phase), like the capture path; the driver (`proxy::conn`) moves the bytes.
+//!
+//! What it forwards it forwards unchanged. What a rule of an `enforce` policy refuses
+//! never reaches the server: in its place the server gets a harmless request that fails
+//! (a Bind of a statement that does not exist, or a query casting a marker to an
+//! integer), so that the server itself enters the state an error leaves (a transaction
+//! block becomes failed, so the client's COMMIT ends in ROLLBACK; the rest of an
+//! extended-protocol batch is skipped until Sync, and exactly one ReadyForQuery answers
+//! each Sync). The server's error for that request, recognised by a per-connection marker,
+//! is replaced by the proxy's own (SQLSTATE 42501, naming the policy and rule). Matching
+//! Postgres, messages after a refused extended-protocol message are dropped until Sync.
+
+use std::{borrow::Cow, collections::HashMap, sync::Arc};
+
+use crate::{
+    conversation::{Conversation, Phase, PreparedStatement},
+    pg::{
+        backend::{self, encode_error},
+        frontend::{self, FrontendMessage},
+        BufferBudget, Direction, Token, Tokenizer, TokenizerLimits,
+    },
+    policy::{Applied, Decision, Facts, Mode, Statement},
+    sql::{split_statements, Analyzer},
+};
+
+/// What resolves a session's policies once its startup packet names user and database.
+pub type Resolver = Box<dyn FnMut(&crate::conversation::SessionMeta) -> Arc<Applied> + Send>;
+
+/// The SQLSTATE of a refused statement: insufficient_privilege.
+pub const BLOCKED_SQLSTATE: &str = "42501";
+
+/// A statement the proxy refused.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub decision: Decision,
+    pub sql: String,
+}
+
+/// Where a connection stands, seen from the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Before the session's policies are known: the startup phase.
+    Starting,
+    /// Judging every statement (an `enforce` policy applies).
+    Enforcing,
+    /// Only relaying (no enforce policy applies to this session).
+    Relaying,
+    /// The connection is to be closed (after what is queued for the client).
+    Closed,
+}
+
+/// What becomes of a client message whose body streams (larger than the proxy buffers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Streaming {
+    Forward,
+    Drop,
+}
+
+pub struct Relay {
+    client: Tokenizer,
+    server: Tokenizer,
+    conv: Conversation,
+    analyzer: Analyzer,
+    resolver: Resolver,
+    applied: Option<Arc<Applied>>,
+    state: State,
+    /// Marker of this connection's substitute requests.
+    nonce: String,
+    /// Substitutes sent whose error has not come back yet: sequence -> refusal.
+    substitutes: HashMap<u64, Refusal>,
+    next_substitute: u64,
+    /// Per request cycle sent (a Sync, a Query, a FunctionCall: each answered by one
+    /// ReadyForQuery), the substitute sequence number at its end: substitutes before it are
+    /// answered or skipped once its ReadyForQuery arrives.
+    cycles: std::collections::VecDeque<u64>,
+    /// After a refused extended-protocol message: client messages are dropped until Sync.
+    discarding: bool,
+    client_streaming: Streaming,
+    /// Verdicts on prepared statements (held by the Arc, so the key is not reused).
+    verdicts: HashMap<usize, (Arc<PreparedStatement>, Option<Decision>)>,
+    /// Bytes for the server and for the client, taken by the driver.
+    pub to_server: Vec<u8>,
+    pub to_client: Vec<u8>,
+    /// Statements refused since the driver last took them.
+    pub refused: Vec<Refusal>,
+    /// Why the connection must close, once `to_client` is written.
+    pub close: Option<String>,
+}
+
+fn push_frame(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
+    out.push(tag);
+    out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    out.extend_from_slice(body);
+}
+
+impl Relay {
+    pub fn new(limits: TokenizerLimits, budget: BufferBudget, resolver: Resolver) -> Relay {
+        let nonce: u64 = rand::random();
+        Relay {
+            client: Tokenizer::new(Direction::ToServer, limits)
+                .with_streamed(b"d")
+                .with_budget(budget.clone()),
+            server: Tokenizer::new(Direction::ToClient, limits)
+                .with_streamed(b"Dd")
+                .with_budget(budget),
+            conv: Conversation::new(),
+            analyzer: Analyzer::new(512),
+            resolver,
+            applied: None,
+            state: State::Starting,
+            nonce: format!("auditor-blocked-{nonce:016x}"),
+            substitutes: HashMap::new(),
+            next_substitute: 0,
+            cycles: std::collections::VecDeque::new(),
+            discarding: false,
+            client_streaming: Streaming::Forward,
+            verdicts: HashMap::new(),
+            to_server: Vec::with_capacity(8192),
+            to_client: Vec::with_capacity(8192),
+            refused: Vec::new(),
+            close: None,
+        }
+    }
+
+    /// The session's policies, once resolved.
+    pub fn applied(&self) -> Option<&Arc<Applied>> {
+        self.applied.as_ref()
+    }
+
+    /// Whether statements are judged (an enforce policy applies).
+    pub fn enforcing(&self) -> bool {
+        self.state == State::Enforcing
+    }
+
+    pub fn closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// Whether this connection only carries a CancelRequest.
+    pub fn is_cancel(&self) -> bool {
+        self.conv.phase() == Phase::CancelRequest
+    }
+
+    /// Ends the connection: `to_client` gets a FATAL error first.
+    fn fail(&mut self, sqlstate: &str, message: String) {
+        if self.state == State::Closed {
+            return;
+        }
+        encode_error(&mut self.to_client, false, "FATAL", sqlstate, &message, &[]);
+        self.close = Some(message);
+        self.state = State::Closed;
+    }
+
+    /// Bytes from the client.
+    pub fn on_client(&mut self, data: &[u8]) {
+        if self.state == State::Closed {
+            return;
+        }
+        if self.state == State::Relaying {
+            self.to_server.extend_from_slice(data);
+            return;
+        }
+        let mut tokenizer = std::mem::replace(
+            &mut self.client,
+            Tokenizer::new(Direction::ToServer, TokenizerLimits::default()),
+        );
+        let mut tokens: Vec<Token<'_>> = Vec::new();
+        let res = tokenizer.push(data, &mut |t| tokens.push(t));
+        for t in tokens {
+            self.on_client_token(t, &mut tokenizer);
+            if self.state == State::Closed {
+                break;
+            }
+        }
+        self.client = tokenizer;
+        if let Err(e) = res {
+            self.fail(
+                "08P01",
+                format!("auditor proxy: malformed message from the client: {e}"),
+            );
+        }
+    }
+
+    fn on_client_token(&mut self, t: Token<'_>, tokenizer: &mut Tokenizer) {
+        match t {
+            Token::Startup { body, .. } => self.on_startup(&body, tokenizer),
+            Token::Message { tag, body, .. } => self.on_client_message(tag, &body),
+            Token::Header { tag, body_len, .. } => self.on_client_header(tag, body_len),
+            Token::Chunk { data, .. } => {
+                if self.client_streaming == Streaming::Forward {
+                    self.to_server.extend_from_slice(data);
+                }
+            }
+            Token::EncryptionReply { .. } => {}
+        }
+    }
+
+    fn on_startup(&mut self, body: &[u8], tokenizer: &mut Tokenizer) {
+        let m = match frontend::decode_startup(body) {
+            Ok(m) => m,
+            Err(e) => {
+                return self.fail(
+                    "08P01",
+                    format!("auditor proxy: malformed startup packet: {e}"),
+                )
+            }
+        };
+        let mut ignored = Vec::new();
+        match &m {
+            FrontendMessage::SslRequest | FrontendMessage::GssEncRequest => {
+                // Encryption the proxy does not offer: the client goes on in plaintext
+                // (or gives up, as sslmode=require does) with its next packet.
+                self.conv.on_startup(&m, 0, &mut ignored);
+                self.conv.on_encryption_reply(b'N');
+                self.to_client.push(b'N');
+                tokenizer.expect_startup();
+            }
+            FrontendMessage::CancelRequest { .. } => {
+                // Passed on to where the client was going: the key is the server's, so
+                // it cancels the backend that issued it.
+                self.conv.on_startup(&m, 0, &mut ignored);
+                self.forward_startup(body);
+                self.state = State::Relaying;
+            }
+            FrontendMessage::Startup { .. } => {
+                self.conv.on_startup(&m, 0, &mut ignored);
+                let applied = (self.resolver)(&self.conv.meta);
+                let enforce = applied.mode == Mode::Enforce;
+                self.applied = Some(applied);
+                self.forward_startup(body);
+                self.state = if enforce {
+                    State::Enforcing
+                } else {
+                    State::Relaying
+                };
+            }
+            _ => {}
+        }
+    }
+
+    fn forward_startup(&mut self, body: &[u8]) {
+        self.to_server
+            .extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        self.to_server.extend_from_slice(body);
+    }
+
+    fn on_client_header(&mut self, tag: u8, body_len: u32) {
+        let judged = matches!(tag, b'Q' | b'P' | b'B' | b'F');
+        if self.discarding && tag != b'S' {
+            self.client_streaming = Streaming::Drop;
+            return;
+        }
+        if judged && self.conv.phase() == Phase::Ready {
+            // Too large to hold and judge: refused (fail closed).
+            let refusal = Refusal {
+                decision: Decision {
+                    action: crate::policy::Action::Block,
+                    enforce: true,
+                    policy: self
+                        .applied
+                        .as_ref()
+                        .map(|a| a.name.to_string())
+                        .unwrap_or_default(),
+                    rule: "too-large-to-judge".into(),
+                    columns: Vec::new(),
+                    message: Some(format!(
+                        "the message ({body_len} bytes) is larger than the proxy judges"
+                    )),
+                },
+                sql: String::new(),
+            };
+            self.client_streaming = Streaming::Drop;
+            self.substitute(tag, refusal);
+            return;
+        }
+        self.client_streaming = Streaming::Forward;
+        self.to_server.push(tag);
+        self.to_server
+            .extend_from_slice(&(body_len + 4).to_be_bytes());
+    }
+
+    fn on_client_message(&mut self, tag: u8, body: &[u8]) {
+        if self.discarding {
+            if tag == b'S' {
+                self.discarding = false;
+                self.forward_client(tag, body);
+                self.cycle_end(tag);
+            }
+            return;
+        }
+        if self.conv.phase() != Phase::Ready {
+            // Authentication (passed through untouched: the proxy never reads a password).
+            self.forward_client(tag, body);
+            return;
+        }
+        let m = match frontend::decode(tag, body) {
+            Ok(m) => m,
+            Err(e) => {
+                // What the proxy cannot read it cannot judge: the server might read it
+                // otherwise.
+                return self.fail(
+                    "08P01",
+                    format!("auditor proxy: malformed message from the client: {e}"),
+                );
+            }
+        };
+        let verdict = match &m {
+            FrontendMessage::Query { sql } => {
+                let sql = String::from_utf8_lossy(sql);
+                self.judge_query(&sql).map(|d| (d, sql.into_owned()))
+            }
+            FrontendMessage::Parse { sql, .. } => {
+                let sql = String::from_utf8_lossy(sql);
+                self.judge_text(&sql, false).map(|d| (d, sql.into_owned()))
+            }
+            FrontendMessage::Bind { statement, .. } => {
+                let name = String::from_utf8_lossy(statement);
+                match self.conv.statement(&name).cloned() {
+                    Some(st) => self.judge_prepared(&st).map(|d| (d, st.sql.to_string())),
+                    // Unknown to the server too: it answers with an error.
+                    None => None,
+                }
+            }
+            FrontendMessage::FunctionCall { oid, .. } => {
+                let facts = Facts::function_call();
+                let sql = format!("<function call {oid}>");
+                self.applied
+                    .as_ref()
+                    .and_then(|a| {
+                        a.judge(&Statement {
+                            sql: &sql,
+                            facts: Some(&facts),
+                            multi: false,
+                        })
+                    })
+                    .filter(|d| d.enforce)
+                    .map(|d| (d, sql))
+            }
+            _ => None,
+        };
+        match verdict {
+            Some((decision, sql)) => self.substitute(tag, Refusal { decision, sql }),
+            None => {
+                let mut ignored = Vec::new();
+                self.conv
+                    .on_frontend(m, 0, &mut self.analyzer, &mut ignored);
+                push_frame(&mut self.to_server, tag, body);
+                self.cycle_end(tag);
+            }
+        }
+    }
+
+    fn cycle_end(&mut self, tag: u8) {
+        if matches!(tag, b'S' | b'Q' | b'F') && self.conv.phase() == Phase::Ready {
+            self.cycles.push_back(self.next_substitute);
+        }
+    }
+
+    fn forward_client(&mut self, tag: u8, body: &[u8]) {
+        if let Ok(m) = frontend::decode(tag, body) {
+            let mut ignored = Vec::new();
+            self.conv
+                .on_frontend(m, 0, &mut self.analyzer, &mut ignored);
+        }
+        push_frame(&mut self.to_server, tag, body);
+    }
+
+    /// The enforced verdict on one statement text.
+    fn judge_text(&mut self, sql: &str, multi: bool) -> Option<Decision> {
+        let applied = self.applied.as_ref()?;
+        let analysis = self.analyzer.analyze(sql);
+        applied
+            .judge(&Statement {
+                sql,
+                facts: analysis.facts(sql),
+                multi,
+            })
+            .filter(|d| d.enforce)
+    }
+
+    /// A simple query: refused whole if any of its statements is.
+    fn judge_query(&mut self, sql: &str) -> Option<Decision> {
+        let parts = split_statements(sql);
+        let multi = parts.len() > 1;
+        if parts.is_empty() {
+            return self.judge_text(sql, false);
+        }
+        parts.iter().find_map(|p| self.judge_text(p, multi))
+    }
+
+    fn judge_prepared(&mut self, st: &Arc<PreparedStatement>) -> Option<Decision> {
+        let key = Arc::as_ptr(st) as usize;
+        if let Some((_, d)) = self.verdicts.get(&key) {
+            return d.clone();
+        }
+        let d = self.judge_text(&st.sql, false);
+        if self.verdicts.len() >= 4096 {
+            self.verdicts.clear();
+        }
+        self.verdicts.insert(key, (st.clone(), d.clone()));
+        d
+    }
+
+    /// Sends the server a request that fails in place of the refused message `tag`.
+    fn substitute(&mut self, tag: u8, refusal: Refusal) {
+        let seq = self.next_substitute;
+        self.next_substitute += 1;
+        let marker = format!("{}-{seq}", self.nonce);
+        let mut ignored = Vec::new();
+        let mut msg = Vec::new();
+        if matches!(tag, b'Q' | b'F') {
+            // The simple protocol's cycle: an error, then ReadyForQuery.
+            let sql = format!("SELECT '{marker}'::pg_catalog.int4");
+            let mut body = sql.into_bytes();
+            body.push(0);
+            push_frame(&mut msg, b'Q', &body);
+            if let Ok(m) = frontend::decode(b'Q', &msg[5..]) {
+                self.conv
+                    .on_frontend(m, 0, &mut self.analyzer, &mut ignored);
+            }
+        } else {
+            // Extended protocol: a Bind of a statement that does not exist fails without
+            // touching any statement or portal; the server then skips until Sync.
+            let mut body = Vec::new();
+            body.push(0); // unnamed portal
+            body.extend_from_slice(marker.as_bytes());
+            body.push(0);
+            body.extend_from_slice(&0u16.to_be_bytes()); // parameter formats
+            body.extend_from_slice(&0u16.to_be_bytes()); // parameters
+            body.extend_from_slice(&0u16.to_be_bytes()); // result formats
+            push_frame(&mut msg, b'B', &body);
+            if let Ok(m) = frontend::decode(b'B', &msg[5..]) {
+                self.conv
+                    .on_frontend(m, 0, &mut self.analyzer, &mut ignored);
+            }
+            self.discarding = true;
+        }
+        self.to_server.extend_from_slice(&msg);
+        self.substitutes.insert(seq, refusal.clone());
+        self.refused.push(refusal);
+        if matches!(tag, b'Q' | b'F') {
+            self.cycle_end(b'Q');
+        }
+    }
+
+    /// Bytes from the server.
+    pub fn on_server(&mut self, data: &[u8]) {
+        if self.state == State::Closed {
+            return;
+        }
+        if self.state == State::Relaying {
+            self.to_client.extend_from_slice(data);
+            return;
+        }
+        let mut tokenizer = std::mem::replace(
+            &mut self.server,
+            Tokenizer::new(Direction::ToClient, TokenizerLimits::default()),
+        );
+        let mut tokens: Vec<Token<'_>> = Vec::new();
+        let res = tokenizer.push(data, &mut |t| tokens.push(t));
+        for t in tokens {
+            self.on_server_token(t);
+            if self.state == State::Closed {
+                break;
+            }
+        }
+        self.server = tokenizer;
+        if let Err(e) = res {
+            self.fail(
+                "08P01",
+                format!("auditor proxy: the server answered out of protocol: {e}"),
+            );
+        }
+    }
+
+    fn on_server_token(&mut self, t: Token<'_>) {
+        match t {
+            Token::Message { tag, body, .. } => self.on_server_message(tag, body),
+            Token::Header { tag, body_len, .. } => {
+                if tag == b'D' {
+                    self.conv.on_data_rows(1);
+                }
+                self.to_client.push(tag);
+                self.to_client
+                    .extend_from_slice(&(body_len + 4).to_be_bytes());
+            }
+            Token::Chunk { data, .. } => self.to_client.extend_from_slice(data),
+            Token::Startup { .. } | Token::EncryptionReply { .. } => {}
+        }
+    }
+
+    fn on_server_message(&mut self, tag: u8, body: Cow<'_, [u8]>) {
+        let m = match backend::decode(tag, &body) {
+            Ok(m) => m,
+            Err(e) => {
+                return self.fail(
+                    "08P01",
+                    format!("auditor proxy: the server answered out of protocol: {e}"),
+                )
+            }
+        };
+        let mut replaced = false;
+        if let backend::BackendMessage::ErrorResponse(fields) = &m {
+            if !self.substitutes.is_empty() {
+                if let Some(seq) = fields.get(b'M').and_then(|msg| self.substitute_of(msg)) {
+                    if let Some(r) = self.substitutes.remove(&seq) {
+                        self.write_refusal(&r);
+                        replaced = true;
+                    }
+                }
+            }
+        }
+        let ready = matches!(m, backend::BackendMessage::ReadyForQuery { .. });
+        let mut ignored = Vec::new();
+        self.conv.on_backend(m, 0, &mut ignored);
+        if ready {
+            // Every substitute sent before this cycle ended is answered or was skipped (a
+            // failed transaction answers 25P02 before reaching it).
+            if let Some(end) = self.cycles.pop_front() {
+                self.substitutes.retain(|seq, _| *seq >= end);
+            }
+        }
+        if !replaced {
+            push_frame(&mut self.to_client, tag, &body);
+        }
+    }
+
+    fn substitute_of(&self, msg: &[u8]) -> Option<u64> {
+        let text = std::str::from_utf8(msg).ok()?;
+        let at = text.find(self.nonce.as_str())? + self.nonce.len();
+        let rest = text[at..].strip_prefix('-')?;
+        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        digits.parse().ok()
+    }
+
+    fn write_refusal(&mut self, r: &Refusal) {
+        let d = &r.decision;
+        let message = format!(
+            "statement blocked by policy \"{}\" (rule \"{}\")",
+            d.policy, d.rule
+        );
+        let mut extra: Vec<(u8, &str)> = Vec::new();
+        if let Some(m) = &d.message {
+            extra.push((b'D', m.as_str()));
+        }
+        encode_error(
+            &mut self.to_client,
+            false,
+            "ERROR",
+            BLOCKED_SQLSTATE,
+            &message,
+            &extra,
+        );
+    }
+}

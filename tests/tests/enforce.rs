@@ -1,0 +1,197 @@
+//! Enforcement through the redirect and the inline proxy: a workload (a cgroup) under an
+//! `enforce` policy is redirected without any change to its client; what its policy
+//! forbids never reaches Postgres (the server's own log shows it never arrived), the client
+//! gets SQLSTATE 42501 and goes on, a transaction with a refused statement cannot commit;
+//! pgbench runs through the proxy in all three protocol modes with every statement recorded
+//! once (`capture = proxy`); a workload without the policy is not redirected.
+
+use std::process::Command;
+
+use auditor_tests::{can_run, check, statements_of, str_of, Cgroup, Daemon, Postgres};
+use serde_json::Value;
+
+const POLICY: &str = r#"
+name: agents
+selector:
+  matchLabels:
+    cgroup.path: CGROUP
+mode: enforce
+record: {raw_statements: true}
+block:
+  - name: no-ddl
+    when: {ddl: true}
+    message: agents may not change the schema
+  - name: no-server-files
+    when: {functions: [pg_read_file, lo_export]}
+  - name: no-shell
+    when: {copy_program: true}
+  - name: no-unbounded-writes
+    when: {without_where: true}
+"#;
+
+fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn an_enforced_workload_goes_through_the_proxy_and_forbidden_statements_never_arrive() {
+    if !can_run("an_enforced_workload_goes_through_the_proxy_and_forbidden_statements_never_arrive")
+    {
+        return;
+    }
+    let pg = Postgres::start(&[]).unwrap();
+    check(pg.pgbench().args(["-i", "-q", "-s", "1"]).arg("postgres")).unwrap();
+    check(pg.psql().args(["-c", "CREATE TABLE scratch (a int)"])).unwrap();
+    let enforced = Cgroup::new("enforced").unwrap();
+    let free = Cgroup::new("free").unwrap();
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::write(
+        policies.path().join("agents.yaml"),
+        POLICY.replace("CGROUP", &enforced.name),
+    )
+    .unwrap();
+    let proxy_port = auditor_tests::free_port();
+    let mut daemon = Daemon::start(
+        pg.port,
+        &format!(
+            "policies_dir: {}\nproxy: {{port: {proxy_port}}}\n",
+            policies.path().display()
+        ),
+    )
+    .unwrap();
+
+    // psql, unchanged, dialling the server's own address: redirected into the proxy.
+    let script = "\
+SELECT count(*) AS branches FROM pgbench_branches;
+DROP TABLE pgbench_history;
+SELECT pg_read_file('/etc/hostname');
+COPY (SELECT 1) TO PROGRAM 'true';
+BEGIN;
+UPDATE pgbench_branches SET bbalance = bbalance + 7 WHERE bid = 1;
+DELETE FROM pgbench_tellers;
+COMMIT;
+SELECT 'after-' || bbalance AS balance FROM pgbench_branches WHERE bid = 1;
+";
+    let mut cmd = pg.psql();
+    cmd.arg("-At").env("PGAPPNAME", "enforced_psql");
+    for line in script.lines() {
+        cmd.args(["-c", line]);
+    }
+    // Each -c is its own query, in turn, on one connection.
+    enforced.enter(&mut cmd);
+    let (_, out, err) = run(&mut cmd);
+    assert!(out.starts_with("1\n"), "{out}\n{err}");
+    for rule in [
+        "no-ddl",
+        "no-server-files",
+        "no-shell",
+        "no-unbounded-writes",
+    ] {
+        assert!(
+            err.contains(&format!(
+                "ERROR:  statement blocked by policy \"agents\" (rule \"{rule}\")"
+            )),
+            "{rule} not refused:\n{err}"
+        );
+    }
+    // The refused DELETE failed the transaction: its UPDATE did not commit.
+    assert!(out.contains("after-0\n"), "{out}\n{err}");
+    // The server never saw what was refused.
+    let log = std::fs::read_to_string(pg.log_path()).unwrap();
+    for never in [
+        "DROP TABLE pgbench_history",
+        "pg_read_file",
+        "TO PROGRAM",
+        "DELETE FROM pgbench_tellers",
+    ] {
+        assert!(!log.contains(never), "the server saw {never:?}:\n{log}");
+    }
+    assert!(log.contains("UPDATE pgbench_branches SET bbalance = bbalance + 7"));
+    check(
+        pg.psql()
+            .args(["-c", "SELECT 1 FROM pgbench_history LIMIT 1"]),
+    )
+    .unwrap();
+
+    // pgbench in the three protocol modes through the proxy: exact counts.
+    const CLIENTS: u32 = 2;
+    const TX: u32 = 150;
+    for mode in ["simple", "extended", "prepared"] {
+        let mut cmd = pg.pgbench();
+        cmd.args(["-n", "-S", "-M", mode, "-c", &CLIENTS.to_string()])
+            .args(["-t", &TX.to_string()])
+            .arg("postgres")
+            .env("PGAPPNAME", format!("enforced_{mode}"));
+        enforced.enter(&mut cmd);
+        let out = check(&mut cmd).unwrap();
+        assert!(out.contains("number of failed transactions: 0"), "{out}");
+    }
+
+    // A workload without the policy is not redirected: its DROP runs.
+    let mut cmd = pg.psql();
+    cmd.args(["-c", "DROP TABLE scratch"])
+        .env("PGAPPNAME", "free_psql");
+    free.enter(&mut cmd);
+    check(&mut cmd).unwrap();
+
+    daemon.wait_sessions_ended(&enforced.name);
+    daemon.wait_sessions_ended(&free.name);
+    let events = daemon.stop_without_gaps();
+    let stats = daemon.stats().unwrap();
+    let ours = statements_of(&events, &enforced.name);
+    assert!(!ours.is_empty());
+    assert!(
+        ours.iter().all(|e| str_of(e, "capture") == "proxy"),
+        "{:?}",
+        ours.iter()
+            .map(|e| str_of(e, "capture"))
+            .collect::<Vec<_>>()
+    );
+    for mode in ["simple", "extended", "prepared"] {
+        let app = format!("enforced_{mode}");
+        let mine: Vec<&&Value> = ours
+            .iter()
+            .filter(|e| str_of(e, "application_name") == app)
+            .collect();
+        let selects = mine
+            .iter()
+            .filter(|e| str_of(e, "statement").starts_with("SELECT abalance"))
+            .count();
+        assert_eq!(selects as u32, CLIENTS * TX, "{mode}");
+        // Everything else pgbench ran (it reads the scale first) is recorded too.
+        assert_eq!(
+            pg.logged_statements(&app).unwrap(),
+            mine.len(),
+            "{mode}: the server's count"
+        );
+    }
+    let blocked: Vec<&&Value> = ours
+        .iter()
+        .filter(|e| str_of(e, "decision") == "blocked")
+        .collect();
+    let rules: Vec<&str> = blocked.iter().map(|e| str_of(e, "decision_rule")).collect();
+    assert_eq!(
+        rules,
+        [
+            "agents/no-ddl",
+            "agents/no-server-files",
+            "agents/no-shell",
+            "agents/no-unbounded-writes"
+        ],
+        "{blocked:#?}"
+    );
+    assert!(blocked.iter().all(|e| str_of(e, "error_code") == "42501"));
+    assert!(blocked
+        .iter()
+        .any(|e| str_of(e, "statement") == "DROP TABLE pgbench_history"));
+    let free_events = statements_of(&events, &free.name);
+    assert_eq!(free_events.len(), 1, "{free_events:#?}");
+    assert_eq!(str_of(free_events[0], "capture"), "ebpf");
+    assert_eq!(stats["proxy"]["blocked"], 4, "{stats:#}");
+    assert!(stats["kernel"]["redirected"].as_u64().unwrap() > 3 * CLIENTS as u64);
+}
