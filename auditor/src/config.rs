@@ -125,6 +125,10 @@ pub struct ProxyConfig {
     /// Largest client message the proxy holds to judge (a statement, a Bind); a larger
     /// one is refused in an enforced session (fail closed). Default: 64 MiB.
     pub max_message_bytes: u32,
+    /// Where the redirect is pinned (on bpffs), so that enforcement holds while the daemon
+    /// restarts: the next daemon takes it over; `auditor detach` removes it. Default:
+    /// /sys/fs/bpf/auditor.
+    pub pin_dir: PathBuf,
 }
 
 impl Default for ProxyConfig {
@@ -133,6 +137,7 @@ impl Default for ProxyConfig {
             enabled: Toggle::Auto,
             port: 15432,
             max_message_bytes: 64 << 20,
+            pin_dir: PathBuf::from("/sys/fs/bpf/auditor"),
         }
     }
 }
@@ -373,6 +378,7 @@ proxy:
   enabled: auto                    # the inline proxy of workloads under an enforce policy
   port: 15432                      # on 127.0.0.1 and ::1; redirected connections land here
   max_message_bytes: 67108864      # larger statements are refused in enforced sessions
+  pin_dir: /sys/fs/bpf/auditor     # the redirect stays here across restarts (auditor detach)
 local_log:
   enabled: true
   rotate_bytes: 104857600          # start a new file past 100 MiB

@@ -200,10 +200,23 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     let previous_stats: Option<Stats> = std::fs::read_to_string(cfg.stats_path())
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
+    // Where the redirect is pinned: enforcement then holds while the daemon restarts.
+    let pins = if cfg.proxy.active() {
+        match crate::proxy::redirect::prepare_pin_dir(&cfg.proxy.pin_dir) {
+            Ok(()) => Some(cfg.proxy.pin_dir.clone()),
+            Err(e) => {
+                tracing::warn!("the redirect cannot be pinned ({e}): enforcement will not hold while the daemon restarts");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut capture = Capture::start(
         &cfg.endpoints,
         cfg.capture.ring_buffer_bytes,
         cfg.capture.tls,
+        pins.as_deref(),
     )?;
     let sinks = sink::build(cfg).map_err(DaemonError::Sink)?;
     let mut tracker = Tracker::new(TrackerConfig {
@@ -266,6 +279,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     let mut enforcement = if cfg.proxy.active() {
         match crate::proxy::Enforcement::start(
             capture.ebpf_mut(),
+            pins.as_deref(),
             cfg.proxy.port,
             policies.set.clone(),
             crate::policy::Defaults {
@@ -606,6 +620,10 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             );
         }
     }
+    let final_proxy_stats = enforcement.as_ref().map(|e| e.stats());
+    if let Some(e) = enforcement.take() {
+        e.release();
+    }
     tracker.shutdown(&mut batch);
     if !batch.is_empty() {
         let _ = tx.send(std::mem::take(&mut batch));
@@ -617,7 +635,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         &capture,
         &finder,
         policies.counters,
-        enforcement.as_ref().map(|e| e.stats()),
+        final_proxy_stats,
         report.errors,
     );
     write_stats(&stats_path, &stats);

@@ -148,6 +148,16 @@ enum Command {
     /// Check, try out and explain policies (see policies/ for examples).
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Lift enforcement left in place by a stopped daemon: remove the pinned redirect
+    /// programs and maps (`proxy.pin_dir`). While the daemon is stopped with an enforce
+    /// policy in force, connections of enforced and new workloads to Postgres are refused
+    /// (enforcement fails closed); run this when uninstalling. A running daemon keeps its
+    /// own enforcement until it stops.
+    Detach {
+        /// The daemon's configuration (its `proxy.pin_dir`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -314,6 +324,17 @@ fn dispatch(args: Args) -> anyhow::Result<()> {
         }
         Command::ConfigExample => print!("{}", auditor::config::EXAMPLE),
         Command::Policy(cmd) => policy_command(cmd)?,
+        Command::Detach { config } => {
+            let cfg = policy_config(&config)?;
+            let removed = auditor::proxy::redirect::detach(&cfg.proxy.pin_dir)?;
+            if removed.is_empty() {
+                println!("nothing pinned in {}", cfg.proxy.pin_dir.display());
+            } else {
+                for p in removed {
+                    println!("removed {}", p.display());
+                }
+            }
+        }
         Command::Doctor { config } => {
             let cfg = policy_config(&config)?;
             if !auditor::doctor::report(&auditor::doctor::run_checks(&cfg)) {

@@ -56,14 +56,13 @@ fn an_enforced_workload_goes_through_the_proxy_and_forbidden_statements_never_ar
     )
     .unwrap();
     let proxy_port = auditor_tests::free_port();
-    let mut daemon = Daemon::start(
-        pg.port,
-        &format!(
-            "policies_dir: {}\nproxy: {{port: {proxy_port}}}\n",
-            policies.path().display()
-        ),
-    )
-    .unwrap();
+    let pin_dir = format!("/sys/fs/bpf/auditor-test-{}", std::process::id());
+    let config = format!(
+        "policies_dir: {}\nproxy: {{port: {proxy_port}, pin_dir: {pin_dir}}}\n",
+        policies.path().display()
+    );
+    let _detach = Detach(pin_dir.clone());
+    let mut daemon = Daemon::start(pg.port, &config).unwrap();
 
     // psql, unchanged, dialling the server's own address: redirected into the proxy.
     let script = "\
@@ -194,4 +193,62 @@ SELECT 'after-' || bbalance AS balance FROM pgbench_branches WHERE bid = 1;
     assert_eq!(str_of(free_events[0], "capture"), "ebpf");
     assert_eq!(stats["proxy"]["blocked"], 4, "{stats:#}");
     assert!(stats["kernel"]["redirected"].as_u64().unwrap() > 3 * CLIENTS as u64);
+
+    // Enforcement holds while the daemon is stopped (it stopped with the policy in
+    // force): the enforced workload cannot reach Postgres around the proxy; others can.
+    let attempt_sql = |cg: &Cgroup, app: &str, sql: &str| {
+        let mut cmd = pg.psql();
+        cmd.args(["-c", sql])
+            .env("PGAPPNAME", app)
+            .env("PGCONNECT_TIMEOUT", "5");
+        cg.enter(&mut cmd);
+        run(&mut cmd)
+    };
+    let attempt =
+        |cg: &Cgroup, app: &str| attempt_sql(cg, app, "DROP TABLE IF EXISTS pgbench_history");
+    let (ok, _, err) = attempt(&enforced, "while_stopped");
+    assert!(
+        !ok,
+        "an enforced client got through while the daemon was stopped"
+    );
+    assert!(err.contains("Operation not permitted"), "{err}");
+    let (ok, _, err) = attempt_sql(&free, "free_while_stopped", "SELECT 1");
+    assert!(ok, "{err}");
+
+    // The next daemon takes the redirect over; killed, it still leaves it refusing.
+    let mut daemon = Daemon::start(pg.port, &config).unwrap();
+    let (ok, _, err) = attempt(&enforced, "after_restart");
+    assert!(!ok && err.contains("rule \"no-ddl\""), "{err}");
+    daemon.kill().unwrap();
+    let (ok, _, err) = attempt(&enforced, "while_killed");
+    assert!(
+        !ok,
+        "an enforced client got through while the daemon was down"
+    );
+    assert!(err.contains("Connection refused"), "{err}");
+    let log = std::fs::read_to_string(pg.log_path()).unwrap();
+    assert!(
+        !log.contains("DROP TABLE IF EXISTS pgbench_history"),
+        "{log}"
+    );
+
+    // `auditor detach` lifts it.
+    drop(_detach);
+    let (ok, _, err) = attempt(&enforced, "after_detach");
+    assert!(ok, "{err}");
+}
+
+/// Removes the test's pinned redirect, whatever happens.
+struct Detach(String);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("c.yaml");
+        std::fs::write(&config, format!("proxy: {{pin_dir: {}}}\n", self.0)).unwrap();
+        let _ = Command::new(auditor_tests::auditor_bin())
+            .args(["detach", "--config"])
+            .arg(&config)
+            .status();
+    }
 }

@@ -310,10 +310,13 @@ impl Capture {
     /// Loads and configures everything; [`Capture::attach`] then begins capture. On error
     /// nothing stays attached (the programs and links are dropped with the `Ebpf`).
     /// `tls`: also load the OpenSSL uprobes and watch for new programs and libraries.
+    /// `redirect_pins`: a directory on bpffs where the redirect's maps are pinned (and
+    /// found again by the next daemon, so that enforcement holds across a restart).
     pub fn start(
         endpoints: &[Endpoint],
         ring_buffer_bytes: u32,
         tls: bool,
+        redirect_pins: Option<&Path>,
     ) -> Result<Self, CaptureError> {
         // Records wake the daemon only when an eighth of the ring is waiting; otherwise it
         // drains on its own timer (`poll`).
@@ -326,7 +329,19 @@ impl Capture {
         let offsets = btf::Btf::from_sys_fs()?.kernel_offsets()?;
         let tgid = std::process::id();
         let chunks_per_call = chunks_per_call(ring_buffer_bytes);
-        let mut ebpf = EbpfLoader::new()
+        let pin_paths: Vec<(&str, PathBuf)> = redirect_pins
+            .map(|dir| {
+                crate::proxy::redirect::PINNED_MAPS
+                    .iter()
+                    .map(|m| (*m, dir.join(m)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .override_global("OFFSETS", &offsets, true)
             .override_global("DAEMON_TGID", &tgid, true)
             .override_global("WAKE_BYTES", &wake_bytes, true)

@@ -198,12 +198,13 @@ impl Enforcement {
     /// Attaches the redirect (acting on nothing yet) and starts the proxy.
     pub fn start(
         ebpf: &mut aya::Ebpf,
+        pins: Option<&std::path::Path>,
         port: u16,
         policies: Arc<PolicySet>,
         defaults: Defaults,
         limits: TokenizerLimits,
     ) -> Result<Enforcement, EnforcementError> {
-        let redirect = redirect::Redirect::attach(ebpf)?;
+        let redirect = redirect::Redirect::attach(ebpf, pins)?;
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared::new(
             redirect.maps.clone(),
@@ -277,6 +278,12 @@ impl Enforcement {
         self.redirect
             .configure(self.proxy.port, any)
             .map_err(EnforcementError::Configure)
+    }
+
+    /// At the daemon's stop: enforcement stays (refusing) while an enforce policy is in
+    /// force, else the redirect is removed.
+    pub fn release(self) {
+        self.redirect.release(self.policies.any_enforce());
     }
 
     pub fn stats(&self) -> ProxyStats {

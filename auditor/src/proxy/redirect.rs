@@ -22,6 +22,77 @@ const SOCK_ADDR_PROGRAMS: [&str; 4] = [
     "redirect_getpeername6",
 ];
 const SOCK_OPS_PROGRAM: &str = "redirect_sock_ops";
+/// The programs whose links are pinned, so that they stay attached when the daemon stops
+/// (a restart, a crash): enforced workloads' connections are then refused, not let through.
+const PINNED_LINKS: [&str; 2] = ["redirect_connect4", "redirect_connect6"];
+/// The maps the programs of successive daemons share (pinned by name in the pin directory).
+pub const PINNED_MAPS: [&str; 4] = ["ENFORCED", "REDIRECT", "ORIG_BY_COOKIE", "ORIG_BY_PEER"];
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Makes `dir` usable for pins: bpffs mounted at /sys/fs/bpf (mounted here if it is not,
+/// as systemd does at boot), the directory created.
+pub fn prepare_pin_dir(dir: &Path) -> Result<(), String> {
+    let bpffs = Path::new("/sys/fs/bpf");
+    if !dir.starts_with(bpffs) {
+        return Err(format!("{} is not under /sys/fs/bpf", dir.display()));
+    }
+    if !is_bpffs(bpffs) {
+        let (src, fstype) = (c"bpf", c"bpf");
+        let target = c"/sys/fs/bpf";
+        // SAFETY: static NUL-terminated strings; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(format!(
+                "bpffs is not mounted at /sys/fs/bpf and mounting it failed: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    std::fs::create_dir_all(dir.join("links")).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: a NUL-terminated path and a zeroed statfs the call fills.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Removes the pins of `dir` (`auditor detach`): the pinned programs detach, the maps go
+/// when nothing uses them. Returns what was removed.
+pub fn detach(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for name in PINNED_LINKS {
+        let p = dir.join("links").join(name);
+        if p.exists() {
+            std::fs::remove_file(&p)?;
+            removed.push(p);
+        }
+    }
+    for name in PINNED_MAPS {
+        let p = dir.join(name);
+        if p.exists() {
+            std::fs::remove_file(&p)?;
+            removed.push(p);
+        }
+    }
+    let _ = std::fs::remove_dir(dir.join("links"));
+    let _ = std::fs::remove_dir(dir);
+    Ok(removed)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
@@ -104,6 +175,9 @@ pub struct Redirect {
     config: Array<MapData, RedirectConfig>,
     /// What the kernel map holds, to write only changes.
     verdicts: HashMap<u64, u8>,
+    /// Where the links and maps are pinned, if they are.
+    pins: Option<PathBuf>,
+    links: Vec<aya::programs::links::PinnedLink>,
     pub root: PathBuf,
     pub maps: Arc<Mutex<RedirectMaps>>,
 }
@@ -111,7 +185,10 @@ pub struct Redirect {
 impl Redirect {
     /// Loads and attaches the programs at the cgroup v2 root. Nothing is redirected until
     /// [`Redirect::configure`] names the proxy's port and cgroups get a verdict.
-    pub fn attach(ebpf: &mut Ebpf) -> Result<Redirect, RedirectError> {
+    /// With `pins` (prepared by [`prepare_pin_dir`], and the maps loaded from it): the
+    /// links of connect4/6 are pinned there, replacing (detaching) those of the daemon
+    /// before, once the new ones are attached.
+    pub fn attach(ebpf: &mut Ebpf, pins: Option<&Path>) -> Result<Redirect, RedirectError> {
         let root = crate::workload::cgroup2_mount().ok_or(RedirectError::NoCgroup2)?;
         let cgroup = std::fs::File::open(&root).map_err(|source| RedirectError::Cgroup {
             path: root.display().to_string(),
@@ -127,6 +204,7 @@ impl Redirect {
         let config = take(ebpf, "REDIRECT")?;
         let by_peer = take(ebpf, "ORIG_BY_PEER")?;
         let proxy_peers = take(ebpf, "PROXY_PEERS")?;
+        let mut links = Vec::new();
         for name in SOCK_ADDR_PROGRAMS {
             let p: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -134,8 +212,32 @@ impl Redirect {
                 .and_then(|p| p.try_into())
                 .map_err(program_err(name))?;
             p.load().map_err(program_err(name))?;
-            p.attach(&cgroup, CgroupAttachMode::Single)
+            let id = p
+                .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(program_err(name))?;
+            let Some(dir) = pins.filter(|_| PINNED_LINKS.contains(&name)) else {
+                continue;
+            };
+            let link = p.take_link(id).map_err(program_err(name))?;
+            let fd: aya::programs::links::FdLink =
+                link.try_into()
+                    .map_err(|e: aya::programs::links::LinkError| RedirectError::Map {
+                        name: "link",
+                        detail: format!("{name}: {e}"),
+                    })?;
+            let path = dir.join("links").join(name);
+            if path.exists() {
+                // The previous daemon's link: detached now that this one runs.
+                match aya::programs::links::PinnedLink::from_pin(&path) {
+                    Ok(old) => drop(old.unpin()),
+                    Err(_) => drop(std::fs::remove_file(&path)),
+                }
+            }
+            let pinned = fd.pin(&path).map_err(|e| RedirectError::Map {
+                name: "link",
+                detail: format!("pinning {}: {e}", path.display()),
+            })?;
+            links.push(pinned);
         }
         let p: &mut SockOps = ebpf
             .program_mut(SOCK_OPS_PROGRAM)
@@ -149,6 +251,8 @@ impl Redirect {
             enforced,
             config,
             verdicts: HashMap::new(),
+            pins: pins.map(Path::to_path_buf),
+            links,
             root,
             maps: Arc::new(Mutex::new(RedirectMaps {
                 by_peer,
@@ -197,6 +301,35 @@ impl Redirect {
             }
         }
         changed
+    }
+
+    /// At the daemon's stop. `keep_enforcing` (an enforce policy is in force, and the links
+    /// are pinned): the links stay and refuse enforced workloads' connections until the
+    /// next daemon takes over (nothing listens for them meanwhile); else everything is
+    /// detached and unpinned.
+    pub fn release(self, keep_enforcing: bool) {
+        let Some(dir) = &self.pins else { return };
+        if keep_enforcing {
+            let mut config = self.config;
+            let cfg = RedirectConfig {
+                proxy_port: 0,
+                redirect_unknown: 1,
+                _pad: [0; 5],
+            };
+            if let Err(e) = config.set(0, cfg, 0) {
+                tracing::warn!("redirect: could not switch to refusing at stop: {e}");
+            }
+            tracing::info!(
+                "enforcement holds while the daemon is stopped: connections of enforced (and \
+                 new) workloads to Postgres are refused until it starts again (`auditor detach` \
+                 lifts this)"
+            );
+            return;
+        }
+        drop(self.links);
+        if let Err(e) = detach(dir) {
+            tracing::warn!("redirect: removing the pins in {}: {e}", dir.display());
+        }
     }
 
     /// How many cgroups are redirected now.
