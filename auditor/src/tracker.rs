@@ -1247,6 +1247,30 @@ fn apply_policy(
             applied.raw_params,
         );
     }
+    if s.proxied && ev.error_code.as_str() == crate::proxy::relay::BLOCKED_SQLSTATE {
+        if let Some((policy, rule)) = crate::proxy::relay::parse_refusal(&ev.error_message) {
+            // The proxy refused it: its decision, as it told the client. A simple query
+            // of several statements is refused whole: the event shows the whole string.
+            counters.decisions += 1;
+            ev.decision = Text::Static("blocked");
+            ev.decision_rule = format!("{policy}/{rule}").into();
+            if let Some(whole) = &source.whole {
+                let whole_source = crate::audit::recorder::Source {
+                    analysis: Some(crate::sql::Analyzer::new(1).analyze(whole)),
+                    sql: Some(whole.clone()),
+                    ..Default::default()
+                };
+                render(
+                    ev,
+                    &whole_source,
+                    recording,
+                    applied.raw_statements,
+                    applied.raw_params,
+                );
+            }
+            return;
+        }
+    }
     if !applied.judges {
         return;
     }

@@ -77,6 +77,8 @@ pub struct Source {
     pub multi: bool,
     /// A FunctionCall message: what it runs is not SQL.
     pub function_call: bool,
+    /// For one of several statements of a simple query: the whole string.
+    pub whole: Option<Arc<str>>,
 }
 
 /// Renders a statement's text and parameters into its event as a policy says: raw, or
@@ -143,6 +145,7 @@ impl Recorder {
         let mut ev = kind_event(EventKind::Statement);
         let mut source = Source {
             multi: s.multi,
+            whole: s.whole.clone(),
             ..Source::default()
         };
         ev.protocol = Text::Static(match s.protocol {

@@ -300,6 +300,9 @@ pub struct StatementOutcome {
     pub ended_ns: i128,
     /// One of several statements of a simple query string.
     pub multi: bool,
+    /// For one of several statements: the whole query string (what a proxy that refused
+    /// the string whole refused).
+    pub whole: Option<Arc<str>>,
 }
 
 /// What the conversation tells its driver.
@@ -800,6 +803,7 @@ impl Conversation {
                     started_ns: ts,
                     ended_ns: ts,
                     multi: false,
+                    whole: None,
                 }));
             }
             return;
@@ -995,6 +999,7 @@ impl Conversation {
             started_ns: started,
             ended_ns: ended,
             multi: false,
+            whole: None,
         })
     }
 
@@ -1061,6 +1066,7 @@ impl Conversation {
                     started_ns: start,
                     ended_ns: ts,
                     multi,
+                    whole: multi.then(|| Arc::from(whole.as_str())),
                 }));
             }
             Pending::Parse { .. }
@@ -1248,6 +1254,7 @@ impl Conversation {
                             started_ns,
                             ended_ns: ts,
                             multi: s.multi,
+                            whole: None,
                         }));
                     }
                 }

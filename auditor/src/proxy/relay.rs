@@ -538,10 +538,7 @@ impl Relay {
 
     fn write_refusal(&mut self, r: &Refusal) {
         let d = &r.decision;
-        let message = format!(
-            "statement blocked by policy \"{}\" (rule \"{}\")",
-            d.policy, d.rule
-        );
+        let message = refusal_message(&d.policy, &d.rule);
         let mut extra: Vec<(u8, &str)> = Vec::new();
         if let Some(m) = &d.message {
             extra.push((b'D', m.as_str()));
@@ -554,5 +551,36 @@ impl Relay {
             &message,
             &extra,
         );
+    }
+}
+
+const REFUSAL_PREFIX: &str = "statement blocked by policy \"";
+
+/// The message of the proxy's refusal (what the client and the trail show).
+pub fn refusal_message(policy: &str, rule: &str) -> String {
+    format!("{REFUSAL_PREFIX}{policy}\" (rule \"{rule}\")")
+}
+
+/// The policy and rule named by a refusal's message, if it is one.
+pub fn parse_refusal(message: &str) -> Option<(&str, &str)> {
+    let rest = message.strip_prefix(REFUSAL_PREFIX)?;
+    let (policy, rest) = rest.split_once("\" (rule \"")?;
+    let rule = rest.strip_suffix("\")")?;
+    Some((policy, rule))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_messages_round_trip() {
+        let m = refusal_message("agents", "no-ddl");
+        assert_eq!(
+            m,
+            "statement blocked by policy \"agents\" (rule \"no-ddl\")"
+        );
+        assert_eq!(parse_refusal(&m), Some(("agents", "no-ddl")));
+        assert_eq!(parse_refusal("permission denied for table t"), None);
     }
 }
