@@ -1169,7 +1169,13 @@ fn finish(
                 ev.flags.insert(Flag::PodUnknown);
             }
         }
-        ev.server_pid = s.server.as_ref().map(|i| i.pid).unwrap_or(0);
+        // The server end's process, or (when only the client end is seen, as through the
+        // proxy) the backend that BackendKeyData named.
+        ev.server_pid = s
+            .server
+            .as_ref()
+            .map(|i| i.pid)
+            .unwrap_or(s.session.meta().backend_pid);
         apply_policy(
             s,
             &mut ev,

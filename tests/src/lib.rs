@@ -1100,3 +1100,27 @@ impl Drop for NestedCgroup {
         }
     }
 }
+
+/// Removes a test daemon's pinned redirect (`auditor detach`) when dropped, whatever
+/// happened: enforcement outlives a daemon that stops with an enforce policy in force.
+pub struct DetachOnDrop(String);
+
+impl DetachOnDrop {
+    pub fn new(pin_dir: &str) -> Self {
+        DetachOnDrop(pin_dir.to_string())
+    }
+}
+
+impl Drop for DetachOnDrop {
+    fn drop(&mut self) {
+        let Ok(dir) = tempfile::tempdir() else { return };
+        let config = dir.path().join("c.yaml");
+        if std::fs::write(&config, format!("proxy: {{pin_dir: {}}}\n", self.0)).is_ok() {
+            let _ = Command::new(auditor_bin())
+                .args(["detach", "--config"])
+                .arg(&config)
+                .stdout(Stdio::null())
+                .status();
+        }
+    }
+}

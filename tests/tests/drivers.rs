@@ -28,13 +28,47 @@ fn node_modules() -> PathBuf {
 /// Runs `client` (which gets PORT APP SECRET as its last arguments) against a fresh
 /// Postgres under a fresh daemon and checks the trail against the server's own log.
 /// `skipped` is a statement the workload makes the server skip (never executed).
-fn check_driver(test: &str, app: &str, mut client: Command, skipped: Option<&str>) {
+fn check_driver(test: &str, app: &str, client: Command, skipped: Option<&str>) {
+    check_driver_as(test, app, client, skipped, false)
+}
+
+/// With `enforced`, the driver's cgroup is under an `enforce` policy (whose rule this
+/// workload never breaks): its connections go through the redirect and the inline proxy,
+/// and the same checks hold, every event saying `capture = proxy`.
+fn check_driver_as(
+    test: &str,
+    app: &str,
+    mut client: Command,
+    skipped: Option<&str>,
+    enforced: bool,
+) {
     if !can_run(test) {
         return;
     }
     let pg = Postgres::start(&[]).unwrap();
-    let mut daemon = Daemon::start(pg.port, "").unwrap();
     let cg = Cgroup::new(app).unwrap();
+    let policies = tempfile::tempdir().unwrap();
+    let pin_dir = format!("/sys/fs/bpf/auditor-test-{app}-{}", std::process::id());
+    let config = if enforced {
+        std::fs::write(
+            policies.path().join("p.yaml"),
+            format!(
+                "name: drivers\nselector: {{matchLabels: {{cgroup.path: {}}}}}\nmode: enforce\n\
+                 block:\n  - name: no-server-files\n    when: {{functions: [pg_read_file]}}\n",
+                cg.name
+            ),
+        )
+        .unwrap();
+        format!(
+            "policies_dir: {}\nproxy: {{port: {}, pin_dir: {pin_dir}}}\n",
+            policies.path().display(),
+            auditor_tests::free_port()
+        )
+    } else {
+        String::new()
+    };
+    let _detach = enforced.then(|| auditor_tests::DetachOnDrop::new(&pin_dir));
+    let mut daemon = Daemon::start(pg.port, &config).unwrap();
     let secret = format!("drvsecret{}x{}", std::process::id(), pg.port);
     client
         .args([&pg.port.to_string(), app, &secret])
@@ -81,6 +115,11 @@ fn check_driver(test: &str, app: &str, mut client: Command, skipped: Option<&str
             "{app}: not the driver's process: {e}"
         );
         assert_eq!(str_of(e, "cgroup_path"), cg.name, "{e}");
+        assert_eq!(
+            str_of(e, "capture"),
+            if enforced { "proxy" } else { "ebpf" },
+            "{e}"
+        );
         let flags: Vec<&str> = e["flags"]
             .as_array()
             .map(|f| f.iter().filter_map(|v| v.as_str()).collect())
@@ -177,17 +216,26 @@ fn asyncpg() {
 }
 
 #[test]
+fn asyncpg_through_the_proxy() {
+    let mut cmd = Command::new(python3());
+    cmd.arg(helper("asyncpg_client.py"));
+    check_driver_as(
+        "asyncpg_through_the_proxy",
+        "drv_asyncpg_enf",
+        cmd,
+        None,
+        true,
+    );
+}
+
+#[test]
 fn psycopg3_pipeline() {
     let mut cmd = Command::new(python3());
     cmd.arg(helper("psycopg_client.py"));
     check_driver("psycopg3_pipeline", "drv_psycopg", cmd, Some("'skipped'"));
 }
 
-#[test]
-fn pgjdbc() {
-    if !can_run("pgjdbc") {
-        return;
-    }
+fn pgjdbc_command() -> Command {
     // Compiled once per run into the target directory.
     let classes = workspace_root().join("target/test-deps/jdbc");
     std::fs::create_dir_all(&classes).unwrap();
@@ -203,7 +251,29 @@ fn pgjdbc() {
     cmd.arg("-cp")
         .arg(format!("{jar}:{}", classes.display()))
         .arg("PgjdbcClient");
-    check_driver("pgjdbc", "drv_jdbc", cmd, None);
+    cmd
+}
+
+#[test]
+fn pgjdbc() {
+    if !can_run("pgjdbc") {
+        return;
+    }
+    check_driver("pgjdbc", "drv_jdbc", pgjdbc_command(), None);
+}
+
+#[test]
+fn pgjdbc_through_the_proxy() {
+    if !can_run("pgjdbc_through_the_proxy") {
+        return;
+    }
+    check_driver_as(
+        "pgjdbc_through_the_proxy",
+        "drv_jdbc_enf",
+        pgjdbc_command(),
+        None,
+        true,
+    );
 }
 
 #[test]

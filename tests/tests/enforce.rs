@@ -61,7 +61,7 @@ fn an_enforced_workload_goes_through_the_proxy_and_forbidden_statements_never_ar
         "policies_dir: {}\nproxy: {{port: {proxy_port}, pin_dir: {pin_dir}}}\n",
         policies.path().display()
     );
-    let _detach = Detach(pin_dir.clone());
+    let _detach = auditor_tests::DetachOnDrop::new(&pin_dir);
     let mut daemon = Daemon::start(pg.port, &config).unwrap();
 
     // psql, unchanged, dialling the server's own address: redirected into the proxy.
@@ -238,21 +238,6 @@ SELECT 'after-' || bbalance AS balance FROM pgbench_branches WHERE bid = 1;
     assert!(ok, "{err}");
 }
 
-/// Removes the test's pinned redirect, whatever happens.
-struct Detach(String);
-
-impl Drop for Detach {
-    fn drop(&mut self) {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("c.yaml");
-        std::fs::write(&config, format!("proxy: {{pin_dir: {}}}\n", self.0)).unwrap();
-        let _ = Command::new(auditor_tests::auditor_bin())
-            .args(["detach", "--config"])
-            .arg(&config)
-            .status();
-    }
-}
-
 /// Reads messages until `ready` ReadyForQuery: (tag, body) of each.
 fn read_messages(s: &mut std::net::TcpStream, ready: usize) -> Vec<(u8, Vec<u8>)> {
     use std::io::Read;
@@ -312,7 +297,7 @@ fn the_proxy_refuses_with_postgres_own_error_semantics() {
     )
     .unwrap();
     let pin_dir = format!("/sys/fs/bpf/auditor-test-raw-{}", std::process::id());
-    let _detach = Detach(pin_dir.clone());
+    let _detach = auditor_tests::DetachOnDrop::new(&pin_dir);
     let mut daemon = Daemon::start(
         pg.port,
         &format!(

@@ -56,6 +56,8 @@ pub struct SessionMeta {
     pub database: Text,
     pub application_name: Text,
     pub tls: bool,
+    /// The backend's process id, from BackendKeyData (0 until it came).
+    pub backend_pid: u32,
 }
 
 /// A result column, as RowDescription gave it, its name owned. (In a statement's
@@ -752,6 +754,10 @@ impl Conversation {
             }
             BackendMessage::NoticeResponse(_) | BackendMessage::NotificationResponse { .. } => {
                 return
+            }
+            BackendMessage::BackendKeyData { pid, .. } => {
+                self.meta.backend_pid = *pid;
+                return;
             }
             BackendMessage::ErrorResponse(e) if self.phase == Phase::Authenticating => {
                 self.startup_error = Some(e.summary());
