@@ -64,7 +64,7 @@ enum Cmd {
         #[arg(long)]
         seconds: Option<u32>,
     },
-    /// Run the fuzz targets (auditor/fuzz: codec, session) with the pinned nightly and
+    /// Run the fuzz targets (auditor/fuzz: codec, session, proxy) with the pinned nightly and
     /// cargo-fuzz, each for a bounded time; a crash leaves its input in
     /// auditor/fuzz/artifacts/TARGET/ and fails the command.
     Fuzz {
@@ -106,7 +106,7 @@ pub fn cargo() -> Command {
 }
 
 /// Fuzz targets in auditor/fuzz/fuzz_targets.
-const FUZZ_TARGETS: &[&str] = &["codec", "session"];
+const FUZZ_TARGETS: &[&str] = &["codec", "session", "proxy"];
 
 fn fuzz(seconds: u32, only: &[String]) -> Result<()> {
     for target in FUZZ_TARGETS {
@@ -281,7 +281,7 @@ fn main() -> Result<()> {
                 .env("CI", "true")
                 .args(["test", "--release", "--", "--test-threads=1"]))?;
             // The parsers under arbitrary bytes, bounded: a minute per target.
-            fuzz(60, &[])?;
+            fuzz(45, &[])?;
             // The benchmark in seconds, so the command never rots.
             bench::bench(bench::Options {
                 smoke: true,
