@@ -24,6 +24,10 @@ enum Config {
     AuditorClickHouse,
     Pgaudit,
     LogStatementAll,
+    /// pgbench in a cgroup under an enforce policy: redirected into the inline proxy
+    /// (which also records every statement).
+    AuditorProxy,
+    Pgbouncer,
 }
 
 impl Config {
@@ -35,11 +39,24 @@ impl Config {
             Config::AuditorClickHouse => "clickhouse",
             Config::Pgaudit => "pgaudit",
             Config::LogStatementAll => "log_statement",
+            Config::AuditorProxy => "proxy",
+            Config::Pgbouncer => "pgbouncer",
         }
     }
 
     fn is_auditor(self) -> bool {
-        matches!(self, Config::AuditorLocalLog | Config::AuditorClickHouse)
+        matches!(
+            self,
+            Config::AuditorLocalLog | Config::AuditorClickHouse | Config::AuditorProxy
+        )
+    }
+
+    /// Runs whose per-transaction latencies are logged (the proxy's table).
+    fn logs_latency(self) -> bool {
+        matches!(
+            self,
+            Config::None | Config::AuditorProxy | Config::Pgbouncer
+        )
     }
 
     fn name(self) -> &'static str {
@@ -49,6 +66,8 @@ impl Config {
             Config::AuditorClickHouse => "auditor, local log + ClickHouse",
             Config::Pgaudit => "pgaudit, log = all",
             Config::LogStatementAll => "log_statement = all",
+            Config::AuditorProxy => "auditor, enforcing: through the inline proxy",
+            Config::Pgbouncer => "pgbouncer, session mode (no auditing)",
         }
     }
 }
@@ -71,6 +90,9 @@ struct Sample {
     /// Seconds after pgbench ended until ClickHouse had acknowledged every event.
     clickhouse_catchup_s: Option<f64>,
     expected: Option<u64>,
+    /// Per-transaction latency percentiles from pgbench's log, µs.
+    latency_p50_us: Option<f64>,
+    latency_p99_us: Option<f64>,
 }
 
 /// Busy CPU time of the whole machine, in ns (USER_HZ ticks from /proc/stat).
@@ -184,9 +206,18 @@ impl Workload {
     }
 }
 
+/// What the proxy and pgbouncer configurations need: the enforced cgroup pgbench runs in,
+/// the daemon configuration that enforces on it, and pgbouncer's port.
+struct ProxySetup {
+    cgroup: auditor_tests::Cgroup,
+    daemon_config: String,
+    pgbouncer_port: u16,
+}
+
 fn one_run(
     pg: &Postgres,
     clickhouse: Option<&auditor_tests::ClickHouse>,
+    proxy: Option<&ProxySetup>,
     config: Config,
     w: &Workload,
     seconds: u32,
@@ -220,7 +251,11 @@ fn one_run(
                 ),
             )?)
         }
-        Config::None => {}
+        Config::AuditorProxy => {
+            let p = proxy.context("no proxy setup")?;
+            daemon = Some(Daemon::start(pg.port, &p.daemon_config)?)
+        }
+        Config::None | Config::Pgbouncer => {}
     }
     let daemon_pid = daemon.as_ref().map(|d: &Daemon| d.pid());
     let cpu0 = busy_cpu_ns()?;
@@ -241,11 +276,28 @@ fn one_run(
     if w.select_only {
         cmd.arg("-S");
     }
+    let log_dir = tempfile::tempdir()?;
+    if config.logs_latency() {
+        cmd.arg("-l")
+            .arg(format!("--log-prefix={}/lat", log_dir.path().display()));
+    }
+    match (config, proxy) {
+        (Config::Pgbouncer, Some(p)) => {
+            cmd.args(["-p", &p.pgbouncer_port.to_string()]);
+        }
+        (Config::AuditorProxy, Some(p)) => p.cgroup.enter(&mut cmd),
+        _ => {}
+    }
     cmd.arg("postgres");
     let out = cmd.output()?;
     if !out.status.success() {
         bail!("pgbench failed: {}", String::from_utf8_lossy(&out.stderr));
     }
+    let latencies = if config.logs_latency() {
+        Some(latency_percentiles(log_dir.path())?)
+    } else {
+        None
+    };
     let cpu1 = busy_cpu_ns()?;
     let (tps, latency_ms, transactions) = parse_pgbench(&String::from_utf8_lossy(&out.stdout))?;
     let mut s = Sample {
@@ -253,6 +305,8 @@ fn one_run(
         latency_ms,
         transactions,
         cpu_ns_per_tx: (cpu1 - cpu0) as f64 / transactions.max(1) as f64,
+        latency_p50_us: latencies.map(|l| l.0),
+        latency_p99_us: latencies.map(|l| l.1),
         ..Sample::default()
     };
     if let (Some(mut d), Some(pid)) = (daemon, daemon_pid) {
@@ -328,6 +382,80 @@ fn one_run(
         sql(pg, "SELECT pg_reload_conf()")?;
     }
     Ok(s)
+}
+
+/// Median and 99th percentile of the per-transaction latencies (µs) in pgbench's logs
+/// (`-l`: one file per thread; the third field of each line is the latency).
+fn latency_percentiles(dir: &Path) -> Result<(f64, f64)> {
+    let mut all: Vec<u64> = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let text = std::fs::read_to_string(entry?.path())?;
+        all.extend(
+            text.lines()
+                .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok()),
+        );
+    }
+    if all.is_empty() {
+        bail!("pgbench wrote no latency log");
+    }
+    all.sort_unstable();
+    let at = |q: f64| all[((all.len() - 1) as f64 * q).round() as usize] as f64;
+    Ok((at(0.5), at(0.99)))
+}
+
+/// Starts pgbouncer (session mode, trust) in front of `pg` on a free port, as user
+/// postgres; stopped when the returned directory's owner kills it (see `Pgbouncer`).
+struct Pgbouncer {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Pgbouncer {
+    fn start(pg: &Postgres) -> Result<Pgbouncer> {
+        let dir = tempfile::Builder::new()
+            .prefix("auditor-pgbouncer-")
+            .tempdir()?;
+        let port = auditor_tests::free_port();
+        let d = dir.path().display().to_string();
+        std::fs::write(dir.path().join("userlist.txt"), "\"postgres\" \"\"\n")?;
+        std::fs::write(
+            dir.path().join("pgbouncer.ini"),
+            format!(
+                "[databases]\npostgres = host=127.0.0.1 port={}\n[pgbouncer]\n\
+                 listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+                 auth_type = trust\nauth_file = {d}/userlist.txt\npool_mode = session\n\
+                 max_client_conn = 200\ndefault_pool_size = 50\n\
+                 logfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\n",
+                pg.port
+            ),
+        )?;
+        crate::run(Command::new("chown").args(["-R", "postgres:postgres", &d]))?;
+        crate::run(Command::new("runuser").args([
+            "-u",
+            "postgres",
+            "--",
+            "pgbouncer",
+            "-d",
+            &format!("{d}/pgbouncer.ini"),
+        ]))?;
+        // Ready when it accepts connections.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("pgbouncer did not start (see {d}/pgbouncer.log)");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Pgbouncer { dir, port })
+    }
+}
+
+impl Drop for Pgbouncer {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.dir.path().join("pgbouncer.pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -409,9 +537,11 @@ pub fn bench(opts: Options) -> Result<()> {
         Config::AuditorClickHouse,
         Config::Pgaudit,
         Config::LogStatementAll,
+        Config::AuditorProxy,
+        Config::Pgbouncer,
     ];
     let configs: Vec<Config> = if smoke {
-        vec![Config::None, Config::AuditorLocalLog]
+        vec![Config::None, Config::AuditorLocalLog, Config::AuditorProxy]
     } else if opts.configs.is_empty() {
         all_configs.to_vec()
     } else {
@@ -466,6 +596,35 @@ pub fn bench(opts: Options) -> Result<()> {
             .args(["-i", "-q", "-s", &scale.to_string(), "postgres"]),
     )?;
 
+    // The proxy's configuration: pgbench in a cgroup under an enforce policy (whose rule
+    // the workload never breaks), and pgbouncer to compare with.
+    let bouncer = if configs.contains(&Config::Pgbouncer) {
+        Some(Pgbouncer::start(&pg)?)
+    } else {
+        None
+    };
+    let policies = tempfile::tempdir()?;
+    let cgroup = auditor_tests::Cgroup::new("bench-enforced")?;
+    std::fs::write(
+        policies.path().join("bench.yaml"),
+        format!(
+            "name: bench\nselector: {{matchLabels: {{cgroup.path: {}}}}}\nmode: enforce\n\
+             block:\n  - name: no-server-files\n    when: {{functions: [pg_read_file]}}\n",
+            cgroup.name
+        ),
+    )?;
+    // Every daemon of the bench pins its redirect in the default place, each taking over
+    // from the last; what the last leaves is removed at the end.
+    let _detach = auditor_tests::DetachOnDrop::new("/sys/fs/bpf/auditor");
+    let proxy = ProxySetup {
+        cgroup,
+        daemon_config: format!(
+            "policies_dir: {}\nproxy: {{port: {}}}\n",
+            policies.path().display(),
+            auditor_tests::free_port()
+        ),
+        pgbouncer_port: bouncer.as_ref().map(|b| b.port).unwrap_or(0),
+    };
     let mut results: BTreeMap<(usize, Config), Vec<Sample>> = BTreeMap::new();
     for rep in 0..reps {
         for (wi, w) in workloads.iter().enumerate() {
@@ -477,7 +636,15 @@ pub fn bench(opts: Options) -> Result<()> {
                     w.mode,
                     c.name()
                 );
-                let s = one_run(&pg, clickhouse.as_ref(), c, w, seconds, clients)?;
+                let s = one_run(
+                    &pg,
+                    clickhouse.as_ref(),
+                    Some(&proxy),
+                    c,
+                    w,
+                    seconds,
+                    clients,
+                )?;
                 results.entry((wi, c)).or_default().push(s);
             }
         }
@@ -647,6 +814,70 @@ pub fn bench(opts: Options) -> Result<()> {
                 c.name(),
                 added - daemon - bpf
             )?;
+        }
+    }
+    if configs.contains(&Config::AuditorProxy) {
+        writeln!(md, "\n## Inline proxy\n")?;
+        writeln!(
+            md,
+            "pgbench in a cgroup under an `enforce` policy, redirected (cgroup/connect4) into \
+             the daemon's proxy, which judges every statement and records it (`capture = \
+             proxy`); pgbouncer in session mode on the same loopback, without auditing, for \
+             comparison. Added latency per query: the median (p99) of the per-transaction \
+             latencies in pgbench's log, minus the same without either, divided by the \
+             statements per transaction. Targets: at most 30 µs added per query at the median, \
+             and throughput at least pgbouncer's.\n"
+        )?;
+        writeln!(
+            md,
+            "| workload | mode | configuration | throughput ratio to direct | throughput ratio to pgbouncer | CPU/tx ratio | added µs per query, median | added µs per query, p99 |"
+        )?;
+        writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+        for (wi, w) in workloads.iter().enumerate() {
+            let base = &results[&(wi, Config::None)];
+            let bouncer_runs = results.get(&(wi, Config::Pgbouncer));
+            for &c in configs
+                .iter()
+                .filter(|c| matches!(c, Config::AuditorProxy | Config::Pgbouncer))
+            {
+                let runs = &results[&(wi, c)];
+                let per_q = w.statements_per_tx() as f64;
+                let thr: Vec<f64> = runs.iter().zip(base).map(|(r, b)| r.tps / b.tps).collect();
+                let vs_bouncer = match bouncer_runs {
+                    Some(bs) if c == Config::AuditorProxy => {
+                        let v: Vec<f64> = runs.iter().zip(bs).map(|(r, b)| r.tps / b.tps).collect();
+                        format!("{:.3} ({})", median(v.clone()), spread(&v))
+                    }
+                    _ => "".into(),
+                };
+                let cpu: Vec<f64> = runs
+                    .iter()
+                    .zip(base)
+                    .map(|(r, b)| r.cpu_ns_per_tx / b.cpu_ns_per_tx)
+                    .collect();
+                let added = |f: fn(&Sample) -> Option<f64>| {
+                    median(
+                        runs.iter()
+                            .zip(base)
+                            .filter_map(|(r, b)| Some((f(r)? - f(b)?) / per_q))
+                            .collect(),
+                    )
+                };
+                writeln!(
+                    md,
+                    "| {} | {} | {} | {:.3} ({}) | {} | {:.3} ({}) | {:.1} | {:.1} |",
+                    w.name,
+                    w.mode,
+                    c.name(),
+                    median(thr.clone()),
+                    spread(&thr),
+                    vs_bouncer,
+                    median(cpu.clone()),
+                    spread(&cpu),
+                    added(|s| s.latency_p50_us),
+                    added(|s| s.latency_p99_us),
+                )?;
+            }
         }
     }
     let incomplete = results.values().flatten().any(|r| {

@@ -37,6 +37,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "the benchmark compares the auditor with pgaudit",
     ),
     (
+        "pgbouncer",
+        "the benchmark compares the inline proxy with pgbouncer in session mode",
+    ),
+    (
         "clickhouse-server",
         "the ClickHouse tests start throwaway servers on their own ports",
     ),
