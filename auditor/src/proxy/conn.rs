@@ -82,7 +82,7 @@ fn source_for(dest: SocketAddr) -> Option<IpAddr> {
 
 /// What the records of one proxied connection share.
 struct Recorder {
-    shared: Arc<Shared>,
+    records: std::sync::mpsc::Sender<ProxyRecord>,
     template: RecordHeader,
     offsets: [u64; 2],
 }
@@ -107,12 +107,10 @@ impl Recorder {
             }
             _ => {}
         }
-        if let Ok(tx) = self.shared.records.lock() {
-            let _ = tx.send(ProxyRecord {
-                header: h,
-                data: data.to_vec(),
-            });
-        }
+        let _ = self.records.send(ProxyRecord {
+            header: h,
+            data: data.to_vec(),
+        });
     }
 }
 
@@ -323,8 +321,11 @@ async fn relay(
         stream: STREAM_PROXY,
         ..RecordHeader::default()
     };
+    let Some(records) = shared.records.lock().ok().map(|tx| tx.clone()) else {
+        return;
+    };
     let mut recorder = Recorder {
-        shared: shared.clone(),
+        records,
         template,
         offsets: [0, 0],
     };
