@@ -1277,6 +1277,9 @@ fn apply_policy(
             return;
         }
     }
+    if !s.proxied && applied.mode == policy::Mode::Enforce {
+        ev.flags.insert(Flag::NotEnforced);
+    }
     if !applied.judges {
         return;
     }

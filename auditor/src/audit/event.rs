@@ -180,6 +180,10 @@ flags! {
     /// The process runs in a Kubernetes pod the API server's watch did not show within
     /// `kubernetes.pod_wait_ms`: pod name, namespace and labels are missing.
     PodUnknown = "pod_unknown",
+    /// The session's policy enforces, but the session did not go through the proxy (it was
+    /// open before its workload became enforced, or enforcement is off): its statements
+    /// ran unjudged, and its decisions are what enforcement would have done.
+    NotEnforced = "not_enforced",
 }
 
 /// A set of flags; written as their names, in declaration order.
