@@ -598,7 +598,15 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         }
     }
 
-    // Stop: take what the kernel still holds, flush in-flight requests, close the sinks.
+    // Stop: the proxy sends nothing more to servers (what was in flight is answered and
+    // recorded first), then take what the kernel still holds, flush in-flight requests,
+    // close the sinks.
+    if let Some(e) = &enforcement {
+        let left = e.stop_relaying(Duration::from_secs(5));
+        if left > 0 {
+            tracing::warn!("{left} proxied connections still waited for their servers at stop: their statements in flight are recorded without a response");
+        }
+    }
     while capture.poll(Duration::from_millis(0), 4096, |bytes| {
         if let Some(rec) = Record::parse(bytes) {
             tracker.handle(&rec, &mut batch)

@@ -323,8 +323,36 @@ fn the_proxy_refuses_with_postgres_own_error_semantics() {
         );
     }
     daemon.wait_sessions_ended(&enforced.name);
+    // A statement running when the daemon stops: the proxy sends nothing more, the server
+    // finishes it, and it is recorded with its outcome before the daemon exits.
+    let mut slow = pg.psql();
+    slow.args(["-At", "-c", "SELECT 'in-flight' AS marker, pg_sleep(2)"])
+        .env("PGAPPNAME", "slow_client")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    enforced.enter(&mut slow);
+    let slow = slow.spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(800));
     let events = daemon.stop_without_gaps();
+    let slow = slow.wait_with_output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&slow.stdout).contains("in-flight"),
+        "{}",
+        String::from_utf8_lossy(&slow.stderr)
+    );
+    let in_flight: Vec<&Value> = events
+        .iter()
+        .filter(|e| str_of(e, "application_name") == "slow_client")
+        .filter(|e| str_of(e, "kind") == "statement")
+        .collect();
+    assert_eq!(in_flight.len(), 1, "{in_flight:#?}");
+    assert_eq!(in_flight[0]["rows"], 1, "{:#}", in_flight[0]);
+    assert_eq!(str_of(in_flight[0], "error_code"), "");
     let ours = statements_of(&events, &enforced.name);
+    let ours: Vec<&Value> = ours
+        .into_iter()
+        .filter(|e| str_of(e, "application_name") != "slow_client")
+        .collect();
     let blocked = ours
         .iter()
         .filter(|e| str_of(e, "decision") == "blocked")

@@ -31,6 +31,8 @@ use crate::{
 
 /// How long a connection waits for its server's TCP handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How old a redirected connection's record may be when the proxy accepts it.
+const ORIGIN_MAX_AGE: Duration = Duration::from_secs(30);
 /// How long a new cgroup's labels may take to appear (the main loop looks every second).
 const LABELS_WAIT: Duration = Duration::from_millis(1500);
 
@@ -130,6 +132,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         .lock()
         .ok()
         .and_then(|mut m| m.take_origin(peer.port()));
+    // A record left by a connection the proxy never accepted (the daemon was down) is
+    // stale: never taken for a later connection from the same port.
+    let orig = orig.filter(|o| {
+        crate::tracker::monotonic_ns().saturating_sub(o.ts_ns) < ORIGIN_MAX_AGE.as_nanos() as u64
+    });
     let Some(orig) = orig else {
         shared
             .counters
@@ -346,10 +353,21 @@ async fn relay(
         async move {
             let mut buf = vec![0u8; 64 * 1024];
             let mut enforced_counted = false;
+            let mut stop = shared.stop.subscribe();
             loop {
-                let n = match client_rd.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
+                if *stop.borrow() {
+                    // The daemon stops: no new request goes out; the server ends the
+                    // session after answering those in flight (recorded by the other
+                    // direction), so nothing runs unrecorded.
+                    let _ = server_wr.write_all(&[b'X', 0, 0, 0, 4]).await;
+                    break;
+                }
+                let n = tokio::select! {
+                    r = client_rd.read(&mut buf) => match r {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    },
+                    _ = stop.changed() => continue,
                 };
                 let (to_server, to_client, close, writer) = {
                     let Ok(mut c) = conn.lock() else { break };
@@ -437,9 +455,17 @@ async fn relay(
             let _ = client_wr.lock().await.shutdown().await;
         }
     };
+    // The session ends when the server's side does (after the client's Terminate, its
+    // close, or the daemon's stop): every answer to what was sent is recorded first.
+    let mut c2s = Box::pin(c2s);
+    let mut s2c = Box::pin(s2c);
     tokio::select! {
-        _ = c2s => {}
-        _ = s2c => {}
+        _ = &mut s2c => {}
+        _ = &mut c2s => {
+            // The client is done sending; the server answers what is in flight, then
+            // closes (or the client's going away is all there is).
+            let _ = tokio::time::timeout(Duration::from_secs(30), &mut s2c).await;
+        }
     }
     let closing = conn.lock();
     if let Ok(mut c) = closing {

@@ -90,6 +90,8 @@ pub struct Shared {
     pub budget: BufferBudget,
     /// Connection ids (the `sock` of the records: high bit set, never a kernel address).
     next_id: AtomicU64,
+    /// Set when the daemon stops: connections send nothing more to their servers.
+    pub stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -110,6 +112,7 @@ impl Shared {
             limits,
             budget: BufferBudget::new(256 << 20),
             next_id: AtomicU64::new(1),
+            stop: tokio::sync::watch::channel(false).0,
         }
     }
 
@@ -278,6 +281,21 @@ impl Enforcement {
         self.redirect
             .configure(self.proxy.port, any)
             .map_err(EnforcementError::Configure)
+    }
+
+    /// The daemon stops: proxied connections send nothing more to their servers, and end
+    /// once the servers answered what was in flight (waited for up to `wait`). Returns the
+    /// connections still open then.
+    pub fn stop_relaying(&self, wait: std::time::Duration) -> u64 {
+        self.proxy.shared.stop.send_replace(true);
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let active = self.proxy.shared.counters.active.load(Ordering::Relaxed);
+            if active == 0 || std::time::Instant::now() >= deadline {
+                return active;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     /// At the daemon's stop: enforcement stays (refusing) while an enforce policy is in
