@@ -176,6 +176,23 @@ fn write_stats(path: &Path, stats: &Stats) {
     }
 }
 
+/// The proxy's records (its sessions' bytes), decoded like the kernel's.
+fn drain_proxy(
+    enforcement: Option<&crate::proxy::Enforcement>,
+    tracker: &mut Tracker,
+    batch: &mut Vec<AuditEvent>,
+) {
+    if let Some(e) = enforcement {
+        for r in e.records.try_iter() {
+            let rec = Record {
+                header: r.header,
+                data: &r.data,
+            };
+            tracker.handle(&rec, batch);
+        }
+    }
+}
+
 pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     install_signal_handlers();
     // Before any thread starts: threads inherit it.
@@ -487,17 +504,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             Some(rec) => tracker.handle(&rec, &mut batch),
             None => malformed_records += 1,
         })?;
-        if let Some(e) = &enforcement {
-            for r in e.records.try_iter() {
-                tracker.handle(
-                    &Record {
-                        header: r.header,
-                        data: &r.data,
-                    },
-                    &mut batch,
-                );
-            }
-        }
+        drain_proxy(enforcement.as_ref(), &mut tracker, &mut batch);
         for (pid, file, seen_ns) in new_files.drain(..) {
             let candidates = match file {
                 None => tls::exe_candidate(pid).into_iter().collect(),
@@ -617,17 +624,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             let _ = tx.send(std::mem::take(&mut batch));
         }
     }
-    if let Some(e) = &enforcement {
-        for r in e.records.try_iter() {
-            tracker.handle(
-                &Record {
-                    header: r.header,
-                    data: &r.data,
-                },
-                &mut batch,
-            );
-        }
-    }
+    drain_proxy(enforcement.as_ref(), &mut tracker, &mut batch);
     let final_proxy_stats = enforcement.as_ref().map(|e| e.stats());
     if let Some(e) = enforcement.take() {
         e.release();

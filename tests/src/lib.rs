@@ -853,7 +853,15 @@ pub mod raw {
 
     /// Reads messages until `ready` ReadyForQuery messages were seen; returns the tags.
     pub fn read_until_ready(s: &mut TcpStream, ready: usize) -> Vec<u8> {
-        let mut tags = Vec::new();
+        read_messages(s, ready)
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect()
+    }
+
+    /// Reads messages until `ready` ReadyForQuery messages were seen: (tag, body) of each.
+    pub fn read_messages(s: &mut TcpStream, ready: usize) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
         let mut seen = 0;
         while seen < ready {
             let mut head = [0u8; 5];
@@ -861,12 +869,12 @@ pub mod raw {
             let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
             let mut body = vec![0u8; len - 4];
             s.read_exact(&mut body).unwrap();
-            tags.push(head[0]);
             if head[0] == b'Z' {
                 seen += 1;
             }
+            out.push((head[0], body));
         }
-        tags
+        out
     }
 
     /// Connects as postgres to database postgres, past authentication (trust).

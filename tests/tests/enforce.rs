@@ -238,25 +238,6 @@ SELECT 'after-' || bbalance AS balance FROM pgbench_branches WHERE bid = 1;
     assert!(ok, "{err}");
 }
 
-/// Reads messages until `ready` ReadyForQuery: (tag, body) of each.
-fn read_messages(s: &mut std::net::TcpStream, ready: usize) -> Vec<(u8, Vec<u8>)> {
-    use std::io::Read;
-    let mut out = Vec::new();
-    let mut seen = 0;
-    while seen < ready {
-        let mut head = [0u8; 5];
-        s.read_exact(&mut head).unwrap();
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        let mut body = vec![0u8; len - 4];
-        s.read_exact(&mut body).unwrap();
-        if head[0] == b'Z' {
-            seen += 1;
-        }
-        out.push((head[0], body));
-    }
-    out
-}
-
 /// The tags, with an ErrorResponse as `E<SQLSTATE>`, a ReadyForQuery as `Z<status>` and a
 /// CommandComplete as `C<tag>`.
 fn shown(msgs: &[(u8, Vec<u8>)]) -> Vec<String> {
@@ -373,7 +354,7 @@ fn the_proxy_refuses_with_postgres_own_error_semantics() {
 #[test]
 #[ignore = "a client run inside a cgroup by the_proxy_refuses_with_postgres_own_error_semantics"]
 fn client_refusals() {
-    use auditor_tests::raw::{bind, connect, execute, msg, parse};
+    use auditor_tests::raw::{bind, connect, execute, msg, parse, read_messages};
     use std::io::Write;
     let port: u16 = std::env::var("AUDITOR_TEST_PG_PORT")
         .unwrap()

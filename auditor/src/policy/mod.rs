@@ -150,6 +150,17 @@ pub struct Defaults {
     pub raw_params: bool,
 }
 
+/// The order matching policies combine in: most specific selector first, then priority,
+/// then name.
+fn combine_order(a: &Arc<LoadedPolicy>, b: &Arc<LoadedPolicy>) -> std::cmp::Ordering {
+    b.policy
+        .selector
+        .specificity()
+        .cmp(&a.policy.selector.specificity())
+        .then(b.policy.priority.cmp(&a.policy.priority))
+        .then(a.policy.name.cmp(&b.policy.name))
+}
+
 impl PolicySet {
     pub fn new(mut policies: Vec<Arc<LoadedPolicy>>) -> PolicySet {
         policies.sort_by(|a, b| a.policy.name.cmp(&b.policy.name));
@@ -176,14 +187,7 @@ impl PolicySet {
             server_port: 0,
         };
         let mut ordered: Vec<&Arc<LoadedPolicy>> = self.policies.iter().collect();
-        ordered.sort_by(|a, b| {
-            b.policy
-                .selector
-                .specificity()
-                .cmp(&a.policy.selector.specificity())
-                .then(b.policy.priority.cmp(&a.policy.priority))
-                .then(a.policy.name.cmp(&b.policy.name))
-        });
+        ordered.sort_by(|a, b| combine_order(a, b));
         for p in ordered {
             let Some(mode) = p.policy.mode else { continue };
             let sel = &p.policy.selector;
@@ -232,14 +236,7 @@ impl PolicySet {
             .filter(|p| p.policy.selector.matches(s))
             .cloned()
             .collect();
-        m.sort_by(|a, b| {
-            b.policy
-                .selector
-                .specificity()
-                .cmp(&a.policy.selector.specificity())
-                .then(b.policy.priority.cmp(&a.policy.priority))
-                .then(a.policy.name.cmp(&b.policy.name))
-        });
+        m.sort_by(combine_order);
         m
     }
 
