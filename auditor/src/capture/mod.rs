@@ -172,9 +172,12 @@ fn ensure_tracefs() -> Result<(), CaptureError> {
     if Path::new("/sys/kernel/tracing/events").exists() {
         return Ok(());
     }
-    let target = c"/sys/kernel/tracing";
-    let fstype = c"tracefs";
-    // SAFETY: static NUL-terminated strings; no data argument.
+    mount_fs(c"tracefs", c"/sys/kernel/tracing").map_err(CaptureError::Tracefs)
+}
+
+/// Mounts a kernel filesystem of type `fstype` at `target` (tracefs, bpffs).
+pub fn mount_fs(fstype: &std::ffi::CStr, target: &std::ffi::CStr) -> std::io::Result<()> {
+    // SAFETY: NUL-terminated strings; no data argument.
     let rc = unsafe {
         libc::mount(
             fstype.as_ptr(),
@@ -185,7 +188,7 @@ fn ensure_tracefs() -> Result<(), CaptureError> {
         )
     };
     if rc != 0 {
-        return Err(CaptureError::Tracefs(std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }

@@ -38,22 +38,9 @@ pub fn prepare_pin_dir(dir: &Path) -> Result<(), String> {
         return Err(format!("{} is not under /sys/fs/bpf", dir.display()));
     }
     if !is_bpffs(bpffs) {
-        let (src, fstype) = (c"bpf", c"bpf");
-        let target = c"/sys/fs/bpf";
-        // SAFETY: static NUL-terminated strings; no data argument.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                fstype.as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
+        if let Err(e) = crate::capture::mount_fs(c"bpf", c"/sys/fs/bpf") {
             return Err(format!(
-                "bpffs is not mounted at /sys/fs/bpf and mounting it failed: {}",
-                std::io::Error::last_os_error()
+                "bpffs is not mounted at /sys/fs/bpf and mounting it failed: {e}"
             ));
         }
     }
