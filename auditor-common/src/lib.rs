@@ -279,6 +279,21 @@ pub struct EndpointKey {
 }
 const _: () = assert!(size_of::<EndpointKey>() == 24);
 
+/// Key of the `PROXY_PEERS` map: the local address and port of one of the inline proxy's
+/// upstream sockets, and for a loopback address its network namespace's inode (`ns.inum`,
+/// as `Tuple::netns`; 127.0.0.1 of one namespace is not another's), else 0 (a
+/// non-loopback address names one host interface).
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ProxyPeerKey {
+    /// IPv4 as IPv4-mapped IPv6.
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: u16,
+    pub netns: u32,
+}
+const _: () = assert!(size_of::<ProxyPeerKey>() == 24);
+
 /// Where a redirected connection was going, and who made it: written by `cgroup/connect4`
 /// and `connect6` under the socket's cookie, moved by `sock_ops` (at the client's
 /// established callback) under the client's local port, where the proxy finds it by the
@@ -305,7 +320,11 @@ pub struct OrigDst {
 const _: () = assert!(size_of::<OrigDst>() == 80);
 
 /// Key of the redirect's by-port map: the client's local port (host order) as seen by the
-/// proxy on the connection it accepts, and the network namespace's inode (0: the host's).
+/// proxy on the connection it accepts, and the low 32 bits of the client's network
+/// namespace cookie (`bpf_get_netns_cookie`, `SO_NETNS_COOKIE`): the proxy listens in each
+/// namespace with redirected workloads, and two namespaces may use the same port at once.
+/// (Cookies count up from boot: the low halves of two live namespaces differ unless 2^32
+/// namespaces were made between them.)
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PeerKey {
@@ -336,6 +355,7 @@ mod pod {
     unsafe impl aya::Pod for super::RecordHeader {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::ProxyPeerKey {}
     unsafe impl aya::Pod for super::RedirectConfig {}
 }
 

@@ -1,7 +1,8 @@
 //! Maps and globals shared by the programs.
 
 use auditor_common::{
-    counter, DataRecord, EndpointKey, KernelOffsets, OrigDst, PeerKey, RedirectConfig, Tuple,
+    counter, DataRecord, EndpointKey, KernelOffsets, OrigDst, PeerKey, ProxyPeerKey,
+    RedirectConfig, Tuple,
 };
 use aya_ebpf::{
     macros::map,
@@ -204,10 +205,11 @@ pub fn count(index: u32, by: u64) {
     }
 }
 
-/// The inline proxy's upstream sockets (their local address and port): the server end of
-/// such a connection is not captured, since the proxy records the session it relays.
+/// The inline proxy's upstream sockets (their local address and port, and namespace for a
+/// loopback one): the server end of such a connection is not captured, since the proxy
+/// records the session it relays.
 #[map]
-pub static PROXY_PEERS: HashMap<EndpointKey, u8> = HashMap::with_max_entries(65536, 0);
+pub static PROXY_PEERS: HashMap<ProxyPeerKey, u8> = HashMap::with_max_entries(65536, 0);
 
 /// The daemon's verdict on each cgroup (by id): 1, its connections to watched endpoints go
 /// to the inline proxy (a workload that may be under an `enforce` policy); 0, they do not.

@@ -9,6 +9,10 @@
 //! before the client's handshake completes, so before the proxy can accept).
 //! `getpeername4/6` answer a client that asks with the address it dialled.
 //!
+//! The proxy's address is the loopback of the client's own network namespace: the daemon
+//! opens a listener in each namespace with redirected workloads (a pod's 127.0.0.1 is not
+//! the host's), and the record is keyed by that namespace too.
+//!
 //! Fail closed: a workload in ENFORCED whose connection cannot be redirected (no proxy
 //! configured, the record cannot be kept) has its connect refused (EPERM), never let
 //! through. The daemon's own sockets (its proxy's upstream connections) are never
@@ -19,7 +23,8 @@ use aya_ebpf::{
     bindings::{bpf_sock_addr, bpf_sock_ops},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_ktime_get_ns, generated::bpf_get_socket_cookie,
+        bpf_get_current_uid_gid, bpf_ktime_get_ns,
+        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     },
     macros::{cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
@@ -202,9 +207,11 @@ pub fn redirect_sock_ops(ctx: SockOpsContext) -> u32 {
     let ops: *mut bpf_sock_ops = ctx.ops;
     let cookie = unsafe { bpf_get_socket_cookie(ops as *mut _) };
     if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(cookie) } {
+        // The proxy listens in the client's own namespace and looks the record up by
+        // that namespace's cookie (see PeerKey).
         let key = PeerKey {
             port: ctx.local_port(),
-            netns: 0,
+            netns: unsafe { bpf_get_netns_cookie(ops as *mut _) } as u32,
         };
         let _ = ORIG_BY_PEER.insert(key, *orig, 0);
     }

@@ -4,8 +4,8 @@
 //! with field offsets from the daemon (computed from the running kernel's BTF).
 
 use auditor_common::{
-    v4_mapped, EndpointKey, KernelOffsets, Tuple, AF_INET, AF_INET6, AF_UNIX, PORT_ANY_ADDR,
-    PORT_LISTED_ADDRS, PORT_NONE, ROLE_CLIENT, ROLE_SERVER,
+    is_loopback, v4_mapped, EndpointKey, KernelOffsets, ProxyPeerKey, Tuple, AF_INET, AF_INET6,
+    AF_UNIX, PORT_ANY_ADDR, PORT_LISTED_ADDRS, PORT_NONE, ROLE_CLIENT, ROLE_SERVER,
 };
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
 
@@ -279,10 +279,15 @@ fn role_of(tuple: &Tuple) -> Option<u8> {
     if is_endpoint(&tuple.local_addr, tuple.local_port) {
         // The server end of the inline proxy's own upstream connection: the proxy
         // records that session itself, from the client it relays.
-        let peer = EndpointKey {
+        let peer = ProxyPeerKey {
             addr: tuple.remote_addr,
             port: tuple.remote_port,
-            _pad: [0; 6],
+            _pad: 0,
+            netns: if is_loopback(&tuple.remote_addr) {
+                tuple.netns
+            } else {
+                0
+            },
         };
         if unsafe { PROXY_PEERS.get(peer).is_some() } {
             return None;

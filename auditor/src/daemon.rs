@@ -294,6 +294,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     // The redirect of enforced workloads and its proxy: before capture begins, so the
     // first connections of an enforced workload already go to the proxy.
     let mut enforcement = if cfg.proxy.active() {
+        let netns_known = capture.netns_known;
         match crate::proxy::Enforcement::start(
             capture.ebpf_mut(),
             pins.as_deref(),
@@ -306,6 +307,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             TokenizerLimits {
                 max_buffered: cfg.proxy.max_message_bytes,
             },
+            netns_known,
         ) {
             Ok(mut e) => {
                 e.refresh(&|id| tracker.workload_of(id))

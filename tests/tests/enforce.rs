@@ -238,6 +238,116 @@ SELECT 'after-' || bbalance AS balance FROM pgbench_branches WHERE bid = 1;
     assert!(ok, "{err}");
 }
 
+/// A workload in a network namespace of its own (a pod) dialling a Postgres on its own
+/// loopback: the redirect sends it to the proxy port of that namespace's loopback, where
+/// the daemon listens once it has seen a redirected process there (as a pod's sandbox
+/// precedes its containers); the proxy reaches the server from inside the namespace, and
+/// the session is recorded once.
+#[test]
+fn a_workload_in_its_own_network_namespace_is_enforced_there() {
+    if !can_run("a_workload_in_its_own_network_namespace_is_enforced_there") {
+        return;
+    }
+    let ns = auditor_tests::Netns::new("enforced").unwrap();
+    let port = auditor_tests::free_port();
+    let pg = Postgres::start_in_netns(&ns, port).unwrap();
+    let conn = ["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"].map(String::from);
+    check(
+        ns.command("pgbench")
+            .args(&conn)
+            .args(["-i", "-q", "-s", "1", "postgres"]),
+    )
+    .unwrap();
+    let pod = Cgroup::new("pod").unwrap();
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::write(
+        policies.path().join("agents.yaml"),
+        POLICY.replace("CGROUP", &pod.name),
+    )
+    .unwrap();
+    let pin_dir = format!("/sys/fs/bpf/auditor-test-ns-{}", std::process::id());
+    let _detach = auditor_tests::DetachOnDrop::new(&pin_dir);
+    let mut daemon = Daemon::start(
+        port,
+        &format!(
+            "policies_dir: {}\nproxy: {{port: {}, pin_dir: {pin_dir}}}\n",
+            policies.path().display(),
+            auditor_tests::free_port()
+        ),
+    )
+    .unwrap();
+    // The pod's sandbox: a process in the namespace and the cgroup before any client.
+    let mut sandbox = ns.command("sleep");
+    sandbox.arg("120");
+    pod.enter(&mut sandbox);
+    let mut sandbox = sandbox.spawn().unwrap();
+    let stats = daemon.wait_for_stats(std::time::Duration::from_secs(10), |s| {
+        s["proxy"]["namespaces"] == 1
+    });
+    assert_eq!(stats["proxy"]["namespaces"], 1, "{stats:#}");
+
+    let mut cmd = ns.command("psql");
+    cmd.args(["-X", "-At"])
+        .args(&conn)
+        .args(["-c", "SELECT count(*) FROM pgbench_branches"])
+        .args(["-c", "DROP TABLE pgbench_history"])
+        .arg("postgres")
+        .env("PGAPPNAME", "pod_psql");
+    pod.enter(&mut cmd);
+    let (_, out, err) = run(&mut cmd);
+    assert_eq!(out, "1\n", "{err}");
+    assert!(
+        err.contains("ERROR:  statement blocked by policy \"agents\" (rule \"no-ddl\")"),
+        "{err}"
+    );
+    const CLIENTS: u32 = 2;
+    const TX: u32 = 100;
+    let mut cmd = ns.command("pgbench");
+    cmd.args(&conn)
+        .args(["-n", "-S", "-M", "extended", "-c", &CLIENTS.to_string()])
+        .args(["-t", &TX.to_string(), "postgres"])
+        .env("PGAPPNAME", "pod_pgbench");
+    pod.enter(&mut cmd);
+    let out = check(&mut cmd).unwrap();
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+    let log = std::fs::read_to_string(pg.log_path()).unwrap();
+    assert!(!log.contains("DROP TABLE pgbench_history"), "{log}");
+
+    daemon.wait_sessions_ended(&pod.name);
+    let _ = sandbox.kill();
+    let _ = sandbox.wait();
+    let events = daemon.stop_without_gaps();
+    let ours = statements_of(&events, &pod.name);
+    assert!(
+        ours.iter().all(|e| str_of(e, "capture") == "proxy"),
+        "{ours:#?}"
+    );
+    let bench: Vec<&&Value> = ours
+        .iter()
+        .filter(|e| str_of(e, "application_name") == "pod_pgbench")
+        .collect();
+    let selects = bench
+        .iter()
+        .filter(|e| str_of(e, "statement").starts_with("SELECT abalance"))
+        .count();
+    assert_eq!(selects as u32, CLIENTS * TX);
+    // Recorded once: the server end of the proxy's upstream (in the namespace, on its
+    // loopback) is not captured a second time.
+    assert_eq!(pg.logged_statements("pod_pgbench").unwrap(), bench.len());
+    let all_bench = events
+        .iter()
+        .filter(|e| str_of(e, "kind") == "statement")
+        .filter(|e| str_of(e, "application_name") == "pod_pgbench")
+        .count();
+    assert_eq!(all_bench, bench.len());
+    let blocked: Vec<&str> = ours
+        .iter()
+        .filter(|e| str_of(e, "decision") == "blocked")
+        .map(|e| str_of(e, "statement"))
+        .collect();
+    assert_eq!(blocked, ["DROP TABLE pgbench_history"]);
+}
+
 /// The tags, with an ErrorResponse as `E<SQLSTATE>`, a ReadyForQuery as `Z<status>` and a
 /// CommandComplete as `C<tag>`.
 fn shown(msgs: &[(u8, Vec<u8>)]) -> Vec<String> {

@@ -147,6 +147,8 @@ pub struct Capture {
     to_attach: Vec<(&'static str, &'static str, String)>,
     /// Unix-domain sockets are watched (this kernel's BTF describes them).
     pub unix_sockets: bool,
+    /// Loopback connections carry their network namespace (`Tuple::netns`).
+    pub netns_known: bool,
     /// Bytes one read or write call is copied up to (more is recorded as a gap).
     pub copy_limit: u64,
     /// Why the programs with `bpf_loop` were not used (a kernel before 5.17 refuses them).
@@ -485,6 +487,7 @@ impl Capture {
             attached: Vec::new(),
             to_attach,
             unix_sockets: offsets.unix_valid != 0,
+            netns_known: offsets.sock_net != u32::MAX,
             copy_limit: u64::from(chunks) * auditor_common::CHUNK_DATA as u64,
             without_bpf_loop,
             tls_return_program,

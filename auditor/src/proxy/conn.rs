@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     sync::{atomic::Ordering, Arc},
     time::Duration,
 };
@@ -16,11 +16,11 @@ use auditor_common::{
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpSocket, TcpStream},
+    net::{TcpListener, TcpStream},
     sync::Mutex as AsyncMutex,
 };
 
-use super::{relay::Relay, ProxyRecord, Shared};
+use super::{netns::Place, relay::Relay, ProxyRecord, Shared};
 use crate::{
     audit::event::ProcessIdentity,
     conversation::SessionMeta,
@@ -36,12 +36,12 @@ const ORIGIN_MAX_AGE: Duration = Duration::from_secs(30);
 /// How long a new cgroup's labels may take to appear (the main loop looks every second).
 const LABELS_WAIT: Duration = Duration::from_millis(1500);
 
-pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+pub async fn accept_loop(listener: TcpListener, place: Arc<Place>, shared: Arc<Shared>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream, peer, shared.clone()));
+                tokio::spawn(handle(stream, peer, place.clone(), shared.clone()));
             }
             Err(e) => {
                 // EMFILE and the like: back off rather than spin.
@@ -65,21 +65,6 @@ fn addr_of(orig: &OrigDst) -> SocketAddr {
         None => IpAddr::V6(v6),
     };
     SocketAddr::new(ip, orig.port)
-}
-
-/// The source address the host would use towards `dest` (a UDP socket's connect picks
-/// the route; nothing is sent).
-fn source_for(dest: SocketAddr) -> Option<IpAddr> {
-    if dest.ip().is_loopback() {
-        return Some(dest.ip());
-    }
-    let bind: SocketAddr = match dest {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let s = std::net::UdpSocket::bind(bind).ok()?;
-    s.connect(dest).ok()?;
-    Some(s.local_addr().ok()?.ip())
 }
 
 /// What the records of one proxied connection share.
@@ -123,15 +108,16 @@ struct Conn {
     recorder: Recorder,
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+async fn handle(client: TcpStream, peer: SocketAddr, place: Arc<Place>, shared: Arc<Shared>) {
     shared.counters.connections.fetch_add(1, Ordering::Relaxed);
     shared.counters.active.fetch_add(1, Ordering::Relaxed);
     let ended = Ended(shared.clone());
-    let orig = shared
-        .maps
-        .lock()
-        .ok()
-        .and_then(|mut m| m.take_origin(peer.port()));
+    let orig = shared.maps.lock().ok().and_then(|mut m| {
+        m.take_origin(peer.port(), place.cookie)
+            // Records of the programs of a daemon before this one, which kept no
+            // namespace (taken over at start).
+            .or_else(|| place.host.then(|| m.take_origin(peer.port(), 0)).flatten())
+    });
     // A record left by a connection the proxy never accepted (the daemon was down) is
     // stale: never taken for a later connection from the same port.
     let orig = orig.filter(|o| {
@@ -153,11 +139,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         return;
     };
     let dest = addr_of(&orig);
-    match connect_upstream(&shared, dest).await {
-        Ok((server, local)) => {
+    match connect_upstream(&shared, &place, dest).await {
+        Ok((server, local, netns)) => {
             relay(client, peer, server, orig, dest, shared.clone()).await;
             if let Ok(mut m) = shared.maps.lock() {
-                m.remove_upstream(local);
+                m.remove_upstream(local, netns);
             }
         }
         Err(e) => {
@@ -193,35 +179,36 @@ impl Drop for Ended {
 /// capture never takes this connection's server end for a client's.
 async fn connect_upstream(
     shared: &Shared,
+    place: &Place,
     dest: SocketAddr,
-) -> std::io::Result<(TcpStream, SocketAddr)> {
-    let source = source_for(dest).ok_or_else(|| std::io::Error::other("no route to the server"))?;
-    let socket = match dest {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+) -> std::io::Result<(TcpStream, SocketAddr, u32)> {
+    let (socket, local) = place.upstream_socket(dest).await?;
+    // A loopback address is told apart by its namespace, as the capture tells it.
+    let netns = if local.ip().is_loopback() && shared.netns_known {
+        place.inum
+    } else {
+        0
     };
-    socket.bind(SocketAddr::new(source, 0))?;
-    let local = socket.local_addr()?;
     shared
         .maps
         .lock()
         .map_err(|_| std::io::Error::other("redirect maps poisoned"))?
-        .add_upstream(local)
+        .add_upstream(local, netns)
         .map_err(std::io::Error::other)?;
     match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dest)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
-            Ok((s, local))
+            Ok((s, local, netns))
         }
         Ok(Err(e)) => {
             if let Ok(mut m) = shared.maps.lock() {
-                m.remove_upstream(local);
+                m.remove_upstream(local, netns);
             }
             Err(e)
         }
         Err(_) => {
             if let Ok(mut m) = shared.maps.lock() {
-                m.remove_upstream(local);
+                m.remove_upstream(local, netns);
             }
             Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,

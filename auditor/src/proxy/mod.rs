@@ -12,12 +12,12 @@
 //! the redirect's verdicts (which cgroups) and drains the proxy's records.
 
 pub mod conn;
+pub mod netns;
 pub mod redirect;
 pub mod relay;
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
         atomic::{AtomicU64, Ordering},
         mpsc, Arc, Mutex,
@@ -49,6 +49,9 @@ pub struct ProxyStats {
     /// Redirected connections whose server could not be reached.
     pub upstream_failures: u64,
     pub redirected_cgroups: u64,
+    /// Network namespaces besides the host's the proxy listens in.
+    #[serde(default)]
+    pub namespaces: u64,
 }
 
 #[derive(Default)]
@@ -72,6 +75,7 @@ impl ProxyCounters {
             unknown_origin: g(&self.unknown_origin),
             upstream_failures: g(&self.upstream_failures),
             redirected_cgroups: 0,
+            namespaces: 0,
         }
     }
 }
@@ -92,6 +96,9 @@ pub struct Shared {
     next_id: AtomicU64,
     /// Set when the daemon stops: connections send nothing more to their servers.
     pub stop: tokio::sync::watch::Sender<bool>,
+    /// The capture tells loopback connections of different namespaces apart (this
+    /// kernel's BTF describes `sock` and `net`): so must the registration of upstreams.
+    pub netns_known: bool,
 }
 
 impl Shared {
@@ -101,6 +108,7 @@ impl Shared {
         defaults: Defaults,
         records: mpsc::Sender<ProxyRecord>,
         limits: TokenizerLimits,
+        netns_known: bool,
     ) -> Shared {
         Shared {
             maps,
@@ -113,6 +121,7 @@ impl Shared {
             budget: BufferBudget::new(256 << 20),
             next_id: AtomicU64::new(1),
             stop: tokio::sync::watch::channel(false).0,
+            netns_known,
         }
     }
 
@@ -125,30 +134,26 @@ impl Shared {
 pub struct Proxy {
     pub port: u16,
     pub shared: Arc<Shared>,
+    /// Its listeners in workloads' own network namespaces.
+    pub namespaces: netns::Namespaces,
 }
 
-/// Binds the listeners on 127.0.0.1 and ::1 (`port`, 0 for any free one) and starts
-/// serving on a thread of its own. An error binding 127.0.0.1 is returned (nothing runs);
-/// ::1 is optional (a host without IPv6).
+/// Binds the listeners on 127.0.0.1 and ::1 of the daemon's namespace (`port`, 0 for any
+/// free one) and starts serving on a thread of its own. An error binding 127.0.0.1 is
+/// returned (nothing runs); ::1 is optional (a host without IPv6).
 pub fn start(port: u16, shared: Arc<Shared>) -> std::io::Result<Proxy> {
-    let v4 = std::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
+    let (v4, v6) = netns::bind_listeners(port)?;
     let port = v4.local_addr()?.port();
-    let v6 = match std::net::TcpListener::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
-        Ok(l) => Some(l),
-        Err(e) => {
-            tracing::info!("proxy: not listening on [::1]:{port} ({e}); IPv6 connections of enforced workloads will be refused");
-            None
-        }
-    };
-    v4.set_nonblocking(true)?;
-    if let Some(l) = &v6 {
-        l.set_nonblocking(true)?;
+    if v6.is_none() {
+        tracing::info!("proxy: not listening on [::1]:{port}; IPv6 connections of enforced workloads on this host will be refused");
     }
+    let place = Arc::new(netns::host_place(&v4));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("auditor-proxy")
         .enable_all()
         .build()?;
+    let handle = runtime.handle().clone();
     let s = shared.clone();
     std::thread::Builder::new()
         .name("auditor-proxy".into())
@@ -163,14 +168,18 @@ pub fn start(port: u16, shared: Arc<Shared>) -> std::io::Result<Proxy> {
                 }
                 let tasks: Vec<_> = listeners
                     .into_iter()
-                    .map(|l| tokio::spawn(conn::accept_loop(l, s.clone())))
+                    .map(|l| tokio::spawn(conn::accept_loop(l, place.clone(), s.clone())))
                     .collect();
                 for t in tasks {
                     let _ = t.await;
                 }
             })
         })?;
-    Ok(Proxy { port, shared })
+    Ok(Proxy {
+        port,
+        namespaces: netns::Namespaces::new(handle, shared.clone(), port),
+        shared,
+    })
 }
 
 /// Enforcement as the daemon's main loop runs it: the redirect's verdicts per cgroup, the
@@ -206,6 +215,7 @@ impl Enforcement {
         policies: Arc<PolicySet>,
         defaults: Defaults,
         limits: TokenizerLimits,
+        netns_known: bool,
     ) -> Result<Enforcement, EnforcementError> {
         let redirect = redirect::Redirect::attach(ebpf, pins)?;
         let (tx, rx) = mpsc::channel();
@@ -215,6 +225,7 @@ impl Enforcement {
             defaults,
             tx,
             limits,
+            netns_known,
         ));
         let proxy =
             start(port, shared).map_err(|source| EnforcementError::Listen { port, source })?;
@@ -248,8 +259,10 @@ impl Enforcement {
         let any = self.policies.any_enforce();
         let mut verdicts = HashMap::new();
         let mut labels_of = HashMap::new();
-        for (id, path) in redirect::cgroups(&self.redirect.root) {
-            let facts = crate::workload::parse_cgroup_path(&path);
+        let paths = redirect::cgroups(&self.redirect.root);
+        for (id, path) in &paths {
+            let (id, path) = (*id, path);
+            let facts = crate::workload::parse_cgroup_path(path);
             let identity = crate::audit::event::ProcessIdentity {
                 cgroup_id: id,
                 cgroup_path: path.as_str().into(),
@@ -270,6 +283,12 @@ impl Enforcement {
         if let Ok(mut m) = self.proxy.shared.cgroup_labels.lock() {
             *m = labels_of;
         }
+        // The proxy listens in the network namespace of every redirected process.
+        let pids = paths
+            .iter()
+            .filter(|(id, _)| verdicts.get(id) == Some(&true))
+            .flat_map(|(_, path)| redirect::pids_of(&self.redirect.root, path));
+        self.proxy.namespaces.update(pids);
         let changed = self.redirect.set_verdicts(&verdicts);
         if changed > 0 {
             tracing::debug!(
@@ -307,6 +326,7 @@ impl Enforcement {
     pub fn stats(&self) -> ProxyStats {
         let mut s = self.proxy.shared.counters.stats();
         s.redirected_cgroups = self.redirect.redirected_cgroups() as u64;
+        s.namespaces = self.proxy.namespaces.count() as u64;
         s
     }
 }

@@ -8,7 +8,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use auditor_common::{EndpointKey, OrigDst, PeerKey, RedirectConfig};
+use auditor_common::{OrigDst, PeerKey, ProxyPeerKey, RedirectConfig};
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData},
     programs::{links::CgroupAttachMode, CgroupSockAddr, SockOps},
@@ -117,42 +117,45 @@ where
 /// registration of its own upstream sockets (never captured, never redirected).
 pub struct RedirectMaps {
     by_peer: BpfHashMap<MapData, PeerKey, OrigDst>,
-    proxy_peers: BpfHashMap<MapData, EndpointKey, u8>,
+    proxy_peers: BpfHashMap<MapData, ProxyPeerKey, u8>,
 }
 
 impl RedirectMaps {
     /// The original destination and caller of the redirected connection whose client
     /// port (as the proxy sees it) is `port`; the entry is consumed.
-    pub fn take_origin(&mut self, port: u16) -> Option<OrigDst> {
+    pub fn take_origin(&mut self, port: u16, netns_cookie: u32) -> Option<OrigDst> {
         let key = PeerKey {
             port: u32::from(port),
-            netns: 0,
+            netns: netns_cookie,
         };
         let orig = self.by_peer.get(&key, 0).ok()?;
         let _ = self.by_peer.remove(&key);
         Some(orig)
     }
 
-    pub fn add_upstream(&mut self, local: SocketAddr) -> Result<(), String> {
+    /// Registers an upstream socket's local address (`netns`: its namespace's inode for
+    /// a loopback address, else 0; see `ProxyPeerKey`).
+    pub fn add_upstream(&mut self, local: SocketAddr, netns: u32) -> Result<(), String> {
         self.proxy_peers
-            .insert(endpoint_key(local), 1, 0)
+            .insert(peer_key(local, netns), 1, 0)
             .map_err(|e| e.to_string())
     }
 
-    pub fn remove_upstream(&mut self, local: SocketAddr) {
-        let _ = self.proxy_peers.remove(&endpoint_key(local));
+    pub fn remove_upstream(&mut self, local: SocketAddr, netns: u32) {
+        let _ = self.proxy_peers.remove(&peer_key(local, netns));
     }
 }
 
-fn endpoint_key(a: SocketAddr) -> EndpointKey {
+fn peer_key(a: SocketAddr, netns: u32) -> ProxyPeerKey {
     let addr = match a.ip() {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => v6.octets(),
     };
-    EndpointKey {
+    ProxyPeerKey {
         addr,
         port: a.port(),
-        _pad: [0; 6],
+        _pad: 0,
+        netns,
     }
 }
 
@@ -352,4 +355,12 @@ pub fn cgroups(root: &Path) -> Vec<(u64, String)> {
         }
     }
     out
+}
+
+/// The processes of the cgroup at `path` (relative to `root`, as [`cgroups`] gives it).
+pub fn pids_of(root: &Path, path: &str) -> Vec<u32> {
+    let dir = root.join(path.trim_start_matches('/'));
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
 }
