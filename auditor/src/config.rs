@@ -129,6 +129,29 @@ pub struct ProxyConfig {
     /// restarts: the next daemon takes it over; `auditor detach` removes it. Default:
     /// /sys/fs/bpf/auditor.
     pub pin_dir: PathBuf,
+    /// TLS through the proxy. Without it, a client's SSLRequest is answered `N`
+    /// (`sslmode=prefer` goes on in plaintext on the loopback, `sslmode=require` fails).
+    pub tls: Option<ProxyTlsConfig>,
+}
+
+/// The proxy's TLS: it terminates a client's TLS with this certificate when the server
+/// would have accepted TLS, and originates TLS to the server on that connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyTlsConfig {
+    /// PEM certificate chain offered to clients (`sslmode=verify-full` works for clients
+    /// that trust its CA and dial a name or address it is issued for).
+    pub cert: PathBuf,
+    /// PEM private key of `cert` (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA certificates servers are verified against (their certificate must name the
+    /// address the client dialled, or `server_name`). Without it, the server leg is
+    /// encrypted but the server is not verified (as libpq's `sslmode=require`).
+    #[serde(default)]
+    pub server_ca: Option<PathBuf>,
+    /// The name servers' certificates are checked for, instead of the dialled address.
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 impl Default for ProxyConfig {
@@ -138,6 +161,7 @@ impl Default for ProxyConfig {
             port: 15432,
             max_message_bytes: 64 << 20,
             pin_dir: PathBuf::from("/sys/fs/bpf/auditor"),
+            tls: None,
         }
     }
 }
@@ -379,6 +403,10 @@ proxy:
   port: 15432                      # on 127.0.0.1 and ::1; redirected connections land here
   max_message_bytes: 67108864      # larger statements are refused in enforced sessions
   pin_dir: /sys/fs/bpf/auditor     # the redirect stays here across restarts (auditor detach)
+  # tls:                           # TLS through the proxy (else SSLRequest is answered N)
+  #   cert: /etc/auditor/proxy.crt # presented to clients (the server's own keeps channel binding)
+  #   key: /etc/auditor/proxy.key
+  #   server_ca: /etc/auditor/db-ca.pem   # verify servers; without it: encrypted, unverified
 local_log:
   enabled: true
   rotate_bytes: 104857600          # start a new file past 100 MiB

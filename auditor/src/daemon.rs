@@ -298,16 +298,19 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         match crate::proxy::Enforcement::start(
             capture.ebpf_mut(),
             pins.as_deref(),
-            cfg.proxy.port,
             policies.set.clone(),
-            crate::policy::Defaults {
-                raw_statements: cfg.record.raw_statements,
-                raw_params: cfg.record.raw_params,
+            crate::proxy::Settings {
+                port: cfg.proxy.port,
+                defaults: crate::policy::Defaults {
+                    raw_statements: cfg.record.raw_statements,
+                    raw_params: cfg.record.raw_params,
+                },
+                limits: TokenizerLimits {
+                    max_buffered: cfg.proxy.max_message_bytes,
+                },
+                netns_known,
+                tls: cfg.proxy.tls.as_ref(),
             },
-            TokenizerLimits {
-                max_buffered: cfg.proxy.max_message_bytes,
-            },
-            netns_known,
         ) {
             Ok(mut e) => {
                 e.refresh(&|id| tracker.workload_of(id))

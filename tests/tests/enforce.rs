@@ -267,12 +267,18 @@ fn a_workload_in_its_own_network_namespace_is_enforced_there() {
     .unwrap();
     let pin_dir = format!("/sys/fs/bpf/auditor-test-ns-{}", std::process::id());
     let _detach = auditor_tests::DetachOnDrop::new(&pin_dir);
+    // With TLS configured and a server without it: the clients' SSLRequest (libpq's
+    // default sslmode=prefer) gets the server's own `N`, and they go on in plaintext.
+    let certs = tempfile::tempdir().unwrap();
+    proxy_certificate(certs.path());
     let mut daemon = Daemon::start(
         port,
         &format!(
-            "policies_dir: {}\nproxy: {{port: {}, pin_dir: {pin_dir}}}\n",
+            "policies_dir: {}\nproxy: {{port: {}, pin_dir: {pin_dir}, tls: {{cert: {}, key: {}}}}}\n",
             policies.path().display(),
-            auditor_tests::free_port()
+            auditor_tests::free_port(),
+            certs.path().join("proxy.crt").display(),
+            certs.path().join("proxy.key").display(),
         ),
     )
     .unwrap();
@@ -317,35 +323,226 @@ fn a_workload_in_its_own_network_namespace_is_enforced_there() {
     let _ = sandbox.kill();
     let _ = sandbox.wait();
     let events = daemon.stop_without_gaps();
-    let ours = statements_of(&events, &pod.name);
+    let blocked = proxied_exactly(&events, &pod.name, &pg, "pod_pgbench", CLIENTS * TX);
+    // Recorded once: the server end of the proxy's upstream (in the namespace, on its
+    // loopback) is not captured a second time.
+    let all_bench = events
+        .iter()
+        .filter(|e| str_of(e, "kind") == "statement")
+        .filter(|e| str_of(e, "application_name") == "pod_pgbench")
+        .count();
+    assert_eq!(all_bench, pg.logged_statements("pod_pgbench").unwrap());
+    assert_eq!(blocked, ["DROP TABLE pgbench_history"]);
+}
+
+/// Every statement of the workload in `cgroup` went through the proxy; pgbench's (`app`)
+/// are exactly what the server logged, `selects` of them its SELECTs. Returns the texts
+/// of the statements refused.
+fn proxied_exactly<'a>(
+    events: &'a [Value],
+    cgroup: &str,
+    pg: &Postgres,
+    app: &str,
+    selects: u32,
+) -> Vec<&'a str> {
+    let ours = statements_of(events, cgroup);
     assert!(
         ours.iter().all(|e| str_of(e, "capture") == "proxy"),
         "{ours:#?}"
     );
     let bench: Vec<&&Value> = ours
         .iter()
-        .filter(|e| str_of(e, "application_name") == "pod_pgbench")
+        .filter(|e| str_of(e, "application_name") == app)
         .collect();
-    let selects = bench
+    let seen = bench
         .iter()
         .filter(|e| str_of(e, "statement").starts_with("SELECT abalance"))
         .count();
-    assert_eq!(selects as u32, CLIENTS * TX);
-    // Recorded once: the server end of the proxy's upstream (in the namespace, on its
-    // loopback) is not captured a second time.
-    assert_eq!(pg.logged_statements("pod_pgbench").unwrap(), bench.len());
-    let all_bench = events
-        .iter()
-        .filter(|e| str_of(e, "kind") == "statement")
-        .filter(|e| str_of(e, "application_name") == "pod_pgbench")
-        .count();
-    assert_eq!(all_bench, bench.len());
-    let blocked: Vec<&str> = ours
-        .iter()
+    assert_eq!(seen as u32, selects);
+    assert_eq!(pg.logged_statements(app).unwrap(), bench.len());
+    ours.iter()
         .filter(|e| str_of(e, "decision") == "blocked")
         .map(|e| str_of(e, "statement"))
-        .collect();
+        .collect()
+}
+
+/// A CA and a certificate for 127.0.0.1 it issued (the proxy's), in `dir`.
+fn proxy_certificate(dir: &std::path::Path) {
+    let p = |f: &str| dir.join(f).display().to_string();
+    check(
+        Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
+            .args(["-subj", "/CN=auditor-test-ca", "-keyout", &p("ca.key")])
+            .args(["-out", &p("ca.crt")]),
+    )
+    .unwrap();
+    check(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=127.0.0.1",
+            ])
+            .args(["-keyout", &p("proxy.key"), "-out", &p("proxy.csr")]),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    check(
+        Command::new("openssl")
+            .args(["x509", "-req", "-in", &p("proxy.csr"), "-CA", &p("ca.crt")])
+            .args(["-CAkey", &p("ca.key"), "-CAcreateserial", "-days", "2"])
+            .args(["-extfile", &p("ext"), "-out", &p("proxy.crt")]),
+    )
+    .unwrap();
+}
+
+/// TLS through the proxy. Configured with the server's own certificate and key (as on a
+/// database host): SCRAM with channel binding required works end to end, the server leg
+/// is TLS too (the server's own view of the backend says so), refused statements are
+/// refused, and pgbench over TLS is recorded exactly. Configured with a certificate of
+/// its own: `sslmode=verify-full` against its CA passes, and SCRAM works for clients that
+/// do not ask for channel binding (one that prefers it is refused by the server's
+/// downgrade protection, as documented).
+#[test]
+fn tls_clients_go_through_the_proxy_encrypted_on_both_legs() {
+    if !can_run("tls_clients_go_through_the_proxy_encrypted_on_both_legs") {
+        return;
+    }
+    let pg = Postgres::start_tls(&["password_encryption = 'scram-sha-256'"]).unwrap();
+    check(pg.pgbench().args(["-i", "-q", "-s", "1"]).arg("postgres")).unwrap();
+    let secret = format!("pw-{:x}", std::process::id() as u64 * 7919 + 12345);
+    check(pg.psql().args([
+        "-c",
+        &format!("CREATE ROLE agent LOGIN SUPERUSER PASSWORD '{secret}'"),
+    ]))
+    .unwrap();
+    let (server_crt, server_key) = pg.cert_and_key();
+    let hba = server_crt.with_file_name("pg_hba.conf");
+    let old = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("host all agent 127.0.0.1/32 scram-sha-256\n{old}"),
+    )
+    .unwrap();
+    check(pg.psql().args(["-c", "SELECT pg_reload_conf()"])).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The daemon reads the server's key as root; the test keeps its own copies.
+    let certs = tempfile::tempdir().unwrap();
+    std::fs::copy(&server_crt, certs.path().join("server.crt")).unwrap();
+    std::fs::copy(&server_key, certs.path().join("server.key")).unwrap();
+    proxy_certificate(certs.path());
+    let c = |f: &str| certs.path().join(f).display().to_string();
+
+    let enforced = Cgroup::new("enforced-tls").unwrap();
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::write(
+        policies.path().join("agents.yaml"),
+        POLICY.replace("CGROUP", &enforced.name),
+    )
+    .unwrap();
+    let pin_dir = format!("/sys/fs/bpf/auditor-test-tls-{}", std::process::id());
+    let _detach = auditor_tests::DetachOnDrop::new(&pin_dir);
+    let config = |cert: &str, key: &str| {
+        format!(
+            "policies_dir: {}\nproxy: {{port: {}, pin_dir: {pin_dir}, tls: {{cert: {cert}, key: {key}}}}}\n",
+            policies.path().display(),
+            auditor_tests::free_port(),
+        )
+    };
+    let mut daemon = Daemon::start(pg.port, &config(&c("server.crt"), &c("server.key"))).unwrap();
+    let client = |app: &str, env: &[(&str, &str)]| {
+        let mut cmd = pg.psql();
+        cmd.arg("-At")
+            .env("PGAPPNAME", app)
+            .envs(env.iter().copied());
+        if env.iter().any(|(k, _)| *k == "PGPASSWORD") {
+            cmd.args(["-U", "agent"]);
+        }
+        enforced.enter(&mut cmd);
+        cmd
+    };
+    let server_ca = c("server.crt");
+    let binding = [
+        ("PGSSLMODE", "verify-ca"),
+        ("PGSSLROOTCERT", server_ca.as_str()),
+        ("PGCHANNELBINDING", "require"),
+        ("PGPASSWORD", secret.as_str()),
+    ];
+    let mut cmd = client("tls_psql", &binding);
+    cmd.args([
+        "-c",
+        "SELECT 'tls-' || ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+    ])
+    .args(["-c", "DROP TABLE pgbench_history"])
+    .args(["-c", "SELECT 'still-here'"]);
+    let (_, out, err) = run(&mut cmd);
+    assert_eq!(out, "tls-true\nstill-here\n", "{err}");
+    assert!(err.contains("rule \"no-ddl\""), "{err}");
+
+    const CLIENTS: u32 = 2;
+    const TX: u32 = 100;
+    let mut cmd = pg.pgbench();
+    cmd.args(["-n", "-S", "-M", "prepared", "-c", &CLIENTS.to_string()])
+        .args(["-t", &TX.to_string(), "postgres"])
+        .env("PGSSLMODE", "require")
+        .env("PGAPPNAME", "tls_pgbench");
+    enforced.enter(&mut cmd);
+    let out = check(&mut cmd).unwrap();
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+
+    daemon.wait_sessions_ended(&enforced.name);
+    let output = daemon.stop().unwrap();
+    let events = daemon.events().unwrap();
+    auditor_tests::assert_no_duplicates(&events);
+    assert!(
+        events.iter().all(|e| str_of(e, "kind") != "gap"),
+        "{events:#?}"
+    );
+    let blocked = proxied_exactly(&events, &enforced.name, &pg, "tls_pgbench", CLIENTS * TX);
     assert_eq!(blocked, ["DROP TABLE pgbench_history"]);
+    let log = std::fs::read_to_string(pg.log_path()).unwrap();
+    assert!(!log.contains("DROP TABLE pgbench_history"), "{log}");
+    // The password is nowhere in the trail or the daemon's output.
+    let trail = serde_json::to_string(&events).unwrap();
+    assert!(!trail.contains(&secret));
+    assert!(!output.join("\n").contains(&secret));
+
+    // A certificate of the proxy's own, issued for 127.0.0.1 by a CA the client trusts.
+    let mut daemon = Daemon::start(pg.port, &config(&c("proxy.crt"), &c("proxy.key"))).unwrap();
+    let ca = c("ca.crt");
+    let full = [("PGSSLMODE", "verify-full"), ("PGSSLROOTCERT", ca.as_str())];
+    let mut cmd = client("tls_full", &full);
+    cmd.args([
+        "-c",
+        "SELECT 'verified-' || ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+    ]);
+    let (_, out, err) = run(&mut cmd);
+    assert_eq!(out, "verified-true\n", "{err}");
+    let scram = [
+        ("PGSSLMODE", "verify-full"),
+        ("PGSSLROOTCERT", ca.as_str()),
+        ("PGPASSWORD", secret.as_str()),
+    ];
+    let mut cmd = client("tls_scram", &scram);
+    cmd.env("PGCHANNELBINDING", "disable")
+        .args(["-c", "SELECT 'scram-ok'"]);
+    let (_, out, err) = run(&mut cmd);
+    assert_eq!(out, "scram-ok\n", "{err}");
+    let mut cmd = client("tls_scram_prefer", &scram);
+    cmd.args(["-c", "SELECT 1"]);
+    let (ok, _, err) = run(&mut cmd);
+    assert!(!ok && err.contains("channel binding"), "{err}");
+    let output = daemon.stop().unwrap();
+    assert!(!output.join("\n").contains(&secret));
 }
 
 /// The tags, with an ErrorResponse as `E<SQLSTATE>`, a ReadyForQuery as `Z<status>` and a

@@ -52,7 +52,7 @@ pub async fn accept_loop(listener: TcpListener, place: Arc<Place>, shared: Arc<S
     }
 }
 
-fn fatal(message: &str, sqlstate: &str) -> Vec<u8> {
+pub(crate) fn fatal(message: &str, sqlstate: &str) -> Vec<u8> {
     let mut out = Vec::new();
     encode_error(&mut out, false, "FATAL", sqlstate, message, &[]);
     out
@@ -328,8 +328,14 @@ async fn relay(
         relay: Relay::new(shared.limits, shared.budget.clone(), resolver),
         recorder,
     }));
-    let (mut client_rd, client_wr) = client.into_split();
-    let (mut server_rd, mut server_wr) = server.into_split();
+    let Some((mut client_rd, client_wr, mut server_rd, mut server_wr)) =
+        negotiate(&conn, client, server, shared.tls.as_deref(), dest).await
+    else {
+        if let Ok(mut c) = conn.lock() {
+            c.recorder.send(RECORD_CLOSE, DIR_TO_SERVER, &[]);
+        }
+        return;
+    };
     let client_wr = Arc::new(AsyncMutex::new(client_wr));
 
     // Client -> server.
@@ -346,7 +352,7 @@ async fn relay(
                     // The daemon stops: no new request goes out; the server ends the
                     // session after answering those in flight (recorded by the other
                     // direction), so nothing runs unrecorded.
-                    let _ = server_wr.write_all(&[b'X', 0, 0, 0, 4]).await;
+                    let _ = write_flush(&mut server_wr, &[b'X', 0, 0, 0, 4]).await;
                     break;
                 }
                 let n = tokio::select! {
@@ -394,14 +400,14 @@ async fn relay(
                 };
                 if let Some(w) = writer {
                     let mut w = w.lock().await;
-                    if w.write_all(&to_client).await.is_err() {
+                    if write_flush(&mut w, &to_client).await.is_err() {
                         break;
                     }
                 }
                 if close {
                     break;
                 }
-                if !to_server.is_empty() && server_wr.write_all(&to_server).await.is_err() {
+                if !to_server.is_empty() && write_flush(&mut server_wr, &to_server).await.is_err() {
                     break;
                 }
             }
@@ -431,7 +437,7 @@ async fn relay(
                 };
                 if !to_client.is_empty() {
                     let mut w = client_wr.lock().await;
-                    if w.write_all(&to_client).await.is_err() {
+                    if write_flush(&mut w, &to_client).await.is_err() {
                         break;
                     }
                 }
@@ -457,5 +463,153 @@ async fn relay(
     let closing = conn.lock();
     if let Ok(mut c) = closing {
         c.recorder.send(RECORD_CLOSE, DIR_TO_SERVER, &[]);
+    }
+}
+
+type Reader = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+type Writer = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+
+async fn write_flush(w: &mut Writer, data: &[u8]) -> std::io::Result<()> {
+    w.write_all(data).await?;
+    // TLS holds what it encrypted until flushed; TCP has nothing to flush.
+    w.flush().await
+}
+
+fn halves<S>(s: S) -> (Reader, Writer)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (r, w) = tokio::io::split(s);
+    (Box::new(r), Box::new(w))
+}
+
+/// How long a client may take to send its first packets.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+const SSL_REQUEST: u32 = 80877103;
+const GSSENC_REQUEST: u32 = 80877104;
+
+/// The client's bytes given to the relay, its answer written (the encryption requests
+/// the proxy answers itself, and the start of the startup packet).
+async fn feed(
+    conn: &std::sync::Mutex<Conn>,
+    client: &mut TcpStream,
+    server: &mut TcpStream,
+    data: &[u8],
+) -> Option<()> {
+    let (to_server, to_client, close) = {
+        let mut c = conn.lock().ok()?;
+        let Conn { relay, recorder } = &mut *c;
+        recorder.send(RECORD_DATA, DIR_TO_SERVER, data);
+        relay.on_client(data);
+        let to_client = std::mem::take(&mut relay.to_client);
+        if !to_client.is_empty() {
+            recorder.send(RECORD_DATA, DIR_TO_CLIENT, &to_client);
+        }
+        (
+            std::mem::take(&mut relay.to_server),
+            to_client,
+            relay.close.is_some(),
+        )
+    };
+    client.write_all(&to_client).await.ok()?;
+    if close {
+        return None;
+    }
+    server.write_all(&to_server).await.ok()
+}
+
+/// The encryption phase. Without `proxy.tls` the relay answers the client's requests
+/// itself (`N`). With it, a client's SSLRequest goes to the server first: if the server
+/// accepts TLS, the proxy accepts the client's (its certificate) and speaks TLS to the
+/// server; if not, the client gets the server's `N`, as without the proxy. Returns the
+/// two connections' halves, plaintext to the relay; None if the connection ended.
+async fn negotiate(
+    conn: &std::sync::Mutex<Conn>,
+    mut client: TcpStream,
+    mut server: TcpStream,
+    tls: Option<&super::tls::ProxyTls>,
+    dest: SocketAddr,
+) -> Option<(Reader, Writer, Reader, Writer)> {
+    let plain = |client: TcpStream, server: TcpStream| {
+        let (cr, cw) = client.into_split();
+        let (sr, sw) = server.into_split();
+        Some((
+            Box::new(cr) as Reader,
+            Box::new(cw) as Writer,
+            Box::new(sr) as Reader,
+            Box::new(sw) as Writer,
+        ))
+    };
+    let Some(tls) = tls else {
+        return plain(client, server);
+    };
+    loop {
+        let mut head = [0u8; 8];
+        match tokio::time::timeout(STARTUP_TIMEOUT, client.read_exact(&mut head)).await {
+            Ok(Ok(_)) => {}
+            _ => return None,
+        }
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let code = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+        if len == 8 && code == SSL_REQUEST {
+            // What would the server have said?
+            server.write_all(&head).await.ok()?;
+            let mut answer = [0u8; 1];
+            tokio::time::timeout(CONNECT_TIMEOUT, server.read_exact(&mut answer))
+                .await
+                .ok()?
+                .ok()?;
+            if answer[0] == b'S' {
+                client.write_all(b"S").await.ok()?;
+                let client = match tls.acceptor.accept(client).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::info!("proxy: a client's TLS handshake failed: {e}");
+                        return None;
+                    }
+                };
+                let name = tls
+                    .server_name
+                    .clone()
+                    .unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(dest.ip().into()));
+                let server = match tls.connector.connect(name, server).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!("proxy: TLS to the server at {dest} failed: {e}");
+                        let (_, mut w) = tokio::io::split(client);
+                        let _ = w
+                            .write_all(&fatal(
+                                &format!("auditor proxy: TLS to the server at {dest} failed: {e}"),
+                                "08006",
+                            ))
+                            .await;
+                        let _ = w.flush().await;
+                        return None;
+                    }
+                };
+                // Channel binding matches only if the server's certificate is the one the
+                // client saw (the proxy's).
+                let same = server
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    == Some(&tls.leaf);
+                if let Ok(mut c) = conn.lock() {
+                    c.relay.strip_channel_binding = !same;
+                }
+                let (cr, cw) = halves(client);
+                let (sr, sw) = halves(server);
+                return Some((cr, cw, sr, sw));
+            }
+            // The server's N (the relay answers the client the same), then the startup.
+            feed(conn, &mut client, &mut server, &head).await?;
+            continue;
+        }
+        feed(conn, &mut client, &mut server, &head).await?;
+        if len == 8 && code == GSSENC_REQUEST {
+            continue;
+        }
+        return plain(client, server);
     }
 }

@@ -15,6 +15,7 @@ pub mod conn;
 pub mod netns;
 pub mod redirect;
 pub mod relay;
+pub mod tls;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -99,6 +100,8 @@ pub struct Shared {
     /// The capture tells loopback connections of different namespaces apart (this
     /// kernel's BTF describes `sock` and `net`): so must the registration of upstreams.
     pub netns_known: bool,
+    /// TLS through the proxy (`proxy.tls`), if configured.
+    pub tls: Option<Arc<tls::ProxyTls>>,
 }
 
 impl Shared {
@@ -122,6 +125,7 @@ impl Shared {
             next_id: AtomicU64::new(1),
             stop: tokio::sync::watch::channel(false).0,
             netns_known,
+            tls: None,
         }
     }
 
@@ -204,6 +208,19 @@ pub enum EnforcementError {
     Listen { port: u16, source: std::io::Error },
     #[error("the redirect's settings: {0}")]
     Configure(String),
+    #[error("proxy.tls: {0}")]
+    Tls(String),
+}
+
+/// How the proxy runs (from the configuration and what the capture found).
+pub struct Settings<'a> {
+    /// Its port (0: any free one).
+    pub port: u16,
+    pub defaults: Defaults,
+    pub limits: TokenizerLimits,
+    /// The capture tells loopback connections apart by network namespace.
+    pub netns_known: bool,
+    pub tls: Option<&'a crate::config::ProxyTlsConfig>,
 }
 
 impl Enforcement {
@@ -211,22 +228,34 @@ impl Enforcement {
     pub fn start(
         ebpf: &mut aya::Ebpf,
         pins: Option<&std::path::Path>,
-        port: u16,
         policies: Arc<PolicySet>,
-        defaults: Defaults,
-        limits: TokenizerLimits,
-        netns_known: bool,
+        settings: Settings<'_>,
     ) -> Result<Enforcement, EnforcementError> {
+        let Settings {
+            port,
+            defaults,
+            limits,
+            netns_known,
+            tls,
+        } = settings;
+        let tls = match tls {
+            Some(cfg) => Some(Arc::new(
+                tls::ProxyTls::load(cfg).map_err(EnforcementError::Tls)?,
+            )),
+            None => None,
+        };
         let redirect = redirect::Redirect::attach(ebpf, pins)?;
         let (tx, rx) = mpsc::channel();
-        let shared = Arc::new(Shared::new(
+        let mut shared = Shared::new(
             redirect.maps.clone(),
             policies.clone(),
             defaults,
             tx,
             limits,
             netns_known,
-        ));
+        );
+        shared.tls = tls;
+        let shared = Arc::new(shared);
         let proxy =
             start(port, shared).map_err(|source| EnforcementError::Listen { port, source })?;
         Ok(Enforcement {

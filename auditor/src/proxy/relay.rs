@@ -88,6 +88,13 @@ pub struct Relay {
     pub refused: Vec<Refusal>,
     /// Why the connection must close, once `to_client` is written.
     pub close: Option<String>,
+    /// The client's TLS is terminated by the proxy: channel binding is removed from the
+    /// server's SASL offer (see `tls`).
+    pub strip_channel_binding: bool,
+    /// A session no enforce policy applies to: only relayed once its start-up is over
+    /// (the start-up is read, to adjust the SASL offer).
+    relay_when_ready: bool,
+    startup_over: bool,
 }
 
 fn push_frame(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
@@ -122,6 +129,9 @@ impl Relay {
             to_client: Vec::with_capacity(8192),
             refused: Vec::new(),
             close: None,
+            strip_channel_binding: false,
+            relay_when_ready: false,
+            startup_over: false,
         }
     }
 
@@ -132,7 +142,7 @@ impl Relay {
 
     /// Whether statements are judged (an enforce policy applies).
     pub fn enforcing(&self) -> bool {
-        self.state == State::Enforcing
+        self.state == State::Enforcing && !self.relay_when_ready
     }
 
     pub fn closed(&self) -> bool {
@@ -154,11 +164,25 @@ impl Relay {
         self.state = State::Closed;
     }
 
+    /// A session no policy enforces is only relayed once its start-up is over, from a
+    /// point where neither direction is inside a message.
+    fn maybe_relay(&mut self) {
+        if self.relay_when_ready
+            && self.startup_over
+            && self.client.at_boundary()
+            && self.server.at_boundary()
+        {
+            self.relay_when_ready = false;
+            self.state = State::Relaying;
+        }
+    }
+
     /// Bytes from the client.
     pub fn on_client(&mut self, data: &[u8]) {
         if self.state == State::Closed {
             return;
         }
+        self.maybe_relay();
         if self.state == State::Relaying {
             self.to_server.extend_from_slice(data);
             return;
@@ -231,11 +255,10 @@ impl Relay {
                 let enforce = applied.mode == Mode::Enforce;
                 self.applied = Some(applied);
                 self.forward_startup(body);
-                self.state = if enforce {
-                    State::Enforcing
-                } else {
-                    State::Relaying
-                };
+                // Authentication is passed through either way; statements are judged
+                // only if a policy enforces (else relayed from the first ReadyForQuery).
+                self.state = State::Enforcing;
+                self.relay_when_ready = !enforce;
             }
             _ => {}
         }
@@ -253,7 +276,7 @@ impl Relay {
             self.client_streaming = Streaming::Drop;
             return;
         }
-        if judged && self.conv.phase() == Phase::Ready {
+        if judged && self.conv.phase() == Phase::Ready && !self.relay_when_ready {
             // Too large to hold and judge: refused (fail closed).
             let refusal = Refusal {
                 decision: Decision {
@@ -291,8 +314,9 @@ impl Relay {
             }
             return;
         }
-        if self.conv.phase() != Phase::Ready {
-            // Authentication (passed through untouched: the proxy never reads a password).
+        if self.conv.phase() != Phase::Ready || self.relay_when_ready {
+            // Authentication (passed through untouched: the proxy never reads a password),
+            // or a session no policy enforces.
             self.forward_client(tag, body);
             return;
         }
@@ -451,6 +475,7 @@ impl Relay {
         if self.state == State::Closed {
             return;
         }
+        self.maybe_relay();
         if self.state == State::Relaying {
             self.to_client.extend_from_slice(data);
             return;
@@ -516,6 +541,17 @@ impl Relay {
         let ready = matches!(m, backend::BackendMessage::ReadyForQuery { .. });
         let mut ignored = Vec::new();
         self.conv.on_backend(m, 0, &mut ignored);
+        if tag == b'R' && self.strip_channel_binding && body.get(..4) == Some(&[0, 0, 0, 10]) {
+            if let Some(list) = super::tls::without_channel_binding(&body[4..]) {
+                let mut b = vec![0, 0, 0, 10];
+                b.extend_from_slice(&list);
+                push_frame(&mut self.to_client, tag, &b);
+                return;
+            }
+        }
+        if ready && self.relay_when_ready {
+            self.startup_over = true;
+        }
         if ready {
             // Every substitute sent before this cycle ended is answered or was skipped (a
             // failed transaction answers 25P02 before reaching it).
