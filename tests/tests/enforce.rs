@@ -243,6 +243,42 @@ SELECT 'after-' || bbalance AS balance FROM pgbench_branches WHERE bid = 1;
 /// the daemon listens once it has seen a redirected process there (as a pod's sandbox
 /// precedes its containers); the proxy reaches the server from inside the namespace, and
 /// the session is recorded once.
+/// An enforcing daemon's surroundings: `policy` (one file) and the redirect pinned in a
+/// directory of the test's own, removed on drop (after the daemons, declared later).
+struct Enforcing {
+    policies: tempfile::TempDir,
+    pin_dir: String,
+    _detach: auditor_tests::DetachOnDrop,
+}
+
+impl Enforcing {
+    fn new(tag: &str, policy: &str) -> Enforcing {
+        let policies = tempfile::tempdir().unwrap();
+        std::fs::write(policies.path().join("agents.yaml"), policy).unwrap();
+        let pin_dir = format!("/sys/fs/bpf/auditor-test-{tag}-{}", std::process::id());
+        Enforcing {
+            policies,
+            _detach: auditor_tests::DetachOnDrop::new(&pin_dir),
+            pin_dir,
+        }
+    }
+
+    /// A daemon watching `pg_port`, its proxy on a free port, with `proxy_extra` (", key:
+    /// value") among the proxy's settings.
+    fn daemon(&self, pg_port: u16, proxy_extra: &str) -> Daemon {
+        Daemon::start(
+            pg_port,
+            &format!(
+                "policies_dir: {}\nproxy: {{port: {}, pin_dir: {}{proxy_extra}}}\n",
+                self.policies.path().display(),
+                auditor_tests::free_port(),
+                self.pin_dir,
+            ),
+        )
+        .unwrap()
+    }
+}
+
 #[test]
 fn a_workload_in_its_own_network_namespace_is_enforced_there() {
     if !can_run("a_workload_in_its_own_network_namespace_is_enforced_there") {
@@ -259,29 +295,19 @@ fn a_workload_in_its_own_network_namespace_is_enforced_there() {
     )
     .unwrap();
     let pod = Cgroup::new("pod").unwrap();
-    let policies = tempfile::tempdir().unwrap();
-    std::fs::write(
-        policies.path().join("agents.yaml"),
-        POLICY.replace("CGROUP", &pod.name),
-    )
-    .unwrap();
-    let pin_dir = format!("/sys/fs/bpf/auditor-test-ns-{}", std::process::id());
-    let _detach = auditor_tests::DetachOnDrop::new(&pin_dir);
+    let setup = Enforcing::new("ns", &POLICY.replace("CGROUP", &pod.name));
     // With TLS configured and a server without it: the clients' SSLRequest (libpq's
     // default sslmode=prefer) gets the server's own `N`, and they go on in plaintext.
     let certs = tempfile::tempdir().unwrap();
     proxy_certificate(certs.path());
-    let mut daemon = Daemon::start(
+    let mut daemon = setup.daemon(
         port,
         &format!(
-            "policies_dir: {}\nproxy: {{port: {}, pin_dir: {pin_dir}, tls: {{cert: {}, key: {}}}}}\n",
-            policies.path().display(),
-            auditor_tests::free_port(),
+            ", tls: {{cert: {}, key: {}}}",
             certs.path().join("proxy.crt").display(),
-            certs.path().join("proxy.key").display(),
+            certs.path().join("proxy.key").display()
         ),
-    )
-    .unwrap();
+    );
     // The pod's sandbox: a process in the namespace and the cgroup before any client.
     let mut sandbox = ns.command("sleep");
     sandbox.arg("120");
@@ -333,6 +359,111 @@ fn a_workload_in_its_own_network_namespace_is_enforced_there() {
         .count();
     assert_eq!(all_bench, pg.logged_statements("pod_pgbench").unwrap());
     assert_eq!(blocked, ["DROP TABLE pgbench_history"]);
+}
+
+/// A workload under a policy that holds a credential connects under a user name of its
+/// own and with no password; its statements run as the credential's role, which the
+/// trail shows. The password is only in the daemon's file: nowhere in the trail, the
+/// daemon's output or the workload's environment. Rotated (the file and the role), it
+/// serves the next session while an open one goes on.
+#[test]
+fn a_workload_logs_in_with_a_credential_it_never_holds() {
+    if !can_run("a_workload_logs_in_with_a_credential_it_never_holds") {
+        return;
+    }
+    let pg = Postgres::start(&["password_encryption = 'scram-sha-256'"]).unwrap();
+    let seed = std::process::id() as u64 * 2_654_435_761;
+    let (first, second) = (format!("p1-{seed:x}"), format!("p2-{:x}", seed ^ 0xfeed));
+    check(pg.psql().args([
+        "-c",
+        &format!("CREATE ROLE app_rw LOGIN PASSWORD '{first}'"),
+    ]))
+    .unwrap();
+    let hba = pg.log_path().with_file_name("data").join("pg_hba.conf");
+    let old = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("host all app_rw 127.0.0.1/32 scram-sha-256\n{old}"),
+    )
+    .unwrap();
+    check(pg.psql().args(["-c", "SELECT pg_reload_conf()"])).unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    let password_file = secrets.path().join("app_rw");
+    std::fs::write(&password_file, format!("{first}\n")).unwrap();
+    let agent = Cgroup::new("agent-cred").unwrap();
+    let setup = Enforcing::new(
+        "cred",
+        &format!(
+            "{}credential:\n  user: app_rw\n  password_file: {}\n",
+            POLICY.replace("CGROUP", &agent.name),
+            password_file.display()
+        ),
+    );
+    let mut daemon = setup.daemon(pg.port, "");
+    let client = |app: &str| {
+        let mut cmd = pg.psql();
+        cmd.args(["-At", "-U", "agent"])
+            .env("PGAPPNAME", app)
+            .env_remove("PGPASSWORD");
+        agent.enter(&mut cmd);
+        cmd
+    };
+    let mut cmd = client("cred_psql");
+    cmd.args(["-c", "SELECT 'as-' || current_user"])
+        .args(["-c", "DROP TABLE IF EXISTS nothing"]);
+    let (_, out, err) = run(&mut cmd);
+    assert_eq!(out, "as-app_rw\n", "{err}");
+    assert!(err.contains("rule \"no-ddl\""), "{err}");
+
+    // A session open across the rotation.
+    let mut long = client("cred_long");
+    long.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut long = long.spawn().unwrap();
+    let mut stdin = long.stdin.take().unwrap();
+    use std::io::Write;
+    writeln!(stdin, "SELECT 'before-' || current_user;").unwrap();
+    stdin.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let environ = std::fs::read(format!("/proc/{}/environ", long.id())).unwrap();
+    assert!(!String::from_utf8_lossy(&environ).contains(&first));
+    check(
+        pg.psql()
+            .args(["-c", &format!("ALTER ROLE app_rw PASSWORD '{second}'")]),
+    )
+    .unwrap();
+    std::fs::write(&password_file, format!("{second}\n")).unwrap();
+    let mut cmd = client("cred_rotated");
+    cmd.args(["-c", "SELECT 'rotated-' || current_user"]);
+    let (_, out, err) = run(&mut cmd);
+    assert_eq!(out, "rotated-app_rw\n", "{err}");
+    writeln!(stdin, "SELECT 'after-' || current_user;").unwrap();
+    drop(stdin);
+    let long = long.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&long.stdout),
+        "before-app_rw\nafter-app_rw\n",
+        "{}",
+        String::from_utf8_lossy(&long.stderr)
+    );
+
+    daemon.wait_sessions_ended(&agent.name);
+    let output = daemon.stop().unwrap();
+    let events = daemon.events().unwrap();
+    auditor_tests::assert_no_duplicates(&events);
+    let ours = statements_of(&events, &agent.name);
+    assert_eq!(ours.len(), 5, "{ours:#?}");
+    for e in &ours {
+        assert_eq!(str_of(e, "capture"), "proxy", "{e}");
+        assert_eq!(str_of(e, "db_user"), "app_rw", "{e}");
+    }
+    let trail = serde_json::to_string(&events).unwrap();
+    let said = output.join("\n");
+    for secret in [&first, &second] {
+        assert!(!trail.contains(secret.as_str()));
+        assert!(!said.contains(secret.as_str()));
+    }
 }
 
 /// Every statement of the workload in `cgroup` went through the proxy; pgbench's (`app`)
@@ -443,22 +574,9 @@ fn tls_clients_go_through_the_proxy_encrypted_on_both_legs() {
     let c = |f: &str| certs.path().join(f).display().to_string();
 
     let enforced = Cgroup::new("enforced-tls").unwrap();
-    let policies = tempfile::tempdir().unwrap();
-    std::fs::write(
-        policies.path().join("agents.yaml"),
-        POLICY.replace("CGROUP", &enforced.name),
-    )
-    .unwrap();
-    let pin_dir = format!("/sys/fs/bpf/auditor-test-tls-{}", std::process::id());
-    let _detach = auditor_tests::DetachOnDrop::new(&pin_dir);
-    let config = |cert: &str, key: &str| {
-        format!(
-            "policies_dir: {}\nproxy: {{port: {}, pin_dir: {pin_dir}, tls: {{cert: {cert}, key: {key}}}}}\n",
-            policies.path().display(),
-            auditor_tests::free_port(),
-        )
-    };
-    let mut daemon = Daemon::start(pg.port, &config(&c("server.crt"), &c("server.key"))).unwrap();
+    let setup = Enforcing::new("tls", &POLICY.replace("CGROUP", &enforced.name));
+    let tls = |cert: &str, key: &str| format!(", tls: {{cert: {cert}, key: {key}}}");
+    let mut daemon = setup.daemon(pg.port, &tls(&c("server.crt"), &c("server.key")));
     let client = |app: &str, env: &[(&str, &str)]| {
         let mut cmd = pg.psql();
         cmd.arg("-At")
@@ -517,7 +635,7 @@ fn tls_clients_go_through_the_proxy_encrypted_on_both_legs() {
     assert!(!output.join("\n").contains(&secret));
 
     // A certificate of the proxy's own, issued for 127.0.0.1 by a CA the client trusts.
-    let mut daemon = Daemon::start(pg.port, &config(&c("proxy.crt"), &c("proxy.key"))).unwrap();
+    let mut daemon = setup.daemon(pg.port, &tls(&c("proxy.crt"), &c("proxy.key")));
     let ca = c("ca.crt");
     let full = [("PGSSLMODE", "verify-full"), ("PGSSLROOTCERT", ca.as_str())];
     let mut cmd = client("tls_full", &full);
@@ -541,9 +659,53 @@ fn tls_clients_go_through_the_proxy_encrypted_on_both_legs() {
     cmd.args(["-c", "SELECT 1"]);
     let (ok, _, err) = run(&mut cmd);
     assert!(!ok && err.contains("channel binding"), "{err}");
+    // Postgres 17's direct TLS (a ClientHello first, ALPN "postgresql"), from a client of
+    // its own (this Debian's libpq predates it).
+    let mut cmd = Command::new(auditor_tests::python3());
+    cmd.args(["-c", DIRECT_TLS_CLIENT, &pg.port.to_string(), &ca]);
+    enforced.enter(&mut cmd);
+    let (_, out, err) = run(&mut cmd);
+    assert_eq!(out, "direct-true\n", "{err}");
     let output = daemon.stop().unwrap();
     assert!(!output.join("\n").contains(&secret));
 }
+
+/// A Postgres client negotiating TLS directly: argv port, CA file; prints the server's
+/// view of the connection's TLS.
+const DIRECT_TLS_CLIENT: &str = r#"
+import socket, ssl, struct, sys
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+ctx.set_alpn_protocols(["postgresql"])
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[1]))),
+                    server_hostname="127.0.0.1")
+def exact(n):
+    b = b""
+    while len(b) < n:
+        more = s.recv(n - len(b))
+        if not more:
+            sys.exit("closed")
+        b += more
+    return b
+def message():
+    head = exact(5)
+    return head[:1], exact(struct.unpack("!i", head[1:])[0] - 4)
+params = b"user\0postgres\0database\0postgres\0application_name\0tls_direct\0\0"
+s.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+query = b"SELECT 'direct-' || ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()\0"
+sent = False
+while True:
+    tag, body = message()
+    if tag == b"E":
+        sys.exit(body.decode(errors="replace"))
+    if tag == b"D":
+        print(body[6:].decode())
+    if tag == b"Z":
+        if sent:
+            break
+        s.sendall(b"Q" + struct.pack("!i", 4 + len(query)) + query)
+        sent = True
+s.sendall(b"X\0\0\0\4")
+"#;
 
 /// The tags, with an ErrorResponse as `E<SQLSTATE>`, a ReadyForQuery as `Z<status>` and a
 /// CommandComplete as `C<tag>`.
@@ -578,23 +740,8 @@ fn the_proxy_refuses_with_postgres_own_error_semantics() {
     let pg = Postgres::start(&[]).unwrap();
     check(pg.pgbench().args(["-i", "-q", "-s", "1"]).arg("postgres")).unwrap();
     let enforced = Cgroup::new("enforced-raw").unwrap();
-    let policies = tempfile::tempdir().unwrap();
-    std::fs::write(
-        policies.path().join("agents.yaml"),
-        POLICY.replace("CGROUP", &enforced.name),
-    )
-    .unwrap();
-    let pin_dir = format!("/sys/fs/bpf/auditor-test-raw-{}", std::process::id());
-    let _detach = auditor_tests::DetachOnDrop::new(&pin_dir);
-    let mut daemon = Daemon::start(
-        pg.port,
-        &format!(
-            "policies_dir: {}\nproxy: {{port: {}, pin_dir: {pin_dir}}}\n",
-            policies.path().display(),
-            auditor_tests::free_port()
-        ),
-    )
-    .unwrap();
+    let setup = Enforcing::new("raw", &POLICY.replace("CGROUP", &enforced.name));
+    let mut daemon = setup.daemon(pg.port, "");
     enforced.run_test_client(
         "client_refusals",
         &[("AUDITOR_TEST_PG_PORT", pg.port.to_string())],

@@ -749,6 +749,14 @@ impl Conversation {
             BackendMessage::ParameterStatus { name, value } => {
                 if *name == b"application_name" {
                     self.meta.application_name = String::from_utf8_lossy(value).as_ref().into();
+                } else if *name == b"session_authorization"
+                    && self.phase == Phase::Authenticating
+                    && !value.is_empty()
+                {
+                    // The role the session authenticated as, which the server reports
+                    // at start-up: the startup packet's user unless something between
+                    // client and server logged in for it (the proxy's credentials).
+                    self.meta.db_user = String::from_utf8_lossy(value).as_ref().into();
                 }
                 return;
             }

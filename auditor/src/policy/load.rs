@@ -347,6 +347,32 @@ fn check_policy(file: &Path, text: &str, line: usize, p: &Policy, report: &mut L
             rules.insert(name, 1);
         }
     }
+    if let Some(c) = &p.credential {
+        if p.mode != Some(super::model::Mode::Enforce) {
+            report.errors.push(at(
+                "credential:",
+                format!(
+                    "policy `{}` holds a credential but is not `mode: enforce`: only the \
+                     proxy of enforced workloads logs in with it",
+                    p.name
+                ),
+            ));
+        }
+        if c.user.trim().is_empty() {
+            report
+                .errors
+                .push(at("credential:", "the credential's `user` is empty".into()));
+        }
+        if !c.password_file.is_absolute() {
+            report.errors.push(at(
+                "password_file:",
+                format!(
+                    "`password_file` must be an absolute path, not {}",
+                    c.password_file.display()
+                ),
+            ));
+        }
+    }
     for r in &p.mask {
         if r.columns.is_empty() && r.detectors.is_empty() {
             report.errors.push(at(

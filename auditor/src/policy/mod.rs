@@ -141,6 +141,9 @@ pub struct Applied {
     pub version: Text,
     /// Whether any matching policy judges statements (dry-run or enforce, with rules).
     pub judges: bool,
+    /// The login the proxy makes for the session (the first matching policy's that has
+    /// one), with that policy's name; only when the session is enforced.
+    pub credential: Option<(Text, model::Credential)>,
 }
 
 /// The daemon's recording defaults, for sessions no policy says anything about.
@@ -255,6 +258,16 @@ impl PolicySet {
         let judges = policies
             .iter()
             .any(|p| p.policy.mode.is_some_and(|m| m != Mode::Audit) && p.policy.has_rules());
+        let credential = if mode == Mode::Enforce {
+            policies.iter().find_map(|p| {
+                p.policy
+                    .credential
+                    .clone()
+                    .map(|c| (Text::from(p.policy.name.as_str()), c))
+            })
+        } else {
+            None
+        };
         Applied {
             name: policies
                 .first()
@@ -270,6 +283,7 @@ impl PolicySet {
             raw_statements,
             raw_params,
             judges,
+            credential,
         }
     }
 }

@@ -48,6 +48,22 @@ pub struct Policy {
     /// Statements held until a person approves them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub require_approval: Vec<ApprovalRule>,
+    /// The proxy logs in to Postgres for the workload with this credential (`enforce`
+    /// policies only): the workload connects with any user name and no password, and
+    /// never holds the database's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<Credential>,
+}
+
+/// A database login the proxy holds for a workload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Credential {
+    /// The role the proxy logs in as (the client's user name is replaced by it).
+    pub user: String,
+    /// A file holding the role's password (its first line). Read at each new session: a
+    /// rotated file is used from the next session on; open sessions are not disturbed.
+    pub password_file: std::path::PathBuf,
 }
 
 impl Policy {

@@ -328,7 +328,7 @@ async fn relay(
         relay: Relay::new(shared.limits, shared.budget.clone(), resolver),
         recorder,
     }));
-    let Some((mut client_rd, client_wr, mut server_rd, mut server_wr)) =
+    let Some((mut client_rd, client_wr, mut server_rd, server_wr)) =
         negotiate(&conn, client, server, shared.tls.as_deref(), dest).await
     else {
         if let Ok(mut c) = conn.lock() {
@@ -337,11 +337,15 @@ async fn relay(
         return;
     };
     let client_wr = Arc::new(AsyncMutex::new(client_wr));
+    // Written from both directions: the client's requests, and the proxy's own answers
+    // to the server's authentication requests (a credential's login).
+    let server_wr = Arc::new(AsyncMutex::new(server_wr));
 
     // Client -> server.
     let c2s = {
         let conn = conn.clone();
         let client_wr = client_wr.clone();
+        let server_wr = server_wr.clone();
         let shared = shared.clone();
         async move {
             let mut buf = vec![0u8; 64 * 1024];
@@ -352,7 +356,7 @@ async fn relay(
                     // The daemon stops: no new request goes out; the server ends the
                     // session after answering those in flight (recorded by the other
                     // direction), so nothing runs unrecorded.
-                    let _ = write_flush(&mut server_wr, &[b'X', 0, 0, 0, 4]).await;
+                    let _ = write_flush(&mut *server_wr.lock().await, &[b'X', 0, 0, 0, 4]).await;
                     break;
                 }
                 let n = tokio::select! {
@@ -407,17 +411,22 @@ async fn relay(
                 if close {
                     break;
                 }
-                if !to_server.is_empty() && write_flush(&mut server_wr, &to_server).await.is_err() {
+                if !to_server.is_empty()
+                    && write_flush(&mut *server_wr.lock().await, &to_server)
+                        .await
+                        .is_err()
+                {
                     break;
                 }
             }
-            let _ = server_wr.shutdown().await;
+            let _ = server_wr.lock().await.shutdown().await;
         }
     };
     // Server -> client.
     let s2c = {
         let conn = conn.clone();
         let client_wr = client_wr.clone();
+        let server_wr = server_wr.clone();
         async move {
             let mut buf = vec![0u8; 64 * 1024];
             loop {
@@ -425,7 +434,7 @@ async fn relay(
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
-                let (to_client, close) = {
+                let (to_client, to_server, close) = {
                     let Ok(mut c) = conn.lock() else { break };
                     let Conn { relay, recorder } = &mut *c;
                     relay.on_server(&buf[..n]);
@@ -433,8 +442,17 @@ async fn relay(
                     if !to_client.is_empty() {
                         recorder.send(RECORD_DATA, DIR_TO_CLIENT, &to_client);
                     }
-                    (to_client, relay.close.is_some())
+                    // The proxy's own login answers (never recorded).
+                    let to_server = std::mem::take(&mut relay.to_server);
+                    (to_client, to_server, relay.close.is_some())
                 };
+                if !to_server.is_empty()
+                    && write_flush(&mut *server_wr.lock().await, &to_server)
+                        .await
+                        .is_err()
+                {
+                    break;
+                }
                 if !to_client.is_empty() {
                     let mut w = client_wr.lock().await;
                     if write_flush(&mut w, &to_client).await.is_err() {
@@ -486,6 +504,8 @@ where
 /// How long a client may take to send its first packets.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 const SSL_REQUEST: u32 = 80877103;
+/// The first byte of a TLS handshake record (a ClientHello sent without SSLRequest).
+const TLS_HANDSHAKE: u8 = 0x16;
 const GSSENC_REQUEST: u32 = 80877104;
 
 /// The client's bytes given to the relay, its answer written (the encryption requests
@@ -543,6 +563,30 @@ async fn negotiate(
     let Some(tls) = tls else {
         return plain(client, server);
     };
+    // Postgres 17's direct TLS: a ClientHello first, no SSLRequest before it. The server
+    // leg is TLS negotiated the classic way (any server version with TLS); a server
+    // without TLS would have refused the client too: the connection is closed.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(STARTUP_TIMEOUT, client.peek(&mut first)).await {
+        Ok(Ok(1)) => {}
+        _ => return None,
+    }
+    if first[0] == TLS_HANDSHAKE {
+        let mut request = [0u8; 8];
+        request[..4].copy_from_slice(&8u32.to_be_bytes());
+        request[4..].copy_from_slice(&SSL_REQUEST.to_be_bytes());
+        server.write_all(&request).await.ok()?;
+        let mut answer = [0u8; 1];
+        tokio::time::timeout(CONNECT_TIMEOUT, server.read_exact(&mut answer))
+            .await
+            .ok()?
+            .ok()?;
+        if answer[0] != b'S' {
+            tracing::info!("proxy: a client opened with TLS directly, and the server at {dest} does not accept TLS");
+            return None;
+        }
+        return both_tls(conn, client, server, tls, dest).await;
+    }
     loop {
         let mut head = [0u8; 8];
         match tokio::time::timeout(STARTUP_TIMEOUT, client.read_exact(&mut head)).await {
@@ -561,46 +605,7 @@ async fn negotiate(
                 .ok()?;
             if answer[0] == b'S' {
                 client.write_all(b"S").await.ok()?;
-                let client = match tls.acceptor.accept(client).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::info!("proxy: a client's TLS handshake failed: {e}");
-                        return None;
-                    }
-                };
-                let name = tls
-                    .server_name
-                    .clone()
-                    .unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(dest.ip().into()));
-                let server = match tls.connector.connect(name, server).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!("proxy: TLS to the server at {dest} failed: {e}");
-                        let (_, mut w) = tokio::io::split(client);
-                        let _ = w
-                            .write_all(&fatal(
-                                &format!("auditor proxy: TLS to the server at {dest} failed: {e}"),
-                                "08006",
-                            ))
-                            .await;
-                        let _ = w.flush().await;
-                        return None;
-                    }
-                };
-                // Channel binding matches only if the server's certificate is the one the
-                // client saw (the proxy's).
-                let same = server
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    == Some(&tls.leaf);
-                if let Ok(mut c) = conn.lock() {
-                    c.relay.strip_channel_binding = !same;
-                }
-                let (cr, cw) = halves(client);
-                let (sr, sw) = halves(server);
-                return Some((cr, cw, sr, sw));
+                return both_tls(conn, client, server, tls, dest).await;
             }
             // The server's N (the relay answers the client the same), then the startup.
             feed(conn, &mut client, &mut server, &head).await?;
@@ -612,4 +617,55 @@ async fn negotiate(
         }
         return plain(client, server);
     }
+}
+
+/// TLS on both legs: the client's accepted with the proxy's certificate, the server's
+/// (which accepted an SSLRequest) originated by the proxy.
+async fn both_tls(
+    conn: &std::sync::Mutex<Conn>,
+    client: TcpStream,
+    server: TcpStream,
+    tls: &super::tls::ProxyTls,
+    dest: SocketAddr,
+) -> Option<(Reader, Writer, Reader, Writer)> {
+    let client = match tls.acceptor.accept(client).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!("proxy: a client's TLS handshake failed: {e}");
+            return None;
+        }
+    };
+    let name = tls
+        .server_name
+        .clone()
+        .unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(dest.ip().into()));
+    let server = match tls.connector.connect(name, server).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("proxy: TLS to the server at {dest} failed: {e}");
+            let (_, mut w) = tokio::io::split(client);
+            let _ = w
+                .write_all(&fatal(
+                    &format!("auditor proxy: TLS to the server at {dest} failed: {e}"),
+                    "08006",
+                ))
+                .await;
+            let _ = w.flush().await;
+            return None;
+        }
+    };
+    // Channel binding matches only if the server's certificate is the one the client saw
+    // (the proxy's).
+    let same = server
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        == Some(&tls.leaf);
+    if let Ok(mut c) = conn.lock() {
+        c.relay.strip_channel_binding = !same;
+    }
+    let (cr, cw) = halves(client);
+    let (sr, sw) = halves(server);
+    Some((cr, cw, sr, sw))
 }

@@ -12,6 +12,7 @@
 //! the redirect's verdicts (which cgroups) and drains the proxy's records.
 
 pub mod conn;
+pub mod login;
 pub mod netns;
 pub mod redirect;
 pub mod relay;

@@ -95,6 +95,42 @@ pub struct Relay {
     /// (the start-up is read, to adjust the SASL offer).
     relay_when_ready: bool,
     startup_over: bool,
+    /// The proxy's own login to the server (a policy holds the credential).
+    login: Option<super::login::Login>,
+    /// Where a credential's password comes from (its file; replaceable for tests).
+    pub password_of: PasswordSource,
+}
+
+/// Reads a credential's password.
+pub type PasswordSource =
+    fn(&crate::policy::model::Credential) -> Result<zeroize::Zeroizing<String>, String>;
+
+/// The startup packet's body with `user` set to `user` (added if it had none).
+fn with_user(body: &[u8], user: &str) -> Vec<u8> {
+    let mut out = body[..4.min(body.len())].to_vec();
+    let mut parts = body.get(4..).unwrap_or(&[]).split(|&b| b == 0);
+    let mut replaced = false;
+    while let (Some(k), Some(v)) = (parts.next(), parts.next()) {
+        if k.is_empty() {
+            break;
+        }
+        out.extend_from_slice(k);
+        out.push(0);
+        if k == b"user" {
+            out.extend_from_slice(user.as_bytes());
+            replaced = true;
+        } else {
+            out.extend_from_slice(v);
+        }
+        out.push(0);
+    }
+    if !replaced {
+        out.extend_from_slice(b"user\0");
+        out.extend_from_slice(user.as_bytes());
+        out.push(0);
+    }
+    out.push(0);
+    out
 }
 
 fn push_frame(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
@@ -132,6 +168,8 @@ impl Relay {
             strip_channel_binding: false,
             relay_when_ready: false,
             startup_over: false,
+            login: None,
+            password_of: super::login::read_password,
         }
     }
 
@@ -253,8 +291,26 @@ impl Relay {
                 self.conv.on_startup(&m, 0, &mut ignored);
                 let applied = (self.resolver)(&self.conv.meta);
                 let enforce = applied.mode == Mode::Enforce;
+                let credential = applied.credential.clone();
                 self.applied = Some(applied);
-                self.forward_startup(body);
+                if let Some((policy, c)) = credential {
+                    // The proxy logs in with the policy's credential: the server gets its
+                    // role, the client never an authentication request.
+                    match (self.password_of)(&c) {
+                        Ok(password) => {
+                            self.login = Some(super::login::Login::new(password));
+                            self.forward_startup(&with_user(body, &c.user));
+                        }
+                        Err(e) => {
+                            return self.fail(
+                                "28000",
+                                format!("auditor proxy: the credential of policy \"{policy}\" cannot be read: {e}"),
+                            )
+                        }
+                    }
+                } else {
+                    self.forward_startup(body);
+                }
                 // Authentication is passed through either way; statements are judged
                 // only if a policy enforces (else relayed from the first ReadyForQuery).
                 self.state = State::Enforcing;
@@ -312,6 +368,10 @@ impl Relay {
                 self.forward_client(tag, body);
                 self.cycle_end(tag);
             }
+            return;
+        }
+        if self.login.is_some() && self.conv.phase() != Phase::Ready {
+            // The proxy authenticates this session itself: the client was asked nothing.
             return;
         }
         if self.conv.phase() != Phase::Ready || self.relay_when_ready {
@@ -534,6 +594,29 @@ impl Relay {
                     if let Some(r) = self.substitutes.remove(&seq) {
                         self.write_refusal(&r);
                         replaced = true;
+                    }
+                }
+            }
+        }
+        if tag == b'R' {
+            if let Some(login) = &mut self.login {
+                match login.on_request(&body) {
+                    super::login::Answer::Server(msg) => {
+                        self.to_server.extend_from_slice(&msg);
+                        return;
+                    }
+                    super::login::Answer::Ok => self.login = None,
+                    super::login::Answer::Fail(why) => {
+                        let policy = self
+                            .applied
+                            .as_ref()
+                            .and_then(|a| a.credential.as_ref())
+                            .map(|(p, _)| p.to_string())
+                            .unwrap_or_default();
+                        return self.fail(
+                            "28000",
+                            format!("auditor proxy: logging in with the credential of policy \"{policy}\" failed: {why}"),
+                        );
                     }
                 }
             }
