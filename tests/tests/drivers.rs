@@ -13,7 +13,16 @@ use std::{
     time::Duration,
 };
 
-use auditor_tests::{can_run, python3, str_of, workspace_root, Cgroup, Daemon, Postgres};
+use auditor_tests::{can_run, python3, str_of, workspace_root, Cgroup, Daemon, Netns, Postgres};
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 use serde_json::Value;
 
 fn helper(name: &str) -> PathBuf {
@@ -29,23 +38,57 @@ fn node_modules() -> PathBuf {
 /// Postgres under a fresh daemon and checks the trail against the server's own log.
 /// `skipped` is a statement the workload makes the server skip (never executed).
 fn check_driver(test: &str, app: &str, client: Command, skipped: Option<&str>) {
-    check_driver_as(test, app, client, skipped, false)
+    check_driver_as(test, app, client, skipped, Via::Capture)
 }
 
-/// With `enforced`, the driver's cgroup is under an `enforce` policy (whose rule this
-/// workload never breaks): its connections go through the redirect and the inline proxy,
-/// and the same checks hold, every event saying `capture = proxy`.
-fn check_driver_as(
-    test: &str,
-    app: &str,
-    mut client: Command,
-    skipped: Option<&str>,
-    enforced: bool,
-) {
+/// How the driver reaches the server.
+#[derive(Clone, Copy, PartialEq)]
+enum Via {
+    /// Directly, captured.
+    Capture,
+    /// Through the redirect and the inline proxy: the driver's cgroup is under an
+    /// `enforce` policy (whose rule this workload never breaks). `tls`: the server has TLS,
+    /// the proxy a certificate, and the driver requires TLS (AUDITOR_TEST_SSL=require).
+    /// `netns`: the server and the driver are in a network namespace of the test's own.
+    Proxy { tls: bool, netns: bool },
+}
+
+/// `cmd`, run inside network namespace `ns` instead.
+fn inside(ns: &Netns, cmd: &Command) -> Command {
+    let mut c = ns.command(cmd.get_program().to_str().unwrap());
+    c.args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c
+}
+
+/// Through the proxy, the same checks hold, every event saying `capture = proxy`.
+fn check_driver_as(test: &str, app: &str, client: Command, skipped: Option<&str>, via: Via) {
     if !can_run(test) {
         return;
     }
-    let pg = Postgres::start(&[]).unwrap();
+    let enforced = via != Via::Capture;
+    let (tls, netns) = match via {
+        Via::Proxy { tls, netns } => (tls, netns),
+        Via::Capture => (false, false),
+    };
+    let ns = netns.then(|| Netns::new("drv").unwrap());
+    let pg = match &ns {
+        Some(ns) => Postgres::start_in_netns(ns, auditor_tests::free_port()).unwrap(),
+        None if tls => Postgres::start_tls(&[]).unwrap(),
+        None => Postgres::start(&[]).unwrap(),
+    };
+    let mut client = match &ns {
+        Some(ns) => inside(ns, &client),
+        None => client,
+    };
+    if tls {
+        client.env("AUDITOR_TEST_SSL", "require");
+    }
     let cg = Cgroup::new(app).unwrap();
     let policies = tempfile::tempdir().unwrap();
     let pin_dir = format!("/sys/fs/bpf/auditor-test-{app}-{}", std::process::id());
@@ -59,8 +102,18 @@ fn check_driver_as(
             ),
         )
         .unwrap();
+        let tls_config = if tls {
+            let (cert, key) = pg.cert_and_key();
+            format!(
+                ", tls: {{cert: {}, key: {}}}",
+                cert.display(),
+                key.display()
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "policies_dir: {}\nproxy: {{port: {}, pin_dir: {pin_dir}}}\n",
+            "policies_dir: {}\nproxy: {{port: {}, pin_dir: {pin_dir}{tls_config}}}\n",
             policies.path().display(),
             auditor_tests::free_port()
         )
@@ -69,6 +122,18 @@ fn check_driver_as(
     };
     let _detach = enforced.then(|| auditor_tests::DetachOnDrop::new(&pin_dir));
     let mut daemon = Daemon::start(pg.port, &config).unwrap();
+    // In a namespace of its own, the workload's sandbox comes first (as a pod's), so that
+    // the daemon listens there before the driver connects.
+    let _sandbox = ns.as_ref().map(|ns| {
+        let mut sleep = ns.command("sleep");
+        sleep.arg("600");
+        cg.enter(&mut sleep);
+        let sandbox = KillOnDrop(sleep.spawn().unwrap());
+        let stats =
+            daemon.wait_for_stats(Duration::from_secs(10), |s| s["proxy"]["namespaces"] == 1);
+        assert_eq!(stats["proxy"]["namespaces"], 1, "{stats:#}");
+        sandbox
+    });
     let secret = format!("drvsecret{}x{}", std::process::id(), pg.port);
     client
         .args([&pg.port.to_string(), app, &secret])
@@ -224,7 +289,42 @@ fn asyncpg_through_the_proxy() {
         "drv_asyncpg_enf",
         cmd,
         None,
-        true,
+        Via::Proxy {
+            tls: false,
+            netns: false,
+        },
+    );
+}
+
+#[test]
+fn asyncpg_through_the_proxy_over_tls() {
+    let mut cmd = Command::new(python3());
+    cmd.arg(helper("asyncpg_client.py"));
+    check_driver_as(
+        "asyncpg_through_the_proxy_over_tls",
+        "drv_asyncpg_tls",
+        cmd,
+        None,
+        Via::Proxy {
+            tls: true,
+            netns: false,
+        },
+    );
+}
+
+#[test]
+fn asyncpg_through_the_proxy_in_a_namespace() {
+    let mut cmd = Command::new(python3());
+    cmd.arg(helper("asyncpg_client.py"));
+    check_driver_as(
+        "asyncpg_through_the_proxy_in_a_namespace",
+        "drv_asyncpg_ns",
+        cmd,
+        None,
+        Via::Proxy {
+            tls: false,
+            netns: true,
+        },
     );
 }
 
@@ -272,7 +372,44 @@ fn pgjdbc_through_the_proxy() {
         "drv_jdbc_enf",
         pgjdbc_command(),
         None,
-        true,
+        Via::Proxy {
+            tls: false,
+            netns: false,
+        },
+    );
+}
+
+#[test]
+fn pgjdbc_through_the_proxy_over_tls() {
+    if !can_run("pgjdbc_through_the_proxy_over_tls") {
+        return;
+    }
+    check_driver_as(
+        "pgjdbc_through_the_proxy_over_tls",
+        "drv_jdbc_tls",
+        pgjdbc_command(),
+        None,
+        Via::Proxy {
+            tls: true,
+            netns: false,
+        },
+    );
+}
+
+#[test]
+fn pgjdbc_through_the_proxy_in_a_namespace() {
+    if !can_run("pgjdbc_through_the_proxy_in_a_namespace") {
+        return;
+    }
+    check_driver_as(
+        "pgjdbc_through_the_proxy_in_a_namespace",
+        "drv_jdbc_ns",
+        pgjdbc_command(),
+        None,
+        Via::Proxy {
+            tls: false,
+            netns: true,
+        },
     );
 }
 

@@ -280,8 +280,9 @@ fn main() -> Result<()> {
             run(cargo()
                 .env("CI", "true")
                 .args(["test", "--release", "--", "--test-threads=1"]))?;
-            // The parsers under arbitrary bytes, bounded: a minute per target.
-            fuzz(45, &[])?;
+            // The parsers and the proxy's relay under arbitrary bytes, bounded: half a minute
+            // per target.
+            fuzz(30, &[])?;
             // The benchmark in seconds, so the command never rots.
             bench::bench(bench::Options {
                 smoke: true,

@@ -9,7 +9,9 @@ import java.sql.*;
 public class PgjdbcClient {
     public static void main(String[] args) throws Exception {
         String url = "jdbc:postgresql://127.0.0.1:" + args[0] + "/postgres?user=postgres"
-            + "&ApplicationName=" + args[1] + "&prepareThreshold=5";
+            + "&ApplicationName=" + args[1] + "&prepareThreshold=5"
+            + (System.getenv("AUDITOR_TEST_SSL") != null
+                ? "&sslmode=" + System.getenv("AUDITOR_TEST_SSL") : "");
         String secret = args[2];
         try (Connection c = DriverManager.getConnection(url)) {
             try (Statement s = c.createStatement()) {

@@ -8,6 +8,7 @@ Prints one line per step and "done". SECRET is a marker the auditor must never r
 """
 
 import asyncio
+import os
 import sys
 
 import asyncpg
@@ -17,6 +18,7 @@ async def main(port, app, secret):
     conn = await asyncpg.connect(
         host="127.0.0.1", port=port, user="postgres", database="postgres",
         server_settings={"application_name": app},
+        ssl=os.environ.get("AUDITOR_TEST_SSL") or False,
     )
     await conn.execute("DROP TABLE IF EXISTS drv_asyncpg")
     await conn.execute("CREATE TABLE drv_asyncpg (id int PRIMARY KEY, name text, secret text)")
