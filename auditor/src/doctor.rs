@@ -64,6 +64,80 @@ const CAPABILITIES: [(u32, &str, &str); 5] = [
 ];
 const CAP_SYS_ADMIN: u32 = 21;
 
+const CAP_NET_ADMIN: u32 = 12;
+
+/// What enforcing needs, once an enforce policy is loaded: the capabilities of the
+/// redirect and of the listeners in workloads' namespaces, the proxy's TLS files, and
+/// each credential's password file (read, never shown).
+fn enforcement_checks(cfg: &Config, set: &crate::policy::PolicySet) -> Vec<Check> {
+    use Verdict::*;
+    let mut out = Vec::new();
+    let caps = effective_caps().unwrap_or(0);
+    let has = |bit: u32| caps & (1u64 << bit) != 0;
+    out.push(if !has(CAP_NET_ADMIN) && !has(CAP_SYS_ADMIN) {
+        check(
+            "enforcement",
+            Fail,
+            "an enforce policy is loaded and CAP_NET_ADMIN is missing: the redirect cannot attach, so the daemon refuses to start".into(),
+            "grant CAP_NET_ADMIN (deploy/ has it), or set proxy.enabled: false to record enforce policies as dry runs",
+        )
+    } else if !has(CAP_SYS_ADMIN) {
+        check(
+            "enforcement",
+            Warn,
+            "CAP_SYS_ADMIN is missing: the proxy cannot listen inside containers' and pods' own network namespaces, whose enforced connections are then refused".into(),
+            "grant CAP_SYS_ADMIN (deploy/ has it) if enforced workloads run in containers",
+        )
+    } else {
+        check(
+            "enforcement",
+            Ok,
+            "CAP_NET_ADMIN and CAP_SYS_ADMIN: the redirect and the proxy's listeners in workloads' namespaces".into(),
+            "",
+        )
+    });
+    if let Some(tls) = &cfg.proxy.tls {
+        out.push(match crate::proxy::tls::ProxyTls::load(tls) {
+            Result::Ok(_) => check(
+                "proxy tls",
+                Ok,
+                format!("{} and its key load", tls.cert.display()),
+                "",
+            ),
+            Err(e) => check(
+                "proxy tls",
+                Fail,
+                e,
+                "correct proxy.tls: the daemon refuses to start with it",
+            ),
+        });
+    }
+    for p in &set.policies {
+        if let Some(c) = &p.policy.credential {
+            out.push(match crate::proxy::login::read_password(c) {
+                Result::Ok(_) => check(
+                    "credential",
+                    Ok,
+                    format!(
+                        "policy {}: {} is readable (role {})",
+                        p.policy.name,
+                        c.password_file.display(),
+                        c.user
+                    ),
+                    "",
+                ),
+                Err(e) => check(
+                    "credential",
+                    Fail,
+                    format!("policy {}: {e}", p.policy.name),
+                    "its sessions are refused until the file holds the role's password",
+                ),
+            });
+        }
+    }
+    out
+}
+
 pub fn run_checks(cfg: &Config) -> Vec<Check> {
     use Verdict::*;
     let mut out = Vec::new();
@@ -198,6 +272,9 @@ pub fn run_checks(cfg: &Config) -> Vec<Check> {
                 "fix them (`auditor policy lint` lists every error): the daemon refuses to start with them",
             )
         });
+        if set.any_enforce() && cfg.proxy.active() {
+            out.extend(enforcement_checks(cfg, &set));
+        }
     } else {
         out.push(check(
             "policies",
