@@ -21,6 +21,7 @@ use tokio::{
 };
 
 use super::{netns::Place, relay::Relay, ProxyRecord, Shared};
+use crate::pg::{GSSENC_REQUEST_CODE, SSL_REQUEST_CODE};
 use crate::{
     audit::event::ProcessIdentity,
     conversation::SessionMeta,
@@ -503,10 +504,8 @@ where
 
 /// How long a client may take to send its first packets.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
-const SSL_REQUEST: u32 = 80877103;
 /// The first byte of a TLS handshake record (a ClientHello sent without SSLRequest).
 const TLS_HANDSHAKE: u8 = 0x16;
-const GSSENC_REQUEST: u32 = 80877104;
 
 /// The client's bytes given to the relay, its answer written (the encryption requests
 /// the proxy answers itself, and the start of the startup packet).
@@ -572,16 +571,7 @@ async fn negotiate(
         _ => return None,
     }
     if first[0] == TLS_HANDSHAKE {
-        let mut request = [0u8; 8];
-        request[..4].copy_from_slice(&8u32.to_be_bytes());
-        request[4..].copy_from_slice(&SSL_REQUEST.to_be_bytes());
-        server.write_all(&request).await.ok()?;
-        let mut answer = [0u8; 1];
-        tokio::time::timeout(CONNECT_TIMEOUT, server.read_exact(&mut answer))
-            .await
-            .ok()?
-            .ok()?;
-        if answer[0] != b'S' {
+        if !server_accepts_tls(&mut server).await? {
             tracing::info!("proxy: a client opened with TLS directly, and the server at {dest} does not accept TLS");
             return None;
         }
@@ -595,15 +585,9 @@ async fn negotiate(
         }
         let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
         let code = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
-        if len == 8 && code == SSL_REQUEST {
+        if len == 8 && code == SSL_REQUEST_CODE {
             // What would the server have said?
-            server.write_all(&head).await.ok()?;
-            let mut answer = [0u8; 1];
-            tokio::time::timeout(CONNECT_TIMEOUT, server.read_exact(&mut answer))
-                .await
-                .ok()?
-                .ok()?;
-            if answer[0] == b'S' {
+            if server_accepts_tls(&mut server).await? {
                 client.write_all(b"S").await.ok()?;
                 return both_tls(conn, client, server, tls, dest).await;
             }
@@ -612,11 +596,24 @@ async fn negotiate(
             continue;
         }
         feed(conn, &mut client, &mut server, &head).await?;
-        if len == 8 && code == GSSENC_REQUEST {
+        if len == 8 && code == GSSENC_REQUEST_CODE {
             continue;
         }
         return plain(client, server);
     }
+}
+
+/// Puts an SSLRequest to the server: whether it answered `S` (None: it did not answer).
+async fn server_accepts_tls(server: &mut TcpStream) -> Option<bool> {
+    let mut request = Vec::with_capacity(8);
+    crate::pg::frontend::FrontendMessage::SslRequest.encode(&mut request);
+    server.write_all(&request).await.ok()?;
+    let mut answer = [0u8; 1];
+    tokio::time::timeout(CONNECT_TIMEOUT, server.read_exact(&mut answer))
+        .await
+        .ok()?
+        .ok()?;
+    Some(answer[0] == b'S')
 }
 
 /// TLS on both legs: the client's accepted with the proxy's certificate, the server's

@@ -15,7 +15,7 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use crate::policy::model::Credential;
+use crate::{pg::tokenizer::frame, policy::model::Credential};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -64,14 +64,6 @@ pub enum Answer {
     Ok,
     /// Give up: this message for the client (the connection ends).
     Fail(String),
-}
-
-fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + 5);
-    out.push(tag);
-    out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
-    out.extend_from_slice(body);
-    out
 }
 
 fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {

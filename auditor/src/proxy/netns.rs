@@ -43,7 +43,7 @@ pub struct Place {
     pub cookie: u32,
     /// The host's namespace (the daemon's own): upstream sockets are made in place.
     pub host: bool,
-    factory: Option<std::sync::Mutex<std::sync::mpsc::Sender<Request>>>,
+    factory: Option<std::sync::mpsc::Sender<Request>>,
 }
 
 impl Place {
@@ -58,8 +58,6 @@ impl Place {
         };
         let (reply, answer) = tokio::sync::oneshot::channel();
         factory
-            .lock()
-            .map_err(|_| std::io::Error::other("namespace thread poisoned"))?
             .send(Request { dest, reply })
             .map_err(|_| std::io::Error::other("the namespace's thread is gone"))?;
         answer
@@ -193,7 +191,7 @@ fn enter(pid: u32, inode: u64, port: u16) -> std::io::Result<(Place, Bound)> {
         inum: inode as u32,
         cookie: bound.2 as u32,
         host: false,
-        factory: Some(std::sync::Mutex::new(requests)),
+        factory: Some(requests),
     };
     Ok((place, bound))
 }

@@ -105,34 +105,6 @@ pub struct Relay {
 pub type PasswordSource =
     fn(&crate::policy::model::Credential) -> Result<zeroize::Zeroizing<String>, String>;
 
-/// The startup packet's body with `user` set to `user` (added if it had none).
-fn with_user(body: &[u8], user: &str) -> Vec<u8> {
-    let mut out = body[..4.min(body.len())].to_vec();
-    let mut parts = body.get(4..).unwrap_or(&[]).split(|&b| b == 0);
-    let mut replaced = false;
-    while let (Some(k), Some(v)) = (parts.next(), parts.next()) {
-        if k.is_empty() {
-            break;
-        }
-        out.extend_from_slice(k);
-        out.push(0);
-        if k == b"user" {
-            out.extend_from_slice(user.as_bytes());
-            replaced = true;
-        } else {
-            out.extend_from_slice(v);
-        }
-        out.push(0);
-    }
-    if !replaced {
-        out.extend_from_slice(b"user\0");
-        out.extend_from_slice(user.as_bytes());
-        out.push(0);
-    }
-    out.push(0);
-    out
-}
-
 fn push_frame(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
     out.push(tag);
     out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
@@ -299,7 +271,7 @@ impl Relay {
                     match (self.password_of)(&c) {
                         Ok(password) => {
                             self.login = Some(super::login::Login::new(password));
-                            self.forward_startup(&with_user(body, &c.user));
+                            self.forward_startup_as(&m, &c.user);
                         }
                         Err(e) => {
                             return self.fail(
@@ -318,6 +290,25 @@ impl Relay {
             }
             _ => {}
         }
+    }
+
+    /// The client's startup packet with its user name replaced by `user` (added if it
+    /// named none), encoded by the shared codec.
+    fn forward_startup_as(&mut self, m: &FrontendMessage<'_>, user: &str) {
+        let FrontendMessage::Startup { protocol, params } = m else {
+            return;
+        };
+        let mut params: Vec<(&[u8], &[u8])> = params
+            .iter()
+            .filter(|(k, _)| *k != b"user")
+            .copied()
+            .collect();
+        params.insert(0, (b"user", user.as_bytes()));
+        FrontendMessage::Startup {
+            protocol: *protocol,
+            params,
+        }
+        .encode(&mut self.to_server);
     }
 
     fn forward_startup(&mut self, body: &[u8]) {
