@@ -129,6 +129,11 @@ pub struct ProxyConfig {
     /// restarts: the next daemon takes it over; `auditor detach` removes it. Default:
     /// /sys/fs/bpf/auditor.
     pub pin_dir: PathBuf,
+    /// The proxy's threads, each serving its share of the connections on an event loop of
+    /// its own. Default 0: one per four CPUs, from one to eight (enforced workloads are
+    /// usually a few agents and jobs; one thread relays tens of thousands of messages a
+    /// second).
+    pub threads: usize,
     /// TLS through the proxy. Without it, a client's SSLRequest is answered `N`
     /// (`sslmode=prefer` goes on in plaintext on the loopback, `sslmode=require` fails).
     pub tls: Option<ProxyTlsConfig>,
@@ -161,6 +166,7 @@ impl Default for ProxyConfig {
             port: 15432,
             max_message_bytes: 64 << 20,
             pin_dir: PathBuf::from("/sys/fs/bpf/auditor"),
+            threads: 0,
             tls: None,
         }
     }
@@ -403,6 +409,7 @@ proxy:
   port: 15432                      # on 127.0.0.1 and ::1; redirected connections land here
   max_message_bytes: 67108864      # larger statements are refused in enforced sessions
   pin_dir: /sys/fs/bpf/auditor     # the redirect stays here across restarts (auditor detach)
+  threads: 0                       # event-loop threads; 0: one per 4 CPUs (1 to 8)
   # tls:                           # TLS through the proxy (else SSLRequest is answered N)
   #   cert: /etc/auditor/proxy.crt # presented to clients (the server's own keeps channel binding)
   #   key: /etc/auditor/proxy.key

@@ -244,15 +244,20 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         },
         pod_wait: Duration::from_millis(u64::from(cfg.kubernetes.pod_wait_ms)),
     });
+    // Secrets credentials name: watched through the API server when Kubernetes is on.
+    let secrets = std::sync::Arc::new(crate::workload::kubernetes::SecretStore::default());
+    secrets.want(policies.set.secrets());
     let pods = if cfg.kubernetes.active() {
         let settings = crate::workload::kubernetes::KubeSettings {
             kubeconfig: cfg.kubernetes.kubeconfig.clone(),
             node_name: cfg.kubernetes.node(&cfg.host_name()),
         };
         let cache =
-            crate::workload::kubernetes::start(settings).map_err(|source| DaemonError::State {
-                path: "kubernetes watch thread".into(),
-                source,
+            crate::workload::kubernetes::start(settings, secrets.clone()).map_err(|source| {
+                DaemonError::State {
+                    path: "kubernetes watch thread".into(),
+                    source,
+                }
             })?;
         tracker.add_label_source(Box::new(crate::workload::kubernetes::PodLabels {
             cache: cache.clone(),
@@ -310,6 +315,8 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
                 },
                 netns_known,
                 tls: cfg.proxy.tls.as_ref(),
+                threads: cfg.proxy.threads,
+                secrets: secrets.clone(),
             },
         ) {
             Ok(mut e) => {
@@ -534,6 +541,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             tracker.tick(crate::tracker::monotonic_ns(), &mut batch);
             last_tick = Instant::now();
             if let Some(set) = policies.poll(&mut batch) {
+                secrets.want(set.secrets());
                 if let Some(e) = &mut enforcement {
                     e.set_policies(set.clone());
                 }

@@ -113,15 +113,22 @@ fn enforcement_checks(cfg: &Config, set: &crate::policy::PolicySet) -> Vec<Check
         });
     }
     for p in &set.policies {
-        if let Some(c) = &p.policy.credential {
-            out.push(match crate::proxy::login::read_password(c) {
+        let Some(c) = &p.policy.credential else {
+            continue;
+        };
+        if let Some(secret) = &c.secret {
+            out.push(secret_check(cfg, &p.policy.name, &c.user, secret));
+            continue;
+        }
+        out.push(
+            match crate::proxy::login::read_password(c, &Default::default()) {
                 Result::Ok(_) => check(
                     "credential",
                     Ok,
                     format!(
                         "policy {}: {} is readable (role {})",
                         p.policy.name,
-                        c.password_file.display(),
+                        c.source(),
                         c.user
                     ),
                     "",
@@ -132,8 +139,8 @@ fn enforcement_checks(cfg: &Config, set: &crate::policy::PolicySet) -> Vec<Check
                     format!("policy {}: {e}", p.policy.name),
                     "its sessions are refused until the file holds the role's password",
                 ),
-            });
-        }
+            },
+        );
     }
     out
 }
@@ -312,21 +319,109 @@ fn kubernetes_check(_: &Config) -> Check {
 }
 
 #[cfg(feature = "kubernetes")]
+async fn kube_client(cfg: &Config) -> Result<kube::Client, String> {
+    let config = match &cfg.kubernetes.kubeconfig {
+        Some(p) => {
+            let kc = kube::config::Kubeconfig::read_from(p).map_err(|e| e.to_string())?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| e.to_string())?
+        }
+        None => kube::Config::infer().await.map_err(|e| e.to_string())?,
+    };
+    kube::Client::try_from(config).map_err(|e| e.to_string())
+}
+
+/// A credential's Secret: Kubernetes is on, and the Secret (listed by name, as the daemon
+/// watches it) has the key. The value is never shown.
+fn secret_check(
+    cfg: &Config,
+    policy: &str,
+    user: &str,
+    secret: &crate::policy::model::SecretRef,
+) -> Check {
+    if !cfg.kubernetes.active() {
+        return check(
+            "credential",
+            Verdict::Fail,
+            format!(
+                "policy {policy}: its credential is in {secret}, and Kubernetes is not enabled"
+            ),
+            "set kubernetes.enabled (the daemon reads Secrets through the API server)",
+        );
+    }
+    match read_secret_keys(cfg, secret) {
+        Ok(Some(keys)) if keys.iter().any(|k| k == &secret.key) => check(
+            "credential",
+            Verdict::Ok,
+            format!("policy {policy}: {secret} is readable (role {user})"),
+            "",
+        ),
+        Ok(None) => check(
+            "credential",
+            Verdict::Fail,
+            format!("policy {policy}: {secret} does not exist"),
+            "create it; its sessions are refused until then",
+        ),
+        Ok(Some(keys)) => check(
+            "credential",
+            Verdict::Fail,
+            format!(
+                "policy {policy}: {secret} has no key `{}` (its keys: {})",
+                secret.key,
+                if keys.is_empty() { "none".to_string() } else { keys.join(", ") }
+            ),
+            "correct the credential's `key`",
+        ),
+        Err(e) => check(
+            "credential",
+            Verdict::Fail,
+            format!("policy {policy}: reading {secret}: {e}"),
+            "RBAC must allow get, list and watch on that Secret (a Role with resourceNames, see deploy/kubernetes)",
+        ),
+    }
+}
+
+#[cfg(not(feature = "kubernetes"))]
+fn read_secret_keys(
+    _: &Config,
+    _: &crate::policy::model::SecretRef,
+) -> Result<Option<Vec<String>>, String> {
+    Err("this build has no Kubernetes support".into())
+}
+
+/// The keys of a Secret (None: it does not exist).
+#[cfg(feature = "kubernetes")]
+fn read_secret_keys(
+    cfg: &Config,
+    secret: &crate::policy::model::SecretRef,
+) -> Result<Option<Vec<String>>, String> {
+    runtime().map_err(|e| e.to_string()).and_then(|rt| {
+        rt.block_on(async {
+            let client = kube_client(cfg).await?;
+            let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
+                kube::Api::namespaced(client, &secret.namespace);
+            let lp =
+                kube::api::ListParams::default().fields(&format!("metadata.name={}", secret.name));
+            let list = tokio::time::timeout(Duration::from_secs(10), api.list(&lp))
+                .await
+                .map_err(|_| "no answer in 10 s".to_string())?
+                .map_err(|e| e.to_string())?;
+            Ok(list
+                .items
+                .into_iter()
+                .next()
+                .map(|s| s.data.unwrap_or_default().into_keys().collect()))
+        })
+    })
+}
+
+#[cfg(feature = "kubernetes")]
 fn kubernetes_check(cfg: &Config) -> Check {
     let node = cfg.kubernetes.node(&cfg.host_name());
-    let kubeconfig = cfg.kubernetes.kubeconfig.clone();
     let result: Result<usize, String> = runtime().map_err(|e| e.to_string()).and_then(|rt| {
         rt.block_on(async {
-            let config = match &kubeconfig {
-                Some(p) => {
-                    let kc = kube::config::Kubeconfig::read_from(p).map_err(|e| e.to_string())?;
-                    kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                        .await
-                        .map_err(|e| e.to_string())?
-                }
-                None => kube::Config::infer().await.map_err(|e| e.to_string())?,
-            };
-            let client = kube::Client::try_from(config).map_err(|e| e.to_string())?;
+            let client = kube_client(cfg).await?;
             let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::all(client);
             let lp = kube::api::ListParams::default().fields(&format!("spec.nodeName={node}"));
             tokio::time::timeout(Duration::from_secs(10), pods.list(&lp))

@@ -2,10 +2,12 @@
 """A small stand-in for the Kubernetes API server, for the auditor's integration tests.
 
 Serves `list` and `watch` of pods (GET /api/v1/pods, with a `spec.nodeName=` field
-selector) in the real API's JSON shapes, over plain HTTP on loopback. The test drives it
-through /control:
+selector) and of a namespace's Secrets (GET /api/v1/namespaces/NS/secrets, with a
+`metadata.name=` field selector) in the real API's JSON shapes, over plain HTTP on
+loopback. The test drives it through /control:
 
   PUT  /control/pods              body: a JSON list of pods (replaces them all)
+  PUT  /control/secrets           body: a JSON list of Secrets (replaces them all)
   POST /control/pods/NS/NAME      body: {"labels": {...}}: relabels a pod (MODIFIED event)
   GET  /control/requests          the API requests served so far, one per line
 
@@ -20,27 +22,42 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 LOCK = threading.Condition()
-STATE = {"rv": 1, "pods": {}, "events": [], "requests": []}
+STATE = {"rv": 1, "pods": {}, "secrets": {}, "events": [], "requests": []}
 
 
-def pod_key(p):
+def obj_key(p):
     return (p["metadata"]["namespace"], p["metadata"]["name"])
 
 
-def bump(kind, pod):
-    """Records a change: a new resourceVersion on the pod, an event for watchers."""
+def bump(kind, obj):
+    """Records a change: a new resourceVersion on the object, an event for watchers."""
     STATE["rv"] += 1
-    pod["metadata"]["resourceVersion"] = str(STATE["rv"])
-    STATE["events"].append((STATE["rv"], kind, json.loads(json.dumps(pod))))
+    obj["metadata"]["resourceVersion"] = str(STATE["rv"])
+    STATE["events"].append((STATE["rv"], kind, json.loads(json.dumps(obj))))
     LOCK.notify_all()
 
 
-def node_of(query):
+def field(query, name):
     for sel in query.get("fieldSelector", []):
         for part in sel.split(","):
-            if part.startswith("spec.nodeName="):
+            if part.startswith(name + "="):
                 return part.split("=", 1)[1]
     return None
+
+
+def selects(obj, resource, namespace, query):
+    """Whether a list or watch of `resource` (in `namespace`) with `query` shows obj."""
+    if obj.get("kind") != {"pods": "Pod", "secrets": "Secret"}[resource]:
+        return False
+    if namespace is not None and obj["metadata"]["namespace"] != namespace:
+        return False
+    node = field(query, "spec.nodeName")
+    if node is not None and obj.get("spec", {}).get("nodeName") != node:
+        return False
+    name = field(query, "metadata.name")
+    if name is not None and obj["metadata"]["name"] != name:
+        return False
+    return True
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -62,18 +79,19 @@ class Handler(BaseHTTPRequestHandler):
         return json.loads(self.rfile.read(n) or b"null")
 
     def do_PUT(self):
-        if self.path != "/control/pods":
+        if self.path not in ("/control/pods", "/control/secrets"):
             return self.send_json(404, {})
-        pods = self.read_body()
+        store = STATE[self.path.rsplit("/", 1)[1]]
+        objs = self.read_body()
         with LOCK:
-            new = {pod_key(p): p for p in pods}
-            for k, p in list(STATE["pods"].items()):
+            new = {obj_key(p): p for p in objs}
+            for k, p in list(store.items()):
                 if k not in new:
-                    del STATE["pods"][k]
+                    del store[k]
                     bump("DELETED", p)
             for k, p in new.items():
-                kind = "MODIFIED" if k in STATE["pods"] else "ADDED"
-                STATE["pods"][k] = p
+                kind = "MODIFIED" if k in store else "ADDED"
+                store[k] = p
                 bump(kind, p)
         self.send_json(200, {"resourceVersion": str(STATE["rv"])})
 
@@ -101,19 +119,23 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(body)
             return
-        if url.path != "/api/v1/pods":
+        parts = url.path.strip("/").split("/")
+        if url.path == "/api/v1/pods":
+            resource, namespace = "pods", None
+        elif len(parts) == 5 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "secrets":
+            resource, namespace = "secrets", parts[3]
+        else:
             return self.send_json(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
                                         "reason": "NotFound", "code": 404,
                                         "message": f"{url.path} not served here"})
         with LOCK:
             STATE["requests"].append(self.path)
-        node = node_of(query)
         if query.get("watch", ["false"])[0] in ("true", "1"):
-            return self.watch(query, node)
+            return self.watch(query, resource, namespace)
         with LOCK:
-            items = [p for p in STATE["pods"].values() if node is None or p["spec"].get("nodeName") == node]
+            items = [p for p in STATE[resource].values() if selects(p, resource, namespace, query)]
             self.send_json(200, {
-                "kind": "PodList", "apiVersion": "v1",
+                "kind": {"pods": "PodList", "secrets": "SecretList"}[resource], "apiVersion": "v1",
                 "metadata": {"resourceVersion": str(STATE["rv"])},
                 "items": items,
             })
@@ -122,7 +144,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
-    def watch(self, query, node):
+    def watch(self, query, resource, namespace):
         since = int(query.get("resourceVersion", ["0"])[0] or 0)
         timeout = min(int(query.get("timeoutSeconds", ["290"])[0]), 290)
         self.send_response(200)
@@ -137,11 +159,11 @@ class Handler(BaseHTTPRequestHandler):
                     if not pending:
                         LOCK.wait(timeout=1.0)
                         continue
-                for rv, kind, pod in pending:
+                for rv, kind, obj in pending:
                     since = rv
-                    if node is not None and pod["spec"].get("nodeName") != node:
+                    if not selects(obj, resource, namespace, query):
                         continue
-                    self.chunk(json.dumps({"type": kind, "object": pod}).encode() + b"\n")
+                    self.chunk(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):

@@ -953,6 +953,28 @@ pub fn pod_json(
     })
 }
 
+/// A Secret as the API server shows it (values base64-encoded).
+pub fn secret_json(namespace: &str, name: &str, data: &[(&str, &str)]) -> Value {
+    use base64::Engine;
+    let data: serde_json::Map<String, Value> = data
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                Value::from(base64::engine::general_purpose::STANDARD.encode(v)),
+            )
+        })
+        .collect();
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": namespace,
+                     "uid": format!("secret-{namespace}-{name}")},
+        "type": "Opaque",
+        "data": data,
+    })
+}
+
 impl FakeKubeApi {
     pub fn start() -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("fake-kube-").tempdir()?;
@@ -1001,6 +1023,16 @@ impl FakeKubeApi {
             "PUT",
             "/control/pods",
             &Value::from(pods.to_vec()).to_string(),
+        )
+        .map(|_| ())
+    }
+
+    /// Replaces every Secret (ADDED, MODIFIED and DELETED events).
+    pub fn set_secrets(&self, secrets: &[Value]) -> Result<()> {
+        self.request(
+            "PUT",
+            "/control/secrets",
+            &Value::from(secrets.to_vec()).to_string(),
         )
         .map(|_| ())
     }

@@ -57,8 +57,9 @@ fn an_enforced_workload_goes_through_the_proxy_and_forbidden_statements_never_ar
     .unwrap();
     let proxy_port = auditor_tests::free_port();
     let pin_dir = format!("/sys/fs/bpf/auditor-test-{}", std::process::id());
+    // Three proxy threads: connections are handed from the accepting thread to others.
     let config = format!(
-        "policies_dir: {}\nproxy: {{port: {proxy_port}, pin_dir: {pin_dir}}}\n",
+        "policies_dir: {}\nproxy: {{port: {proxy_port}, pin_dir: {pin_dir}, threads: 3}}\n",
         policies.path().display()
     );
     let _detach = auditor_tests::DetachOnDrop::new(&pin_dir);
@@ -266,10 +267,15 @@ impl Enforcing {
     /// A daemon watching `pg_port`, its proxy on a free port, with `proxy_extra` (", key:
     /// value") among the proxy's settings.
     fn daemon(&self, pg_port: u16, proxy_extra: &str) -> Daemon {
+        self.daemon_with(pg_port, proxy_extra, "")
+    }
+
+    /// The same, with more settings (`config_extra`, whole YAML lines).
+    fn daemon_with(&self, pg_port: u16, proxy_extra: &str, config_extra: &str) -> Daemon {
         Daemon::start(
             pg_port,
             &format!(
-                "policies_dir: {}\nproxy: {{port: {}, pin_dir: {}{proxy_extra}}}\n",
+                "policies_dir: {}\nproxy: {{port: {}, pin_dir: {}{proxy_extra}}}\n{config_extra}",
                 self.policies.path().display(),
                 auditor_tests::free_port(),
                 self.pin_dir,
@@ -371,8 +377,32 @@ fn a_workload_logs_in_with_a_credential_it_never_holds() {
     if !can_run("a_workload_logs_in_with_a_credential_it_never_holds") {
         return;
     }
+    credential_scenario(PasswordFrom::File);
+}
+
+#[test]
+fn a_credential_comes_from_a_kubernetes_secret() {
+    if !can_run("a_credential_comes_from_a_kubernetes_secret") {
+        return;
+    }
+    credential_scenario(PasswordFrom::Secret);
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum PasswordFrom {
+    /// A password file (a mounted Secret).
+    File,
+    /// A Secret read through the (fake) API server.
+    Secret,
+}
+
+/// A workload under a credential policy connects without a password, runs as the policy's
+/// role, keeps a session open across a rotation of the password (and of its source), and a
+/// new session uses the new one; neither password appears in the trail, the daemon's
+/// output or the workload's environment.
+fn credential_scenario(from: PasswordFrom) {
     let pg = Postgres::start(&["password_encryption = 'scram-sha-256'"]).unwrap();
-    let seed = std::process::id() as u64 * 2_654_435_761;
+    let seed = std::process::id() as u64 * 2_654_435_761 + from as u64;
     let (first, second) = (format!("p1-{seed:x}"), format!("p2-{:x}", seed ^ 0xfeed));
     check(pg.psql().args([
         "-c",
@@ -389,17 +419,69 @@ fn a_workload_logs_in_with_a_credential_it_never_holds() {
     check(pg.psql().args(["-c", "SELECT pg_reload_conf()"])).unwrap();
     let secrets = tempfile::tempdir().unwrap();
     let password_file = secrets.path().join("app_rw");
-    std::fs::write(&password_file, format!("{first}\n")).unwrap();
+    let api = (from == PasswordFrom::Secret).then(|| auditor_tests::FakeKubeApi::start().unwrap());
+    // Where the password is, set to `password`.
+    let store = |password: &str| match &api {
+        None => std::fs::write(&password_file, format!("{password}\n")).unwrap(),
+        Some(api) => api
+            .set_secrets(&[
+                auditor_tests::secret_json("db", "app-rw", &[("password", password)]),
+                auditor_tests::secret_json("db", "other", &[("password", "not-this-one")]),
+            ])
+            .unwrap(),
+    };
+    store(&first);
+    let (source, extra) = match &api {
+        None => (
+            format!("  password_file: {}\n", password_file.display()),
+            String::new(),
+        ),
+        Some(api) => (
+            "  secret: {namespace: db, name: app-rw}\n".to_string(),
+            format!(
+                "kubernetes: {{enabled: true, kubeconfig: {}, node_name: node-test}}\n",
+                api.kubeconfig.display()
+            ),
+        ),
+    };
     let agent = Cgroup::new("agent-cred").unwrap();
     let setup = Enforcing::new(
-        "cred",
+        if api.is_some() {
+            "cred-secret"
+        } else {
+            "cred-file"
+        },
         &format!(
-            "{}credential:\n  user: app_rw\n  password_file: {}\n",
+            "{}credential:\n  user: app_rw\n{source}",
             POLICY.replace("CGROUP", &agent.name),
-            password_file.display()
         ),
     );
-    let mut daemon = setup.daemon(pg.port, "");
+    let mut daemon = setup.daemon_with(pg.port, "", &extra);
+    if let Some(api) = &api {
+        // The Secret is watched by name (RBAC can grant just that one).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !api.requests().unwrap().iter().any(|r| {
+            r.starts_with("/api/v1/namespaces/db/secrets?") && r.contains("metadata.name%3Dapp-rw")
+        }) {
+            assert!(std::time::Instant::now() < deadline, "{:?}", api.requests());
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        // `auditor doctor` reads it as the daemon does, and never shows the value.
+        let out = Command::new(auditor_tests::auditor_bin())
+            .args(["doctor", "--config"])
+            .arg(daemon.state.join("config.yaml"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(
+                "policy agents: Secret db/app-rw (key password) is readable (role app_rw)"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains(&first), "{text}");
+    }
     let client = |app: &str| {
         let mut cmd = pg.psql();
         cmd.args(["-At", "-U", "agent"])
@@ -433,11 +515,20 @@ fn a_workload_logs_in_with_a_credential_it_never_holds() {
             .args(["-c", &format!("ALTER ROLE app_rw PASSWORD '{second}'")]),
     )
     .unwrap();
-    std::fs::write(&password_file, format!("{second}\n")).unwrap();
-    let mut cmd = client("cred_rotated");
-    cmd.args(["-c", "SELECT 'rotated-' || current_user"]);
-    let (_, out, err) = run(&mut cmd);
-    assert_eq!(out, "rotated-app_rw\n", "{err}");
+    store(&second);
+    // A Secret's change arrives through the watch.
+    let mut rotated = String::new();
+    for _ in 0..50 {
+        let mut cmd = client("cred_rotated");
+        cmd.args(["-c", "SELECT 'rotated-' || current_user"]);
+        let (_, out, err) = run(&mut cmd);
+        rotated = format!("{out}{err}");
+        if out == "rotated-app_rw\n" || api.is_none() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(rotated, "rotated-app_rw\n");
     writeln!(stdin, "SELECT 'after-' || current_user;").unwrap();
     drop(stdin);
     let long = long.wait_with_output().unwrap();
@@ -447,12 +538,35 @@ fn a_workload_logs_in_with_a_credential_it_never_holds() {
         "{}",
         String::from_utf8_lossy(&long.stderr)
     );
+    if let Some(api) = &api {
+        // The Secret deleted: new sessions are refused, saying why (fail closed).
+        api.set_secrets(&[]).unwrap();
+        let mut said = String::new();
+        for _ in 0..50 {
+            let mut cmd = client("cred_gone");
+            cmd.args(["-c", "SELECT 'gone-' || current_user"]);
+            let (ok, out, err) = run(&mut cmd);
+            said = format!("{out}{err}");
+            if !ok {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert!(
+            said.contains("the credential of policy \"agents\" cannot be read: Secret db/app-rw (key password) does not exist"),
+            "{said}"
+        );
+    }
 
     daemon.wait_sessions_ended(&agent.name);
     let output = daemon.stop().unwrap();
     let events = daemon.events().unwrap();
     auditor_tests::assert_no_duplicates(&events);
     let ours = statements_of(&events, &agent.name);
+    let ours: Vec<_> = ours
+        .into_iter()
+        .filter(|e| str_of(e, "application_name") != "cred_gone")
+        .collect();
     assert_eq!(ours.len(), 5, "{ours:#?}");
     for e in &ours {
         assert_eq!(str_of(e, "capture"), "proxy", "{e}");

@@ -363,14 +363,26 @@ fn check_policy(file: &Path, text: &str, line: usize, p: &Policy, report: &mut L
                 .errors
                 .push(at("credential:", "the credential's `user` is empty".into()));
         }
-        if !c.password_file.is_absolute() {
-            report.errors.push(at(
+        match (&c.password_file, &c.secret) {
+            (Some(_), Some(_)) | (None, None) => report.errors.push(at(
+                "credential:",
+                "a credential takes exactly one of `password_file` and `secret`".into(),
+            )),
+            (Some(f), None) if !f.is_absolute() => report.errors.push(at(
                 "password_file:",
                 format!(
                     "`password_file` must be an absolute path, not {}",
-                    c.password_file.display()
+                    f.display()
                 ),
-            ));
+            )),
+            (None, Some(s)) if s.namespace.is_empty() || s.name.is_empty() || s.key.is_empty() => {
+                report.errors.push(at(
+                    "secret:",
+                    "a credential's `secret` needs a `namespace`, a `name` and a non-empty `key`"
+                        .into(),
+                ))
+            }
+            _ => {}
         }
     }
     for r in &p.mask {

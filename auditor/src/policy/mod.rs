@@ -224,6 +224,15 @@ impl PolicySet {
         false
     }
 
+    /// The Kubernetes Secrets (namespace, name) that credentials name.
+    pub fn secrets(&self) -> std::collections::BTreeSet<(String, String)> {
+        self.policies
+            .iter()
+            .filter_map(|p| p.policy.credential.as_ref()?.secret.as_ref())
+            .map(|r| (r.namespace.clone(), r.name.clone()))
+            .collect()
+    }
+
     /// Whether any policy enforces at all.
     pub fn any_enforce(&self) -> bool {
         self.policies

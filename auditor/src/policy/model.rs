@@ -63,7 +63,52 @@ pub struct Credential {
     pub user: String,
     /// A file holding the role's password (its first line). Read at each new session: a
     /// rotated file is used from the next session on; open sessions are not disturbed.
-    pub password_file: std::path::PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<std::path::PathBuf>,
+    /// A Kubernetes Secret holding the role's password, read through the API server
+    /// (watched: a rotated Secret is used from the next session on). Needs
+    /// `kubernetes.enabled` and RBAC to get, list and watch that Secret. One of
+    /// `password_file` and `secret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SecretRef>,
+}
+
+/// A key of a Kubernetes Secret.
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRef {
+    pub namespace: String,
+    pub name: String,
+    /// The key in the Secret's data. Default: `password`.
+    #[serde(default = "default_secret_key")]
+    pub key: String,
+}
+
+fn default_secret_key() -> String {
+    "password".into()
+}
+
+impl std::fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Secret {}/{} (key {})",
+            self.namespace, self.name, self.key
+        )
+    }
+}
+
+impl Credential {
+    /// Where the password comes from, for messages (never the password).
+    pub fn source(&self) -> String {
+        match (&self.password_file, &self.secret) {
+            (Some(f), _) => f.display().to_string(),
+            (None, Some(s)) => s.to_string(),
+            (None, None) => "no password source".into(),
+        }
+    }
 }
 
 impl Policy {

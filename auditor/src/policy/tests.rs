@@ -368,6 +368,26 @@ fn lint_names_file_line_and_column() {
             "unknown unit",
         ),
         ("name: x\n---\nname: y\nmode: sometimes\n", "p.yaml:4:"),
+        (
+            "name: x\nmode: enforce\ncredential: {user: r}\n",
+            "exactly one of `password_file` and `secret`",
+        ),
+        (
+            "name: x\nmode: enforce\ncredential: {user: r, password_file: /p, secret: {namespace: a, name: b}}\n",
+            "exactly one of `password_file` and `secret`",
+        ),
+        (
+            "name: x\nmode: enforce\ncredential: {user: r, secret: {namespace: '', name: b}}\n",
+            "needs a `namespace`, a `name` and a non-empty `key`",
+        ),
+        (
+            "name: x\nmode: enforce\ncredential: {user: r, password_file: rel/p}\n",
+            "must be an absolute path",
+        ),
+        (
+            "name: x\nmode: audit\ncredential: {user: r, password_file: /p}\n",
+            "is not `mode: enforce`",
+        ),
     ];
     for (yaml, want) in cases {
         let errs = errors(yaml);
@@ -377,6 +397,10 @@ fn lint_names_file_line_and_column() {
         );
     }
     assert!(errors("# only a comment\n").is_empty());
+    assert!(errors(
+        "name: x\nmode: enforce\ncredential: {user: r, secret: {namespace: a, name: b}}\n"
+    )
+    .is_empty());
     assert!(errors("name: a\n---\nname: b\n---\n").is_empty());
 }
 

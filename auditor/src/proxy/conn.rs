@@ -37,12 +37,17 @@ const ORIGIN_MAX_AGE: Duration = Duration::from_secs(30);
 /// How long a new cgroup's labels may take to appear (the main loop looks every second).
 const LABELS_WAIT: Duration = Duration::from_millis(1500);
 
-pub async fn accept_loop(listener: TcpListener, place: Arc<Place>, shared: Arc<Shared>) {
+pub async fn accept_loop(
+    listener: TcpListener,
+    place: Arc<Place>,
+    shared: Arc<Shared>,
+    workers: Arc<super::Workers>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream, peer, place.clone(), shared.clone()));
+                workers.dispatch(stream, peer, place.clone(), shared.clone());
             }
             Err(e) => {
                 // EMFILE and the like: back off rather than spin.
@@ -109,7 +114,12 @@ struct Conn {
     recorder: Recorder,
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, place: Arc<Place>, shared: Arc<Shared>) {
+pub(super) async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    place: Arc<Place>,
+    shared: Arc<Shared>,
+) {
     shared.counters.connections.fetch_add(1, Ordering::Relaxed);
     shared.counters.active.fetch_add(1, Ordering::Relaxed);
     let ended = Ended(shared.clone());
@@ -325,10 +335,10 @@ async fn relay(
         offsets: [0, 0],
     };
     recorder.send(RECORD_OPEN, DIR_TO_SERVER, &[]);
-    let conn = Arc::new(std::sync::Mutex::new(Conn {
-        relay: Relay::new(shared.limits, shared.budget.clone(), resolver),
-        recorder,
-    }));
+    let mut relay = Relay::new(shared.limits, shared.budget.clone(), resolver);
+    let secrets = shared.secrets.clone();
+    relay.password_of = Arc::new(move |c| super::login::read_password(c, &secrets));
+    let conn = Arc::new(std::sync::Mutex::new(Conn { relay, recorder }));
     let Some((mut client_rd, client_wr, mut server_rd, server_wr)) =
         negotiate(&conn, client, server, shared.tls.as_deref(), dest).await
     else {

@@ -19,17 +19,25 @@ use crate::{pg::tokenizer::frame, policy::model::Credential};
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// Reads the credential's password: the first line of its file.
-pub fn read_password(c: &Credential) -> Result<Zeroizing<String>, String> {
-    let text = Zeroizing::new(
-        std::fs::read_to_string(&c.password_file)
-            .map_err(|e| format!("{}: {e}", c.password_file.display()))?,
-    );
-    let line = text.lines().next().unwrap_or("");
-    if line.is_empty() {
-        return Err(format!("{}: empty", c.password_file.display()));
+/// Reads the credential's password: the first line of its file, or of its Secret's key.
+pub fn read_password(
+    c: &Credential,
+    secrets: &crate::workload::kubernetes::SecretStore,
+) -> Result<Zeroizing<String>, String> {
+    match (&c.password_file, &c.secret) {
+        (Some(file), _) => {
+            let text = Zeroizing::new(
+                std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?,
+            );
+            let line = text.lines().next().unwrap_or("");
+            if line.is_empty() {
+                return Err(format!("{}: empty", file.display()));
+            }
+            Ok(Zeroizing::new(line.to_string()))
+        }
+        (None, Some(secret)) => secrets.password(secret),
+        (None, None) => Err("the credential names no password_file and no secret".into()),
     }
-    Ok(Zeroizing::new(line.to_string()))
 }
 
 /// Where the login stands.

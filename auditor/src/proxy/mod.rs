@@ -8,8 +8,10 @@
 //! client's bytes as sent and what it received go to the tracker as `capture = proxy`
 //! records); its own upstream sockets are neither captured nor redirected.
 //!
-//! The proxy runs on its own thread with a tokio runtime; the daemon's main loop keeps
-//! the redirect's verdicts (which cgroups) and drains the proxy's records.
+//! The proxy runs on threads of its own ([`Workers`]), each with a single-threaded tokio
+//! runtime: a connection lives on one thread, so a message relayed costs no wakeup of
+//! another thread. The daemon's main loop keeps the redirect's verdicts (which cgroups)
+//! and drains the proxy's records.
 
 pub mod conn;
 pub mod login;
@@ -103,6 +105,8 @@ pub struct Shared {
     pub netns_known: bool,
     /// TLS through the proxy (`proxy.tls`), if configured.
     pub tls: Option<Arc<tls::ProxyTls>>,
+    /// Kubernetes Secrets that credentials name.
+    pub secrets: Arc<crate::workload::kubernetes::SecretStore>,
 }
 
 impl Shared {
@@ -127,6 +131,7 @@ impl Shared {
             stop: tokio::sync::watch::channel(false).0,
             netns_known,
             tls: None,
+            secrets: Arc::default(),
         }
     }
 
@@ -143,46 +148,105 @@ pub struct Proxy {
     pub namespaces: netns::Namespaces,
 }
 
+/// The proxy's threads. Each runs a single-threaded tokio runtime; accepted connections
+/// are handed out in turn, and each stays on its thread (both directions, the upstream
+/// connect, TLS): relaying a message costs the reads and writes and no cross-thread
+/// wakeup, as in pgbouncer's event loop. More threads serve more connections at once on
+/// larger hosts (`proxy.threads`).
+pub struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Workers {
+    /// Starts `n` threads (at least one).
+    pub fn start(n: usize) -> std::io::Result<Arc<Workers>> {
+        let mut handles = Vec::new();
+        for i in 0..n.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(runtime.handle().clone());
+            std::thread::Builder::new()
+                .name(format!("auditor-proxy-{i}"))
+                .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+        }
+        Ok(Arc::new(Workers {
+            handles,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }))
+    }
+
+    /// Where accept loops run.
+    pub fn first(&self) -> &tokio::runtime::Handle {
+        &self.handles[0]
+    }
+
+    pub fn count(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Serves an accepted connection on the next thread in turn.
+    pub fn dispatch(
+        &self,
+        stream: tokio::net::TcpStream,
+        peer: std::net::SocketAddr,
+        place: Arc<netns::Place>,
+        shared: Arc<Shared>,
+    ) {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        let target = &self.handles[i];
+        let here = tokio::runtime::Handle::try_current().map(|h| h.id());
+        if here.as_ref().ok() == Some(&target.id()) {
+            target.spawn(conn::handle(stream, peer, place, shared));
+            return;
+        }
+        // A socket is registered with the runtime that accepted it: it moves as a plain
+        // (non-blocking) socket and is registered again on its thread.
+        match stream.into_std() {
+            Ok(std) => {
+                target.spawn(async move {
+                    match tokio::net::TcpStream::from_std(std) {
+                        Ok(stream) => conn::handle(stream, peer, place, shared).await,
+                        Err(e) => tracing::warn!("proxy: cannot serve a connection: {e}"),
+                    }
+                });
+            }
+            Err(e) => tracing::warn!("proxy: cannot serve a connection: {e}"),
+        }
+    }
+}
+
+/// The number of proxy threads `proxy.threads: 0` means: one per four CPUs, from one to
+/// eight.
+pub fn default_threads() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cpus / 4).clamp(1, 8)
+}
+
 /// Binds the listeners on 127.0.0.1 and ::1 of the daemon's namespace (`port`, 0 for any
-/// free one) and starts serving on a thread of its own. An error binding 127.0.0.1 is
-/// returned (nothing runs); ::1 is optional (a host without IPv6).
-pub fn start(port: u16, shared: Arc<Shared>) -> std::io::Result<Proxy> {
+/// free one) and starts serving on `threads` threads of its own. An error binding
+/// 127.0.0.1 is returned (nothing runs); ::1 is optional (a host without IPv6).
+pub fn start(port: u16, threads: usize, shared: Arc<Shared>) -> std::io::Result<Proxy> {
     let (v4, v6) = netns::bind_listeners(port)?;
     let port = v4.local_addr()?.port();
     if v6.is_none() {
         tracing::info!("proxy: not listening on [::1]:{port}; IPv6 connections of enforced workloads on this host will be refused");
     }
     let place = Arc::new(netns::host_place(&v4));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("auditor-proxy")
-        .enable_all()
-        .build()?;
-    let handle = runtime.handle().clone();
-    let s = shared.clone();
-    std::thread::Builder::new()
-        .name("auditor-proxy".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                let mut listeners = Vec::new();
-                for l in [Some(v4), v6].into_iter().flatten() {
-                    match tokio::net::TcpListener::from_std(l) {
-                        Ok(l) => listeners.push(l),
-                        Err(e) => tracing::error!("proxy listener: {e}"),
-                    }
-                }
-                let tasks: Vec<_> = listeners
-                    .into_iter()
-                    .map(|l| tokio::spawn(conn::accept_loop(l, place.clone(), s.clone())))
-                    .collect();
-                for t in tasks {
-                    let _ = t.await;
-                }
-            })
-        })?;
+    let workers = Workers::start(threads)?;
+    for l in [Some(v4), v6].into_iter().flatten() {
+        let (place, s, w) = (place.clone(), shared.clone(), workers.clone());
+        workers.first().spawn(async move {
+            match tokio::net::TcpListener::from_std(l) {
+                Ok(l) => conn::accept_loop(l, place, s, w).await,
+                Err(e) => tracing::error!("proxy listener: {e}"),
+            }
+        });
+    }
     Ok(Proxy {
         port,
-        namespaces: netns::Namespaces::new(handle, shared.clone(), port),
+        namespaces: netns::Namespaces::new(workers, shared.clone(), port),
         shared,
     })
 }
@@ -222,6 +286,10 @@ pub struct Settings<'a> {
     /// The capture tells loopback connections apart by network namespace.
     pub netns_known: bool,
     pub tls: Option<&'a crate::config::ProxyTlsConfig>,
+    /// The proxy's threads (0: [`default_threads`]).
+    pub threads: usize,
+    /// Kubernetes Secrets that credentials name.
+    pub secrets: Arc<crate::workload::kubernetes::SecretStore>,
 }
 
 impl Enforcement {
@@ -238,7 +306,14 @@ impl Enforcement {
             limits,
             netns_known,
             tls,
+            threads,
+            secrets,
         } = settings;
+        let threads = if threads == 0 {
+            default_threads()
+        } else {
+            threads
+        };
         let tls = match tls {
             Some(cfg) => Some(Arc::new(
                 tls::ProxyTls::load(cfg).map_err(EnforcementError::Tls)?,
@@ -256,9 +331,10 @@ impl Enforcement {
             netns_known,
         );
         shared.tls = tls;
+        shared.secrets = secrets;
         let shared = Arc::new(shared);
-        let proxy =
-            start(port, shared).map_err(|source| EnforcementError::Listen { port, source })?;
+        let proxy = start(port, threads, shared)
+            .map_err(|source| EnforcementError::Listen { port, source })?;
         Ok(Enforcement {
             redirect,
             proxy,

@@ -212,7 +212,7 @@ impl Drop for Listening {
 
 /// The proxy's listeners in workloads' namespaces, kept by the daemon's main loop.
 pub struct Namespaces {
-    runtime: tokio::runtime::Handle,
+    workers: Arc<super::Workers>,
     shared: Arc<Shared>,
     port: u16,
     own: Option<u64>,
@@ -222,9 +222,9 @@ pub struct Namespaces {
 }
 
 impl Namespaces {
-    pub fn new(runtime: tokio::runtime::Handle, shared: Arc<Shared>, port: u16) -> Namespaces {
+    pub fn new(workers: Arc<super::Workers>, shared: Arc<Shared>, port: u16) -> Namespaces {
         Namespaces {
-            runtime,
+            workers,
             shared,
             port,
             own: inode_of(Path::new("/proc/self/ns/net")),
@@ -269,9 +269,10 @@ impl Namespaces {
                         .map(|l| {
                             let shared = self.shared.clone();
                             let place = place.clone();
-                            self.runtime.spawn(async move {
+                            let workers = self.workers.clone();
+                            self.workers.first().spawn(async move {
                                 match tokio::net::TcpListener::from_std(l) {
-                                    Ok(l) => conn::accept_loop(l, place, shared).await,
+                                    Ok(l) => conn::accept_loop(l, place, shared, workers).await,
                                     Err(e) => tracing::error!("proxy listener: {e}"),
                                 }
                             })

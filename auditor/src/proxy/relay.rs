@@ -102,8 +102,11 @@ pub struct Relay {
 }
 
 /// Reads a credential's password.
-pub type PasswordSource =
-    fn(&crate::policy::model::Credential) -> Result<zeroize::Zeroizing<String>, String>;
+pub type PasswordSource = Arc<
+    dyn Fn(&crate::policy::model::Credential) -> Result<zeroize::Zeroizing<String>, String>
+        + Send
+        + Sync,
+>;
 
 fn push_frame(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
     out.push(tag);
@@ -141,7 +144,9 @@ impl Relay {
             relay_when_ready: false,
             startup_over: false,
             login: None,
-            password_of: super::login::read_password,
+            password_of: Arc::new(|c| {
+                super::login::read_password(c, &crate::workload::kubernetes::SecretStore::default())
+            }),
         }
     }
 

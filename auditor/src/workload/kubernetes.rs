@@ -7,7 +7,7 @@
 //! pod label as `k8s.pod/<key>` (`k8s.pod/app.kubernetes.io/name=web`).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -139,17 +139,19 @@ pub struct KubeSettings {
 
 /// This build has no Kubernetes client.
 #[cfg(not(feature = "kubernetes"))]
-pub fn start(_: KubeSettings) -> std::io::Result<Arc<PodCache>> {
+pub fn start(_: KubeSettings, _: Arc<SecretStore>) -> std::io::Result<Arc<PodCache>> {
     Err(std::io::Error::other(
         "this build has no Kubernetes support (the `kubernetes` feature)",
     ))
 }
 
-/// Starts the watch on its own thread; the cache fills as it lists.
+/// Starts the watches on a thread of their own: this node's pods (the cache fills as it
+/// lists) and the Secrets that policies' credentials name (`secrets`).
 #[cfg(feature = "kubernetes")]
-pub fn start(settings: KubeSettings) -> std::io::Result<Arc<PodCache>> {
+pub fn start(settings: KubeSettings, secrets: Arc<SecretStore>) -> std::io::Result<Arc<PodCache>> {
     let cache = Arc::new(PodCache::default());
     let c = cache.clone();
+    secrets.enabled.store(true, Ordering::Relaxed);
     std::thread::Builder::new()
         .name("kube".into())
         .spawn(move || {
@@ -163,7 +165,25 @@ pub fn start(settings: KubeSettings) -> std::io::Result<Arc<PodCache>> {
                     return;
                 }
             };
-            rt.block_on(watch(settings, c));
+            rt.block_on(async move {
+                let client = loop {
+                    match client(&settings).await {
+                        Ok(client) => break client,
+                        Err(e) => {
+                            c.counters.errors.fetch_add(1, Ordering::Relaxed);
+                            secrets.failed(&e);
+                            tracing::error!(
+                                "kubernetes: {e}; pod labels and Secrets are unavailable (retrying in 30 s)"
+                            );
+                            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                        }
+                    }
+                };
+                tokio::join!(
+                    watch(client.clone(), settings, c),
+                    watch_secrets(client, secrets)
+                );
+            });
         })?;
     Ok(cache)
 }
@@ -186,17 +206,7 @@ async fn client(settings: &KubeSettings) -> Result<kube::Client, String> {
 }
 
 #[cfg(feature = "kubernetes")]
-async fn watch(settings: KubeSettings, cache: Arc<PodCache>) {
-    let client = loop {
-        match client(&settings).await {
-            Ok(c) => break c,
-            Err(e) => {
-                cache.counters.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!("kubernetes: {e}; pod labels are unavailable (retrying in 30 s)");
-                tokio::time::sleep(std::time::Duration::from_secs(30)).await;
-            }
-        }
-    };
+async fn watch(client: kube::Client, settings: KubeSettings, cache: Arc<PodCache>) {
     let pods: kube::Api<Pod> = kube::Api::all(client);
     let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", settings.node_name));
     tracing::info!(
@@ -276,5 +286,280 @@ impl LabelSource for PodLabels {
 
     fn pending(&self, id: &ProcessIdentity) -> bool {
         !id.pod_uid.is_empty() && self.cache.get(&id.pod_uid).is_none()
+    }
+}
+
+/// The Secrets that credentials name, as their watches last saw them. A password is
+/// taken from here for each new session the proxy logs in for: a rotated Secret is used
+/// from the next session on. Values are wiped from memory when replaced or dropped.
+pub struct SecretStore {
+    /// Kubernetes is enabled (the watches run).
+    enabled: AtomicBool,
+    secrets: RwLock<HashMap<SecretKey, SecretState>>,
+    /// The Secrets credentials name (set from the policies at each load).
+    wanted: tokio::sync::watch::Sender<BTreeSet<SecretKey>>,
+    /// The client could not be made (no configuration): why.
+    client_error: RwLock<Option<String>>,
+}
+
+/// A Secret's namespace and name.
+type SecretKey = (String, String);
+
+impl Default for SecretStore {
+    fn default() -> Self {
+        SecretStore {
+            enabled: AtomicBool::new(false),
+            secrets: RwLock::default(),
+            wanted: tokio::sync::watch::channel(BTreeSet::new()).0,
+            client_error: RwLock::default(),
+        }
+    }
+}
+
+enum SecretState {
+    /// Not listed yet; the last error of its watch, if any.
+    Pending(Option<String>),
+    /// The API server says there is no such Secret.
+    Missing,
+    Present(BTreeMap<String, zeroize::Zeroizing<Vec<u8>>>),
+}
+
+impl SecretStore {
+    /// Watches exactly these Secrets (namespace, name) from now on.
+    pub fn want(&self, wanted: BTreeSet<SecretKey>) {
+        if let Ok(mut s) = self.secrets.write() {
+            s.retain(|k, _| wanted.contains(k));
+            for k in &wanted {
+                s.entry(k.clone()).or_insert(SecretState::Pending(None));
+            }
+        }
+        self.wanted.send_replace(wanted);
+    }
+
+    fn failed(&self, e: &str) {
+        if let Ok(mut c) = self.client_error.write() {
+            *c = Some(e.to_string());
+        }
+    }
+
+    fn set(&self, key: (String, String), state: SecretState) {
+        if let Ok(mut s) = self.secrets.write() {
+            if s.contains_key(&key) {
+                s.insert(key, state);
+            }
+        }
+    }
+
+    /// The password a credential's Secret holds (the first line of its key's value).
+    pub fn password(
+        &self,
+        r: &crate::policy::model::SecretRef,
+    ) -> Result<zeroize::Zeroizing<String>, String> {
+        if !self.enabled.load(Ordering::Relaxed) {
+            return Err(format!(
+                "{r} cannot be read: Kubernetes is not enabled (kubernetes.enabled)"
+            ));
+        }
+        let secrets = self.secrets.read().map_err(|_| "poisoned".to_string())?;
+        let key = (r.namespace.clone(), r.name.clone());
+        match secrets.get(&key) {
+            None | Some(SecretState::Pending(None)) => {
+                let why = self
+                    .client_error
+                    .read()
+                    .ok()
+                    .and_then(|c| c.clone())
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default();
+                Err(format!(
+                    "{r} has not been read from the API server yet{why}"
+                ))
+            }
+            Some(SecretState::Pending(Some(e))) => {
+                Err(format!("{r} cannot be read from the API server: {e}"))
+            }
+            Some(SecretState::Missing) => Err(format!("{r} does not exist")),
+            Some(SecretState::Present(data)) => {
+                let value = data
+                    .get(&r.key)
+                    .ok_or_else(|| format!("{r}: the Secret has no key `{}`", r.key))?;
+                let text = std::str::from_utf8(value)
+                    .map_err(|_| format!("{r}: the value is not UTF-8 text"))?;
+                let line = text.lines().next().unwrap_or("");
+                if line.is_empty() {
+                    return Err(format!("{r}: the value is empty"));
+                }
+                Ok(zeroize::Zeroizing::new(line.to_string()))
+            }
+        }
+    }
+}
+
+/// Keeps one watch per wanted Secret (a field selector on its name: RBAC can grant just
+/// that Secret), started and stopped as the policies change.
+#[cfg(feature = "kubernetes")]
+async fn watch_secrets(client: kube::Client, store: Arc<SecretStore>) {
+    let mut wanted = store.wanted.subscribe();
+    let mut running: HashMap<SecretKey, tokio::task::JoinHandle<()>> = HashMap::new();
+    loop {
+        let now: BTreeSet<SecretKey> = wanted.borrow_and_update().clone();
+        running.retain(|k, task| {
+            let keep = now.contains(k);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for key in now {
+            if running.contains_key(&key) {
+                continue;
+            }
+            let task = tokio::spawn(watch_secret(client.clone(), store.clone(), key.clone()));
+            running.insert(key, task);
+        }
+        if wanted.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(feature = "kubernetes")]
+async fn watch_secret(client: kube::Client, store: Arc<SecretStore>, key: SecretKey) {
+    use k8s_openapi::api::core::v1::Secret;
+    let (namespace, name) = &key;
+    let api: kube::Api<Secret> = kube::Api::namespaced(client, namespace);
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut stream = watcher(api, cfg).default_backoff().boxed();
+    let mut listed = None;
+    let mut logged_error = false;
+    let data_of = |mut secret: Secret| {
+        let data: BTreeMap<String, zeroize::Zeroizing<Vec<u8>>> = secret
+            .data
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, zeroize::Zeroizing::new(v.0)))
+            .collect();
+        SecretState::Present(data)
+    };
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Init) => listed = None,
+            Ok(watcher::Event::InitApply(secret)) => listed = Some(data_of(secret)),
+            Ok(watcher::Event::InitDone) => {
+                let found = listed.is_some();
+                store.set(key.clone(), listed.take().unwrap_or(SecretState::Missing));
+                if logged_error || !found {
+                    tracing::info!(
+                        "kubernetes: Secret {namespace}/{name} {}",
+                        if found { "read" } else { "does not exist" }
+                    );
+                }
+                logged_error = false;
+            }
+            Ok(watcher::Event::Apply(secret)) => {
+                tracing::info!(
+                    "kubernetes: Secret {namespace}/{name} changed: new sessions use it"
+                );
+                store.set(key.clone(), data_of(secret));
+            }
+            Ok(watcher::Event::Delete(_)) => {
+                tracing::warn!("kubernetes: Secret {namespace}/{name} was deleted");
+                store.set(key.clone(), SecretState::Missing);
+            }
+            Err(e) => {
+                let already = store
+                    .secrets
+                    .read()
+                    .map(|s| matches!(s.get(&key), Some(SecretState::Present(_))))
+                    .unwrap_or(false);
+                // A failed watch keeps the last value read (the watch resumes); one never
+                // read says why.
+                if !already {
+                    store.set(key.clone(), SecretState::Pending(Some(e.to_string())));
+                }
+                if !logged_error {
+                    tracing::warn!(
+                        "kubernetes: the watch of Secret {namespace}/{name} failed: {e} (retrying)"
+                    );
+                    logged_error = true;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::model::SecretRef;
+
+    fn r(key: &str) -> SecretRef {
+        SecretRef {
+            namespace: "db".into(),
+            name: "app".into(),
+            key: key.into(),
+        }
+    }
+
+    #[test]
+    fn a_secret_password_says_why_it_cannot_be_had() {
+        let store = SecretStore::default();
+        let key = ("db".to_string(), "app".to_string());
+        let err = store.password(&r("password")).unwrap_err();
+        assert!(err.contains("Kubernetes is not enabled"), "{err}");
+        store.enabled.store(true, Ordering::Relaxed);
+        store.want([key.clone()].into());
+        let err = store.password(&r("password")).unwrap_err();
+        assert!(
+            err.contains("has not been read from the API server yet"),
+            "{err}"
+        );
+        store.set(
+            key.clone(),
+            SecretState::Pending(Some("403 Forbidden".into())),
+        );
+        let err = store.password(&r("password")).unwrap_err();
+        assert!(
+            err.ends_with("cannot be read from the API server: 403 Forbidden"),
+            "{err}"
+        );
+        store.set(key.clone(), SecretState::Missing);
+        assert_eq!(
+            store.password(&r("password")).unwrap_err(),
+            "Secret db/app (key password) does not exist"
+        );
+        let data = [
+            (
+                "password".to_string(),
+                zeroize::Zeroizing::new(b"s3cret\nignored".to_vec()),
+            ),
+            ("empty".to_string(), zeroize::Zeroizing::new(Vec::new())),
+            (
+                "binary".to_string(),
+                zeroize::Zeroizing::new(vec![0xff, 0xfe]),
+            ),
+        ];
+        store.set(
+            key.clone(),
+            SecretState::Present(data.into_iter().collect()),
+        );
+        assert_eq!(store.password(&r("password")).unwrap().as_str(), "s3cret");
+        for (k, want) in [
+            ("other", "the Secret has no key `other`"),
+            ("empty", "the value is empty"),
+            ("binary", "not UTF-8"),
+        ] {
+            let err = store.password(&r(k)).unwrap_err();
+            assert!(err.contains(want), "{err}");
+            assert!(!err.contains("s3cret"));
+        }
+        // No longer wanted: forgotten (and wiped).
+        store.want(BTreeSet::new());
+        let err = store.password(&r("password")).unwrap_err();
+        assert!(err.contains("has not been read"), "{err}");
+        // A Secret not wanted is not kept.
+        store.set(key, SecretState::Missing);
+        assert!(store.secrets.read().unwrap().is_empty());
     }
 }
