@@ -317,6 +317,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
                 tls: cfg.proxy.tls.as_ref(),
                 threads: cfg.proxy.threads,
                 secrets: secrets.clone(),
+                mask_key: std::sync::Arc::from(&key[..]),
             },
         ) {
             Ok(mut e) => {

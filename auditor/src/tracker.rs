@@ -1301,12 +1301,13 @@ fn apply_policy(
     });
     if let Some(d) = decision {
         counters.decisions += 1;
-        // The proxy enforces what an enforce policy decides in the sessions it relays
-        // (holds and masks it cannot apply yet it refuses: fail closed).
-        ev.decision = Text::Static(if s.proxied && d.enforce {
-            "blocked"
-        } else {
-            d.action.would()
+        // The proxy enforces what an enforce policy decides in the sessions it relays:
+        // it masks (what it cannot mask, and holds, it refuses: the refusal's error
+        // above names the rule then).
+        ev.decision = Text::Static(match (s.proxied && d.enforce, d.action) {
+            (true, policy::Action::Mask) => "masked",
+            (true, _) => "blocked",
+            (false, a) => a.would(),
         });
         ev.decision_rule = format!("{}/{}", d.policy, d.rule).into();
         if !d.columns.is_empty() {

@@ -1,7 +1,8 @@
 //! Arbitrary bytes from a client and from a server, in arbitrary interleavings, through
-//! the inline proxy's per-connection state machine under an enforce policy: it never
-//! panics, and what it writes to either side stays bounded by what it was given (a
-//! refusal replaces a message with a small one of its own).
+//! the inline proxy's per-connection state machine under an enforce policy that blocks
+//! and masks: it never panics, and what it writes to either side stays bounded by what it
+//! was given (a refusal replaces a message with a small one of its own; a catalog read
+//! for masking follows a ReadyForQuery; a masked value is at most a few dozen bytes).
 #![no_main]
 
 use std::{path::Path, sync::Arc};
@@ -13,7 +14,7 @@ use auditor::{
 };
 use libfuzzer_sys::fuzz_target;
 
-const POLICY: &str = "name: f\nselector: {}\nmode: enforce\nblock:\n  - name: ddl\n    when: {ddl: true}\n  - name: files\n    when: {functions: [pg_read_file]}\n  - name: unbounded\n    when: {without_where: true}\n";
+const POLICY: &str = "name: f\nselector: {}\nmode: enforce\nblock:\n  - name: ddl\n    when: {ddl: true}\n  - name: files\n    when: {functions: [pg_read_file]}\n  - name: unbounded\n    when: {without_where: true}\nmask:\n  - name: m\n    columns: [t.c, s.*.d]\n    using: email\n";
 
 static APPLIED: std::sync::OnceLock<Arc<auditor::policy::Applied>> = std::sync::OnceLock::new();
 
@@ -73,11 +74,11 @@ fuzz_target!(|data: &[u8]| {
         relay.to_server.clear();
         relay.to_client.clear();
         assert!(
-            to_server <= client_in + 128 * refused,
+            to_server <= client_in + 128 * refused + 4096 * (server_in / 6 + 1),
             "{to_server} > {client_in}"
         );
         assert!(
-            to_client <= server_in + 256 * (refused + 1) + client_in,
+            to_client <= 16 * server_in + 256 * (refused + 1) + client_in,
             "{to_client} > {server_in}"
         );
         if relay.closed() {

@@ -79,6 +79,9 @@ fn columns_of(fields: &Fields<'_>) -> Arc<[Column]> {
         .collect()
 }
 
+/// What rows belong to: the statement's text and its result columns (with formats).
+pub type RowsSource = (Option<Arc<str>>, Option<Vec<Column>>);
+
 /// What the server said of a statement when it was described.
 #[derive(Debug, Clone, Default)]
 pub struct Description {
@@ -473,6 +476,66 @@ impl Conversation {
                     .collect()
             });
         Some((statement.sql.clone(), columns))
+    }
+
+    /// What the rows now arriving belong to: the statement's text (None where unknown)
+    /// and its result columns with the formats Bind chose (None where unknown).
+    pub fn rows_source(&self) -> Option<RowsSource> {
+        match self
+            .pending
+            .iter()
+            .find(|p| matches!(p, Pending::Simple { .. } | Pending::Execute { .. }))?
+        {
+            Pending::Simple {
+                statements,
+                columns,
+                ..
+            } => Some((
+                statements.front().map(|s| s.sql.clone()),
+                columns.as_ref().map(|c| c.to_vec()),
+            )),
+            Pending::Execute { portal, .. } => {
+                let sql = portal.statement.as_ref().map(|s| s.sql.clone());
+                let columns = portal
+                    .columns
+                    .clone()
+                    .or_else(|| {
+                        portal
+                            .statement
+                            .as_ref()?
+                            .description
+                            .get()?
+                            .columns
+                            .clone()
+                    })
+                    .map(|cols| {
+                        cols.iter()
+                            .enumerate()
+                            .map(|(i, c)| Column {
+                                format: portal.result_format_of(i),
+                                ..c.clone()
+                            })
+                            .collect()
+                    });
+                Some((sql, columns))
+            }
+            _ => None,
+        }
+    }
+
+    /// The text of the request the server is answering now (the first not answered).
+    pub fn current_sql(&self) -> Option<Arc<str>> {
+        self.pending.iter().find_map(|p| match p {
+            Pending::Simple { statements, .. } => statements.front().map(|s| s.sql.clone()),
+            Pending::Execute { portal, .. } => portal.statement.as_ref().map(|s| s.sql.clone()),
+            Pending::Parse { statement, .. } => Some(statement.sql.clone()),
+            Pending::Bind { portal } => self
+                .portals
+                .get(portal)
+                .and_then(|p| p.statement.as_ref())
+                .map(|s| s.sql.clone()),
+            _ => None,
+        })
     }
 
     /// Requests were lost (bytes the capture did not see, a request that could not be

@@ -207,6 +207,11 @@ impl Tokenizer {
         self
     }
 
+    /// Changes the tags whose bodies stream (from the next message header on).
+    pub fn set_streamed(&mut self, tags: &'static [u8]) {
+        self.streamed = tags;
+    }
+
     /// Reassembly draws on this shared budget.
     pub fn with_budget(mut self, budget: BufferBudget) -> Self {
         self.budget = Some(budget);

@@ -54,6 +54,22 @@ pub struct Facts {
     pub copy_program: bool,
     /// DO, CALL, SQL-level EXECUTE, LOAD: the parse tree does not show what runs.
     pub opaque: bool,
+    /// What the statement returns to the client (its select list, RETURNING, a cursor's
+    /// query), for masking: the column names read by outputs that are computed (an
+    /// expression, not a plain column), `*` for a star inside one.
+    pub computed_refs: BTreeSet<String>,
+    /// An output whose source cannot be told from names: a set operation (UNION), a
+    /// sub-select or function in FROM or as a value, a CTE or whole-row reference inside
+    /// an expression, an output of a sub-select or CTE that is itself computed.
+    pub computed_opaque: bool,
+    /// Reads a cursor (FETCH, MOVE) or a prepared statement (EXECUTE) by name: what it
+    /// returns was decided by an earlier statement.
+    pub reads_by_name: bool,
+    /// Column names an UPDATE's SET expressions read (`SET note = email` copies `email`).
+    pub written_refs: BTreeSet<String>,
+    /// Values read may be written elsewhere (CREATE TABLE AS, SELECT INTO, INSERT …
+    /// SELECT, UPDATE … FROM, MERGE, COPY … TO): masking cannot follow them.
+    pub copies_data: bool,
 }
 
 impl Facts {
@@ -76,7 +92,270 @@ impl Facts {
             ..Facts::default()
         };
         walk(&tree, &mut facts);
+        if let Some(Value::Array(stmts)) = tree.get("stmts") {
+            for st in stmts {
+                if let Some(Value::Object(node)) = st.get("stmt").and_then(|s| s.get("node")) {
+                    for (kind, body) in node {
+                        outputs(kind, body, &mut facts);
+                    }
+                }
+            }
+        }
         Some(facts)
+    }
+}
+
+/// The node a `{"node": {Kind: body}}` wrapper holds.
+fn unwrap_node(v: &Value) -> Option<(&str, &Value)> {
+    let Value::Object(m) = v.get("node")? else {
+        return None;
+    };
+    m.iter().next().map(|(k, b)| (k.as_str(), b))
+}
+
+fn list(v: &Value, field: &str) -> Vec<(String, Value)> {
+    match v.get(field) {
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|i| unwrap_node(i).map(|(k, b)| (k.to_string(), b.clone())))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// What a top-level statement returns or copies (see [`Facts::computed_refs`]).
+fn outputs(kind: &str, body: &Value, facts: &mut Facts) {
+    match kind {
+        "SelectStmt" => {
+            if body.get("into_clause").is_some_and(|v| !v.is_null()) {
+                facts.copies_data = true;
+            }
+            select_outputs(body, facts);
+        }
+        "InsertStmt" => {
+            if let Some((_, sel)) = body.get("select_stmt").and_then(unwrap_node) {
+                let reads = !list(sel, "from_clause").is_empty()
+                    || sel.get("with_clause").is_some_and(|v| !v.is_null())
+                    || sel.get("op").and_then(Value::as_i64).unwrap_or(1) != 1
+                    || contains(sel, "SubLink");
+                facts.copies_data |= reads;
+            }
+            returning(body, facts);
+        }
+        "UpdateStmt" => {
+            facts.copies_data |= !list(body, "from_clause").is_empty()
+                || body
+                    .get("target_list")
+                    .is_some_and(|t| contains(t, "SubLink"));
+            if let Some(t) = body.get("target_list") {
+                let mut inner = Facts::default();
+                computed(t, &[], &mut inner);
+                facts.written_refs.extend(inner.computed_refs);
+            }
+            returning(body, facts);
+        }
+        "DeleteStmt" => returning(body, facts),
+        "MergeStmt" | "CreateTableAsStmt" => facts.copies_data = true,
+        "CopyStmt" if body.get("is_from").and_then(Value::as_bool) != Some(true) => {
+            facts.copies_data = true;
+        }
+        "DeclareCursorStmt" => {
+            if let Some((k, q)) = body.get("query").and_then(unwrap_node) {
+                outputs(k, q, facts);
+            }
+        }
+        "PrepareStmt" => {
+            if let Some((k, q)) = body.get("query").and_then(unwrap_node) {
+                outputs(k, q, facts);
+            }
+        }
+        "ExplainStmt" => {
+            // The plan, not the rows; EXPLAIN ANALYZE of a write still copies.
+            if let Some((k, q)) = body.get("query").and_then(unwrap_node) {
+                let mut inner = Facts::default();
+                outputs(k, q, &mut inner);
+                facts.copies_data |= inner.copies_data;
+            }
+        }
+        "ExecuteStmt" | "FetchStmt" => facts.reads_by_name = true,
+        _ => {}
+    }
+}
+
+fn returning(body: &Value, facts: &mut Facts) {
+    if let Some(r) = body.get("returning_clause").filter(|v| !v.is_null()) {
+        targets(r, "exprs", &[], facts);
+    }
+    if body.get("with_clause").is_some_and(|v| !v.is_null()) {
+        with_outputs(body, facts);
+    }
+}
+
+fn with_outputs(body: &Value, facts: &mut Facts) {
+    let Some(w) = body.get("with_clause").filter(|v| !v.is_null()) else {
+        return;
+    };
+    for (k, cte) in list(w, "ctes") {
+        if k != "CommonTableExpr" {
+            continue;
+        }
+        if let Some((qk, q)) = cte.get("ctequery").and_then(unwrap_node) {
+            let mut inner = Facts::default();
+            outputs(qk, q, &mut inner);
+            // A computed CTE column is read by name outside: its lineage is lost.
+            if inner.computed_opaque || !inner.computed_refs.is_empty() {
+                facts.computed_opaque = true;
+            }
+            facts.copies_data |= inner.copies_data;
+        }
+    }
+}
+
+/// The aliases and relation names in a FROM list (a one-field reference to one of them
+/// inside an expression is a whole row).
+fn from_names(from: &[(String, Value)], out: &mut Vec<String>) {
+    for (k, item) in from {
+        match k.as_str() {
+            "RangeVar" => {
+                if let Some(n) = item.get("relname").and_then(Value::as_str) {
+                    out.push(n.to_string());
+                }
+                if let Some(a) = item.pointer("/alias/aliasname").and_then(Value::as_str) {
+                    out.push(a.to_string());
+                }
+            }
+            "JoinExpr" => {
+                for side in ["larg", "rarg"] {
+                    if let Some((k, b)) = item.get(side).and_then(unwrap_node) {
+                        from_names(&[(k.to_string(), b.clone())], out);
+                    }
+                }
+                if let Some(a) = item.pointer("/alias/aliasname").and_then(Value::as_str) {
+                    out.push(a.to_string());
+                }
+            }
+            _ => {
+                if let Some(a) = item.pointer("/alias/aliasname").and_then(Value::as_str) {
+                    out.push(a.to_string());
+                }
+            }
+        }
+    }
+}
+
+fn select_outputs(body: &Value, facts: &mut Facts) {
+    with_outputs(body, facts);
+    if body.get("op").and_then(Value::as_i64).unwrap_or(1) != 1 {
+        // UNION, INTERSECT, EXCEPT: the server describes their columns without a source.
+        facts.computed_opaque = true;
+        for side in ["larg", "rarg"] {
+            if let Some(b) = body.get(side).filter(|v| !v.is_null()) {
+                select_outputs(b, facts);
+            }
+        }
+        return;
+    }
+    let from = list(body, "from_clause");
+    for (k, item) in &from {
+        from_item(k, item, facts);
+    }
+    let mut names = Vec::new();
+    from_names(&from, &mut names);
+    targets(body, "target_list", &names, facts);
+}
+
+fn from_item(kind: &str, item: &Value, facts: &mut Facts) {
+    match kind {
+        "RangeVar" => {}
+        "JoinExpr" => {
+            for side in ["larg", "rarg"] {
+                if let Some((k, b)) = item.get(side).and_then(unwrap_node) {
+                    from_item(k, b, facts);
+                }
+            }
+        }
+        "RangeSubselect" => {
+            if let Some((_, q)) = item.get("subquery").and_then(unwrap_node) {
+                let mut inner = Facts::default();
+                select_outputs(q, &mut inner);
+                if inner.computed_opaque || !inner.computed_refs.is_empty() {
+                    facts.computed_opaque = true;
+                }
+                facts.copies_data |= inner.copies_data;
+            }
+        }
+        // Functions and anything else in FROM: their columns have no table source.
+        _ => facts.computed_opaque = true,
+    }
+}
+
+/// An output list: plain column references keep their source (the server describes
+/// them with their table and column); anything else is computed.
+fn targets(body: &Value, field: &str, from: &[String], facts: &mut Facts) {
+    for (k, t) in list(body, field) {
+        if k != "ResTarget" {
+            continue;
+        }
+        let Some((vk, v)) = t.get("val").and_then(unwrap_node) else {
+            continue;
+        };
+        match vk {
+            "ColumnRef" => {
+                // `u` alone, naming a relation of the FROM list, is a whole row.
+                let fields = list(v, "fields");
+                if fields.len() == 1
+                    && fields[0].0 == "String"
+                    && fields[0]
+                        .1
+                        .get("sval")
+                        .and_then(Value::as_str)
+                        .is_some_and(|n| from.iter().any(|f| f == n))
+                {
+                    facts.computed_opaque = true;
+                }
+            }
+            "AConst" | "ParamRef" => {}
+            "SubLink" => facts.computed_opaque = true,
+            _ => computed(v, from, facts),
+        }
+    }
+}
+
+/// The column names a computed output reads.
+fn computed(v: &Value, from: &[String], facts: &mut Facts) {
+    match v {
+        Value::Array(items) => items.iter().for_each(|i| computed(i, from, facts)),
+        Value::Object(map) => {
+            for (key, body) in map {
+                match key.as_str() {
+                    "SubLink" | "RangeFunction" => facts.computed_opaque = true,
+                    "ColumnRef" => {
+                        let fields = list(body, "fields");
+                        if let Some((k, last)) = fields.last() {
+                            if k == "AStar" {
+                                facts.computed_refs.insert("*".into());
+                            } else if let Some(n) = last.get("sval").and_then(Value::as_str) {
+                                if fields.len() == 1 && from.iter().any(|f| f == n) {
+                                    facts.computed_opaque = true;
+                                }
+                                facts.computed_refs.insert(n.to_string());
+                            }
+                        }
+                    }
+                    _ => computed(body, from, facts),
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Whether a node of this kind is anywhere under `v`.
+fn contains(v: &Value, kind: &str) -> bool {
+    match v {
+        Value::Array(items) => items.iter().any(|i| contains(i, kind)),
+        Value::Object(map) => map.iter().any(|(k, b)| k == kind || contains(b, kind)),
+        _ => false,
     }
 }
 
@@ -232,6 +511,87 @@ mod tests {
 
     fn functions(sql: &str) -> Vec<String> {
         f(sql).functions.iter().map(|t| t.to_string()).collect()
+    }
+
+    #[test]
+    fn output_lineage_for_masking() {
+        let refs = |sql: &str| {
+            let x = f(sql);
+            (
+                x.computed_refs.into_iter().collect::<Vec<_>>().join(","),
+                x.computed_opaque,
+                x.copies_data,
+            )
+        };
+        let plain = (String::new(), false, false);
+        assert_eq!(refs("SELECT email, u.id, * FROM users u"), plain);
+        assert_eq!(refs("SELECT 1, $1, email FROM users"), plain);
+        assert_eq!(
+            refs("SELECT e FROM (SELECT email AS e FROM users) s"),
+            plain
+        );
+        assert_eq!(
+            refs("WITH x AS (SELECT email FROM users) SELECT email FROM x"),
+            plain
+        );
+        assert_eq!(
+            refs("SELECT email FROM users WHERE id IN (SELECT max(id) FROM t)"),
+            plain
+        );
+        assert_eq!(
+            refs("SELECT lower(email) FROM users"),
+            ("email".into(), false, false)
+        );
+        assert_eq!(
+            refs("SELECT count(*) FROM users"),
+            (String::new(), false, false)
+        );
+        assert_eq!(
+            refs("SELECT CASE WHEN id > 1 THEN email ELSE name END FROM users"),
+            ("email,id,name".into(), false, false)
+        );
+        assert!(refs("SELECT row_to_json(u) FROM users u").1);
+        assert!(refs("SELECT u FROM users u").1);
+        assert_eq!(refs("SELECT json_agg(u.*) FROM users u").0, "*");
+        assert!(refs("SELECT e FROM (SELECT lower(email) AS e FROM users) s").1);
+        assert!(refs("WITH x AS (SELECT email || '' AS e FROM users) SELECT e FROM x").1);
+        assert!(refs("SELECT email FROM users UNION SELECT 'a'").1);
+        assert!(refs("SELECT (SELECT email FROM users LIMIT 1)").1);
+        assert!(refs("SELECT * FROM get_users()").1);
+        assert_eq!(
+            refs("INSERT INTO t (a) VALUES (1) RETURNING upper(a)"),
+            ("a".into(), false, false)
+        );
+        assert_eq!(
+            refs("DELETE FROM users WHERE id = 1 RETURNING email"),
+            plain
+        );
+        assert_eq!(
+            refs("DECLARE c CURSOR FOR SELECT lower(email) FROM users").0,
+            "email"
+        );
+        assert!(refs("CREATE TABLE t2 AS SELECT email FROM users").2);
+        assert!(refs("SELECT email INTO t2 FROM users").2);
+        assert!(refs("INSERT INTO t2 SELECT email FROM users").2);
+        assert!(!refs("INSERT INTO users (email) VALUES ('a')").2);
+        assert!(refs("UPDATE t2 SET e = u.email FROM users u").2);
+        assert!(!refs("UPDATE users SET email = 'x' WHERE id = 1").2);
+        assert!(!refs("UPDATE users SET note = note WHERE id = 1").2);
+        assert_eq!(
+            f("UPDATE users SET note = email || name WHERE id = 1").written_refs,
+            ["email".to_string(), "name".to_string()].into()
+        );
+        assert!(refs("COPY users TO STDOUT").2);
+        assert!(refs("COPY (SELECT email FROM users) TO STDOUT").2);
+        assert!(!refs("COPY users FROM STDIN").2);
+        assert!(refs("EXPLAIN ANALYZE CREATE TABLE t2 AS SELECT email FROM users").2);
+        assert!(!refs("EXPLAIN SELECT lower(email) FROM users").2);
+        assert!(f("FETCH 10 FROM c").reads_by_name);
+        assert!(f("EXECUTE p(1)").reads_by_name);
+        assert_eq!(
+            refs("PREPARE p AS SELECT lower(email) FROM users").0,
+            "email"
+        );
     }
 
     #[test]

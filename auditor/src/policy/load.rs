@@ -395,6 +395,12 @@ fn check_policy(file: &Path, text: &str, line: usize, p: &Policy, report: &mut L
                 ),
             ));
         }
+        if r.keep.is_some() && r.using != Some(super::model::MaskUsing::Partial) {
+            report.errors.push(at(
+                &format!("name: {}", r.name),
+                format!("mask rule `{}` has `keep` without `using: partial`", r.name),
+            ));
+        }
     }
     let keys = p
         .selector

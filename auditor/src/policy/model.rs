@@ -557,6 +557,72 @@ pub struct MaskRule {
     /// Values recognised by their content, in any column.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub detectors: Vec<Detector>,
+    /// How values are masked. Default: `redact`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub using: Option<MaskUsing>,
+    /// With `using: partial`: how many trailing characters (or digits) stay (at most half
+    /// of a value). Default 4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<u8>,
+    /// A statement whose result columns may derive from a masked column in a way the
+    /// proxy cannot follow (an expression, a view, a function): `block` it (the default),
+    /// or run it and `mask` every such column whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_unknown: Option<OnUnknownLineage>,
+}
+
+/// How a mask rule rewrites values. Text-like columns get the text; integer columns an
+/// integer; other types NULL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskUsing {
+    /// A fixed `****` (integers: 0).
+    Redact,
+    /// All but the last `keep` characters replaced by `*` (integers: the last digits).
+    Partial,
+    /// A keyed hash, the key per installation: equal values mask equally, so joins and
+    /// GROUP BY still work (integers: a hash in the type's range).
+    Hash,
+    /// NULL, whatever the type.
+    Null,
+    /// Format-preserving e-mail: `<hash>@masked.invalid` (consistent like `hash`).
+    Email,
+}
+
+/// What a mask rule does with result columns it cannot tie to their source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUnknownLineage {
+    Block,
+    Mask,
+}
+
+/// A masking function as applied (from `using` and `keep`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaskFunction {
+    Redact,
+    Partial { keep: u8 },
+    Hash,
+    Null,
+    Email,
+}
+
+impl MaskRule {
+    pub fn function(&self) -> MaskFunction {
+        match self.using.unwrap_or(MaskUsing::Redact) {
+            MaskUsing::Redact => MaskFunction::Redact,
+            MaskUsing::Partial => MaskFunction::Partial {
+                keep: self.keep.unwrap_or(4),
+            },
+            MaskUsing::Hash => MaskFunction::Hash,
+            MaskUsing::Null => MaskFunction::Null,
+            MaskUsing::Email => MaskFunction::Email,
+        }
+    }
+
+    pub fn blocks_unknown(&self) -> bool {
+        self.on_unknown != Some(OnUnknownLineage::Mask)
+    }
 }
 
 /// `table.column` or `schema.table.column`.

@@ -369,6 +369,14 @@ fn lint_names_file_line_and_column() {
         ),
         ("name: x\n---\nname: y\nmode: sometimes\n", "p.yaml:4:"),
         (
+            "name: x\nmask:\n  - name: m\n    columns: [t.c]\n    keep: 2\n",
+            "has `keep` without `using: partial`",
+        ),
+        (
+            "name: x\nmask:\n  - name: m\n    columns: [t.c]\n    using: scramble\n",
+            "unknown variant `scramble`",
+        ),
+        (
             "name: x\nmode: enforce\ncredential: {user: r}\n",
             "exactly one of `password_file` and `secret`",
         ),

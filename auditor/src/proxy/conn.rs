@@ -338,6 +338,7 @@ async fn relay(
     let mut relay = Relay::new(shared.limits, shared.budget.clone(), resolver);
     let secrets = shared.secrets.clone();
     relay.password_of = Arc::new(move |c| super::login::read_password(c, &secrets));
+    relay.mask_key = shared.mask_key.clone();
     let conn = Arc::new(std::sync::Mutex::new(Conn { relay, recorder }));
     let Some((mut client_rd, client_wr, mut server_rd, server_wr)) =
         negotiate(&conn, client, server, shared.tls.as_deref(), dest).await
@@ -438,6 +439,7 @@ async fn relay(
         let conn = conn.clone();
         let client_wr = client_wr.clone();
         let server_wr = server_wr.clone();
+        let shared = shared.clone();
         async move {
             let mut buf = vec![0u8; 64 * 1024];
             loop {
@@ -449,6 +451,12 @@ async fn relay(
                     let Ok(mut c) = conn.lock() else { break };
                     let Conn { relay, recorder } = &mut *c;
                     relay.on_server(&buf[..n]);
+                    if relay.masked_values > 0 {
+                        shared
+                            .counters
+                            .masked_values
+                            .fetch_add(std::mem::take(&mut relay.masked_values), Ordering::Relaxed);
+                    }
                     let to_client = std::mem::take(&mut relay.to_client);
                     if !to_client.is_empty() {
                         recorder.send(RECORD_DATA, DIR_TO_CLIENT, &to_client);

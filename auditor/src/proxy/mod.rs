@@ -15,6 +15,7 @@
 
 pub mod conn;
 pub mod login;
+pub mod mask;
 pub mod netns;
 pub mod redirect;
 pub mod relay;
@@ -56,6 +57,9 @@ pub struct ProxyStats {
     /// Network namespaces besides the host's the proxy listens in.
     #[serde(default)]
     pub namespaces: u64,
+    /// Values the proxy masked in results.
+    #[serde(default)]
+    pub masked_values: u64,
 }
 
 #[derive(Default)]
@@ -66,6 +70,7 @@ pub struct ProxyCounters {
     pub blocked: AtomicU64,
     pub unknown_origin: AtomicU64,
     pub upstream_failures: AtomicU64,
+    pub masked_values: AtomicU64,
 }
 
 impl ProxyCounters {
@@ -78,6 +83,7 @@ impl ProxyCounters {
             blocked: g(&self.blocked),
             unknown_origin: g(&self.unknown_origin),
             upstream_failures: g(&self.upstream_failures),
+            masked_values: g(&self.masked_values),
             redirected_cgroups: 0,
             namespaces: 0,
         }
@@ -107,6 +113,8 @@ pub struct Shared {
     pub tls: Option<Arc<tls::ProxyTls>>,
     /// Kubernetes Secrets that credentials name.
     pub secrets: Arc<crate::workload::kubernetes::SecretStore>,
+    /// The key of masking's keyed hash.
+    pub mask_key: Arc<[u8]>,
 }
 
 impl Shared {
@@ -132,6 +140,7 @@ impl Shared {
             netns_known,
             tls: None,
             secrets: Arc::default(),
+            mask_key: Arc::from(&b""[..]),
         }
     }
 
@@ -290,6 +299,8 @@ pub struct Settings<'a> {
     pub threads: usize,
     /// Kubernetes Secrets that credentials name.
     pub secrets: Arc<crate::workload::kubernetes::SecretStore>,
+    /// The installation's key (masking's keyed hash derives its own from it).
+    pub mask_key: Arc<[u8]>,
 }
 
 impl Enforcement {
@@ -308,6 +319,7 @@ impl Enforcement {
             tls,
             threads,
             secrets,
+            mask_key,
         } = settings;
         let threads = if threads == 0 {
             default_threads()
@@ -332,6 +344,7 @@ impl Enforcement {
         );
         shared.tls = tls;
         shared.secrets = secrets;
+        shared.mask_key = mask_key;
         let shared = Arc::new(shared);
         let proxy = start(port, threads, shared)
             .map_err(|source| EnforcementError::Listen { port, source })?;

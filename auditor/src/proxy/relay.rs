@@ -99,7 +99,37 @@ pub struct Relay {
     login: Option<super::login::Login>,
     /// Where a credential's password comes from (its file; replaceable for tests).
     pub password_of: PasswordSource,
+    /// Masking in this session (an enforce policy with column mask rules).
+    masking: Option<Box<Masking>>,
+    /// Client bytes held until the proxy may judge them: sent before the session was
+    /// ready, or while the proxy reads the catalog.
+    held: Vec<u8>,
+    /// The key of masking's keyed hash (per installation).
+    pub mask_key: Arc<[u8]>,
+    /// Values masked since the driver last took the count.
+    pub masked_values: u64,
 }
+
+/// A session's masking: its rules, what the catalog said, the current result's masks.
+struct Masking {
+    rules: Vec<super::mask::Rule>,
+    masker: super::mask::Masker,
+    plan: Option<super::mask::Plan>,
+    /// Why the catalog could not be read (no plan: statements are refused).
+    failed: Option<String>,
+    /// The proxy's catalog query is in flight.
+    building: Option<super::mask::PlanBuilder>,
+    /// Read the catalog again at the next quiet moment (DDL seen, or the plan is old).
+    stale: bool,
+    read_at: Option<std::time::Instant>,
+    /// The masks of the result now arriving (None inside: nothing to mask), computed at
+    /// its first row.
+    current: Option<Option<Arc<[Option<super::mask::ColumnMask>]>>>,
+}
+
+/// How long a session's reading of the catalog is trusted (relations made by other
+/// sessions since are of unknown source until it is read again).
+const CATALOG_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Reads a credential's password.
 pub type PasswordSource = Arc<
@@ -144,6 +174,10 @@ impl Relay {
             relay_when_ready: false,
             startup_over: false,
             login: None,
+            masking: None,
+            held: Vec::new(),
+            mask_key: Arc::from(&b""[..]),
+            masked_values: 0,
             password_of: Arc::new(|c| {
                 super::login::read_password(c, &crate::workload::kubernetes::SecretStore::default())
             }),
@@ -201,6 +235,21 @@ impl Relay {
         if self.state == State::Relaying {
             self.to_server.extend_from_slice(data);
             return;
+        }
+        if let Some(m) = &self.masking {
+            let quiet = self.cycles.is_empty()
+                && self.client.at_boundary()
+                && self.conv.phase() == Phase::Ready
+                && self.conv.transaction_status() != b'E'
+                && !self.discarding;
+            let old = m.read_at.is_some_and(|t| t.elapsed() > CATALOG_MAX_AGE);
+            if m.building.is_none() && (m.stale || old) && quiet && !data.is_empty() {
+                self.read_catalog();
+            }
+            if self.masking.as_ref().is_some_and(|m| m.building.is_some()) {
+                self.held.extend_from_slice(data);
+                return;
+            }
         }
         let mut tokenizer = std::mem::replace(
             &mut self.client,
@@ -292,6 +341,9 @@ impl Relay {
                 // only if a policy enforces (else relayed from the first ReadyForQuery).
                 self.state = State::Enforcing;
                 self.relay_when_ready = !enforce;
+                if enforce {
+                    self.start_masking();
+                }
             }
             _ => {}
         }
@@ -368,6 +420,16 @@ impl Relay {
         }
         if self.login.is_some() && self.conv.phase() != Phase::Ready {
             // The proxy authenticates this session itself: the client was asked nothing.
+            return;
+        }
+        if self.conv.phase() == Phase::Authenticating
+            && self.state == State::Enforcing
+            && !self.relay_when_ready
+            && tag != b'p'
+        {
+            // A request sent before the session is ready (pipelined after the startup
+            // packet): held, and judged once it is.
+            push_frame(&mut self.held, tag, body);
             return;
         }
         if self.conv.phase() != Phase::Ready || self.relay_when_ready {
@@ -452,13 +514,201 @@ impl Relay {
     fn judge_text(&mut self, sql: &str, multi: bool) -> Option<Decision> {
         let applied = self.applied.as_ref()?;
         let analysis = self.analyzer.analyze(sql);
-        applied
-            .judge(&Statement {
-                sql,
-                facts: analysis.facts(sql),
-                multi,
+        let facts = analysis.facts(sql);
+        let d = applied
+            .judge(&Statement { sql, facts, multi })
+            .filter(|d| d.enforce);
+        let Some(m) = self.masking.as_deref_mut() else {
+            // No masking here: a mask decision is refused (fail closed).
+            return d;
+        };
+        if d.as_ref()
+            .is_some_and(|d| d.action != crate::policy::Action::Mask)
+        {
+            return d;
+        }
+        let refuse = |m: &Masking, i: usize, why: String| {
+            let r = m.rules.get(i).or(m.rules.first());
+            Some(Decision {
+                action: crate::policy::Action::Block,
+                enforce: true,
+                policy: r.map(|r| r.policy.to_string()).unwrap_or_default(),
+                rule: r.map(|r| r.name.to_string()).unwrap_or_default(),
+                columns: Vec::new(),
+                message: Some(why),
             })
-            .filter(|d| d.enforce)
+        };
+        let Some(f) = facts else {
+            return d;
+        };
+        if f.ddl {
+            m.stale = true;
+        }
+        match &m.plan {
+            None => refuse(
+                m,
+                0,
+                format!(
+                    "the proxy could not read the catalog to mask this session's results: {}",
+                    m.failed.as_deref().unwrap_or("not read yet")
+                ),
+            ),
+            Some(plan) => match super::mask::refusal(plan, &m.rules, f) {
+                Some((i, why)) => refuse(m, i, why),
+                None => None,
+            },
+        }
+    }
+
+    /// Masking for this session, if an enforce policy among its own has column rules: the
+    /// catalog is read once the session is ready, rows are taken whole to be rewritten.
+    fn start_masking(&mut self) {
+        let Some(applied) = &self.applied else {
+            return;
+        };
+        let rules: Vec<super::mask::Rule> = applied
+            .policies
+            .iter()
+            .filter(|p| p.policy.mode == Some(Mode::Enforce))
+            .flat_map(|p| {
+                p.policy
+                    .mask
+                    .iter()
+                    .filter(|r| !r.columns.is_empty())
+                    .map(|r| super::mask::Rule::of(&p.policy.name, r))
+            })
+            .collect();
+        if rules.is_empty() {
+            return;
+        }
+        self.server.set_streamed(b"d");
+        self.masking = Some(Box::new(Masking {
+            rules,
+            masker: super::mask::Masker::new(&self.mask_key),
+            plan: None,
+            failed: None,
+            building: None,
+            stale: true,
+            read_at: None,
+            current: None,
+        }));
+    }
+
+    /// Asks the server about the catalog, inside the session, while nothing else is in
+    /// flight; the client's bytes wait until the answer is in.
+    fn read_catalog(&mut self) {
+        let Some(m) = self.masking.as_deref_mut() else {
+            return;
+        };
+        match super::mask::catalog_query(&m.rules) {
+            Some(sql) => {
+                let mut body = sql.into_bytes();
+                body.push(0);
+                push_frame(&mut self.to_server, b'Q', &body);
+                m.building = Some(super::mask::PlanBuilder::default());
+                m.stale = false;
+            }
+            None => {
+                m.failed = Some("a mask rule names a column that cannot be quoted".into());
+                m.stale = false;
+            }
+        }
+    }
+
+    /// A message answering the proxy's catalog query: consumed. Returns whether it was.
+    fn on_catalog_message(&mut self, tag: u8, body: &[u8]) -> bool {
+        let Some(m) = self.masking.as_deref_mut() else {
+            return false;
+        };
+        let Some(b) = m.building.as_mut() else {
+            return false;
+        };
+        match tag {
+            b'D' => b.row(body, &m.rules),
+            b'E' => {
+                let why = backend::decode(tag, body)
+                    .ok()
+                    .and_then(|msg| match msg {
+                        backend::BackendMessage::ErrorResponse(f) => {
+                            let e = f.summary();
+                            Some(format!("{} {}", e.code, e.message))
+                        }
+                        _ => None,
+                    })
+                    .unwrap_or_else(|| "an error".into());
+                b.error = Some(why);
+            }
+            b'Z' => {
+                let done = m.building.take().map(super::mask::PlanBuilder::finish);
+                match done {
+                    Some(Ok(plan)) => {
+                        m.plan = Some(plan);
+                        m.failed = None;
+                        m.read_at = Some(std::time::Instant::now());
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!("proxy: reading the catalog for masking failed: {e}");
+                        if m.plan.is_none() {
+                            m.failed = Some(e);
+                        }
+                        // Tried again at the next quiet moment.
+                        m.stale = true;
+                    }
+                    None => {}
+                }
+            }
+            // Its columns, completion, notices: the client never sees them.
+            b'T' | b'C' | b'N' | b'I' => {}
+            // Asynchronous messages belong to the session.
+            _ => return false,
+        }
+        true
+    }
+
+    /// The masks of the result now arriving, computed at its first row.
+    fn current_masks(&mut self) -> Option<Arc<[Option<super::mask::ColumnMask>]>> {
+        let m = self.masking.as_deref_mut()?;
+        if let Some(c) = &m.current {
+            return c.clone();
+        }
+        let plan = m.plan.as_ref()?;
+        let (sql, columns) = self.conv.rows_source().unwrap_or((None, None));
+        let (touching, unknown) = match &sql {
+            Some(sql) => {
+                let a = self.analyzer.analyze(sql);
+                match a.facts(sql) {
+                    Some(f) => (
+                        super::mask::touches(plan, f),
+                        super::mask::masks_computed(plan, f),
+                    ),
+                    None => (true, true),
+                }
+            }
+            None => (true, true),
+        };
+        let masks = match columns {
+            Some(cols) => super::mask::result_masks(plan, &m.rules, &cols, unknown),
+            // Rows of a result the proxy has no description of, in a statement that
+            // reads masked data: they cannot be rewritten (the row is refused, below).
+            None if touching => Some(Arc::from(Vec::new())),
+            None => None,
+        };
+        m.current = Some(masks.clone());
+        masks
+    }
+
+    /// Whether the request the server answers now may read masked values.
+    fn answering_touching(&mut self) -> bool {
+        let Some(plan) = self.masking.as_ref().and_then(|m| m.plan.as_ref()) else {
+            return self.masking.is_some();
+        };
+        match self.conv.current_sql() {
+            Some(sql) => {
+                let a = self.analyzer.analyze(&sql);
+                a.facts(&sql).is_none_or(|f| super::mask::touches(plan, f))
+            }
+            None => true,
+        }
     }
 
     /// A simple query: refused whole if any of its statements is.
@@ -555,6 +805,16 @@ impl Relay {
                 format!("auditor proxy: the server answered out of protocol: {e}"),
             );
         }
+        // Requests held while the session was not ready, or while the catalog was read.
+        let reading = self.masking.as_ref().is_some_and(|m| m.building.is_some());
+        if !self.held.is_empty()
+            && !reading
+            && self.conv.phase() == Phase::Ready
+            && self.state == State::Enforcing
+        {
+            let held = std::mem::take(&mut self.held);
+            self.on_client(&held);
+        }
     }
 
     fn on_server_token(&mut self, t: Token<'_>) {
@@ -562,6 +822,14 @@ impl Relay {
             Token::Message { tag, body, .. } => self.on_server_message(tag, body),
             Token::Header { tag, body_len, .. } => {
                 if tag == b'D' {
+                    if self.masking.is_some() && self.current_masks().is_some() {
+                        // Larger than the proxy holds, so it cannot be rewritten: never
+                        // forwarded.
+                        return self.fail(
+                            "54000",
+                            format!("auditor proxy: a row of {body_len} bytes with masked columns is larger than the proxy rewrites (proxy.max_message_bytes)"),
+                        );
+                    }
                     self.conv.on_data_rows(1);
                 }
                 self.to_client.push(tag);
@@ -574,6 +842,35 @@ impl Relay {
     }
 
     fn on_server_message(&mut self, tag: u8, body: Cow<'_, [u8]>) {
+        if self.masking.is_some() {
+            if self.on_catalog_message(tag, &body) {
+                return;
+            }
+            if tag == b'D' {
+                if let Some(masks) = self.current_masks() {
+                    let m = self.masking.as_deref().map(|m| &m.masker);
+                    let res = match m {
+                        Some(masker) => masker.rewrite_row(&body, &masks, &mut self.to_client),
+                        None => Ok(0),
+                    };
+                    match res {
+                        Ok(n) => {
+                            self.masked_values += u64::from(n);
+                            self.conv.on_data_rows(1);
+                        }
+                        Err(e) => self.fail(
+                            "08P01",
+                            format!(
+                                "auditor proxy: a row with masked columns cannot be rewritten: {e}"
+                            ),
+                        ),
+                    }
+                    return;
+                }
+            } else if let Some(m) = self.masking.as_deref_mut() {
+                m.current = None;
+            }
+        }
         let m = match backend::decode(tag, &body) {
             Ok(m) => m,
             Err(e) => {
@@ -638,9 +935,24 @@ impl Relay {
                 self.substitutes.retain(|seq, _| *seq >= end);
             }
         }
-        if !replaced {
-            push_frame(&mut self.to_client, tag, &body);
+        if ready {
+            let first = self
+                .masking
+                .as_ref()
+                .is_some_and(|m| m.plan.is_none() && m.building.is_none() && m.failed.is_none());
+            if first {
+                self.read_catalog();
+            }
         }
+        if replaced {
+            return;
+        }
+        if matches!(tag, b'E' | b'N') && self.masking.is_some() && self.answering_touching() {
+            let scrubbed = super::mask::scrub_notice(&body);
+            push_frame(&mut self.to_client, tag, &scrubbed);
+            return;
+        }
+        push_frame(&mut self.to_client, tag, &body);
     }
 
     fn substitute_of(&self, msg: &[u8]) -> Option<u64> {

@@ -1,0 +1,252 @@
+//! Masking in the inline proxy: a workload under an `enforce` policy with mask rules reads
+//! a table of e-mail addresses, card numbers, phone numbers and ages through psql (text
+//! results, the simple and extended protocols) and asyncpg (binary results, a statement
+//! executed again without a new Describe, a portal fetched in pieces). No raw value of a
+//! masked column reaches the client in any form (rows, RETURNING, cursors, errors), nor
+//! the audit trail or the daemon's output; what the proxy cannot mask (expressions over
+//! masked columns, whole rows, COPY, copying into another table) is refused; unmasked
+//! columns are byte for byte what Postgres sent.
+
+use std::process::Command;
+
+use auditor_tests::{can_run, check, statements_of, str_of, Cgroup, Daemon, Postgres};
+
+const POLICY: &str = r#"
+name: agents
+selector:
+  matchLabels:
+    cgroup.path: CGROUP
+mode: enforce
+mask:
+  - name: contact
+    columns: [customers.email]
+    using: email
+  - name: cards
+    columns: [public.customers.card]
+    using: partial
+    keep: 4
+  - name: phones
+    columns: [customers.phone]
+  - name: ages
+    columns: [customers.age]
+    using: hash
+"#;
+
+fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn masked_columns_never_leave_in_the_clear() {
+    if !can_run("masked_columns_never_leave_in_the_clear") {
+        return;
+    }
+    let pg = Postgres::start(&[]).unwrap();
+    let seed = std::process::id();
+    let emails: Vec<String> = (1..=4)
+        .map(|i| format!("person{i}.{seed}@example.com"))
+        .collect();
+    let cards: Vec<String> = (1..=4)
+        .map(|i| format!("4{:015}", u64::from(seed) * 10 + i))
+        .collect();
+    let phones: Vec<String> = (1..=4).map(|i| format!("+1-555-{seed}-{i:04}")).collect();
+    let mut setup = String::from(
+        "CREATE TABLE customers (id int PRIMARY KEY, email text UNIQUE, card varchar(19), \
+         phone text, note text, age int);",
+    );
+    for i in 0..4 {
+        setup.push_str(&format!(
+            "INSERT INTO customers VALUES ({}, '{}', '{}', '{}', 'note {} ü', {});",
+            i + 1,
+            emails[i],
+            cards[i],
+            phones[i],
+            i + 1,
+            30 + i
+        ));
+    }
+    setup.push_str("CREATE VIEW customer_contacts AS SELECT id, email, phone FROM customers;");
+    check(pg.psql().args(["-c", &setup])).unwrap();
+
+    let agent = Cgroup::new("masked").unwrap();
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::write(
+        policies.path().join("agents.yaml"),
+        POLICY.replace("CGROUP", &agent.name),
+    )
+    .unwrap();
+    let pin_dir = format!("/sys/fs/bpf/auditor-test-mask-{}", std::process::id());
+    let _detach = auditor_tests::DetachOnDrop::new(&pin_dir);
+    let mut daemon = Daemon::start(
+        pg.port,
+        &format!(
+            "policies_dir: {}\nproxy: {{port: {}, pin_dir: {pin_dir}}}\n",
+            policies.path().display(),
+            auditor_tests::free_port()
+        ),
+    )
+    .unwrap();
+
+    let psql = |sql: &str| {
+        let mut cmd = pg.psql();
+        cmd.args(["-At", "-v", "ON_ERROR_STOP=0", "-c", sql])
+            .env("PGAPPNAME", "mask_psql");
+        agent.enter(&mut cmd);
+        let (_, out, err) = run(&mut cmd);
+        (out, err)
+    };
+    let seen = std::cell::RefCell::new(String::new());
+    let masked = |sql: &str| {
+        let (out, err) = psql(sql);
+        assert!(err.is_empty(), "{sql}: {err}");
+        seen.borrow_mut().push_str(&out);
+        out
+    };
+    // Plain columns, through aliases, a sub-select, a CTE, a view, RETURNING.
+    let all = masked("SELECT * FROM customers ORDER BY id");
+    let lines: Vec<&str> = all.lines().collect();
+    assert_eq!(lines.len(), 4, "{all}");
+    for (i, line) in lines.iter().enumerate() {
+        let f: Vec<&str> = line.split('|').collect();
+        assert_eq!(f[0], (i + 1).to_string());
+        assert!(f[1].ends_with("@masked.invalid"), "{line}");
+        assert_eq!(f[2], format!("************{}", &cards[i][12..]), "{line}");
+        assert_eq!(f[3], "****", "{line}");
+        assert_eq!(f[4], format!("note {} ü", i + 1), "unmasked: as sent");
+        assert_ne!(f[5], (30 + i).to_string(), "{line}");
+        f[5].parse::<i32>()
+            .expect("a masked integer stays an integer");
+    }
+    // The keyed hash is consistent: the same value masks the same way.
+    let again = masked("SELECT email AS e, age FROM customers ORDER BY id");
+    let first: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            let f: Vec<&str> = l.split('|').collect();
+            format!("{}|{}", f[1], f[5])
+        })
+        .collect();
+    assert_eq!(again.lines().collect::<Vec<_>>(), first);
+    for sql in [
+        "SELECT e FROM (SELECT email AS e FROM customers) s ORDER BY 1",
+        "WITH x AS (SELECT email, phone FROM customers) SELECT email, phone FROM x",
+        "SELECT * FROM customer_contacts",
+        "SELECT c.email FROM customers c JOIN customers d ON c.id = d.id",
+        "UPDATE customers SET note = note WHERE id = 1 RETURNING email, card",
+        "BEGIN; DECLARE cur CURSOR FOR SELECT email FROM customers; FETCH 2 FROM cur; FETCH 2 FROM cur; COMMIT",
+        "SELECT count(*), max(id) FROM customers",
+    ] {
+        let out = masked(sql);
+        assert!(!out.is_empty(), "{sql}");
+    }
+    let counted = masked("SELECT count(*) FROM customers");
+    assert_eq!(
+        counted, "4\n",
+        "an aggregate of no masked column is not masked"
+    );
+
+    // What the proxy cannot mask is refused, and the session goes on.
+    let mut refused = Vec::new();
+    for sql in [
+        "SELECT lower(email) FROM customers",
+        "SELECT email || '' FROM customers",
+        "SELECT substr(card, 1, 50) FROM customers",
+        "SELECT CASE WHEN id > 0 THEN phone END FROM customers",
+        "SELECT coalesce(email, 'x') FROM customers",
+        "SELECT row_to_json(c) FROM customers c",
+        "SELECT c FROM customers c",
+        "SELECT array_agg(email) FROM customers",
+        "SELECT string_agg(email, ',') FROM customers",
+        "SELECT json_agg(c.*) FROM customers c",
+        "SELECT email FROM customers UNION SELECT 'x'",
+        "SELECT e FROM (SELECT lower(email) AS e FROM customers) s",
+        "WITH x AS (SELECT email || '' AS e FROM customers) SELECT e FROM x",
+        "SELECT (SELECT email FROM customers LIMIT 1)",
+        "SELECT email::int FROM customers",
+        "COPY customers TO STDOUT",
+        "COPY (SELECT email FROM customers) TO STDOUT WITH (FORMAT csv)",
+        "COPY customers TO STDOUT WITH (FORMAT binary)",
+        "CREATE TABLE leak AS SELECT email FROM customers",
+        "SELECT email INTO leak2 FROM customers",
+        "INSERT INTO customers (id, email) SELECT id + 100, email FROM customers",
+        "UPDATE customers SET note = email WHERE id = 1",
+        "UPDATE customers SET email = (SELECT email FROM customers WHERE id = 2) WHERE id = 1",
+        "DO $$ BEGIN RAISE NOTICE '%', (SELECT email FROM customers LIMIT 1); END $$",
+    ] {
+        let (out, err) = psql(sql);
+        seen.borrow_mut().push_str(&out);
+        seen.borrow_mut().push_str(&err);
+        assert!(
+            err.contains("ERROR:  statement blocked by policy \"agents\""),
+            "{sql}: {out}{err}"
+        );
+        refused.push(sql);
+    }
+    // A unique violation echoes the value in its detail: hidden.
+    let (out, err) = psql(&format!(
+        "INSERT INTO customers (id, email) VALUES (99, '{}')",
+        emails[0]
+    ));
+    seen.borrow_mut().push_str(&out);
+    seen.borrow_mut().push_str(&err);
+    assert!(err.contains("duplicate key value"), "{err}");
+    assert!(err.contains("hidden by the auditor"), "{err}");
+
+    // The same table read directly (no policy): the unmasked columns are byte for byte
+    // what the proxied session got.
+    let (_, direct, _) =
+        run(pg
+            .psql()
+            .args(["-At", "-c", "SELECT id, note FROM customers ORDER BY id"]));
+    let proxied = masked("SELECT id, note FROM customers ORDER BY id");
+    assert_eq!(proxied, direct);
+
+    // asyncpg: binary results, re-executed statements, a portal in pieces.
+    let mut cmd = Command::new(auditor_tests::python3());
+    cmd.arg(auditor_tests::workspace_root().join("tests/helpers/drivers/asyncpg_mask.py"))
+        .arg(pg.port.to_string());
+    agent.enter(&mut cmd);
+    let (ok, out, err) = run(&mut cmd);
+    assert!(ok, "{out}{err}");
+    assert!(out.ends_with("done\n"), "{out}");
+    assert!(out.contains("refused 42501"), "{out}");
+    assert!(out.contains("@masked.invalid"), "{out}");
+    assert!(out.contains("note 1 ü"), "{out}");
+    seen.borrow_mut().push_str(&out);
+    seen.borrow_mut().push_str(&err);
+
+    daemon.wait_sessions_ended(&agent.name);
+    let output = daemon.stop().unwrap();
+    let events = daemon.events().unwrap();
+    auditor_tests::assert_no_duplicates(&events);
+    let trail = serde_json::to_string(&events).unwrap();
+    let said = output.join("\n");
+    for raw in emails.iter().chain(&cards).chain(&phones) {
+        assert!(
+            !seen.borrow().contains(raw.as_str()),
+            "{raw} reached the client"
+        );
+        assert!(!trail.contains(raw.as_str()), "{raw} is in the trail");
+        assert!(
+            !said.contains(raw.as_str()),
+            "{raw} is in the daemon's output"
+        );
+    }
+    let ours = statements_of(&events, &agent.name);
+    assert!(ours.iter().all(|e| str_of(e, "capture") == "proxy"));
+    let star = ours
+        .iter()
+        .find(|e| str_of(e, "statement") == "SELECT * FROM customers ORDER BY id")
+        .expect("recorded");
+    assert_eq!(str_of(star, "decision"), "masked", "{star}");
+    let blocked = ours
+        .iter()
+        .filter(|e| str_of(e, "decision") == "blocked")
+        .count();
+    assert!(blocked >= refused.len(), "{blocked} < {}", refused.len());
+}
