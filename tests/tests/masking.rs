@@ -30,6 +30,16 @@ mask:
   - name: ages
     columns: [customers.age]
     using: hash
+---
+name: lenient
+selector:
+  matchLabels:
+    cgroup.path: LENIENT
+mode: enforce
+mask:
+  - name: contact
+    columns: [customers.email, customers.card, customers.phone]
+    on_unknown: mask
 "#;
 
 fn run(cmd: &mut Command) -> (bool, String, String) {
@@ -74,10 +84,13 @@ fn masked_columns_never_leave_in_the_clear() {
     check(pg.psql().args(["-c", &setup])).unwrap();
 
     let agent = Cgroup::new("masked").unwrap();
+    let lenient = Cgroup::new("lenient").unwrap();
     let policies = tempfile::tempdir().unwrap();
     std::fs::write(
         policies.path().join("agents.yaml"),
-        POLICY.replace("CGROUP", &agent.name),
+        POLICY
+            .replace("CGROUP", &agent.name)
+            .replace("LENIENT", &lenient.name),
     )
     .unwrap();
     let pin_dir = format!("/sys/fs/bpf/auditor-test-mask-{}", std::process::id());
@@ -206,6 +219,32 @@ fn masked_columns_never_leave_in_the_clear() {
     let proxied = masked("SELECT id, note FROM customers ORDER BY id");
     assert_eq!(proxied, direct);
 
+    // `on_unknown: mask`: what the proxy cannot follow runs, masked whole; a notice from
+    // code it cannot follow is hidden whole.
+    let lenient_psql = |sql: &str| {
+        let mut cmd = pg.psql();
+        cmd.args(["-At", "-c", sql])
+            .env("PGAPPNAME", "mask_lenient");
+        lenient.enter(&mut cmd);
+        let (ok, out, err) = run(&mut cmd);
+        seen.borrow_mut().push_str(&out);
+        seen.borrow_mut().push_str(&err);
+        (ok, out, err)
+    };
+    let (ok, out, err) = lenient_psql("SELECT lower(email), id FROM customers ORDER BY id");
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().next(), Some("****|1"), "{out}");
+    let (ok, _, err) = lenient_psql(
+        "DO $$ BEGIN RAISE NOTICE 'found %', (SELECT email FROM customers WHERE id = 1); END $$",
+    );
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("NOTICE:  (message hidden by the auditor"),
+        "{err}"
+    );
+    let (ok, _, err) = lenient_psql("COPY customers TO STDOUT");
+    assert!(!ok && err.contains("rule \"contact\""), "{err}");
+
     // asyncpg: binary results, re-executed statements, a portal in pieces.
     let mut cmd = Command::new(auditor_tests::python3());
     cmd.arg(auditor_tests::workspace_root().join("tests/helpers/drivers/asyncpg_mask.py"))
@@ -221,6 +260,7 @@ fn masked_columns_never_leave_in_the_clear() {
     seen.borrow_mut().push_str(&err);
 
     daemon.wait_sessions_ended(&agent.name);
+    daemon.wait_sessions_ended(&lenient.name);
     let output = daemon.stop().unwrap();
     let events = daemon.events().unwrap();
     auditor_tests::assert_no_duplicates(&events);

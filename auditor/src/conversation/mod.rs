@@ -523,6 +523,11 @@ impl Conversation {
         }
     }
 
+    /// Whether every request sent has been answered.
+    pub fn idle(&self) -> bool {
+        self.pending.is_empty()
+    }
+
     /// The text of the request the server is answering now (the first not answered).
     pub fn current_sql(&self) -> Option<Arc<str>> {
         self.pending.iter().find_map(|p| match p {

@@ -587,8 +587,26 @@ pub fn scrub_notice_field(code: u8, value: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-/// An ErrorResponse or NoticeResponse body with what may echo values hidden.
-pub fn scrub_notice(body: &[u8]) -> Vec<u8> {
+/// Whether an error was raised by user code (PL/pgSQL's RAISE: SQLSTATE class P0), whose
+/// message may be anything.
+pub fn raised_by_code(body: &[u8]) -> bool {
+    let mut rest = body;
+    while let Some((&code, tail)) = rest.split_first() {
+        if code == 0 {
+            break;
+        }
+        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+        if code == b'C' {
+            return tail[..end].starts_with(b"P0");
+        }
+        rest = tail.get(end + 1..).unwrap_or_default();
+    }
+    false
+}
+
+/// An ErrorResponse or NoticeResponse body with what may echo values hidden (`whole`:
+/// its message too, not only the quoted parts).
+pub fn scrub_notice(body: &[u8], whole: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len());
     let mut rest = body;
     while let Some((&code, tail)) = rest.split_first() {
@@ -598,6 +616,12 @@ pub fn scrub_notice(body: &[u8]) -> Vec<u8> {
         let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
         let value = &tail[..end];
         out.push(code);
+        if whole && code == b'M' {
+            out.extend_from_slice(b"(message hidden by the auditor: it may show masked values)");
+            out.push(0);
+            rest = tail.get(end + 1..).unwrap_or_default();
+            continue;
+        }
         match scrub_notice_field(code, value) {
             Some(v) => out.extend_from_slice(&v),
             None => out.extend_from_slice(value),
@@ -875,5 +899,16 @@ mod tests {
                 .is_some_and(|v| !v.windows(5).any(|w| w == b"a@b.c"))
         );
         assert_eq!(scrub_notice_field(b'C', b"23505"), None);
+        let raise = b"SERROR\0CP0001\0Malice@example.com\0\0";
+        assert!(raised_by_code(raise));
+        let out = scrub_notice(raise, true);
+        assert!(!out.windows(5).any(|w| w == b"alice"));
+        assert!(out.starts_with(b"SERROR\0CP0001\0M(message hidden"));
+        assert_eq!(out.last(), Some(&0));
+        let unique = b"SERROR\0C23505\0Mduplicate key value violates unique constraint \"u\"\0DKey (email)=(a@b.c) already exists.\0\0";
+        assert!(!raised_by_code(unique));
+        let out = scrub_notice(unique, false);
+        assert!(!out.windows(5).any(|w| w == b"a@b.c"));
+        assert!(out.windows(9).any(|w| w == b"duplicate"));
     }
 }

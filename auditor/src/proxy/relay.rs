@@ -238,6 +238,7 @@ impl Relay {
         }
         if let Some(m) = &self.masking {
             let quiet = self.cycles.is_empty()
+                && self.conv.idle()
                 && self.client.at_boundary()
                 && self.conv.phase() == Phase::Ready
                 && self.conv.transaction_status() != b'E'
@@ -418,10 +419,6 @@ impl Relay {
             }
             return;
         }
-        if self.login.is_some() && self.conv.phase() != Phase::Ready {
-            // The proxy authenticates this session itself: the client was asked nothing.
-            return;
-        }
         if self.conv.phase() == Phase::Authenticating
             && self.state == State::Enforcing
             && !self.relay_when_ready
@@ -430,6 +427,10 @@ impl Relay {
             // A request sent before the session is ready (pipelined after the startup
             // packet): held, and judged once it is.
             push_frame(&mut self.held, tag, body);
+            return;
+        }
+        if self.login.is_some() && self.conv.phase() != Phase::Ready {
+            // The proxy authenticates this session itself: the client was asked nothing.
             return;
         }
         if self.conv.phase() != Phase::Ready || self.relay_when_ready {
@@ -469,7 +470,8 @@ impl Relay {
             FrontendMessage::FunctionCall { oid, .. } => {
                 let facts = Facts::function_call();
                 let sql = format!("<function call {oid}>");
-                self.applied
+                let judged = self
+                    .applied
                     .as_ref()
                     .and_then(|a| {
                         a.judge(&Statement {
@@ -478,8 +480,21 @@ impl Relay {
                             multi: false,
                         })
                     })
-                    .filter(|d| d.enforce)
-                    .map(|d| (d, sql))
+                    .filter(|d| d.enforce);
+                // Its result is no row the proxy can mask: refused where masking applies.
+                let masking = self
+                    .masking
+                    .as_ref()
+                    .and_then(|m| m.rules.first())
+                    .map(|r| Decision {
+                        action: crate::policy::Action::Block,
+                        enforce: true,
+                        policy: r.policy.to_string(),
+                        rule: r.name.to_string(),
+                        columns: Vec::new(),
+                        message: Some("a function call's result cannot be masked".into()),
+                    });
+                judged.or(masking).map(|d| (d, sql))
             }
             _ => None,
         };
@@ -697,17 +712,23 @@ impl Relay {
         masks
     }
 
-    /// Whether the request the server answers now may read masked values.
-    fn answering_touching(&mut self) -> bool {
+    /// Whether the request the server answers now may read masked values (None: it does
+    /// not), and whether its lineage is unknown.
+    fn answering_masked(&mut self) -> Option<bool> {
         let Some(plan) = self.masking.as_ref().and_then(|m| m.plan.as_ref()) else {
-            return self.masking.is_some();
+            return self.masking.as_ref().map(|_| true);
         };
         match self.conv.current_sql() {
             Some(sql) => {
                 let a = self.analyzer.analyze(&sql);
-                a.facts(&sql).is_none_or(|f| super::mask::touches(plan, f))
+                match a.facts(&sql) {
+                    Some(f) => {
+                        super::mask::touches(plan, f).then(|| super::mask::masks_computed(plan, f))
+                    }
+                    None => Some(true),
+                }
             }
-            None => true,
+            None => Some(true),
         }
     }
 
@@ -842,9 +863,15 @@ impl Relay {
     }
 
     fn on_server_message(&mut self, tag: u8, body: Cow<'_, [u8]>) {
+        // Whether an error or notice is scrubbed depends on the request it answers:
+        // decided before the conversation moves past it.
+        let mut scrub = None;
         if self.masking.is_some() {
             if self.on_catalog_message(tag, &body) {
                 return;
+            }
+            if matches!(tag, b'E' | b'N') {
+                scrub = self.answering_masked();
             }
             if tag == b'D' {
                 if let Some(masks) = self.current_masks() {
@@ -947,8 +974,11 @@ impl Relay {
         if replaced {
             return;
         }
-        if matches!(tag, b'E' | b'N') && self.masking.is_some() && self.answering_touching() {
-            let scrubbed = super::mask::scrub_notice(&body);
+        if let Some(unknown) = scrub {
+            // Code the proxy cannot follow (a DO block under on_unknown: mask, a trigger)
+            // and notices may say anything: their whole message is hidden then.
+            let whole = unknown || tag == b'N' || super::mask::raised_by_code(&body);
+            let scrubbed = super::mask::scrub_notice(&body, whole);
             push_frame(&mut self.to_client, tag, &scrubbed);
             return;
         }
