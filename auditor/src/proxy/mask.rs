@@ -59,6 +59,8 @@ pub struct Plan {
     pub views: HashSet<u32>,
     /// Relation names (lower case as stored) of masked tables and of those views.
     pub names: HashSet<String>,
+    /// The names of those views alone (their columns may be masked values renamed).
+    pub view_names: HashSet<String>,
     /// Names of masked columns.
     pub column_names: HashSet<String>,
     pub functions: HashSet<String>,
@@ -106,6 +108,7 @@ impl PlanBuilder {
             "v" => {
                 self.plan.views.insert(oid);
                 self.plan.names.insert(rel.clone());
+                self.plan.view_names.insert(rel.clone());
             }
             "f" => {
                 self.plan.functions.insert(rel.clone());
@@ -175,8 +178,10 @@ fn like(glob: &str) -> Option<String> {
 /// The proxy's question about the catalog, asked inside the session (so names resolve as
 /// the session sees them, with its privileges), between the client's requests: the
 /// masked columns, the views that read them (through other views too: pg_depend of
-/// their rewrite rules, column by column or whole-row), the user-defined functions, and
-/// the newest relation's OID. None when a rule's name cannot be quoted.
+/// their rewrite rules, column by column or whole-row), the planner's statistics (whose
+/// most common values and histograms are column values: treated like such views), the
+/// user-defined functions, and the newest relation's OID. None when a rule's name cannot
+/// be quoted.
 pub fn catalog_query(rules: &[Rule]) -> Option<String> {
     let mut filters = Vec::new();
     for r in rules {
@@ -219,6 +224,9 @@ pub fn catalog_query(rules: &[Rule]) -> Option<String> {
          UNION ALL SELECT 'v', v.relid::pg_catalog.int8, 0, n.nspname::text, c.relname::text, '' \
          FROM views v JOIN pg_catalog.pg_class c ON c.oid = v.relid \
          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         UNION ALL SELECT 'v', c.oid::pg_catalog.int8, 0, 'pg_catalog', c.relname::text, '' \
+         FROM pg_catalog.pg_class c WHERE c.relnamespace = 'pg_catalog'::pg_catalog.regnamespace \
+         AND c.relname IN ('pg_stats', 'pg_stats_ext', 'pg_stats_ext_exprs', 'pg_statistic', 'pg_statistic_ext_data') \
          UNION ALL SELECT 'f', p.oid::pg_catalog.int8, 0, n.nspname::text, p.proname::text, '' \
          FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
          WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
@@ -269,12 +277,15 @@ pub fn touches(plan: &Plan, f: &crate::policy::Facts) -> bool {
 /// whose outputs are computed, a user-defined function, code the parse tree does not show.
 /// A cursor or prepared statement read by name was judged when it was made.
 pub fn unknown_lineage(plan: &Plan, f: &crate::policy::Facts) -> bool {
+    let reads_view = f.tables.iter().any(|t| plan.view_names.contains(&t.name));
     touches(plan, f)
         && ((f.opaque && !f.reads_by_name)
             || f.computed_opaque
             || f.computed_refs
                 .iter()
                 .any(|c| c == "*" || plan.column_names.contains(c))
+            // A view's columns may be masked columns under other names.
+            || (reads_view && !f.computed_refs.is_empty())
             || f.functions.iter().any(|q| plan.functions.contains(&q.name)))
 }
 
