@@ -922,6 +922,16 @@ pub fn http(port: u16, method: &str, path: &str, body: &str, timeout: Duration) 
     Ok(body.to_string())
 }
 
+/// Runs `cmd` to completion: whether it succeeded, its stdout and its stderr.
+pub fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().expect("the command starts");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The fake Kubernetes API server (tests/helpers/fake_kube_api.py): pods listed and
 /// watched in the real API's JSON shapes, on loopback, with a kubeconfig pointing at it.
 pub struct FakeKubeApi {

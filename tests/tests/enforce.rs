@@ -7,7 +7,7 @@
 
 use std::process::Command;
 
-use auditor_tests::{can_run, check, statements_of, str_of, Cgroup, Daemon, Postgres};
+use auditor_tests::{can_run, check, run, statements_of, str_of, Cgroup, Daemon, Postgres};
 use serde_json::Value;
 
 const POLICY: &str = r#"
@@ -28,15 +28,6 @@ block:
   - name: no-unbounded-writes
     when: {without_where: true}
 "#;
-
-fn run(cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn an_enforced_workload_goes_through_the_proxy_and_forbidden_statements_never_arrive() {

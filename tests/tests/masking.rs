@@ -9,7 +9,7 @@
 
 use std::process::Command;
 
-use auditor_tests::{can_run, check, statements_of, str_of, Cgroup, Daemon, Postgres};
+use auditor_tests::{can_run, check, run, statements_of, str_of, Cgroup, Daemon, Postgres};
 
 const POLICY: &str = r#"
 name: agents
@@ -41,15 +41,6 @@ mask:
     columns: [customers.email, customers.card, customers.phone]
     on_unknown: mask
 "#;
-
-fn run(cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn masked_columns_never_leave_in_the_clear() {
