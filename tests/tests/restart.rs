@@ -40,8 +40,11 @@ fn restart_during_pgbench(kill: bool) {
     let mut first = Daemon::start_in(state.path(), pg.port, "").unwrap();
     let ready_us = Timestamp::now().unix_micros();
     let mut load = pg.pgbench();
+    // Long enough for a stop (about 4 s: detaching the hooks is slow), 3 s down, and a
+    // start (about 4 s until the capture is attached, more on a loaded machine) to leave
+    // seconds of load after the restart.
     load.args([
-        "-n", "-S", "-M", "prepared", "-c", "4", "-j", "2", "-T", "16",
+        "-n", "-S", "-M", "prepared", "-c", "4", "-j", "2", "-T", "22",
     ])
     .arg("postgres")
     .stdout(Stdio::piped())
