@@ -316,6 +316,8 @@ impl Default for SecretStore {
     }
 }
 
+// Without the `kubernetes` feature nothing fills the store (every lookup says so).
+#[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
 enum SecretState {
     /// Not listed yet; the last error of its watch, if any.
     Pending(Option<String>),
@@ -336,13 +338,15 @@ impl SecretStore {
         self.wanted.send_replace(wanted);
     }
 
+    #[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
     fn failed(&self, e: &str) {
         if let Ok(mut c) = self.client_error.write() {
             *c = Some(e.to_string());
         }
     }
 
-    fn set(&self, key: (String, String), state: SecretState) {
+    #[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
+    fn set(&self, key: SecretKey, state: SecretState) {
         if let Ok(mut s) = self.secrets.write() {
             if s.contains_key(&key) {
                 s.insert(key, state);
