@@ -424,7 +424,7 @@ impl NamePattern {
 }
 
 /// `*` at the end matches any suffix; a lone `*` matches everything.
-fn glob(pattern: &str, s: &str) -> bool {
+pub(crate) fn glob(pattern: &str, s: &str) -> bool {
     match pattern.strip_suffix('*') {
         Some(prefix) => s.starts_with(prefix),
         None => pattern == s,

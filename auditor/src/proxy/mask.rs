@@ -93,9 +93,9 @@ impl PlanBuilder {
                 let attnum: i16 = attnum.parse().unwrap_or(0);
                 // The rule that names it (the SQL filter is theirs; the first one wins).
                 let Some(i) = rules.iter().position(|r| {
-                    r.columns
-                        .iter()
-                        .any(|c| c.table.matches(schema, rel) && glob(&c.column, att))
+                    r.columns.iter().any(|c| {
+                        c.table.matches(schema, rel) && crate::policy::model::glob(&c.column, att)
+                    })
                 }) else {
                     return;
                 };
@@ -126,29 +126,20 @@ impl PlanBuilder {
     }
 }
 
-fn glob(pattern: &str, s: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => s.starts_with(prefix),
-        None => pattern == s,
-    }
-}
-
 /// The text values of a DataRow (NULL as empty).
 fn text_columns(body: &[u8]) -> Option<Vec<String>> {
-    let n = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
-    let mut at = 2;
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let len = i32::from_be_bytes(body.get(at..at + 4)?.try_into().ok()?);
-        at += 4;
-        if len < 0 {
-            out.push(String::new());
-        } else {
-            out.push(String::from_utf8_lossy(body.get(at..at + len as usize)?).into_owned());
-            at += len as usize;
-        }
+    match crate::pg::backend::decode(b'D', body).ok()? {
+        crate::pg::backend::BackendMessage::DataRow(values) => Some(
+            values
+                .iter()
+                .map(|v| {
+                    v.map(|b| String::from_utf8_lossy(b).into_owned())
+                        .unwrap_or_default()
+                })
+                .collect(),
+        ),
+        _ => None,
     }
-    Some(out)
 }
 
 /// A SQL string literal no setting can change the meaning of (dollar quoting).
@@ -481,51 +472,23 @@ impl Masker {
         masks: &[Option<ColumnMask>],
         out: &mut Vec<u8>,
     ) -> Result<u32, RowError> {
-        let count = body.get(..2).ok_or(RowError::Short)?;
-        let count = u16::from_be_bytes([count[0], count[1]]) as usize;
-        if count != masks.len() {
+        let values = match crate::pg::backend::decode(b'D', body) {
+            Ok(crate::pg::backend::BackendMessage::DataRow(v)) => v,
+            Ok(_) => return Err(RowError::Malformed("not a DataRow".into())),
+            Err(e) => return Err(RowError::Malformed(e.to_string())),
+        };
+        if values.len() != masks.len() {
             return Err(RowError::Columns {
-                row: count,
+                row: values.len(),
                 described: masks.len(),
             });
         }
         let start = out.len();
-        let res = self.rewrite_values(body, masks, out);
-        match res {
-            Ok(masked) => {
-                let len = (out.len() - start - 1) as u32;
-                out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
-                Ok(masked)
-            }
-            Err(e) => {
-                out.truncate(start);
-                Err(e)
-            }
-        }
-    }
-
-    fn rewrite_values(
-        &self,
-        body: &[u8],
-        masks: &[Option<ColumnMask>],
-        out: &mut Vec<u8>,
-    ) -> Result<u32, RowError> {
         out.push(b'D');
         out.extend_from_slice(&[0; 4]);
         out.extend_from_slice(&body[..2]);
-        let mut at = 2;
         let mut masked = 0;
-        for m in masks {
-            let len = body.get(at..at + 4).ok_or(RowError::Short)?;
-            let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
-            at += 4;
-            let value = if len < 0 {
-                None
-            } else {
-                let v = body.get(at..at + len as usize).ok_or(RowError::Short)?;
-                at += len as usize;
-                Some(v)
-            };
+        for (m, value) in masks.iter().zip(values.iter()) {
             match (m, value) {
                 (Some(m), Some(v)) => {
                     self.mask_value(m, v, out);
@@ -538,9 +501,8 @@ impl Masker {
                 }
             }
         }
-        if at != body.len() {
-            return Err(RowError::Trailing);
-        }
+        let len = (out.len() - start - 1) as u32;
+        out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
         Ok(masked)
     }
 }
@@ -556,12 +518,10 @@ fn int_of(b: &[u8]) -> Option<i64> {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum RowError {
-    #[error("a DataRow ends inside a value")]
-    Short,
+    #[error("{0}")]
+    Malformed(String),
     #[error("a DataRow has {row} columns where the result was described with {described}")]
     Columns { row: usize, described: usize },
-    #[error("a DataRow has bytes after its last value")]
-    Trailing,
 }
 
 /// Hides values an error or notice may echo, in a request that read masked data: the
@@ -598,47 +558,41 @@ pub fn scrub_notice_field(code: u8, value: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+fn notice_fields(body: &[u8]) -> Option<crate::pg::backend::NoticeFields<'_>> {
+    match crate::pg::backend::decode(b'N', body).ok()? {
+        crate::pg::backend::BackendMessage::NoticeResponse(f) => Some(f),
+        _ => None,
+    }
+}
+
 /// Whether an error was raised by user code (PL/pgSQL's RAISE: SQLSTATE class P0), whose
 /// message may be anything.
 pub fn raised_by_code(body: &[u8]) -> bool {
-    let mut rest = body;
-    while let Some((&code, tail)) = rest.split_first() {
-        if code == 0 {
-            break;
-        }
-        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
-        if code == b'C' {
-            return tail[..end].starts_with(b"P0");
-        }
-        rest = tail.get(end + 1..).unwrap_or_default();
-    }
-    false
+    notice_fields(body)
+        .and_then(|f| f.get(b'C'))
+        .is_some_and(|c| c.starts_with(b"P0"))
 }
 
 /// An ErrorResponse or NoticeResponse body with what may echo values hidden (`whole`:
-/// its message too, not only the quoted parts).
+/// its message too, not only the quoted parts). One that does not parse becomes a bare
+/// error saying so.
 pub fn scrub_notice(body: &[u8], whole: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len());
-    let mut rest = body;
-    while let Some((&code, tail)) = rest.split_first() {
-        if code == 0 {
-            break;
-        }
-        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
-        let value = &tail[..end];
+    let Some(fields) = notice_fields(body) else {
+        out.extend_from_slice(b"SERROR\0C08P01\0M(hidden by the auditor: malformed)\0\0");
+        return out;
+    };
+    for (code, value) in fields.iter() {
         out.push(code);
         if whole && code == b'M' {
             out.extend_from_slice(b"(message hidden by the auditor: it may show masked values)");
-            out.push(0);
-            rest = tail.get(end + 1..).unwrap_or_default();
-            continue;
-        }
-        match scrub_notice_field(code, value) {
-            Some(v) => out.extend_from_slice(&v),
-            None => out.extend_from_slice(value),
+        } else {
+            match scrub_notice_field(code, value) {
+                Some(v) => out.extend_from_slice(&v),
+                None => out.extend_from_slice(value),
+            }
         }
         out.push(0);
-        rest = tail.get(end + 1..).unwrap_or_default();
     }
     out.push(0);
     out
@@ -786,22 +740,23 @@ mod tests {
         );
         let mut short = row(&[Some(b"a"), Some(b"bcd")]);
         short.pop();
-        assert_eq!(
+        assert!(matches!(
             m.rewrite_row(&short, &masks, &mut out),
-            Err(RowError::Short)
-        );
+            Err(RowError::Malformed(_))
+        ));
         let mut long = row(&[Some(b"a"), Some(b"bcd")]);
         long.push(0);
-        assert_eq!(
+        assert!(matches!(
             m.rewrite_row(&long, &masks, &mut out),
-            Err(RowError::Trailing)
-        );
+            Err(RowError::Malformed(_))
+        ));
         assert!(out.is_empty(), "nothing half-written");
         let huge = [0, 1, 0x7f, 0xff, 0xff, 0xff];
-        assert_eq!(
+        assert!(matches!(
             m.rewrite_row(&huge, &masks[1..], &mut out),
-            Err(RowError::Short)
-        );
+            Err(RowError::Malformed(_))
+        ));
+        assert!(out.is_empty(), "nothing half-written");
     }
 
     /// Arbitrary rows, types, formats and functions: the output is always one valid
