@@ -122,6 +122,32 @@ pub fn format_event(ev: &AuditEvent) -> String {
             ev.kind.as_str(),
             ev.error_message
         ),
+        EventKind::ApprovalRequested
+        | EventKind::ApprovalGranted
+        | EventKind::ApprovalDenied
+        | EventKind::ApprovalExpired
+        | EventKind::ApprovalWithdrawn => {
+            let by = if ev.approver.is_empty() {
+                String::new()
+            } else {
+                format!(" by {}", ev.approver)
+            };
+            let why = if ev.error_message.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", ev.error_message)
+            };
+            format!(
+                "{} {:<18} {} {} request {} ({}){by}{why} | {}",
+                short_ts(&ts),
+                ev.kind.as_str(),
+                who,
+                db,
+                ev.approval_id,
+                ev.decision_rule,
+                ev.statement
+            )
+        }
         EventKind::Gap => format!(
             "{} {:<13} {} {} {}{}",
             short_ts(&ts),
@@ -278,7 +304,12 @@ pub fn sessions(dir: &Path, limit: usize) -> Result<(), CliError> {
             EventKind::Gap => s.gaps += 1,
             EventKind::SessionEnd => s.ended = true,
             EventKind::SessionStart => s.flags |= ev.flags,
-            EventKind::PolicyError => {}
+            EventKind::PolicyError
+            | EventKind::ApprovalRequested
+            | EventKind::ApprovalGranted
+            | EventKind::ApprovalDenied
+            | EventKind::ApprovalExpired
+            | EventKind::ApprovalWithdrawn => {}
         }
     })?;
     let stdout = std::io::stdout();

@@ -178,6 +178,18 @@ impl ProxyConfig {
     }
 }
 
+/// Statements held for approval (`require_approval` rules of enforce policies).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApprovalsConfig {
+    /// The control socket `auditor approvals` talks to (peer credentials name the
+    /// approver). Default: approvals.sock in the state directory.
+    pub socket: Option<PathBuf>,
+    /// A group whose members may use the socket (mode 0660); without it only root can
+    /// (mode 0600). The socket's directory must be reachable by them too.
+    pub socket_group: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Toggle {
@@ -225,6 +237,8 @@ pub struct Config {
     pub kubernetes: KubernetesConfig,
     /// The inline proxy that enforced workloads' connections are redirected into.
     pub proxy: ProxyConfig,
+    /// Statements held for approval, and where approvers reach the daemon.
+    pub approvals: ApprovalsConfig,
     /// Where to serve Prometheus metrics (`GET /metrics`), e.g. 0.0.0.0:9464. Default:
     /// not served.
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -251,6 +265,7 @@ impl Default for Config {
             policies_dir: None,
             kubernetes: KubernetesConfig::default(),
             proxy: ProxyConfig::default(),
+            approvals: ApprovalsConfig::default(),
             metrics_listen: None,
             host_labels: Default::default(),
             systemd_unit_dirs: crate::workload::systemd::DEFAULT_UNIT_DIRS
@@ -265,6 +280,14 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Where the approvals control socket is.
+    pub fn approvals_socket(&self) -> PathBuf {
+        self.approvals
+            .socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("approvals.sock"))
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
@@ -414,6 +437,9 @@ proxy:
   #   cert: /etc/auditor/proxy.crt # presented to clients (the server's own keeps channel binding)
   #   key: /etc/auditor/proxy.key
   #   server_ca: /etc/auditor/db-ca.pem   # verify servers; without it: encrypted, unverified
+# approvals:                       # statements held by require_approval rules
+  # socket: /run/auditor/approvals.sock  # `auditor approvals` talks here (default: state_dir)
+  # socket_group: dba              # members may use the socket (else root only)
 local_log:
   enabled: true
   rotate_bytes: 104857600          # start a new file past 100 MiB

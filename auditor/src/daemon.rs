@@ -300,6 +300,13 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     // first connections of an enforced workload already go to the proxy.
     let mut enforcement = if cfg.proxy.active() {
         let netns_known = capture.netns_known;
+        let socket = cfg.approvals_socket();
+        let control =
+            crate::approvals::control::bind(&socket, cfg.approvals.socket_group.as_deref())
+                .map_err(|e| DaemonError::Enforcement(format!("the approvals socket: {e}")))?;
+        let approvals = std::sync::Arc::new(crate::approvals::Hub::new(Some(
+            cfg.state_dir.join("approvals.jsonl"),
+        )));
         match crate::proxy::Enforcement::start(
             capture.ebpf_mut(),
             pins.as_deref(),
@@ -318,6 +325,9 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
                 threads: cfg.proxy.threads,
                 secrets: secrets.clone(),
                 mask_key: std::sync::Arc::from(&key[..]),
+                approvals,
+                control: Some(control),
+                host: cfg.host_name(),
             },
         ) {
             Ok(mut e) => {

@@ -2,6 +2,7 @@
 //!
 //! One module per concern; `main.rs` is only the command line.
 
+pub mod approvals;
 pub mod audit;
 pub mod capture;
 pub mod cli;

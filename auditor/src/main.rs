@@ -148,6 +148,17 @@ enum Command {
     /// Check, try out and explain policies (see policies/ for examples).
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Statements held for approval by `require_approval` rules: list them, look at one,
+    /// approve or deny it. Talks to the running daemon over its control socket, which
+    /// names you by your Unix user (a requester never approves their own statement).
+    ///
+    /// Examples:
+    ///   auditor approvals list
+    ///   auditor approvals show 3f9a1c2e
+    ///   auditor approvals approve 3f9a1c2e --reason "planned migration, JIRA-123"
+    ///   auditor approvals deny 3f9a1c2e --reason "not during business hours"
+    #[command(subcommand, verbatim_doc_comment)]
+    Approvals(ApprovalsCommand),
     /// Lift enforcement left in place by a stopped daemon: remove the pinned redirect
     /// programs and maps (`proxy.pin_dir`). While the daemon is stopped with an enforce
     /// policy in force, connections of enforced and new workloads to Postgres are refused
@@ -157,6 +168,79 @@ enum Command {
         /// The daemon's configuration (its `proxy.pin_dir`).
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct ControlSocket {
+    /// The daemon's control socket (default: the configuration's approvals.socket, or
+    /// approvals.sock in the state directory).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// The daemon's configuration (its approvals.socket and state_dir).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    dir: StateDir,
+}
+
+impl ControlSocket {
+    fn path(&self) -> anyhow::Result<PathBuf> {
+        if let Some(s) = &self.socket {
+            return Ok(s.clone());
+        }
+        Ok(match &self.config {
+            Some(c) => Config::load(c)?.approvals_socket(),
+            None => self.dir.state_dir.join("approvals.sock"),
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum ApprovalsCommand {
+    /// Statements waiting for a decision, oldest first.
+    List {
+        #[command(flatten)]
+        socket: ControlSocket,
+        /// The recently decided requests too (approved, denied, expired, withdrawn).
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One request: its statement, who sent it (process, workload, labels, database
+    /// user), its rule and approvers, what became of it.
+    Show {
+        /// The request's id (or a unique prefix of at least 4 characters).
+        id: String,
+        #[command(flatten)]
+        socket: ControlSocket,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let the held statement run: it goes to the server unchanged, exactly as held.
+    Approve {
+        id: String,
+        /// Why (recorded with the decision).
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        socket: ControlSocket,
+    },
+    /// Refuse the held statement: its client gets an error (SQLSTATE 42501) naming you,
+    /// and its session goes on.
+    Deny {
+        id: String,
+        /// Why (the client sees it in the error's DETAIL).
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        socket: ControlSocket,
+    },
+    /// Who the daemon takes you for, and the groups it sees you in.
+    Whoami {
+        #[command(flatten)]
+        socket: ControlSocket,
     },
 }
 
@@ -324,6 +408,7 @@ fn dispatch(args: Args) -> anyhow::Result<()> {
         }
         Command::ConfigExample => print!("{}", auditor::config::EXAMPLE),
         Command::Policy(cmd) => policy_command(cmd)?,
+        Command::Approvals(cmd) => approvals_command(cmd)?,
         Command::Detach { config } => {
             let cfg = policy_config(&config)?;
             let removed = auditor::proxy::redirect::detach(&cfg.proxy.pin_dir)?;
@@ -339,6 +424,69 @@ fn dispatch(args: Args) -> anyhow::Result<()> {
             let cfg = policy_config(&config)?;
             if !auditor::doctor::report(&auditor::doctor::run_checks(&cfg)) {
                 std::process::exit(1);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn approvals_command(cmd: ApprovalsCommand) -> anyhow::Result<()> {
+    use auditor::approvals::{cli, control::Call};
+    match cmd {
+        ApprovalsCommand::List { socket, all, json } => {
+            let r = cli::call_ok(&socket.path()?, &Call::List { all })?;
+            if json {
+                for q in &r.requests {
+                    println!("{}", serde_json::to_string(q)?);
+                }
+            } else {
+                print!("{}", cli::render_list(&r.requests));
+            }
+        }
+        ApprovalsCommand::Show { id, socket, json } => {
+            let r = cli::call_ok(&socket.path()?, &Call::Show { id })?;
+            if let Some(q) = r.request {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&q)?);
+                } else {
+                    print!("{}", cli::render_request(&q));
+                }
+            }
+        }
+        ApprovalsCommand::Approve { id, reason, socket } => {
+            let r = cli::call_ok(&socket.path()?, &Call::Approve { id, reason })?;
+            if let Some(q) = r.request {
+                println!(
+                    "approved {}: the statement of {} runs now\n  {}",
+                    q.id,
+                    q.requester.summary(),
+                    q.statement
+                );
+            }
+        }
+        ApprovalsCommand::Deny { id, reason, socket } => {
+            let r = cli::call_ok(&socket.path()?, &Call::Deny { id, reason })?;
+            if let Some(q) = r.request {
+                println!(
+                    "denied {}: {} gets an error in place of\n  {}",
+                    q.id,
+                    q.requester.summary(),
+                    q.statement
+                );
+            }
+        }
+        ApprovalsCommand::Whoami { socket } => {
+            let r = cli::call_ok(&socket.path()?, &Call::Whoami)?;
+            if let Some(a) = r.you {
+                println!(
+                    "{} (uid {}{}), groups: {}",
+                    a.display(),
+                    a.uid,
+                    a.loginuid
+                        .map(|l| format!(", login uid {l}"))
+                        .unwrap_or_default(),
+                    a.groups.join(", ")
+                );
             }
         }
     }

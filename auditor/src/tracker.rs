@@ -169,7 +169,16 @@ struct SessionEntry {
     pending_since: Option<std::time::Instant>,
     /// Relayed by the daemon's inline proxy (records it made, `capture = proxy`).
     proxied: bool,
+    /// Ends of approval requests whose statements have not been recorded yet (proxied
+    /// sessions), matched to them by binding, oldest first.
+    notes: Vec<crate::approvals::Note>,
+    /// The request the statements of the simple query now being recorded ran under (its
+    /// query string, shared by their outcomes).
+    multi_note: Option<(Arc<str>, crate::approvals::Note)>,
 }
+
+/// Approval ends kept per session at most, waiting for their statements.
+const MAX_NOTES: usize = 64;
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
@@ -381,8 +390,59 @@ impl Tracker {
             RECORD_DATA => self.on_data(key, h, rec.data, out),
             RECORD_CLOSE => self.on_close(key, h, out),
             RECORD_SERVER_TEXT => self.on_server_text(h, rec.data),
+            crate::proxy::RECORD_NOTE if h.stream == STREAM_PROXY => {
+                self.on_note(key, h, rec.data, out)
+            }
             _ => {}
         }
+    }
+
+    /// The proxy held a statement of a session, or the hold ended: an `approval_*` event
+    /// in the session's order, and (for an end) what its statement's event will carry.
+    fn on_note(&mut self, key: EndKey, h: &RecordHeader, data: &[u8], out: &mut Vec<AuditEvent>) {
+        let Ok(note) = serde_json::from_slice::<crate::approvals::Note>(data) else {
+            tracing::warn!("a proxy note does not read: dropped");
+            return;
+        };
+        let Some(conn) = self.ends.get(&key).map(|e| e.conn) else {
+            return;
+        };
+        use crate::approvals::State;
+        let kind = match note.state {
+            State::Pending => EventKind::ApprovalRequested,
+            State::Approved => EventKind::ApprovalGranted,
+            State::Denied => EventKind::ApprovalDenied,
+            State::Expired => EventKind::ApprovalExpired,
+            State::Withdrawn | State::Canceled => EventKind::ApprovalWithdrawn,
+        };
+        let mut ev = AuditEvent::of_kind(kind);
+        ev.approval_id = note.request.clone().into();
+        ev.decision_rule = format!("{}/{}", note.policy, note.rule).into();
+        if let Some(by) = &note.by {
+            ev.approver = by.clone().into();
+        }
+        if let Some(why) = &note.reason {
+            ev.error_message = why.clone();
+        }
+        let mut draft = Draft::new(h.ts_ns as i128, ev);
+        if !note.sql.is_empty() {
+            let sql: Arc<str> = note.sql.as_str().into();
+            let analysis = self.analyzer.analyze(&sql);
+            apply_text(
+                &mut draft.event,
+                &sql,
+                &analysis,
+                self.cfg.policy.raw_statements,
+            );
+            draft.source.sql = Some(sql);
+            draft.source.analysis = Some(analysis);
+        }
+        draft.source.note = Some(Box::new(crate::approvals::Note {
+            sql: String::new(),
+            ..note
+        }));
+        let mut drafts = vec![draft];
+        self.finish_drafts(conn, &mut drafts, out);
     }
 
     /// A backend older than the daemon bound a named prepared statement: its text goes to
@@ -527,6 +587,8 @@ impl Tracker {
             deferred: Vec::new(),
             pending_since: None,
             proxied,
+            notes: Vec::new(),
+            multi_note: None,
         };
         if entry.unix {
             self.counters.unix_sessions += 1;
@@ -1169,6 +1231,14 @@ fn finish(
                 ev.flags.insert(Flag::PodUnknown);
             }
         }
+        if let Some(n) = &source.note {
+            if n.state != crate::approvals::State::Pending {
+                if s.notes.len() >= MAX_NOTES {
+                    s.notes.remove(0);
+                }
+                s.notes.push((**n).clone());
+            }
+        }
         // The server end's process, or (when only the client end is seen, as through the
         // proxy) the backend that BackendKeyData named.
         ev.server_pid = s
@@ -1188,7 +1258,7 @@ fn finish(
         match ev.kind {
             EventKind::Statement => counters.statements += 1,
             EventKind::SessionStart => counters.sessions_started += 1,
-            EventKind::SessionEnd | EventKind::Gap | EventKind::PolicyError => {}
+            _ => {}
         }
         out.push(ev);
     }
@@ -1234,12 +1304,13 @@ fn apply_policy(
         s.applied = Some(Arc::new(applied));
         s.applied_for = key;
     }
-    let Some(applied) = &s.applied else {
+    let Some(applied) = s.applied.clone() else {
         return;
     };
     ev.policy = applied.name.clone();
     ev.policy_version = applied.version.clone();
-    if ev.kind != EventKind::Statement {
+    let requested = ev.kind == EventKind::ApprovalRequested;
+    if ev.kind != EventKind::Statement && !requested {
         return;
     }
     if applied.raw_statements != recording.raw_statements
@@ -1252,6 +1323,22 @@ fn apply_policy(
             applied.raw_statements,
             applied.raw_params,
         );
+    }
+    if requested {
+        return;
+    }
+    if s.proxied && (!s.notes.is_empty() || s.multi_note.is_some()) {
+        if let Some(n) = approval_of(s, source) {
+            // Held for approval: how the hold ended, and by whom.
+            counters.decisions += 1;
+            ev.decision = Text::Static(n.state.as_str());
+            ev.decision_rule = format!("{}/{}", n.policy, n.rule).into();
+            ev.approval_id = n.request.into();
+            if let Some(by) = n.by {
+                ev.approver = by.into();
+            }
+            return;
+        }
     }
     if s.proxied && ev.error_code.as_str() == crate::proxy::relay::BLOCKED_SQLSTATE {
         if let Some((policy, rule)) = crate::proxy::relay::parse_refusal(&ev.error_message) {
@@ -1306,6 +1393,9 @@ fn apply_policy(
         // above names the rule then).
         ev.decision = Text::Static(match (s.proxied && d.enforce, d.action) {
             (true, policy::Action::Mask) => "masked",
+            // A held statement's event names how its hold ended (above, from the proxy's
+            // notes); without one, only that it was held.
+            (true, policy::Action::Hold) => "held",
             (true, _) => "blocked",
             (false, a) => a.would(),
         });
@@ -1314,6 +1404,35 @@ fn apply_policy(
             ev.masked_columns = d.columns.into();
         }
     }
+}
+
+/// The end of the approval request a statement ran (or was refused) under: the oldest
+/// whose binding is the statement's; the statements after the first of a simple query
+/// share its request.
+fn approval_of(
+    s: &mut SessionEntry,
+    source: &crate::audit::recorder::Source,
+) -> Option<crate::approvals::Note> {
+    if let (Some(w), Some((held, note))) = (&source.whole, &s.multi_note) {
+        if Arc::ptr_eq(w, held) {
+            return Some(note.clone());
+        }
+    }
+    s.multi_note = None;
+    let binding = match (&source.whole, &source.sql, &source.params) {
+        (Some(whole), _, _) => crate::approvals::binding(whole, None),
+        (None, Some(sql), Some(p)) => {
+            crate::approvals::binding(sql, Some((p.formats().0, p.values().raw())))
+        }
+        (None, Some(sql), None) => crate::approvals::binding(sql, None),
+        (None, None, _) => return None,
+    };
+    let i = s.notes.iter().position(|n| n.binding == binding)?;
+    let note = s.notes.remove(i);
+    if let Some(w) = &source.whole {
+        s.multi_note = Some((w.clone(), note.clone()));
+    }
+    Some(note)
 }
 
 /// A session older than the daemon never showed its startup packet: when its server end

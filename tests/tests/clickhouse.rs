@@ -79,10 +79,10 @@ fn clickhouse_outage_during_pgbench_loses_nothing() {
         .count() as u64;
     assert_eq!(local, executed);
     // The migrations were recorded once each: the table, the views, message_bytes, the
-    // policy columns.
+    // policy columns, the approval columns.
     assert_eq!(
         count(&ch, "SELECT count() FROM audit_test.schema_migrations"),
-        4
+        5
     );
     assert_eq!(
         count(

@@ -1,6 +1,7 @@
 //! Arbitrary bytes from a client and from a server, in arbitrary interleavings, through
 //! the inline proxy's per-connection state machine under an enforce policy that blocks
-//! and masks: it never panics, and what it writes to either side stays bounded by what it
+//! masks and holds for approval (holds end approved or refused as the input says): it
+//! never panics, and what it writes to either side stays bounded by what it
 //! was given (a refusal replaces a message with a small one of its own; a catalog read
 //! for masking follows a ReadyForQuery; a masked value is at most a few dozen bytes).
 #![no_main]
@@ -10,11 +11,11 @@ use std::{path::Path, sync::Arc};
 use auditor::{
     pg::{BufferBudget, TokenizerLimits},
     policy::{load::load_str, load::LintReport, Defaults, PolicySet, Subject},
-    proxy::relay::Relay,
+    proxy::relay::{HoldEnd, Relay},
 };
 use libfuzzer_sys::fuzz_target;
 
-const POLICY: &str = "name: f\nselector: {}\nmode: enforce\nblock:\n  - name: ddl\n    when: {ddl: true}\n  - name: files\n    when: {functions: [pg_read_file]}\n  - name: unbounded\n    when: {without_where: true}\nmask:\n  - name: m\n    columns: [t.c, s.*.d]\n    using: email\n";
+const POLICY: &str = "name: f\nselector: {}\nmode: enforce\nblock:\n  - name: ddl\n    when: {ddl: true}\n  - name: files\n    when: {functions: [pg_read_file]}\n  - name: unbounded\n    when: {without_where: true}\nrequire_approval:\n  - name: deletes\n    when: {commands: [DELETE]}\nmask:\n  - name: m\n    columns: [t.c, s.*.d]\n    using: email\n";
 
 static APPLIED: std::sync::OnceLock<Arc<auditor::policy::Applied>> = std::sync::OnceLock::new();
 
@@ -54,6 +55,7 @@ fuzz_target!(|data: &[u8]| {
     );
     let (mut client_in, mut server_in) = (0usize, 0usize);
     let (mut to_server, mut to_client, mut refused) = (0usize, 0usize, 0usize);
+    let mut extra = 0usize;
     let mut rest = data;
     // Records: [flags][len][bytes]: flags bit 0 direction (0: from the client).
     while let [flags, len, tail @ ..] = rest {
@@ -67,6 +69,26 @@ fuzz_target!(|data: &[u8]| {
             server_in += chunk.len();
             relay.on_server(chunk);
         }
+        // Flags bits 1-3: a hold's end (approved, refused) and keepalives.
+        if relay.hold_asked.take().is_some() {
+            relay.notice("held", Some("detail"), None);
+            extra += 128;
+        }
+        if relay.holding() && flags & 6 != 0 {
+            if flags & 2 != 0 {
+                relay.end_hold(HoldEnd::Approved);
+            } else {
+                relay.end_hold(HoldEnd::Refused {
+                    sqlstate: "42501",
+                    message: "denied".into(),
+                    detail: None,
+                });
+            }
+        }
+        if flags & 8 != 0 {
+            relay.keepalive();
+            extra += 6;
+        }
         refused += relay.refused.len();
         relay.refused.clear();
         to_server += relay.to_server.len();
@@ -74,11 +96,11 @@ fuzz_target!(|data: &[u8]| {
         relay.to_server.clear();
         relay.to_client.clear();
         assert!(
-            to_server <= client_in + 128 * refused + 4096 * (server_in / 6 + 1),
+            to_server <= client_in + 128 * refused + 4096 * (server_in / 6 + 1) + extra,
             "{to_server} > {client_in}"
         );
         assert!(
-            to_client <= 16 * server_in + 256 * (refused + 1) + client_in,
+            to_client <= 16 * server_in + 256 * (refused + 1) + client_in + extra,
             "{to_client} > {server_in}"
         );
         if relay.closed() {

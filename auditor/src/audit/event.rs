@@ -24,15 +24,30 @@ pub enum EventKind {
     Gap,
     /// A policy reload was refused (the previous set stays in force): what was wrong.
     PolicyError,
+    /// The proxy held a statement for approval (`approval_id` names the request).
+    ApprovalRequested,
+    /// An approver let the held statement run (`approver`).
+    ApprovalGranted,
+    /// An approver refused it (`approver`; the reason in `error_message`).
+    ApprovalDenied,
+    /// No decision within the rule's timeout: refused.
+    ApprovalExpired,
+    /// The client went away, cancelled, or the daemon stopped before a decision.
+    ApprovalWithdrawn,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 5] = [
+    pub const ALL: [EventKind; 10] = [
         EventKind::SessionStart,
         EventKind::Statement,
         EventKind::SessionEnd,
         EventKind::Gap,
         EventKind::PolicyError,
+        EventKind::ApprovalRequested,
+        EventKind::ApprovalGranted,
+        EventKind::ApprovalDenied,
+        EventKind::ApprovalExpired,
+        EventKind::ApprovalWithdrawn,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -42,6 +57,11 @@ impl EventKind {
             EventKind::SessionEnd => "session_end",
             EventKind::Gap => "gap",
             EventKind::PolicyError => "policy_error",
+            EventKind::ApprovalRequested => "approval_requested",
+            EventKind::ApprovalGranted => "approval_granted",
+            EventKind::ApprovalDenied => "approval_denied",
+            EventKind::ApprovalExpired => "approval_expired",
+            EventKind::ApprovalWithdrawn => "approval_withdrawn",
         }
     }
 
@@ -521,6 +541,11 @@ audit_event! {
     decision_rule: Text [lc, since = 4],
     /// For a mask decision: the columns (`table.column`) it masks.
     masked_columns: std::sync::Arc<[String]> [since = 4],
+    /// The approval request a held statement waited on (its statement event and the
+    /// request's `approval_*` events share it).
+    approval_id: Text [since = 5],
+    /// Who decided the request.
+    approver: Text [lc, since = 5],
 }
 
 impl AuditEvent {
@@ -602,6 +627,11 @@ fn ts_text(us: i64) -> [u8; 27] {
     put(17, 2, sod % 60);
     put(20, 6, micros);
     b
+}
+
+/// Unix microseconds of a time stamp the daemon wrote (`YYYY-MM-DDTHH:MM:SS.ffffffZ`).
+pub fn parse_ts_micros(s: &str) -> Option<i64> {
+    fast_ts_micros(s.as_bytes())
 }
 
 /// Unix microseconds of `YYYY-MM-DDTHH:MM:SS.ffffffZ`, the form the daemon writes.

@@ -79,6 +79,8 @@ pub struct Source {
     pub function_call: bool,
     /// For one of several statements of a simple query: the whole string.
     pub whole: Option<Arc<str>>,
+    /// A note of the proxy on a held statement (approval events).
+    pub note: Option<Box<crate::approvals::Note>>,
 }
 
 /// Renders a statement's text and parameters into its event as a policy says: raw, or

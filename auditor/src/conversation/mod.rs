@@ -199,7 +199,8 @@ struct SimpleStatement {
 enum Pending {
     Simple {
         statements: VecDeque<SimpleStatement>,
-        whole: String,
+        /// Shared by the outcomes of its statements (one Arc per query message).
+        whole: Arc<str>,
         started_ns: i128,
         rows: u64,
         /// Columns of the statement whose rows are coming.
@@ -658,7 +659,7 @@ impl Conversation {
         }
         match m {
             FrontendMessage::Query { sql } => {
-                let whole = String::from_utf8_lossy(sql).into_owned();
+                let whole: Arc<str> = String::from_utf8_lossy(sql).into();
                 let split = split_statements(&whole);
                 let multi = split.len() > 1;
                 let statements = split
@@ -1125,7 +1126,7 @@ impl Conversation {
                         analysis: s.analysis,
                     },
                     None => StatementText::Unsplit {
-                        whole: whole.clone(),
+                        whole: whole.to_string(),
                     },
                 };
                 out.push(Outcome::Statement(StatementOutcome {
@@ -1148,7 +1149,7 @@ impl Conversation {
                     started_ns: start,
                     ended_ns: ts,
                     multi,
-                    whole: multi.then(|| Arc::from(whole.as_str())),
+                    whole: multi.then(|| whole.clone()),
                 }));
             }
             Pending::Parse { .. }

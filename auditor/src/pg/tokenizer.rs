@@ -218,6 +218,13 @@ impl Tokenizer {
         self
     }
 
+    /// Counts stream offsets from `offset`: a tokenizer taking over a stream at a message
+    /// boundary another one reached.
+    pub fn starting_at(mut self, offset: u64) -> Self {
+        self.offset = offset;
+        self
+    }
+
     pub fn direction(&self) -> Direction {
         self.direction
     }

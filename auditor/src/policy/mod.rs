@@ -435,6 +435,15 @@ impl model::MaskRule {
 }
 
 impl Applied {
+    /// The approval rule a hold decision names.
+    pub fn approval_rule(&self, policy: &str, rule: &str) -> Option<&model::ApprovalRule> {
+        self.policies
+            .iter()
+            .filter(|p| p.policy.name == policy)
+            .flat_map(|p| p.policy.require_approval.iter())
+            .find(|r| r.name == rule)
+    }
+
     /// The verdict of the matching policies' rules on a statement; None when it passes.
     pub fn judge(&self, st: &Statement<'_>) -> Option<Decision> {
         if !self.judges {

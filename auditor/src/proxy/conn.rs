@@ -47,6 +47,7 @@ pub async fn accept_loop(
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
+                tcp_keepalive(&stream);
                 workers.dispatch(stream, peer, place.clone(), shared.clone());
             }
             Err(e) => {
@@ -56,6 +57,30 @@ pub async fn accept_loop(
             }
         }
     }
+}
+
+/// TCP keepalives on a proxied connection (a statement held for approval leaves it quiet
+/// for minutes; middleboxes drop quiet connections): probes after 60 s idle, every 15 s,
+/// given up after 4.
+fn tcp_keepalive(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let fd = s.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, v: libc::c_int| {
+        // SAFETY: setsockopt on a socket we own, with a c_int value of the size passed.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 60);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 15);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 4);
 }
 
 pub(crate) fn fatal(message: &str, sqlstate: &str) -> Vec<u8> {
@@ -74,7 +99,7 @@ fn addr_of(orig: &OrigDst) -> SocketAddr {
 }
 
 /// What the records of one proxied connection share.
-struct Recorder {
+pub(super) struct Recorder {
     records: std::sync::mpsc::Sender<ProxyRecord>,
     template: RecordHeader,
     offsets: [u64; 2],
@@ -105,13 +130,20 @@ impl Recorder {
             data: data.to_vec(),
         });
     }
+
+    /// A note on a held statement, in the session's stream (see `approvals::Note`).
+    pub(super) fn note(&mut self, note: &crate::approvals::Note) {
+        if let Ok(data) = serde_json::to_vec(note) {
+            self.send(super::RECORD_NOTE, DIR_TO_CLIENT, &data);
+        }
+    }
 }
 
 /// The relay and the connection's records, behind one lock (taken per read, never across
 /// an await).
-struct Conn {
-    relay: Relay,
-    recorder: Recorder,
+pub(super) struct Conn {
+    pub relay: Relay,
+    pub recorder: Recorder,
 }
 
 pub(super) async fn handle(
@@ -209,6 +241,7 @@ async fn connect_upstream(
     match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dest)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
+            tcp_keepalive(&s);
             Ok((s, local, netns))
         }
         Ok(Err(e)) => {
@@ -280,6 +313,12 @@ async fn relay(
         orig.cgroup_id,
     );
     let labels = Arc::new(labels_of(&shared, &identity).await);
+    let origin = super::hold::Origin {
+        identity: identity.clone(),
+        labels: labels.clone(),
+        client: peer,
+        server: dest,
+    };
     let policies = shared
         .policies
         .lock()
@@ -353,44 +392,120 @@ async fn relay(
     // to the server's authentication requests (a credential's login).
     let server_wr = Arc::new(AsyncMutex::new(server_wr));
 
+    // Holds the other direction began (replaying requests held before the session was
+    // ready): the client direction waits on them.
+    let (opened_tx, mut opened_rx) =
+        tokio::sync::mpsc::unbounded_channel::<super::hold::ActiveHold>();
+    let origin = Arc::new(origin);
+
     // Client -> server.
     let c2s = {
         let conn = conn.clone();
         let client_wr = client_wr.clone();
         let server_wr = server_wr.clone();
         let shared = shared.clone();
+        let origin = origin.clone();
         async move {
             let mut buf = vec![0u8; 64 * 1024];
             let mut enforced_counted = false;
             let mut stop = shared.stop.subscribe();
+            let mut hold: Option<super::hold::ActiveHold> = None;
+            let mut keepalive = tokio::time::interval(super::hold::KEEPALIVE);
+            keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            enum Wake {
+                Read(usize),
+                Verdict(Option<crate::approvals::Verdict>),
+                Expired,
+                Keepalive,
+                Canceled,
+                Opened(Box<super::hold::ActiveHold>),
+            }
             loop {
                 if *stop.borrow() {
                     // The daemon stops: no new request goes out; the server ends the
                     // session after answering those in flight (recorded by the other
-                    // direction), so nothing runs unrecorded.
+                    // direction), so nothing runs unrecorded. A held statement is
+                    // withdrawn, and its client told.
+                    if let Some(mut h) = hold.take() {
+                        if let Ok(mut c) = conn.lock() {
+                            h.abandon(&mut c, "the auditor daemon is stopping");
+                        }
+                        let _ = flush_client(&conn, &client_wr).await;
+                    }
                     let _ = write_flush(&mut *server_wr.lock().await, &[b'X', 0, 0, 0, 4]).await;
                     break;
                 }
-                let n = tokio::select! {
-                    r = client_rd.read(&mut buf) => match r {
+                let reading = hold.is_none()
+                    || conn
+                        .lock()
+                        .map(|c| c.relay.held_bytes() < super::hold::MAX_HELD_BYTES)
+                        .unwrap_or(false);
+                let deadline = hold
+                    .as_ref()
+                    .map(|h| h.deadline)
+                    .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+                let cancel = hold.as_ref().map(|h| h.cancel.clone());
+                let wake = tokio::select! {
+                    r = client_rd.read(&mut buf), if reading => match r {
                         Ok(0) | Err(_) => break,
-                        Ok(n) => n,
+                        Ok(n) => Wake::Read(n),
                     },
                     _ = stop.changed() => continue,
+                    v = async { (&mut hold.as_mut().expect("guarded").rx).await }, if hold.is_some() => Wake::Verdict(v.ok()),
+                    _ = tokio::time::sleep_until(deadline), if hold.is_some() => Wake::Expired,
+                    _ = keepalive.tick(), if hold.is_some() => Wake::Keepalive,
+                    _ = async { cancel.as_ref().expect("guarded").notified().await }, if cancel.is_some() => Wake::Canceled,
+                    Some(h) = opened_rx.recv() => Wake::Opened(Box::new(h)),
                 };
-                let (to_server, to_client, close, writer) = {
+                let (to_server, to_client, close) = {
                     let Ok(mut c) = conn.lock() else { break };
-                    let Conn { relay, recorder } = &mut *c;
-                    recorder.send(RECORD_DATA, DIR_TO_SERVER, &buf[..n]);
-                    relay.on_client(&buf[..n]);
-                    if relay.enforcing() && !enforced_counted {
-                        enforced_counted = true;
-                        shared
-                            .counters
-                            .enforced_sessions
-                            .fetch_add(1, Ordering::Relaxed);
+                    match wake {
+                        Wake::Read(n) => {
+                            let Conn { relay, recorder } = &mut *c;
+                            recorder.send(RECORD_DATA, DIR_TO_SERVER, &buf[..n]);
+                            relay.on_client(&buf[..n]);
+                            if let Some(k) = relay.cancel_of.take() {
+                                // A cancel for a session whose statement is held.
+                                if let Some(n) =
+                                    shared.cancels.lock().ok().and_then(|m| m.get(&k).cloned())
+                                {
+                                    n.notify_one();
+                                }
+                            }
+                            if relay.enforcing() && !enforced_counted {
+                                enforced_counted = true;
+                                shared
+                                    .counters
+                                    .enforced_sessions
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Wake::Verdict(v) => {
+                            if let Some(mut h) = hold.take() {
+                                h.decided(&mut c, v);
+                            }
+                        }
+                        Wake::Expired => {
+                            if let Some(h) = hold.as_mut() {
+                                if h.expire(&mut c) {
+                                    hold = None;
+                                }
+                            }
+                        }
+                        Wake::Keepalive => c.relay.keepalive(),
+                        Wake::Canceled => {
+                            if let Some(h) = hold.as_mut() {
+                                if h.canceled(&mut c) {
+                                    hold = None;
+                                }
+                            }
+                        }
+                        Wake::Opened(h) => hold = Some(*h),
                     }
-                    for r in relay.refused.drain(..) {
+                    for r in c.relay.refused.drain(..) {
+                        if r.headline.is_some() {
+                            continue; // a held statement's end, counted by the hub
+                        }
                         shared.counters.blocked.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(
                             pid = tgid,
@@ -399,26 +514,24 @@ async fn relay(
                             "proxy: statement blocked"
                         );
                     }
-                    let to_client = std::mem::take(&mut relay.to_client);
-                    if !to_client.is_empty() {
-                        recorder.send(RECORD_DATA, DIR_TO_CLIENT, &to_client);
+                    if hold.is_none() {
+                        hold = super::hold::open(&mut c, &conn, &shared, &origin);
+                        if hold.is_some() {
+                            shared.counters.held.fetch_add(1, Ordering::Relaxed);
+                            keepalive.reset();
+                        }
                     }
-                    // Bytes for the client from this direction: the answer to an
-                    // encryption request (before the server has said anything) or a
-                    // fatal error (after which nothing else is written).
-                    let writer = (!to_client.is_empty()).then(|| client_wr.clone());
                     (
-                        std::mem::take(&mut relay.to_server),
-                        to_client,
-                        relay.close.is_some(),
-                        writer,
+                        std::mem::take(&mut c.relay.to_server),
+                        !c.relay.to_client.is_empty(),
+                        c.relay.close.is_some(),
                     )
                 };
-                if let Some(w) = writer {
-                    let mut w = w.lock().await;
-                    if write_flush(&mut w, &to_client).await.is_err() {
-                        break;
-                    }
+                // Bytes for the client from this direction (the answer to an encryption
+                // request, a fatal error, a held statement's notices and refusals),
+                // taken in turn with the other direction's (see `flush_client`).
+                if to_client && flush_client(&conn, &client_wr).await.is_err() {
+                    break;
                 }
                 if close {
                     break;
@@ -431,6 +544,7 @@ async fn relay(
                     break;
                 }
             }
+            drop(hold);
             let _ = server_wr.lock().await.shutdown().await;
         }
     };
@@ -440,6 +554,7 @@ async fn relay(
         let client_wr = client_wr.clone();
         let server_wr = server_wr.clone();
         let shared = shared.clone();
+        let origin = origin.clone();
         async move {
             let mut buf = vec![0u8; 64 * 1024];
             loop {
@@ -447,24 +562,38 @@ async fn relay(
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
-                let (to_client, to_server, close) = {
+                // The client's writer first: bytes for the client are taken from the
+                // relay and written in the same order by both directions.
+                let mut w = client_wr.lock().await;
+                let (to_client, to_server, close, opened) = {
                     let Ok(mut c) = conn.lock() else { break };
-                    let Conn { relay, recorder } = &mut *c;
-                    relay.on_server(&buf[..n]);
-                    if relay.masked_values > 0 {
-                        shared
-                            .counters
-                            .masked_values
-                            .fetch_add(std::mem::take(&mut relay.masked_values), Ordering::Relaxed);
+                    c.relay.on_server(&buf[..n]);
+                    if c.relay.masked_values > 0 {
+                        shared.counters.masked_values.fetch_add(
+                            std::mem::take(&mut c.relay.masked_values),
+                            Ordering::Relaxed,
+                        );
                     }
+                    // Requests held until the session was ready may begin a hold.
+                    let opened = if c.relay.hold_asked.is_some() {
+                        super::hold::open(&mut c, &conn, &shared, &origin)
+                    } else {
+                        None
+                    };
+                    let Conn { relay, recorder } = &mut *c;
                     let to_client = std::mem::take(&mut relay.to_client);
                     if !to_client.is_empty() {
                         recorder.send(RECORD_DATA, DIR_TO_CLIENT, &to_client);
                     }
-                    // The proxy's own login answers (never recorded).
+                    // The proxy's own login answers (never recorded), requests held
+                    // while the session started.
                     let to_server = std::mem::take(&mut relay.to_server);
-                    (to_client, to_server, relay.close.is_some())
+                    (to_client, to_server, relay.close.is_some(), opened)
                 };
+                if let Some(h) = opened {
+                    shared.counters.held.fetch_add(1, Ordering::Relaxed);
+                    let _ = opened_tx.send(h);
+                }
                 if !to_server.is_empty()
                     && write_flush(&mut *server_wr.lock().await, &to_server)
                         .await
@@ -472,12 +601,10 @@ async fn relay(
                 {
                     break;
                 }
-                if !to_client.is_empty() {
-                    let mut w = client_wr.lock().await;
-                    if write_flush(&mut w, &to_client).await.is_err() {
-                        break;
-                    }
+                if !to_client.is_empty() && write_flush(&mut w, &to_client).await.is_err() {
+                    break;
                 }
+                drop(w);
                 if close {
                     break;
                 }
@@ -497,10 +624,37 @@ async fn relay(
             let _ = tokio::time::timeout(Duration::from_secs(30), &mut s2c).await;
         }
     }
+    // A statement still held is withdrawn (noted) before the session's close.
+    drop(c2s);
+    drop(s2c);
     let closing = conn.lock();
     if let Ok(mut c) = closing {
         c.recorder.send(RECORD_CLOSE, DIR_TO_SERVER, &[]);
     }
+}
+
+/// Writes what the relay has for the client, taken under the client's writer (so that
+/// the two directions' bytes reach the client in the order the relay produced them).
+async fn flush_client(
+    conn: &std::sync::Mutex<Conn>,
+    client_wr: &AsyncMutex<Writer>,
+) -> std::io::Result<()> {
+    let mut w = client_wr.lock().await;
+    let to_client = {
+        let Ok(mut c) = conn.lock() else {
+            return Err(std::io::Error::other("connection state poisoned"));
+        };
+        let Conn { relay, recorder } = &mut *c;
+        let to_client = std::mem::take(&mut relay.to_client);
+        if !to_client.is_empty() {
+            recorder.send(RECORD_DATA, DIR_TO_CLIENT, &to_client);
+        }
+        to_client
+    };
+    if to_client.is_empty() {
+        return Ok(());
+    }
+    write_flush(&mut w, &to_client).await
 }
 
 type Reader = Box<dyn tokio::io::AsyncRead + Send + Unpin>;

@@ -14,6 +14,7 @@
 //! and drains the proxy's records.
 
 pub mod conn;
+mod hold;
 pub mod login;
 pub mod mask;
 pub mod netns;
@@ -35,6 +36,10 @@ use crate::{
     pg::{BufferBudget, TokenizerLimits},
     policy::{Defaults, PolicySet},
 };
+
+/// The kind of a proxy record carrying a note on a held statement (JSON
+/// `approvals::Note`); never a kernel record's kind.
+pub const RECORD_NOTE: u32 = 0x100;
 
 /// A record the proxy makes for the tracker: the same shape the kernel's ring buffer
 /// carries (`stream = STREAM_PROXY`).
@@ -60,6 +65,12 @@ pub struct ProxyStats {
     /// Values the proxy masked in results.
     #[serde(default)]
     pub masked_values: u64,
+    /// Statements held for approval.
+    #[serde(default)]
+    pub held: u64,
+    /// Requests waiting for a decision now.
+    #[serde(default)]
+    pub pending_approvals: u64,
 }
 
 #[derive(Default)]
@@ -71,6 +82,7 @@ pub struct ProxyCounters {
     pub unknown_origin: AtomicU64,
     pub upstream_failures: AtomicU64,
     pub masked_values: AtomicU64,
+    pub held: AtomicU64,
 }
 
 impl ProxyCounters {
@@ -84,6 +96,8 @@ impl ProxyCounters {
             unknown_origin: g(&self.unknown_origin),
             upstream_failures: g(&self.upstream_failures),
             masked_values: g(&self.masked_values),
+            held: g(&self.held),
+            pending_approvals: 0,
             redirected_cgroups: 0,
             namespaces: 0,
         }
@@ -115,6 +129,13 @@ pub struct Shared {
     pub secrets: Arc<crate::workload::kubernetes::SecretStore>,
     /// The key of masking's keyed hash.
     pub mask_key: Arc<[u8]>,
+    /// Statements held for approval.
+    pub approvals: Arc<crate::approvals::Hub>,
+    /// This host's name (in approval requests).
+    pub host: String,
+    /// Sessions with a statement held, by their cancel key's digest: a CancelRequest
+    /// (on a connection of its own) wakes the holder.
+    pub cancels: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Notify>>>,
 }
 
 impl Shared {
@@ -141,6 +162,9 @@ impl Shared {
             tls: None,
             secrets: Arc::default(),
             mask_key: Arc::from(&b""[..]),
+            approvals: Arc::new(crate::approvals::Hub::new(None)),
+            host: String::new(),
+            cancels: Mutex::new(HashMap::new()),
         }
     }
 
@@ -301,6 +325,11 @@ pub struct Settings<'a> {
     pub secrets: Arc<crate::workload::kubernetes::SecretStore>,
     /// The installation's key (masking's keyed hash derives its own from it).
     pub mask_key: Arc<[u8]>,
+    /// Where held statements wait for decisions.
+    pub approvals: Arc<crate::approvals::Hub>,
+    /// Where approvers reach the hub (bound already), served on the proxy's first thread.
+    pub control: Option<std::os::unix::net::UnixListener>,
+    pub host: String,
 }
 
 impl Enforcement {
@@ -320,6 +349,9 @@ impl Enforcement {
             threads,
             secrets,
             mask_key,
+            approvals,
+            control,
+            host,
         } = settings;
         let threads = if threads == 0 {
             default_threads()
@@ -345,9 +377,17 @@ impl Enforcement {
         shared.tls = tls;
         shared.secrets = secrets;
         shared.mask_key = mask_key;
+        shared.approvals = approvals.clone();
+        shared.host = host;
         let shared = Arc::new(shared);
         let proxy = start(port, threads, shared)
             .map_err(|source| EnforcementError::Listen { port, source })?;
+        if let Some(l) = control {
+            proxy
+                .namespaces
+                .first_runtime()
+                .spawn(crate::approvals::control::serve(l, approvals));
+        }
         Ok(Enforcement {
             redirect,
             proxy,
@@ -446,6 +486,7 @@ impl Enforcement {
         let mut s = self.proxy.shared.counters.stats();
         s.redirected_cgroups = self.redirect.redirected_cgroups() as u64;
         s.namespaces = self.proxy.namespaces.count() as u64;
+        s.pending_approvals = self.proxy.shared.approvals.pending_count() as u64;
         s
     }
 }

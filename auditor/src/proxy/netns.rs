@@ -222,6 +222,11 @@ pub struct Namespaces {
 }
 
 impl Namespaces {
+    /// The runtime of the proxy's first thread (where listeners are served).
+    pub fn first_runtime(&self) -> &tokio::runtime::Handle {
+        self.workers.first()
+    }
+
     pub fn new(workers: Arc<super::Workers>, shared: Arc<Shared>, port: u16) -> Namespaces {
         Namespaces {
             workers,

@@ -37,6 +37,84 @@ pub const BLOCKED_SQLSTATE: &str = "42501";
 pub struct Refusal {
     pub decision: Decision,
     pub sql: String,
+    /// The error's message, when it is not a rule's refusal (a held statement denied,
+    /// timed out or cancelled).
+    pub headline: Option<String>,
+    /// The error's SQLSTATE (42501 but for a cancelled hold's 57014).
+    pub sqlstate: &'static str,
+}
+
+impl Refusal {
+    /// A rule's refusal (SQLSTATE 42501, naming the policy and rule).
+    pub fn blocked(decision: Decision, sql: String) -> Refusal {
+        Refusal {
+            decision,
+            sql,
+            headline: None,
+            sqlstate: BLOCKED_SQLSTATE,
+        }
+    }
+}
+
+/// A statement held for a person's approval, as the driver asks for it.
+#[derive(Debug, Clone)]
+pub struct HoldAsk {
+    pub decision: Decision,
+    /// The statement's text as held (a simple query's whole string).
+    pub sql: String,
+    /// The Bind's parameters as sent (extended protocol); None for a simple query.
+    pub params: Option<Vec<HeldParam>>,
+    /// What an approval binds ([`crate::approvals::binding`]).
+    pub binding: String,
+}
+
+/// A bind value of a held statement.
+#[derive(Debug, Clone)]
+pub struct HeldParam {
+    pub value: Option<Vec<u8>>,
+    pub binary: bool,
+    /// Its type (declared in the Parse or resolved by the server; 0: unknown).
+    pub type_oid: u32,
+}
+
+impl HeldParam {
+    /// As an approver reads it: text as sent, binary integers in decimal, other binary
+    /// values as `\x` hex.
+    pub fn display(&self) -> String {
+        let Some(v) = &self.value else {
+            return "NULL".to_string();
+        };
+        if !self.binary {
+            return String::from_utf8_lossy(v).into_owned();
+        }
+        match (self.type_oid, v.len()) {
+            (21, 2) => i16::from_be_bytes([v[0], v[1]]).to_string(),
+            (23, 4) => i32::from_be_bytes([v[0], v[1], v[2], v[3]]).to_string(),
+            (20, 8) => i64::from_be_bytes(v[..8].try_into().expect("8 bytes")).to_string(),
+            _ => format!("\\x{}", hex::encode(v)),
+        }
+    }
+}
+
+/// How a hold ends.
+#[derive(Debug, Clone)]
+pub enum HoldEnd {
+    /// The held message goes to the server unchanged.
+    Approved,
+    /// The client gets this error in its place (the session goes on).
+    Refused {
+        sqlstate: &'static str,
+        message: String,
+        detail: Option<String>,
+    },
+}
+
+/// The held message and the decision that holds it.
+struct Held {
+    tag: u8,
+    body: Vec<u8>,
+    decision: Decision,
+    sql: String,
 }
 
 /// Where a connection stands, seen from the proxy.
@@ -108,6 +186,32 @@ pub struct Relay {
     pub mask_key: Arc<[u8]>,
     /// Values masked since the driver last took the count.
     pub masked_values: u64,
+    /// A statement now held for approval (the driver asks the hub, then calls
+    /// [`Relay::end_hold`]); the client's later bytes wait in `held`.
+    holding: Option<Held>,
+    /// A hold begun since the driver last looked: what to ask.
+    pub hold_asked: Option<HoldAsk>,
+    /// Notices for the client waiting for the server's stream to reach a message
+    /// boundary.
+    notices: Vec<u8>,
+    /// Keepalive queries sent while holding whose answers are not in yet.
+    keepalives: u32,
+    limits: TokenizerLimits,
+    budget: BufferBudget,
+    /// A digest of the session's cancel key (BackendKeyData): a CancelRequest with it on
+    /// another connection cancels this session's held statement.
+    pub cancel_key: Option<[u8; 32]>,
+    /// On a CancelRequest connection: the digest of the key it presents.
+    pub cancel_of: Option<[u8; 32]>,
+}
+
+/// The digest a cancel key is known by (never the key itself).
+pub fn cancel_digest(pid: u32, key: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(pid.to_be_bytes());
+    h.update(key);
+    h.finalize().into()
 }
 
 /// A session's masking: its rules, what the catalog said, the current result's masks.
@@ -153,7 +257,15 @@ impl Relay {
                 .with_budget(budget.clone()),
             server: Tokenizer::new(Direction::ToClient, limits)
                 .with_streamed(b"Dd")
-                .with_budget(budget),
+                .with_budget(budget.clone()),
+            holding: None,
+            hold_asked: None,
+            notices: Vec::new(),
+            keepalives: 0,
+            limits,
+            budget,
+            cancel_key: None,
+            cancel_of: None,
             conv: Conversation::new(),
             analyzer: Analyzer::new(512),
             resolver,
@@ -187,6 +299,16 @@ impl Relay {
     /// The session's policies, once resolved.
     pub fn applied(&self) -> Option<&Arc<Applied>> {
         self.applied.as_ref()
+    }
+
+    /// The session as its startup packet and the server describe it.
+    pub fn meta(&self) -> &crate::conversation::SessionMeta {
+        &self.conv.meta
+    }
+
+    /// Client bytes waiting behind a held statement.
+    pub fn held_bytes(&self) -> usize {
+        self.held.len()
     }
 
     /// Whether statements are judged (an enforce policy applies).
@@ -236,6 +358,11 @@ impl Relay {
             self.to_server.extend_from_slice(data);
             return;
         }
+        if self.holding.is_some() {
+            // Behind a held statement: nothing goes on until it is decided.
+            self.held.extend_from_slice(data);
+            return;
+        }
         if let Some(m) = &self.masking {
             let quiet = self.cycles.is_empty()
                 && self.conv.idle()
@@ -257,11 +384,29 @@ impl Relay {
             Tokenizer::new(Direction::ToServer, TokenizerLimits::default()),
         );
         let mut tokens: Vec<Token<'_>> = Vec::new();
+        let start = tokenizer.offset();
         let res = tokenizer.push(data, &mut |t| tokens.push(t));
         for t in tokens {
+            let end = match &t {
+                Token::Message { span, .. } => Some(span.end),
+                _ => None,
+            };
             self.on_client_token(t, &mut tokenizer);
             if self.state == State::Closed {
                 break;
+            }
+            if let (Some(end), true) = (end, self.holding.is_some()) {
+                // Held: what follows the held message waits, as bytes, and is read
+                // again once it is decided (by a tokenizer at that message's end).
+                let from = end.saturating_sub(start) as usize;
+                self.held
+                    .extend_from_slice(data.get(from..).unwrap_or_default());
+                tokenizer = Tokenizer::typed(Direction::ToServer, self.limits)
+                    .with_streamed(b"d")
+                    .with_budget(self.budget.clone())
+                    .starting_at(end);
+                self.client = tokenizer;
+                return;
             }
         }
         self.client = tokenizer;
@@ -270,6 +415,167 @@ impl Relay {
                 "08P01",
                 format!("auditor proxy: malformed message from the client: {e}"),
             );
+        }
+    }
+
+    /// Holds a client message for approval: nothing of it or after it goes on until
+    /// [`Relay::end_hold`].
+    fn begin_hold(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        m: &FrontendMessage<'_>,
+        decision: Decision,
+        sql: String,
+    ) {
+        let (binding, params) = match m {
+            FrontendMessage::Bind {
+                statement,
+                param_formats,
+                params,
+                ..
+            } => {
+                let types: Vec<u32> = self
+                    .conv
+                    .statement(&String::from_utf8_lossy(statement))
+                    .map(|st| match st.description.get() {
+                        Some(d) => d.param_types.to_vec(),
+                        None => st.declared_types.to_vec(),
+                    })
+                    .unwrap_or_default();
+                (
+                    crate::approvals::binding(&sql, Some((param_formats.0, params.raw()))),
+                    Some(
+                        params
+                            .iter()
+                            .enumerate()
+                            .map(|(i, v)| HeldParam {
+                                value: v.map(<[u8]>::to_vec),
+                                binary: param_formats.format_of(i) == 1,
+                                type_oid: types.get(i).copied().unwrap_or(0),
+                            })
+                            .collect(),
+                    ),
+                )
+            }
+            _ => (
+                crate::approvals::binding(&crate::approvals::query_binding_text(&sql), None),
+                None,
+            ),
+        };
+        self.hold_asked = Some(HoldAsk {
+            decision: decision.clone(),
+            sql: sql.clone(),
+            params,
+            binding,
+        });
+        self.holding = Some(Held {
+            tag,
+            body: body.to_vec(),
+            decision,
+            sql,
+        });
+    }
+
+    /// Whether a statement is held for approval.
+    pub fn holding(&self) -> bool {
+        self.holding.is_some()
+    }
+
+    /// A NOTICE for the client (written where the server's stream is between messages).
+    pub fn notice(&mut self, message: &str, detail: Option<&str>, hint: Option<&str>) {
+        let mut fields: Vec<(u8, &str)> = Vec::new();
+        if let Some(d) = detail {
+            fields.push((b'D', d));
+        }
+        if let Some(h) = hint {
+            fields.push((b'H', h));
+        }
+        encode_notice(&mut self.notices, message, &fields);
+        if self.server.at_boundary() {
+            let n = std::mem::take(&mut self.notices);
+            self.to_client.extend_from_slice(&n);
+        }
+    }
+
+    /// The decision on the held statement: it goes to the server unchanged, or the client
+    /// gets an error in its place; then what the client sent after it is read.
+    pub fn end_hold(&mut self, end: HoldEnd) {
+        let Some(h) = self.holding.take() else {
+            return;
+        };
+        if self.state == State::Closed {
+            return;
+        }
+        match end {
+            HoldEnd::Approved => match frontend::decode(h.tag, &h.body) {
+                Ok(m) => {
+                    let mut ignored = Vec::new();
+                    self.conv
+                        .on_frontend(m, 0, &mut self.analyzer, &mut ignored);
+                    push_frame(&mut self.to_server, h.tag, &h.body);
+                    self.cycle_end(h.tag);
+                }
+                Err(e) => {
+                    return self.fail(
+                        "08P01",
+                        format!("auditor proxy: malformed message from the client: {e}"),
+                    )
+                }
+            },
+            HoldEnd::Refused {
+                sqlstate,
+                message,
+                detail,
+            } => {
+                let mut decision = h.decision;
+                decision.message = detail;
+                self.substitute(
+                    h.tag,
+                    Refusal {
+                        decision,
+                        sql: h.sql,
+                        headline: Some(message),
+                        sqlstate,
+                    },
+                );
+            }
+        }
+        let rest = std::mem::take(&mut self.held);
+        if !rest.is_empty() {
+            self.on_client(&rest);
+        }
+    }
+
+    /// While a statement is held: an empty query, so that the server's
+    /// idle_in_transaction_session_timeout and idle_session_timeout do not end the session
+    /// (only when nothing else is in flight; its answer never reaches the client).
+    pub fn keepalive(&mut self) {
+        let quiet = self.holding.is_some()
+            && self.keepalives == 0
+            && self.cycles.is_empty()
+            && self.conv.idle()
+            && self.server.at_boundary()
+            && !self.discarding
+            && self.conv.phase() == Phase::Ready
+            && self.state == State::Enforcing
+            && self.masking.as_ref().is_none_or(|m| m.building.is_none());
+        if quiet {
+            push_frame(&mut self.to_server, b'Q', &[0]);
+            self.keepalives += 1;
+        }
+    }
+
+    /// The session ends while a statement is held (the daemon stops): the client is told
+    /// why before the connection closes.
+    pub fn abandon_hold(&mut self, message: &str) {
+        if self.holding.take().is_some() {
+            self.held.clear();
+            let n = std::mem::take(&mut self.notices);
+            if self.server.at_boundary() {
+                self.to_client.extend_from_slice(&n);
+            }
+            self.fail("57P01", message.to_string());
         }
     }
 
@@ -307,9 +613,11 @@ impl Relay {
                 self.to_client.push(b'N');
                 tokenizer.expect_startup();
             }
-            FrontendMessage::CancelRequest { .. } => {
+            FrontendMessage::CancelRequest { pid, key } => {
                 // Passed on to where the client was going: the key is the server's, so
-                // it cancels the backend that issued it.
+                // it cancels the backend that issued it. (The driver also cancels a
+                // statement of that session held for approval.)
+                self.cancel_of = Some(cancel_digest(*pid, key.0));
                 self.conv.on_startup(&m, 0, &mut ignored);
                 self.forward_startup(body);
                 self.state = State::Relaying;
@@ -383,8 +691,8 @@ impl Relay {
         }
         if judged && self.conv.phase() == Phase::Ready && !self.relay_when_ready {
             // Too large to hold and judge: refused (fail closed).
-            let refusal = Refusal {
-                decision: Decision {
+            let refusal = Refusal::blocked(
+                Decision {
                     action: crate::policy::Action::Block,
                     enforce: true,
                     policy: self
@@ -398,8 +706,8 @@ impl Relay {
                         "the message ({body_len} bytes) is larger than the proxy judges"
                     )),
                 },
-                sql: String::new(),
-            };
+                String::new(),
+            );
             self.client_streaming = Streaming::Drop;
             self.substitute(tag, refusal);
             return;
@@ -499,7 +807,19 @@ impl Relay {
             _ => None,
         };
         match verdict {
-            Some((decision, sql)) => self.substitute(tag, Refusal { decision, sql }),
+            Some((decision, sql)) if decision.action == crate::policy::Action::Hold => {
+                if tag == b'P' {
+                    // Preparing runs nothing: the hold is at the Bind that would run it
+                    // (which carries the values the approval binds).
+                    let mut ignored = Vec::new();
+                    self.conv
+                        .on_frontend(m, 0, &mut self.analyzer, &mut ignored);
+                    push_frame(&mut self.to_server, tag, body);
+                    return;
+                }
+                self.begin_hold(tag, body, &m, decision, sql);
+            }
+            Some((decision, sql)) => self.substitute(tag, Refusal::blocked(decision, sql)),
             None => {
                 let mut ignored = Vec::new();
                 self.conv
@@ -826,9 +1146,14 @@ impl Relay {
                 format!("auditor proxy: the server answered out of protocol: {e}"),
             );
         }
+        if !self.notices.is_empty() && self.server.at_boundary() {
+            let n = std::mem::take(&mut self.notices);
+            self.to_client.extend_from_slice(&n);
+        }
         // Requests held while the session was not ready, or while the catalog was read.
         let reading = self.masking.as_ref().is_some_and(|m| m.building.is_some());
         if !self.held.is_empty()
+            && self.holding.is_none()
             && !reading
             && self.conv.phase() == Phase::Ready
             && self.state == State::Enforcing
@@ -907,6 +1232,13 @@ impl Relay {
                 )
             }
         };
+        if self.keepalives > 0 && matches!(tag, b'I' | b'Z') {
+            // The answer to the proxy's keepalive: the client never asked.
+            if tag == b'Z' {
+                self.keepalives -= 1;
+            }
+            return;
+        }
         let mut replaced = false;
         if let backend::BackendMessage::ErrorResponse(fields) = &m {
             if !self.substitutes.is_empty() {
@@ -942,6 +1274,9 @@ impl Relay {
             }
         }
         let ready = matches!(m, backend::BackendMessage::ReadyForQuery { .. });
+        if let backend::BackendMessage::BackendKeyData { pid, key } = &m {
+            self.cancel_key = Some(cancel_digest(*pid, key.0));
+        }
         let mut ignored = Vec::new();
         self.conv.on_backend(m, 0, &mut ignored);
         if tag == b'R' && self.strip_channel_binding && body.get(..4) == Some(&[0, 0, 0, 10]) {
@@ -995,7 +1330,10 @@ impl Relay {
 
     fn write_refusal(&mut self, r: &Refusal) {
         let d = &r.decision;
-        let message = refusal_message(&d.policy, &d.rule);
+        let message = match &r.headline {
+            Some(h) => h.clone(),
+            None => refusal_message(&d.policy, &d.rule),
+        };
         let mut extra: Vec<(u8, &str)> = Vec::new();
         if let Some(m) = &d.message {
             extra.push((b'D', m.as_str()));
@@ -1004,11 +1342,16 @@ impl Relay {
             &mut self.to_client,
             false,
             "ERROR",
-            BLOCKED_SQLSTATE,
+            r.sqlstate,
             &message,
             &extra,
         );
     }
+}
+
+/// A NOTICE (SQLSTATE 00000, as `RAISE NOTICE` sends).
+fn encode_notice(out: &mut Vec<u8>, message: &str, fields: &[(u8, &str)]) {
+    encode_error(out, true, "NOTICE", "00000", message, fields);
 }
 
 const REFUSAL_PREFIX: &str = "statement blocked by policy \"";
@@ -1029,6 +1372,175 @@ pub fn parse_refusal(message: &str) -> Option<(&str, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::pg::tokenizer::frame;
+
+    const HOLD: &str = "name: p\nselector: {}\nmode: enforce\nrequire_approval:\n  - name: ddl\n    when: {ddl: true}\n";
+
+    /// A relay under a policy that holds DDL, its session started and ready.
+    fn ready_relay() -> Relay {
+        let mut report = crate::policy::LintReport::default();
+        let set = crate::policy::PolicySet::new(crate::policy::load_str(
+            std::path::Path::new("p.yaml"),
+            HOLD,
+            &mut report,
+        ));
+        let labels = std::collections::BTreeMap::new();
+        let applied = Arc::new(set.resolve(
+            &crate::policy::Subject {
+                labels: &labels,
+                db_user: "u",
+                database: "d",
+                application_name: "",
+                client_addr: None,
+                server_addr: None,
+                server_port: 5432,
+            },
+            crate::policy::Defaults::default(),
+        ));
+        let mut relay = Relay::new(
+            TokenizerLimits::default(),
+            BufferBudget::new(1 << 20),
+            Box::new(move |_| applied.clone()),
+        );
+        let mut startup = Vec::new();
+        FrontendMessage::Startup {
+            protocol: 196608,
+            params: vec![(b"user", b"u"), (b"database", b"d")],
+        }
+        .encode(&mut startup);
+        relay.on_client(&startup);
+        let mut ready = frame(b'R', &[0, 0, 0, 0]);
+        ready.extend(frame(b'Z', b"I"));
+        relay.on_server(&ready);
+        relay.to_server.clear();
+        relay.to_client.clear();
+        assert!(relay.enforcing());
+        relay
+    }
+
+    fn query(sql: &str) -> Vec<u8> {
+        let mut body = sql.as_bytes().to_vec();
+        body.push(0);
+        frame(b'Q', &body)
+    }
+
+    #[test]
+    fn a_held_statement_and_what_follows_wait_for_the_decision() {
+        let mut relay = ready_relay();
+        // Pipelined: a query that passes, the held one, another after it (split oddly).
+        let mut bytes = query("SELECT 1");
+        bytes.extend(query("DROP TABLE t"));
+        bytes.extend(query("SELECT 2"));
+        let (a, b) = bytes.split_at(bytes.len() - 3);
+        relay.on_client(a);
+        relay.on_client(b);
+        assert_eq!(relay.to_server, query("SELECT 1"));
+        let ask = relay.hold_asked.take().expect("held");
+        assert_eq!(ask.sql, "DROP TABLE t");
+        assert_eq!(ask.decision.rule, "ddl");
+        assert_eq!(ask.binding, crate::approvals::binding("DROP TABLE t", None));
+        assert!(relay.holding());
+        relay.to_server.clear();
+        // A notice reaches the client between the server's messages.
+        relay.notice("waits", None, Some("approve it"));
+        assert_eq!(relay.to_client[0], b'N');
+        relay.to_client.clear();
+        // The first query's answer goes by meanwhile; the keepalive waits for quiet.
+        relay.keepalive();
+        assert!(relay.to_server.is_empty());
+        let mut answer = frame(b'C', b"SELECT 1\0");
+        answer.extend(frame(b'Z', b"I"));
+        relay.on_server(&answer);
+        assert_eq!(relay.to_client, answer);
+        relay.to_client.clear();
+        // Now quiet: an empty query, whose answer the client never sees.
+        relay.keepalive();
+        assert_eq!(relay.to_server, query(""));
+        relay.to_server.clear();
+        let mut empty = frame(b'I', &[]);
+        empty.extend(frame(b'Z', b"I"));
+        relay.on_server(&empty);
+        assert!(relay.to_client.is_empty());
+        // Approved: the held query goes out unchanged, then the one behind it.
+        relay.end_hold(HoldEnd::Approved);
+        let mut expect = query("DROP TABLE t");
+        expect.extend(query("SELECT 2"));
+        assert_eq!(relay.to_server, expect);
+        assert!(!relay.holding());
+    }
+
+    #[test]
+    fn a_refused_hold_answers_the_client_with_its_error() {
+        let mut relay = ready_relay();
+        let mut bytes = query("DROP TABLE t");
+        bytes.extend(query("SELECT 2"));
+        relay.on_client(&bytes);
+        assert!(relay.to_server.is_empty());
+        relay.hold_asked.take().expect("held");
+        relay.end_hold(HoldEnd::Refused {
+            sqlstate: BLOCKED_SQLSTATE,
+            message: "statement denied by alice (request 1)".into(),
+            detail: Some("not now".into()),
+        });
+        // A substitute that fails in its place, then the next query.
+        let sent = String::from_utf8_lossy(&relay.to_server).into_owned();
+        assert!(sent.contains("auditor-blocked-"), "{sent}");
+        assert!(sent.ends_with("SELECT 2\0"), "{sent}");
+        assert!(!sent.contains("DROP"), "{sent}");
+        // The server's error for the substitute becomes the denial.
+        let marker = sent.split('\'').nth(1).expect("marker").to_string();
+        let mut err = Vec::new();
+        encode_error(
+            &mut err,
+            false,
+            "ERROR",
+            "22P02",
+            &format!("invalid input syntax for type integer: \"{marker}\""),
+            &[],
+        );
+        err.extend(frame(b'Z', b"I"));
+        relay.on_server(&err);
+        let to_client = String::from_utf8_lossy(&relay.to_client).into_owned();
+        assert!(
+            to_client.contains("statement denied by alice"),
+            "{to_client}"
+        );
+        assert!(to_client.contains("42501"), "{to_client}");
+        assert!(to_client.contains("not now"), "{to_client}");
+        assert!(!to_client.contains(&marker), "{to_client}");
+    }
+
+    #[test]
+    fn an_extended_hold_is_at_the_bind_with_its_values() {
+        let mut relay = ready_relay();
+        let mut parse = b"s1\0ALTER TABLE t ADD c int\0".to_vec();
+        parse.extend(0u16.to_be_bytes());
+        let mut bind = b"\0s1\0".to_vec();
+        bind.extend(0u16.to_be_bytes());
+        bind.extend(0u16.to_be_bytes());
+        bind.extend(0u16.to_be_bytes());
+        let mut bytes = frame(b'P', &parse);
+        bytes.extend(frame(b'S', &[]));
+        relay.on_client(&bytes);
+        // Preparing runs nothing: passed on.
+        assert_eq!(relay.to_server, bytes);
+        assert!(!relay.holding());
+        relay.to_server.clear();
+        let mut answer = frame(b'1', &[]);
+        answer.extend(frame(b'Z', b"I"));
+        relay.on_server(&answer);
+        let mut run = frame(b'B', &bind);
+        run.extend(frame(b'E', b"\0\0\0\0\0"));
+        run.extend(frame(b'S', &[]));
+        relay.on_client(&run);
+        assert!(relay.to_server.is_empty());
+        let ask = relay.hold_asked.take().expect("held at the Bind");
+        assert_eq!(ask.sql, "ALTER TABLE t ADD c int");
+        assert_eq!(ask.params.as_ref().map(Vec::len), Some(0));
+        relay.end_hold(HoldEnd::Approved);
+        assert_eq!(relay.to_server, run);
+    }
 
     #[test]
     fn refusal_messages_round_trip() {

@@ -1131,10 +1131,11 @@ mod tests {
             .iter()
             .any(|s| s.starts_with("CREATE VIEW auditor.statements")));
         assert_eq!(m[n - 1].name, "columns masked");
-        // Today: the table, the views, message_bytes, then the policy columns.
+        // Today: the table, the views, message_bytes, the policy columns, then the
+        // approval columns.
         let today = migrations("auditor", Features::of_version("18.16.1"), 0);
         let versions: Vec<u32> = today.iter().map(|m| m.version).collect();
-        assert_eq!(versions, [1, 2, 3, 4]);
+        assert_eq!(versions, [1, 2, 3, 4, 5]);
         assert_eq!(
             today[2].add_columns,
             [("message_bytes", "message_bytes UInt64".to_string())]
@@ -1150,5 +1151,7 @@ mod tests {
                 "masked_columns"
             ]
         );
+        let added: Vec<&str> = today[4].add_columns.iter().map(|(n, _)| *n).collect();
+        assert_eq!(added, ["approval_id", "approver"]);
     }
 }

@@ -133,7 +133,7 @@ mod tests {
     }
 
     /// A record of layout 1, as the first version wrote it: no field count, and none of
-    /// the fields added since (message_bytes, then the policy fields).
+    /// the fields added since (message_bytes, the policy fields, the approval fields).
     fn v1_record(ev: &AuditEvent) -> Vec<u8> {
         use crate::audit::schema::Field;
         let mut tail = Vec::new();
@@ -143,6 +143,8 @@ mod tests {
         ev.decision.put(&mut tail);
         ev.decision_rule.put(&mut tail);
         ev.masked_columns.put(&mut tail);
+        ev.approval_id.put(&mut tail);
+        ev.approver.put(&mut tail);
         let mut buf = Vec::new();
         encode(ev, &mut buf);
         buf.drain(1..3);

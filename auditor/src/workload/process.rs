@@ -83,6 +83,14 @@ pub fn systemd_slice(path: &str) -> Option<&str> {
     path.split('/').rev().find(|s| s.ends_with(".slice"))
 }
 
+/// The audit login uid of process `pid` (`/proc/PID/loginuid`); None when unset.
+pub fn loginuid_of(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/loginuid"))
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok())
+        .filter(|&v| v != u32::MAX)
+}
+
 /// The name of user `uid` (this host's user database, or the daemon container's).
 pub fn user_name(uid: u32) -> Option<String> {
     let mut buf = vec![0u8; 4096];

@@ -1,0 +1,828 @@
+//! Approvals: statements the proxy holds inside their live connection until a person
+//! decides.
+//!
+//! A statement that a `require_approval` rule of an `enforce` policy matches is not
+//! forwarded: the proxy keeps the client's connection open and waiting (a NOTICE tells a
+//! person at a prompt where the statement waits), opens a [`Request`] here, and forwards
+//! the held message unchanged once it is approved, or answers it with an error (SQLSTATE
+//! 42501) when it is denied, when its rule's timeout passes, or when the client cancels.
+//! What is approved is the exact message held: the SQL and, in the extended protocol, the
+//! bind values (the request shows a hash over both, [`binding`]).
+//!
+//! The [`Hub`] keeps the pending requests of this daemon's proxy; approvers reach it
+//! through a Unix socket ([`control`]) whose peer credentials name them, with
+//! `auditor approvals` ([`cli`]). Decided requests are appended to a history file in the
+//! state directory. Every step is also an audit event (`approval_requested`,
+//! `approval_granted`, `approval_denied`, `approval_expired`, `approval_withdrawn`),
+//! written by the tracker from the proxy's records of the session, with the session's
+//! identity; the statement's own event carries the request's id (`approval_id`).
+
+pub mod cli;
+pub mod control;
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    io::Write,
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Decided requests kept in memory for `auditor approvals list --all`.
+const RECENT: usize = 500;
+/// Pending requests at most (a client that floods held statements is refused more).
+pub const MAX_PENDING: usize = 10_000;
+
+/// Where a request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Pending,
+    Approved,
+    Denied,
+    /// No decision within the rule's timeout.
+    Expired,
+    /// The client went away (or the daemon stopped) before a decision.
+    Withdrawn,
+    /// The client cancelled its statement (a driver's timeout, Ctrl-C in psql).
+    Canceled,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Approved => "approved",
+            State::Denied => "denied",
+            State::Expired => "expired",
+            State::Withdrawn => "withdrawn",
+            State::Canceled => "canceled",
+        }
+    }
+}
+
+/// Who sent a held statement: the session and the process on its client end.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Requester {
+    pub db_user: String,
+    pub database: String,
+    pub application_name: String,
+    pub client_addr: String,
+    pub server: String,
+    pub pid: u32,
+    pub comm: String,
+    pub exe: String,
+    pub uid: u32,
+    /// The name of `uid` on this host, when it has one.
+    pub user: Option<String>,
+    /// The audit login uid of the process (who logged in, through sudo and su).
+    pub loginuid: Option<u32>,
+    /// `pod:<namespace>/<name>`, `container:<id>`, `unit:<unit>`, ...
+    pub workload: String,
+    pub container_id: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Requester {
+    /// The process runs in a container: its uid is no person's on this host.
+    fn in_container(&self) -> bool {
+        !self.container_id.is_empty() || self.workload.starts_with("pod:")
+    }
+
+    /// One line: `psql (pid 4242, uid 1000 alice) as app_rw on shop`.
+    pub fn summary(&self) -> String {
+        let user = match &self.user {
+            Some(u) => format!("uid {} {u}", self.uid),
+            None => format!("uid {}", self.uid),
+        };
+        let mut s = format!("{} (pid {}, {user})", self.comm, self.pid);
+        if !self.workload.is_empty() && !self.workload.starts_with("process:") {
+            s.push_str(&format!(" in {}", self.workload));
+        }
+        s.push_str(&format!(" as {} on {}", self.db_user, self.database));
+        s
+    }
+}
+
+/// A held statement and what became of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Short random id (hex); a unique prefix of it names it too.
+    pub id: String,
+    pub state: State,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub expires_at: String,
+    pub timeout_s: u64,
+    pub policy: String,
+    pub rule: String,
+    /// Who may decide (the rule's `approvers`; empty: anyone who reaches the socket).
+    pub approvers: Vec<String>,
+    /// The statement as the trail records it: literals replaced by `$n` unless the
+    /// session's policy records raw text.
+    pub statement: String,
+    /// Its bind values: raw when the session's policy records raw parameters, else only
+    /// how many there are.
+    pub params: Vec<String>,
+    /// SHA-256 over the exact text and bind values held ([`binding`]): what an approval
+    /// lets through, and nothing else.
+    pub binding: String,
+    pub requester: Requester,
+    pub host: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at: Option<String>,
+    /// The approver's reason, or why the request ended without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A decision as the held connection receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Approved { by: String },
+    Denied { by: String, reason: Option<String> },
+}
+
+/// The identity of whoever asks the hub something: a local user, from the socket's peer
+/// credentials.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approver {
+    pub uid: u32,
+    pub name: String,
+    /// The audit login uid of the calling process and its user's name (who logged in
+    /// before `sudo`), when set.
+    pub loginuid: Option<u32>,
+    pub login_name: Option<String>,
+    /// The groups of `name` (and of `login_name`).
+    pub groups: Vec<String>,
+}
+
+impl Approver {
+    /// The peer of a control connection.
+    pub fn of_peer(uid: u32, gid: u32, pid: Option<u32>) -> Approver {
+        let name = crate::workload::process::user_name(uid).unwrap_or_else(|| uid.to_string());
+        let loginuid = pid.and_then(crate::workload::process::loginuid_of);
+        let login_name = loginuid
+            .map(|l| crate::workload::process::user_name(l).unwrap_or_else(|| l.to_string()));
+        let mut groups = groups_of(&name, gid);
+        if let (Some(l), Some(ln)) = (loginuid, &login_name) {
+            if l != uid {
+                let lgid = primary_gid(ln).unwrap_or(gid);
+                for g in groups_of(ln, lgid) {
+                    if !groups.contains(&g) {
+                        groups.push(g);
+                    }
+                }
+            }
+        }
+        Approver {
+            uid,
+            name,
+            loginuid,
+            login_name,
+            groups,
+        }
+    }
+
+    /// As decisions name it: `alice`, or `alice (as root)` through sudo.
+    pub fn display(&self) -> String {
+        match (&self.login_name, self.loginuid) {
+            (Some(l), Some(luid)) if luid != self.uid => format!("{l} (as {})", self.name),
+            _ => self.name.clone(),
+        }
+    }
+
+    /// Whether a rule's `approvers` list lets this person decide.
+    pub fn may_approve(&self, approvers: &[String]) -> bool {
+        if approvers.is_empty() {
+            return true;
+        }
+        approvers.iter().any(|a| match a.strip_prefix("group:") {
+            Some(g) => self.groups.iter().any(|x| x == g),
+            None => *a == self.name || self.login_name.as_deref() == Some(a.as_str()),
+        })
+    }
+
+    /// Whether this person sent the statement: the same login (through sudo too), or the
+    /// same local user for a process outside containers.
+    pub fn is_requester(&self, r: &Requester) -> bool {
+        let mine: Vec<u32> = std::iter::once(self.uid).chain(self.loginuid).collect();
+        let mut theirs: Vec<u32> = r.loginuid.into_iter().collect();
+        if !r.in_container() {
+            theirs.push(r.uid);
+        }
+        mine.iter().any(|m| theirs.contains(m))
+    }
+}
+
+/// The SHA-256 (hex) an approval binds: the statement's exact text and, for the extended
+/// protocol, its Bind's parameter format codes and values as sent. A simple query of one
+/// statement binds that statement (as split from the query string); of several, the whole
+/// string.
+pub fn binding(sql: &str, params: Option<(&[u8], &[u8])>) -> String {
+    let mut h = Sha256::new();
+    h.update(b"auditor-approval-v1\0");
+    h.update(sql.as_bytes());
+    h.update([0]);
+    if let Some((formats, values)) = params {
+        h.update((formats.len() as u64).to_le_bytes());
+        h.update(formats);
+        h.update((values.len() as u64).to_le_bytes());
+        h.update(values);
+    }
+    hex::encode(h.finalize())
+}
+
+/// The text a simple query's binding covers (see [`binding`]).
+pub fn query_binding_text(whole: &str) -> std::borrow::Cow<'_, str> {
+    let parts = crate::sql::split_statements(whole);
+    if parts.len() == 1 {
+        std::borrow::Cow::Owned(parts.into_iter().next().unwrap_or_default())
+    } else {
+        std::borrow::Cow::Borrowed(whole)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecideError {
+    #[error("no pending request {0} (see `auditor approvals list --all`)")]
+    NotFound(String),
+    #[error("{0} names more than one request: {1}; give more of the id")]
+    Ambiguous(String, String),
+    #[error("request {id} is {state} already{by}")]
+    Decided {
+        id: String,
+        state: &'static str,
+        by: String,
+    },
+    #[error("{who} may not decide request {id}: rule {rule} names its approvers ({list})")]
+    NotAnApprover {
+        who: String,
+        id: String,
+        rule: String,
+        list: String,
+    },
+    #[error("{who} sent the statement of request {id} (requested by {requester}): a requester never approves their own request")]
+    OwnRequest {
+        who: String,
+        id: String,
+        requester: String,
+    },
+    #[error("request {0}: the client went away before the decision (withdrawn)")]
+    Gone(String),
+    #[error("too many statements wait for approval ({MAX_PENDING})")]
+    Full,
+}
+
+struct Entry {
+    request: Request,
+    tx: Option<tokio::sync::oneshot::Sender<Verdict>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    pending: HashMap<String, Entry>,
+    recent: VecDeque<Request>,
+}
+
+/// This daemon's approval requests.
+pub struct Hub {
+    inner: Mutex<Inner>,
+    /// Decided requests, one JSON object per line (None: not kept).
+    history: Option<PathBuf>,
+    /// Bumped at every change (for a watcher that shows requests live).
+    pub changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Hub {
+    /// A hub appending decided requests to `history` (the last of them are read back).
+    pub fn new(history: Option<PathBuf>) -> Hub {
+        let mut inner = Inner::default();
+        if let Some(p) = &history {
+            inner.recent = read_history(p, RECENT);
+        }
+        Hub {
+            inner: Mutex::new(inner),
+            history,
+            changed: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding it leaves plain data: go on with it.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Opens a request (its `id`, `state` and times are set here). The receiver gets the
+    /// decision; expiry, withdrawal and cancellation are the holder's to report
+    /// ([`Hub::end`]).
+    pub fn open(
+        &self,
+        mut request: Request,
+        timeout: Duration,
+    ) -> Result<(Request, tokio::sync::oneshot::Receiver<Verdict>), DecideError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut inner = self.lock();
+        if inner.pending.len() >= MAX_PENDING {
+            return Err(DecideError::Full);
+        }
+        let id = loop {
+            let id = format!("{:010x}", rand::random::<u64>() & 0xff_ffff_ffff);
+            if !inner.pending.contains_key(&id) && !inner.recent.iter().any(|r| r.id == id) {
+                break id;
+            }
+        };
+        let now = now_ns();
+        request.id = id.clone();
+        request.state = State::Pending;
+        request.created_at = crate::audit::event::format_ts(now);
+        request.expires_at = crate::audit::event::format_ts(now + timeout.as_nanos() as i128);
+        request.timeout_s = timeout.as_secs();
+        inner.pending.insert(
+            id,
+            Entry {
+                request: request.clone(),
+                tx: Some(tx),
+            },
+        );
+        drop(inner);
+        self.bump();
+        Ok((request, rx))
+    }
+
+    /// The one pending request `prefix` names.
+    fn resolve(inner: &Inner, prefix: &str) -> Result<String, DecideError> {
+        let prefix = prefix.trim().to_ascii_lowercase();
+        if prefix.len() < 4 {
+            return Err(DecideError::NotFound(format!(
+                "{prefix} (give at least 4 characters of the id)"
+            )));
+        }
+        let found: Vec<&String> = inner
+            .pending
+            .keys()
+            .filter(|k| k.starts_with(&prefix))
+            .collect();
+        match found.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => {
+                if let Some(r) = inner
+                    .recent
+                    .iter()
+                    .rev()
+                    .find(|r| r.id.starts_with(&prefix))
+                {
+                    return Err(DecideError::Decided {
+                        id: r.id.clone(),
+                        state: r.state.as_str(),
+                        by: r
+                            .decided_by
+                            .as_ref()
+                            .map(|b| format!(" (by {b})"))
+                            .unwrap_or_default(),
+                    });
+                }
+                Err(DecideError::NotFound(prefix))
+            }
+            many => Err(DecideError::Ambiguous(
+                prefix,
+                many.iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )),
+        }
+    }
+
+    /// An approver's decision on the pending request `prefix` names.
+    pub fn decide(
+        &self,
+        prefix: &str,
+        approver: &Approver,
+        approve: bool,
+        reason: Option<String>,
+    ) -> Result<Request, DecideError> {
+        let mut inner = self.lock();
+        let id = Self::resolve(&inner, prefix)?;
+        let entry = inner.pending.get(&id).expect("resolved");
+        let r = &entry.request;
+        if !approver.may_approve(&r.approvers) {
+            return Err(DecideError::NotAnApprover {
+                who: approver.display(),
+                id,
+                rule: format!("{}/{}", r.policy, r.rule),
+                list: r.approvers.join(", "),
+            });
+        }
+        if approver.is_requester(&r.requester) {
+            return Err(DecideError::OwnRequest {
+                who: approver.display(),
+                id,
+                requester: r.requester.summary(),
+            });
+        }
+        let mut entry = inner.pending.remove(&id).expect("resolved");
+        let by = approver.display();
+        let verdict = if approve {
+            Verdict::Approved { by: by.clone() }
+        } else {
+            Verdict::Denied {
+                by: by.clone(),
+                reason: reason.clone(),
+            }
+        };
+        let delivered = entry.tx.take().is_some_and(|tx| tx.send(verdict).is_ok());
+        let r = &mut entry.request;
+        r.decided_at = Some(crate::audit::event::format_ts(now_ns()));
+        if delivered {
+            r.state = if approve {
+                State::Approved
+            } else {
+                State::Denied
+            };
+            r.decided_by = Some(by);
+            r.reason = reason;
+        } else {
+            r.state = State::Withdrawn;
+            r.reason = Some("the client went away before the decision".into());
+        }
+        let done = entry.request.clone();
+        self.finish(&mut inner, entry.request);
+        drop(inner);
+        self.bump();
+        if delivered {
+            Ok(done)
+        } else {
+            Err(DecideError::Gone(id))
+        }
+    }
+
+    /// Ends a pending request without a decision (expired, withdrawn, canceled). None when
+    /// it was decided already (the decision is in the holder's receiver).
+    pub fn end(&self, id: &str, state: State, reason: &str) -> Option<Request> {
+        let mut inner = self.lock();
+        let mut entry = inner.pending.remove(id)?;
+        entry.request.state = state;
+        entry.request.decided_at = Some(crate::audit::event::format_ts(now_ns()));
+        entry.request.reason = Some(reason.to_string());
+        let done = entry.request.clone();
+        self.finish(&mut inner, entry.request);
+        drop(inner);
+        self.bump();
+        Some(done)
+    }
+
+    fn finish(&self, inner: &mut Inner, request: Request) {
+        if let Some(p) = &self.history {
+            if let Err(e) = append_history(p, &request) {
+                tracing::warn!("approvals: cannot append to {}: {e}", p.display());
+            }
+        }
+        inner.recent.push_back(request);
+        while inner.recent.len() > RECENT {
+            inner.recent.pop_front();
+        }
+    }
+
+    /// Pending requests, oldest first; with `all`, decided ones before them.
+    pub fn list(&self, all: bool) -> Vec<Request> {
+        let inner = self.lock();
+        let mut out: Vec<Request> = if all {
+            inner.recent.iter().cloned().collect()
+        } else {
+            Vec::new()
+        };
+        let mut pending: Vec<Request> = inner.pending.values().map(|e| e.request.clone()).collect();
+        pending.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        out.extend(pending);
+        out
+    }
+
+    /// The request (pending or recent) a prefix names.
+    pub fn find(&self, prefix: &str) -> Result<Request, DecideError> {
+        let inner = self.lock();
+        match Self::resolve(&inner, prefix) {
+            Ok(id) => Ok(inner.pending[&id].request.clone()),
+            Err(DecideError::Decided { id, .. }) => Ok(inner
+                .recent
+                .iter()
+                .rev()
+                .find(|r| r.id == id)
+                .cloned()
+                .expect("found")),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.lock().pending.len()
+    }
+}
+
+fn now_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+fn append_history(path: &Path, r: &Request) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut line = serde_json::to_vec(r).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(&line)
+}
+
+/// The last `n` requests of a history file (lines that do not read are skipped).
+fn read_history(path: &Path, n: usize) -> VecDeque<Request> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return VecDeque::new();
+    };
+    let mut out: VecDeque<Request> = VecDeque::new();
+    for line in text.lines() {
+        if let Ok(r) = serde_json::from_str::<Request>(line) {
+            out.push_back(r);
+            if out.len() > n {
+                out.pop_front();
+            }
+        }
+    }
+    out
+}
+
+/// The group names of a user (its primary group `gid` included).
+fn groups_of(name: &str, gid: u32) -> Vec<String> {
+    let Ok(cname) = std::ffi::CString::new(name) else {
+        return Vec::new();
+    };
+    let mut n: libc::c_int = 64;
+    let mut gids: Vec<libc::gid_t> = vec![0; n as usize];
+    // SAFETY: getgrouplist writes at most `n` gids into the buffer and updates `n`; on -1
+    // `n` says how many there are, and the call is repeated with room for them.
+    unsafe {
+        if libc::getgrouplist(cname.as_ptr(), gid, gids.as_mut_ptr(), &mut n) == -1 {
+            gids = vec![0; n.max(0) as usize];
+            if libc::getgrouplist(cname.as_ptr(), gid, gids.as_mut_ptr(), &mut n) == -1 {
+                return Vec::new();
+            }
+        }
+    }
+    gids.truncate(n.max(0) as usize);
+    gids.into_iter().filter_map(group_name).collect()
+}
+
+fn group_name(gid: u32) -> Option<String> {
+    let mut buf = vec![0u8; 16384];
+    // SAFETY: getgrgid_r writes into `grp` and `buf`, both ours and sized as passed.
+    unsafe {
+        let mut grp: libc::group = std::mem::zeroed();
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        let rc = libc::getgrgid_r(
+            gid,
+            &mut grp,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        );
+        if rc != 0 || result.is_null() || grp.gr_name.is_null() {
+            return None;
+        }
+        Some(
+            std::ffi::CStr::from_ptr(grp.gr_name)
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
+}
+
+fn primary_gid(name: &str) -> Option<u32> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: getpwnam_r writes into `pwd` and `buf`, both ours and sized as passed.
+    unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwnam_r(
+            cname.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        );
+        if rc != 0 || result.is_null() {
+            return None;
+        }
+        Some(pwd.pw_gid)
+    }
+}
+
+/// What the proxy tells the tracker about a held statement, in the session's own record
+/// stream (so that its events carry the session's identity and come in order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Note {
+    pub request: String,
+    /// `pending` when opened; then how it ended.
+    pub state: State,
+    pub policy: String,
+    pub rule: String,
+    pub binding: String,
+    /// The statement's text as held (opening note only; rendered by the tracker as the
+    /// session's policy records statements).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sql: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn requester(uid: u32, loginuid: Option<u32>) -> Requester {
+        Requester {
+            uid,
+            loginuid,
+            comm: "psql".into(),
+            pid: 42,
+            db_user: "app".into(),
+            database: "shop".into(),
+            ..Requester::default()
+        }
+    }
+
+    fn approver(uid: u32, name: &str, loginuid: Option<u32>) -> Approver {
+        Approver {
+            uid,
+            name: name.into(),
+            loginuid,
+            login_name: loginuid.map(|l| format!("user{l}")),
+            groups: vec!["dba".into()],
+        }
+    }
+
+    fn request(approvers: &[&str], r: Requester) -> Request {
+        Request {
+            id: String::new(),
+            state: State::Pending,
+            created_at: String::new(),
+            expires_at: String::new(),
+            timeout_s: 0,
+            policy: "agents".into(),
+            rule: "ddl".into(),
+            approvers: approvers.iter().map(|s| s.to_string()).collect(),
+            statement: "DROP TABLE t".into(),
+            params: Vec::new(),
+            binding: binding("DROP TABLE t", None),
+            requester: r,
+            host: "h".into(),
+            decided_by: None,
+            decided_at: None,
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn an_approval_reaches_the_holder_once() {
+        let hub = Hub::new(None);
+        let (r, mut rx) = hub
+            .open(request(&[], requester(1000, None)), Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(r.state, State::Pending);
+        let done = hub
+            .decide(&r.id[..6], &approver(0, "root", None), true, None)
+            .unwrap();
+        assert_eq!(done.state, State::Approved);
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Verdict::Approved { by: "root".into() }
+        );
+        // Decided: a second decision and an expiry find nothing to do.
+        let again = hub.decide(&r.id, &approver(0, "root", None), false, None);
+        assert!(matches!(
+            again,
+            Err(DecideError::Decided {
+                state: "approved",
+                ..
+            })
+        ));
+        assert_eq!(hub.end(&r.id, State::Expired, "timeout"), None);
+        assert_eq!(hub.list(false).len(), 0);
+        assert_eq!(hub.list(true).len(), 1);
+    }
+
+    #[test]
+    fn a_requester_never_approves_their_own_request() {
+        let hub = Hub::new(None);
+        // The same user.
+        let (r, _rx) = hub
+            .open(request(&[], requester(1000, None)), Duration::from_secs(60))
+            .unwrap();
+        let e = hub.decide(&r.id, &approver(1000, "alice", None), true, None);
+        assert!(matches!(e, Err(DecideError::OwnRequest { .. })), "{e:?}");
+        // The same login, through sudo.
+        let (r2, _rx2) = hub
+            .open(
+                request(&[], requester(1000, Some(1000))),
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        let e = hub.decide(&r2.id, &approver(0, "root", Some(1000)), true, None);
+        assert!(matches!(e, Err(DecideError::OwnRequest { .. })), "{e:?}");
+        // Someone else may.
+        assert!(hub
+            .decide(&r2.id, &approver(0, "root", Some(1001)), true, None)
+            .is_ok());
+        // A container's uid is nobody's on the host.
+        let mut pod = requester(0, None);
+        pod.workload = "pod:agents/bot".into();
+        let (r3, _rx3) = hub
+            .open(request(&[], pod), Duration::from_secs(60))
+            .unwrap();
+        assert!(hub
+            .decide(&r3.id, &approver(0, "root", None), false, None)
+            .is_ok());
+    }
+
+    #[test]
+    fn only_the_rules_approvers_decide() {
+        let hub = Hub::new(None);
+        let (r, _rx) = hub
+            .open(
+                request(&["carol", "group:sre"], requester(1000, None)),
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        let e = hub.decide(&r.id, &approver(0, "root", None), true, None);
+        assert!(matches!(e, Err(DecideError::NotAnApprover { .. })), "{e:?}");
+        let mut sre = approver(0, "root", None);
+        sre.groups.push("sre".into());
+        assert!(hub.decide(&r.id, &sre, true, None).is_ok());
+        let (r, _rx) = hub
+            .open(
+                request(&["carol"], requester(1000, None)),
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        assert!(hub
+            .decide(&r.id, &approver(1001, "carol", None), true, None)
+            .is_ok());
+    }
+
+    #[test]
+    fn a_decision_for_a_client_gone_is_refused() {
+        let hub = Hub::new(None);
+        let (r, rx) = hub
+            .open(request(&[], requester(1000, None)), Duration::from_secs(60))
+            .unwrap();
+        drop(rx);
+        let e = hub.decide(&r.id, &approver(0, "root", None), true, None);
+        assert_eq!(e, Err(DecideError::Gone(r.id.clone())));
+        assert_eq!(hub.list(true)[0].state, State::Withdrawn);
+    }
+
+    #[test]
+    fn history_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("approvals.jsonl");
+        let hub = Hub::new(Some(path.clone()));
+        let (r, _rx) = hub
+            .open(request(&[], requester(1000, None)), Duration::from_secs(60))
+            .unwrap();
+        hub.end(&r.id, State::Expired, "no decision within 1m");
+        let hub = Hub::new(Some(path));
+        let all = hub.list(true);
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].state, State::Expired);
+        assert_eq!(hub.find(&r.id).unwrap().id, r.id);
+    }
+
+    #[test]
+    fn bindings_differ_with_text_and_values() {
+        let a = binding("DELETE FROM t WHERE id = $1", Some((&[], b"\0\0\0\x011")));
+        let b = binding("DELETE FROM t WHERE id = $1", Some((&[], b"\0\0\0\x012")));
+        let c = binding("DELETE FROM t WHERE id = $1", None);
+        assert_ne!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(query_binding_text("DROP TABLE t;"), "DROP TABLE t");
+        assert_eq!(
+            query_binding_text("DROP TABLE a; DROP TABLE b"),
+            "DROP TABLE a; DROP TABLE b"
+        );
+    }
+}
