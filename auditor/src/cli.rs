@@ -126,7 +126,10 @@ pub fn format_event(ev: &AuditEvent) -> String {
         | EventKind::ApprovalGranted
         | EventKind::ApprovalDenied
         | EventKind::ApprovalExpired
-        | EventKind::ApprovalWithdrawn => {
+        | EventKind::ApprovalWithdrawn
+        | EventKind::GrantCreated
+        | EventKind::GrantRevoked
+        | EventKind::GrantExpired => {
             let by = if ev.approver.is_empty() {
                 String::new()
             } else {
@@ -309,7 +312,10 @@ pub fn sessions(dir: &Path, limit: usize) -> Result<(), CliError> {
             | EventKind::ApprovalGranted
             | EventKind::ApprovalDenied
             | EventKind::ApprovalExpired
-            | EventKind::ApprovalWithdrawn => {}
+            | EventKind::ApprovalWithdrawn
+            | EventKind::GrantCreated
+            | EventKind::GrantRevoked
+            | EventKind::GrantExpired => {}
         }
     })?;
     let stdout = std::io::stdout();

@@ -304,9 +304,10 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         let control =
             crate::approvals::control::bind(&socket, cfg.approvals.socket_group.as_deref())
                 .map_err(|e| DaemonError::Enforcement(format!("the approvals socket: {e}")))?;
-        let approvals = std::sync::Arc::new(crate::approvals::Hub::new(Some(
-            cfg.state_dir.join("approvals.jsonl"),
-        )));
+        let approvals = crate::approvals::Hub::new(Some(cfg.state_dir.join("approvals.jsonl")))
+            .with_grants(cfg.state_dir.join("grants.json"));
+        approvals.set_rules(&policies.set);
+        let approvals = std::sync::Arc::new(approvals);
         match crate::proxy::Enforcement::start(
             capture.ebpf_mut(),
             pins.as_deref(),
@@ -551,7 +552,22 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         if last_tick.elapsed() >= Duration::from_millis(250) {
             tracker.tick(crate::tracker::monotonic_ns(), &mut batch);
             last_tick = Instant::now();
-            if let Some(set) = policies.poll(&mut batch) {
+            let mut own = Vec::new();
+            let reloaded = policies.poll(&mut own);
+            if let Some(e) = &enforcement {
+                let hub = &e.proxy.shared.approvals;
+                hub.sweep();
+                own.extend(hub.take_events());
+            }
+            let host: crate::text::Text = cfg.host_name().into();
+            for mut ev in own {
+                // Events of no session: their id, time and host here.
+                ev.event_id = crate::audit::event::new_event_id();
+                ev.ts = Timestamp::now();
+                ev.host = host.clone();
+                batch.push(ev);
+            }
+            if let Some(set) = reloaded {
                 secrets.want(set.secrets());
                 if let Some(e) = &mut enforcement {
                     e.set_policies(set.clone());

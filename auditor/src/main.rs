@@ -237,6 +237,58 @@ enum ApprovalsCommand {
         #[command(flatten)]
         socket: ControlSocket,
     },
+    /// A time-boxed window in which the statements a rule holds pass without a request,
+    /// for one workload or database user; each is recorded with the grant.
+    ///
+    /// Examples:
+    ///   auditor approvals grant 3f9a1c2e --for 30m          # approve it, and its workload
+    ///                                                      # (and db user) for 30 minutes
+    ///   auditor approvals grant --rule agents/ddl-review --workload pod:agents/migrator-7d9 \
+    ///       --tables 'billing.*' --for 1h --reason "schema migration JIRA-123"
+    ///   auditor approvals grant --rule agents/deletes --db-user app_rw --for 15m
+    #[command(verbatim_doc_comment)]
+    Grant {
+        /// A pending request: approve it and grant its workload and database user its rule.
+        id: Option<String>,
+        /// How long: 90s, 30m, 2h (at most 24h).
+        #[arg(long = "for", value_parser = parse_duration)]
+        duration: std::time::Duration,
+        /// The rule, as policy/rule (without a request id).
+        #[arg(long)]
+        rule: Option<String>,
+        /// The workload, as events show it (pod:NAMESPACE/NAME, unit:NAME, cgroup:PATH, ...).
+        #[arg(long)]
+        workload: Option<String>,
+        /// A workload label, KEY=VALUE (repeatable; all must match).
+        #[arg(long, value_parser = auditor::query::parse_label)]
+        label: Vec<(String, String)>,
+        /// The database user.
+        #[arg(long)]
+        db_user: Option<String>,
+        /// Only statements on these tables (schema.table, `*` wildcards; repeatable).
+        #[arg(long)]
+        tables: Vec<String>,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        socket: ControlSocket,
+    },
+    /// End a grant before its time.
+    Revoke {
+        /// The grant's id (g…), or a unique prefix.
+        id: String,
+        #[command(flatten)]
+        socket: ControlSocket,
+    },
+    /// Grants in force (with --all, those ended recently too).
+    Grants {
+        #[command(flatten)]
+        socket: ControlSocket,
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Who the daemon takes you for, and the groups it sees you in.
     Whoami {
         #[command(flatten)]
@@ -475,6 +527,104 @@ fn approvals_command(cmd: ApprovalsCommand) -> anyhow::Result<()> {
                 );
             }
         }
+        ApprovalsCommand::Grant {
+            id,
+            duration,
+            rule,
+            workload,
+            label,
+            db_user,
+            tables,
+            reason,
+            socket,
+        } => {
+            let seconds = duration.as_secs();
+            let call = match id {
+                Some(id) => {
+                    if rule.is_some()
+                        || workload.is_some()
+                        || !label.is_empty()
+                        || db_user.is_some()
+                        || !tables.is_empty()
+                    {
+                        anyhow::bail!("a grant from a request takes its rule and workload from the request: give either a request id or --rule with a subject");
+                    }
+                    Call::GrantRequest {
+                        id,
+                        seconds,
+                        reason,
+                    }
+                }
+                None => {
+                    let Some(rule) = rule else {
+                        anyhow::bail!("give a pending request's id, or --rule POLICY/RULE with --workload, --label or --db-user");
+                    };
+                    if !rule.contains('/') {
+                        anyhow::bail!(
+                            "--rule is POLICY/RULE, as `auditor approvals list` shows it"
+                        );
+                    }
+                    let mut subject: std::collections::BTreeMap<String, String> =
+                        label.into_iter().collect();
+                    if let Some(w) = workload {
+                        subject.insert("workload".into(), w);
+                    }
+                    if let Some(u) = db_user {
+                        subject.insert("db.user".into(), u);
+                    }
+                    Call::Grant {
+                        spec: auditor::approvals::GrantSpec {
+                            rule,
+                            subject,
+                            tables,
+                            seconds,
+                            reason,
+                        },
+                    }
+                }
+            };
+            let r = cli::call_ok(&socket.path()?, &call)?;
+            if let Some(q) = &r.request {
+                println!(
+                    "approved {}: the statement of {} runs now",
+                    q.id,
+                    q.requester.summary()
+                );
+            }
+            if let Some(g) = &r.grant {
+                println!(
+                    "granted {}: {}/{} for {} until {}",
+                    g.id,
+                    g.policy,
+                    g.rule,
+                    g.subject_text(),
+                    g.expires_at
+                );
+            }
+        }
+        ApprovalsCommand::Revoke { id, socket } => {
+            let r = cli::call_ok(&socket.path()?, &Call::Revoke { id })?;
+            if let Some(g) = r.grant {
+                println!(
+                    "revoked {} ({}/{} for {}; {} statements passed under it)",
+                    g.id,
+                    g.policy,
+                    g.rule,
+                    g.subject_text(),
+                    g.uses
+                );
+            }
+        }
+        ApprovalsCommand::Grants { socket, all, json } => {
+            let r = cli::call_ok(&socket.path()?, &Call::Grants { all })?;
+            if json {
+                for g in &r.grants {
+                    println!("{}", serde_json::to_string(g)?);
+                }
+            } else {
+                print!("{}", cli::render_grants(&r.grants));
+            }
+        }
         ApprovalsCommand::Whoami { socket } => {
             let r = cli::call_ok(&socket.path()?, &Call::Whoami)?;
             if let Some(a) = r.you {
@@ -491,6 +641,10 @@ fn approvals_command(cmd: ApprovalsCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    auditor::policy::model::duration_text::parse(s)
 }
 
 fn policy_config(config: &Option<PathBuf>) -> anyhow::Result<Config> {

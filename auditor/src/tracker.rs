@@ -408,12 +408,24 @@ impl Tracker {
             return;
         };
         use crate::approvals::State;
+        if note.state == State::Granted {
+            // A statement a grant let through: no event of its own; its statement's event
+            // names the grant.
+            if let Some(s) = self.sessions.get_mut(&conn) {
+                if s.notes.len() >= MAX_NOTES {
+                    s.notes.remove(0);
+                }
+                s.notes.push(note);
+            }
+            return;
+        }
         let kind = match note.state {
             State::Pending => EventKind::ApprovalRequested,
             State::Approved => EventKind::ApprovalGranted,
             State::Denied => EventKind::ApprovalDenied,
             State::Expired => EventKind::ApprovalExpired,
             State::Withdrawn | State::Canceled => EventKind::ApprovalWithdrawn,
+            State::Granted => unreachable!("handled above"),
         };
         let mut ev = AuditEvent::of_kind(kind);
         ev.approval_id = note.request.clone().into();

@@ -616,10 +616,19 @@ pub fn read_events(dir: &Path) -> Result<Vec<Value>> {
     Ok(events)
 }
 
-/// Fails if any (session_id, seq) occurs twice: an event recorded twice.
+/// Fails if any (session_id, seq) occurs twice: an event recorded twice. (Events of no
+/// session, such as grants and policy errors, have unique ids of their own.)
 pub fn assert_no_duplicates(events: &[Value]) {
     let mut seen = std::collections::HashSet::new();
+    let mut ids = std::collections::HashSet::new();
     for e in events {
+        assert!(
+            ids.insert(str_of(e, "event_id").to_string()),
+            "event id twice: {e}"
+        );
+        if str_of(e, "session_id").is_empty() {
+            continue;
+        }
         let key = (
             str_of(e, "session_id").to_string(),
             e["seq"].as_u64().unwrap(),

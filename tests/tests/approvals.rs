@@ -314,6 +314,70 @@ fn held_statements_wait_for_a_person() {
     assert!(ok, "{out}{err}");
     assert!(!table_exists(&pg, "mine"));
 
+    // 4b. Grants: a window in which the rule's statements of a workload pass without a
+    // request, each recorded with the grant; revoked, the next is held again. A grant from
+    // a request approves it and lets the workload's next ones through until it expires.
+    let label = format!("cgroup.path={}", agent.name);
+    let (ok, out, err) = approvals.cli(
+        0,
+        &[
+            "grant",
+            "--rule",
+            "agents/ddl-review",
+            "--label",
+            &label,
+            "--for",
+            "10m",
+            "--reason",
+            "migration",
+        ],
+    );
+    assert!(ok, "grant: {out}{err}");
+    let grant_id = out
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(':')
+        .to_string();
+    assert!(grant_id.starts_with('g'), "{out}");
+    let client = psql_as(
+        NOBODY,
+        &[
+            "CREATE TABLE g1 (a int)",
+            "CREATE TABLE g2 (a int)",
+            "ALTER TABLE g1 ADD b int",
+        ],
+    );
+    let (ok, out, err) = finish(client);
+    assert!(ok && !err.contains("waits for approval"), "{out}{err}");
+    assert!(table_exists(&pg, "g1") && table_exists(&pg, "g2"));
+    let (ok, out, _) = approvals.cli(0, &["grants", "--json"]);
+    assert!(ok);
+    let g: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (g["id"].as_str(), g["uses"].as_u64()),
+        (Some(grant_id.as_str()), Some(3)),
+        "{g}"
+    );
+    let (ok, out, err) = approvals.cli(0, &["revoke", &grant_id]);
+    assert!(ok && out.contains("3 statements passed"), "{out}{err}");
+    let client = psql_as(NOBODY, &["DROP TABLE g2", "DROP TABLE g1"]);
+    let r = approvals.wait_request("DROP TABLE g2");
+    let (ok, out, err) = approvals.cli(0, &["grant", r["id"].as_str().unwrap(), "--for", "4s"]);
+    assert!(ok && out.contains("granted g"), "{out}{err}");
+    let (ok, out, err) = finish(client);
+    assert!(ok, "{out}{err}");
+    assert_eq!(err.matches("waits for approval").count(), 1, "{err}");
+    assert!(!table_exists(&pg, "g1") && !table_exists(&pg, "g2"));
+    // Expired: held again.
+    std::thread::sleep(Duration::from_secs(5));
+    let client = psql_as(NOBODY, &["CREATE TABLE g3 (a int)"]);
+    let r = approvals.wait_request("CREATE TABLE g3");
+    let (ok, out, err) = approvals.cli(0, &["deny", r["id"].as_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    finish(client);
+    assert!(!table_exists(&pg, "g3"));
+
     // 5. asyncpg (extended protocol, held at the Bind with its values) in transactions.
     let mut cmd = Command::new(auditor_tests::python3());
     cmd.arg(auditor_tests::workspace_root().join("tests/helpers/drivers/asyncpg_hold.py"))
@@ -437,6 +501,32 @@ fn held_statements_wait_for_a_person() {
     let decisions: Vec<&str> = deletes.iter().map(|e| str_of(e, "decision")).collect();
     assert_eq!(decisions, ["approved", "denied"], "{deletes:#?}");
     assert!(deletes.iter().all(|e| !str_of(e, "approval_id").is_empty()));
+    // Grants: opened, revoked, expired; the statements they let through name them.
+    let grant_kinds: Vec<&str> = events
+        .iter()
+        .map(|e| str_of(e, "kind"))
+        .filter(|k| k.starts_with("grant_"))
+        .collect();
+    assert_eq!(
+        grant_kinds,
+        [
+            "grant_created",
+            "grant_revoked",
+            "grant_created",
+            "grant_expired"
+        ],
+        "{grant_kinds:?}"
+    );
+    let granted: Vec<&Value> = statements_of(&events, &agent.name)
+        .into_iter()
+        .filter(|e| str_of(e, "decision") == "granted")
+        .collect();
+    assert_eq!(granted.len(), 4, "{granted:#?}");
+    assert!(granted[..3]
+        .iter()
+        .all(|e| str_of(e, "approval_id") == grant_id));
+    assert!(granted.iter().all(|e| str_of(e, "approver") == "root"));
+    assert_eq!(str_of(granted[3], "statement"), "DROP TABLE g1");
     // Held statements are recorded once each.
     auditor_tests::assert_no_duplicates(&events);
     let _ = std::fs::remove_file(Path::new(&socket));

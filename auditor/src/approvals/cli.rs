@@ -150,6 +150,33 @@ pub fn render_list(requests: &[Request]) -> String {
     out
 }
 
+/// The table of `auditor approvals grants`.
+pub fn render_grants(grants: &[super::Grant]) -> String {
+    if grants.is_empty() {
+        return "no grant in force\n".to_string();
+    }
+    let mut out = format!(
+        "{:<11}  {:<8}  {:<12}  {:<24}  {:>5}  {}\n",
+        "ID", "STATE", "ENDS", "RULE", "USES", "FOR"
+    );
+    for g in grants {
+        let mut subject = g.subject_text();
+        if !g.tables.is_empty() {
+            subject.push_str(&format!(" on {}", g.tables.join(", ")));
+        }
+        out.push_str(&format!(
+            "{:<11}  {:<8}  {:<12}  {:<24}  {:>5}  {}\n",
+            g.id,
+            g.state.as_str(),
+            relative(&g.expires_at),
+            one_line(&format!("{}/{}", g.policy, g.rule), 24),
+            g.uses,
+            one_line(&subject, 80),
+        ));
+    }
+    out
+}
+
 /// `auditor approvals show`.
 pub fn render_request(r: &Request) -> String {
     let q = &r.requester;

@@ -37,6 +37,24 @@ pub enum Call {
     },
     /// Who the daemon takes the caller for.
     Whoami,
+    /// A time-boxed grant of one approval rule to a subject.
+    Grant {
+        spec: super::GrantSpec,
+    },
+    /// Approves a pending request and grants its workload the rule for a while.
+    GrantRequest {
+        id: String,
+        seconds: u64,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    Revoke {
+        id: String,
+    },
+    Grants {
+        #[serde(default)]
+        all: bool,
+    },
 }
 
 /// The daemon's answer.
@@ -51,6 +69,10 @@ pub struct Reply {
     pub request: Option<Request>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub you: Option<Approver>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<super::Grant>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<super::Grant>,
 }
 
 impl Reply {
@@ -94,6 +116,49 @@ pub fn answer(hub: &Hub, approver: &Approver, call: Call) -> Reply {
         Call::Whoami => Reply {
             ok: true,
             you: Some(approver.clone()),
+            ..Reply::default()
+        },
+        Call::Grant { spec } => match hub.grant(spec, approver) {
+            Ok(g) => {
+                tracing::info!(grant = %g.id, by = %approver.display(), rule = %format!("{}/{}", g.policy, g.rule), subject = %g.subject_text(), until = %g.expires_at, "approvals: grant");
+                Reply {
+                    ok: true,
+                    grant: Some(g),
+                    ..Reply::default()
+                }
+            }
+            Err(e) => Reply::error(e),
+        },
+        Call::GrantRequest {
+            id,
+            seconds,
+            reason,
+        } => match hub.grant_request(&id, approver, seconds, reason) {
+            Ok((r, g)) => {
+                tracing::info!(request = %r.id, grant = %g.id, by = %approver.display(), "approvals: approved with a grant");
+                Reply {
+                    ok: true,
+                    request: Some(r),
+                    grant: Some(g),
+                    ..Reply::default()
+                }
+            }
+            Err(e) => Reply::error(e),
+        },
+        Call::Revoke { id } => match hub.revoke(&id, approver) {
+            Ok(g) => {
+                tracing::info!(grant = %g.id, by = %approver.display(), "approvals: grant revoked");
+                Reply {
+                    ok: true,
+                    grant: Some(g),
+                    ..Reply::default()
+                }
+            }
+            Err(e) => Reply::error(e),
+        },
+        Call::Grants { all } => Reply {
+            ok: true,
+            grants: hub.grants(all),
             ..Reply::default()
         },
     }

@@ -49,6 +49,8 @@ pub enum State {
     Withdrawn,
     /// The client cancelled its statement (a driver's timeout, Ctrl-C in psql).
     Canceled,
+    /// Let through by a grant, without a request (statement events only).
+    Granted,
 }
 
 impl State {
@@ -60,6 +62,7 @@ impl State {
             State::Expired => "expired",
             State::Withdrawn => "withdrawn",
             State::Canceled => "canceled",
+            State::Granted => "granted",
         }
     }
 }
@@ -277,6 +280,8 @@ pub enum DecideError {
     Gone(String),
     #[error("too many statements wait for approval ({MAX_PENDING})")]
     Full,
+    #[error("{0}")]
+    Grant(String),
 }
 
 struct Entry {
@@ -284,10 +289,112 @@ struct Entry {
     tx: Option<tokio::sync::oneshot::Sender<Verdict>>,
 }
 
+/// A time-boxed window in which statements one approval rule holds pass without a request,
+/// for the sessions its subject selects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    /// `g` and hex; a unique prefix names it too.
+    pub id: String,
+    pub state: GrantState,
+    pub policy: String,
+    pub rule: String,
+    /// Whose sessions: every key must match (workload labels, `workload`, `db.user`,
+    /// `db.name`).
+    pub subject: BTreeMap<String, String>,
+    /// Only statements on these tables (`schema.table`, `*` wildcards; empty: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<String>,
+    pub created_at: String,
+    pub expires_at: String,
+    /// Unix seconds of `expires_at`.
+    pub expires_unix: i64,
+    pub granted_by: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_by: Option<String>,
+    /// Statements it let through.
+    #[serde(default)]
+    pub uses: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantState {
+    Active,
+    Revoked,
+    Expired,
+}
+
+impl GrantState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantState::Active => "active",
+            GrantState::Revoked => "revoked",
+            GrantState::Expired => "expired",
+        }
+    }
+}
+
+impl Grant {
+    /// `workload=pod:agents/bot, db.user=app` (what the grant's subject says).
+    pub fn subject_text(&self) -> String {
+        self.subject
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn covers(&self, policy: &str, rule: &str, r: &Requester, tables: &[String], now: i64) -> bool {
+        self.state == GrantState::Active
+            && now < self.expires_unix
+            && self.policy == policy
+            && self.rule == rule
+            && self.subject.iter().all(|(k, v)| {
+                let have = match k.as_str() {
+                    "workload" => Some(r.workload.as_str()),
+                    "db.user" => Some(r.db_user.as_str()),
+                    "db.name" => Some(r.database.as_str()),
+                    _ => r.labels.get(k).map(String::as_str),
+                };
+                have == Some(v.as_str())
+            })
+            && (self.tables.is_empty()
+                || (!tables.is_empty()
+                    && tables.iter().all(|t| {
+                        self.tables.iter().any(|g| {
+                            crate::policy::model::glob(g, t)
+                                || crate::policy::model::glob(g, &format!("public.{t}"))
+                        })
+                    })))
+    }
+}
+
+/// What an approver asks for when granting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantSpec {
+    /// `policy/rule`.
+    pub rule: String,
+    pub subject: BTreeMap<String, String>,
+    #[serde(default)]
+    pub tables: Vec<String>,
+    pub seconds: u64,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// Longest grant.
+pub const MAX_GRANT: Duration = Duration::from_secs(24 * 3600);
+
 #[derive(Default)]
 struct Inner {
     pending: HashMap<String, Entry>,
     recent: VecDeque<Request>,
+    grants: Vec<Grant>,
+    /// Approval rules in force: `policy/rule` -> approvers (what grants are checked
+    /// against).
+    rules: HashMap<String, Vec<String>>,
 }
 
 /// This daemon's approval requests.
@@ -295,6 +402,10 @@ pub struct Hub {
     inner: Mutex<Inner>,
     /// Decided requests, one JSON object per line (None: not kept).
     history: Option<PathBuf>,
+    /// Grants, active and recent (rewritten whole at each change; None: not kept).
+    grants_file: Option<PathBuf>,
+    /// `grant_*` events for the trail, taken by the daemon's main loop.
+    events: Mutex<Vec<crate::audit::event::AuditEvent>>,
     /// Bumped at every change (for a watcher that shows requests live).
     pub changed: tokio::sync::watch::Sender<u64>,
 }
@@ -309,8 +420,340 @@ impl Hub {
         Hub {
             inner: Mutex::new(inner),
             history,
+            grants_file: None,
+            events: Mutex::new(Vec::new()),
             changed: tokio::sync::watch::channel(0).0,
         }
+    }
+
+    /// Keeps grants in `path` (those in it are read back: a restart keeps them).
+    pub fn with_grants(mut self, path: PathBuf) -> Hub {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            match serde_json::from_str::<Vec<Grant>>(&text) {
+                Ok(g) => self.lock().grants = g,
+                Err(e) => tracing::warn!(
+                    "approvals: {} does not read ({e}); no grant is in force",
+                    path.display()
+                ),
+            }
+        }
+        self.grants_file = Some(path);
+        self
+    }
+
+    /// The approval rules of the policies in force (what grants may name, and who may
+    /// grant them).
+    pub fn set_rules(&self, set: &crate::policy::PolicySet) {
+        let mut rules = HashMap::new();
+        for p in &set.policies {
+            if p.policy.mode != Some(crate::policy::Mode::Enforce) {
+                continue;
+            }
+            for r in &p.policy.require_approval {
+                rules.insert(format!("{}/{}", p.policy.name, r.name), r.approvers.clone());
+            }
+        }
+        self.lock().rules = rules;
+    }
+
+    /// The `grant_*` events made since the last call.
+    pub fn take_events(&self) -> Vec<crate::audit::event::AuditEvent> {
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn grant_event(
+        &self,
+        kind: crate::audit::event::EventKind,
+        g: &Grant,
+        by: Option<&str>,
+        why: Option<&str>,
+    ) {
+        let mut ev = crate::audit::event::AuditEvent::of_kind(kind);
+        ev.approval_id = g.id.clone().into();
+        ev.decision_rule = format!("{}/{}", g.policy, g.rule).into();
+        if let Some(by) = by {
+            ev.approver = by.to_string().into();
+        }
+        ev.statement = format!(
+            "grant {} of {}/{} to {}{} until {}",
+            g.id,
+            g.policy,
+            g.rule,
+            g.subject_text(),
+            if g.tables.is_empty() {
+                String::new()
+            } else {
+                format!(" on {}", g.tables.join(", "))
+            },
+            g.expires_at
+        )
+        .into();
+        if let Some(w) = why {
+            ev.error_message = w.to_string();
+        }
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(ev);
+    }
+
+    fn save_grants(&self, inner: &Inner) {
+        let Some(p) = &self.grants_file else {
+            return;
+        };
+        let tmp = p.with_extension("json.tmp");
+        let res = serde_json::to_vec_pretty(&inner.grants)
+            .map_err(std::io::Error::other)
+            .and_then(|text| {
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(true)
+                    .write(true)
+                    .mode(0o600)
+                    .open(&tmp)?;
+                f.write_all(&text)?;
+                std::fs::rename(&tmp, p)
+            });
+        if let Err(e) = res {
+            tracing::warn!("approvals: cannot write {}: {e}", p.display());
+        }
+    }
+
+    /// Opens a grant (an approver of its rule, for at most a day).
+    pub fn grant(&self, spec: GrantSpec, by: &Approver) -> Result<Grant, DecideError> {
+        let mut inner = self.lock();
+        let Some(approvers) = inner.rules.get(&spec.rule).cloned() else {
+            let mut known: Vec<&String> = inner.rules.keys().collect();
+            known.sort();
+            return Err(DecideError::Grant(format!(
+                "no approval rule {} in an enforce policy in force (rules: {})",
+                spec.rule,
+                known
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        };
+        if !by.may_approve(&approvers) {
+            return Err(DecideError::Grant(format!(
+                "{} may not grant {}: the rule names its approvers ({})",
+                by.display(),
+                spec.rule,
+                approvers.join(", ")
+            )));
+        }
+        if spec.subject.is_empty() {
+            return Err(DecideError::Grant(
+                "a grant needs a subject: --workload, --label KEY=VALUE or --db-user".into(),
+            ));
+        }
+        let d = Duration::from_secs(spec.seconds);
+        if d.is_zero() || d > MAX_GRANT {
+            return Err(DecideError::Grant("a grant lasts from 1s to 24h".into()));
+        }
+        let (policy, rule) = spec.rule.split_once('/').expect("rules are policy/rule");
+        let now = now_ns();
+        let g = Grant {
+            id: loop {
+                let id = format!("g{:09x}", rand::random::<u64>() & 0xf_ffff_ffff);
+                if !inner.grants.iter().any(|g| g.id == id) {
+                    break id;
+                }
+            },
+            state: GrantState::Active,
+            policy: policy.to_string(),
+            rule: rule.to_string(),
+            subject: spec.subject,
+            tables: spec.tables,
+            created_at: crate::audit::event::format_ts(now),
+            expires_at: crate::audit::event::format_ts(now + d.as_nanos() as i128),
+            expires_unix: (now / 1_000_000_000) as i64 + d.as_secs() as i64,
+            granted_by: by.display(),
+            reason: spec.reason,
+            revoked_by: None,
+            uses: 0,
+        };
+        inner.grants.push(g.clone());
+        // Keep the last 100 that ended, and every active one.
+        let ended = inner
+            .grants
+            .iter()
+            .filter(|g| g.state != GrantState::Active)
+            .count();
+        if ended > 100 {
+            let mut drop = ended - 100;
+            inner.grants.retain(|g| {
+                if drop > 0 && g.state != GrantState::Active {
+                    drop -= 1;
+                    return false;
+                }
+                true
+            });
+        }
+        self.save_grants(&inner);
+        drop(inner);
+        self.grant_event(
+            crate::audit::event::EventKind::GrantCreated,
+            &g,
+            Some(&g.granted_by),
+            g.reason.as_deref(),
+        );
+        self.bump();
+        Ok(g)
+    }
+
+    /// Approves a pending request and grants its workload (and database user) the rule
+    /// for `seconds`: the statements like it that follow pass.
+    pub fn grant_request(
+        &self,
+        prefix: &str,
+        by: &Approver,
+        seconds: u64,
+        reason: Option<String>,
+    ) -> Result<(Request, Grant), DecideError> {
+        let r = self.find(prefix)?;
+        if r.state != State::Pending {
+            return Err(DecideError::Decided {
+                id: r.id.clone(),
+                state: r.state.as_str(),
+                by: r
+                    .decided_by
+                    .map(|b| format!(" (by {b})"))
+                    .unwrap_or_default(),
+            });
+        }
+        if by.is_requester(&r.requester) {
+            return Err(DecideError::OwnRequest {
+                who: by.display(),
+                id: r.id,
+                requester: r.requester.summary(),
+            });
+        }
+        let mut subject = BTreeMap::new();
+        subject.insert("workload".to_string(), r.requester.workload.clone());
+        subject.insert("db.user".to_string(), r.requester.db_user.clone());
+        let g = self.grant(
+            GrantSpec {
+                rule: format!("{}/{}", r.policy, r.rule),
+                subject,
+                tables: Vec::new(),
+                seconds,
+                reason: reason.clone(),
+            },
+            by,
+        )?;
+        let done = self.decide(
+            &r.id,
+            by,
+            true,
+            Some(reason.unwrap_or_else(|| format!("grant {}", g.id))),
+        )?;
+        Ok((done, g))
+    }
+
+    /// Ends a grant before its time.
+    pub fn revoke(&self, prefix: &str, by: &Approver) -> Result<Grant, DecideError> {
+        let mut inner = self.lock();
+        let prefix = prefix.trim().to_ascii_lowercase();
+        let found: Vec<usize> = inner
+            .grants
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| g.id.starts_with(&prefix) && g.state == GrantState::Active)
+            .map(|(i, _)| i)
+            .collect();
+        let i = match found.as_slice() {
+            [i] => *i,
+            [] => return Err(DecideError::NotFound(format!("{prefix} (no active grant)"))),
+            _ => return Err(DecideError::Ambiguous(prefix, "several grants".into())),
+        };
+        let approvers = inner
+            .rules
+            .get(&format!(
+                "{}/{}",
+                inner.grants[i].policy, inner.grants[i].rule
+            ))
+            .cloned()
+            .unwrap_or_default();
+        if !by.may_approve(&approvers) {
+            return Err(DecideError::Grant(format!(
+                "{} may not revoke a grant of {}/{}",
+                by.display(),
+                inner.grants[i].policy,
+                inner.grants[i].rule
+            )));
+        }
+        let g = &mut inner.grants[i];
+        g.state = GrantState::Revoked;
+        g.revoked_by = Some(by.display());
+        let g = g.clone();
+        self.save_grants(&inner);
+        drop(inner);
+        self.grant_event(
+            crate::audit::event::EventKind::GrantRevoked,
+            &g,
+            Some(&by.display()),
+            None,
+        );
+        self.bump();
+        Ok(g)
+    }
+
+    /// The active grant that lets this statement through, if any (its use counted).
+    pub fn grant_for(
+        &self,
+        policy: &str,
+        rule: &str,
+        r: &Requester,
+        tables: &[String],
+    ) -> Option<Grant> {
+        let now = now_ns().div_euclid(1_000_000_000) as i64;
+        let mut inner = self.lock();
+        let g = inner
+            .grants
+            .iter_mut()
+            .find(|g| g.covers(policy, rule, r, tables, now))?;
+        g.uses += 1;
+        Some(g.clone())
+    }
+
+    /// Grants whose time is up become expired (an event each). Called every second or so.
+    pub fn sweep(&self) {
+        let now = now_ns().div_euclid(1_000_000_000) as i64;
+        let mut inner = self.lock();
+        let mut ended = Vec::new();
+        for g in inner.grants.iter_mut() {
+            if g.state == GrantState::Active && now >= g.expires_unix {
+                g.state = GrantState::Expired;
+                ended.push(g.clone());
+            }
+        }
+        if ended.is_empty() {
+            return;
+        }
+        self.save_grants(&inner);
+        drop(inner);
+        for g in &ended {
+            self.grant_event(
+                crate::audit::event::EventKind::GrantExpired,
+                g,
+                None,
+                Some(&format!("{} statements passed under it", g.uses)),
+            );
+        }
+        self.bump();
+    }
+
+    /// Grants: the active ones (with `all`, the ended ones kept too).
+    pub fn grants(&self, all: bool) -> Vec<Grant> {
+        self.lock()
+            .grants
+            .iter()
+            .filter(|g| all || g.state == GrantState::Active)
+            .cloned()
+            .collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -810,6 +1253,100 @@ mod tests {
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].state, State::Expired);
         assert_eq!(hub.find(&r.id).unwrap().id, r.id);
+    }
+
+    fn hub_with_rule(approvers: &str) -> Hub {
+        let yaml = format!(
+            "name: agents\nselector: {{}}\nmode: enforce\nrequire_approval:\n  - name: ddl\n    when: {{ddl: true}}\n    approvers: [{approvers}]\n"
+        );
+        let mut report = crate::policy::LintReport::default();
+        let set = crate::policy::PolicySet::new(crate::policy::load_str(
+            std::path::Path::new("a.yaml"),
+            &yaml,
+            &mut report,
+        ));
+        let hub = Hub::new(None);
+        hub.set_rules(&set);
+        hub
+    }
+
+    fn spec(subject: &[(&str, &str)], tables: &[&str], seconds: u64) -> GrantSpec {
+        GrantSpec {
+            rule: "agents/ddl".into(),
+            subject: subject
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            tables: tables.iter().map(|s| s.to_string()).collect(),
+            seconds,
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn a_grant_covers_its_subject_rule_and_tables_until_it_ends() {
+        let hub = hub_with_rule("root");
+        let root = approver(0, "root", None);
+        let mut bot = requester(1000, None);
+        bot.workload = "pod:agents/bot".into();
+        bot.labels.insert("app".into(), "bot".into());
+        let g = hub
+            .grant(
+                spec(&[("app", "bot"), ("db.user", "app")], &["billing.*"], 60),
+                &root,
+            )
+            .unwrap();
+        let on = |t: &[&str]| t.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(hub
+            .grant_for("agents", "ddl", &bot, &on(&["billing.invoices"]))
+            .is_some());
+        // Another table, rule, or subject: not covered.
+        assert!(hub
+            .grant_for("agents", "ddl", &bot, &on(&["public.users"]))
+            .is_none());
+        assert!(hub
+            .grant_for("agents", "deletes", &bot, &on(&["billing.invoices"]))
+            .is_none());
+        let mut other = bot.clone();
+        other.labels.insert("app".into(), "web".into());
+        assert!(hub
+            .grant_for("agents", "ddl", &other, &on(&["billing.invoices"]))
+            .is_none());
+        assert_eq!(hub.grants(false)[0].uses, 1);
+        // Only the rule's approvers grant and revoke; a grant needs a subject and a rule
+        // in force.
+        let alice = approver(1000, "alice", None);
+        assert!(hub.revoke(&g.id, &alice).is_err());
+        assert!(hub.grant(spec(&[("app", "bot")], &[], 60), &alice).is_err());
+        assert!(hub.grant(spec(&[], &[], 60), &root).is_err());
+        let mut unknown = spec(&[("app", "bot")], &[], 60);
+        unknown.rule = "agents/nope".into();
+        assert!(hub.grant(unknown, &root).is_err());
+        hub.revoke(&g.id, &root).unwrap();
+        assert!(hub
+            .grant_for("agents", "ddl", &bot, &on(&["billing.invoices"]))
+            .is_none());
+        let kinds: Vec<_> = hub.take_events().iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["grant_created", "grant_revoked"]);
+        // Expiry.
+        hub.grant(spec(&[("app", "bot")], &[], 1), &root).unwrap();
+        assert!(hub.grant_for("agents", "ddl", &bot, &[]).is_some());
+        std::thread::sleep(Duration::from_millis(1100));
+        hub.sweep();
+        assert!(hub.grant_for("agents", "ddl", &bot, &[]).is_none());
+        let kinds: Vec<_> = hub.take_events().iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["grant_created", "grant_expired"]);
+    }
+
+    #[test]
+    fn grants_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grants.json");
+        let hub = hub_with_rule("root").with_grants(path.clone());
+        let root = approver(0, "root", None);
+        let g = hub.grant(spec(&[("app", "bot")], &[], 600), &root).unwrap();
+        let again = Hub::new(None).with_grants(path);
+        assert_eq!(again.grants(false), vec![g]);
     }
 
     #[test]

@@ -34,10 +34,16 @@ pub enum EventKind {
     ApprovalExpired,
     /// The client went away, cancelled, or the daemon stopped before a decision.
     ApprovalWithdrawn,
+    /// An approver opened a time-boxed grant (`approval_id` is the grant's id).
+    GrantCreated,
+    /// A grant was ended before its time (`approver`).
+    GrantRevoked,
+    /// A grant's time ran out.
+    GrantExpired,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 10] = [
+    pub const ALL: [EventKind; 13] = [
         EventKind::SessionStart,
         EventKind::Statement,
         EventKind::SessionEnd,
@@ -48,6 +54,9 @@ impl EventKind {
         EventKind::ApprovalDenied,
         EventKind::ApprovalExpired,
         EventKind::ApprovalWithdrawn,
+        EventKind::GrantCreated,
+        EventKind::GrantRevoked,
+        EventKind::GrantExpired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +71,9 @@ impl EventKind {
             EventKind::ApprovalDenied => "approval_denied",
             EventKind::ApprovalExpired => "approval_expired",
             EventKind::ApprovalWithdrawn => "approval_withdrawn",
+            EventKind::GrantCreated => "grant_created",
+            EventKind::GrantRevoked => "grant_revoked",
+            EventKind::GrantExpired => "grant_expired",
         }
     }
 

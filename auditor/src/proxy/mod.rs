@@ -401,6 +401,7 @@ impl Enforcement {
         if let Ok(mut p) = self.proxy.shared.policies.lock() {
             *p = set.clone();
         }
+        self.proxy.shared.approvals.set_rules(&set);
         self.policies = set;
         self.last_scan = None;
     }

@@ -66,6 +66,9 @@ pub struct HoldAsk {
     pub params: Option<Vec<HeldParam>>,
     /// What an approval binds ([`crate::approvals::binding`]).
     pub binding: String,
+    /// The relations it touches (`schema.name`, or `name` unqualified): what a grant's
+    /// tables are checked against.
+    pub tables: Vec<String>,
 }
 
 /// A bind value of a held statement.
@@ -463,11 +466,29 @@ impl Relay {
                 None,
             ),
         };
+        let tables = self
+            .analyzer
+            .analyze(&sql)
+            .facts(&sql)
+            .map(|f| {
+                f.tables
+                    .iter()
+                    .map(|t| {
+                        if t.schema.is_empty() {
+                            t.name.clone()
+                        } else {
+                            format!("{}.{}", t.schema, t.name)
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         self.hold_asked = Some(HoldAsk {
             decision: decision.clone(),
             sql: sql.clone(),
             params,
             binding,
+            tables,
         });
         self.holding = Some(Held {
             tag,
