@@ -516,6 +516,8 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     let drain_every = Duration::from_millis(u64::from(cfg.capture.drain_every_ms));
     let mut last_sweep = Instant::now();
     let mut last_tick = Instant::now();
+    // The host name of events that belong to no session (made when the first is).
+    let mut host_text: Option<crate::text::Text> = None;
     // New programs and newly mapped executable files: (pid, file or None for exec).
     let mut new_files: Vec<(u32, Option<tls::FileId>, u64)> = Vec::new();
     while !STOP.load(Ordering::SeqCst) {
@@ -559,12 +561,14 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
                 hub.sweep();
                 own.extend(hub.take_events());
             }
-            let host: crate::text::Text = cfg.host_name().into();
+            if !own.is_empty() {
+                host_text.get_or_insert_with(|| cfg.host_name().into());
+            }
             for mut ev in own {
                 // Events of no session: their id, time and host here.
                 ev.event_id = crate::audit::event::new_event_id();
                 ev.ts = Timestamp::now();
-                ev.host = host.clone();
+                ev.host = host_text.clone().unwrap_or_default();
                 batch.push(ev);
             }
             if let Some(set) = reloaded {
