@@ -206,15 +206,26 @@ fn held_statements_wait_for_a_person() {
     ]));
     assert!(!ok && err.contains("the daemon is not running"), "{err}");
 
-    // 1. Approved: the DROP reaches the server only then, and runs.
-    let client = psql_as(NOBODY, &["DROP TABLE doomed", "SELECT 'after-drop'"]);
+    // 1. Approved: the DROP reaches the server only then, and runs. It waits inside a
+    // transaction whose idle_in_transaction_session_timeout (2 s) is shorter than the
+    // wait: the proxy's keepalives hold it off.
+    let client = psql_as(
+        NOBODY,
+        &[
+            "BEGIN",
+            "SET LOCAL idle_in_transaction_session_timeout = '2s'",
+            "DROP TABLE doomed",
+            "COMMIT",
+            "SELECT 'after-drop'",
+        ],
+    );
     let r = approvals.wait_request("DROP TABLE doomed");
     assert_eq!(r["rule"], "ddl-review");
     assert_eq!(r["requester"]["uid"], NOBODY);
     assert_eq!(r["requester"]["db_user"], "postgres");
     assert_eq!(r["requester"]["application_name"], "held_psql");
     assert_eq!(r["requester"]["comm"], "psql");
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(3500));
     assert!(
         !server_saw(&pg, "DROP TABLE doomed"),
         "the server saw a held statement"
@@ -296,6 +307,26 @@ fn held_statements_wait_for_a_person() {
     assert!(!server_saw(&pg, "ALTER TABLE kept"));
     let (ok, _, err) = approvals.cli(0, &["approve", &canceled_id]);
     assert!(!ok && err.contains("canceled already"), "{err}");
+
+    // 3c. The client goes away while its statement waits: the request is withdrawn, and
+    // nothing of it ever runs.
+    let mut client = psql_as(NOBODY, &["DROP TABLE kept"]);
+    let r = approvals.wait_request("DROP TABLE kept");
+    let gone_id = r["id"].as_str().unwrap().to_string();
+    client.kill().unwrap();
+    let _ = client.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while approvals
+        .pending()
+        .iter()
+        .any(|p| p["id"] == gone_id.as_str())
+    {
+        assert!(Instant::now() < deadline, "{gone_id} still pending");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (ok, _, err) = approvals.cli(0, &["approve", &gone_id]);
+    assert!(!ok && err.contains("withdrawn already"), "{err}");
+    assert!(table_exists(&pg, "kept"));
 
     // 4. A requester never approves their own request (root sent it, root approves);
     // another user may (nobody, through the socket's group).
@@ -491,6 +522,11 @@ fn held_statements_wait_for_a_person() {
         ["approval_requested", "approval_withdrawn", "statement"]
     );
     assert_eq!(str_of(of_request(&canceled_id)[2], "decision"), "canceled");
+    assert_eq!(
+        kinds(&gone_id),
+        ["approval_requested", "approval_withdrawn", "statement"]
+    );
+    assert_eq!(str_of(of_request(&gone_id)[2], "decision"), "withdrawn");
     assert_eq!(kinds(&own_id)[1], "approval_granted");
     assert_eq!(str_of(of_request(&own_id)[1], "approver"), "nobody");
     // asyncpg's DELETEs: approved with its value, then denied.

@@ -21,7 +21,7 @@ use crate::{
 };
 
 /// How often a held session's server gets an empty query (see [`super::relay::Relay::keepalive`]).
-pub(super) const KEEPALIVE: Duration = Duration::from_secs(5);
+pub(super) const KEEPALIVE: Duration = Duration::from_secs(1);
 /// Client bytes buffered behind a held statement before the proxy stops reading.
 pub(super) const MAX_HELD_BYTES: usize = 1 << 20;
 
