@@ -417,6 +417,16 @@ pub fn stats(path: &Path, json: bool) -> Result<(), CliError> {
     println!("parse errors       {}", s.tracker.parse_errors);
     println!("unmatched replies  {}", s.tracker.unmatched_responses);
     println!("sink errors        {}", s.sink_errors);
+    if let Some(p) = &s.proxy {
+        println!(
+            "proxy              {} connections ({} now), {} enforced sessions, {} cgroups redirected",
+            p.connections, p.active, p.enforced_sessions, p.redirected_cgroups
+        );
+        println!(
+            "enforcement        {} blocked, {} values masked, {} held for approval ({} waiting now)",
+            p.blocked, p.masked_values, p.held, p.pending_approvals
+        );
+    }
     Ok(())
 }
 

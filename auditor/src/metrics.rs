@@ -232,6 +232,72 @@ pub fn render(s: &Stats) -> String {
             u8::from(ch.connected),
         );
     }
+    if let Some(p) = &s.proxy {
+        for (name, kind, help, value) in [
+            (
+                "proxy_connections_total",
+                "counter",
+                "Connections the inline proxy accepted.",
+                p.connections,
+            ),
+            (
+                "proxy_active_connections",
+                "gauge",
+                "Connections the inline proxy relays now.",
+                p.active,
+            ),
+            (
+                "proxy_enforced_sessions_total",
+                "counter",
+                "Sessions an enforce policy judged.",
+                p.enforced_sessions,
+            ),
+            (
+                "proxy_blocked_total",
+                "counter",
+                "Statements a rule refused.",
+                p.blocked,
+            ),
+            (
+                "proxy_masked_values_total",
+                "counter",
+                "Values masked in results.",
+                p.masked_values,
+            ),
+            (
+                "proxy_held_total",
+                "counter",
+                "Statements held for approval.",
+                p.held,
+            ),
+            (
+                "approvals_pending",
+                "gauge",
+                "Held statements waiting for a decision now.",
+                p.pending_approvals,
+            ),
+            (
+                "proxy_unknown_origin_total",
+                "counter",
+                "Connections to the proxy's port the redirect did not send (refused).",
+                p.unknown_origin,
+            ),
+            (
+                "proxy_upstream_failures_total",
+                "counter",
+                "Redirected connections whose server could not be reached.",
+                p.upstream_failures,
+            ),
+            (
+                "proxy_redirected_cgroups",
+                "gauge",
+                "Cgroups whose connections are redirected into the proxy.",
+                p.redirected_cgroups,
+            ),
+        ] {
+            metric(&mut o, name, kind, help, value);
+        }
+    }
     o
 }
 
@@ -289,6 +355,19 @@ mod tests {
         assert!(text.contains("auditor_policy_reload_errors_total 1\n"));
         assert!(text.contains("\nauditor_trail_lag_seconds 1.5\n"));
         assert!(!text.contains("kubernetes"));
+        assert!(!text.contains("proxy"));
+        s.proxy = Some(crate::proxy::ProxyStats {
+            held: 3,
+            pending_approvals: 1,
+            ..Default::default()
+        });
+        let with_proxy = render(&s);
+        assert!(
+            with_proxy.contains("\nauditor_proxy_held_total 3\n"),
+            "{with_proxy}"
+        );
+        assert!(with_proxy
+            .contains("# TYPE auditor_approvals_pending gauge\nauditor_approvals_pending 1\n"));
         let latest = Arc::new(Mutex::new(text.clone()));
         let addr = serve("127.0.0.1:0".parse().unwrap(), latest).unwrap();
         let get = |path: &str| {

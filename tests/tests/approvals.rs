@@ -470,6 +470,12 @@ fn held_statements_wait_for_a_person() {
     );
 
     // The trail: each request's events, linked to its statement by id.
+    // The daemon's counters (`auditor stats`, the Prometheus metrics) count every hold.
+    let stats = daemon.wait_for_stats(Duration::from_secs(5), |s| {
+        s["proxy"]["held"] == 10 && s["proxy"]["pending_approvals"] == 0
+    });
+    assert_eq!(stats["proxy"]["held"], 10, "{stats:#}");
+    assert_eq!(stats["proxy"]["pending_approvals"], 0, "{stats:#}");
     daemon.wait_sessions_ended(&agent.name);
     daemon.stop().unwrap();
     let events = daemon.events().unwrap();
