@@ -461,6 +461,22 @@ fn held_statements_wait_for_a_person() {
     assert!(out.contains("waits for approval"), "{out}");
     assert!(out.ends_with("done\n"), "{out}");
 
+    // 5b. psycopg's pipeline: the DELETE held at its Bind, the query behind it waits
+    // with it and runs after, in order.
+    let mut cmd = Command::new(auditor_tests::python3());
+    cmd.arg(auditor_tests::workspace_root().join("tests/helpers/drivers/psycopg_hold.py"))
+        .arg(pg.port.to_string());
+    let mut cmd = as_user(&cmd, NOBODY);
+    agent.enter(&mut cmd);
+    let client = spawn(&mut cmd);
+    let r = approvals.wait_request("DELETE FROM accounts");
+    assert_eq!(r["params"], serde_json::json!(["3"]), "{r}");
+    let (ok, out, err) = approvals.cli(0, &["approve", r["id"].as_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = finish(client);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("pipeline before 1 1\n"), "{out}");
+
     // Nothing waits now; the history has them all.
     assert!(approvals.pending().is_empty());
     let (ok, out, _) = approvals.cli(0, &["list", "--all"]);
@@ -472,9 +488,9 @@ fn held_statements_wait_for_a_person() {
     // The trail: each request's events, linked to its statement by id.
     // The daemon's counters (`auditor stats`, the Prometheus metrics) count every hold.
     let stats = daemon.wait_for_stats(Duration::from_secs(5), |s| {
-        s["proxy"]["held"] == 10 && s["proxy"]["pending_approvals"] == 0
+        s["proxy"]["held"] == 11 && s["proxy"]["pending_approvals"] == 0
     });
-    assert_eq!(stats["proxy"]["held"], 10, "{stats:#}");
+    assert_eq!(stats["proxy"]["held"], 11, "{stats:#}");
     assert_eq!(stats["proxy"]["pending_approvals"], 0, "{stats:#}");
     daemon.wait_sessions_ended(&agent.name);
     daemon.stop().unwrap();
@@ -541,7 +557,11 @@ fn held_statements_wait_for_a_person() {
         .filter(|e| str_of(e, "statement").starts_with("DELETE FROM accounts"))
         .collect();
     let decisions: Vec<&str> = deletes.iter().map(|e| str_of(e, "decision")).collect();
-    assert_eq!(decisions, ["approved", "denied"], "{deletes:#?}");
+    assert_eq!(
+        decisions,
+        ["approved", "denied", "approved"],
+        "{deletes:#?}"
+    );
     assert!(deletes.iter().all(|e| !str_of(e, "approval_id").is_empty()));
     // Grants: opened, revoked, expired; the statements they let through name them.
     let grant_kinds: Vec<&str> = events
