@@ -1073,14 +1073,24 @@ impl Relay {
         }
     }
 
-    /// A simple query: refused whole if any of its statements is.
+    /// A simple query: refused whole if any of its statements is, held whole if any is
+    /// held and none refused (the strictest verdict of its statements: an approval of one
+    /// never lets another that a rule refuses through).
     fn judge_query(&mut self, sql: &str) -> Option<Decision> {
         let parts = split_statements(sql);
         let multi = parts.len() > 1;
         if parts.is_empty() {
             return self.judge_text(sql, false);
         }
-        parts.iter().find_map(|p| self.judge_text(p, multi))
+        let mut strictest: Option<Decision> = None;
+        for p in &parts {
+            if let Some(d) = self.judge_text(p, multi) {
+                if strictest.as_ref().is_none_or(|s| d.action > s.action) {
+                    strictest = Some(d);
+                }
+            }
+        }
+        strictest
     }
 
     fn judge_prepared(&mut self, st: &Arc<PreparedStatement>) -> Option<Decision> {
@@ -1400,12 +1410,17 @@ mod tests {
 
     /// A relay under a policy that holds DDL, its session started and ready.
     fn ready_relay() -> Relay {
+        ready_relay_with(HOLD)
+    }
+
+    fn ready_relay_with(policy: &str) -> Relay {
         let mut report = crate::policy::LintReport::default();
         let set = crate::policy::PolicySet::new(crate::policy::load_str(
             std::path::Path::new("p.yaml"),
-            HOLD,
+            policy,
             &mut report,
         ));
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
         let labels = std::collections::BTreeMap::new();
         let applied = Arc::new(set.resolve(
             &crate::policy::Subject {
@@ -1489,6 +1504,21 @@ mod tests {
         expect.extend(query("SELECT 2"));
         assert_eq!(relay.to_server, expect);
         assert!(!relay.holding());
+    }
+
+    #[test]
+    fn a_query_string_is_held_only_if_nothing_in_it_is_refused() {
+        // DDL is held; a DELETE without WHERE is refused: the string is refused whole,
+        // never held (an approval would have let the DELETE through).
+        let policy =
+            format!("{HOLD}block:\n  - name: unbounded\n    when: {{without_where: true}}\n");
+        let mut relay = ready_relay_with(&policy);
+        relay.on_client(&query("DROP TABLE t; DELETE FROM u"));
+        assert!(relay.hold_asked.is_none());
+        assert!(!relay.holding());
+        assert_eq!(relay.refused.len(), 1);
+        assert_eq!(relay.refused[0].decision.rule, "unbounded");
+        assert!(!String::from_utf8_lossy(&relay.to_server).contains("DROP"));
     }
 
     #[test]
