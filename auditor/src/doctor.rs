@@ -112,6 +112,12 @@ fn enforcement_checks(cfg: &Config, set: &crate::policy::PolicySet) -> Vec<Check
             ),
         });
     }
+    let holds = set.policies.iter().any(|p| {
+        p.policy.mode == Some(crate::policy::Mode::Enforce) && !p.policy.require_approval.is_empty()
+    });
+    if holds {
+        out.push(approvals_check(cfg));
+    }
     for p in &set.policies {
         let Some(c) = &p.policy.credential else {
             continue;
@@ -300,6 +306,55 @@ pub fn run_checks(cfg: &Config) -> Vec<Check> {
         out.push(clickhouse_check(cfg));
     }
     out
+}
+
+/// Where approvers reach held statements: the control socket's place and group, and
+/// whether a daemon answers there now.
+fn approvals_check(cfg: &Config) -> Check {
+    use Verdict::*;
+    let socket = cfg.approvals_socket();
+    let shown = socket.display();
+    if let Some(g) = &cfg.approvals.socket_group {
+        let known = std::ffi::CString::new(g.as_str()).ok().is_some_and(|c| {
+            // SAFETY: getgrnam reads the group database; only the pointer's nullness is used.
+            !unsafe { libc::getgrnam(c.as_ptr()) }.is_null()
+        });
+        if !known {
+            return check(
+                "approvals",
+                Fail,
+                format!("approvals.socket_group: no group {g:?} on this host"),
+                "create the group, or correct approvals.socket_group: the daemon refuses to start with it",
+            );
+        }
+    }
+    let access = match &cfg.approvals.socket_group {
+        Some(g) => format!("root and group {g}"),
+        None => "root only (set approvals.socket_group to let a group of approvers in)".to_string(),
+    };
+    match crate::approvals::cli::call(&socket, &crate::approvals::control::Call::List { all: false }) {
+        Result::Ok(r) => check(
+            "approvals",
+            Ok,
+            format!(
+                "a daemon answers on {shown} ({} statements waiting); access: {access}",
+                r.requests.len()
+            ),
+            "",
+        ),
+        Err(crate::approvals::cli::CliError::NotRunning(_)) => check(
+            "approvals",
+            Ok,
+            format!("statements held for approval are decided through {shown} once the daemon runs; access: {access}"),
+            "",
+        ),
+        Err(e) => check(
+            "approvals",
+            Warn,
+            format!("{shown}: {e}"),
+            "",
+        ),
+    }
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
