@@ -315,10 +315,7 @@ fn approvals_check(cfg: &Config) -> Check {
     let socket = cfg.approvals_socket();
     let shown = socket.display();
     if let Some(g) = &cfg.approvals.socket_group {
-        let known = std::ffi::CString::new(g.as_str()).ok().is_some_and(|c| {
-            // SAFETY: getgrnam reads the group database; only the pointer's nullness is used.
-            !unsafe { libc::getgrnam(c.as_ptr()) }.is_null()
-        });
+        let known = crate::approvals::group_id(g).is_some();
         if !known {
             return check(
                 "approvals",

@@ -200,7 +200,7 @@ pub fn bind(
         std::fs::create_dir_all(parent).map_err(io)?;
     }
     let gid = match group {
-        Some(g) => Some(group_id(g).ok_or_else(|| ControlError::NoGroup(g.to_string()))?),
+        Some(g) => Some(super::group_id(g).ok_or_else(|| ControlError::NoGroup(g.to_string()))?),
         None => None,
     };
     // Created with no access for anyone but the owner, then opened to the group.
@@ -216,27 +216,6 @@ pub fn bind(
     }
     listener.set_nonblocking(true).map_err(io)?;
     Ok(listener)
-}
-
-fn group_id(name: &str) -> Option<u32> {
-    let cname = std::ffi::CString::new(name).ok()?;
-    let mut buf = vec![0u8; 16384];
-    // SAFETY: getgrnam_r writes into `grp` and `buf`, both ours and sized as passed.
-    unsafe {
-        let mut grp: libc::group = std::mem::zeroed();
-        let mut result: *mut libc::group = std::ptr::null_mut();
-        let rc = libc::getgrnam_r(
-            cname.as_ptr(),
-            &mut grp,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut result,
-        );
-        if rc != 0 || result.is_null() {
-            return None;
-        }
-        Some(grp.gr_gid)
-    }
 }
 
 /// Serves callers until the daemon stops (the task is dropped with its runtime).

@@ -1028,6 +1028,28 @@ fn groups_of(name: &str, gid: u32) -> Vec<String> {
     gids.into_iter().filter_map(group_name).collect()
 }
 
+/// The id of group `name`, if this host has it.
+pub fn group_id(name: &str) -> Option<u32> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0u8; 16384];
+    // SAFETY: getgrnam_r writes into `grp` and `buf`, both ours and sized as passed.
+    unsafe {
+        let mut grp: libc::group = std::mem::zeroed();
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        let rc = libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        );
+        if rc != 0 || result.is_null() {
+            return None;
+        }
+        Some(grp.gr_gid)
+    }
+}
+
 fn group_name(gid: u32) -> Option<String> {
     let mut buf = vec![0u8; 16384];
     // SAFETY: getgrgid_r writes into `grp` and `buf`, both ours and sized as passed.
