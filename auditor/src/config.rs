@@ -190,6 +190,67 @@ pub struct ApprovalsConfig {
     pub socket_group: Option<String>,
 }
 
+/// The web console: approvals and session replay in a browser, behind OpenID Connect.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// Where to serve it, e.g. 127.0.0.1:8443. Default: not served.
+    pub listen: Option<std::net::SocketAddr>,
+    /// The URL people open (what the identity provider redirects back to, under
+    /// `/callback`). Default: `http://<listen>`, or `https://` with `tls`. Plain `http` only
+    /// on a loopback address: behind a TLS-terminating proxy, give its `https` URL.
+    pub public_url: Option<String>,
+    /// Serve HTTPS with this certificate and key (PEM).
+    pub tls: Option<ConsoleTlsConfig>,
+    /// The identity provider every page's login goes through (required with `listen`).
+    pub oidc: Option<OidcConfig>,
+    /// How long a login lasts, in minutes. Default: 480.
+    pub session_minutes: Option<u64>,
+    /// Who may sign in at all (`oidc:NAME`, `oidc-group:NAME`). Default: anyone the
+    /// provider signs in for this client (restrict the client there, or here).
+    pub allow: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleTlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// An OpenID Connect provider (any standard issuer: Keycloak, Dex, Okta, Entra ID,
+/// Google): the authorization code flow with PKCE.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The issuer URL (its `/.well-known/openid-configuration` is read).
+    pub issuer: String,
+    pub client_id: String,
+    /// A file holding the client secret (confidential clients); without it, a public
+    /// client (PKCE alone).
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// Scopes asked for. Default: openid, email, profile, groups.
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
+    /// The ID token claim naming the person (what rules' `oidc:NAME` approvers and
+    /// decisions name). Default: email (refused when `email_verified` is false).
+    #[serde(default)]
+    pub username_claim: Option<String>,
+    /// The claim listing their groups (`oidc-group:NAME` approvers). Default: groups.
+    #[serde(default)]
+    pub groups_claim: Option<String>,
+    /// A claim whose value is the person's login name on the hosts (e.g.
+    /// preferred_username): a request sent by a process of that login is their own, and
+    /// they may not approve it.
+    #[serde(default)]
+    pub local_user_claim: Option<String>,
+    /// CA certificates (PEM) the issuer's certificate is checked against, besides the
+    /// system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Toggle {
@@ -239,6 +300,8 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// Statements held for approval, and where approvers reach the daemon.
     pub approvals: ApprovalsConfig,
+    /// The web console (approvals and session replay behind OpenID Connect).
+    pub console: ConsoleConfig,
     /// Where to serve Prometheus metrics (`GET /metrics`), e.g. 0.0.0.0:9464. Default:
     /// not served.
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -266,6 +329,7 @@ impl Default for Config {
             kubernetes: KubernetesConfig::default(),
             proxy: ProxyConfig::default(),
             approvals: ApprovalsConfig::default(),
+            console: ConsoleConfig::default(),
             metrics_listen: None,
             host_labels: Default::default(),
             systemd_unit_dirs: crate::workload::systemd::DEFAULT_UNIT_DIRS
@@ -361,6 +425,8 @@ impl Config {
         self.clickhouse
             .validate()
             .map_err(|(field, problem)| invalid(&format!("clickhouse.{field}"), problem))?;
+        crate::console::validate(&self.console)
+            .map_err(|(field, problem)| invalid(&format!("console.{field}"), problem))?;
         if !self.state_dir.is_absolute() {
             return Err(invalid(
                 "state_dir",
@@ -440,6 +506,19 @@ proxy:
 # approvals:                       # statements held by require_approval rules
   # socket: /run/auditor/approvals.sock  # `auditor approvals` talks here (default: state_dir)
   # socket_group: dba              # members may use the socket (else root only)
+# console:                         # approvals and session replay in a browser (docs/approvals.md)
+  # listen: 127.0.0.1:8443         # default: not served
+  # public_url: https://auditor.example.com   # what the browser opens (http only on loopback)
+  # tls: {cert: /etc/auditor/console.crt, key: /etc/auditor/console.key}
+  # oidc:
+  #   issuer: https://login.example.com/realms/ops
+  #   client_id: auditor
+  #   client_secret_file: /etc/auditor/oidc-secret   # none: a public client (PKCE alone)
+  #   username_claim: email        # names approvers: oidc:alice@example.com in rules
+  #   groups_claim: groups         # oidc-group:dba in rules
+  #   local_user_claim: preferred_username   # their login on hosts: no approving their own
+  # session_minutes: 480
+  # allow: [oidc-group:dba, oidc-group:security]   # who may sign in (default: anyone the provider signs in)
 local_log:
   enabled: true
   rotate_bytes: 104857600          # start a new file past 100 MiB

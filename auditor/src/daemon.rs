@@ -43,6 +43,8 @@ pub enum DaemonError {
     Policy(#[from] crate::policy::live::PolicyError),
     #[error("enforcement cannot start: {0} (an enforce policy is loaded; the daemon does not run without enforcing it)")]
     Enforcement(String),
+    #[error("the console cannot start: {0}")]
+    Console(String),
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -453,6 +455,20 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         }
         None => None,
     };
+    if let Some(bound) = crate::console::bind(
+        cfg,
+        enforcement
+            .as_ref()
+            .map(|e| e.proxy.shared.approvals.clone()),
+    )
+    .map_err(DaemonError::Console)?
+    {
+        let addr = bound
+            .local_addr()
+            .map_err(|e| DaemonError::Console(e.to_string()))?;
+        crate::console::spawn(bound).map_err(|e| DaemonError::Console(e.to_string()))?;
+        tracing::info!("console -> {addr} (approvals and session replay, OpenID Connect sign-in)");
+    }
     tracing::info!("ready; Ctrl-C stops and flushes everything");
     let _ = std::io::stdout().flush();
 

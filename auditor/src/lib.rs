@@ -7,6 +7,7 @@ pub mod audit;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod continuity;
 pub mod conversation;
 pub mod daemon;

@@ -17,6 +17,9 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde_json::Value;
 
+pub mod oidc;
+pub mod webdriver;
+
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// Returns false (after printing why) when this environment cannot run root tests; panics

@@ -72,6 +72,14 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "libpostgresql-jdbc-java",
         "the drivers test runs pgjdbc (batches, named statements)",
     ),
+    (
+        "chromium",
+        "the console test signs in and approves in headless Chromium",
+    ),
+    (
+        "chromium-driver",
+        "the console test drives Chromium over WebDriver (chromedriver)",
+    ),
 ];
 
 /// Tools the tests need, satisfied by any installation that puts the command on PATH

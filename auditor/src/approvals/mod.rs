@@ -163,6 +163,20 @@ pub struct Approver {
     pub login_name: Option<String>,
     /// The groups of `name` (and of `login_name`).
     pub groups: Vec<String>,
+    /// Signed in to the web console through OpenID Connect: then `name` is their
+    /// username claim, `groups` their groups claim, and `uid` no user of this host's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oidc: Option<OidcIdentity>,
+}
+
+/// Who the identity provider says a console user is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OidcIdentity {
+    pub issuer: String,
+    pub subject: String,
+    /// Their login name on the hosts (`console.oidc.local_user_claim`), when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_user: Option<String>,
 }
 
 impl Approver {
@@ -189,11 +203,27 @@ impl Approver {
             loginuid,
             login_name,
             groups,
+            oidc: None,
+        }
+    }
+
+    /// A person signed in to the web console.
+    pub fn of_oidc(name: String, groups: Vec<String>, id: OidcIdentity) -> Approver {
+        Approver {
+            uid: u32::MAX,
+            name,
+            loginuid: None,
+            login_name: None,
+            groups,
+            oidc: Some(id),
         }
     }
 
     /// As decisions name it: `alice`, or `alice (as root)` through sudo.
     pub fn display(&self) -> String {
+        if self.oidc.is_some() {
+            return format!("oidc:{}", self.name);
+        }
         match (&self.login_name, self.loginuid) {
             (Some(l), Some(luid)) if luid != self.uid => format!("{l} (as {})", self.name),
             _ => self.name.clone(),
@@ -205,6 +235,19 @@ impl Approver {
         if approvers.is_empty() {
             return true;
         }
+        if self.oidc.is_some() {
+            // Console users are named by the identity provider, in a namespace of their
+            // own: a local user `alice` is not the provider's `alice`.
+            return approvers.iter().any(|a| {
+                if let Some(g) = a.strip_prefix("oidc-group:") {
+                    self.groups.iter().any(|x| x == g)
+                } else if let Some(n) = a.strip_prefix("oidc:") {
+                    n == self.name
+                } else {
+                    false
+                }
+            });
+        }
         approvers.iter().any(|a| match a.strip_prefix("group:") {
             Some(g) => self.groups.iter().any(|x| x == g),
             None => *a == self.name || self.login_name.as_deref() == Some(a.as_str()),
@@ -214,6 +257,15 @@ impl Approver {
     /// Whether this person sent the statement: the same login (through sudo too), or the
     /// same local user for a process outside containers.
     pub fn is_requester(&self, r: &Requester) -> bool {
+        if let Some(id) = &self.oidc {
+            // Their login on the hosts, when the provider says which it is.
+            let Some(local) = &id.local_user else {
+                return false;
+            };
+            let login = r.loginuid.and_then(crate::workload::process::user_name);
+            return login.as_deref() == Some(local.as_str())
+                || (!r.in_container() && r.user.as_deref() == Some(local.as_str()));
+        }
         let mine: Vec<u32> = std::iter::once(self.uid).chain(self.loginuid).collect();
         let mut theirs: Vec<u32> = r.loginuid.into_iter().collect();
         if !r.in_container() {
@@ -1138,6 +1190,7 @@ mod tests {
             loginuid,
             login_name: loginuid.map(|l| format!("user{l}")),
             groups: vec!["dba".into()],
+            oidc: None,
         }
     }
 
@@ -1247,6 +1300,33 @@ mod tests {
         assert!(hub
             .decide(&r.id, &approver(1001, "carol", None), true, None)
             .is_ok());
+    }
+
+    #[test]
+    fn console_users_are_named_by_their_provider_only() {
+        let id = |local: Option<&str>| OidcIdentity {
+            issuer: "https://login.example.com".into(),
+            subject: "s-1".into(),
+            local_user: local.map(str::to_string),
+        };
+        let alice = Approver::of_oidc("alice@example.com".into(), vec!["dba".into()], id(None));
+        assert_eq!(alice.display(), "oidc:alice@example.com");
+        assert!(alice.may_approve(&["oidc:alice@example.com".into()]));
+        assert!(alice.may_approve(&["oidc-group:dba".into()]));
+        // A local user or group of the same name is somebody else.
+        assert!(!alice.may_approve(&["alice@example.com".into(), "group:dba".into()]));
+        assert!(!alice.may_approve(&["oidc:bob@example.com".into(), "oidc-group:sre".into()]));
+        // And a local user is not a console user of the same name.
+        let local = approver(1000, "alice@example.com", None);
+        assert!(!local.may_approve(&["oidc:alice@example.com".into()]));
+        // With the provider's login name for the hosts, their own statements are theirs.
+        let mut r = requester(1000, None);
+        r.user = Some("alice".into());
+        assert!(!alice.is_requester(&r));
+        let alice = Approver::of_oidc("alice@example.com".into(), vec![], id(Some("alice")));
+        assert!(alice.is_requester(&r));
+        r.user = Some("bob".into());
+        assert!(!alice.is_requester(&r));
     }
 
     #[test]

@@ -686,8 +686,9 @@ pub enum Detector {
 pub struct ApprovalRule {
     pub name: String,
     pub when: When,
-    /// Who may approve: user names, or `group:NAME`. Empty: anyone with access to the
-    /// approval socket.
+    /// Who may approve: local user names or `group:NAME` (the `auditor approvals` CLI),
+    /// `oidc:NAME` or `oidc-group:NAME` (the web console's signed-in users). Empty: anyone
+    /// with access to the approval socket or the console.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approvers: Vec<String>,
     /// How long a statement waits before it is denied: `90s`, `5m`, `1h`. Default: 5m.
@@ -709,8 +710,9 @@ struct RawApproval {
     name: String,
     /// Which statements (at least one condition).
     when: When,
-    /// Who may approve: user names, or `group:NAME`. Empty: anyone with access to the
-    /// approval socket.
+    /// Who may approve: local user names or `group:NAME` (the `auditor approvals` CLI),
+    /// `oidc:NAME` or `oidc-group:NAME` (the web console's signed-in users). Empty: anyone
+    /// with access to the approval socket or the console.
     #[serde(default)]
     approvers: Vec<String>,
     /// How long a statement waits before it is denied: `90s`, `5m`, `1h`. Default: 5m.
@@ -725,6 +727,28 @@ impl TryFrom<RawApproval> for ApprovalRule {
         check_when(&r.name, &r.when)?;
         if r.timeout.is_zero() {
             return Err(format!("rule `{}`: `timeout` must be more than 0", r.name));
+        }
+        for a in &r.approvers {
+            let name = ["group:", "oidc:", "oidc-group:"]
+                .iter()
+                .find_map(|p| a.strip_prefix(p))
+                .unwrap_or(a);
+            if name.trim().is_empty() || name.trim() != name {
+                return Err(format!(
+                    "rule `{}`: approver `{a}` is not a user name, group:NAME, oidc:NAME or \
+                     oidc-group:NAME",
+                    r.name
+                ));
+            }
+            if let Some((prefix, _)) = a.split_once(':') {
+                if !["group", "oidc", "oidc-group"].contains(&prefix) {
+                    return Err(format!(
+                        "rule `{}`: approver `{a}`: `{prefix}:` is not group:, oidc: or \
+                         oidc-group:",
+                        r.name
+                    ));
+                }
+            }
         }
         Ok(ApprovalRule {
             name: r.name,
