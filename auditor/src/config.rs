@@ -188,6 +188,28 @@ pub struct ApprovalsConfig {
     /// A group whose members may use the socket (mode 0660); without it only root can
     /// (mode 0600). The socket's directory must be reachable by them too.
     pub socket_group: Option<String>,
+    /// A Postgres database every node reaches, where requests are seen and decided across
+    /// nodes. Default: none (each node's requests are decided on that node).
+    pub store: Option<ApprovalsStoreConfig>,
+}
+
+/// The shared approvals store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsStoreConfig {
+    /// `postgres://user@host:5432/db` (add `?sslmode=require` to insist on TLS,
+    /// `?sslmode=disable` for none; the default tries TLS first).
+    pub url: String,
+    /// A file holding the password (better than one in the URL).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// CA certificates (PEM) the server's certificate is checked against, besides the
+    /// system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// The schema the daemon creates and migrates. Default: auditor_approvals.
+    #[serde(default)]
+    pub schema: Option<String>,
 }
 
 /// The web console: approvals and session replay in a browser, behind OpenID Connect.
@@ -506,6 +528,9 @@ proxy:
 # approvals:                       # statements held by require_approval rules
   # socket: /run/auditor/approvals.sock  # `auditor approvals` talks here (default: state_dir)
   # socket_group: dba              # members may use the socket (else root only)
+  # store:                         # decide any node's requests from any node (docs/approvals.md)
+  #   url: postgres://auditor@ops-db.internal:5432/ops?sslmode=require
+  #   password_file: /etc/auditor/approvals-store.password
 # console:                         # approvals and session replay in a browser (docs/approvals.md)
   # listen: 127.0.0.1:8443         # default: not served
   # public_url: https://auditor.example.com   # what the browser opens (http only on loopback)

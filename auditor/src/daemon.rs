@@ -306,8 +306,17 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         let control =
             crate::approvals::control::bind(&socket, cfg.approvals.socket_group.as_deref())
                 .map_err(|e| DaemonError::Enforcement(format!("the approvals socket: {e}")))?;
-        let approvals = crate::approvals::Hub::new(Some(cfg.state_dir.join("approvals.jsonl")))
+        let mut approvals = crate::approvals::Hub::new(Some(cfg.state_dir.join("approvals.jsonl")))
             .with_grants(cfg.state_dir.join("grants.json"));
+        if let Some(store) = &cfg.approvals.store {
+            let store = crate::approvals::store::Store::new(store)
+                .map_err(|e| DaemonError::Enforcement(format!("the approvals store: {e}")))?;
+            tracing::info!(
+                "approvals: requests are kept in {} and decided from any node",
+                store.url()
+            );
+            approvals = approvals.with_store(std::sync::Arc::new(store), cfg.host_name());
+        }
         approvals.set_rules(&policies.set);
         let approvals = std::sync::Arc::new(approvals);
         match crate::proxy::Enforcement::start(

@@ -593,3 +593,129 @@ fn held_statements_wait_for_a_person() {
     auditor_tests::assert_no_duplicates(&events);
     let _ = std::fs::remove_file(Path::new(&socket));
 }
+
+/// Two nodes (two daemons, two state directories, each enforcing its own workload) and one
+/// shared store: a statement held on one node is listed and approved from the other, and
+/// runs; with the store gone, a held statement is refused at its timeout saying so, and a
+/// decision asked meanwhile is an error, never a local approval.
+#[test]
+fn two_nodes_decide_through_one_store() {
+    if !can_run("two_nodes_decide_through_one_store") {
+        return;
+    }
+    let pg = Postgres::start(&[]).unwrap();
+    check(pg.psql().args([
+        "-c",
+        "CREATE TABLE shared_doomed (a int); GRANT ALL ON ALL TABLES IN SCHEMA public TO PUBLIC",
+    ]))
+    .unwrap();
+    // The store: a database of its own, on a port no daemon watches.
+    let store = Postgres::start(&[]).unwrap();
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+        store.port
+    );
+    let mut nodes = Vec::new();
+    let mut keep = Vec::new();
+    for name in ["node-a", "node-b"] {
+        let cgroup = Cgroup::new(&format!("store-{name}")).unwrap();
+        let policies = tempfile::tempdir().unwrap();
+        std::fs::write(
+            policies.path().join("agents.yaml"),
+            POLICY.replace("CGROUP", &cgroup.name),
+        )
+        .unwrap();
+        let proxy_port = auditor_tests::free_port();
+        let pin_dir = format!("/sys/fs/bpf/auditor-test-{name}-{}", std::process::id());
+        let socket = PathBuf::from(format!(
+            "/tmp/auditor-approvals-{name}-{}.sock",
+            std::process::id()
+        ));
+        let config = format!(
+            "host: {name}\npolicies_dir: {}\nproxy: {{port: {proxy_port}, pin_dir: {pin_dir}}}\n\
+             approvals: {{socket: {}, store: {{url: \"{url}\"}}}}\n",
+            policies.path().display(),
+            socket.display()
+        );
+        keep.push((auditor_tests::DetachOnDrop::new(&pin_dir), policies));
+        let daemon = Daemon::start(pg.port, &config).unwrap();
+        nodes.push((daemon, cgroup, Approvals { socket }));
+    }
+    let psql_on = |node: usize, sql: &[&str]| {
+        let mut cmd = pg.psql();
+        cmd.arg("-At").env("PGAPPNAME", "store_psql");
+        for s in sql {
+            cmd.args(["-c", s]);
+        }
+        let mut cmd = as_user(&cmd, NOBODY);
+        nodes[node].1.enter(&mut cmd);
+        spawn(&mut cmd)
+    };
+
+    // Held on node A, seen and approved from node B.
+    let client = psql_on(0, &["DROP TABLE shared_doomed", "SELECT 'after-shared'"]);
+    let on_b = nodes[1].2.wait_request("DROP TABLE shared_doomed");
+    assert_eq!(on_b["host"], "node-a");
+    let id = on_b["id"].as_str().unwrap().to_string();
+    let on_a = nodes[0].2.wait_request("DROP TABLE shared_doomed");
+    assert_eq!(on_a["id"], on_b["id"]);
+    assert!(!server_saw(&pg, "DROP TABLE shared_doomed"));
+    let (ok, out, err) = nodes[1]
+        .2
+        .cli(0, &["approve", &id, "--reason", "from node b"]);
+    assert!(ok, "approve on node B: {out}{err}");
+    let (ok, out, err) = finish(client);
+    assert!(ok && out.contains("after-shared"), "{out}{err}");
+    assert!(err.contains("approved by root"), "{err}");
+    assert!(!table_exists(&pg, "shared_doomed"));
+    // Node A's trail has the decision made on node B.
+    let events = nodes[0].0.wait_sessions_ended(&nodes[0].1.name);
+    let stmt = events
+        .iter()
+        .find(|e| {
+            str_of(e, "kind") == "statement"
+                && str_of(e, "statement").contains("DROP TABLE shared_doomed")
+        })
+        .expect("the DROP in node A's trail");
+    assert_eq!(str_of(stmt, "approval_id"), id);
+    assert_eq!(str_of(stmt, "decision"), "approved");
+    let row = check(store.psql().args([
+        "-At",
+        "-c",
+        &format!("SELECT node, state, decided_by, delivered FROM auditor_approvals.requests WHERE id = '{id}'"),
+    ]))
+    .unwrap();
+    assert_eq!(row.trim(), "node-a|approved|root|t");
+
+    // The store goes away: fail closed.
+    drop(store);
+    let started = Instant::now();
+    let client = psql_on(
+        0,
+        &[
+            "CREATE TABLE short_fuse (a int)",
+            "SELECT 'after-store-gone'",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let (ok, _, err) = nodes[1].2.cli(0, &["list"]);
+    assert!(
+        !ok && err.contains("approvals store"),
+        "list with the store gone: {err}"
+    );
+    let (_, out, err) = finish(client);
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    assert!(out.contains("after-store-gone"), "{out}{err}");
+    assert!(
+        err.contains("statement not approved: no decision within 3s")
+            && err.contains("approvals store")
+            && !server_saw(&pg, "CREATE TABLE short_fuse"),
+        "{err}"
+    );
+    // A decision asked of it is an error.
+    let (ok, _, err) = nodes[1].2.cli(0, &["approve", "abcdef1234"]);
+    assert!(!ok && err.contains("approvals store"), "{err}");
+    for (mut daemon, _, _) in nodes {
+        daemon.stop().unwrap();
+    }
+}

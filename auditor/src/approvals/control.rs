@@ -86,13 +86,19 @@ impl Reply {
 }
 
 /// Answers one call of `approver`.
-pub fn answer(hub: &Hub, approver: &Approver, call: Call) -> Reply {
+pub async fn answer(hub: &Hub, approver: &Approver, call: Call) -> Reply {
     let ok = |request: Request| Reply {
         ok: true,
         request: Some(request),
         ..Reply::default()
     };
     match call {
+        Call::List { .. } | Call::Show { .. } if hub.store_down().is_some() => {
+            Reply::error(format!(
+                "{}: the requests of other nodes cannot be read",
+                hub.store_down().unwrap_or_default()
+            ))
+        }
         Call::List { all } => Reply {
             ok: true,
             requests: hub.list(all),
@@ -100,14 +106,14 @@ pub fn answer(hub: &Hub, approver: &Approver, call: Call) -> Reply {
         },
         Call::Show { id } => hub.find(&id).map_or_else(Reply::error, ok),
         Call::Approve { id, reason } => {
-            let r = hub.decide(&id, approver, true, reason);
+            let r = hub.decide_any(&id, approver, true, reason).await;
             if let Ok(r) = &r {
                 tracing::info!(request = %r.id, by = %approver.display(), rule = %format!("{}/{}", r.policy, r.rule), "approvals: approved");
             }
             r.map_or_else(Reply::error, ok)
         }
         Call::Deny { id, reason } => {
-            let r = hub.decide(&id, approver, false, reason);
+            let r = hub.decide_any(&id, approver, false, reason).await;
             if let Ok(r) = &r {
                 tracing::info!(request = %r.id, by = %approver.display(), rule = %format!("{}/{}", r.policy, r.rule), "approvals: denied");
             }
@@ -133,7 +139,7 @@ pub fn answer(hub: &Hub, approver: &Approver, call: Call) -> Reply {
             id,
             seconds,
             reason,
-        } => match hub.grant_request(&id, approver, seconds, reason) {
+        } => match hub.grant_request_any(&id, approver, seconds, reason).await {
             Ok((r, g)) => {
                 tracing::info!(request = %r.id, grant = %g.id, by = %approver.display(), "approvals: approved with a grant");
                 Reply {
@@ -272,7 +278,7 @@ async fn caller(stream: tokio::net::UnixStream, hub: Arc<Hub>) {
             Reply::error(format!("a request longer than {MAX_LINE} bytes"))
         } else {
             match serde_json::from_slice::<Call>(&line) {
-                Ok(call) => answer(&hub, &approver, call),
+                Ok(call) => answer(&hub, &approver, call).await,
                 Err(e) => Reply::error(format!("not a request this daemon knows: {e}")),
             }
         };

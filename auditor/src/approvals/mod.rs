@@ -19,12 +19,13 @@
 
 pub mod cli;
 pub mod control;
+pub mod store;
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     io::Write,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -54,6 +55,19 @@ pub enum State {
 }
 
 impl State {
+    pub fn parse(s: &str) -> Option<State> {
+        Some(match s {
+            "pending" => State::Pending,
+            "approved" => State::Approved,
+            "denied" => State::Denied,
+            "expired" => State::Expired,
+            "withdrawn" => State::Withdrawn,
+            "canceled" => State::Canceled,
+            "granted" => State::Granted,
+            _ => return None,
+        })
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             State::Pending => "pending",
@@ -334,6 +348,9 @@ pub enum DecideError {
     Full,
     #[error("{0}")]
     Grant(String),
+    /// The shared store cannot be reached: nothing is decided (fail closed).
+    #[error("{0}; nothing was decided")]
+    Store(String),
 }
 
 struct Entry {
@@ -460,6 +477,13 @@ pub struct Hub {
     events: Mutex<Vec<crate::audit::event::AuditEvent>>,
     /// Bumped at every change (for a watcher that shows requests live).
     pub changed: tokio::sync::watch::Sender<u64>,
+    /// The shared store, when requests are decided across nodes (`approvals.store`), and
+    /// this node's name in it.
+    store: Option<(Arc<store::Store>, String)>,
+    /// The store's view (every node's requests), refreshed by [`sync`].
+    shared_view: Mutex<Vec<Request>>,
+    /// Why the store cannot be reached, while it cannot.
+    store_down: Mutex<Option<String>>,
 }
 
 impl Hub {
@@ -475,7 +499,124 @@ impl Hub {
             grants_file: None,
             events: Mutex::new(Vec::new()),
             changed: tokio::sync::watch::channel(0).0,
+            store: None,
+            shared_view: Mutex::new(Vec::new()),
+            store_down: Mutex::new(None),
         }
+    }
+
+    /// Requests are kept in the shared store too, and decided there (see [`store`]).
+    pub fn with_store(mut self, store: Arc<store::Store>, node: String) -> Hub {
+        self.store = Some((store, node));
+        self
+    }
+
+    pub fn store(&self) -> Option<&Arc<store::Store>> {
+        self.store.as_ref().map(|(s, _)| s)
+    }
+
+    /// Why the shared store cannot be reached now (None: reachable, or none configured).
+    pub fn store_down(&self) -> Option<String> {
+        self.store_down
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_store_down(&self, why: Option<String>) {
+        let mut d = self.store_down.lock().unwrap_or_else(|e| e.into_inner());
+        match (&*d, &why) {
+            (None, Some(w)) => tracing::error!(
+                "approvals: {w}: held statements cannot be decided until it is back (they are refused at their timeout)"
+            ),
+            (Some(_), None) => tracing::info!("approvals: the store answers again"),
+            _ => {}
+        }
+        *d = why;
+    }
+
+    /// A decision, in the shared store when there is one (from any node), else here.
+    pub async fn decide_any(
+        &self,
+        prefix: &str,
+        approver: &Approver,
+        approve: bool,
+        reason: Option<String>,
+    ) -> Result<Request, DecideError> {
+        match self.store() {
+            Some(s) => s.decide(prefix, approver, approve, reason).await,
+            None => self.decide(prefix, approver, approve, reason),
+        }
+    }
+
+    /// Approves a request and grants its workload the rule (see [`Hub::grant_request`]):
+    /// with a shared store, the approval is made there and the grant on this node.
+    pub async fn grant_request_any(
+        &self,
+        prefix: &str,
+        by: &Approver,
+        seconds: u64,
+        reason: Option<String>,
+    ) -> Result<(Request, Grant), DecideError> {
+        let Some(s) = self.store() else {
+            return self.grant_request(prefix, by, seconds, reason);
+        };
+        let r = s.find(prefix).await?;
+        let g = self.grant(
+            GrantSpec {
+                rule: format!("{}/{}", r.policy, r.rule),
+                subject: [
+                    ("workload".to_string(), r.requester.workload.clone()),
+                    ("db.user".to_string(), r.requester.db_user.clone()),
+                ]
+                .into_iter()
+                .collect(),
+                tables: Vec::new(),
+                seconds,
+                reason: reason.clone(),
+            },
+            by,
+        )?;
+        let done = s
+            .decide(
+                &r.id,
+                by,
+                true,
+                Some(reason.unwrap_or_else(|| format!("grant {} (on {})", g.id, self.node()))),
+            )
+            .await?;
+        Ok((done, g))
+    }
+
+    fn node(&self) -> &str {
+        self.store.as_ref().map(|(_, n)| n.as_str()).unwrap_or("")
+    }
+
+    /// The held connection takes a decision made in the store. False when it is gone.
+    fn deliver(&self, id: &str, verdict: Verdict) -> bool {
+        let mut inner = self.lock();
+        let Some(mut entry) = inner.pending.remove(id) else {
+            return false;
+        };
+        let (state, by, reason) = match &verdict {
+            Verdict::Approved { by } => (State::Approved, by.clone(), None),
+            Verdict::Denied { by, reason } => (State::Denied, by.clone(), reason.clone()),
+        };
+        let delivered = entry.tx.take().is_some_and(|tx| tx.send(verdict).is_ok());
+        let r = &mut entry.request;
+        r.decided_at = Some(crate::audit::event::format_ts(now_ns()));
+        if delivered {
+            r.state = state;
+            r.decided_by = Some(by);
+            r.reason = reason;
+        } else {
+            r.state = State::Withdrawn;
+            r.reason = Some("the client went away before the decision".into());
+        }
+        self.finish(&mut inner, entry.request);
+        drop(inner);
+        self.bump();
+        delivered
     }
 
     /// Keeps grants in `path` (those in it are read back: a restart keeps them).
@@ -851,6 +992,18 @@ impl Hub {
         );
         drop(inner);
         self.bump();
+        if let (Some((store, node)), Ok(rt)) = (&self.store, tokio::runtime::Handle::try_current())
+        {
+            let (store, node, r) = (store.clone(), node.clone(), request.clone());
+            rt.spawn(async move {
+                if let Err(e) = store.insert(&node, &r).await {
+                    tracing::error!(
+                        request = %r.id,
+                        "approvals: {e}: the request cannot be decided (refused at its timeout)"
+                    );
+                }
+            });
+        }
         Ok((request, rx))
     }
 
@@ -973,6 +1126,14 @@ impl Hub {
         self.finish(&mut inner, entry.request);
         drop(inner);
         self.bump();
+        if let (Some((store, _)), Ok(rt)) = (&self.store, tokio::runtime::Handle::try_current()) {
+            let (store, id, reason) = (store.clone(), id.to_string(), reason.to_string());
+            rt.spawn(async move {
+                if let Err(e) = store.end(&id, state, &reason).await {
+                    tracing::warn!(request = %id, "approvals: {e}: its end ({}) is not recorded there", state.as_str());
+                }
+            });
+        }
         Some(done)
     }
 
@@ -990,6 +1151,14 @@ impl Hub {
 
     /// Pending requests, oldest first; with `all`, decided ones before them.
     pub fn list(&self, all: bool) -> Vec<Request> {
+        if self.store.is_some() {
+            let view = self.shared_view.lock().unwrap_or_else(|e| e.into_inner());
+            return view
+                .iter()
+                .filter(|r| all || r.state == State::Pending)
+                .cloned()
+                .collect();
+        }
         let inner = self.lock();
         let mut out: Vec<Request> = if all {
             inner.recent.iter().cloned().collect()
@@ -1004,6 +1173,25 @@ impl Hub {
 
     /// The request (pending or recent) a prefix names.
     pub fn find(&self, prefix: &str) -> Result<Request, DecideError> {
+        if self.store.is_some() {
+            let p = prefix.trim().to_ascii_lowercase();
+            let view = self.shared_view.lock().unwrap_or_else(|e| e.into_inner());
+            let found: Vec<&Request> = view
+                .iter()
+                .filter(|r| p.len() >= 4 && r.id.starts_with(&p))
+                .collect();
+            return match found.as_slice() {
+                [one] => Ok((*one).clone()),
+                [] => Err(DecideError::NotFound(p)),
+                many => Err(DecideError::Ambiguous(
+                    p,
+                    many.iter()
+                        .map(|r| r.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                )),
+            };
+        }
         let inner = self.lock();
         match Self::resolve(&inner, prefix) {
             Ok(id) => Ok(inner.pending[&id].request.clone()),
@@ -1020,6 +1208,41 @@ impl Hub {
 
     pub fn pending_count(&self) -> usize {
         self.lock().pending.len()
+    }
+}
+
+/// Keeps a hub with a shared store in step with it: decisions made anywhere on this node's
+/// requests are delivered to their connections, and the view every list shows (all nodes'
+/// requests) is refreshed. Runs until the daemon stops.
+pub async fn sync(hub: Arc<Hub>) {
+    let Some((store, node)) = hub.store.clone() else {
+        return;
+    };
+    let mut last_ids: Vec<String> = Vec::new();
+    loop {
+        let step = async {
+            for (id, verdict) in store.decisions(&node).await? {
+                let delivered = hub.deliver(&id, verdict);
+                store.delivered(&id, !delivered).await?;
+            }
+            store.list(true).await
+        };
+        match step.await {
+            Ok(view) => {
+                hub.set_store_down(None);
+                let ids: Vec<String> = view
+                    .iter()
+                    .map(|r| format!("{}{}", r.id, r.state.as_str()))
+                    .collect();
+                *hub.shared_view.lock().unwrap_or_else(|e| e.into_inner()) = view;
+                if ids != last_ids {
+                    last_ids = ids;
+                    hub.bump();
+                }
+            }
+            Err(e) => hub.set_store_down(Some(e.to_string())),
+        }
+        tokio::time::sleep(store::POLL).await;
     }
 }
 

@@ -732,7 +732,19 @@ impl Console {
             }
             None => (Vec::new(), Vec::new()),
         };
-        let body = html::requests(&html::pending(&pending, v), &recent, self.hub.is_some());
+        let mut body = String::new();
+        if let Some(down) = self.hub.as_ref().and_then(|h| h.store_down()) {
+            body.push_str(&format!(
+                "<p class=\"alert\">{}: requests cannot be decided until it answers \
+                 (held statements are refused at their timeout).</p>",
+                html::esc(&down)
+            ));
+        }
+        body.push_str(&html::requests(
+            &html::pending(&pending, v),
+            &recent,
+            self.hub.is_some(),
+        ));
         self.page(StatusCode::OK, "Requests", Some(v), Tab::Requests, &body)
     }
 
@@ -776,6 +788,7 @@ impl Console {
                 StatusCode::CONFLICT
             }
             DecideError::Full | DecideError::Grant(_) => StatusCode::BAD_REQUEST,
+            DecideError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         let text = e
             .to_string()
@@ -837,10 +850,10 @@ impl Console {
         };
         let who = v.approver.display();
         let done = match segments.as_slice() {
-            ["requests", id, "approve"] => hub.decide(id, v.approver, true, reason).map(|r| {
+            ["requests", id, "approve"] => hub.decide_any(id, v.approver, true, reason).await.map(|r| {
                 tracing::info!(request = %r.id, by = %who, rule = %format!("{}/{}", r.policy, r.rule), "approvals: approved in the console");
             }),
-            ["requests", id, "deny"] => hub.decide(id, v.approver, false, reason).map(|r| {
+            ["requests", id, "deny"] => hub.decide_any(id, v.approver, false, reason).await.map(|r| {
                 tracing::info!(request = %r.id, by = %who, rule = %format!("{}/{}", r.policy, r.rule), "approvals: denied in the console");
             }),
             ["requests", id, "grant"] => {
@@ -848,7 +861,8 @@ impl Console {
                     .get("minutes")
                     .and_then(|m| m.parse().ok())
                     .unwrap_or(30);
-                hub.grant_request(id, v.approver, minutes.saturating_mul(60), reason)
+                hub.grant_request_any(id, v.approver, minutes.saturating_mul(60), reason)
+                    .await
                     .map(|(r, g)| {
                         tracing::info!(request = %r.id, grant = %g.id, by = %who, "approvals: approved with a grant in the console");
                     })

@@ -339,7 +339,11 @@ impl ActiveHold {
 
     /// The rule's timeout passed. False when a decision came first (it is in `rx`).
     pub fn expire(&mut self, c: &mut Conn) -> bool {
-        let why = format!("no decision within {}", text_of(self.timeout));
+        let mut why = format!("no decision within {}", text_of(self.timeout));
+        if let Some(down) = self.hub.store_down() {
+            // Fail closed, and say why nobody could decide.
+            why.push_str(&format!("; {down}"));
+        }
         if self
             .hub
             .end(&self.note.request, State::Expired, &why)

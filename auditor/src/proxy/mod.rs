@@ -382,6 +382,12 @@ impl Enforcement {
         let shared = Arc::new(shared);
         let proxy = start(port, threads, shared)
             .map_err(|source| EnforcementError::Listen { port, source })?;
+        if approvals.store().is_some() {
+            proxy
+                .namespaces
+                .first_runtime()
+                .spawn(crate::approvals::sync(approvals.clone()));
+        }
         if let Some(l) = control {
             proxy
                 .namespaces
