@@ -191,6 +191,24 @@ pub struct ApprovalsConfig {
     /// A Postgres database every node reaches, where requests are seen and decided across
     /// nodes. Default: none (each node's requests are decided on that node).
     pub store: Option<ApprovalsStoreConfig>,
+    /// Where each new request is announced (Slack-compatible JSON). Default: nowhere.
+    pub webhook: Option<WebhookConfig>,
+}
+
+/// A webhook told of each new request (a Slack incoming webhook, or anything that takes
+/// its JSON: `text`, `blocks`, and the request under `auditor`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// The URL (https; http only to a loopback address). Or `url_file`, for a URL that is a
+    /// secret (Slack's are).
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub url_file: Option<PathBuf>,
+    /// CA certificates (PEM) besides the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The shared approvals store.
@@ -528,6 +546,7 @@ proxy:
 # approvals:                       # statements held by require_approval rules
   # socket: /run/auditor/approvals.sock  # `auditor approvals` talks here (default: state_dir)
   # socket_group: dba              # members may use the socket (else root only)
+  # webhook: {url_file: /etc/auditor/slack-webhook}   # each new request announced (Slack JSON)
   # store:                         # decide any node's requests from any node (docs/approvals.md)
   #   url: postgres://auditor@ops-db.internal:5432/ops?sslmode=require
   #   password_file: /etc/auditor/approvals-store.password

@@ -317,6 +317,23 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             );
             approvals = approvals.with_store(std::sync::Arc::new(store), cfg.host_name());
         }
+        if let Some(w) = &cfg.approvals.webhook {
+            let console = cfg.console.listen.map(|l| {
+                cfg.console.public_url.clone().unwrap_or_else(|| {
+                    format!(
+                        "{}://{l}",
+                        if cfg.console.tls.is_some() {
+                            "https"
+                        } else {
+                            "http"
+                        }
+                    )
+                })
+            });
+            let w = crate::approvals::webhook::Webhook::new(w, console)
+                .map_err(DaemonError::Enforcement)?;
+            approvals = approvals.with_webhook(w);
+        }
         approvals.set_rules(&policies.set);
         let approvals = std::sync::Arc::new(approvals);
         match crate::proxy::Enforcement::start(

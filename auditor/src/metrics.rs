@@ -277,6 +277,24 @@ pub fn render(s: &Stats) -> String {
                 p.pending_approvals,
             ),
             (
+                "approvals_webhook_sent_total",
+                "counter",
+                "New requests announced to the webhook.",
+                p.webhook_sent,
+            ),
+            (
+                "approvals_webhook_failed_total",
+                "counter",
+                "New requests the webhook did not take (after retries).",
+                p.webhook_failed,
+            ),
+            (
+                "approvals_store_down",
+                "gauge",
+                "1 while the shared approvals store cannot be reached (held statements cannot be decided).",
+                p.approvals_store_down,
+            ),
+            (
                 "proxy_unknown_origin_total",
                 "counter",
                 "Connections to the proxy's port the redirect did not send (refused).",

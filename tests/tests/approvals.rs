@@ -130,6 +130,72 @@ fn finish(child: Child) -> (bool, String, String) {
     )
 }
 
+/// A webhook receiver on loopback: the JSON bodies POSTed to it.
+struct Hook {
+    port: u16,
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+impl Hook {
+    fn start() -> Hook {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let b = bodies.clone();
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut len = 0;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    let l = line.trim_end().to_ascii_lowercase();
+                    if l.is_empty() {
+                        break;
+                    }
+                    if let Some(v) = l.strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; len];
+                if reader.read_exact(&mut body).is_ok() {
+                    if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+                        b.lock().unwrap().push(v);
+                    }
+                }
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                );
+            }
+        });
+        Hook { port, bodies }
+    }
+
+    /// The body announcing request `id`.
+    fn wait_for(&self, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(v) = self
+                .bodies
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|v| v["auditor"]["id"] == id)
+            {
+                return v.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the webhook was not told of {id}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 fn server_saw(pg: &Postgres, needle: &str) -> bool {
     std::fs::read_to_string(pg.log_path())
         .unwrap()
@@ -175,11 +241,14 @@ fn held_statements_wait_for_a_person() {
         "/tmp/auditor-approvals-{}.sock",
         std::process::id()
     ));
+    let hook = Hook::start();
     let config = format!(
         "policies_dir: {}\nproxy: {{port: {proxy_port}, pin_dir: {pin_dir}}}\n\
-         approvals: {{socket: {}, socket_group: nogroup}}\n",
+         approvals: {{socket: {}, socket_group: nogroup, \
+         webhook: {{url: \"http://127.0.0.1:{}/hook\"}}}}\n",
         policies.path().display(),
-        socket.display()
+        socket.display(),
+        hook.port
     );
     let _detach = auditor_tests::DetachOnDrop::new(&pin_dir);
     let mut daemon = Daemon::start(pg.port, &config).unwrap();
@@ -232,6 +301,17 @@ fn held_statements_wait_for_a_person() {
     );
     assert!(table_exists(&pg, "doomed"));
     let id = r["id"].as_str().unwrap().to_string();
+    // Announced to the webhook, Slack-style, with the request.
+    let posted = hook.wait_for(&id);
+    assert!(
+        posted["text"]
+            .as_str()
+            .unwrap()
+            .contains("DROP TABLE doomed"),
+        "{posted}"
+    );
+    assert_eq!(posted["auditor"]["rule"], "ddl-review");
+    assert_eq!(posted["auditor"]["requester"]["comm"], "psql");
     let (ok, out, err) = approvals.cli(0, &["show", &id[..6]]);
     assert!(
         ok && out.contains("DROP TABLE doomed") && out.contains("ddl-review"),
@@ -434,6 +514,9 @@ fn held_statements_wait_for_a_person() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(r["params"], serde_json::json!(["1"]), "{r}");
+    // The webhook says how many bind values, never which.
+    let posted = hook.wait_for(r["id"].as_str().unwrap());
+    assert_eq!(posted["auditor"]["params"], 1, "{posted}");
     let (ok, out, err) = approvals.cli(0, &["approve", r["id"].as_str().unwrap()]);
     assert!(ok, "{out}{err}");
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -20,6 +20,7 @@
 pub mod cli;
 pub mod control;
 pub mod store;
+pub mod webhook;
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -484,6 +485,8 @@ pub struct Hub {
     shared_view: Mutex<Vec<Request>>,
     /// Why the store cannot be reached, while it cannot.
     store_down: Mutex<Option<String>>,
+    /// Where new requests are announced.
+    webhook: Option<Arc<webhook::Webhook>>,
 }
 
 impl Hub {
@@ -502,7 +505,18 @@ impl Hub {
             store: None,
             shared_view: Mutex::new(Vec::new()),
             store_down: Mutex::new(None),
+            webhook: None,
         }
+    }
+
+    /// Announces each new request to `webhook`.
+    pub fn with_webhook(mut self, webhook: webhook::Webhook) -> Hub {
+        self.webhook = Some(Arc::new(webhook));
+        self
+    }
+
+    pub fn webhook(&self) -> Option<&Arc<webhook::Webhook>> {
+        self.webhook.as_ref()
     }
 
     /// Requests are kept in the shared store too, and decided there (see [`store`]).
@@ -1003,6 +1017,10 @@ impl Hub {
                     );
                 }
             });
+        }
+        if let (Some(w), Ok(rt)) = (&self.webhook, tokio::runtime::Handle::try_current()) {
+            let (w, r) = (w.clone(), request.clone());
+            rt.spawn(async move { w.announce(r).await });
         }
         Ok((request, rx))
     }

@@ -1,5 +1,5 @@
 //! A small HTTP/1.1 client for the identity provider (discovery, keys, the token
-//! endpoint): one connection per request, HTTPS checked against the system's CAs (and
+//! endpoint) and the approvals webhook: one connection per request, HTTPS checked against the system's CAs (and
 //! `console.oidc.ca_file`), bounded in time and size.
 
 use std::{path::Path, sync::Arc, time::Duration};
@@ -56,6 +56,17 @@ impl Client {
 
     pub async fn get(&self, url: &str) -> Result<(u16, Bytes), HttpError> {
         self.send(Method::GET, url, &[], None).await
+    }
+
+    /// POSTs a JSON document (a webhook).
+    pub async fn post_json(&self, url: &str, body: &[u8]) -> Result<(u16, Bytes), HttpError> {
+        self.send(
+            Method::POST,
+            url,
+            &[("content-type", "application/json".to_string())],
+            Some(body),
+        )
+        .await
     }
 
     pub async fn post_form(
@@ -126,7 +137,11 @@ impl Client {
         for (k, v) in headers {
             req = req.header(*k, v);
         }
-        if body.is_some() {
+        if body.is_some()
+            && !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
             req = req.header("content-type", "application/x-www-form-urlencoded");
         }
         let req = req

@@ -71,6 +71,14 @@ pub struct ProxyStats {
     /// Requests waiting for a decision now.
     #[serde(default)]
     pub pending_approvals: u64,
+    /// New requests announced to the webhook, and those it did not take.
+    #[serde(default)]
+    pub webhook_sent: u64,
+    #[serde(default)]
+    pub webhook_failed: u64,
+    /// 1 while the shared approvals store cannot be reached.
+    #[serde(default)]
+    pub approvals_store_down: u64,
 }
 
 #[derive(Default)]
@@ -98,6 +106,9 @@ impl ProxyCounters {
             masked_values: g(&self.masked_values),
             held: g(&self.held),
             pending_approvals: 0,
+            webhook_sent: 0,
+            webhook_failed: 0,
+            approvals_store_down: 0,
             redirected_cgroups: 0,
             namespaces: 0,
         }
@@ -493,7 +504,13 @@ impl Enforcement {
         let mut s = self.proxy.shared.counters.stats();
         s.redirected_cgroups = self.redirect.redirected_cgroups() as u64;
         s.namespaces = self.proxy.namespaces.count() as u64;
-        s.pending_approvals = self.proxy.shared.approvals.pending_count() as u64;
+        let hub = &self.proxy.shared.approvals;
+        s.pending_approvals = hub.pending_count() as u64;
+        if let Some(w) = hub.webhook() {
+            s.webhook_sent = w.sent.load(Ordering::Relaxed);
+            s.webhook_failed = w.failed.load(Ordering::Relaxed);
+        }
+        s.approvals_store_down = u64::from(hub.store_down().is_some());
         s
     }
 }
