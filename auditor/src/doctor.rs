@@ -117,6 +117,28 @@ fn enforcement_checks(cfg: &Config, set: &crate::policy::PolicySet) -> Vec<Check
     });
     if holds {
         out.push(approvals_check(cfg));
+        if let Some(store) = &cfg.approvals.store {
+            out.push(store_check(store));
+        }
+        if let Some(w) = &cfg.approvals.webhook {
+            out.push(match crate::approvals::webhook::Webhook::new(w, None) {
+                Result::Ok(_) => check(
+                    "approvals webhook",
+                    Ok,
+                    "new requests are announced (Slack-compatible JSON)".into(),
+                    "",
+                ),
+                Err(e) => check(
+                    "approvals webhook",
+                    Fail,
+                    e,
+                    "correct approvals.webhook: the daemon refuses to start with it",
+                ),
+            });
+        }
+    }
+    if cfg.console.listen.is_some() {
+        out.push(console_check(cfg));
     }
     for p in &set.policies {
         let Some(c) = &p.policy.credential else {
@@ -351,6 +373,85 @@ fn approvals_check(cfg: &Config) -> Check {
             format!("{shown}: {e}"),
             "",
         ),
+    }
+}
+
+/// Whether the shared approvals store answers (its schema created or migrated as the daemon
+/// would).
+fn store_check(store: &crate::config::ApprovalsStoreConfig) -> Check {
+    use Verdict::*;
+    let s = match crate::approvals::store::Store::new(store) {
+        Result::Ok(s) => s,
+        Err(e) => {
+            return check(
+                "approvals store",
+                Fail,
+                e,
+                "correct approvals.store: the daemon refuses to start with it",
+            )
+        }
+    };
+    let answer = runtime().map(|rt| rt.block_on(s.ping()));
+    match answer {
+        Result::Ok(Result::Ok(n)) => check(
+            "approvals store",
+            Ok,
+            format!("{} answers ({n} requests pending on all nodes)", s.url()),
+            "",
+        ),
+        Result::Ok(Err(e)) => check(
+            "approvals store",
+            Fail,
+            e.to_string(),
+            "held statements cannot be decided (they are refused at their timeout) until it answers",
+        ),
+        Err(e) => check("approvals store", Fail, e.to_string(), ""),
+    }
+}
+
+/// The console's configuration and its identity provider's discovery document.
+fn console_check(cfg: &Config) -> Check {
+    use Verdict::*;
+    if let Err((field, e)) = crate::console::validate(&cfg.console) {
+        return check(
+            "console",
+            Fail,
+            format!("console.{field}: {e}"),
+            "the daemon refuses to start with it",
+        );
+    }
+    let Some(oidc) = cfg.console.oidc.clone() else {
+        return check("console", Fail, "console.oidc is missing".into(), "");
+    };
+    let provider = match crate::console::oidc::Provider::new(oidc) {
+        Result::Ok(p) => p,
+        Err(e) => {
+            return check(
+                "console",
+                Fail,
+                format!("console.oidc: {e}"),
+                "the daemon refuses to start with it",
+            )
+        }
+    };
+    match runtime().map(|rt| rt.block_on(provider.metadata())) {
+        Result::Ok(Result::Ok(m)) => check(
+            "console",
+            Ok,
+            format!(
+                "sign-in through {} (authorization at {})",
+                provider.issuer(),
+                m.authorization_endpoint
+            ),
+            "",
+        ),
+        Result::Ok(Err(e)) => check(
+            "console",
+            Warn,
+            e.to_string(),
+            "nobody can sign in to the console until the provider answers",
+        ),
+        Err(e) => check("console", Fail, e.to_string(), ""),
     }
 }
 

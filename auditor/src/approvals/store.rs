@@ -247,6 +247,18 @@ impl Store {
         }
     }
 
+    /// Whether the store answers (connecting, and creating or migrating its schema as the
+    /// daemon would): what `auditor doctor` says.
+    pub async fn ping(&self) -> Result<i64, StoreError> {
+        let c = self.client().await?;
+        let sql = format!(
+            "SELECT count(*) FROM {}.requests WHERE state = 'pending' AND expires_at > now()",
+            self.schema
+        );
+        let row = self.timed(c.query_one(&sql, &[])).await?;
+        Ok(row.get(0))
+    }
+
     /// Records a request this node holds.
     pub async fn insert(&self, node: &str, r: &Request) -> Result<(), StoreError> {
         let c = self.client().await?;
