@@ -218,6 +218,51 @@ fn auditor_query_answers_from_clickhouse() {
         "literals are redacted:\n{statements}"
     );
 
+    // The console's session replay reads the same trail: the session, then its events in
+    // order, from this server's (compat) columns.
+    let cfg = auditor::config::Config::load(&config).unwrap();
+    let trail = auditor::console::trail::Trail::ClickHouse(cfg.clickhouse.clone());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let listed = rt.block_on(trail.sessions()).unwrap();
+    let row = listed
+        .iter()
+        .find(|r| r.app == "query_test")
+        .unwrap_or_else(|| panic!("no query_test session: {listed:?}"));
+    assert_eq!(
+        (row.statements, row.errors, row.ended),
+        (4, 1, true),
+        "{row:?}"
+    );
+    let events = rt.block_on(trail.events(&row.id[..13])).unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"session_start"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"session_end"), "{kinds:?}");
+    let texts: Vec<String> = events
+        .iter()
+        .filter(|e| e.kind.as_str() == "statement")
+        .map(|e| e.statement.to_string())
+        .collect();
+    assert!(texts[0].starts_with("CREATE TABLE accounts"), "{texts:?}");
+    assert!(texts[1].starts_with("INSERT INTO accounts"), "{texts:?}");
+    assert!(texts[3].contains("no_such_column"), "{texts:?}");
+    assert!(events
+        .windows(2)
+        .all(|w| w[0].ts <= w[1].ts || w[1].kind.as_str() == "statement"));
+    assert_eq!(&*events[1].decision, "would_block", "{:?}", events[1]);
+    assert_eq!(
+        events[0].labels.get("cgroup.path").map(String::as_str),
+        Some(cg.name.as_str())
+    );
+    let page = auditor::console::html::replay(&row.id, &events);
+    assert!(
+        page.contains("CREATE TABLE accounts") && page.contains("42703"),
+        "{page}"
+    );
+    assert!(!page.contains("alice"), "literals are redacted: {page}");
+
     let errors = query(&["errors", "--since", "1h", "--label", &label]);
     assert_eq!(errors.lines().count(), 2, "{errors}");
     assert!(errors.contains("42703"), "{errors}");

@@ -13,12 +13,12 @@
 pub mod html;
 pub mod http;
 pub mod oidc;
+pub mod trail;
 
 use std::{
     collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
-    path::PathBuf,
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
@@ -180,8 +180,8 @@ pub struct Console {
     public: PublicUrl,
     allow: Vec<String>,
     session_ttl: Duration,
-    /// The local log (session replay), when it is kept.
-    trail: Option<PathBuf>,
+    /// Where sessions are replayed from.
+    trail: trail::Trail,
     host: String,
     logins: Mutex<HashMap<String, PendingLogin>>,
     /// By the SHA-256 of the cookie's token (the token itself is not kept).
@@ -235,7 +235,13 @@ pub fn bind(cfg: &Config, hub: Option<Arc<Hub>>) -> Result<Option<Bound>, String
     listener
         .set_nonblocking(true)
         .map_err(|e| format!("console.listen {listen}: {e}"))?;
-    let trail = cfg.local_log.enabled.then(|| cfg.log_dir());
+    let trail = if cfg.clickhouse.enabled {
+        trail::Trail::ClickHouse(cfg.clickhouse.clone())
+    } else if cfg.local_log.enabled {
+        trail::Trail::Local(cfg.log_dir())
+    } else {
+        trail::Trail::None
+    };
     Ok(Some(Bound {
         listener,
         tls,
@@ -988,39 +994,35 @@ impl Console {
             Tab::Sessions,
             &html::message(
                 "Sessions",
-                "Session replay reads the local log, which this host does not keep \
-                 (local_log.enabled: false). Query ClickHouse's auditor.events instead.",
+                "Session replay reads ClickHouse or the local log, and this host writes \
+                 neither (clickhouse.enabled and local_log.enabled are false).",
                 None,
             ),
         )
     }
 
     async fn sessions_page(&self, v: &Viewer<'_>) -> Response<Body> {
-        let Some(dir) = self.trail.clone() else {
+        if matches!(self.trail, trail::Trail::None) {
             return self.no_trail(v);
-        };
-        let read = tokio::task::spawn_blocking(move || session_rows(&dir)).await;
-        match read {
-            Ok(Ok(rows)) => self.page(
+        }
+        match self.trail.sessions().await {
+            Ok(rows) => self.page(
                 StatusCode::OK,
                 "Sessions",
                 Some(v),
                 Tab::Sessions,
-                &html::sessions(&rows, &format!("the local log of {}", self.host)),
+                &html::sessions(&rows, &self.trail.describe(&self.host)),
             ),
-            Ok(Err(e)) => self.trail_error(e.to_string(), v),
-            Err(e) => self.trail_error(e.to_string(), v),
+            Err(e) => self.trail_error(e, v),
         }
     }
 
     async fn replay_page(&self, id: &str, v: &Viewer<'_>) -> Response<Body> {
-        let Some(dir) = self.trail.clone() else {
+        if matches!(self.trail, trail::Trail::None) {
             return self.no_trail(v);
-        };
-        let want = id.to_string();
-        let read = tokio::task::spawn_blocking(move || session_events(&dir, &want)).await;
-        match read {
-            Ok(Ok(events)) if !events.is_empty() => {
+        }
+        match self.trail.events(id).await {
+            Ok(events) if !events.is_empty() => {
                 let sid = events[0].session_id.to_string();
                 self.page(
                     StatusCode::OK,
@@ -1030,19 +1032,18 @@ impl Console {
                     &html::replay(&sid, &events),
                 )
             }
-            Ok(Ok(_)) => self.page(
+            Ok(_) => self.page(
                 StatusCode::NOT_FOUND,
                 "No such session",
                 Some(v),
                 Tab::Sessions,
                 &html::message(
                     "No such session",
-                    &format!("No session {id} in the local log."),
+                    &format!("No session {id} in {}.", self.trail.describe(&self.host)),
                     Some(("/sessions", "Sessions")),
                 ),
             ),
-            Ok(Err(e)) => self.trail_error(e.to_string(), v),
-            Err(e) => self.trail_error(e.to_string(), v),
+            Err(e) => self.trail_error(e, v),
         }
     }
 
