@@ -770,6 +770,66 @@ fn two_nodes_decide_through_one_store() {
     .unwrap();
     assert_eq!(row.trim(), "node-a|approved|root|t");
 
+    // A grant made on node B lets node A's workload through; revoked on node B, node A
+    // holds the next statement again.
+    let workload = format!("cgroup:{}", nodes[0].1.name);
+    let (ok, out, err) = nodes[1].2.cli(
+        0,
+        &[
+            "grant",
+            "--rule",
+            "agents/ddl-review",
+            "--workload",
+            &workload,
+            "--for",
+            "10m",
+        ],
+    );
+    assert!(ok, "grant on node B: {out}{err}");
+    let grant_id = out
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(':')
+        .to_string();
+    assert!(grant_id.starts_with('g'), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ok, out, _) = nodes[0].2.cli(0, &["grants", "--json"]);
+        if ok && out.contains(&grant_id) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node A never saw the grant: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (ok, out, err) = finish(psql_on(0, &["CREATE TABLE granted_on_b (a int)"]));
+    assert!(ok && !err.contains("waits for approval"), "{out}{err}");
+    assert!(table_exists(&pg, "granted_on_b"));
+    let (ok, out, err) = nodes[1].2.cli(0, &["revoke", &grant_id]);
+    assert!(ok, "revoke on node B: {out}{err}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, out, _) = nodes[0].2.cli(0, &["grants", "--json"]);
+        if !out.contains(&grant_id) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node A kept the revoked grant: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let client = psql_on(0, &["DROP TABLE granted_on_b"]);
+    let r = nodes[1].2.wait_request("DROP TABLE granted_on_b");
+    let (ok, out, err) = nodes[1].2.cli(0, &["deny", r["id"].as_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let (_, _, err) = finish(client);
+    assert!(err.contains("statement denied by root"), "{err}");
+    assert!(table_exists(&pg, "granted_on_b"));
+
     // The store goes away: fail closed.
     drop(store);
     let started = Instant::now();
@@ -798,7 +858,24 @@ fn two_nodes_decide_through_one_store() {
     // A decision asked of it is an error.
     let (ok, _, err) = nodes[1].2.cli(0, &["approve", "abcdef1234"]);
     assert!(!ok && err.contains("approvals store"), "{err}");
+    // The grant's events are node B's, once each; node A applied it silently.
+    let mut grant_events = Vec::new();
     for (mut daemon, _, _) in nodes {
         daemon.stop().unwrap();
+        let events = daemon.events().unwrap();
+        grant_events.push(
+            events
+                .iter()
+                .filter(|e| str_of(e, "kind").starts_with("grant_"))
+                .map(|e| str_of(e, "kind").to_string())
+                .collect::<Vec<_>>(),
+        );
     }
+    assert_eq!(
+        grant_events,
+        vec![
+            vec![],
+            vec!["grant_created".to_string(), "grant_revoked".to_string()]
+        ]
+    );
 }

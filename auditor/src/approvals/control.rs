@@ -124,7 +124,7 @@ pub async fn answer(hub: &Hub, approver: &Approver, call: Call) -> Reply {
             you: Some(approver.clone()),
             ..Reply::default()
         },
-        Call::Grant { spec } => match hub.grant(spec, approver) {
+        Call::Grant { spec } => match hub.grant_any(spec, approver).await {
             Ok(g) => {
                 tracing::info!(grant = %g.id, by = %approver.display(), rule = %format!("{}/{}", g.policy, g.rule), subject = %g.subject_text(), until = %g.expires_at, "approvals: grant");
                 Reply {
@@ -151,7 +151,7 @@ pub async fn answer(hub: &Hub, approver: &Approver, call: Call) -> Reply {
             }
             Err(e) => Reply::error(e),
         },
-        Call::Revoke { id } => match hub.revoke(&id, approver) {
+        Call::Revoke { id } => match hub.revoke_any(&id, approver).await {
             Ok(g) => {
                 tracing::info!(grant = %g.id, by = %approver.display(), "approvals: grant revoked");
                 Reply {

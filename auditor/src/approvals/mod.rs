@@ -383,9 +383,13 @@ pub struct Grant {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_by: Option<String>,
-    /// Statements it let through.
+    /// Statements it let through (on this node).
     #[serde(default)]
     pub uses: u64,
+    /// The node that made it (with a shared store, every node applies it; only this one
+    /// records its expiry).
+    #[serde(default)]
+    pub host: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -576,27 +580,46 @@ impl Hub {
             return self.grant_request(prefix, by, seconds, reason);
         };
         let r = s.find(prefix).await?;
-        let g = self.grant(
-            GrantSpec {
-                rule: format!("{}/{}", r.policy, r.rule),
-                subject: [
-                    ("workload".to_string(), r.requester.workload.clone()),
-                    ("db.user".to_string(), r.requester.db_user.clone()),
-                ]
-                .into_iter()
-                .collect(),
-                tables: Vec::new(),
-                seconds,
-                reason: reason.clone(),
-            },
-            by,
-        )?;
+        if r.state != State::Pending {
+            return Err(DecideError::Decided {
+                id: r.id.clone(),
+                state: r.state.as_str(),
+                by: r
+                    .decided_by
+                    .map(|b| format!(" (by {b})"))
+                    .unwrap_or_default(),
+            });
+        }
+        if by.is_requester(&r.requester) {
+            return Err(DecideError::OwnRequest {
+                who: by.display(),
+                id: r.id,
+                requester: r.requester.summary(),
+            });
+        }
+        let g = self
+            .grant_any(
+                GrantSpec {
+                    rule: format!("{}/{}", r.policy, r.rule),
+                    subject: [
+                        ("workload".to_string(), r.requester.workload.clone()),
+                        ("db.user".to_string(), r.requester.db_user.clone()),
+                    ]
+                    .into_iter()
+                    .collect(),
+                    tables: Vec::new(),
+                    seconds,
+                    reason: reason.clone(),
+                },
+                by,
+            )
+            .await?;
         let done = s
             .decide(
                 &r.id,
                 by,
                 true,
-                Some(reason.unwrap_or_else(|| format!("grant {} (on {})", g.id, self.node()))),
+                Some(reason.unwrap_or_else(|| format!("grant {}", g.id))),
             )
             .await?;
         Ok((done, g))
@@ -604,6 +627,91 @@ impl Hub {
 
     fn node(&self) -> &str {
         self.store.as_ref().map(|(_, n)| n.as_str()).unwrap_or("")
+    }
+
+    /// A grant, shared through the store when there is one (every node applies it within
+    /// a poll). A grant the store cannot record is withdrawn at once (revoked, saying so).
+    pub async fn grant_any(&self, spec: GrantSpec, by: &Approver) -> Result<Grant, DecideError> {
+        let g = self.grant(spec, by)?;
+        let Some(s) = self.store() else {
+            return Ok(g);
+        };
+        if let Err(e) = s.insert_grant(self.node(), &g).await {
+            self.end_grant(
+                &g.id,
+                GrantState::Revoked,
+                None,
+                Some(&format!("{e}: not shared")),
+            );
+            return Err(DecideError::Store(e.to_string()));
+        }
+        Ok(g)
+    }
+
+    /// Ends a grant before its time, on every node when there is a store.
+    pub async fn revoke_any(&self, prefix: &str, by: &Approver) -> Result<Grant, DecideError> {
+        let Some(s) = self.store() else {
+            return self.revoke(prefix, by);
+        };
+        // The permission check and the local end first (the grant is known here: every
+        // active grant is synced); then the store, so that the other nodes follow.
+        let g = self.revoke(prefix, by)?;
+        s.revoke_grant(&g.id, &by.display())
+            .await
+            .map_err(|e| DecideError::Store(format!("{e} (revoked on this node only)")))?;
+        Ok(g)
+    }
+
+    /// Ends grant `id` here without the revoke's checks (the store's word, or a grant it
+    /// could not record). An event only with `why`.
+    fn end_grant(&self, id: &str, state: GrantState, by: Option<&str>, why: Option<&str>) {
+        let mut inner = self.lock();
+        let Some(g) = inner
+            .grants
+            .iter_mut()
+            .find(|g| g.id == id && g.state == GrantState::Active)
+        else {
+            return;
+        };
+        g.state = state;
+        g.revoked_by = by.map(str::to_string);
+        let g = g.clone();
+        self.save_grants(&inner);
+        drop(inner);
+        if why.is_some() {
+            self.grant_event(crate::audit::event::EventKind::GrantRevoked, &g, by, why);
+        }
+        self.bump();
+    }
+
+    /// The store's grants: those of other nodes applied here, those revoked elsewhere
+    /// ended here (their events are the revoking node's).
+    fn merge_grants(&self, from_store: Vec<Grant>) {
+        let mut changed = false;
+        {
+            let mut inner = self.lock();
+            for sg in from_store {
+                match inner.grants.iter_mut().find(|g| g.id == sg.id) {
+                    Some(g) if g.state == GrantState::Active && sg.state != GrantState::Active => {
+                        g.state = sg.state;
+                        g.revoked_by = sg.revoked_by.clone();
+                        changed = true;
+                    }
+                    Some(_) => {}
+                    None if sg.state == GrantState::Active => {
+                        inner.grants.push(Grant { uses: 0, ..sg });
+                        changed = true;
+                    }
+                    None => {}
+                }
+            }
+            if changed {
+                self.save_grants(&inner);
+            }
+        }
+        if changed {
+            self.bump();
+        }
     }
 
     /// The held connection takes a decision made in the store. False when it is gone.
@@ -781,6 +889,7 @@ impl Hub {
             reason: spec.reason,
             revoked_by: None,
             uses: 0,
+            host: self.node().to_string(),
         };
         inner.grants.push(g.clone());
         // Keep the last 100 that ended, and every active one.
@@ -942,7 +1051,7 @@ impl Hub {
         }
         self.save_grants(&inner);
         drop(inner);
-        for g in &ended {
+        for g in ended.iter().filter(|g| g.host == self.node()) {
             self.grant_event(
                 crate::audit::event::EventKind::GrantExpired,
                 g,
@@ -1243,6 +1352,7 @@ pub async fn sync(hub: Arc<Hub>) {
                 let delivered = hub.deliver(&id, verdict);
                 store.delivered(&id, !delivered).await?;
             }
+            hub.merge_grants(store.grants().await?);
             store.list(true).await
         };
         match step.await {

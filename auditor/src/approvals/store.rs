@@ -65,6 +65,16 @@ const MIGRATIONS: &[&str] = &[
      );
      CREATE INDEX requests_pending ON {s}.requests (created_at) WHERE state = 'pending';
      CREATE INDEX requests_undelivered ON {s}.requests (node) WHERE state <> 'pending' AND NOT delivered;",
+    // 2: grants, applied by every node.
+    "CREATE TABLE {s}.grants (
+        id text PRIMARY KEY,
+        node text NOT NULL,
+        state text NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        expires_at timestamptz NOT NULL,
+        body jsonb NOT NULL,
+        revoked_by text
+     );",
 ];
 
 fn shown_url(url: &str) -> String {
@@ -257,6 +267,57 @@ impl Store {
         );
         let row = self.timed(c.query_one(&sql, &[])).await?;
         Ok(row.get(0))
+    }
+
+    /// Records a grant made on this node.
+    pub async fn insert_grant(&self, node: &str, g: &super::Grant) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        let body = serde_json::to_value(g).map_err(|e| self.err(e))?;
+        let sql = format!(
+            "INSERT INTO {}.grants (id, node, state, expires_at, body)
+             VALUES ($1, $2, 'active', to_timestamp($3::float8), $4)",
+            self.schema
+        );
+        self.timed(c.execute(&sql, &[&g.id, &node, &(g.expires_unix as f64), &body]))
+            .await?;
+        Ok(())
+    }
+
+    /// Revokes a grant for every node.
+    pub async fn revoke_grant(&self, id: &str, by: &str) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        let sql = format!(
+            "UPDATE {}.grants SET state = 'revoked', revoked_by = $2 WHERE id = $1 AND state = 'active'",
+            self.schema
+        );
+        self.timed(c.execute(&sql, &[&id, &by])).await?;
+        Ok(())
+    }
+
+    /// Grants not over for more than an hour: active ones to apply, revoked ones to end.
+    pub async fn grants(&self) -> Result<Vec<super::Grant>, StoreError> {
+        let c = self.client().await?;
+        let sql = format!(
+            "SELECT body, state, revoked_by FROM {}.grants
+             WHERE expires_at > now() - interval '1 hour' ORDER BY created_at",
+            self.schema
+        );
+        let rows = self.timed(c.query(&sql, &[])).await?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| {
+                let body: serde_json::Value = row.get("body");
+                let mut g: super::Grant = serde_json::from_value(body).ok()?;
+                let state: String = row.get("state");
+                g.state = match state.as_str() {
+                    "active" => super::GrantState::Active,
+                    "revoked" => super::GrantState::Revoked,
+                    _ => super::GrantState::Expired,
+                };
+                g.revoked_by = row.get("revoked_by");
+                Some(g)
+            })
+            .collect())
     }
 
     /// Records a request this node holds.

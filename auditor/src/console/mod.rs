@@ -873,7 +873,7 @@ impl Console {
                         tracing::info!(request = %r.id, grant = %g.id, by = %who, "approvals: approved with a grant in the console");
                     })
             }
-            ["grants", id, "revoke"] => hub.revoke(id, v.approver).map(|g| {
+            ["grants", id, "revoke"] => hub.revoke_any(id, v.approver).await.map(|g| {
                 tracing::info!(grant = %g.id, by = %who, "approvals: grant revoked in the console");
             }),
             _ => Err(DecideError::NotFound(path.to_string())),
