@@ -354,6 +354,59 @@ pub enum DecideError {
     Store(String),
 }
 
+impl DecideError {
+    /// The request is no longer pending: how it ended, and by whom.
+    pub fn decided(r: &Request) -> DecideError {
+        DecideError::Decided {
+            id: r.id.clone(),
+            state: r.state.as_str(),
+            by: r
+                .decided_by
+                .as_ref()
+                .map(|b| format!(" (by {b})"))
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl Request {
+    /// Whether `approver` may decide it: among its rule's approvers, and not its sender.
+    pub fn check_decider(&self, approver: &Approver) -> Result<(), DecideError> {
+        if !approver.may_approve(&self.approvers) {
+            return Err(DecideError::NotAnApprover {
+                who: approver.display(),
+                id: self.id.clone(),
+                rule: format!("{}/{}", self.policy, self.rule),
+                list: self.approvers.join(", "),
+            });
+        }
+        if approver.is_requester(&self.requester) {
+            return Err(DecideError::OwnRequest {
+                who: approver.display(),
+                id: self.id.clone(),
+                requester: self.requester.summary(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A grant of its rule to its workload and database user (approve-and-grant).
+    fn grant_spec(&self, seconds: u64, reason: Option<String>) -> GrantSpec {
+        GrantSpec {
+            rule: format!("{}/{}", self.policy, self.rule),
+            subject: [
+                ("workload".to_string(), self.requester.workload.clone()),
+                ("db.user".to_string(), self.requester.db_user.clone()),
+            ]
+            .into_iter()
+            .collect(),
+            tables: Vec::new(),
+            seconds,
+            reason,
+        }
+    }
+}
+
 struct Entry {
     request: Request,
     tx: Option<tokio::sync::oneshot::Sender<Verdict>>,
@@ -581,38 +634,11 @@ impl Hub {
         };
         let r = s.find(prefix).await?;
         if r.state != State::Pending {
-            return Err(DecideError::Decided {
-                id: r.id.clone(),
-                state: r.state.as_str(),
-                by: r
-                    .decided_by
-                    .map(|b| format!(" (by {b})"))
-                    .unwrap_or_default(),
-            });
+            return Err(DecideError::decided(&r));
         }
-        if by.is_requester(&r.requester) {
-            return Err(DecideError::OwnRequest {
-                who: by.display(),
-                id: r.id,
-                requester: r.requester.summary(),
-            });
-        }
+        r.check_decider(by)?;
         let g = self
-            .grant_any(
-                GrantSpec {
-                    rule: format!("{}/{}", r.policy, r.rule),
-                    subject: [
-                        ("workload".to_string(), r.requester.workload.clone()),
-                        ("db.user".to_string(), r.requester.db_user.clone()),
-                    ]
-                    .into_iter()
-                    .collect(),
-                    tables: Vec::new(),
-                    seconds,
-                    reason: reason.clone(),
-                },
-                by,
-            )
+            .grant_any(r.grant_spec(seconds, reason.clone()), by)
             .await?;
         let done = s
             .decide(
@@ -931,35 +957,10 @@ impl Hub {
     ) -> Result<(Request, Grant), DecideError> {
         let r = self.find(prefix)?;
         if r.state != State::Pending {
-            return Err(DecideError::Decided {
-                id: r.id.clone(),
-                state: r.state.as_str(),
-                by: r
-                    .decided_by
-                    .map(|b| format!(" (by {b})"))
-                    .unwrap_or_default(),
-            });
+            return Err(DecideError::decided(&r));
         }
-        if by.is_requester(&r.requester) {
-            return Err(DecideError::OwnRequest {
-                who: by.display(),
-                id: r.id,
-                requester: r.requester.summary(),
-            });
-        }
-        let mut subject = BTreeMap::new();
-        subject.insert("workload".to_string(), r.requester.workload.clone());
-        subject.insert("db.user".to_string(), r.requester.db_user.clone());
-        let g = self.grant(
-            GrantSpec {
-                rule: format!("{}/{}", r.policy, r.rule),
-                subject,
-                tables: Vec::new(),
-                seconds,
-                reason: reason.clone(),
-            },
-            by,
-        )?;
+        r.check_decider(by)?;
+        let g = self.grant(r.grant_spec(seconds, reason.clone()), by)?;
         let done = self.decide(
             &r.id,
             by,
@@ -1156,15 +1157,7 @@ impl Hub {
                     .rev()
                     .find(|r| r.id.starts_with(&prefix))
                 {
-                    return Err(DecideError::Decided {
-                        id: r.id.clone(),
-                        state: r.state.as_str(),
-                        by: r
-                            .decided_by
-                            .as_ref()
-                            .map(|b| format!(" (by {b})"))
-                            .unwrap_or_default(),
-                    });
+                    return Err(DecideError::decided(r));
                 }
                 Err(DecideError::NotFound(prefix))
             }
@@ -1188,23 +1181,7 @@ impl Hub {
     ) -> Result<Request, DecideError> {
         let mut inner = self.lock();
         let id = Self::resolve(&inner, prefix)?;
-        let entry = inner.pending.get(&id).expect("resolved");
-        let r = &entry.request;
-        if !approver.may_approve(&r.approvers) {
-            return Err(DecideError::NotAnApprover {
-                who: approver.display(),
-                id,
-                rule: format!("{}/{}", r.policy, r.rule),
-                list: r.approvers.join(", "),
-            });
-        }
-        if approver.is_requester(&r.requester) {
-            return Err(DecideError::OwnRequest {
-                who: approver.display(),
-                id,
-                requester: r.requester.summary(),
-            });
-        }
+        inner.pending[&id].request.check_decider(approver)?;
         let mut entry = inner.pending.remove(&id).expect("resolved");
         let by = approver.display();
         let verdict = if approve {

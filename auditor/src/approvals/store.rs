@@ -342,6 +342,11 @@ impl Store {
         r.decided_by = row.get("decided_by");
         r.reason = row.get("reason");
         r.decided_at = row.get("decided_at_text");
+        if r.state == State::Pending && row.get::<_, bool>("past") {
+            // Its holder could not say: the store's clock says it is over.
+            r.state = State::Expired;
+            r.reason = Some("past its timeout; the holding node did not report".into());
+        }
         Some(r)
     }
 
@@ -367,14 +372,7 @@ impl Store {
                 self.select()
             );
             for row in self.timed(c.query(&sql, &[])).await? {
-                if let Some(mut r) = Self::row_request(&row) {
-                    if r.state == State::Pending {
-                        // Its holder could not say: the store's clock says it is over.
-                        r.state = State::Expired;
-                        r.reason = Some("past its timeout; the holding node did not report".into());
-                    }
-                    out.push(r);
-                }
+                out.extend(Self::row_request(&row));
             }
         }
         let sql = format!(
@@ -429,30 +427,9 @@ impl Store {
     ) -> Result<Request, DecideError> {
         let r = self.find(prefix).await?;
         if r.state != State::Pending {
-            return Err(DecideError::Decided {
-                id: r.id.clone(),
-                state: r.state.as_str(),
-                by: r
-                    .decided_by
-                    .map(|b| format!(" (by {b})"))
-                    .unwrap_or_default(),
-            });
+            return Err(DecideError::decided(&r));
         }
-        if !approver.may_approve(&r.approvers) {
-            return Err(DecideError::NotAnApprover {
-                who: approver.display(),
-                id: r.id,
-                rule: format!("{}/{}", r.policy, r.rule),
-                list: r.approvers.join(", "),
-            });
-        }
-        if approver.is_requester(&r.requester) {
-            return Err(DecideError::OwnRequest {
-                who: approver.display(),
-                id: r.id,
-                requester: r.requester.summary(),
-            });
-        }
+        r.check_decider(approver)?;
         let c = self.client().await.map_err(store_err)?;
         let state = if approve { "approved" } else { "denied" };
         let sql = format!(
@@ -467,15 +444,7 @@ impl Store {
             .map_err(store_err)?;
         if n == 0 {
             // Decided, or ended by its holder, in the meantime.
-            let now = self.find(&r.id).await?;
-            return Err(DecideError::Decided {
-                id: now.id.clone(),
-                state: now.state.as_str(),
-                by: now
-                    .decided_by
-                    .map(|b| format!(" (by {b})"))
-                    .unwrap_or_default(),
-            });
+            return Err(DecideError::decided(&self.find(&r.id).await?));
         }
         // The holding node delivers it within a poll or two.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
