@@ -13,7 +13,7 @@ use auditor::{
     audit::recorder::RecordingPolicy,
     capture::session::Session,
     pg::{Direction, TokenizerLimits},
-    sink::{local::LocalLog, Sink},
+    sink::{local::SealedLog, Sink},
     sql::Analyzer,
 };
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -95,7 +95,12 @@ fn benches(c: &mut Criterion) {
     const BATCH: usize = 1000;
     let batch: Vec<AuditEvent> = template.iter().cycle().take(BATCH).cloned().collect();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut log = LocalLog::open(dir.path(), 1 << 30).expect("local log");
+    let (mut log, _) = SealedLog::open(
+        &dir.path().join("log"),
+        &dir.path().join("seal.key"),
+        1 << 30,
+    )
+    .expect("local log");
     sizes.insert(
         "sink/local-log".into(),
         serde_json::json!({"events": BATCH}),

@@ -2,8 +2,7 @@
 
 use std::{
     collections::BTreeMap,
-    fs::File,
-    io::{BufRead, BufReader, Seek, SeekFrom, Write},
+    io::Write,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -11,7 +10,7 @@ use std::{
 use crate::{
     audit::event::{AuditEvent, EventKind, Flags},
     daemon::Stats,
-    sink::local::{log_files, verify, Verdict},
+    sink::local,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -29,40 +28,25 @@ pub enum CliError {
     NoSession(String),
     #[error("no stats at {0}: the daemon has not run with this state directory")]
     NoStats(PathBuf),
-    #[error("the log chain is broken at {path} line {line}: {what}")]
-    Broken {
-        path: PathBuf,
-        line: u64,
-        what: String,
-    },
+    #[error("the log is not intact: {path}: {what}")]
+    Broken { path: PathBuf, what: String },
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
-    move |source| CliError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// Every event in the log, oldest first, with its line. Lines that do not parse are
-/// skipped and counted.
-pub fn read_events(dir: &Path, mut f: impl FnMut(AuditEvent, &str)) -> Result<u64, CliError> {
-    let files = log_files(dir)?;
-    if files.is_empty() {
+/// Every event in the log, oldest first (both formats). Records that cannot be read are
+/// counted in the result (`auditor verify` says where).
+pub fn read_events(dir: &Path, f: impl FnMut(AuditEvent)) -> Result<local::ReadEnd, CliError> {
+    if local::log_files(dir)?.is_empty() {
         return Err(CliError::NoLog(dir.to_path_buf()));
     }
-    let mut bad = 0;
-    for path in files {
-        let file = File::open(&path).map_err(io(&path))?;
-        for line in BufReader::new(file).lines() {
-            let line = line.map_err(io(&path))?;
-            match serde_json::from_str::<AuditEvent>(&line) {
-                Ok(ev) => f(ev, &line),
-                Err(_) => bad += 1,
-            }
-        }
-    }
-    Ok(bad)
+    Ok(local::read(dir, f)?)
+}
+
+/// An event as one line of JSON: the event contract's fields, as `auditor export` writes.
+pub fn json_line(ev: &AuditEvent) -> Vec<u8> {
+    let mut line = Vec::with_capacity(1024);
+    ev.write_json_fields(&mut line);
+    line.extend_from_slice(b"}\n");
+    line
 }
 
 fn short_ts(ts: &str) -> &str {
@@ -182,15 +166,9 @@ pub fn format_event(ev: &AuditEvent) -> String {
     }
 }
 
-/// An event as read (`--json` prints its line as logged, chain fields included).
-fn print_event(
-    out: &mut impl Write,
-    ev: &AuditEvent,
-    line: &str,
-    json: bool,
-) -> std::io::Result<()> {
+fn print_event(out: &mut impl Write, ev: &AuditEvent, json: bool) -> std::io::Result<()> {
     if json {
-        writeln!(out, "{}", line.trim_end())
+        out.write_all(&json_line(ev))
     } else {
         writeln!(out, "{}", format_event(ev))
     }
@@ -201,63 +179,63 @@ pub fn tail(dir: &Path, last: usize, json: bool, follow: bool) -> Result<(), Cli
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     // Wait for the daemon to create the log.
-    let mut files = log_files(dir)?;
-    while files.is_empty() {
+    while local::log_files(dir)?.is_empty() {
         if !follow {
             return Err(CliError::NoLog(dir.to_path_buf()));
         }
         std::thread::sleep(Duration::from_millis(200));
-        files = log_files(dir)?;
     }
     // The last `last` events across files.
     let mut ring = std::collections::VecDeque::with_capacity(last + 1);
-    if last > 0 {
-        read_events(dir, |ev, line| {
-            ring.push_back((ev, line.to_string()));
+    let end = local::read(dir, |ev| {
+        if last > 0 {
+            ring.push_back(ev);
             if ring.len() > last {
                 ring.pop_front();
             }
-        })?;
-    }
-    for (ev, line) in &ring {
-        let _ = print_event(&mut out, ev, line, json);
+        }
+    })?;
+    for ev in &ring {
+        let _ = print_event(&mut out, ev, json);
     }
     let _ = out.flush();
     if !follow {
         return Ok(());
     }
-    let mut path = log_files(dir)?.last().cloned().expect("non-empty");
-    let mut file = File::open(&path).map_err(io(&path))?;
-    file.seek(SeekFrom::End(0)).map_err(io(&path))?;
-    let mut reader = BufReader::new(file);
-    let mut partial = String::new();
+    let mut follower = local::Follower::new(dir, &end);
     loop {
-        let mut line = String::new();
-        let n = reader.read_line(&mut line).map_err(io(&path))?;
-        if n == 0 {
-            // At the end: a newer file means the log rotated.
-            let newest = log_files(dir)?.last().cloned();
-            if let Some(newest) = newest.filter(|p| *p != path) {
-                path = newest;
-                reader = BufReader::new(File::open(&path).map_err(io(&path))?);
-                partial.clear();
-                continue;
+        let mut closed = false;
+        follower.poll(&mut |ev| {
+            if !closed && print_event(&mut out, &ev, json).is_err() {
+                closed = true; // stdout closed (piped into head)
             }
-            let _ = out.flush();
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
+        })?;
+        if closed || out.flush().is_err() {
+            return Ok(());
         }
-        partial.push_str(&line);
-        if !partial.ends_with('\n') {
-            continue; // the writer is mid-line
-        }
-        if let Ok(ev) = serde_json::from_str::<AuditEvent>(partial.trim_end()) {
-            if print_event(&mut out, &ev, &partial, json).is_err() {
-                return Ok(()); // stdout closed (piped into head)
-            }
-        }
-        partial.clear();
+        std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Writes every event (or one session's) as JSON Lines: the event contract's fields, the
+/// same whichever format the log has on disk.
+pub fn export(dir: &Path, session: Option<&str>) -> Result<(), CliError> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+    let mut closed = false;
+    read_events(dir, |ev| {
+        if closed {
+            return;
+        }
+        if let Some(s) = session {
+            if !(&*ev.session_id == s || (s.len() >= 8 && ev.session_id.starts_with(s))) {
+                return;
+            }
+        }
+        closed = out.write_all(&json_line(&ev)).is_err();
+    })?;
+    let _ = out.flush();
+    Ok(())
 }
 
 #[derive(Default)]
@@ -278,7 +256,7 @@ struct SessionSummary {
 pub fn sessions(dir: &Path, limit: usize) -> Result<(), CliError> {
     let mut by_id: BTreeMap<String, SessionSummary> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
-    read_events(dir, |ev, _| {
+    read_events(dir, |ev| {
         if ev.session_id.is_empty() {
             return; // not a session's (a policy error, a capture interruption)
         }
@@ -350,11 +328,11 @@ pub fn show(dir: &Path, session: &str, json: bool) -> Result<(), CliError> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut found = 0;
-    read_events(dir, |ev, line| {
+    read_events(dir, |ev| {
         if &*ev.session_id == session || (session.len() >= 8 && ev.session_id.starts_with(session))
         {
             found += 1;
-            let _ = print_event(&mut out, &ev, line, json);
+            let _ = print_event(&mut out, &ev, json);
         }
     })?;
     if found == 0 {
@@ -430,15 +408,73 @@ pub fn stats(path: &Path, json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-pub fn verify_log(dir: &Path) -> Result<(), CliError> {
-    match verify(dir)? {
-        Verdict::Intact { lines, files } => {
-            println!(
-                "intact: {lines} events in {files} files under {}",
-                dir.display()
-            );
+/// `auditor verify`: checks the log, prints what it found; Err if it is not intact.
+pub fn verify_log(
+    state_dir: &Path,
+    key: Option<local::seal::VerificationKey>,
+) -> Result<(), CliError> {
+    let dir = state_dir.join("log");
+    if local::log_files(&dir)?.is_empty() {
+        return Err(CliError::NoLog(dir));
+    }
+    // Is the daemon that writes this log running? (Then its log must reach now.)
+    let writer_running = std::fs::read_to_string(state_dir.join("stats.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Stats>(&t).ok())
+        .is_some_and(|s| Path::new(&format!("/proc/{}", s.pid)).exists());
+    let opts = local::VerifyOptions {
+        key,
+        writer_running,
+        now_us: crate::audit::event::Timestamp::now().unix_micros(),
+    };
+    match local::verify(&dir, &opts)? {
+        local::Verdict::Intact(r) => {
+            print!("{}", render_report(&dir, &r, opts.key.is_some()));
             Ok(())
         }
-        Verdict::Broken { path, line, what } => Err(CliError::Broken { path, line, what }),
+        local::Verdict::Broken { path, what, .. } => Err(CliError::Broken { path, what }),
     }
+}
+
+fn render_report(dir: &Path, r: &local::Report, keyed: bool) -> String {
+    use crate::audit::event::Timestamp;
+    let mut s = format!(
+        "intact: {} events under {} ({} blocks in {} segments",
+        r.records,
+        dir.display(),
+        r.blocks,
+        r.segments
+    );
+    if r.legacy.1 > 0 {
+        s.push_str(&format!(
+            ", after {} lines in {} files of the old format",
+            r.legacy.0, r.legacy.1
+        ));
+    }
+    s.push_str(")\n");
+    match (keyed, r.sealed_span) {
+        (true, Some((a, b))) => s.push_str(&format!(
+            "sealed: {} blocks checked with the verification key, from {} to {}\n",
+            r.sealed,
+            Timestamp(a),
+            Timestamp(b)
+        )),
+        (true, None) => s.push_str("sealed: no block is sealed (was `auditor log setup-keys` run before the daemon started?)\n"),
+        (false, _) => {}
+    }
+    match r.ending {
+        local::Ending::Empty => {}
+        local::Ending::Stopped { ts_us } => s.push_str(&format!(
+            "ends: with a clean stop at {}\n",
+            Timestamp(ts_us)
+        )),
+        local::Ending::Open { ts_us } => s.push_str(&format!(
+            "ends: last sealed at {} (a daemon is writing it, or the last one did not stop cleanly)\n",
+            Timestamp(ts_us)
+        )),
+    }
+    for n in &r.notes {
+        s.push_str(&format!("note: {n}\n"));
+    }
+    s
 }

@@ -170,11 +170,8 @@ fn sinks_health(board: &sink::HealthBoard) -> std::collections::BTreeMap<String,
 }
 
 fn write_stats(path: &Path, stats: &Stats) {
-    let tmp = path.with_extension("json.tmp");
     if let Ok(text) = serde_json::to_vec_pretty(stats) {
-        if std::fs::write(&tmp, text).is_ok() {
-            let _ = std::fs::rename(&tmp, path);
-        }
+        let _ = crate::fsutil::write_private(path, &text);
     }
 }
 
@@ -206,7 +203,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             std::io::Error::last_os_error()
         );
     }
-    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| DaemonError::State {
+    crate::fsutil::private_dir(&cfg.state_dir).map_err(|source| DaemonError::State {
         path: cfg.state_dir.display().to_string(),
         source,
     })?;

@@ -12,6 +12,7 @@ pub mod continuity;
 pub mod conversation;
 pub mod daemon;
 pub mod doctor;
+pub mod fsutil;
 pub mod metrics;
 pub mod pg;
 pub mod policy;

@@ -24,6 +24,31 @@ struct StateDir {
 }
 
 #[derive(Subcommand)]
+enum LogCommand {
+    /// Make the forward-secure sealing key (state_dir/seal.key) and print the verification
+    /// key, once: keep it off this host (a password manager, paper). The daemon seals each
+    /// block with the key of its epoch and erases each key when its epoch ends, so whoever
+    /// takes the host later cannot alter, remove or cut off what was sealed before without
+    /// `auditor verify --key` seeing it. Restart the daemon to begin sealing.
+    ///
+    /// Examples:
+    ///   auditor log setup-keys
+    ///   auditor log setup-keys --interval 5m
+    SetupKeys {
+        #[command(flatten)]
+        dir: StateDir,
+        /// Epoch length: a key lives this long; what was sealed in the current epoch is
+        /// not yet protected (10s to 1d).
+        #[arg(long, default_value = "1m", value_parser = parse_interval)]
+        interval: u64,
+    },
+}
+
+fn parse_interval(s: &str) -> Result<u64, String> {
+    Ok(parse_duration(s)?.as_secs())
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Capture and record, in the foreground, until Ctrl-C (which flushes everything).
     ///
@@ -79,12 +104,48 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check the hash chain of the local log; reports the first modified, removed or
-    /// reordered line. Exit status 1 when broken.
+    /// Check the local log: every record against its block's seal, every block against
+    /// the one before it, the end against the log's head (a cut-off tail), and with the
+    /// verification key every seal. Names the first record modified, removed or moved.
+    /// Exit status 1 when the log is not intact.
+    ///
+    /// Examples:
+    ///   auditor verify
+    ///   auditor verify --key-file /media/offline/auditor-db1.vk
     Verify {
         #[command(flatten)]
         dir: StateDir,
+        /// The verification key `auditor log setup-keys` printed (avk1-...).
+        #[arg(
+            long,
+            env = "AUDITOR_VERIFY_KEY",
+            conflicts_with = "key_file",
+            hide_env_values = true
+        )]
+        key: Option<String>,
+        /// A file holding the verification key.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
+    /// Every event of the local log (or one session's) as JSON Lines, the event contract's
+    /// fields, whichever format the log has on disk.
+    ///
+    /// Examples:
+    ///   auditor export --json > trail.jsonl
+    ///   auditor export --json --session 0193a7c2
+    Export {
+        #[command(flatten)]
+        dir: StateDir,
+        /// JSON Lines (the only format, and the default; accepted for scripts that say it).
+        #[arg(long)]
+        json: bool,
+        /// Only this session (its id, or a prefix of at least 8 characters).
+        #[arg(long)]
+        session: Option<String>,
+    },
+    /// The local log's sealing keys.
+    #[command(subcommand)]
+    Log(LogCommand),
     /// Ask the audit trail in ClickHouse a named question, with filters.
     ///
     /// Examples:
@@ -422,7 +483,36 @@ fn dispatch(args: Args) -> anyhow::Result<()> {
             cli::show(&dir.state_dir.join("log"), &session, json)?
         }
         Command::Stats { dir, json } => cli::stats(&dir.state_dir.join("stats.json"), json)?,
-        Command::Verify { dir } => cli::verify_log(&dir.state_dir.join("log"))?,
+        Command::Verify { dir, key, key_file } => {
+            let key = match (key, key_file) {
+                (Some(k), _) => Some(k),
+                (None, Some(f)) => Some(std::fs::read_to_string(&f).map_err(|e| {
+                    anyhow::anyhow!("reading the verification key {}: {e}", f.display())
+                })?),
+                (None, None) => None,
+            };
+            let key = key
+                .map(|k| k.parse::<auditor::sink::local::seal::VerificationKey>())
+                .transpose()?;
+            cli::verify_log(&dir.state_dir, key)?
+        }
+        Command::Export {
+            dir,
+            json: _,
+            session,
+        } => cli::export(&dir.state_dir.join("log"), session.as_deref())?,
+        Command::Log(LogCommand::SetupKeys { dir, interval }) => {
+            let path = auditor::sink::local::key_path(&dir.state_dir);
+            let vk = auditor::sink::local::seal::SealingKey::setup(&path, interval)?;
+            eprintln!(
+                "Sealing key written to {} (epochs of {}).\n\
+                 The verification key follows: store it OFF this host, it is not kept here.\n\
+                 Restart the daemon to begin sealing; check with `auditor verify --key <key>`.",
+                path.display(),
+                format_args!("{interval} s")
+            );
+            println!("{vk}");
+        }
         Command::Query {
             name,
             config,

@@ -600,23 +600,53 @@ impl Drop for Daemon {
     }
 }
 
+/// Every event in the log directory `dir` (`state_dir/log`), as `auditor export --json`
+/// prints them: the way a user reads the trail, whichever format the files have.
 pub fn read_events(dir: &Path) -> Result<Vec<Value>> {
-    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(rd) => rd.flatten().map(|e| e.path()).collect(),
-        Err(_) => return Ok(Vec::new()),
-    };
-    files.sort();
-    let mut events = Vec::new();
-    for f in files {
-        let text = std::fs::read_to_string(&f)?;
-        for line in text.lines() {
-            // A line being written right now may be incomplete: only whole lines count.
-            if let Ok(v) = serde_json::from_str::<Value>(line) {
-                events.push(v);
-            }
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let state = dir.parent().context("the log directory has a parent")?;
+    let out = Command::new(auditor_bin())
+        .args(["export", "--json", "--state-dir"])
+        .arg(state)
+        .output()
+        .context("running auditor export")?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        if err.contains("no events under") {
+            return Ok(Vec::new());
         }
+        bail!("auditor export --json failed: {err}");
+    }
+    let mut events = Vec::new();
+    for line in out.stdout.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        events.push(serde_json::from_slice::<Value>(line).with_context(|| {
+            format!(
+                "auditor export printed a line that is not JSON: {}",
+                String::from_utf8_lossy(line)
+            )
+        })?);
     }
     Ok(events)
+}
+
+/// Every byte of the log directory's files (for checks that a secret never reached them,
+/// in any form).
+pub fn raw_log(dir: &Path) -> Vec<u8> {
+    let mut raw = Vec::new();
+    for f in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        raw.extend(std::fs::read(f.path()).unwrap());
+    }
+    raw
+}
+
+/// Whether `needle` occurs anywhere in `haystack`.
+pub fn contains_bytes(haystack: &[u8], needle: &str) -> bool {
+    !needle.is_empty()
+        && haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
 }
 
 /// Fails if any (session_id, seq) occurs twice: an event recorded twice. (Events of no

@@ -266,6 +266,7 @@ fn masked_columns_never_leave_in_the_clear() {
     let events = daemon.events().unwrap();
     auditor_tests::assert_no_duplicates(&events);
     let trail = serde_json::to_string(&events).unwrap();
+    let on_disk = auditor_tests::raw_log(&daemon.log_dir());
     let said = output.join("\n");
     for raw in emails.iter().chain(&cards).chain(&phones) {
         assert!(
@@ -273,6 +274,10 @@ fn masked_columns_never_leave_in_the_clear() {
             "{raw} reached the client"
         );
         assert!(!trail.contains(raw.as_str()), "{raw} is in the trail");
+        assert!(
+            !auditor_tests::contains_bytes(&on_disk, raw),
+            "{raw} is in the log's files"
+        );
         assert!(
             !said.contains(raw.as_str()),
             "{raw} is in the daemon's output"

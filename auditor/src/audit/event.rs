@@ -216,6 +216,9 @@ flags! {
     /// open before its workload became enforced, or enforcement is off): its statements
     /// ran unjudged, and its decisions are what enforcement would have done.
     NotEnforced = "not_enforced",
+    /// The local log was found shorter than its head when the daemon started: records
+    /// were removed from its end while no daemon ran (`statement` says how many).
+    LogTruncated = "log_truncated",
 }
 
 /// A set of flags; written as their names, in declaration order.

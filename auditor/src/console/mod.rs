@@ -1063,7 +1063,7 @@ fn session_rows(dir: &std::path::Path) -> Result<Vec<html::SessionRow>, crate::c
     use crate::audit::event::EventKind;
     let mut by_id: HashMap<String, html::SessionRow> = HashMap::new();
     let mut order: Vec<String> = Vec::new();
-    let read = crate::cli::read_events(dir, |ev, _| {
+    let read = crate::cli::read_events(dir, |ev| {
         if ev.session_id.is_empty() {
             return;
         }
@@ -1116,7 +1116,7 @@ fn session_events(
 ) -> Result<Vec<crate::audit::event::AuditEvent>, crate::cli::CliError> {
     let mut out = Vec::new();
     let mut which: Option<String> = None;
-    let read = crate::cli::read_events(dir, |ev, _| {
+    let read = crate::cli::read_events(dir, |ev| {
         let hit = &*ev.session_id == id || (id.len() >= 8 && ev.session_id.starts_with(id));
         if !hit || ev.session_id.is_empty() {
             return;

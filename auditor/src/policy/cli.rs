@@ -109,7 +109,7 @@ pub fn explain(log: &Path, session: &str, dir: &Path, cfg: &Config) -> anyhow::R
         anyhow::bail!("give at least 8 characters of the session id");
     }
     let mut events = Vec::new();
-    crate::cli::read_events(log, |ev, _| {
+    crate::cli::read_events(log, |ev| {
         if ev.session_id.starts_with(session) {
             events.push(ev);
         }

@@ -48,6 +48,11 @@ pub trait Sink: Send {
     fn send(&mut self, batch: &Batch) -> Result<(), SinkError>;
     /// Makes what it took visible to readers (called when no batch is waiting).
     fn flush(&mut self) -> Result<(), SinkError>;
+    /// Called about once a second, with or without events (time-driven work: the local
+    /// log seals a block per epoch).
+    fn tick(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
     fn health(&self) -> Health;
     /// Flushes and stops; `grace` bounds the wait for a remote destination (what it does
     /// not take in that time stays queued on disk for the next start).
@@ -61,7 +66,9 @@ pub fn build(cfg: &Config) -> Result<Vec<Box<dyn Sink>>, SinkError> {
     if cfg.local_log.enabled {
         sinks.push(Box::new(local::LocalLogSink::open(
             &cfg.log_dir(),
+            &local::key_path(&cfg.state_dir),
             &cfg.local_log,
+            &cfg.host_name(),
         )?));
     }
     if cfg.clickhouse.enabled {
@@ -138,6 +145,7 @@ impl SinkThread {
                     counter.store(report.events, Ordering::Relaxed);
                 };
                 publish(&sinks);
+                let mut last_tick = std::time::Instant::now();
                 loop {
                     match rx.recv_timeout(HEALTH_EVERY) {
                         Ok(batch) => {
@@ -161,6 +169,15 @@ impl SinkThread {
                         }
                         Err(mpsc::RecvTimeoutError::Timeout) => {}
                         Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                    if last_tick.elapsed() >= HEALTH_EVERY {
+                        last_tick = std::time::Instant::now();
+                        for s in sinks.iter_mut() {
+                            if let Err(e) = s.tick() {
+                                report.errors += 1;
+                                tracing::error!("{}: {e}", s.name());
+                            }
+                        }
                     }
                     publish(&sinks);
                 }

@@ -12,7 +12,7 @@
 //! receiver must tolerate (ClickHouse: event ids and a deduplicating table).
 
 use std::{
-    fs::{File, OpenOptions},
+    fs::File,
     io::{BufWriter, Read, Seek, SeekFrom, Write},
     path::{Path, PathBuf},
 };
@@ -69,7 +69,10 @@ fn segment_name(n: u64) -> String {
 impl Spool {
     /// Opens (or creates) the spool in `dir`; new records go to a new segment.
     pub fn open(dir: &Path, segment_bytes: u64) -> Result<Self, SpoolError> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        crate::fsutil::private_dir(dir).map_err(io_err(dir))?;
+        for f in std::fs::read_dir(dir).map_err(io_err(dir))?.flatten() {
+            crate::fsutil::make_private(&f.path()).map_err(io_err(&f.path()))?;
+        }
         let mut spool = Spool {
             dir: dir.to_path_buf(),
             segment_bytes: segment_bytes.max(4096),
@@ -183,7 +186,7 @@ impl Spool {
             .unwrap_or(1)
             .max(self.cursor.segment + 1);
         let path = self.dir.join(segment_name(next));
-        let f = OpenOptions::new()
+        let f = crate::fsutil::private_options()
             .create_new(true)
             .append(true)
             .open(&path)
@@ -296,9 +299,11 @@ impl Spool {
     /// segments (not the one being written) are deleted.
     pub fn commit(&mut self, pos: Position) -> Result<(), SpoolError> {
         let path = self.cursor_path();
-        let tmp = self.dir.join("cursor.tmp");
-        std::fs::write(&tmp, format!("{} {}\n", pos.segment, pos.offset)).map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        crate::fsutil::write_private(
+            &path,
+            format!("{} {}\n", pos.segment, pos.offset).as_bytes(),
+        )
+        .map_err(io_err(&path))?;
         self.cursor = pos;
         let writing = self.writer.as_ref().map(|(n, _, _)| *n);
         for seg in self.segments()? {
@@ -412,7 +417,7 @@ mod tests {
         bytes[3 * rec + 9] ^= 0xff;
         std::fs::write(&segs[0], &bytes).unwrap();
         let len = std::fs::metadata(&segs[1]).unwrap().len();
-        OpenOptions::new()
+        std::fs::OpenOptions::new()
             .write(true)
             .open(&segs[1])
             .unwrap()
