@@ -129,8 +129,9 @@ fn benches(c: &mut Criterion) {
             database: "auditor_bench".into(),
             ..Default::default()
         };
-        let mut sink = auditor::sink::clickhouse::ClickHouseSink::start(&cfg, spool_dir.path())
-            .expect("clickhouse sink");
+        let mut sink =
+            auditor::sink::clickhouse::ClickHouseSink::start(&cfg, spool_dir.path(), None)
+                .expect("clickhouse sink");
         sizes.insert(
             "sink/clickhouse".into(),
             serde_json::json!({"events": PER_ITER}),

@@ -28,6 +28,8 @@ pub enum CliError {
     NoSession(String),
     #[error("no stats at {0}: the daemon has not run with this state directory")]
     NoStats(PathBuf),
+    #[error("ClickHouse: {0}")]
+    ClickHouse(String),
     #[error("the log is not intact: {path}: {what}")]
     Broken { path: PathBuf, what: String },
 }
@@ -412,6 +414,7 @@ pub fn stats(path: &Path, json: bool) -> Result<(), CliError> {
 pub fn verify_log(
     state_dir: &Path,
     key: Option<local::seal::VerificationKey>,
+    against: Option<&crate::config::Config>,
 ) -> Result<(), CliError> {
     let dir = state_dir.join("log");
     if local::log_files(&dir)?.is_empty() {
@@ -422,10 +425,15 @@ pub fn verify_log(
         .ok()
         .and_then(|t| serde_json::from_str::<Stats>(&t).ok())
         .is_some_and(|s| Path::new(&format!("/proc/{}", s.pid)).exists());
+    let anchors = match against {
+        Some(cfg) => Some(clickhouse_anchors(cfg)?),
+        None => None,
+    };
     let opts = local::VerifyOptions {
         key,
         writer_running,
         now_us: crate::audit::event::Timestamp::now().unix_micros(),
+        anchors,
     };
     match local::verify(&dir, &opts)? {
         local::Verdict::Intact(r) => {
@@ -434,6 +442,49 @@ pub fn verify_log(
         }
         local::Verdict::Broken { path, what, .. } => Err(CliError::Broken { path, what }),
     }
+}
+
+/// The heads of this host's local log that ClickHouse received.
+fn clickhouse_anchors(cfg: &crate::config::Config) -> Result<Vec<local::Anchor>, CliError> {
+    use crate::sink::clickhouse;
+    let ch = |e: String| {
+        CliError::ClickHouse(format!(
+            "{} ({}): {e}",
+            cfg.clickhouse.url, cfg.clickhouse.database
+        ))
+    };
+    let client = clickhouse::client(&cfg.clickhouse).map_err(|e| ch(e.to_string()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ch(e.to_string()))?;
+    let host = cfg.host_name();
+    let rows = rt
+        .block_on(clickhouse::log_heads(
+            &client,
+            &cfg.clickhouse.database,
+            &host,
+        ))
+        .map_err(|e| ch(e.to_string()))?;
+    if rows.is_empty() {
+        return Err(ch(format!(
+            "no head of host {host}'s local log was received (is the daemon writing both, \
+             with this host name?)"
+        )));
+    }
+    rows.into_iter()
+        .map(|r| {
+            let mut hash = [0u8; 32];
+            hex::decode_to_slice(&r.hash, &mut hash)
+                .map_err(|_| ch(format!("log_heads: block {} has a damaged hash", r.block)))?;
+            Ok(local::Anchor {
+                block: r.block,
+                records: r.records,
+                hash,
+                ts_us: r.ts_us,
+            })
+        })
+        .collect()
 }
 
 fn render_report(dir: &Path, r: &local::Report, keyed: bool) -> String {
@@ -472,6 +523,19 @@ fn render_report(dir: &Path, r: &local::Report, keyed: bool) -> String {
             "ends: last sealed at {} (a daemon is writing it, or the last one did not stop cleanly)\n",
             Timestamp(ts_us)
         )),
+    }
+    if let Some((n, last)) = &r.anchored {
+        s.push_str(&format!(
+            "clickhouse: the {n} heads it received are in the log{}\n",
+            last.as_ref()
+                .map(|a| format!(
+                    " (the latest: block {} through record {}, sent {})",
+                    a.block,
+                    a.records,
+                    Timestamp(a.ts_us)
+                ))
+                .unwrap_or_default()
+        ));
     }
     for n in &r.notes {
         s.push_str(&format!("note: {n}\n"));

@@ -126,6 +126,15 @@ enum Command {
         /// A file holding the verification key.
         #[arg(long)]
         key_file: Option<PathBuf>,
+        /// Also check the log against the heads ClickHouse received from this host (the
+        /// daemon sends them when it writes both): catches a log rewritten or cut short
+        /// consistently, even without the key. ClickHouse and the host name come from
+        /// --config.
+        #[arg(long)]
+        against_clickhouse: bool,
+        /// The daemon's configuration (for --against-clickhouse).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Every event of the local log (or one session's) as JSON Lines, the event contract's
     /// fields, whichever format the log has on disk.
@@ -483,7 +492,13 @@ fn dispatch(args: Args) -> anyhow::Result<()> {
             cli::show(&dir.state_dir.join("log"), &session, json)?
         }
         Command::Stats { dir, json } => cli::stats(&dir.state_dir.join("stats.json"), json)?,
-        Command::Verify { dir, key, key_file } => {
+        Command::Verify {
+            dir,
+            key,
+            key_file,
+            against_clickhouse,
+            config,
+        } => {
             let key = match (key, key_file) {
                 (Some(k), _) => Some(k),
                 (None, Some(f)) => Some(std::fs::read_to_string(&f).map_err(|e| {
@@ -494,7 +509,14 @@ fn dispatch(args: Args) -> anyhow::Result<()> {
             let key = key
                 .map(|k| k.parse::<auditor::sink::local::seal::VerificationKey>())
                 .transpose()?;
-            cli::verify_log(&dir.state_dir, key)?
+            let cfg = match (against_clickhouse, config) {
+                (false, _) => None,
+                (true, Some(path)) => Some(Config::load(&path)?),
+                (true, None) => {
+                    anyhow::bail!("--against-clickhouse needs --config (where ClickHouse is)")
+                }
+            };
+            cli::verify_log(&dir.state_dir, key, cfg.as_ref())?
         }
         Command::Export {
             dir,

@@ -295,4 +295,51 @@ fn auditor_query_answers_from_clickhouse() {
         String::from_utf8_lossy(&out.stderr).contains("unit"),
         "{out:?}"
     );
+
+    // The local log against the heads ClickHouse received from this host: intact...
+    let verify = || {
+        std::process::Command::new(auditor_tests::auditor_bin())
+            .args(["verify", "--against-clickhouse", "--config"])
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(&daemon.state)
+            .output()
+            .unwrap()
+    };
+    let out = verify();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        said.contains("clickhouse: the ") && said.contains("heads it received are in the log"),
+        "{said}"
+    );
+    // ...and cut short after its first block (the daemon's start: every block of records
+    // after it, each of which ClickHouse was told of), with its head removed too, as
+    // someone covering their tracks would: ClickHouse's copy of the head names the cut.
+    let log = daemon.state.join("log");
+    let seg = std::fs::read_dir(&log)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "alog"))
+        .unwrap();
+    let buf = std::fs::read(&seg).unwrap();
+    let mut at = auditor::sink::local::segment::HEADER_LEN;
+    let mut seals = Vec::new();
+    while let Some((frame, next)) = auditor::sink::local::segment::next_frame(&buf, at) {
+        if matches!(frame, auditor::sink::local::segment::Frame::Seal(_)) {
+            seals.push(next);
+        }
+        at = next;
+    }
+    assert!(seals.len() >= 3, "start, records, stop: {seals:?}");
+    std::fs::write(&seg, &buf[..seals[0]]).unwrap();
+    std::fs::remove_file(log.join("HEAD")).unwrap();
+    let out = verify();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        said.contains("truncated: ClickHouse received block"),
+        "{said}"
+    );
 }

@@ -287,7 +287,14 @@ const VIEWS_VERSION: u32 = 2;
 /// version 1 declare it, the views, then for each later version that added fields, their
 /// columns and the views again.
 pub fn migrations(db: &str, f: Features, retention_days: u32) -> Vec<Migration> {
-    migrations_of(FIELDS, db, f, retention_days)
+    let mut all = migrations_of(FIELDS, db, f, retention_days);
+    all.push(Migration {
+        version: LOG_HEADS_VERSION,
+        name: "log_heads table".into(),
+        add_columns: Vec::new(),
+        statements: vec![log_heads_table(db)],
+    });
+    all
 }
 
 fn migrations_of(
@@ -566,6 +573,50 @@ pub async fn migrate(
     Ok(f)
 }
 
+/// The local log's head, sent to ClickHouse after each acknowledged insert (table
+/// `log_heads`), where a root user on the host cannot rewrite it.
+pub struct Anchor {
+    pub head: crate::sink::local::SharedHead,
+    pub host: String,
+}
+
+/// The version of the migration that creates `log_heads` (tables other than `events` take
+/// versions from 1001, so that the events table's column migrations keep theirs).
+const LOG_HEADS_VERSION: u32 = 1001;
+
+fn log_heads_table(db: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {db}.log_heads (\n    host String,\n    ts_us Int64,\n    \
+         segment UInt64,\n    block UInt64,\n    records UInt64,\n    hash String\n)\n\
+         ENGINE = ReplacingMergeTree\nORDER BY (host, block)"
+    )
+}
+
+/// The local log heads ClickHouse received from `host`, by block.
+#[derive(Debug, Clone, Row, Deserialize)]
+pub struct LogHeadRow {
+    pub ts_us: i64,
+    pub segment: u64,
+    pub block: u64,
+    pub records: u64,
+    pub hash: String,
+}
+
+pub async fn log_heads(
+    client: &Client,
+    db: &str,
+    host: &str,
+) -> Result<Vec<LogHeadRow>, ClickHouseError> {
+    Ok(client
+        .query(&format!(
+            "SELECT ts_us, segment, block, records, hash FROM {db}.log_heads \
+             WHERE host = ? ORDER BY block"
+        ))
+        .bind(host)
+        .fetch_all()
+        .await?)
+}
+
 /// Handle to the running sink: send batches, then `finish`.
 pub struct ClickHouseSink {
     tx: Option<mpsc::SyncSender<Batch>>,
@@ -581,6 +632,7 @@ impl ClickHouseSink {
     pub fn start(
         cfg: &ClickHouseConfig,
         spool_dir: &std::path::Path,
+        anchor: Option<Anchor>,
     ) -> Result<Self, ClickHouseError> {
         let client = client(cfg)?;
         let spool = Arc::new(Mutex::new(Spool::open(spool_dir, 64 << 20)?));
@@ -620,7 +672,7 @@ impl ClickHouseSink {
                             return;
                         }
                     };
-                    rt.block_on(send_loop(cfg, client, spool, shared, wake, stop));
+                    rt.block_on(send_loop(cfg, client, spool, shared, wake, stop, anchor));
                 })
                 .expect("spawning ch-send")
         };
@@ -807,7 +859,9 @@ async fn send_loop(
     shared: Arc<Shared>,
     wake: Arc<Notify>,
     stop: Arc<AtomicBool>,
+    anchor: Option<Anchor>,
 ) {
+    let mut anchored: Option<u64> = None;
     // Spool reads and commits are file I/O under a lock shared with the spool thread: they
     // run on the blocking pool, never on this runtime's thread (which drives the HTTP
     // connection), and the loop waits for new events on `wake`, not on a std Condvar.
@@ -924,6 +978,9 @@ async fn send_loop(
                         .await;
                         shared.inserted.fetch_add(written_rows, Ordering::Relaxed);
                         written_rows = 0;
+                        if let Some(a) = &anchor {
+                            send_head(&client, &cfg.database, a, &mut anchored).await;
+                        }
                         refusals = 0;
                         backoff = Duration::from_millis(200);
                         shared.connected.store(1, Ordering::Relaxed);
@@ -968,6 +1025,34 @@ async fn send_loop(
         }
     }
     shared.connected.store(0, Ordering::Relaxed);
+}
+
+/// Sends the local log's head if it moved since the last one sent. A failure is only
+/// logged: the next acknowledged insert sends the head of then.
+async fn send_head(client: &Client, db: &str, a: &Anchor, anchored: &mut Option<u64>) {
+    let Some(h) = a.head.lock().ok().and_then(|h| h.clone()) else {
+        return;
+    };
+    if *anchored == Some(h.block) {
+        return;
+    }
+    let sent = client
+        .query(&format!(
+            "INSERT INTO {db}.log_heads (host, ts_us, segment, block, records, hash) \
+             VALUES (?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(&a.host)
+        .bind(h.ts_us)
+        .bind(h.segment)
+        .bind(h.block)
+        .bind(h.records)
+        .bind(hex::encode(h.hash))
+        .execute()
+        .await;
+    match sent {
+        Ok(()) => *anchored = Some(h.block),
+        Err(e) => tracing::warn!("clickhouse: the local log's head was not sent: {e}"),
+    }
 }
 
 /// Runs blocking work (spool file I/O) on the runtime's blocking pool; None if it could
@@ -1135,7 +1220,7 @@ mod tests {
         // approval columns.
         let today = migrations("auditor", Features::of_version("18.16.1"), 0);
         let versions: Vec<u32> = today.iter().map(|m| m.version).collect();
-        assert_eq!(versions, [1, 2, 3, 4, 5]);
+        assert_eq!(versions, [1, 2, 3, 4, 5, LOG_HEADS_VERSION]);
         assert_eq!(
             today[2].add_columns,
             [("message_bytes", "message_bytes UInt64".to_string())]

@@ -63,18 +63,25 @@ pub trait Sink: Send {
 /// The sinks the configuration asks for, in delivery order (the local log first).
 pub fn build(cfg: &Config) -> Result<Vec<Box<dyn Sink>>, SinkError> {
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    // With both, the local log's head goes to ClickHouse with its inserts.
+    let head = (cfg.local_log.enabled && cfg.clickhouse.enabled).then(local::SharedHead::default);
     if cfg.local_log.enabled {
         sinks.push(Box::new(local::LocalLogSink::open(
             &cfg.log_dir(),
             &local::key_path(&cfg.state_dir),
             &cfg.local_log,
             &cfg.host_name(),
+            head.clone(),
         )?));
     }
     if cfg.clickhouse.enabled {
         sinks.push(Box::new(clickhouse::ClickHouseSink::start(
             &cfg.clickhouse,
             &cfg.spool_dir(),
+            head.map(|head| clickhouse::Anchor {
+                head,
+                host: cfg.host_name(),
+            }),
         )?));
     }
     Ok(sinks)

@@ -146,6 +146,11 @@ fn segment_name(index: u64) -> String {
     format!("events-{index:06}{SEGMENT_EXT}")
 }
 
+/// The head as the writer last sealed it, shared with the ClickHouse sink, which sends it
+/// with its inserts: a copy of the log's end the host cannot rewrite
+/// (`auditor verify --against-clickhouse`).
+pub type SharedHead = std::sync::Arc<std::sync::Mutex<Option<Head>>>;
+
 /// Where the log ended when it was last sealed (`log/HEAD`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Head {
@@ -325,6 +330,7 @@ pub struct SealedLog {
     /// The last write failed: the next block starts a new segment after the last good one.
     broken: bool,
     scratch: Vec<u8>,
+    shared: Option<SharedHead>,
 }
 
 impl SealedLog {
@@ -403,6 +409,7 @@ impl SealedLog {
             last_epoch: 0,
             broken: false,
             scratch: Vec::with_capacity(4096),
+            shared: None,
         };
         log.seal(Reason::Start)?;
         Ok((log, report))
@@ -410,6 +417,11 @@ impl SealedLog {
 
     pub fn current_path(&self) -> PathBuf {
         self.dir.join(segment_name(self.segment))
+    }
+
+    /// Publishes each new head to `shared` (from the next seal on).
+    pub fn share_head(&mut self, shared: SharedHead) {
+        self.shared = Some(shared);
     }
 
     pub fn is_sealed(&self) -> bool {
@@ -517,7 +529,13 @@ impl SealedLog {
         let path = self.dir.join(HEAD_FILE);
         self.head
             .write_all_at(&head.encode(), 0)
-            .map_err(io_err(&path))
+            .map_err(io_err(&path))?;
+        if let Some(shared) = &self.shared {
+            if let Ok(mut h) = shared.lock() {
+                *h = Some(head);
+            }
+        }
+        Ok(())
     }
 
     /// Writes the open block (records and seal) to the segment, in a new segment when the
@@ -589,8 +607,12 @@ impl LocalLogSink {
         key_path: &Path,
         cfg: &LocalLogConfig,
         host: &str,
+        shared: Option<SharedHead>,
     ) -> Result<Self, LocalLogError> {
         let (mut log, report) = SealedLog::open(dir, key_path, cfg.rotate_bytes)?;
+        if let Some(s) = shared {
+            log.share_head(s);
+        }
         if report.unsealed > 0 {
             tracing::warn!(
                 "local log: {} records after the last seal of the previous run were never \
@@ -683,7 +705,7 @@ mod read;
 mod verify;
 
 pub use read::{read, Follower, ReadEnd};
-pub use verify::{verify, Ending, Report, Verdict, VerifyOptions};
+pub use verify::{verify, Anchor, Ending, Report, Verdict, VerifyOptions};
 
 #[cfg(test)]
 mod tests;

@@ -204,7 +204,7 @@ fn the_sink_records_a_truncation_found_at_start() {
     // The whole second run's segment removed.
     std::fs::remove_file(segment_files(&dir).unwrap().pop().unwrap()).unwrap();
     let cfg = LocalLogConfig::default();
-    let sink = LocalLogSink::open(&dir, &key, &cfg, "h1").unwrap();
+    let sink = LocalLogSink::open(&dir, &key, &cfg, "h1", None).unwrap();
     Box::new(sink).finish(std::time::Duration::ZERO).unwrap();
     let mut gaps = Vec::new();
     read(&dir, |e| {
@@ -350,6 +350,7 @@ fn a_running_writer_must_reach_the_current_epoch() {
         key: Some(vk),
         writer_running: true,
         now_us: Timestamp::now().unix_micros(),
+        anchors: None,
     };
     intact(verify(&dir, &o).unwrap());
     // Three epochs later with no seal since: what the daemon sealed was cut off.
@@ -426,4 +427,71 @@ fn a_follower_sees_new_events_across_segments() {
     f.poll(&mut |e| seen.push(e.seq)).unwrap();
     assert!(segment_files(&dir).unwrap().len() > 1);
     assert_eq!(seen, (1..40).collect::<Vec<_>>());
+}
+
+#[test]
+fn heads_sent_elsewhere_catch_a_consistent_rewrite_and_a_cut() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, key) = (tmp.path().join("log"), tmp.path().join("seal.key"));
+    let shared = SharedHead::default();
+    let (mut log, _) = SealedLog::open(&dir, &key, 1 << 20).unwrap();
+    log.share_head(shared.clone());
+    let mut anchors = Vec::new();
+    for i in 0..6 {
+        log.append(&ev(i)).unwrap();
+        log.flush().unwrap();
+        let h = shared.lock().unwrap().clone().unwrap();
+        anchors.push(Anchor {
+            block: h.block,
+            records: h.records,
+            hash: h.hash,
+            ts_us: h.ts_us,
+        });
+    }
+    log.stop().unwrap();
+    let with = |a: &[Anchor]| VerifyOptions {
+        anchors: Some(a.to_vec()),
+        ..opts()
+    };
+    let r = intact(verify(&dir, &with(&anchors)).unwrap());
+    assert_eq!(r.anchored.as_ref().map(|a| a.0), Some(6));
+    // Rewritten consistently (no key): the chain and the head agree, the anchors do not.
+    let key_less = tmp.path().join("none.key");
+    let pristine = std::fs::read(&segment_files(&dir).unwrap()[0]).unwrap();
+    SealingKey::setup(&key_less, 60).unwrap();
+    forge_with_current_key(&dir, &key_less, true);
+    intact(verify(&dir, &opts()).unwrap());
+    let (record, what) = broken(verify(&dir, &with(&anchors)).unwrap());
+    assert_eq!(record, Some(3), "{what}");
+    assert!(
+        what.contains("block 3 is not the block ClickHouse received"),
+        "{what}"
+    );
+    // Cut after the fourth record, head rewritten to match: only the anchors see it.
+    std::fs::write(&segment_files(&dir).unwrap()[0], &pristine).unwrap();
+    let buf = pristine.clone();
+    let mut at = segment::HEADER_LEN;
+    let mut seals = Vec::new();
+    while let Some((frame, next)) = segment::next_frame(&buf, at) {
+        if let Frame::Seal(p) = frame {
+            seals.push((next, Seal::decode(p).unwrap()));
+        }
+        at = next;
+    }
+    let (cut, s) = &seals[4]; // start, then records 1-4
+    std::fs::write(&segment_files(&dir).unwrap()[0], &buf[..*cut]).unwrap();
+    let head = Head {
+        segment: 1,
+        block: s.block,
+        records: s.records,
+        ts_us: s.ts_us,
+        hash: s.hash,
+    };
+    std::fs::write(dir.join(HEAD_FILE), head.encode()).unwrap();
+    intact(verify(&dir, &opts()).unwrap());
+    let (_, what) = broken(verify(&dir, &with(&anchors)).unwrap());
+    assert!(
+        what.contains("truncated: ClickHouse received block"),
+        "{what}"
+    );
 }

@@ -21,6 +21,18 @@ pub struct VerifyOptions {
     pub writer_running: bool,
     /// Now, Unix µs.
     pub now_us: i64,
+    /// Heads a copy elsewhere received (ClickHouse's `log_heads`), by block: the log must
+    /// hold each of these blocks, with this hash.
+    pub anchors: Option<Vec<Anchor>>,
+}
+
+/// A head the log had when it was sent elsewhere.
+#[derive(Debug, Clone)]
+pub struct Anchor {
+    pub block: u64,
+    pub records: u64,
+    pub hash: [u8; 32],
+    pub ts_us: i64,
 }
 
 /// How the log ends.
@@ -51,6 +63,8 @@ pub struct Report {
     /// left records unsealed, the daemon was not running for a while, seals not checked).
     pub notes: Vec<String>,
     pub head: Option<Head>,
+    /// Anchors checked, and the latest of them.
+    pub anchored: Option<(usize, Option<Anchor>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -96,7 +110,10 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
         ending: Ending::Empty,
         notes: Vec::new(),
         head: None,
+        anchored: None,
     };
+    let anchors = opts.anchors.clone().unwrap_or_default();
+    let mut next_anchor = 0usize;
     let mut chain = Chain {
         prev: head,
         next_block: 0,
@@ -169,6 +186,20 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
                     {
                         return broken(record, what);
                     }
+                    while let Some(a) = anchors.get(next_anchor).filter(|a| a.block <= s.block) {
+                        if a.block == s.block && (a.hash != s.hash || a.records != s.records) {
+                            return broken(
+                                Some(chain.records + 1),
+                                format!(
+                                    "block {} is not the block ClickHouse received at {} (hash \
+                                     or record count differ): the log was rewritten since",
+                                    s.block,
+                                    Timestamp(a.ts_us)
+                                ),
+                            );
+                        }
+                        next_anchor += 1;
+                    }
                     if s.is_sealed() {
                         chain.sealing_began = true;
                         first_sealed.get_or_insert((s.ts_us, s.block));
@@ -226,6 +257,27 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
                 buf.len() - at
             ));
         }
+    }
+    if let Some(a) = anchors.get(next_anchor) {
+        return Ok(Verdict::Broken {
+            path: segments
+                .last()
+                .cloned()
+                .unwrap_or_else(|| dir.to_path_buf()),
+            record: Some(chain.records + 1),
+            what: format!(
+                "truncated: ClickHouse received block {} (through record {}) at {}, but the log \
+                 ends at block {} (record {}): what followed was removed",
+                a.block,
+                a.records,
+                Timestamp(a.ts_us),
+                chain.next_block.saturating_sub(1),
+                chain.records
+            ),
+        });
+    }
+    if opts.anchors.is_some() {
+        report.anchored = Some((anchors.len(), anchors.last().cloned()));
     }
     report.records = chain.records;
     report.ending = match chain.last {
