@@ -490,9 +490,10 @@ fn clickhouse_anchors(cfg: &crate::config::Config) -> Result<Vec<local::Anchor>,
 fn render_report(dir: &Path, r: &local::Report, keyed: bool) -> String {
     use crate::audit::event::Timestamp;
     let mut s = format!(
-        "intact: {} events under {} ({} blocks in {} segments",
-        r.records,
+        "intact: {} events under {} ({} records in {} blocks in {} segments",
+        r.events,
         dir.display(),
+        r.records,
         r.blocks,
         r.segments
     );

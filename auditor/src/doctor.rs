@@ -279,6 +279,9 @@ pub fn run_checks(cfg: &Config) -> Vec<Check> {
             ),
         },
     );
+    if cfg.local_log.enabled {
+        out.push(local_log_check(cfg));
+    }
     let (dir, required) = cfg.policies_dir();
     if dir.is_dir() || required {
         let (set, report) = crate::policy::load_dir(&dir);
@@ -328,6 +331,52 @@ pub fn run_checks(cfg: &Config) -> Vec<Check> {
         out.push(clickhouse_check(cfg));
     }
     out
+}
+
+/// Whether the local log is sealed, and private.
+fn local_log_check(cfg: &Config) -> Check {
+    use crate::sink::local::seal::SealingKey;
+    use Verdict::*;
+    use std::os::unix::fs::PermissionsExt;
+    let open = [cfg.state_dir.clone(), cfg.log_dir()]
+        .into_iter()
+        .filter(|d| std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o077 != 0))
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>();
+    let privacy = if open.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; {} can be read by other users (the daemon makes them 0700 when it starts)",
+            open.join(", ")
+        )
+    };
+    let path = crate::sink::local::key_path(&cfg.state_dir);
+    match SealingKey::load(&path) {
+        Result::Ok(Some(k)) => check(
+            "local log",
+            Ok,
+            format!(
+                "sealed with a forward-secure key ({}, epochs of {} s, epoch {}){privacy}",
+                path.display(),
+                k.interval_us() / 1_000_000,
+                k.epoch()
+            ),
+            "",
+        ),
+        Result::Ok(None) => check(
+            "local log",
+            Warn,
+            format!("chained but not sealed: no key at {}{privacy}", path.display()),
+            "run `auditor log setup-keys` and keep the key it prints off this host (docs/local-log.md)",
+        ),
+        Err(e) => check(
+            "local log",
+            Fail,
+            e.to_string(),
+            "restore the key file, or move it away and run `auditor log setup-keys` again",
+        ),
+    }
 }
 
 /// Where approvers reach held statements: the control socket's place and group, and

@@ -32,6 +32,8 @@ pub enum RecordError {
     Json(String),
     #[error("{what} {name:?} is not known to this version")]
     Unknown { what: &'static str, name: String },
+    #[error("refers to session context {0}, which its segment does not hold before it")]
+    NoContext(u32),
 }
 
 /// How the ClickHouse server at hand stores events.
@@ -155,6 +157,11 @@ impl<'a> RecordReader<'a> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.take(N)?);
         Ok(a)
+    }
+
+    /// The next `n` bytes.
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
+        self.take(n)
     }
 
     pub fn u8(&mut self) -> Result<u8, RecordError> {
@@ -537,6 +544,23 @@ impl Field for Labels {
     }
 }
 
+/// Whether two encoded fields are the same bytes: most are a few bytes long, where a
+/// byte loop beats a call to `memcmp`.
+#[inline]
+pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    if a.len() > 32 {
+        return a == b;
+    }
+    let mut diff = 0u8;
+    for (x, y) in a.iter().zip(b) {
+        diff |= x ^ y;
+    }
+    diff == 0
+}
+
 /// Declares the audit event's fields once; see the module's documentation. Each field is
 /// `name: Type` with optional attributes in brackets: `lc` (few distinct values:
 /// LowCardinality in ClickHouse), `since = N` (added by schema version N; a migration adds
@@ -580,6 +604,54 @@ macro_rules! audit_event {
             pub fn put_fields(&self, out: &mut Vec<u8>) {
                 $( $crate::audit::schema::Field::put(&self.$name, out); )*
             }
+
+            /// Appends the fields as [`AuditEvent::put_fields`] does, and where each ends
+            /// (relative to where the first began): a context later records refer to.
+            pub fn put_fields_ends(&self, out: &mut Vec<u8>, ends: &mut Vec<u32>) {
+                let base = out.len();
+                $(
+                    $crate::audit::schema::Field::put(&self.$name, out);
+                    ends.push((out.len() - base) as u32);
+                )*
+            }
+
+            /// Appends only the fields whose encoding differs from the context's (`ctx`,
+            /// its fields' ends `ends`), and sets bit i of `same` for each field i the
+            /// context holds as is.
+            pub fn put_fields_diff(
+                &self,
+                ctx: &[u8],
+                ends: &[u32],
+                out: &mut Vec<u8>,
+                same: &mut [u8],
+            ) {
+                let mut i = 0usize;
+                let mut from = 0usize;
+                $(
+                    let start = out.len();
+                    $crate::audit::schema::Field::put(&self.$name, out);
+                    let to = ends.get(i).map_or(usize::MAX, |e| *e as usize);
+                    if ctx.get(from..to).is_some_and(|c| $crate::audit::schema::same_bytes(c, &out[start..])) {
+                        out.truncate(start);
+                        same[i / 8] |= 1 << (i % 8);
+                    }
+                    from = to;
+                    i += 1;
+                )*
+                let _ = (i, from);
+            }
+
+            /// Takes from `ctx` each field whose bit is set in `same`.
+            pub fn take_same(&mut self, ctx: &AuditEvent, same: &[u8]) {
+                let mut i = 0usize;
+                $(
+                    if same.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0) {
+                        self.$name = ctx.$name.clone();
+                    }
+                    i += 1;
+                )*
+                let _ = i;
+            }
         }
 
         impl<'a> EventRef<'a> {
@@ -597,6 +669,47 @@ macro_rules! audit_event {
                     }
                     i += 1;
                 )*
+                let _ = i;
+                Ok(ev)
+            }
+
+            /// As [`EventRef::get_fields`], skipping the fields whose bit is set in
+            /// `same` (a record written against a context: they are the context's).
+            pub fn get_fields_except(
+                r: &mut $crate::audit::schema::RecordReader<'a>,
+                fields: usize,
+                same: &[u8],
+            ) -> Result<Self, $crate::audit::schema::RecordError> {
+                let mut ev = EventRef::default();
+                let mut i = 0usize;
+                $(
+                    if i < fields && !same.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0) {
+                        ev.$name = <$ty as $crate::audit::schema::Field>::get(r)?;
+                    }
+                    i += 1;
+                )*
+                let _ = i;
+                Ok(ev)
+            }
+
+            /// The owned event, with defaults for the fields whose bit is set in `same`
+            /// (not read: a context supplies them).
+            pub fn to_event_except(
+                &self,
+                same: &[u8],
+            ) -> Result<AuditEvent, $crate::audit::schema::RecordError> {
+                let skip = |i: usize| same.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0);
+                let mut i = 0usize;
+                let ev = AuditEvent {
+                    $( $name: {
+                        i += 1;
+                        if skip(i - 1) {
+                            Default::default()
+                        } else {
+                            <$ty as $crate::audit::schema::Field>::own(&self.$name)?
+                        }
+                    }, )*
+                };
                 let _ = i;
                 Ok(ev)
             }

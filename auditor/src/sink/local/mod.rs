@@ -16,6 +16,7 @@
 //! `sessions`, `export`. Logs of the first format (hash-chained JSON Lines, `legacy.rs`)
 //! are still read and verified; the first segment continues their chain.
 
+pub mod compact;
 pub mod legacy;
 pub mod seal;
 pub mod segment;
@@ -36,7 +37,7 @@ use self::{
 };
 use crate::{
     audit::event::{AuditEvent, EventKind, Flag, Timestamp},
-    sink::{record, Batch, Health, Sink, SinkError},
+    sink::{Batch, Health, Sink, SinkError},
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -249,8 +250,10 @@ fn find_tail(dir: &Path) -> Result<Tail, LocalLogError> {
                 Err(e) => return Err(io_err(path)(e)),
             }
             let len = u32::from_le_bytes(fh[1..5].try_into().expect("4 bytes")) as usize;
-            if !matches!(fh[0], segment::KIND_RECORD | segment::KIND_SEAL)
-                || len > segment::MAX_FRAME
+            if !matches!(
+                fh[0],
+                segment::KIND_RECORD | segment::KIND_SEAL | segment::KIND_CONTEXT
+            ) || len > segment::MAX_FRAME
             {
                 tail.torn += 1;
                 break;
@@ -260,7 +263,7 @@ fn find_tail(dir: &Path) -> Result<Tail, LocalLogError> {
                 tail.torn += 1;
                 break;
             }
-            if fh[0] == segment::KIND_RECORD {
+            if fh[0] != segment::KIND_SEAL {
                 tail.unsealed += 1;
             } else if let Some(s) = Seal::decode(&payload) {
                 tail.prev = s.hash;
@@ -330,6 +333,8 @@ pub struct SealedLog {
     /// The last write failed: the next block starts a new segment after the last good one.
     broken: bool,
     scratch: Vec<u8>,
+    context: Vec<u8>,
+    contexts: compact::Contexts,
     shared: Option<SharedHead>,
 }
 
@@ -409,6 +414,8 @@ impl SealedLog {
             last_epoch: 0,
             broken: false,
             scratch: Vec::with_capacity(4096),
+            context: Vec::with_capacity(4096),
+            contexts: compact::Contexts::default(),
             shared: None,
         };
         log.seal(Reason::Start)?;
@@ -428,10 +435,31 @@ impl SealedLog {
         self.key.is_some()
     }
 
-    /// Appends one event to the open block (written when the block is sealed).
+    /// Appends one event to the open block (written when the block is sealed), after its
+    /// session's context when the segment does not hold that yet.
     pub fn append(&mut self, ev: &AuditEvent) -> Result<(), LocalLogError> {
+        // A new segment begins at a block's edge, before anything is written against the
+        // contexts of the one before.
+        if self.broken
+            || (self.size > segment::HEADER_LEN as u64
+                && self.size + self.pending.len() as u64 >= self.rotate_bytes)
+        {
+            if self.count > 0 && !self.broken {
+                self.seal(Reason::Flush)?;
+            }
+            self.new_segment()?;
+        }
         self.scratch.clear();
-        record::encode(ev, &mut self.scratch);
+        self.context.clear();
+        if self
+            .contexts
+            .encode(ev, &mut self.context, &mut self.scratch)
+        {
+            self.digests
+                .extend_from_slice(&segment::digest(&self.context));
+            segment::write_frame(&mut self.pending, segment::KIND_CONTEXT, &self.context);
+            self.count += 1;
+        }
         self.digests
             .extend_from_slice(&segment::digest(&self.scratch));
         segment::write_record_frame(&mut self.pending, &self.scratch);
@@ -439,6 +467,29 @@ impl SealedLog {
         if self.pending.len() >= BLOCK_BYTES {
             self.seal(Reason::Flush)?;
         }
+        Ok(())
+    }
+
+    /// Continues the chain in a new segment file; the contexts of the old one are not
+    /// referred to from it.
+    fn new_segment(&mut self) -> Result<(), LocalLogError> {
+        if !self.broken {
+            let path = self.current_path();
+            self.file.sync_data().map_err(io_err(&path))?;
+        }
+        let tail = Tail {
+            index: self.segment,
+            prev: self.prev,
+            next_block: self.next_block,
+            records: self.records,
+            ..Tail::default()
+        };
+        let (file, size) = create_segment(&self.dir, self.segment + 1, &tail)?;
+        self.segment += 1;
+        self.file = file;
+        self.size = size;
+        self.broken = false;
+        self.contexts.clear();
         Ok(())
     }
 
@@ -538,29 +589,11 @@ impl SealedLog {
         Ok(())
     }
 
-    /// Writes the open block (records and seal) to the segment, in a new segment when the
-    /// current one is full or a write to it failed.
+    /// Writes the open block (records and seal) to the segment; in a new one after a write
+    /// failed (only a block without records gets here then: `append` moves on first).
     fn write_block(&mut self) -> Result<(), LocalLogError> {
-        if self.broken
-            || (self.size > segment::HEADER_LEN as u64
-                && self.size + self.pending.len() as u64 > self.rotate_bytes)
-        {
-            let path = self.current_path();
-            if !self.broken {
-                self.file.sync_data().map_err(io_err(&path))?;
-            }
-            let tail = Tail {
-                index: self.segment,
-                prev: self.prev,
-                next_block: self.next_block,
-                records: self.records,
-                ..Tail::default()
-            };
-            let (file, size) = create_segment(&self.dir, self.segment + 1, &tail)?;
-            self.segment += 1;
-            self.file = file;
-            self.size = size;
-            self.broken = false;
+        if self.broken {
+            self.new_segment()?;
         }
         match self.file.write_all(&self.pending) {
             Ok(()) => {

@@ -6,8 +6,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{io_err, legacy, segment, segment_files, LocalLogError};
-use crate::{audit::event::AuditEvent, sink::record};
+use super::{compact::ContextTable, io_err, legacy, segment, segment_files, LocalLogError};
+use crate::audit::event::AuditEvent;
 
 /// Where reading stopped: the newest segment and the offset after its last whole frame
 /// (a [`Follower`] goes on from there).
@@ -30,12 +30,14 @@ pub fn read(dir: &Path, mut f: impl FnMut(AuditEvent)) -> Result<ReadEnd, LocalL
         ..ReadEnd::default()
     };
     let mut buf = Vec::new();
+    let mut contexts = ContextTable::default();
     for path in segment_files(dir)? {
         buf.clear();
+        contexts.clear();
         File::open(&path)
             .and_then(|mut file| file.read_to_end(&mut buf))
             .map_err(io_err(&path))?;
-        let offset = frames(&buf, segment::HEADER_LEN, &mut end, &mut f);
+        let offset = frames(&buf, segment::HEADER_LEN, &mut contexts, &mut end, &mut f);
         end.path = Some(path);
         end.offset = offset as u64;
     }
@@ -44,20 +46,31 @@ pub fn read(dir: &Path, mut f: impl FnMut(AuditEvent)) -> Result<ReadEnd, LocalL
 
 /// Decodes the record frames of `buf` from `at`; returns the offset after the last whole
 /// frame.
-fn frames(buf: &[u8], mut at: usize, end: &mut ReadEnd, f: &mut impl FnMut(AuditEvent)) -> usize {
+fn frames(
+    buf: &[u8],
+    mut at: usize,
+    contexts: &mut ContextTable,
+    end: &mut ReadEnd,
+    f: &mut impl FnMut(AuditEvent),
+) -> usize {
     if buf.len() < segment::HEADER_LEN || &buf[..8] != segment::MAGIC {
         end.bad += 1;
         return buf.len();
     }
     while let Some((frame, next)) = segment::next_frame(buf, at) {
         match frame {
-            segment::Frame::Record(p) => match record::decode(p).and_then(|r| r.to_event()) {
+            segment::Frame::Record(p) => match contexts.event(p) {
                 Ok(ev) => {
                     end.events += 1;
                     f(ev)
                 }
                 Err(_) => end.bad += 1,
             },
+            segment::Frame::Context(p) => {
+                if contexts.add(p).is_err() {
+                    end.bad += 1;
+                }
+            }
             segment::Frame::Seal(_) => {}
             segment::Frame::Bad { .. } => {
                 end.bad += 1;
@@ -75,17 +88,34 @@ pub struct Follower {
     path: Option<PathBuf>,
     offset: u64,
     buf: Vec<u8>,
+    contexts: ContextTable,
 }
 
 impl Follower {
     /// Goes on from where [`read`] stopped.
     pub fn new(dir: &Path, from: &ReadEnd) -> Follower {
-        Follower {
+        let mut f = Follower {
             dir: dir.to_path_buf(),
             path: from.path.clone(),
             offset: from.offset,
             buf: Vec::new(),
+            contexts: ContextTable::default(),
+        };
+        // The contexts of what was read already, which later records refer to.
+        if let Some(path) = &f.path {
+            if let Ok(buf) = std::fs::read(path) {
+                let upto = (f.offset as usize).min(buf.len());
+                let mut end = ReadEnd::default();
+                frames(
+                    &buf[..upto],
+                    segment::HEADER_LEN,
+                    &mut f.contexts,
+                    &mut end,
+                    &mut |_| {},
+                );
+            }
         }
+        f
     }
 
     /// Calls `f` with the events written since the last call.
@@ -98,6 +128,7 @@ impl Follower {
                     Some(p) => {
                         self.path = Some(p.clone());
                         self.offset = segment::HEADER_LEN as u64;
+                        self.contexts.clear();
                         continue;
                     }
                     None => return Ok(()),
@@ -109,6 +140,7 @@ impl Follower {
                 Some(next) => {
                     self.path = Some(next.clone());
                     self.offset = segment::HEADER_LEN as u64;
+                    self.contexts.clear();
                 }
                 None => return Ok(()),
             }
@@ -137,7 +169,13 @@ impl Follower {
             .map_err(io_err(path))?;
         let mut end = ReadEnd::default();
         // The buffer is the header, then the file from `offset`.
-        let done = frames(&self.buf, segment::HEADER_LEN, &mut end, f);
+        let done = frames(
+            &self.buf,
+            segment::HEADER_LEN,
+            &mut self.contexts,
+            &mut end,
+            f,
+        );
         self.offset += (done - segment::HEADER_LEN) as u64;
         Ok(())
     }

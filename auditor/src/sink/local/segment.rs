@@ -24,6 +24,8 @@ pub const HEADER_LEN: usize = 8 + 8 + 8 + 8 + 32;
 pub const FRAME_HEADER: usize = 5;
 pub const KIND_RECORD: u8 = 1;
 pub const KIND_SEAL: u8 = 2;
+/// A session's context (`compact.rs`), which later records of the segment refer to.
+pub const KIND_CONTEXT: u8 = 3;
 /// The fixed part of a seal's payload.
 pub const SEAL_FIXED: usize = 8 + 8 + 4 + 1 + 8 + 8 + 8 + 32 + 32;
 pub const DIGEST_LEN: usize = 16;
@@ -187,7 +189,12 @@ pub fn digest(record: &[u8]) -> [u8; DIGEST_LEN] {
 
 /// Appends a record frame around `payload`.
 pub fn write_record_frame(out: &mut Vec<u8>, payload: &[u8]) {
-    out.push(KIND_RECORD);
+    write_frame(out, KIND_RECORD, payload)
+}
+
+/// Appends a frame of `kind` around `payload`.
+pub fn write_frame(out: &mut Vec<u8>, kind: u8, payload: &[u8]) {
+    out.push(kind);
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(payload);
 }
@@ -196,6 +203,7 @@ pub fn write_record_frame(out: &mut Vec<u8>, payload: &[u8]) {
 #[derive(Debug)]
 pub enum Frame<'a> {
     Record(&'a [u8]),
+    Context(&'a [u8]),
     Seal(&'a [u8]),
     /// A kind this version does not know, or a length past the bound: the file is damaged
     /// here (or written by a newer version); nothing after it can be framed.
@@ -214,7 +222,7 @@ pub fn next_frame(buf: &[u8], at: usize) -> Option<(Frame<'_>, usize)> {
     }
     let kind = rest[0];
     let len = u32::from_le_bytes(rest[1..5].try_into().expect("4 bytes")) as usize;
-    if !matches!(kind, KIND_RECORD | KIND_SEAL) || len > MAX_FRAME {
+    if !matches!(kind, KIND_RECORD | KIND_SEAL | KIND_CONTEXT) || len > MAX_FRAME {
         return Some((
             Frame::Bad {
                 kind,
@@ -224,10 +232,10 @@ pub fn next_frame(buf: &[u8], at: usize) -> Option<(Frame<'_>, usize)> {
         ));
     }
     let body = rest.get(FRAME_HEADER..FRAME_HEADER + len)?;
-    let frame = if kind == KIND_RECORD {
-        Frame::Record(body)
-    } else {
-        Frame::Seal(body)
+    let frame = match kind {
+        KIND_RECORD => Frame::Record(body),
+        KIND_CONTEXT => Frame::Context(body),
+        _ => Frame::Seal(body),
     };
     Some((frame, at + FRAME_HEADER + len))
 }

@@ -1,4 +1,5 @@
 use super::*;
+use crate::sink::record;
 use segment::Frame;
 
 fn ev(n: u64) -> AuditEvent {
@@ -53,12 +54,12 @@ fn intact(v: Verdict) -> Report {
 fn events_read_back_in_order_across_runs_and_segments() {
     let tmp = tempfile::tempdir().unwrap();
     let (dir, key) = (tmp.path().join("log"), tmp.path().join("seal.key"));
-    write(&dir, &key, 0..50, 7, 4096);
-    write(&dir, &key, 50..60, 3, 4096);
-    assert!(segment_files(&dir).unwrap().len() > 2, "rotated");
-    assert_eq!(seqs(&dir), (0..60).collect::<Vec<_>>());
+    write(&dir, &key, 0..500, 7, 4096);
+    write(&dir, &key, 500..600, 3, 4096);
+    assert!(segment_files(&dir).unwrap().len() > 3, "rotated");
+    assert_eq!(seqs(&dir), (0..600).collect::<Vec<_>>());
     let r = intact(verify(&dir, &opts()).unwrap());
-    assert_eq!(r.records, 60);
+    assert_eq!(r.events, 600);
     assert!(matches!(r.ending, Ending::Stopped { .. }));
     // Private: the directory 0700, every file 0600.
     use std::os::unix::fs::PermissionsExt;
@@ -85,7 +86,7 @@ fn an_old_log_is_read_and_its_chain_continued() {
     write(&dir, &key, 20..30, 4, 1 << 20);
     assert_eq!(seqs(&dir), (0..30).collect::<Vec<_>>());
     let r = intact(verify(&dir, &opts()).unwrap());
-    assert_eq!((r.legacy, r.records), ((20, 3), 30));
+    assert_eq!((r.legacy, r.events), ((20, 3), 30));
     // The first segment continues the old chain: an old line changed breaks it there...
     let first_old = legacy::log_files(&dir).unwrap()[0].clone();
     let text = std::fs::read_to_string(&first_old).unwrap();
@@ -214,7 +215,8 @@ fn the_sink_records_a_truncation_found_at_start() {
     })
     .unwrap();
     assert_eq!(gaps.len(), 1);
-    assert!(gaps[0].contains("4 records were removed"), "{}", gaps[0]);
+    // Four events and their session's context.
+    assert!(gaps[0].contains("5 records were removed"), "{}", gaps[0]);
     intact(verify(&dir, &opts()).unwrap());
 }
 
@@ -232,15 +234,22 @@ fn forge_with_current_key(dir: &Path, key: &Path, same_epochs: bool) {
     let mut digests = Vec::new();
     let mut at = segment::HEADER_LEN;
     let mut last = None;
+    let mut contexts = compact::ContextTable::default();
     while let Some((frame, next)) = segment::next_frame(&buf, at) {
         match frame {
+            Frame::Context(p) => {
+                contexts.add(p).unwrap();
+                digests.extend_from_slice(&segment::digest(p));
+                segment::write_frame(&mut out, segment::KIND_CONTEXT, p);
+            }
             Frame::Record(p) => {
-                let mut ev = record::decode(p).unwrap().to_event().unwrap();
+                let mut ev = contexts.event(p).unwrap();
+                let mut rec = p.to_vec();
                 if ev.seq == 2 {
                     ev.statement = "SELECT 'innocent'".into();
+                    rec.clear();
+                    record::encode(&ev, &mut rec);
                 }
-                let mut rec = Vec::new();
-                record::encode(&ev, &mut rec);
                 digests.extend_from_slice(&segment::digest(&rec));
                 segment::write_record_frame(&mut out, &rec);
             }

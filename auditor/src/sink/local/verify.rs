@@ -53,7 +53,10 @@ pub struct Report {
     pub legacy: (u64, usize),
     pub segments: usize,
     pub blocks: u64,
+    /// Records: events, and the session contexts events of the segments refer to.
     pub records: u64,
+    /// Events (old lines included).
+    pub events: u64,
     /// Blocks whose seal the key checked.
     pub sealed: u64,
     /// The time span of the blocks the key checked.
@@ -82,6 +85,8 @@ struct Chain {
     prev: [u8; 32],
     next_block: u64,
     records: u64,
+    /// Events through the last block (what messages number).
+    events: u64,
     last_epoch: Option<u64>,
     last: Option<(Reason, i64, u64)>,
     /// A block sealed with the key was seen: every later one must be.
@@ -105,6 +110,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
         segments: 0,
         blocks: 0,
         records: lines,
+        events: lines,
         sealed: 0,
         sealed_span: None,
         ending: Ending::Empty,
@@ -118,6 +124,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
         prev: head,
         next_block: 0,
         records: lines,
+        events: lines,
         last_epoch: None,
         last: None,
         sealing_began: false,
@@ -126,6 +133,8 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
     let segments = segment_files(dir)?;
     let mut buf = Vec::new();
     let mut unsealed_blocks = 0u64;
+    // Events in the segments (records also counts the session contexts they refer to).
+    let mut events = 0u64;
     let mut first_sealed: Option<(i64, u64)> = None;
     for (i, path) in segments.iter().enumerate() {
         buf.clear();
@@ -165,12 +174,13 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
             );
         }
         report.segments += 1;
-        // Records of the open block: (offset, digest).
-        let mut block: Vec<(usize, [u8; DIGEST_LEN])> = Vec::new();
+        // Records of the open block: (offset, digest, whether it is an event).
+        let mut block: Vec<(usize, [u8; DIGEST_LEN], bool)> = Vec::new();
         let mut at = segment::HEADER_LEN;
         while let Some((frame, next)) = segment::next_frame(&buf, at) {
             match frame {
-                Frame::Record(p) => block.push((at, segment::digest(p))),
+                Frame::Record(p) => block.push((at, segment::digest(p), true)),
+                Frame::Context(p) => block.push((at, segment::digest(p), false)),
                 Frame::Bad { kind, len } => {
                     return broken(
                         None,
@@ -189,7 +199,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
                     while let Some(a) = anchors.get(next_anchor).filter(|a| a.block <= s.block) {
                         if a.block == s.block && (a.hash != s.hash || a.records != s.records) {
                             return broken(
-                                Some(chain.records + 1),
+                                Some(chain.events + 1),
                                 format!(
                                     "block {} is not the block ClickHouse received at {} (hash \
                                      or record count differ): the log was rewritten since",
@@ -227,6 +237,9 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
                     chain.prev = s.hash;
                     chain.next_block += 1;
                     chain.records = s.records;
+                    let n = block.iter().filter(|b| b.2).count() as u64;
+                    chain.events += n;
+                    events += n;
                     chain.last_epoch = Some(s.epoch);
                     chain.last = Some((
                         Reason::from_u8(s.reason).unwrap_or(Reason::Flush),
@@ -241,13 +254,12 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
         }
         if !block.is_empty() {
             report.notes.push(format!(
-                "{}: {} records after its last seal were never sealed (records {}–{}): the daemon \
+                "{}: {} records after its last seal were never sealed (from event {}): the daemon \
                  did not finish writing that block (a crash), or they were appended since; \
                  they are read but no seal vouches for them",
                 path.display(),
                 block.len(),
-                chain.records + 1,
-                chain.records + block.len() as u64
+                chain.events + 1,
             ));
         }
         if at < buf.len() {
@@ -264,7 +276,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
                 .last()
                 .cloned()
                 .unwrap_or_else(|| dir.to_path_buf()),
-            record: Some(chain.records + 1),
+            record: Some(chain.events + 1),
             what: format!(
                 "truncated: ClickHouse received block {} (through record {}) at {}, but the log \
                  ends at block {} (record {}): what followed was removed",
@@ -280,6 +292,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
         report.anchored = Some((anchors.len(), anchors.last().cloned()));
     }
     report.records = chain.records;
+    report.events = lines + events;
     report.ending = match chain.last {
         None => Ending::Empty,
         Some((Reason::Stop, ts, _)) => Ending::Stopped { ts_us: ts },
@@ -317,7 +330,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
             if h.records > chain.records || h.block >= chain.next_block {
                 return Ok(Verdict::Broken {
                     path: last_path,
-                    record: Some(chain.records + 1),
+                    record: Some(chain.events + 1),
                     what: format!(
                         "truncated: the log ends at record {} (block {}), but its head names \
                          record {} (block {}, sealed {}): the last {} records were removed",
@@ -372,7 +385,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
         if opts.writer_running && reason != Reason::Stop && epoch + 1 < now_epoch {
             return Ok(Verdict::Broken {
                 path: last_path,
-                record: Some(chain.records + 1),
+                record: Some(chain.events + 1),
                 what: format!(
                     "truncated: the daemon writing this log is running, but its last seal is \
                      from {} (epoch {epoch}, now {now_epoch}): what it sealed since was removed",
@@ -387,12 +400,12 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
 /// Checks one block against its seal; Err names the record to blame (if one) and what.
 fn check_block(
     s: &Seal,
-    block: &[(usize, [u8; DIGEST_LEN])],
+    block: &[(usize, [u8; DIGEST_LEN], bool)],
     chain: &Chain,
     opts: &VerifyOptions,
     verifier: Option<&mut super::seal::Verifier>,
 ) -> Result<(), (Option<u64>, String)> {
-    let first = chain.records + 1;
+    let first = chain.events + 1;
     if s.block != chain.next_block {
         return Err((
             Some(first),
@@ -403,14 +416,20 @@ fn check_block(
         ));
     }
     let listed: Vec<&[u8]> = s.digests.chunks(DIGEST_LEN).collect();
-    let found: Vec<&[u8]> = block.iter().map(|(_, d)| &d[..]).collect();
+    let found: Vec<&[u8]> = block.iter().map(|(_, d, _)| &d[..]).collect();
     if listed != found {
         let i = listed
             .iter()
             .zip(&found)
             .position(|(l, f)| l != f)
             .unwrap_or(listed.len().min(found.len()));
-        let record = chain.records + i as u64 + 1;
+        // Named by the event it is, or the event its session context comes before.
+        let record =
+            chain.events + block[..i.min(block.len())].iter().filter(|b| b.2).count() as u64 + 1;
+        let name = match block.get(i) {
+            Some((_, _, false)) => format!("the session context before event {record}"),
+            _ => format!("event {record}"),
+        };
         let what = match (found.get(i), listed.get(i)) {
             (_, Some(l)) if found.len() < listed.len() && !found.contains(l) => {
                 "removed: the record its block's seal lists here is not there"
@@ -424,9 +443,9 @@ fn check_block(
         };
         let at = block
             .get(i)
-            .map(|(o, _)| format!(" (byte {o})"))
+            .map(|(o, _, _)| format!(" (byte {o})"))
             .unwrap_or_default();
-        return Err((Some(record), format!("record {record}{at}: {what}")));
+        return Err((Some(record), format!("{name}{at}: {what}")));
     }
     if s.records != chain.records + u64::from(s.count) {
         return Err((
