@@ -449,7 +449,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     }
     if cfg.local_log.enabled {
         tracing::info!(
-            "events -> {} (hash-chained JSON Lines; `auditor tail` follows them)",
+            "events -> {} (sealed blocks; `auditor tail` follows them, `auditor verify` checks them)",
             cfg.log_dir().display()
         );
     } else {

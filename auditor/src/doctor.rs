@@ -336,8 +336,8 @@ pub fn run_checks(cfg: &Config) -> Vec<Check> {
 /// Whether the local log is sealed, and private.
 fn local_log_check(cfg: &Config) -> Check {
     use crate::sink::local::seal::SealingKey;
-    use Verdict::*;
     use std::os::unix::fs::PermissionsExt;
+    use Verdict::*;
     let open = [cfg.state_dir.clone(), cfg.log_dir()]
         .into_iter()
         .filter(|d| std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o077 != 0))

@@ -1014,8 +1014,8 @@ fn pipeline_section(
     let ns = median_ns("sink/local-log")?;
     writeln!(
         md,
-        "- Local hash-chained log (serialise to JSON, SHA-256 chain, buffered write, flush per \
-         batch of {events:.0}), one core: **{:.0} events/s**.",
+        "- Local sealed log (binary records against each session's context, a digest per \
+         record, a sealed block per batch of {events:.0}), one core: **{:.0} events/s**.",
         events / (ns / 1e9)
     )?;
     if sizes.get("sink/clickhouse").is_some() {

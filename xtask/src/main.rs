@@ -27,7 +27,7 @@ enum Cmd {
         tests: bool,
     },
     /// Set up, build in release mode and run the auditor on this host in the foreground
-    /// with the embedded default (the hash-chained log under /var/lib/auditor).
+    /// with the embedded default (the sealed local log under /var/lib/auditor).
     Run {
         /// Arguments after `--` go to `auditor run` (for example `-- --config my.yaml`).
         #[arg(last = true)]

@@ -2,7 +2,7 @@
 //! the daemon builds the configured ones ([`build`]) and runs them on one thread
 //! ([`SinkThread`]), which hands every batch to every sink, in order.
 //!
-//! The local hash-chained log is the embedded default; ClickHouse (through an on-disk
+//! The local sealed log is the embedded default; ClickHouse (through an on-disk
 //! spool) can run beside it.
 
 pub mod clickhouse;

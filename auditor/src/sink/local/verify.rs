@@ -159,6 +159,15 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
                 "not a segment of the local log (its header is damaged)".into(),
             );
         };
+        if header.segment != super::index_of(path) {
+            return broken(
+                None,
+                format!(
+                    "its header names segment {}: the file was renamed or replaced",
+                    header.segment
+                ),
+            );
+        }
         if header.prev_hash != chain.prev
             || header.first_block != chain.next_block
             || header.records_before != chain.records
