@@ -11,7 +11,6 @@
 
 use std::{
     collections::VecDeque,
-    io::Write as _,
     path::{Path, PathBuf},
 };
 
@@ -46,17 +45,10 @@ impl Watermark {
 
     /// Written whole or not at all (a temporary file renamed over the old one).
     pub fn write(&self, state_dir: &Path) -> std::io::Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let tmp = state_dir.join(format!("{FILE}.tmp"));
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&serde_json::to_vec(self).unwrap_or_default())?;
-        drop(f);
-        std::fs::rename(&tmp, Self::path(state_dir))
+        crate::fsutil::write_private(
+            &Self::path(state_dir),
+            &serde_json::to_vec(self).unwrap_or_default(),
+        )
     }
 }
 

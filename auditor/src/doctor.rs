@@ -359,7 +359,7 @@ fn local_log_check(cfg: &Config) -> Check {
             format!(
                 "sealed with a forward-secure key ({}, epochs of {} s, epoch {}){privacy}",
                 path.display(),
-                k.interval_us() / 1_000_000,
+                k.epochs().interval_us() / 1_000_000,
                 k.epoch()
             ),
             "",

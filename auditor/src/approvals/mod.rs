@@ -842,20 +842,9 @@ impl Hub {
         let Some(p) = &self.grants_file else {
             return;
         };
-        let tmp = p.with_extension("json.tmp");
         let res = serde_json::to_vec_pretty(&inner.grants)
             .map_err(std::io::Error::other)
-            .and_then(|text| {
-                use std::os::unix::fs::OpenOptionsExt;
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(true)
-                    .write(true)
-                    .mode(0o600)
-                    .open(&tmp)?;
-                f.write_all(&text)?;
-                std::fs::rename(&tmp, p)
-            });
+            .and_then(|text| crate::fsutil::write_private(p, &text));
         if let Err(e) = res {
             tracing::warn!("approvals: cannot write {}: {e}", p.display());
         }

@@ -391,7 +391,7 @@ impl SealedLog {
         let mut key = SealingKey::load(key_path)?;
         let now = Timestamp::now().unix_micros();
         if let Some(k) = key.as_mut() {
-            let e = k.epoch_at(now);
+            let e = k.epochs().epoch_at(now);
             k.advance_to(e)?;
         }
         let segment = tail.index + 1;
@@ -505,7 +505,7 @@ impl SealedLog {
     pub fn tick(&mut self) -> Result<(), LocalLogError> {
         let now = Timestamp::now().unix_micros();
         let due = match &self.key {
-            Some(k) => k.epoch_at(now) > self.last_epoch,
+            Some(k) => k.epochs().epoch_at(now) > self.last_epoch,
             None => now - self.last_seal_us >= HEARTBEAT_US,
         };
         if due {
@@ -532,10 +532,10 @@ impl SealedLog {
         let mut now = Timestamp::now().unix_micros();
         let (epoch, key_id) = match self.key.as_mut() {
             Some(k) => {
-                let held = k.advance_to(k.epoch_at(now))?;
+                let held = k.advance_to(k.epochs().epoch_at(now))?;
                 // A clock that went back: the key never does, so the block's time is
                 // the start of the epoch it is sealed in.
-                now = now.max(k.epoch_start(held));
+                now = now.max(k.epochs().epoch_start(held));
                 (held, k.id())
             }
             None => (0, [0u8; 8]),

@@ -215,18 +215,12 @@ impl SealingKey {
         self.id
     }
 
-    pub fn interval_us(&self) -> i64 {
-        self.interval_us
-    }
-
-    /// The epoch a time falls in (0 before the start).
-    pub fn epoch_at(&self, ts_us: i64) -> u64 {
-        epoch_at(self.start_us, self.interval_us, ts_us)
-    }
-
-    /// When `epoch` begins (Unix µs).
-    pub fn epoch_start(&self, epoch: u64) -> i64 {
-        self.start_us + epoch as i64 * self.interval_us
+    /// Its epochs.
+    pub fn epochs(&self) -> Epochs {
+        Epochs {
+            start_us: self.start_us,
+            interval_us: self.interval_us,
+        }
     }
 
     /// The epoch of the key held now.
@@ -254,11 +248,30 @@ impl SealingKey {
     }
 }
 
-fn epoch_at(start_us: i64, interval_us: i64, ts_us: i64) -> u64 {
-    if ts_us <= start_us {
-        0
-    } else {
-        ((ts_us - start_us) / interval_us) as u64
+/// Epochs of a fixed length from a start (Unix µs).
+#[derive(Debug, Clone, Copy)]
+pub struct Epochs {
+    start_us: i64,
+    interval_us: i64,
+}
+
+impl Epochs {
+    /// The epoch a time falls in (0 before the start).
+    pub fn epoch_at(&self, ts_us: i64) -> u64 {
+        if ts_us <= self.start_us {
+            0
+        } else {
+            ((ts_us - self.start_us) / self.interval_us) as u64
+        }
+    }
+
+    /// When `epoch` begins.
+    pub fn epoch_start(&self, epoch: u64) -> i64 {
+        self.start_us + epoch as i64 * self.interval_us
+    }
+
+    pub fn interval_us(&self) -> i64 {
+        self.interval_us
     }
 }
 
@@ -326,17 +339,12 @@ impl VerificationKey {
         key_id(&self.key0)
     }
 
-    pub fn interval_us(&self) -> i64 {
-        self.interval_us
-    }
-
-    pub fn epoch_at(&self, ts_us: i64) -> u64 {
-        epoch_at(self.start_us, self.interval_us, ts_us)
-    }
-
-    /// When `epoch` begins (Unix µs).
-    pub fn epoch_start(&self, epoch: u64) -> i64 {
-        self.start_us + epoch as i64 * self.interval_us
+    /// Its epochs.
+    pub fn epochs(&self) -> Epochs {
+        Epochs {
+            start_us: self.start_us,
+            interval_us: self.interval_us,
+        }
     }
 
     /// A verifier: derives epoch keys forward as seals ask for them.

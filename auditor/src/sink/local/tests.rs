@@ -258,7 +258,7 @@ fn forge_with_current_key(dir: &Path, key: &Path, same_epochs: bool) {
                 s.digests = std::mem::take(&mut digests);
                 if !same_epochs {
                     s.epoch = sk.epoch();
-                    s.ts_us = sk.epoch_start(sk.epoch());
+                    s.ts_us = sk.epochs().epoch_start(sk.epoch());
                 }
                 s.hash = s.compute_hash(&prev);
                 s.seal = sk.seal(&s.hash);

@@ -312,14 +312,14 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
             .notes
             .push("the seals were not checked: give the verification key (--key)".into());
     } else if let (Some(k), Some((first, _))) = (opts.key.as_ref(), first_sealed) {
-        let epochs = k.epoch_at(first);
+        let epochs = k.epochs().epoch_at(first);
         if epochs > 1 {
             report.notes.push(format!(
                 "the first seal is from {} ({epochs} epochs after the key was made at {}): \
                  nothing was sealed before it, or what was sealed was removed and the rest \
                  sealed again since",
                 Timestamp(first),
-                Timestamp(k.epoch_start(0))
+                Timestamp(k.epochs().epoch_start(0))
             ));
         }
     }
@@ -390,7 +390,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
     }
     // With the key, a running writer's log reaches the current epoch.
     if let (Some(k), Some((reason, ts, epoch))) = (opts.key.as_ref(), chain.last) {
-        let now_epoch = k.epoch_at(opts.now_us);
+        let now_epoch = k.epochs().epoch_at(opts.now_us);
         if opts.writer_running && reason != Reason::Stop && epoch + 1 < now_epoch {
             return Ok(Verdict::Broken {
                 path: last_path,
@@ -504,7 +504,7 @@ fn check_block(
                 ),
             ));
         }
-        if k.epoch_at(s.ts_us) != s.epoch {
+        if k.epochs().epoch_at(s.ts_us) != s.epoch {
             return Err((
                 Some(first),
                 format!(
