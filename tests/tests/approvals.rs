@@ -444,13 +444,7 @@ fn held_statements_wait_for_a_person() {
         ],
     );
     assert!(ok, "grant: {out}{err}");
-    let grant_id = out
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .trim_end_matches(':')
-        .to_string();
-    assert!(grant_id.starts_with('g'), "{out}");
+    let grant_id = grant_id_of(&out);
     let client = psql_as(
         NOBODY,
         &[
@@ -786,13 +780,7 @@ fn two_nodes_decide_through_one_store() {
         ],
     );
     assert!(ok, "grant on node B: {out}{err}");
-    let grant_id = out
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .trim_end_matches(':')
-        .to_string();
-    assert!(grant_id.starts_with('g'), "{out}");
+    let grant_id = grant_id_of(&out);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (ok, out, _) = nodes[0].2.cli(0, &["grants", "--json"]);
@@ -878,4 +866,16 @@ fn two_nodes_decide_through_one_store() {
             vec!["grant_created".to_string(), "grant_revoked".to_string()]
         ]
     );
+}
+
+/// The grant's id in what `auditor approvals grant` printed ("grant gXXXX: ...").
+fn grant_id_of(out: &str) -> String {
+    let id = out
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .trim_end_matches(':')
+        .to_string();
+    assert!(id.starts_with('g'), "{out}");
+    id
 }

@@ -20,6 +20,9 @@ use crate::{
 
 /// First byte of a record written against a context.
 pub const VERSION: u8 = 3;
+// The `same` bitmap is built on the stack: 256 fields at most.
+const _: () = assert!(FIELDS.len() <= 256);
+
 /// Sessions whose context is kept for new events at most; past it, all are forgotten (a
 /// session's next event writes its context again).
 const MAX_CONTEXTS: usize = 65_536;

@@ -38,7 +38,7 @@ fn seqs(dir: &Path) -> Vec<u64> {
 
 fn broken(v: Verdict) -> (Option<u64>, String) {
     match v {
-        Verdict::Broken { record, what, .. } => (record, what),
+        Verdict::Broken { event, what, .. } => (event, what),
         Verdict::Intact(r) => panic!("intact: {r:?}"),
     }
 }

@@ -75,8 +75,9 @@ pub enum Verdict {
     Intact(Report),
     Broken {
         path: PathBuf,
-        /// The record's number in the whole log (1-based), where one is to blame.
-        record: Option<u64>,
+        /// The number of the event to blame in the whole log (1-based; a line of the old
+        /// format), where one is.
+        event: Option<u64>,
         what: String,
     },
 }
@@ -100,7 +101,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
         legacy::Chain::Broken { path, line, what } => {
             return Ok(Verdict::Broken {
                 path,
-                record: Some(line),
+                event: Some(line),
                 what: format!("line {line}: {what}"),
             })
         }
@@ -131,18 +132,16 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
     };
     let mut verifier = opts.key.as_ref().map(|k| k.verifier());
     let segments = segment_files(dir)?;
-    let mut buf = Vec::new();
     let mut unsealed_blocks = 0u64;
     // Events in the segments (records also counts the session contexts they refer to).
     let mut events = 0u64;
     let mut first_sealed: Option<(i64, u64)> = None;
     for (i, path) in segments.iter().enumerate() {
-        buf.clear();
-        buf = std::fs::read(path).map_err(super::io_err(path))?;
-        let broken = |record: Option<u64>, what: String| {
+        let buf = std::fs::read(path).map_err(super::io_err(path))?;
+        let broken = |event: Option<u64>, what: String| {
             Ok(Verdict::Broken {
                 path: path.clone(),
-                record,
+                event,
                 what,
             })
         };
@@ -285,7 +284,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
                 .last()
                 .cloned()
                 .unwrap_or_else(|| dir.to_path_buf()),
-            record: Some(chain.events + 1),
+            event: Some(chain.events + 1),
             what: format!(
                 "truncated: ClickHouse received block {} (through record {}) at {}, but the log \
                  ends at block {} (record {}): what followed was removed",
@@ -339,7 +338,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
             if h.records > chain.records || h.block >= chain.next_block {
                 return Ok(Verdict::Broken {
                     path: last_path,
-                    record: Some(chain.events + 1),
+                    event: Some(chain.events + 1),
                     what: format!(
                         "truncated: the log ends at record {} (block {}), but its head names \
                          record {} (block {}, sealed {}): the last {} records were removed",
@@ -355,7 +354,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
             if h.block + 1 == chain.next_block && h.hash != chain.prev {
                 return Ok(Verdict::Broken {
                     path: last_path,
-                    record: None,
+                    event: None,
                     what: format!(
                         "the last block ({}) is not the one the head names: it was replaced",
                         h.block
@@ -375,7 +374,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
         Ok(None) if report.blocks > 0 => {
             return Ok(Verdict::Broken {
                 path: dir.join(super::HEAD_FILE),
-                record: None,
+                event: None,
                 what: "the head of the log is missing: its end cannot be checked (removed?)".into(),
             })
         }
@@ -383,7 +382,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
         Err(e) => {
             return Ok(Verdict::Broken {
                 path: dir.join(super::HEAD_FILE),
-                record: None,
+                event: None,
                 what: e.to_string(),
             })
         }
@@ -394,7 +393,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verdict, LocalLogError
         if opts.writer_running && reason != Reason::Stop && epoch + 1 < now_epoch {
             return Ok(Verdict::Broken {
                 path: last_path,
-                record: Some(chain.events + 1),
+                event: Some(chain.events + 1),
                 what: format!(
                     "truncated: the daemon writing this log is running, but its last seal is \
                      from {} (epoch {epoch}, now {now_epoch}): what it sealed since was removed",
