@@ -43,6 +43,13 @@ pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     net_ns_inum: u32::MAX,
 });
 
+/// 1 where the kernel has `bpf_get_current_task_btf` (Linux 5.11+): the walk from the task
+/// to a file descriptor's file starts with typed loads instead of helper reads. Set by the
+/// daemon; read-only data, so the verifier sees a constant and never checks the branch
+/// not taken (an older kernel does not refuse the helper it would not run).
+#[unsafe(no_mangle)]
+pub static TASK_BTF: Global<u8> = Global::new(0);
+
 /// The daemon's own tgid: its traffic is never captured.
 #[unsafe(no_mangle)]
 pub static DAEMON_TGID: Global<u32> = Global::new(0);

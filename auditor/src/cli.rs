@@ -407,6 +407,19 @@ pub fn stats(path: &Path, json: bool) -> Result<(), CliError> {
             p.blocked, p.masked_values, p.held, p.pending_approvals
         );
     }
+    if !s.bpf_programs.is_empty() {
+        // Counted only while kernel.bpf_stats_enabled = 1.
+        let mut by_time: Vec<_> = s.bpf_programs.iter().collect();
+        by_time.sort_by_key(|(_, r)| std::cmp::Reverse(r.run_time_ns));
+        println!("eBPF programs      runs, mean ns per run (while kernel.bpf_stats_enabled = 1)");
+        for (name, r) in by_time {
+            println!(
+                "  {name:<24} {:>12} {:>8.0}",
+                r.runs,
+                r.run_time_ns as f64 / r.runs.max(1) as f64
+            );
+        }
+    }
     Ok(())
 }
 

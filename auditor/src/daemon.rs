@@ -108,6 +108,10 @@ pub struct Stats {
     pub active_sessions: u64,
     pub tracker: TrackerCounters,
     pub kernel: KernelCounters,
+    /// Each eBPF program's runs and run time, while the kernel counts them
+    /// (`kernel.bpf_stats_enabled = 1`); empty otherwise.
+    #[serde(default)]
+    pub bpf_programs: std::collections::BTreeMap<String, crate::capture::ProgramRuns>,
     pub tls: TlsCounters,
     /// The TLS libraries hooked so far.
     pub tls_libraries: Vec<String>,
@@ -535,6 +539,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         active_sessions: tracker.active_sessions() as u64,
         tracker: tracker.counters,
         kernel: capture.counters(),
+        bpf_programs: capture.program_runs(),
         tls: finder.counters,
         tls_libraries: finder.libraries.iter().map(|l| l.path.clone()).collect(),
         copy_limit_bytes: capture.copy_limit,

@@ -83,6 +83,8 @@ struct Sample {
     /// Mean run time per BPF program invocation, ns.
     bpf_ns_per_call: Option<f64>,
     bpf_calls: Option<u64>,
+    /// Each program's (runs, run time ns) during the run, from the daemon's stats.
+    bpf_by_program: BTreeMap<String, (u64, u64)>,
     daemon_peak_rss_kib: Option<u64>,
     recorded: Option<u64>,
     /// Statements in ClickHouse after the run (the ClickHouse configuration).
@@ -155,6 +157,87 @@ fn bpf_stats(pid: u32) -> Option<(u64, u64)> {
         }
     }
     Some((time, count))
+}
+
+/// Where the BPF time per transaction goes, program by program: runs and time summed over
+/// the repetitions of each auditor configuration.
+fn bpf_programs_section(
+    md: &mut String,
+    workloads: &[Workload],
+    configs: &[Config],
+    results: &BTreeMap<(usize, Config), Vec<Sample>>,
+) -> Result<()> {
+    let mut rows = Vec::new();
+    for (wi, w) in workloads.iter().enumerate() {
+        for &c in configs.iter().filter(|c| c.is_auditor()) {
+            let Some(runs) = results.get(&(wi, c)) else {
+                continue;
+            };
+            let tx: u64 = runs.iter().map(|r| r.transactions).sum();
+            let mut by: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+            for r in runs {
+                for (name, (n, ns)) in &r.bpf_by_program {
+                    let e = by.entry(name.as_str()).or_default();
+                    e.0 += n;
+                    e.1 += ns;
+                }
+            }
+            let mut by: Vec<_> = by.into_iter().collect();
+            by.sort_by_key(|(_, (_, ns))| std::cmp::Reverse(*ns));
+            for (name, (n, ns)) in by {
+                let per_tx = ns as f64 / tx.max(1) as f64;
+                if per_tx < 10.0 {
+                    continue;
+                }
+                rows.push(format!(
+                    "| {} | {} | {} | {name} | {:.2} | {:.0} | {:.0} |",
+                    w.name,
+                    w.mode,
+                    c.name(),
+                    n as f64 / tx.max(1) as f64,
+                    ns as f64 / n.max(1) as f64,
+                    per_tx
+                ));
+            }
+        }
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    writeln!(md, "\n### BPF time per transaction, by program\n")?;
+    writeln!(
+        md,
+        "Programs taking 10 ns or more per transaction, summed over the repetitions (the \
+         kernel's counts while `kernel.bpf_stats_enabled = 1`, which adds its own clock reads \
+         to every run).\n"
+    )?;
+    writeln!(
+        md,
+        "| workload | mode | configuration | program | runs per transaction | ns per run | ns per transaction |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    for r in rows {
+        writeln!(md, "{r}")?;
+    }
+    Ok(())
+}
+
+/// (runs, run time ns) of each of the daemon's BPF programs, from its stats file (written
+/// every second and as it stops); empty where the kernel does not count them.
+fn program_runs(d: &Daemon) -> BTreeMap<String, (u64, u64)> {
+    let Ok(stats) = d.stats() else {
+        return BTreeMap::new();
+    };
+    let Some(programs) = stats["bpf_programs"].as_object() else {
+        return BTreeMap::new();
+    };
+    programs
+        .iter()
+        .map(|(name, r)| {
+            let n = |k: &str| r[k].as_u64().unwrap_or(0);
+            (name.clone(), (n("runs"), n("run_time_ns")))
+        })
+        .collect()
 }
 
 fn sql(pg: &Postgres, statement: &str) -> Result<()> {
@@ -261,6 +344,7 @@ fn one_run(
     let cpu0 = busy_cpu_ns()?;
     let dcpu0 = daemon_pid.and_then(process_cpu_ns);
     let bpf0 = daemon_pid.and_then(bpf_stats);
+    let programs0 = daemon.as_ref().map(program_runs).unwrap_or_default();
     let mut cmd = pg.pgbench();
     cmd.args([
         "-n",
@@ -341,6 +425,14 @@ fn one_run(
             dcpu1 = process_cpu_ns(pid);
         }
         d.stop()?;
+        // The stats the daemon wrote as it stopped: every program run of the workload.
+        for (name, (runs, ns)) in program_runs(&d) {
+            let (runs0, ns0) = programs0.get(&name).copied().unwrap_or((0, 0));
+            if runs > runs0 {
+                s.bpf_by_program
+                    .insert(name, (runs - runs0, ns.saturating_sub(ns0)));
+            }
+        }
         let events = read_events(&d.log_dir())?;
         let recorded = events
             .iter()
@@ -816,6 +908,7 @@ pub fn bench(opts: Options) -> Result<()> {
             )?;
         }
     }
+    bpf_programs_section(&mut md, &workloads, &configs, &results)?;
     if configs.contains(&Config::AuditorProxy) {
         writeln!(md, "\n## Inline proxy\n")?;
         writeln!(

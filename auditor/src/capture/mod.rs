@@ -108,8 +108,9 @@ const COPYING_EXITS: &[&str] = &[
     "sys_exit_sendmsg",
 ];
 
-/// Set (to anything) to load the programs built without `bpf_loop` even where the kernel
-/// has it (how the tests keep them working).
+/// Set (to anything) to load the programs as an older kernel gets them (built without
+/// `bpf_loop`, and walking from the task to its files with helper reads) even where the
+/// kernel has what the newer ones use (how the tests keep them working).
 pub const NO_BPF_LOOP_ENV: &str = "AUDITOR_NO_BPF_LOOP";
 
 /// Kernel-side counters, summed over CPUs.
@@ -132,6 +133,14 @@ pub struct KernelCounters {
     pub redirected: u64,
     #[serde(default)]
     pub redirect_refused: u64,
+}
+
+/// One eBPF program's runs and their time, as the kernel counts them while
+/// `kernel.bpf_stats_enabled` is 1 (`cargo xtask bench` turns it on for its runs).
+#[derive(Debug, Default, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ProgramRuns {
+    pub runs: u64,
+    pub run_time_ns: u64,
 }
 
 pub struct Capture {
@@ -247,6 +256,19 @@ where
     Ok(prog)
 }
 
+/// 1 where the programs may walk from the task to its files with typed loads
+/// (`bpf_get_current_task_btf`, Linux 5.11+); 0 on older kernels, and where the tests ask
+/// for the programs of old kernels (NO_BPF_LOOP_ENV).
+fn task_btf() -> u8 {
+    if std::env::var_os(NO_BPF_LOOP_ENV).is_some() {
+        return 0;
+    }
+    match aya::util::KernelVersion::current() {
+        Ok(v) => (v >= aya::util::KernelVersion::new(5, 11, 0)) as u8,
+        Err(_) => 0,
+    }
+}
+
 /// Whether the verifier refused a program because the kernel has no `bpf_loop` helper
 /// (number 181): "invalid func unknown#181" before 5.17, "unknown func bpf_loop#181" where
 /// a kernel knows the name but not the helper for this program type.
@@ -342,6 +364,7 @@ impl Capture {
                     .collect()
             })
             .unwrap_or_default();
+        let task_btf = task_btf();
         let mut loader = EbpfLoader::new();
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
@@ -349,6 +372,7 @@ impl Capture {
         let mut ebpf = loader
             .override_global("OFFSETS", &offsets, true)
             .override_global("DAEMON_TGID", &tgid, true)
+            .override_global("TASK_BTF", &task_btf, true)
             .override_global("WAKE_BYTES", &wake_bytes, true)
             .override_global("CHUNKS_PER_CALL", &chunks_per_call, true)
             .map_max_entries("EVENTS", ring_buffer_bytes)
@@ -744,6 +768,22 @@ impl Capture {
     /// The loaded object, for the redirect (see `proxy::redirect`).
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+
+    /// The runs of each program that ran so far, by name: empty unless the kernel counts
+    /// them (`sysctl kernel.bpf_stats_enabled=1`, which costs a little on every run).
+    pub fn program_runs(&self) -> std::collections::BTreeMap<String, ProgramRuns> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                let runs = ProgramRuns {
+                    runs: info.run_count(),
+                    run_time_ns: info.run_time().as_nanos() as u64,
+                };
+                (runs.runs > 0).then(|| (name.to_string(), runs))
+            })
+            .collect()
     }
 
     pub fn counters(&self) -> KernelCounters {
