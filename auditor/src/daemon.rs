@@ -119,6 +119,10 @@ pub struct Stats {
     /// with the default ring, 128 KiB on a kernel without bpf_loop).
     #[serde(default)]
     pub copy_limit_bytes: u64,
+    /// The kernel ring buffer's size (allocated once; the daemon's resident set counts it
+    /// twice, since its data pages are mapped twice).
+    #[serde(default)]
+    pub ring_buffer_bytes: u64,
     /// Policies in force, reloads and refused reloads.
     #[serde(default)]
     pub policies: crate::policy::live::PolicyCounters,
@@ -543,6 +547,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         tls: finder.counters,
         tls_libraries: finder.libraries.iter().map(|l| l.path.clone()).collect(),
         copy_limit_bytes: capture.copy_limit,
+        ring_buffer_bytes: u64::from(cfg.capture.ring_buffer_bytes),
         policies,
         kubernetes: pods.as_ref().map(|p| p.stats()),
         proxy: proxy_stats,

@@ -159,6 +159,102 @@ fn bpf_stats(pid: u32) -> Option<(u64, u64)> {
     Some((time, count))
 }
 
+/// The `--only` key of the memory run.
+const MEMORY_RUN: &str = "memory";
+
+/// Clients of the memory run.
+const MEMORY_CLIENTS: u32 = 1000;
+
+/// The daemon's memory with 1,000 concurrent connections (select-only, prepared): its heap
+/// (RssAnon, sampled every 100 ms: the kernel keeps no peak of it), its whole resident set
+/// (VmHWM), and the ring buffer, which the kernel allocates once and maps into the
+/// daemon twice (its data pages follow each other twice so that a record wrapping the
+/// end reads as one): VmRSS counts it twice.
+fn memory_section(md: &mut String, pg: &Postgres, seconds: u32) -> Result<()> {
+    let mut daemon = Daemon::start(pg.port, "")?;
+    let pid = daemon.pid();
+    // The stats file comes with the daemon's first second.
+    let mut ring_mib = None;
+    for _ in 0..30 {
+        ring_mib = daemon
+            .stats()
+            .ok()
+            .and_then(|s| s["ring_buffer_bytes"].as_u64())
+            .map(|b| b as f64 / (1 << 20) as f64);
+        if ring_mib.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut load = pg.pgbench();
+    load.args(["-n", "-S", "-M", "prepared"])
+        .args(["-c", &MEMORY_CLIENTS.to_string(), "-j", "2"])
+        .args(["-T", &seconds.to_string()])
+        .env("PGAPPNAME", "bench")
+        .arg("postgres")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = load.spawn()?;
+    let anon = |pid: u32| -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("RssAnon:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    };
+    let mut peak_anon_kib = 0u64;
+    while child.try_wait()?.is_none() {
+        peak_anon_kib = peak_anon_kib.max(anon(pid).unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "pgbench with {MEMORY_CLIENTS} clients failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (tps, _, transactions) = parse_pgbench(&String::from_utf8_lossy(&out.stdout))?;
+    let peak_rss_kib = peak_rss_kib(pid).unwrap_or(0);
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.stop()?;
+    let recorded = read_events(&daemon.log_dir())?
+        .iter()
+        .filter(|e| str_of(e, "kind") == "statement" && str_of(e, "application_name") == "bench")
+        .filter(|e| script_statement(str_of(e, "statement")))
+        .count() as u64;
+    writeln!(md, "## Memory with {MEMORY_CLIENTS} connections\n")?;
+    writeln!(
+        md,
+        "One select-only (prepared) run of {seconds} s with {MEMORY_CLIENTS} pgbench clients \
+         (2 threads) through the auditor with the local log. The daemon's heap is RssAnon, \
+         sampled every 100 ms; its resident set (VmHWM) adds the program's file pages and \
+         the ring buffer, which the kernel allocates once but maps into the daemon twice \
+         (its data pages follow each other twice, so that a record wrapping the end reads \
+         as one), so the resident set counts it twice. Target: at most 100 MB.\n"
+    )?;
+    writeln!(
+        md,
+        "| clients | tps | daemon heap, peak MiB | ring buffer MiB (allocated once) | heap + ring MiB | resident set, peak MiB | recorded / expected statements |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    let heap = peak_anon_kib as f64 / 1024.0;
+    let ring = ring_mib.unwrap_or(0.0);
+    writeln!(
+        md,
+        "| {MEMORY_CLIENTS} | {tps:.0} | {heap:.1} | {ring:.0} | {:.1} | {:.1} | {recorded}/{transactions} |\n",
+        heap + ring,
+        peak_rss_kib as f64 / 1024.0
+    )?;
+    if recorded != transactions {
+        writeln!(
+            md,
+            "**The memory run recorded {recorded} statements of {transactions}: that is a bug to fix.**\n"
+        )?;
+    }
+    Ok(())
+}
+
 /// Where the BPF time per transaction goes, program by program: runs and time summed over
 /// the repetitions of each auditor configuration.
 fn bpf_programs_section(
@@ -654,14 +750,19 @@ pub fn bench(opts: Options) -> Result<()> {
         }
         v
     };
+    // `--only memory`: the 1,000-connection run (it also runs in the full bench).
+    let memory_run = !smoke && (!partial || opts.only.iter().any(|o| o == MEMORY_RUN));
     if !smoke && !opts.only.is_empty() {
         let known: Vec<String> = workloads
             .iter()
             .map(|w| format!("{}/{}", w.name, w.mode))
             .collect();
-        for o in &opts.only {
+        for o in opts.only.iter().filter(|o| *o != MEMORY_RUN) {
             if !known.contains(o) {
-                bail!("unknown workload {o:?}; one of: {}", known.join(", "));
+                bail!(
+                    "unknown workload {o:?}; one of: {}, {MEMORY_RUN}",
+                    known.join(", ")
+                );
             }
         }
         workloads.retain(|w| opts.only.contains(&format!("{}/{}", w.name, w.mode)));
@@ -681,6 +782,8 @@ pub fn bench(opts: Options) -> Result<()> {
         "shared_buffers = '256MB'",
         "shared_preload_libraries = 'pgaudit'",
         "pgaudit.log = 'none'",
+        // The memory run's 1,000 clients.
+        "max_connections = 1100",
     ])?;
     sql(&pg, "CREATE EXTENSION IF NOT EXISTS pgaudit")?;
     crate::run(
@@ -997,6 +1100,9 @@ pub fn bench(opts: Options) -> Result<()> {
             Some(auditor_tests::ClickHouse::start()?)
         };
         pipeline_section(&mut md, smoke, fresh.as_ref())?;
+    }
+    if memory_run {
+        memory_section(&mut md, &pg, seconds)?;
     }
     if !smoke && !partial {
         writeln!(md, "## Where the daemon's time goes\n")?;
