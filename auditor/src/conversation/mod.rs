@@ -26,6 +26,78 @@ use crate::{
     text::Text,
 };
 
+/// Prepared statements or portals by name. The unnamed one (most drivers' only one) has
+/// its own slot: no hashing per message, and no comparison of empty names, which glibc's
+/// memcmp makes with a masked vector load at the empty string's dangling address: a
+/// fault-suppression assist of some hundred cycles on CPUs with AVX-512 (a quarter of the
+/// decoder's time before this slot, on AMD EPYC).
+#[derive(Debug)]
+struct Names<V> {
+    unnamed: Option<V>,
+    named: HashMap<Box<str>, V>,
+}
+
+impl<V> Default for Names<V> {
+    fn default() -> Self {
+        Names {
+            unnamed: None,
+            named: HashMap::default(),
+        }
+    }
+}
+
+impl<V> Names<V> {
+    fn contains_key(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+    fn get(&self, name: &str) -> Option<&V> {
+        if name.is_empty() {
+            self.unnamed.as_ref()
+        } else {
+            self.named.get(name)
+        }
+    }
+    fn get_mut(&mut self, name: &str) -> Option<&mut V> {
+        if name.is_empty() {
+            self.unnamed.as_mut()
+        } else {
+            self.named.get_mut(name)
+        }
+    }
+    fn insert(&mut self, name: impl AsRef<str> + Into<Box<str>>, value: V) -> Option<V> {
+        if name.as_ref().is_empty() {
+            self.unnamed.replace(value)
+        } else {
+            self.named.insert(name.into(), value)
+        }
+    }
+    fn remove(&mut self, name: &str) -> Option<V> {
+        if name.is_empty() {
+            self.unnamed.take()
+        } else {
+            self.named.remove(name)
+        }
+    }
+    fn values(&self) -> impl Iterator<Item = &V> {
+        self.unnamed.iter().chain(self.named.values())
+    }
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
+        self.unnamed.iter_mut().chain(self.named.values_mut())
+    }
+    /// Takes every value (the map keeps its allocation).
+    fn drain(&mut self) -> impl Iterator<Item = V> + '_ {
+        self.unnamed
+            .take()
+            .into_iter()
+            .chain(self.named.drain().map(|(_, v)| v))
+    }
+    /// Keeps the map's allocation.
+    fn clear(&mut self) {
+        self.unnamed = None;
+        self.named.clear();
+    }
+}
+
 /// Where the conversation is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -348,8 +420,8 @@ pub struct Conversation {
     transaction: u8,
     /// While a partly read message is handled: its size.
     partial: Option<u32>,
-    prepared: HashMap<String, Arc<PreparedStatement>>,
-    portals: HashMap<String, Portal>,
+    prepared: Names<Arc<PreparedStatement>>,
+    portals: Names<Portal>,
     pending: VecDeque<Pending>,
     pub counters: ConversationCounters,
 }
@@ -371,8 +443,8 @@ impl Conversation {
             responses_unreliable: false,
             transaction: b'I',
             partial: None,
-            prepared: HashMap::default(),
-            portals: HashMap::default(),
+            prepared: Names::default(),
+            portals: Names::default(),
             pending: VecDeque::new(),
             counters: ConversationCounters::default(),
         }
@@ -1288,7 +1360,6 @@ impl Conversation {
         let suspended: Vec<Portal> = self
             .portals
             .drain()
-            .map(|(_, p)| p)
             .filter(|p| p.started_ns.is_some())
             .collect();
         for portal in suspended {
