@@ -96,7 +96,7 @@ pub fn sock_of_fd(off: &KernelOffsets, fd: u64) -> Option<(u64, u64)> {
         };
         let i_mode = off.inode_i_mode as u64;
         let i_ino = off.inode_i_ino as u64;
-        let (mode, ino) = if i_mode % 8 == 0 && i_ino == i_mode + 64 {
+        let (mode, ino) = if i_mode.is_multiple_of(8) && i_ino == i_mode + 64 {
             // i_mode opens struct inode and i_ino follows 64 bytes on (5.x and 6.x).
             let w: [u64; 9] = read(inode + i_mode).ok()?;
             (w[0] as u16, w[8])
