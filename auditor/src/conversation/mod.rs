@@ -1492,6 +1492,31 @@ mod tests {
     }
 
     #[test]
+    fn unnamed_and_named_entries_are_apart() {
+        let mut n: Names<u32> = Names::default();
+        assert_eq!(n.insert("", 1), None);
+        assert_eq!(n.insert("S_1", 2), None);
+        assert_eq!(n.get(""), Some(&1));
+        assert_eq!(n.get("S_1"), Some(&2));
+        assert!(!n.contains_key("S_2"));
+        // A new unnamed one replaces the old, and only it.
+        assert_eq!(n.insert(String::new(), 3), Some(1));
+        *n.get_mut("S_1").unwrap() += 10;
+        assert_eq!(n.values().copied().sum::<u32>(), 3 + 12);
+        assert_eq!(n.remove(""), Some(3));
+        assert_eq!(n.remove(""), None);
+        assert_eq!(n.get("S_1"), Some(&12));
+        n.insert("", 4);
+        let mut all: Vec<u32> = n.drain().collect();
+        all.sort();
+        assert_eq!(all, [4, 12]);
+        assert_eq!(n.values().count(), 0);
+        n.insert("S_9", 5);
+        n.clear();
+        assert!(n.get("S_9").is_none() && n.get("").is_none());
+    }
+
+    #[test]
     fn statement_described_once_serves_later_executes_without_describe() {
         // pgjdbc: Parse + Describe + Sync once, then Bind (binary results) + Execute only.
         let mut c = ready();
