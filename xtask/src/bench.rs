@@ -121,12 +121,26 @@ fn process_cpu_ns(pid: u32) -> Option<u64> {
     Some(ticks * 10_000_000)
 }
 
-fn peak_rss_kib(pid: u32) -> Option<u64> {
+/// A kB figure of /proc/PID/status (`VmHWM`, `RssAnon`, ...).
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmHWM")
+}
+
+/// Statements of pgbench's script (application `bench`) in the daemon's log.
+fn recorded_statements(d: &Daemon) -> Result<u64> {
+    Ok(read_events(&d.log_dir())?
+        .iter()
+        .filter(|e| str_of(e, "kind") == "statement" && str_of(e, "application_name") == "bench")
+        .filter(|e| script_statement(str_of(e, "statement")))
+        .count() as u64)
 }
 
 /// (run_time_ns, run_cnt) summed over the BPF programs the process holds open.
@@ -195,16 +209,9 @@ fn memory_section(md: &mut String, pg: &Postgres, seconds: u32) -> Result<()> {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let mut child = load.spawn()?;
-    let anon = |pid: u32| -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("RssAnon:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-    };
     let mut peak_anon_kib = 0u64;
     while child.try_wait()?.is_none() {
-        peak_anon_kib = peak_anon_kib.max(anon(pid).unwrap_or(0));
+        peak_anon_kib = peak_anon_kib.max(status_kib(pid, "RssAnon").unwrap_or(0));
         std::thread::sleep(Duration::from_millis(100));
     }
     let out = child.wait_with_output()?;
@@ -218,11 +225,7 @@ fn memory_section(md: &mut String, pg: &Postgres, seconds: u32) -> Result<()> {
     let peak_rss_kib = peak_rss_kib(pid).unwrap_or(0);
     std::thread::sleep(Duration::from_millis(500));
     daemon.stop()?;
-    let recorded = read_events(&daemon.log_dir())?
-        .iter()
-        .filter(|e| str_of(e, "kind") == "statement" && str_of(e, "application_name") == "bench")
-        .filter(|e| script_statement(str_of(e, "statement")))
-        .count() as u64;
+    let recorded = recorded_statements(&daemon)?;
     writeln!(md, "## Memory with {MEMORY_CLIENTS} connections\n")?;
     writeln!(
         md,
@@ -529,14 +532,7 @@ fn one_run(
                     .insert(name, (runs - runs0, ns.saturating_sub(ns0)));
             }
         }
-        let events = read_events(&d.log_dir())?;
-        let recorded = events
-            .iter()
-            .filter(|e| {
-                str_of(e, "kind") == "statement" && str_of(e, "application_name") == "bench"
-            })
-            .filter(|e| script_statement(str_of(e, "statement")))
-            .count() as u64;
+        let recorded = recorded_statements(&d)?;
         s.recorded = Some(recorded);
         if let (Config::AuditorClickHouse, Some(ch)) = (config, clickhouse) {
             // What the daemon delivered before it stopped, as the standard views see it.
