@@ -333,6 +333,21 @@ pub struct PeerKey {
 }
 const _: () = assert!(size_of::<PeerKey>() == 8);
 
+/// Which generation of the capture programs is on duty, kept in the `HANDOVER` map that
+/// successive daemons share (pinned): each program compares it with its own `GENERATION`
+/// and does nothing when they differ, so a starting daemon attaches its programs beside
+/// the ones left running by the daemon before and takes over in one map write. The
+/// programs left running capture while no daemon runs, for `lease_until_ns`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Handover {
+    /// The generation on duty (0: none yet).
+    pub generation: u64,
+    /// Kernel time (CLOCK_MONOTONIC ns) after which the programs on duty stop capturing:
+    /// renewed by the running daemon; a daemon that never comes back leaves them quiet.
+    pub lease_until_ns: u64,
+}
+
 /// The redirect's settings, set by the daemon when its proxy listens.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -357,6 +372,7 @@ mod pod {
     unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::ProxyPeerKey {}
     unsafe impl aya::Pod for super::RedirectConfig {}
+    unsafe impl aya::Pod for super::Handover {}
 }
 
 /// Maps an IPv4 address (network order bytes) into IPv4-mapped IPv6.

@@ -1,7 +1,7 @@
 //! Maps and globals shared by the programs.
 
 use auditor_common::{
-    counter, DataRecord, EndpointKey, KernelOffsets, OrigDst, PeerKey, ProxyPeerKey,
+    counter, DataRecord, EndpointKey, Handover, KernelOffsets, OrigDst, PeerKey, ProxyPeerKey,
     RedirectConfig, Tuple,
 };
 use aya_ebpf::{
@@ -49,6 +49,16 @@ pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
 /// not taken (an older kernel does not refuse the helper it would not run).
 #[unsafe(no_mangle)]
 pub static TASK_BTF: Global<u8> = Global::new(0);
+
+/// This load's generation: the programs act only while `HANDOVER` names it (set by the
+/// daemon at load time, one more than the generation on duty before it).
+#[unsafe(no_mangle)]
+pub static GENERATION: Global<u64> = Global::new(0);
+
+/// The generation on duty and its lease (see `auditor_common::Handover`). Pinned with the
+/// maps successive daemons share: one entry, read at the top of every capture program.
+#[map]
+pub static HANDOVER: Array<Handover> = Array::with_max_entries(1, 0);
 
 /// The daemon's own tgid: its traffic is never captured.
 #[unsafe(no_mangle)]

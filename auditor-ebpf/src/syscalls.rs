@@ -28,8 +28,8 @@ use aya_ebpf::{
 use crate::{
     maps::{
         count, ConnState, PendingCall, SockRef, SslKey, CHUNKS_PER_CALL, CONNECTING, CONNS,
-        DAEMON_TGID, EVENTS, KNOWN_FILES, LOOP_STATE, MUTED, PENDING, PENDING_EOF_ONLY,
-        PENDING_READ, SCRATCH, SSL_SOCKS, TLS_CALLS, WAKE_BYTES,
+        DAEMON_TGID, EVENTS, GENERATION, HANDOVER, KNOWN_FILES, LOOP_STATE, MUTED, PENDING,
+        PENDING_EOF_ONLY, PENDING_READ, SCRATCH, SSL_SOCKS, TLS_CALLS, WAKE_BYTES,
     },
     sock::{file_id_of_fd, offsets, sock_of_fd, watched_sock},
 };
@@ -53,6 +53,27 @@ fn arg(ctx: &TracePointContext, at: usize) -> u64 {
     // SAFETY: `at` is one of the constant, 8-byte aligned offsets of a syscall
     // tracepoint's arguments or return value, all inside its record.
     unsafe { core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(at) as *const u64) }
+}
+
+/// Whether this load's programs are on duty (`HANDOVER` names their generation): while a
+/// starting daemon attaches its programs beside those of the daemon before, only one set
+/// acts. The calls one set began (`PENDING`, `TLS_CALLS`, shared) the other completes.
+#[inline(always)]
+pub(crate) fn on_duty() -> Option<()> {
+    let h = HANDOVER.get(0)?;
+    (h.generation == GENERATION.load()).then_some(())
+}
+
+/// On duty and within the lease (a capture left running by a daemon that never came back
+/// goes quiet). Checked where a call, connection or file is first taken up; what was
+/// taken up is completed whatever the lease.
+#[inline(always)]
+pub(crate) fn on_duty_now() -> Option<()> {
+    let h = HANDOVER.get(0)?;
+    if h.generation != GENERATION.load() {
+        return None;
+    }
+    (unsafe { bpf_ktime_get_ns() } <= h.lease_until_ns).then_some(())
 }
 
 #[inline(always)]
@@ -177,6 +198,7 @@ fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> O
     if is_daemon(pid_tgid) {
         return None;
     }
+    on_duty_now()?;
     let off = offsets()?;
     let (sk, ino) = sock_of_fd(&off, arg(ctx, ARG0))?;
     // Inside a hooked TLS library call: this syscall moves ciphertext for that call, and
@@ -334,6 +356,7 @@ pub(crate) fn prepare_record(
 fn begin_exit(
     ctx: &TracePointContext,
 ) -> Option<(PendingCall, u64, u64, *mut auditor_common::DataRecord)> {
+    on_duty()?;
     let pid_tgid = bpf_get_current_pid_tgid();
     let pending = *unsafe { PENDING.get(pid_tgid) }?;
     let _ = PENDING.remove(pid_tgid);
@@ -762,7 +785,7 @@ fn opened(fd: u64, seen: u8) -> Option<()> {
 #[tracepoint]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !is_daemon(pid_tgid) {
+    if !is_daemon(pid_tgid) && on_duty_now().is_some() {
         let _ = CONNECTING.insert(pid_tgid, arg(&ctx, ARG0), 0);
     }
     0
@@ -770,6 +793,9 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    if on_duty().is_none() {
+        return 0;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     if let Some(fd) = unsafe { CONNECTING.get(pid_tgid) }.copied() {
         let _ = CONNECTING.remove(pid_tgid);
@@ -787,7 +813,7 @@ macro_rules! accept_exit {
         #[tracepoint]
         pub fn $name(ctx: TracePointContext) -> u32 {
             let fd = arg(&ctx, RET) as i64;
-            if fd >= 0 && !is_daemon(bpf_get_current_pid_tgid()) {
+            if fd >= 0 && !is_daemon(bpf_get_current_pid_tgid()) && on_duty_now().is_some() {
                 let _ = opened(fd as u64, SEEN_ACCEPT);
             }
             0
@@ -814,6 +840,7 @@ fn try_set_state(ctx: &TracePointContext) -> Option<()> {
     if newstate != TCP_CLOSE {
         return None;
     }
+    on_duty()?;
     let sk: u64 = unsafe { ctx.read_at(STATE_SKADDR) }.ok()?;
     let state = unsafe { CONNS.get(sk) }?;
     emit_control(RECORD_CLOSE, sk, state, 0);
@@ -845,7 +872,7 @@ fn emit_file(dev: u64, ino: u64) {
 /// TLS library statically) before the program gets far.
 #[tracepoint]
 pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
-    if !is_daemon(bpf_get_current_pid_tgid()) {
+    if !is_daemon(bpf_get_current_pid_tgid()) && on_duty_now().is_some() {
         emit_file(0, 0);
     }
     0
@@ -870,6 +897,7 @@ fn try_mmap(ctx: &TracePointContext) -> Option<()> {
     if fd < 0 || is_daemon(bpf_get_current_pid_tgid()) {
         return None;
     }
+    on_duty_now()?;
     let off = offsets()?;
     let (dev, ino) = file_id_of_fd(&off, fd as u64)?;
     let key = [dev, ino];

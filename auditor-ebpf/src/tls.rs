@@ -20,7 +20,7 @@ use aya_ebpf::{
 
 use crate::{
     maps::{count, SslKey, TlsCall, CONNS, MUTED, SSL_SOCKS, TLS_CALLS},
-    syscalls::{is_daemon, prepare_record, send_buffer},
+    syscalls::{is_daemon, on_duty, on_duty_now, prepare_record, send_buffer},
 };
 
 /// The stack pointer at a probe: tells a nested library call (deeper stack) from the
@@ -49,6 +49,7 @@ fn enter(ctx: &ProbeContext, kind: u8) -> Option<()> {
     if is_daemon(pid_tgid) {
         return None;
     }
+    on_duty_now()?;
     let sp = stack_pointer(ctx.regs);
     if let Some(outer) = TLS_CALLS.get_ptr_mut(pid_tgid) {
         // Deeper than a call in flight: nested in it (SSL_connect -> SSL_do_handshake).
@@ -108,6 +109,7 @@ pub fn ssl_return_compat(ctx: RetProbeContext) -> u32 {
 
 #[inline(always)]
 fn exit<const LOOP: bool>(ctx: &RetProbeContext) -> Option<()> {
+    on_duty()?;
     let pid_tgid = bpf_get_current_pid_tgid();
     let call = *unsafe { TLS_CALLS.get(pid_tgid) }?;
     if stack_pointer(ctx.regs) < call.sp {

@@ -71,6 +71,18 @@ pub struct CaptureConfig {
     /// of it fills first. Default: 10. Waking the daemon for every record instead costs a
     /// context switch per transaction: several times the auditing itself under load.
     pub drain_every_ms: u32,
+    /// How long, in seconds, the capture goes on after the daemon stops or dies, for the
+    /// next daemon to take over (a restart, an upgrade, a DaemonSet rollout, an OOM kill):
+    /// its programs and ring buffer are pinned under `pin_dir`, keep capturing into the
+    /// ring while no daemon runs, and the next daemon with the same state directory drains
+    /// what they caught and continues the sessions. Past this time they go quiet (and
+    /// the next start detaches them); `auditor detach` detaches them at once. 0: the
+    /// capture ends with the daemon (a restart then loses what ran in between, recorded
+    /// as a `capture_interrupted` gap). Default: 600.
+    pub keep_while_stopped_s: u32,
+    /// Where the capture that outlives the daemon is pinned (on bpffs). Default:
+    /// /sys/fs/bpf/auditor/capture.
+    pub pin_dir: PathBuf,
 }
 
 impl Default for CaptureConfig {
@@ -81,6 +93,8 @@ impl Default for CaptureConfig {
             tls: true,
             nice: -5,
             drain_every_ms: 10,
+            keep_while_stopped_s: 600,
+            pin_dir: PathBuf::from("/sys/fs/bpf/auditor/capture"),
         }
     }
 }
@@ -447,6 +461,18 @@ impl Config {
                 format!("{m} must be between 1024 and 1073741824"),
             ));
         }
+        if self.capture.keep_while_stopped_s > 0
+            && !self.capture.pin_dir.starts_with("/sys/fs/bpf/")
+        {
+            return Err(invalid(
+                "capture.pin_dir",
+                format!(
+                    "{} is not under /sys/fs/bpf (set capture.keep_while_stopped_s: 0 to \
+                     end the capture with the daemon)",
+                    self.capture.pin_dir.display()
+                ),
+            ));
+        }
         if !(1..=1000).contains(&self.capture.drain_every_ms) {
             return Err(invalid(
                 "capture.drain_every_ms",
@@ -572,6 +598,8 @@ capture:
   tls: true                        # plaintext of TLS connections through uprobes on OpenSSL
   nice: -5                         # scheduling priority: keep up with the kernel under load
   drain_every_ms: 10               # drain the ring buffer this often (or when 1/8 full)
+  keep_while_stopped_s: 600        # capture goes on this long after a stop, for the next daemon
+  pin_dir: /sys/fs/bpf/auditor/capture  # where it is pinned meanwhile (auditor detach ends it)
 clickhouse:
   enabled: false
   url: http://127.0.0.1:8123       # the HTTP interface

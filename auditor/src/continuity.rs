@@ -81,18 +81,188 @@ pub fn interrupted_event(
     };
     let from = from.min(capture_since);
     let to = capture_since;
+    Some(gap_event(
+        from,
+        to,
+        format!(
+            "(capture was interrupted from {from} to {to}: the daemon before this one (pid \
+             {pid}) {how}; statements run in between may be missing)"
+        ),
+        host,
+    ))
+}
+
+const CHECKPOINT_FILE: &str = "sessions.checkpoint";
+
+/// The sessions a daemon follows, as the next daemon needs them to continue where it
+/// stopped (`sessions.checkpoint` in the state directory): written each second while
+/// they change, and at a clean stop last of all (`stopped`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Checkpoint {
+    /// The daemon that wrote it.
+    pub pid: u32,
+    /// Written at a clean stop, after every event was made: the sessions continue with
+    /// the same session ids, from the next seq, at the stream offsets below.
+    pub stopped: bool,
+    pub sessions: Vec<CarriedSession>,
+}
+
+/// One session, as the next daemon continues it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CarriedSession {
+    /// Its ends, (socket address, first-seen kernel ns) as the shared capture names them.
+    pub ends: Vec<(u64, u64)>,
+    pub session_id: String,
+    /// The last seq recorded.
+    pub seq: u64,
+    pub db_user: String,
+    pub database: String,
+    pub application_name: String,
+    pub tls: bool,
+    pub backend_pid: u32,
+    /// Named prepared statements: (name, text). The text is as the trail records it
+    /// (literals replaced unless `record.raw_statements`).
+    pub statements: Vec<(String, String)>,
+    /// Per end (as `ends`), the next stream offset expected per stream (plain, TLS) and
+    /// direction (to server, to client); set at a clean stop only.
+    #[serde(default)]
+    pub offsets: Vec<[[u64; 2]; 2]>,
+    /// The processes at the client and the server end, where known: of a local
+    /// connection, the kernel copies only one end (the other is muted), also while no
+    /// daemon runs, so the next daemon learns the other one from here.
+    #[serde(default)]
+    pub client: Option<CarriedProcess>,
+    #[serde(default)]
+    pub server: Option<CarriedProcess>,
+}
+
+/// A process at one end of a carried session, as the kernel reported it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CarriedProcess {
+    pub pid: u32,
+    pub comm: String,
+    pub uid: u32,
+    pub cgroup_id: u64,
+}
+
+impl Checkpoint {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join(CHECKPOINT_FILE)
+    }
+
+    /// The previous run's checkpoint, if it left one that reads.
+    pub fn read(state_dir: &Path) -> Option<Checkpoint> {
+        let text = std::fs::read(Self::path(state_dir)).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// Written whole or not at all, readable by root only (it holds statement texts).
+    pub fn write(&self, state_dir: &Path) -> std::io::Result<()> {
+        crate::fsutil::write_private(
+            &Self::path(state_dir),
+            &serde_json::to_vec(self).unwrap_or_default(),
+        )
+    }
+}
+
+/// The ring buffer overflowed while no daemon drained it: `lost` records were dropped
+/// between `from` and `to`. (The sessions whose bytes they were get their own `gap` events
+/// where their stream offsets show the hole.)
+pub fn ring_overflow_event(lost: u64, from: Timestamp, to: Timestamp, host: &str) -> AuditEvent {
+    gap_event(
+        from,
+        to,
+        format!(
+            "(capture was incomplete from {from} to {to}: the ring buffer filled while no \
+             daemon drained it and {lost} records were dropped; statements run in between \
+             may be missing. A larger capture.ring_buffer_bytes holds a longer stop)"
+        ),
+        host,
+    )
+}
+
+/// A `gap` event flagged `capture_interrupted` covering `from`..`to`.
+fn gap_event(from: Timestamp, to: Timestamp, text: String, host: &str) -> AuditEvent {
     let mut ev = AuditEvent::of_kind(EventKind::Gap);
     ev.event_id = crate::audit::event::new_event_id();
     ev.ts = from;
     ev.duration_us = (to.unix_micros() - from.unix_micros()).max(0) as u64;
     ev.host = host.into();
     ev.flags.insert(Flag::CaptureInterrupted);
-    ev.statement = format!(
-        "(capture was interrupted from {from} to {to}: the daemon before this one (pid {pid}) \
-         {how}; statements run in between may be missing)"
-    )
-    .into();
-    Some(ev)
+    ev.statement = text.into();
+    ev
+}
+
+/// What a daemon that took over the capture the previous one left running (see
+/// `capture::handover`) records of the time between them. The capture went on, so what
+/// ran meanwhile is in the ring; missing can only be:
+/// - what a daemon killed or crashed had read from the ring and not yet written out:
+///   from its watermark to the first record still in the ring ([`Takeover::gap_until`]);
+/// - the time after the capture's lease ran out (`capture.keep_while_stopped_s`) until
+///   this daemon took over (`lease_ended`, now).
+///
+/// A daemon that stopped cleanly wrote out everything it read: nothing is missing.
+#[derive(Debug, Default)]
+pub struct Takeover {
+    /// A killed daemon's window, open until the first record is drained: (from, pid).
+    pending: Option<(Timestamp, u32)>,
+}
+
+impl Takeover {
+    /// `lease_ended`: when the capture left running went quiet, if it did before
+    /// `capture_since` (this daemon's takeover). Returns the events to record now.
+    pub fn begin(
+        previous: Option<&Watermark>,
+        previous_stats: Option<(u32, &str)>,
+        lease_ended: Option<Timestamp>,
+        capture_since: Timestamp,
+        host: &str,
+    ) -> (Takeover, Vec<AuditEvent>) {
+        let mut now = Vec::new();
+        if let Some(quiet) = lease_ended.filter(|t| *t < capture_since) {
+            now.push(gap_event(
+                quiet,
+                capture_since,
+                format!(
+                    "(capture was interrupted from {quiet} to {capture_since}: the capture the \
+                     daemon before this one left running went quiet when its lease \
+                     (capture.keep_while_stopped_s) ran out, before a daemon took it over; \
+                     statements run in between may be missing)"
+                ),
+                host,
+            ));
+        }
+        let pending = match (previous, previous_stats) {
+            (Some(w), _) if w.stopped => None,
+            (Some(w), _) => Timestamp::parse(&w.complete_until).map(|t| (t, w.pid)),
+            (None, Some((pid, updated))) => Timestamp::parse(updated).map(|t| (t, pid)),
+            (None, None) => None,
+        };
+        (Takeover { pending }, now)
+    }
+
+    /// The killed daemon's window ends where the ring's records begin (`first`, the time
+    /// of the first record drained; None: the ring was empty, so `capture_since`).
+    pub fn gap_until(
+        &mut self,
+        first: Option<Timestamp>,
+        capture_since: Timestamp,
+        host: &str,
+    ) -> Option<AuditEvent> {
+        let (from, pid) = self.pending.take()?;
+        let to = first.unwrap_or(capture_since).max(from);
+        Some(gap_event(
+            from,
+            to,
+            format!(
+                "(capture was interrupted from {from} to {to}: the daemon before this one (pid \
+                 {pid}) ended without stopping (killed or crashed) and what it had read but \
+                 not yet written out is lost; statements run in between may be missing. The \
+                 capture went on meanwhile: this daemon continues from {to})"
+            ),
+            host,
+        ))
+    }
 }
 
 /// Keeps the watermark while the daemon runs: each second a candidate (events handed to
@@ -198,6 +368,50 @@ mod tests {
         assert_eq!(ev.duration_us, 5_000_000);
         // A first start: nothing before it.
         assert!(interrupted_event(None, None, since, "h").is_none());
+    }
+
+    #[test]
+    fn a_takeover_records_only_what_was_lost() {
+        let since = ts("2026-01-01T00:00:09Z");
+        let killed = Watermark {
+            pid: 7,
+            complete_until: "2026-01-01T00:00:05.5Z".into(),
+            stopped: false,
+        };
+        // Killed: from its watermark to the first record left in the ring.
+        let (mut t, now) = Takeover::begin(Some(&killed), None, None, since, "h");
+        assert!(now.is_empty());
+        let ev = t
+            .gap_until(Some(ts("2026-01-01T00:00:06Z")), since, "h")
+            .unwrap();
+        assert_eq!(ev.ts, ts("2026-01-01T00:00:05.5Z"));
+        assert_eq!(ev.duration_us, 500_000);
+        assert!(
+            ev.statement.contains("killed or crashed"),
+            "{}",
+            ev.statement
+        );
+        assert!(t.gap_until(None, since, "h").is_none(), "once");
+        // Stopped cleanly: nothing lost, unless the lease ran out before the takeover.
+        let stopped = Watermark {
+            stopped: true,
+            ..killed.clone()
+        };
+        let (mut t, now) = Takeover::begin(Some(&stopped), None, None, since, "h");
+        assert!(now.is_empty());
+        assert!(t.gap_until(None, since, "h").is_none());
+        let quiet = ts("2026-01-01T00:00:07Z");
+        let (_, now) = Takeover::begin(Some(&stopped), None, Some(quiet), since, "h");
+        assert_eq!(now.len(), 1);
+        assert_eq!(now[0].ts, quiet);
+        assert_eq!(now[0].duration_us, 2_000_000);
+        assert!(now[0].statement.contains("lease"), "{}", now[0].statement);
+        // A killed daemon with an empty ring: up to the takeover.
+        let (mut t, _) = Takeover::begin(Some(&killed), None, None, since, "h");
+        assert_eq!(
+            t.gap_until(None, since, "h").unwrap().duration_us,
+            3_500_000
+        );
     }
 
     #[test]

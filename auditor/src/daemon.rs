@@ -45,6 +45,68 @@ pub enum DaemonError {
     Enforcement(String),
     #[error("the console cannot start: {0}")]
     Console(String),
+    #[error(
+        "another daemon runs on the state directory {0} (pid {1}): one daemon per state \
+         directory (they would share its log and the capture it keeps)"
+    )]
+    AlreadyRunning(String, String),
+}
+
+/// How long a starting daemon waits for the one before on the same state directory.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// Holds `daemon.lock` in the state directory for the daemon's lifetime (an exclusive
+/// `flock`, released by the kernel however the process ends), with its pid inside.
+fn lock_state_dir(
+    state_dir: &std::path::Path,
+    wait: Duration,
+) -> Result<std::fs::File, DaemonError> {
+    use std::{io::Write as _, os::fd::AsRawFd as _};
+    let path = state_dir.join("daemon.lock");
+    let state_err = |source| DaemonError::State {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut file = crate::fsutil::private_options()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(state_err)?;
+    // A rollout may start this daemon while the one before is still stopping: it waits
+    // for it (bounded), then refuses.
+    let deadline = Instant::now() + wait;
+    let mut said = false;
+    loop {
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            break;
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(state_err(err));
+        }
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        if Instant::now() >= deadline || STOP.load(Ordering::SeqCst) {
+            return Err(DaemonError::AlreadyRunning(
+                state_dir.display().to_string(),
+                holder.trim().to_string(),
+            ));
+        }
+        if !said {
+            tracing::info!(
+                "waiting up to {} s for the daemon before (pid {}) to stop",
+                wait.as_secs(),
+                holder.trim()
+            );
+            said = true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    file.set_len(0).map_err(state_err)?;
+    writeln!(file, "{}", std::process::id()).map_err(state_err)?;
+    Ok(file)
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -215,6 +277,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         path: cfg.state_dir.display().to_string(),
         source,
     })?;
+    let _lock = lock_state_dir(&cfg.state_dir, LOCK_WAIT)?;
     let key = param_key(&cfg.state_dir)?;
     // Policies before capture: a broken set refuses the start, before anything attaches.
     let (policies_dir, policies_required) = cfg.policies_dir();
@@ -236,11 +299,19 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     } else {
         None
     };
+    // The capture outlives the daemon (for the next one) unless told otherwise.
+    let handover =
+        (cfg.capture.keep_while_stopped_s > 0).then(|| crate::capture::HandoverSettings {
+            base: cfg.capture.pin_dir.clone(),
+            state_dir: cfg.state_dir.clone(),
+            keep_s: cfg.capture.keep_while_stopped_s,
+        });
     let mut capture = Capture::start(
         &cfg.endpoints,
         cfg.capture.ring_buffer_bytes,
         cfg.capture.tls,
         pins.as_deref(),
+        handover.as_ref(),
     )?;
     let sinks = sink::build(cfg).map_err(DaemonError::Sink)?;
     let mut tracker = Tracker::new(TrackerConfig {
@@ -392,13 +463,10 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         None
     };
     // Backends are hooked first, so every statement captured has its report before it.
+    // The programs attach idle, and go on duty at the takeover below, once the TLS
+    // libraries are hooked too: from then on nothing is missed (where the daemon before
+    // left its capture running, its programs hand over without a gap).
     capture.attach()?;
-    let capture_since = Timestamp::now();
-    tracing::info!(
-        "attached {} tracepoints ({})",
-        capture.attached.len(),
-        capture.attached.join(", ")
-    );
 
     let endpoints: Vec<String> = cfg
         .endpoints
@@ -427,6 +495,36 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         for c in &candidates {
             capture.consider_tls_file(&mut finder, c);
         }
+    }
+    let takeover = capture.take_over()?;
+    let capture_since = Timestamp::now();
+    let wall_offset = crate::tracker::wall_offset_ns();
+    let kernel_wall = |ns: u64| Timestamp::from_unix_ns((i128::from(ns) + wall_offset).max(0));
+    tracing::info!(
+        "attached {} tracepoints ({})",
+        capture.attached.len(),
+        capture.attached.join(", ")
+    );
+    if cfg.capture.tls {
+        // What processes mapped between the look above and the takeover (the programs that
+        // report new mappings were idle until then).
+        for c in &tls::running_candidates() {
+            capture.consider_tls_file(&mut finder, c);
+        }
+    }
+    match (&takeover.previous, capture.pin_dir()) {
+        (Some(h), Some(dir)) => tracing::info!(
+            "took over the capture the daemon before left running (generation {}, in {}): \
+             what it captured meanwhile is drained first",
+            h.generation,
+            dir.display()
+        ),
+        (None, Some(dir)) => tracing::info!(
+            "the capture outlives the daemon by {} s (pinned in {}; `auditor detach` ends it)",
+            cfg.capture.keep_while_stopped_s,
+            dir.display()
+        ),
+        _ => {}
     }
     if !cfg.capture.tls {
         tracing::info!("TLS plaintext capture is off (capture.tls: false): TLS sessions are recorded as tls_unreadable");
@@ -511,17 +609,82 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     let mut sent: u64 = 0;
     let mut watermark = continuity::WatermarkKeeper::default();
     let mut batch: Vec<AuditEvent> = Vec::with_capacity(256);
-    if let Some(ev) = continuity::interrupted_event(
-        previous_watermark.as_ref(),
-        previous_stats
-            .as_ref()
-            .map(|s| (s.pid, s.updated_at.as_str())),
-        capture_since,
-        &cfg.host_name(),
-    ) {
-        tracing::warn!("{}", ev.statement);
-        batch.push(ev);
+    let previous_update = previous_stats
+        .as_ref()
+        .map(|s| (s.pid, s.updated_at.as_str()));
+    // The window the daemon before left uncovered: all of it when its capture ended with
+    // it; when it was taken over, only what it had read and not written out (if killed)
+    // and the time after its lease ran out.
+    let mut pending_window = None;
+    match takeover.previous {
+        None => {
+            if let Some(ev) = continuity::interrupted_event(
+                previous_watermark.as_ref(),
+                previous_update,
+                capture_since,
+                &cfg.host_name(),
+            ) {
+                tracing::warn!("{}", ev.statement);
+                batch.push(ev);
+            }
+        }
+        Some(h) => {
+            // The sessions it followed continue here (with what its checkpoint says).
+            let checkpoint = continuity::Checkpoint::read(&cfg.state_dir);
+            tracing::info!(
+                "continuing {} sessions of the daemon before ({})",
+                checkpoint.as_ref().map_or(0, |c| c.sessions.len()),
+                match &checkpoint {
+                    Some(c) if c.stopped =>
+                        "it stopped cleanly: same session ids, exact stream offsets",
+                    Some(_) => "from its last checkpoint",
+                    None => "it left no checkpoint: joined mid-stream",
+                }
+            );
+            tracker.carry_in(takeover.at_ns, checkpoint);
+            let lease_ended =
+                (h.lease_until_ns < takeover.at_ns).then(|| kernel_wall(h.lease_until_ns));
+            let (window, now) = continuity::Takeover::begin(
+                previous_watermark.as_ref(),
+                previous_update,
+                lease_ended,
+                capture_since,
+                &cfg.host_name(),
+            );
+            for ev in now {
+                tracing::warn!("{}", ev.statement);
+                batch.push(ev);
+            }
+            // Records the ring could not take while no daemon drained it (the counters
+            // are shared with the daemon before, whose last stats say how many it saw).
+            let dropped = |k: &crate::capture::KernelCounters| k.ringbuf_drops + k.control_drops;
+            if let Some(before) = previous_stats.as_ref().map(|s| dropped(&s.kernel)) {
+                let lost = dropped(&capture.counters()).saturating_sub(before);
+                if lost > 0 {
+                    let from = previous_watermark
+                        .as_ref()
+                        .and_then(|w| Timestamp::parse(&w.complete_until))
+                        .unwrap_or(capture_since)
+                        .min(capture_since);
+                    let ev = continuity::ring_overflow_event(
+                        lost,
+                        from,
+                        capture_since,
+                        &cfg.host_name(),
+                    );
+                    tracing::warn!("{}", ev.statement);
+                    batch.push(ev);
+                }
+            }
+            pending_window = Some(window);
+        }
     }
+    // The time of the first record drained (where a killed daemon's window ends).
+    let mut first_record_ns: Option<u64> = None;
+    // A capture that outlives the daemon: the next daemon continues the sessions from
+    // the checkpoint (kept each second while it changes).
+    let keep_checkpoint = capture.pin_dir().is_some();
+    let mut checkpoint_version = None;
 
     let started = Instant::now();
     let started_at = Timestamp::now().to_string();
@@ -576,9 +739,22 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
                 let [dev, ino] = rec.header.aux;
                 new_files.push((pid, (ino != 0).then_some((dev, ino)), rec.header.ts_ns));
             }
-            Some(rec) => tracker.handle(&rec, &mut batch),
+            Some(rec) => {
+                first_record_ns.get_or_insert(rec.header.ts_ns);
+                tracker.handle(&rec, &mut batch)
+            }
             None => malformed_records += 1,
         })?;
+        if let Some(mut window) = pending_window.take() {
+            if let Some(ev) = window.gap_until(
+                first_record_ns.map(kernel_wall),
+                capture_since,
+                &cfg.host_name(),
+            ) {
+                tracing::warn!("{}", ev.statement);
+                batch.push(ev);
+            }
+        }
         drain_proxy(enforcement.as_ref(), &mut tracker, &mut batch);
         for (pid, file, seen_ns) in new_files.drain(..) {
             let candidates = match file {
@@ -676,6 +852,21 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             last_sweep = Instant::now();
         }
         if last_stats.elapsed() >= Duration::from_secs(1) {
+            if let Err(e) = capture.renew_lease() {
+                tracing::warn!("renewing the capture's lease: {e}");
+            }
+            if keep_checkpoint {
+                let v = tracker.checkpoint_version();
+                if checkpoint_version != Some(v) {
+                    if let Err(e) = tracker.checkpoint(false).write(&cfg.state_dir) {
+                        tracing::warn!(
+                            "{}: {e}",
+                            continuity::Checkpoint::path(&cfg.state_dir).display()
+                        );
+                    }
+                    checkpoint_version = Some(v);
+                }
+            }
             let mut stats = make_stats(
                 &tracker,
                 &capture,
@@ -718,6 +909,14 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         }
     }
     drain_proxy(enforcement.as_ref(), &mut tracker, &mut batch);
+    // A capture that outlives the daemon goes on from here, for the next daemon.
+    if let Some(lease) = capture.release() {
+        tracing::info!(
+            "the capture goes on for {} s for the next daemon, which takes over what it \
+             captured meanwhile (`auditor detach` ends it now)",
+            lease.as_secs()
+        );
+    }
     let final_proxy_stats = enforcement.as_ref().map(|e| e.stats());
     if let Some(e) = enforcement.take() {
         e.release();
@@ -737,6 +936,16 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         report.errors,
     );
     write_stats(&stats_path, &stats);
+    // The sessions as the next daemon continues them: exactly (same ids, next seq, stream
+    // offsets) when every event was written out.
+    if keep_checkpoint {
+        if let Err(e) = tracker.checkpoint(report.errors == 0).write(&cfg.state_dir) {
+            tracing::warn!(
+                "{}: {e}",
+                continuity::Checkpoint::path(&cfg.state_dir).display()
+            );
+        }
+    }
     // Everything read is recorded (in-flight statements as no_response): the trail is
     // complete up to now, unless a sink failed.
     if report.errors == 0 {
@@ -766,4 +975,23 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         tracing::warn!("{malformed_records} malformed ring-buffer records were skipped");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_daemon_per_state_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_state_dir(dir.path(), Duration::ZERO).unwrap();
+        let pid = std::process::id().to_string();
+        match lock_state_dir(dir.path(), Duration::from_millis(300)) {
+            Err(DaemonError::AlreadyRunning(_, holder)) => assert_eq!(holder, pid),
+            other => panic!("{other:?}"),
+        }
+        // Released with the descriptor (a daemon that exits or dies): the next one runs.
+        drop(held);
+        let _next = lock_state_dir(dir.path(), Duration::ZERO).unwrap();
+    }
 }

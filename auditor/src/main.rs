@@ -229,13 +229,14 @@ enum Command {
     ///   auditor approvals deny 3f9a1c2e --reason "not during business hours"
     #[command(subcommand, verbatim_doc_comment)]
     Approvals(ApprovalsCommand),
-    /// Lift enforcement left in place by a stopped daemon: remove the pinned redirect
-    /// programs and maps (`proxy.pin_dir`). While the daemon is stopped with an enforce
-    /// policy in force, connections of enforced and new workloads to Postgres are refused
-    /// (enforcement fails closed); run this when uninstalling. A running daemon keeps its
-    /// own enforcement until it stops.
+    /// Remove what a stopped daemon left attached for the next one: the capture that goes
+    /// on while no daemon runs (`capture.pin_dir`, for `capture.keep_while_stopped_s`) and
+    /// the enforcement that holds meanwhile (`proxy.pin_dir`: while the daemon is stopped
+    /// with an enforce policy in force, connections of enforced and new workloads to
+    /// Postgres are refused, as enforcement fails closed). Run this when uninstalling. A
+    /// running daemon keeps its own capture and enforcement until it stops.
     Detach {
-        /// The daemon's configuration (its `proxy.pin_dir`).
+        /// The daemon's configuration (its `capture.pin_dir` and `proxy.pin_dir`).
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -575,9 +576,14 @@ fn dispatch(args: Args) -> anyhow::Result<()> {
         Command::Approvals(cmd) => approvals_command(cmd)?,
         Command::Detach { config } => {
             let cfg = policy_config(&config)?;
-            let removed = auditor::proxy::redirect::detach(&cfg.proxy.pin_dir)?;
+            let mut removed = auditor::capture::handover::detach_all(&cfg.capture.pin_dir)?;
+            removed.extend(auditor::proxy::redirect::detach(&cfg.proxy.pin_dir)?);
             if removed.is_empty() {
-                println!("nothing pinned in {}", cfg.proxy.pin_dir.display());
+                println!(
+                    "nothing pinned in {} or {}",
+                    cfg.capture.pin_dir.display(),
+                    cfg.proxy.pin_dir.display()
+                );
             } else {
                 for p in removed {
                     println!("removed {}", p.display());

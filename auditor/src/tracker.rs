@@ -249,7 +249,20 @@ pub struct Tracker {
     flushing: bool,
     /// Ended sessions whose events wait for their pod.
     ended_waiting: Vec<(ConnKey, SessionEntry)>,
+    /// The kernel time this daemon took over a capture the daemon before left running:
+    /// connection ends first seen before it were followed by that daemon, and their
+    /// stream offsets do not start at 0 here.
+    takeover_ns: Option<u64>,
+    /// The sessions that daemon followed (its checkpoint), by end, until each end shows up.
+    carried: HashMap<EndKey, Arc<crate::continuity::CarriedSession>>,
+    /// The checkpoint was written at a clean stop: sessions continue exactly (ids, seq,
+    /// stream offsets).
+    carried_exact: bool,
 }
+
+/// An end's next expected stream offset is not known yet (an end the daemon before
+/// followed): its first record sets it.
+const OFFSET_UNKNOWN: u64 = u64::MAX;
 
 /// A ring-buffer record: header plus payload.
 pub struct Record<'a> {
@@ -339,7 +352,100 @@ impl Tracker {
             policy_generation: 1,
             flushing: false,
             ended_waiting: Vec::new(),
+            takeover_ns: None,
+            carried: HashMap::default(),
+            carried_exact: false,
         }
+    }
+
+    /// This daemon took over the capture the daemon before left running, at kernel time
+    /// `takeover_ns`, and continues the sessions of its checkpoint (if it left one).
+    pub fn carry_in(
+        &mut self,
+        takeover_ns: u64,
+        checkpoint: Option<crate::continuity::Checkpoint>,
+    ) {
+        self.takeover_ns = Some(takeover_ns);
+        let Some(cp) = checkpoint else { return };
+        self.carried_exact = cp.stopped;
+        for s in cp.sessions {
+            let s = Arc::new(s);
+            for &(sock, start_ns) in &s.ends {
+                self.carried.insert(EndKey { sock, start_ns }, s.clone());
+            }
+        }
+    }
+
+    /// What the next daemon needs to continue the sessions followed now (see
+    /// [`crate::continuity::Checkpoint`]); `stopped`: at a clean stop, after every event
+    /// was made.
+    pub fn checkpoint(&self, stopped: bool) -> crate::continuity::Checkpoint {
+        let raw = self.cfg.policy.raw_statements;
+        let sessions = self
+            .sessions
+            .values()
+            .filter(|s| !s.proxied && !s.session.is_unreadable())
+            .map(|s| {
+                let ends: Vec<EndKey> = s.role_ends.iter().flatten().copied().collect();
+                let meta = s.session.meta();
+                crate::continuity::CarriedSession {
+                    ends: ends.iter().map(|k| (k.sock, k.start_ns)).collect(),
+                    session_id: s.id.to_string(),
+                    seq: s.seq,
+                    db_user: meta.db_user.to_string(),
+                    database: meta.database.to_string(),
+                    application_name: meta.application_name.to_string(),
+                    tls: meta.tls,
+                    backend_pid: meta.backend_pid,
+                    statements: s
+                        .session
+                        .conversation()
+                        .named_statements()
+                        .filter(|p| p.cut.is_none())
+                        .map(|p| {
+                            let text = if raw {
+                                p.sql.to_string()
+                            } else {
+                                p.analysis.normalized.to_string()
+                            };
+                            (p.name.to_string(), text)
+                        })
+                        .collect(),
+                    offsets: if stopped {
+                        ends.iter()
+                            .map(|k| {
+                                self.ends
+                                    .get(k)
+                                    .map_or([[OFFSET_UNKNOWN; 2]; 2], |e| e.expected)
+                            })
+                            .collect()
+                    } else {
+                        Vec::new()
+                    },
+                    client: s.client.as_ref().map(carried_process),
+                    server: s.server.as_ref().map(carried_process),
+                }
+            })
+            .collect();
+        crate::continuity::Checkpoint {
+            pid: std::process::id(),
+            stopped,
+            sessions,
+        }
+    }
+
+    /// A number that changes when what a checkpoint holds (but the seq) changes.
+    pub fn checkpoint_version(&self) -> u64 {
+        self.sessions
+            .values()
+            .fold(self.sessions.len() as u64, |v, s| {
+                let meta = s.session.meta();
+                v.wrapping_mul(31)
+                    .wrapping_add(s.session.conversation().prepared_version())
+                    .wrapping_add(u64::from(meta.backend_pid))
+                    .wrapping_add(meta.db_user.len() as u64)
+                    .wrapping_add(s.role_ends.iter().flatten().count() as u64)
+            })
     }
 
     /// Puts a new policy set in force: each session takes it at its next event.
@@ -524,12 +630,26 @@ impl Tracker {
                 self.end_session(conn, old, h.ts_ns as i128, true, out);
             }
         }
+        // An end the daemon before followed (this daemon took its capture over): its
+        // stream offsets go on from where they were, known exactly after a clean stop.
+        let carried = self.carried.remove(&key);
+        let expected = match self.takeover_ns {
+            Some(t) if key.start_ns < t => carried
+                .as_ref()
+                .filter(|_| self.carried_exact)
+                .and_then(|c| {
+                    let i = c.ends.iter().position(|e| *e == (key.sock, key.start_ns))?;
+                    c.offsets.get(i).copied()
+                })
+                .unwrap_or([[OFFSET_UNKNOWN; 2]; 2]),
+            _ => [[0, 0], [0, 0]],
+        };
         self.ends.insert(
             key,
             End {
                 conn,
                 muted: false,
-                expected: [[0, 0], [0, 0]],
+                expected,
                 identity: Some(identity.clone()),
                 ciphertext_seen: false,
                 retired_ns: None,
@@ -556,7 +676,10 @@ impl Tracker {
         let tls = h.stream == STREAM_TLS;
         let proxied = h.stream == STREAM_PROXY;
         // Plaintext offsets count from the first library call the kernel side saw.
-        let mid_stream = first_data.is_some() && !starts_clean && (tls || h.seen == SEEN_IO);
+        // (A connection the daemon before saw opened has offsets past 0 here.)
+        let mid_stream = first_data.is_some()
+            && !starts_clean
+            && (tls || h.seen == SEEN_IO || h.offset != 0 || carried.is_some());
         let mut session = Session::new(self.cfg.policy.clone(), self.cfg.limits, mid_stream);
         if tls {
             session.begin_plaintext();
@@ -602,6 +725,36 @@ impl Tracker {
             notes: Vec::new(),
             multi_note: None,
         };
+        if let Some(c) = &carried {
+            // The session the daemon before followed: its facts and named statements, and
+            // after a clean stop its id and seq (no second session_start).
+            let meta = crate::conversation::SessionMeta {
+                db_user: c.db_user.as_str().into(),
+                database: c.database.as_str().into(),
+                application_name: c.application_name.as_str().into(),
+                tls: c.tls,
+                backend_pid: c.backend_pid,
+            };
+            entry
+                .session
+                .carry_in(meta, &c.statements, &mut self.analyzer);
+            entry.title_tried = true;
+            // The end not seen here (muted by the daemon before) keeps its process.
+            let process = |p: &crate::continuity::CarriedProcess, w: &mut WorkloadResolver| {
+                w.process(p.pid, &p.comm, p.uid, p.cgroup_id)
+            };
+            if entry.client.is_none() {
+                entry.client = c.client.as_ref().map(|p| process(p, &mut self.workloads));
+            }
+            if entry.server.is_none() {
+                entry.server = c.server.as_ref().map(|p| process(p, &mut self.workloads));
+            }
+            if self.carried_exact {
+                entry.id = c.session_id.as_str().into();
+                entry.seq = c.seq;
+            }
+            tracing::debug!(parent: &entry.span, carried = %c.session_id, exact = self.carried_exact, "continues a session of the daemon before");
+        }
         if entry.unix {
             self.counters.unix_sessions += 1;
         }
@@ -716,7 +869,10 @@ impl Tracker {
         let conn = end.conn;
         let stream = (h.stream & 1) as usize;
         let dir_idx = (h.direction & 1) as usize;
-        let expected = end.expected[stream][dir_idx];
+        let mut expected = end.expected[stream][dir_idx];
+        if expected == OFFSET_UNKNOWN {
+            expected = h.offset;
+        }
         let chunk_end = h.offset + data.len() as u64;
         end.expected[stream][dir_idx] = expected.max(chunk_end);
         if let Some(s) = self.sessions.get_mut(&conn) {
@@ -1466,6 +1622,15 @@ fn recover_meta(s: &mut SessionEntry, conn: ConnKey, workloads: &WorkloadResolve
     if let Some((user, db)) = crate::workload::process::parse_backend_title(&title, port) {
         s.session.recover_meta(user.into(), db.into());
         s.meta_from_title = true;
+    }
+}
+
+fn carried_process(p: &ProcessIdentity) -> crate::continuity::CarriedProcess {
+    crate::continuity::CarriedProcess {
+        pid: p.pid,
+        comm: p.comm.to_string(),
+        uid: p.uid,
+        cgroup_id: p.cgroup_id,
     }
 }
 

@@ -432,8 +432,9 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "state_dir: {}\nendpoints:\n  - port: {pg_port}\n{extra_config}",
-                state.display()
+                "state_dir: {}\nendpoints:\n  - port: {pg_port}\n{}",
+                state.display(),
+                capture_ends_with_daemon(extra_config)
             ),
         )?;
         let mut child = Command::new(auditor_bin())
@@ -588,6 +589,29 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// The tests' daemons end their capture when they stop (`capture.keep_while_stopped_s: 0`)
+/// unless a test sets the option itself: a capture left running for the next daemon would
+/// go on capturing the next tests' servers (same ports) for its lease.
+fn capture_ends_with_daemon(extra_config: &str) -> String {
+    if extra_config.contains("keep_while_stopped_s") {
+        return extra_config.to_string();
+    }
+    let mut out = String::new();
+    let mut added = false;
+    for line in extra_config.lines() {
+        out.push_str(line);
+        out.push('\n');
+        if line.trim_end() == "capture:" {
+            out.push_str("  keep_while_stopped_s: 0\n");
+            added = true;
+        }
+    }
+    if !added {
+        out.push_str("capture:\n  keep_while_stopped_s: 0\n");
+    }
+    out
 }
 
 impl Drop for Daemon {

@@ -2,6 +2,7 @@
 //! the ring buffer and the kernel-side counters.
 
 pub mod btf;
+pub mod handover;
 pub mod session;
 pub mod stream;
 pub mod tls;
@@ -15,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use auditor_common::{counter, EndpointKey, PORT_ANY_ADDR, PORT_LISTED_ADDRS};
+use auditor_common::{counter, EndpointKey, Handover, PORT_ANY_ADDR, PORT_LISTED_ADDRS};
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
@@ -53,6 +54,8 @@ pub enum CaptureError {
     MissingMap(&'static str),
     #[error("polling the ring buffer: {0}")]
     Poll(std::io::Error),
+    #[error("the capture's pins: {0}")]
+    Pins(String),
 }
 
 /// (tracepoint category, name) of every program, by program name.
@@ -143,8 +146,34 @@ pub struct ProgramRuns {
     pub run_time_ns: u64,
 }
 
+/// How the capture outlives the daemon (see [`handover`]).
+#[derive(Debug, Clone)]
+pub struct HandoverSettings {
+    /// `capture.pin_dir`.
+    pub base: PathBuf,
+    /// The trail's state directory: only a daemon of the same trail takes a capture over.
+    pub state_dir: PathBuf,
+    /// `capture.keep_while_stopped_s`.
+    pub keep_s: u32,
+}
+
+/// What this daemon found when it took the capture over.
+#[derive(Debug, Clone, Copy)]
+pub struct Takeover {
+    /// The generation that was on duty, when this daemon took over a capture left running
+    /// (its ring holds what was captured while no daemon ran).
+    pub previous: Option<Handover>,
+    /// Kernel time of the takeover.
+    pub at_ns: u64,
+}
+
 pub struct Capture {
     ebpf: Ebpf,
+    /// The pinned capture this daemon's programs belong to, when it outlives the daemon.
+    pins: Option<handover::Pins>,
+    handover: Array<MapData, Handover>,
+    /// This generation's pinned links (tracepoints and TLS uprobes).
+    links: Vec<aya::programs::links::PinnedLink>,
     ring: RingBuf<MapData>,
     /// The last drain stopped at its budget: more records may be waiting.
     ring_had_more: bool,
@@ -218,6 +247,18 @@ where
 {
     let map = ebpf.take_map(name).ok_or(CaptureError::MissingMap(name))?;
     M::try_from(map).map_err(|source| CaptureError::Map { name, source })
+}
+
+/// Links of tracepoints and uprobes can be pinned (outlive the daemon) from Linux 5.15
+/// (BPF links of perf events).
+fn perf_links_pin() -> Result<(), String> {
+    match aya::util::KernelVersion::current() {
+        Ok(v) if v >= aya::util::KernelVersion::new(5, 15, 0) => Ok(()),
+        Ok(v) => Err(format!(
+            "Linux {v} cannot pin tracepoint links (5.15 and later can)"
+        )),
+        Err(e) => Err(format!("the kernel's version: {e}")),
+    }
 }
 
 /// `load()` of the program types used here.
@@ -339,11 +380,15 @@ impl Capture {
     /// `tls`: also load the OpenSSL uprobes and watch for new programs and libraries.
     /// `redirect_pins`: a directory on bpffs where the redirect's maps are pinned (and
     /// found again by the next daemon, so that enforcement holds across a restart).
+    /// `handover`: pin the capture so that it outlives the daemon, and take over the one
+    /// the daemon before left running (see [`handover`]); without it, or where it cannot
+    /// be pinned, the capture ends with the daemon.
     pub fn start(
         endpoints: &[Endpoint],
         ring_buffer_bytes: u32,
         tls: bool,
         redirect_pins: Option<&Path>,
+        handover: Option<&HandoverSettings>,
     ) -> Result<Self, CaptureError> {
         // Records wake the daemon only when an eighth of the ring is waiting; otherwise it
         // drains on its own timer (`poll`).
@@ -365,9 +410,29 @@ impl Capture {
             })
             .unwrap_or_default();
         let task_btf = task_btf();
+        let object: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/auditor"));
+        let pins = handover.and_then(|h| {
+            let id = handover::capture_id(&h.state_dir, object, ring_buffer_bytes);
+            match perf_links_pin().and_then(|()| handover::prepare(&h.base, &id, h.keep_s)) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::warn!(
+                        "the capture cannot outlive the daemon ({e}): a restart will lose \
+                         what runs while no daemon does (recorded as a gap)"
+                    );
+                    None
+                }
+            }
+        });
+        let generation = pins.as_ref().map_or(1, |p| p.generation);
         let mut loader = EbpfLoader::new();
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
+        }
+        if let Some(p) = &pins {
+            for name in handover::SHARED_MAPS {
+                loader.map_pin_path(name, p.map_path(name));
+            }
         }
         let mut ebpf = loader
             .override_global("OFFSETS", &offsets, true)
@@ -375,11 +440,9 @@ impl Capture {
             .override_global("TASK_BTF", &task_btf, true)
             .override_global("WAKE_BYTES", &wake_bytes, true)
             .override_global("CHUNKS_PER_CALL", &chunks_per_call, true)
+            .override_global("GENERATION", &generation, true)
             .map_max_entries("EVENTS", ring_buffer_bytes)
-            .load(aya::include_bytes_aligned!(concat!(
-                env!("OUT_DIR"),
-                "/auditor"
-            )))?;
+            .load(object)?;
 
         {
             let map = ebpf
@@ -501,8 +564,12 @@ impl Capture {
         let counters = take_map(&mut ebpf, "COUNTERS")?;
         let muted = take_map(&mut ebpf, "MUTED")?;
         let known_files = take_map(&mut ebpf, "KNOWN_FILES")?;
+        let handover = take_map(&mut ebpf, "HANDOVER")?;
         Ok(Capture {
             ebpf,
+            pins,
+            handover,
+            links: Vec::new(),
             ring,
             ring_had_more: true,
             muted,
@@ -535,14 +602,84 @@ impl Capture {
                     name: program.clone(),
                     source: aya::programs::ProgramError::UnexpectedProgramType,
                 })?;
-            prog.attach(category, name)
-                .map_err(|source| CaptureError::Program {
-                    name: name.to_string(),
-                    source,
-                })?;
+            let program_err = |source| CaptureError::Program {
+                name: name.to_string(),
+                source,
+            };
+            let id = prog.attach(category, name).map_err(program_err)?;
+            if let Some(pins) = &self.pins {
+                let link = prog.take_link(id).map_err(program_err)?;
+                let fd = aya::programs::links::FdLink::try_from(link)
+                    .map_err(|e| CaptureError::Pins(format!("{name}: {e}")))?;
+                self.links
+                    .push(pins.pin_link(fd, name).map_err(CaptureError::Pins)?);
+            }
             self.attached.push(format!("{category}:{name}"));
         }
         Ok(())
+    }
+
+    /// Puts this daemon's programs on duty (they were attached idle): from here on they
+    /// capture, and those of the daemon before (if it left its capture running) do
+    /// nothing; the calls those began, these complete. Then the old links go.
+    pub fn take_over(&mut self) -> Result<Takeover, CaptureError> {
+        let now = handover::kernel_now_ns();
+        self.set_handover(now)?;
+        let previous = self.pins.as_ref().and_then(|p| {
+            p.remove_older_generations();
+            p.previous
+        });
+        Ok(Takeover {
+            previous,
+            at_ns: now,
+        })
+    }
+
+    fn set_handover(&mut self, now: u64) -> Result<Handover, CaptureError> {
+        let value = match &self.pins {
+            Some(p) => p.handover_at(now),
+            None => Handover {
+                generation: 1,
+                lease_until_ns: u64::MAX,
+            },
+        };
+        self.handover
+            .set(0, value, 0)
+            .map_err(|source| CaptureError::Map {
+                name: "HANDOVER",
+                source,
+            })?;
+        Ok(value)
+    }
+
+    /// Renews the lease of a capture that outlives the daemon (each second): it runs
+    /// `capture.keep_while_stopped_s` from the daemon's last renewal.
+    pub fn renew_lease(&mut self) -> Result<(), CaptureError> {
+        if self.pins.is_some() {
+            self.set_handover(handover::kernel_now_ns())?;
+        }
+        Ok(())
+    }
+
+    /// At the daemon's stop: a capture that outlives the daemon gets its lease from now
+    /// and stays; returns for how long (None: the capture ends with the daemon).
+    pub fn release(&mut self) -> Option<Duration> {
+        self.pins.as_ref()?;
+        let now = handover::kernel_now_ns();
+        match self.set_handover(now) {
+            Ok(value) => Some(Duration::from_nanos(
+                value.lease_until_ns.saturating_sub(now),
+            )),
+            Err(e) => {
+                tracing::warn!("renewing the capture's lease at stop: {e}");
+                None
+            }
+        }
+    }
+
+    /// Where the capture is pinned, if it outlives the daemon.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pins.as_ref().map(|p| p.dir.as_path())
     }
 
     /// Asks backend `pid` (a Postgres server process older than the daemon) for the text of
@@ -698,7 +835,8 @@ impl Capture {
             };
             let mut ok = true;
             for program in [*entry, self.tls_return_program] {
-                let result = attach_uprobe(&mut self.ebpf, program, *offset, path);
+                let result = attach_uprobe(&mut self.ebpf, program, *offset, path)
+                    .and_then(|id| self.pin_uprobe_link(program, id));
                 if let Err(source) = result {
                     ok = false;
                     first_error.get_or_insert(CaptureError::Program {
@@ -712,6 +850,33 @@ impl Capture {
             }
         }
         (hooked, first_error)
+    }
+
+    /// A capture that outlives the daemon keeps its TLS hooks too: the link is pinned
+    /// (the program's own handle lets go of it).
+    fn pin_uprobe_link(
+        &mut self,
+        program: &str,
+        id: aya::programs::uprobe::UProbeLinkId,
+    ) -> Result<(), aya::programs::ProgramError> {
+        let Some(pins) = &self.pins else {
+            return Ok(());
+        };
+        let p: &mut UProbe = self
+            .ebpf
+            .program_mut(program)
+            .ok_or(aya::programs::ProgramError::UnexpectedProgramType)?
+            .try_into()?;
+        let link = p.take_link(id)?;
+        let fd = aya::programs::links::FdLink::try_from(link).map_err(|e| {
+            aya::programs::ProgramError::IOError(std::io::Error::other(e.to_string()))
+        })?;
+        let name = format!("{program}-{}", self.links.len());
+        let pinned = pins
+            .pin_link(fd, &name)
+            .map_err(|e| aya::programs::ProgramError::IOError(std::io::Error::other(e)))?;
+        self.links.push(pinned);
+        Ok(())
     }
 
     /// Tells the kernel side a file was examined, so it is not reported again.

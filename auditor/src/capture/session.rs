@@ -149,6 +149,16 @@ impl Session {
         }
     }
 
+    /// See [`Conversation::carry_in`].
+    pub fn carry_in(
+        &mut self,
+        meta: crate::conversation::SessionMeta,
+        statements: &[(String, String)],
+        analyzer: &mut Analyzer,
+    ) {
+        self.conversation.carry_in(meta, statements, analyzer);
+    }
+
     /// See [`Conversation::learn_prepared`].
     pub fn learn_prepared(&mut self, name: &str, sql: &str, analyzer: &mut Analyzer) -> bool {
         self.conversation.learn_prepared(name, sql, analyzer)

@@ -35,6 +35,8 @@ use crate::{
 struct Names<V> {
     unnamed: Option<V>,
     named: HashMap<Box<str>, V>,
+    /// Changes of the named entries so far (what a checkpoint of them must follow).
+    version: u64,
 }
 
 impl<V> Default for Names<V> {
@@ -42,6 +44,7 @@ impl<V> Default for Names<V> {
         Names {
             unnamed: None,
             named: HashMap::default(),
+            version: 0,
         }
     }
 }
@@ -68,6 +71,7 @@ impl<V> Names<V> {
         if name.as_ref().is_empty() {
             self.unnamed.replace(value)
         } else {
+            self.version += 1;
             self.named.insert(name.into(), value)
         }
     }
@@ -75,6 +79,7 @@ impl<V> Names<V> {
         if name.is_empty() {
             self.unnamed.take()
         } else {
+            self.version += 1;
             self.named.remove(name)
         }
     }
@@ -94,6 +99,9 @@ impl<V> Names<V> {
     /// Keeps the map's allocation.
     fn clear(&mut self) {
         self.unnamed = None;
+        if !self.named.is_empty() {
+            self.version += 1;
+        }
         self.named.clear();
     }
 }
@@ -491,6 +499,46 @@ impl Conversation {
             }
         }
         true
+    }
+
+    /// The named prepared statements (what a checkpoint carries to the next daemon).
+    pub fn named_statements(&self) -> impl Iterator<Item = &Arc<PreparedStatement>> {
+        self.prepared.named.values()
+    }
+
+    /// A number that changes whenever a named prepared statement comes or goes.
+    pub fn prepared_version(&self) -> u64 {
+        self.prepared.version
+    }
+
+    /// Continues a conversation the daemon before this one followed (its checkpoint):
+    /// the connection's facts and its named prepared statements, as they were. Their
+    /// later executions are recorded with their text, as if this daemon had seen them
+    /// prepared.
+    pub fn carry_in(
+        &mut self,
+        meta: SessionMeta,
+        statements: &[(String, String)],
+        analyzer: &mut Analyzer,
+    ) {
+        self.meta = meta;
+        for (name, sql) in statements {
+            if name.is_empty() || self.prepared.contains_key(name) {
+                continue;
+            }
+            self.prepared.insert(
+                name.as_str(),
+                Arc::new(PreparedStatement {
+                    name: name.as_str().into(),
+                    analysis: analyzer.analyze(sql),
+                    sql: sql.as_str().into(),
+                    declared_types: Box::default(),
+                    description: OnceLock::new(),
+                    cut: None,
+                    from_server: false,
+                }),
+            );
+        }
     }
 
     /// When the oldest statement still waiting for its answer began (kernel ns).

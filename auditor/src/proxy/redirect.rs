@@ -33,6 +33,13 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Makes `dir` usable for pins: bpffs mounted at /sys/fs/bpf (mounted here if it is not,
 /// as systemd does at boot), the directory created.
 pub fn prepare_pin_dir(dir: &Path) -> Result<(), String> {
+    ensure_bpffs(dir)?;
+    std::fs::create_dir_all(dir.join("links")).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+/// Checks that `dir` is under /sys/fs/bpf and that bpffs is mounted there (mounting it if
+/// not, as systemd does at boot).
+pub fn ensure_bpffs(dir: &Path) -> Result<(), String> {
     let bpffs = Path::new("/sys/fs/bpf");
     if !dir.starts_with(bpffs) {
         return Err(format!("{} is not under /sys/fs/bpf", dir.display()));
@@ -44,7 +51,7 @@ pub fn prepare_pin_dir(dir: &Path) -> Result<(), String> {
             ));
         }
     }
-    std::fs::create_dir_all(dir.join("links")).map_err(|e| format!("{}: {e}", dir.display()))
+    Ok(())
 }
 
 fn is_bpffs(path: &Path) -> bool {
