@@ -99,10 +99,12 @@ pub fn prepare(base: &Path, id: &str, keep_s: u32) -> Result<Pins, String> {
             continue;
         }
         // Another trail's capture, or this trail's from another build: removed once it is
-        // quiet (its lease ran out); one still within its lease waits for its own daemon.
+        // quiet (its lease ran out); one still within its lease waits for its own daemon,
+        // and one without maps yet is another daemon starting.
         match read_handover(&entry.path()) {
             Some(h) if h.lease_until_ns > now => {}
-            _ => {
+            None => {}
+            Some(_) => {
                 if let Err(e) = remove_capture(&entry.path()) {
                     tracing::warn!(
                         "removing the expired capture {}: {e}",
