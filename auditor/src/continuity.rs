@@ -39,17 +39,23 @@ impl Watermark {
 
     /// The previous run's watermark, if it left one that reads.
     pub fn read(state_dir: &Path) -> Option<Watermark> {
-        let text = std::fs::read_to_string(Self::path(state_dir)).ok()?;
-        serde_json::from_str(&text).ok()
+        read_json(&Self::path(state_dir))
     }
 
-    /// Written whole or not at all (a temporary file renamed over the old one).
     pub fn write(&self, state_dir: &Path) -> std::io::Result<()> {
-        crate::fsutil::write_private(
-            &Self::path(state_dir),
-            &serde_json::to_vec(self).unwrap_or_default(),
-        )
+        write_json(&Self::path(state_dir), self)
     }
+}
+
+/// A state file in JSON, if it is there and reads.
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// Written whole or not at all (a temporary file renamed over the old one), readable by
+/// root only.
+fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    crate::fsutil::write_private(path, &serde_json::to_vec(value).unwrap_or_default())
 }
 
 /// The window the previous run left uncovered, as a `gap` event flagged
@@ -150,35 +156,23 @@ impl Checkpoint {
         state_dir.join(CHECKPOINT_FILE)
     }
 
-    /// The previous run's checkpoint, if it left one that reads.
-    pub fn read(state_dir: &Path) -> Option<Checkpoint> {
-        let text = std::fs::read(Self::path(state_dir)).ok()?;
-        serde_json::from_slice(&text).ok()
+    /// Takes the previous run's checkpoint (the file is removed: a checkpoint is used
+    /// once, so a later run never continues from an older one), if it left one that reads.
+    /// Exact (`stopped`) only if the watermark says the same daemon stopped cleanly.
+    pub fn take(state_dir: &Path, watermark: Option<&Watermark>) -> Option<Checkpoint> {
+        let path = Self::path(state_dir);
+        let cp: Option<Checkpoint> = read_json(&path);
+        let _ = std::fs::remove_file(&path);
+        let mut cp = cp?;
+        let pid = cp.pid;
+        cp.stopped &= watermark.is_some_and(|w| w.stopped && w.pid == pid);
+        Some(cp)
     }
 
-    /// Written whole or not at all, readable by root only (it holds statement texts).
+    /// It holds statement texts: readable by root only.
     pub fn write(&self, state_dir: &Path) -> std::io::Result<()> {
-        crate::fsutil::write_private(
-            &Self::path(state_dir),
-            &serde_json::to_vec(self).unwrap_or_default(),
-        )
+        write_json(&Self::path(state_dir), self)
     }
-}
-
-/// The ring buffer overflowed while no daemon drained it: `lost` records were dropped
-/// between `from` and `to`. (The sessions whose bytes they were get their own `gap` events
-/// where their stream offsets show the hole.)
-pub fn ring_overflow_event(lost: u64, from: Timestamp, to: Timestamp, host: &str) -> AuditEvent {
-    gap_event(
-        from,
-        to,
-        format!(
-            "(capture was incomplete from {from} to {to}: the ring buffer filled while no \
-             daemon drained it and {lost} records were dropped; statements run in between \
-             may be missing. A larger capture.ring_buffer_bytes holds a longer stop)"
-        ),
-        host,
-    )
 }
 
 /// A `gap` event flagged `capture_interrupted` covering `from`..`to`.
@@ -211,14 +205,33 @@ pub struct Takeover {
 impl Takeover {
     /// `lease_ended`: when the capture left running went quiet, if it did before
     /// `capture_since` (this daemon's takeover). Returns the events to record now.
+    /// `dropped`: records the ring could not take since the daemon before last counted
+    /// (the kernel's counters are shared with it).
     pub fn begin(
         previous: Option<&Watermark>,
         previous_stats: Option<(u32, &str)>,
         lease_ended: Option<Timestamp>,
+        dropped: u64,
         capture_since: Timestamp,
         host: &str,
     ) -> (Takeover, Vec<AuditEvent>) {
         let mut now = Vec::new();
+        if dropped > 0 {
+            let from = previous
+                .and_then(|w| Timestamp::parse(&w.complete_until))
+                .map_or(capture_since, |t| t.min(capture_since));
+            now.push(gap_event(
+                from,
+                capture_since,
+                format!(
+                    "(capture was incomplete from {from} to {capture_since}: the ring buffer \
+                     filled while no daemon drained it and {dropped} records were dropped; \
+                     statements run in between may be missing. A larger \
+                     capture.ring_buffer_bytes holds a longer stop)"
+                ),
+                host,
+            ));
+        }
         if let Some(quiet) = lease_ended.filter(|t| *t < capture_since) {
             now.push(gap_event(
                 quiet,
@@ -379,7 +392,7 @@ mod tests {
             stopped: false,
         };
         // Killed: from its watermark to the first record left in the ring.
-        let (mut t, now) = Takeover::begin(Some(&killed), None, None, since, "h");
+        let (mut t, now) = Takeover::begin(Some(&killed), None, None, 0, since, "h");
         assert!(now.is_empty());
         let ev = t
             .gap_until(Some(ts("2026-01-01T00:00:06Z")), since, "h")
@@ -397,21 +410,60 @@ mod tests {
             stopped: true,
             ..killed.clone()
         };
-        let (mut t, now) = Takeover::begin(Some(&stopped), None, None, since, "h");
+        let (mut t, now) = Takeover::begin(Some(&stopped), None, None, 0, since, "h");
         assert!(now.is_empty());
         assert!(t.gap_until(None, since, "h").is_none());
         let quiet = ts("2026-01-01T00:00:07Z");
-        let (_, now) = Takeover::begin(Some(&stopped), None, Some(quiet), since, "h");
+        let (_, now) = Takeover::begin(Some(&stopped), None, Some(quiet), 0, since, "h");
         assert_eq!(now.len(), 1);
         assert_eq!(now[0].ts, quiet);
         assert_eq!(now[0].duration_us, 2_000_000);
         assert!(now[0].statement.contains("lease"), "{}", now[0].statement);
+        // Records dropped while no daemon ran: from the watermark, with their count.
+        let (_, now) = Takeover::begin(Some(&stopped), None, None, 42, since, "h");
+        assert_eq!(now.len(), 1);
+        assert_eq!(now[0].ts, ts("2026-01-01T00:00:05.5Z"));
+        assert!(
+            now[0].statement.contains("42 records were dropped"),
+            "{}",
+            now[0].statement
+        );
         // A killed daemon with an empty ring: up to the takeover.
-        let (mut t, _) = Takeover::begin(Some(&killed), None, None, since, "h");
+        let (mut t, _) = Takeover::begin(Some(&killed), None, None, 0, since, "h");
         assert_eq!(
             t.gap_until(None, since, "h").unwrap().duration_us,
             3_500_000
         );
+    }
+
+    #[test]
+    fn a_checkpoint_is_taken_once_and_exact_only_after_its_own_clean_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoint {
+            pid: 7,
+            stopped: true,
+            sessions: vec![CarriedSession::default()],
+        };
+        let stopped = |pid| Watermark {
+            pid,
+            complete_until: "2026-01-01T00:00:00Z".into(),
+            stopped: true,
+        };
+        cp.write(dir.path()).unwrap();
+        assert_eq!(
+            Checkpoint::take(dir.path(), Some(&stopped(7))),
+            Some(cp.clone())
+        );
+        assert_eq!(
+            Checkpoint::take(dir.path(), Some(&stopped(7))),
+            None,
+            "once"
+        );
+        // Another daemon's watermark (it ran after, and was killed): not exact.
+        cp.write(dir.path()).unwrap();
+        let taken = Checkpoint::take(dir.path(), Some(&stopped(8))).unwrap();
+        assert!(!taken.stopped);
+        assert_eq!(taken.sessions.len(), 1);
     }
 
     #[test]

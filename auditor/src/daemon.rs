@@ -52,6 +52,13 @@ pub enum DaemonError {
     AlreadyRunning(String, String),
 }
 
+fn write_checkpoint(cp: &continuity::Checkpoint, state_dir: &std::path::Path) {
+    if let Err(e) = cp.write(state_dir) {
+        let path = continuity::Checkpoint::path(state_dir);
+        tracing::warn!("{}: {e}", path.display());
+    }
+}
+
 /// How long a starting daemon waits for the one before on the same state directory.
 const LOCK_WAIT: Duration = Duration::from_secs(30);
 
@@ -630,7 +637,8 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         }
         Some(h) => {
             // The sessions it followed continue here (with what its checkpoint says).
-            let checkpoint = continuity::Checkpoint::read(&cfg.state_dir);
+            let checkpoint =
+                continuity::Checkpoint::take(&cfg.state_dir, previous_watermark.as_ref());
             tracing::info!(
                 "continuing {} sessions of the daemon before ({})",
                 checkpoint.as_ref().map_or(0, |c| c.sessions.len()),
@@ -644,37 +652,23 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             tracker.carry_in(takeover.at_ns, checkpoint);
             let lease_ended =
                 (h.lease_until_ns < takeover.at_ns).then(|| kernel_wall(h.lease_until_ns));
+            // Records the ring could not take while no daemon drained it (the counters
+            // are shared with the daemon before, whose last stats say how many it saw).
+            let dropped = |k: &crate::capture::KernelCounters| k.ringbuf_drops + k.control_drops;
+            let lost = previous_stats.as_ref().map_or(0, |s| {
+                dropped(&capture.counters()).saturating_sub(dropped(&s.kernel))
+            });
             let (window, now) = continuity::Takeover::begin(
                 previous_watermark.as_ref(),
                 previous_update,
                 lease_ended,
+                lost,
                 capture_since,
                 &cfg.host_name(),
             );
             for ev in now {
                 tracing::warn!("{}", ev.statement);
                 batch.push(ev);
-            }
-            // Records the ring could not take while no daemon drained it (the counters
-            // are shared with the daemon before, whose last stats say how many it saw).
-            let dropped = |k: &crate::capture::KernelCounters| k.ringbuf_drops + k.control_drops;
-            if let Some(before) = previous_stats.as_ref().map(|s| dropped(&s.kernel)) {
-                let lost = dropped(&capture.counters()).saturating_sub(before);
-                if lost > 0 {
-                    let from = previous_watermark
-                        .as_ref()
-                        .and_then(|w| Timestamp::parse(&w.complete_until))
-                        .unwrap_or(capture_since)
-                        .min(capture_since);
-                    let ev = continuity::ring_overflow_event(
-                        lost,
-                        from,
-                        capture_since,
-                        &cfg.host_name(),
-                    );
-                    tracing::warn!("{}", ev.statement);
-                    batch.push(ev);
-                }
             }
             pending_window = Some(window);
         }
@@ -858,12 +852,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
             if keep_checkpoint {
                 let v = tracker.checkpoint_version();
                 if checkpoint_version != Some(v) {
-                    if let Err(e) = tracker.checkpoint(false).write(&cfg.state_dir) {
-                        tracing::warn!(
-                            "{}: {e}",
-                            continuity::Checkpoint::path(&cfg.state_dir).display()
-                        );
-                    }
+                    write_checkpoint(&tracker.checkpoint(false), &cfg.state_dir);
                     checkpoint_version = Some(v);
                 }
             }
@@ -939,12 +928,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     // The sessions as the next daemon continues them: exactly (same ids, next seq, stream
     // offsets) when every event was written out.
     if keep_checkpoint {
-        if let Err(e) = tracker.checkpoint(report.errors == 0).write(&cfg.state_dir) {
-            tracing::warn!(
-                "{}: {e}",
-                continuity::Checkpoint::path(&cfg.state_dir).display()
-            );
-        }
+        write_checkpoint(&tracker.checkpoint(report.errors == 0), &cfg.state_dir);
     }
     // Everything read is recorded (in-flight statements as no_response): the trail is
     // complete up to now, unless a sink failed.

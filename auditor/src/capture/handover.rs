@@ -172,11 +172,6 @@ impl Pins {
             }
         }
     }
-
-    /// Removes this capture entirely: links (the programs detach) and maps.
-    pub fn remove(&self) -> std::io::Result<()> {
-        remove_capture(&self.dir)
-    }
 }
 
 fn drop_pinned_link(path: &Path) {
