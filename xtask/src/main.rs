@@ -42,19 +42,20 @@ enum Cmd {
     /// (part of `ci`; needs a release build).
     DeployCheck,
     /// Measure what auditing costs next to no auditing, pgaudit and log_statement=all,
-    /// interleaved, and write docs/benchmarks.md (about 30 minutes; --smoke: seconds, report
+    /// interleaved, and write docs/benchmarks.md (about 45 minutes; --smoke: seconds, report
     /// not written; a selection of workloads or configurations: target/bench-partial.md).
     Bench {
         /// Seconds instead of minutes; CI runs it. The report goes to the temp directory.
         #[arg(long)]
         smoke: bool,
         /// Only this workload (repeatable): select-only/simple, select-only/extended,
-        /// select-only/prepared, TPC-B-like/simple, TPC-B-like/extended, TPC-B-like/prepared.
+        /// select-only/prepared, TPC-B-like/simple, TPC-B-like/extended, TPC-B-like/prepared,
+        /// memory (1,000 connections), masking (a 200,000-row result masked in the proxy).
         /// Any selection writes target/bench-partial.md, not docs/benchmarks.md.
         #[arg(long, value_name = "WORKLOAD/MODE")]
         only: Vec<String>,
         /// Only these configurations besides "none" (comma-separated): auditor, clickhouse,
-        /// pgaudit, log_statement.
+        /// pgaudit, log_statement, proxy, pgbouncer.
         #[arg(long, value_delimiter = ',')]
         configs: Vec<String>,
         /// Interleaved repetitions (default 3).
