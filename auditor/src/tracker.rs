@@ -175,6 +175,9 @@ struct SessionEntry {
     /// The request the statements of the simple query now being recorded ran under (its
     /// query string, shared by their outcomes).
     multi_note: Option<(Arc<str>, crate::approvals::Note)>,
+    /// What the proxy masked in the result now ending (proxied sessions): given to the
+    /// next statement event, the one the result belongs to.
+    masked: Option<crate::proxy::MaskTally>,
 }
 
 /// Approval ends kept per session at most, waiting for their statements.
@@ -499,6 +502,9 @@ impl Tracker {
             crate::proxy::RECORD_NOTE if h.stream == STREAM_PROXY => {
                 self.on_note(key, h, rec.data, out)
             }
+            crate::proxy::RECORD_MASKED if h.stream == STREAM_PROXY => {
+                self.on_masked(key, rec.data)
+            }
             _ => {}
         }
     }
@@ -561,6 +567,37 @@ impl Tracker {
         }));
         let mut drafts = vec![draft];
         self.finish_drafts(conn, &mut drafts, out);
+    }
+
+    /// What the proxy masked in a result of a session, just before the message that ends
+    /// it: kept for that statement's event (a portal fetched in pieces, or a result a
+    /// notice interrupted, adds up).
+    fn on_masked(&mut self, key: EndKey, data: &[u8]) {
+        let Ok(tally) = serde_json::from_slice::<crate::proxy::MaskTally>(data) else {
+            tracing::warn!("a proxy mask tally does not read: dropped");
+            return;
+        };
+        let Some(s) = self
+            .ends
+            .get(&key)
+            .map(|e| e.conn)
+            .and_then(|conn| self.sessions.get_mut(&conn))
+        else {
+            return;
+        };
+        let kept = s.masked.get_or_insert_with(|| crate::proxy::MaskTally {
+            columns: Vec::new(),
+            values: Vec::new(),
+        });
+        for (column, n) in tally.columns.into_iter().zip(tally.values) {
+            match kept.columns.iter().position(|c| *c == column) {
+                Some(i) => kept.values[i] += n,
+                None => {
+                    kept.columns.push(column);
+                    kept.values.push(n);
+                }
+            }
+        }
     }
 
     /// A backend older than the daemon bound a named prepared statement: its text goes to
@@ -724,6 +761,7 @@ impl Tracker {
             proxied,
             notes: Vec::new(),
             multi_note: None,
+            masked: None,
         };
         if let Some(c) = &carried {
             // The session the daemon before followed: its facts and named statements, and
@@ -1100,6 +1138,20 @@ impl Tracker {
                 ev.flags.insert(Flag::TextFromServer);
                 d.source.sql = Some(sql.clone());
                 d.source.analysis = Some(analysis);
+            }
+        }
+        // What the proxy masked goes to the statement whose result it was: the first one
+        // this data completes (the tally came just before the message ending the result).
+        if s.masked.is_some() {
+            if let Some(d) = drafts
+                .iter_mut()
+                .find(|d| d.event.kind == EventKind::Statement)
+            {
+                if let Some(t) = s.masked.take() {
+                    d.event.masked_columns = t.columns.into();
+                    d.event.masked_values = t.values.into();
+                    d.event.decision = Text::Static("masked");
+                }
             }
         }
         finish(
@@ -1568,7 +1620,8 @@ fn apply_policy(
             (false, a) => a.would(),
         });
         ev.decision_rule = format!("{}/{}", d.policy, d.rule).into();
-        if !d.columns.is_empty() {
+        // The proxy's own count names the columns it masked; else the rule's columns.
+        if !d.columns.is_empty() && ev.masked_values.is_empty() {
             ev.masked_columns = d.columns.into();
         }
     }

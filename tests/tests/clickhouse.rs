@@ -79,16 +79,16 @@ fn clickhouse_outage_during_pgbench_loses_nothing() {
         .count() as u64;
     assert_eq!(local, executed);
     // The migrations were recorded once each: the table, the views, message_bytes, the
-    // policy columns, the approval columns, the local log's heads.
+    // policy columns, the approval columns, the masked value counts, the local log's heads.
     assert_eq!(
         count(&ch, "SELECT count() FROM audit_test.schema_migrations"),
-        6
+        7
     );
     assert_eq!(
         count(
             &ch,
             "SELECT count() FROM system.columns WHERE database = 'audit_test' \
-             AND table = 'statements' AND name = 'message_bytes'"
+             AND table = 'statements' AND name = 'masked_values'"
         ),
         1,
         "the views were made again with the new column"

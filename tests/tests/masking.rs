@@ -290,6 +290,46 @@ fn masked_columns_never_leave_in_the_clear() {
         .find(|e| str_of(e, "statement") == "SELECT * FROM customers ORDER BY id")
         .expect("recorded");
     assert_eq!(str_of(star, "decision"), "masked", "{star}");
+    // Which columns the proxy masked, and how many values of each (never the values).
+    let masked_of = |e: &serde_json::Value| -> Vec<(String, u64)> {
+        let cols = e["masked_columns"].as_array().cloned().unwrap_or_default();
+        let counts = e["masked_values"].as_array().cloned().unwrap_or_default();
+        assert_eq!(cols.len(), counts.len(), "{e}");
+        cols.iter()
+            .zip(&counts)
+            .map(|(c, n)| (c.as_str().unwrap().to_string(), n.as_u64().unwrap()))
+            .collect()
+    };
+    let in_public = |cols: &[&str], n: u64| -> Vec<(String, u64)> {
+        cols.iter()
+            .map(|c| (format!("public.customers.{c}"), n))
+            .collect()
+    };
+    assert_eq!(
+        masked_of(star),
+        in_public(&["email", "card", "phone", "age"], 4),
+        "{star}"
+    );
+    let of = |sql: &str| -> Vec<&serde_json::Value> {
+        ours.iter()
+            .copied()
+            .filter(|e| str_of(e, "statement") == sql)
+            .collect()
+    };
+    let fetches = of("FETCH 2 FROM cur");
+    assert_eq!(fetches.len(), 2, "both FETCHes recorded");
+    for fetch in fetches {
+        assert_eq!(masked_of(fetch), in_public(&["email"], 2), "{fetch}");
+    }
+    let view = of("SELECT * FROM customer_contacts");
+    let view_counts: u64 = masked_of(view[0]).iter().map(|(_, n)| n).sum();
+    assert_eq!(
+        view_counts, 12,
+        "a view's columns are masked whole: {}",
+        view[0]
+    );
+    let count = of("SELECT count(*) FROM customers");
+    assert!(masked_of(count[0]).is_empty(), "{}", count[0]);
     let blocked = ours
         .iter()
         .filter(|e| str_of(e, "decision") == "blocked")

@@ -554,13 +554,18 @@ audit_event! {
     decision: Text [lc, since = 4],
     /// The rule behind the decision: `policy/rule`.
     decision_rule: Text [lc, since = 4],
-    /// For a mask decision: the columns (`table.column`) it masks.
+    /// For a mask decision: the columns it masks (`table.column` as the rules name them; in
+    /// a proxied session that returned rows, the result's masked columns as the proxy
+    /// resolved them, `schema.table.column`).
     masked_columns: std::sync::Arc<[String]> [since = 4],
     /// The approval request a held statement waited on (its statement event and the
     /// request's `approval_*` events share it).
     approval_id: Text [since = 5],
     /// Who decided the request.
     approver: Text [lc, since = 5],
+    /// How many values of each of `masked_columns` (same order) the proxy masked in the
+    /// statement's results; empty when it masked nothing (no rows, or not proxied).
+    masked_values: std::sync::Arc<[u64]> [since = 6],
 }
 
 impl AuditEvent {

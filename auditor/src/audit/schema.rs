@@ -482,6 +482,44 @@ impl Field for Arc<[String]> {
     }
 }
 
+impl Field for Arc<[u64]> {
+    type Ref<'a> = Vec<u64>;
+    fn json(&self, out: &mut Vec<u8>) {
+        out.push(b'[');
+        for (i, n) in self.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json_num(out, *n);
+        }
+        out.push(b']');
+    }
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.len() as u32).to_le_bytes());
+        for n in self.iter() {
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+    }
+    fn get<'a>(r: &mut RecordReader<'a>) -> Result<Vec<u64>, RecordError> {
+        let n = r.count(8)?;
+        (0..n).map(|_| r.u64()).collect()
+    }
+    fn own(r: &Vec<u64>) -> Result<Self, RecordError> {
+        Ok(r.as_slice().into())
+    }
+    fn ch_columns(name: &'static str, _: bool, style: ColumnStyle) -> Vec<String> {
+        one_column(name, "Array(UInt64)", false, style)
+    }
+    fn ch_write<S: SerializeStruct>(
+        r: &Vec<u64>,
+        name: &'static str,
+        _: bool,
+        s: &mut S,
+    ) -> Result<(), S::Error> {
+        s.serialize_field(name, r.as_slice())
+    }
+}
+
 /// Workload labels, shared by the events of a session.
 pub type Labels = Arc<BTreeMap<String, String>>;
 

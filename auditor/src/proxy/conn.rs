@@ -131,6 +131,23 @@ impl Recorder {
         });
     }
 
+    /// Bytes the relay has for the client, with what was masked in each result that ended
+    /// in them recorded just before the message that ended it.
+    fn to_client(&mut self, data: &[u8], tallies: &mut Vec<(usize, Vec<u8>)>) {
+        let mut at = 0;
+        for (end, tally) in tallies.drain(..) {
+            let end = end.clamp(at, data.len());
+            if end > at {
+                self.send(RECORD_DATA, DIR_TO_CLIENT, &data[at..end]);
+                at = end;
+            }
+            self.send(super::RECORD_MASKED, DIR_TO_CLIENT, &tally);
+        }
+        if at < data.len() {
+            self.send(RECORD_DATA, DIR_TO_CLIENT, &data[at..]);
+        }
+    }
+
     /// A note on a held statement, in the session's stream (see `approvals::Note`).
     pub(super) fn note(&mut self, note: &crate::approvals::Note) {
         if let Ok(data) = serde_json::to_vec(note) {
@@ -582,9 +599,7 @@ async fn relay(
                     };
                     let Conn { relay, recorder } = &mut *c;
                     let to_client = std::mem::take(&mut relay.to_client);
-                    if !to_client.is_empty() {
-                        recorder.send(RECORD_DATA, DIR_TO_CLIENT, &to_client);
-                    }
+                    recorder.to_client(&to_client, &mut relay.mask_tallies);
                     // The proxy's own login answers (never recorded), requests held
                     // while the session started.
                     let to_server = std::mem::take(&mut relay.to_server);
@@ -646,9 +661,7 @@ async fn flush_client(
         };
         let Conn { relay, recorder } = &mut *c;
         let to_client = std::mem::take(&mut relay.to_client);
-        if !to_client.is_empty() {
-            recorder.send(RECORD_DATA, DIR_TO_CLIENT, &to_client);
-        }
+        recorder.to_client(&to_client, &mut relay.mask_tallies);
         to_client
     };
     if to_client.is_empty() {
@@ -693,9 +706,7 @@ async fn feed(
         recorder.send(RECORD_DATA, DIR_TO_SERVER, data);
         relay.on_client(data);
         let to_client = std::mem::take(&mut relay.to_client);
-        if !to_client.is_empty() {
-            recorder.send(RECORD_DATA, DIR_TO_CLIENT, &to_client);
-        }
+        recorder.to_client(&to_client, &mut relay.mask_tallies);
         (
             std::mem::take(&mut relay.to_server),
             to_client,

@@ -465,12 +465,14 @@ impl Masker {
 
     /// Rewrites one DataRow body: each column with a mask gets its masked value (NULLs
     /// stay NULL), the others are copied byte for byte. The whole message (tag, length,
-    /// body) is appended to `out`; returns how many values were masked.
+    /// body) is appended to `out`; returns how many values were masked, and adds them per
+    /// column to `counts` (one per column; empty: not counted per column).
     pub fn rewrite_row(
         &self,
         body: &[u8],
         masks: &[Option<ColumnMask>],
         out: &mut Vec<u8>,
+        counts: &mut [u64],
     ) -> Result<u32, RowError> {
         let values = match crate::pg::backend::decode(b'D', body) {
             Ok(crate::pg::backend::BackendMessage::DataRow(v)) => v,
@@ -488,11 +490,14 @@ impl Masker {
         out.extend_from_slice(&[0; 4]);
         out.extend_from_slice(&body[..2]);
         let mut masked = 0;
-        for (m, value) in masks.iter().zip(values.iter()) {
+        for (i, (m, value)) in masks.iter().zip(values.iter()).enumerate() {
             match (m, value) {
                 (Some(m), Some(v)) => {
                     self.mask_value(m, v, out);
                     masked += 1;
+                    if let Some(c) = counts.get_mut(i) {
+                        *c += 1;
+                    }
                 }
                 (_, None) => out.extend_from_slice(&(-1i32).to_be_bytes()),
                 (None, Some(v)) => {
@@ -667,7 +672,7 @@ mod tests {
             mask(MaskFunction::Redact, oid::JSONB, false),
         ];
         let mut out = Vec::new();
-        assert_eq!(m.rewrite_row(&body, &masks, &mut out), Ok(4));
+        assert_eq!(m.rewrite_row(&body, &masks, &mut out, &mut []), Ok(4));
         let v = values(&out);
         let email = String::from_utf8(v[0].clone().unwrap()).unwrap();
         assert!(
@@ -687,6 +692,7 @@ mod tests {
                     &row(&[Some(v)]),
                     &[mask(MaskFunction::Hash, t, bin)],
                     &mut out,
+                    &mut [],
                 )
                 .unwrap();
             values(&out)[0].clone().unwrap()
@@ -708,6 +714,7 @@ mod tests {
             &row(&[Some(b"2024-01-01")]),
             &[mask(MaskFunction::Redact, 1082, false)],
             &mut out,
+            &mut [],
         )
         .unwrap();
         assert_eq!(values(&out), vec![None]);
@@ -721,6 +728,7 @@ mod tests {
             &row(&[Some(b"abc")]),
             &[mask(MaskFunction::Partial { keep: 4 }, oid::TEXT, false)],
             &mut out,
+            &mut [],
         )
         .unwrap();
         assert_eq!(values(&out)[0].as_deref(), Some(&b"**c"[..]));
@@ -732,7 +740,7 @@ mod tests {
         let masks = [None, mask(MaskFunction::Redact, oid::TEXT, false)];
         let mut out = Vec::new();
         assert_eq!(
-            m.rewrite_row(&row(&[Some(b"a")]), &masks, &mut out),
+            m.rewrite_row(&row(&[Some(b"a")]), &masks, &mut out, &mut []),
             Err(RowError::Columns {
                 row: 1,
                 described: 2
@@ -741,19 +749,19 @@ mod tests {
         let mut short = row(&[Some(b"a"), Some(b"bcd")]);
         short.pop();
         assert!(matches!(
-            m.rewrite_row(&short, &masks, &mut out),
+            m.rewrite_row(&short, &masks, &mut out, &mut []),
             Err(RowError::Malformed(_))
         ));
         let mut long = row(&[Some(b"a"), Some(b"bcd")]);
         long.push(0);
         assert!(matches!(
-            m.rewrite_row(&long, &masks, &mut out),
+            m.rewrite_row(&long, &masks, &mut out, &mut []),
             Err(RowError::Malformed(_))
         ));
         assert!(out.is_empty(), "nothing half-written");
         let huge = [0, 1, 0x7f, 0xff, 0xff, 0xff];
         assert!(matches!(
-            m.rewrite_row(&huge, &masks[1..], &mut out),
+            m.rewrite_row(&huge, &masks[1..], &mut out, &mut []),
             Err(RowError::Malformed(_))
         ));
         assert!(out.is_empty(), "nothing half-written");
@@ -808,15 +816,18 @@ mod tests {
             let refs: Vec<Option<&[u8]>> = vals.iter().map(|v| v.as_deref()).collect();
             let body = row(&refs);
             let mut out = Vec::new();
-            let masked = m.rewrite_row(&body, &masks, &mut out).unwrap();
+            let mut counts = vec![0u64; n];
+            let masked = m.rewrite_row(&body, &masks, &mut out, &mut counts).unwrap();
             let got = values(&out);
             assert_eq!(got.len(), n);
+            assert_eq!(counts.iter().sum::<u64>(), u64::from(masked));
             let mut expect_masked = 0;
             for i in 0..n {
                 match (&masks[i], &vals[i]) {
-                    (_, None) => assert_eq!(got[i], None),
-                    (None, Some(v)) => assert_eq!(got[i].as_ref(), Some(v)),
+                    (_, None) => assert_eq!((got[i].as_ref(), counts[i]), (None, 0)),
+                    (None, Some(v)) => assert_eq!((got[i].as_ref(), counts[i]), (Some(v), 0)),
                     (Some(mk), Some(v)) => {
+                        assert_eq!(counts[i], 1, "a masked value is counted in its column");
                         expect_masked += 1;
                         if v.len() >= 12 && !matches!(mk.how, MaskFunction::Partial { .. }) {
                             assert_ne!(got[i].as_ref(), Some(v));

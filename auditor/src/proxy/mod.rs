@@ -41,6 +41,19 @@ use crate::{
 /// `approvals::Note`); never a kernel record's kind.
 pub const RECORD_NOTE: u32 = 0x100;
 
+/// The kind of a proxy record saying what the proxy masked in a result (JSON
+/// [`MaskTally`]), placed in the session's stream just before the message that ends the
+/// result.
+pub const RECORD_MASKED: u32 = 0x101;
+
+/// What the proxy masked in one result: the masked columns (`schema.table.column`) and
+/// how many values of each. Never the values.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MaskTally {
+    pub columns: Vec<String>,
+    pub values: Vec<u64>,
+}
+
 /// A record the proxy makes for the tracker: the same shape the kernel's ring buffer
 /// carries (`stream = STREAM_PROXY`).
 pub struct ProxyRecord {

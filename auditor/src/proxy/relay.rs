@@ -189,6 +189,11 @@ pub struct Relay {
     pub mask_key: Arc<[u8]>,
     /// Values masked since the driver last took the count.
     pub masked_values: u64,
+    /// What was masked in each result that ended since the driver last took `to_client`:
+    /// (the offset in `to_client` of the message that ended it, a `MaskTally` as JSON).
+    /// The driver records each just before that message, so the tracker gives it to the
+    /// statement the message completes.
+    pub mask_tallies: Vec<(usize, Vec<u8>)>,
     /// A statement now held for approval (the driver asks the hub, then calls
     /// [`Relay::end_hold`]); the client's later bytes wait in `held`.
     holding: Option<Held>,
@@ -232,6 +237,10 @@ struct Masking {
     /// The masks of the result now arriving (None inside: nothing to mask), computed at
     /// its first row.
     current: Option<Option<Arc<[Option<super::mask::ColumnMask>]>>>,
+    /// Per column of that result: its label when masked (`schema.table.column`), and the
+    /// values masked so far.
+    labels: Vec<Option<Arc<str>>>,
+    counts: Vec<u64>,
 }
 
 /// How long a session's reading of the catalog is trusted (relations made by other
@@ -293,6 +302,7 @@ impl Relay {
             held: Vec::new(),
             mask_key: Arc::from(&b""[..]),
             masked_values: 0,
+            mask_tallies: Vec::new(),
             password_of: Arc::new(|c| {
                 super::login::read_password(c, &crate::workload::kubernetes::SecretStore::default())
             }),
@@ -947,6 +957,8 @@ impl Relay {
             stale: true,
             read_at: None,
             current: None,
+            labels: Vec::new(),
+            counts: Vec::new(),
         }));
     }
 
@@ -1042,8 +1054,21 @@ impl Relay {
             }
             None => (true, true),
         };
+        m.labels.clear();
+        m.counts.clear();
         let masks = match columns {
-            Some(cols) => super::mask::result_masks(plan, &m.rules, &cols, unknown),
+            Some(cols) => {
+                let masks = super::mask::result_masks(plan, &m.rules, &cols, unknown);
+                if let Some(masks) = &masks {
+                    m.labels.extend(
+                        cols.iter()
+                            .zip(masks.iter())
+                            .map(|(c, mask)| mask.as_ref().map(|_| super::mask::label_of(plan, c))),
+                    );
+                    m.counts.resize(m.labels.len(), 0);
+                }
+                masks
+            }
             // Rows of a result the proxy has no description of, in a statement that
             // reads masked data: they cannot be rewritten (the row is refused, below).
             None if touching => Some(Arc::from(Vec::new())),
@@ -1231,9 +1256,11 @@ impl Relay {
             }
             if tag == b'D' {
                 if let Some(masks) = self.current_masks() {
-                    let m = self.masking.as_deref().map(|m| &m.masker);
-                    let res = match m {
-                        Some(masker) => masker.rewrite_row(&body, &masks, &mut self.to_client),
+                    let res = match self.masking.as_deref_mut() {
+                        Some(m) => {
+                            m.masker
+                                .rewrite_row(&body, &masks, &mut self.to_client, &mut m.counts)
+                        }
                         None => Ok(0),
                     };
                     match res {
@@ -1251,7 +1278,23 @@ impl Relay {
                     return;
                 }
             } else if let Some(m) = self.masking.as_deref_mut() {
-                m.current = None;
+                // The result ends (or a notice interrupts it): what was masked in it goes
+                // on record just before this message.
+                if m.current.take().flatten().is_some() {
+                    let tally = super::MaskTally {
+                        columns: m.labels.iter().flatten().map(|l| l.to_string()).collect(),
+                        values: m
+                            .labels
+                            .iter()
+                            .zip(&m.counts)
+                            .filter(|(l, _)| l.is_some())
+                            .map(|(_, n)| *n)
+                            .collect(),
+                    };
+                    if let Ok(json) = serde_json::to_vec(&tally) {
+                        self.mask_tallies.push((self.to_client.len(), json));
+                    }
+                }
             }
         }
         let m = match backend::decode(tag, &body) {

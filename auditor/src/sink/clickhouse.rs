@@ -1216,11 +1216,11 @@ mod tests {
             .iter()
             .any(|s| s.starts_with("CREATE VIEW auditor.statements")));
         assert_eq!(m[n - 1].name, "columns masked");
-        // Today: the table, the views, message_bytes, the policy columns, then the
-        // approval columns.
+        // Today: the table, the views, message_bytes, the policy columns, the approval
+        // columns, then the masked value counts.
         let today = migrations("auditor", Features::of_version("18.16.1"), 0);
         let versions: Vec<u32> = today.iter().map(|m| m.version).collect();
-        assert_eq!(versions, [1, 2, 3, 4, 5, LOG_HEADS_VERSION]);
+        assert_eq!(versions, [1, 2, 3, 4, 5, 6, LOG_HEADS_VERSION]);
         assert_eq!(
             today[2].add_columns,
             [("message_bytes", "message_bytes UInt64".to_string())]
@@ -1238,5 +1238,9 @@ mod tests {
         );
         let added: Vec<&str> = today[4].add_columns.iter().map(|(n, _)| *n).collect();
         assert_eq!(added, ["approval_id", "approver"]);
+        assert_eq!(
+            today[5].add_columns,
+            [("masked_values", "masked_values Array(UInt64)".to_string())]
+        );
     }
 }

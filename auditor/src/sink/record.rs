@@ -145,6 +145,7 @@ mod tests {
         ev.masked_columns.put(&mut tail);
         ev.approval_id.put(&mut tail);
         ev.approver.put(&mut tail);
+        ev.masked_values.put(&mut tail);
         let mut buf = Vec::new();
         encode(ev, &mut buf);
         buf.drain(1..3);
