@@ -144,7 +144,7 @@ pub struct SessionMeta {
 /// description the format is always 0: formats are chosen at Bind.)
 pub type Column = Field<String>;
 
-fn columns_of(fields: &Fields<'_>) -> Arc<[Column]> {
+pub fn columns_of(fields: &Fields<'_>) -> Arc<[Column]> {
     fields
         .iter()
         .map(|f| Column {

@@ -133,7 +133,7 @@ impl Recorder {
 
     /// Bytes the relay has for the client, with what was masked in each result that ended
     /// in them recorded just before the message that ended it.
-    fn to_client(&mut self, data: &[u8], tallies: &mut Vec<(usize, Vec<u8>)>) {
+    fn record_to_client(&mut self, data: &[u8], tallies: &mut Vec<(usize, Vec<u8>)>) {
         let mut at = 0;
         for (end, tally) in tallies.drain(..) {
             let end = end.clamp(at, data.len());
@@ -599,7 +599,7 @@ async fn relay(
                     };
                     let Conn { relay, recorder } = &mut *c;
                     let to_client = std::mem::take(&mut relay.to_client);
-                    recorder.to_client(&to_client, &mut relay.mask_tallies);
+                    recorder.record_to_client(&to_client, &mut relay.mask_tallies);
                     // The proxy's own login answers (never recorded), requests held
                     // while the session started.
                     let to_server = std::mem::take(&mut relay.to_server);
@@ -661,7 +661,7 @@ async fn flush_client(
         };
         let Conn { relay, recorder } = &mut *c;
         let to_client = std::mem::take(&mut relay.to_client);
-        recorder.to_client(&to_client, &mut relay.mask_tallies);
+        recorder.record_to_client(&to_client, &mut relay.mask_tallies);
         to_client
     };
     if to_client.is_empty() {
@@ -706,7 +706,7 @@ async fn feed(
         recorder.send(RECORD_DATA, DIR_TO_SERVER, data);
         relay.on_client(data);
         let to_client = std::mem::take(&mut relay.to_client);
-        recorder.to_client(&to_client, &mut relay.mask_tallies);
+        recorder.record_to_client(&to_client, &mut relay.mask_tallies);
         (
             std::mem::take(&mut relay.to_server),
             to_client,

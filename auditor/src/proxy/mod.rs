@@ -14,6 +14,7 @@
 //! and drains the proxy's records.
 
 pub mod conn;
+pub mod copy;
 mod hold;
 pub mod login;
 pub mod mask;

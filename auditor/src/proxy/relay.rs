@@ -194,6 +194,16 @@ pub struct Relay {
     /// The driver records each just before that message, so the tracker gives it to the
     /// statement the message completes.
     pub mask_tallies: Vec<(usize, Vec<u8>)>,
+    /// The Query now judged may be a COPY the proxy rewrites (it came alone, with nothing
+    /// in flight), and the COPY judged so.
+    copy_query_ok: bool,
+    copy_pending: Option<super::copy::CopyOut>,
+    /// The client's encoding may hide ASCII bytes inside characters (COPY text cannot be
+    /// split by bytes then).
+    encoding_embeds_ascii: bool,
+    /// Messages the server's tokenizer streams from its next bytes on (it is taken out of
+    /// the relay while a read is handled).
+    server_streamed_next: Option<&'static [u8]>,
     /// A statement now held for approval (the driver asks the hub, then calls
     /// [`Relay::end_hold`]); the client's later bytes wait in `held`.
     holding: Option<Held>,
@@ -241,6 +251,47 @@ struct Masking {
     /// values masked so far.
     labels: Vec<Option<Arc<str>>>,
     counts: Vec<u64>,
+    /// A `COPY … TO STDOUT` being described or rewritten.
+    copy: Option<CopyStage>,
+}
+
+/// Where a masked `COPY … TO STDOUT` is.
+enum CopyStage {
+    /// The proxy's Parse/Describe/Sync of the COPY's query is in flight; the client's
+    /// Query (`query`, framed) waits for its columns.
+    Describing {
+        copy: super::copy::CopyOut,
+        query: Vec<u8>,
+        columns: Option<Vec<crate::conversation::Column>>,
+    },
+    /// The COPY runs: its CopyData are rewritten.
+    Rewriting(super::copy::CopyRewriter),
+}
+
+impl Masking {
+    fn describing_copy(&self) -> bool {
+        matches!(self.copy, Some(CopyStage::Describing { .. }))
+    }
+
+    /// What was masked in the result (or COPY) now ending, as the tracker reads it.
+    fn tally(&self) -> Option<Vec<u8>> {
+        let tally = super::MaskTally {
+            columns: self
+                .labels
+                .iter()
+                .flatten()
+                .map(|l| l.to_string())
+                .collect(),
+            values: self
+                .labels
+                .iter()
+                .zip(&self.counts)
+                .filter(|(l, _)| l.is_some())
+                .map(|(_, n)| *n)
+                .collect(),
+        };
+        serde_json::to_vec(&tally).ok()
+    }
 }
 
 /// How long a session's reading of the catalog is trusted (relations made by other
@@ -303,6 +354,10 @@ impl Relay {
             mask_key: Arc::from(&b""[..]),
             masked_values: 0,
             mask_tallies: Vec::new(),
+            copy_query_ok: false,
+            copy_pending: None,
+            encoding_embeds_ascii: false,
+            server_streamed_next: None,
             password_of: Arc::new(|c| {
                 super::login::read_password(c, &crate::workload::kubernetes::SecretStore::default())
             }),
@@ -387,7 +442,11 @@ impl Relay {
             if m.building.is_none() && (m.stale || old) && quiet && !data.is_empty() {
                 self.read_catalog();
             }
-            if self.masking.as_ref().is_some_and(|m| m.building.is_some()) {
+            if self
+                .masking
+                .as_ref()
+                .is_some_and(|m| m.building.is_some() || m.describing_copy())
+            {
                 self.held.extend_from_slice(data);
                 return;
             }
@@ -408,9 +467,11 @@ impl Relay {
             if self.state == State::Closed {
                 break;
             }
-            if let (Some(end), true) = (end, self.holding.is_some()) {
-                // Held: what follows the held message waits, as bytes, and is read
-                // again once it is decided (by a tokenizer at that message's end).
+            let describing = self.masking.as_ref().is_some_and(|m| m.describing_copy());
+            if let (Some(end), true) = (end, self.holding.is_some() || describing) {
+                // Held (or a COPY's columns are asked): what follows the message waits,
+                // as bytes, and is read again once it is decided (by a tokenizer at that
+                // message's end).
                 let from = end.saturating_sub(start) as usize;
                 self.held
                     .extend_from_slice(data.get(from..).unwrap_or_default());
@@ -792,7 +853,16 @@ impl Relay {
         let verdict = match &m {
             FrontendMessage::Query { sql } => {
                 let sql = String::from_utf8_lossy(sql);
-                self.judge_query(&sql).map(|d| (d, sql.into_owned()))
+                // A COPY is rewritten only when it comes alone, with nothing in flight
+                // (its columns are asked first, in its place).
+                self.copy_pending = None;
+                self.copy_query_ok = self.masking.as_ref().is_some_and(|m| m.plan.is_some())
+                    && self.cycles.is_empty()
+                    && self.conv.idle()
+                    && !self.discarding;
+                let verdict = self.judge_query(&sql).map(|d| (d, sql.into_owned()));
+                self.copy_query_ok = false;
+                verdict
             }
             FrontendMessage::Parse { sql, .. } => {
                 let sql = String::from_utf8_lossy(sql);
@@ -851,6 +921,11 @@ impl Relay {
                 self.begin_hold(tag, body, &m, decision, sql);
             }
             Some((decision, sql)) => self.substitute(tag, Refusal::blocked(decision, sql)),
+            None if tag == b'Q' && self.copy_pending.is_some() => {
+                if let Some(copy) = self.copy_pending.take() {
+                    self.describe_copy(copy, body);
+                }
+            }
             None => {
                 let mut ignored = Vec::new();
                 self.conv
@@ -919,10 +994,238 @@ impl Relay {
                     m.failed.as_deref().unwrap_or("not read yet")
                 ),
             ),
-            Some(plan) => match super::mask::refusal(plan, &m.rules, f) {
-                Some((i, why)) => refuse(m, i, why),
-                None => None,
-            },
+            Some(plan) => {
+                if f.copies_data && !multi && self.copy_query_ok && super::mask::touches(plan, f) {
+                    match super::copy::copy_out(sql) {
+                        Ok(Some(c)) => {
+                            if self.encoding_embeds_ascii {
+                                return refuse(m, 0, "it is a COPY the proxy would have to rewrite, in a client encoding whose characters may hold ASCII bytes".into());
+                            }
+                            // Judged as the query whose rows it writes.
+                            let inner = self.analyzer.analyze(&c.query);
+                            let Some(g) = inner.facts(&c.query) else {
+                                return refuse(m, 0, "its COPY's query cannot be read".into());
+                            };
+                            if let Some((i, why)) = super::mask::refusal(plan, &m.rules, g) {
+                                return refuse(m, i, why);
+                            }
+                            self.copy_pending = Some(c);
+                            return None;
+                        }
+                        Ok(None) => {}
+                        Err(why) => {
+                            return refuse(
+                                m,
+                                0,
+                                format!("it is a COPY the proxy cannot rewrite to mask: {why}"),
+                            );
+                        }
+                    }
+                }
+                match super::mask::refusal(plan, &m.rules, f) {
+                    Some((i, why)) => refuse(m, i, why),
+                    None => None,
+                }
+            }
+        }
+    }
+
+    /// A COPY of masked data: its columns are asked first (Parse, Describe and Sync of
+    /// the unnamed statement, which the client's Query would replace anyway); the Query
+    /// waits, and what follows it.
+    fn describe_copy(&mut self, copy: super::copy::CopyOut, body: &[u8]) {
+        let Some(m) = self.masking.as_deref_mut() else {
+            return;
+        };
+        let mut query = Vec::new();
+        push_frame(&mut query, b'Q', body);
+        let mut parse = vec![0u8];
+        parse.extend_from_slice(copy.query.as_bytes());
+        parse.push(0);
+        parse.extend_from_slice(&0u16.to_be_bytes());
+        push_frame(&mut self.to_server, b'P', &parse);
+        push_frame(&mut self.to_server, b'D', b"S\0");
+        push_frame(&mut self.to_server, b'S', &[]);
+        m.copy = Some(CopyStage::Describing {
+            copy,
+            query,
+            columns: None,
+        });
+    }
+
+    /// The client's COPY enters the conversation: sent to the server (its columns are
+    /// known), or not (its query failed as the COPY would have, and that error and the
+    /// ReadyForQuery after it answer it).
+    fn release_copy_query(&mut self, query: &[u8], send: bool) {
+        if let Ok(m) = frontend::decode(b'Q', query.get(5..).unwrap_or_default()) {
+            let mut ignored = Vec::new();
+            self.conv
+                .on_frontend(m, 0, &mut self.analyzer, &mut ignored);
+        }
+        if send {
+            self.to_server.extend_from_slice(query);
+        }
+        self.cycle_end(b'Q');
+    }
+
+    /// A message answering the proxy's description of a COPY's query: consumed (its
+    /// error is the COPY's). Returns whether it was.
+    fn on_copy_describe_message(&mut self, tag: u8, body: &[u8]) -> bool {
+        let Some(m) = self.masking.as_deref_mut() else {
+            return false;
+        };
+        let Some(CopyStage::Describing { columns, .. }) = m.copy.as_mut() else {
+            return false;
+        };
+        match tag {
+            b'1' | b't' | b'n' | b'N' => true,
+            b'T' => {
+                if let Ok(backend::BackendMessage::RowDescription(f)) = backend::decode(tag, body) {
+                    *columns = Some(crate::conversation::columns_of(&f).to_vec());
+                }
+                true
+            }
+            b'E' => {
+                // The COPY's query fails: the COPY would have failed the same way (and
+                // left a transaction block failed the same way). The error answers it.
+                if let Some(CopyStage::Describing { query, .. }) = m.copy.take() {
+                    self.release_copy_query(&query, false);
+                }
+                false
+            }
+            b'Z' => {
+                self.end_copy_describe();
+                true
+            }
+            // Asynchronous messages belong to the session.
+            _ => false,
+        }
+    }
+
+    /// The COPY's columns are known: masked ones get rewritten, or the COPY goes as it is
+    /// (nothing masked), or it is refused (no columns to rewrite).
+    fn end_copy_describe(&mut self) {
+        let Some(m) = self.masking.as_deref_mut() else {
+            return;
+        };
+        let Some(CopyStage::Describing {
+            copy,
+            query,
+            columns,
+        }) = m.copy.take()
+        else {
+            return;
+        };
+        let refuse = |m: &Masking, why: &str| {
+            let r = m.rules.first();
+            Decision {
+                action: crate::policy::Action::Block,
+                enforce: true,
+                policy: r.map(|r| r.policy.to_string()).unwrap_or_default(),
+                rule: r.map(|r| r.name.to_string()).unwrap_or_default(),
+                columns: Vec::new(),
+                message: Some(why.to_string()),
+            }
+        };
+        let sql = String::from_utf8_lossy(
+            query
+                .get(5..query.len().saturating_sub(1))
+                .unwrap_or_default(),
+        )
+        .into_owned();
+        let (Some(plan), Some(mut cols)) = (m.plan.as_ref(), columns) else {
+            let d = refuse(m, "its COPY returns no columns the proxy could rewrite");
+            self.substitute(b'Q', Refusal::blocked(d, sql));
+            return;
+        };
+        let unknown = match self.analyzer.analyze(&copy.query).facts(&copy.query) {
+            Some(g) => super::mask::masks_computed(plan, g),
+            None => true,
+        };
+        let binary = copy.format == super::copy::Format::Binary;
+        for c in &mut cols {
+            c.format = i16::from(binary);
+        }
+        let Some(masks) = super::mask::result_masks(plan, &m.rules, &cols, unknown) else {
+            // Nothing in it is masked: it runs as it is.
+            self.release_copy_query(&query, true);
+            return;
+        };
+        m.labels.clear();
+        m.labels.extend(
+            cols.iter()
+                .zip(masks.iter())
+                .map(|(c, mask)| mask.as_ref().map(|_| super::mask::label_of(plan, c))),
+        );
+        m.counts.clear();
+        m.counts.resize(m.labels.len(), 0);
+        m.copy = Some(CopyStage::Rewriting(super::copy::CopyRewriter::new(
+            copy,
+            masks,
+            self.limits.max_buffered as usize,
+        )));
+        // Its rows come whole, to be rewritten (from the server's next bytes: its answer
+        // to the Query sent now).
+        self.server_streamed_next = Some(b"");
+        self.release_copy_query(&query, true);
+    }
+
+    /// A message of a COPY being rewritten. Returns the body to pass on (None: nothing
+    /// to pass on yet, or the connection failed).
+    fn on_copy_message<'b>(&mut self, tag: u8, body: Cow<'b, [u8]>) -> Option<Cow<'b, [u8]>> {
+        let Some(m) = self.masking.as_deref_mut() else {
+            return Some(body);
+        };
+        let Some(CopyStage::Rewriting(r)) = m.copy.as_mut() else {
+            return Some(body);
+        };
+        match tag {
+            b'H' => {
+                let binary = r.format() == super::copy::Format::Binary;
+                if body.first() != Some(&u8::from(binary)) {
+                    self.fail(
+                        "08P01",
+                        "auditor proxy: the server's COPY is not in the format its statement asked for".into(),
+                    );
+                    return None;
+                }
+                Some(body)
+            }
+            b'd' => {
+                let mut out = Vec::with_capacity(body.len() + 64);
+                if let Err(e) = r.data(&m.masker, &body, &mut out, &mut m.counts) {
+                    self.fail(
+                        "08P01",
+                        format!(
+                            "auditor proxy: a COPY with masked columns cannot be rewritten: {e}"
+                        ),
+                    );
+                    return None;
+                }
+                if out.is_empty() {
+                    return None;
+                }
+                Some(Cow::Owned(out))
+            }
+            b'c' | b'E' => {
+                if tag == b'c' {
+                    if let Err(e) = r.done() {
+                        self.fail("08P01", format!("auditor proxy: a COPY with masked columns cannot be rewritten: {e}"));
+                        return None;
+                    }
+                }
+                let total: u64 = m.counts.iter().sum();
+                self.masked_values += total;
+                if let Some(json) = m.tally() {
+                    self.mask_tallies.push((self.to_client.len(), json));
+                }
+                m.copy = None;
+                m.labels.clear();
+                m.counts.clear();
+                self.server_streamed_next = Some(b"d");
+                Some(body)
+            }
+            _ => Some(body),
         }
     }
 
@@ -959,6 +1262,7 @@ impl Relay {
             current: None,
             labels: Vec::new(),
             counts: Vec::new(),
+            copy: None,
         }));
     }
 
@@ -1196,6 +1500,9 @@ impl Relay {
             }
         }
         self.server = tokenizer;
+        if let Some(tags) = self.server_streamed_next.take() {
+            self.server.set_streamed(tags);
+        }
         if let Err(e) = res {
             self.fail(
                 "08P01",
@@ -1207,7 +1514,10 @@ impl Relay {
             self.to_client.extend_from_slice(&n);
         }
         // Requests held while the session was not ready, or while the catalog was read.
-        let reading = self.masking.as_ref().is_some_and(|m| m.building.is_some());
+        let reading = self
+            .masking
+            .as_ref()
+            .is_some_and(|m| m.building.is_some() || m.describing_copy());
         if !self.held.is_empty()
             && self.holding.is_none()
             && !reading
@@ -1223,6 +1533,17 @@ impl Relay {
         match t {
             Token::Message { tag, body, .. } => self.on_server_message(tag, body),
             Token::Header { tag, body_len, .. } => {
+                if tag == b'd'
+                    && self
+                        .masking
+                        .as_ref()
+                        .is_some_and(|m| matches!(m.copy, Some(CopyStage::Rewriting(_))))
+                {
+                    return self.fail(
+                        "54000",
+                        format!("auditor proxy: a COPY row of {body_len} bytes with masked columns is larger than the proxy rewrites (proxy.max_message_bytes)"),
+                    );
+                }
                 if tag == b'D' {
                     if self.masking.is_some() && self.current_masks().is_some() {
                         // Larger than the proxy holds, so it cannot be rewritten: never
@@ -1247,10 +1568,15 @@ impl Relay {
         // Whether an error or notice is scrubbed depends on the request it answers:
         // decided before the conversation moves past it.
         let mut scrub = None;
+        let mut body = body;
         if self.masking.is_some() {
-            if self.on_catalog_message(tag, &body) {
+            if self.on_catalog_message(tag, &body) || self.on_copy_describe_message(tag, &body) {
                 return;
             }
+            body = match self.on_copy_message(tag, body) {
+                Some(b) => b,
+                None => return,
+            };
             if matches!(tag, b'E' | b'N') {
                 scrub = self.answering_masked();
             }
@@ -1281,17 +1607,7 @@ impl Relay {
                 // The result ends (or a notice interrupts it): what was masked in it goes
                 // on record just before this message.
                 if m.current.take().flatten().is_some() {
-                    let tally = super::MaskTally {
-                        columns: m.labels.iter().flatten().map(|l| l.to_string()).collect(),
-                        values: m
-                            .labels
-                            .iter()
-                            .zip(&m.counts)
-                            .filter(|(l, _)| l.is_some())
-                            .map(|(_, n)| *n)
-                            .collect(),
-                    };
-                    if let Ok(json) = serde_json::to_vec(&tally) {
+                    if let Some(json) = m.tally() {
                         self.mask_tallies.push((self.to_client.len(), json));
                     }
                 }
@@ -1306,6 +1622,12 @@ impl Relay {
                 )
             }
         };
+        if let backend::BackendMessage::ParameterStatus { name, value } = &m {
+            if *name == b"client_encoding" {
+                self.encoding_embeds_ascii =
+                    super::copy::encoding_embeds_ascii(&String::from_utf8_lossy(value));
+            }
+        }
         if self.keepalives > 0 && matches!(tag, b'I' | b'Z') {
             // The answer to the proxy's keepalive: the client never asked.
             if tag == b'Z' {
