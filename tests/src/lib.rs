@@ -712,6 +712,30 @@ pub fn check(cmd: &mut Command) -> Result<String> {
 }
 
 /// Python 3 (Debian's, where present) and the TLS test peers in tests/helpers/pg_tls.py.
+/// A Java helper of tests/helpers/drivers (`class`.java) compiled against Debian's pgjdbc
+/// into the target directory, as a command to run.
+pub fn pgjdbc_command(class: &str) -> Command {
+    let classes = workspace_root().join("target/test-deps/jdbc");
+    std::fs::create_dir_all(&classes).expect("target/test-deps/jdbc");
+    let jar = "/usr/share/java/postgresql.jar";
+    let status = Command::new("javac")
+        .args(["-cp", jar, "-d"])
+        .arg(&classes)
+        .arg(
+            workspace_root()
+                .join("tests/helpers/drivers")
+                .join(format!("{class}.java")),
+        )
+        .status()
+        .expect("javac (cargo xtask setup --tests installs default-jdk-headless)");
+    assert!(status.success(), "javac failed");
+    let mut cmd = Command::new("java");
+    cmd.arg("-cp")
+        .arg(format!("{jar}:{}", classes.display()))
+        .arg(class);
+    cmd
+}
+
 pub fn pg_tls_helper() -> Command {
     let mut c = Command::new(python3());
     c.arg(workspace_root().join("tests/helpers/pg_tls.py"));

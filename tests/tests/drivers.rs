@@ -335,22 +335,7 @@ fn psycopg3_pipeline() {
 }
 
 fn pgjdbc_command() -> Command {
-    // Compiled once per run into the target directory.
-    let classes = workspace_root().join("target/test-deps/jdbc");
-    std::fs::create_dir_all(&classes).unwrap();
-    let jar = "/usr/share/java/postgresql.jar";
-    let status = Command::new("javac")
-        .args(["-cp", jar, "-d"])
-        .arg(&classes)
-        .arg(helper("PgjdbcClient.java"))
-        .status()
-        .expect("javac (cargo xtask setup --tests installs default-jdk-headless)");
-    assert!(status.success(), "javac failed");
-    let mut cmd = Command::new("java");
-    cmd.arg("-cp")
-        .arg(format!("{jar}:{}", classes.display()))
-        .arg("PgjdbcClient");
-    cmd
+    auditor_tests::pgjdbc_command("PgjdbcClient")
 }
 
 #[test]

@@ -30,6 +30,9 @@ mask:
   - name: ages
     columns: [customers.age]
     using: hash
+  - name: found
+    detectors: [email, card_number, iban]
+    patterns: ["ACCT-[0-9]{6}"]
 ---
 name: lenient
 selector:
@@ -72,6 +75,37 @@ fn masked_columns_never_leave_in_the_clear() {
         ));
     }
     setup.push_str("CREATE VIEW customer_contacts AS SELECT id, email, phone FROM customers;");
+    // Free text holding sensitive values: found by the detectors wherever they are.
+    let luhn_complete = |head: String| -> String {
+        let sum: u32 = head
+            .chars()
+            .rev()
+            .enumerate()
+            .map(|(i, c)| {
+                let d = c.to_digit(10).unwrap();
+                if i % 2 == 0 {
+                    let x = d * 2;
+                    if x > 9 {
+                        x - 9
+                    } else {
+                        x
+                    }
+                } else {
+                    d
+                }
+            })
+            .sum();
+        format!("{head}{}", (10 - sum % 10) % 10)
+    };
+    let ticket_email = format!("writer.{seed}@example.org");
+    let ticket_card = luhn_complete(format!("5{:014}", u64::from(seed) * 7));
+    let ticket_iban = "GB82 WEST 1234 5698 7654 32".to_string();
+    let ticket_acct = format!("ACCT-{:06}", seed % 1_000_000);
+    setup.push_str(&format!(
+        "CREATE TABLE tickets (id int, body text, meta jsonb); \
+         INSERT INTO tickets VALUES (1, 'Reach me at {ticket_email}, card {ticket_card}, \
+         IBAN {ticket_iban}, {ticket_acct}. Thanks', '{{\"contact\": \"{ticket_email}\", \"n\": 7}}');"
+    ));
     setup.push_str("CREATE VIEW renamed AS SELECT email AS e FROM customer_contacts;");
     check(pg.psql().args(["-c", &setup])).unwrap();
 
@@ -273,6 +307,30 @@ fn masked_columns_never_leave_in_the_clear() {
     assert!(err.contains("current transaction is aborted"), "{err}");
     assert!(out.ends_with("2\n"), "{out}");
 
+    // Detectors: what they find inside free text is masked there, the rest kept, in rows,
+    // JSON, COPY, expressions and the messages of errors.
+    let found = masked("SELECT id, body, meta FROM tickets");
+    assert_eq!(
+        found,
+        "1|Reach me at ****, card ****, IBAN ****, ****. Thanks|{\"n\": 7, \"contact\": \"****\"}\n"
+    );
+    let copied = masked("COPY tickets TO STDOUT");
+    assert_eq!(
+        copied,
+        "1\tReach me at ****, card ****, IBAN ****, ****. Thanks\t{\"n\": 7, \"contact\": \"****\"}\n"
+    );
+    let lowered = masked("SELECT lower(body) FROM tickets");
+    assert!(
+        lowered.starts_with("reach me at ****, card ****"),
+        "{lowered}"
+    );
+    let (_, err) = psql("SELECT body::int FROM tickets");
+    seen.borrow_mut().push_str(&err);
+    assert!(
+        err.contains("invalid input syntax for type integer: \"Reach me at ****, card ****"),
+        "{err}"
+    );
+
     // The same table read directly (no policy): the unmasked columns are byte for byte
     // what the proxied session got.
     let (_, direct, _) =
@@ -320,6 +378,38 @@ fn masked_columns_never_leave_in_the_clear() {
     assert!(out.contains("refused 42501"), "{out}");
     assert!(out.contains("@masked.invalid"), "{out}");
     assert!(out.contains("note 1 ü"), "{out}");
+    // pgjdbc: a named statement executed again without Describe (binary integers), a
+    // portal in pieces, CopyManager.
+    let mut cmd = auditor_tests::pgjdbc_command("PgjdbcMask");
+    cmd.arg(pg.port.to_string());
+    agent.enter(&mut cmd);
+    let (ok, jdbc, err) = run(&mut cmd);
+    assert!(ok, "{jdbc}{err}");
+    assert!(jdbc.ends_with("done\n"), "{jdbc}");
+    assert!(jdbc.contains("refused 42501"), "{jdbc}");
+    let lines =
+        |prefix: &str| -> Vec<&str> { jdbc.lines().filter(|l| l.starts_with(prefix)).collect() };
+    assert_eq!(lines("plain ").len(), 4, "{jdbc}");
+    assert_eq!(lines("prepared ").len(), 8, "{jdbc}");
+    assert_eq!(lines("fetched ").len(), 4, "{jdbc}");
+    for l in lines("plain ")
+        .into_iter()
+        .chain(lines("prepared "))
+        .chain(lines("fetched "))
+    {
+        assert!(l.contains("@masked.invalid"), "{l}");
+    }
+    assert!(lines("copy 4 ")[0].contains("@masked.invalid"), "{jdbc}");
+    assert!(lines("unmasked 1|note 1 ü").len() == 1, "{jdbc}");
+    seen.borrow_mut().push_str(&jdbc);
+    seen.borrow_mut().push_str(&err);
+    for fmt in ["binary", "csv"] {
+        let copy = out
+            .lines()
+            .find(|l| l.starts_with(&format!("copy {fmt} ")))
+            .unwrap_or_else(|| panic!("no {fmt} COPY: {out}"));
+        assert!(copy.contains("@masked.invalid"), "{copy}");
+    }
     seen.borrow_mut().push_str(&out);
     seen.borrow_mut().push_str(&err);
 
@@ -331,7 +421,12 @@ fn masked_columns_never_leave_in_the_clear() {
     let trail = serde_json::to_string(&events).unwrap();
     let on_disk = auditor_tests::raw_log(&daemon.log_dir());
     let said = output.join("\n");
-    for raw in emails.iter().chain(&cards).chain(&phones) {
+    for raw in emails.iter().chain(&cards).chain(&phones).chain([
+        &ticket_email,
+        &ticket_card,
+        &ticket_iban,
+        &ticket_acct,
+    ]) {
         assert!(
             !seen.borrow().contains(raw.as_str()),
             "{raw} reached the client"
@@ -399,6 +494,13 @@ fn masked_columns_never_leave_in_the_clear() {
         copy[0]
     );
     assert_eq!(str_of(copy[0], "decision"), "masked");
+    let tickets = of("SELECT id, body, meta FROM tickets");
+    assert_eq!(
+        masked_of(tickets[0]),
+        [("body".to_string(), 1), ("meta".to_string(), 1)],
+        "{}",
+        tickets[0]
+    );
     let count = of("SELECT count(*) FROM customers");
     assert!(masked_of(count[0]).is_empty(), "{}", count[0]);
     let blocked = ours

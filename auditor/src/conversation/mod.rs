@@ -165,7 +165,8 @@ pub type RowsSource = (Option<Arc<str>>, Option<Vec<Column>>);
 /// What the server said of a statement when it was described.
 #[derive(Debug, Clone, Default)]
 pub struct Description {
-    /// Parameter types as the server resolved them.
+    /// Parameter types as the server resolved them (a Describe of the statement), or as
+    /// declared (a Describe of a portal bound to it).
     pub param_types: Arc<[u32]>,
     /// None: the statement returns no rows (NoData).
     pub columns: Option<Arc<[Column]>>,
@@ -180,8 +181,9 @@ pub struct PreparedStatement {
     pub analysis: Arc<Analysis>,
     /// Parameter types the client declared in Parse (0: let the server infer).
     pub declared_types: Box<[u32]>,
-    /// Filled when a Describe of this statement is answered; a statement's description
-    /// never changes (a new Parse makes a new statement).
+    /// Filled when a Describe of this statement is answered (or of a portal bound to it:
+    /// its columns, and its parameter types as declared); a statement's description never
+    /// changes (a new Parse makes a new statement).
     pub description: OnceLock<Description>,
     /// Only the beginning of the Parse was read (see [`StatementOutcome::cut`]): its size.
     pub cut: Option<u32>,
@@ -1096,8 +1098,52 @@ impl Conversation {
                 }
             }
             Target::Portal => {
-                if let Some(p) = self.portals.get_mut(&name) {
-                    p.columns = columns;
+                // Executes of this portal already sent (Parse, Bind, Describe, Execute in
+                // one batch, as pgjdbc sends them) took the portal before its columns
+                // came: they get them too, up to a Bind that makes the name another
+                // portal.
+                let mut rebound = false;
+                let mut statement = None;
+                for p in self.pending.iter_mut() {
+                    match p {
+                        Pending::Bind { portal } if *portal == name => {
+                            rebound = true;
+                            break;
+                        }
+                        Pending::Execute {
+                            portal_name,
+                            portal,
+                            ..
+                        } if *portal_name == name => {
+                            if portal.columns.is_none() {
+                                portal.columns = columns.clone();
+                            }
+                            statement = statement.or_else(|| portal.statement.clone());
+                        }
+                        _ => {}
+                    }
+                }
+                if !rebound {
+                    if let Some(p) = self.portals.get_mut(&name) {
+                        p.columns = columns.clone();
+                        statement = statement.or_else(|| p.statement.clone());
+                    }
+                }
+                // Its statement returns the same columns each time it runs: a driver that
+                // described a portal once (pgjdbc, when it switches to a named statement)
+                // executes the statement again without any Describe.
+                if let Some(s) = statement {
+                    let _ = s.description.set(Description {
+                        param_types: s.declared_types.iter().copied().collect(),
+                        columns: columns.map(|cols| {
+                            cols.iter()
+                                .map(|c| Column {
+                                    format: 0,
+                                    ..c.clone()
+                                })
+                                .collect()
+                        }),
+                    });
                 }
             }
         }
@@ -1562,6 +1608,100 @@ mod tests {
         n.insert("S_9", 5);
         n.clear();
         assert!(n.get("S_9").is_none() && n.get("").is_none());
+    }
+
+    #[test]
+    fn a_portal_described_in_the_same_batch_as_its_execute_has_its_columns() {
+        // pgjdbc's plain Statement: Parse, Bind, Describe portal, Execute, Sync at once;
+        // the rows arriving belong to columns the Describe answered after the Execute was
+        // sent.
+        let mut c = ready();
+        let mut out = Vec::new();
+        let mut client = frame(
+            b'P',
+            &[cstr(""), cstr("select email from users"), vec![0, 0]].concat(),
+        );
+        client.extend(frame(
+            b'B',
+            &[cstr(""), cstr(""), vec![0, 0, 0, 0, 0, 1, 0, 1]].concat(),
+        ));
+        client.extend(frame(b'D', b"P\0"));
+        client.extend(frame(b'E', b"\0\0\0\0\0"));
+        client.extend(frame(
+            b'B',
+            &[cstr(""), cstr(""), vec![0, 0, 0, 0, 0, 0]].concat(),
+        ));
+        client.extend(frame(b'E', b"\0\0\0\0\0"));
+        client.extend(frame(b'S', b""));
+        feed(&mut c, true, &client, &mut out);
+        let mut server = frame(b'1', b"");
+        server.extend(frame(b'2', b""));
+        server.extend(row_description(&[("email", 16384, 2, 25)]));
+        feed(&mut c, false, &server, &mut out);
+        let (_, columns) = c.rows_source().unwrap();
+        let columns = columns.expect("the portal's columns");
+        assert_eq!(
+            columns
+                .iter()
+                .map(|c| (c.table_oid, c.column, c.format))
+                .collect::<Vec<_>>(),
+            vec![(16384, 2, 1)]
+        );
+        let mut server = frame(b'C', b"SELECT 0\0");
+        server.extend(frame(b'2', b""));
+        feed(&mut c, false, &server, &mut out);
+        // The second portal runs the same statement: its columns, in its own formats.
+        let (_, columns) = c.rows_source().unwrap();
+        assert_eq!(
+            columns
+                .expect("from the statement")
+                .iter()
+                .map(|c| (c.column, c.format))
+                .collect::<Vec<_>>(),
+            vec![(2, 0)]
+        );
+
+        // pgjdbc past prepareThreshold: a named statement whose portal is described once,
+        // then bound again (integers in binary) and executed without any Describe.
+        let mut c = ready();
+        let mut client = frame(
+            b'P',
+            &[cstr("S_1"), cstr("select id, email from users"), vec![0, 0]].concat(),
+        );
+        client.extend(frame(
+            b'B',
+            &[cstr(""), cstr("S_1"), vec![0, 0, 0, 0, 0, 0]].concat(),
+        ));
+        client.extend(frame(b'D', b"P\0"));
+        client.extend(frame(b'E', b"\0\0\0\0\0"));
+        client.extend(frame(b'S', b""));
+        feed(&mut c, true, &client, &mut out);
+        let mut server = frame(b'1', b"");
+        server.extend(frame(b'2', b""));
+        server.extend(row_description(&[
+            ("id", 16384, 1, 23),
+            ("email", 16384, 2, 25),
+        ]));
+        server.extend(frame(b'C', b"SELECT 0\0"));
+        server.extend(frame(b'Z', b"I"));
+        feed(&mut c, false, &server, &mut out);
+        let mut client = frame(
+            b'B',
+            &[cstr(""), cstr("S_1"), vec![0, 0, 0, 0, 0, 2, 0, 1, 0, 0]].concat(),
+        );
+        client.extend(frame(b'E', b"\0\0\0\0\0"));
+        client.extend(frame(b'S', b""));
+        feed(&mut c, true, &client, &mut out);
+        feed(&mut c, false, &frame(b'2', b""), &mut out);
+        let (_, columns) = c.rows_source().unwrap();
+        assert_eq!(
+            columns
+                .expect("the statement's columns, from its portal's description")
+                .iter()
+                .map(|c| (c.column, c.format))
+                .collect::<Vec<_>>(),
+            vec![(1, 1), (2, 0)]
+        );
     }
 
     #[test]

@@ -386,14 +386,25 @@ fn check_policy(file: &Path, text: &str, line: usize, p: &Policy, report: &mut L
         }
     }
     for r in &p.mask {
-        if r.columns.is_empty() && r.detectors.is_empty() {
+        if r.columns.is_empty() && r.detectors.is_empty() && r.patterns.is_empty() {
             report.errors.push(at(
                 &format!("name: {}", r.name),
                 format!(
-                    "mask rule `{}` names no `columns` and no `detectors`",
+                    "mask rule `{}` names no `columns`, no `detectors` and no `patterns`",
                     r.name
                 ),
             ));
+        }
+        for pattern in &r.patterns {
+            if let Err(e) = crate::proxy::detect::compile_pattern(pattern) {
+                report.errors.push(at(
+                    pattern,
+                    format!(
+                        "mask rule `{}`: pattern {pattern:?} does not compile: {e}",
+                        r.name
+                    ),
+                ));
+            }
         }
         if r.keep.is_some() && r.using != Some(super::model::MaskUsing::Partial) {
             report.errors.push(at(

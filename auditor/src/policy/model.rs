@@ -554,9 +554,15 @@ pub struct MaskRule {
     /// Columns: `table.column`, `schema.table.column` (`*` ends a name as in `tables`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub columns: Vec<ColumnPattern>,
-    /// Values recognised by their content, in any column.
+    /// Values recognised by their content, inside any text value (in the `columns` named,
+    /// or in every column when none are): each one found is masked, the rest of the value
+    /// kept.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub detectors: Vec<Detector>,
+    /// Regular expressions (Rust `regex` syntax) of the installation's own sensitive
+    /// values, found like `detectors`: `ACCT-[0-9]{8}`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patterns: Vec<String>,
     /// How values are masked. Default: `redact`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub using: Option<MaskUsing>,
@@ -678,6 +684,9 @@ pub enum Detector {
     UsSsn,
     /// IBANs (with their check digits).
     Iban,
+    /// Phone numbers: international (`+` and 8 to 15 digits) or North American
+    /// (`(555) 123-4567`, `555-123-4567`).
+    Phone,
 }
 
 /// Holds the statements it is about until a person approves them (or the timeout denies).

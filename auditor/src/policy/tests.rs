@@ -361,7 +361,7 @@ fn lint_names_file_line_and_column() {
             "name: x\nblock:\n  - name: r\n    when: {ddl: true}\n  - name: r\n    when: {ddl: true}\n",
             "p.yaml:5:5: rule name `r` is used twice",
         ),
-        ("name: x\nmask:\n  - name: m\n", "names no `columns` and no `detectors`"),
+        ("name: x\nmask:\n  - name: m\n", "names no `columns`, no `detectors` and no `patterns`"),
         ("name: x\nmask:\n  - name: m\n    columns: [email]\n", "expected `table.column`"),
         (
             "name: x\nrequire_approval:\n  - name: h\n    when: {ddl: true}\n    timeout: 5 minutes\n",

@@ -383,7 +383,7 @@ impl CopyRewriter {
                 text_value(raw)
             };
             self.scratch.clear();
-            masker.mask_value(
+            let changed = masker.mask_value(
                 &ColumnMask {
                     binary: false,
                     ..m.clone()
@@ -391,6 +391,11 @@ impl CopyRewriter {
                 &value,
                 &mut self.scratch,
             );
+            if !changed {
+                // A detector found nothing: the field as Postgres wrote it.
+                out.extend_from_slice(&buf[s..e]);
+                continue;
+            }
             if let Some(c) = counts.get_mut(k) {
                 *c += 1;
             }
@@ -513,7 +518,7 @@ impl CopyRewriter {
                 (None, _) => out.extend_from_slice(&(-1i32).to_be_bytes()),
                 (Some((s, e)), None) => out.extend_from_slice(&buf[s - 4..e]),
                 (Some((s, e)), Some(m)) => {
-                    masker.mask_value(
+                    let changed = masker.mask_value(
                         &ColumnMask {
                             binary: true,
                             ..m.clone()
@@ -521,7 +526,7 @@ impl CopyRewriter {
                         &buf[s..e],
                         out,
                     );
-                    if let Some(c) = counts.get_mut(k) {
+                    if let (true, Some(c)) = (changed, counts.get_mut(k)) {
                         *c += 1;
                     }
                 }
@@ -624,6 +629,7 @@ mod tests {
             how: MaskFunction::Redact,
             type_oid: 25,
             binary: false,
+            scan: None,
         })
     }
 
@@ -710,6 +716,7 @@ mod tests {
                 how: MaskFunction::Partial { keep: 4 },
                 type_oid: 25,
                 binary: false,
+                scan: None,
             }),
         ];
         let (out, _) = rewrite(&copy, &partial, &[b"1\tsecret\\tab\\\\c\n"]);
@@ -736,6 +743,7 @@ mod tests {
                 how: MaskFunction::Email,
                 type_oid: 25,
                 binary: false,
+                scan: None,
             }),
         ];
         let (out, _) = rewrite(&copy, &hash, &[b"h1,h2\n1,x@y.z\n"]);
@@ -755,6 +763,7 @@ mod tests {
             how: MaskFunction::Redact,
             type_oid: 23,
             binary: false,
+            scan: None,
         });
         let masks = [None, redact(), int];
         let mut data = b"PGCOPY\n\xff\r\n\0".to_vec();

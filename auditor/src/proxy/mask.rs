@@ -15,6 +15,7 @@ use std::{
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use super::detect::Scanner;
 use crate::policy::model::ColumnPattern;
 pub use crate::policy::model::MaskFunction;
 
@@ -25,6 +26,20 @@ pub struct ColumnMask {
     pub type_oid: u32,
     /// The column comes in the binary format.
     pub binary: bool,
+    /// Detectors: only what they find in the value is masked (each with its rule's
+    /// function), not the whole value.
+    pub scan: Option<Arc<[Arc<Scanner>]>>,
+}
+
+impl ColumnMask {
+    pub fn whole(how: MaskFunction, type_oid: u32, binary: bool) -> ColumnMask {
+        ColumnMask {
+            how,
+            type_oid,
+            binary,
+            scan: None,
+        }
+    }
 }
 
 /// A mask rule in force in a session.
@@ -35,17 +50,23 @@ pub struct Rule {
     pub columns: Vec<ColumnPattern>,
     pub how: MaskFunction,
     pub blocks_unknown: bool,
+    /// Its detectors and patterns: what they find is masked inside values (in its
+    /// `columns`, or in every text column when it names none).
+    pub scan: Option<Arc<Scanner>>,
 }
 
 impl Rule {
-    pub fn of(policy: &str, r: &crate::policy::model::MaskRule) -> Rule {
-        Rule {
+    /// The rule as the proxy applies it; Err when a pattern does not compile (the policy
+    /// linter refuses such a policy before it is loaded).
+    pub fn of(policy: &str, r: &crate::policy::model::MaskRule) -> Result<Rule, String> {
+        Ok(Rule {
             policy: policy.into(),
             name: r.name.as_str().into(),
             columns: r.columns.clone(),
             how: r.function(),
             blocks_unknown: r.blocks_unknown(),
-        }
+            scan: Scanner::new(&r.name, &r.detectors, &r.patterns, r.function())?.map(Arc::new),
+        })
     }
 }
 
@@ -297,24 +318,56 @@ pub fn result_masks(
     columns: &[crate::conversation::Column],
     lineage_unknown: bool,
 ) -> Option<Arc<[Option<ColumnMask>]>> {
-    let fallback = rules.first()?.how;
+    // The rules masking whole columns by their source.
+    let fallback = rules
+        .iter()
+        .find(|r| !r.columns.is_empty() && r.scan.is_none())
+        .map(|r| r.how);
+    // Detectors of rules naming no columns: in every text column.
+    let everywhere: Vec<Arc<Scanner>> = rules
+        .iter()
+        .filter(|r| r.columns.is_empty())
+        .filter_map(|r| r.scan.clone())
+        .collect();
     let masks: Vec<Option<ColumnMask>> = columns
         .iter()
         .map(|c| {
-            let how = match plan.columns.get(&(c.table_oid, c.column)) {
-                Some((i, _)) => Some(rules.get(*i).map_or(fallback, |r| r.how)),
+            let whole = |how| Some(ColumnMask::whole(how, c.type_oid, c.format == 1));
+            let rule = plan
+                .columns
+                .get(&(c.table_oid, c.column))
+                .and_then(|(i, _)| rules.get(*i));
+            let by_source = match rule {
+                Some(r) if r.scan.is_none() => return whole(r.how),
+                Some(r) => r.scan.clone(),
                 None if c.table_oid != 0
                     && (plan.views.contains(&c.table_oid) || c.table_oid > plan.max_oid) =>
                 {
-                    Some(fallback)
+                    if let Some(how) = fallback {
+                        return whole(how);
+                    }
+                    None
                 }
-                None if c.table_oid == 0 && lineage_unknown => Some(fallback),
+                None if c.table_oid == 0 && lineage_unknown => {
+                    if let Some(how) = fallback {
+                        return whole(how);
+                    }
+                    None
+                }
                 None => None,
             };
-            how.map(|how| ColumnMask {
-                how,
+            if !is_text_like(c.type_oid) {
+                return None;
+            }
+            let scans: Vec<Arc<Scanner>> = by_source
+                .into_iter()
+                .chain(everywhere.iter().cloned())
+                .collect();
+            (!scans.is_empty()).then(|| ColumnMask {
+                how: scans[0].how,
                 type_oid: c.type_oid,
                 binary: c.format == 1,
+                scan: Some(scans.into()),
             })
         })
         .collect();
@@ -328,6 +381,14 @@ pub fn label_of(plan: &Plan, c: &crate::conversation::Column) -> Arc<str> {
         Some((_, label)) => label.clone(),
         None => c.name.as_str().into(),
     }
+}
+
+/// Whether detectors look inside values of this type.
+pub fn is_text_like(type_oid: u32) -> bool {
+    matches!(
+        type_oid,
+        oid::TEXT | oid::VARCHAR | oid::BPCHAR | oid::NAME | oid::UNKNOWN | oid::JSON | oid::JSONB
+    )
 }
 
 /// Type OIDs the rewriter knows.
@@ -392,15 +453,19 @@ impl Masker {
     }
 
     /// Writes the masked value of one column (its length prefix and bytes, or -1 for
-    /// NULL) to `out`.
-    pub fn mask_value(&self, m: &ColumnMask, value: &[u8], out: &mut Vec<u8>) {
+    /// NULL) to `out`. Returns whether anything of it was masked (a detector may find
+    /// nothing: the value is written as it came).
+    pub fn mask_value(&self, m: &ColumnMask, value: &[u8], out: &mut Vec<u8>) -> bool {
         let put = |out: &mut Vec<u8>, bytes: &[u8]| {
             out.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
             out.extend_from_slice(bytes);
         };
+        if let Some(scans) = &m.scan {
+            return self.mask_found(scans, m, value, out);
+        }
         if m.how == MaskFunction::Null {
             out.extend_from_slice(&(-1i32).to_be_bytes());
-            return;
+            return true;
         }
         match m.type_oid {
             oid::TEXT | oid::VARCHAR | oid::BPCHAR | oid::NAME | oid::UNKNOWN => {
@@ -461,6 +526,69 @@ impl Masker {
             // A type the rewriter cannot write a valid masked value of: NULL.
             _ => out.extend_from_slice(&(-1i32).to_be_bytes()),
         }
+        true
+    }
+
+    /// A value with what the detectors find in it masked (each by its rule's function),
+    /// the rest kept byte for byte. JSON stays JSON: a value whose rewrite would not be
+    /// valid JSON any more (a number found outside a string) is masked whole.
+    fn mask_found(
+        &self,
+        scans: &[Arc<Scanner>],
+        m: &ColumnMask,
+        value: &[u8],
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let jsonb_binary = m.binary && m.type_oid == oid::JSONB;
+        let text = if jsonb_binary {
+            value.get(1..).unwrap_or_default()
+        } else {
+            value
+        };
+        let mut spans: Vec<(usize, usize, usize)> = Vec::new();
+        let mut found = Vec::new();
+        for (i, s) in scans.iter().enumerate() {
+            found.clear();
+            s.find(text, &mut found);
+            spans.extend(found.iter().map(|&(a, b)| (a, b, i)));
+        }
+        if spans.is_empty() {
+            out.extend_from_slice(&(value.len() as i32).to_be_bytes());
+            out.extend_from_slice(value);
+            return false;
+        }
+        super::detect::merge(&mut spans);
+        if spans.iter().any(|s| scans[s.2].how == MaskFunction::Null) {
+            out.extend_from_slice(&(-1i32).to_be_bytes());
+            return true;
+        }
+        let mut rewritten = Vec::with_capacity(value.len() + 32);
+        if jsonb_binary {
+            rewritten.push(value.first().copied().unwrap_or(1));
+        }
+        let mut at = 0;
+        for &(a, b, i) in &spans {
+            rewritten.extend_from_slice(&text[at..a]);
+            rewritten.extend_from_slice(self.text(&scans[i].how, &text[a..b]).as_bytes());
+            at = b;
+        }
+        rewritten.extend_from_slice(&text[at..]);
+        let is_json = matches!(m.type_oid, oid::JSON | oid::JSONB);
+        if is_json
+            && serde_json::from_slice::<serde::de::IgnoredAny>(
+                &rewritten[usize::from(jsonb_binary)..],
+            )
+            .is_err()
+        {
+            return self.mask_value(
+                &ColumnMask::whole(scans[0].how, m.type_oid, m.binary),
+                value,
+                out,
+            );
+        }
+        out.extend_from_slice(&(rewritten.len() as i32).to_be_bytes());
+        out.extend_from_slice(&rewritten);
+        true
     }
 
     /// Rewrites one DataRow body: each column with a mask gets its masked value (NULLs
@@ -493,10 +621,11 @@ impl Masker {
         for (i, (m, value)) in masks.iter().zip(values.iter()).enumerate() {
             match (m, value) {
                 (Some(m), Some(v)) => {
-                    self.mask_value(m, v, out);
-                    masked += 1;
-                    if let Some(c) = counts.get_mut(i) {
-                        *c += 1;
+                    if self.mask_value(m, v, out) {
+                        masked += 1;
+                        if let Some(c) = counts.get_mut(i) {
+                            *c += 1;
+                        }
                     }
                 }
                 (_, None) => out.extend_from_slice(&(-1i32).to_be_bytes()),
@@ -603,6 +732,41 @@ pub fn scrub_notice(body: &[u8], whole: bool) -> Vec<u8> {
     out
 }
 
+/// An ErrorResponse or NoticeResponse body with what the rules' detectors find in its
+/// fields masked; None when they find nothing (or no rule has detectors).
+pub fn scan_notice(masker: &Masker, rules: &[Rule], body: &[u8]) -> Option<Vec<u8>> {
+    let scans: Vec<Arc<Scanner>> = rules.iter().filter_map(|r| r.scan.clone()).collect();
+    if scans.is_empty() {
+        return None;
+    }
+    let fields = notice_fields(body)?;
+    let m = ColumnMask {
+        how: scans[0].how,
+        type_oid: oid::TEXT,
+        binary: false,
+        scan: Some(scans.into()),
+    };
+    let mut out = Vec::with_capacity(body.len());
+    let mut changed = false;
+    let mut value = Vec::new();
+    for (code, v) in fields.iter() {
+        out.push(code);
+        value.clear();
+        // (The severity and SQLSTATE are not values.)
+        if !matches!(code, b'S' | b'V' | b'C') && masker.mask_value(&m, v, &mut value) {
+            changed = true;
+            if value.len() >= 4 && value[..4] != (-1i32).to_be_bytes() {
+                out.extend(value[4..].iter().filter(|b| **b != 0));
+            }
+        } else {
+            out.extend_from_slice(v);
+        }
+        out.push(0);
+    }
+    out.push(0);
+    changed.then_some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -649,6 +813,7 @@ mod tests {
             how,
             type_oid,
             binary,
+            scan: None,
         })
     }
 
@@ -718,6 +883,72 @@ mod tests {
         )
         .unwrap();
         assert_eq!(values(&out), vec![None]);
+    }
+
+    #[test]
+    fn detectors_mask_what_they_find_and_keep_the_rest() {
+        use crate::policy::model::Detector;
+        let scanner = |how| {
+            Arc::new(
+                Scanner::new("found", &[Detector::Email, Detector::CardNumber], &[], how)
+                    .unwrap()
+                    .unwrap(),
+            )
+        };
+        let m = Masker::new(b"k");
+        let scan = |t: u32, bin: bool, how| ColumnMask {
+            how,
+            type_oid: t,
+            binary: bin,
+            scan: Some(vec![scanner(how)].into()),
+        };
+        let run = |mask: &ColumnMask, v: &[u8]| {
+            let mut out = Vec::new();
+            let changed = m.mask_value(mask, v, &mut out);
+            (changed, values_of_one(&out))
+        };
+        let redact = scan(oid::TEXT, false, MaskFunction::Redact);
+        assert_eq!(
+            run(&redact, b"mail a@b.co or 4111-1111-1111-1111 now"),
+            (true, Some(b"mail **** or **** now".to_vec()))
+        );
+        assert_eq!(
+            run(&redact, b"nothing here"),
+            (false, Some(b"nothing here".to_vec()))
+        );
+        // JSON: inside a string, replaced in place; a number found is masked whole.
+        let json = scan(oid::JSONB, false, MaskFunction::Redact);
+        assert_eq!(
+            run(&json, br#"{"to": "a@b.co", "n": 1}"#),
+            (true, Some(br#"{"to": "****", "n": 1}"#.to_vec()))
+        );
+        assert_eq!(
+            run(&json, br#"{"card": 4111111111111111}"#),
+            (true, Some(br#""****""#.to_vec()))
+        );
+        let binary = scan(oid::JSONB, true, MaskFunction::Redact);
+        assert_eq!(
+            run(&binary, b"\x01[\"a@b.co\"]"),
+            (true, Some(b"\x01[\"****\"]".to_vec()))
+        );
+        // `null`: a value with something found becomes NULL.
+        assert_eq!(
+            run(&scan(oid::TEXT, false, MaskFunction::Null), b"a@b.co"),
+            (true, None)
+        );
+        // The rule's function applies to what is found.
+        let (_, v) = run(&scan(oid::TEXT, false, MaskFunction::Email), b"to a@b.co.");
+        let v = String::from_utf8(v.unwrap()).unwrap();
+        assert!(
+            v.starts_with("to ") && v.ends_with("@masked.invalid."),
+            "{v}"
+        );
+    }
+
+    /// The one value a mask_value output holds (None: NULL).
+    fn values_of_one(out: &[u8]) -> Option<Vec<u8>> {
+        let len = i32::from_be_bytes(out[..4].try_into().unwrap());
+        (len >= 0).then(|| out[4..4 + len as usize].to_vec())
     }
 
     #[test]
@@ -797,7 +1028,52 @@ mod tests {
             for _ in 0..n {
                 let t = types[rng.gen_range(0..types.len())];
                 let len = rng.gen_range(0..40usize);
-                let v: Vec<u8> = (0..len).map(|_| rng.gen::<u8>()).collect();
+                let mut v: Vec<u8> = (0..len).map(|_| rng.gen::<u8>()).collect();
+                if is_text_like(t) && rng.gen_ratio(1, 3) {
+                    // Detectors in free text (JSON: inside a string, or a number).
+                    let words: String = (0..len).map(|_| rng.gen_range('a'..='z')).collect();
+                    let found = if rng.gen_bool(0.5) {
+                        " ann@example.org "
+                    } else {
+                        ""
+                    };
+                    v = match t {
+                        oid::JSON | oid::JSONB if rng.gen_bool(0.3) => {
+                            br#"{"n": 4111111111111111}"#.to_vec()
+                        }
+                        oid::JSON | oid::JSONB => {
+                            format!("{{\"k\": \"{words}{found}\"}}").into_bytes()
+                        }
+                        _ => format!("{words}{found}{words}").into_bytes(),
+                    };
+                    let binary = rng.gen_bool(0.5);
+                    if binary && t == oid::JSONB {
+                        v.insert(0, 1);
+                    }
+                    vals.push(Some(v));
+                    masks.push(Some(ColumnMask {
+                        how: MaskFunction::Redact,
+                        type_oid: t,
+                        binary,
+                        scan: Some(
+                            vec![Arc::new(
+                                Scanner::new(
+                                    "found",
+                                    &[
+                                        crate::policy::model::Detector::Email,
+                                        crate::policy::model::Detector::CardNumber,
+                                    ],
+                                    &[],
+                                    MaskFunction::Redact,
+                                )
+                                .unwrap()
+                                .unwrap(),
+                            )]
+                            .into(),
+                        ),
+                    }));
+                    continue;
+                }
                 vals.push((!rng.gen_ratio(1, 8)).then_some(v));
                 masks.push(rng.gen_bool(0.5).then(|| ColumnMask {
                     how: match rng.gen_range(0..5) {
@@ -811,6 +1087,7 @@ mod tests {
                     },
                     type_oid: t,
                     binary: rng.gen_bool(0.5),
+                    scan: None,
                 }));
             }
             let refs: Vec<Option<&[u8]>> = vals.iter().map(|v| v.as_deref()).collect();
@@ -826,6 +1103,33 @@ mod tests {
                 match (&masks[i], &vals[i]) {
                     (_, None) => assert_eq!((got[i].as_ref(), counts[i]), (None, 0)),
                     (None, Some(v)) => assert_eq!((got[i].as_ref(), counts[i]), (Some(v), 0)),
+                    (Some(mk), Some(v)) if mk.scan.is_some() => {
+                        let g = got[i].as_ref().expect("redacted, never NULL");
+                        let inner = |b: &[u8]| {
+                            if mk.binary && mk.type_oid == oid::JSONB {
+                                b[1..].to_vec()
+                            } else {
+                                b.to_vec()
+                            }
+                        };
+                        let hit = v.windows(15).any(|w| w == b"ann@example.org")
+                            || v.windows(16).any(|w| w == b"4111111111111111");
+                        assert_eq!(
+                            counts[i],
+                            u64::from(hit),
+                            "{:?}",
+                            String::from_utf8_lossy(v)
+                        );
+                        expect_masked += u32::from(hit);
+                        if hit {
+                            assert!(!g.windows(15).any(|w| w == b"ann@example.org"));
+                            if matches!(mk.type_oid, oid::JSON | oid::JSONB) {
+                                serde_json::from_slice::<serde_json::Value>(&inner(g)).unwrap();
+                            }
+                        } else {
+                            assert_eq!(g, v, "nothing found: as sent");
+                        }
+                    }
                     (Some(mk), Some(v)) => {
                         assert_eq!(counts[i], 1, "a masked value is counted in its column");
                         expect_masked += 1;

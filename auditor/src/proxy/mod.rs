@@ -15,6 +15,7 @@
 
 pub mod conn;
 pub mod copy;
+pub mod detect;
 mod hold;
 pub mod login;
 pub mod mask;

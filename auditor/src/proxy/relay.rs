@@ -239,6 +239,9 @@ struct Masking {
     plan: Option<super::mask::Plan>,
     /// Why the catalog could not be read (no plan: statements are refused).
     failed: Option<String>,
+    /// A rule the proxy cannot apply (a pattern that does not compile): every statement
+    /// is refused.
+    broken: Option<String>,
     /// The proxy's catalog query is in flight.
     building: Option<super::mask::PlanBuilder>,
     /// Read the catalog again at the next quiet moment (DDL seen, or the plan is old).
@@ -273,24 +276,21 @@ impl Masking {
         matches!(self.copy, Some(CopyStage::Describing { .. }))
     }
 
-    /// What was masked in the result (or COPY) now ending, as the tracker reads it.
+    /// What was masked in the result (or COPY) now ending, as the tracker reads it: the
+    /// columns with values masked (a column whose values were all NULL, or in which the
+    /// detectors found nothing, is not named).
     fn tally(&self) -> Option<Vec<u8>> {
-        let tally = super::MaskTally {
-            columns: self
-                .labels
-                .iter()
-                .flatten()
-                .map(|l| l.to_string())
-                .collect(),
-            values: self
-                .labels
-                .iter()
-                .zip(&self.counts)
-                .filter(|(l, _)| l.is_some())
-                .map(|(_, n)| *n)
-                .collect(),
-        };
-        serde_json::to_vec(&tally).ok()
+        let (columns, values): (Vec<String>, Vec<u64>) = self
+            .labels
+            .iter()
+            .zip(&self.counts)
+            .filter_map(|(l, n)| Some((l.as_ref()?.to_string(), *n)))
+            .filter(|(_, n)| *n > 0)
+            .unzip();
+        if columns.is_empty() {
+            return None;
+        }
+        serde_json::to_vec(&super::MaskTally { columns, values }).ok()
     }
 }
 
@@ -985,6 +985,13 @@ impl Relay {
         if f.ddl {
             m.stale = true;
         }
+        if let Some(why) = m.broken.clone() {
+            return refuse(
+                m,
+                0,
+                format!("this session's masking cannot be applied: {why}"),
+            );
+        }
         match &m.plan {
             None => refuse(
                 m,
@@ -995,8 +1002,17 @@ impl Relay {
                 ),
             ),
             Some(plan) => {
-                if f.copies_data && !multi && self.copy_query_ok && super::mask::touches(plan, f) {
-                    match super::copy::copy_out(sql) {
+                // Detectors that look in every column see every COPY's rows too.
+                let everywhere = m
+                    .rules
+                    .iter()
+                    .any(|r| r.columns.is_empty() && r.scan.is_some());
+                if f.copies_data && (everywhere || super::mask::touches(plan, f)) {
+                    let copy = super::copy::copy_out(sql);
+                    if matches!(copy, Ok(Some(_))) && (multi || !self.copy_query_ok) {
+                        return refuse(m, 0, "it is a COPY the proxy would have to rewrite, sent with other statements or requests (send it alone, as a simple query)".into());
+                    }
+                    match copy {
                         Ok(Some(c)) => {
                             if self.encoding_embeds_ascii {
                                 return refuse(m, 0, "it is a COPY the proxy would have to rewrite, in a client encoding whose characters may hold ASCII bytes".into());
@@ -1235,19 +1251,26 @@ impl Relay {
         let Some(applied) = &self.applied else {
             return;
         };
-        let rules: Vec<super::mask::Rule> = applied
+        let mut rules = Vec::new();
+        let mut failed = None;
+        for p in applied
             .policies
             .iter()
             .filter(|p| p.policy.mode == Some(Mode::Enforce))
-            .flat_map(|p| {
-                p.policy
-                    .mask
-                    .iter()
-                    .filter(|r| !r.columns.is_empty())
-                    .map(|r| super::mask::Rule::of(&p.policy.name, r))
-            })
-            .collect();
-        if rules.is_empty() {
+        {
+            for r in &p.policy.mask {
+                if r.columns.is_empty() && r.detectors.is_empty() && r.patterns.is_empty() {
+                    continue;
+                }
+                match super::mask::Rule::of(&p.policy.name, r) {
+                    Ok(rule) => rules.push(rule),
+                    // (The linter refuses such a policy; were one loaded, its session
+                    // masks nothing it cannot: every statement is refused.)
+                    Err(e) => failed = Some(format!("mask rule `{}`: {e}", r.name)),
+                }
+            }
+        }
+        if rules.is_empty() && failed.is_none() {
             return;
         }
         self.server.set_streamed(b"d");
@@ -1256,6 +1279,7 @@ impl Relay {
             masker: super::mask::Masker::new(&self.mask_key),
             plan: None,
             failed: None,
+            broken: failed,
             building: None,
             stale: true,
             read_at: None,
@@ -1712,6 +1736,15 @@ impl Relay {
             let scrubbed = super::mask::scrub_notice(&body, whole);
             push_frame(&mut self.to_client, tag, &scrubbed);
             return;
+        }
+        if matches!(tag, b'E' | b'N') {
+            // Whatever a message echoes, detectors find their values in it too.
+            if let Some(m) = self.masking.as_deref() {
+                if let Some(found) = super::mask::scan_notice(&m.masker, &m.rules, &body) {
+                    push_frame(&mut self.to_client, tag, &found);
+                    return;
+                }
+            }
         }
         push_frame(&mut self.to_client, tag, &body);
     }

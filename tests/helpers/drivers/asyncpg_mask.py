@@ -7,6 +7,7 @@ Prints every value it received (repr), one result per line, then "done".
 """
 
 import asyncio
+import io
 import sys
 
 import asyncpg
@@ -30,6 +31,11 @@ async def main(port):
     except asyncpg.exceptions.InsufficientPrivilegeError as e:
         print("refused", e.sqlstate, flush=True)
     print("unmasked", [tuple(r) for r in await conn.fetch("SELECT id, note FROM customers ORDER BY id")], flush=True)
+    # COPY out, in asyncpg's binary and CSV forms: rewritten by the proxy.
+    for fmt in ("binary", "csv"):
+        out = io.BytesIO()
+        await conn.copy_from_table("customers", output=out, format=fmt)
+        print("copy", fmt, repr(out.getvalue()), flush=True)
     await conn.close()
     print("done", flush=True)
 
