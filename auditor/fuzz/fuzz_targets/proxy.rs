@@ -15,7 +15,7 @@ use auditor::{
 };
 use libfuzzer_sys::fuzz_target;
 
-const POLICY: &str = "name: f\nselector: {}\nmode: enforce\nblock:\n  - name: ddl\n    when: {ddl: true}\n  - name: files\n    when: {functions: [pg_read_file]}\n  - name: unbounded\n    when: {without_where: true}\nrequire_approval:\n  - name: deletes\n    when: {commands: [DELETE]}\nmask:\n  - name: m\n    columns: [t.c, s.*.d]\n    using: email\n";
+const POLICY: &str = "name: f\nselector: {}\nmode: enforce\nblock:\n  - name: ddl\n    when: {ddl: true}\n  - name: files\n    when: {functions: [pg_read_file]}\n  - name: unbounded\n    when: {without_where: true}\nrequire_approval:\n  - name: deletes\n    when: {commands: [DELETE]}\nmask:\n  - name: m\n    columns: [t.c, s.*.d]\n    using: email\n  - name: found\n    detectors: [email, card_number, iban]\n    patterns: [\"K-[0-9]+\"]\n";
 
 static APPLIED: std::sync::OnceLock<Arc<auditor::policy::Applied>> = std::sync::OnceLock::new();
 

@@ -625,12 +625,7 @@ mod tests {
     use crate::policy::model::MaskFunction;
 
     fn redact() -> Option<ColumnMask> {
-        Some(ColumnMask {
-            how: MaskFunction::Redact,
-            type_oid: 25,
-            binary: false,
-            scan: None,
-        })
+        Some(ColumnMask::whole(MaskFunction::Redact, 25, false))
     }
 
     fn rewrite(
@@ -647,6 +642,15 @@ mod tests {
         }
         r.done().unwrap();
         (out, counts)
+    }
+
+    /// The rewrite of `data` whole, and of `data` cut in two at every byte, is `want`.
+    fn at_any_cut(copy: &CopyOut, masks: &[Option<ColumnMask>], data: &[u8], want: &[u8]) {
+        assert_eq!(rewrite(copy, masks, &[data]).0, want);
+        for cut in 1..data.len() {
+            let (a, b) = data.split_at(cut);
+            assert_eq!(rewrite(copy, masks, &[a, b]).0, want, "cut at {cut}");
+        }
     }
 
     #[test]
@@ -700,24 +704,16 @@ mod tests {
         let masks = [None, redact(), None];
         let data = b"1\ta@b.c\tnote\\twith tab\n2\t\\N\tx\n3\tq\\\\\\n\tlast\n";
         let want = b"1\t****\tnote\\twith tab\n2\t\\N\tx\n3\t****\tlast\n".to_vec();
-        // Whole, and cut at every byte.
-        assert_eq!(
-            rewrite(&copy, &masks, &[data]),
-            (want.clone(), vec![0, 2, 0])
-        );
-        for cut in 1..data.len() {
-            let (a, b) = data.split_at(cut);
-            assert_eq!(rewrite(&copy, &masks, &[a, b]).0, want, "cut at {cut}");
-        }
+        assert_eq!(rewrite(&copy, &masks, &[data]).1, vec![0, 2, 0]);
+        at_any_cut(&copy, &masks, data, &want);
         // A masked value with the delimiter or a backslash is escaped.
         let partial = [
             None,
-            Some(ColumnMask {
-                how: MaskFunction::Partial { keep: 4 },
-                type_oid: 25,
-                binary: false,
-                scan: None,
-            }),
+            Some(ColumnMask::whole(
+                MaskFunction::Partial { keep: 4 },
+                25,
+                false,
+            )),
         ];
         let (out, _) = rewrite(&copy, &partial, &[b"1\tsecret\\tab\\\\c\n"]);
         assert_eq!(out, b"1\t*******ab\\\\c\n");
@@ -731,20 +727,12 @@ mod tests {
         let masks = [None, redact()];
         let data = b"id,email\n1,\"a,\"\"b\"\"\nc\"\n2,\n3,\"\"\n";
         let want = b"id,email\n1,\"****\"\n2,\n3,\"****\"\n".to_vec();
-        assert_eq!(rewrite(&copy, &masks, &[data]), (want.clone(), vec![0, 2]));
-        for cut in 1..data.len() {
-            let (a, b) = data.split_at(cut);
-            assert_eq!(rewrite(&copy, &masks, &[a, b]).0, want, "cut at {cut}");
-        }
+        assert_eq!(rewrite(&copy, &masks, &[data]).1, vec![0, 2]);
+        at_any_cut(&copy, &masks, data, &want);
         // The masked value is quoted with its quotes escaped.
         let hash = [
             None,
-            Some(ColumnMask {
-                how: MaskFunction::Email,
-                type_oid: 25,
-                binary: false,
-                scan: None,
-            }),
+            Some(ColumnMask::whole(MaskFunction::Email, 25, false)),
         ];
         let (out, _) = rewrite(&copy, &hash, &[b"h1,h2\n1,x@y.z\n"]);
         let text = String::from_utf8(out).unwrap();
@@ -759,12 +747,7 @@ mod tests {
         let copy = copy_out("COPY t TO STDOUT (FORMAT binary)")
             .unwrap()
             .unwrap();
-        let int = Some(ColumnMask {
-            how: MaskFunction::Redact,
-            type_oid: 23,
-            binary: false,
-            scan: None,
-        });
+        let int = Some(ColumnMask::whole(MaskFunction::Redact, 23, false));
         let masks = [None, redact(), int];
         let mut data = b"PGCOPY\n\xff\r\n\0".to_vec();
         data.extend_from_slice(&0u32.to_be_bytes());
@@ -795,10 +778,7 @@ mod tests {
         }
         want.extend_from_slice(&(-1i16).to_be_bytes());
         assert_eq!(whole, want);
-        for cut in 1..data.len() {
-            let (a, b) = data.split_at(cut);
-            assert_eq!(rewrite(&copy, &masks, &[a, b]).0, whole, "cut at {cut}");
-        }
+        at_any_cut(&copy, &masks, &data, &want);
         // Wrong field counts, a missing trailer, bytes after it: errors, never passed on.
         let mut r = CopyRewriter::new(copy.clone(), masks[..2].into(), 1 << 20);
         let mut out = Vec::new();

@@ -144,6 +144,35 @@ impl Scanner {
         }))
     }
 
+    /// [`Scanner::new`], compiled once per distinct rule and shared by the sessions it
+    /// applies to (a session starts in microseconds; compiling takes longer).
+    pub fn shared(
+        rule: &str,
+        detectors: &[Detector],
+        patterns: &[String],
+        how: MaskFunction,
+    ) -> Result<Option<std::sync::Arc<Scanner>>, String> {
+        use std::collections::HashMap;
+        use std::sync::{Arc, Mutex, OnceLock};
+        static COMPILED: OnceLock<Mutex<HashMap<String, Arc<Scanner>>>> = OnceLock::new();
+        let key = format!("{rule}\0{detectors:?}\0{patterns:?}\0{how:?}");
+        let cache = COMPILED.get_or_init(Default::default);
+        if let Some(s) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+            return Ok(Some(s));
+        }
+        let Some(s) = Scanner::new(rule, detectors, patterns, how)?.map(Arc::new) else {
+            return Ok(None);
+        };
+        if let Ok(mut c) = cache.lock() {
+            // Rules come from policies: a handful. Bounded all the same.
+            if c.len() >= 256 {
+                c.clear();
+            }
+            c.insert(key, s.clone());
+        }
+        Ok(Some(s))
+    }
+
     /// The spans of `text` that are values this scanner finds (checked: a card number's
     /// Luhn digit, an IBAN's check digits), in order and not overlapping.
     pub fn find(&self, text: &[u8], spans: &mut Vec<(usize, usize)>) {

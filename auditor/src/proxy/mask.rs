@@ -65,7 +65,7 @@ impl Rule {
             columns: r.columns.clone(),
             how: r.function(),
             blocks_unknown: r.blocks_unknown(),
-            scan: Scanner::new(&r.name, &r.detectors, &r.patterns, r.function())?.map(Arc::new),
+            scan: Scanner::shared(&r.name, &r.detectors, &r.patterns, r.function())?,
         })
     }
 }
