@@ -33,6 +33,8 @@ mask:
   - name: found
     detectors: [email, card_number, iban]
     patterns: ["ACCT-[0-9]{6}"]
+  - name: activity
+    columns: [pg_catalog.pg_stat_activity.query]
 ---
 name: lenient
 selector:
@@ -196,8 +198,10 @@ fn masked_columns_never_leave_in_the_clear() {
         "an aggregate of no masked column is not masked"
     );
 
-    // What the proxy cannot mask is refused, and the session goes on.
-    let mut refused = Vec::new();
+    // Computed from masked columns (expressions, whole rows, aggregates, set operations,
+    // sub-selects, CTEs, views that rename): the parse tree decides it, and those
+    // computed columns are masked whole (no raw value in any output: checked below for
+    // everything seen).
     for sql in [
         "SELECT lower(email) FROM customers",
         "SELECT email || '' FROM customers",
@@ -206,6 +210,9 @@ fn masked_columns_never_leave_in_the_clear() {
         "SELECT coalesce(email, 'x') FROM customers",
         "SELECT row_to_json(c) FROM customers c",
         "SELECT c FROM customers c",
+        "SELECT (c).email FROM customers c",
+        "SELECT (customers).* FROM customers",
+        "SELECT x.e FROM (SELECT c AS r, c.email AS e FROM customers c) x",
         "SELECT array_agg(email) FROM customers",
         "SELECT string_agg(email, ',') FROM customers",
         "SELECT json_agg(c.*) FROM customers c",
@@ -215,8 +222,29 @@ fn masked_columns_never_leave_in_the_clear() {
         "SELECT (SELECT email FROM customers LIMIT 1)",
         "SELECT histogram_bounds::text FROM pg_stats WHERE tablename = 'customers'",
         "SELECT lower(e) FROM renamed",
-        "SELECT email::int FROM customers",
         "COPY (SELECT lower(email) FROM customers) TO STDOUT",
+    ] {
+        let (out, err) = psql(sql);
+        seen.borrow_mut().push_str(&out);
+        seen.borrow_mut().push_str(&err);
+        assert!(err.is_empty(), "{sql}: {err}");
+        for raw in emails.iter().chain(&cards).chain(&phones) {
+            assert!(!out.contains(raw.as_str()), "{sql}: {raw} in {out}");
+        }
+    }
+    let lowered = masked("SELECT id, lower(email) FROM customers ORDER BY id");
+    assert!(
+        lowered.starts_with("1|") && lowered.contains("@masked.invalid"),
+        "{lowered}"
+    );
+    // An error about a value computed from a masked column: its message hidden whole.
+    let (_, err) = psql("SELECT email::int FROM customers");
+    seen.borrow_mut().push_str(&err);
+    assert!(err.contains("(message hidden by the auditor"), "{err}");
+
+    // What the proxy cannot mask is refused, and the session goes on.
+    let mut refused = Vec::new();
+    for sql in [
         "COPY customers TO STDOUT WITH (ENCODING 'LATIN1')",
         "COPY customers TO '/tmp/leak'",
         "CREATE TABLE leak AS SELECT email FROM customers",
@@ -331,6 +359,20 @@ fn masked_columns_never_leave_in_the_clear() {
         "{err}"
     );
 
+    // Other sessions' statements in pg_stat_activity, when the policy names the column.
+    let mut sleeper = pg.psql();
+    sleeper
+        .args(["-c", &format!("SELECT 'sleeper-{seed}', pg_sleep(3)")])
+        .stdout(std::process::Stdio::null());
+    let mut sleeper = sleeper.spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let activity = masked(
+        "SELECT query FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+    );
+    sleeper.wait().unwrap();
+    assert!(!activity.is_empty(), "the sleeper was running");
+    assert!(activity.lines().all(|l| l == "****"), "{activity}");
+
     // The same table read directly (no policy): the unmasked columns are byte for byte
     // what the proxied session got.
     let (_, direct, _) =
@@ -377,6 +419,11 @@ fn masked_columns_never_leave_in_the_clear() {
     assert!(out.ends_with("done\n"), "{out}");
     assert!(out.contains("refused 42501"), "{out}");
     assert!(out.contains("@masked.invalid"), "{out}");
+    let upper = out
+        .lines()
+        .find(|l| l.starts_with("upper "))
+        .expect("upper");
+    assert!(upper.contains("@masked.invalid"), "{upper}");
     assert!(out.contains("note 1 ü"), "{out}");
     // pgjdbc: a named statement executed again without Describe (binary integers), a
     // portal in pieces, CopyManager.
@@ -392,10 +439,12 @@ fn masked_columns_never_leave_in_the_clear() {
     assert_eq!(lines("plain ").len(), 4, "{jdbc}");
     assert_eq!(lines("prepared ").len(), 8, "{jdbc}");
     assert_eq!(lines("fetched ").len(), 4, "{jdbc}");
+    assert_eq!(lines("lowered ").len(), 4, "{jdbc}");
     for l in lines("plain ")
         .into_iter()
         .chain(lines("prepared "))
         .chain(lines("fetched "))
+        .chain(lines("lowered "))
     {
         assert!(l.contains("@masked.invalid"), "{l}");
     }

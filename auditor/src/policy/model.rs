@@ -570,9 +570,10 @@ pub struct MaskRule {
     /// of a value). Default 4.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep: Option<u8>,
-    /// A statement whose result columns may derive from a masked column in a way the
-    /// proxy cannot follow (an expression, a view, a function): `block` it (the default),
-    /// or run it and `mask` every such column whole.
+    /// A statement that runs code whose results the proxy cannot follow (a DO block,
+    /// CALL, a user-defined function) in a session that reads masked data: `block` it
+    /// (the default), or run it and `mask` its computed columns whole. (Expressions over
+    /// masked columns are followed: their columns are masked whole either way.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_unknown: Option<OnUnknownLineage>,
 }

@@ -189,7 +189,8 @@ fn like(glob: &str) -> Option<String> {
 
 /// The proxy's question about the catalog, asked inside the session (so names resolve as
 /// the session sees them, with its privileges), between the client's requests: the
-/// masked columns, the views that read them (through other views too: pg_depend of
+/// masked columns (of tables, foreign tables, views and materialized views: a rule may
+/// name `pg_catalog.pg_stat_activity.query`), the views that read them (through other views too: pg_depend of
 /// their rewrite rules, column by column or whole-row), the planner's statistics (whose
 /// most common values and histograms are column values: treated like such views), the
 /// user-defined functions, and the newest relation's OID. None when a rule's name cannot
@@ -221,7 +222,7 @@ pub fn catalog_query(rules: &[Rule]) -> Option<String> {
          SELECT c.oid, a.attnum, n.nspname, c.relname, a.attname \
          FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-         WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'f') AND ({})), \
+         WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'f', 'v', 'm') AND ({})), \
          views(relid) AS (\
          SELECT r.ev_class FROM pg_catalog.pg_depend d \
          JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid \
@@ -262,15 +263,25 @@ pub fn refusal(plan: &Plan, rules: &[Rule], f: &crate::policy::Facts) -> Option<
             "it reads masked columns and would copy their values where the proxy cannot mask them (a table, a file, COPY)".into(),
         ));
     }
-    if unknown_lineage(plan, f) {
+    if runs_unknown_code(plan, f) {
         if let Some(i) = rules.iter().position(|r| r.blocks_unknown) {
             return Some((
                 i,
-                "its results may derive from masked columns in ways the proxy cannot follow (an expression, a function, a set operation, a whole row); the rule's on_unknown is block".into(),
+                "it runs code whose results the proxy cannot follow (a DO block, CALL, a user-defined function) in a session that reads masked data; the rule's on_unknown is block".into(),
             ));
         }
     }
     None
+}
+
+/// Whether a statement that touches masked data runs code the parse tree does not show
+/// (DO, CALL, a user-defined function): what its results derive from cannot be decided,
+/// and the rule's `on_unknown` decides. (Expressions, whole rows, set operations,
+/// sub-selects and views are decided: their computed columns are masked whole.)
+pub fn runs_unknown_code(plan: &Plan, f: &crate::policy::Facts) -> bool {
+    touches(plan, f)
+        && ((f.opaque && !f.reads_by_name)
+            || f.functions.iter().any(|q| plan.functions.contains(&q.name)))
 }
 
 /// Whether a statement may read masked values: it names a masked table or a view that
@@ -340,6 +351,17 @@ pub fn result_masks(
             let by_source = match rule {
                 Some(r) if r.scan.is_none() => return whole(r.how),
                 Some(r) => r.scan.clone(),
+                // A whole row (`SELECT c FROM customers c`: the table's OID, attribute 0)
+                // of a table with masked columns, or in a statement of unknown lineage.
+                None if c.table_oid != 0
+                    && c.column == 0
+                    && (lineage_unknown || plan.columns.keys().any(|k| k.0 == c.table_oid)) =>
+                {
+                    if let Some(how) = fallback {
+                        return whole(how);
+                    }
+                    None
+                }
                 None if c.table_oid != 0
                     && (plan.views.contains(&c.table_oid) || c.table_oid > plan.max_oid) =>
                 {

@@ -1398,8 +1398,15 @@ impl Relay {
                 masks
             }
             // Rows of a result the proxy has no description of, in a statement that
-            // reads masked data: they cannot be rewritten (the row is refused, below).
-            None if touching => Some(Arc::from(Vec::new())),
+            // reads masked data (or anywhere detectors look in every column): they
+            // cannot be rewritten (the row is refused, below).
+            None if touching
+                || m.rules
+                    .iter()
+                    .any(|r| r.columns.is_empty() && r.scan.is_some()) =>
+            {
+                Some(Arc::from(Vec::new()))
+            }
             None => None,
         };
         m.current = Some(masks.clone());
