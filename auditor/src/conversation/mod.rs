@@ -1132,7 +1132,7 @@ impl Conversation {
                 // Its statement returns the same columns each time it runs: a driver that
                 // described a portal once (pgjdbc, when it switches to a named statement)
                 // executes the statement again without any Describe.
-                if let Some(s) = statement {
+                if let Some(s) = statement.filter(|s| s.description.get().is_none()) {
                     let _ = s.description.set(Description {
                         param_types: s.declared_types.iter().copied().collect(),
                         columns: columns.map(|cols| {
