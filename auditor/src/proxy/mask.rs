@@ -453,23 +453,46 @@ impl Masker {
         m.finalize().into_bytes().into()
     }
 
-    /// The masked text of a text value.
+    /// The masked text of a text value (always UTF-8).
     fn text(&self, how: &MaskFunction, value: &[u8]) -> String {
+        let mut out = Vec::new();
+        self.text_into(how, value, &mut out);
+        String::from_utf8(out)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    }
+
+    /// Appends the masked text of a text value to `out` (UTF-8), without building it
+    /// apart first: the rewriter's hot path.
+    fn text_into(&self, how: &MaskFunction, value: &[u8], out: &mut Vec<u8>) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let hex = |out: &mut Vec<u8>, bytes: &[u8]| {
+            for b in bytes {
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 15)]);
+            }
+        };
         match how {
-            MaskFunction::Redact | MaskFunction::Null => REDACTED.to_string(),
+            MaskFunction::Redact | MaskFunction::Null => out.extend_from_slice(REDACTED.as_bytes()),
+            // Never more than half of a value is kept; characters, not bytes.
+            MaskFunction::Partial { keep } if value.is_ascii() => {
+                let n = value.len();
+                let keep = (*keep as usize).min(n / 2);
+                out.resize(out.len() + (n - keep), b'*');
+                out.extend_from_slice(&value[n - keep..]);
+            }
             MaskFunction::Partial { keep } => {
                 let s = String::from_utf8_lossy(value);
                 let n = s.chars().count();
-                let keep = (*keep as usize).min(n);
-                // Never more than half of a value is kept.
-                let keep = keep.min(n / 2);
-                let mut out: String = std::iter::repeat_n('*', n - keep).collect();
-                out.extend(s.chars().skip(n - keep));
-                out
+                let keep = (*keep as usize).min(n / 2);
+                out.resize(out.len() + (n - keep), b'*');
+                let mut tail = String::new();
+                tail.extend(s.chars().skip(n - keep));
+                out.extend_from_slice(tail.as_bytes());
             }
-            MaskFunction::Hash => hex::encode(&self.digest(value)[..8]),
+            MaskFunction::Hash => hex(out, &self.digest(value)[..8]),
             MaskFunction::Email => {
-                format!("{}@masked.invalid", hex::encode(&self.digest(value)[..5]))
+                hex(out, &self.digest(value)[..5]);
+                out.extend_from_slice(b"@masked.invalid");
             }
         }
     }
@@ -491,7 +514,12 @@ impl Masker {
         }
         match m.type_oid {
             oid::TEXT | oid::VARCHAR | oid::BPCHAR | oid::NAME | oid::UNKNOWN => {
-                put(out, self.text(&m.how, value).as_bytes())
+                // The length, written once the text is.
+                let at = out.len();
+                out.extend_from_slice(&[0; 4]);
+                self.text_into(&m.how, value, out);
+                let len = (out.len() - at - 4) as i32;
+                out[at..at + 4].copy_from_slice(&len.to_be_bytes());
             }
             oid::CHAR => put(out, b"*"),
             oid::JSON | oid::JSONB => {
@@ -591,7 +619,7 @@ impl Masker {
         let mut at = 0;
         for &(a, b, i) in &spans {
             rewritten.extend_from_slice(&text[at..a]);
-            rewritten.extend_from_slice(self.text(&scans[i].how, &text[a..b]).as_bytes());
+            self.text_into(&scans[i].how, &text[a..b], &mut rewritten);
             at = b;
         }
         rewritten.extend_from_slice(&text[at..]);
