@@ -219,6 +219,8 @@ pub struct CopyRewriter {
     /// A row larger than this is refused (the proxy's message bound).
     max_row: usize,
     scratch: Vec<u8>,
+    /// A row's field spans (start, end, quoted), kept from row to row.
+    fields: Vec<(usize, usize, bool)>,
 }
 
 impl CopyRewriter {
@@ -232,6 +234,7 @@ impl CopyRewriter {
             ended: false,
             max_row,
             scratch: Vec::new(),
+            fields: Vec::new(),
         }
     }
 
@@ -293,9 +296,23 @@ impl CopyRewriter {
         out: &mut Vec<u8>,
         counts: &mut [u64],
     ) -> Result<Option<usize>, String> {
+        let mut fields = std::mem::take(&mut self.fields);
+        fields.clear();
+        let res = self.line_row(masker, buf, out, counts, &mut fields);
+        self.fields = fields;
+        res
+    }
+
+    fn line_row(
+        &mut self,
+        masker: &Masker,
+        buf: &[u8],
+        out: &mut Vec<u8>,
+        counts: &mut [u64],
+        fields: &mut Vec<(usize, usize, bool)>,
+    ) -> Result<Option<usize>, String> {
         let csv = self.copy.format == Format::Csv;
-        // The fields' spans (start, end, quoted) up to the row's end.
-        let mut fields: Vec<(usize, usize, bool)> = Vec::new();
+        // The fields' spans (start, end, quoted) up to the row's end, in `fields`.
         let mut start = 0;
         let mut quoted = false;
         let mut in_quotes = false;

@@ -68,6 +68,11 @@ impl Rule {
             scan: Scanner::shared(&r.name, &r.detectors, &r.patterns, r.function())?,
         })
     }
+
+    /// Its detectors, when it names no columns: they look in every text column.
+    pub fn everywhere(&self) -> Option<&Arc<Scanner>> {
+        self.scan.as_ref().filter(|_| self.columns.is_empty())
+    }
 }
 
 /// What the catalog said, as the session sees it: which result columns (table OID and
@@ -335,11 +340,8 @@ pub fn result_masks(
         .find(|r| !r.columns.is_empty() && r.scan.is_none())
         .map(|r| r.how);
     // Detectors of rules naming no columns: in every text column.
-    let everywhere: Vec<Arc<Scanner>> = rules
-        .iter()
-        .filter(|r| r.columns.is_empty())
-        .filter_map(|r| r.scan.clone())
-        .collect();
+    let everywhere: Vec<Arc<Scanner>> =
+        rules.iter().filter_map(Rule::everywhere).cloned().collect();
     let masks: Vec<Option<ColumnMask>> = columns
         .iter()
         .map(|c| {

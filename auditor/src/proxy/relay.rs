@@ -1003,10 +1003,7 @@ impl Relay {
             ),
             Some(plan) => {
                 // Detectors that look in every column see every COPY's rows too.
-                let everywhere = m
-                    .rules
-                    .iter()
-                    .any(|r| r.columns.is_empty() && r.scan.is_some());
+                let everywhere = m.rules.iter().any(|r| r.everywhere().is_some());
                 if f.copies_data && (everywhere || super::mask::touches(plan, f)) {
                     let copy = super::copy::copy_out(sql);
                     if matches!(copy, Ok(Some(_))) && (multi || !self.copy_query_ok) {
@@ -1400,11 +1397,7 @@ impl Relay {
             // Rows of a result the proxy has no description of, in a statement that
             // reads masked data (or anywhere detectors look in every column): they
             // cannot be rewritten (the row is refused, below).
-            None if touching
-                || m.rules
-                    .iter()
-                    .any(|r| r.columns.is_empty() && r.scan.is_some()) =>
-            {
+            None if touching || m.rules.iter().any(|r| r.everywhere().is_some()) => {
                 Some(Arc::from(Vec::new()))
             }
             None => None,
