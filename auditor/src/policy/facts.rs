@@ -70,6 +70,10 @@ pub struct Facts {
     /// Values read may be written elsewhere (CREATE TABLE AS, SELECT INTO, INSERT …
     /// SELECT, UPDATE … FROM, MERGE, COPY … TO): masking cannot follow them.
     pub copies_data: bool,
+    /// What each output column of its result reads (a query string of one statement that
+    /// returns rows of data): masking decides per output which computed columns derive
+    /// from masked ones.
+    pub outputs: Option<Vec<super::lineage::Slot>>,
 }
 
 impl Facts {
@@ -97,6 +101,28 @@ impl Facts {
                 if let Some(Value::Object(node)) = st.get("stmt").and_then(|s| s.get("node")) {
                     for (kind, body) in node {
                         outputs(kind, body, &mut facts);
+                        // Names resolved through sub-selects and CTEs (`lower(e)` of a
+                        // sub-select's `email AS e` reads `email`).
+                        let slots = super::lineage::of_statement(kind, body);
+                        for s in slots.iter().flatten() {
+                            let l = match s {
+                                super::lineage::Slot::One(o) if !o.plain => {
+                                    super::lineage::Lineage {
+                                        reads: o.reads.clone(),
+                                        opaque: o.opaque,
+                                    }
+                                }
+                                super::lineage::Slot::Rest(l) => l.clone(),
+                                _ => continue,
+                            };
+                            facts.computed_opaque |= l.opaque;
+                            facts
+                                .computed_refs
+                                .extend(l.reads.into_iter().map(|r| r.column));
+                        }
+                        if stmts.len() == 1 {
+                            facts.outputs = slots;
+                        }
                     }
                 }
             }
@@ -106,14 +132,14 @@ impl Facts {
 }
 
 /// The node a `{"node": {Kind: body}}` wrapper holds.
-fn unwrap_node(v: &Value) -> Option<(&str, &Value)> {
+pub(super) fn unwrap_node(v: &Value) -> Option<(&str, &Value)> {
     let Value::Object(m) = v.get("node")? else {
         return None;
     };
     m.iter().next().map(|(k, b)| (k.as_str(), b))
 }
 
-fn list(v: &Value, field: &str) -> Vec<(String, Value)> {
+pub(super) fn list(v: &Value, field: &str) -> Vec<(String, Value)> {
     match v.get(field) {
         Some(Value::Array(items)) => items
             .iter()
@@ -384,11 +410,30 @@ fn is_ddl(node: &str) -> bool {
     PREFIXES.iter().any(|p| node.starts_with(p))
 }
 
+/// Built-in functions that run a query given as text or read a relation, schema,
+/// database or cursor named by a value (and dblink's, if installed).
+fn runs_sql(f: &QualifiedName) -> bool {
+    if !(f.schema.is_empty() || f.schema == "pg_catalog" || f.schema == "public") {
+        return false;
+    }
+    let n = f.name.as_str();
+    n.starts_with("query_to_xml")
+        || n.starts_with("table_to_xml")
+        || n.starts_with("cursor_to_xml")
+        || n.starts_with("schema_to_xml")
+        || n.starts_with("database_to_xml")
+        || n.starts_with("dblink")
+        || matches!(
+            n,
+            "query_to_xmlschema" | "table_to_xmlschema" | "cursor_to_xmlschema"
+        )
+}
+
 fn is_opaque(node: &str) -> bool {
     matches!(node, "DoStmt" | "CallStmt" | "ExecuteStmt" | "LoadStmt")
 }
 
-fn strings(list: Option<&Value>) -> Vec<String> {
+pub(super) fn strings(list: Option<&Value>) -> Vec<String> {
     let Some(Value::Array(items)) = list else {
         return Vec::new();
     };
@@ -450,6 +495,9 @@ fn node(kind: &str, body: &Value, facts: &mut Facts) {
         }
         "FuncCall" => {
             if let Some(name) = qualified(strings(body.get("funcname"))) {
+                // Built-in functions that run SQL given as text (or read a table or cursor
+                // by name): what they read is not in the tree.
+                facts.opaque |= runs_sql(&name);
                 facts.functions.insert(name);
             }
         }

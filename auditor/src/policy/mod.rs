@@ -16,6 +16,7 @@
 pub mod cli;
 pub mod explain;
 pub mod facts;
+pub mod lineage;
 pub mod live;
 pub mod load;
 pub mod model;

@@ -361,7 +361,9 @@ pub struct When {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub multi_statement: bool,
     /// Statements whose effect the parse tree does not show: DO blocks, CALL, SQL-level
-    /// EXECUTE of a prepared statement, and function calls by the FunctionCall message.
+    /// EXECUTE of a prepared statement, function calls by the FunctionCall message, and
+    /// built-in functions that run SQL given as text or read a relation named by a value
+    /// (query_to_xml, table_to_xml, cursor_to_xml and the like, dblink).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub opaque: bool,
     /// A regular expression over the statement's text as sent (last resort: text rules

@@ -76,18 +76,27 @@ impl Rule {
 }
 
 /// What the catalog said, as the session sees it: which result columns (table OID and
-/// attribute number, as RowDescription reports them) are masked, which views read masked
-/// columns (their columns are reported with the view's OID: their source is unknown),
-/// the user-defined functions (their bodies are unknown), and the newest relation.
+/// attribute number, as RowDescription reports them) are masked, the columns of views
+/// that read masked columns (resolved through their definitions: a view's column is
+/// reported with the view's OID), the user-defined functions (their bodies are unknown),
+/// and the newest relation.
 #[derive(Debug, Default, Clone)]
 pub struct Plan {
     pub columns: HashMap<(u32, i16), (usize, Arc<str>)>,
+    /// Views (and materialized views, and the planner's statistics) that read masked
+    /// columns.
     pub views: HashSet<u32>,
+    /// Those whose definitions were resolved: their columns not in `view_columns` read
+    /// no masked column.
+    pub resolved_views: HashSet<u32>,
+    /// Masked columns of resolved views.
+    pub view_columns: HashMap<(u32, i16), ViewColumn>,
     /// Relation names (lower case as stored) of masked tables and of those views.
     pub names: HashSet<String>,
-    /// The names of those views alone (their columns may be masked values renamed).
+    /// The names of views whose columns' sources are unknown (their columns may be
+    /// masked values under other names).
     pub view_names: HashSet<String>,
-    /// Names of masked columns.
+    /// Names of masked columns, of tables and of resolved views.
     pub column_names: HashSet<String>,
     pub functions: HashSet<String>,
     /// The largest relation OID when the catalog was read: a result column of a newer
@@ -95,15 +104,47 @@ pub struct Plan {
     pub max_oid: u32,
 }
 
+/// A masked column of a view.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ViewColumn {
+    /// A masked column passed through (renamed, through other views): masked by its rule.
+    Rule(usize, Arc<str>),
+    /// Computed from masked columns: masked whole.
+    Whole,
+}
+
+impl Plan {
+    /// Whether a column read (of a statement's or a view's output) may be a masked one:
+    /// by name (a masked column's name, of any relation), a whole row, or a column of a
+    /// view whose sources are unknown.
+    pub fn reads_masked(&self, r: &crate::policy::lineage::Ref) -> bool {
+        r.column == "*"
+            || self.column_names.contains(&r.column)
+            || r.rel
+                .as_ref()
+                .is_some_and(|rel| self.view_names.contains(rel))
+    }
+
+    /// Whether a value with this lineage may derive from a masked column.
+    pub fn depends(&self, l: &crate::policy::lineage::Lineage) -> bool {
+        l.opaque || l.reads.iter().any(|r| self.reads_masked(r))
+    }
+}
+
 /// Builds the plan from the catalog query's rows.
 #[derive(Default)]
 pub struct PlanBuilder {
     plan: Plan,
+    /// Masked table columns by relation and column name.
+    by_name: HashMap<(String, String), (usize, Arc<str>)>,
+    /// Definitions of the views that read masked columns: OID, name, definition.
+    definitions: Vec<(u32, String, String)>,
     pub error: Option<String>,
 }
 
 impl PlanBuilder {
-    /// One row of [`catalog_query`]: kind, oid, attnum, schema, relation, column.
+    /// One row of [`catalog_query`]: kind, oid, attnum, schema, relation, column (a view's
+    /// definition for kind `d`).
     pub fn row(&mut self, body: &[u8], rules: &[Rule]) {
         let Some(cols) = text_columns(body) else {
             self.error = Some("the catalog's answer does not parse".into());
@@ -125,9 +166,11 @@ impl PlanBuilder {
                 }) else {
                     return;
                 };
-                self.plan
-                    .columns
-                    .insert((oid, attnum), (i, format!("{schema}.{rel}.{att}").into()));
+                let label: Arc<str> = format!("{schema}.{rel}.{att}").into();
+                self.plan.columns.insert((oid, attnum), (i, label.clone()));
+                self.by_name
+                    .entry((rel.clone(), att.clone()))
+                    .or_insert((i, label));
                 self.plan.names.insert(rel.clone());
                 self.plan.column_names.insert(att.clone());
             }
@@ -136,6 +179,7 @@ impl PlanBuilder {
                 self.plan.names.insert(rel.clone());
                 self.plan.view_names.insert(rel.clone());
             }
+            "d" => self.definitions.push((oid, rel.clone(), att.clone())),
             "f" => {
                 self.plan.functions.insert(rel.clone());
             }
@@ -144,10 +188,108 @@ impl PlanBuilder {
         }
     }
 
-    pub fn finish(self) -> Result<Plan, String> {
-        match self.error {
-            Some(e) => Err(e),
-            None => Ok(self.plan),
+    pub fn finish(mut self) -> Result<Plan, String> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        self.resolve_views();
+        Ok(self.plan)
+    }
+
+    /// Each view's columns, from its definition (parsed like a statement): a plain
+    /// column of a masked table column (or of a masked column of another view) is masked
+    /// by that column's rule; a column computed from masked ones, whole; the rest not at
+    /// all. A definition that does not parse, or a view of two views of the same name,
+    /// leaves the view's columns all masked whole.
+    fn resolve_views(&mut self) {
+        use crate::policy::lineage::{of_query, Slot};
+        let mut parsed: HashMap<String, (u32, Vec<crate::policy::lineage::Output>)> =
+            HashMap::new();
+        let mut ambiguous: HashSet<String> = HashSet::new();
+        for (oid, rel, def) in &self.definitions {
+            let outputs = of_query(def).and_then(|slots| {
+                slots
+                    .into_iter()
+                    .map(|s| match s {
+                        Slot::One(o) => Some(o),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>()
+            });
+            match outputs {
+                Some(o) if !parsed.contains_key(rel) => {
+                    parsed.insert(rel.clone(), (*oid, o));
+                }
+                Some(_) => {
+                    ambiguous.insert(rel.clone());
+                }
+                None => {}
+            }
+        }
+        for rel in &ambiguous {
+            parsed.remove(rel);
+        }
+        // The views being resolved are not of unknown source while they are.
+        for rel in parsed.keys() {
+            self.plan.view_names.remove(rel);
+        }
+        // Views over views: resolved until nothing changes, first the columns passed on
+        // (by their rules, through any depth of views), then those masked whole (which
+        // join the names computed columns are judged by, so may mask more).
+        let mut masked: HashMap<(String, String), ViewColumn> = HashMap::new();
+        for passed_on_only in [true, false] {
+            loop {
+                let mut changed = false;
+                for (rel, (_, outputs)) in &parsed {
+                    for o in outputs {
+                        let key = (rel.clone(), o.name.clone());
+                        if masked.contains_key(&key) {
+                            continue;
+                        }
+                        let col = if o.plain && o.reads.len() == 1 && !o.opaque {
+                            let r = o.reads.iter().next().expect("one");
+                            let by_rel = r.rel.as_ref().and_then(|src| {
+                                let k = (src.clone(), r.column.clone());
+                                self.by_name
+                                    .get(&k)
+                                    .map(|(i, label)| ViewColumn::Rule(*i, label.clone()))
+                                    .or_else(|| masked.get(&k).cloned())
+                            });
+                            // Else by name (a masked column's name, of any relation; a
+                            // column of a view whose sources are unknown).
+                            by_rel.or_else(|| {
+                                (!passed_on_only && self.plan.reads_masked(r))
+                                    .then_some(ViewColumn::Whole)
+                            })
+                        } else {
+                            (!passed_on_only
+                                && self.plan.depends(&crate::policy::lineage::Lineage {
+                                    reads: o.reads.clone(),
+                                    opaque: o.opaque,
+                                }))
+                            .then_some(ViewColumn::Whole)
+                        };
+                        if let Some(c) = col {
+                            masked.insert(key, c);
+                            self.plan.column_names.insert(o.name.clone());
+                            changed = true;
+                        }
+                    }
+                }
+                if !changed {
+                    break;
+                }
+            }
+        }
+        for (rel, (oid, outputs)) in &parsed {
+            for (i, o) in outputs.iter().enumerate() {
+                if let Some(c) = masked.get(&(rel.clone(), o.name.clone())) {
+                    self.plan
+                        .view_columns
+                        .insert((*oid, i as i16 + 1), c.clone());
+                }
+            }
+            self.plan.resolved_views.insert(*oid);
         }
     }
 }
@@ -195,8 +337,9 @@ fn like(glob: &str) -> Option<String> {
 /// The proxy's question about the catalog, asked inside the session (so names resolve as
 /// the session sees them, with its privileges), between the client's requests: the
 /// masked columns (of tables, foreign tables, views and materialized views: a rule may
-/// name `pg_catalog.pg_stat_activity.query`), the views that read them (through other views too: pg_depend of
-/// their rewrite rules, column by column or whole-row), the planner's statistics (whose
+/// name `pg_catalog.pg_stat_activity.query`), the views that read them (through other
+/// views too: pg_depend of their rewrite rules, column by column or whole-row) with their
+/// definitions (resolved to base columns in [`PlanBuilder::finish`]), the planner's statistics (whose
 /// most common values and histograms are column values: treated like such views), the
 /// user-defined functions, and the newest relation's OID. None when a rule's name cannot
 /// be quoted.
@@ -242,6 +385,10 @@ pub fn catalog_query(rules: &[Rule]) -> Option<String> {
          UNION ALL SELECT 'v', v.relid::pg_catalog.int8, 0, n.nspname::text, c.relname::text, '' \
          FROM views v JOIN pg_catalog.pg_class c ON c.oid = v.relid \
          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         UNION ALL SELECT 'd', v.relid::pg_catalog.int8, 0, n.nspname::text, c.relname::text, \
+         pg_catalog.pg_get_viewdef(v.relid) \
+         FROM views v JOIN pg_catalog.pg_class c ON c.oid = v.relid \
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('v', 'm') \
          UNION ALL SELECT 'v', c.oid::pg_catalog.int8, 0, 'pg_catalog', c.relname::text, '' \
          FROM pg_catalog.pg_class c WHERE c.relnamespace = 'pg_catalog'::pg_catalog.regnamespace \
          AND c.relname IN ('pg_stats', 'pg_stats_ext', 'pg_stats_ext_exprs', 'pg_statistic', 'pg_statistic_ext_data') \
@@ -312,7 +459,8 @@ pub fn unknown_lineage(plan: &Plan, f: &crate::policy::Facts) -> bool {
             || f.computed_refs
                 .iter()
                 .any(|c| c == "*" || plan.column_names.contains(c))
-            // A view's columns may be masked columns under other names.
+            // A view's columns (of one not resolved) may be masked columns under other
+            // names.
             || (reads_view && !f.computed_refs.is_empty())
             || f.functions.iter().any(|q| plan.functions.contains(&q.name)))
 }
@@ -324,15 +472,70 @@ pub fn masks_computed(plan: &Plan, f: &crate::policy::Facts) -> bool {
     unknown_lineage(plan, f) || (touches(plan, f) && f.reads_by_name)
 }
 
-/// The masks of a result's columns: a masked column by its source; a column of a view
-/// that reads masked columns, or of a relation newer than the plan, whole; a computed
-/// column (no source) whole when the statement's lineage is unknown. The first rule's
-/// function masks what is masked whole. None when nothing in the result is masked.
+/// Which computed columns of a result (no table source in its description) are masked
+/// whole.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Computed {
+    None,
+    All,
+    /// By the result's column index: those whose own expression reads a masked column.
+    Each(Vec<bool>),
+}
+
+impl Computed {
+    fn at(&self, i: usize) -> bool {
+        match self {
+            Computed::None => false,
+            Computed::All => true,
+            Computed::Each(v) => v.get(i).copied().unwrap_or(true),
+        }
+    }
+}
+
+/// Which computed columns of a result of `n` columns are masked: per output when the
+/// statement's outputs line up with its described columns (each masked if what it
+/// reads may be masked); else all of them or none, by [`masks_computed`]. What runs
+/// code the parse tree does not show, or reads a cursor or prepared statement by name,
+/// has all of them masked.
+pub fn computed_masks(plan: &Plan, f: &crate::policy::Facts, n: usize) -> Computed {
+    if !touches(plan, f) {
+        return Computed::None;
+    }
+    let unknown_code =
+        f.opaque || f.reads_by_name || f.functions.iter().any(|q| plan.functions.contains(&q.name));
+    if !unknown_code {
+        if let Some(lined) = f
+            .outputs
+            .as_deref()
+            .and_then(|o| crate::policy::lineage::align(o, n))
+        {
+            return Computed::Each(
+                lined
+                    .iter()
+                    // A column of a `*` over a relation is plain: described with its
+                    // source (if the server says otherwise, masked).
+                    .map(|l| l.as_ref().map_or(true, |l| plan.depends(l)))
+                    .collect(),
+            );
+        }
+    }
+    if masks_computed(plan, f) {
+        Computed::All
+    } else {
+        Computed::None
+    }
+}
+
+/// The masks of a result's columns: a masked column by its source (a view's column
+/// resolved to the masked column it passes on, by that column's rule); a computed column
+/// of a view, a column of a view not resolved or of a relation newer than the plan, whole;
+/// a computed column (no source) whole as `computed` says. The first rule's function
+/// masks what is masked whole. None when nothing in the result is masked.
 pub fn result_masks(
     plan: &Plan,
     rules: &[Rule],
     columns: &[crate::conversation::Column],
-    lineage_unknown: bool,
+    computed: &Computed,
 ) -> Option<Arc<[Option<ColumnMask>]>> {
     // The rules masking whole columns by their source.
     let fallback = rules
@@ -344,12 +547,20 @@ pub fn result_masks(
         rules.iter().filter_map(Rule::everywhere).cloned().collect();
     let masks: Vec<Option<ColumnMask>> = columns
         .iter()
-        .map(|c| {
+        .enumerate()
+        .map(|(ci, c)| {
             let whole = |how| Some(ColumnMask::whole(how, c.type_oid, c.format == 1));
-            let rule = plan
-                .columns
-                .get(&(c.table_oid, c.column))
-                .and_then(|(i, _)| rules.get(*i));
+            let rule = match (
+                plan.columns.get(&(c.table_oid, c.column)),
+                plan.view_columns.get(&(c.table_oid, c.column)),
+            ) {
+                (Some((i, _)), _) | (None, Some(ViewColumn::Rule(i, _))) => rules.get(*i),
+                (None, Some(ViewColumn::Whole)) => match fallback {
+                    Some(how) => return whole(how),
+                    None => None,
+                },
+                (None, None) => None,
+            };
             let by_source = match rule {
                 Some(r) if r.scan.is_none() => return whole(r.how),
                 Some(r) => r.scan.clone(),
@@ -357,7 +568,9 @@ pub fn result_masks(
                 // of a table with masked columns, or in a statement of unknown lineage.
                 None if c.table_oid != 0
                     && c.column == 0
-                    && (lineage_unknown || plan.columns.keys().any(|k| k.0 == c.table_oid)) =>
+                    && (computed.at(ci)
+                        || plan.columns.keys().any(|k| k.0 == c.table_oid)
+                        || plan.view_columns.keys().any(|k| k.0 == c.table_oid)) =>
                 {
                     if let Some(how) = fallback {
                         return whole(how);
@@ -365,14 +578,16 @@ pub fn result_masks(
                     None
                 }
                 None if c.table_oid != 0
-                    && (plan.views.contains(&c.table_oid) || c.table_oid > plan.max_oid) =>
+                    && ((plan.views.contains(&c.table_oid)
+                        && !plan.resolved_views.contains(&c.table_oid))
+                        || c.table_oid > plan.max_oid) =>
                 {
                     if let Some(how) = fallback {
                         return whole(how);
                     }
                     None
                 }
-                None if c.table_oid == 0 && lineage_unknown => {
+                None if c.table_oid == 0 && computed.at(ci) => {
                     if let Some(how) = fallback {
                         return whole(how);
                     }
@@ -401,9 +616,12 @@ pub fn result_masks(
 /// The label of a masked result column, for the trail (`schema.table.column`, or the
 /// column's name when its source is unknown).
 pub fn label_of(plan: &Plan, c: &crate::conversation::Column) -> Arc<str> {
-    match plan.columns.get(&(c.table_oid, c.column)) {
-        Some((_, label)) => label.clone(),
-        None => c.name.as_str().into(),
+    match (
+        plan.columns.get(&(c.table_oid, c.column)),
+        plan.view_columns.get(&(c.table_oid, c.column)),
+    ) {
+        (Some((_, label)), _) | (None, Some(ViewColumn::Rule(_, label))) => label.clone(),
+        _ => c.name.as_str().into(),
     }
 }
 
@@ -867,6 +1085,128 @@ mod tests {
             binary,
             scan: None,
         })
+    }
+
+    /// A plan from catalog rows as the catalog query returns them: customers (oid 100)
+    /// with email (2, rule 0) and phone (3, rule 1); views over it (oids 200, 201).
+    fn plan_of(views: &[(u32, &str, &str)]) -> (Plan, Vec<Rule>) {
+        let pattern = |t: &str| -> ColumnPattern {
+            serde_json::from_str(&format!("\"{t}\"")).expect("a column pattern")
+        };
+        let rule = |name: &str, col: &str, how| Rule {
+            policy: "p".into(),
+            name: name.into(),
+            columns: vec![pattern(col)],
+            how,
+            blocks_unknown: true,
+            scan: None,
+        };
+        let rules = vec![
+            rule("contact", "customers.email", MaskFunction::Email),
+            rule("phones", "customers.phone", MaskFunction::Redact),
+        ];
+        let mut b = PlanBuilder::default();
+        let mut add = |cols: [&str; 6]| {
+            let vals: Vec<Option<&[u8]>> = cols.iter().map(|c| Some(c.as_bytes())).collect();
+            b.row(&row(&vals), &rules);
+        };
+        add(["c", "100", "2", "public", "customers", "email"]);
+        add(["c", "100", "3", "public", "customers", "phone"]);
+        add(["c", "100", "1", "public", "customers", "id"]);
+        for (oid, name, def) in views {
+            let oid = oid.to_string();
+            add(["v", &oid, "0", "public", name, ""]);
+            add(["d", &oid, "0", "public", name, def]);
+        }
+        add(["m", "300", "0", "", "", ""]);
+        (b.finish().expect("a plan"), rules)
+    }
+
+    fn col(table_oid: u32, column: i16) -> crate::conversation::Column {
+        crate::conversation::Column {
+            name: "c".into(),
+            table_oid,
+            column,
+            type_oid: 25,
+            type_size: -1,
+            type_modifier: -1,
+            format: 0,
+        }
+    }
+
+    #[test]
+    fn views_resolve_to_their_base_columns() {
+        let (plan, rules) = plan_of(&[
+            (
+                200,
+                "contacts",
+                " SELECT c.id,\n    c.email AS contact,\n    lower(c.phone) AS quiet,\n    upper(c.note) AS loud\n   FROM customers c;",
+            ),
+            // A view of a view, listed first: resolved all the same.
+            (201, "renamed", " SELECT contacts.contact AS e, contacts.id\n   FROM contacts;"),
+        ]);
+        let cols: Vec<_> = (1..=4).map(|i| col(200, i)).collect();
+        let m = result_masks(&plan, &rules, &cols, &Computed::None).expect("masked");
+        assert!(m[0].is_none(), "id as sent: {plan:?}");
+        assert_eq!(m[1].as_ref().map(|m| m.how), Some(MaskFunction::Email));
+        assert!(m[2].is_some(), "computed from a masked column: whole");
+        assert!(m[3].is_none(), "computed from none");
+        assert_eq!(&*label_of(&plan, &cols[1]), "public.customers.email");
+        let m = result_masks(&plan, &rules, &[col(201, 1), col(201, 2)], &Computed::None)
+            .expect("masked");
+        assert_eq!(m[0].as_ref().map(|m| m.how), Some(MaskFunction::Email));
+        assert!(m[1].is_none());
+        // Its masked columns' names join those computed columns are judged by.
+        assert!(plan.column_names.contains("e") && plan.column_names.contains("contact"));
+        // A definition that does not parse leaves the view masked whole.
+        let (plan, rules) = plan_of(&[(200, "broken", "SELECT FROM WHERE (")]);
+        let m = result_masks(&plan, &rules, &[col(200, 1)], &Computed::None).expect("masked");
+        assert!(m[0].is_some());
+    }
+
+    #[test]
+    fn computed_columns_by_what_each_reads() {
+        let (plan, _) = plan_of(&[]);
+        let computed = |sql: &str, n: usize| {
+            let f = crate::policy::Facts::of(sql).expect("parses");
+            computed_masks(&plan, &f, n)
+        };
+        assert_eq!(
+            computed(
+                "SELECT lower(email), count(*), upper(note) FROM customers GROUP BY 1, 3",
+                3
+            ),
+            Computed::Each(vec![true, false, false])
+        );
+        // Renamed in a sub-select or CTE, read by an expression outside.
+        for sql in [
+            "SELECT lower(p) FROM (SELECT phone AS p FROM customers) s",
+            "WITH x AS (SELECT phone AS p FROM customers) SELECT p || '' FROM x",
+        ] {
+            assert_eq!(computed(sql, 1), Computed::Each(vec![true]), "{sql}");
+            let f = crate::policy::Facts::of(sql).unwrap();
+            assert!(
+                masks_computed(&plan, &f),
+                "{sql}: the statement-wide answer too"
+            );
+        }
+        // A star of unknown width beside computed columns: lined up by the count.
+        assert_eq!(
+            computed("SELECT *, lower(email) FROM customers", 7),
+            Computed::Each(vec![true, true, true, true, true, true, true])
+        );
+        // What cannot be lined up: all computed columns, as the statement says.
+        assert_eq!(
+            computed("SELECT *, *, lower(email) FROM customers", 5),
+            Computed::All
+        );
+        assert_eq!(computed("SELECT id FROM orders", 1), Computed::None);
+        // SQL run from text: opaque, refused where the rule blocks the unknown.
+        let f = crate::policy::Facts::of(
+            "SELECT query_to_xml('select phone from customers', true, false, '')",
+        )
+        .unwrap();
+        assert!(touches(&plan, &f) && runs_unknown_code(&plan, &f));
     }
 
     #[test]

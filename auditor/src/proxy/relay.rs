@@ -1151,15 +1151,15 @@ impl Relay {
             self.substitute(b'Q', Refusal::blocked(d, sql));
             return;
         };
-        let unknown = match self.analyzer.analyze(&copy.query).facts(&copy.query) {
-            Some(g) => super::mask::masks_computed(plan, g),
-            None => true,
+        let computed = match self.analyzer.analyze(&copy.query).facts(&copy.query) {
+            Some(g) => super::mask::computed_masks(plan, g, cols.len()),
+            None => super::mask::Computed::All,
         };
         let binary = copy.format == super::copy::Format::Binary;
         for c in &mut cols {
             c.format = i16::from(binary);
         }
-        let Some(masks) = super::mask::result_masks(plan, &m.rules, &cols, unknown) else {
+        let Some(masks) = super::mask::result_masks(plan, &m.rules, &cols, &computed) else {
             // Nothing in it is masked: it runs as it is.
             self.release_copy_query(&query, true);
             return;
@@ -1366,24 +1366,25 @@ impl Relay {
         }
         let plan = m.plan.as_ref()?;
         let (sql, columns) = self.conv.rows_source().unwrap_or((None, None));
-        let (touching, unknown) = match &sql {
+        let n = columns.as_ref().map_or(0, |c| c.len());
+        let (touching, computed) = match &sql {
             Some(sql) => {
                 let a = self.analyzer.analyze(sql);
                 match a.facts(sql) {
                     Some(f) => (
                         super::mask::touches(plan, f),
-                        super::mask::masks_computed(plan, f),
+                        super::mask::computed_masks(plan, f, n),
                     ),
-                    None => (true, true),
+                    None => (true, super::mask::Computed::All),
                 }
             }
-            None => (true, true),
+            None => (true, super::mask::Computed::All),
         };
         m.labels.clear();
         m.counts.clear();
         let masks = match columns {
             Some(cols) => {
-                let masks = super::mask::result_masks(plan, &m.rules, &cols, unknown);
+                let masks = super::mask::result_masks(plan, &m.rules, &cols, &computed);
                 if let Some(masks) = &masks {
                     m.labels.extend(
                         cols.iter()
