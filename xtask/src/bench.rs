@@ -112,6 +112,31 @@ fn busy_cpu_ns() -> Result<u64> {
     Ok(busy * 1_000_000_000 / hz)
 }
 
+/// Waits until the machine is quiet (under 10% of one CPU busy over half a second; at
+/// most a minute): what an earlier run left working (ClickHouse merging what it was sent,
+/// Postgres writing its log, a daemon's last flush) would otherwise be counted against the
+/// next run, whichever configuration that is.
+fn settle() -> Result<()> {
+    let started = Instant::now();
+    let mut busy = 1.0;
+    while started.elapsed() < Duration::from_secs(60) {
+        let b0 = busy_cpu_ns()?;
+        std::thread::sleep(Duration::from_millis(500));
+        busy = (busy_cpu_ns()? - b0) as f64 / 500e6;
+        if busy < 0.10 {
+            break;
+        }
+    }
+    if started.elapsed() > Duration::from_secs(2) {
+        eprintln!(
+            "bench:   waited {:.0} s for the machine to settle (last: {:.0}% of a CPU busy)",
+            started.elapsed().as_secs_f64(),
+            busy * 100.0
+        );
+    }
+    Ok(())
+}
+
 /// utime + stime of a process, ns.
 fn process_cpu_ns(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -641,6 +666,7 @@ fn one_run(
         }
         Config::None | Config::Pgbouncer => {}
     }
+    settle()?;
     let daemon_pid = daemon.as_ref().map(|d: &Daemon| d.pid());
     let cpu0 = busy_cpu_ns()?;
     let dcpu0 = daemon_pid.and_then(process_cpu_ns);
@@ -1044,6 +1070,11 @@ pub fn bench(opts: Options) -> Result<()> {
                     seconds,
                     clients,
                 )?;
+                eprintln!(
+                    "bench:   {:.0} tps, {:.1} µs CPU/tx",
+                    s.tps,
+                    s.cpu_ns_per_tx / 1000.0
+                );
                 results.entry((wi, c)).or_default().push(s);
             }
         }

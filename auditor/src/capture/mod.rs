@@ -195,10 +195,8 @@ pub struct Capture {
     /// Why backends older than the daemon cannot be asked for statement texts (the
     /// PortalDefineQuery probe did not load), if so.
     pub server_probe_error: Option<String>,
-    /// The backends hooked, by executable (dev, inode) (see [`Capture::hook_backend`]).
-    backend_hooks: std::collections::HashMap<u32, (u64, u64)>,
-    /// The probe on each Postgres executable with hooked backends.
-    server_links: std::collections::HashMap<(u64, u64), aya::programs::uprobe::UProbeLinkId>,
+    /// The backends hooked, with their probe (see [`Capture::hook_backend`]).
+    backend_hooks: std::collections::HashMap<u32, aya::programs::uprobe::UProbeLinkId>,
     /// PortalDefineQuery's file offset in each Postgres executable examined (dev, inode).
     server_symbols: std::collections::HashMap<(u64, u64), Option<u64>>,
     old_backends: Option<BpfHashMap<MapData, u32, u8>>,
@@ -333,16 +331,13 @@ fn attach_uprobe(
     program: &str,
     offset: u64,
     target: &Path,
+    scope: UProbeScope,
 ) -> Result<aya::programs::uprobe::UProbeLinkId, aya::programs::ProgramError> {
     let p: &mut UProbe = ebpf
         .program_mut(program)
         .ok_or(aya::programs::ProgramError::UnexpectedProgramType)?
         .try_into()?;
-    p.attach(
-        UProbeAttachLocation::AbsoluteOffset(offset),
-        target,
-        UProbeScope::AllProcesses,
-    )
+    p.attach(UProbeAttachLocation::AbsoluteOffset(offset), target, scope)
 }
 
 /// A loading error without the whole verifier log (it can run to megabytes): the error and
@@ -584,7 +579,6 @@ impl Capture {
             tls_return_program,
             server_probe_error,
             backend_hooks: Default::default(),
-            server_links: Default::default(),
             server_symbols: Default::default(),
             old_backends,
         })
@@ -684,15 +678,20 @@ impl Capture {
 
     /// Asks backend `pid` (a Postgres server process older than the daemon) for the text of
     /// each named prepared statement it binds (its Parse went by before capture): it is
-    /// listed in OLD_BACKENDS, and its executable gets the uprobe on PortalDefineQuery if
-    /// it has none yet. The probe fires in every process of that executable (a per-process
-    /// probe does not fire on this kernel), so it goes when the last listed backend exits
-    /// ([`Capture::unhook_gone_backends`]). Returns whether `pid` was hooked now.
+    /// listed in OLD_BACKENDS and gets its own uprobe on PortalDefineQuery, removed when
+    /// it exits ([`Capture::unhook_gone_backends`]). A probe scoped to the process puts
+    /// its breakpoint in that process alone: one on the executable would trap in every
+    /// backend's every Bind (on a VM, the trap and single step of a uprobe cost as much as
+    /// a whole select-only transaction), for as long as one old backend lives (a pooler's
+    /// server connections can live for hours). Returns whether `pid` was hooked now.
     pub fn hook_backend(&mut self, pid: u32) -> Result<bool, String> {
         use std::os::{fd::AsRawFd, unix::fs::MetadataExt};
         if self.server_probe_error.is_some() || self.backend_hooks.contains_key(&pid) {
             return Ok(false);
         }
+        let Some(scope) = std::num::NonZeroU32::new(pid) else {
+            return Ok(false);
+        };
         let exe = format!("/proc/{pid}/exe");
         let file = std::fs::File::open(&exe).map_err(|e| format!("{exe}: {e}"))?;
         let meta = file.metadata().map_err(|e| format!("{exe}: {e}"))?;
@@ -714,20 +713,22 @@ impl Capture {
             map.insert(pid, 1, 0)
                 .map_err(|e| format!("OLD_BACKENDS: {e}"))?;
         }
-        if !self.server_links.contains_key(&id) {
-            // Through the daemon's own descriptor: the same inode, whatever mount
-            // namespace the backend runs in.
-            let target = format!("/proc/self/fd/{}", file.as_raw_fd());
-            let link = attach_uprobe(&mut self.ebpf, SERVER_PROGRAM, offset, Path::new(&target))
-                .map_err(|e| format!("PortalDefineQuery in {exe}: {e}"))?;
-            self.server_links.insert(id, link);
-        }
-        self.backend_hooks.insert(pid, id);
+        // Through the daemon's own descriptor: the same inode, whatever mount namespace
+        // the backend runs in.
+        let target = format!("/proc/self/fd/{}", file.as_raw_fd());
+        let link = attach_uprobe(
+            &mut self.ebpf,
+            SERVER_PROGRAM,
+            offset,
+            Path::new(&target),
+            UProbeScope::OneProcess(scope),
+        )
+        .map_err(|e| format!("PortalDefineQuery in {exe}: {e}"))?;
+        self.backend_hooks.insert(pid, link);
         Ok(true)
     }
 
-    /// Forgets the hooked backends that have exited; removes the probe from executables
-    /// none of whose hooked backends is left.
+    /// Forgets the hooked backends that have exited, and removes their probes.
     pub fn unhook_gone_backends(&mut self) {
         let gone: Vec<u32> = self
             .backend_hooks
@@ -736,21 +737,12 @@ impl Capture {
             .filter(|pid| !Path::new(&format!("/proc/{pid}")).exists())
             .collect();
         for pid in gone {
-            self.backend_hooks.remove(&pid);
+            let Some(link) = self.backend_hooks.remove(&pid) else {
+                continue;
+            };
             if let Some(map) = &mut self.old_backends {
                 let _ = map.remove(&pid);
             }
-        }
-        let unused: Vec<(u64, u64)> = self
-            .server_links
-            .keys()
-            .copied()
-            .filter(|id| !self.backend_hooks.values().any(|v| v == id))
-            .collect();
-        for id in unused {
-            let Some(link) = self.server_links.remove(&id) else {
-                continue;
-            };
             if let Some(p) = self
                 .ebpf
                 .program_mut(SERVER_PROGRAM)
@@ -835,8 +827,14 @@ impl Capture {
             };
             let mut ok = true;
             for program in [*entry, self.tls_return_program] {
-                let result = attach_uprobe(&mut self.ebpf, program, *offset, path)
-                    .and_then(|id| self.pin_uprobe_link(program, id));
+                let result = attach_uprobe(
+                    &mut self.ebpf,
+                    program,
+                    *offset,
+                    path,
+                    UProbeScope::AllProcesses,
+                )
+                .and_then(|id| self.pin_uprobe_link(program, id));
                 if let Err(source) = result {
                     ok = false;
                     first_error.get_or_insert(CaptureError::Program {
