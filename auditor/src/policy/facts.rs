@@ -106,12 +106,7 @@ impl Facts {
                         let slots = super::lineage::of_statement(kind, body);
                         for s in slots.iter().flatten() {
                             let l = match s {
-                                super::lineage::Slot::One(o) if !o.plain => {
-                                    super::lineage::Lineage {
-                                        reads: o.reads.clone(),
-                                        opaque: o.opaque,
-                                    }
-                                }
+                                super::lineage::Slot::One(o) if !o.plain => o.lineage(),
                                 super::lineage::Slot::Rest(l) => l.clone(),
                                 _ => continue,
                             };

@@ -41,6 +41,14 @@ pub struct Output {
 }
 
 impl Output {
+    /// What it reads.
+    pub fn lineage(&self) -> Lineage {
+        Lineage {
+            reads: self.reads.clone(),
+            opaque: self.opaque,
+        }
+    }
+
     fn absorb(&mut self, other: &Lineage) {
         self.reads.extend(other.reads.iter().cloned());
         self.opaque |= other.opaque;
@@ -146,10 +154,7 @@ pub fn align(slots: &[Slot], n: usize) -> Option<Vec<Result<Lineage, ()>>> {
     let mut out = Vec::with_capacity(n);
     for s in slots {
         match s {
-            Slot::One(o) => out.push(Ok(Lineage {
-                reads: o.reads.clone(),
-                opaque: o.opaque,
-            })),
+            Slot::One(o) => out.push(Ok(o.lineage())),
             Slot::Table(_) => out.extend((0..width).map(|_| Err(()))),
             Slot::Rest(l) => out.extend((0..width).map(|_| Ok(l.clone()))),
         }
@@ -658,13 +663,7 @@ impl Entry {
                     })
                     .collect();
                 if let [o] = exact.as_slice() {
-                    return Some((
-                        Lineage {
-                            reads: o.reads.clone(),
-                            opaque: o.opaque,
-                        },
-                        o.plain,
-                    ));
+                    return Some((o.lineage(), o.plain));
                 }
                 let mut l = Lineage::default();
                 let mut plain = exact.is_empty();

@@ -262,12 +262,8 @@ impl PlanBuilder {
                                     .then_some(ViewColumn::Whole)
                             })
                         } else {
-                            (!passed_on_only
-                                && self.plan.depends(&crate::policy::lineage::Lineage {
-                                    reads: o.reads.clone(),
-                                    opaque: o.opaque,
-                                }))
-                            .then_some(ViewColumn::Whole)
+                            (!passed_on_only && self.plan.depends(&o.lineage()))
+                                .then_some(ViewColumn::Whole)
                         };
                         if let Some(c) = col {
                             masked.insert(key, c);
