@@ -111,7 +111,10 @@ pub mod counter {
     /// Connections of enforced workloads refused (no proxy listening, or the original
     /// destination could not be kept): enforcement fails closed.
     pub const REDIRECT_REFUSED: u32 = 13;
-    pub const COUNT: u32 = 14;
+    /// Reads and writes of watched sockets not followed because the table of calls in
+    /// flight was full (their bytes are missing from the stream).
+    pub const PENDING_FULL: u32 = 14;
+    pub const COUNT: u32 = 15;
 }
 
 /// The endpoints of a TCP connection as seen from the socket's owner.

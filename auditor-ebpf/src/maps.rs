@@ -135,10 +135,13 @@ pub struct PendingCall {
     pub buf: u64,
     /// Number of iovecs; 0 for a plain buffer.
     pub iovcnt: u64,
+    /// The syscall it is (`__syscall_nr` of the tracepoint's record): an exit completes
+    /// only the call its own syscall began.
+    pub nr: u32,
     pub direction: u8,
-    /// PENDING_READ, PENDING_EOF_ONLY.
+    /// PENDING_ACTIVE, PENDING_READ, PENDING_EOF_ONLY.
     pub flags: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 /// The call reads (a return of 0 is the end of the stream).
@@ -146,7 +149,14 @@ pub const PENDING_READ: u8 = 1;
 /// A read on a muted Unix-domain end: only its end of stream matters (there is no close
 /// tracepoint for Unix sockets).
 pub const PENDING_EOF_ONLY: u8 = 2;
+/// The entry holds a call in flight; its exit clears the flag. A thread's entry is written
+/// in place call after call, never deleted: an update and a delete per call cost more
+/// than the call's whole lookup path.
+pub const PENDING_ACTIVE: u8 = 4;
 
+/// The call in flight of each thread (by pid_tgid) that read or wrote a watched socket;
+/// its entry goes when the thread ends (`sched_process_exit`). Not LRU: an entry is never
+/// taken from a thread blocked in a long read; a full table is counted (PENDING_FULL).
 #[map]
 pub static PENDING: HashMap<u64, PendingCall> = HashMap::with_max_entries(16384, 0);
 

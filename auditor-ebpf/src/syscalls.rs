@@ -29,7 +29,7 @@ use crate::{
     maps::{
         count, ConnState, PendingCall, SockRef, SslKey, CHUNKS_PER_CALL, CONNECTING, CONNS,
         DAEMON_TGID, EVENTS, GENERATION, HANDOVER, KNOWN_FILES, LOOP_STATE, MUTED, PENDING,
-        PENDING_EOF_ONLY, PENDING_READ, SCRATCH, SSL_SOCKS, TLS_CALLS, WAKE_BYTES,
+        PENDING_ACTIVE, PENDING_EOF_ONLY, PENDING_READ, SCRATCH, SSL_SOCKS, TLS_CALLS, WAKE_BYTES,
     },
     sock::{file_id_of_fd, offsets, sock_of_fd, watched_sock},
 };
@@ -41,6 +41,8 @@ const ARG2: usize = 32;
 const ARG3: usize = 40;
 const ARG4: usize = 48;
 const RET: usize = 16;
+/// `__syscall_nr` in the records of both syscall tracepoints.
+const NR: usize = 8;
 const EINPROGRESS: i64 = 115;
 const MSG_PEEK: u64 = 2;
 const TCP_CLOSE: i32 = 7;
@@ -76,6 +78,20 @@ pub(crate) fn on_duty_now() -> Option<()> {
     (unsafe { bpf_ktime_get_ns() } <= h.lease_until_ns).then_some(())
 }
 
+/// On duty, and the time if within the lease: where a record is about to be made, the
+/// clock read that stamps it also checks the lease (a read or write is taken up at its
+/// entry on the generation alone, and dropped at its exit if the lease ran out meanwhile;
+/// on a VM a clock read is a good part of a short program's time).
+#[inline(always)]
+pub(crate) fn on_duty_at() -> Option<u64> {
+    let h = HANDOVER.get(0)?;
+    if h.generation != GENERATION.load() {
+        return None;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    (now <= h.lease_until_ns).then_some(now)
+}
+
 #[inline(always)]
 pub(crate) fn is_daemon(pid_tgid: u64) -> bool {
     (pid_tgid >> 32) as u32 == DAEMON_TGID.load()
@@ -96,6 +112,8 @@ fn conn_of_sock(off: &KernelOffsets, sk: u64, ino: u64, seen: u8) -> Option<(Con
         let _ = MUTED.remove(sk);
     }
     let (tuple, role) = watched_sock(off, sk)?;
+    // A connection is taken up only within the lease.
+    on_duty_now()?;
     let state = ConnState {
         start_ns: unsafe { bpf_ktime_get_ns() },
         tuple,
@@ -133,11 +151,16 @@ fn lookup_conn(fd: u64, seen: u8) -> Option<(u64, ConnState, bool)> {
 
 #[inline(always)]
 pub(crate) fn fill_identity(h: &mut RecordHeader) {
+    fill_identity_at(h, unsafe { bpf_ktime_get_ns() });
+}
+
+#[inline(always)]
+pub(crate) fn fill_identity_at(h: &mut RecordHeader, ts_ns: u64) {
     h.pid_tgid = bpf_get_current_pid_tgid();
     h.uid_gid = bpf_get_current_uid_gid();
     h.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    h.ts_ns = unsafe { bpf_ktime_get_ns() };
+    h.ts_ns = ts_ns;
 }
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
@@ -198,7 +221,8 @@ fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> O
     if is_daemon(pid_tgid) {
         return None;
     }
-    on_duty_now()?;
+    // The lease is checked at the exit, with the clock read that stamps the record.
+    on_duty()?;
     let off = offsets()?;
     let (sk, ino) = sock_of_fd(&off, arg(ctx, ARG0))?;
     // Inside a hooked TLS library call: this syscall moves ciphertext for that call, and
@@ -251,7 +275,7 @@ fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> O
         // Plaintext of this socket comes from the TLS hooks.
         return None;
     }
-    let mut flags = if is_write { 0 } else { PENDING_READ };
+    let mut flags = PENDING_ACTIVE | if is_write { 0 } else { PENDING_READ };
     if unsafe { MUTED.get(sk) }.is_some_and(|&start| start == state.start_ns) {
         if is_write || state.tuple.family != AF_UNIX {
             return None;
@@ -263,15 +287,31 @@ fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> O
         sock: sk,
         buf,
         iovcnt,
+        nr: syscall_nr(ctx),
         direction: if towards_server {
             DIR_TO_SERVER
         } else {
             DIR_TO_CLIENT
         },
         flags,
-        _pad: [0; 6],
+        _pad: [0; 2],
     };
-    PENDING.insert(pid_tgid, pending, 0).ok()
+    // The thread's entry from its last call, rewritten in place (see PENDING_ACTIVE).
+    if let Some(slot) = PENDING.get_ptr_mut(pid_tgid) {
+        unsafe { *slot = pending };
+        return Some(());
+    }
+    if PENDING.insert(pid_tgid, pending, 0).is_err() {
+        count(counter::PENDING_FULL, 1);
+    }
+    Some(())
+}
+
+/// The syscall number in a syscall tracepoint's record.
+#[inline(always)]
+fn syscall_nr(ctx: &TracePointContext) -> u32 {
+    // SAFETY: `__syscall_nr` is an int at offset 8 of both syscall tracepoints' records.
+    unsafe { core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(NR) as *const u32) }
 }
 
 /// Copies `len` bytes from user memory at `src` into one record and sends it.
@@ -313,6 +353,21 @@ pub(crate) fn prepare_record(
     ssl: u64,
     total: u64,
 ) -> Option<(u64, *mut auditor_common::DataRecord)> {
+    prepare_record_at(sock, direction, stream, ssl, total, unsafe {
+        bpf_ktime_get_ns()
+    })
+}
+
+/// As `prepare_record`, the record stamped `ts_ns`.
+#[inline(always)]
+pub(crate) fn prepare_record_at(
+    sock: u64,
+    direction: u8,
+    stream: u8,
+    ssl: u64,
+    total: u64,
+    ts_ns: u64,
+) -> Option<(u64, *mut auditor_common::DataRecord)> {
     let state = CONNS.get_ptr_mut(sock)?;
     let dir = direction as usize & 1;
     // This call's range of the stream. A plain read-modify-write: the socket lock orders
@@ -345,7 +400,7 @@ pub(crate) fn prepare_record(
         h._pad = [0; 3];
         h.aux = [0, 0];
         h.ssl = ssl;
-        fill_identity(h);
+        fill_identity_at(h, ts_ns);
     }
     Some((base, rec))
 }
@@ -358,8 +413,12 @@ fn begin_exit(
 ) -> Option<(PendingCall, u64, u64, *mut auditor_common::DataRecord)> {
     on_duty()?;
     let pid_tgid = bpf_get_current_pid_tgid();
-    let pending = *unsafe { PENDING.get(pid_tgid) }?;
-    let _ = PENDING.remove(pid_tgid);
+    let slot = PENDING.get_ptr_mut(pid_tgid)?;
+    let pending = unsafe { *slot };
+    if pending.flags & PENDING_ACTIVE == 0 || pending.nr != syscall_nr(ctx) {
+        return None;
+    }
+    unsafe { (*slot).flags = 0 };
     let ret = arg(ctx, RET) as i64;
     if ret == 0 && pending.flags & PENDING_READ != 0 {
         end_of_stream(pending.sock);
@@ -368,8 +427,10 @@ fn begin_exit(
     if ret <= 0 || pending.flags & PENDING_EOF_ONLY != 0 {
         return None;
     }
+    let now = on_duty_at()?;
     let total = ret as u64;
-    let (base, rec) = prepare_record(pending.sock, pending.direction, STREAM_RAW, 0, total)?;
+    let (base, rec) =
+        prepare_record_at(pending.sock, pending.direction, STREAM_RAW, 0, total, now)?;
     Some((pending, total, base, rec))
 }
 
@@ -866,6 +927,13 @@ fn emit_file(dev: u64, ino: u64) {
     {
         count(counter::FILE_DROPS, 1);
     }
+}
+
+/// A thread ended: its entry in PENDING (if it ever read or wrote a watched socket) goes.
+#[tracepoint]
+pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    let _ = PENDING.remove(bpf_get_current_pid_tgid());
+    0
 }
 
 /// A process replaced its program: the daemon checks the new executable (which may link a

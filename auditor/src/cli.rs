@@ -393,7 +393,10 @@ pub fn stats(path: &Path, json: bool) -> Result<(), CliError> {
         s.kernel.truncated_calls, s.kernel.truncated_bytes
     );
     println!("read failures      {}", s.kernel.read_failures);
-    println!("connection table   {} full", s.kernel.conn_table_full);
+    println!(
+        "kernel tables      {} connections, {} calls in flight not taken (full)",
+        s.kernel.conn_table_full, s.kernel.pending_full
+    );
     println!("parse errors       {}", s.tracker.parse_errors);
     println!("unmatched replies  {}", s.tracker.unmatched_responses);
     println!("sink errors        {}", s.sink_errors);

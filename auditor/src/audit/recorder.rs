@@ -200,9 +200,13 @@ impl Recorder {
         }
         match s.result {
             StatementResult::Completed { tag, rows } => {
-                let cmd = command_of_tag(&tag);
-                if !cmd.is_empty() && (ev.command.is_empty() || &*ev.command == "TRANSACTION") {
-                    ev.command = cmd.into();
+                // The tag names the command only where the text did not (or said no more
+                // than TRANSACTION); most statements skip it.
+                if ev.command.is_empty() || &*ev.command == "TRANSACTION" {
+                    let cmd = command_of_tag(&tag);
+                    if !cmd.is_empty() {
+                        ev.command = cmd.into_owned().into();
+                    }
                 }
                 ev.rows = rows;
             }
@@ -235,33 +239,43 @@ impl RecordingPolicy {
     /// Parameters as recorded: raw (binary ones as `\\x` hex), or keyed hashes.
     pub fn params_of(&self, params: &BoundParams, raw: bool) -> Arc<[String]> {
         let formats = params.formats();
-        params
-            .values()
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let Some(v) = v else {
-                    return "NULL".to_string();
-                };
-                if raw {
-                    if formats.format_of(i) == 1 {
-                        format!("\\x{}", hex::encode(v))
-                    } else {
-                        String::from_utf8_lossy(v).into_owned()
-                    }
+        let values = params.values();
+        let one = |i: usize, v: Option<&[u8]>| -> String {
+            let Some(v) = v else {
+                return "NULL".to_string();
+            };
+            if raw {
+                if formats.format_of(i) == 1 {
+                    format!("\\x{}", hex::encode(v))
                 } else {
-                    let mut mac = self.param_mac.clone();
-                    mac.update(v);
-                    let digest = mac.finalize().into_bytes();
-                    let mut text = [0u8; 16];
-                    hex::encode_to_slice(&digest[..8], &mut text).expect("16 hex digits");
-                    let mut out = String::with_capacity(5 + text.len());
-                    out.push_str("hmac:");
-                    out.push_str(std::str::from_utf8(&text).expect("hex is ASCII"));
-                    out
+                    String::from_utf8_lossy(v).into_owned()
                 }
-            })
-            .collect()
+            } else {
+                let mut mac = self.param_mac.clone();
+                mac.update(v);
+                let digest = mac.finalize().into_bytes();
+                let mut text = [0u8; 16];
+                hex::encode_to_slice(&digest[..8], &mut text).expect("16 hex digits");
+                let mut out = String::with_capacity(5 + text.len());
+                out.push_str("hmac:");
+                out.push_str(std::str::from_utf8(&text).expect("hex is ASCII"));
+                out
+            }
+        };
+        let mut each = values.iter().enumerate().map(|(i, v)| one(i, v));
+        match values.len() {
+            0 => Arc::from([]),
+            // The common case in one allocation (collecting grows a Vec, then copies it).
+            1 => match each.next() {
+                Some(p) => Arc::new([p]),
+                None => Arc::from([]),
+            },
+            n => {
+                let mut all = Vec::with_capacity(n);
+                all.extend(each);
+                Arc::from(all)
+            }
+        }
     }
 }
 

@@ -81,6 +81,7 @@ const TRACEPOINTS: &[(&str, &str)] = &[
     ("syscalls", "sys_exit_accept"),
     ("syscalls", "sys_exit_accept4"),
     ("sock", "inet_sock_set_state"),
+    ("sched", "sched_process_exit"),
     ("sched", "sched_process_exec"),
     ("syscalls", "sys_enter_mmap"),
 ];
@@ -136,6 +137,10 @@ pub struct KernelCounters {
     pub redirected: u64,
     #[serde(default)]
     pub redirect_refused: u64,
+    /// Reads and writes of watched sockets not followed: the table of calls in flight
+    /// was full.
+    #[serde(default)]
+    pub pending_full: u64,
 }
 
 /// One eBPF program's runs and their time, as the kernel counts them while
@@ -971,6 +976,7 @@ impl Capture {
             file_drops: get(counter::FILE_DROPS),
             redirected: get(counter::REDIRECTED),
             redirect_refused: get(counter::REDIRECT_REFUSED),
+            pending_full: get(counter::PENDING_FULL),
         }
     }
 }

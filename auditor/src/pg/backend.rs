@@ -479,11 +479,29 @@ pub fn rows_of_tag(tag: &str) -> Option<u64> {
 }
 
 /// The command of a CommandComplete tag without its counts ("INSERT 0 5" -> "INSERT").
-pub fn command_of_tag(tag: &str) -> String {
-    tag.split_ascii_whitespace()
-        .take_while(|w| !w.bytes().all(|b| b.is_ascii_digit()))
-        .collect::<Vec<_>>()
-        .join(" ")
+/// Borrowed from the tag when its words are single-spaced (as servers send them).
+pub fn command_of_tag(tag: &str) -> std::borrow::Cow<'_, str> {
+    let mut end = 0;
+    let mut single_spaced = true;
+    for (words, w) in tag.split_ascii_whitespace().enumerate() {
+        if w.bytes().all(|b| b.is_ascii_digit()) {
+            break;
+        }
+        let at = w.as_ptr() as usize - tag.as_ptr() as usize;
+        if (words == 0 && at != 0) || (words > 0 && at != end + 1) {
+            single_spaced = false;
+        }
+        end = at + w.len();
+    }
+    if single_spaced {
+        return std::borrow::Cow::Borrowed(&tag[..end]);
+    }
+    std::borrow::Cow::Owned(
+        tag.split_ascii_whitespace()
+            .take_while(|w| !w.bytes().all(|b| b.is_ascii_digit()))
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
 }
 
 #[cfg(test)]
@@ -506,6 +524,10 @@ mod tests {
         assert_eq!(rows_of_tag("CREATE TABLE"), None);
         assert_eq!(command_of_tag("INSERT 0 5"), "INSERT");
         assert_eq!(command_of_tag("CREATE TABLE"), "CREATE TABLE");
+        assert_eq!(command_of_tag("SELECT 1"), "SELECT");
+        assert_eq!(command_of_tag("  CREATE   TABLE "), "CREATE TABLE");
+        assert_eq!(command_of_tag("1 2"), "");
+        assert_eq!(command_of_tag(""), "");
     }
 
     #[test]

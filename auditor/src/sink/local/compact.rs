@@ -10,6 +10,8 @@
 
 use std::collections::HashMap;
 
+use ahash::AHashMap;
+
 use crate::{
     audit::{
         event::{AuditEvent, EventKind, EventRef, FIELDS},
@@ -36,7 +38,8 @@ struct Context {
 /// The writer's contexts of the current segment.
 #[derive(Default)]
 pub struct Contexts {
-    by_session: HashMap<Box<str>, Context>,
+    /// By session id (ids the daemon makes: a fast hash is safe).
+    by_session: AHashMap<Box<str>, Context>,
     next_id: u32,
 }
 
