@@ -270,11 +270,18 @@ fn json_num(out: &mut Vec<u8>, n: impl itoa::Integer) {
 }
 
 /// A type an audit event field can have, with its layouts.
-pub trait Field: Sized {
+pub trait Field: Sized + PartialEq {
     /// The field as read from a spool record, borrowing the record.
     type Ref<'a>: std::fmt::Debug + Clone + PartialEq + Default;
     /// Stored in two ClickHouse columns (these) on a compat server.
     const COMPAT_SPLIT: Option<[&'static str; 2]> = None;
+
+    /// Whether two values are the same (so encode alike): on the path of every event
+    /// written against its session's context.
+    #[inline]
+    fn same(&self, other: &Self) -> bool {
+        self == other
+    }
 
     /// Appends the value as serde_json writes it.
     fn json(&self, out: &mut Vec<u8>);
@@ -324,6 +331,10 @@ macro_rules! text_field {
     ($t:ty) => {
         impl Field for $t {
             type Ref<'a> = &'a str;
+            #[inline]
+            fn same(&self, other: &Self) -> bool {
+                same_str(self, other)
+            }
             fn json(&self, out: &mut Vec<u8>) {
                 json_str(out, self);
             }
@@ -457,6 +468,12 @@ impl Field for Option<u64> {
 
 impl Field for Arc<[String]> {
     type Ref<'a> = Vec<&'a str>;
+    #[inline]
+    fn same(&self, other: &Self) -> bool {
+        Arc::ptr_eq(self, other)
+            || (self.len() == other.len()
+                && self.iter().zip(other.iter()).all(|(a, b)| same_str(a, b)))
+    }
     fn json(&self, out: &mut Vec<u8>) {
         json_strs(out, self.iter().map(String::as_str));
     }
@@ -582,12 +599,16 @@ impl Field for Labels {
     }
 }
 
-/// Whether two encoded fields are the same bytes: most are a few bytes long, where a
-/// byte loop beats a call to `memcmp`.
+/// Whether two strings are the same: the same text (shared) or the same bytes. Most
+/// fields are a few bytes long, where a byte loop beats a call to `memcmp`.
 #[inline]
-pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+pub fn same_str(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
     if a.len() != b.len() {
         return false;
+    }
+    if a.as_ptr() == b.as_ptr() {
+        return true;
     }
     if a.len() > 32 {
         return a == b;
@@ -643,40 +664,22 @@ macro_rules! audit_event {
                 $( $crate::audit::schema::Field::put(&self.$name, out); )*
             }
 
-            /// Appends the fields as [`AuditEvent::put_fields`] does, and where each ends
-            /// (relative to where the first began): a context later records refer to.
-            pub fn put_fields_ends(&self, out: &mut Vec<u8>, ends: &mut Vec<u32>) {
-                let base = out.len();
-                $(
-                    $crate::audit::schema::Field::put(&self.$name, out);
-                    ends.push((out.len() - base) as u32);
-                )*
-            }
-
-            /// Appends only the fields whose encoding differs from the context's (`ctx`,
-            /// its fields' ends `ends`), and sets bit i of `same` for each field i the
-            /// context holds as is.
-            pub fn put_fields_diff(
-                &self,
-                ctx: &[u8],
-                ends: &[u32],
-                out: &mut Vec<u8>,
-                same: &mut [u8],
-            ) {
+            /// Appends only the fields that differ from the context's (`ctx`: the event
+            /// its context frame was encoded from), and sets bit i of `same` for each
+            /// field i the context holds as is. Fields are compared as values, before any
+            /// encoding (equal values encode alike; shared ones compare by pointer first):
+            /// most of a session's fields are its context's, and are never encoded.
+            pub fn put_fields_diff(&self, ctx: &AuditEvent, out: &mut Vec<u8>, same: &mut [u8]) {
                 let mut i = 0usize;
-                let mut from = 0usize;
                 $(
-                    let start = out.len();
-                    $crate::audit::schema::Field::put(&self.$name, out);
-                    let to = ends.get(i).map_or(usize::MAX, |e| *e as usize);
-                    if ctx.get(from..to).is_some_and(|c| $crate::audit::schema::same_bytes(c, &out[start..])) {
-                        out.truncate(start);
+                    if $crate::audit::schema::Field::same(&self.$name, &ctx.$name) {
                         same[i / 8] |= 1 << (i % 8);
+                    } else {
+                        $crate::audit::schema::Field::put(&self.$name, out);
                     }
-                    from = to;
                     i += 1;
                 )*
-                let _ = (i, from);
+                let _ = i;
             }
 
             /// Takes from `ctx` each field whose bit is set in `same`.

@@ -31,8 +31,9 @@ const MAX_CONTEXTS: usize = 65_536;
 
 struct Context {
     id: u32,
-    bytes: Vec<u8>,
-    ends: Vec<u32>,
+    /// The event its frame was encoded from: later events are compared with it field by
+    /// field.
+    event: AuditEvent,
 }
 
 /// The writer's contexts of the current segment.
@@ -68,15 +69,13 @@ impl Contexts {
                 self.by_session.clear();
             }
             self.next_id += 1;
-            let mut c = Context {
+            let c = Context {
                 id: self.next_id,
-                bytes: Vec::with_capacity(1024),
-                ends: Vec::with_capacity(FIELDS.len()),
+                event: ev.clone(),
             };
-            ev.put_fields_ends(&mut c.bytes, &mut c.ends);
             context.extend_from_slice(&c.id.to_le_bytes());
             context.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
-            context.extend_from_slice(&c.bytes);
+            ev.put_fields(context);
             self.by_session
                 .insert(ev.session_id.to_string().into_boxed_str(), c);
             wrote = true;
@@ -87,7 +86,7 @@ impl Contexts {
         let same_at = out.len();
         out.resize(same_at + same_len, 0);
         let mut same = [0u8; 32];
-        ev.put_fields_diff(&c.bytes, &c.ends, out, &mut same[..same_len]);
+        ev.put_fields_diff(&c.event, out, &mut same[..same_len]);
         out[same_at..same_at + same_len].copy_from_slice(&same[..same_len]);
         if ev.kind == EventKind::SessionEnd {
             // Nothing of this session follows (a later event would write it again).
@@ -184,6 +183,26 @@ mod tests {
         assert_eq!(t.event(&b).unwrap(), second);
         // A record of the spool's layout still reads.
         assert_eq!(t.event(&full).unwrap(), second);
+        // Fields equal to the context's but not shared with it (other allocations) are
+        // the context's all the same; a changed one is written.
+        let fresh = AuditEvent {
+            comm: String::from("psql").into(),
+            cgroup_path: String::from("/system.slice/app.service").into(),
+            exe: String::from("/usr/bin/psql").into(),
+            ..second.clone()
+        };
+        let mut f = Vec::new();
+        assert!(!w.encode(&fresh, &mut none, &mut f));
+        assert_eq!(f.len(), b.len());
+        assert_eq!(t.event(&f).unwrap(), fresh);
+        let moved = AuditEvent {
+            cgroup_path: "/system.slice/other.service".into(),
+            ..second.clone()
+        };
+        let mut m = Vec::new();
+        assert!(!w.encode(&moved, &mut none, &mut m));
+        assert!(m.len() > b.len());
+        assert_eq!(t.event(&m).unwrap(), moved);
         // A context never seen is an error, not a guess.
         assert!(ContextTable::default().event(&b).is_err());
         // No session: every field in the record.
