@@ -147,17 +147,24 @@ const SEND_AT: usize = 512;
 const SEND_EVERY: Duration = Duration::from_millis(20);
 
 /// Hands `batch` to the sink thread, counting it in `sent`. False: the thread is gone.
+/// The next batch is one the sink thread sent back (see `SinkThread::recycled`), emptied
+/// here: its events are dropped on this thread, which made them.
 fn hand_on(
     tx: &std::sync::mpsc::SyncSender<Vec<AuditEvent>>,
+    recycled: &std::sync::mpsc::Receiver<Vec<AuditEvent>>,
     batch: &mut Vec<AuditEvent>,
     sent: &mut u64,
     last_send: &mut Instant,
 ) -> bool {
     let n = batch.len() as u64;
-    if tx
-        .send(std::mem::replace(batch, Vec::with_capacity(SEND_AT)))
-        .is_err()
-    {
+    let next = match recycled.try_recv() {
+        Ok(mut used) => {
+            used.clear();
+            used
+        }
+        Err(_) => Vec::with_capacity(SEND_AT),
+    };
+    if tx.send(std::mem::replace(batch, next)).is_err() {
         return false;
     }
     *sent += n;
@@ -803,7 +810,9 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
                 }
             }
             // A watermark candidate covers every event made so far: all are handed on.
-            if !batch.is_empty() && !hand_on(&tx, &mut batch, &mut sent, &mut last_send) {
+            if !batch.is_empty()
+                && !hand_on(&tx, &sink.recycled, &mut batch, &mut sent, &mut last_send)
+            {
                 break;
             }
             let now = Timestamp::now();
@@ -835,7 +844,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         // Batches go to the sink thread when large or 20 ms old: one hand-over (a thread
         // wake-up) per few hundred events, not per drain of the ring.
         if (batch.len() >= SEND_AT || (!batch.is_empty() && last_send.elapsed() >= SEND_EVERY))
-            && !hand_on(&tx, &mut batch, &mut sent, &mut last_send)
+            && !hand_on(&tx, &sink.recycled, &mut batch, &mut sent, &mut last_send)
         {
             break;
         }

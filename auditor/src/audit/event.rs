@@ -569,11 +569,17 @@ audit_event! {
 }
 
 impl AuditEvent {
+    /// An empty event of `kind`. Cloned from an empty event made once per thread: its
+    /// shared parts (empty lists, no labels) are reference-counted, where a default event
+    /// allocates each of them.
     pub fn of_kind(kind: EventKind) -> AuditEvent {
-        AuditEvent {
-            kind,
-            ..AuditEvent::default()
+        thread_local! {
+            static EMPTY: AuditEvent = AuditEvent::default();
         }
+        EMPTY.with(|empty| AuditEvent {
+            kind,
+            ..empty.clone()
+        })
     }
 
     pub fn apply_identity(&mut self, id: &ProcessIdentity) {

@@ -102,6 +102,12 @@ pub type HealthBoard = Arc<Mutex<BTreeMap<&'static str, Health>>>;
 /// The thread that feeds the sinks.
 pub struct SinkThread {
     handle: std::thread::JoinHandle<SinkReport>,
+    /// Batches delivered, sent back to the thread that made them (at most a few, and
+    /// none grown past RECYCLE_CAPACITY): it drops their events and fills them again.
+    /// Dropped here, the events' shared text would have its reference counts decremented
+    /// on this thread while the other increments them for new events: each count's cache
+    /// line would move between the two cores for every event.
+    pub recycled: mpsc::Receiver<Vec<AuditEvent>>,
     pub health: HealthBoard,
     pub events: Arc<std::sync::atomic::AtomicU64>,
     /// Events every sink has written out (a killed daemon loses none of these).
@@ -110,6 +116,10 @@ pub struct SinkThread {
 
 /// How long the thread waits for a batch before it refreshes the sinks' health.
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
+
+/// Delivered batches waiting to be reused, at most; and the largest reused (in events).
+const RECYCLE_QUEUE: usize = 2;
+const RECYCLE_CAPACITY: usize = 4096;
 
 impl SinkThread {
     /// Starts the thread; batches go in through the returned sender (bounded: when the
@@ -122,6 +132,7 @@ impl SinkThread {
     ) -> (mpsc::SyncSender<Vec<AuditEvent>>, SinkThread) {
         use std::sync::atomic::Ordering;
         let (tx, rx) = mpsc::sync_channel::<Vec<AuditEvent>>(queue);
+        let (back, recycled) = mpsc::sync_channel::<Vec<AuditEvent>>(RECYCLE_QUEUE);
         let health: HealthBoard = Arc::default();
         let events = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let flushed = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -150,6 +161,12 @@ impl SinkThread {
                     }
                     report.events += n;
                     counter.store(report.events, Ordering::Relaxed);
+                    // Back to its maker unless a sink kept it (or the queue is full).
+                    if let Ok(used) = Arc::try_unwrap(batch) {
+                        if used.capacity() <= RECYCLE_CAPACITY {
+                            let _ = back.try_send(used);
+                        }
+                    }
                 };
                 publish(&sinks);
                 let mut last_tick = std::time::Instant::now();
@@ -209,6 +226,7 @@ impl SinkThread {
             tx,
             SinkThread {
                 handle,
+                recycled,
                 health,
                 events,
                 flushed,
