@@ -1,6 +1,10 @@
 //! eBPF programs of the auditor. Thin entry points; each calls a `try_*` function.
 #![no_std]
 #![no_main]
+// The atomic add of `maps::tls_in_flight_add` (the BPF target has no atomic types that
+// read-modify-write).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod maps;
 mod redirect;

@@ -188,6 +188,33 @@ pub struct TlsCall {
 #[map]
 pub static TLS_CALLS: HashMap<u64, TlsCall> = HashMap::with_max_entries(16384, 0);
 
+/// Entries in TLS_CALLS (added by a TLS entry probe, taken by its return): while none is,
+/// no read or write can be inside a library call, and sys_enter skips the lookup. It may
+/// count too many (an entry whose return was never seen stays), never too few.
+#[map]
+pub static TLS_IN_FLIGHT: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Adds `by` to TLS_IN_FLIGHT, atomically (the probes of several CPUs change it).
+#[inline(always)]
+pub fn tls_in_flight_add(by: i64) {
+    if let Some(p) = TLS_IN_FLIGHT.get_ptr_mut(0) {
+        // SAFETY: an 8-byte aligned map value that lives as long as the map. The BPF
+        // target has no atomic read-modify-write types: the intrinsic is the atomic add
+        // instruction (its result unused).
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                p, by as u64,
+            );
+        }
+    }
+}
+
+/// Whether a TLS library call may be in flight on some thread.
+#[inline(always)]
+pub fn tls_in_flight() -> bool {
+    TLS_IN_FLIGHT.get(0).is_none_or(|&n| n != 0)
+}
+
 /// The socket an `SSL *` of a process was last seen using.
 #[repr(C)]
 #[derive(Clone, Copy)]

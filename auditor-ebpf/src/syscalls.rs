@@ -27,8 +27,8 @@ use aya_ebpf::{
 
 use crate::{
     maps::{
-        count, ConnState, PendingCall, SockRef, SslKey, CHUNKS_PER_CALL, CONNECTING, CONNS,
-        DAEMON_TGID, EVENTS, GENERATION, HANDOVER, KNOWN_FILES, LOOP_STATE, MUTED, PENDING,
+        count, tls_in_flight, ConnState, PendingCall, SockRef, SslKey, CHUNKS_PER_CALL, CONNECTING,
+        CONNS, DAEMON_TGID, EVENTS, GENERATION, HANDOVER, KNOWN_FILES, LOOP_STATE, MUTED, PENDING,
         PENDING_ACTIVE, PENDING_EOF_ONLY, PENDING_READ, SCRATCH, SSL_SOCKS, TLS_CALLS, WAKE_BYTES,
     },
     sock::{file_id_of_fd, offsets, sock_of_fd, watched_sock},
@@ -227,7 +227,11 @@ fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> O
     let (sk, ino) = sock_of_fd(&off, arg(ctx, ARG0))?;
     // Inside a hooked TLS library call: this syscall moves ciphertext for that call, and
     // tells which socket the library object runs over.
-    let tls_call = TLS_CALLS.get_ptr_mut(pid_tgid);
+    let tls_call = if tls_in_flight() {
+        TLS_CALLS.get_ptr_mut(pid_tgid)
+    } else {
+        None
+    };
     let Some((state, _)) = conn_of_sock(&off, sk, ino, SEEN_IO) else {
         if let Some(call) = tls_call {
             if unsafe { (*call).sock } == 0 {

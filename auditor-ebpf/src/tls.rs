@@ -19,7 +19,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{count, SslKey, TlsCall, CONNS, MUTED, SSL_SOCKS, TLS_CALLS},
+    maps::{count, tls_in_flight_add, SslKey, TlsCall, CONNS, MUTED, SSL_SOCKS, TLS_CALLS},
     syscalls::{is_daemon, on_duty, on_duty_now, prepare_record, send_buffer},
 };
 
@@ -51,13 +51,13 @@ fn enter(ctx: &ProbeContext, kind: u8) -> Option<()> {
     }
     on_duty_now()?;
     let sp = stack_pointer(ctx.regs);
-    if let Some(outer) = TLS_CALLS.get_ptr_mut(pid_tgid) {
+    let replaces = match TLS_CALLS.get_ptr_mut(pid_tgid) {
         // Deeper than a call in flight: nested in it (SSL_connect -> SSL_do_handshake).
-        if sp < unsafe { (*outer).sp } {
-            return None;
-        }
+        Some(outer) if sp < unsafe { (*outer).sp } => return None,
         // Otherwise that entry is left from a call whose return was never seen.
-    }
+        Some(_) => true,
+        None => false,
+    };
     let ssl: u64 = ctx.arg(0)?;
     let (buf, len_out) = match kind {
         TLS_READ | TLS_WRITE => (ctx.arg::<u64>(1)?, 0),
@@ -74,7 +74,17 @@ fn enter(ctx: &ProbeContext, kind: u8) -> Option<()> {
         kind,
         _pad: [0; 7],
     };
-    TLS_CALLS.insert(pid_tgid, call, 0).ok()
+    // Counted before the entry exists: a read or write never sees an entry uncounted.
+    if !replaces {
+        tls_in_flight_add(1);
+    }
+    if TLS_CALLS.insert(pid_tgid, call, 0).is_err() {
+        if !replaces {
+            tls_in_flight_add(-1);
+        }
+        return None;
+    }
+    Some(())
 }
 
 macro_rules! entry_probe {
@@ -115,7 +125,9 @@ fn exit<const LOOP: bool>(ctx: &RetProbeContext) -> Option<()> {
     if stack_pointer(ctx.regs) < call.sp {
         return None; // the return of a nested call
     }
-    let _ = TLS_CALLS.remove(pid_tgid);
+    if TLS_CALLS.remove(pid_tgid).is_ok() {
+        tls_in_flight_add(-1);
+    }
     // All hooked functions return a C int: the upper half of the register is not theirs.
     let ret = ctx.ret::<u64>() as u32 as i32;
     let total: u64 = match call.kind {

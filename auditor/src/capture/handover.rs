@@ -38,6 +38,7 @@ pub const SHARED_MAPS: &[&str] = &[
     "PENDING",
     "CONNECTING",
     "TLS_CALLS",
+    "TLS_IN_FLIGHT",
     "SSL_SOCKS",
     "COUNTERS",
     "HANDOVER",
