@@ -71,17 +71,13 @@ pub(crate) fn on_duty() -> Option<()> {
 /// taken up is completed whatever the lease.
 #[inline(always)]
 pub(crate) fn on_duty_now() -> Option<()> {
-    let h = HANDOVER.get(0)?;
-    if h.generation != GENERATION.load() {
-        return None;
-    }
-    (unsafe { bpf_ktime_get_ns() } <= h.lease_until_ns).then_some(())
+    on_duty_at().map(|_| ())
 }
 
-/// On duty, and the time if within the lease: where a record is about to be made, the
-/// clock read that stamps it also checks the lease (a read or write is taken up at its
-/// entry on the generation alone, and dropped at its exit if the lease ran out meanwhile;
-/// on a VM a clock read is a good part of a short program's time).
+/// As `on_duty_now`, with the time it read: where a record or a connection is about to be
+/// made, the clock read that stamps it also checks the lease (a read or write is taken up
+/// at its entry on the generation alone, and dropped at its exit if the lease ran out
+/// meanwhile; on a VM a clock read is a good part of a short program's time).
 #[inline(always)]
 pub(crate) fn on_duty_at() -> Option<u64> {
     let h = HANDOVER.get(0)?;
@@ -113,9 +109,9 @@ fn conn_of_sock(off: &KernelOffsets, sk: u64, ino: u64, seen: u8) -> Option<(Con
     }
     let (tuple, role) = watched_sock(off, sk)?;
     // A connection is taken up only within the lease.
-    on_duty_now()?;
+    let now = on_duty_at()?;
     let state = ConnState {
-        start_ns: unsafe { bpf_ktime_get_ns() },
+        start_ns: now,
         tuple,
         offsets: [0, 0],
         role,

@@ -75,12 +75,6 @@ impl From<std::borrow::Cow<'_, str>> for Text {
 
 impl PartialEq for Text {
     fn eq(&self, other: &Self) -> bool {
-        // Text shared between events is mostly the same allocation.
-        if let (Text::Shared(a), Text::Shared(b)) = (self, other) {
-            if Arc::ptr_eq(a, b) {
-                return true;
-            }
-        }
         self.as_str() == other.as_str()
     }
 }

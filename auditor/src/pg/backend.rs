@@ -479,29 +479,25 @@ pub fn rows_of_tag(tag: &str) -> Option<u64> {
 }
 
 /// The command of a CommandComplete tag without its counts ("INSERT 0 5" -> "INSERT").
-/// Borrowed from the tag when its words are single-spaced (as servers send them).
+/// Borrowed from the tag when its words are single-spaced from its start (as servers send
+/// them), else the words joined by single spaces.
 pub fn command_of_tag(tag: &str) -> std::borrow::Cow<'_, str> {
-    let mut end = 0;
-    let mut single_spaced = true;
-    for (words, w) in tag.split_ascii_whitespace().enumerate() {
-        if w.bytes().all(|b| b.is_ascii_digit()) {
-            break;
-        }
-        let at = w.as_ptr() as usize - tag.as_ptr() as usize;
-        if (words == 0 && at != 0) || (words > 0 && at != end + 1) {
-            single_spaced = false;
-        }
-        end = at + w.len();
-    }
-    if single_spaced {
-        return std::borrow::Cow::Borrowed(&tag[..end]);
-    }
-    std::borrow::Cow::Owned(
+    let words = || {
         tag.split_ascii_whitespace()
             .take_while(|w| !w.bytes().all(|b| b.is_ascii_digit()))
-            .collect::<Vec<_>>()
-            .join(" "),
-    )
+    };
+    // Where the words end, if each begins one byte after the one before (the first at 0).
+    let mut end = Some(0);
+    for w in words() {
+        let at = w.as_ptr() as usize - tag.as_ptr() as usize;
+        end = end
+            .filter(|&e| at == if e == 0 { 0 } else { e + 1 })
+            .map(|_| at + w.len());
+    }
+    match end {
+        Some(e) => std::borrow::Cow::Borrowed(&tag[..e]),
+        None => std::borrow::Cow::Owned(words().collect::<Vec<_>>().join(" ")),
+    }
 }
 
 #[cfg(test)]
