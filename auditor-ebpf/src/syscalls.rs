@@ -27,9 +27,10 @@ use aya_ebpf::{
 
 use crate::{
     maps::{
-        count, tls_in_flight, ConnState, PendingCall, SockRef, SslKey, CHUNKS_PER_CALL, CONNECTING,
-        CONNS, DAEMON_TGID, EVENTS, GENERATION, HANDOVER, KNOWN_FILES, LOOP_STATE, MUTED, PENDING,
-        PENDING_ACTIVE, PENDING_EOF_ONLY, PENDING_READ, SCRATCH, SSL_SOCKS, TLS_CALLS, WAKE_BYTES,
+        count, tls_in_flight, ConnState, PendingCall, SockRef, SslKey, TlsCall, CHUNKS_PER_CALL,
+        CONNECTING, CONNS, DAEMON_TGID, EVENTS, GENERATION, HANDOVER, KNOWN_FILES, LOOP_STATE,
+        MUTED, PENDING, PENDING_ACTIVE, PENDING_EOF_ONLY, PENDING_READ, SCRATCH, SSL_SOCKS,
+        TLS_CALLS, WAKE_BYTES,
     },
     sock::{file_id_of_fd, offsets, sock_of_fd, watched_sock},
 };
@@ -140,8 +141,8 @@ fn conn_of_sock(off: &KernelOffsets, sk: u64, ino: u64, seen: u8) -> Option<(Con
 #[inline(always)]
 fn lookup_conn(fd: u64, seen: u8) -> Option<(u64, ConnState, bool)> {
     let off = offsets()?;
-    let (sk, ino) = sock_of_fd(&off, fd)?;
-    let (state, new) = conn_of_sock(&off, sk, ino, seen)?;
+    let (sk, ino) = sock_of_fd(off, fd)?;
+    let (state, new) = conn_of_sock(off, sk, ino, seen)?;
     Some((sk, state, new))
 }
 
@@ -211,6 +212,74 @@ fn emit_control(kind: u32, sk: u64, state: &ConnState, dir: u8) {
 
 // ---- read/write family -------------------------------------------------------------------
 
+/// The TLS library call in flight on this thread, if any may be.
+#[inline(always)]
+fn tls_call_of(pid_tgid: u64) -> Option<*mut TlsCall> {
+    if tls_in_flight() {
+        TLS_CALLS.get_ptr_mut(pid_tgid)
+    } else {
+        None
+    }
+}
+
+/// A socket that is not watched moved the ciphertext of TLS library call `call`: its
+/// `SSL *` runs over no watched connection (remembered, so that its plaintext is not
+/// taken up).
+#[inline(always)]
+fn untie_tls(pid_tgid: u64, call: Option<*mut TlsCall>) {
+    let Some(call) = call else {
+        return;
+    };
+    if unsafe { (*call).sock } != 0 {
+        return;
+    }
+    let key = SslKey {
+        tgid: pid_tgid >> 32,
+        ssl: unsafe { (*call).ssl },
+    };
+    let _ = SSL_SOCKS.insert(
+        key,
+        SockRef {
+            sock: 0,
+            start_ns: 0,
+        },
+        0,
+    );
+}
+
+/// Watched socket `sk` moved the ciphertext of TLS library call `call`: the call and its
+/// `SSL *` are tied to the connection, which is marked TLS (its plaintext comes from the
+/// library hooks from now on). Returns whether there was a call (then the bytes moved are
+/// ciphertext, not copied).
+#[inline(always)]
+fn tie_tls(pid_tgid: u64, call: Option<*mut TlsCall>, sk: u64, state: &ConnState) -> bool {
+    let Some(call) = call else {
+        return false;
+    };
+    let key = SslKey {
+        tgid: pid_tgid >> 32,
+        ssl: unsafe { (*call).ssl },
+    };
+    unsafe {
+        (*call).sock = sk;
+        (*call).start_ns = state.start_ns;
+    }
+    let _ = SSL_SOCKS.insert(
+        key,
+        SockRef {
+            sock: sk,
+            start_ns: state.start_ns,
+        },
+        0,
+    );
+    if state.tls == 0 {
+        if let Some(p) = CONNS.get_ptr_mut(sk) {
+            unsafe { (*p).tls = 1 };
+        }
+    }
+    true
+}
+
 #[inline(always)]
 fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> Option<()> {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -220,55 +289,15 @@ fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> O
     // The lease is checked at the exit, with the clock read that stamps the record.
     on_duty()?;
     let off = offsets()?;
-    let (sk, ino) = sock_of_fd(&off, arg(ctx, ARG0))?;
+    let (sk, ino) = sock_of_fd(off, arg(ctx, ARG0))?;
     // Inside a hooked TLS library call: this syscall moves ciphertext for that call, and
     // tells which socket the library object runs over.
-    let tls_call = if tls_in_flight() {
-        TLS_CALLS.get_ptr_mut(pid_tgid)
-    } else {
-        None
-    };
-    let Some((state, _)) = conn_of_sock(&off, sk, ino, SEEN_IO) else {
-        if let Some(call) = tls_call {
-            if unsafe { (*call).sock } == 0 {
-                let key = SslKey {
-                    tgid: pid_tgid >> 32,
-                    ssl: unsafe { (*call).ssl },
-                };
-                let _ = SSL_SOCKS.insert(
-                    key,
-                    SockRef {
-                        sock: 0,
-                        start_ns: 0,
-                    },
-                    0,
-                );
-            }
-        }
+    let tls_call = tls_call_of(pid_tgid);
+    let Some((state, _)) = conn_of_sock(off, sk, ino, SEEN_IO) else {
+        untie_tls(pid_tgid, tls_call);
         return None;
     };
-    if let Some(call) = tls_call {
-        let key = SslKey {
-            tgid: pid_tgid >> 32,
-            ssl: unsafe { (*call).ssl },
-        };
-        unsafe {
-            (*call).sock = sk;
-            (*call).start_ns = state.start_ns;
-        }
-        let _ = SSL_SOCKS.insert(
-            key,
-            SockRef {
-                sock: sk,
-                start_ns: state.start_ns,
-            },
-            0,
-        );
-        if state.tls == 0 {
-            if let Some(p) = CONNS.get_ptr_mut(sk) {
-                unsafe { (*p).tls = 1 };
-            }
-        }
+    if tie_tls(pid_tgid, tls_call, sk, &state) {
         return None;
     }
     if state.tls != 0 {
@@ -497,6 +526,28 @@ pub struct Chunks {
     tail: u64,
 }
 
+impl Chunks {
+    /// The loop state for a vectored transfer of `total` bytes at stream offset `base`
+    /// from `iovcnt` iovecs at `iov`.
+    #[inline(always)]
+    fn vectored(total: u64, base: u64, iov: u64, iovcnt: u64) -> Self {
+        Chunks {
+            ptr: 0,
+            left: 0,
+            done: 0,
+            total,
+            base,
+            iov,
+            iovcnt,
+            next_iov: 0,
+            chunks: 0,
+            max_chunks: chunks_per_call(),
+            skipped: 0,
+            tail: 0,
+        }
+    }
+}
+
 /// Chunks one call may take with bpf_loop: set by the daemon from the ring's size,
 /// never fewer than MAX_CHUNKS_PER_CALL.
 #[inline(always)]
@@ -562,15 +613,30 @@ extern "C" fn vectored_round(_index: u64, _ctx: *mut c_void) -> i64 {
     }
     let iov = c.iov + c.next_iov * 16;
     c.next_iov += 1;
-    let Ok(ptr) = (unsafe { bpf_probe_read_user(iov as *const u64) }) else {
-        return 1;
-    };
-    let Ok(len) = (unsafe { bpf_probe_read_user((iov + 8) as *const u64) }) else {
+    let Ok([ptr, len]) = (unsafe { bpf_probe_read_user(iov as *const [u64; 2]) }) else {
         return 1;
     };
     c.ptr = ptr;
     c.left = core::cmp::min(len, c.total - c.done);
     0
+}
+
+/// Sends the chunks of the vectored transfer set up in this CPU's `LOOP_STATE`; returns
+/// the bytes sent.
+#[inline(always)]
+fn send_vectored(init: Chunks) -> Option<u64> {
+    let c = LOOP_STATE.get_ptr_mut(0)?;
+    unsafe {
+        *c = init;
+        // Each round takes the next iovec or sends one chunk of the current one.
+        bpf_loop(
+            (*c).max_chunks as u32 + MAX_IOVECS,
+            vectored_round as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        );
+        Some((*c).done)
+    }
 }
 
 /// Sends `total` bytes of one user buffer as up to CHUNKS_PER_CALL chunks: when it does not
@@ -642,31 +708,7 @@ fn exit_vectored<const LOOP: bool>(ctx: &TracePointContext) -> Option<()> {
         return exit_vectored_compat(ctx);
     }
     let (pending, total, base, _rec) = begin_exit(ctx)?;
-    let c = LOOP_STATE.get_ptr_mut(0)?;
-    let done = unsafe {
-        *c = Chunks {
-            ptr: 0,
-            left: 0,
-            done: 0,
-            total,
-            base,
-            iov: pending.buf,
-            iovcnt: pending.iovcnt,
-            next_iov: 0,
-            chunks: 0,
-            max_chunks: chunks_per_call(),
-            skipped: 0,
-            tail: 0,
-        };
-        // Each round takes the next iovec or sends one chunk of the current one.
-        bpf_loop(
-            (*c).max_chunks as u32 + MAX_IOVECS,
-            vectored_round as *mut c_void,
-            core::ptr::null_mut(),
-            0,
-        );
-        (*c).done
-    };
+    let done = send_vectored(Chunks::vectored(total, base, pending.buf, pending.iovcnt))?;
     count_truncation(total, done);
     Some(())
 }
@@ -967,7 +1009,7 @@ fn try_mmap(ctx: &TracePointContext) -> Option<()> {
     }
     on_duty_now()?;
     let off = offsets()?;
-    let (dev, ino) = file_id_of_fd(&off, fd as u64)?;
+    let (dev, ino) = file_id_of_fd(off, fd as u64)?;
     let key = [dev, ino];
     if unsafe { KNOWN_FILES.get(key) }.is_some() {
         return None;
