@@ -122,3 +122,64 @@ impl<'de> Deserialize<'de> for Text {
         String::deserialize(d).map(Text::from)
     }
 }
+
+/// A short string kept inline (no allocation) up to 30 bytes, a longer one boxed: a
+/// command tag ("SELECT 1", "INSERT 0 1") on the path of every statement.
+#[derive(Clone, PartialEq, Eq)]
+pub enum ShortText {
+    Inline { len: u8, bytes: [u8; 30] },
+    Boxed(Box<str>),
+}
+
+impl ShortText {
+    pub fn new(s: &str) -> Self {
+        let mut bytes = [0u8; 30];
+        match bytes.get_mut(..s.len()) {
+            Some(head) => {
+                head.copy_from_slice(s.as_bytes());
+                ShortText::Inline {
+                    len: s.len() as u8,
+                    bytes,
+                }
+            }
+            None => ShortText::Boxed(s.into()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            // The bytes are a whole &str's: valid UTF-8.
+            ShortText::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..*len as usize]).unwrap_or_default()
+            }
+            ShortText::Boxed(s) => s,
+        }
+    }
+}
+
+impl std::ops::Deref for ShortText {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for ShortText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+#[cfg(test)]
+mod short_tests {
+    use super::ShortText;
+
+    #[test]
+    fn short_text_inline_and_boxed() {
+        for s in ["", "SELECT 1", "INSERT 0 1", &"é".repeat(15), &"x".repeat(31)] {
+            let t = ShortText::new(s);
+            assert_eq!(t.as_str(), s);
+            assert_eq!(matches!(t, ShortText::Inline { .. }), s.len() <= 30);
+        }
+    }
+}

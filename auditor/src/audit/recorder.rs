@@ -72,7 +72,7 @@ impl Draft {
 pub struct Source {
     pub sql: Option<Arc<str>>,
     pub analysis: Option<Arc<Analysis>>,
-    pub params: Option<Arc<BoundParams>>,
+    pub params: Option<BoundParams>,
     /// One of several statements of a simple query string.
     pub multi: bool,
     /// A FunctionCall message: what it runs is not SQL.

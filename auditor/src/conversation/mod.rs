@@ -23,7 +23,7 @@ use crate::{
         wire::{I16s, Values},
     },
     sql::{split_statements, Analysis, Analyzer},
-    text::Text,
+    text::{ShortText, Text},
 };
 
 /// Prepared statements or portals by name. The unnamed one (most drivers' only one) has
@@ -192,22 +192,48 @@ pub struct PreparedStatement {
     pub from_server: bool,
 }
 
-/// What a Bind carried, kept as it came on the wire (one allocation: parameter formats,
-/// values, result formats): the audit hashes or shows the values, an approval binds them,
-/// masking reads the result formats.
-#[derive(Debug, Default)]
+/// What a Bind carried, kept as it came on the wire (one shared allocation: parameter
+/// formats, values, result formats; a clone shares it): the audit hashes or shows the
+/// values, an approval binds them, masking reads the result formats.
+#[derive(Debug, Clone)]
 pub struct BoundParams {
-    raw: Box<[u8]>,
+    raw: Arc<[u8]>,
     count: u16,
     values_at: usize,
     results_at: usize,
 }
 
+impl Default for BoundParams {
+    fn default() -> Self {
+        thread_local! {
+            static EMPTY: Arc<[u8]> = Arc::from([]);
+        }
+        BoundParams {
+            raw: EMPTY.with(Arc::clone),
+            count: 0,
+            values_at: 0,
+            results_at: 0,
+        }
+    }
+}
+
 impl BoundParams {
     fn of(formats: I16s<'_>, values: Values<'_>, results: I16s<'_>) -> Self {
-        let raw = [formats.0, values.raw(), results.0]
-            .concat()
-            .into_boxed_slice();
+        let parts = [formats.0, values.raw(), results.0];
+        let len = parts.iter().map(|p| p.len()).sum();
+        if len == 0 {
+            return BoundParams::default();
+        }
+        // Straight into the shared allocation (a Vec first would be a second one).
+        let mut raw = Arc::<[u8]>::new_uninit_slice(len);
+        let slots = Arc::get_mut(&mut raw).expect("a new Arc is not shared");
+        let mut at = 0;
+        for p in parts {
+            slots[at..at + p.len()].write_copy_of_slice(p);
+            at += p.len();
+        }
+        // SAFETY: the parts' lengths sum to `len`: every byte was written.
+        let raw = unsafe { raw.assume_init() };
         BoundParams {
             raw,
             count: values.len() as u16,
@@ -238,7 +264,7 @@ pub struct Portal {
     /// None when the statement was prepared before the conversation was seen.
     pub statement: Option<Arc<PreparedStatement>>,
     /// Values and formats from Bind.
-    pub params: Arc<BoundParams>,
+    pub params: BoundParams,
     /// Columns, from a Describe of the portal or of its statement.
     pub columns: Option<Arc<[Column]>>,
     /// Rows from earlier Executes that stopped at their row limit.
@@ -254,7 +280,7 @@ impl Portal {
         Portal {
             statement_name: Text::default(),
             statement: None,
-            params: Arc::default(),
+            params: BoundParams::default(),
             columns: None,
             rows_so_far: 0,
             started_ns: None,
@@ -361,7 +387,7 @@ pub enum StatementText {
 pub enum StatementResult {
     /// CommandComplete; `rows` from its tag, or DataRows counted, plus earlier Executes of
     /// the same portal.
-    Completed { tag: String, rows: Option<u64> },
+    Completed { tag: ShortText, rows: Option<u64> },
     /// ErrorResponse. `before_execute`: refused while being parsed or bound, never ran.
     Failed {
         error: ErrorFields,
@@ -382,7 +408,7 @@ pub struct StatementOutcome {
     /// its size in bytes. The text is its beginning; parameters are unknown.
     pub cut: Option<u32>,
     pub prepared_name: Text,
-    pub params: Option<Arc<BoundParams>>,
+    pub params: Option<BoundParams>,
     pub result: StatementResult,
     pub started_ns: i128,
     pub ended_ns: i128,
@@ -845,7 +871,7 @@ impl Conversation {
                     Portal {
                         statement_name,
                         statement,
-                        params: Arc::new(BoundParams::of(param_formats, params, result_formats)),
+                        params: BoundParams::of(param_formats, params, result_formats),
                         columns: None,
                         rows_so_far: 0,
                         started_ns: None,
@@ -976,9 +1002,12 @@ impl Conversation {
         if let Some(Pending::Lost { rows }) = self.pending.front_mut() {
             let result = match m {
                 BackendMessage::CommandComplete { tag } => {
-                    let tag = String::from_utf8_lossy(tag).into_owned();
+                    let tag = String::from_utf8_lossy(tag);
                     let rows = rows_of(&tag, std::mem::take(rows), 0);
-                    Some(StatementResult::Completed { tag, rows })
+                    Some(StatementResult::Completed {
+                        tag: ShortText::new(&tag),
+                        rows,
+                    })
                 }
                 BackendMessage::ErrorResponse(e) => {
                     *rows = 0;
@@ -1308,7 +1337,7 @@ impl Conversation {
                         },
                         (Some(tag), None) => StatementResult::Completed {
                             rows: rows_of(tag, data_rows, 0),
-                            tag: tag.to_string(),
+                            tag: ShortText::new(tag),
                         },
                         (None, None) => unreachable!("empty queries returned above"),
                     },
@@ -1341,7 +1370,7 @@ impl Conversation {
                 };
                 let result = StatementResult::Completed {
                     rows: rows_of(tag, rows, portal.rows_so_far),
-                    tag: tag.to_string(),
+                    tag: ShortText::new(tag),
                 };
                 out.push(Self::extended(portal, result, started_ns, ts));
             }
@@ -1608,6 +1637,41 @@ mod tests {
         n.insert("S_9", 5);
         n.clear();
         assert!(n.get("S_9").is_none() && n.get("").is_none());
+    }
+
+    #[test]
+    fn pending_requests_do_not_pile_up_over_many_transactions() {
+        // pgbench -M prepared: Bind, Describe portal, Execute, Sync per statement.
+        let mut c = ready();
+        let mut out = Vec::new();
+        let parse = [
+            frame(b'P', &[cstr("P0_1"), cstr("select 1"), vec![0, 0]].concat()),
+            frame(b'S', b""),
+        ]
+        .concat();
+        feed(&mut c, true, &parse, &mut out);
+        feed(&mut c, false, &[frame(b'1', b""), frame(b'Z', b"I")].concat(), &mut out);
+        for _ in 0..1000 {
+            let client = [
+                frame(b'B', &[cstr(""), cstr("P0_1"), vec![0, 0, 0, 0, 0, 0]].concat()),
+                frame(b'D', b"P\0"),
+                frame(b'E', b"\0\0\0\0\0"),
+                frame(b'S', b""),
+            ]
+            .concat();
+            feed(&mut c, true, &client, &mut out);
+            let server = [
+                frame(b'2', b""),
+                row_description(&[("x", 0, 0, 23)]),
+                frame(b'D', &[vec![0, 1, 0, 0, 0, 1], b"1".to_vec()].concat()),
+                frame(b'C', b"SELECT 1\0"),
+                frame(b'Z', b"I"),
+            ]
+            .concat();
+            feed(&mut c, false, &server, &mut out);
+        }
+        assert_eq!(c.pending.len(), 0);
+        assert!(c.portals.values().count() <= 1);
     }
 
     #[test]
