@@ -176,7 +176,13 @@ mod short_tests {
 
     #[test]
     fn short_text_inline_and_boxed() {
-        for s in ["", "SELECT 1", "INSERT 0 1", &"é".repeat(15), &"x".repeat(31)] {
+        for s in [
+            "",
+            "SELECT 1",
+            "INSERT 0 1",
+            &"é".repeat(15),
+            &"x".repeat(31),
+        ] {
             let t = ShortText::new(s);
             assert_eq!(t.as_str(), s);
             assert_eq!(matches!(t, ShortText::Inline { .. }), s.len() <= 30);

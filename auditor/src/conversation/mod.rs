@@ -1650,10 +1650,18 @@ mod tests {
         ]
         .concat();
         feed(&mut c, true, &parse, &mut out);
-        feed(&mut c, false, &[frame(b'1', b""), frame(b'Z', b"I")].concat(), &mut out);
+        feed(
+            &mut c,
+            false,
+            &[frame(b'1', b""), frame(b'Z', b"I")].concat(),
+            &mut out,
+        );
         for _ in 0..1000 {
             let client = [
-                frame(b'B', &[cstr(""), cstr("P0_1"), vec![0, 0, 0, 0, 0, 0]].concat()),
+                frame(
+                    b'B',
+                    &[cstr(""), cstr("P0_1"), vec![0, 0, 0, 0, 0, 0]].concat(),
+                ),
                 frame(b'D', b"P\0"),
                 frame(b'E', b"\0\0\0\0\0"),
                 frame(b'S', b""),
