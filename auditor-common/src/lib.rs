@@ -40,6 +40,10 @@ pub const SERVER_NAME_BYTES: usize = 64;
 pub const STREAM_RAW: u8 = 0;
 /// Plaintext taken at the TLS library (SSL_read/SSL_write of OpenSSL).
 pub const STREAM_TLS: u8 = 1;
+
+/// `RecordHeader::flags`: calls of this direction went by uncopied since the record before
+/// (the kernel's table of calls in flight was full): bytes were lost, how many is unknown.
+pub const RECORD_LOST_BEFORE: u8 = 1;
 /// Plaintext relayed by the daemon's inline proxy: records the proxy makes itself (the
 /// client's bytes as it sent them, and what it received), never the kernel.
 pub const STREAM_PROXY: u8 = 2;
@@ -208,7 +212,9 @@ pub struct RecordHeader {
     pub chunk_index: u8,
     /// STREAM_RAW or STREAM_TLS: which byte stream of the connection `offset` counts in.
     pub stream: u8,
-    pub _pad: [u8; 3],
+    /// RECORD_LOST_BEFORE.
+    pub flags: u8,
+    pub _pad: [u8; 2],
     /// For a close record, the TLS plaintext totals [towards server, towards client]; for
     /// a file record, [kernel dev_t, inode].
     pub aux: [u64; 2],

@@ -106,7 +106,10 @@ pub struct ConnState {
     /// Set once a hooked TLS library call used this socket: from then on its payload is
     /// taken as plaintext at the library, and the ciphertext is not copied.
     pub tls: u8,
-    pub _pad: [u8; 5],
+    /// Per direction (bit 1 << direction): a call went by uncopied (PENDING was full);
+    /// the next record of that direction carries RECORD_LOST_BEFORE.
+    pub lost: u8,
+    pub _pad: [u8; 4],
     /// Plaintext bytes seen so far in each direction (STREAM_TLS offsets).
     pub tls_offsets: [u64; 2],
     /// The socket's inode number: a different one at the same address is a new socket

@@ -11,8 +11,8 @@ use core::ffi::c_void;
 use auditor_common::{
     counter, KernelOffsets, RecordHeader, AF_UNIX, CHUNK_DATA, COMPAT_CHUNKS_PER_CALL,
     COMPAT_IOVECS, DIR_TO_CLIENT, DIR_TO_SERVER, MAX_CHUNKS_PER_CALL, MAX_IOVECS, RECORD_CLOSE,
-    RECORD_DATA, RECORD_FILE, RECORD_OPEN, ROLE_CLIENT, SEEN_ACCEPT, SEEN_CONNECT, SEEN_IO,
-    STREAM_RAW, STREAM_TLS,
+    RECORD_DATA, RECORD_FILE, RECORD_LOST_BEFORE, RECORD_OPEN, ROLE_CLIENT, SEEN_ACCEPT,
+    SEEN_CONNECT, SEEN_IO, STREAM_RAW, STREAM_TLS,
 };
 use aya_ebpf::{
     helpers::{
@@ -118,7 +118,8 @@ fn conn_of_sock(off: &KernelOffsets, sk: u64, ino: u64, seen: u8) -> Option<(Con
         role,
         seen,
         tls: 0,
-        _pad: [0; 5],
+        lost: 0,
+        _pad: [0; 4],
         tls_offsets: [0, 0],
         ino,
     };
@@ -198,7 +199,8 @@ fn emit_control(kind: u32, sk: u64, state: &ConnState, dir: u8) {
         h.direction = dir;
         h.chunk_index = 0;
         h.stream = 0;
-        h._pad = [0; 3];
+        h.flags = 0;
+        h._pad = [0; 2];
         h.offset = state.offsets[DIR_TO_SERVER as usize];
         h.call_len = state.offsets[DIR_TO_CLIENT as usize];
         h.aux = state.tls_offsets;
@@ -331,7 +333,12 @@ fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> O
         return Some(());
     }
     if PENDING.insert(pid_tgid, pending, 0).is_err() {
+        // This call goes by uncopied: the next record of its direction says so (a gap
+        // of unknown size), or the stream would run on as if nothing was missing.
         count(counter::PENDING_FULL, 1);
+        if let Some(p) = CONNS.get_ptr_mut(sk) {
+            unsafe { (*p).lost |= 1 << (pending.direction & 1) };
+        }
     }
     Some(())
 }
@@ -414,6 +421,12 @@ pub(crate) fn prepare_record_at(
             base
         }
     };
+    // Calls of this direction lost since the last record (see `ConnState::lost`).
+    let lost_bit = 1u8 << dir;
+    let lost = unsafe { (*state).lost } & lost_bit != 0;
+    if lost {
+        unsafe { (*state).lost &= !lost_bit };
+    }
     let rec = SCRATCH.get_ptr_mut(0)?;
     unsafe {
         let h = &mut (*rec).header;
@@ -426,7 +439,8 @@ pub(crate) fn prepare_record_at(
         h.role = (*state).role;
         h.seen = (*state).seen;
         h.stream = stream;
-        h._pad = [0; 3];
+        h.flags = if lost { RECORD_LOST_BEFORE } else { 0 };
+        h._pad = [0; 2];
         h.aux = [0, 0];
         h.ssl = ssl;
         fill_identity_at(h, ts_ns);

@@ -17,9 +17,9 @@ const MAX_BACKEND_STATEMENTS: usize = 1024;
 
 use ahash::AHashMap as HashMap;
 use auditor_common::{
-    RecordHeader, Tuple, AF_UNIX, DIR_TO_CLIENT, RECORD_CLOSE, RECORD_DATA, RECORD_OPEN,
-    RECORD_SERVER_TEXT, ROLE_CLIENT, ROLE_SERVER, SEEN_IO, SERVER_NAME_BYTES, STREAM_PROXY,
-    STREAM_RAW, STREAM_TLS,
+    RecordHeader, Tuple, AF_UNIX, DIR_TO_CLIENT, RECORD_CLOSE, RECORD_DATA, RECORD_LOST_BEFORE,
+    RECORD_OPEN, RECORD_SERVER_TEXT, ROLE_CLIENT, ROLE_SERVER, SEEN_IO, SERVER_NAME_BYTES,
+    STREAM_PROXY, STREAM_RAW, STREAM_TLS,
 };
 
 use crate::{
@@ -954,7 +954,15 @@ impl Tracker {
                 self.finish_drafts(conn, &mut drafts, out);
                 self.drafts = drafts;
             }
-        } else if h.offset < expected {
+        } else if h.flags & RECORD_LOST_BEFORE != 0 && call_start {
+            // Calls went by uncopied (the kernel's table of calls in flight was full):
+            // bytes were lost, the stream's offsets could not say how many.
+            self.emit_gap(conn, direction, 0, ts, out);
+            if let Some(s) = self.sessions.get_mut(&conn) {
+                s.session.lost_unknown(direction);
+            }
+        }
+        if h.offset < expected {
             // Overlap with bytes already delivered: keep only what is new.
             let skip = (expected - h.offset).min(data.len() as u64) as usize;
             payload = &data[skip..];
@@ -1023,16 +1031,21 @@ impl Tracker {
         if let Some(s) = self.sessions.get(&conn) {
             tracing::debug!(parent: &s.span, bytes = missing, ?direction, "bytes lost: gap recorded");
         }
+        let from = match direction {
+            Direction::ToServer => "from the client",
+            Direction::ToClient => "from the server",
+        };
         let mut ev = AuditEvent {
             kind: EventKind::Gap,
             gap_bytes: missing,
-            statement: format!(
-                "({missing} bytes {} were not captured)",
-                match direction {
-                    Direction::ToServer => "from the client",
-                    Direction::ToClient => "from the server",
-                }
-            )
+            statement: if missing == 0 {
+                format!(
+                    "(bytes {from} were not captured, how many is unknown: the kernel's \
+                     table of calls in flight was full)"
+                )
+            } else {
+                format!("({missing} bytes {from} were not captured)")
+            }
             .into(),
             ..AuditEvent::default()
         };
@@ -1764,6 +1777,8 @@ mod tests {
         unix_peer: Option<u64>,
         /// The network namespace the kernel side reports for the loopback connection.
         netns: u32,
+        /// Flags of the next data record (taken by it).
+        flags: u8,
     }
 
     impl Wire {
@@ -1777,6 +1792,7 @@ mod tests {
                 pid: std::process::id(),
                 unix_peer: None,
                 netns: 0,
+                flags: 0,
             }
         }
 
@@ -1838,6 +1854,7 @@ mod tests {
             let mut h = self.header(RECORD_DATA);
             h.stream = stream;
             h.direction = dir;
+            h.flags = std::mem::take(&mut self.flags);
             h.len = bytes.len() as u32;
             h.offset = self.offsets[stream as usize][dir as usize];
             self.offsets[stream as usize][dir as usize] += bytes.len() as u64;
@@ -1904,6 +1921,33 @@ mod tests {
         resp.extend(msg(b'Z', b"I"));
         out.extend(w.data(t, STREAM_TLS, DIR_TO_CLIENT, &resp));
         out
+    }
+
+    #[test]
+    fn calls_lost_uncounted_are_a_gap_of_unknown_size() {
+        // The kernel could not follow calls (its table of calls in flight was full): the
+        // next record says so, its offset follows on from the last one.
+        let mut t = tracker();
+        let mut client = Wire::new(1, ROLE_CLIENT);
+        let mut out = client.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &startup());
+        let mut resp = msg(b'R', &0u32.to_be_bytes());
+        resp.extend(msg(b'Z', b"I"));
+        out.extend(client.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &resp));
+        client.flags = RECORD_LOST_BEFORE;
+        out.extend(client.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &msg(b'Q', b"select 2\0")));
+        let mut resp = msg(b'C', b"SELECT 1\0");
+        resp.extend(msg(b'Z', b"I"));
+        out.extend(client.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &resp));
+        let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["session_start", "gap", "statement"], "{out:#?}");
+        assert_eq!(out[1].gap_bytes, 0);
+        assert!(out[1].statement.contains("how many is unknown"), "{out:#?}");
+        // What follows the loss is read from the next message boundary on.
+        assert!(out[2].flags.contains(Flag::GapBefore), "{out:#?}");
+        assert_eq!(t.counters.gaps, 1);
+        // Later chunks of the same call, and later calls, are no gap.
+        let out = client.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &msg(b'Q', b"select 3\0"));
+        assert!(out.iter().all(|e| e.kind != EventKind::Gap), "{out:#?}");
     }
 
     #[test]

@@ -296,6 +296,12 @@ impl Session {
         }
     }
 
+    /// Bytes of `direction` were lost, how many is unknown: what was being read is cut
+    /// short, and decoding resumes at the next plausible boundary.
+    pub fn lost_unknown(&mut self, direction: Direction) {
+        self.resync(direction);
+    }
+
     /// Decoding resumes at the next plausible boundary of `direction`.
     fn resync(&mut self, direction: Direction) {
         let d = direction.index();
