@@ -212,7 +212,8 @@ pub struct RecordHeader {
     pub chunk_index: u8,
     /// STREAM_RAW or STREAM_TLS: which byte stream of the connection `offset` counts in.
     pub stream: u8,
-    /// RECORD_LOST_BEFORE.
+    /// A data record: RECORD_LOST_BEFORE. A close record: bit `1 << direction` for each
+    /// direction whose calls went by uncopied since its last data record.
     pub flags: u8,
     pub _pad: [u8; 2],
     /// For a close record, the TLS plaintext totals [towards server, towards client]; for

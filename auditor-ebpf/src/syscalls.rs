@@ -199,7 +199,8 @@ fn emit_control(kind: u32, sk: u64, state: &ConnState, dir: u8) {
         h.direction = dir;
         h.chunk_index = 0;
         h.stream = 0;
-        h.flags = 0;
+        // Calls lost since the last data records (see `ConnState::lost`).
+        h.flags = state.lost;
         h._pad = [0; 2];
         h.offset = state.offsets[DIR_TO_SERVER as usize];
         h.call_len = state.offsets[DIR_TO_CLIENT as usize];

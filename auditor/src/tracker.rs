@@ -1103,6 +1103,15 @@ impl Tracker {
                     Direction::ToClient
                 };
                 self.emit_gap(conn, dir, total - expected[i], ts, out);
+            } else if h.flags & (1 << i) != 0 && stream == STREAM_RAW {
+                // Calls the kernel could not follow, after the last record (see
+                // RECORD_LOST_BEFORE): how many bytes is unknown.
+                let dir = if i == 0 {
+                    Direction::ToServer
+                } else {
+                    Direction::ToClient
+                };
+                self.emit_gap(conn, dir, 0, ts, out);
             }
         }
         self.close_session(conn, h.ts_ns, out);
@@ -1948,6 +1957,24 @@ mod tests {
         // Later chunks of the same call, and later calls, are no gap.
         let out = client.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &msg(b'Q', b"select 3\0"));
         assert!(out.iter().all(|e| e.kind != EventKind::Gap), "{out:#?}");
+        // Calls lost after the last record: the close record says so.
+        client.flags = 1 << DIR_TO_CLIENT;
+        let mut h = client.header(RECORD_CLOSE);
+        h.offset = client.offsets[0][0];
+        h.call_len = client.offsets[0][1];
+        h.flags = std::mem::take(&mut client.flags);
+        let mut out = Vec::new();
+        t.handle(
+            &Record {
+                header: h,
+                data: &[],
+            },
+            &mut out,
+        );
+        let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["gap", "statement", "session_end"], "{out:#?}");
+        assert_eq!(out[0].gap_bytes, 0);
+        assert!(out[0].statement.contains("from the server"), "{out:#?}");
     }
 
     #[test]
