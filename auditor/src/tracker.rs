@@ -1786,7 +1786,7 @@ mod tests {
         unix_peer: Option<u64>,
         /// The network namespace the kernel side reports for the loopback connection.
         netns: u32,
-        /// Flags of the next data record (taken by it).
+        /// Flags of the next data or close record (taken by it).
         flags: u8,
     }
 
@@ -1883,6 +1883,7 @@ mod tests {
             h.offset = self.offsets[0][0];
             h.call_len = self.offsets[0][1];
             h.aux = self.offsets[1];
+            h.flags = std::mem::take(&mut self.flags);
             let mut out = Vec::new();
             t.handle(
                 &Record {
@@ -1959,18 +1960,7 @@ mod tests {
         assert!(out.iter().all(|e| e.kind != EventKind::Gap), "{out:#?}");
         // Calls lost after the last record: the close record says so.
         client.flags = 1 << DIR_TO_CLIENT;
-        let mut h = client.header(RECORD_CLOSE);
-        h.offset = client.offsets[0][0];
-        h.call_len = client.offsets[0][1];
-        h.flags = std::mem::take(&mut client.flags);
-        let mut out = Vec::new();
-        t.handle(
-            &Record {
-                header: h,
-                data: &[],
-            },
-            &mut out,
-        );
+        let out = client.close(&mut t);
         let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(kinds, ["gap", "statement", "session_end"], "{out:#?}");
         assert_eq!(out[0].gap_bytes, 0);
