@@ -394,7 +394,7 @@ pub fn stats(path: &Path, json: bool) -> Result<(), CliError> {
     );
     println!("read failures      {}", s.kernel.read_failures);
     println!(
-        "kernel tables      {} connections, {} calls in flight not taken (full)",
+        "kernel tables      {} connections, {} calls in flight not taken (full; gaps)",
         s.kernel.conn_table_full, s.kernel.pending_full
     );
     println!("parse errors       {}", s.tracker.parse_errors);
