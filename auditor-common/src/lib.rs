@@ -41,9 +41,18 @@ pub const STREAM_RAW: u8 = 0;
 /// Plaintext taken at the TLS library (SSL_read/SSL_write of OpenSSL).
 pub const STREAM_TLS: u8 = 1;
 
-/// `RecordHeader::flags`: calls of this direction went by uncopied since the record before
-/// (the kernel's table of calls in flight was full): bytes were lost, how many is unknown.
+/// `RecordHeader::flags` of a data record: calls of its stream and direction went by
+/// uncopied since the record before (the kernel's table of calls in flight was full): bytes
+/// were lost, how many is unknown. A close record's flags say the same for calls after the
+/// last data records: bit `lost_bit(stream, direction)` each.
 pub const RECORD_LOST_BEFORE: u8 = 1;
+
+/// The bit of `ConnState::lost` (and of a close record's flags) for calls of one stream
+/// (STREAM_RAW, STREAM_TLS) and direction that went by uncopied.
+pub const fn lost_bit(stream: u8, direction: u8) -> u8 {
+    let stream = if stream == STREAM_TLS { 2 } else { 0 };
+    1 << (stream + (direction & 1))
+}
 /// Plaintext relayed by the daemon's inline proxy: records the proxy makes itself (the
 /// client's bytes as it sent them, and what it received), never the kernel.
 pub const STREAM_PROXY: u8 = 2;
@@ -118,7 +127,10 @@ pub mod counter {
     /// Reads and writes of watched sockets not followed because the table of calls in
     /// flight was full (their bytes are missing from the stream).
     pub const PENDING_FULL: u32 = 14;
-    pub const COUNT: u32 = 15;
+    /// TLS library calls on watched sockets not followed because the table of TLS calls
+    /// in flight was full (their plaintext is missing from the stream).
+    pub const TLS_CALLS_FULL: u32 = 15;
+    pub const COUNT: u32 = 16;
 }
 
 /// The endpoints of a TCP connection as seen from the socket's owner.

@@ -106,8 +106,9 @@ pub struct ConnState {
     /// Set once a hooked TLS library call used this socket: from then on its payload is
     /// taken as plaintext at the library, and the ciphertext is not copied.
     pub tls: u8,
-    /// Per direction (bit 1 << direction): a call went by uncopied (PENDING was full);
-    /// the next record of that direction carries RECORD_LOST_BEFORE.
+    /// Per stream and direction (bit `lost_bit(stream, direction)`): a call went by
+    /// uncopied (PENDING or TLS_CALLS was full); the next record of that stream and
+    /// direction carries RECORD_LOST_BEFORE, or the close record the bit.
     pub lost: u8,
     pub _pad: [u8; 4],
     /// Plaintext bytes seen so far in each direction (STREAM_TLS offsets).

@@ -9,7 +9,7 @@
 use core::ffi::c_void;
 
 use auditor_common::{
-    counter, KernelOffsets, RecordHeader, AF_UNIX, CHUNK_DATA, COMPAT_CHUNKS_PER_CALL,
+    counter, lost_bit, KernelOffsets, RecordHeader, AF_UNIX, CHUNK_DATA, COMPAT_CHUNKS_PER_CALL,
     COMPAT_IOVECS, DIR_TO_CLIENT, DIR_TO_SERVER, MAX_CHUNKS_PER_CALL, MAX_IOVECS, RECORD_CLOSE,
     RECORD_DATA, RECORD_FILE, RECORD_LOST_BEFORE, RECORD_OPEN, ROLE_CLIENT, SEEN_ACCEPT,
     SEEN_CONNECT, SEEN_IO, STREAM_RAW, STREAM_TLS,
@@ -338,7 +338,7 @@ fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> O
         // of unknown size), or the stream would run on as if nothing was missing.
         count(counter::PENDING_FULL, 1);
         if let Some(p) = CONNS.get_ptr_mut(sk) {
-            unsafe { (*p).lost |= 1 << (pending.direction & 1) };
+            unsafe { (*p).lost |= lost_bit(STREAM_RAW, pending.direction) };
         }
     }
     Some(())
@@ -422,11 +422,11 @@ pub(crate) fn prepare_record_at(
             base
         }
     };
-    // Calls of this direction lost since the last record (see `ConnState::lost`).
-    let lost_bit = 1u8 << dir;
-    let lost = unsafe { (*state).lost } & lost_bit != 0;
+    // Calls of this stream and direction lost since the last record (`ConnState::lost`).
+    let bit = lost_bit(stream, direction);
+    let lost = unsafe { (*state).lost } & bit != 0;
     if lost {
-        unsafe { (*state).lost &= !lost_bit };
+        unsafe { (*state).lost &= !bit };
     }
     let rec = SCRATCH.get_ptr_mut(0)?;
     unsafe {

@@ -9,7 +9,7 @@
 //! remembered for its `SSL *`; with neither, the call is counted as untied.
 
 use auditor_common::{
-    counter, DIR_TO_CLIENT, DIR_TO_SERVER, ROLE_CLIENT, STREAM_TLS, TLS_OTHER, TLS_READ,
+    counter, lost_bit, DIR_TO_CLIENT, DIR_TO_SERVER, ROLE_CLIENT, STREAM_TLS, TLS_OTHER, TLS_READ,
     TLS_READ_EX, TLS_WRITE, TLS_WRITE_EX,
 };
 use aya_ebpf::{
@@ -82,9 +82,45 @@ fn enter(ctx: &ProbeContext, kind: u8) -> Option<()> {
         if !replaces {
             tls_in_flight_add(-1);
         }
+        if kind != TLS_OTHER {
+            lost_call(pid_tgid, ssl, kind);
+        }
         return None;
     }
     Some(())
+}
+
+/// A read or write the table of calls in flight had no room for: its plaintext goes by
+/// uncopied. The connection its `SSL *` is known to be on says so in its next plaintext
+/// record of that direction (a gap of unknown size), or the stream would run on as if
+/// nothing was missing. (A first call, before the `SSL *` was tied, has no connection to
+/// tell: the counter does.)
+#[inline(always)]
+fn lost_call(pid_tgid: u64, ssl: u64, kind: u8) {
+    count(counter::TLS_CALLS_FULL, 1);
+    let key = SslKey {
+        tgid: pid_tgid >> 32,
+        ssl,
+    };
+    let Some(r) = (unsafe { SSL_SOCKS.get(key) }) else {
+        return;
+    };
+    let (sock, start_ns) = (r.sock, r.start_ns);
+    let Some(state) = CONNS.get_ptr_mut(sock) else {
+        return;
+    };
+    unsafe {
+        if (*state).start_ns != start_ns {
+            return;
+        }
+        let is_write = kind == TLS_WRITE || kind == TLS_WRITE_EX;
+        let direction = if ((*state).role == ROLE_CLIENT) == is_write {
+            DIR_TO_SERVER
+        } else {
+            DIR_TO_CLIENT
+        };
+        (*state).lost |= lost_bit(STREAM_TLS, direction);
+    }
 }
 
 macro_rules! entry_probe {

@@ -394,8 +394,9 @@ pub fn stats(path: &Path, json: bool) -> Result<(), CliError> {
     );
     println!("read failures      {}", s.kernel.read_failures);
     println!(
-        "kernel tables      {} connections, {} calls in flight not taken (full; gaps)",
-        s.kernel.conn_table_full, s.kernel.pending_full
+        "kernel tables      {} connections, {} calls and {} TLS calls in flight not taken \
+         (full; gaps)",
+        s.kernel.conn_table_full, s.kernel.pending_full, s.kernel.tls_calls_full
     );
     println!("parse errors       {}", s.tracker.parse_errors);
     println!("unmatched replies  {}", s.tracker.unmatched_responses);

@@ -17,9 +17,9 @@ const MAX_BACKEND_STATEMENTS: usize = 1024;
 
 use ahash::AHashMap as HashMap;
 use auditor_common::{
-    RecordHeader, Tuple, AF_UNIX, DIR_TO_CLIENT, RECORD_CLOSE, RECORD_DATA, RECORD_LOST_BEFORE,
-    RECORD_OPEN, RECORD_SERVER_TEXT, ROLE_CLIENT, ROLE_SERVER, SEEN_IO, SERVER_NAME_BYTES,
-    STREAM_PROXY, STREAM_RAW, STREAM_TLS,
+    lost_bit, RecordHeader, Tuple, AF_UNIX, DIR_TO_CLIENT, RECORD_CLOSE, RECORD_DATA,
+    RECORD_LOST_BEFORE, RECORD_OPEN, RECORD_SERVER_TEXT, ROLE_CLIENT, ROLE_SERVER, SEEN_IO,
+    SERVER_NAME_BYTES, STREAM_PROXY, STREAM_RAW, STREAM_TLS,
 };
 
 use crate::{
@@ -1103,9 +1103,9 @@ impl Tracker {
                     Direction::ToClient
                 };
                 self.emit_gap(conn, dir, total - expected[i], ts, out);
-            } else if h.flags & (1 << i) != 0 && stream == STREAM_RAW {
-                // Calls the kernel could not follow, after the last record (see
-                // RECORD_LOST_BEFORE): how many bytes is unknown.
+            } else if h.flags & lost_bit(stream, i as u8) != 0 {
+                // Calls the kernel could not follow, after the last record of this
+                // stream (see RECORD_LOST_BEFORE): how many bytes is unknown.
                 let dir = if i == 0 {
                     Direction::ToServer
                 } else {
@@ -1959,12 +1959,44 @@ mod tests {
         let out = client.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &msg(b'Q', b"select 3\0"));
         assert!(out.iter().all(|e| e.kind != EventKind::Gap), "{out:#?}");
         // Calls lost after the last record: the close record says so.
-        client.flags = 1 << DIR_TO_CLIENT;
+        client.flags = lost_bit(STREAM_RAW, DIR_TO_CLIENT);
         let out = client.close(&mut t);
         let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(kinds, ["gap", "statement", "session_end"], "{out:#?}");
         assert_eq!(out[0].gap_bytes, 0);
         assert!(out[0].statement.contains("from the server"), "{out:#?}");
+    }
+
+    #[test]
+    fn tls_calls_lost_uncounted_are_a_gap_of_unknown_size() {
+        // The kernel's table of TLS library calls in flight was full: the plaintext
+        // record after the lost call says so.
+        let mut t = tracker();
+        let mut client = Wire::new(1, ROLE_CLIENT);
+        negotiate(&mut t, &mut client, &mut []);
+        let mut out = converse(&mut t, &mut client);
+        client.flags = RECORD_LOST_BEFORE;
+        out.extend(client.data(&mut t, STREAM_TLS, DIR_TO_SERVER, &msg(b'Q', b"select 2\0")));
+        client.flags = 0;
+        let mut resp = msg(b'C', b"SELECT 1\0");
+        resp.extend(msg(b'Z', b"I"));
+        out.extend(client.data(&mut t, STREAM_TLS, DIR_TO_CLIENT, &resp));
+        let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["session_start", "statement", "gap", "statement"],
+            "{out:#?}"
+        );
+        assert_eq!(out[2].gap_bytes, 0);
+        assert!(out[3].flags.contains(Flag::GapBefore), "{out:#?}");
+        // Ciphertext calls lost are no gap in the plaintext (the ciphertext of a TLS
+        // connection is not followed); plaintext calls lost after the last record are.
+        client.flags = lost_bit(STREAM_RAW, DIR_TO_SERVER) | lost_bit(STREAM_TLS, DIR_TO_CLIENT);
+        let out = client.close(&mut t);
+        let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["gap", "session_end"], "{out:#?}");
+        assert!(out[0].statement.contains("from the server"), "{out:#?}");
+        assert_eq!(t.counters.gaps, 2);
     }
 
     #[test]

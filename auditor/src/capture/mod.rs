@@ -141,6 +141,10 @@ pub struct KernelCounters {
     /// was full.
     #[serde(default)]
     pub pending_full: u64,
+    /// TLS library calls on watched sockets not followed because the table of TLS calls
+    /// in flight was full.
+    #[serde(default)]
+    pub tls_calls_full: u64,
 }
 
 /// One eBPF program's runs and their time, as the kernel counts them while
@@ -977,6 +981,7 @@ impl Capture {
             redirected: get(counter::REDIRECTED),
             redirect_refused: get(counter::REDIRECT_REFUSED),
             pending_full: get(counter::PENDING_FULL),
+            tls_calls_full: get(counter::TLS_CALLS_FULL),
         }
     }
 }
