@@ -224,8 +224,8 @@ pub struct RecordHeader {
     pub chunk_index: u8,
     /// STREAM_RAW or STREAM_TLS: which byte stream of the connection `offset` counts in.
     pub stream: u8,
-    /// A data record: RECORD_LOST_BEFORE. A close record: bit `1 << direction` for each
-    /// direction whose calls went by uncopied since its last data record.
+    /// A data record: RECORD_LOST_BEFORE. A close record: bit `lost_bit(stream, direction)`
+    /// for each stream and direction whose calls went by uncopied since its last record.
     pub flags: u8,
     pub _pad: [u8; 2],
     /// For a close record, the TLS plaintext totals [towards server, towards client]; for

@@ -113,13 +113,18 @@ fn lost_call(pid_tgid: u64, ssl: u64, kind: u8) {
         if (*state).start_ns != start_ns {
             return;
         }
-        let is_write = kind == TLS_WRITE || kind == TLS_WRITE_EX;
-        let direction = if ((*state).role == ROLE_CLIENT) == is_write {
-            DIR_TO_SERVER
-        } else {
-            DIR_TO_CLIENT
-        };
-        (*state).lost |= lost_bit(STREAM_TLS, direction);
+        (*state).lost |= lost_bit(STREAM_TLS, direction_of((*state).role, kind));
+    }
+}
+
+/// The direction of a TLS read or write (`kind`) made at a connection's end of `role`.
+#[inline(always)]
+fn direction_of(role: u8, kind: u8) -> u8 {
+    let is_write = kind == TLS_WRITE || kind == TLS_WRITE_EX;
+    if (role == ROLE_CLIENT) == is_write {
+        DIR_TO_SERVER
+    } else {
+        DIR_TO_CLIENT
     }
 }
 
@@ -202,12 +207,7 @@ fn exit<const LOOP: bool>(ctx: &RetProbeContext) -> Option<()> {
     if unsafe { MUTED.get(sock) }.is_some_and(|&s| s == start_ns) {
         return None;
     }
-    let is_write = call.kind == TLS_WRITE || call.kind == TLS_WRITE_EX;
-    let direction = if (state.role == ROLE_CLIENT) == is_write {
-        DIR_TO_SERVER
-    } else {
-        DIR_TO_CLIENT
-    };
+    let direction = direction_of(state.role, call.kind);
     let (base, _rec) = prepare_record(sock, direction, STREAM_TLS, call.ssl, total)?;
     let chunks = send_buffer::<LOOP>(call.buf, total, base);
     count(counter::TLS_CHUNKS, chunks);
