@@ -669,10 +669,23 @@ macro_rules! audit_event {
             /// field i the context holds as is. Fields are compared as values, before any
             /// encoding (equal values encode alike; shared ones compare by pointer first):
             /// most of a session's fields are its context's, and are never encoded.
-            pub fn put_fields_diff(&self, ctx: &AuditEvent, out: &mut Vec<u8>, same: &mut [u8]) {
+            ///
+            /// With `shape` (an interned statement shape and the bitmap of the fields it
+            /// holds), those fields are compared with the shape's instead.
+            pub fn put_fields_diff(
+                &self,
+                ctx: &AuditEvent,
+                shape: Option<(&AuditEvent, &[u8])>,
+                out: &mut Vec<u8>,
+                same: &mut [u8],
+            ) {
                 let mut i = 0usize;
                 $(
-                    if $crate::audit::schema::Field::same(&self.$name, &ctx.$name) {
+                    let base = match shape {
+                        Some((s, mask)) if mask[i / 8] & (1 << (i % 8)) != 0 => s,
+                        _ => ctx,
+                    };
+                    if $crate::audit::schema::Field::same(&self.$name, &base.$name) {
                         same[i / 8] |= 1 << (i % 8);
                     } else {
                         $crate::audit::schema::Field::put(&self.$name, out);

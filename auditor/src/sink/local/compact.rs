@@ -1,33 +1,68 @@
 //! Events written against their session's context: what a session's events share (its
 //! process, cgroup, workload, labels, endpoints, database user...) is written once per
-//! segment, and each event holds only the fields that differ from it.
+//! segment, and each event holds only the fields that differ from it. Statement shapes
+//! (text, command, tables, fingerprint) that repeat are interned per segment the same way:
+//! written once, as a context of their own, and referred to by id.
 //!
 //! A context frame's payload: `id u32 | field count u16 | fields` (the event's fields in
-//! the spool's record layout: the first event of the session in this segment). A record
-//! frame's payload: `3 | context id u32 (0: none) | field count u16 | same [⌈count/8⌉] |
-//! the fields whose bit in `same` is clear`. A field whose bit is set is the context's.
-//! Contexts are numbered per segment, so a segment reads on its own.
+//! the spool's record layout: the first event of the session in this segment; for a
+//! shape, an event holding only the shape's fields). A record frame's payload: `4 |
+//! context id u32 (0: none) | shape id u32 (0: none) | field count u16 | same
+//! [⌈count/8⌉] | the fields whose bit in `same` is clear`. A field whose bit is set is the
+//! shape's when it is one of the shape's fields and the record names a shape, else the
+//! context's. Records of the previous layout (`3`, no shape id) still read. Contexts and
+//! shapes are numbered per segment (one sequence), so a segment reads on its own.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::OnceLock};
 
-use ahash::AHashMap;
+use ahash::{AHashMap, AHashSet};
 
 use crate::{
     audit::{
         event::{AuditEvent, EventKind, EventRef, FIELDS},
-        schema::{RecordError, RecordReader},
+        schema::{Field, RecordError, RecordReader},
     },
     sink::record,
+    text::Text,
 };
 
-/// First byte of a record written against a context.
-pub const VERSION: u8 = 3;
+/// First byte of a record written against a context and, maybe, a shape.
+pub const VERSION: u8 = 4;
+/// The layout before shapes: `3 | context id | field count | same | fields`.
+const VERSION_CONTEXT_ONLY: u8 = 3;
 // The `same` bitmap is built on the stack: 256 fields at most.
 const _: () = assert!(FIELDS.len() <= 256);
+const SAME_MAX: usize = 32;
 
 /// Sessions whose context is kept for new events at most; past it, all are forgotten (a
 /// session's next event writes its context again).
 const MAX_CONTEXTS: usize = 65_536;
+/// Shapes kept at most (past it, all are forgotten and written again when they recur),
+/// texts seen once remembered at most (by hash), and the longest text interned: a shape
+/// is written at a text's second sighting, so texts that never repeat (raw statements
+/// with their literals) cost a hash each, not a frame.
+const MAX_SHAPES: usize = 4096;
+const MAX_SEEN: usize = 16_384;
+const MAX_SHAPE_TEXT: usize = 2048;
+
+/// The fields a statement shape holds.
+const SHAPE_FIELDS: [&str; 4] = ["statement", "command", "tables", "fingerprint"];
+
+/// Bit i set for each field i of [`SHAPE_FIELDS`].
+fn shape_mask() -> &'static [u8; SAME_MAX] {
+    static MASK: OnceLock<[u8; SAME_MAX]> = OnceLock::new();
+    MASK.get_or_init(|| {
+        let mut m = [0u8; SAME_MAX];
+        for name in SHAPE_FIELDS {
+            let i = FIELDS
+                .iter()
+                .position(|f| f.name == name)
+                .expect("a shape field is an event field");
+            m[i / 8] |= 1 << (i % 8);
+        }
+        m
+    })
+}
 
 struct Context {
     id: u32,
@@ -36,34 +71,63 @@ struct Context {
     event: AuditEvent,
 }
 
-/// The writer's contexts of the current segment.
+/// What [`Contexts::encode`] wrote before the record: the frames to write first, in this
+/// order.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Before {
+    pub context: bool,
+    pub shape: bool,
+}
+
+/// The writer's contexts and shapes of the current segment.
 #[derive(Default)]
 pub struct Contexts {
     /// By session id (ids the daemon makes: a fast hash is safe).
     by_session: AHashMap<Box<str>, Context>,
+    shapes: Shapes,
     next_id: u32,
 }
 
+/// The statement shapes of the current segment.
+#[derive(Default)]
+struct Shapes {
+    /// By statement text (the shape's other fields are compared on use).
+    by_text: AHashMap<Text, Context>,
+    /// Hashes of texts seen once in this segment.
+    seen: AHashSet<u64>,
+    hasher: ahash::RandomState,
+}
+
 impl Contexts {
-    /// A new segment: no context is known in it.
+    /// A new segment: no context or shape is known in it.
     pub fn clear(&mut self) {
         self.by_session.clear();
+        self.shapes.by_text.clear();
+        self.shapes.seen.clear();
         self.next_id = 0;
     }
 
-    /// Encodes `ev` into `out`; when its session has no context in this segment yet, the
-    /// context's payload goes to `context` first (returns true: write that frame first).
-    pub fn encode(&mut self, ev: &AuditEvent, context: &mut Vec<u8>, out: &mut Vec<u8>) -> bool {
+    /// Encodes `ev` into `out`. When its session has no context in this segment yet, the
+    /// context's payload goes to `context`; when its statement shape is interned now, the
+    /// shape's payload goes to `shape` (write those frames first, context then shape).
+    pub fn encode(
+        &mut self,
+        ev: &AuditEvent,
+        context: &mut Vec<u8>,
+        shape: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Before {
         let same_len = FIELDS.len().div_ceil(8);
+        let mut before = Before::default();
         out.push(VERSION);
         if ev.session_id.is_empty() {
+            out.extend_from_slice(&0u32.to_le_bytes());
             out.extend_from_slice(&0u32.to_le_bytes());
             out.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
             out.resize(out.len() + same_len, 0);
             ev.put_fields(out);
-            return false;
+            return before;
         }
-        let mut wrote = false;
         if !self.by_session.contains_key(&*ev.session_id) {
             if self.by_session.len() >= MAX_CONTEXTS {
                 self.by_session.clear();
@@ -78,21 +142,88 @@ impl Contexts {
             ev.put_fields(context);
             self.by_session
                 .insert(ev.session_id.to_string().into_boxed_str(), c);
-            wrote = true;
+            before.context = true;
         }
+        let base = self
+            .shapes
+            .shape_of(ev, &mut self.next_id, shape, &mut before);
         let c = &self.by_session[&*ev.session_id];
         out.extend_from_slice(&c.id.to_le_bytes());
+        out.extend_from_slice(&base.map_or(0, |s| s.id).to_le_bytes());
         out.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
         let same_at = out.len();
         out.resize(same_at + same_len, 0);
-        let mut same = [0u8; 32];
-        ev.put_fields_diff(&c.event, out, &mut same[..same_len]);
+        let mut same = [0u8; SAME_MAX];
+        let base = base.map(|s| (&s.event, &shape_mask()[..]));
+        ev.put_fields_diff(&c.event, base, out, &mut same[..same_len]);
         out[same_at..same_at + same_len].copy_from_slice(&same[..same_len]);
         if ev.kind == EventKind::SessionEnd {
             // Nothing of this session follows (a later event would write it again).
             self.by_session.remove(&*ev.session_id);
         }
-        wrote
+        before
+    }
+}
+
+impl Shapes {
+    /// `ev`'s interned shape, if any, interning it at its text's second sighting (its
+    /// payload then goes to `payload`, with an id from `next_id`).
+    fn shape_of(
+        &mut self,
+        ev: &AuditEvent,
+        next_id: &mut u32,
+        payload: &mut Vec<u8>,
+        before: &mut Before,
+    ) -> Option<&Context> {
+        let text = &*ev.statement;
+        if text.is_empty() || text.len() > MAX_SHAPE_TEXT {
+            return None;
+        }
+        match self.by_text.get(text) {
+            Some(s)
+                if ev.command.same(&s.event.command)
+                    && ev.tables.same(&s.event.tables)
+                    && ev.fingerprint.same(&s.event.fingerprint) =>
+            {
+                // Looked up again: returning `s` here would hold the map borrowed below.
+                return self.by_text.get(text);
+            }
+            // The same text with another analysis: the shape is replaced.
+            Some(_) => {}
+            None => {
+                let h = self.hasher.hash_one(text.as_bytes());
+                if self.seen.len() >= MAX_SEEN {
+                    self.seen.clear();
+                }
+                if self.seen.insert(h) {
+                    return None;
+                }
+            }
+        }
+        if self.by_text.len() >= MAX_SHAPES {
+            self.by_text.clear();
+        }
+        let shape = AuditEvent {
+            statement: ev.statement.clone(),
+            command: ev.command.clone(),
+            tables: ev.tables.clone(),
+            fingerprint: ev.fingerprint.clone(),
+            ..AuditEvent::of_kind(EventKind::Statement)
+        };
+        *next_id += 1;
+        let id = *next_id;
+        payload.extend_from_slice(&id.to_le_bytes());
+        payload.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
+        shape.put_fields(payload);
+        before.shape = true;
+        let slot = match self.by_text.entry(ev.statement.clone()) {
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                o.insert(Context { id, event: shape });
+                o.into_mut()
+            }
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(Context { id, event: shape }),
+        };
+        Some(slot)
     }
 }
 
@@ -123,25 +254,42 @@ impl ContextTable {
         Ok(())
     }
 
-    /// Reads a record frame's payload (this layout, or the spool's).
+    /// Reads a record frame's payload (this layout, the one before shapes, or the
+    /// spool's).
     pub fn event(&self, payload: &[u8]) -> Result<AuditEvent, RecordError> {
-        if payload.first() != Some(&VERSION) {
-            return record::decode(payload)?.to_event();
-        }
+        let version = match payload.first() {
+            Some(&v @ (VERSION | VERSION_CONTEXT_ONLY)) => v,
+            _ => return record::decode(payload)?.to_event(),
+        };
         let mut r = RecordReader::new(&payload[1..]);
         let id = r.u32()?;
+        let shape_id = if version == VERSION { r.u32()? } else { 0 };
         let fields = usize::from(r.u16()?);
         if fields > FIELDS.len() {
-            return Err(RecordError::UnknownVersion(VERSION));
+            return Err(RecordError::UnknownVersion(version));
         }
         let same = r.bytes(fields.div_ceil(8))?;
         let mut ev = EventRef::get_fields_except(&mut r, fields, same)?.to_event_except(same)?;
         if !r.is_empty() {
             return Err(RecordError::Trailing(r.remaining()));
         }
+        let mut from_ctx = [0u8; SAME_MAX];
+        from_ctx[..same.len()].copy_from_slice(same);
+        if shape_id != 0 {
+            let shape = self
+                .by_id
+                .get(&shape_id)
+                .ok_or(RecordError::NoContext(shape_id))?;
+            let mut from_shape = [0u8; SAME_MAX];
+            for (i, b) in same.iter().enumerate() {
+                from_shape[i] = b & shape_mask()[i];
+                from_ctx[i] = b & !shape_mask()[i];
+            }
+            ev.take_same(shape, &from_shape[..same.len()]);
+        }
         if id != 0 {
             let ctx = self.by_id.get(&id).ok_or(RecordError::NoContext(id))?;
-            ev.take_same(ctx, same);
+            ev.take_same(ctx, &from_ctx[..same.len()]);
         }
         Ok(ev)
     }
@@ -150,6 +298,24 @@ impl ContextTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The writer's frames for `ev`: (what came before, record), the context and shape
+    /// frames added to the reader's table.
+    fn enc(w: &mut Contexts, t: &mut ContextTable, ev: &AuditEvent) -> (Before, Vec<u8>) {
+        let (mut ctx, mut shape, mut rec) = (Vec::new(), Vec::new(), Vec::new());
+        let before = w.encode(ev, &mut ctx, &mut shape, &mut rec);
+        assert_eq!(before.context, !ctx.is_empty());
+        assert_eq!(before.shape, !shape.is_empty());
+        for p in [ctx, shape].iter().filter(|p| !p.is_empty()) {
+            t.add(p).unwrap();
+        }
+        (before, rec)
+    }
+
+    const NOTHING: Before = Before {
+        context: false,
+        shape: false,
+    };
 
     #[test]
     fn a_sessions_events_hold_only_what_differs_from_its_context() {
@@ -162,23 +328,23 @@ mod tests {
             db_user: "app".into(),
             ..AuditEvent::default()
         };
-        let second = AuditEvent {
-            seq: 1,
+        // Each statement text once: no shape is interned.
+        let stmt = |n: u64| AuditEvent {
+            seq: n,
             kind: EventKind::Statement,
-            statement: "SELECT $1".into(),
+            statement: format!("SELECT {n}").into(),
             ..first.clone()
         };
+        let second = stmt(1);
         let mut w = Contexts::default();
-        let (mut ctx, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new());
-        assert!(w.encode(&first, &mut ctx, &mut a));
-        let mut none = Vec::new();
-        assert!(!w.encode(&second, &mut none, &mut b));
-        assert!(none.is_empty());
+        let mut t = ContextTable::default();
+        let (before, a) = enc(&mut w, &mut t, &first);
+        assert!(before.context && !before.shape);
+        let (before, b) = enc(&mut w, &mut t, &second);
+        assert_eq!(before, NOTHING);
         let mut full = Vec::new();
         record::encode(&second, &mut full);
         assert!(b.len() * 3 < full.len(), "{} vs {}", b.len(), full.len());
-        let mut t = ContextTable::default();
-        t.add(&ctx).unwrap();
         assert_eq!(t.event(&a).unwrap(), first);
         assert_eq!(t.event(&b).unwrap(), second);
         // A record of the spool's layout still reads.
@@ -189,18 +355,17 @@ mod tests {
             comm: String::from("psql").into(),
             cgroup_path: String::from("/system.slice/app.service").into(),
             exe: String::from("/usr/bin/psql").into(),
-            ..second.clone()
+            ..stmt(2)
         };
-        let mut f = Vec::new();
-        assert!(!w.encode(&fresh, &mut none, &mut f));
+        let (before, f) = enc(&mut w, &mut t, &fresh);
+        assert_eq!(before, NOTHING);
         assert_eq!(f.len(), b.len());
         assert_eq!(t.event(&f).unwrap(), fresh);
         let moved = AuditEvent {
             cgroup_path: "/system.slice/other.service".into(),
-            ..second.clone()
+            ..stmt(3)
         };
-        let mut m = Vec::new();
-        assert!(!w.encode(&moved, &mut none, &mut m));
+        let (_, m) = enc(&mut w, &mut t, &moved);
         assert!(m.len() > b.len());
         assert_eq!(t.event(&m).unwrap(), moved);
         // A context never seen is an error, not a guess.
@@ -211,17 +376,118 @@ mod tests {
             statement: "(gap)".into(),
             ..AuditEvent::default()
         };
-        let mut c = Vec::new();
-        assert!(!w.encode(&lone, &mut none, &mut c));
+        let (before, c) = enc(&mut w, &mut t, &lone);
+        assert_eq!(before, NOTHING);
         assert_eq!(t.event(&c).unwrap(), lone);
         // The session's end forgets its context: a later event writes it again.
         let end = AuditEvent {
-            seq: 2,
+            seq: 4,
             kind: EventKind::SessionEnd,
             ..first.clone()
         };
-        let mut d = Vec::new();
-        assert!(!w.encode(&end, &mut none, &mut d));
-        assert!(w.encode(&second, &mut none, &mut Vec::new()));
+        let (before, _) = enc(&mut w, &mut t, &end);
+        assert_eq!(before, NOTHING);
+        assert!(enc(&mut w, &mut t, &stmt(5)).0.context);
+    }
+
+    #[test]
+    fn a_statement_shape_seen_twice_is_written_once_and_referred_to() {
+        let session = |id: &str| AuditEvent {
+            session_id: id.into(),
+            kind: EventKind::SessionStart,
+            comm: "pgbench".into(),
+            ..AuditEvent::default()
+        };
+        let select = |s: &AuditEvent, seq: u64, fp: &str| AuditEvent {
+            seq,
+            kind: EventKind::Statement,
+            statement: "SELECT abalance FROM pgbench_accounts WHERE aid = $1".into(),
+            command: "SELECT".into(),
+            tables: vec!["pgbench_accounts".to_string()].into(),
+            fingerprint: fp.into(),
+            params: vec![format!("hmac:{seq:016x}")].into(),
+            rows: Some(1),
+            ..s.clone()
+        };
+        let (s1, s2) = (session("s1"), session("s2"));
+        let mut w = Contexts::default();
+        let mut t = ContextTable::default();
+        enc(&mut w, &mut t, &s1);
+        // The first sighting is written whole, the second interns the shape.
+        let (before, r1) = enc(&mut w, &mut t, &select(&s1, 1, "fp1"));
+        assert_eq!(before, NOTHING);
+        let (before, r2) = enc(&mut w, &mut t, &select(&s1, 2, "fp1"));
+        assert!(before.shape && !before.context);
+        assert!(r2.len() + 60 < r1.len(), "{} vs {}", r2.len(), r1.len());
+        // Later ones refer to it, from any session of the segment.
+        let (before, r3) = enc(&mut w, &mut t, &select(&s1, 3, "fp1"));
+        assert_eq!(before, NOTHING);
+        assert_eq!(r3.len(), r2.len());
+        enc(&mut w, &mut t, &s2);
+        let (before, r4) = enc(&mut w, &mut t, &select(&s2, 1, "fp1"));
+        assert_eq!(before, NOTHING);
+        for (r, ev) in [
+            (&r1, select(&s1, 1, "fp1")),
+            (&r2, select(&s1, 2, "fp1")),
+            (&r3, select(&s1, 3, "fp1")),
+            (&r4, select(&s2, 1, "fp1")),
+        ] {
+            assert_eq!(t.event(r).unwrap(), ev);
+        }
+        // The same text with another fingerprint: a new shape, which reads as written.
+        let (before, r5) = enc(&mut w, &mut t, &select(&s1, 4, "fp2"));
+        assert!(before.shape);
+        assert_eq!(t.event(&r5).unwrap(), select(&s1, 4, "fp2"));
+        // And the new shape is the one referred to from then on.
+        let (_, r6) = enc(&mut w, &mut t, &select(&s1, 5, "fp2"));
+        assert_eq!(t.event(&r6).unwrap(), select(&s1, 5, "fp2"));
+        // A shape never seen is an error, not a guess.
+        let mut only_ctx = ContextTable::default();
+        let mut ctx = Vec::new();
+        Contexts::default().encode(&s1, &mut ctx, &mut Vec::new(), &mut Vec::new());
+        only_ctx.add(&ctx).unwrap();
+        assert!(matches!(
+            only_ctx.event(&r3),
+            Err(RecordError::NoContext(_))
+        ));
+        // A new segment knows no shape: the first use is written whole again.
+        w.clear();
+        let mut t = ContextTable::default();
+        enc(&mut w, &mut t, &s1);
+        let (before, r7) = enc(&mut w, &mut t, &select(&s1, 6, "fp2"));
+        assert_eq!(before, NOTHING);
+        assert_eq!(r7.len(), r1.len());
+    }
+
+    #[test]
+    fn records_of_the_layout_before_shapes_still_read() {
+        // `3 | context id | field count | same | fields`, as the previous version wrote.
+        let ctx_ev = AuditEvent {
+            session_id: "s1".into(),
+            kind: EventKind::SessionStart,
+            comm: "psql".into(),
+            ..AuditEvent::default()
+        };
+        let ev = AuditEvent {
+            seq: 1,
+            kind: EventKind::Statement,
+            statement: "SELECT 1".into(),
+            ..ctx_ev.clone()
+        };
+        let mut ctx = 7u32.to_le_bytes().to_vec();
+        ctx.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
+        ctx_ev.put_fields(&mut ctx);
+        let same_len = FIELDS.len().div_ceil(8);
+        let mut rec = vec![VERSION_CONTEXT_ONLY];
+        rec.extend_from_slice(&7u32.to_le_bytes());
+        rec.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
+        let at = rec.len();
+        rec.resize(at + same_len, 0);
+        let mut same = [0u8; SAME_MAX];
+        ev.put_fields_diff(&ctx_ev, None, &mut rec, &mut same[..same_len]);
+        rec[at..at + same_len].copy_from_slice(&same[..same_len]);
+        let mut t = ContextTable::default();
+        t.add(&ctx).unwrap();
+        assert_eq!(t.event(&rec).unwrap(), ev);
     }
 }

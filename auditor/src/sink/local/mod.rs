@@ -334,6 +334,8 @@ pub struct SealedLog {
     broken: bool,
     scratch: Vec<u8>,
     context: Vec<u8>,
+    /// A statement shape's payload (written before the record that first uses it).
+    shape: Vec<u8>,
     contexts: compact::Contexts,
     shared: Option<SharedHead>,
 }
@@ -415,6 +417,7 @@ impl SealedLog {
             broken: false,
             scratch: Vec::with_capacity(4096),
             context: Vec::with_capacity(4096),
+            shape: Vec::with_capacity(4096),
             contexts: compact::Contexts::default(),
             shared: None,
         };
@@ -451,14 +454,16 @@ impl SealedLog {
         }
         self.scratch.clear();
         self.context.clear();
-        if self
-            .contexts
-            .encode(ev, &mut self.context, &mut self.scratch)
-        {
-            self.digests
-                .extend_from_slice(&segment::digest(&self.context));
-            segment::write_frame(&mut self.pending, segment::KIND_CONTEXT, &self.context);
-            self.count += 1;
+        self.shape.clear();
+        let before =
+            self.contexts
+                .encode(ev, &mut self.context, &mut self.shape, &mut self.scratch);
+        for (wrote, payload) in [(before.context, &self.context), (before.shape, &self.shape)] {
+            if wrote {
+                self.digests.extend_from_slice(&segment::digest(payload));
+                segment::write_frame(&mut self.pending, segment::KIND_CONTEXT, payload);
+                self.count += 1;
+            }
         }
         self.digests
             .extend_from_slice(&segment::digest(&self.scratch));
