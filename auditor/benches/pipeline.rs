@@ -82,7 +82,7 @@ fn benches(c: &mut Criterion) {
         .map(|d| {
             let mut ev = d.event.clone();
             ev.event_id = new_event_id();
-            ev.session_id = new_event_id().into();
+            ev.session_id = new_event_id().as_str().into();
             ev.host = "bench-host".into();
             ev.comm = "pgbench".into();
             ev.exe = "/usr/lib/postgresql/15/bin/pgbench".into();

@@ -724,7 +724,7 @@ impl Tracker {
         } else if mid_stream && first_data.is_some_and(looks_like_tls_record) {
             session.assume_tls();
         }
-        let id: Text = new_event_id().into();
+        let id = Text::from(new_event_id().as_str());
         let client_addr = endpoint_string(h.tuple.family, &conn.client_addr);
         let server_addr = endpoint_string(h.tuple.family, &conn.server_addr);
         let span = tracing::debug_span!(

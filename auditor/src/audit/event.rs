@@ -475,7 +475,7 @@ pub struct ProcessIdentity {
 
 audit_event! {
     /// Unique and sortable by creation time (a UUIDv7).
-    event_id: String,
+    event_id: EventId,
     kind: EventKind [lc],
     /// Start time, RFC 3339 with microseconds, UTC.
     ts: Timestamp,
@@ -599,7 +599,7 @@ impl AuditEvent {
 
 /// A UUIDv7: unique and sortable by creation time. The 74 bits after the millisecond
 /// timestamp come from a userspace CSPRNG (one OS read per thread, not one per event).
-pub fn new_event_id() -> String {
+pub fn new_event_id() -> EventId {
     use rand::RngCore;
     let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -607,10 +607,101 @@ pub fn new_event_id() -> String {
         .unwrap_or(0);
     let mut random = [0u8; 10];
     rand::thread_rng().fill_bytes(&mut random);
-    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let id = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
-    // One exact allocation (Display grows a String several times).
-    String::from(&*id.hyphenated().encode_lower(&mut text))
+    let mut text = [0u8; EventId::INLINE];
+    uuid::Builder::from_unix_timestamp_millis(millis, &random)
+        .into_uuid()
+        .hyphenated()
+        .encode_lower(&mut text);
+    EventId(IdRepr::Inline(text))
+}
+
+/// An event's id, as text. The daemon's own (a UUID's 36 characters) are held inline, so
+/// making one allocates nothing; any other (from a record or a test) is kept as it came.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct EventId(IdRepr);
+
+/// One representation per text (36 bytes: inline), so the derived equality is the text's.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum IdRepr {
+    Inline([u8; EventId::INLINE]),
+    Other(Box<str>),
+}
+
+impl Default for IdRepr {
+    fn default() -> Self {
+        IdRepr::Other(Box::from(""))
+    }
+}
+
+impl EventId {
+    const INLINE: usize = uuid::fmt::Hyphenated::LENGTH;
+
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            // Made from a `&str` or a UUID's ASCII: always UTF-8.
+            IdRepr::Inline(b) => std::str::from_utf8(b).unwrap_or_default(),
+            IdRepr::Other(s) => s,
+        }
+    }
+}
+
+impl From<&str> for EventId {
+    fn from(s: &str) -> Self {
+        match <[u8; EventId::INLINE]>::try_from(s.as_bytes()) {
+            Ok(b) => EventId(IdRepr::Inline(b)),
+            Err(_) => EventId(IdRepr::Other(Box::from(s))),
+        }
+    }
+}
+
+impl From<String> for EventId {
+    fn from(s: String) -> Self {
+        EventId::from(s.as_str())
+    }
+}
+
+impl std::ops::Deref for EventId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq<str> for EventId {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for EventId {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::fmt::Display for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl Serialize for EventId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for EventId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Ok(EventId::from(s.as_ref()))
+    }
 }
 
 /// RFC 3339 with microseconds, UTC (`2023-11-14T22:13:20.123456Z`). Years outside

@@ -364,6 +364,7 @@ macro_rules! text_field {
 
 text_field!(String);
 text_field!(Text);
+text_field!(super::event::EventId);
 
 macro_rules! int_field {
     ($t:ty, $ch:literal) => {

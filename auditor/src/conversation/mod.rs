@@ -159,6 +159,21 @@ pub fn columns_of(fields: &Fields<'_>) -> Arc<[Column]> {
         .collect()
 }
 
+/// Whether `columns` are what `fields` describe (names compared as the bytes they came
+/// as, which `columns_of` kept when they were UTF-8).
+fn same_columns(fields: &Fields<'_>, columns: &[Column]) -> bool {
+    fields.len() == columns.len()
+        && fields.iter().zip(columns).all(|(f, c)| {
+            f.name == c.name.as_bytes()
+                && f.table_oid == c.table_oid
+                && f.column == c.column
+                && f.type_oid == c.type_oid
+                && f.type_size == c.type_size
+                && f.type_modifier == c.type_modifier
+                && f.format == c.format
+        })
+}
+
 /// What rows belong to: the statement's text and its result columns (with formats).
 pub type RowsSource = (Option<Arc<str>>, Option<Vec<Column>>);
 
@@ -459,6 +474,9 @@ pub struct Conversation {
     prepared: Names<Arc<PreparedStatement>>,
     portals: Names<Portal>,
     pending: VecDeque<Pending>,
+    /// The last RowDescription's columns: a driver that describes its portal before each
+    /// Execute (pgbench, libpq's PQexecPrepared) gets the same ones each time, shared.
+    last_columns: Option<Arc<[Column]>>,
     pub counters: ConversationCounters,
 }
 
@@ -482,6 +500,7 @@ impl Conversation {
             prepared: Names::default(),
             portals: Names::default(),
             pending: VecDeque::new(),
+            last_columns: None,
             counters: ConversationCounters::default(),
         }
     }
@@ -1058,7 +1077,14 @@ impl Conversation {
                 _ => self.counters.unmatched_responses += 1,
             },
             BackendMessage::RowDescription(fields) => {
-                let columns = columns_of(&fields);
+                let columns = match &self.last_columns {
+                    Some(c) if same_columns(&fields, c) => c.clone(),
+                    _ => {
+                        let c = columns_of(&fields);
+                        self.last_columns = Some(c.clone());
+                        c
+                    }
+                };
                 match self.pending.front_mut() {
                     Some(Pending::Simple { columns: c, .. }) => *c = Some(columns),
                     Some(Pending::Describe { .. }) => self.described(Some(columns)),
