@@ -828,6 +828,44 @@ mod tests {
     }
 
     #[test]
+    fn event_ids_are_their_text_however_held() {
+        let made = new_event_id();
+        assert_eq!(made.len(), 36);
+        assert!(uuid::Uuid::parse_str(&made).is_ok_and(|u| u.get_version_num() == 7));
+        assert_ne!(made, new_event_id());
+        // Any text reads back as it came, inline or not, and equal texts are equal ids.
+        for text in [
+            made.as_str(),
+            "",
+            "e1",
+            "x".repeat(37).as_str(),
+            "ü".repeat(18).as_str(),
+        ] {
+            let id = EventId::from(text);
+            assert_eq!(id, text);
+            assert_eq!(id, EventId::from(text.to_string()));
+            let json = serde_json::to_string(&id).unwrap();
+            assert_eq!(json, serde_json::to_string(text).unwrap());
+            assert_eq!(serde_json::from_str::<EventId>(&json).unwrap(), id);
+            let ev = AuditEvent {
+                event_id: id.clone(),
+                ..AuditEvent::default()
+            };
+            let mut rec = Vec::new();
+            crate::sink::record::encode(&ev, &mut rec);
+            assert_eq!(crate::sink::record::decode(&rec).unwrap().event_id, text);
+            assert_eq!(
+                crate::sink::record::decode(&rec)
+                    .unwrap()
+                    .to_event()
+                    .unwrap(),
+                ev
+            );
+        }
+        assert_eq!(EventId::default(), "");
+    }
+
+    #[test]
     fn every_flag_and_kind_round_trips_by_name() {
         for &f in Flag::ALL {
             assert_eq!(Flag::from_name(f.as_str()), Some(f));

@@ -1666,6 +1666,44 @@ mod tests {
     }
 
     #[test]
+    fn a_repeated_row_description_shares_the_columns_and_a_changed_one_does_not() {
+        let mut c = ready();
+        let mut out = Vec::new();
+        let mut columns_of_query = |c: &mut Conversation, cols: &[(&str, u32, i16, u32)]| {
+            feed(c, true, &frame(b'Q', &cstr("select x from t")), &mut out);
+            feed(c, false, &row_description(cols), &mut out);
+            let got = c.last_columns.clone().expect("columns");
+            feed(
+                c,
+                false,
+                &[frame(b'C', &cstr("SELECT 0")), frame(b'Z', b"I")].concat(),
+                &mut out,
+            );
+            got
+        };
+        let a = columns_of_query(&mut c, &[("x", 16400, 1, 23)]);
+        let b = columns_of_query(&mut c, &[("x", 16400, 1, 23)]);
+        assert!(Arc::ptr_eq(&a, &b));
+        for other in [
+            &[("y", 16400, 1, 23)][..],
+            &[("x", 16401, 1, 23)],
+            &[("x", 16400, 2, 23)],
+            &[("x", 16400, 1, 25)],
+            &[("x", 16400, 1, 23), ("z", 0, 0, 23)],
+        ] {
+            let d = columns_of_query(&mut c, other);
+            assert!(!Arc::ptr_eq(&a, &d));
+            assert_eq!(d.len(), other.len());
+            assert_eq!(d[0].name, other[0].0);
+            assert_eq!(
+                (d[0].table_oid, d[0].column, d[0].type_oid),
+                (other[0].1, other[0].2, other[0].3)
+            );
+        }
+        assert_eq!(out.len(), 7);
+    }
+
+    #[test]
     fn pending_requests_do_not_pile_up_over_many_transactions() {
         // pgbench -M prepared: Bind, Describe portal, Execute, Sync per statement.
         let mut c = ready();
