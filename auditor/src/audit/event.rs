@@ -1,6 +1,8 @@
 //! The audit event: its kinds, flags, time stamp and fields, declared once (the layouts
 //! follow from the declaration, see `schema.rs`).
 
+use std::sync::Arc;
+
 use serde::{ser::SerializeStruct, Deserialize, Serialize};
 
 pub use super::schema::Labels;
@@ -497,7 +499,7 @@ audit_event! {
     /// "simple", "extended" or "function_call"; empty for session and gap events.
     protocol: Text [lc],
     /// Bind parameters: keyed hashes ("hmac:…") unless the policy records raw values.
-    params: std::sync::Arc<[String]>,
+    params: Params,
     /// Rows returned or affected.
     rows: Option<u64>,
     /// SQLSTATE, empty on success.
@@ -704,6 +706,163 @@ impl<'de> Deserialize<'de> for EventId {
     }
 }
 
+/// A statement's bind parameters as recorded (raw values, or keyed hashes), all of them in
+/// one allocation: `count u32 | end u32 × count | texts`, value i's text ending at
+/// `end[i]` (little-endian, from the start of the texts). Equal lists are equal bytes.
+#[derive(Clone, Default)]
+pub struct Params(Option<Arc<[u8]>>);
+
+impl Params {
+    /// The list of `items`, in order.
+    pub fn collect<S: AsRef<str>>(items: impl ExactSizeIterator<Item = S>) -> Params {
+        Params::of_len(items.len(), items)
+    }
+
+    /// The list of the first `n` of `items` (empty texts for any it lacks).
+    pub fn of_len<S: AsRef<str>>(n: usize, items: impl Iterator<Item = S>) -> Params {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        if n == 0 {
+            return Params(None);
+        }
+        SCRATCH.with_borrow_mut(|buf| {
+            buf.clear();
+            buf.extend_from_slice(&(n as u32).to_le_bytes());
+            buf.resize(4 + 4 * n, 0);
+            let texts = 4 + 4 * n;
+            let mut written = 0;
+            for (i, item) in items.enumerate().take(n) {
+                buf.extend_from_slice(item.as_ref().as_bytes());
+                let end = (buf.len() - texts) as u32;
+                buf[4 + 4 * i..8 + 4 * i].copy_from_slice(&end.to_le_bytes());
+                written += 1;
+            }
+            // An iterator shorter than it said: the missing values are empty.
+            let end = (buf.len() - texts) as u32;
+            for i in written..n {
+                buf[4 + 4 * i..8 + 4 * i].copy_from_slice(&end.to_le_bytes());
+            }
+            let params = Params(Some(Arc::from(&buf[..])));
+            if buf.capacity() > 1 << 16 {
+                *buf = Vec::new();
+            }
+            params
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.0 {
+            Some(b) => u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize,
+            None => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Value `i`'s text.
+    pub fn get(&self, i: usize) -> Option<&str> {
+        let b = self.0.as_deref()?;
+        let n = self.len();
+        if i >= n {
+            return None;
+        }
+        let end_at = |j: usize| {
+            u32::from_le_bytes(b[4 + 4 * j..8 + 4 * j].try_into().expect("4 bytes")) as usize
+        };
+        let texts = &b[4 + 4 * n..];
+        let start = if i == 0 { 0 } else { end_at(i - 1) };
+        // Made from `&str`s cut at their ends: always UTF-8.
+        texts
+            .get(start..end_at(i))
+            .map(|t| std::str::from_utf8(t).unwrap_or_default())
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> + Clone + '_ {
+        (0..self.len()).map(|i| self.get(i).unwrap_or_default())
+    }
+
+    pub fn to_vec(&self) -> Vec<String> {
+        self.iter().map(str::to_string).collect()
+    }
+}
+
+impl PartialEq for Params {
+    fn eq(&self, other: &Params) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Params {}
+
+impl std::fmt::Debug for Params {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl<S: AsRef<str>> From<Vec<S>> for Params {
+    fn from(v: Vec<S>) -> Params {
+        Params::collect(v.iter())
+    }
+}
+
+impl<S: AsRef<str>, const N: usize> From<[S; N]> for Params {
+    fn from(v: [S; N]) -> Params {
+        Params::collect(v.iter())
+    }
+}
+
+impl Serialize for Params {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Params {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = <Vec<std::borrow::Cow<'de, str>>>::deserialize(d)?;
+        Ok(Params::collect(v.iter()))
+    }
+}
+
+impl Field for Params {
+    type Ref<'a> = Vec<&'a str>;
+    #[inline]
+    fn same(&self, other: &Self) -> bool {
+        self == other
+    }
+    fn json(&self, out: &mut Vec<u8>) {
+        json_strs(out, self.iter());
+    }
+    fn put(&self, out: &mut Vec<u8>) {
+        put_strs(out, self.len(), self.iter());
+    }
+    fn get<'a>(r: &mut RecordReader<'a>) -> Result<Vec<&'a str>, RecordError> {
+        r.strs()
+    }
+    fn own(r: &Vec<&str>) -> Result<Self, RecordError> {
+        Ok(Params::collect(r.iter()))
+    }
+    fn ch_columns(name: &'static str, _: bool, style: ColumnStyle) -> Vec<String> {
+        <std::sync::Arc<[String]>>::ch_columns(name, false, style)
+    }
+    fn ch_write<S: SerializeStruct>(
+        r: &Vec<&str>,
+        name: &'static str,
+        compat: bool,
+        s: &mut S,
+    ) -> Result<(), S::Error> {
+        <std::sync::Arc<[String]>>::ch_write(r, name, compat, s)
+    }
+}
+
 /// RFC 3339 with microseconds, UTC (`2023-11-14T22:13:20.123456Z`). Years outside
 /// 0000-9999 are clamped to the epoch.
 pub fn format_ts(unix_ns: i128) -> String {
@@ -787,8 +946,6 @@ fn fast_ts_micros(b: &[u8]) -> Option<i64> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
 
     #[test]
@@ -801,7 +958,7 @@ mod tests {
             statement: "SELECT \"q\", '\\', $1 -- \u{1}\u{1f}\u{7f}\t\r\n\u{8}\u{c} ü 日本 😀"
                 .into(),
             tables: vec!["a".into(), "b\"c".into()].into(),
-            params: Arc::from([]),
+            params: Params::default(),
             rows: None,
             tls: true,
             labels: [
@@ -863,6 +1020,45 @@ mod tests {
             );
         }
         assert_eq!(EventId::default(), "");
+    }
+
+    #[test]
+    fn params_are_a_list_of_texts_in_one_allocation() {
+        let lists: [&[&str]; 5] = [
+            &[],
+            &["hmac:1b9891be7a5a66b4"],
+            &["", "NULL", "\\x00ff"],
+            &["ü日本😀", "a\"b", "", "x"],
+            &["5"; 300],
+        ];
+        for list in lists {
+            let p = Params::from(list.to_vec());
+            assert_eq!(p.len(), list.len());
+            assert_eq!(p.is_empty(), list.is_empty());
+            assert!(p.iter().eq(list.iter().copied()));
+            assert_eq!(p.to_vec(), list);
+            assert_eq!(p.get(list.len()), None);
+            assert_eq!(p, Params::collect(list.iter()));
+            // JSON as a list of strings; a record as one too.
+            let json = serde_json::to_string(&p).unwrap();
+            assert_eq!(json, serde_json::to_string(list).unwrap());
+            assert_eq!(serde_json::from_str::<Params>(&json).unwrap(), p);
+            let mut out = Vec::new();
+            p.json(&mut out);
+            assert_eq!(out, json.as_bytes());
+            let mut rec = Vec::new();
+            p.put(&mut rec);
+            let mut r = RecordReader::new(&rec);
+            let back = <Params as Field>::get(&mut r).unwrap();
+            assert_eq!(back, list);
+            assert_eq!(<Params as Field>::own(&back).unwrap(), p);
+        }
+        assert_ne!(Params::from(["a", "b"]), Params::from(["ab"]));
+        assert_ne!(Params::from(["a"]), Params::default());
+        assert_eq!(Params::from(Vec::<String>::new()), Params::default());
+        // An iterator shorter than its count: the values it lacks are empty.
+        assert_eq!(Params::of_len(3, ["a"].iter()), Params::from(["a", "", ""]));
+        assert_eq!(Params::of_len(1, ["a", "b"].iter()), Params::from(["a"]));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::{
-    audit::event::{AuditEvent, EventKind, Flag, Flags},
+    audit::event::{AuditEvent, EventKind, Flag, Flags, Params},
     conversation::{
         BoundParams, Outcome, Protocol, StatementOutcome, StatementResult, StatementText,
     },
@@ -104,6 +104,31 @@ pub fn kind_event(kind: EventKind) -> AuditEvent {
     AuditEvent::of_kind(kind)
 }
 
+/// Commands that come from a tag often (transaction control, mostly): no allocation.
+const TAG_COMMANDS: &[&str] = &[
+    "BEGIN",
+    "COMMIT",
+    "ROLLBACK",
+    "START TRANSACTION",
+    "SAVEPOINT",
+    "RELEASE",
+    "PREPARE TRANSACTION",
+    "COMMIT PREPARED",
+    "ROLLBACK PREPARED",
+    "SET",
+    "RESET",
+    "SHOW",
+    "DISCARD ALL",
+    "SELECT",
+    "INSERT",
+    "UPDATE",
+    "DELETE",
+    "MERGE",
+    "COPY",
+    "FETCH",
+    "MOVE",
+];
+
 #[derive(Clone, Default)]
 pub struct Recorder {
     pub policy: RecordingPolicy,
@@ -194,7 +219,7 @@ impl Recorder {
             ev.prepared_name = s.prepared_name;
             ev.params = match &s.params {
                 Some(p) => self.policy.params_of(p, self.policy.raw_params),
-                None => Arc::from([]),
+                None => Params::default(),
             };
             source.params = s.params.clone();
         }
@@ -205,7 +230,10 @@ impl Recorder {
                 if ev.command.is_empty() || &*ev.command == "TRANSACTION" {
                     let cmd = command_of_tag(&tag);
                     if !cmd.is_empty() {
-                        ev.command = cmd.into_owned().into();
+                        ev.command = match TAG_COMMANDS.iter().find(|c| **c == cmd) {
+                            Some(c) => Text::Static(c),
+                            None => Text::from(&*cmd),
+                        };
                     }
                 }
                 ev.rows = rows;
@@ -237,45 +265,47 @@ impl Recorder {
 
 impl RecordingPolicy {
     /// Parameters as recorded: raw (binary ones as `\\x` hex), or keyed hashes.
-    pub fn params_of(&self, params: &BoundParams, raw: bool) -> Arc<[String]> {
+    pub fn params_of(&self, params: &BoundParams, raw: bool) -> Params {
         let formats = params.formats();
         let values = params.values();
-        let one = |i: usize, v: Option<&[u8]>| -> String {
+        /// A value's text, on the stack when it is a hash.
+        enum One {
+            Hash([u8; 21]),
+            Owned(String),
+            Static(&'static str),
+        }
+        impl AsRef<str> for One {
+            fn as_ref(&self) -> &str {
+                match self {
+                    One::Hash(b) => std::str::from_utf8(b).unwrap_or_default(),
+                    One::Owned(s) => s,
+                    One::Static(s) => s,
+                }
+            }
+        }
+        let one = |i: usize, v: Option<&[u8]>| -> One {
             let Some(v) = v else {
-                return "NULL".to_string();
+                return One::Static("NULL");
             };
             if raw {
-                if formats.format_of(i) == 1 {
+                One::Owned(if formats.format_of(i) == 1 {
                     format!("\\x{}", hex::encode(v))
                 } else {
                     String::from_utf8_lossy(v).into_owned()
-                }
+                })
             } else {
                 let mut mac = self.param_mac.clone();
                 mac.update(v);
                 let digest = mac.finalize().into_bytes();
-                let mut text = [0u8; 16];
-                hex::encode_to_slice(&digest[..8], &mut text).expect("16 hex digits");
-                let mut out = String::with_capacity(5 + text.len());
-                out.push_str("hmac:");
-                out.push_str(std::str::from_utf8(&text).expect("hex is ASCII"));
-                out
+                let mut text = *b"hmac:0000000000000000";
+                hex::encode_to_slice(&digest[..8], &mut text[5..]).expect("16 hex digits");
+                One::Hash(text)
             }
         };
-        let mut each = values.iter().enumerate().map(|(i, v)| one(i, v));
-        match values.len() {
-            0 => Arc::from([]),
-            // The common case in one allocation (collecting grows a Vec, then copies it).
-            1 => match each.next() {
-                Some(p) => Arc::new([p]),
-                None => Arc::from([]),
-            },
-            n => {
-                let mut all = Vec::with_capacity(n);
-                all.extend(each);
-                Arc::from(all)
-            }
-        }
+        Params::of_len(
+            values.len(),
+            values.iter().enumerate().map(|(i, v)| one(i, v)),
+        )
     }
 }
 

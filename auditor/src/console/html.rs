@@ -530,7 +530,7 @@ pub fn replay(id: &str, events: &[AuditEvent]) -> String {
             } else {
                 format!(
                     "<div class=\"params\">{}</div>",
-                    esc(&ev.params.iter().cloned().collect::<Vec<_>>().join(", "))
+                    esc(&ev.params.iter().collect::<Vec<_>>().join(", "))
                 )
             },
             if ev.kind == EventKind::Statement {

@@ -98,7 +98,7 @@ mod tests {
             tables: vec!["pgbench_accounts".into()].into(),
             fingerprint: "348bee4e67e86ca6".into(),
             protocol: "extended".into(),
-            params: vec!["hmac:1b9891be7a5a66b4".into(), "hmac:00".into()].into(),
+            params: ["hmac:1b9891be7a5a66b4", "hmac:00"].into(),
             rows: Some(1),
             db_user: "postgres".into(),
             database: "postgres".into(),
