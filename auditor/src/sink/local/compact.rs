@@ -102,8 +102,7 @@ impl Contexts {
     /// A new segment: no context or shape is known in it.
     pub fn clear(&mut self) {
         self.by_session.clear();
-        self.shapes.by_text.clear();
-        self.shapes.seen.clear();
+        self.shapes.clear();
         self.next_id = 0;
     }
 
@@ -216,14 +215,14 @@ impl Shapes {
         payload.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
         shape.put_fields(payload);
         before.shape = true;
-        let slot = match self.by_text.entry(ev.statement.clone()) {
-            std::collections::hash_map::Entry::Occupied(mut o) => {
-                o.insert(Context { id, event: shape });
-                o.into_mut()
-            }
-            std::collections::hash_map::Entry::Vacant(v) => v.insert(Context { id, event: shape }),
-        };
-        Some(slot)
+        self.by_text
+            .insert(ev.statement.clone(), Context { id, event: shape });
+        self.by_text.get(text)
+    }
+
+    fn clear(&mut self) {
+        self.by_text.clear();
+        self.seen.clear();
     }
 }
 
