@@ -18,10 +18,6 @@ use auditor::{
 };
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
-// The daemon's allocator (auditor/src/main.rs), so the numbers are the daemon's.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[path = "../tests/support/fixture_io.rs"]
 mod fixture_io;
 

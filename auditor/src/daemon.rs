@@ -158,11 +158,12 @@ fn hand_on(
 ) -> bool {
     let n = batch.len() as u64;
     let next = match recycled.try_recv() {
-        Ok(mut used) => {
+        // A batch a burst grew (an event is about 1 KB) is not kept for the quiet after.
+        Ok(mut used) if used.capacity() <= 2 * SEND_AT => {
             used.clear();
             used
         }
-        Err(_) => Vec::with_capacity(SEND_AT),
+        _ => Vec::with_capacity(SEND_AT),
     };
     if tx.send(std::mem::replace(batch, next)).is_err() {
         return false;
@@ -273,6 +274,17 @@ fn drain_proxy(
             };
             tracker.handle(&rec, batch);
         }
+    }
+}
+
+/// Gives back to the system what starting took and no longer holds: loading the eBPF
+/// programs parses the kernel's BTF (some 20 MB, freed once they are loaded), which the
+/// allocator would otherwise keep for the daemon's whole life.
+fn release_startup_memory() {
+    // SAFETY: malloc_trim only returns the allocator's free pages to the system.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -613,6 +625,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         tracing::info!("console -> {addr} (approvals and session replay, OpenID Connect sign-in)");
     }
     tracing::info!("ready; Ctrl-C stops and flushes everything");
+    release_startup_memory();
     let _ = std::io::stdout().flush();
 
     // What ClickHouse does not take within the grace period at stop stays spooled for

@@ -3,10 +3,6 @@ use std::path::PathBuf;
 use auditor::{cli, config::Config, daemon};
 use clap::{Parser, Subcommand};
 
-// Events are many small strings: the allocator was a quarter of the daemon's profile.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Records every statement that any process on this host exchanges with PostgreSQL, tied to
 /// the process and workload that sent it. Captures with eBPF; needs root to `run`.
 #[derive(Parser)]

@@ -232,7 +232,8 @@ pub struct TrackerConfig {
 pub struct Tracker {
     cfg: TrackerConfig,
     ends: HashMap<EndKey, End>,
-    sessions: HashMap<ConnKey, SessionEntry>,
+    /// Boxed: a session is some 2 KB, and a table of them would hold that per free slot.
+    sessions: HashMap<ConnKey, Box<SessionEntry>>,
     analyzer: Analyzer,
     /// Named statements older backends reported binding (see `on_server_text`): pid ->
     /// name -> text. An execution recorded before its session learnt the text (the
@@ -251,7 +252,7 @@ pub struct Tracker {
     /// Shutting down: nothing waits any more.
     flushing: bool,
     /// Ended sessions whose events wait for their pod.
-    ended_waiting: Vec<(ConnKey, SessionEntry)>,
+    ended_waiting: Vec<(ConnKey, Box<SessionEntry>)>,
     /// The kernel time this daemon took over a capture the daemon before left running:
     /// connection ends first seen before it were followed by that daemon, and their
     /// stream offsets do not start at 0 here.
@@ -734,7 +735,7 @@ impl Tracker {
             server = %format_args!("{server_addr}:{}", conn.server_port),
         );
         tracing::debug!(parent: &span, mid_stream, tls, pid = identity.pid, comm = %identity.comm, "connection seen");
-        let mut entry = SessionEntry {
+        let mut entry = Box::new(SessionEntry {
             id,
             seq: 0,
             last_ns: h.ts_ns,
@@ -762,7 +763,7 @@ impl Tracker {
             notes: Vec::new(),
             multi_note: None,
             masked: None,
-        };
+        });
         if let Some(c) = &carried {
             // The session the daemon before followed: its facts and named statements, and
             // after a clean stop its id and seq (no second session_start).
@@ -1192,7 +1193,7 @@ impl Tracker {
     fn end_session(
         &mut self,
         conn: ConnKey,
-        mut s: SessionEntry,
+        mut s: Box<SessionEntry>,
         ts: i128,
         close_not_seen: bool,
         out: &mut Vec<AuditEvent>,

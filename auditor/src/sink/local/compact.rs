@@ -82,8 +82,9 @@ pub struct Before {
 /// The writer's contexts and shapes of the current segment.
 #[derive(Default)]
 pub struct Contexts {
-    /// By session id (ids the daemon makes: a fast hash is safe).
-    by_session: AHashMap<Box<str>, Context>,
+    /// By session id (ids the daemon makes: a fast hash is safe). Contexts and shapes are
+    /// boxed: an event is about 1 KB, which a table would otherwise hold per free slot.
+    by_session: AHashMap<Box<str>, Box<Context>>,
     shapes: Shapes,
     next_id: u32,
 }
@@ -92,7 +93,7 @@ pub struct Contexts {
 #[derive(Default)]
 struct Shapes {
     /// By statement text (the shape's other fields are compared on use).
-    by_text: AHashMap<Text, Context>,
+    by_text: AHashMap<Text, Box<Context>>,
     /// Hashes of texts seen once in this segment.
     seen: AHashSet<u64>,
     hasher: ahash::RandomState,
@@ -132,10 +133,10 @@ impl Contexts {
                 self.by_session.clear();
             }
             self.next_id += 1;
-            let c = Context {
+            let c = Box::new(Context {
                 id: self.next_id,
                 event: ev.clone(),
-            };
+            });
             context.extend_from_slice(&c.id.to_le_bytes());
             context.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
             ev.put_fields(context);
@@ -185,7 +186,7 @@ impl Shapes {
                     && ev.fingerprint.same(&s.event.fingerprint) =>
             {
                 // Looked up again: returning `s` here would hold the map borrowed below.
-                return self.by_text.get(text);
+                return self.by_text.get(text).map(|s| &**s);
             }
             // The same text with another analysis: the shape is replaced.
             Some(_) => {}
@@ -216,8 +217,8 @@ impl Shapes {
         shape.put_fields(payload);
         before.shape = true;
         self.by_text
-            .insert(ev.statement.clone(), Context { id, event: shape });
-        self.by_text.get(text)
+            .insert(ev.statement.clone(), Box::new(Context { id, event: shape }));
+        self.by_text.get(text).map(|s| &**s)
     }
 
     fn clear(&mut self) {
