@@ -287,8 +287,14 @@ pub struct KernelOffsets {
     /// where the kernel has no network namespaces (then every netns is 0).
     pub sock_net: u32,
     pub net_ns_inum: u32,
+    /// `socket_alloc.vfs_inode`: a socket's inode sits this far after its `struct
+    /// socket`, in one allocation (so a file whose inode does not is not a socket, and
+    /// the socket's `sk` and the inode's mode and number are read at once); u32::MAX
+    /// where the kernel's BTF does not say (then they are read one by one).
+    pub socket_inode: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 112);
+const _: () = assert!(size_of::<KernelOffsets>() == 120);
 
 /// Key of the `ENDPOINTS` map: one watched address and port.
 #[repr(C, align(8))]

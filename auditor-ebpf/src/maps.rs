@@ -41,6 +41,8 @@ pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     unix_address_name: 0,
     sock_net: u32::MAX,
     net_ns_inum: u32::MAX,
+    socket_inode: u32::MAX,
+    _pad: 0,
 });
 
 /// 1 where the kernel has `bpf_get_current_task_btf` (Linux 5.11+): the walk from the task
@@ -246,6 +248,11 @@ pub static KNOWN_FILES: LruHashMap<[u64; 2], u8> = LruHashMap::with_max_entries(
 /// the PortalDefineQuery probe reports (see server.rs).
 #[map]
 pub static OLD_BACKENDS: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
+
+/// Where a socket's `sk`, inode mode and inode number are read at once (see
+/// `sock::sock_of_fd`): too large for the stack beside the callers' state.
+#[map]
+pub static WALK: PerCpuArray<[u64; crate::sock::WALK_WORDS]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Scratch space for assembling one data record (too large for the stack).
 #[map]

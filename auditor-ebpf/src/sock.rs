@@ -1,15 +1,23 @@
 //! From a file descriptor of the current task to its TCP socket and endpoints.
 //!
 //! The walk is current task -> files -> fdtable -> file -> inode (S_IFSOCK?) -> socket -> sock,
-//! with field offsets from the daemon (computed from the running kernel's BTF).
+//! with field offsets from the daemon (computed from the running kernel's BTF). A socket's
+//! inode shares one allocation with its `struct socket` (`socket_alloc`): where the BTF says
+//! where, a file whose inode is not there is no socket (turned away before any inode is
+//! read), and a socket's `sk`, inode mode and inode number take one read.
 
 use auditor_common::{
     is_loopback, v4_mapped, EndpointKey, KernelOffsets, ProxyPeerKey, Tuple, AF_INET, AF_INET6,
     AF_UNIX, PORT_ANY_ADDR, PORT_LISTED_ADDRS, PORT_NONE, ROLE_CLIENT, ROLE_SERVER,
 };
-use aya_ebpf::helpers::{bpf_get_current_task, bpf_get_current_task_btf, bpf_probe_read_kernel};
+use core::ffi::c_void;
 
-use crate::maps::{ENDPOINTS, OFFSETS, PORT_RULES, PROXY_PEERS, TASK_BTF};
+use aya_ebpf::helpers::{
+    bpf_get_current_task, bpf_get_current_task_btf, bpf_probe_read_kernel,
+    generated::bpf_probe_read_kernel as probe_read_kernel_raw,
+};
+
+use crate::maps::{ENDPOINTS, OFFSETS, PORT_RULES, PROXY_PEERS, TASK_BTF, WALK};
 
 const S_IFMT: u16 = 0o170000;
 const S_IFSOCK: u16 = 0o140000;
@@ -96,6 +104,31 @@ pub fn sock_of_fd(off: &KernelOffsets, fd: u64) -> Option<(u64, u64)> {
         };
         let i_mode = off.inode_i_mode as u64;
         let i_ino = off.inode_i_ino as u64;
+        if let Some((first, mode_word, ino_word, words)) = walk_layout(off) {
+            // A socket's inode follows its `struct socket` in one allocation: a file whose
+            // inode does not is no socket (most files on the host end here, one read
+            // sooner), and for a socket one read takes its `sk`, mode and number.
+            if inode != socket + off.socket_inode as u64 {
+                return None;
+            }
+            let buf = WALK.get_ptr_mut(0)?;
+            if probe_read_kernel_raw(
+                buf as *mut c_void,
+                (words * 8) as u32,
+                (socket + first) as *const c_void,
+            ) != 0
+            {
+                return None;
+            }
+            let w = &*buf;
+            let sk = *w.first()?;
+            let mode = *w.get(mode_word)? as u16;
+            let ino = *w.get(ino_word)?;
+            if mode & S_IFMT != S_IFSOCK || sk == 0 {
+                return None;
+            }
+            return Some((sk, ino));
+        }
         let (mode, ino) = if i_mode.is_multiple_of(8) && i_ino == i_mode + 64 {
             // i_mode opens struct inode and i_ino follows 64 bytes on (5.x and 6.x).
             let w: [u64; 9] = read(inode + i_mode).ok()?;
@@ -114,6 +147,41 @@ pub fn sock_of_fd(off: &KernelOffsets, fd: u64) -> Option<(u64, u64)> {
             Some((sk, ino))
         }
     }
+}
+
+/// Words of the one read that takes a socket's `sk`, inode mode and inode number.
+pub const WALK_WORDS: usize = 32;
+
+/// Where that read starts (from the `struct socket`), the words holding the mode and the
+/// inode number, and how many words it takes; None where this kernel's layout does not
+/// allow it (then they are read one by one). From the daemon's offsets, which the
+/// verifier sees as constants: only the branch this kernel takes is checked and run.
+#[inline(always)]
+fn walk_layout(off: &KernelOffsets) -> Option<(u64, usize, usize, usize)> {
+    if off.socket_inode == u32::MAX {
+        return None;
+    }
+    let first = off.socket_sk as u64;
+    let mode_at = off.socket_inode as u64 + off.inode_i_mode as u64;
+    let ino_at = off.socket_inode as u64 + off.inode_i_ino as u64;
+    if !first.is_multiple_of(8)
+        || !mode_at.is_multiple_of(8)
+        || !ino_at.is_multiple_of(8)
+        || mode_at < first
+        || ino_at < first
+    {
+        return None;
+    }
+    let words = ((ino_at.max(mode_at) + 8 - first) / 8) as usize;
+    if words > WALK_WORDS {
+        return None;
+    }
+    Some((
+        first,
+        ((mode_at - first) / 8) as usize,
+        ((ino_at - first) / 8) as usize,
+        words,
+    ))
 }
 
 /// (kernel dev_t, inode number) of the file behind `fd` of the current task.

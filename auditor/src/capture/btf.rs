@@ -308,6 +308,14 @@ impl Btf {
             unix_address_name: unix.map_or(0, |u| u.4),
             sock_net,
             net_ns_inum,
+            socket_inode: match (
+                self.field_offset("socket_alloc", "socket"),
+                self.field_offset("socket_alloc", "vfs_inode"),
+            ) {
+                (Ok(0), Ok(inode)) => inode,
+                _ => u32::MAX,
+            },
+            _pad: 0,
         })
     }
 
@@ -383,5 +391,8 @@ mod tests {
         // This kernel has network namespaces: skc_net follows the address pair and ports.
         assert!(off.sock_net != u32::MAX && off.sock_net > off.sock_num);
         assert!(off.net_ns_inum != u32::MAX && off.net_ns_inum > 0);
+        // A socket's inode follows its struct socket (socket_alloc), past its sk pointer:
+        // the capture reads sk, the inode's mode and number in one go.
+        assert!(off.socket_inode != u32::MAX && off.socket_inode > off.socket_sk);
     }
 }
