@@ -62,6 +62,12 @@ pub static GENERATION: Global<u64> = Global::new(0);
 #[map]
 pub static HANDOVER: Array<Handover> = Array::with_max_entries(1, 0);
 
+/// 1: every syscall and scheduler tracepoint program returns at once, before anything
+/// else (`auditor run --bare-hooks`: what the hooks alone cost on this host, the floor
+/// under the capture's own cost). Set by the daemon at load time.
+#[unsafe(no_mangle)]
+pub static BARE: Global<u8> = Global::new(0);
+
 /// The daemon's own tgid: its traffic is never captured.
 #[unsafe(no_mangle)]
 pub static DAEMON_TGID: Global<u32> = Global::new(0);

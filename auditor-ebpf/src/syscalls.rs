@@ -27,10 +27,10 @@ use aya_ebpf::{
 
 use crate::{
     maps::{
-        count, tls_in_flight, ConnState, PendingCall, SockRef, SslKey, TlsCall, CHUNKS_PER_CALL,
-        CONNECTING, CONNS, DAEMON_TGID, EVENTS, GENERATION, HANDOVER, KNOWN_FILES, LOOP_STATE,
-        MUTED, PENDING, PENDING_ACTIVE, PENDING_EOF_ONLY, PENDING_READ, SCRATCH, SSL_SOCKS,
-        TLS_CALLS, WAKE_BYTES,
+        count, tls_in_flight, ConnState, PendingCall, SockRef, SslKey, TlsCall, BARE,
+        CHUNKS_PER_CALL, CONNECTING, CONNS, DAEMON_TGID, EVENTS, GENERATION, HANDOVER, KNOWN_FILES,
+        LOOP_STATE, MUTED, PENDING, PENDING_ACTIVE, PENDING_EOF_ONLY, PENDING_READ, SCRATCH,
+        SSL_SOCKS, TLS_CALLS, WAKE_BYTES,
     },
     sock::{file_id_of_fd, offsets, sock_of_fd, watched_sock},
 };
@@ -87,6 +87,13 @@ pub(crate) fn on_duty_at() -> Option<u64> {
     }
     let now = unsafe { bpf_ktime_get_ns() };
     (now <= h.lease_until_ns).then_some(now)
+}
+
+/// Set by `auditor run --bare-hooks` (read-only data: for the verifier a constant, so in
+/// a normal load the check and the branch it guards are gone before the first run).
+#[inline(always)]
+pub(crate) fn bare() -> bool {
+    BARE.load() != 0
 }
 
 #[inline(always)]
@@ -762,16 +769,25 @@ macro_rules! plain_io {
     ($enter:ident, $exit:ident, $compat:ident, $is_write:expr) => {
         #[tracepoint]
         pub fn $enter(ctx: TracePointContext) -> u32 {
+            if bare() {
+                return 0;
+            }
             let _ = enter_io(&ctx, $is_write, arg(&ctx, ARG1), 0);
             0
         }
         #[tracepoint]
         pub fn $exit(ctx: TracePointContext) -> u32 {
+            if bare() {
+                return 0;
+            }
             let _ = exit_plain::<true>(&ctx);
             0
         }
         #[tracepoint]
         pub fn $compat(ctx: TracePointContext) -> u32 {
+            if bare() {
+                return 0;
+            }
             let _ = exit_plain::<false>(&ctx);
             0
         }
@@ -789,6 +805,9 @@ plain_io!(
 
 #[tracepoint]
 pub fn sys_enter_recvfrom(ctx: TracePointContext) -> u32 {
+    if bare() {
+        return 0;
+    }
     // A peek does not consume: the bytes come again in a later read.
     if arg(&ctx, ARG3) & MSG_PEEK == 0 {
         let _ = enter_io(&ctx, false, arg(&ctx, ARG1), 0);
@@ -797,11 +816,17 @@ pub fn sys_enter_recvfrom(ctx: TracePointContext) -> u32 {
 }
 #[tracepoint]
 pub fn sys_exit_recvfrom(ctx: TracePointContext) -> u32 {
+    if bare() {
+        return 0;
+    }
     let _ = exit_plain::<true>(&ctx);
     0
 }
 #[tracepoint]
 pub fn sys_exit_recvfrom_compat(ctx: TracePointContext) -> u32 {
+    if bare() {
+        return 0;
+    }
     let _ = exit_plain::<false>(&ctx);
     0
 }
@@ -810,6 +835,9 @@ macro_rules! vector_io {
     ($enter:ident, $exit:ident, $compat:ident, $is_write:expr) => {
         #[tracepoint]
         pub fn $enter(ctx: TracePointContext) -> u32 {
+            if bare() {
+                return 0;
+            }
             let iovcnt = arg(&ctx, ARG2);
             if iovcnt > 0 {
                 let _ = enter_io(&ctx, $is_write, arg(&ctx, ARG1), iovcnt);
@@ -818,11 +846,17 @@ macro_rules! vector_io {
         }
         #[tracepoint]
         pub fn $exit(ctx: TracePointContext) -> u32 {
+            if bare() {
+                return 0;
+            }
             let _ = exit_vectored::<true>(&ctx);
             0
         }
         #[tracepoint]
         pub fn $compat(ctx: TracePointContext) -> u32 {
+            if bare() {
+                return 0;
+            }
             let _ = exit_vectored::<false>(&ctx);
             0
         }
@@ -860,31 +894,49 @@ fn enter_msg(ctx: &TracePointContext, is_write: bool) -> Option<()> {
 
 #[tracepoint]
 pub fn sys_enter_recvmsg(ctx: TracePointContext) -> u32 {
+    if bare() {
+        return 0;
+    }
     let _ = enter_msg(&ctx, false);
     0
 }
 #[tracepoint]
 pub fn sys_exit_recvmsg(ctx: TracePointContext) -> u32 {
+    if bare() {
+        return 0;
+    }
     let _ = exit_vectored::<true>(&ctx);
     0
 }
 #[tracepoint]
 pub fn sys_exit_recvmsg_compat(ctx: TracePointContext) -> u32 {
+    if bare() {
+        return 0;
+    }
     let _ = exit_vectored::<false>(&ctx);
     0
 }
 #[tracepoint]
 pub fn sys_enter_sendmsg(ctx: TracePointContext) -> u32 {
+    if bare() {
+        return 0;
+    }
     let _ = enter_msg(&ctx, true);
     0
 }
 #[tracepoint]
 pub fn sys_exit_sendmsg(ctx: TracePointContext) -> u32 {
+    if bare() {
+        return 0;
+    }
     let _ = exit_vectored::<true>(&ctx);
     0
 }
 #[tracepoint]
 pub fn sys_exit_sendmsg_compat(ctx: TracePointContext) -> u32 {
+    if bare() {
+        return 0;
+    }
     let _ = exit_vectored::<false>(&ctx);
     0
 }
@@ -902,6 +954,9 @@ fn opened(fd: u64, seen: u8) -> Option<()> {
 
 #[tracepoint]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    if bare() {
+        return 0;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     if !is_daemon(pid_tgid) && on_duty_now().is_some() {
         let _ = CONNECTING.insert(pid_tgid, arg(&ctx, ARG0), 0);
@@ -911,6 +966,9 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    if bare() {
+        return 0;
+    }
     if on_duty().is_none() {
         return 0;
     }
@@ -930,6 +988,9 @@ macro_rules! accept_exit {
     ($name:ident) => {
         #[tracepoint]
         pub fn $name(ctx: TracePointContext) -> u32 {
+            if bare() {
+                return 0;
+            }
             let fd = arg(&ctx, RET) as i64;
             if fd >= 0 && !is_daemon(bpf_get_current_pid_tgid()) && on_duty_now().is_some() {
                 let _ = opened(fd as u64, SEEN_ACCEPT);
@@ -948,6 +1009,9 @@ const STATE_NEWSTATE: usize = 20;
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    if bare() {
+        return 0;
+    }
     let _ = try_set_state(&ctx);
     0
 }
@@ -989,6 +1053,9 @@ fn emit_file(dev: u64, ino: u64) {
 /// A thread ended: its entry in PENDING (if it ever read or wrote a watched socket) goes.
 #[tracepoint]
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    if bare() {
+        return 0;
+    }
     let _ = PENDING.remove(bpf_get_current_pid_tgid());
     0
 }
@@ -997,6 +1064,9 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
 /// TLS library statically) before the program gets far.
 #[tracepoint]
 pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    if bare() {
+        return 0;
+    }
     if !is_daemon(bpf_get_current_pid_tgid()) && on_duty_now().is_some() {
         emit_file(0, 0);
     }
@@ -1009,6 +1079,9 @@ const PROT_EXEC: u64 = 4;
 /// (by the dynamic loader or dlopen). Each file is reported once.
 #[tracepoint]
 pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
+    if bare() {
+        return 0;
+    }
     let _ = try_mmap(&ctx);
     0
 }

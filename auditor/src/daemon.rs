@@ -50,7 +50,45 @@ pub enum DaemonError {
          directory (they would share its log and the capture it keeps)"
     )]
     AlreadyRunning(String, String),
+    #[error("--bare-hooks: {0}")]
+    BareHooks(String),
 }
+
+/// How `auditor run` runs, beyond its configuration.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Attach the capture's tracepoints with programs that return at once: nothing is
+    /// captured or recorded. Measures what the hooks alone cost on this host (the bench's
+    /// floor under the capture's own cost). Needs a state directory without a trail, and
+    /// no enforcement.
+    pub bare_hooks: bool,
+}
+
+/// Refuses `--bare-hooks` where it would leave a false record: a trail in the state
+/// directory (its window would read as audited). (Enforce policies are refused once they
+/// are loaded: bare hooks redirect nothing.)
+fn check_bare_hooks(cfg: &Config) -> Result<(), DaemonError> {
+    let log = cfg.log_dir();
+    let marker = cfg.state_dir.join(BARE_HOOKS_MARKER);
+    let has_trail = std::fs::read_dir(&log).is_ok_and(|mut entries| entries.next().is_some());
+    if has_trail && !marker.exists() {
+        return Err(DaemonError::BareHooks(format!(
+            "{} holds an audit trail; bare hooks record nothing, so give them a state \
+             directory of their own (--state-dir)",
+            log.display()
+        )));
+    }
+    // The log this run leaves holds no statement: the next bare run may use it again.
+    crate::fsutil::private_dir(&cfg.state_dir)
+        .and_then(|()| std::fs::write(&marker, b"state directory of `auditor run --bare-hooks`\n"))
+        .map_err(|source| DaemonError::State {
+            path: marker.display().to_string(),
+            source,
+        })
+}
+
+/// In a state directory `--bare-hooks` ran in (its log records nothing).
+const BARE_HOOKS_MARKER: &str = "bare-hooks";
 
 fn write_checkpoint(cp: &continuity::Checkpoint, state_dir: &std::path::Path) {
     if let Err(e) = cp.write(state_dir) {
@@ -288,7 +326,15 @@ fn release_startup_memory() {
     }
 }
 
-pub fn run(cfg: &Config) -> Result<(), DaemonError> {
+pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
+    if opts.bare_hooks {
+        check_bare_hooks(cfg)?;
+        tracing::warn!(
+            "bare hooks: the capture's programs return at once; NOTHING is captured or \
+             recorded (kernel.bpf_stats_enabled=1 and `auditor stats` show what the hooks \
+             cost)"
+        );
+    }
     install_signal_handlers();
     // Before any thread starts: threads inherit it.
     // SAFETY: setpriority on our own process; no memory is passed.
@@ -304,17 +350,30 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         source,
     })?;
     let _lock = lock_state_dir(&cfg.state_dir, LOCK_WAIT)?;
+    if !opts.bare_hooks {
+        // This directory's log is a trail from now on: no bare run may use it again.
+        let _ = std::fs::remove_file(cfg.state_dir.join(BARE_HOOKS_MARKER));
+    }
     let key = param_key(&cfg.state_dir)?;
     // Policies before capture: a broken set refuses the start, before anything attaches.
     let (policies_dir, policies_required) = cfg.policies_dir();
     let mut policies = crate::policy::live::LivePolicies::start(&policies_dir, policies_required)?;
+    if opts.bare_hooks && policies.set.any_enforce() {
+        return Err(DaemonError::BareHooks(format!(
+            "{} holds enforce policies; bare hooks enforce nothing (run them with a \
+             policies_dir without any)",
+            policies_dir.display()
+        )));
+    }
+    // Bare hooks neither redirect nor proxy anything.
+    let proxy_active = cfg.proxy.active() && !opts.bare_hooks;
     // What the run before this one left: read before this run writes its own.
     let previous_watermark = continuity::Watermark::read(&cfg.state_dir);
     let previous_stats: Option<Stats> = std::fs::read_to_string(cfg.stats_path())
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
     // Where the redirect is pinned: enforcement then holds while the daemon restarts.
-    let pins = if cfg.proxy.active() {
+    let pins = if proxy_active {
         match crate::proxy::redirect::prepare_pin_dir(&cfg.proxy.pin_dir) {
             Ok(()) => Some(cfg.proxy.pin_dir.clone()),
             Err(e) => {
@@ -326,18 +385,23 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         None
     };
     // The capture outlives the daemon (for the next one) unless told otherwise.
-    let handover =
-        (cfg.capture.keep_while_stopped_s > 0).then(|| crate::capture::HandoverSettings {
+    // Bare hooks never take over, nor leave behind, a capture of this state directory.
+    let handover = (cfg.capture.keep_while_stopped_s > 0 && !opts.bare_hooks).then(|| {
+        crate::capture::HandoverSettings {
             base: cfg.capture.pin_dir.clone(),
             state_dir: cfg.state_dir.clone(),
             keep_s: cfg.capture.keep_while_stopped_s,
-        });
+        }
+    });
+    // Bare hooks take no TLS library calls either.
+    let tls = cfg.capture.tls && !opts.bare_hooks;
     let mut capture = Capture::start(
         &cfg.endpoints,
         cfg.capture.ring_buffer_bytes,
-        cfg.capture.tls,
+        tls,
         pins.as_deref(),
         handover.as_ref(),
+        opts.bare_hooks,
     )?;
     let sinks = sink::build(cfg).map_err(DaemonError::Sink)?;
     let mut tracker = Tracker::new(TrackerConfig {
@@ -402,7 +466,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     }
     // The redirect of enforced workloads and its proxy: before capture begins, so the
     // first connections of an enforced workload already go to the proxy.
-    let mut enforcement = if cfg.proxy.active() {
+    let mut enforcement = if proxy_active {
         let netns_known = capture.netns_known;
         let socket = cfg.approvals_socket();
         let control =
@@ -515,7 +579,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
     }
     // TLS libraries: the usual library directories, then what running processes map.
     let mut finder = TlsFinder::default();
-    if cfg.capture.tls {
+    if tls {
         let mut candidates = tls::library_dir_candidates();
         candidates.extend(tls::running_candidates());
         for c in &candidates {
@@ -531,7 +595,7 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         capture.attached.len(),
         capture.attached.join(", ")
     );
-    if cfg.capture.tls {
+    if tls {
         // What processes mapped between the look above and the takeover (the programs that
         // report new mappings were idle until then).
         for c in &tls::running_candidates() {
@@ -552,7 +616,9 @@ pub fn run(cfg: &Config) -> Result<(), DaemonError> {
         ),
         _ => {}
     }
-    if !cfg.capture.tls {
+    if opts.bare_hooks {
+        tracing::warn!("bare hooks attached: nothing is captured or recorded until this stops");
+    } else if !tls {
         tracing::info!("TLS plaintext capture is off (capture.tls: false): TLS sessions are recorded as tls_unreadable");
     } else if finder.libraries.is_empty() {
         tracing::info!(

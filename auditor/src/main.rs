@@ -61,6 +61,14 @@ enum Command {
         /// AUDITOR_LOG (e.g. `debug`, `info,auditor::sink=debug`; default `info`).
         #[arg(long, env = "AUDITOR_LOG_FORMAT", value_enum, default_value = "human")]
         log_format: LogFormat,
+        /// Measure what the capture's hooks alone cost on this host: its tracepoint
+        /// programs attach and return at once, so NOTHING is captured or recorded. With
+        /// `sysctl kernel.bpf_stats_enabled=1`, `auditor stats` shows their runs and time;
+        /// compare with a normal run under the same load (as `cargo xtask bench` does).
+        /// Needs a state directory without a trail (e.g. --state-dir /tmp/bare) and a
+        /// configuration that enforces nothing.
+        #[arg(long)]
+        bare_hooks: bool,
     },
     /// Show the latest events and follow new ones as they are written.
     Tail {
@@ -467,6 +475,7 @@ fn dispatch(args: Args) -> anyhow::Result<()> {
             config,
             state_dir,
             log_format,
+            bare_hooks,
         } => {
             init_logging(log_format)?;
             let mut cfg = match &config {
@@ -476,7 +485,7 @@ fn dispatch(args: Args) -> anyhow::Result<()> {
             if let Some(dir) = state_dir {
                 cfg.state_dir = dir;
             }
-            daemon::run(&cfg)?;
+            daemon::run(&cfg, daemon::RunOptions { bare_hooks })?;
         }
         Command::Tail {
             dir,

@@ -417,6 +417,16 @@ impl Daemon {
         Ok(d)
     }
 
+    /// With more arguments to `auditor run` (e.g. `--bare-hooks`).
+    pub fn start_with_args(pg_port: u16, extra_config: &str, args: &[&str]) -> Result<Self> {
+        let state = tempfile::Builder::new()
+            .prefix("auditor-state-")
+            .tempdir()?;
+        let mut d = Self::start_in_full(state.path(), pg_port, extra_config, &[], args)?;
+        d._owned_state = Some(state);
+        Ok(d)
+    }
+
     /// With a state directory the caller keeps (to start another daemon on it later).
     pub fn start_in(state: &Path, pg_port: u16, extra_config: &str) -> Result<Self> {
         Self::start_in_env(state, pg_port, extra_config, &[])
@@ -427,6 +437,16 @@ impl Daemon {
         pg_port: u16,
         extra_config: &str,
         env: &[(&str, &str)],
+    ) -> Result<Self> {
+        Self::start_in_full(state, pg_port, extra_config, env, &[])
+    }
+
+    fn start_in_full(
+        state: &Path,
+        pg_port: u16,
+        extra_config: &str,
+        env: &[(&str, &str)],
+        args: &[&str],
     ) -> Result<Self> {
         let config = state.join("config.yaml");
         std::fs::write(
@@ -441,6 +461,7 @@ impl Daemon {
             .arg("run")
             .arg("--config")
             .arg(&config)
+            .args(args)
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

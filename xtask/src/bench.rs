@@ -20,6 +20,9 @@ use auditor_tests::{read_events, str_of, Daemon, Postgres};
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Config {
     None,
+    /// The daemon with `--bare-hooks`: its tracepoints attached, their programs returning
+    /// at once (nothing recorded). The floor under the capture's own cost.
+    BareHooks,
     AuditorLocalLog,
     AuditorClickHouse,
     Pgaudit,
@@ -35,6 +38,7 @@ impl Config {
     fn key(self) -> &'static str {
         match self {
             Config::None => "none",
+            Config::BareHooks => "bare",
             Config::AuditorLocalLog => "auditor",
             Config::AuditorClickHouse => "clickhouse",
             Config::Pgaudit => "pgaudit",
@@ -51,6 +55,11 @@ impl Config {
         )
     }
 
+    /// Runs with a daemon: the auditor's, and the bare hooks.
+    fn has_daemon(self) -> bool {
+        self.is_auditor() || self == Config::BareHooks
+    }
+
     /// Runs whose per-transaction latencies are logged (the proxy's table).
     fn logs_latency(self) -> bool {
         matches!(
@@ -62,6 +71,7 @@ impl Config {
     fn name(self) -> &'static str {
         match self {
             Config::None => "no auditing",
+            Config::BareHooks => "bare hooks (programs return at once; records nothing)",
             Config::AuditorLocalLog => "auditor, local log",
             Config::AuditorClickHouse => "auditor, local log + ClickHouse",
             Config::Pgaudit => "pgaudit, log = all",
@@ -495,7 +505,7 @@ fn bpf_programs_section(
 ) -> Result<()> {
     let mut rows = Vec::new();
     for (wi, w) in workloads.iter().enumerate() {
-        for &c in configs.iter().filter(|c| c.is_auditor()) {
+        for &c in configs.iter().filter(|c| c.has_daemon()) {
             let Some(runs) = results.get(&(wi, c)) else {
                 continue;
             };
@@ -650,6 +660,9 @@ fn one_run(
             sql(pg, "SELECT pg_reload_conf()")?;
         }
         Config::AuditorLocalLog => daemon = Some(Daemon::start(pg.port, "")?),
+        Config::BareHooks => {
+            daemon = Some(Daemon::start_with_args(pg.port, "", &["--bare-hooks"])?)
+        }
         Config::AuditorClickHouse => {
             let ch = clickhouse.context("no ClickHouse server for this configuration")?;
             daemon = Some(Daemon::start(
@@ -760,8 +773,15 @@ fn one_run(
                     .insert(name, (runs - runs0, ns.saturating_sub(ns0)));
             }
         }
-        let recorded = recorded_statements(&d)?;
-        s.recorded = Some(recorded);
+        // Bare hooks record nothing: their daemon's CPU is per statement executed.
+        let recorded = if config == Config::BareHooks {
+            transactions * per_tx
+        } else {
+            let recorded = recorded_statements(&d)?;
+            s.recorded = Some(recorded);
+            s.expected = Some(transactions * per_tx);
+            recorded
+        };
         if let (Config::AuditorClickHouse, Some(ch)) = (config, clickhouse) {
             // What the daemon delivered before it stopped, as the standard views see it.
             let n = ch.query(&format!(
@@ -774,7 +794,6 @@ fn one_run(
             ))?;
             s.clickhouse_recorded = Some(n.trim().parse().context("ClickHouse count")?);
         }
-        s.expected = Some(transactions * per_tx);
         if let (Some(a), Some(b)) = (dcpu0, dcpu1) {
             s.daemon_cpu_per_10k = Some((b - a) as f64 / 1e9 / (recorded.max(1) as f64 / 1e4));
         }
@@ -897,7 +916,8 @@ pub struct Options {
     pub smoke: bool,
     /// `workload/mode` pairs, e.g. `select-only/prepared`.
     pub only: Vec<String>,
-    /// Configuration keys: none, auditor, clickhouse, pgaudit, log_statement.
+    /// Configuration keys: none, bare, auditor, clickhouse, pgaudit, log_statement, proxy,
+    /// pgbouncer.
     pub configs: Vec<String>,
     pub reps: Option<u32>,
     pub seconds: Option<u32>,
@@ -945,6 +965,7 @@ pub fn bench(opts: Options) -> Result<()> {
     };
     let all_configs = [
         Config::None,
+        Config::BareHooks,
         Config::AuditorLocalLog,
         Config::AuditorClickHouse,
         Config::Pgaudit,
@@ -953,7 +974,12 @@ pub fn bench(opts: Options) -> Result<()> {
         Config::Pgbouncer,
     ];
     let configs: Vec<Config> = if smoke {
-        vec![Config::None, Config::AuditorLocalLog, Config::AuditorProxy]
+        vec![
+            Config::None,
+            Config::BareHooks,
+            Config::AuditorLocalLog,
+            Config::AuditorProxy,
+        ]
     } else if opts.configs.is_empty() {
         all_configs.to_vec()
     } else {
@@ -1155,7 +1181,7 @@ pub fn bench(opts: Options) -> Result<()> {
         )?;
         writeln!(md, "|---|---|---|---|---|---|---|---|")?;
         for (wi, w) in workloads.iter().enumerate() {
-            for &c in configs.iter().filter(|c| c.is_auditor()) {
+            for &c in configs.iter().filter(|c| c.has_daemon()) {
                 let runs = &results[&(wi, c)];
                 let complete: Vec<String> = runs
                     .iter()
@@ -1166,6 +1192,7 @@ pub fn bench(opts: Options) -> Result<()> {
                             r.expected.unwrap_or(0),
                             r.clickhouse_catchup_s.unwrap_or(0.0)
                         ),
+                        None if c == Config::BareHooks => "(records nothing)".into(),
                         None => format!("{}/{}", r.recorded.unwrap_or(0), r.expected.unwrap_or(0)),
                     })
                     .collect();
@@ -1202,7 +1229,9 @@ pub fn bench(opts: Options) -> Result<()> {
              for: the syscall tracepoints' dispatch on every traced call, ring-buffer pages, and \
              caches shared with Postgres and pgbench on 2 cores. With ClickHouse, its server runs \
              on the same 2 cores here (in production it is elsewhere): its CPU is in \"added\" and \
-             \"rest\".\n"
+             \"rest\". The bare hooks are the floor: the same tracepoints, their programs \
+             returning at once; what a configuration adds above them is the auditor's own \
+             work.\n"
         )?;
         writeln!(
             md,
@@ -1212,7 +1241,7 @@ pub fn bench(opts: Options) -> Result<()> {
         for (wi, w) in workloads.iter().enumerate() {
             let base = &results[&(wi, Config::None)];
             let base_us = median(base.iter().map(|b| b.cpu_ns_per_tx / 1e3).collect());
-            for &c in configs.iter().filter(|c| c.is_auditor()) {
+            for &c in configs.iter().filter(|c| c.has_daemon()) {
                 let runs = &results[&(wi, c)];
                 let per_tx = w.statements_per_tx() as f64;
                 let added = median(

@@ -54,8 +54,9 @@ enum Cmd {
         /// Any selection writes target/bench-partial.md, not docs/benchmarks.md.
         #[arg(long, value_name = "WORKLOAD/MODE")]
         only: Vec<String>,
-        /// Only these configurations besides "none" (comma-separated): auditor, clickhouse,
-        /// pgaudit, log_statement, proxy, pgbouncer.
+        /// Only these configurations besides "none" (comma-separated): bare (the auditor's
+        /// hooks with programs that return at once), auditor, clickhouse, pgaudit,
+        /// log_statement, proxy, pgbouncer.
         #[arg(long, value_delimiter = ',')]
         configs: Vec<String>,
         /// Interleaved repetitions (default 3).

@@ -387,12 +387,14 @@ impl Capture {
     /// `handover`: pin the capture so that it outlives the daemon, and take over the one
     /// the daemon before left running (see [`handover`]); without it, or where it cannot
     /// be pinned, the capture ends with the daemon.
+    /// `bare`: the tracepoint programs return at once (see `RunOptions::bare_hooks`).
     pub fn start(
         endpoints: &[Endpoint],
         ring_buffer_bytes: u32,
         tls: bool,
         redirect_pins: Option<&Path>,
         handover: Option<&HandoverSettings>,
+        bare: bool,
     ) -> Result<Self, CaptureError> {
         // Records wake the daemon only when an eighth of the ring is waiting; otherwise it
         // drains on its own timer (`poll`).
@@ -445,6 +447,7 @@ impl Capture {
             .override_global("WAKE_BYTES", &wake_bytes, true)
             .override_global("CHUNKS_PER_CALL", &chunks_per_call, true)
             .override_global("GENERATION", &generation, true)
+            .override_global("BARE", &u8::from(bare), true)
             .map_max_entries("EVENTS", ring_buffer_bytes)
             .load(object)?;
 
