@@ -292,9 +292,14 @@ pub struct KernelOffsets {
     /// the socket's `sk` and the inode's mode and number are read at once); u32::MAX
     /// where the kernel's BTF does not say (then they are read one by one).
     pub socket_inode: u32,
+    /// Where the first four arguments of a system call sit in the `struct pt_regs` of the
+    /// task that made it, as they stand when the call returns (x86-64: `di`, `si`, `dx`,
+    /// `r10`; arm64: `orig_x0`, then `regs[1..4]`): the exits read their call's arguments
+    /// there (see `EXIT_ONLY`). u32::MAX where this architecture's layout is not known.
+    pub regs_args: [u32; 4],
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 120);
+const _: () = assert!(size_of::<KernelOffsets>() == 136);
 
 /// Key of the `ENDPOINTS` map: one watched address and port.
 #[repr(C, align(8))]

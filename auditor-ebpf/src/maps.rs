@@ -6,7 +6,7 @@ use auditor_common::{
 };
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     Global,
 };
 
@@ -42,6 +42,7 @@ pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     sock_net: u32::MAX,
     net_ns_inum: u32::MAX,
     socket_inode: u32::MAX,
+    regs_args: [u32::MAX; 4],
     _pad: 0,
 });
 
@@ -51,6 +52,16 @@ pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
 /// not taken (an older kernel does not refuse the helper it would not run).
 #[unsafe(no_mangle)]
 pub static TASK_BTF: Global<u8> = Global::new(0);
+
+/// 1 where a read or write is taken at its exit alone (the daemon sets it where the
+/// kernel has `bpf_task_pt_regs`, Linux 5.15+, with TASK_BTF, and it knows this
+/// architecture's `pt_regs`): the exit reads the call's arguments from the registers the
+/// task entered with, and the entry tracepoints of the read/write family are not attached
+/// at all. A call that fails (EAGAIN: most reads of non-blocking sockets) then costs one
+/// short program run, and no table of calls in flight can fill up. 0: the entries note
+/// each call in `PENDING` and the exits complete it (older kernels).
+#[unsafe(no_mangle)]
+pub static EXIT_ONLY: Global<u8> = Global::new(0);
 
 /// This load's generation: the programs act only while `HANDOVER` names it (set by the
 /// daemon at load time, one more than the generation on duty before it).
@@ -84,6 +95,31 @@ pub static WAKE_BYTES: Global<u64> = Global::new(0);
 /// is counted as truncated and becomes a gap.
 #[unsafe(no_mangle)]
 pub static CHUNKS_PER_CALL: Global<u32> = Global::new(0);
+
+/// The copy programs an exit hands its call to (EXIT_ONLY): `COPY_PLAIN` for one buffer,
+/// `COPY_VECTORED` for iovecs (with or without bpf_loop, as the daemon loaded them). A
+/// tail call: the verifier checks the copy once, on its own, instead of once for every
+/// way the exit's walk to the socket can end (which made each exit take a second to load).
+#[map]
+pub static COPY: ProgramArray = ProgramArray::with_max_entries(2, 0);
+pub const COPY_PLAIN: u32 = 0;
+pub const COPY_VECTORED: u32 = 1;
+
+/// The call an exit hands to a copy program on this CPU (its record header is ready in
+/// `SCRATCH`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CopyCall {
+    /// The buffer, or the iovec array of a vectored call.
+    pub buf: u64,
+    pub iovcnt: u64,
+    /// Bytes the call moved, and the stream offset of the first.
+    pub total: u64,
+    pub base: u64,
+}
+
+#[map]
+pub static COPY_CALL: PerCpuArray<CopyCall> = PerCpuArray::with_max_entries(1, 0);
 
 /// The state of the chunk loop under way on this CPU (see `syscalls::Chunks`).
 #[map]

@@ -1,10 +1,12 @@
 //! Syscall tracepoints: connect/accept mark connections, the read/write family copies payload
 //! bytes of watched sockets into the ring buffer, and `sock:inet_sock_set_state` ends them.
 //!
-//! A read or write is resolved to its `struct sock` at sys_enter (fd -> file -> socket), so a
-//! connection is recognised by what it is, not by which process happened to accept it: the
-//! postmaster accepts and a forked backend reads, and connections older than the daemon are
-//! seen at their next read or write.
+//! A read or write is resolved to its `struct sock` (fd -> file -> socket), so a connection is
+//! recognised by what it is, not by which process happened to accept it: the postmaster
+//! accepts and a forked backend reads, and connections older than the daemon are seen at
+//! their next read or write. Where the kernel allows (EXIT_ONLY), that happens at the call's
+//! exit alone, with its arguments from the task's registers, and only for a call that moved
+//! bytes; elsewhere the entry resolves it and notes the call in `PENDING` for the exit.
 
 use core::ffi::c_void;
 
@@ -17,8 +19,8 @@ use auditor_common::{
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_user,
-        generated::{bpf_loop, bpf_probe_read_user as probe_read_user_raw},
+        bpf_get_current_task_btf, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_user,
+        generated::{bpf_loop, bpf_probe_read_user as probe_read_user_raw, bpf_task_pt_regs},
     },
     macros::tracepoint,
     programs::TracePointContext,
@@ -27,10 +29,11 @@ use aya_ebpf::{
 
 use crate::{
     maps::{
-        count, tls_in_flight, ConnState, PendingCall, SockRef, SslKey, TlsCall, BARE,
-        CHUNKS_PER_CALL, CONNECTING, CONNS, DAEMON_TGID, EVENTS, GENERATION, HANDOVER, KNOWN_FILES,
-        LOOP_STATE, MUTED, PENDING, PENDING_ACTIVE, PENDING_EOF_ONLY, PENDING_READ, SCRATCH,
-        SSL_SOCKS, TLS_CALLS, WAKE_BYTES,
+        count, tls_in_flight, ConnState, CopyCall, PendingCall, SockRef, SslKey, TlsCall, BARE,
+        CHUNKS_PER_CALL, CONNECTING, CONNS, COPY, COPY_CALL, COPY_PLAIN, COPY_VECTORED,
+        DAEMON_TGID, EVENTS, EXIT_ONLY, GENERATION, HANDOVER, KNOWN_FILES, LOOP_STATE, MUTED,
+        PENDING, PENDING_ACTIVE, PENDING_EOF_ONLY, PENDING_READ, SCRATCH, SSL_SOCKS, TLS_CALLS,
+        WAKE_BYTES,
     },
     sock::{file_id_of_fd, offsets, sock_of_fd, watched_sock},
 };
@@ -397,14 +400,17 @@ pub(crate) fn prepare_record(
     ssl: u64,
     total: u64,
 ) -> Option<(u64, *mut auditor_common::DataRecord)> {
-    prepare_record_at(sock, direction, stream, ssl, total, unsafe {
+    let state = CONNS.get_ptr_mut(sock)?;
+    prepare_record_at(state, sock, direction, stream, ssl, total, unsafe {
         bpf_ktime_get_ns()
     })
 }
 
-/// As `prepare_record`, the record stamped `ts_ns`.
+/// As `prepare_record`, for the connection entry `state` of `sock`, the record stamped
+/// `ts_ns`.
 #[inline(always)]
-pub(crate) fn prepare_record_at(
+fn prepare_record_at(
+    state: *mut ConnState,
     sock: u64,
     direction: u8,
     stream: u8,
@@ -412,7 +418,6 @@ pub(crate) fn prepare_record_at(
     total: u64,
     ts_ns: u64,
 ) -> Option<(u64, *mut auditor_common::DataRecord)> {
-    let state = CONNS.get_ptr_mut(sock)?;
     let dir = direction as usize & 1;
     // This call's range of the stream. A plain read-modify-write: the socket lock orders
     // concurrent transfers on one socket and their exits can run in another order, so
@@ -480,9 +485,167 @@ fn begin_exit(
     }
     let now = on_duty_at()?;
     let total = ret as u64;
-    let (base, rec) =
-        prepare_record_at(pending.sock, pending.direction, STREAM_RAW, 0, total, now)?;
+    let (base, rec) = prepare_record_at(
+        CONNS.get_ptr_mut(pending.sock)?,
+        pending.sock,
+        pending.direction,
+        STREAM_RAW,
+        0,
+        total,
+        now,
+    )?;
     Some((pending, total, base, rec))
+}
+
+/// A read or write to copy: where its bytes are, how many, and the record prepared for
+/// them at their place in the stream.
+struct Call {
+    /// The buffer, or the iovec array of a vectored call.
+    buf: u64,
+    iovcnt: u64,
+    total: u64,
+    base: u64,
+    rec: *mut auditor_common::DataRecord,
+}
+
+/// Where a call of the read/write family keeps what the exit needs (exit-only mode).
+/// read, write, sendto: the buffer is the second argument.
+const ARGS_BUF: u8 = 0;
+/// recvfrom: the buffer, and flags (MSG_PEEK) in the fourth.
+const ARGS_RECVFROM: u8 = 1;
+/// readv, writev: the iovecs and their count.
+const ARGS_IOV: u8 = 2;
+/// recvmsg, sendmsg: a `struct user_msghdr`, and flags in the third.
+const ARGS_MSG: u8 = 3;
+
+#[inline(always)]
+fn exit_only() -> bool {
+    EXIT_ONLY.load() != 0
+}
+
+/// A word of the registers the task entered the system call with.
+#[inline(always)]
+fn reg(regs: *const u8, at: u32) -> u64 {
+    // SAFETY: `regs` is the task's `struct pt_regs` as the verifier types it, `at` the
+    // offset of one of its 8-byte fields (the daemon's, from this kernel's BTF; a
+    // constant to the verifier, which checks the load against the type).
+    unsafe { core::ptr::read_volatile(regs.add(at as usize) as *const u64) }
+}
+
+/// The call returning here, taken at its exit alone (EXIT_ONLY): its arguments are read
+/// from the registers the task entered with (the read/write family leaves them as they
+/// came), its socket resolved from the descriptor, and its record prepared. A call that
+/// failed (EAGAIN: most reads of non-blocking sockets) ends at the first test, unless a
+/// TLS library call is in flight (the failed read still tells which socket it runs over).
+#[inline(always)]
+fn take_call(ctx: &TracePointContext, is_write: bool, args: u8) -> Option<Call> {
+    {
+        let ret = arg(ctx, RET) as i64;
+        if ret < 0 || (ret == 0 && is_write) {
+            // Nothing moved. Taken on only inside a TLS library call, to tie it.
+            if !tls_in_flight() {
+                return None;
+            }
+        }
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if is_daemon(pid_tgid) {
+        return None;
+    }
+    on_duty()?;
+    let off = offsets()?;
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
+    if regs.is_null() {
+        return None;
+    }
+    let fd = reg(regs, off.regs_args[0]);
+    let arg1 = reg(regs, off.regs_args[1]);
+    if !is_write {
+        // A peek does not consume: the bytes come again in a later read.
+        let flags = match args {
+            ARGS_RECVFROM => reg(regs, off.regs_args[3]),
+            ARGS_MSG => reg(regs, off.regs_args[2]),
+            _ => 0,
+        };
+        if flags & MSG_PEEK != 0 {
+            return None;
+        }
+    }
+    let (sk, ino) = sock_of_fd(off, fd)?;
+    // Inside a hooked TLS library call: this syscall moves ciphertext for that call, and
+    // tells which socket the library object runs over.
+    let tls_call = tls_call_of(pid_tgid);
+    let Some((state, _)) = conn_of_sock(off, sk, ino, SEEN_IO) else {
+        untie_tls(pid_tgid, tls_call);
+        return None;
+    };
+    if tie_tls(pid_tgid, tls_call, sk, &state) || state.tls != 0 {
+        // Plaintext of this socket comes from the TLS hooks.
+        return None;
+    }
+    // What follows reads the call's result and the connection afresh (the result from the
+    // record, the connection from its entry), not from what the walk above kept: to the
+    // verifier, values kept across it are several (bytes moved, end of stream or failed;
+    // a connection found or just registered, as client or server), and everything after
+    // would be checked once for each.
+    let ret = arg(ctx, RET) as i64;
+    if ret == 0 && !is_write {
+        end_of_stream(sk);
+        return None;
+    }
+    if ret <= 0 {
+        return None;
+    }
+    let conn = CONNS.get_ptr_mut(sk)?;
+    let (start_ns, role) = unsafe { ((*conn).start_ns, (*conn).role) };
+    if unsafe { MUTED.get(sk) }.is_some_and(|&start| start == start_ns) {
+        return None;
+    }
+    let direction = ((role == ROLE_CLIENT) != is_write) as u8;
+    const _: () = assert!(DIR_TO_SERVER == 0 && DIR_TO_CLIENT == 1);
+    let (buf, iovcnt) = match args {
+        ARGS_IOV => (arg1, reg(regs, off.regs_args[2])),
+        ARGS_MSG => {
+            // struct user_msghdr { void *msg_name; int msg_namelen; struct iovec *msg_iov;
+            // size_t msg_iovlen; ... }
+            match unsafe { bpf_probe_read_user((arg1 + 16) as *const [u64; 2]) } {
+                Ok([iov, n]) => (iov, n),
+                Err(_) => {
+                    // The bytes moved but cannot be found: the next record of this
+                    // direction says so (a gap of unknown size).
+                    count(counter::READ_FAILURES, 1);
+                    if let Some(p) = CONNS.get_ptr_mut(sk) {
+                        unsafe { (*p).lost |= lost_bit(STREAM_RAW, direction) };
+                    }
+                    return None;
+                }
+            }
+        }
+        _ => (arg1, 0),
+    };
+    let now = on_duty_at()?;
+    let total = ret as u64;
+    let (base, rec) = prepare_record_at(conn, sk, direction, STREAM_RAW, 0, total, now)?;
+    Some(Call {
+        buf,
+        iovcnt,
+        total,
+        base,
+        rec,
+    })
+}
+
+/// The call returning here and its record, completing what its entry noted.
+#[inline(always)]
+fn begin_call(ctx: &TracePointContext) -> Option<Call> {
+    let (pending, total, base, rec) = begin_exit(ctx)?;
+    Some(Call {
+        buf: pending.buf,
+        iovcnt: pending.iovcnt,
+        total,
+        base,
+        rec,
+    })
 }
 
 /// A read returned end of stream: the peer is gone. TCP connections end on their state
@@ -510,10 +673,78 @@ fn count_truncation(total: u64, copied: u64) {
 
 /// read, write, recvfrom, sendto: one buffer, sent as up to MAX_CHUNKS_PER_CALL chunks.
 #[inline(always)]
-fn exit_plain<const LOOP: bool>(ctx: &TracePointContext) -> Option<()> {
+fn exit_plain<const LOOP: bool>(ctx: &TracePointContext, is_write: bool, args: u8) -> Option<()> {
+    if exit_only() {
+        return hand_to_copy(ctx, take_call(ctx, is_write, args)?, COPY_PLAIN);
+    }
     let (pending, total, base, _rec) = begin_exit(ctx)?;
     send_buffer::<LOOP>(pending.buf, total, base);
     Some(())
+}
+
+/// Hands a call taken at its exit to the copy program `index` (a tail call: this program
+/// ends there). Should that fail (the daemon fills `COPY` before it attaches anything),
+/// its bytes are counted as not copied; its stream offsets moved on, so the daemon
+/// records a gap.
+#[inline(always)]
+fn hand_to_copy(ctx: &TracePointContext, call: Call, index: u32) -> Option<()> {
+    let slot = COPY_CALL.get_ptr_mut(0)?;
+    unsafe {
+        *slot = CopyCall {
+            buf: call.buf,
+            iovcnt: call.iovcnt,
+            total: call.total,
+            base: call.base,
+        };
+        COPY.tail_call(ctx, index);
+    }
+    count(counter::TRUNCATED_CALLS, 1);
+    count(counter::TRUNCATED_BYTES, call.total);
+    Some(())
+}
+
+/// The call an exit handed over (`hand_to_copy`).
+#[inline(always)]
+fn handed_call() -> Option<CopyCall> {
+    COPY_CALL.get(0).copied()
+}
+
+/// The copy programs (`COPY`), reached only by tail calls from the exits.
+#[tracepoint]
+pub fn copy_plain(_ctx: TracePointContext) -> u32 {
+    if let Some(c) = handed_call() {
+        send_buffer::<true>(c.buf, c.total, c.base);
+    }
+    0
+}
+#[tracepoint]
+pub fn copy_plain_compat(_ctx: TracePointContext) -> u32 {
+    if let Some(c) = handed_call() {
+        send_buffer::<false>(c.buf, c.total, c.base);
+    }
+    0
+}
+#[tracepoint]
+pub fn copy_vectored(_ctx: TracePointContext) -> u32 {
+    if let Some(c) = handed_call() {
+        if let Some(done) = send_vectored(Chunks::vectored(c.total, c.base, c.buf, c.iovcnt)) {
+            count_truncation(c.total, done);
+        }
+    }
+    0
+}
+#[tracepoint]
+pub fn copy_vectored_compat(_ctx: TracePointContext) -> u32 {
+    if let (Some(c), Some(rec)) = (handed_call(), SCRATCH.get_ptr_mut(0)) {
+        let _ = exit_vectored_compat(Call {
+            buf: c.buf,
+            iovcnt: c.iovcnt,
+            total: c.total,
+            base: c.base,
+            rec,
+        });
+    }
+    0
 }
 
 /// What one round of a chunk loop works on. It lives in a per-CPU map (`LOOP_STATE`), not
@@ -725,27 +956,41 @@ pub(crate) fn send_buffer<const LOOP: bool>(buf: u64, total: u64, base: u64) -> 
 /// many chunks as it needs, up to CHUNKS_PER_CALL in all. What does not fit is counted
 /// as truncated (the stream offsets still advance, so the daemon records a gap).
 #[inline(always)]
-fn exit_vectored<const LOOP: bool>(ctx: &TracePointContext) -> Option<()> {
-    if !LOOP {
-        return exit_vectored_compat(ctx);
+fn exit_vectored<const LOOP: bool>(
+    ctx: &TracePointContext,
+    is_write: bool,
+    args: u8,
+) -> Option<()> {
+    if exit_only() {
+        return hand_to_copy(ctx, take_call(ctx, is_write, args)?, COPY_VECTORED);
     }
-    let (pending, total, base, _rec) = begin_exit(ctx)?;
-    let done = send_vectored(Chunks::vectored(total, base, pending.buf, pending.iovcnt))?;
+    let call = begin_call(ctx)?;
+    if !LOOP {
+        return exit_vectored_compat(call);
+    }
+    let (total, base) = (call.total, call.base);
+    let done = send_vectored(Chunks::vectored(total, base, call.buf, call.iovcnt))?;
     count_truncation(total, done);
     Some(())
 }
 
 /// Without bpf_loop: one chunk of each of the first COMPAT_IOVECS iovecs.
 #[inline(always)]
-fn exit_vectored_compat(ctx: &TracePointContext) -> Option<()> {
-    let (pending, total, base, rec) = begin_exit(ctx)?;
+fn exit_vectored_compat(call: Call) -> Option<()> {
+    let Call {
+        buf,
+        iovcnt,
+        total,
+        base,
+        rec,
+    } = call;
     let mut done: u64 = 0;
     for i in 0..COMPAT_IOVECS {
-        if done >= total || i as u64 >= pending.iovcnt {
+        if done >= total || i as u64 >= iovcnt {
             break;
         }
         // struct iovec { void *iov_base; size_t iov_len; }
-        let iov = pending.buf + i as u64 * 16;
+        let iov = buf + i as u64 * 16;
         let Ok(ptr) = (unsafe { bpf_probe_read_user(iov as *const u64) }) else {
             break;
         };
@@ -764,15 +1009,18 @@ fn exit_vectored_compat(ctx: &TracePointContext) -> Option<()> {
 }
 
 /// Each exit that copies payload comes twice: with bpf_loop, and `_compat` without (the
-/// daemon loads the second where the kernel lacks bpf_loop).
+/// daemon loads the second where the kernel lacks bpf_loop). The entries are attached only
+/// where the exits cannot read their call's arguments themselves (see EXIT_ONLY).
 macro_rules! plain_io {
-    ($enter:ident, $exit:ident, $compat:ident, $is_write:expr) => {
+    ($enter:ident, $exit:ident, $compat:ident, $is_write:expr, $args:expr) => {
         #[tracepoint]
         pub fn $enter(ctx: TracePointContext) -> u32 {
-            if bare() {
+            if bare() || exit_only() {
                 return 0;
             }
-            let _ = enter_io(&ctx, $is_write, arg(&ctx, ARG1), 0);
+            if $args != ARGS_RECVFROM || arg(&ctx, ARG3) & MSG_PEEK == 0 {
+                let _ = enter_io(&ctx, $is_write, arg(&ctx, ARG1), 0);
+            }
             0
         }
         #[tracepoint]
@@ -780,7 +1028,7 @@ macro_rules! plain_io {
             if bare() {
                 return 0;
             }
-            let _ = exit_plain::<true>(&ctx);
+            let _ = exit_plain::<true>(&ctx, $is_write, $args);
             0
         }
         #[tracepoint]
@@ -788,59 +1036,56 @@ macro_rules! plain_io {
             if bare() {
                 return 0;
             }
-            let _ = exit_plain::<false>(&ctx);
+            let _ = exit_plain::<false>(&ctx, $is_write, $args);
             0
         }
     };
 }
 
-plain_io!(sys_enter_read, sys_exit_read, sys_exit_read_compat, false);
-plain_io!(sys_enter_write, sys_exit_write, sys_exit_write_compat, true);
+plain_io!(
+    sys_enter_read,
+    sys_exit_read,
+    sys_exit_read_compat,
+    false,
+    ARGS_BUF
+);
+plain_io!(
+    sys_enter_write,
+    sys_exit_write,
+    sys_exit_write_compat,
+    true,
+    ARGS_BUF
+);
 plain_io!(
     sys_enter_sendto,
     sys_exit_sendto,
     sys_exit_sendto_compat,
-    true
+    true,
+    ARGS_BUF
+);
+// A peek does not consume: the bytes come again in a later read.
+plain_io!(
+    sys_enter_recvfrom,
+    sys_exit_recvfrom,
+    sys_exit_recvfrom_compat,
+    false,
+    ARGS_RECVFROM
 );
 
-#[tracepoint]
-pub fn sys_enter_recvfrom(ctx: TracePointContext) -> u32 {
-    if bare() {
-        return 0;
-    }
-    // A peek does not consume: the bytes come again in a later read.
-    if arg(&ctx, ARG3) & MSG_PEEK == 0 {
-        let _ = enter_io(&ctx, false, arg(&ctx, ARG1), 0);
-    }
-    0
-}
-#[tracepoint]
-pub fn sys_exit_recvfrom(ctx: TracePointContext) -> u32 {
-    if bare() {
-        return 0;
-    }
-    let _ = exit_plain::<true>(&ctx);
-    0
-}
-#[tracepoint]
-pub fn sys_exit_recvfrom_compat(ctx: TracePointContext) -> u32 {
-    if bare() {
-        return 0;
-    }
-    let _ = exit_plain::<false>(&ctx);
-    0
-}
-
 macro_rules! vector_io {
-    ($enter:ident, $exit:ident, $compat:ident, $is_write:expr) => {
+    ($enter:ident, $exit:ident, $compat:ident, $is_write:expr, $args:expr) => {
         #[tracepoint]
         pub fn $enter(ctx: TracePointContext) -> u32 {
-            if bare() {
+            if bare() || exit_only() {
                 return 0;
             }
-            let iovcnt = arg(&ctx, ARG2);
-            if iovcnt > 0 {
-                let _ = enter_io(&ctx, $is_write, arg(&ctx, ARG1), iovcnt);
+            if $args == ARGS_MSG {
+                let _ = enter_msg(&ctx, $is_write);
+            } else {
+                let iovcnt = arg(&ctx, ARG2);
+                if iovcnt > 0 {
+                    let _ = enter_io(&ctx, $is_write, arg(&ctx, ARG1), iovcnt);
+                }
             }
             0
         }
@@ -849,7 +1094,7 @@ macro_rules! vector_io {
             if bare() {
                 return 0;
             }
-            let _ = exit_vectored::<true>(&ctx);
+            let _ = exit_vectored::<true>(&ctx, $is_write, $args);
             0
         }
         #[tracepoint]
@@ -857,7 +1102,7 @@ macro_rules! vector_io {
             if bare() {
                 return 0;
             }
-            let _ = exit_vectored::<false>(&ctx);
+            let _ = exit_vectored::<false>(&ctx, $is_write, $args);
             0
         }
     };
@@ -867,13 +1112,29 @@ vector_io!(
     sys_enter_readv,
     sys_exit_readv,
     sys_exit_readv_compat,
-    false
+    false,
+    ARGS_IOV
 );
 vector_io!(
     sys_enter_writev,
     sys_exit_writev,
     sys_exit_writev_compat,
-    true
+    true,
+    ARGS_IOV
+);
+vector_io!(
+    sys_enter_recvmsg,
+    sys_exit_recvmsg,
+    sys_exit_recvmsg_compat,
+    false,
+    ARGS_MSG
+);
+vector_io!(
+    sys_enter_sendmsg,
+    sys_exit_sendmsg,
+    sys_exit_sendmsg_compat,
+    true,
+    ARGS_MSG
 );
 
 /// recvmsg/sendmsg: the iovecs are behind a `struct user_msghdr` in user memory.
@@ -890,55 +1151,6 @@ fn enter_msg(ctx: &TracePointContext, is_write: bool) -> Option<()> {
         return None;
     }
     enter_io(ctx, is_write, iov, iovcnt)
-}
-
-#[tracepoint]
-pub fn sys_enter_recvmsg(ctx: TracePointContext) -> u32 {
-    if bare() {
-        return 0;
-    }
-    let _ = enter_msg(&ctx, false);
-    0
-}
-#[tracepoint]
-pub fn sys_exit_recvmsg(ctx: TracePointContext) -> u32 {
-    if bare() {
-        return 0;
-    }
-    let _ = exit_vectored::<true>(&ctx);
-    0
-}
-#[tracepoint]
-pub fn sys_exit_recvmsg_compat(ctx: TracePointContext) -> u32 {
-    if bare() {
-        return 0;
-    }
-    let _ = exit_vectored::<false>(&ctx);
-    0
-}
-#[tracepoint]
-pub fn sys_enter_sendmsg(ctx: TracePointContext) -> u32 {
-    if bare() {
-        return 0;
-    }
-    let _ = enter_msg(&ctx, true);
-    0
-}
-#[tracepoint]
-pub fn sys_exit_sendmsg(ctx: TracePointContext) -> u32 {
-    if bare() {
-        return 0;
-    }
-    let _ = exit_vectored::<true>(&ctx);
-    0
-}
-#[tracepoint]
-pub fn sys_exit_sendmsg_compat(ctx: TracePointContext) -> u32 {
-    if bare() {
-        return 0;
-    }
-    let _ = exit_vectored::<false>(&ctx);
-    0
 }
 
 // ---- connection lifecycle ----------------------------------------------------------------

@@ -566,9 +566,14 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
             None => format!("port {} on any address", e.port),
         })
         .collect();
+    let taken = if capture.exit_only {
+        "taken at its exit alone"
+    } else {
+        "noted at its entry (before Linux 5.15)"
+    };
     match &capture.without_bpf_loop {
         None => tracing::info!(
-            "each read or write call is copied up to {} KiB",
+            "each read or write call is {taken} and copied up to {} KiB",
             capture.copy_limit / 1024
         ),
         Some(why) => tracing::warn!(

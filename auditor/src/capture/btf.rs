@@ -315,8 +315,31 @@ impl Btf {
                 (Ok(0), Ok(inode)) => inode,
                 _ => u32::MAX,
             },
+            regs_args: self.syscall_regs(),
             _pad: 0,
         })
+    }
+
+    /// Offsets in `struct pt_regs` of a system call's first four arguments as they stand
+    /// at its exit; u32::MAX each where this architecture is not one whose layout is known
+    /// (then the exits do not read them: the entries note every call).
+    fn syscall_regs(&self) -> [u32; 4] {
+        let none = [u32::MAX; 4];
+        let at = |f: &str| self.field_offset("pt_regs", f).ok();
+        let found = if cfg!(target_arch = "x86_64") {
+            // The syscall ABI: rdi, rsi, rdx, r10 (r10 for the C ABI's rcx).
+            (|| Some([at("di")?, at("si")?, at("dx")?, at("r10")?]))()
+        } else if cfg!(target_arch = "aarch64") {
+            // x0 holds the return value by then; the kernel keeps the first argument in
+            // orig_x0. x1..x3 are untouched.
+            (|| {
+                let regs = at("regs")?;
+                Some([at("orig_x0")?, regs + 8, regs + 16, regs + 24])
+            })()
+        } else {
+            None
+        };
+        found.unwrap_or(none)
     }
 
     /// (sock_common.skc_net.net, net.ns.inum); None on a kernel built without network
@@ -394,5 +417,10 @@ mod tests {
         // A socket's inode follows its struct socket (socket_alloc), past its sk pointer:
         // the capture reads sk, the inode's mode and number in one go.
         assert!(off.socket_inode != u32::MAX && off.socket_inode > off.socket_sk);
+        // The arguments of a system call in the registers the task entered with.
+        if cfg!(target_arch = "x86_64") {
+            // struct pt_regs: r15 r14 r13 r12 bp bx r11 r10 r9 r8 ax cx dx si di ...
+            assert_eq!(off.regs_args, [112, 104, 96, 56]);
+        }
     }
 }

@@ -63,14 +63,18 @@ pub struct Pins {
 }
 
 /// The id of the capture of state directory `state_dir` with the eBPF object `object` and
-/// a ring of `ring_bytes`.
-pub fn capture_id(state_dir: &Path, object: &[u8], ring_bytes: u32) -> String {
+/// a ring of `ring_bytes`, its read/write family taken at the exits alone (`exit_only` 1)
+/// or noted at the entries.
+pub fn capture_id(state_dir: &Path, object: &[u8], ring_bytes: u32, exit_only: u8) -> String {
     let state = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
     let mut h = Sha256::new();
     h.update(state.as_os_str().as_encoded_bytes());
     h.update([0]);
     h.update(object);
     h.update(ring_bytes.to_le_bytes());
+    if exit_only != 0 {
+        h.update(b"exit-only");
+    }
     let digest = h.finalize();
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -136,16 +140,31 @@ impl Pins {
         self.dir.join(format!("g{generation}"))
     }
 
-    /// Pins one of this generation's links as `name`.
-    pub fn pin_link(&self, link: FdLink, name: &str) -> Result<PinnedLink, String> {
+    /// Where this generation pins `name`, its directory made and a pin of that name left
+    /// by a daemon of this generation that failed before it took over removed.
+    fn free_pin_path(&self, name: &str) -> Result<PathBuf, String> {
         let dir = self.generation_dir(self.generation);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let path = dir.join(name);
         if path.exists() {
-            // Left by a daemon of this generation that failed before it took over.
             drop_pinned_link(&path);
         }
+        Ok(path)
+    }
+
+    /// Pins one of this generation's links as `name`.
+    pub fn pin_link(&self, link: FdLink, name: &str) -> Result<PinnedLink, String> {
+        let path = self.free_pin_path(name)?;
         link.pin(&path)
+            .map_err(|e| format!("pinning {}: {e}", path.display()))
+    }
+
+    /// Pins one of this generation's maps as `name` (a program array must outlive the
+    /// daemon with the programs that tail-call through it: the kernel empties one whose
+    /// last holder is gone).
+    pub fn pin_map(&self, map: &aya::maps::Map, name: &str) -> Result<(), String> {
+        let path = self.free_pin_path(name)?;
+        map.pin(&path)
             .map_err(|e| format!("pinning {}: {e}", path.display()))
     }
 
@@ -231,23 +250,27 @@ mod tests {
 
     #[test]
     fn the_id_names_the_trail_and_the_build() {
-        let a = capture_id(Path::new("/var/lib/auditor"), b"object", 1 << 26);
+        let a = capture_id(Path::new("/var/lib/auditor"), b"object", 1 << 26, 0);
         assert_eq!(a.len(), 16);
         assert_eq!(
             a,
-            capture_id(Path::new("/var/lib/auditor"), b"object", 1 << 26)
+            capture_id(Path::new("/var/lib/auditor"), b"object", 1 << 26, 0)
         );
         assert_ne!(
             a,
-            capture_id(Path::new("/var/lib/other"), b"object", 1 << 26)
+            capture_id(Path::new("/var/lib/other"), b"object", 1 << 26, 0)
         );
         assert_ne!(
             a,
-            capture_id(Path::new("/var/lib/auditor"), b"object2", 1 << 26)
+            capture_id(Path::new("/var/lib/auditor"), b"object2", 1 << 26, 0)
         );
         assert_ne!(
             a,
-            capture_id(Path::new("/var/lib/auditor"), b"object", 1 << 25)
+            capture_id(Path::new("/var/lib/auditor"), b"object", 1 << 25, 0)
+        );
+        assert_ne!(
+            a,
+            capture_id(Path::new("/var/lib/auditor"), b"object", 1 << 26, 1)
         );
     }
 }

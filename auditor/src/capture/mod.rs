@@ -18,7 +18,7 @@ use std::{
 
 use auditor_common::{counter, EndpointKey, Handover, PORT_ANY_ADDR, PORT_LISTED_ADDRS};
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{
         uprobe::{UProbeAttachLocation, UProbeScope},
         TracePoint, UProbe,
@@ -112,6 +112,19 @@ const COPYING_EXITS: &[&str] = &[
     "sys_exit_sendmsg",
 ];
 
+/// The entries of the read/write family: attached only where the exits cannot take their
+/// calls alone (see `exit_only`).
+const IO_ENTRIES: &[&str] = &[
+    "sys_enter_read",
+    "sys_enter_write",
+    "sys_enter_recvfrom",
+    "sys_enter_sendto",
+    "sys_enter_readv",
+    "sys_enter_writev",
+    "sys_enter_recvmsg",
+    "sys_enter_sendmsg",
+];
+
 /// Set (to anything) to load the programs as an older kernel gets them (built without
 /// `bpf_loop`, and walking from the task to its files with helper reads) even where the
 /// kernel has what the newer ones use (how the tests keep them working).
@@ -178,6 +191,9 @@ pub struct Takeover {
 
 pub struct Capture {
     ebpf: Ebpf,
+    /// The copy programs the exits tail-call (EXIT_ONLY), held while the daemon runs (and
+    /// pinned with its links where the capture outlives it).
+    _copy: Option<ProgramArray<MapData>>,
     /// The pinned capture this daemon's programs belong to, when it outlives the daemon.
     pins: Option<handover::Pins>,
     handover: Array<MapData, Handover>,
@@ -200,6 +216,8 @@ pub struct Capture {
     pub copy_limit: u64,
     /// Why the programs with `bpf_loop` were not used (a kernel before 5.17 refuses them).
     pub without_bpf_loop: Option<String>,
+    /// Reads and writes are taken at their exits alone (see `exit_only`).
+    pub exit_only: bool,
     tls_return_program: &'static str,
     /// Why backends older than the daemon cannot be asked for statement texts (the
     /// PortalDefineQuery probe did not load), if so.
@@ -317,6 +335,17 @@ fn task_btf() -> u8 {
     }
 }
 
+/// 1 where the read/write family is taken at its exits alone: the exit reads its call's
+/// arguments from the task's registers (`bpf_task_pt_regs`, Linux 5.15+, on the typed
+/// task of TASK_BTF, at offsets this kernel's BTF gives for this architecture), so the
+/// entry tracepoints are not attached: a failed call (EAGAIN) costs one short run and no
+/// table of calls in flight can fill. 0 elsewhere: each entry notes its call in `PENDING`.
+fn exit_only(task_btf: u8, offsets: &auditor_common::KernelOffsets) -> u8 {
+    let kernel = aya::util::KernelVersion::current()
+        .is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 15, 0));
+    (task_btf != 0 && kernel && offsets.regs_args.iter().all(|&o| o != u32::MAX)) as u8
+}
+
 /// Whether the verifier refused a program because the kernel has no `bpf_loop` helper
 /// (number 181): "invalid func unknown#181" before 5.17, "unknown func bpf_loop#181" where
 /// a kernel knows the name but not the helper for this program type.
@@ -416,9 +445,12 @@ impl Capture {
             })
             .unwrap_or_default();
         let task_btf = task_btf();
+        let exit_only = exit_only(task_btf, &offsets);
         let object: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/auditor"));
         let pins = handover.and_then(|h| {
-            let id = handover::capture_id(&h.state_dir, object, ring_buffer_bytes);
+            // Programs that note calls at their entries and ones that take them at their
+            // exits alone cannot complete each other's calls: another capture.
+            let id = handover::capture_id(&h.state_dir, object, ring_buffer_bytes, exit_only);
             match perf_links_pin().and_then(|()| handover::prepare(&h.base, &id, h.keep_s)) {
                 Ok(p) => Some(p),
                 Err(e) => {
@@ -444,6 +476,7 @@ impl Capture {
             .override_global("OFFSETS", &offsets, true)
             .override_global("DAEMON_TGID", &tgid, true)
             .override_global("TASK_BTF", &task_btf, true)
+            .override_global("EXIT_ONLY", &exit_only, true)
             .override_global("WAKE_BYTES", &wake_bytes, true)
             .override_global("CHUNKS_PER_CALL", &chunks_per_call, true)
             .override_global("GENERATION", &generation, true)
@@ -509,6 +542,9 @@ impl Capture {
             if !tls && TLS_TRACEPOINTS.contains(name) {
                 continue;
             }
+            if exit_only != 0 && IO_ENTRIES.contains(name) {
+                continue;
+            }
             let copying = COPYING_EXITS.contains(name);
             let compat = format!("{name}_compat");
             let mut program = if copying && without_bpf_loop.is_some() {
@@ -539,6 +575,48 @@ impl Capture {
             }
             to_attach.push((*category, *name, program));
         }
+        // Taken at the exits alone, a call is copied by a program of its own, tail-called.
+        let copy = if exit_only != 0 {
+            let names = |compat: bool| {
+                if compat {
+                    ["copy_plain_compat", "copy_vectored_compat"]
+                } else {
+                    ["copy_plain", "copy_vectored"]
+                }
+            };
+            let mut chosen = names(without_bpf_loop.is_some());
+            if let Err(e) = load_program::<TracePoint>(&mut ebpf, chosen[0]) {
+                if without_bpf_loop.is_some() || !lacks_bpf_loop(&e) {
+                    return Err(e);
+                }
+                without_bpf_loop = Some("this kernel has no bpf_loop helper".to_string());
+                chosen = names(true);
+                load_program::<TracePoint>(&mut ebpf, chosen[0])?;
+            }
+            load_program::<TracePoint>(&mut ebpf, chosen[1])?;
+            if let Some(p) = &pins {
+                let map = ebpf.map("COPY").ok_or(CaptureError::MissingMap("COPY"))?;
+                p.pin_map(map, "COPY").map_err(CaptureError::Pins)?;
+            }
+            let mut array: ProgramArray<MapData> = take_map(&mut ebpf, "COPY")?;
+            let map_err = |source| CaptureError::Map {
+                name: "COPY",
+                source,
+            };
+            for (index, name) in chosen.iter().enumerate() {
+                let fd = ebpf
+                    .program(name)
+                    .and_then(|p| p.fd().ok())
+                    .ok_or_else(|| CaptureError::Program {
+                        name: name.to_string(),
+                        source: aya::programs::ProgramError::NotLoaded,
+                    })?;
+                array.set(index as u32, fd, 0).map_err(map_err)?;
+            }
+            Some(array)
+        } else {
+            None
+        };
         let tls_return_program = if without_bpf_loop.is_some() {
             "ssl_return_compat"
         } else {
@@ -574,6 +652,7 @@ impl Capture {
         let handover = take_map(&mut ebpf, "HANDOVER")?;
         Ok(Capture {
             ebpf,
+            _copy: copy,
             pins,
             handover,
             links: Vec::new(),
@@ -588,6 +667,7 @@ impl Capture {
             netns_known: offsets.sock_net != u32::MAX,
             copy_limit: u64::from(chunks) * auditor_common::CHUNK_DATA as u64,
             without_bpf_loop,
+            exit_only: exit_only != 0,
             tls_return_program,
             server_probe_error,
             backend_hooks: Default::default(),
