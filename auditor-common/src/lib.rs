@@ -379,6 +379,12 @@ pub struct Handover {
     /// Kernel time (CLOCK_MONOTONIC ns) after which the programs on duty stop capturing:
     /// renewed by the running daemon; a daemon that never comes back leaves them quiet.
     pub lease_until_ns: u64,
+    /// While a daemon takes over (its programs and those of `handing_over` both attached):
+    /// the generation handing over, else 0. Reads and writes taken at their exits alone
+    /// have no entry to claim them: for each call the old generation's program runs first,
+    /// and the generation on duty may change between the two runs, so the old one marks
+    /// what it took (`TAKEN`) and the new one leaves it.
+    pub handing_over: u64,
 }
 
 /// The redirect's settings, set by the daemon when its proxy listens.

@@ -6,7 +6,7 @@ use auditor_common::{
 };
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     Global,
 };
 
@@ -73,6 +73,12 @@ pub static GENERATION: Global<u64> = Global::new(0);
 #[map]
 pub static HANDOVER: Array<Handover> = Array::with_max_entries(1, 0);
 
+/// Calls the generation handing over took while a takeover is under way (see
+/// `Handover::handing_over`), by thread: written by its exit program, removed by the new
+/// generation's, which runs next for the same call and so leaves it. Shared (pinned).
+#[map]
+pub static TAKEN: HashMap<u64, u8> = HashMap::with_max_entries(4096, 0);
+
 /// 1: every syscall and scheduler tracepoint program returns at once, before anything
 /// else (`auditor run --bare-hooks`: what the hooks alone cost on this host, the floor
 /// under the capture's own cost). Set by the daemon at load time.
@@ -95,31 +101,6 @@ pub static WAKE_BYTES: Global<u64> = Global::new(0);
 /// is counted as truncated and becomes a gap.
 #[unsafe(no_mangle)]
 pub static CHUNKS_PER_CALL: Global<u32> = Global::new(0);
-
-/// The copy programs an exit hands its call to (EXIT_ONLY): `COPY_PLAIN` for one buffer,
-/// `COPY_VECTORED` for iovecs (with or without bpf_loop, as the daemon loaded them). A
-/// tail call: the verifier checks the copy once, on its own, instead of once for every
-/// way the exit's walk to the socket can end (which made each exit take a second to load).
-#[map]
-pub static COPY: ProgramArray = ProgramArray::with_max_entries(2, 0);
-pub const COPY_PLAIN: u32 = 0;
-pub const COPY_VECTORED: u32 = 1;
-
-/// The call an exit hands to a copy program on this CPU (its record header is ready in
-/// `SCRATCH`).
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct CopyCall {
-    /// The buffer, or the iovec array of a vectored call.
-    pub buf: u64,
-    pub iovcnt: u64,
-    /// Bytes the call moved, and the stream offset of the first.
-    pub total: u64,
-    pub base: u64,
-}
-
-#[map]
-pub static COPY_CALL: PerCpuArray<CopyCall> = PerCpuArray::with_max_entries(1, 0);
 
 /// The state of the chunk loop under way on this CPU (see `syscalls::Chunks`).
 #[map]

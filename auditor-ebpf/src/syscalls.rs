@@ -29,11 +29,10 @@ use aya_ebpf::{
 
 use crate::{
     maps::{
-        count, tls_in_flight, ConnState, CopyCall, PendingCall, SockRef, SslKey, TlsCall, BARE,
-        CHUNKS_PER_CALL, CONNECTING, CONNS, COPY, COPY_CALL, COPY_PLAIN, COPY_VECTORED,
-        DAEMON_TGID, EVENTS, EXIT_ONLY, GENERATION, HANDOVER, KNOWN_FILES, LOOP_STATE, MUTED,
-        PENDING, PENDING_ACTIVE, PENDING_EOF_ONLY, PENDING_READ, SCRATCH, SSL_SOCKS, TLS_CALLS,
-        WAKE_BYTES,
+        count, tls_in_flight, ConnState, PendingCall, SockRef, SslKey, TlsCall, BARE,
+        CHUNKS_PER_CALL, CONNECTING, CONNS, DAEMON_TGID, EVENTS, EXIT_ONLY, GENERATION, HANDOVER,
+        KNOWN_FILES, LOOP_STATE, MUTED, PENDING, PENDING_ACTIVE, PENDING_EOF_ONLY, PENDING_READ,
+        SCRATCH, SSL_SOCKS, TAKEN, TLS_CALLS, WAKE_BYTES,
     },
     sock::{file_id_of_fd, offsets, sock_of_fd, watched_sock},
 };
@@ -549,10 +548,23 @@ fn take_call(ctx: &TracePointContext, is_write: bool, args: u8) -> Option<Call> 
         }
     }
     let pid_tgid = bpf_get_current_pid_tgid();
-    if is_daemon(pid_tgid) {
-        return None;
+    {
+        let handover = HANDOVER.get(0)?;
+        let generation = GENERATION.load();
+        if handover.handing_over != 0
+            && handover.handing_over != generation
+            && TAKEN.get_ptr(pid_tgid).is_some()
+        {
+            // A takeover is under way and the generation handing over took this very
+            // call (its program ran just before this one: the two are attached to the
+            // same tracepoint, in that order).
+            let _ = TAKEN.remove(pid_tgid);
+            return None;
+        }
+        if is_daemon(pid_tgid) || handover.generation != generation {
+            return None;
+        }
     }
-    on_duty()?;
     let off = offsets()?;
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
     if regs.is_null() {
@@ -624,6 +636,14 @@ fn take_call(ctx: &TracePointContext, is_write: bool, args: u8) -> Option<Call> 
         _ => (arg1, 0),
     };
     let now = on_duty_at()?;
+    if HANDOVER
+        .get(0)
+        .is_some_and(|h| h.handing_over == GENERATION.load())
+    {
+        // (Should the table be full, the call is taken unmarked: the new generation takes
+        // it too only if it comes on duty in the microseconds between the two runs.)
+        let _ = TAKEN.insert(pid_tgid, 1, 0);
+    }
     let total = ret as u64;
     let (base, rec) = prepare_record_at(conn, sk, direction, STREAM_RAW, 0, total, now)?;
     Some(Call {
@@ -635,9 +655,13 @@ fn take_call(ctx: &TracePointContext, is_write: bool, args: u8) -> Option<Call> 
     })
 }
 
-/// The call returning here and its record, completing what its entry noted.
+/// The call returning here and its record: taken at the exit alone (EXIT_ONLY), or
+/// completing what its entry noted.
 #[inline(always)]
-fn begin_call(ctx: &TracePointContext) -> Option<Call> {
+fn begin_call(ctx: &TracePointContext, is_write: bool, args: u8) -> Option<Call> {
+    if exit_only() {
+        return take_call(ctx, is_write, args);
+    }
     let (pending, total, base, rec) = begin_exit(ctx)?;
     Some(Call {
         buf: pending.buf,
@@ -674,77 +698,9 @@ fn count_truncation(total: u64, copied: u64) {
 /// read, write, recvfrom, sendto: one buffer, sent as up to MAX_CHUNKS_PER_CALL chunks.
 #[inline(always)]
 fn exit_plain<const LOOP: bool>(ctx: &TracePointContext, is_write: bool, args: u8) -> Option<()> {
-    if exit_only() {
-        return hand_to_copy(ctx, take_call(ctx, is_write, args)?, COPY_PLAIN);
-    }
-    let (pending, total, base, _rec) = begin_exit(ctx)?;
-    send_buffer::<LOOP>(pending.buf, total, base);
+    let call = begin_call(ctx, is_write, args)?;
+    send_buffer::<LOOP>(call.buf, call.total, call.base);
     Some(())
-}
-
-/// Hands a call taken at its exit to the copy program `index` (a tail call: this program
-/// ends there). Should that fail (the daemon fills `COPY` before it attaches anything),
-/// its bytes are counted as not copied; its stream offsets moved on, so the daemon
-/// records a gap.
-#[inline(always)]
-fn hand_to_copy(ctx: &TracePointContext, call: Call, index: u32) -> Option<()> {
-    let slot = COPY_CALL.get_ptr_mut(0)?;
-    unsafe {
-        *slot = CopyCall {
-            buf: call.buf,
-            iovcnt: call.iovcnt,
-            total: call.total,
-            base: call.base,
-        };
-        COPY.tail_call(ctx, index);
-    }
-    count(counter::TRUNCATED_CALLS, 1);
-    count(counter::TRUNCATED_BYTES, call.total);
-    Some(())
-}
-
-/// The call an exit handed over (`hand_to_copy`).
-#[inline(always)]
-fn handed_call() -> Option<CopyCall> {
-    COPY_CALL.get(0).copied()
-}
-
-/// The copy programs (`COPY`), reached only by tail calls from the exits.
-#[tracepoint]
-pub fn copy_plain(_ctx: TracePointContext) -> u32 {
-    if let Some(c) = handed_call() {
-        send_buffer::<true>(c.buf, c.total, c.base);
-    }
-    0
-}
-#[tracepoint]
-pub fn copy_plain_compat(_ctx: TracePointContext) -> u32 {
-    if let Some(c) = handed_call() {
-        send_buffer::<false>(c.buf, c.total, c.base);
-    }
-    0
-}
-#[tracepoint]
-pub fn copy_vectored(_ctx: TracePointContext) -> u32 {
-    if let Some(c) = handed_call() {
-        if let Some(done) = send_vectored(Chunks::vectored(c.total, c.base, c.buf, c.iovcnt)) {
-            count_truncation(c.total, done);
-        }
-    }
-    0
-}
-#[tracepoint]
-pub fn copy_vectored_compat(_ctx: TracePointContext) -> u32 {
-    if let (Some(c), Some(rec)) = (handed_call(), SCRATCH.get_ptr_mut(0)) {
-        let _ = exit_vectored_compat(Call {
-            buf: c.buf,
-            iovcnt: c.iovcnt,
-            total: c.total,
-            base: c.base,
-            rec,
-        });
-    }
-    0
 }
 
 /// What one round of a chunk loop works on. It lives in a per-CPU map (`LOOP_STATE`), not
@@ -961,10 +917,7 @@ fn exit_vectored<const LOOP: bool>(
     is_write: bool,
     args: u8,
 ) -> Option<()> {
-    if exit_only() {
-        return hand_to_copy(ctx, take_call(ctx, is_write, args)?, COPY_VECTORED);
-    }
-    let call = begin_call(ctx)?;
+    let call = begin_call(ctx, is_write, args)?;
     if !LOOP {
         return exit_vectored_compat(call);
     }

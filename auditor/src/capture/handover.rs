@@ -42,6 +42,7 @@ pub const SHARED_MAPS: &[&str] = &[
     "SSL_SOCKS",
     "COUNTERS",
     "HANDOVER",
+    "TAKEN",
 ];
 
 /// The lease is at least this long whatever the setting: the daemon renews it each second.
@@ -140,31 +141,16 @@ impl Pins {
         self.dir.join(format!("g{generation}"))
     }
 
-    /// Where this generation pins `name`, its directory made and a pin of that name left
-    /// by a daemon of this generation that failed before it took over removed.
-    fn free_pin_path(&self, name: &str) -> Result<PathBuf, String> {
+    /// Pins one of this generation's links as `name`.
+    pub fn pin_link(&self, link: FdLink, name: &str) -> Result<PinnedLink, String> {
         let dir = self.generation_dir(self.generation);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let path = dir.join(name);
         if path.exists() {
+            // Left by a daemon of this generation that failed before it took over.
             drop_pinned_link(&path);
         }
-        Ok(path)
-    }
-
-    /// Pins one of this generation's links as `name`.
-    pub fn pin_link(&self, link: FdLink, name: &str) -> Result<PinnedLink, String> {
-        let path = self.free_pin_path(name)?;
         link.pin(&path)
-            .map_err(|e| format!("pinning {}: {e}", path.display()))
-    }
-
-    /// Pins one of this generation's maps as `name` (a program array must outlive the
-    /// daemon with the programs that tail-call through it: the kernel empties one whose
-    /// last holder is gone).
-    pub fn pin_map(&self, map: &aya::maps::Map, name: &str) -> Result<(), String> {
-        let path = self.free_pin_path(name)?;
-        map.pin(&path)
             .map_err(|e| format!("pinning {}: {e}", path.display()))
     }
 
@@ -174,6 +160,7 @@ impl Pins {
         Handover {
             generation: self.generation,
             lease_until_ns: now.saturating_add(self.keep_ns.max(MIN_LEASE_NS)),
+            handing_over: 0,
         }
     }
 

@@ -18,7 +18,7 @@ use std::{
 
 use auditor_common::{counter, EndpointKey, Handover, PORT_ANY_ADDR, PORT_LISTED_ADDRS};
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         uprobe::{UProbeAttachLocation, UProbeScope},
         TracePoint, UProbe,
@@ -191,9 +191,6 @@ pub struct Takeover {
 
 pub struct Capture {
     ebpf: Ebpf,
-    /// The copy programs the exits tail-call (EXIT_ONLY), held while the daemon runs (and
-    /// pinned with its links where the capture outlives it).
-    _copy: Option<ProgramArray<MapData>>,
     /// The pinned capture this daemon's programs belong to, when it outlives the daemon.
     pins: Option<handover::Pins>,
     handover: Array<MapData, Handover>,
@@ -575,48 +572,6 @@ impl Capture {
             }
             to_attach.push((*category, *name, program));
         }
-        // Taken at the exits alone, a call is copied by a program of its own, tail-called.
-        let copy = if exit_only != 0 {
-            let names = |compat: bool| {
-                if compat {
-                    ["copy_plain_compat", "copy_vectored_compat"]
-                } else {
-                    ["copy_plain", "copy_vectored"]
-                }
-            };
-            let mut chosen = names(without_bpf_loop.is_some());
-            if let Err(e) = load_program::<TracePoint>(&mut ebpf, chosen[0]) {
-                if without_bpf_loop.is_some() || !lacks_bpf_loop(&e) {
-                    return Err(e);
-                }
-                without_bpf_loop = Some("this kernel has no bpf_loop helper".to_string());
-                chosen = names(true);
-                load_program::<TracePoint>(&mut ebpf, chosen[0])?;
-            }
-            load_program::<TracePoint>(&mut ebpf, chosen[1])?;
-            if let Some(p) = &pins {
-                let map = ebpf.map("COPY").ok_or(CaptureError::MissingMap("COPY"))?;
-                p.pin_map(map, "COPY").map_err(CaptureError::Pins)?;
-            }
-            let mut array: ProgramArray<MapData> = take_map(&mut ebpf, "COPY")?;
-            let map_err = |source| CaptureError::Map {
-                name: "COPY",
-                source,
-            };
-            for (index, name) in chosen.iter().enumerate() {
-                let fd = ebpf
-                    .program(name)
-                    .and_then(|p| p.fd().ok())
-                    .ok_or_else(|| CaptureError::Program {
-                        name: name.to_string(),
-                        source: aya::programs::ProgramError::NotLoaded,
-                    })?;
-                array.set(index as u32, fd, 0).map_err(map_err)?;
-            }
-            Some(array)
-        } else {
-            None
-        };
         let tls_return_program = if without_bpf_loop.is_some() {
             "ssl_return_compat"
         } else {
@@ -652,7 +607,6 @@ impl Capture {
         let handover = take_map(&mut ebpf, "HANDOVER")?;
         Ok(Capture {
             ebpf,
-            _copy: copy,
             pins,
             handover,
             links: Vec::new(),
@@ -708,41 +662,72 @@ impl Capture {
     /// Puts this daemon's programs on duty (they were attached idle): from here on they
     /// capture, and those of the daemon before (if it left its capture running) do
     /// nothing; the calls those began, these complete. Then the old links go.
+    ///
+    /// Where reads and writes are taken at their exits alone, nothing claims a call
+    /// between the old program's run and this one's (the two run one after the other for
+    /// each call), so the takeover goes in steps: the old generation is told it hands over
+    /// (from then on it marks each call it takes, and the new one leaves those), a moment
+    /// later the new one goes on duty, then the old links go and the marking ends.
     pub fn take_over(&mut self) -> Result<Takeover, CaptureError> {
+        let previous = self.pins.as_ref().and_then(|p| p.previous);
+        let handing_over = previous
+            .map(|h| h.generation)
+            .filter(|&g| g != 0 && self.exit_only);
+        // Longer than any one call's run of the programs: a call seen by the old program
+        // before a step and by the new one after it has ended by the next step.
+        let settle = std::time::Duration::from_millis(20);
+        if let (Some(old), Some(h)) = (handing_over, previous) {
+            self.write_handover(Handover {
+                handing_over: old,
+                ..h
+            })?;
+            std::thread::sleep(settle);
+        }
         let now = handover::kernel_now_ns();
-        self.set_handover(now)?;
-        let previous = self.pins.as_ref().and_then(|p| {
+        self.set_handover(now, handing_over.unwrap_or(0))?;
+        if let Some(p) = &self.pins {
             p.remove_older_generations();
-            p.previous
-        });
+        }
+        if handing_over.is_some() {
+            std::thread::sleep(settle);
+            self.set_handover(now, 0)?;
+        }
         Ok(Takeover {
             previous,
             at_ns: now,
         })
     }
 
-    fn set_handover(&mut self, now: u64) -> Result<Handover, CaptureError> {
+    fn set_handover(&mut self, now: u64, handing_over: u64) -> Result<Handover, CaptureError> {
         let value = match &self.pins {
-            Some(p) => p.handover_at(now),
+            Some(p) => Handover {
+                handing_over,
+                ..p.handover_at(now)
+            },
             None => Handover {
                 generation: 1,
                 lease_until_ns: u64::MAX,
+                handing_over: 0,
             },
         };
+        self.write_handover(value)?;
+        Ok(value)
+    }
+
+    fn write_handover(&mut self, value: Handover) -> Result<(), CaptureError> {
         self.handover
             .set(0, value, 0)
             .map_err(|source| CaptureError::Map {
                 name: "HANDOVER",
                 source,
-            })?;
-        Ok(value)
+            })
     }
 
     /// Renews the lease of a capture that outlives the daemon (each second): it runs
     /// `capture.keep_while_stopped_s` from the daemon's last renewal.
     pub fn renew_lease(&mut self) -> Result<(), CaptureError> {
         if self.pins.is_some() {
-            self.set_handover(handover::kernel_now_ns())?;
+            self.set_handover(handover::kernel_now_ns(), 0)?;
         }
         Ok(())
     }
@@ -752,7 +737,7 @@ impl Capture {
     pub fn release(&mut self) -> Option<Duration> {
         self.pins.as_ref()?;
         let now = handover::kernel_now_ns();
-        match self.set_handover(now) {
+        match self.set_handover(now, 0) {
             Ok(value) => Some(Duration::from_nanos(
                 value.lease_until_ns.saturating_sub(now),
             )),
