@@ -626,9 +626,7 @@ fn take_call(ctx: &TracePointContext, is_write: bool, args: u8) -> Option<Call> 
                     // The bytes moved but cannot be found: the next record of this
                     // direction says so (a gap of unknown size).
                     count(counter::READ_FAILURES, 1);
-                    if let Some(p) = CONNS.get_ptr_mut(sk) {
-                        unsafe { (*p).lost |= lost_bit(STREAM_RAW, direction) };
-                    }
+                    unsafe { (*conn).lost |= lost_bit(STREAM_RAW, direction) };
                     return None;
                 }
             }
