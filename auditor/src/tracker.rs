@@ -23,7 +23,9 @@ use auditor_common::{
 };
 
 use crate::{
-    audit::event::{new_event_id, AuditEvent, EventKind, Flag, ProcessIdentity, Timestamp},
+    audit::event::{
+        event_id_at, new_event_id, AuditEvent, EventKind, Flag, ProcessIdentity, Timestamp,
+    },
     audit::recorder::{apply_text, render, Draft, RecordingPolicy},
     capture::session::Session,
     pg::{
@@ -1443,7 +1445,7 @@ fn finish(
         if s.meta_from_title {
             ev.flags.insert(Flag::MetaFromProcessTitle);
         }
-        ev.event_id = new_event_id();
+        ev.event_id = event_id_at(ts_ns + wall_offset);
         ev.ts = Timestamp::from_unix_ns(ts_ns + wall_offset);
         ev.host = host.clone();
         ev.session_id = s.id.clone();
@@ -2294,5 +2296,90 @@ mod tests {
             ..conn
         };
         assert!(!tcp_tuple_alive(std::process::id(), &gone));
+    }
+
+    /// By hand: the daemon's work per select-only prepared statement (pgbench -M
+    /// prepared) from the records of one end to the events, dropped in batches as the sink
+    /// thread's recycled batches are. Prints ns per statement; asserts only that each
+    /// statement made one event.
+    /// `cargo test --release -p auditor --lib hot_path_cost -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn hot_path_cost() {
+        let mut t = tracker();
+        let mut client = Wire::new(1, ROLE_CLIENT);
+        let mut out = client.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &startup());
+        let mut resp = msg(b'R', &0u32.to_be_bytes());
+        resp.extend(msg(b'Z', b"I"));
+        out.extend(client.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &resp));
+        let mut parse = msg(
+            b'P',
+            b"P0_1\0SELECT abalance FROM pgbench_accounts WHERE aid = $1;\0\0\0",
+        );
+        parse.extend(msg(b'S', b""));
+        out.extend(client.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &parse));
+        let mut resp = msg(b'1', b"");
+        resp.extend(msg(b'Z', b"I"));
+        out.extend(client.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &resp));
+        let mut field = b"abalance\0".to_vec();
+        field.extend(16396u32.to_be_bytes());
+        field.extend(3u16.to_be_bytes());
+        field.extend(23u32.to_be_bytes());
+        field.extend(4u16.to_be_bytes());
+        field.extend((-1i32).to_be_bytes());
+        field.extend(0u16.to_be_bytes());
+        let mut row_desc = 1u16.to_be_bytes().to_vec();
+        row_desc.extend(field);
+        let mut response = msg(b'2', b"");
+        response.extend(msg(b'T', &row_desc));
+        response.extend(msg(b'D', b"\0\x01\0\0\0\x010"));
+        response.extend(msg(b'C', b"SELECT 1\0"));
+        response.extend(msg(b'Z', b"I"));
+        let request = |aid: u32| {
+            let value = aid.to_string();
+            let mut bind = b"\0P0_1\0\0\0\0\x01".to_vec();
+            bind.extend((value.len() as u32).to_be_bytes());
+            bind.extend(value.as_bytes());
+            bind.extend(0u16.to_be_bytes());
+            let mut m = msg(b'B', &bind);
+            m.extend(msg(b'D', b"P\0"));
+            m.extend(msg(b'E', b"\0\0\0\0\0"));
+            m.extend(msg(b'S', b""));
+            m
+        };
+        let requests: Vec<Vec<u8>> = (0..1000u32)
+            .map(|i| request(i * 7919 % 1_000_000))
+            .collect();
+        drop(out);
+        let mut batch = Vec::with_capacity(4096);
+        let n = 200_000usize;
+        let started = std::time::Instant::now();
+        let mut events = 0;
+        for i in 0..n {
+            let req = &requests[i % requests.len()];
+            for (dir, bytes) in [(DIR_TO_SERVER, req.as_slice()), (DIR_TO_CLIENT, &response)] {
+                let mut h = client.header(RECORD_DATA);
+                h.stream = STREAM_RAW;
+                h.direction = dir;
+                h.len = bytes.len() as u32;
+                h.offset = client.offsets[0][dir as usize];
+                client.offsets[0][dir as usize] += bytes.len() as u64;
+                t.handle(
+                    &Record {
+                        header: h,
+                        data: bytes,
+                    },
+                    &mut batch,
+                );
+            }
+            if batch.len() >= 1500 {
+                events += batch.len();
+                batch.clear();
+            }
+        }
+        events += batch.len();
+        let ns = started.elapsed().as_nanos() as f64 / n as f64;
+        println!("hot path: {ns:.0} ns per statement ({events} events)");
+        assert_eq!(events, n);
     }
 }

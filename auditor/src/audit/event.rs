@@ -602,11 +602,21 @@ impl AuditEvent {
 /// A UUIDv7: unique and sortable by creation time. The 74 bits after the millisecond
 /// timestamp come from a userspace CSPRNG (one OS read per thread, not one per event).
 pub fn new_event_id() -> EventId {
-    use rand::RngCore;
     let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
+    event_id_at_millis(millis)
+}
+
+/// A UUIDv7 whose timestamp is the event's own time (Unix nanoseconds; the daemon has it
+/// already, where reading the clock again would cost a call per event).
+pub fn event_id_at(unix_ns: i128) -> EventId {
+    event_id_at_millis((unix_ns.max(0) / 1_000_000) as u64)
+}
+
+fn event_id_at_millis(millis: u64) -> EventId {
+    use rand::RngCore;
     let mut random = [0u8; 10];
     rand::thread_rng().fill_bytes(&mut random);
     let mut text = [0u8; EventId::INLINE];
@@ -982,6 +992,19 @@ mod tests {
             // And it reads back.
             assert_eq!(serde_json::from_str::<AuditEvent>(&serde).unwrap(), ev);
         }
+    }
+
+    #[test]
+    fn event_ids_carry_the_events_time() {
+        // 2026-12-04T07:25:34.123Z: the id's first 48 bits are its milliseconds.
+        let ns = 1_796_455_534_123_456_789i128;
+        let a = event_id_at(ns);
+        let b = event_id_at(ns);
+        assert_ne!(a, b, "the random bits differ");
+        let uuid = uuid::Uuid::parse_str(a.as_str()).unwrap();
+        assert_eq!(uuid.get_version_num(), 7);
+        let (secs, nanos) = uuid.get_timestamp().unwrap().to_unix();
+        assert_eq!((secs, nanos / 1_000_000), (1_796_455_534, 123));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::{
 use ahash::AHashMap as HashMap;
 
 use crate::{
+    audit::schema::{same_bytes, same_str},
     pg::{
         backend::{rows_of_tag, BackendMessage, ErrorFields, Field, Fields},
         frontend::{FrontendMessage, Target},
@@ -164,7 +165,7 @@ pub fn columns_of(fields: &Fields<'_>) -> Arc<[Column]> {
 fn same_columns(fields: &Fields<'_>, columns: &[Column]) -> bool {
     fields.len() == columns.len()
         && fields.iter().zip(columns).all(|(f, c)| {
-            f.name == c.name.as_bytes()
+            same_bytes(f.name, c.name.as_bytes())
                 && f.table_oid == c.table_oid
                 && f.column == c.column
                 && f.type_oid == c.type_oid
@@ -532,7 +533,7 @@ impl Conversation {
             from_server: true,
         });
         self.prepared.insert(name.to_string(), statement.clone());
-        let unknown = |p: &Portal| p.statement.is_none() && &*p.statement_name == name;
+        let unknown = |p: &Portal| p.statement.is_none() && same_str(&p.statement_name, name);
         for portal in self.portals.values_mut() {
             if unknown(portal) {
                 portal.statement = Some(statement.clone());
@@ -1161,7 +1162,7 @@ impl Conversation {
                 let mut statement = None;
                 for p in self.pending.iter_mut() {
                     match p {
-                        Pending::Bind { portal } if *portal == name => {
+                        Pending::Bind { portal } if same_str(portal, &name) => {
                             rebound = true;
                             break;
                         }
@@ -1169,7 +1170,7 @@ impl Conversation {
                             portal_name,
                             portal,
                             ..
-                        } if *portal_name == name => {
+                        } if same_str(portal_name, &name) => {
                             if portal.columns.is_none() {
                                 portal.columns = columns.clone();
                             }
