@@ -852,7 +852,23 @@ impl Field for Params {
         json_strs(out, self.iter());
     }
     fn put(&self, out: &mut Vec<u8>) {
-        put_strs(out, self.len(), self.iter());
+        // As `put_strs` writes the values, from the bytes as they are (each value was a
+        // whole `&str`: nothing to check again on the path of every event).
+        let Some(b) = self.0.as_deref() else {
+            return put_strs(out, 0, std::iter::empty());
+        };
+        let n = self.len();
+        let ends = b.get(4..4 + 4 * n).unwrap_or_default();
+        let texts = b.get(4 + 4 * n..).unwrap_or_default();
+        out.extend_from_slice(&(n as u32).to_le_bytes());
+        let mut start = 0usize;
+        for end in ends.chunks_exact(4) {
+            let end = u32::from_le_bytes([end[0], end[1], end[2], end[3]]) as usize;
+            let text = texts.get(start..end).unwrap_or_default();
+            out.extend_from_slice(&(text.len() as u32).to_le_bytes());
+            out.extend_from_slice(text);
+            start = end;
+        }
     }
     fn get<'a>(r: &mut RecordReader<'a>) -> Result<Vec<&'a str>, RecordError> {
         r.strs()
@@ -1071,6 +1087,9 @@ mod tests {
             assert_eq!(out, json.as_bytes());
             let mut rec = Vec::new();
             p.put(&mut rec);
+            let mut strs = Vec::new();
+            crate::audit::schema::put_strs(&mut strs, list.len(), list.iter().copied());
+            assert_eq!(rec, strs, "a record's list of texts, byte for byte");
             let mut r = RecordReader::new(&rec);
             let back = <Params as Field>::get(&mut r).unwrap();
             assert_eq!(back, list);
