@@ -1927,6 +1927,16 @@ mod tests {
         m
     }
 
+    /// The startup message and the server's AuthenticationOk and ReadyForQuery, in the
+    /// clear.
+    fn log_in(t: &mut Tracker, w: &mut Wire) -> Vec<AuditEvent> {
+        let mut out = w.data(t, STREAM_RAW, DIR_TO_SERVER, &startup());
+        let mut resp = msg(b'R', &0u32.to_be_bytes());
+        resp.extend(msg(b'Z', b"I"));
+        out.extend(w.data(t, STREAM_RAW, DIR_TO_CLIENT, &resp));
+        out
+    }
+
     const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
     /// SSLRequest and 'S' in the clear, then the handshake's ciphertext from `unhooked`.
@@ -1956,10 +1966,7 @@ mod tests {
         // next record says so, its offset follows on from the last one.
         let mut t = tracker();
         let mut client = Wire::new(1, ROLE_CLIENT);
-        let mut out = client.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &startup());
-        let mut resp = msg(b'R', &0u32.to_be_bytes());
-        resp.extend(msg(b'Z', b"I"));
-        out.extend(client.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &resp));
+        let mut out = log_in(&mut t, &mut client);
         client.flags = RECORD_LOST_BEFORE;
         out.extend(client.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &msg(b'Q', b"select 2\0")));
         let mut resp = msg(b'C', b"SELECT 1\0");
@@ -2322,10 +2329,7 @@ mod tests {
     fn hot_path_cost() {
         let mut t = tracker();
         let mut client = Wire::new(1, ROLE_CLIENT);
-        let mut out = client.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &startup());
-        let mut resp = msg(b'R', &0u32.to_be_bytes());
-        resp.extend(msg(b'Z', b"I"));
-        out.extend(client.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &resp));
+        let mut out = log_in(&mut t, &mut client);
         let mut parse = msg(
             b'P',
             b"P0_1\0SELECT abalance FROM pgbench_accounts WHERE aid = $1;\0\0\0",
