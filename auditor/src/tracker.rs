@@ -1535,8 +1535,11 @@ fn apply_policy(
     recording: &RecordingPolicy,
     counters: &mut TrackerCounters,
 ) {
-    let key = (generation, s.workload_of, ev.db_user.clone());
-    if s.applied.is_none() || s.applied_for != key {
+    // Compared in place: the key is taken (and its user's text shared) only on a change.
+    let current = s.applied_for.0 == generation
+        && s.applied_for.1 == s.workload_of
+        && crate::audit::schema::same_str(&s.applied_for.2, &ev.db_user);
+    if s.applied.is_none() || !current {
         let empty = std::collections::BTreeMap::new();
         let subject = Subject {
             labels: if s.workload_of == (0, 0) {
@@ -1561,7 +1564,7 @@ fn apply_policy(
         tracing::debug!(parent: &s.span, policy = %applied.name, version = %applied.version,
             mode = applied.mode.as_str(), "policies resolved");
         s.applied = Some(Arc::new(applied));
-        s.applied_for = key;
+        s.applied_for = (generation, s.workload_of, ev.db_user.clone());
     }
     let Some(applied) = s.applied.clone() else {
         return;
