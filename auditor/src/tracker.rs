@@ -72,7 +72,6 @@ pub struct ConnKey {
     pub netns: u32,
 }
 
-
 impl ConnKey {
     fn of(tuple: &Tuple, role: u8) -> Self {
         if role == ROLE_CLIENT {
@@ -1867,6 +1866,20 @@ mod tests {
         }
 
         fn data(&mut self, t: &mut Tracker, stream: u8, dir: u8, bytes: &[u8]) -> Vec<AuditEvent> {
+            let mut out = Vec::new();
+            self.data_into(t, stream, dir, bytes, &mut out);
+            out
+        }
+
+        /// As `data`, the events appended to `out`.
+        fn data_into(
+            &mut self,
+            t: &mut Tracker,
+            stream: u8,
+            dir: u8,
+            bytes: &[u8],
+            out: &mut Vec<AuditEvent>,
+        ) {
             let mut h = self.header(RECORD_DATA);
             h.stream = stream;
             h.direction = dir;
@@ -1874,15 +1887,13 @@ mod tests {
             h.len = bytes.len() as u32;
             h.offset = self.offsets[stream as usize][dir as usize];
             self.offsets[stream as usize][dir as usize] += bytes.len() as u64;
-            let mut out = Vec::new();
             t.handle(
                 &Record {
                     header: h,
                     data: bytes,
                 },
-                &mut out,
+                out,
             );
-            out
         }
 
         fn close(&mut self, t: &mut Tracker) -> Vec<AuditEvent> {
@@ -2366,19 +2377,7 @@ mod tests {
         for i in 0..n {
             let req = &requests[i % requests.len()];
             for (dir, bytes) in [(DIR_TO_SERVER, req.as_slice()), (DIR_TO_CLIENT, &response)] {
-                let mut h = client.header(RECORD_DATA);
-                h.stream = STREAM_RAW;
-                h.direction = dir;
-                h.len = bytes.len() as u32;
-                h.offset = client.offsets[0][dir as usize];
-                client.offsets[0][dir as usize] += bytes.len() as u64;
-                t.handle(
-                    &Record {
-                        header: h,
-                        data: bytes,
-                    },
-                    &mut batch,
-                );
+                client.data_into(&mut t, STREAM_RAW, dir, bytes, &mut batch);
             }
             if batch.len() >= 1500 {
                 events += batch.len();
