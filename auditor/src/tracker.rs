@@ -63,13 +63,27 @@ pub struct EndKey {
 
 /// A connection named by its client and server endpoints (the same from both ends), and
 /// for a loopback connection its network namespace (see `Tuple::netns`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnKey {
     pub client_addr: [u8; 16],
     pub client_port: u16,
     pub server_addr: [u8; 16],
     pub server_port: u16,
     pub netns: u32,
+}
+
+/// Three words, where the derived hash writes each field (and each address's length) in
+/// turn: the key is looked up several times per record.
+impl std::hash::Hash for ConnKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        h.write_u128(u128::from_ne_bytes(self.client_addr));
+        h.write_u128(u128::from_ne_bytes(self.server_addr));
+        h.write_u64(
+            u64::from(self.client_port)
+                | u64::from(self.server_port) << 16
+                | u64::from(self.netns) << 32,
+        );
+    }
 }
 
 impl ConnKey {
