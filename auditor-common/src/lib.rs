@@ -47,6 +47,12 @@ pub const STREAM_TLS: u8 = 1;
 /// last data records: bit `lost_bit(stream, direction)` each.
 pub const RECORD_LOST_BEFORE: u8 = 1;
 
+/// `RecordHeader::flags` of a data record: made by the same process as the socket's record
+/// before it that carried an identity, which this one leaves out (`uid_gid`, `cgroup_id`
+/// and `comm` are zero; `pid_tgid` is always there). The kernel side sends a socket's
+/// identity again whenever another process uses it, and once to each new daemon.
+pub const RECORD_SAME_IDENTITY: u8 = 2;
+
 /// The bit of `ConnState::lost` (and of a close record's flags) for calls of one stream
 /// (STREAM_RAW, STREAM_TLS) and direction that went by uncopied.
 pub const fn lost_bit(stream: u8, direction: u8) -> u8 {
@@ -235,6 +241,8 @@ pub struct RecordHeader {
     pub ssl: u64,
 }
 const _: () = assert!(size_of::<RecordHeader>() == 168);
+// The kernel side zeroes `comm` as two words.
+const _: () = assert!(core::mem::offset_of!(RecordHeader, comm).is_multiple_of(8));
 
 /// A data record as the kernel side assembles it in per-CPU scratch space.
 #[repr(C)]

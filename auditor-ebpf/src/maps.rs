@@ -96,6 +96,15 @@ pub static DAEMON_TGID: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static WAKE_BYTES: Global<u64> = Global::new(0);
 
+/// How many bytes of records a CPU sends between two looks at the ring's fill (set by the
+/// daemon: WAKE_BYTES / (2 * possible CPUs); 0 looks at every record).
+#[unsafe(no_mangle)]
+pub static WAKE_CHECK_BYTES: Global<u64> = Global::new(0);
+
+/// Bytes of records this CPU sent since it last looked at the ring's fill.
+#[map]
+pub static WAKE_CHECK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Chunks of CHUNK_DATA bytes one read or write call may take (with bpf_loop): set by the
 /// daemon at load time from the ring's size (an eighth of it); what a call moves beyond
 /// is counted as truncated and becomes a gap.
@@ -135,12 +144,19 @@ pub struct ConnState {
     /// uncopied (PENDING or TLS_CALLS was full); the next record of that stream and
     /// direction carries RECORD_LOST_BEFORE, or the close record the bit.
     pub lost: u8,
-    pub _pad: [u8; 4],
+    /// Set (to the generation, with its top bit) once this generation found the socket in
+    /// MUTED: its next calls take no lookup there (see `syscalls::is_muted`).
+    pub muted: u32,
     /// Plaintext bytes seen so far in each direction (STREAM_TLS offsets).
     pub tls_offsets: [u64; 2],
     /// The socket's inode number: a different one at the same address is a new socket
     /// (the old one's close was not seen).
     pub ino: u64,
+    /// The process whose identity the socket's last record carried, and the generation
+    /// that sent it (its mark): later records of that process leave it out
+    /// (RECORD_SAME_IDENTITY).
+    pub ident_tgid: u32,
+    pub ident_mark: u32,
 }
 
 /// LRU: Unix-domain sockets have no close tracepoint, so their entries are replaced when

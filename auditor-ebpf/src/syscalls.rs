@@ -13,14 +13,17 @@ use core::ffi::c_void;
 use auditor_common::{
     counter, lost_bit, KernelOffsets, RecordHeader, AF_UNIX, CHUNK_DATA, COMPAT_CHUNKS_PER_CALL,
     COMPAT_IOVECS, DIR_TO_CLIENT, DIR_TO_SERVER, MAX_CHUNKS_PER_CALL, MAX_IOVECS, RECORD_CLOSE,
-    RECORD_DATA, RECORD_FILE, RECORD_LOST_BEFORE, RECORD_OPEN, ROLE_CLIENT, SEEN_ACCEPT,
-    SEEN_CONNECT, SEEN_IO, STREAM_RAW, STREAM_TLS,
+    RECORD_DATA, RECORD_FILE, RECORD_LOST_BEFORE, RECORD_OPEN, RECORD_SAME_IDENTITY, ROLE_CLIENT,
+    SEEN_ACCEPT, SEEN_CONNECT, SEEN_IO, STREAM_RAW, STREAM_TLS,
 };
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task_btf, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_user,
-        generated::{bpf_loop, bpf_probe_read_user as probe_read_user_raw, bpf_task_pt_regs},
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
+        bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_user,
+        generated::{
+            bpf_get_current_comm as get_current_comm_raw, bpf_loop,
+            bpf_probe_read_user as probe_read_user_raw, bpf_task_pt_regs,
+        },
     },
     macros::tracepoint,
     programs::TracePointContext,
@@ -32,7 +35,7 @@ use crate::{
         count, tls_in_flight, ConnState, PendingCall, SockRef, SslKey, TlsCall, BARE,
         CHUNKS_PER_CALL, CONNECTING, CONNS, DAEMON_TGID, EVENTS, EXIT_ONLY, GENERATION, HANDOVER,
         KNOWN_FILES, LOOP_STATE, MUTED, PENDING, PENDING_ACTIVE, PENDING_EOF_ONLY, PENDING_READ,
-        SCRATCH, SSL_SOCKS, TAKEN, TLS_CALLS, WAKE_BYTES,
+        SCRATCH, SSL_SOCKS, TAKEN, TLS_CALLS, WAKE_BYTES, WAKE_CHECK, WAKE_CHECK_BYTES,
     },
     sock::{file_id_of_fd, offsets, sock_of_fd, watched_sock},
 };
@@ -107,9 +110,18 @@ pub(crate) fn is_daemon(pid_tgid: u64) -> bool {
 /// None if the socket is not a watched connection.
 #[inline(always)]
 fn conn_of_sock(off: &KernelOffsets, sk: u64, ino: u64, seen: u8) -> Option<(ConnState, bool)> {
-    if let Some(state) = unsafe { CONNS.get(sk) } {
+    let (entry, new) = conn_entry(off, sk, ino, seen)?;
+    Some((unsafe { *entry }, new))
+}
+
+/// As `conn_of_sock`, the connection's entry in CONNS itself (one lookup where it is
+/// known, the common case), and whether it was registered just now.
+#[inline(always)]
+fn conn_entry(off: &KernelOffsets, sk: u64, ino: u64, seen: u8) -> Option<(*mut ConnState, bool)> {
+    if let Some(entry) = CONNS.get_ptr_mut(sk) {
+        let state = unsafe { &*entry };
         if state.ino == ino {
-            return Some((*state, false));
+            return Some((entry, false));
         }
         // A new socket at the address of one whose close was not seen (Unix-domain sockets
         // have no close tracepoint): the old connection ends here.
@@ -128,23 +140,52 @@ fn conn_of_sock(off: &KernelOffsets, sk: u64, ino: u64, seen: u8) -> Option<(Con
         seen,
         tls: 0,
         lost: 0,
-        _pad: [0; 4],
+        muted: 0,
         tls_offsets: [0, 0],
         ino,
+        ident_tgid: 0,
+        ident_mark: 0,
     };
     // A mute left over from an earlier socket at this address does not apply.
     let _ = MUTED.remove(sk);
     // BPF_NOEXIST: two CPUs racing on first sight keep the first entry.
-    if CONNS.insert(sk, state, 1).is_err() {
-        match unsafe { CONNS.get(sk) } {
-            Some(existing) => return Some((*existing, false)),
-            None => {
-                count(counter::CONN_TABLE_FULL, 1);
-                return None;
-            }
+    let new = CONNS.insert(sk, state, 1).is_ok();
+    match CONNS.get_ptr_mut(sk) {
+        Some(entry) => Some((entry, new)),
+        None => {
+            count(counter::CONN_TABLE_FULL, 1);
+            None
         }
     }
-    Some((state, true))
+}
+
+/// This generation's mark in a connection entry's fields (`muted`, `ident_mark`): never
+/// 0, the value of a new entry.
+#[inline(always)]
+fn generation_mark() -> u32 {
+    GENERATION.load() as u32 | 1 << 31
+}
+
+/// Whether the daemon muted the connection of entry `conn` (socket `sk`). A yes is kept
+/// in the entry, so later calls take no second lookup; it is kept for this generation
+/// only, as MUTED is each generation's own (a successor sees both ends again, see
+/// `handover::SHARED_MAPS`).
+#[inline(always)]
+pub(crate) fn is_muted(conn: *mut ConnState, sk: u64) -> bool {
+    let mark = generation_mark();
+    unsafe {
+        if (*conn).muted == mark {
+            return true;
+        }
+        if MUTED
+            .get(sk)
+            .is_some_and(|&start| start == (*conn).start_ns)
+        {
+            (*conn).muted = mark;
+            return true;
+        }
+    }
+    false
 }
 
 /// The watched connection behind `fd`, registering it on first sight.
@@ -158,28 +199,76 @@ fn lookup_conn(fd: u64, seen: u8) -> Option<(u64, ConnState, bool)> {
 
 #[inline(always)]
 pub(crate) fn fill_identity(h: &mut RecordHeader) {
-    fill_identity_at(h, unsafe { bpf_ktime_get_ns() });
+    fill_identity_at(h, unsafe { bpf_ktime_get_ns() }, bpf_get_current_pid_tgid());
 }
 
+/// The record's time and the identity of the thread `pid_tgid` making it (the current
+/// one: its id is passed where the caller has it already).
 #[inline(always)]
-pub(crate) fn fill_identity_at(h: &mut RecordHeader, ts_ns: u64) {
-    h.pid_tgid = bpf_get_current_pid_tgid();
+pub(crate) fn fill_identity_at(h: &mut RecordHeader, ts_ns: u64, pid_tgid: u64) {
+    h.pid_tgid = pid_tgid;
     h.uid_gid = bpf_get_current_uid_gid();
     h.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    // Straight into the header: the helper pads the name with zeros (and zeroes all of it
+    // should it fail), where a name returned by value is zeroed, filled and copied again,
+    // byte by byte.
+    unsafe {
+        get_current_comm_raw(
+            h.comm.as_mut_ptr() as *mut c_void,
+            core::mem::size_of_val(&h.comm) as u32,
+        )
+    };
     h.ts_ns = ts_ns;
+}
+
+/// Copies `*src` to `*dst` a word at a time. An assignment between two places the
+/// compiler cannot prove apart (map values, scratch space) becomes a call to `memmove`,
+/// which BPF runs as a loop of single bytes: some 400 instructions for a 48-byte tuple,
+/// on every record.
+#[inline(always)]
+pub(crate) unsafe fn copy_words<T: Copy>(dst: *mut T, src: *const T) {
+    const { assert!(size_of::<T>().is_multiple_of(8) && align_of::<T>() >= 8) };
+    let (d, s) = (dst as *mut u64, src as *const u64);
+    let mut i = 0;
+    while i < size_of::<T>() / 8 {
+        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
+        i += 1;
+    }
+}
+
+/// Zeroes `*dst` a word at a time (see `copy_words`: a `memset` is a byte loop too).
+#[inline(always)]
+pub(crate) unsafe fn zero_words<T: Copy>(dst: *mut T) {
+    const { assert!(size_of::<T>().is_multiple_of(8) && align_of::<T>() >= 8) };
+    let d = dst as *mut u64;
+    let mut i = 0;
+    while i < size_of::<T>() / 8 {
+        unsafe { core::ptr::write_volatile(d.add(i), 0) };
+        i += 1;
+    }
 }
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 
-/// Submit flags: no wake-up until WAKE_BYTES wait unread (the daemon drains on a timer).
+/// Submit flags for a record of `len` bytes: no wake-up until WAKE_BYTES wait unread (the
+/// daemon drains on a timer). The ring is asked how full it is only once per
+/// WAKE_CHECK_BYTES of this CPU's records, not per record (the query is a helper call):
+/// with every CPU that far behind, the wake-up comes at most WAKE_BYTES / 2 late.
 #[inline(always)]
-fn wake_flags() -> u64 {
+fn wake_flags(len: u64) -> u64 {
     let wake_at = WAKE_BYTES.load();
     if wake_at == 0 {
         return 0; // adaptive: the kernel's default
+    }
+    if let Some(since) = WAKE_CHECK.get_ptr_mut(0) {
+        let n = unsafe { *since } + len;
+        if n < WAKE_CHECK_BYTES.load() {
+            unsafe { *since = n };
+            return BPF_RB_NO_WAKEUP;
+        }
+        unsafe { *since = 0 };
     }
     if EVENTS.query(BPF_RB_AVAIL_DATA) >= wake_at {
         BPF_RB_FORCE_WAKEUP
@@ -202,7 +291,7 @@ fn emit_control(kind: u32, sk: u64, state: &ConnState, dir: u8) {
         h.len = 0;
         h.sock = sk;
         h.conn_start_ns = state.start_ns;
-        h.tuple = state.tuple;
+        copy_words(&mut h.tuple, &state.tuple);
         h.role = state.role;
         h.seen = state.seen;
         h.direction = dir;
@@ -213,10 +302,13 @@ fn emit_control(kind: u32, sk: u64, state: &ConnState, dir: u8) {
         h._pad = [0; 2];
         h.offset = state.offsets[DIR_TO_SERVER as usize];
         h.call_len = state.offsets[DIR_TO_CLIENT as usize];
-        h.aux = state.tls_offsets;
+        copy_words(&mut h.aux, &state.tls_offsets);
         h.ssl = 0;
         fill_identity(h);
-        if EVENTS.output::<RecordHeader>(h, wake_flags()).is_err() {
+        if EVENTS
+            .output::<RecordHeader>(h, wake_flags(HEADER_LEN as u64))
+            .is_err()
+        {
             count(counter::CONTROL_DROPS, 1);
         }
     }
@@ -380,7 +472,10 @@ fn send_chunk(rec: *mut auditor_common::DataRecord, src: u64, len: u64, offset: 
         }
         let total = HEADER_LEN + n as usize;
         let bytes = core::slice::from_raw_parts(rec as *const u8, total);
-        if EVENTS.output::<[u8]>(bytes, wake_flags()).is_err() {
+        if EVENTS
+            .output::<[u8]>(bytes, wake_flags(total as u64))
+            .is_err()
+        {
             count(counter::RINGBUF_DROPS, 1);
         } else {
             count(counter::CHUNKS, 1);
@@ -389,26 +484,12 @@ fn send_chunk(rec: *mut auditor_common::DataRecord, src: u64, len: u64, offset: 
     }
 }
 
-/// Reserves `total` bytes of one stream of connection `sock` and prepares the record
-/// header in scratch space. Returns (first stream offset, record).
+/// Reserves `total` bytes of one stream of connection `sock` (its entry `state`) and
+/// prepares the record header in scratch space, stamped `ts_ns` and made by thread
+/// `pid_tgid`. Returns (first stream offset, record).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn prepare_record(
-    sock: u64,
-    direction: u8,
-    stream: u8,
-    ssl: u64,
-    total: u64,
-) -> Option<(u64, *mut auditor_common::DataRecord)> {
-    let state = CONNS.get_ptr_mut(sock)?;
-    prepare_record_at(state, sock, direction, stream, ssl, total, unsafe {
-        bpf_ktime_get_ns()
-    })
-}
-
-/// As `prepare_record`, for the connection entry `state` of `sock`, the record stamped
-/// `ts_ns`.
-#[inline(always)]
-fn prepare_record_at(
     state: *mut ConnState,
     sock: u64,
     direction: u8,
@@ -416,6 +497,7 @@ fn prepare_record_at(
     ssl: u64,
     total: u64,
     ts_ns: u64,
+    pid_tgid: u64,
 ) -> Option<(u64, *mut auditor_common::DataRecord)> {
     let dir = direction as usize & 1;
     // This call's range of the stream. A plain read-modify-write: the socket lock orders
@@ -446,16 +528,34 @@ fn prepare_record_at(
         h.sock = sock;
         h.conn_start_ns = (*state).start_ns;
         h.call_len = total;
-        h.tuple = (*state).tuple;
+        copy_words(&mut h.tuple, &(*state).tuple);
         h.direction = direction;
         h.role = (*state).role;
         h.seen = (*state).seen;
         h.stream = stream;
-        h.flags = if lost { RECORD_LOST_BEFORE } else { 0 };
         h._pad = [0; 2];
-        h.aux = [0, 0];
+        zero_words(&mut h.aux);
         h.ssl = ssl;
-        fill_identity_at(h, ts_ns);
+        // The process's identity goes with the socket's first record and again when
+        // another process uses the socket (or another daemon reads the ring), not with
+        // every record: three helper calls fewer on the common path.
+        let tgid = (pid_tgid >> 32) as u32;
+        let mark = generation_mark();
+        let same = (*state).ident_tgid == tgid && (*state).ident_mark == mark;
+        h.flags = if lost { RECORD_LOST_BEFORE } else { 0 };
+        if same {
+            h.flags |= RECORD_SAME_IDENTITY;
+            h.pid_tgid = pid_tgid;
+            h.uid_gid = 0;
+            h.cgroup_id = 0;
+            // (The name sits at an 8-byte boundary of the header.)
+            zero_words(h.comm.as_mut_ptr() as *mut [u64; 2]);
+            h.ts_ns = ts_ns;
+        } else {
+            fill_identity_at(h, ts_ns, pid_tgid);
+            (*state).ident_tgid = tgid;
+            (*state).ident_mark = mark;
+        }
     }
     Some((base, rec))
 }
@@ -484,7 +584,7 @@ fn begin_exit(
     }
     let now = on_duty_at()?;
     let total = ret as u64;
-    let (base, rec) = prepare_record_at(
+    let (base, rec) = prepare_record(
         CONNS.get_ptr_mut(pending.sock)?,
         pending.sock,
         pending.direction,
@@ -492,6 +592,7 @@ fn begin_exit(
         0,
         total,
         now,
+        pid_tgid,
     )?;
     Some((pending, total, base, rec))
 }
@@ -587,32 +688,26 @@ fn take_call(ctx: &TracePointContext, is_write: bool, args: u8) -> Option<Call> 
     // Inside a hooked TLS library call: this syscall moves ciphertext for that call, and
     // tells which socket the library object runs over.
     let tls_call = tls_call_of(pid_tgid);
-    let Some((state, _)) = conn_of_sock(off, sk, ino, SEEN_IO) else {
+    let Some((conn, _)) = conn_entry(off, sk, ino, SEEN_IO) else {
         untie_tls(pid_tgid, tls_call);
         return None;
     };
-    if tie_tls(pid_tgid, tls_call, sk, &state) || state.tls != 0 {
+    if tie_tls(pid_tgid, tls_call, sk, unsafe { &*conn }) || unsafe { (*conn).tls } != 0 {
         // Plaintext of this socket comes from the TLS hooks.
         return None;
     }
-    // What follows reads the call's result and the connection afresh (the result from the
-    // record, the connection from its entry), not from what the walk above kept: to the
-    // verifier, values kept across it are several (bytes moved, end of stream or failed;
-    // a connection found or just registered, as client or server), and everything after
-    // would be checked once for each.
+    // What follows reads the call's result afresh, not from what the walk above kept: to
+    // the verifier, values kept across it are several (bytes moved, end of stream or
+    // failed), and everything after would be checked once for each.
     let ret = arg(ctx, RET) as i64;
     if ret == 0 && !is_write {
         end_of_stream(sk);
         return None;
     }
-    if ret <= 0 {
+    if ret <= 0 || is_muted(conn, sk) {
         return None;
     }
-    let conn = CONNS.get_ptr_mut(sk)?;
-    let (start_ns, role) = unsafe { ((*conn).start_ns, (*conn).role) };
-    if unsafe { MUTED.get(sk) }.is_some_and(|&start| start == start_ns) {
-        return None;
-    }
+    let role = unsafe { (*conn).role };
     let direction = ((role == ROLE_CLIENT) != is_write) as u8;
     const _: () = assert!(DIR_TO_SERVER == 0 && DIR_TO_CLIENT == 1);
     let (buf, iovcnt) = match args {
@@ -643,7 +738,7 @@ fn take_call(ctx: &TracePointContext, is_write: bool, args: u8) -> Option<Call> 
         let _ = TAKEN.insert(pid_tgid, 1, 0);
     }
     let total = ret as u64;
-    let (base, rec) = prepare_record_at(conn, sk, direction, STREAM_RAW, 0, total, now)?;
+    let (base, rec) = prepare_record(conn, sk, direction, STREAM_RAW, 0, total, now, pid_tgid)?;
     Some(Call {
         buf,
         iovcnt,

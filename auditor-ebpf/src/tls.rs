@@ -13,14 +13,14 @@ use auditor_common::{
     TLS_READ_EX, TLS_WRITE, TLS_WRITE_EX,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
 
 use crate::{
-    maps::{count, tls_in_flight_add, SslKey, TlsCall, CONNS, MUTED, SSL_SOCKS, TLS_CALLS},
-    syscalls::{is_daemon, on_duty, on_duty_now, prepare_record, send_buffer},
+    maps::{count, tls_in_flight_add, SslKey, TlsCall, CONNS, SSL_SOCKS, TLS_CALLS},
+    syscalls::{is_daemon, is_muted, on_duty, on_duty_now, prepare_record, send_buffer},
 };
 
 /// The stack pointer at a probe: tells a nested library call (deeper stack) from the
@@ -200,15 +200,24 @@ fn exit<const LOOP: bool>(ctx: &RetProbeContext) -> Option<()> {
     if sock == 0 {
         return None; // a TLS connection that is not a watched one
     }
-    let state = unsafe { CONNS.get(sock) }?;
-    if state.start_ns != start_ns {
+    let entry = CONNS.get_ptr_mut(sock)?;
+    if unsafe { (*entry).start_ns } != start_ns {
         return None; // the socket closed and its address was reused
     }
-    if unsafe { MUTED.get(sock) }.is_some_and(|&s| s == start_ns) {
+    if is_muted(entry, sock) {
         return None;
     }
-    let direction = direction_of(state.role, call.kind);
-    let (base, _rec) = prepare_record(sock, direction, STREAM_TLS, call.ssl, total)?;
+    let direction = direction_of(unsafe { (*entry).role }, call.kind);
+    let (base, _rec) = prepare_record(
+        entry,
+        sock,
+        direction,
+        STREAM_TLS,
+        call.ssl,
+        total,
+        unsafe { bpf_ktime_get_ns() },
+        pid_tgid,
+    )?;
     let chunks = send_buffer::<LOOP>(call.buf, total, base);
     count(counter::TLS_CHUNKS, chunks);
     Some(())

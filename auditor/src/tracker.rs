@@ -18,8 +18,8 @@ const MAX_BACKEND_STATEMENTS: usize = 1024;
 use ahash::AHashMap as HashMap;
 use auditor_common::{
     lost_bit, RecordHeader, Tuple, AF_UNIX, DIR_TO_CLIENT, RECORD_CLOSE, RECORD_DATA,
-    RECORD_LOST_BEFORE, RECORD_OPEN, RECORD_SERVER_TEXT, ROLE_CLIENT, ROLE_SERVER, SEEN_IO,
-    SERVER_NAME_BYTES, STREAM_PROXY, STREAM_RAW, STREAM_TLS,
+    RECORD_LOST_BEFORE, RECORD_OPEN, RECORD_SAME_IDENTITY, RECORD_SERVER_TEXT, ROLE_CLIENT,
+    ROLE_SERVER, SEEN_IO, SERVER_NAME_BYTES, STREAM_PROXY, STREAM_RAW, STREAM_TLS,
 };
 
 use crate::{
@@ -204,6 +204,9 @@ const MAX_NOTES: usize = 64;
 pub struct TrackerCounters {
     pub records: u64,
     pub bytes: u64,
+    /// Identities read from /proc: a record without its process's facts (see
+    /// RECORD_SAME_IDENTITY) for an end the daemon held none for.
+    pub identities_from_proc: u64,
     pub sessions_started: u64,
     pub sessions_ended: u64,
     pub statements: u64,
@@ -649,12 +652,15 @@ impl Tracker {
     }
 
     fn identity_of(&mut self, h: &RecordHeader) -> ProcessIdentity {
-        self.workloads.process(
-            (h.pid_tgid >> 32) as u32,
-            &comm_str(&h.comm),
-            h.uid_gid as u32,
-            h.cgroup_id,
-        )
+        let pid = (h.pid_tgid >> 32) as u32;
+        if h.kind == RECORD_DATA && h.flags & RECORD_SAME_IDENTITY != 0 {
+            // The kernel sent this socket's identity before, to an end this daemon no
+            // longer keeps (let go of while idle) or never got (a record dropped).
+            self.counters.identities_from_proc += 1;
+            return self.workloads.process_by_pid(pid);
+        }
+        self.workloads
+            .process(pid, &comm_str(&h.comm), h.uid_gid as u32, h.cgroup_id)
     }
 
     /// Finds or creates the end and its session; returns whether this end is the primary.
@@ -2339,6 +2345,32 @@ mod tests {
     /// thread's recycled batches are. Prints ns per statement; asserts only that each
     /// statement made one event.
     /// `cargo test --release -p auditor --lib hot_path_cost -- --ignored --nocapture`
+    /// A record that leaves its process's facts out (RECORD_SAME_IDENTITY, the kernel side
+    /// sent them with an earlier record) for an end this daemon holds no identity for
+    /// takes them from /proc; later records of the same process need nothing more.
+    #[test]
+    fn identity_left_out_is_read_from_proc() {
+        let mut t = tracker();
+        let mut client = Wire::new(1, ROLE_CLIENT);
+        client.flags = RECORD_SAME_IDENTITY;
+        let mut out = log_in(&mut t, &mut client);
+        client.flags = RECORD_SAME_IDENTITY;
+        out.extend(client.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &msg(b'Q', b"select 1\0")));
+        let mut resp = msg(b'C', b"SELECT 1\0");
+        resp.extend(msg(b'Z', b"I"));
+        out.extend(client.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &resp));
+        let st = out
+            .iter()
+            .find(|e| e.kind == EventKind::Statement)
+            .expect("the statement");
+        let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+        // (The test's headers carry no name: one here came from /proc.)
+        assert_eq!(&*st.comm, comm.trim_end());
+        assert_eq!(st.pid, std::process::id());
+        assert_eq!(st.uid, unsafe { libc::getuid() });
+        assert_eq!(t.counters.identities_from_proc, 1);
+    }
+
     #[test]
     #[ignore]
     fn hot_path_cost() {

@@ -425,6 +425,9 @@ impl Capture {
         // Records wake the daemon only when an eighth of the ring is waiting; otherwise it
         // drains on its own timer (`poll`).
         let wake_bytes = u64::from(ring_buffer_bytes / 8);
+        // Each CPU looks at the ring's fill once per this many bytes it sent.
+        let cpus = aya::util::nr_cpus().map_or(256, |n| n.max(1)) as u64;
+        let wake_check_bytes = wake_bytes / (2 * cpus);
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err(CaptureError::NotRoot);
@@ -475,6 +478,7 @@ impl Capture {
             .override_global("TASK_BTF", &task_btf, true)
             .override_global("EXIT_ONLY", &exit_only, true)
             .override_global("WAKE_BYTES", &wake_bytes, true)
+            .override_global("WAKE_CHECK_BYTES", &wake_check_bytes, true)
             .override_global("CHUNKS_PER_CALL", &chunks_per_call, true)
             .override_global("GENERATION", &generation, true)
             .override_global("BARE", &u8::from(bare), true)

@@ -188,6 +188,11 @@ impl WorkloadResolver {
         self.processes.resolve(tgid, comm, uid, cgroup_id)
     }
 
+    /// The identity of `tgid` from /proc alone (see `IdentityResolver::resolve_pid`).
+    pub fn process_by_pid(&mut self, tgid: u32) -> ProcessIdentity {
+        self.processes.resolve_pid(tgid)
+    }
+
     /// The workload of a process: its labels from every source.
     pub fn workload(&self, process: &ProcessIdentity) -> Workload {
         let mut labels = BTreeMap::new();

@@ -260,6 +260,34 @@ impl IdentityResolver {
         id
     }
 
+    /// The identity of `tgid` from /proc alone, for a record that left the kernel's facts
+    /// out (RECORD_SAME_IDENTITY) where the daemon did not keep them (an end it let go of
+    /// while idle): the process's cached identity while fresh, else its name, real uid and
+    /// cgroup as /proc tells them now. A process gone meanwhile is known by its pid alone
+    /// (no name, uid u32::MAX, cgroup 0).
+    pub fn resolve_pid(&mut self, tgid: u32) -> ProcessIdentity {
+        if let Some(c) = self.processes.get(&tgid) {
+            if c.at.elapsed() < PROCESS_TTL {
+                return c.identity.clone();
+            }
+        }
+        let proc_dir = self.proc_root.join(tgid.to_string());
+        let comm = std::fs::read_to_string(proc_dir.join("comm")).unwrap_or_default();
+        let uid = std::fs::read_to_string(proc_dir.join("status"))
+            .ok()
+            .and_then(|s| {
+                let real = s.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+                real.split_whitespace().next()?.parse().ok()
+            })
+            .unwrap_or(u32::MAX);
+        let cgroup_id = self
+            .cgroup_root
+            .as_ref()
+            .and_then(|root| inode_of(root, &cgroup_of_proc(&proc_dir)?))
+            .unwrap_or(0);
+        self.resolve(tgid, comm.trim_end_matches('\n'), uid, cgroup_id)
+    }
+
     /// The path of cgroup `id` (its directory's inode number under the v2 mount): cached;
     /// else opened by its handle; else the process's own cgroup if its inode is `id`; else,
     /// on kernels that cannot open cgroups by handle, a walk of the tree.
@@ -411,6 +439,38 @@ mod tests {
             let fd = r.cgroup_mount_fd.as_ref().unwrap();
             assert_eq!(cgroup_path_by_handle(fd, &root, none), None);
         }
+    }
+
+    /// What /proc says of this very process is what the kernel facts of its records would
+    /// say (name, real uid, cgroup id), and a cached identity is taken as it is.
+    #[test]
+    fn identity_from_proc_alone() {
+        use std::os::unix::fs::MetadataExt;
+        let me = std::process::id();
+        let mut r = IdentityResolver::new();
+        let id = r.resolve_pid(me);
+        let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+        assert_eq!(id.pid, me);
+        assert_eq!(&*id.comm, comm.trim_end());
+        assert_eq!(id.uid, unsafe { libc::getuid() });
+        if let Some(root) = cgroup2_mount() {
+            let mine = cgroup_of_proc(Path::new("/proc/self")).unwrap();
+            let ino = std::fs::metadata(root.join(mine.trim_start_matches('/')))
+                .unwrap()
+                .ino();
+            assert_eq!(id.cgroup_id, ino);
+            assert_eq!(&*id.cgroup_path, mine.as_str());
+        }
+        assert!(!id.exe.is_empty());
+        // Cached: the same answer without /proc.
+        r.proc_root = PathBuf::from("/nonexistent");
+        assert_eq!(r.resolve_pid(me).comm, id.comm);
+        // A process /proc does not know: its pid alone.
+        let gone = r.resolve_pid(u32::MAX - 1);
+        assert_eq!(
+            (gone.pid, &*gone.comm, gone.uid, gone.cgroup_id),
+            (u32::MAX - 1, "", u32::MAX, 0)
+        );
     }
 
     #[test]
