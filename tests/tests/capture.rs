@@ -566,7 +566,11 @@ fn twin_loopback_connections_in_two_network_namespaces_stay_apart() {
     // that got the same ephemeral port: the very same addresses and ports twice, told
     // apart only by their network namespaces.
     let port = free_port();
-    let source_port = free_port();
+    // The clients' one source port, bound in each namespace. Not from the ephemeral range
+    // (32768-60999, where free_port and every connect's own port come from): there it can
+    // be the server's port, or one a readiness check's connection in the namespace still
+    // holds in TIME_WAIT (bind: "Address already in use", seen once in CI).
+    let source_port = 20000 + (std::process::id() % 10000) as u16;
     let (ns_a, ns_b) = (Netns::new("a").unwrap(), Netns::new("b").unwrap());
     let _pg_a = Postgres::start_in_netns(&ns_a, port).unwrap();
     let _pg_b = Postgres::start_in_netns(&ns_b, port).unwrap();
