@@ -1974,10 +1974,19 @@ mod tests {
         let mut resp = msg(b'R', &0u32.to_be_bytes());
         resp.extend(msg(b'Z', b"I"));
         out.extend(w.data(t, STREAM_TLS, DIR_TO_CLIENT, &resp));
-        out.extend(w.data(t, STREAM_TLS, DIR_TO_SERVER, &msg(b'Q', b"select 1\0")));
+        out.extend(query(t, w, STREAM_TLS, "select 1"));
+        out
+    }
+
+    /// A simple query on `stream` (its record takes the Wire's flags) and the server's
+    /// CommandComplete and ReadyForQuery.
+    fn query(t: &mut Tracker, w: &mut Wire, stream: u8, sql: &str) -> Vec<AuditEvent> {
+        let mut text = sql.as_bytes().to_vec();
+        text.push(0);
+        let mut out = w.data(t, stream, DIR_TO_SERVER, &msg(b'Q', &text));
         let mut resp = msg(b'C', b"SELECT 1\0");
         resp.extend(msg(b'Z', b"I"));
-        out.extend(w.data(t, STREAM_TLS, DIR_TO_CLIENT, &resp));
+        out.extend(w.data(t, stream, DIR_TO_CLIENT, &resp));
         out
     }
 
@@ -1989,10 +1998,7 @@ mod tests {
         let mut client = Wire::new(1, ROLE_CLIENT);
         let mut out = log_in(&mut t, &mut client);
         client.flags = RECORD_LOST_BEFORE;
-        out.extend(client.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &msg(b'Q', b"select 2\0")));
-        let mut resp = msg(b'C', b"SELECT 1\0");
-        resp.extend(msg(b'Z', b"I"));
-        out.extend(client.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &resp));
+        out.extend(query(&mut t, &mut client, STREAM_RAW, "select 2"));
         let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(kinds, ["session_start", "gap", "statement"], "{out:#?}");
         assert_eq!(out[1].gap_bytes, 0);
@@ -2021,11 +2027,7 @@ mod tests {
         negotiate(&mut t, &mut client, &mut []);
         let mut out = converse(&mut t, &mut client);
         client.flags = RECORD_LOST_BEFORE;
-        out.extend(client.data(&mut t, STREAM_TLS, DIR_TO_SERVER, &msg(b'Q', b"select 2\0")));
-        client.flags = 0;
-        let mut resp = msg(b'C', b"SELECT 1\0");
-        resp.extend(msg(b'Z', b"I"));
-        out.extend(client.data(&mut t, STREAM_TLS, DIR_TO_CLIENT, &resp));
+        out.extend(query(&mut t, &mut client, STREAM_TLS, "select 2"));
         let kinds: Vec<&str> = out.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(
             kinds,
@@ -2355,10 +2357,7 @@ mod tests {
         client.flags = RECORD_SAME_IDENTITY;
         let mut out = log_in(&mut t, &mut client);
         client.flags = RECORD_SAME_IDENTITY;
-        out.extend(client.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &msg(b'Q', b"select 1\0")));
-        let mut resp = msg(b'C', b"SELECT 1\0");
-        resp.extend(msg(b'Z', b"I"));
-        out.extend(client.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &resp));
+        out.extend(query(&mut t, &mut client, STREAM_RAW, "select 1"));
         let st = out
             .iter()
             .find(|e| e.kind == EventKind::Statement)
