@@ -397,10 +397,11 @@ fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> O
     // Inside a hooked TLS library call: this syscall moves ciphertext for that call, and
     // tells which socket the library object runs over.
     let tls_call = tls_call_of(pid_tgid);
-    let Some((state, _)) = conn_of_sock(off, sk, ino, SEEN_IO) else {
+    let Some((conn, _)) = conn_entry(off, sk, ino, SEEN_IO) else {
         untie_tls(pid_tgid, tls_call);
         return None;
     };
+    let state = unsafe { *conn };
     if tie_tls(pid_tgid, tls_call, sk, &state) {
         return None;
     }
@@ -409,7 +410,7 @@ fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> O
         return None;
     }
     let mut flags = PENDING_ACTIVE | if is_write { 0 } else { PENDING_READ };
-    if unsafe { MUTED.get(sk) }.is_some_and(|&start| start == state.start_ns) {
+    if is_muted(conn, sk) {
         if is_write || state.tuple.family != AF_UNIX {
             return None;
         }

@@ -2342,11 +2342,6 @@ mod tests {
         assert!(!tcp_tuple_alive(std::process::id(), &gone));
     }
 
-    /// By hand: the daemon's work per select-only prepared statement (pgbench -M
-    /// prepared) from the records of one end to the events, dropped in batches as the sink
-    /// thread's recycled batches are. Prints ns per statement; asserts only that each
-    /// statement made one event.
-    /// `cargo test --release -p auditor --lib hot_path_cost -- --ignored --nocapture`
     /// A record that leaves its process's facts out (RECORD_SAME_IDENTITY, the kernel side
     /// sent them with an earlier record) for an end this daemon holds no identity for
     /// takes them from /proc; later records of the same process need nothing more.
@@ -2370,6 +2365,11 @@ mod tests {
         assert_eq!(t.counters.identities_from_proc, 1);
     }
 
+    /// By hand: the daemon's work per select-only prepared statement (pgbench -M
+    /// prepared) from the records of one end to the events, dropped in batches as the sink
+    /// thread's recycled batches are. Prints ns per statement; asserts only that each
+    /// statement made one event.
+    /// `cargo test --release -p auditor --lib hot_path_cost -- --ignored --nocapture`
     #[test]
     #[ignore]
     fn hot_path_cost() {
