@@ -188,16 +188,15 @@ const SEND_EVERY: Duration = Duration::from_millis(20);
 /// The next batch is one the sink thread sent back (see `SinkThread::recycled`), emptied
 /// here: its events are dropped on this thread, which made them.
 fn hand_on(
-    tx: &std::sync::mpsc::SyncSender<Vec<AuditEvent>>,
-    recycled: &std::sync::mpsc::Receiver<Vec<AuditEvent>>,
+    tx: &mut sink::SinkSender,
     batch: &mut Vec<AuditEvent>,
     sent: &mut u64,
     last_send: &mut Instant,
 ) -> bool {
     let n = batch.len() as u64;
-    let next = match recycled.try_recv() {
+    let next = match tx.reuse() {
         // A batch a burst grew (an event is about 1 KB) is not kept for the quiet after.
-        Ok(mut used) if used.capacity() <= 2 * SEND_AT => {
+        Some(mut used) if used.capacity() <= 2 * SEND_AT => {
             used.clear();
             used
         }
@@ -254,6 +253,14 @@ pub struct Stats {
     /// Events handed to the sinks and not flushed by all of them yet.
     #[serde(default)]
     pub sink_backlog_events: u64,
+    /// What the events handed to the sink thread and not delivered yet hold, about, in
+    /// bytes (at most `MAX_QUEUED_BYTES`, 64 MiB, beyond which capture waits).
+    #[serde(default)]
+    pub sink_backlog_bytes: u64,
+    /// How many times capture waited for the sinks because that bound was reached (the
+    /// kernel ring held what came meanwhile; what it could not hold is a gap).
+    #[serde(default)]
+    pub sink_waits: u64,
     /// Each sink's health, by name.
     pub sinks: std::collections::BTreeMap<String, Health>,
     /// The ClickHouse sink's counters (also under `sinks`), when it runs.
@@ -701,7 +708,8 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
 
     // What ClickHouse does not take within the grace period at stop stays spooled for
     // the next start.
-    let (tx, sink) = SinkThread::spawn(sinks, 1024, Duration::from_secs(10));
+    let (mut tx, sink) =
+        SinkThread::spawn(sinks, 1024, sink::MAX_QUEUED_BYTES, Duration::from_secs(10));
     let (written, health) = (sink.events.clone(), sink.health.clone());
     let flushed = sink.flushed.clone();
     let mut sent: u64 = 0;
@@ -801,6 +809,8 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
         proxy: proxy_stats,
         trail_lag_ms: None,
         sink_backlog_events: 0,
+        sink_backlog_bytes: 0,
+        sink_waits: 0,
         sinks: sinks_health(&health),
         clickhouse: sinks_health(&health)
             .get("clickhouse")
@@ -894,9 +904,7 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
                 }
             }
             // A watermark candidate covers every event made so far: all are handed on.
-            if !batch.is_empty()
-                && !hand_on(&tx, &sink.recycled, &mut batch, &mut sent, &mut last_send)
-            {
+            if !batch.is_empty() && !hand_on(&mut tx, &mut batch, &mut sent, &mut last_send) {
                 break;
             }
             let now = Timestamp::now();
@@ -928,7 +936,7 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
         // Batches go to the sink thread when large or 20 ms old: one hand-over (a thread
         // wake-up) per few hundred events, not per drain of the ring.
         if (batch.len() >= SEND_AT || (!batch.is_empty() && last_send.elapsed() >= SEND_EVERY))
-            && !hand_on(&tx, &sink.recycled, &mut batch, &mut sent, &mut last_send)
+            && !hand_on(&mut tx, &mut batch, &mut sent, &mut last_send)
         {
             break;
         }
@@ -961,6 +969,8 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
                 .lag(Timestamp::now())
                 .map(|d| d.as_millis() as u64);
             stats.sink_backlog_events = sent.saturating_sub(flushed.load(Ordering::Relaxed));
+            stats.sink_backlog_bytes = tx.queued_bytes();
+            stats.sink_waits = tx.waits();
             write_stats(&stats_path, &stats);
             if let Some(latest) = &metrics {
                 if let Ok(mut m) = latest.lock() {

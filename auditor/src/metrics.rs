@@ -69,6 +69,20 @@ pub fn render(s: &Stats) -> String {
     );
     metric(
         &mut o,
+        "sink_backlog_bytes",
+        "gauge",
+        "What the events queued for the sink thread hold, about (capture waits past 64 MiB).",
+        s.sink_backlog_bytes,
+    );
+    metric(
+        &mut o,
+        "sink_waits_total",
+        "counter",
+        "Times capture waited for the sinks because the queue held 64 MiB.",
+        s.sink_waits,
+    );
+    metric(
+        &mut o,
         "sessions_started_total",
         "counter",
         "Sessions seen starting.",

@@ -723,6 +723,11 @@ impl<'de> Deserialize<'de> for EventId {
 pub struct Params(Option<Arc<[u8]>>);
 
 impl Params {
+    /// The bytes the list takes (its encoding: a count, offsets and the texts).
+    pub fn encoded_len(&self) -> usize {
+        self.0.as_ref().map_or(0, |b| b.len())
+    }
+
     /// The list of `items`, in order.
     pub fn collect<S: AsRef<str>>(items: impl ExactSizeIterator<Item = S>) -> Params {
         Params::of_len(items.len(), items)

@@ -102,12 +102,6 @@ pub type HealthBoard = Arc<Mutex<BTreeMap<&'static str, Health>>>;
 /// The thread that feeds the sinks.
 pub struct SinkThread {
     handle: std::thread::JoinHandle<SinkReport>,
-    /// Batches delivered, sent back to the thread that made them (at most a few, and
-    /// none grown past RECYCLE_CAPACITY): it drops their events and fills them again.
-    /// Dropped here, the events' shared text would have its reference counts decremented
-    /// on this thread while the other increments them for new events: each count's cache
-    /// line would move between the two cores for every event.
-    pub recycled: mpsc::Receiver<Vec<AuditEvent>>,
     pub health: HealthBoard,
     pub events: Arc<std::sync::atomic::AtomicU64>,
     /// Events every sink has written out (a killed daemon loses none of these).
@@ -121,18 +115,139 @@ const HEALTH_EVERY: Duration = Duration::from_secs(1);
 const RECYCLE_QUEUE: usize = 2;
 const RECYCLE_CAPACITY: usize = 4096;
 
+/// Events queued for the sinks, at most, in bytes (about: see [`queued_size`]). Beyond it
+/// the daemon waits for the sinks, and the kernel ring holds what is captured meanwhile
+/// (what it cannot hold is counted and recorded as a gap): a stalled disk or a run of huge
+/// statements does not grow the daemon's memory without bound.
+pub const MAX_QUEUED_BYTES: u64 = 64 << 20;
+
+/// What an event holds, about, in bytes: the event and its statement, parameters and
+/// error message (text shared with other events is counted in each: an upper bound).
+pub fn queued_size(ev: &AuditEvent) -> u64 {
+    (std::mem::size_of::<AuditEvent>()
+        + ev.statement.as_str().len()
+        + ev.params.encoded_len()
+        + ev.error_message.len()) as u64
+}
+
+/// Bytes handed to the sink thread and not delivered yet, shared by both ends.
+#[derive(Default)]
+struct Queued {
+    bytes: Mutex<u64>,
+    drained: std::sync::Condvar,
+    /// The sink thread has ended: nobody will drain the queue.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Queued {
+    fn add(&self, n: i128) {
+        let mut b = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        *b = (i128::from(*b) + n).max(0) as u64;
+        if n < 0 {
+            self.drained.notify_all();
+        }
+    }
+}
+
+/// Marks the queue closed when the sink thread ends (by returning or panicking), so that
+/// a sender waiting for room stops waiting.
+struct CloseOnDrop(Arc<Queued>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.0.add(i128::MIN / 2);
+    }
+}
+
+/// The daemon's end of the sink thread's queue, bounded in batches and in bytes
+/// ([`MAX_QUEUED_BYTES`]).
+pub struct SinkSender {
+    tx: mpsc::SyncSender<(Vec<AuditEvent>, u64)>,
+    /// Batches delivered, sent back to the thread that made them (at most a few, and
+    /// none grown past RECYCLE_CAPACITY): it drops their events and fills them again.
+    /// Dropped by the sink thread, the events' shared text would have its reference
+    /// counts decremented there while this thread increments them for new events: each
+    /// count's cache line would move between the two cores for every event.
+    recycled: mpsc::Receiver<Vec<AuditEvent>>,
+    queued: Arc<Queued>,
+    max_bytes: u64,
+    waits: u64,
+}
+
+impl SinkSender {
+    /// Hands `batch` on, first waiting while more than the byte bound is queued (a batch
+    /// alone larger than the bound goes when the queue is empty). Gives the batch back
+    /// when the sink thread has ended.
+    pub fn send(&mut self, batch: Vec<AuditEvent>) -> Result<(), Vec<AuditEvent>> {
+        let size: u64 = batch.iter().map(queued_size).sum();
+        {
+            let mut queued = self.queued.bytes.lock().unwrap_or_else(|e| e.into_inner());
+            let mut waited = false;
+            while *queued > 0
+                && queued.saturating_add(size) > self.max_bytes
+                && !self.queued.closed.load(std::sync::atomic::Ordering::SeqCst)
+            {
+                waited = true;
+                queued = self
+                    .queued
+                    .drained
+                    .wait_timeout(queued, Duration::from_millis(100))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            self.waits += u64::from(waited);
+            if self.queued.closed.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(batch);
+            }
+            *queued += size;
+        }
+        self.tx.send((batch, size)).map_err(|e| {
+            self.queued.add(-i128::from(size));
+            e.0 .0
+        })
+    }
+
+    /// A delivered batch to fill again, if one came back.
+    pub fn reuse(&self) -> Option<Vec<AuditEvent>> {
+        self.recycled.try_recv().ok()
+    }
+
+    /// Bytes queued for the sinks now (about).
+    pub fn queued_bytes(&self) -> u64 {
+        *self.queued.bytes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many times a batch waited for the sinks to catch up.
+    pub fn waits(&self) -> u64 {
+        self.waits
+    }
+}
+
 impl SinkThread {
-    /// Starts the thread; batches go in through the returned sender (bounded: when the
-    /// sinks fall behind, the sender waits). Dropping the sender stops the thread once
-    /// every batch is delivered; `grace` is then given to each sink's `finish`.
+    /// Starts the thread; batches go in through the returned sender (bounded by `queue`
+    /// batches and by `max_bytes`: when the sinks fall behind, the sender waits).
+    /// Dropping the sender stops the thread once every batch is delivered; `grace` is
+    /// then given to each sink's `finish`.
     pub fn spawn(
         mut sinks: Vec<Box<dyn Sink>>,
         queue: usize,
+        max_bytes: u64,
         grace: Duration,
-    ) -> (mpsc::SyncSender<Vec<AuditEvent>>, SinkThread) {
+    ) -> (SinkSender, SinkThread) {
         use std::sync::atomic::Ordering;
-        let (tx, rx) = mpsc::sync_channel::<Vec<AuditEvent>>(queue);
+        let (tx, rx) = mpsc::sync_channel::<(Vec<AuditEvent>, u64)>(queue);
         let (back, recycled) = mpsc::sync_channel::<Vec<AuditEvent>>(RECYCLE_QUEUE);
+        let queued = Arc::new(Queued::default());
+        let sender = SinkSender {
+            tx,
+            recycled,
+            queued: queued.clone(),
+            max_bytes,
+            waits: 0,
+        };
         let health: HealthBoard = Arc::default();
         let events = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let flushed = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -140,6 +255,7 @@ impl SinkThread {
         let handle = std::thread::Builder::new()
             .name("sink".into())
             .spawn(move || {
+                let _close = CloseOnDrop(queued.clone());
                 let mut report = SinkReport::default();
                 let publish = |sinks: &[Box<dyn Sink>]| {
                     if let Ok(mut b) = board.lock() {
@@ -149,7 +265,7 @@ impl SinkThread {
                     }
                 };
                 let deliver = |sinks: &mut [Box<dyn Sink>],
-                               batch: Vec<AuditEvent>,
+                               (batch, size): (Vec<AuditEvent>, u64),
                                report: &mut SinkReport| {
                     let n = batch.len() as u64;
                     let batch = Arc::new(batch);
@@ -161,6 +277,7 @@ impl SinkThread {
                     }
                     report.events += n;
                     counter.store(report.events, Ordering::Relaxed);
+                    queued.add(-i128::from(size));
                     // Back to its maker unless a sink kept it (or the queue is full).
                     if let Ok(used) = Arc::try_unwrap(batch) {
                         if used.capacity() <= RECYCLE_CAPACITY {
@@ -223,10 +340,9 @@ impl SinkThread {
             })
             .expect("spawning the sink thread");
         (
-            tx,
+            sender,
             SinkThread {
                 handle,
-                recycled,
                 health,
                 events,
                 flushed,
@@ -240,5 +356,108 @@ impl SinkThread {
             events: 0,
             errors: 1,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::event::EventKind;
+
+    /// A sink that takes a batch only when the test lets it (one `()` per batch), and
+    /// panics on a batch whose first statement is "panic".
+    struct Gate {
+        open: mpsc::Receiver<()>,
+        took: Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl Sink for Gate {
+        fn name(&self) -> &'static str {
+            "gate"
+        }
+        fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
+            if batch
+                .first()
+                .is_some_and(|e| e.statement.as_str() == "panic")
+            {
+                panic!("the sink failed");
+            }
+            self.open.recv()?;
+            self.took
+                .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+        fn flush(&mut self) -> Result<(), SinkError> {
+            Ok(())
+        }
+        fn health(&self) -> Health {
+            Health::default()
+        }
+        fn finish(self: Box<Self>, _: Duration) -> Result<Health, SinkError> {
+            Ok(Health::default())
+        }
+    }
+
+    fn batch(n: usize, statement: &'static str) -> Vec<AuditEvent> {
+        (0..n)
+            .map(|_| {
+                let mut ev = AuditEvent::of_kind(EventKind::Statement);
+                ev.statement = crate::text::Text::Static(statement);
+                ev
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes() {
+        let (open, gate) = mpsc::channel();
+        let took = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let sink = Gate {
+            open: gate,
+            took: took.clone(),
+        };
+        let one = queued_size(&batch(1, "select 1")[0]);
+        // Room for 10 events; a batch of 8 is larger than what is left after one of 8.
+        let (mut tx, thread) =
+            SinkThread::spawn(vec![Box::new(sink)], 1024, 10 * one, Duration::ZERO);
+        tx.send(batch(8, "select 1")).unwrap();
+        assert_eq!(tx.queued_bytes(), 8 * one);
+        let sent = std::thread::spawn(move || {
+            tx.send(batch(8, "select 1")).unwrap();
+            tx
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!sent.is_finished(), "the second batch waited for room");
+        open.send(()).unwrap();
+        let mut tx = sent.join().unwrap();
+        assert_eq!(tx.waits(), 1);
+        open.send(()).unwrap();
+        // A batch larger than the bound goes alone once the queue is empty.
+        while tx.queued_bytes() > 0 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        tx.send(batch(20, "select 1")).unwrap();
+        open.send(()).unwrap();
+        drop(tx);
+        assert_eq!(thread.join().events, 36);
+        assert_eq!(took.load(std::sync::atomic::Ordering::SeqCst), 36);
+    }
+
+    #[test]
+    fn a_sender_waiting_for_room_stops_when_the_sink_thread_ends() {
+        let (_open, gate) = mpsc::channel();
+        let sink = Gate {
+            open: gate,
+            took: Arc::default(),
+        };
+        let one = queued_size(&batch(1, "panic")[0]);
+        let (mut tx, thread) =
+            SinkThread::spawn(vec![Box::new(sink)], 1024, 10 * one, Duration::ZERO);
+        tx.send(batch(8, "panic")).unwrap();
+        // The thread died on the first batch: the second does not wait for ever, and
+        // comes back.
+        let back = tx.send(batch(8, "select 1"));
+        assert_eq!(back.map_err(|b| b.len()), Err(8));
+        drop(thread);
     }
 }
