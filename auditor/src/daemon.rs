@@ -185,10 +185,11 @@ const SEND_AT: usize = 512;
 const SEND_EVERY: Duration = Duration::from_millis(20);
 
 /// Hands `batch` to the sink thread, counting it in `sent`. False: the thread is gone.
-/// The next batch is one the sink thread sent back (see `SinkThread::recycled`), emptied
+/// The next batch is one the sink thread sent back (see `SinkSender::reuse`), emptied
 /// here: its events are dropped on this thread, which made them.
 fn hand_on(
     tx: &mut sink::SinkSender,
+    capture: &mut Capture,
     batch: &mut Vec<AuditEvent>,
     sent: &mut u64,
     last_send: &mut Instant,
@@ -202,7 +203,17 @@ fn hand_on(
         }
         _ => Vec::with_capacity(SEND_AT),
     };
-    if tx.send(std::mem::replace(batch, next)).is_err() {
+    // While the sinks catch up the ring holds what comes (what it cannot hold is counted
+    // and becomes a gap); the lease is kept, or the capture would go quiet.
+    let renew = || {
+        if let Err(e) = capture.renew_lease() {
+            tracing::warn!("renewing the capture's lease: {e}");
+        }
+    };
+    if tx
+        .send_waiting(std::mem::replace(batch, next), renew)
+        .is_err()
+    {
         return false;
     }
     *sent += n;
@@ -904,7 +915,9 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
                 }
             }
             // A watermark candidate covers every event made so far: all are handed on.
-            if !batch.is_empty() && !hand_on(&mut tx, &mut batch, &mut sent, &mut last_send) {
+            if !batch.is_empty()
+                && !hand_on(&mut tx, &mut capture, &mut batch, &mut sent, &mut last_send)
+            {
                 break;
             }
             let now = Timestamp::now();
@@ -936,7 +949,7 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
         // Batches go to the sink thread when large or 20 ms old: one hand-over (a thread
         // wake-up) per few hundred events, not per drain of the ring.
         if (batch.len() >= SEND_AT || (!batch.is_empty() && last_send.elapsed() >= SEND_EVERY))
-            && !hand_on(&mut tx, &mut batch, &mut sent, &mut last_send)
+            && !hand_on(&mut tx, &mut capture, &mut batch, &mut sent, &mut last_send)
         {
             break;
         }

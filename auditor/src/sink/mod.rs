@@ -182,6 +182,16 @@ impl SinkSender {
     /// alone larger than the bound goes when the queue is empty). Gives the batch back
     /// when the sink thread has ended.
     pub fn send(&mut self, batch: Vec<AuditEvent>) -> Result<(), Vec<AuditEvent>> {
+        self.send_waiting(batch, || {})
+    }
+
+    /// As `send`, calling `waiting` every 100 ms while it waits (the daemon keeps its
+    /// capture's lease: a capture whose lease runs out goes quiet).
+    pub fn send_waiting(
+        &mut self,
+        batch: Vec<AuditEvent>,
+        mut waiting: impl FnMut(),
+    ) -> Result<(), Vec<AuditEvent>> {
         let size: u64 = batch.iter().map(queued_size).sum();
         {
             let mut queued = self.queued.bytes.lock().unwrap_or_else(|e| e.into_inner());
@@ -197,6 +207,9 @@ impl SinkSender {
                     .wait_timeout(queued, Duration::from_millis(100))
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
+                drop(queued);
+                waiting();
+                queued = self.queued.bytes.lock().unwrap_or_else(|e| e.into_inner());
             }
             self.waits += u64::from(waited);
             if self.queued.closed.load(std::sync::atomic::Ordering::SeqCst) {
@@ -423,14 +436,17 @@ mod tests {
         tx.send(batch(8, "select 1")).unwrap();
         assert_eq!(tx.queued_bytes(), 8 * one);
         let sent = std::thread::spawn(move || {
-            tx.send(batch(8, "select 1")).unwrap();
-            tx
+            let mut calls = 0;
+            tx.send_waiting(batch(8, "select 1"), || calls += 1)
+                .unwrap();
+            (tx, calls)
         });
         std::thread::sleep(Duration::from_millis(300));
         assert!(!sent.is_finished(), "the second batch waited for room");
         open.send(()).unwrap();
-        let mut tx = sent.join().unwrap();
+        let (mut tx, calls) = sent.join().unwrap();
         assert_eq!(tx.waits(), 1);
+        assert!(calls >= 1, "called while it waited");
         open.send(()).unwrap();
         // A batch larger than the bound goes alone once the queue is empty.
         while tx.queued_bytes() > 0 {
