@@ -217,10 +217,30 @@ impl SinkSender {
             }
             *queued += size;
         }
-        self.tx.send((batch, size)).map_err(|e| {
-            self.queued.add(-i128::from(size));
-            e.0 .0
-        })
+        // The queue's bound in batches (small batches, of a quiet time): the same wait.
+        let mut item = (batch, size);
+        let mut full_since: Option<std::time::Instant> = None;
+        loop {
+            match self.tx.try_send(item) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::TrySendError::Full(back)) => {
+                    item = back;
+                    let since = *full_since.get_or_insert_with(|| {
+                        self.waits += 1;
+                        std::time::Instant::now()
+                    });
+                    std::thread::sleep(Duration::from_millis(5));
+                    if since.elapsed() >= Duration::from_millis(100) {
+                        waiting();
+                        full_since = Some(std::time::Instant::now());
+                    }
+                }
+                Err(mpsc::TrySendError::Disconnected(back)) => {
+                    self.queued.add(-i128::from(size));
+                    return Err(back.0);
+                }
+            }
+        }
     }
 
     /// A delivered batch to fill again, if one came back.
@@ -411,6 +431,17 @@ mod tests {
         }
     }
 
+    /// A gate sink, the sender that opens it once per batch, and the events it took.
+    fn gate() -> (mpsc::Sender<()>, Gate, Arc<std::sync::atomic::AtomicU64>) {
+        let (open, rx) = mpsc::channel();
+        let took = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let sink = Gate {
+            open: rx,
+            took: took.clone(),
+        };
+        (open, sink, took)
+    }
+
     fn batch(n: usize, statement: &'static str) -> Vec<AuditEvent> {
         (0..n)
             .map(|_| {
@@ -421,28 +452,33 @@ mod tests {
             .collect()
     }
 
+    /// Sends `events` from another thread, which must still be waiting `ms` later; its
+    /// sender and how often it was called while waiting, when it is done.
+    fn send_waiting(
+        mut tx: SinkSender,
+        events: Vec<AuditEvent>,
+        ms: u64,
+    ) -> std::thread::JoinHandle<(SinkSender, u32)> {
+        let sent = std::thread::spawn(move || {
+            let mut calls = 0;
+            tx.send_waiting(events, || calls += 1).unwrap();
+            (tx, calls)
+        });
+        std::thread::sleep(Duration::from_millis(ms));
+        assert!(!sent.is_finished(), "the batch waited for room");
+        sent
+    }
+
     #[test]
     fn the_queue_is_bounded_in_bytes() {
-        let (open, gate) = mpsc::channel();
-        let took = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let sink = Gate {
-            open: gate,
-            took: took.clone(),
-        };
+        let (open, sink, took) = gate();
         let one = queued_size(&batch(1, "select 1")[0]);
         // Room for 10 events; a batch of 8 is larger than what is left after one of 8.
         let (mut tx, thread) =
             SinkThread::spawn(vec![Box::new(sink)], 1024, 10 * one, Duration::ZERO);
         tx.send(batch(8, "select 1")).unwrap();
         assert_eq!(tx.queued_bytes(), 8 * one);
-        let sent = std::thread::spawn(move || {
-            let mut calls = 0;
-            tx.send_waiting(batch(8, "select 1"), || calls += 1)
-                .unwrap();
-            (tx, calls)
-        });
-        std::thread::sleep(Duration::from_millis(300));
-        assert!(!sent.is_finished(), "the second batch waited for room");
+        let sent = send_waiting(tx, batch(8, "select 1"), 300);
         open.send(()).unwrap();
         let (mut tx, calls) = sent.join().unwrap();
         assert_eq!(tx.waits(), 1);
@@ -460,12 +496,28 @@ mod tests {
     }
 
     #[test]
+    fn the_queue_is_bounded_in_batches_too() {
+        let (open, sink, _) = gate();
+        // One batch in the sink, one queued: the third waits.
+        let (mut tx, thread) =
+            SinkThread::spawn(vec![Box::new(sink)], 1, MAX_QUEUED_BYTES, Duration::ZERO);
+        tx.send(batch(1, "select 1")).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        tx.send(batch(1, "select 1")).unwrap();
+        let sent = send_waiting(tx, batch(1, "select 1"), 350);
+        for _ in 0..3 {
+            open.send(()).unwrap();
+        }
+        let (tx, calls) = sent.join().unwrap();
+        assert!(tx.waits() >= 1);
+        assert!(calls >= 1, "called while it waited");
+        drop(tx);
+        assert_eq!(thread.join().events, 3);
+    }
+
+    #[test]
     fn a_sender_waiting_for_room_stops_when_the_sink_thread_ends() {
-        let (_open, gate) = mpsc::channel();
-        let sink = Gate {
-            open: gate,
-            took: Arc::default(),
-        };
+        let (_open, sink, _) = gate();
         let one = queued_size(&batch(1, "panic")[0]);
         let (mut tx, thread) =
             SinkThread::spawn(vec![Box::new(sink)], 1024, 10 * one, Duration::ZERO);
