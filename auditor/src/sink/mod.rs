@@ -158,7 +158,8 @@ impl Drop for CloseOnDrop {
         self.0
             .closed
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        self.0.add(i128::MIN / 2);
+        *self.0.bytes.lock().unwrap_or_else(|e| e.into_inner()) = 0;
+        self.0.drained.notify_all();
     }
 }
 
@@ -185,8 +186,8 @@ impl SinkSender {
         self.send_waiting(batch, || {})
     }
 
-    /// As `send`, calling `waiting` every 100 ms while it waits (the daemon keeps its
-    /// capture's lease: a capture whose lease runs out goes quiet).
+    /// As `send`, calling `waiting` at least every 100 ms while it waits (the daemon
+    /// keeps its capture's lease: a capture whose lease runs out goes quiet).
     pub fn send_waiting(
         &mut self,
         batch: Vec<AuditEvent>,
