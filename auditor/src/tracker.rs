@@ -145,6 +145,10 @@ struct End {
 /// as unreadable (plaintext from a hook that attached late still gets decoded after).
 pub const TLS_UNREADABLE_AFTER_NS: u64 = 1_000_000_000;
 
+/// How long statements answered may wait for their ReadyForQuery (and the transaction
+/// status it reports) before they are recorded without it.
+const HOLD_FOR_READY_NS: i128 = 1_000_000_000;
+
 struct SessionEntry {
     id: Text,
     seq: u64,
@@ -191,9 +195,6 @@ struct SessionEntry {
     /// The request the statements of the simple query now being recorded ran under (its
     /// query string, shared by their outcomes).
     multi_note: Option<(Arc<str>, crate::approvals::Note)>,
-    /// What the proxy masked in the result now ending (proxied sessions): given to the
-    /// next statement event, the one the result belongs to.
-    masked: Option<crate::proxy::MaskTally>,
 }
 
 /// Approval ends kept per session at most, waiting for their statements.
@@ -585,7 +586,12 @@ impl Tracker {
             sql: String::new(),
             ..note
         }));
-        let mut drafts = vec![draft];
+        // After the statements answered before it (still waiting for their ReadyForQuery).
+        let mut drafts = Vec::new();
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            s.session.release_held(&mut drafts);
+        }
+        drafts.push(draft);
         self.finish_drafts(conn, &mut drafts, out);
     }
 
@@ -605,19 +611,7 @@ impl Tracker {
         else {
             return;
         };
-        let kept = s.masked.get_or_insert_with(|| crate::proxy::MaskTally {
-            columns: Vec::new(),
-            values: Vec::new(),
-        });
-        for (column, n) in tally.columns.into_iter().zip(tally.values) {
-            match kept.columns.iter().position(|c| *c == column) {
-                Some(i) => kept.values[i] += n,
-                None => {
-                    kept.columns.push(column);
-                    kept.values.push(n);
-                }
-            }
-        }
+        s.session.add_mask_tally(tally);
     }
 
     /// A backend older than the daemon bound a named prepared statement: its text goes to
@@ -784,7 +778,6 @@ impl Tracker {
             proxied,
             notes: Vec::new(),
             multi_note: None,
-            masked: None,
         });
         if let Some(c) = &carried {
             // The session the daemon before followed: its facts and named statements, and
@@ -1038,6 +1031,25 @@ impl Tracker {
             self.counters.tls_unreadable_sessions += 1;
             self.finish_drafts(conn, &mut drafts, out);
         }
+        // Statements whose ReadyForQuery is long in coming (a client that sent no Sync)
+        // are recorded without their transaction status rather than wait for it.
+        let held: Vec<ConnKey> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                s.session
+                    .held_since()
+                    .is_some_and(|t| now_ns as i128 - t >= HOLD_FOR_READY_NS)
+            })
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in held {
+            let mut drafts = Vec::new();
+            if let Some(s) = self.sessions.get_mut(&conn) {
+                s.session.release_held(&mut drafts);
+            }
+            self.finish_drafts(conn, &mut drafts, out);
+        }
         self.retry_waiting(out);
     }
 
@@ -1076,7 +1088,13 @@ impl Tracker {
             Direction::ToServer => Flag::ToServer,
             Direction::ToClient => Flag::ToClient,
         });
-        let mut drafts = vec![Draft::new(ts, ev)];
+        // Statements answered before the gap come before it (their ReadyForQuery may
+        // have been in what was lost: they go without their transaction status).
+        let mut drafts = Vec::new();
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            s.session.release_held(&mut drafts);
+        }
+        drafts.push(Draft::new(ts, ev));
         self.finish_drafts(conn, &mut drafts, out);
     }
 
@@ -1183,20 +1201,6 @@ impl Tracker {
                 ev.flags.insert(Flag::TextFromServer);
                 d.source.sql = Some(sql.clone());
                 d.source.analysis = Some(analysis);
-            }
-        }
-        // What the proxy masked goes to the statement whose result it was: the first one
-        // this data completes (the tally came just before the message ending the result).
-        if s.masked.is_some() {
-            if let Some(d) = drafts
-                .iter_mut()
-                .find(|d| d.event.kind == EventKind::Statement)
-            {
-                if let Some(t) = s.masked.take() {
-                    d.event.masked_columns = t.columns.into();
-                    d.event.masked_values = t.values.into();
-                    d.event.decision = Text::Static("masked");
-                }
             }
         }
         finish(
@@ -2018,6 +2022,67 @@ mod tests {
         assert_eq!(kinds, ["gap", "statement", "session_end"], "{out:#?}");
         assert_eq!(out[0].gap_bytes, 0);
         assert!(out[0].statement.contains("from the server"), "{out:#?}");
+    }
+
+    #[test]
+    fn statements_waiting_for_their_ready_for_query_keep_their_place() {
+        let mut t = tracker();
+        let mut client = Wire::new(1, ROLE_CLIENT);
+        let mut out = log_in(&mut t, &mut client);
+        // Answered, its ReadyForQuery not come yet: the event waits for it...
+        out.extend(client.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &msg(b'Q', b"BEGIN\0")));
+        out.extend(client.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &msg(b'C', b"BEGIN\0")));
+        assert!(
+            out.iter().all(|e| e.kind != EventKind::Statement),
+            "{out:#?}"
+        );
+        // ...and takes the status it reports.
+        out.extend(client.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &msg(b'Z', b"T")));
+        let st: Vec<&AuditEvent> = out
+            .iter()
+            .filter(|e| e.kind == EventKind::Statement)
+            .collect();
+        assert_eq!(st.len(), 1);
+        assert_eq!(&*st[0].tx_status, "in_transaction");
+        let mut seq = st[0].seq;
+        // Answered, no ReadyForQuery yet: recorded without a status after a second.
+        client.data(
+            &mut t,
+            STREAM_RAW,
+            DIR_TO_SERVER,
+            &msg(b'Q', b"select a from b\0"),
+        );
+        let out = client.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &msg(b'C', b"SELECT 0\0"));
+        assert!(out.is_empty(), "{out:#?}");
+        let mut late = Vec::new();
+        t.tick(client.ts + 999_999_999, &mut late);
+        assert!(late.is_empty(), "{late:#?}");
+        t.tick(client.ts + 1_000_000_000, &mut late);
+        assert_eq!(late.len(), 1, "{late:#?}");
+        assert_eq!(&*late[0].statement, "select a from b");
+        assert_eq!(&*late[0].tx_status, "");
+        seq += 1;
+        assert_eq!(late[0].seq, seq);
+        // Its ReadyForQuery, late: nothing more.
+        let out = client.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &msg(b'Z', b"T"));
+        assert!(out.is_empty(), "{out:#?}");
+        // Answered, then bytes from the client lost: the statement comes before the gap,
+        // without a status.
+        client.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &msg(b'Q', b"select 1\0"));
+        let out = client.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &msg(b'C', b"SELECT 1\0"));
+        assert!(out.is_empty(), "{out:#?}");
+        client.offsets[STREAM_RAW as usize][DIR_TO_SERVER as usize] += 20;
+        let out = client.data(&mut t, STREAM_RAW, DIR_TO_SERVER, &msg(b'Q', b"select 2\0"));
+        let kinds: Vec<(&str, &str, u64)> = out
+            .iter()
+            .map(|e| (e.kind.as_str(), &*e.tx_status, e.seq))
+            .collect();
+        assert_eq!(
+            kinds,
+            [("statement", "", seq + 1), ("gap", "", seq + 2)],
+            "{out:#?}"
+        );
+        assert_eq!(out[0].rows, Some(1));
     }
 
     #[test]

@@ -105,6 +105,14 @@ fn pgbench_simple_extended_prepared_recorded_exactly() {
             if str_of(e, "command") == "UPDATE" {
                 assert_eq!(e["rows"].as_u64(), Some(1), "{e}");
                 assert_eq!(str_of(e, "protocol"), protocol);
+                assert_eq!(str_of(e, "tx_status"), "in_transaction", "{e}");
+            }
+            // Every statement was followed by its ReadyForQuery.
+            let tx = str_of(e, "tx_status");
+            if str_of(e, "command") == "COMMIT" {
+                assert_eq!(tx, "idle", "{e}");
+            } else {
+                assert!(["idle", "in_transaction"].contains(&tx), "{e}");
             }
         }
         // One session per client connection plus pgbench's main connection.
@@ -131,6 +139,9 @@ SELECT 1; SELECT 2 AS two;
 PREPARE byid(int) AS SELECT owner FROM cards WHERE id = $1;
 EXECUTE byid(2);
 DELETE FROM cards;
+BEGIN;
+SELECT 1/0;
+ROLLBACK;
 ";
     let mut cmd = pg.psql();
     cmd.env("PGAPPNAME", "psql_test")
@@ -152,30 +163,35 @@ DELETE FROM cards;
     let events = daemon.events().unwrap();
     assert_no_duplicates(&events);
 
-    let got: Vec<(String, Option<u64>, String)> = statements(&events, &cg.name, "psql_test")
-        .iter()
-        .map(|e| {
-            (
-                str_of(e, "command").to_string(),
-                e["rows"].as_u64(),
-                str_of(e, "error_code").to_string(),
-            )
-        })
-        .collect();
-    let want: Vec<(String, Option<u64>, String)> = [
-        ("CREATE TABLE", None, ""),
-        ("INSERT", Some(2), ""),
-        ("SELECT", Some(1), ""),
-        ("UPDATE", Some(2), ""),
-        ("SELECT", None, "42703"),
-        ("SELECT", Some(1), ""),
-        ("SELECT", Some(1), ""),
-        ("PREPARE", None, ""),
-        ("EXECUTE", Some(1), ""),
-        ("DELETE", Some(2), ""),
+    let got: Vec<(String, Option<u64>, String, String)> =
+        statements(&events, &cg.name, "psql_test")
+            .iter()
+            .map(|e| {
+                (
+                    str_of(e, "command").to_string(),
+                    e["rows"].as_u64(),
+                    str_of(e, "error_code").to_string(),
+                    str_of(e, "tx_status").to_string(),
+                )
+            })
+            .collect();
+    let want: Vec<(String, Option<u64>, String, String)> = [
+        ("CREATE TABLE", None, "", "idle"),
+        ("INSERT", Some(2), "", "idle"),
+        ("SELECT", Some(1), "", "idle"),
+        ("UPDATE", Some(2), "", "idle"),
+        ("SELECT", None, "42703", "idle"),
+        ("SELECT", Some(1), "", "idle"),
+        ("SELECT", Some(1), "", "idle"),
+        ("PREPARE", None, "", "idle"),
+        ("EXECUTE", Some(1), "", "idle"),
+        ("DELETE", Some(2), "", "idle"),
+        ("BEGIN", None, "", "in_transaction"),
+        ("SELECT", None, "22012", "failed"),
+        ("ROLLBACK", None, "", "idle"),
     ]
     .iter()
-    .map(|(c, r, e)| (c.to_string(), *r, e.to_string()))
+    .map(|(c, r, e, t)| (c.to_string(), *r, e.to_string(), t.to_string()))
     .collect();
     assert_eq!(got, want);
 
@@ -211,7 +227,7 @@ DELETE FROM cards;
         .filter(|e| str_of(e, "cgroup_path") == cg.name)
         .map(|e| str_of(e, "kind"))
         .collect();
-    assert_eq!(kinds.len(), 12, "{kinds:?}");
+    assert_eq!(kinds.len(), 15, "{kinds:?}");
     assert_eq!(kinds.first(), Some(&"session_start"));
     assert_eq!(kinds.last(), Some(&"session_end"));
     // The chain verifies.

@@ -541,8 +541,12 @@ audit_event! {
     prepared_name: Text,
     /// Bytes missing, for gap events.
     gap_bytes: u64,
-    /// The SQLSTATE class or transaction status at the end of the statement.
-    tx_status: String,
+    /// For statements, the transaction status the server reported when it was next ready
+    /// for a query (the ReadyForQuery ending the statement's Sync or simple Query):
+    /// `idle`, `in_transaction` or `failed`. Empty when none came: the connection ended
+    /// first, bytes were lost, or the client sent no Sync within a second (or pipelined
+    /// more than 64 statements ahead of it).
+    tx_status: Text,
     /// For a statement flagged `truncated`: the size in bytes of the client message
     /// (Query, Parse or Bind) of which only the beginning was read.
     message_bytes: u64 [since = 3],

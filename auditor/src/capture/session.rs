@@ -17,7 +17,9 @@ use crate::{
         tokenizer::Skip,
         Direction, Token, Tokenizer, TokenizerLimits,
     },
+    proxy::MaskTally,
     sql::Analyzer,
+    text::Text,
 };
 
 /// Counters a session adds to.
@@ -83,7 +85,22 @@ pub struct Session {
     started_emitted: bool,
     limits: TokenizerLimits,
     outcomes: Vec<Outcome>,
+    /// Statements answered whose ReadyForQuery has not come yet: their events wait for
+    /// the transaction status it reports (`tx_status`), in order. Anything else this
+    /// session records lets them go first, without it (see [`Session::release_held`]).
+    held: Vec<Draft>,
+    /// When the first of `held` was held (kernel ns).
+    held_since: Option<i128>,
+    /// ReadyForQuery messages seen when `held` was last released.
+    readies: u64,
+    /// What the proxy masked in the result now ending (proxied sessions): given to the
+    /// next statement recorded, the one the result belongs to.
+    masked: Option<MaskTally>,
 }
+
+/// Statements that wait for their ReadyForQuery, at most: a client that pipelines more
+/// without a Sync has the first of them recorded without their transaction status.
+const MAX_HELD: usize = 64;
 
 impl Session {
     pub fn new(policy: RecordingPolicy, limits: TokenizerLimits, mid_stream: bool) -> Self {
@@ -110,6 +127,10 @@ impl Session {
             started_emitted: false,
             limits,
             outcomes: Vec::new(),
+            held: Vec::new(),
+            held_since: None,
+            readies: 0,
+            masked: None,
         }
     }
 
@@ -166,7 +187,11 @@ impl Session {
 
     /// When the oldest statement still waiting for its answer began (kernel ns).
     pub fn oldest_pending_ns(&self) -> Option<i128> {
-        self.conversation.oldest_pending_ns()
+        let held = self.held.iter().map(|d| d.ts_ns).min();
+        match (self.conversation.oldest_pending_ns(), held) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The client sent Terminate: nothing more can follow on this connection.
@@ -289,7 +314,7 @@ impl Session {
         if ended {
             // The message is over: recorded from what came of it.
             self.finish_partial(direction, ts, analyzer);
-            self.drain_outcomes(out);
+            self.drain_outcomes(ts, out);
         }
         if !framing {
             self.resync(direction);
@@ -447,33 +472,99 @@ impl Session {
             }
             _ => {}
         }
-        self.drain_outcomes(out);
+        self.drain_outcomes(ts, out);
     }
 
     #[inline]
-    fn drain_outcomes(&mut self, out: &mut Vec<Draft>) {
+    fn drain_outcomes(&mut self, ts: i128, out: &mut Vec<Draft>) {
         // Most messages end nothing (a row, a header): no work for them.
         if !self.outcomes.is_empty() {
-            self.record_outcomes(out);
+            self.record_outcomes(ts, out);
+        }
+        if self.conversation.readies().0 != self.readies {
+            self.on_ready(out);
         }
     }
 
     #[inline(never)]
-    fn record_outcomes(&mut self, out: &mut Vec<Draft>) {
+    fn record_outcomes(&mut self, ts: i128, out: &mut Vec<Draft>) {
         let mut outcomes = std::mem::take(&mut self.outcomes);
         for outcome in outcomes.drain(..) {
             match outcome {
                 Outcome::SessionStarted { ts_ns } => self.emit_start(ts_ns, out),
-                other => out.extend(self.recorder.record(other, &mut self.next_flags)),
+                other => {
+                    let Some(mut draft) = self.recorder.record(other, &mut self.next_flags)
+                    else {
+                        continue;
+                    };
+                    if let Some(t) = self.masked.take() {
+                        draft.event.masked_columns = t.columns.into();
+                        draft.event.masked_values = t.values.into();
+                        draft.event.decision = Text::Static("masked");
+                    }
+                    if self.held.len() >= MAX_HELD {
+                        self.release_held(out);
+                    }
+                    if self.held.is_empty() {
+                        self.held_since = Some(ts);
+                    }
+                    self.held.push(draft);
+                }
             }
         }
         self.outcomes = outcomes;
+    }
+
+    /// The server is ready for a query: the statements answered before it are over, in
+    /// the transaction status it reports.
+    #[inline(never)]
+    fn on_ready(&mut self, out: &mut Vec<Draft>) {
+        let (readies, status) = self.conversation.readies();
+        self.readies = readies;
+        let status = Text::Static(tx_status_name(status));
+        for d in &mut self.held {
+            d.event.tx_status = status.clone();
+        }
+        self.release_held(out);
+    }
+
+    /// Statements still waiting for their ReadyForQuery go on without their transaction
+    /// status: what is recorded next (a gap, a session's end, an approval) comes after
+    /// them, or they waited long enough (see [`Session::held_since`]).
+    pub fn release_held(&mut self, out: &mut Vec<Draft>) {
+        out.append(&mut self.held);
+        self.held_since = None;
+    }
+
+    /// What the proxy masked in a result, just before the message that ends it: kept for
+    /// that statement's event (a portal fetched in pieces, or a result a notice
+    /// interrupted, adds up).
+    pub fn add_mask_tally(&mut self, tally: MaskTally) {
+        let kept = self.masked.get_or_insert_with(|| MaskTally {
+            columns: Vec::new(),
+            values: Vec::new(),
+        });
+        for (column, n) in tally.columns.into_iter().zip(tally.values) {
+            match kept.columns.iter().position(|c| *c == column) {
+                Some(i) => kept.values[i] += n,
+                None => {
+                    kept.columns.push(column);
+                    kept.values.push(n);
+                }
+            }
+        }
+    }
+
+    /// Since when (kernel ns) statements wait for their ReadyForQuery, if any do.
+    pub fn held_since(&self) -> Option<i128> {
+        self.held_since
     }
 
     fn emit_start(&mut self, ts: i128, out: &mut Vec<Draft>) {
         if self.started_emitted {
             return;
         }
+        self.release_held(out);
         self.started_emitted = true;
         let mut ev = kind_event(EventKind::SessionStart);
         if self.unreadable {
@@ -538,8 +629,20 @@ impl Session {
     /// Requests that never got an answer, and portals left suspended (the connection
     /// ended first).
     pub fn abandon(&mut self, ts: i128, out: &mut Vec<Draft>) {
+        self.release_held(out);
         self.conversation.abandon(ts, &mut self.outcomes);
-        self.drain_outcomes(out);
+        self.drain_outcomes(ts, out);
+        self.release_held(out);
+    }
+}
+
+/// `tx_status` for a ReadyForQuery's status byte.
+fn tx_status_name(status: u8) -> &'static str {
+    match status {
+        b'I' => "idle",
+        b'T' => "in_transaction",
+        b'E' => "failed",
+        _ => "",
     }
 }
 
@@ -820,6 +923,154 @@ mod tests {
             ],
             "{out:#?}"
         );
+    }
+
+    fn complete(tag: &str, ready: &[u8]) -> Vec<u8> {
+        let mut r = msg(b'C', format!("{tag}\0").as_bytes());
+        r.extend(msg(b'Z', ready));
+        r
+    }
+
+    fn tx_of(events: &[AuditEvent]) -> Vec<(&str, &str)> {
+        events
+            .iter()
+            .filter(|e| e.kind == EventKind::Statement)
+            .map(|e| (&*e.command, &*e.tx_status))
+            .collect()
+    }
+
+    #[test]
+    fn a_statement_takes_the_transaction_status_of_the_ready_for_query_after_it() {
+        let (mut c, _) = logged_in_client();
+        let mut out = Vec::new();
+        for (sql, tag, ready) in [
+            ("BEGIN", "BEGIN", b"T"),
+            ("UPDATE t SET a = 1", "UPDATE 3", b"T"),
+            ("COMMIT", "COMMIT", b"I"),
+        ] {
+            out.extend(feed(
+                &mut c,
+                Direction::ToServer,
+                &msg(b'Q', format!("{sql}\0").as_bytes()),
+            ));
+            // The command's completion alone: its event waits for the ReadyForQuery.
+            let done = complete(tag, ready);
+            let split = done.len() - 6;
+            assert!(feed(&mut c, Direction::ToClient, &done[..split]).is_empty());
+            out.extend(feed(&mut c, Direction::ToClient, &done[split..]));
+        }
+        // An error inside a transaction: the transaction is failed after it.
+        out.extend(feed(&mut c, Direction::ToServer, &msg(b'Q', b"BEGIN\0")));
+        out.extend(feed(&mut c, Direction::ToClient, &complete("BEGIN", b"T")));
+        out.extend(feed(
+            &mut c,
+            Direction::ToServer,
+            &msg(b'Q', b"SELECT 1/0\0"),
+        ));
+        let mut failed = error("22012", "division by zero");
+        failed.extend(msg(b'Z', b"E"));
+        out.extend(feed(&mut c, Direction::ToClient, &failed));
+        assert_eq!(
+            tx_of(&out),
+            [
+                ("BEGIN", "in_transaction"),
+                ("UPDATE", "in_transaction"),
+                ("COMMIT", "idle"),
+                ("BEGIN", "in_transaction"),
+                ("SELECT", "failed"),
+            ]
+        );
+    }
+
+    #[test]
+    fn pipelined_syncs_each_give_their_own_statements_a_status() {
+        let (mut c, _) = logged_in_client();
+        // Two statements in one transaction block of the extended protocol, then a
+        // third after the COMMIT, each behind its own Sync, all in one write.
+        let mut w = parse("", "BEGIN");
+        w.extend(bind_execute_sync(""));
+        w.extend(parse("", "INSERT INTO t VALUES (1)"));
+        w.extend(bind_execute_sync(""));
+        w.extend(parse("", "COMMIT"));
+        w.extend(bind_execute_sync(""));
+        assert!(feed(&mut c, Direction::ToServer, &w).is_empty());
+        let answer = |tag: &str, ready: &[u8]| {
+            let mut r = msg(b'1', b"");
+            r.extend(msg(b'2', b""));
+            r.extend(complete(tag, ready));
+            r
+        };
+        let mut r = answer("BEGIN", b"T");
+        r.extend(answer("INSERT 0 1", b"T"));
+        r.extend(answer("COMMIT", b"I"));
+        let out = feed(&mut c, Direction::ToClient, &r);
+        assert_eq!(
+            tx_of(&out),
+            [
+                ("BEGIN", "in_transaction"),
+                ("INSERT", "in_transaction"),
+                ("COMMIT", "idle"),
+            ]
+        );
+    }
+
+    #[test]
+    fn statements_whose_ready_for_query_never_comes_are_recorded_without_a_status() {
+        let (mut c, _) = logged_in_client();
+        // Execute and Flush, no Sync: answered, but the server is not ready for a query.
+        let mut w = parse("", "SELECT 1");
+        w.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+        w.extend(msg(b'E', b"\0\0\0\0\0"));
+        w.extend(msg(b'H', b""));
+        assert!(feed(&mut c, Direction::ToServer, &w).is_empty());
+        let mut r = msg(b'1', b"");
+        r.extend(msg(b'2', b""));
+        r.extend(msg(b'C', b"SELECT 1\0"));
+        assert!(feed(&mut c, Direction::ToClient, &r).is_empty());
+        assert!(c.session.held_since().is_some());
+        // Held, it still counts as not yet recorded (the daemon's watermark stays before it).
+        assert!(c.session.oldest_pending_ns().is_some());
+        let mut out = Vec::new();
+        c.session.release_held(&mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(&*out[0].event.command, "SELECT");
+        assert_eq!(&*out[0].event.tx_status, "");
+        assert!(c.session.held_since().is_none());
+        // The connection ends after another answered statement: recorded, once.
+        w = bind_execute_sync("");
+        feed(&mut c, Direction::ToServer, &w);
+        r = msg(b'2', b"");
+        r.extend(msg(b'C', b"SELECT 1\0"));
+        assert!(feed(&mut c, Direction::ToClient, &r).is_empty());
+        let mut end = Vec::new();
+        c.session.abandon(c.ts + 1, &mut end);
+        assert_eq!(end.len(), 1, "{end:#?}");
+        assert_eq!(&*end[0].event.tx_status, "");
+        assert!(!end[0].event.flags.contains(Flag::NoResponse));
+    }
+
+    #[test]
+    fn a_pipeline_longer_than_held_lets_its_first_statements_go() {
+        let (mut c, _) = logged_in_client();
+        let n = MAX_HELD + 3;
+        let mut w = Vec::new();
+        let mut r = Vec::new();
+        for _ in 0..n {
+            w.extend(parse("", "SELECT 1"));
+            w.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+            w.extend(msg(b'E', b"\0\0\0\0\0"));
+            r.extend(msg(b'1', b""));
+            r.extend(msg(b'2', b""));
+            r.extend(msg(b'C', b"SELECT 1\0"));
+        }
+        w.extend(msg(b'S', b""));
+        r.extend(msg(b'Z', b"I"));
+        feed(&mut c, Direction::ToServer, &w);
+        let out = feed(&mut c, Direction::ToClient, &r);
+        let tx = tx_of(&out);
+        assert_eq!(tx.len(), n);
+        assert!(tx[..MAX_HELD].iter().all(|(_, s)| s.is_empty()), "{tx:?}");
+        assert!(tx[MAX_HELD..].iter().all(|(_, s)| *s == "idle"), "{tx:?}");
     }
 }
 

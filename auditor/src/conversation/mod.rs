@@ -470,6 +470,11 @@ pub struct Conversation {
     responses_unreliable: bool,
     /// The last ReadyForQuery's transaction status (b'I', b'T', b'E').
     transaction: u8,
+    /// ReadyForQuery messages seen, and the status the last of them reported, whatever
+    /// the conversation made of them (a statement's event takes the status of the first
+    /// one after it: see [`Conversation::readies`]).
+    readies: u64,
+    last_ready: u8,
     /// While a partly read message is handled: its size.
     partial: Option<u32>,
     prepared: Names<Arc<PreparedStatement>>,
@@ -497,6 +502,8 @@ impl Conversation {
             startup_seen: false,
             responses_unreliable: false,
             transaction: b'I',
+            readies: 0,
+            last_ready: 0,
             partial: None,
             prepared: Names::default(),
             portals: Names::default(),
@@ -614,6 +621,14 @@ impl Conversation {
     /// The transaction status of the last ReadyForQuery.
     pub fn transaction_status(&self) -> u8 {
         self.transaction
+    }
+
+    /// How many ReadyForQuery messages the server sent, and the transaction status the
+    /// last one reported (b'I', b'T', b'E'; 0 before the first). Counted whatever the
+    /// conversation made of them (joined mid-stream, or after lost requests, too): each
+    /// ends the server's answer to everything sent before its Sync or simple Query.
+    pub fn readies(&self) -> (u64, u8) {
+        (self.readies, self.last_ready)
     }
 
     /// A prepared statement the server has under this name (as far as seen).
@@ -981,6 +996,10 @@ impl Conversation {
     }
 
     pub fn on_backend(&mut self, m: BackendMessage<'_>, ts: i128, out: &mut Vec<Outcome>) {
+        if let BackendMessage::ReadyForQuery { status } = &m {
+            self.readies += 1;
+            self.last_ready = *status;
+        }
         match &m {
             BackendMessage::DataRow(_) => return self.on_data_rows(1),
             BackendMessage::ParameterStatus { name, value } => {
