@@ -975,7 +975,10 @@ impl Tracker {
             // bytes were lost, the stream's offsets could not say how many.
             self.emit_gap(conn, direction, 0, ts, out);
             if let Some(s) = self.sessions.get_mut(&conn) {
-                s.session.lost_unknown(direction);
+                let mut drafts = std::mem::take(&mut self.drafts);
+                s.session.lost_unknown(direction, ts, &mut drafts);
+                self.finish_drafts(conn, &mut drafts, out);
+                self.drafts = drafts;
             }
         }
         if h.offset < expected {

@@ -221,6 +221,9 @@ flags! {
     /// The local log was found shorter than its head when the daemon started: records
     /// were removed from its end while no daemon ran (`statement` says how many).
     LogTruncated = "log_truncated",
+    /// Bytes the server sent were lost (see the gap event before it) while the statement
+    /// waited for its answer: whether and how it ran is unknown.
+    ResponseLost = "response_lost",
 }
 
 /// A set of flags; written as their names, in declaration order.

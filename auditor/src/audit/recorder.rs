@@ -253,6 +253,7 @@ impl Recorder {
                 ev.rows = Some(rows);
             }
             StatementResult::NoResponse => ev.flags.insert(Flag::NoResponse),
+            StatementResult::ResponseLost => ev.flags.insert(Flag::ResponseLost),
         }
         ev.duration_us = duration_us(s.started_ns, s.ended_ns);
         Draft {

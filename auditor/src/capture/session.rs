@@ -284,7 +284,8 @@ impl Session {
         let d = direction.index();
         self.next_flags.insert(Flag::GapBefore);
         if self.resyncing[d] {
-            return self.resync(direction);
+            self.resync(direction, ts);
+            return self.drain_outcomes(ts, out);
         }
         let (converted, ended, framing) = match self.tokenizers[d].skip(bytes) {
             Skip::Inside {
@@ -317,25 +318,30 @@ impl Session {
             self.drain_outcomes(ts, out);
         }
         if !framing {
-            self.resync(direction);
+            self.resync(direction, ts);
+            self.drain_outcomes(ts, out);
         }
     }
 
     /// Bytes of `direction` were lost, how many is unknown: what was being read is cut
     /// short, and decoding resumes at the next plausible boundary.
-    pub fn lost_unknown(&mut self, direction: Direction) {
-        self.resync(direction);
+    pub fn lost_unknown(&mut self, direction: Direction, ts: i128, out: &mut Vec<Draft>) {
+        self.resync(direction, ts);
+        self.drain_outcomes(ts, out);
     }
 
     /// Decoding resumes at the next plausible boundary of `direction`.
-    fn resync(&mut self, direction: Direction) {
+    fn resync(&mut self, direction: Direction, ts: i128) {
         let d = direction.index();
         self.resyncing[d] = true;
         self.tokenizers[d].resync_typed();
         self.next_flags.insert(Flag::GapBefore);
-        if self.partial[d].take().is_some() || direction == Direction::ToServer {
+        self.partial[d] = None;
+        match direction {
             // Responses to requests we never saw would be matched to the wrong ones.
-            self.conversation.requests_lost();
+            Direction::ToServer => self.conversation.requests_lost(),
+            // Answers may have been lost: those in flight end here, unknown.
+            Direction::ToClient => self.conversation.answers_lost(ts, &mut self.outcomes),
         }
     }
 
@@ -387,7 +393,8 @@ impl Session {
         if result.is_err() {
             self.parse_errors += 1;
             // Try again at a later boundary rather than going silent for good.
-            self.resync(direction);
+            self.resync(direction, ts_ns);
+            self.drain_outcomes(ts_ns, out);
         }
     }
 
@@ -493,8 +500,7 @@ impl Session {
             match outcome {
                 Outcome::SessionStarted { ts_ns } => self.emit_start(ts_ns, out),
                 other => {
-                    let Some(mut draft) = self.recorder.record(other, &mut self.next_flags)
-                    else {
+                    let Some(mut draft) = self.recorder.record(other, &mut self.next_flags) else {
                         continue;
                     };
                     if let Some(t) = self.masked.take() {
@@ -502,8 +508,19 @@ impl Session {
                         draft.event.masked_values = t.values.into();
                         draft.event.decision = Text::Static("masked");
                     }
-                    if self.held.len() >= MAX_HELD {
+                    if self.held.len() >= MAX_HELD
+                        || draft.event.flags.contains(Flag::ResponseLost)
+                        || draft.event.flags.contains(Flag::NoResponse)
+                    {
+                        // (No ReadyForQuery is to come for a statement whose answer will
+                        // not: it goes now, after those waiting.)
                         self.release_held(out);
+                    }
+                    if draft.event.flags.contains(Flag::ResponseLost)
+                        || draft.event.flags.contains(Flag::NoResponse)
+                    {
+                        out.push(draft);
+                        continue;
                     }
                     if self.held.is_empty() {
                         self.held_since = Some(ts);
@@ -1321,5 +1338,52 @@ mod partial_tests {
         assert_eq!(&*st[0].statement, "");
         assert_eq!(&*st[1].statement, "SELECT $1");
         assert!(st[1].flags.is_empty());
+    }
+
+    #[test]
+    fn a_whole_answer_lost_does_not_shift_the_statements_after_it() {
+        let mut c = Fed::new(1 << 20);
+        let answer = |tag: &str| {
+            let mut r = msg(b'C', format!("{tag}\0").as_bytes());
+            r.extend(msg(b'Z', b"I"));
+            r
+        };
+        // The server's whole answer to the first query is lost (one write, C and Z); the
+        // loss shows when the answer to the second comes.
+        c.push(Direction::ToServer, &msg(b'Q', b"CREATE TABLE a (x int)\0"));
+        c.push(Direction::ToServer, &msg(b'Q', b"DROP TABLE b\0"));
+        c.lose(Direction::ToClient, answer("CREATE TABLE").len() as u64);
+        c.push(Direction::ToClient, &answer("DROP TABLE"));
+        c.push(
+            Direction::ToServer,
+            &msg(b'Q', b"INSERT INTO a VALUES (1)\0"),
+        );
+        c.push(Direction::ToClient, &answer("INSERT 0 1"));
+        c.push(Direction::ToServer, &msg(b'Q', b"DELETE FROM a\0"));
+        c.push(Direction::ToClient, &answer("DELETE 1"));
+        let st: Vec<(String, Option<u64>, Vec<&str>)> = c
+            .statements()
+            .iter()
+            .map(|e| (e.statement.to_string(), e.rows, e.flags.names().collect()))
+            .collect();
+        assert_eq!(
+            st,
+            [
+                // Its answer was lost: how it ended is unknown, and said so.
+                (
+                    "CREATE TABLE a (x int)".into(),
+                    None,
+                    vec!["gap_before", "response_lost"]
+                ),
+                // The first answer after the loss cannot be told apart from a late
+                // answer to the statement before: not matched (the next request
+                // realigns).
+                ("DROP TABLE b".into(), None, vec!["response_lost"]),
+                ("INSERT INTO a VALUES ($1)".into(), Some(1), vec![]),
+                ("DELETE FROM a".into(), Some(1), vec![]),
+            ],
+            "{:#?}",
+            c.out
+        );
     }
 }

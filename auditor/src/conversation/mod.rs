@@ -413,6 +413,8 @@ pub enum StatementResult {
     Suspended { rows: u64 },
     /// The connection ended before the answer.
     NoResponse,
+    /// Bytes from the server were lost while the statement waited for its answer.
+    ResponseLost,
 }
 
 #[derive(Debug, Clone)]
@@ -1556,6 +1558,21 @@ impl Conversation {
     /// suspended.
     pub fn abandon(&mut self, ts: i128, out: &mut Vec<Outcome>) {
         self.end_portals(ts, out);
+        self.end_pending(StatementResult::NoResponse, ts, out);
+    }
+
+    /// Bytes from the server were lost, how many messages is unknown: the answers to the
+    /// requests in flight may have been among them. Those statements end here, their
+    /// outcome unknown, and answers are not matched again until the next request: an
+    /// answer that did come would otherwise go to the wrong statement, and every statement
+    /// after it to the answer of the one before.
+    pub fn answers_lost(&mut self, ts: i128, out: &mut Vec<Outcome>) {
+        self.end_pending(StatementResult::ResponseLost, ts, out);
+        self.responses_unreliable = true;
+    }
+
+    /// Ends every request in flight with `result`.
+    fn end_pending(&mut self, result: StatementResult, ts: i128, out: &mut Vec<Outcome>) {
         while let Some(p) = self.pending.pop_front() {
             match p {
                 Pending::Simple {
@@ -1573,7 +1590,7 @@ impl Conversation {
                             },
                             prepared_name: Text::default(),
                             params: None,
-                            result: StatementResult::NoResponse,
+                            result: result.clone(),
                             started_ns,
                             ended_ns: ts,
                             multi: s.multi,
@@ -1583,12 +1600,7 @@ impl Conversation {
                 }
                 Pending::Execute {
                     portal, started_ns, ..
-                } => out.push(Self::extended(
-                    portal,
-                    StatementResult::NoResponse,
-                    started_ns,
-                    ts,
-                )),
+                } => out.push(Self::extended(portal, result.clone(), started_ns, ts)),
                 _ => {}
             }
         }
