@@ -10,7 +10,8 @@ use sha2::Sha256;
 use crate::{
     audit::event::{AuditEvent, EventKind, Flag, Flags, Params},
     conversation::{
-        BoundParams, Outcome, Protocol, StatementOutcome, StatementResult, StatementText,
+        BoundParams, FunctionResult, Outcome, Protocol, StatementOutcome, StatementResult,
+        StatementText,
     },
     pg::backend::command_of_tag,
     sql::{redact_literals, Analysis},
@@ -147,7 +148,7 @@ impl Recorder {
             Outcome::Statement(s) => Some(self.statement(s, flags)),
             Outcome::FunctionCall {
                 oid,
-                error,
+                result,
                 started_ns,
                 ended_ns,
             } => {
@@ -156,9 +157,16 @@ impl Recorder {
                 ev.command = Text::Static("FUNCTION CALL");
                 ev.statement = format!("(function call, oid {oid})").into();
                 ev.flags |= std::mem::take(flags);
-                if let Some(e) = error {
-                    ev.error_code = e.code;
-                    ev.error_message = e.message;
+                match result {
+                    FunctionResult::Returned => {}
+                    FunctionResult::Failed(e) => {
+                        ev.error_code = e.code;
+                        ev.error_message = e.message;
+                    }
+                    FunctionResult::Unanswered(StatementResult::ResponseLost) => {
+                        ev.flags.insert(Flag::ResponseLost)
+                    }
+                    FunctionResult::Unanswered(_) => ev.flags.insert(Flag::NoResponse),
                 }
                 ev.duration_us = duration_us(started_ns, ended_ns);
                 let mut d = Draft::new(started_ns, ev);

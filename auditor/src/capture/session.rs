@@ -1067,6 +1067,67 @@ mod tests {
     }
 
     #[test]
+    fn function_calls_are_recorded_once_answered_or_not() {
+        // FunctionCall: oid 764 (lo_open), no format codes, no arguments, text result.
+        let call = msg(
+            b'F',
+            &[&764u32.to_be_bytes()[..], &[0, 0, 0, 0, 0, 0]].concat(),
+        );
+        let returned = msg(b'V', &[&4i32.to_be_bytes()[..], b"1234"].concat());
+        let calls = |events: &[AuditEvent]| -> Vec<(String, Vec<&'static str>, String)> {
+            events
+                .iter()
+                .filter(|e| e.kind == EventKind::Statement)
+                .map(|e| {
+                    (
+                        e.command.to_string(),
+                        e.flags.names().collect(),
+                        e.tx_status.to_string(),
+                    )
+                })
+                .collect()
+        };
+        let fc = |flags: Vec<&'static str>, tx: &str| {
+            ("FUNCTION CALL".to_string(), flags, tx.to_string())
+        };
+        // Answered, then its ReadyForQuery, then the end: once.
+        let (mut c, _) = logged_in_client();
+        let mut out = feed(&mut c, Direction::ToServer, &call);
+        out.extend(feed(&mut c, Direction::ToClient, &returned));
+        out.extend(feed(&mut c, Direction::ToClient, &msg(b'Z', b"I")));
+        let mut end = Vec::new();
+        c.session.abandon(c.ts + 1, &mut end);
+        out.extend(end.into_iter().map(|d| d.event));
+        assert_eq!(calls(&out), [fc(vec![], "idle")]);
+        // Answered, the connection gone before its ReadyForQuery: once, as answered.
+        let (mut c, _) = logged_in_client();
+        let mut out = feed(&mut c, Direction::ToServer, &call);
+        out.extend(feed(&mut c, Direction::ToClient, &returned));
+        let mut end = Vec::new();
+        c.session.abandon(c.ts + 1, &mut end);
+        out.extend(end.into_iter().map(|d| d.event));
+        assert_eq!(calls(&out), [fc(vec![], "")]);
+        // Never answered: recorded at the end, and says so.
+        let (mut c, _) = logged_in_client();
+        let mut out = feed(&mut c, Direction::ToServer, &call);
+        let mut end = Vec::new();
+        c.session.abandon(c.ts + 1, &mut end);
+        out.extend(end.into_iter().map(|d| d.event));
+        assert_eq!(calls(&out), [fc(vec!["no_response"], "")]);
+        // Failed: its error, once.
+        let (mut c, _) = logged_in_client();
+        let mut out = feed(&mut c, Direction::ToServer, &call);
+        let mut failed = error("42883", "function does not exist");
+        failed.extend(msg(b'Z', b"I"));
+        out.extend(feed(&mut c, Direction::ToClient, &failed));
+        let mut end = Vec::new();
+        c.session.abandon(c.ts + 1, &mut end);
+        out.extend(end.into_iter().map(|d| d.event));
+        assert_eq!(calls(&out), [fc(vec![], "idle")]);
+        assert_eq!(out.iter().filter(|e| e.error_code == "42883").count(), 1);
+    }
+
+    #[test]
     fn a_pipeline_longer_than_held_lets_its_first_statements_go() {
         let (mut c, _) = logged_in_client();
         let n = MAX_HELD + 3;

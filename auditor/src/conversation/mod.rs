@@ -359,6 +359,8 @@ enum Pending {
     FunctionCall {
         oid: u32,
         started_ns: i128,
+        /// Its result or error came (it stays queued until its ReadyForQuery).
+        answered: bool,
     },
     /// Requests were lost here (bytes the capture did not see): the responses owed to
     /// them still say which statements ran, and how they ended.
@@ -445,13 +447,25 @@ pub enum Outcome {
         ts_ns: i128,
     },
     Statement(StatementOutcome),
-    /// A FunctionCall ('F') answered with a result or an error.
+    /// A FunctionCall ('F') answered with a result or an error, or never answered.
     FunctionCall {
         oid: u32,
-        error: Option<ErrorFields>,
+        result: FunctionResult,
         started_ns: i128,
         ended_ns: i128,
     },
+}
+
+/// How a FunctionCall ended.
+#[derive(Debug, Clone)]
+pub enum FunctionResult {
+    /// FunctionCallResponse.
+    Returned,
+    /// ErrorResponse.
+    Failed(ErrorFields),
+    /// Not answered: the connection ended first (`NoResponse`), or bytes from the server
+    /// were lost (`ResponseLost`).
+    Unanswered(StatementResult),
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -968,6 +982,7 @@ impl Conversation {
                 self.pending.push_back(Pending::FunctionCall {
                     oid,
                     started_ns: ts,
+                    answered: false,
                 })
             }
             FrontendMessage::Terminate => self.phase = Phase::Terminated,
@@ -1123,16 +1138,22 @@ impl Conversation {
             BackendMessage::EmptyQueryResponse => self.complete(None, None, ts, out),
             BackendMessage::ErrorResponse(e) => self.complete(None, Some(e.summary()), ts, out),
             BackendMessage::PortalSuspended => self.suspended(ts, out),
-            BackendMessage::FunctionCallResponse { .. } => {
-                if let Some(Pending::FunctionCall { oid, started_ns }) = self.pending.front() {
+            BackendMessage::FunctionCallResponse { .. } => match self.pending.front_mut() {
+                Some(Pending::FunctionCall {
+                    oid,
+                    started_ns,
+                    answered,
+                }) if !*answered => {
+                    *answered = true;
                     out.push(Outcome::FunctionCall {
                         oid: *oid,
-                        error: None,
+                        result: FunctionResult::Returned,
                         started_ns: *started_ns,
                         ended_ns: ts,
                     });
                 }
-            }
+                _ => self.counters.unmatched_responses += 1,
+            },
             BackendMessage::ReadyForQuery { status } => {
                 self.transaction = status;
                 // Ends one Sync, simple Query or FunctionCall, with everything before it.
@@ -1422,14 +1443,21 @@ impl Conversation {
                 };
                 out.push(Self::extended(portal, result, started_ns, ts));
             }
-            Pending::FunctionCall { oid, started_ns } => match error {
-                Some(e) => out.push(Outcome::FunctionCall {
-                    oid: *oid,
-                    error: Some(e),
-                    started_ns: *started_ns,
-                    ended_ns: ts,
-                }),
-                None => self.counters.unmatched_responses += 1,
+            Pending::FunctionCall {
+                oid,
+                started_ns,
+                answered,
+            } => match error {
+                Some(e) if !*answered => {
+                    *answered = true;
+                    out.push(Outcome::FunctionCall {
+                        oid: *oid,
+                        result: FunctionResult::Failed(e),
+                        started_ns: *started_ns,
+                        ended_ns: ts,
+                    })
+                }
+                _ => self.counters.unmatched_responses += 1,
             },
             // An error at Sync (a deferred constraint at implicit commit).
             Pending::Sync => self.counters.unmatched_responses += 1,
@@ -1601,6 +1629,16 @@ impl Conversation {
                 Pending::Execute {
                     portal, started_ns, ..
                 } => out.push(Self::extended(portal, result.clone(), started_ns, ts)),
+                Pending::FunctionCall {
+                    oid,
+                    started_ns,
+                    answered: false,
+                } => out.push(Outcome::FunctionCall {
+                    oid,
+                    result: FunctionResult::Unanswered(result.clone()),
+                    started_ns,
+                    ended_ns: ts,
+                }),
                 _ => {}
             }
         }
