@@ -508,17 +508,14 @@ impl Session {
                         draft.event.masked_values = t.values.into();
                         draft.event.decision = Text::Static("masked");
                     }
-                    if self.held.len() >= MAX_HELD
-                        || draft.event.flags.contains(Flag::ResponseLost)
-                        || draft.event.flags.contains(Flag::NoResponse)
-                    {
-                        // (No ReadyForQuery is to come for a statement whose answer will
-                        // not: it goes now, after those waiting.)
+                    // No ReadyForQuery is to come for a statement whose answer will not:
+                    // it goes now, after those waiting.
+                    let unanswered = draft.event.flags.contains(Flag::ResponseLost)
+                        || draft.event.flags.contains(Flag::NoResponse);
+                    if unanswered || self.held.len() >= MAX_HELD {
                         self.release_held(out);
                     }
-                    if draft.event.flags.contains(Flag::ResponseLost)
-                        || draft.event.flags.contains(Flag::NoResponse)
-                    {
+                    if unanswered {
                         out.push(draft);
                         continue;
                     }
@@ -730,6 +727,13 @@ mod tests {
         m.extend(msg(b'E', b"\0\0\0\0\0"));
         m.extend(msg(b'S', b""));
         m
+    }
+
+    /// The connection ends: what the session records then.
+    fn end(c: &mut Fed) -> Vec<AuditEvent> {
+        let mut drafts = Vec::new();
+        c.session.abandon(c.ts + 1, &mut drafts);
+        drafts.into_iter().map(|d| d.event).collect()
     }
 
     /// A session past its startup and authentication.
@@ -1059,11 +1063,10 @@ mod tests {
         r = msg(b'2', b"");
         r.extend(msg(b'C', b"SELECT 1\0"));
         assert!(feed(&mut c, Direction::ToClient, &r).is_empty());
-        let mut end = Vec::new();
-        c.session.abandon(c.ts + 1, &mut end);
-        assert_eq!(end.len(), 1, "{end:#?}");
-        assert_eq!(&*end[0].event.tx_status, "");
-        assert!(!end[0].event.flags.contains(Flag::NoResponse));
+        let ended = end(&mut c);
+        assert_eq!(ended.len(), 1, "{ended:#?}");
+        assert_eq!(&*ended[0].tx_status, "");
+        assert!(!ended[0].flags.contains(Flag::NoResponse));
     }
 
     #[test]
@@ -1095,24 +1098,18 @@ mod tests {
         let mut out = feed(&mut c, Direction::ToServer, &call);
         out.extend(feed(&mut c, Direction::ToClient, &returned));
         out.extend(feed(&mut c, Direction::ToClient, &msg(b'Z', b"I")));
-        let mut end = Vec::new();
-        c.session.abandon(c.ts + 1, &mut end);
-        out.extend(end.into_iter().map(|d| d.event));
+        out.extend(end(&mut c));
         assert_eq!(calls(&out), [fc(vec![], "idle")]);
         // Answered, the connection gone before its ReadyForQuery: once, as answered.
         let (mut c, _) = logged_in_client();
         let mut out = feed(&mut c, Direction::ToServer, &call);
         out.extend(feed(&mut c, Direction::ToClient, &returned));
-        let mut end = Vec::new();
-        c.session.abandon(c.ts + 1, &mut end);
-        out.extend(end.into_iter().map(|d| d.event));
+        out.extend(end(&mut c));
         assert_eq!(calls(&out), [fc(vec![], "")]);
         // Never answered: recorded at the end, and says so.
         let (mut c, _) = logged_in_client();
         let mut out = feed(&mut c, Direction::ToServer, &call);
-        let mut end = Vec::new();
-        c.session.abandon(c.ts + 1, &mut end);
-        out.extend(end.into_iter().map(|d| d.event));
+        out.extend(end(&mut c));
         assert_eq!(calls(&out), [fc(vec!["no_response"], "")]);
         // Failed: its error, once.
         let (mut c, _) = logged_in_client();
@@ -1120,9 +1117,7 @@ mod tests {
         let mut failed = error("42883", "function does not exist");
         failed.extend(msg(b'Z', b"I"));
         out.extend(feed(&mut c, Direction::ToClient, &failed));
-        let mut end = Vec::new();
-        c.session.abandon(c.ts + 1, &mut end);
-        out.extend(end.into_iter().map(|d| d.event));
+        out.extend(end(&mut c));
         assert_eq!(calls(&out), [fc(vec![], "idle")]);
         assert_eq!(out.iter().filter(|e| e.error_code == "42883").count(), 1);
     }
