@@ -1535,7 +1535,7 @@ fn finish(
             _ => {}
         }
     }
-    out.extend(drafts.drain(..).map(|d| d.event));
+    out.extend(drafts.drain(..).map(|d| *d.event));
 }
 
 /// The session's policies (resolved again when the set, the workload or the database

@@ -51,7 +51,9 @@ impl Default for RecordingPolicy {
 #[derive(Debug)]
 pub struct Draft {
     pub ts_ns: i128,
-    pub event: AuditEvent,
+    /// Boxed: a draft moves several times on its way (held for its ReadyForQuery, put
+    /// in order, finished) and the event is about 1 KB; the box moves as a pointer.
+    pub event: Box<AuditEvent>,
     /// What a statement's event was made from: the event holds it as the recorder's
     /// policy renders it; a session's policy may render it otherwise ([`render`]) and
     /// judge it.
@@ -62,7 +64,7 @@ impl Draft {
     pub fn new(ts_ns: i128, event: AuditEvent) -> Draft {
         Draft {
             ts_ns,
-            event,
+            event: Box::new(event),
             source: Source::default(),
         }
     }
@@ -177,7 +179,7 @@ impl Recorder {
     }
 
     fn statement(&self, s: StatementOutcome, flags: &mut Flags) -> Draft {
-        let mut ev = kind_event(EventKind::Statement);
+        let mut ev = Box::new(kind_event(EventKind::Statement));
         let mut source = Source {
             multi: s.multi,
             whole: s.whole.clone(),

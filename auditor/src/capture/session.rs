@@ -703,7 +703,7 @@ mod tests {
         c.ts += 1_000;
         c.session
             .push(direction, bytes, true, c.ts, &mut c.analyzer, &mut drafts);
-        drafts.into_iter().map(|d| d.event).collect()
+        drafts.into_iter().map(|d| *d.event).collect()
     }
 
     fn startup() -> Vec<u8> {
@@ -733,7 +733,7 @@ mod tests {
     fn end(c: &mut Fed) -> Vec<AuditEvent> {
         let mut drafts = Vec::new();
         c.session.abandon(c.ts + 1, &mut drafts);
-        drafts.into_iter().map(|d| d.event).collect()
+        drafts.into_iter().map(|d| *d.event).collect()
     }
 
     /// A session past its startup and authentication.
@@ -1197,14 +1197,14 @@ mod partial_tests {
                 &mut self.analyzer,
                 &mut drafts,
             );
-            self.out.extend(drafts.into_iter().map(|d| d.event));
+            self.out.extend(drafts.into_iter().map(|d| *d.event));
         }
 
         fn lose(&mut self, direction: Direction, bytes: u64) {
             let mut drafts = Vec::new();
             self.session
                 .gap(direction, bytes, self.ts, &mut self.analyzer, &mut drafts);
-            self.out.extend(drafts.into_iter().map(|d| d.event));
+            self.out.extend(drafts.into_iter().map(|d| *d.event));
         }
 
         fn statements(&self) -> Vec<&AuditEvent> {
