@@ -76,7 +76,7 @@ fn benches(c: &mut Criterion) {
     let template: Vec<AuditEvent> = drafts
         .iter()
         .map(|d| {
-            let mut ev = d.event.clone();
+            let mut ev = (*d.event).clone();
             ev.event_id = new_event_id();
             ev.session_id = new_event_id().as_str().into();
             ev.host = "bench-host".into();
