@@ -963,10 +963,8 @@ impl Tracker {
             self.emit_gap(conn, direction, missing, ts, out);
             if let Some(s) = self.sessions.get_mut(&conn) {
                 let mut drafts = std::mem::take(&mut self.drafts);
-                let entered = s.span.enter();
                 s.session
                     .gap(direction, missing, ts, &mut self.analyzer, &mut drafts);
-                drop(entered);
                 self.finish_drafts(conn, &mut drafts, out);
                 self.drafts = drafts;
             }
@@ -993,8 +991,9 @@ impl Tracker {
         let Some(s) = self.sessions.get_mut(&conn) else {
             return;
         };
+        // (The session's span is not entered: decoding logs nothing, and entering and
+        // leaving a span costs the subscriber's bookkeeping twice per record.)
         let mut drafts = std::mem::take(&mut self.drafts);
-        let entered = s.span.enter();
         s.session.push(
             direction,
             payload,
@@ -1003,7 +1002,6 @@ impl Tracker {
             &mut self.analyzer,
             &mut drafts,
         );
-        drop(entered);
         let terminated = s.unix && s.session.terminated();
         self.finish_drafts(conn, &mut drafts, out);
         self.drafts = drafts;

@@ -296,6 +296,9 @@ fn memory_section(md: &mut String, pg: &Postgres, seconds: u32) -> Result<()> {
 /// The `--only` key of the masking run.
 const MASKING_RUN: &str = "masking";
 
+/// The `--only` key of the daemon's profile (`perf record` during a select-only run).
+const PROFILE_RUN: &str = "profile";
+
 /// Rows of the masking run's result (the issue's bar: a 200,000-row result with two masked
 /// columns).
 const MASKING_ROWS: u32 = 200_000;
@@ -1004,6 +1007,8 @@ pub fn bench(opts: Options) -> Result<()> {
     let memory_run = !smoke && (!partial || opts.only.iter().any(|o| o == MEMORY_RUN));
     // `--only masking`: the masking run (also in the full bench, and small in the smoke).
     let masking_run = smoke || !partial || opts.only.iter().any(|o| o == MASKING_RUN);
+    // `--only profile`: where the daemon's time goes (also in the full bench).
+    let profile_run = !smoke && (!partial || opts.only.iter().any(|o| o == PROFILE_RUN));
     if !smoke && !opts.only.is_empty() {
         let known: Vec<String> = workloads
             .iter()
@@ -1012,11 +1017,12 @@ pub fn bench(opts: Options) -> Result<()> {
         for o in opts
             .only
             .iter()
-            .filter(|o| *o != MEMORY_RUN && *o != MASKING_RUN)
+            .filter(|o| ![MEMORY_RUN, MASKING_RUN, PROFILE_RUN].contains(&o.as_str()))
         {
             if !known.contains(o) {
                 bail!(
-                    "unknown workload {o:?}; one of: {}, {MEMORY_RUN}, {MASKING_RUN}",
+                    "unknown workload {o:?}; one of: {}, {MEMORY_RUN}, {MASKING_RUN}, \
+                     {PROFILE_RUN}",
                     known.join(", ")
                 );
             }
@@ -1376,7 +1382,7 @@ pub fn bench(opts: Options) -> Result<()> {
         let rows = if smoke { 2_000 } else { MASKING_ROWS };
         masking_section(&mut md, &pg, rows, seconds, reps)?;
     }
-    if !smoke && !partial {
+    if profile_run {
         writeln!(md, "## Where the daemon's time goes\n")?;
         match profile(&pg, seconds, clients) {
             Ok(top) => {
@@ -1566,12 +1572,27 @@ fn profile(pg: &Postgres, seconds: u32, clients: u32) -> Result<String> {
         .arg(&data)
         .output()?;
     let text = String::from_utf8_lossy(&report.stdout);
-    let top: String = text
+    let mut top: String = text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .take(15)
+        .take(25)
         .map(|l| format!("{}\n", l.trim_end()))
         .collect();
+    // Each thread's share, user and kernel apart.
+    let threads = Command::new("perf")
+        .args(["report", "--stdio", "--no-children", "-g", "none"])
+        .args(["--sort", "comm,dso", "--percent-limit", "1", "-i"])
+        .arg(&data)
+        .output()?;
+    top.push_str("\nBy thread and object:\n");
+    for l in String::from_utf8_lossy(&threads.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .take(10)
+    {
+        top.push_str(l.trim_end());
+        top.push('\n');
+    }
     Ok(top)
 }
 

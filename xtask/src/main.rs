@@ -50,7 +50,8 @@ enum Cmd {
         smoke: bool,
         /// Only this workload (repeatable): select-only/simple, select-only/extended,
         /// select-only/prepared, TPC-B-like/simple, TPC-B-like/extended, TPC-B-like/prepared,
-        /// memory (1,000 connections), masking (a 200,000-row result masked in the proxy).
+        /// memory (1,000 connections), masking (a 200,000-row result masked in the proxy),
+        /// profile (`perf record` on the daemon during a select-only run).
         /// Any selection writes target/bench-partial.md, not docs/benchmarks.md.
         #[arg(long, value_name = "WORKLOAD/MODE")]
         only: Vec<String>,
