@@ -316,13 +316,13 @@ fn unix_tuple(off: &KernelOffsets, sk: u64) -> Option<(Tuple, u8)> {
         family: AF_UNIX,
         ..Tuple::default()
     };
-    let mine = sk.to_le_bytes();
-    let theirs = peer.to_le_bytes();
-    let mut i = 0;
-    while i < 8 {
-        tuple.local_addr[i] = mine[i];
-        tuple.remote_addr[i] = theirs[i];
-        i += 1;
+    // The two socket addresses as the first 8 bytes of the endpoints, little-endian: one
+    // store each (a byte loop spills every byte to the stack).
+    const _: () =
+        assert!(align_of::<Tuple>() >= 8 && core::mem::offset_of!(Tuple, remote_addr) == 16);
+    unsafe {
+        (tuple.local_addr.as_mut_ptr() as *mut u64).write(sk.to_le());
+        (tuple.remote_addr.as_mut_ptr() as *mut u64).write(peer.to_le());
     }
     if role == ROLE_SERVER {
         tuple.local_port = port;

@@ -11,10 +11,10 @@
 use core::ffi::c_void;
 
 use auditor_common::{
-    counter, lost_bit, KernelOffsets, RecordHeader, AF_UNIX, CHUNK_DATA, COMPAT_CHUNKS_PER_CALL,
-    COMPAT_IOVECS, DIR_TO_CLIENT, DIR_TO_SERVER, MAX_CHUNKS_PER_CALL, MAX_IOVECS, RECORD_CLOSE,
-    RECORD_DATA, RECORD_FILE, RECORD_LOST_BEFORE, RECORD_OPEN, RECORD_SAME_IDENTITY, ROLE_CLIENT,
-    SEEN_ACCEPT, SEEN_CONNECT, SEEN_IO, STREAM_RAW, STREAM_TLS,
+    counter, lost_bit, RecordHeader, AF_UNIX, CHUNK_DATA, COMPAT_CHUNKS_PER_CALL, COMPAT_IOVECS,
+    DIR_TO_CLIENT, DIR_TO_SERVER, MAX_CHUNKS_PER_CALL, MAX_IOVECS, RECORD_CLOSE, RECORD_DATA,
+    RECORD_FILE, RECORD_LOST_BEFORE, RECORD_OPEN, RECORD_SAME_IDENTITY, ROLE_CLIENT, SEEN_ACCEPT,
+    SEEN_CONNECT, SEEN_IO, STREAM_RAW, STREAM_TLS,
 };
 use aya_ebpf::{
     helpers::{
@@ -109,35 +109,75 @@ pub(crate) fn is_daemon(pid_tgid: u64) -> bool {
 /// The watched connection of socket `sk` (inode `ino`), registering it on first sight.
 /// None if the socket is not a watched connection.
 #[inline(always)]
-fn conn_of_sock(off: &KernelOffsets, sk: u64, ino: u64, seen: u8) -> Option<(ConnState, bool)> {
-    let (entry, new) = conn_entry(off, sk, ino, seen)?;
+fn conn_of_sock(sk: u64, ino: u64, seen: u8) -> Option<(ConnState, bool)> {
+    let (entry, new) = conn_entry(sk, ino, seen)?;
     Some((unsafe { *entry }, new))
 }
 
 /// As `conn_of_sock`, the connection's entry in CONNS itself (one lookup where it is
 /// known, the common case), and whether it was registered just now.
 #[inline(always)]
-fn conn_entry(off: &KernelOffsets, sk: u64, ino: u64, seen: u8) -> Option<(*mut ConnState, bool)> {
+fn conn_entry(sk: u64, ino: u64, seen: u8) -> Option<(*mut ConnState, bool)> {
     if let Some(entry) = CONNS.get_ptr_mut(sk) {
-        let state = unsafe { &*entry };
-        if state.ino == ino {
+        if unsafe { (*entry).ino } == ino {
             return Some((entry, false));
         }
-        // A new socket at the address of one whose close was not seen (Unix-domain sockets
-        // have no close tracepoint): the old connection ends here.
+    }
+    let registered = register_conn(sk, ino, seen as u64);
+    if registered == REGISTER_NONE {
+        return None;
+    }
+    match CONNS.get_ptr_mut(sk) {
+        Some(entry) => Some((entry, registered == REGISTER_NEW)),
+        None => {
+            count(counter::CONN_TABLE_FULL, 1);
+            None
+        }
+    }
+}
+
+/// `register_conn`: the socket is not a watched connection (or the lease is out).
+const REGISTER_NONE: u64 = 0;
+/// `register_conn`: another CPU registered it first.
+const REGISTER_RACED: u64 = 1;
+/// `register_conn`: registered by this call.
+const REGISTER_NEW: u64 = 2;
+
+/// The first sight of socket `sk` (inode `ino`): ends the connection of a closed socket
+/// that stood at its address, and enters it in CONNS if it is a watched connection.
+/// A function of its own, not inlined: its locals (the tuple, the new entry, the walk of
+/// the socket's addresses) sit in their own stack frame, beside and not on top of the
+/// frame of the caller's hot path; inlined, every syscall exit program's frame grew by
+/// them and, with the `bpf_loop` callback's frame on top, passed the verifier's 512-byte
+/// bound for a call chain.
+#[inline(never)]
+fn register_conn(sk: u64, ino: u64, seen: u64) -> u64 {
+    let Some(off) = offsets() else {
+        return REGISTER_NONE;
+    };
+    if let Some(state) = unsafe { CONNS.get(sk) } {
+        if state.ino == ino {
+            return REGISTER_RACED;
+        }
+        // A new socket at the address of one whose close was not seen (Unix-domain
+        // sockets have no close tracepoint): the old connection ends here.
         emit_control(RECORD_CLOSE, sk, state, 0);
         let _ = CONNS.remove(sk);
         let _ = MUTED.remove(sk);
     }
-    let (tuple, role) = watched_sock(off, sk)?;
+    let Some((tuple, role)) = watched_sock(off, sk) else {
+        return REGISTER_NONE;
+    };
     // A connection is taken up only within the lease.
-    let now = on_duty_at()?;
+    let Some(now) = on_duty_at() else {
+        return REGISTER_NONE;
+    };
     let state = ConnState {
         start_ns: now,
         tuple,
         offsets: [0, 0],
         role,
-        seen,
+        seen: seen as u8,
         tls: 0,
         lost: 0,
         muted: 0,
@@ -149,13 +189,10 @@ fn conn_entry(off: &KernelOffsets, sk: u64, ino: u64, seen: u8) -> Option<(*mut 
     // A mute left over from an earlier socket at this address does not apply.
     let _ = MUTED.remove(sk);
     // BPF_NOEXIST: two CPUs racing on first sight keep the first entry.
-    let new = CONNS.insert(sk, state, 1).is_ok();
-    match CONNS.get_ptr_mut(sk) {
-        Some(entry) => Some((entry, new)),
-        None => {
-            count(counter::CONN_TABLE_FULL, 1);
-            None
-        }
+    if CONNS.insert(sk, state, 1).is_ok() {
+        REGISTER_NEW
+    } else {
+        REGISTER_RACED
     }
 }
 
@@ -193,7 +230,7 @@ pub(crate) fn is_muted(conn: *mut ConnState, sk: u64) -> bool {
 fn lookup_conn(fd: u64, seen: u8) -> Option<(u64, ConnState, bool)> {
     let off = offsets()?;
     let (sk, ino) = sock_of_fd(off, fd)?;
-    let (state, new) = conn_of_sock(off, sk, ino, seen)?;
+    let (state, new) = conn_of_sock(sk, ino, seen)?;
     Some((sk, state, new))
 }
 
@@ -397,7 +434,7 @@ fn enter_io(ctx: &TracePointContext, is_write: bool, buf: u64, iovcnt: u64) -> O
     // Inside a hooked TLS library call: this syscall moves ciphertext for that call, and
     // tells which socket the library object runs over.
     let tls_call = tls_call_of(pid_tgid);
-    let Some((conn, _)) = conn_entry(off, sk, ino, SEEN_IO) else {
+    let Some((conn, _)) = conn_entry(sk, ino, SEEN_IO) else {
         untie_tls(pid_tgid, tls_call);
         return None;
     };
@@ -689,7 +726,7 @@ fn take_call(ctx: &TracePointContext, is_write: bool, args: u8) -> Option<Call> 
     // Inside a hooked TLS library call: this syscall moves ciphertext for that call, and
     // tells which socket the library object runs over.
     let tls_call = tls_call_of(pid_tgid);
-    let Some((conn, _)) = conn_entry(off, sk, ino, SEEN_IO) else {
+    let Some((conn, _)) = conn_entry(sk, ino, SEEN_IO) else {
         untie_tls(pid_tgid, tls_call);
         return None;
     };
