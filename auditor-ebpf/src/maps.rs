@@ -157,6 +157,10 @@ pub struct ConnState {
     /// (RECORD_SAME_IDENTITY).
     pub ident_tgid: u32,
     pub ident_mark: u32,
+    /// The generation (its mark) and the MUTE_EPOCH at which this socket was last looked up
+    /// in MUTED and not found: until the epoch moves on, its calls take no lookup there.
+    pub unmuted_mark: u32,
+    pub unmuted_epoch: u32,
 }
 
 /// LRU: Unix-domain sockets have no close tracepoint, so their entries are replaced when
@@ -170,6 +174,17 @@ pub static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(6553
 /// LRU: a Unix-domain connection that ends at its Terminate leaves its entry behind.
 #[map]
 pub static MUTED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Where a connection's entry is assembled before it goes into CONNS (the stack is too
+/// small for it beside the callers' frames).
+#[map]
+pub static NEW_CONN: PerCpuArray<ConnState> = PerCpuArray::with_max_entries(1, 0);
+
+/// Moved on by the daemon after each entry it puts in MUTED: a socket found unmuted is
+/// looked up there again only once the epoch has changed (see `syscalls::is_muted`). Each
+/// generation's own, like MUTED.
+#[map]
+pub static MUTE_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
 
 /// A read or write in flight on a watched socket, from sys_enter to sys_exit.
 #[repr(C)]

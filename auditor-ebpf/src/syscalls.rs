@@ -34,8 +34,9 @@ use crate::{
     maps::{
         count, tls_in_flight, ConnState, PendingCall, SockRef, SslKey, TlsCall, BARE,
         CHUNKS_PER_CALL, CONNECTING, CONNS, DAEMON_TGID, EVENTS, EXIT_ONLY, GENERATION, HANDOVER,
-        KNOWN_FILES, LOOP_STATE, MUTED, PENDING, PENDING_ACTIVE, PENDING_EOF_ONLY, PENDING_READ,
-        SCRATCH, SSL_SOCKS, TAKEN, TLS_CALLS, WAKE_BYTES, WAKE_CHECK, WAKE_CHECK_BYTES,
+        KNOWN_FILES, LOOP_STATE, MUTED, MUTE_EPOCH, NEW_CONN, PENDING, PENDING_ACTIVE,
+        PENDING_EOF_ONLY, PENDING_READ, SCRATCH, SSL_SOCKS, TAKEN, TLS_CALLS, WAKE_BYTES,
+        WAKE_CHECK, WAKE_CHECK_BYTES,
     },
     sock::{file_id_of_fd, offsets, sock_of_fd, watched_sock},
 };
@@ -172,24 +173,24 @@ fn register_conn(sk: u64, ino: u64, seen: u64) -> u64 {
     let Some(now) = on_duty_at() else {
         return REGISTER_NONE;
     };
-    let state = ConnState {
-        start_ns: now,
-        tuple,
-        offsets: [0, 0],
-        role,
-        seen: seen as u8,
-        tls: 0,
-        lost: 0,
-        muted: 0,
-        tls_offsets: [0, 0],
-        ino,
-        ident_tgid: 0,
-        ident_mark: 0,
+    // The new entry is assembled in scratch space, not on the stack (see `register_conn`).
+    let Some(state) = NEW_CONN.get_ptr_mut(0) else {
+        return REGISTER_NONE;
     };
+    unsafe {
+        zero_words(state);
+        (*state).start_ns = now;
+        copy_words(&mut (*state).tuple, &tuple);
+        (*state).role = role;
+        (*state).seen = seen as u8;
+        (*state).ino = ino;
+    }
     // A mute left over from an earlier socket at this address does not apply.
     let _ = MUTED.remove(sk);
     // BPF_NOEXIST: two CPUs racing on first sight keep the first entry.
-    if CONNS.insert(sk, state, 1).is_ok() {
+    // (By reference: the helper reads the entry where it is, no copy on the stack.)
+    let entry: &ConnState = unsafe { &*state };
+    if CONNS.insert(sk, entry, 1).is_ok() {
         REGISTER_NEW
     } else {
         REGISTER_RACED
@@ -206,13 +207,23 @@ fn generation_mark() -> u32 {
 /// Whether the daemon muted the connection of entry `conn` (socket `sk`). A yes is kept
 /// in the entry, so later calls take no second lookup; it is kept for this generation
 /// only, as MUTED is each generation's own (a successor sees both ends again, see
-/// `handover::SHARED_MAPS`).
+/// `handover::SHARED_MAPS`). A no is kept with the MUTE_EPOCH it was found at: MUTED is
+/// looked up again only after the daemon added to it.
 #[inline(always)]
 pub(crate) fn is_muted(conn: *mut ConnState, sk: u64) -> bool {
     let mark = generation_mark();
     unsafe {
         if (*conn).muted == mark {
             return true;
+        }
+        // Read before the lookup: the daemon moves the epoch on after its insertion, so an
+        // epoch seen here is never newer than what the lookup finds.
+        let epoch = match MUTE_EPOCH.get(0) {
+            Some(&epoch) => epoch,
+            None => return false,
+        };
+        if (*conn).unmuted_mark == mark && (*conn).unmuted_epoch == epoch {
+            return false;
         }
         if MUTED
             .get(sk)
@@ -221,6 +232,8 @@ pub(crate) fn is_muted(conn: *mut ConnState, sk: u64) -> bool {
             (*conn).muted = mark;
             return true;
         }
+        (*conn).unmuted_mark = mark;
+        (*conn).unmuted_epoch = epoch;
     }
     false
 }

@@ -941,11 +941,7 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
                 );
             }
         }
-        for end in tracker.drain_mutes() {
-            if capture.mute(end.sock, end.start_ns).is_err() {
-                mute_failures += 1;
-            }
-        }
+        mute_failures += capture.mute(tracker.drain_mutes().map(|end| (end.sock, end.start_ns)));
         // Batches go to the sink thread when large or 20 ms old: one hand-over (a thread
         // wake-up) per few hundred events, not per drain of the ring.
         if (batch.len() >= SEND_AT || (!batch.is_empty() && last_send.elapsed() >= SEND_EVERY))

@@ -726,3 +726,50 @@ fn without_bpf_loop_exact_and_oversized_calls_recorded_as_gaps() {
     );
     assert_eq!(str_of(mine[1], "statement"), "SELECT length($1)");
 }
+
+/// Both ends of a loopback connection are watched; once the session is settled the daemon
+/// mutes the end it does not decode, and the kernel stops copying it, even for a socket
+/// the programs had already looked up and found unmuted (its earlier calls: startup,
+/// authentication, the first statements). A mute that did not take would copy the 4 MB
+/// result twice: the second copy arrives and is counted as duplicate bytes.
+#[test]
+fn the_redundant_end_of_a_loopback_connection_stops_being_copied() {
+    if !can_run("the_redundant_end_of_a_loopback_connection_stops_being_copied") {
+        return;
+    }
+    let pg = Postgres::start(&[]).unwrap();
+    let mut daemon = Daemon::start(pg.port, "").unwrap();
+    let cg = Cgroup::new("mute").unwrap();
+    let mut cmd = pg.psql();
+    cmd.env("PGAPPNAME", "mute_check").args([
+        "-c",
+        "SELECT 1",
+        "-c",
+        "SELECT pg_sleep(1)",
+        "-c",
+        "SELECT count(*) FROM (SELECT repeat('x', 1000000) FROM generate_series(1, 4)) big",
+        "-c",
+        "SELECT length(string_agg(repeat('y', 1000000), '')) FROM generate_series(1, 4)",
+        "-c",
+        "SELECT repeat('z', 1000000) FROM generate_series(1, 4)",
+    ]);
+    cg.enter(&mut cmd);
+    cmd.stdout(Stdio::null());
+    check(&mut cmd).unwrap();
+    daemon.wait_sessions_ended(&cg.name);
+    // stats.json is written each second: wait for one written after the session ended.
+    let stats = daemon.wait_for_stats(Duration::from_secs(10), |s| {
+        s["active_sessions"].as_u64() == Some(0)
+            && s["kernel"]["bytes"].as_u64().unwrap_or(0) >= 4_000_000
+    });
+    let events = daemon.stop_without_gaps();
+    let recorded = statements(&events, &cg.name, "mute_check");
+    assert_eq!(recorded.len(), 5, "{recorded:#?}");
+    let copied = stats["kernel"]["bytes"].as_u64().unwrap();
+    let duplicate = stats["tracker"]["duplicate_bytes"].as_u64().unwrap();
+    // The result rows came over the decoded end: 4 MB at least.
+    assert!(copied >= 4_000_000, "{stats}");
+    // The other end's copies stopped before the result: what it sent before it was muted
+    // (startup, the first statements) is a few KB.
+    assert!(duplicate < 100_000, "duplicate bytes {duplicate}: {stats}");
+}

@@ -9,6 +9,9 @@ use crate::run;
 
 /// The nightly that builds the eBPF programs (its LLVM is 22, like bpf-linker's).
 pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-19";
+/// The bpf-linker release installed: pinned like the nightly, so that a new release cannot
+/// change the programs' code (and what the verifier makes of it) under a fresh machine.
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages needed to build: (package, why).
 const BUILD_PACKAGES: &[(&str, &str)] = &[
@@ -230,6 +233,8 @@ pub fn setup(purpose: Purpose) -> Result<()> {
             "install",
             "--locked",
             "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
             "--no-default-features",
             "--features",
             "llvm-22",

@@ -200,6 +200,9 @@ pub struct Capture {
     /// The last drain stopped at its budget: more records may be waiting.
     ring_had_more: bool,
     muted: BpfHashMap<MapData, u64, u64>,
+    /// Moved on after each insertion into `muted` (the programs look a socket up there
+    /// again only when it changed).
+    mute_epoch: Array<MapData, u32>,
     known_files: BpfHashMap<MapData, [u64; 2], u8>,
     counters: PerCpuArray<MapData, u64>,
     pub attached: Vec<String>,
@@ -607,6 +610,7 @@ impl Capture {
         let ring = take_map(&mut ebpf, "EVENTS")?;
         let counters = take_map(&mut ebpf, "COUNTERS")?;
         let muted = take_map(&mut ebpf, "MUTED")?;
+        let mute_epoch = take_map(&mut ebpf, "MUTE_EPOCH")?;
         let known_files = take_map(&mut ebpf, "KNOWN_FILES")?;
         let handover = take_map(&mut ebpf, "HANDOVER")?;
         Ok(Capture {
@@ -617,6 +621,7 @@ impl Capture {
             ring,
             ring_had_more: true,
             muted,
+            mute_epoch,
             known_files,
             counters,
             attached: Vec::new(),
@@ -881,15 +886,27 @@ impl Capture {
         n
     }
 
-    /// Stops copying the payload of a socket (the redundant end of a local connection).
-    /// The kernel forgets it when the socket closes.
-    pub fn mute(&mut self, sock: u64, conn_start_ns: u64) -> Result<(), CaptureError> {
-        self.muted
-            .insert(sock, conn_start_ns, 0)
-            .map_err(|source| CaptureError::Map {
-                name: "MUTED",
-                source,
-            })
+    /// Stops copying the payload of sockets (the redundant ends of local connections),
+    /// each given as (socket, its connection's first-seen time). The kernel forgets them
+    /// when they close. Returns how many could not be muted (the table is full: their
+    /// payload keeps coming, and is dropped here).
+    pub fn mute(&mut self, ends: impl IntoIterator<Item = (u64, u64)>) -> u64 {
+        let (mut added, mut failed) = (0u64, 0u64);
+        for (sock, conn_start_ns) in ends {
+            match self.muted.insert(sock, conn_start_ns, 0) {
+                Ok(()) => added += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        if added > 0 {
+            // After the insertions: a program that sees the new epoch finds them.
+            let epoch = self.mute_epoch.get(&0, 0).unwrap_or(0);
+            if self.mute_epoch.set(0, epoch.wrapping_add(1), 0).is_err() {
+                // Sockets the programs found unmuted since the last epoch keep coming.
+                failed += added;
+            }
+        }
+        failed
     }
 
     /// Hooks the TLS functions of one file (every process mapping it, now or later).
