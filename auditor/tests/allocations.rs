@@ -48,9 +48,13 @@ static GLOBAL: Counting = Counting;
 /// Describe, Execute, Sync per statement), with parameters hashed as by default: for a
 /// statement with parameters, its Bind's values (one buffer, shared by the portal and the
 /// event's source) and the recorded list of their keyed hashes (one buffer); nothing for
-/// one without (BEGIN, END). 1.71 today (was 4.71 before event ids, parameter lists,
-/// command tags and repeated row descriptions stopped allocating).
-const MAX_PER_STATEMENT: f64 = 2.0;
+/// one without (BEGIN, END); and the box of the statement's draft: the event (about
+/// 1 KB) moves as a pointer while it is held for its ReadyForQuery, ordered and finished,
+/// which costs less than the copies it saves (the tracker's hot path went from 1.71 to
+/// 1.39 µs per statement). 2.71 today (was 4.71 before event ids, parameter lists,
+/// command tags and repeated row descriptions stopped allocating, and 1.71 before drafts
+/// boxed their events).
+const MAX_PER_STATEMENT: f64 = 3.0;
 
 #[test]
 fn a_steady_prepared_statement_allocates_a_bounded_few_times() {
