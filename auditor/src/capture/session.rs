@@ -1397,6 +1397,41 @@ mod partial_tests {
     }
 
     #[test]
+    fn several_whole_requests_lost_are_each_recorded_from_their_answers() {
+        let mut c = Fed::new(1 << 20);
+        let answer = |tag: &str| {
+            let mut r = msg(b'C', format!("{tag}\0").as_bytes());
+            r.extend(msg(b'Z', b"I"));
+            r
+        };
+        c.push(Direction::ToServer, &msg(b'Q', b"SELECT 1\0"));
+        c.push(Direction::ToClient, &one_row_response());
+        // Two whole queries lost, each in a write of its own (the capture missed both).
+        let lost = msg(b'Q', b"DELETE FROM a\0").len() + msg(b'Q', b"DROP TABLE a\0").len();
+        c.lose(Direction::ToServer, lost as u64);
+        c.push(Direction::ToClient, &answer("DELETE 3"));
+        c.push(Direction::ToClient, &answer("DROP TABLE"));
+        c.push(Direction::ToServer, &msg(b'Q', b"SELECT 2\0"));
+        c.push(Direction::ToClient, &one_row_response());
+        let st: Vec<(String, String, Option<u64>)> = c
+            .statements()
+            .iter()
+            .map(|e| (e.statement.to_string(), e.command.to_string(), e.rows))
+            .collect();
+        assert_eq!(
+            st,
+            [
+                ("SELECT $1".to_string(), "SELECT".to_string(), Some(1)),
+                (String::new(), "DELETE".to_string(), Some(3)),
+                (String::new(), "DROP TABLE".to_string(), None),
+                ("SELECT $1".to_string(), "SELECT".to_string(), Some(1)),
+            ],
+            "{:#?}",
+            c.out
+        );
+    }
+
+    #[test]
     fn a_whole_answer_lost_does_not_shift_the_statements_after_it() {
         let mut c = Fed::new(1 << 20);
         let answer = |tag: &str| {
