@@ -142,7 +142,8 @@ fn benches(c: &mut Criterion) {
                     let target = sink.shared.counters().inserted + PER_ITER as u64;
                     let start = std::time::Instant::now();
                     for chunk in events.chunks(1000) {
-                        let mut batch = chunk.to_vec();
+                        let mut batch: Vec<Box<AuditEvent>> =
+                            chunk.iter().cloned().map(Box::new).collect();
                         for ev in batch.iter_mut() {
                             ev.event_id = new_event_id();
                         }

@@ -190,7 +190,7 @@ const SEND_EVERY: Duration = Duration::from_millis(20);
 fn hand_on(
     tx: &mut sink::SinkSender,
     capture: &mut Capture,
-    batch: &mut Vec<AuditEvent>,
+    batch: &mut Vec<Box<AuditEvent>>,
     sent: &mut u64,
     last_send: &mut Instant,
 ) -> bool {
@@ -198,7 +198,8 @@ fn hand_on(
     let next = match tx.reuse() {
         // A batch a burst grew (an event is about 1 KB) is not kept for the quiet after.
         Some(mut used) if used.capacity() <= 2 * SEND_AT => {
-            used.clear();
+            // Their boxes are kept for the next events (see `recorder::boxed`).
+            used.drain(..).for_each(crate::audit::recorder::recycle);
             used
         }
         _ => Vec::with_capacity(SEND_AT),
@@ -320,7 +321,7 @@ fn write_stats(path: &Path, stats: &Stats) {
 fn drain_proxy(
     enforcement: Option<&crate::proxy::Enforcement>,
     tracker: &mut Tracker,
-    batch: &mut Vec<AuditEvent>,
+    batch: &mut Vec<Box<AuditEvent>>,
 ) {
     if let Some(e) = enforcement {
         for r in e.records.try_iter() {
@@ -725,7 +726,7 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
     let flushed = sink.flushed.clone();
     let mut sent: u64 = 0;
     let mut watermark = continuity::WatermarkKeeper::default();
-    let mut batch: Vec<AuditEvent> = Vec::with_capacity(256);
+    let mut batch: Vec<Box<AuditEvent>> = Vec::with_capacity(256);
     let previous_update = previous_stats
         .as_ref()
         .map(|s| (s.pid, s.updated_at.as_str()));
@@ -742,7 +743,7 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
                 &cfg.host_name(),
             ) {
                 tracing::warn!("{}", ev.statement);
-                batch.push(ev);
+                batch.push(Box::new(ev));
             }
         }
         Some(h) => {
@@ -778,7 +779,7 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
             );
             for ev in now {
                 tracing::warn!("{}", ev.statement);
-                batch.push(ev);
+                batch.push(Box::new(ev));
             }
             pending_window = Some(window);
         }
@@ -858,7 +859,7 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
                 &cfg.host_name(),
             ) {
                 tracing::warn!("{}", ev.statement);
-                batch.push(ev);
+                batch.push(Box::new(ev));
             }
         }
         drain_proxy(enforcement.as_ref(), &mut tracker, &mut batch);
@@ -890,7 +891,7 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
             if let Some(e) = &enforcement {
                 let hub = &e.proxy.shared.approvals;
                 hub.sweep();
-                own.extend(hub.take_events());
+                own.extend(hub.take_events().into_iter().map(Box::new));
             }
             if !own.is_empty() {
                 host_text.get_or_insert_with(|| cfg.host_name().into());

@@ -506,7 +506,7 @@ impl Tracker {
     }
 
     /// Handles one ring-buffer record; complete events go to `out`.
-    pub fn handle(&mut self, rec: &Record<'_>, out: &mut Vec<AuditEvent>) {
+    pub fn handle(&mut self, rec: &Record<'_>, out: &mut Vec<Box<AuditEvent>>) {
         self.counters.records += 1;
         let h = &rec.header;
         let key = EndKey {
@@ -532,7 +532,13 @@ impl Tracker {
 
     /// The proxy held a statement of a session, or the hold ended: an `approval_*` event
     /// in the session's order, and (for an end) what its statement's event will carry.
-    fn on_note(&mut self, key: EndKey, h: &RecordHeader, data: &[u8], out: &mut Vec<AuditEvent>) {
+    fn on_note(
+        &mut self,
+        key: EndKey,
+        h: &RecordHeader,
+        data: &[u8],
+        out: &mut Vec<Box<AuditEvent>>,
+    ) {
         let Ok(note) = serde_json::from_slice::<crate::approvals::Note>(data) else {
             tracing::warn!("a proxy note does not read: dropped");
             return;
@@ -663,7 +669,7 @@ impl Tracker {
         key: EndKey,
         h: &RecordHeader,
         first_data: Option<&[u8]>,
-        out: &mut Vec<AuditEvent>,
+        out: &mut Vec<Box<AuditEvent>>,
     ) -> bool {
         if let Some(end) = self.ends.get(&key) {
             let conn = end.conn;
@@ -910,7 +916,13 @@ impl Tracker {
         false
     }
 
-    fn on_data(&mut self, key: EndKey, h: &RecordHeader, data: &[u8], out: &mut Vec<AuditEvent>) {
+    fn on_data(
+        &mut self,
+        key: EndKey,
+        h: &RecordHeader,
+        data: &[u8],
+        out: &mut Vec<Box<AuditEvent>>,
+    ) {
         self.counters.bytes += data.len() as u64;
         let primary = self.end_for(key, h, Some(data), out);
         let Some(end) = self.ends.get_mut(&key) else {
@@ -1012,7 +1024,7 @@ impl Tracker {
 
     /// Records TLS sessions that showed only ciphertext, from every end, for longer than
     /// TLS_UNREADABLE_AFTER_NS as unreadable (with their identity and endpoints).
-    pub fn tick(&mut self, now_ns: u64, out: &mut Vec<AuditEvent>) {
+    pub fn tick(&mut self, now_ns: u64, out: &mut Vec<Box<AuditEvent>>) {
         let due: Vec<ConnKey> = self
             .sessions
             .iter()
@@ -1060,7 +1072,7 @@ impl Tracker {
         direction: Direction,
         missing: u64,
         ts: i128,
-        out: &mut Vec<AuditEvent>,
+        out: &mut Vec<Box<AuditEvent>>,
     ) {
         self.counters.gaps += 1;
         self.counters.gap_bytes += missing;
@@ -1099,7 +1111,7 @@ impl Tracker {
         self.finish_drafts(conn, &mut drafts, out);
     }
 
-    fn on_close(&mut self, key: EndKey, h: &RecordHeader, out: &mut Vec<AuditEvent>) {
+    fn on_close(&mut self, key: EndKey, h: &RecordHeader, out: &mut Vec<Box<AuditEvent>>) {
         let Some(end) = self.ends.remove(&key) else {
             return;
         };
@@ -1161,7 +1173,7 @@ impl Tracker {
 
     /// Ends the session of a connection that closed; its other ends may still send (their
     /// close, a last read): kept, retired, until their own close record or the sweep.
-    fn close_session(&mut self, conn: ConnKey, ts_ns: u64, out: &mut Vec<AuditEvent>) {
+    fn close_session(&mut self, conn: ConnKey, ts_ns: u64, out: &mut Vec<Box<AuditEvent>>) {
         let Some(s) = self.sessions.remove(&conn) else {
             return;
         };
@@ -1174,7 +1186,12 @@ impl Tracker {
     }
 
     /// Fills in what a session draft lacks: ids, order, time, endpoints, identity.
-    fn finish_drafts(&mut self, conn: ConnKey, drafts: &mut Vec<Draft>, out: &mut Vec<AuditEvent>) {
+    fn finish_drafts(
+        &mut self,
+        conn: ConnKey,
+        drafts: &mut Vec<Draft>,
+        out: &mut Vec<Box<AuditEvent>>,
+    ) {
         let Some(s) = self.sessions.get_mut(&conn) else {
             drafts.clear();
             return;
@@ -1223,7 +1240,7 @@ impl Tracker {
         mut s: Box<SessionEntry>,
         ts: i128,
         close_not_seen: bool,
-        out: &mut Vec<AuditEvent>,
+        out: &mut Vec<Box<AuditEvent>>,
     ) {
         let mut drafts = std::mem::take(&mut self.drafts);
         if s.session.awaiting_plaintext() && !s.session.is_unreadable() {
@@ -1275,7 +1292,7 @@ impl Tracker {
 
     /// Sessions whose events wait for their pod: recorded once it is known, or when the
     /// wait is over (at once when shutting down).
-    fn retry_waiting(&mut self, out: &mut Vec<AuditEvent>) {
+    fn retry_waiting(&mut self, out: &mut Vec<Box<AuditEvent>>) {
         let waiting: Vec<ConnKey> = self
             .sessions
             .iter()
@@ -1304,7 +1321,7 @@ impl Tracker {
     /// (their close record was lost, e.g. with the ring buffer full). A connection is
     /// alive while any process on one of its ends still has its 4-tuple in
     /// /proc/PID/net/tcp{,6}, which shows that process's own network namespace.
-    pub fn sweep(&mut self, now_ns: u64, idle_ns: u64, out: &mut Vec<AuditEvent>) {
+    pub fn sweep(&mut self, now_ns: u64, idle_ns: u64, out: &mut Vec<Box<AuditEvent>>) {
         self.backend_statements
             .retain(|pid, _| std::path::Path::new(&format!("/proc/{pid}")).exists());
         // Retired ends whose close record never came.
@@ -1361,7 +1378,7 @@ impl Tracker {
             .map_or(now_wall_ns, |t| (t + self.wall_offset_ns).min(now_wall_ns))
     }
 
-    pub fn shutdown(&mut self, out: &mut Vec<AuditEvent>) {
+    pub fn shutdown(&mut self, out: &mut Vec<Box<AuditEvent>>) {
         self.flushing = true;
         self.retry_waiting(out);
         let conns: Vec<ConnKey> = self.sessions.keys().copied().collect();
@@ -1402,7 +1419,7 @@ fn finish(
     ctx: EventContext<'_>,
     counters: &mut TrackerCounters,
     drafts: &mut Vec<Draft>,
-    out: &mut Vec<AuditEvent>,
+    out: &mut Vec<Box<AuditEvent>>,
 ) {
     let EventContext {
         workloads,
@@ -1533,7 +1550,7 @@ fn finish(
             _ => {}
         }
     }
-    out.extend(drafts.drain(..).map(|d| *d.event));
+    out.extend(drafts.drain(..).map(|d| d.event));
 }
 
 /// The session's policies (resolved again when the set, the workload or the database
@@ -1892,7 +1909,13 @@ mod tests {
             }
         }
 
-        fn data(&mut self, t: &mut Tracker, stream: u8, dir: u8, bytes: &[u8]) -> Vec<AuditEvent> {
+        fn data(
+            &mut self,
+            t: &mut Tracker,
+            stream: u8,
+            dir: u8,
+            bytes: &[u8],
+        ) -> Vec<Box<AuditEvent>> {
             let mut out = Vec::new();
             self.data_into(t, stream, dir, bytes, &mut out);
             out
@@ -1905,7 +1928,7 @@ mod tests {
             stream: u8,
             dir: u8,
             bytes: &[u8],
-            out: &mut Vec<AuditEvent>,
+            out: &mut Vec<Box<AuditEvent>>,
         ) {
             let mut h = self.header(RECORD_DATA);
             h.stream = stream;
@@ -1923,7 +1946,7 @@ mod tests {
             );
         }
 
-        fn close(&mut self, t: &mut Tracker) -> Vec<AuditEvent> {
+        fn close(&mut self, t: &mut Tracker) -> Vec<Box<AuditEvent>> {
             let mut h = self.header(RECORD_CLOSE);
             h.offset = self.offsets[0][0];
             h.call_len = self.offsets[0][1];
@@ -1957,7 +1980,7 @@ mod tests {
 
     /// The startup message and the server's AuthenticationOk and ReadyForQuery, in the
     /// clear.
-    fn log_in(t: &mut Tracker, w: &mut Wire) -> Vec<AuditEvent> {
+    fn log_in(t: &mut Tracker, w: &mut Wire) -> Vec<Box<AuditEvent>> {
         let mut out = w.data(t, STREAM_RAW, DIR_TO_SERVER, &startup());
         let mut resp = msg(b'R', &0u32.to_be_bytes());
         resp.extend(msg(b'Z', b"I"));
@@ -1976,7 +1999,7 @@ mod tests {
         }
     }
 
-    fn converse(t: &mut Tracker, w: &mut Wire) -> Vec<AuditEvent> {
+    fn converse(t: &mut Tracker, w: &mut Wire) -> Vec<Box<AuditEvent>> {
         let mut out = w.data(t, STREAM_TLS, DIR_TO_SERVER, &startup());
         let mut resp = msg(b'R', &0u32.to_be_bytes());
         resp.extend(msg(b'Z', b"I"));
@@ -1987,7 +2010,7 @@ mod tests {
 
     /// A simple query on `stream` (its record takes the Wire's flags) and the server's
     /// CommandComplete and ReadyForQuery.
-    fn query(t: &mut Tracker, w: &mut Wire, stream: u8, sql: &str) -> Vec<AuditEvent> {
+    fn query(t: &mut Tracker, w: &mut Wire, stream: u8, sql: &str) -> Vec<Box<AuditEvent>> {
         let mut text = sql.as_bytes().to_vec();
         text.push(0);
         let mut out = w.data(t, stream, DIR_TO_SERVER, &msg(b'Q', &text));
@@ -2041,6 +2064,7 @@ mod tests {
         out.extend(client.data(&mut t, STREAM_RAW, DIR_TO_CLIENT, &msg(b'Z', b"T")));
         let st: Vec<&AuditEvent> = out
             .iter()
+            .map(|e| &**e)
             .filter(|e| e.kind == EventKind::Statement)
             .collect();
         assert_eq!(st.len(), 1);
@@ -2209,7 +2233,11 @@ mod tests {
     }
 
     /// One Unix-domain conversation: startup, one query answered, Terminate.
-    fn unix_conversation(t: &mut Tracker, client: &mut Wire, server: &mut Wire) -> Vec<AuditEvent> {
+    fn unix_conversation(
+        t: &mut Tracker,
+        client: &mut Wire,
+        server: &mut Wire,
+    ) -> Vec<Box<AuditEvent>> {
         let mut out = Vec::new();
         for w in [&mut *client, &mut *server] {
             out.extend(w.data(t, STREAM_RAW, DIR_TO_SERVER, &startup()));
@@ -2321,6 +2349,7 @@ mod tests {
         );
         let statements: Vec<&AuditEvent> = out
             .iter()
+            .map(|e| &**e)
             .filter(|e| e.kind == EventKind::Statement)
             .collect();
         assert_eq!(statements.len(), 2, "{out:#?}");
@@ -2492,9 +2521,10 @@ mod tests {
             for (dir, bytes) in [(DIR_TO_SERVER, req.as_slice()), (DIR_TO_CLIENT, &response)] {
                 client.data_into(&mut t, STREAM_RAW, dir, bytes, &mut batch);
             }
-            if batch.len() >= 1500 {
+            if batch.len() >= 512 {
+                // As the daemon's thread does with a batch the sink thread sent back.
                 events += batch.len();
-                batch.clear();
+                batch.drain(..).for_each(crate::audit::recorder::recycle);
             }
         }
         events += batch.len();

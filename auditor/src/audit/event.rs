@@ -578,19 +578,6 @@ audit_event! {
 }
 
 impl AuditEvent {
-    /// An empty event of `kind`. Cloned from an empty event made once per thread: its
-    /// shared parts (empty lists, no labels) are reference-counted, where a default event
-    /// allocates each of them.
-    pub fn of_kind(kind: EventKind) -> AuditEvent {
-        thread_local! {
-            static EMPTY: AuditEvent = AuditEvent::default();
-        }
-        EMPTY.with(|empty| AuditEvent {
-            kind,
-            ..empty.clone()
-        })
-    }
-
     pub fn apply_identity(&mut self, id: &ProcessIdentity) {
         self.pid = id.pid;
         self.comm = id.comm.clone();
@@ -723,16 +710,41 @@ impl<'de> Deserialize<'de> for EventId {
     }
 }
 
-/// A statement's bind parameters as recorded (raw values, or keyed hashes), all of them in
-/// one allocation: `count u32 | end u32 × count | texts`, value i's text ending at
-/// `end[i]` (little-endian, from the start of the texts). Equal lists are equal bytes.
+/// A statement's bind parameters as recorded (raw values, or keyed hashes), in one run of
+/// bytes: `count u32 | end u32 × count | texts`, value i's text ending at `end[i]`
+/// (little-endian, from the start of the texts). Equal lists are equal bytes. A short list
+/// (a few keyed hashes: most statements) is held in place, a longer one in one shared
+/// allocation.
 #[derive(Clone, Default)]
-pub struct Params(Option<Arc<[u8]>>);
+pub struct Params(ParamBytes);
+
+/// Bytes a list held in place may take: three keyed hashes (4 + 3 × 4 + 3 × 21 = 79).
+const PARAMS_INLINE: usize = 86;
+
+#[derive(Clone, Default)]
+enum ParamBytes {
+    #[default]
+    Empty,
+    Inline {
+        len: u8,
+        bytes: [u8; PARAMS_INLINE],
+    },
+    Shared(Arc<[u8]>),
+}
 
 impl Params {
+    /// The list's bytes (its encoding), None for no list.
+    fn bytes(&self) -> Option<&[u8]> {
+        match &self.0 {
+            ParamBytes::Empty => None,
+            ParamBytes::Inline { len, bytes } => Some(&bytes[..usize::from(*len)]),
+            ParamBytes::Shared(b) => Some(b),
+        }
+    }
+
     /// The bytes the list takes (its encoding: a count, offsets and the texts).
     pub fn encoded_len(&self) -> usize {
-        self.0.as_ref().map_or(0, |b| b.len())
+        self.bytes().map_or(0, |b| b.len())
     }
 
     /// The list of `items`, in order.
@@ -746,7 +758,7 @@ impl Params {
             static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         if n == 0 {
-            return Params(None);
+            return Params(ParamBytes::Empty);
         }
         SCRATCH.with_borrow_mut(|buf| {
             buf.clear();
@@ -765,7 +777,16 @@ impl Params {
             for i in written..n {
                 buf[4 + 4 * i..8 + 4 * i].copy_from_slice(&end.to_le_bytes());
             }
-            let params = Params(Some(Arc::from(&buf[..])));
+            let params = if buf.len() <= PARAMS_INLINE {
+                let mut bytes = [0u8; PARAMS_INLINE];
+                bytes[..buf.len()].copy_from_slice(buf);
+                Params(ParamBytes::Inline {
+                    len: buf.len() as u8,
+                    bytes,
+                })
+            } else {
+                Params(ParamBytes::Shared(Arc::from(&buf[..])))
+            };
             if buf.capacity() > 1 << 16 {
                 *buf = Vec::new();
             }
@@ -774,7 +795,7 @@ impl Params {
     }
 
     pub fn len(&self) -> usize {
-        match &self.0 {
+        match self.bytes() {
             Some(b) => u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize,
             None => 0,
         }
@@ -786,7 +807,7 @@ impl Params {
 
     /// Value `i`'s text.
     pub fn get(&self, i: usize) -> Option<&str> {
-        let b = self.0.as_deref()?;
+        let b = self.bytes()?;
         let n = self.len();
         if i >= n {
             return None;
@@ -814,9 +835,8 @@ impl Params {
 impl PartialEq for Params {
     fn eq(&self, other: &Params) -> bool {
         match (&self.0, &other.0) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
-            (None, None) => true,
-            _ => false,
+            (ParamBytes::Shared(a), ParamBytes::Shared(b)) if Arc::ptr_eq(a, b) => true,
+            _ => self.bytes() == other.bytes(),
         }
     }
 }
@@ -866,7 +886,7 @@ impl Field for Params {
     fn put(&self, out: &mut Vec<u8>) {
         // As `put_strs` writes the values, from the bytes as they are (each value was a
         // whole `&str`: nothing to check again on the path of every event).
-        let Some(b) = self.0.as_deref() else {
+        let Some(b) = self.bytes() else {
             return put_strs(out, 0, std::iter::empty());
         };
         let n = self.len();

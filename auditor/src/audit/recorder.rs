@@ -64,10 +64,76 @@ impl Draft {
     pub fn new(ts_ns: i128, event: AuditEvent) -> Draft {
         Draft {
             ts_ns,
-            event: Box::new(event),
+            event: boxed(event),
             source: Source::default(),
         }
     }
+
+    /// The event, out of its box (whose memory the thread keeps for the next draft).
+    pub fn into_event(self) -> AuditEvent {
+        unboxed(self.event)
+    }
+}
+
+/// Boxes for drafts this thread made and finished, kept for the next: a statement's
+/// draft is made and finished on the decoding thread, so every statement would otherwise
+/// allocate and free an event's worth of memory (about 1 KB, past the allocator's fast
+/// paths). At most this many are kept.
+const SPARE_BOXES: usize = 1024;
+
+thread_local! {
+    static SPARE: std::cell::RefCell<Vec<Box<std::mem::MaybeUninit<AuditEvent>>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `ev` in a box, one of this thread's spare ones if it has any.
+pub fn boxed(ev: AuditEvent) -> Box<AuditEvent> {
+    let spare = SPARE
+        .try_with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()))
+        .ok()
+        .flatten();
+    match spare {
+        Some(b) => Box::write(b, ev),
+        None => Box::new(ev),
+    }
+}
+
+/// Drops the event in `b`, the box kept as a spare of this thread.
+pub fn recycle(b: Box<AuditEvent>) {
+    let raw = Box::into_raw(b);
+    // SAFETY: `raw` came from a Box of an initialized event, dropped once here; the
+    // allocation is then owned again as a box of uninitialized memory of the same layout.
+    let spare = unsafe {
+        std::ptr::drop_in_place(raw);
+        Box::from_raw(raw.cast::<std::mem::MaybeUninit<AuditEvent>>())
+    };
+    keep_spare(spare);
+}
+
+fn keep_spare(spare: Box<std::mem::MaybeUninit<AuditEvent>>) {
+    let _ = SPARE.try_with(|s| {
+        if let Ok(mut s) = s.try_borrow_mut() {
+            if s.len() < SPARE_BOXES {
+                s.push(spare);
+            }
+        }
+    });
+}
+
+/// The event out of `b`, the box kept as a spare of this thread.
+pub fn unboxed(b: Box<AuditEvent>) -> AuditEvent {
+    let raw = Box::into_raw(b);
+    // SAFETY: `raw` came from a Box of an initialized event: it is read once, and the
+    // allocation is then owned again as a box of (now uninitialized) memory of the same
+    // layout, which is never read before `Box::write` fills it.
+    let (ev, spare) = unsafe {
+        (
+            std::ptr::read(raw),
+            Box::from_raw(raw.cast::<std::mem::MaybeUninit<AuditEvent>>()),
+        )
+    };
+    keep_spare(spare);
+    ev
 }
 
 /// A statement as it was sent: text, its analysis, parameters.
@@ -179,7 +245,7 @@ impl Recorder {
     }
 
     fn statement(&self, s: StatementOutcome, flags: &mut Flags) -> Draft {
-        let mut ev = Box::new(kind_event(EventKind::Statement));
+        let mut ev = boxed(kind_event(EventKind::Statement));
         let mut source = Source {
             multi: s.multi,
             whole: s.whole.clone(),

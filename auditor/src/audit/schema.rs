@@ -283,6 +283,16 @@ pub trait Field: Sized + PartialEq {
         self == other
     }
 
+    /// The value of a new event: the default, made without allocating (on the path of
+    /// every event).
+    #[inline]
+    fn empty() -> Self
+    where
+        Self: Default,
+    {
+        Self::default()
+    }
+
     /// Appends the value as serde_json writes it.
     fn json(&self, out: &mut Vec<u8>);
     /// Appends the value to a spool record.
@@ -542,6 +552,14 @@ impl Field for Arc<[u64]> {
 pub type Labels = Arc<BTreeMap<String, String>>;
 
 impl Field for Labels {
+    /// No labels: one empty map per thread, shared (a default `Labels` allocates).
+    fn empty() -> Self {
+        thread_local! {
+            static NONE: Labels = Labels::default();
+        }
+        NONE.with(Labels::clone)
+    }
+
     type Ref<'a> = Vec<(&'a str, &'a str)>;
     const COMPAT_SPLIT: Option<[&'static str; 2]> = Some(["label_keys", "label_values"]);
     fn json(&self, out: &mut Vec<u8>) {
@@ -656,6 +674,15 @@ macro_rules! audit_event {
         ];
 
         impl AuditEvent {
+            /// An empty event of `kind`, made in place without allocating.
+            pub fn of_kind(kind: EventKind) -> AuditEvent {
+                let mut ev = AuditEvent {
+                    $( $name: <$ty as $crate::audit::schema::Field>::empty(), )*
+                };
+                ev.kind = kind;
+                ev
+            }
+
             /// Appends the event's fields as a JSON object without its closing brace
             /// (`{"event_id":…,…,"tx_status":"…"`): the local log adds its chain fields.
             /// Byte for byte what serde_json writes for the same fields.

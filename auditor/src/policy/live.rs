@@ -143,7 +143,7 @@ impl LivePolicies {
 
     /// Reloads if the directory changed (and settled) or SIGHUP came. Returns the new set
     /// when it replaced the old one; pushes a `policy_error` event when it could not.
-    pub fn poll(&mut self, out: &mut Vec<AuditEvent>) -> Option<Arc<PolicySet>> {
+    pub fn poll(&mut self, out: &mut Vec<Box<AuditEvent>>) -> Option<Arc<PolicySet>> {
         if let Some(fd) = &self.watch {
             if drain(fd) {
                 self.changed_at = Some(Instant::now());
@@ -174,7 +174,7 @@ impl LivePolicies {
             ev.error_message = text.clone();
             ev.statement = format!("policy reload refused: {text}").into();
             ev.policy_version = self.set.version.clone().into();
-            out.push(ev);
+            out.push(Box::new(ev));
             return None;
         }
         for w in &report.warnings {

@@ -23,7 +23,7 @@ use crate::{audit::event::AuditEvent, config::Config};
 pub type SinkError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A batch of events, shared by the sinks (none copies it).
-pub type Batch = Arc<Vec<AuditEvent>>;
+pub type Batch = Arc<Vec<Box<AuditEvent>>>;
 
 /// What a sink reports for `auditor stats` (and, later, health checks and metrics).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -166,13 +166,13 @@ impl Drop for CloseOnDrop {
 /// The daemon's end of the sink thread's queue, bounded in batches and in bytes
 /// ([`MAX_QUEUED_BYTES`]).
 pub struct SinkSender {
-    tx: mpsc::SyncSender<(Vec<AuditEvent>, u64)>,
+    tx: mpsc::SyncSender<(Vec<Box<AuditEvent>>, u64)>,
     /// Batches delivered, sent back to the thread that made them (at most a few, and
     /// none grown past RECYCLE_CAPACITY): it drops their events and fills them again.
     /// Dropped by the sink thread, the events' shared text would have its reference
     /// counts decremented there while this thread increments them for new events: each
     /// count's cache line would move between the two cores for every event.
-    recycled: mpsc::Receiver<Vec<AuditEvent>>,
+    recycled: mpsc::Receiver<Vec<Box<AuditEvent>>>,
     queued: Arc<Queued>,
     max_bytes: u64,
     waits: u64,
@@ -182,7 +182,7 @@ impl SinkSender {
     /// Hands `batch` on, first waiting while more than the byte bound is queued (a batch
     /// alone larger than the bound goes when the queue is empty). Gives the batch back
     /// when the sink thread has ended.
-    pub fn send(&mut self, batch: Vec<AuditEvent>) -> Result<(), Vec<AuditEvent>> {
+    pub fn send(&mut self, batch: Vec<Box<AuditEvent>>) -> Result<(), Vec<Box<AuditEvent>>> {
         self.send_waiting(batch, || {})
     }
 
@@ -190,10 +190,10 @@ impl SinkSender {
     /// keeps its capture's lease: a capture whose lease runs out goes quiet).
     pub fn send_waiting(
         &mut self,
-        batch: Vec<AuditEvent>,
+        batch: Vec<Box<AuditEvent>>,
         mut waiting: impl FnMut(),
-    ) -> Result<(), Vec<AuditEvent>> {
-        let size: u64 = batch.iter().map(queued_size).sum();
+    ) -> Result<(), Vec<Box<AuditEvent>>> {
+        let size: u64 = batch.iter().map(|ev| queued_size(ev)).sum();
         {
             let mut queued = self.queued.bytes.lock().unwrap_or_else(|e| e.into_inner());
             let mut waited = false;
@@ -245,7 +245,7 @@ impl SinkSender {
     }
 
     /// A delivered batch to fill again, if one came back.
-    pub fn reuse(&self) -> Option<Vec<AuditEvent>> {
+    pub fn reuse(&self) -> Option<Vec<Box<AuditEvent>>> {
         self.recycled.try_recv().ok()
     }
 
@@ -272,8 +272,8 @@ impl SinkThread {
         grace: Duration,
     ) -> (SinkSender, SinkThread) {
         use std::sync::atomic::Ordering;
-        let (tx, rx) = mpsc::sync_channel::<(Vec<AuditEvent>, u64)>(queue);
-        let (back, recycled) = mpsc::sync_channel::<Vec<AuditEvent>>(RECYCLE_QUEUE);
+        let (tx, rx) = mpsc::sync_channel::<(Vec<Box<AuditEvent>>, u64)>(queue);
+        let (back, recycled) = mpsc::sync_channel::<Vec<Box<AuditEvent>>>(RECYCLE_QUEUE);
         let queued = Arc::new(Queued::default());
         let sender = SinkSender {
             tx,
@@ -299,7 +299,7 @@ impl SinkThread {
                     }
                 };
                 let deliver = |sinks: &mut [Box<dyn Sink>],
-                               (batch, size): (Vec<AuditEvent>, u64),
+                               (batch, size): (Vec<Box<AuditEvent>>, u64),
                                report: &mut SinkReport| {
                     let n = batch.len() as u64;
                     let batch = Arc::new(batch);
@@ -443,12 +443,12 @@ mod tests {
         (open, sink, took)
     }
 
-    fn batch(n: usize, statement: &'static str) -> Vec<AuditEvent> {
+    fn batch(n: usize, statement: &'static str) -> Vec<Box<AuditEvent>> {
         (0..n)
             .map(|_| {
                 let mut ev = AuditEvent::of_kind(EventKind::Statement);
                 ev.statement = crate::text::Text::Static(statement);
-                ev
+                Box::new(ev)
             })
             .collect()
     }
@@ -457,7 +457,7 @@ mod tests {
     /// sender and how often it was called while waiting, when it is done.
     fn send_waiting(
         mut tx: SinkSender,
-        events: Vec<AuditEvent>,
+        events: Vec<Box<AuditEvent>>,
         ms: u64,
     ) -> std::thread::JoinHandle<(SinkSender, u32)> {
         let sent = std::thread::spawn(move || {
