@@ -68,16 +68,11 @@ impl Draft {
             source: Source::default(),
         }
     }
-
-    /// The event, out of its box (whose memory the thread keeps for the next draft).
-    pub fn into_event(self) -> AuditEvent {
-        unboxed(self.event)
-    }
 }
 
-/// Boxes for drafts this thread made and finished, kept for the next: a statement's
-/// draft is made and finished on the decoding thread, so every statement would otherwise
-/// allocate and free an event's worth of memory (about 1 KB, past the allocator's fast
+/// Boxes of events this thread made, kept for its next drafts when the sink thread sends
+/// their batch back ([`recycle`]): every statement would otherwise allocate and free an
+/// event's worth of memory (about 1 KB, freed a batch at a time, past the allocator's fast
 /// paths). At most this many are kept.
 const SPARE_BOXES: usize = 1024;
 
@@ -118,22 +113,6 @@ fn keep_spare(spare: Box<std::mem::MaybeUninit<AuditEvent>>) {
             }
         }
     });
-}
-
-/// The event out of `b`, the box kept as a spare of this thread.
-pub fn unboxed(b: Box<AuditEvent>) -> AuditEvent {
-    let raw = Box::into_raw(b);
-    // SAFETY: `raw` came from a Box of an initialized event: it is read once, and the
-    // allocation is then owned again as a box of (now uninitialized) memory of the same
-    // layout, which is never read before `Box::write` fills it.
-    let (ev, spare) = unsafe {
-        (
-            std::ptr::read(raw),
-            Box::from_raw(raw.cast::<std::mem::MaybeUninit<AuditEvent>>()),
-        )
-    };
-    keep_spare(spare);
-    ev
 }
 
 /// A statement as it was sent: text, its analysis, parameters.
