@@ -916,6 +916,77 @@ impl Tracker {
         false
     }
 
+    /// The common case of a data record, in one lookup of its end and one of its session:
+    /// the primary end of a settled plaintext session, its bytes following on from the last
+    /// ones, the same process as before. Anything else (a new end or process, TLS, a gap,
+    /// an overlap, lost calls, another end) is left to the general path: returns false
+    /// having changed nothing.
+    fn on_settled_data(
+        &mut self,
+        key: EndKey,
+        h: &RecordHeader,
+        data: &[u8],
+        out: &mut Vec<Box<AuditEvent>>,
+    ) -> bool {
+        if h.stream != STREAM_RAW
+            || data.is_empty()
+            || (h.flags & RECORD_LOST_BEFORE != 0 && h.chunk_index == 0)
+        {
+            return false;
+        }
+        let Some(end) = self.ends.get_mut(&key) else {
+            return false;
+        };
+        let dir = (h.direction & 1) as usize;
+        let pid = (h.pid_tgid >> 32) as u32;
+        if end.retired_ns.is_some()
+            || end.expected[0][dir] != h.offset
+            || end.identity.as_ref().is_none_or(|i| i.pid != pid)
+        {
+            return false;
+        }
+        let conn = end.conn;
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return false;
+        };
+        if s.primary != key || s.stream != STREAM_RAW || s.session.awaiting_plaintext() {
+            return false;
+        }
+        end.expected[0][dir] = h.offset + data.len() as u64;
+        s.last_ns = s.last_ns.max(h.ts_ns);
+        let direction = if dir == 0 {
+            Direction::ToServer
+        } else {
+            Direction::ToClient
+        };
+        let mut drafts = std::mem::take(&mut self.drafts);
+        s.session.push(
+            direction,
+            data,
+            h.chunk_index == 0,
+            h.ts_ns as i128,
+            &mut self.analyzer,
+            &mut drafts,
+        );
+        let terminated = s.unix && s.session.terminated();
+        complete_drafts(
+            s,
+            conn,
+            &self.backend_statements,
+            &mut self.analyzer,
+            self.cfg.policy.raw_statements,
+            event_context!(self),
+            &mut self.counters,
+            &mut drafts,
+            out,
+        );
+        self.drafts = drafts;
+        if terminated {
+            self.close_session(conn, h.ts_ns, out);
+        }
+        true
+    }
+
     fn on_data(
         &mut self,
         key: EndKey,
@@ -924,6 +995,9 @@ impl Tracker {
         out: &mut Vec<Box<AuditEvent>>,
     ) {
         self.counters.bytes += data.len() as u64;
+        if self.on_settled_data(key, h, data, out) {
+            return;
+        }
         let primary = self.end_for(key, h, Some(data), out);
         let Some(end) = self.ends.get_mut(&key) else {
             return;
@@ -1196,34 +1270,12 @@ impl Tracker {
             drafts.clear();
             return;
         };
-        // Executions of statements prepared before capture whose backend already named
-        // their text (before this session was seen, or before it learnt the name).
-        if let Some(known) = s
-            .server
-            .as_ref()
-            .and_then(|i| self.backend_statements.get(&i.pid))
-        {
-            for d in drafts.iter_mut() {
-                let ev = &mut d.event;
-                if !ev.flags.contains(Flag::PreparedBeforeCapture) {
-                    continue;
-                }
-                let Some(sql) = known.get(&*ev.prepared_name) else {
-                    continue;
-                };
-                s.session
-                    .learn_prepared(&ev.prepared_name, sql, &mut self.analyzer);
-                let analysis = self.analyzer.analyze(sql);
-                apply_text(ev, sql, &analysis, self.cfg.policy.raw_statements);
-                ev.flags.remove(Flag::PreparedBeforeCapture);
-                ev.flags.insert(Flag::TextFromServer);
-                d.source.sql = Some(sql.clone());
-                d.source.analysis = Some(analysis);
-            }
-        }
-        finish(
+        complete_drafts(
             s,
             conn,
+            &self.backend_statements,
+            &mut self.analyzer,
+            self.cfg.policy.raw_statements,
             event_context!(self),
             &mut self.counters,
             drafts,
@@ -1411,6 +1463,50 @@ struct EventContext<'t> {
     pod_wait: std::time::Duration,
     /// Whether drafts may wait for a pending workload (not when the session ends).
     may_defer: bool,
+}
+
+/// Completes a session's drafts into events (`finish`), first giving executions of
+/// statements prepared before capture the text their backend reported, if it did.
+#[allow(clippy::too_many_arguments)]
+fn complete_drafts(
+    s: &mut SessionEntry,
+    conn: ConnKey,
+    backend_statements: &HashMap<u32, HashMap<String, Arc<str>>>,
+    analyzer: &mut Analyzer,
+    raw_statements: bool,
+    ctx: EventContext<'_>,
+    counters: &mut TrackerCounters,
+    drafts: &mut Vec<Draft>,
+    out: &mut Vec<Box<AuditEvent>>,
+) {
+    if drafts.is_empty() && s.deferred.is_empty() {
+        return;
+    }
+    // Executions of statements prepared before capture whose backend already named their
+    // text (before this session was seen, or before it learnt the name).
+    let known = match &s.server {
+        Some(i) if !backend_statements.is_empty() => backend_statements.get(&i.pid),
+        _ => None,
+    };
+    if let Some(known) = known {
+        for d in drafts.iter_mut() {
+            let ev = &mut d.event;
+            if !ev.flags.contains(Flag::PreparedBeforeCapture) {
+                continue;
+            }
+            let Some(sql) = known.get(&*ev.prepared_name) else {
+                continue;
+            };
+            s.session.learn_prepared(&ev.prepared_name, sql, analyzer);
+            let analysis = analyzer.analyze(sql);
+            apply_text(ev, sql, &analysis, raw_statements);
+            ev.flags.remove(Flag::PreparedBeforeCapture);
+            ev.flags.insert(Flag::TextFromServer);
+            d.source.sql = Some(sql.clone());
+            d.source.analysis = Some(analysis);
+        }
+    }
+    finish(s, conn, ctx, counters, drafts, out);
 }
 
 fn finish(

@@ -92,8 +92,10 @@ pub struct Contexts {
 /// The statement shapes of the current segment.
 #[derive(Default)]
 struct Shapes {
-    /// By statement text (the shape's other fields are compared on use).
-    by_text: AHashMap<Text, Box<Context>>,
+    /// By statement text, the shape's place in `slots` (its other fields are compared on
+    /// use).
+    by_text: AHashMap<Text, usize>,
+    slots: Vec<Box<Context>>,
     /// Hashes of texts seen once in this segment.
     seen: AHashSet<u64>,
     hasher: ahash::RandomState,
@@ -128,26 +130,30 @@ impl Contexts {
             ev.put_fields(out);
             return before;
         }
-        if !self.by_session.contains_key(&*ev.session_id) {
-            if self.by_session.len() >= MAX_CONTEXTS {
-                self.by_session.clear();
+        // One lookup for a session already known (the common case).
+        let c: &Context = match self.by_session.get(&*ev.session_id) {
+            Some(c) => c,
+            None => {
+                if self.by_session.len() >= MAX_CONTEXTS {
+                    self.by_session.clear();
+                }
+                self.next_id += 1;
+                let c = Box::new(Context {
+                    id: self.next_id,
+                    event: ev.clone(),
+                });
+                context.extend_from_slice(&c.id.to_le_bytes());
+                context.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
+                ev.put_fields(context);
+                self.by_session
+                    .insert(ev.session_id.to_string().into_boxed_str(), c);
+                before.context = true;
+                &self.by_session[&*ev.session_id]
             }
-            self.next_id += 1;
-            let c = Box::new(Context {
-                id: self.next_id,
-                event: ev.clone(),
-            });
-            context.extend_from_slice(&c.id.to_le_bytes());
-            context.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
-            ev.put_fields(context);
-            self.by_session
-                .insert(ev.session_id.to_string().into_boxed_str(), c);
-            before.context = true;
-        }
+        };
         let base = self
             .shapes
             .shape_of(ev, &mut self.next_id, shape, &mut before);
-        let c = &self.by_session[&*ev.session_id];
         out.extend_from_slice(&c.id.to_le_bytes());
         out.extend_from_slice(&base.map_or(0, |s| s.id).to_le_bytes());
         out.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
@@ -179,17 +185,20 @@ impl Shapes {
         if text.is_empty() || text.len() > MAX_SHAPE_TEXT {
             return None;
         }
-        match self.by_text.get(text) {
-            Some(s)
-                if ev.command.same(&s.event.command)
-                    && ev.tables.same(&s.event.tables)
-                    && ev.fingerprint.same(&s.event.fingerprint) =>
-            {
-                // Looked up again: returning `s` here would hold the map borrowed below.
-                return self.by_text.get(text).map(|s| &**s);
+        // One lookup for a shape already interned (the common case).
+        let found = self.by_text.get(text).copied();
+        match found {
+            Some(i) => {
+                let s = &self.slots[i].event;
+                if ev.command.same(&s.command)
+                    && ev.tables.same(&s.tables)
+                    && ev.fingerprint.same(&s.fingerprint)
+                {
+                    // (Indexed again: returning `s` would hold `slots` borrowed below.)
+                    return Some(&self.slots[i]);
+                }
+                // The same text with another analysis: the shape is replaced.
             }
-            // The same text with another analysis: the shape is replaced.
-            Some(_) => {}
             None => {
                 let h = self.hasher.hash_one(text.as_bytes());
                 if self.seen.len() >= MAX_SEEN {
@@ -198,10 +207,11 @@ impl Shapes {
                 if self.seen.insert(h) {
                     return None;
                 }
+                if self.by_text.len() >= MAX_SHAPES {
+                    self.by_text.clear();
+                    self.slots.clear();
+                }
             }
-        }
-        if self.by_text.len() >= MAX_SHAPES {
-            self.by_text.clear();
         }
         let shape = AuditEvent {
             statement: ev.statement.clone(),
@@ -216,13 +226,25 @@ impl Shapes {
         payload.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
         shape.put_fields(payload);
         before.shape = true;
-        self.by_text
-            .insert(ev.statement.clone(), Box::new(Context { id, event: shape }));
-        self.by_text.get(text).map(|s| &**s)
+        let shape = Box::new(Context { id, event: shape });
+        let i = match found {
+            Some(i) => {
+                self.slots[i] = shape;
+                i
+            }
+            None => {
+                self.slots.push(shape);
+                self.by_text
+                    .insert(ev.statement.clone(), self.slots.len() - 1);
+                self.slots.len() - 1
+            }
+        };
+        Some(&self.slots[i])
     }
 
     fn clear(&mut self) {
         self.by_text.clear();
+        self.slots.clear();
         self.seen.clear();
     }
 }
