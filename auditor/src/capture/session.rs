@@ -946,7 +946,7 @@ mod tests {
         );
     }
 
-    fn complete(tag: &str, ready: &[u8]) -> Vec<u8> {
+    pub(super) fn complete(tag: &str, ready: &[u8]) -> Vec<u8> {
         let mut r = msg(b'C', format!("{tag}\0").as_bytes());
         r.extend(msg(b'Z', ready));
         r
@@ -1399,11 +1399,7 @@ mod partial_tests {
     #[test]
     fn several_whole_requests_lost_are_each_recorded_from_their_answers() {
         let mut c = Fed::new(1 << 20);
-        let answer = |tag: &str| {
-            let mut r = msg(b'C', format!("{tag}\0").as_bytes());
-            r.extend(msg(b'Z', b"I"));
-            r
-        };
+        let answer = |tag: &str| super::tests::complete(tag, b"I");
         c.push(Direction::ToServer, &msg(b'Q', b"SELECT 1\0"));
         c.push(Direction::ToClient, &one_row_response());
         // Two whole queries lost, each in a write of its own (the capture missed both).
@@ -1434,11 +1430,7 @@ mod partial_tests {
     #[test]
     fn a_whole_answer_lost_does_not_shift_the_statements_after_it() {
         let mut c = Fed::new(1 << 20);
-        let answer = |tag: &str| {
-            let mut r = msg(b'C', format!("{tag}\0").as_bytes());
-            r.extend(msg(b'Z', b"I"));
-            r
-        };
+        let answer = |tag: &str| super::tests::complete(tag, b"I");
         // The server's whole answer to the first query is lost (one write, C and Z); the
         // loss shows when the answer to the second comes.
         c.push(Direction::ToServer, &msg(b'Q', b"CREATE TABLE a (x int)\0"));
