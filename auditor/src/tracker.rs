@@ -55,6 +55,47 @@ macro_rules! event_context {
     };
 }
 
+/// `complete_drafts` for session `s` of `conn` with the tracker's own parts (a macro, as
+/// `event_context!`: `s` is borrowed from the tracker's sessions, beside which a method
+/// could not borrow the tracker).
+macro_rules! complete_drafts {
+    ($t:expr, $s:expr, $conn:expr, $drafts:expr, $out:expr) => {
+        complete_drafts(
+            $s,
+            $conn,
+            &$t.backend_statements,
+            &mut $t.analyzer,
+            $t.cfg.policy.raw_statements,
+            event_context!($t),
+            &mut $t.counters,
+            $drafts,
+            $out,
+        )
+    };
+}
+
+/// Decodes `payload` in session `s` of `conn`, completes the events it made, and ends the
+/// session if that was a Unix-domain client's Terminate.
+macro_rules! push_and_complete {
+    ($t:expr, $s:expr, $conn:expr, $direction:expr, $payload:expr, $call_start:expr, $ts_ns:expr, $out:expr) => {{
+        let mut drafts = std::mem::take(&mut $t.drafts);
+        $s.session.push(
+            $direction,
+            $payload,
+            $call_start,
+            $ts_ns as i128,
+            &mut $t.analyzer,
+            &mut drafts,
+        );
+        let terminated = $s.unix && $s.session.terminated();
+        complete_drafts!($t, $s, $conn, &mut drafts, $out);
+        $t.drafts = drafts;
+        if terminated {
+            $t.close_session($conn, $ts_ns, $out);
+        }
+    }};
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct EndKey {
     pub sock: u64,
@@ -959,31 +1000,16 @@ impl Tracker {
         } else {
             Direction::ToClient
         };
-        let mut drafts = std::mem::take(&mut self.drafts);
-        s.session.push(
+        push_and_complete!(
+            self,
+            s,
+            conn,
             direction,
             data,
             h.chunk_index == 0,
-            h.ts_ns as i128,
-            &mut self.analyzer,
-            &mut drafts,
+            h.ts_ns,
+            out
         );
-        let terminated = s.unix && s.session.terminated();
-        complete_drafts(
-            s,
-            conn,
-            &self.backend_statements,
-            &mut self.analyzer,
-            self.cfg.policy.raw_statements,
-            event_context!(self),
-            &mut self.counters,
-            &mut drafts,
-            out,
-        );
-        self.drafts = drafts;
-        if terminated {
-            self.close_session(conn, h.ts_ns, out);
-        }
         true
     }
 
@@ -1079,21 +1105,7 @@ impl Tracker {
         };
         // (The session's span is not entered: decoding logs nothing, and entering and
         // leaving a span costs the subscriber's bookkeeping twice per record.)
-        let mut drafts = std::mem::take(&mut self.drafts);
-        s.session.push(
-            direction,
-            payload,
-            call_start,
-            ts,
-            &mut self.analyzer,
-            &mut drafts,
-        );
-        let terminated = s.unix && s.session.terminated();
-        self.finish_drafts(conn, &mut drafts, out);
-        self.drafts = drafts;
-        if terminated {
-            self.close_session(conn, h.ts_ns, out);
-        }
+        push_and_complete!(self, s, conn, direction, payload, call_start, h.ts_ns, out);
     }
 
     /// Records TLS sessions that showed only ciphertext, from every end, for longer than
@@ -1270,17 +1282,7 @@ impl Tracker {
             drafts.clear();
             return;
         };
-        complete_drafts(
-            s,
-            conn,
-            &self.backend_statements,
-            &mut self.analyzer,
-            self.cfg.policy.raw_statements,
-            event_context!(self),
-            &mut self.counters,
-            drafts,
-            out,
-        );
+        complete_drafts!(self, s, conn, drafts, out);
     }
 
     /// Records the end of a session: in-flight requests flushed as `no_response`, then
