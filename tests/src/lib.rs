@@ -648,32 +648,79 @@ impl Drop for Daemon {
 /// Every event in the log directory `dir` (`state_dir/log`), as `auditor export --json`
 /// prints them: the way a user reads the trail, whichever format the files have.
 pub fn read_events(dir: &Path) -> Result<Vec<Value>> {
-    if !dir.exists() {
-        return Ok(Vec::new());
-    }
-    let state = dir.parent().context("the log directory has a parent")?;
-    let out = Command::new(auditor_bin())
-        .args(["export", "--json", "--state-dir"])
-        .arg(state)
-        .output()
-        .context("running auditor export")?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        if err.contains("no events under") {
-            return Ok(Vec::new());
-        }
-        bail!("auditor export --json failed: {err}");
-    }
     let mut events = Vec::new();
-    for line in out.stdout.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+    each_event(dir, |line| {
         events.push(serde_json::from_slice::<Value>(line).with_context(|| {
             format!(
                 "auditor export printed a line that is not JSON: {}",
                 String::from_utf8_lossy(line)
             )
         })?);
-    }
+        Ok(())
+    })?;
     Ok(events)
+}
+
+/// As [`read_events`], one line of `auditor export --json` at a time, as it comes: a
+/// log of millions of events is read in constant memory (the benchmark's runs write that
+/// many, and a vector of JSON values of them took gigabytes).
+pub fn each_event(dir: &Path, mut f: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let state = dir.parent().context("the log directory has a parent")?;
+    let mut child = Command::new(auditor_bin())
+        .args(["export", "--json", "--state-dir"])
+        .arg(state)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running auditor export")?;
+    // Its errors are read beside its output, or a full stderr pipe would stall it.
+    let mut stderr = child.stderr.take().context("export's stderr")?;
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
+    let mut out = BufReader::new(child.stdout.take().context("export's stdout")?);
+    let mut line = Vec::new();
+    let mut failed = None;
+    loop {
+        line.clear();
+        match out.read_until(b'\n', &mut line) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => {
+                failed = Some(anyhow::Error::from(e).context("reading auditor export's output"));
+                break;
+            }
+        }
+        let text = line.strip_suffix(b"\n").unwrap_or(&line);
+        if text.is_empty() {
+            continue;
+        }
+        if let Err(e) = f(text) {
+            failed = Some(e);
+            break;
+        }
+    }
+    drop(out);
+    if failed.is_some() {
+        let _ = child.kill();
+    }
+    let status = child.wait().context("waiting for auditor export")?;
+    let err = errors.join().unwrap_or_default();
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    if !status.success() {
+        if err.contains("no events under") {
+            return Ok(());
+        }
+        bail!("auditor export --json failed: {err}");
+    }
+    Ok(())
 }
 
 /// Every byte of the log directory's files (for checks that a secret never reached them,

@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use auditor_tests::{read_events, str_of, Daemon, Postgres};
+use auditor_tests::{each_event, Daemon, Postgres};
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Config {
@@ -169,13 +169,34 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
     status_kib(pid, "VmHWM")
 }
 
-/// Statements of pgbench's script (application `bench`) in the daemon's log.
+/// Statements of pgbench's script (application `bench`) in the daemon's log, counted as
+/// `auditor export --json` prints them (one line at a time: a run writes millions).
 fn recorded_statements(d: &Daemon) -> Result<u64> {
-    Ok(read_events(&d.log_dir())?
-        .iter()
-        .filter(|e| str_of(e, "kind") == "statement" && str_of(e, "application_name") == "bench")
-        .filter(|e| script_statement(str_of(e, "statement")))
-        .count() as u64)
+    /// The fields the count looks at; the others are skipped unparsed.
+    #[derive(serde::Deserialize)]
+    struct Seen<'a> {
+        #[serde(borrow, default)]
+        kind: std::borrow::Cow<'a, str>,
+        #[serde(borrow, default)]
+        application_name: std::borrow::Cow<'a, str>,
+        #[serde(borrow, default)]
+        statement: std::borrow::Cow<'a, str>,
+    }
+    let mut n = 0;
+    each_event(&d.log_dir(), |line| {
+        let e: Seen = serde_json::from_slice(line).with_context(|| {
+            format!(
+                "auditor export printed a line that is not an event: {}",
+                String::from_utf8_lossy(line)
+            )
+        })?;
+        if e.kind == "statement" && e.application_name == "bench" && script_statement(&e.statement)
+        {
+            n += 1;
+        }
+        Ok(())
+    })?;
+    Ok(n)
 }
 
 /// (run_time_ns, run_cnt) summed over the BPF programs the process holds open.
