@@ -619,7 +619,9 @@ pub async fn log_heads(
 
 /// Handle to the running sink: send batches, then `finish`.
 pub struct ClickHouseSink {
-    tx: Option<mpsc::SyncSender<Batch>>,
+    tx: Option<mpsc::SyncSender<Encoded>>,
+    /// Buffers of batches the spool thread wrote, back for the next batch.
+    recycled: mpsc::Receiver<Vec<u8>>,
     spooler: Option<std::thread::JoinHandle<()>>,
     sender: Option<std::thread::JoinHandle<()>>,
     stop: Arc<AtomicBool>,
@@ -641,7 +643,8 @@ impl ClickHouseSink {
         // The spool thread wakes the sender when it appended events (a permit is kept if
         // the sender is busy, so no wake-up is lost).
         let wake = Arc::new(Notify::new());
-        let (tx, rx) = mpsc::sync_channel::<Batch>(256);
+        let (tx, rx) = mpsc::sync_channel::<Encoded>(256);
+        let (back, recycled) = mpsc::sync_channel::<Vec<u8>>(4);
 
         let spooler = {
             let spool = spool.clone();
@@ -651,7 +654,7 @@ impl ClickHouseSink {
             let policy = cfg.when_spool_full;
             std::thread::Builder::new()
                 .name("ch-spool".into())
-                .spawn(move || spool_loop(rx, spool, shared, wake, max, policy))
+                .spawn(move || spool_loop(rx, back, spool, shared, wake, max, policy))
                 .expect("spawning ch-spool")
         };
         let sender = {
@@ -678,6 +681,7 @@ impl ClickHouseSink {
         };
         Ok(ClickHouseSink {
             tx: Some(tx),
+            recycled,
             spooler: Some(spooler),
             sender: Some(sender),
             stop,
@@ -710,14 +714,16 @@ impl Sink for ClickHouseSink {
         "clickhouse"
     }
 
-    /// Queues the batch for the spool thread (waits when it is behind).
+    /// Encodes the batch's spool records and queues them for the spool thread (waits when
+    /// it is behind). The batch itself is not kept: it goes back to the capture's thread
+    /// to be filled again, as without ClickHouse (no event is allocated anew for it).
     fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
-        match &self.tx {
-            Some(tx) => tx
-                .send(batch.clone())
-                .map_err(|_| "the spool thread has stopped".into()),
-            None => Err("stopped".into()),
-        }
+        let Some(tx) = &self.tx else {
+            return Err("stopped".into());
+        };
+        let encoded = Encoded::of(batch, self.recycled.try_recv().unwrap_or_default());
+        tx.send(encoded)
+            .map_err(|_| "the spool thread has stopped".into())
     }
 
     /// The spool thread writes each batch through; nothing waits here.
@@ -750,8 +756,49 @@ impl Drop for ClickHouseSink {
     }
 }
 
+/// One batch's spool records, encoded by the sink thread: each is its length (`u32`,
+/// little-endian) and the record.
+struct Encoded {
+    bytes: Vec<u8>,
+    events: u64,
+    /// The time of the batch's first event.
+    first_ts: Option<Timestamp>,
+}
+
+impl Encoded {
+    /// The records of `batch`, in `bytes` (a buffer to reuse).
+    fn of(batch: &[Box<AuditEvent>], mut bytes: Vec<u8>) -> Self {
+        bytes.clear();
+        for ev in batch {
+            let at = bytes.len();
+            bytes.extend_from_slice(&[0; 4]);
+            record::encode(ev, &mut bytes);
+            let len = (bytes.len() - at - 4) as u32;
+            bytes[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        }
+        Encoded {
+            bytes,
+            events: batch.len() as u64,
+            first_ts: batch.first().map(|e| e.ts),
+        }
+    }
+
+    /// The records, in order.
+    fn records(&self) -> impl Iterator<Item = &[u8]> {
+        let mut rest = self.bytes.as_slice();
+        std::iter::from_fn(move || {
+            let (len, after) = rest.split_first_chunk::<4>()?;
+            let len = u32::from_le_bytes(*len) as usize;
+            let (rec, next) = after.split_at_checked(len)?;
+            rest = next;
+            Some(rec)
+        })
+    }
+}
+
 fn spool_loop(
-    rx: mpsc::Receiver<Batch>,
+    rx: mpsc::Receiver<Encoded>,
+    back: mpsc::SyncSender<Vec<u8>>,
     spool: Arc<Mutex<Spool>>,
     shared: Arc<Shared>,
     wake: Arc<Notify>,
@@ -778,10 +825,9 @@ fn spool_loop(
             .map(|s| s.pending_bytes() >= max_bytes)
             .unwrap_or(true);
         if full && policy == WhenSpoolFull::Drop {
-            dropped_unreported += batch.len() as u64;
-            shared
-                .dropped
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            dropped_unreported += batch.events;
+            shared.dropped.fetch_add(batch.events, Ordering::Relaxed);
+            let _ = back.try_send(batch.bytes);
             continue;
         }
         let Ok(mut s) = spool.lock() else { return };
@@ -789,7 +835,7 @@ fn spool_loop(
             let gap = AuditEvent {
                 event_id: crate::audit::event::new_event_id(),
                 kind: EventKind::Gap,
-                ts: batch.first().map(|e| e.ts).unwrap_or_else(Timestamp::now),
+                ts: batch.first_ts.unwrap_or_else(Timestamp::now),
                 statement: format!(
                     "({dropped_unreported} events were dropped: the ClickHouse spool was full)"
                 )
@@ -803,10 +849,8 @@ fn spool_loop(
                 dropped_unreported = 0;
             }
         }
-        for ev in batch.iter() {
-            buf.clear();
-            record::encode(ev, &mut buf);
-            if let Err(e) = s.append(&buf) {
+        for rec in batch.records() {
+            if let Err(e) = s.append(rec) {
                 tracing::error!("clickhouse spool: {e}");
                 break;
             }
@@ -820,6 +864,7 @@ fn spool_loop(
             .store(s.pending_bytes(), Ordering::Relaxed);
         drop(s);
         wake.notify_one();
+        let _ = back.try_send(batch.bytes);
     }
     if let Ok(mut s) = spool.lock() {
         let _ = s.sync();
@@ -1122,6 +1167,43 @@ fn set_aside(spool: &Arc<Mutex<Spool>>, from: Position, cfg: &ClickHouseConfig, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_encoded_for_the_spool_reads_back_event_by_event() {
+        let batch: Vec<Box<AuditEvent>> = ["SELECT 1", "", "UPDATE t SET a = $1"]
+            .iter()
+            .enumerate()
+            .map(|(i, sql)| {
+                Box::new(AuditEvent {
+                    seq: i as u64 + 1,
+                    statement: (*sql).into(),
+                    ..AuditEvent::of_kind(EventKind::Statement)
+                })
+            })
+            .collect();
+        // A reused buffer's old contents do not leak into the batch.
+        let enc = Encoded::of(&batch, b"stale bytes".to_vec());
+        assert_eq!(enc.events, 3);
+        let mut scratch = Vec::new();
+        let back: Vec<(u64, String)> = enc
+            .records()
+            .map(|r| {
+                let ev = record::decode_any(r, &mut scratch)
+                    .unwrap()
+                    .to_event()
+                    .unwrap();
+                (ev.seq, ev.statement.as_str().to_string())
+            })
+            .collect();
+        assert_eq!(
+            back,
+            [
+                (1, "SELECT 1".to_string()),
+                (2, String::new()),
+                (3, "UPDATE t SET a = $1".to_string())
+            ]
+        );
+    }
 
     #[test]
     fn features_by_version() {

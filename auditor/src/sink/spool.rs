@@ -230,9 +230,9 @@ impl Spool {
         from: Position,
         max_records: usize,
         max_bytes: u64,
-    ) -> Result<(Vec<Vec<u8>>, Position), SpoolError> {
+    ) -> Result<(Records, Position), SpoolError> {
         self.flush()?;
-        let mut out = Vec::new();
+        let mut out = Records::default();
         let mut pos = from;
         let mut bytes = 0u64;
         let segments = self.segments()?;
@@ -280,21 +280,63 @@ impl Spool {
                     torn(self, &mut pos);
                     break;
                 }
-                let mut payload = vec![0u8; rlen as usize];
-                reader.read_exact(&mut payload).map_err(io_err(&path))?;
-                if crc32fast::hash(&payload) != crc {
+                let at = out.data.len();
+                out.data.resize(at + rlen as usize, 0);
+                reader
+                    .read_exact(&mut out.data[at..])
+                    .map_err(io_err(&path))?;
+                if crc32fast::hash(&out.data[at..]) != crc {
+                    out.data.truncate(at);
                     torn(self, &mut pos);
                     break;
                 }
                 pos.offset += 8 + rlen as u64;
                 bytes += rlen as u64;
                 self.counters.read += 1;
-                out.push(payload);
+                out.ends.push(out.data.len());
             }
         }
         Ok((out, pos))
     }
+}
 
+/// Records read from the spool, one after the other in one buffer (not one allocation
+/// each: the sender reads every event back).
+#[derive(Debug, Default)]
+pub struct Records {
+    data: Vec<u8>,
+    /// Where each record ends in `data`.
+    ends: Vec<usize>,
+}
+
+impl Records {
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The records, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(self.ends.iter().copied())
+            .map(|(start, end)| &self.data[start..end])
+    }
+}
+
+impl<'a> IntoIterator for &'a Records {
+    type Item = &'a [u8];
+    type IntoIter = Box<dyn Iterator<Item = &'a [u8]> + 'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.iter())
+    }
+}
+
+impl Spool {
     /// Records everything before `pos` as delivered: the cursor moves and fully delivered
     /// segments (not the one being written) are deleted.
     pub fn commit(&mut self, pos: Position) -> Result<(), SpoolError> {
@@ -327,7 +369,11 @@ mod tests {
 
     fn all(s: &mut Spool) -> Vec<Vec<u8>> {
         let (recs, _) = s.read_from(s.cursor(), usize::MAX, u64::MAX).unwrap();
-        recs
+        owned(&recs)
+    }
+
+    fn owned(recs: &Records) -> Vec<Vec<u8>> {
+        recs.iter().map(<[u8]>::to_vec).collect()
     }
 
     #[test]
@@ -338,6 +384,7 @@ mod tests {
             s.append(format!("record {i}").as_bytes()).unwrap();
         }
         let (recs, pos) = s.read_from(s.cursor(), 600, u64::MAX).unwrap();
+        let recs = owned(&recs);
         assert_eq!(recs.len(), 600);
         assert_eq!(recs[0], b"record 0");
         s.commit(pos).unwrap();
