@@ -756,6 +756,9 @@ impl Drop for ClickHouseSink {
     }
 }
 
+/// The largest batch buffer kept for reuse.
+const RECYCLE_BYTES: usize = 4 << 20;
+
 /// One batch's spool records, encoded by the sink thread: each is its length (`u32`,
 /// little-endian) and the record.
 struct Encoded {
@@ -780,6 +783,14 @@ impl Encoded {
             bytes,
             events: batch.len() as u64,
             first_ts: batch.first().map(|e| e.ts),
+        }
+    }
+
+    /// Sends the buffer back to the sink thread for its next batch, unless a huge event
+    /// made it large (not kept for every batch after).
+    fn recycle(self, back: &mpsc::SyncSender<Vec<u8>>) {
+        if self.bytes.capacity() <= RECYCLE_BYTES {
+            let _ = back.try_send(self.bytes);
         }
     }
 
@@ -827,7 +838,7 @@ fn spool_loop(
         if full && policy == WhenSpoolFull::Drop {
             dropped_unreported += batch.events;
             shared.dropped.fetch_add(batch.events, Ordering::Relaxed);
-            let _ = back.try_send(batch.bytes);
+            batch.recycle(&back);
             continue;
         }
         let Ok(mut s) = spool.lock() else { return };
@@ -864,7 +875,7 @@ fn spool_loop(
             .store(s.pending_bytes(), Ordering::Relaxed);
         drop(s);
         wake.notify_one();
-        let _ = back.try_send(batch.bytes);
+        batch.recycle(&back);
     }
     if let Ok(mut s) = spool.lock() {
         let _ = s.sync();
