@@ -33,7 +33,7 @@ use crate::{
     },
     sink::{
         record,
-        spool::{Position, Spool, SpoolError},
+        spool::{Position, Records, Spool, SpoolError},
         Batch, Health, Sink, SinkError,
     },
 };
@@ -621,7 +621,7 @@ pub async fn log_heads(
 pub struct ClickHouseSink {
     tx: Option<mpsc::SyncSender<Encoded>>,
     /// Buffers of batches the spool thread wrote, back for the next batch.
-    recycled: mpsc::Receiver<Vec<u8>>,
+    recycled: mpsc::Receiver<Records>,
     spooler: Option<std::thread::JoinHandle<()>>,
     sender: Option<std::thread::JoinHandle<()>>,
     stop: Arc<AtomicBool>,
@@ -644,7 +644,7 @@ impl ClickHouseSink {
         // the sender is busy, so no wake-up is lost).
         let wake = Arc::new(Notify::new());
         let (tx, rx) = mpsc::sync_channel::<Encoded>(256);
-        let (back, recycled) = mpsc::sync_channel::<Vec<u8>>(4);
+        let (back, recycled) = mpsc::sync_channel::<Records>(4);
 
         let spooler = {
             let spool = spool.clone();
@@ -759,57 +759,38 @@ impl Drop for ClickHouseSink {
 /// The largest batch buffer kept for reuse.
 const RECYCLE_BYTES: usize = 4 << 20;
 
-/// One batch's spool records, encoded by the sink thread: each is its length (`u32`,
-/// little-endian) and the record.
+/// One batch's spool records, encoded by the sink thread.
 struct Encoded {
-    bytes: Vec<u8>,
-    events: u64,
+    records: Records,
     /// The time of the batch's first event.
     first_ts: Option<Timestamp>,
 }
 
 impl Encoded {
-    /// The records of `batch`, in `bytes` (a buffer to reuse).
-    fn of(batch: &[Box<AuditEvent>], mut bytes: Vec<u8>) -> Self {
-        bytes.clear();
+    /// The records of `batch`, in `records` (buffers to reuse).
+    fn of(batch: &[Box<AuditEvent>], mut records: Records) -> Self {
+        records.clear();
         for ev in batch {
-            let at = bytes.len();
-            bytes.extend_from_slice(&[0; 4]);
-            record::encode(ev, &mut bytes);
-            let len = (bytes.len() - at - 4) as u32;
-            bytes[at..at + 4].copy_from_slice(&len.to_le_bytes());
+            records.push_with(|out| record::encode(ev, out));
         }
         Encoded {
-            bytes,
-            events: batch.len() as u64,
+            records,
             first_ts: batch.first().map(|e| e.ts),
         }
     }
 
-    /// Sends the buffer back to the sink thread for its next batch, unless a huge event
-    /// made it large (not kept for every batch after).
-    fn recycle(self, back: &mpsc::SyncSender<Vec<u8>>) {
-        if self.bytes.capacity() <= RECYCLE_BYTES {
-            let _ = back.try_send(self.bytes);
+    /// Sends the buffers back to the sink thread for its next batch, unless a huge event
+    /// made them large (not kept for every batch after).
+    fn recycle(self, back: &mpsc::SyncSender<Records>) {
+        if self.records.capacity() <= RECYCLE_BYTES {
+            let _ = back.try_send(self.records);
         }
-    }
-
-    /// The records, in order.
-    fn records(&self) -> impl Iterator<Item = &[u8]> {
-        let mut rest = self.bytes.as_slice();
-        std::iter::from_fn(move || {
-            let (len, after) = rest.split_first_chunk::<4>()?;
-            let len = u32::from_le_bytes(*len) as usize;
-            let (rec, next) = after.split_at_checked(len)?;
-            rest = next;
-            Some(rec)
-        })
     }
 }
 
 fn spool_loop(
     rx: mpsc::Receiver<Encoded>,
-    back: mpsc::SyncSender<Vec<u8>>,
+    back: mpsc::SyncSender<Records>,
     spool: Arc<Mutex<Spool>>,
     shared: Arc<Shared>,
     wake: Arc<Notify>,
@@ -836,8 +817,9 @@ fn spool_loop(
             .map(|s| s.pending_bytes() >= max_bytes)
             .unwrap_or(true);
         if full && policy == WhenSpoolFull::Drop {
-            dropped_unreported += batch.events;
-            shared.dropped.fetch_add(batch.events, Ordering::Relaxed);
+            let events = batch.records.len() as u64;
+            dropped_unreported += events;
+            shared.dropped.fetch_add(events, Ordering::Relaxed);
             batch.recycle(&back);
             continue;
         }
@@ -860,7 +842,7 @@ fn spool_loop(
                 dropped_unreported = 0;
             }
         }
-        for rec in batch.records() {
+        for rec in batch.records.iter() {
             if let Err(e) = s.append(rec) {
                 tracing::error!("clickhouse spool: {e}");
                 break;
@@ -997,7 +979,7 @@ async fn send_loop(
                 }
             };
             let mut failed = None;
-            for rec in &records {
+            for rec in records.iter() {
                 // A record that does not decode passed its checksum but is not an event
                 // this version can read: counted and skipped (never a crash).
                 let Ok(ev) = record::decode_any(rec, &mut scratch) else {
@@ -1131,7 +1113,7 @@ fn set_aside(spool: &Arc<Mutex<Spool>>, from: Position, cfg: &ClickHouseConfig, 
     let path = dir.join(format!("{}-{}.jsonl", from.segment, from.offset));
     let mut text = Vec::new();
     let mut scratch = Vec::new();
-    for r in &records {
+    for r in records.iter() {
         match record::decode_any(r, &mut scratch) {
             Ok(ev) => match ev.to_event() {
                 Ok(ev) => {
@@ -1192,12 +1174,15 @@ mod tests {
                 })
             })
             .collect();
-        // A reused buffer's old contents do not leak into the batch.
-        let enc = Encoded::of(&batch, b"stale bytes".to_vec());
-        assert_eq!(enc.events, 3);
+        // A reused buffer's old records do not leak into the batch.
+        let mut stale = Records::default();
+        stale.push_with(|out| out.extend_from_slice(b"stale bytes"));
+        let enc = Encoded::of(&batch, stale);
+        assert_eq!(enc.records.len(), 3);
         let mut scratch = Vec::new();
         let back: Vec<(u64, String)> = enc
-            .records()
+            .records
+            .iter()
             .map(|r| {
                 let ev = record::decode_any(r, &mut scratch)
                     .unwrap()

@@ -298,45 +298,7 @@ impl Spool {
         }
         Ok((out, pos))
     }
-}
 
-/// Records read from the spool, one after the other in one buffer (not one allocation
-/// each: the sender reads every event back).
-#[derive(Debug, Default)]
-pub struct Records {
-    data: Vec<u8>,
-    /// Where each record ends in `data`.
-    ends: Vec<usize>,
-}
-
-impl Records {
-    pub fn len(&self) -> usize {
-        self.ends.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
-    }
-
-    /// The records, in order.
-    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
-        let starts = std::iter::once(0).chain(self.ends.iter().copied());
-        starts
-            .zip(self.ends.iter().copied())
-            .map(|(start, end)| &self.data[start..end])
-    }
-}
-
-impl<'a> IntoIterator for &'a Records {
-    type Item = &'a [u8];
-    type IntoIter = Box<dyn Iterator<Item = &'a [u8]> + 'a>;
-
-    fn into_iter(self) -> Self::IntoIter {
-        Box::new(self.iter())
-    }
-}
-
-impl Spool {
     /// Records everything before `pos` as delivered: the cursor moves and fully delivered
     /// segments (not the one being written) are deleted.
     pub fn commit(&mut self, pos: Position) -> Result<(), SpoolError> {
@@ -360,6 +322,49 @@ impl Spool {
             }
         }
         Ok(())
+    }
+}
+
+/// Records one after the other in one buffer (not one allocation each): those read from
+/// the spool, and a batch's on their way to it.
+#[derive(Debug, Default)]
+pub struct Records {
+    data: Vec<u8>,
+    /// Where each record ends in `data`.
+    ends: Vec<usize>,
+}
+
+impl Records {
+    /// Appends one record, which `write` puts at the end of the buffer.
+    pub fn push_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        write(&mut self.data);
+        self.ends.push(self.data.len());
+    }
+
+    pub fn clear(&mut self) {
+        self.data.clear();
+        self.ends.clear();
+    }
+
+    /// Bytes the buffer holds room for.
+    pub fn capacity(&self) -> usize {
+        self.data.capacity()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The records, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(self.ends.iter().copied())
+            .map(|(start, end)| &self.data[start..end])
     }
 }
 
