@@ -4,20 +4,86 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-/// Text of an event (or a statement, a session). Constants (kinds, protocols, capture names, the empty string) are
-/// static and cost nothing to copy; text shared by many events (identity, session,
-/// statement) is reference-counted, not copied, on the path of every event.
-#[derive(Clone)]
-pub enum Text {
-    Static(&'static str),
-    Shared(Arc<str>),
+/// Text of an event (or a statement, a session). Constants (kinds, protocols, capture
+/// names, the empty string) are static and cost nothing to copy; text shared by many events
+/// (identity, session, statement) is reference-counted, not copied, on the path of every
+/// event.
+///
+/// Two words, where an enum of a `&'static str` and an `Arc<str>` takes three: an event
+/// holds some thirty of them, and every event crosses from the decoding thread to the sink
+/// thread and back (its box is reused), a cache line at a time. The pointer is the text's
+/// first byte; the length's top bit says whether it is the data of an `Arc<str>` this
+/// value holds one count of (no text is 2^63 bytes long).
+pub struct Text {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
 }
 
+const SHARED: usize = 1 << (usize::BITS - 1);
+
+// SAFETY: a Text is either a `&'static str` or an `Arc<str>`, both Send and Sync; it only
+// reads its bytes and moves the Arc's count as the Arc would.
+unsafe impl Send for Text {}
+unsafe impl Sync for Text {}
+
+#[allow(non_snake_case)]
 impl Text {
+    /// Static text: no count to keep.
+    pub const fn Static(s: &'static str) -> Text {
+        Text {
+            // SAFETY: a reference's pointer is never null.
+            ptr: unsafe { std::ptr::NonNull::new_unchecked(s.as_ptr() as *mut u8) },
+            len: s.len(),
+        }
+    }
+
+    /// Shared text: this value holds the Arc's count (given back when it is dropped).
+    pub fn Shared(s: Arc<str>) -> Text {
+        let len = s.len();
+        let raw = Arc::into_raw(s) as *const u8 as *mut u8;
+        Text {
+            // SAFETY: `Arc::into_raw` never returns null.
+            ptr: unsafe { std::ptr::NonNull::new_unchecked(raw) },
+            len: len | SHARED,
+        }
+    }
+
+    fn is_shared(&self) -> bool {
+        self.len & SHARED != 0
+    }
+
+    /// The text as a raw `str`; for a shared one, what `Arc::into_raw` gave.
+    fn raw(&self) -> *const str {
+        std::ptr::slice_from_raw_parts(self.ptr.as_ptr() as *const u8, self.len & !SHARED)
+            as *const str
+    }
+
     pub fn as_str(&self) -> &str {
-        match self {
-            Text::Static(s) => s,
-            Text::Shared(s) => s,
+        // SAFETY: the bytes of a `&'static str`, or of an `Arc<str>` kept alive by the
+        // count this value holds; UTF-8 either way.
+        unsafe { &*self.raw() }
+    }
+}
+
+impl Clone for Text {
+    fn clone(&self) -> Self {
+        if self.is_shared() {
+            // SAFETY: `raw` came from `Arc::into_raw` and the Arc lives (this value holds
+            // a count of it); the new value holds the new count.
+            unsafe { Arc::increment_strong_count(self.raw()) };
+        }
+        Text {
+            ptr: self.ptr,
+            len: self.len,
+        }
+    }
+}
+
+impl Drop for Text {
+    fn drop(&mut self) {
+        if self.is_shared() {
+            // SAFETY: as in `clone`: gives back the count this value holds.
+            unsafe { drop(Arc::from_raw(self.raw())) };
         }
     }
 }
@@ -171,8 +237,10 @@ impl std::fmt::Debug for ShortText {
 }
 
 #[cfg(test)]
-mod short_tests {
-    use super::ShortText;
+mod tests {
+    use std::sync::Arc;
+
+    use super::{ShortText, Text};
 
     #[test]
     fn short_text_inline_and_boxed() {
@@ -187,5 +255,33 @@ mod short_tests {
             assert_eq!(t.as_str(), s);
             assert_eq!(matches!(t, ShortText::Inline { .. }), s.len() <= 30);
         }
+    }
+
+    #[test]
+    fn text_is_two_words_and_keeps_the_arc_count() {
+        assert_eq!(std::mem::size_of::<Text>(), 16);
+        assert_eq!(std::mem::size_of::<Option<Text>>(), 16);
+        let arc: Arc<str> = Arc::from("pgbench");
+        let t = Text::Shared(arc.clone());
+        assert_eq!(Arc::strong_count(&arc), 2);
+        let copies: Vec<Text> = (0..3).map(|_| t.clone()).collect();
+        assert_eq!(Arc::strong_count(&arc), 5);
+        assert!(copies
+            .iter()
+            .all(|c| c == "pgbench" && c.as_ptr() == arc.as_ptr()));
+        drop(copies);
+        drop(t);
+        assert_eq!(Arc::strong_count(&arc), 1);
+        for t in [
+            Text::Static(""),
+            Text::Static("SELECT"),
+            Text::from(""),
+            Text::default(),
+        ] {
+            let c = t.clone();
+            assert_eq!(c.as_str(), t.as_str());
+        }
+        assert_eq!(Text::from("é".repeat(3)).as_str(), "ééé");
+        assert_eq!(Text::from(String::new()), Text::Static(""));
     }
 }

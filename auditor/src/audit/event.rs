@@ -1006,6 +1006,19 @@ fn fast_ts_micros(b: &[u8]) -> Option<i64> {
 mod tests {
     use super::*;
 
+    /// An event crosses from the decoding thread to the sink thread and back (its box is
+    /// reused) a cache line at a time, for every statement: it does not grow unnoticed.
+    #[test]
+    fn an_event_stays_within_its_cache_lines() {
+        let size = std::mem::size_of::<AuditEvent>();
+        println!(
+            "AuditEvent: {size} bytes, {} cache lines",
+            size.div_ceil(64)
+        );
+        // 1016 bytes (16 lines) while a Text took three words.
+        assert!(size <= 13 * 64, "AuditEvent grew to {size} bytes");
+    }
+
     #[test]
     fn hand_written_json_is_serde_json_byte_for_byte() {
         let mut ev = AuditEvent {
