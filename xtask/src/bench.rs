@@ -1523,8 +1523,8 @@ fn pipeline_section(
             md,
             "- ClickHouse (Debian's 18.16 on this machine, same host): {events:.0} events per \
              iteration through the spool (compact binary records in checksummed segments, \
-             written by one thread, read back without copying by another) and the Inserter \
-             (RowBinary over HTTP), the server on the same 2 cores, until the server acknowledged all of them: **{:.0} \
+             written by one thread, read back without copying by another) and copied from \
+             them into RowBinary rows sent over HTTP, the server on the same 2 cores, until the server acknowledged all of them: **{:.0} \
              events/s** sustained.",
             events / (ns / 1e9)
         )?;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use serde::{ser::SerializeStruct, Deserialize, Serialize};
+use serde::{Deserialize, Serialize};
 
 pub use super::schema::Labels;
 use super::schema::{
@@ -125,13 +125,8 @@ impl Field for EventKind {
     fn ch_columns(name: &'static str, lc: bool, style: ColumnStyle) -> Vec<String> {
         String::ch_columns(name, lc, style)
     }
-    fn ch_write<S: SerializeStruct>(
-        r: &&str,
-        name: &'static str,
-        compat: bool,
-        s: &mut S,
-    ) -> Result<(), S::Error> {
-        String::ch_write(r, name, compat, s)
+    fn ch_copy(r: &mut RecordReader<'_>, _: bool, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        r.copy_str(out)
     }
 }
 
@@ -342,13 +337,8 @@ impl Field for Flags {
     fn ch_columns(name: &'static str, _: bool, style: ColumnStyle) -> Vec<String> {
         <std::sync::Arc<[String]>>::ch_columns(name, false, style)
     }
-    fn ch_write<S: SerializeStruct>(
-        r: &Vec<&str>,
-        name: &'static str,
-        compat: bool,
-        s: &mut S,
-    ) -> Result<(), S::Error> {
-        <std::sync::Arc<[String]>>::ch_write(r, name, compat, s)
+    fn ch_copy(r: &mut RecordReader<'_>, _: bool, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        r.copy_strs(out)
     }
 }
 
@@ -442,19 +432,21 @@ impl Field for Timestamp {
             style,
         )
     }
-    fn ch_write<S: SerializeStruct>(
-        r: &Timestamp,
-        name: &'static str,
+    fn ch_copy(
+        r: &mut RecordReader<'_>,
         compat: bool,
-        s: &mut S,
-    ) -> Result<(), S::Error> {
-        match Self::COMPAT_SPLIT {
-            Some([secs, micros]) if compat => {
-                s.serialize_field(secs, &(r.0.div_euclid(1_000_000) as u32))?;
-                s.serialize_field(micros, &(r.0.rem_euclid(1_000_000) as u32))
-            }
-            _ => s.serialize_field(name, &r.0),
+        out: &mut Vec<u8>,
+    ) -> Result<(), RecordError> {
+        let micros = r.u64()? as i64;
+        if Self::COMPAT_SPLIT.is_some() && compat {
+            // DateTime (seconds, UInt32) and the microseconds (UInt32).
+            out.extend_from_slice(&(micros.div_euclid(1_000_000) as u32).to_le_bytes());
+            out.extend_from_slice(&(micros.rem_euclid(1_000_000) as u32).to_le_bytes());
+        } else {
+            // DateTime64(6): microseconds, Int64.
+            out.extend_from_slice(&micros.to_le_bytes());
         }
+        Ok(())
     }
 }
 
@@ -911,13 +903,8 @@ impl Field for Params {
     fn ch_columns(name: &'static str, _: bool, style: ColumnStyle) -> Vec<String> {
         <std::sync::Arc<[String]>>::ch_columns(name, false, style)
     }
-    fn ch_write<S: SerializeStruct>(
-        r: &Vec<&str>,
-        name: &'static str,
-        compat: bool,
-        s: &mut S,
-    ) -> Result<(), S::Error> {
-        <std::sync::Arc<[String]>>::ch_write(r, name, compat, s)
+    fn ch_copy(r: &mut RecordReader<'_>, _: bool, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        r.copy_strs(out)
     }
 }
 

@@ -6,15 +6,13 @@
 //! - the spool record (ClickHouse's on-disk queue), little endian by field order: strings
 //!   as a u32 length and UTF-8, integers fixed width, lists as a u32 count and their items,
 //!   read back without copying ([`Field::Ref`] borrows the record);
-//! - ClickHouse: the column's type for the server at hand and its RowBinary value (through
-//!   the `clickhouse` crate's serializer).
+//! - ClickHouse: the column's type for the server at hand and its RowBinary value, copied
+//!   from the spool record's bytes (the sender never decodes an event to encode it again).
 //!
 //! A new field is one line in the declaration: the struct, the JSON writer, the spool
 //! record, the ClickHouse row, its column and the migration adding it all follow.
 
 use std::{collections::BTreeMap, sync::Arc};
-
-use serde::ser::SerializeStruct;
 
 use crate::text::Text;
 
@@ -181,8 +179,13 @@ impl<'a> RecordReader<'a> {
     }
 
     pub fn str(&mut self) -> Result<&'a str, RecordError> {
+        std::str::from_utf8(self.str_bytes()?).map_err(|_| RecordError::NotUtf8)
+    }
+
+    /// A string's bytes, as they are.
+    fn str_bytes(&mut self) -> Result<&'a [u8], RecordError> {
         let n = self.u32()? as usize;
-        std::str::from_utf8(self.take(n)?).map_err(|_| RecordError::NotUtf8)
+        self.take(n)
     }
 
     /// A count, checked against what is left (each item takes at least `min_item` bytes),
@@ -199,6 +202,36 @@ impl<'a> RecordReader<'a> {
         let n = self.count(4)?;
         (0..n).map(|_| self.str()).collect()
     }
+
+    /// A string copied into a RowBinary row (a String: its length as a varint, its bytes).
+    /// Not checked to be UTF-8 again: the daemon wrote it from text, the spool's checksum
+    /// vouches for the bytes since, and a ClickHouse String holds any bytes.
+    pub fn copy_str(&mut self, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        let s = self.str_bytes()?;
+        put_varint(out, s.len() as u64);
+        out.extend_from_slice(s);
+        Ok(())
+    }
+
+    /// A list of strings copied into a RowBinary row (an Array(String)).
+    pub fn copy_strs(&mut self, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        let n = self.count(4)?;
+        put_varint(out, n as u64);
+        for _ in 0..n {
+            self.copy_str(out)?;
+        }
+        Ok(())
+    }
+}
+
+/// Appends `n` as ClickHouse's variable-length unsigned integer (LEB128), which prefixes
+/// RowBinary strings and arrays.
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push(n as u8 | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
 }
 
 pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -303,13 +336,14 @@ pub trait Field: Sized + PartialEq {
     fn own(r: &Self::Ref<'_>) -> Result<Self, RecordError>;
     /// Column definitions for a field of this type named `name`.
     fn ch_columns(name: &'static str, lc: bool, style: ColumnStyle) -> Vec<String>;
-    /// The RowBinary value(s), in column order.
-    fn ch_write<S: SerializeStruct>(
-        r: &Self::Ref<'_>,
-        name: &'static str,
+    /// Copies the value from a spool record into a ClickHouse RowBinary row: the value(s)
+    /// of its column(s) as `ch_columns` defines them for a server of this style, in order,
+    /// straight from the record's bytes.
+    fn ch_copy(
+        r: &mut RecordReader<'_>,
         compat: bool,
-        s: &mut S,
-    ) -> Result<(), S::Error>;
+        out: &mut Vec<u8>,
+    ) -> Result<(), RecordError>;
 }
 
 /// The column(s) of a field a compat server stores in two (`T::COMPAT_SPLIT`): those two
@@ -360,13 +394,12 @@ macro_rules! text_field {
             fn ch_columns(name: &'static str, lc: bool, style: ColumnStyle) -> Vec<String> {
                 one_column(name, "String", lc, style)
             }
-            fn ch_write<S: SerializeStruct>(
-                r: &&str,
-                name: &'static str,
+            fn ch_copy(
+                r: &mut RecordReader<'_>,
                 _: bool,
-                s: &mut S,
-            ) -> Result<(), S::Error> {
-                s.serialize_field(name, *r)
+                out: &mut Vec<u8>,
+            ) -> Result<(), RecordError> {
+                r.copy_str(out)
             }
         }
     };
@@ -395,13 +428,14 @@ macro_rules! int_field {
             fn ch_columns(name: &'static str, lc: bool, style: ColumnStyle) -> Vec<String> {
                 one_column(name, $ch, lc, style)
             }
-            fn ch_write<S: SerializeStruct>(
-                r: &$t,
-                name: &'static str,
+            fn ch_copy(
+                r: &mut RecordReader<'_>,
                 _: bool,
-                s: &mut S,
-            ) -> Result<(), S::Error> {
-                s.serialize_field(name, r)
+                out: &mut Vec<u8>,
+            ) -> Result<(), RecordError> {
+                // Little endian in both.
+                out.extend_from_slice(r.take(size_of::<$t>())?);
+                Ok(())
             }
         }
     };
@@ -428,13 +462,9 @@ impl Field for bool {
     fn ch_columns(name: &'static str, lc: bool, style: ColumnStyle) -> Vec<String> {
         one_column(name, "UInt8", lc, style)
     }
-    fn ch_write<S: SerializeStruct>(
-        r: &bool,
-        name: &'static str,
-        _: bool,
-        s: &mut S,
-    ) -> Result<(), S::Error> {
-        s.serialize_field(name, &u8::from(*r))
+    fn ch_copy(r: &mut RecordReader<'_>, _: bool, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        out.push(u8::from(r.u8()? != 0));
+        Ok(())
     }
 }
 
@@ -467,13 +497,16 @@ impl Field for Option<u64> {
     fn ch_columns(name: &'static str, lc: bool, style: ColumnStyle) -> Vec<String> {
         one_column(name, "Nullable(UInt64)", lc, style)
     }
-    fn ch_write<S: SerializeStruct>(
-        r: &Option<u64>,
-        name: &'static str,
-        _: bool,
-        s: &mut S,
-    ) -> Result<(), S::Error> {
-        s.serialize_field(name, r)
+    fn ch_copy(r: &mut RecordReader<'_>, _: bool, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        // Nullable: a byte that is 1 for NULL, then the value if there is one.
+        match r.u8()? {
+            0 => out.push(1),
+            _ => {
+                out.push(0);
+                out.extend_from_slice(r.take(8)?);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -500,13 +533,8 @@ impl Field for Arc<[String]> {
     fn ch_columns(name: &'static str, _: bool, style: ColumnStyle) -> Vec<String> {
         one_column(name, "Array(String)", false, style)
     }
-    fn ch_write<S: SerializeStruct>(
-        r: &Vec<&str>,
-        name: &'static str,
-        _: bool,
-        s: &mut S,
-    ) -> Result<(), S::Error> {
-        s.serialize_field(name, r.as_slice())
+    fn ch_copy(r: &mut RecordReader<'_>, _: bool, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        r.copy_strs(out)
     }
 }
 
@@ -538,13 +566,11 @@ impl Field for Arc<[u64]> {
     fn ch_columns(name: &'static str, _: bool, style: ColumnStyle) -> Vec<String> {
         one_column(name, "Array(UInt64)", false, style)
     }
-    fn ch_write<S: SerializeStruct>(
-        r: &Vec<u64>,
-        name: &'static str,
-        _: bool,
-        s: &mut S,
-    ) -> Result<(), S::Error> {
-        s.serialize_field(name, r.as_slice())
+    fn ch_copy(r: &mut RecordReader<'_>, _: bool, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        let n = r.count(8)?;
+        put_varint(out, n as u64);
+        out.extend_from_slice(r.take(8 * n)?);
+        Ok(())
     }
 }
 
@@ -600,21 +626,33 @@ impl Field for Labels {
             style,
         )
     }
-    fn ch_write<S: SerializeStruct>(
-        r: &Vec<(&str, &str)>,
-        name: &'static str,
+    fn ch_copy(
+        r: &mut RecordReader<'_>,
         compat: bool,
-        s: &mut S,
-    ) -> Result<(), S::Error> {
-        match Self::COMPAT_SPLIT {
-            Some([keys, values]) if compat => {
-                let k: Vec<&str> = r.iter().map(|(k, _)| *k).collect();
-                let v: Vec<&str> = r.iter().map(|(_, v)| *v).collect();
-                s.serialize_field(keys, k.as_slice())?;
-                s.serialize_field(values, v.as_slice())
+        out: &mut Vec<u8>,
+    ) -> Result<(), RecordError> {
+        let n = r.count(8)?;
+        put_varint(out, n as u64);
+        if Self::COMPAT_SPLIT.is_some() && compat {
+            // Two arrays: the keys, then (the pairs read again) the values.
+            let mut values = RecordReader { buf: r.buf };
+            for _ in 0..n {
+                r.copy_str(out)?;
+                r.str_bytes()?;
             }
-            _ => s.serialize_field(name, r.as_slice()),
+            put_varint(out, n as u64);
+            for _ in 0..n {
+                values.str_bytes()?;
+                values.copy_str(out)?;
+            }
+        } else {
+            // A Map: its pairs.
+            for _ in 0..n {
+                r.copy_str(out)?;
+                r.copy_str(out)?;
+            }
         }
+        Ok(())
     }
 }
 
@@ -811,14 +849,32 @@ macro_rules! audit_event {
                 })
             }
 
-            /// Serializes the ClickHouse row's columns, in order.
-            pub fn write_clickhouse<S: serde::ser::SerializeStruct>(
-                &self,
+        }
+
+        impl AuditEvent {
+            /// Copies the fields of a spool record into one ClickHouse RowBinary row (the
+            /// columns of a server of style `compat`, in order), straight from its bytes;
+            /// fields after the first `fields` (a record of an earlier version) take their
+            /// defaults.
+            pub fn record_to_row(
+                r: &mut $crate::audit::schema::RecordReader<'_>,
+                fields: usize,
                 compat: bool,
-                s: &mut S,
-            ) -> Result<(), S::Error> {
-                $( <$ty as $crate::audit::schema::Field>::ch_write(
-                    &self.$name, stringify!($name), compat, s)?; )*
+                out: &mut Vec<u8>,
+            ) -> Result<(), $crate::audit::schema::RecordError> {
+                use $crate::audit::schema::{Field, RecordReader};
+                let mut i = 0usize;
+                $(
+                    if i < fields {
+                        <$ty as Field>::ch_copy(r, compat, out)?;
+                    } else {
+                        let mut default = Vec::new();
+                        <$ty as Default>::default().put(&mut default);
+                        <$ty as Field>::ch_copy(&mut RecordReader::new(&default), compat, out)?;
+                    }
+                    i += 1;
+                )*
+                let _ = i;
                 Ok(())
             }
         }

@@ -1,12 +1,13 @@
 //! Audit events into ClickHouse, with nothing lost.
 //!
 //! Every event is first appended to an on-disk spool (checksummed segments, see
-//! `spool.rs`) by the `ch-spool` thread; the `ch-send` thread reads the spool in order and
-//! inserts through the `clickhouse` crate's `Inserter` (HTTP, RowBinary, row/byte/period
-//! limits), moving the spool's cursor only after ClickHouse acknowledged an insert. So
-//! events survive ClickHouse being slow or down, and the daemon restarting; an insert
-//! whose outcome is unknown (a timeout) is sent again, and the table, a ReplacingMergeTree
-//! keyed on the event id, plus views reading it with FINAL, keep such an event once.
+//! `spool.rs`) by the `ch-spool` thread; the `ch-send` thread reads the spool in order,
+//! copies each record into a RowBinary row (no decoding of an event to serialize it again)
+//! and inserts the rows over HTTP (one INSERT ended at row, byte or period limits),
+//! moving the spool's cursor only after ClickHouse acknowledged an insert. So events
+//! survive ClickHouse being slow or down, and the daemon restarting; an insert whose
+//! outcome is unknown (a timeout) is sent again, and the table, a ReplacingMergeTree keyed
+//! on the event id, plus views reading it with FINAL, keep such an event once.
 //!
 //! Schema creation and upgrades are migrations recorded in `schema_migrations`; column
 //! types follow the server version (DateTime64, LowCardinality, Map and TTL where the
@@ -21,14 +22,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use clickhouse::{Client, Row};
-use serde::{ser::SerializeStruct, Deserialize, Serialize};
+use clickhouse::{insert_formatted::InsertFormatted, Client, Row};
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use tokio::sync::Notify;
 
 use crate::{
     audit::{
-        event::{AuditEvent, EventKind, EventRef, Flag, Timestamp, FIELDS},
+        event::{AuditEvent, EventKind, Flag, Timestamp, FIELDS},
         schema::{column_names, compat_column_names, split_count, ColumnStyle, FieldSpec},
     },
     sink::{
@@ -377,74 +378,109 @@ fn migrations_of(
     all
 }
 
-/// A row for servers with DateTime64 and Map (the event's fields as declared).
-struct ModernRow<'a>(&'a EventRef<'a>);
-
-/// A row for older servers (Debian's 18.16): DateTime plus microseconds, label arrays.
-struct CompatRow<'a>(&'a EventRef<'a>);
-
 const MODERN_COLUMNS: [&str; FIELDS.len()] = column_names(FIELDS);
+/// Older servers (Debian's 18.16): DateTime plus microseconds, label arrays.
 const COMPAT_COLUMNS: [&str; FIELDS.len() + split_count(FIELDS)] = compat_column_names(FIELDS);
 
-macro_rules! row {
-    ($ty:ident, $columns:expr, $compat:expr) => {
-        impl Row for $ty<'_> {
-            const NAME: &'static str = "AuditEvent";
-            const COLUMN_NAMES: &'static [&'static str] = &$columns;
-            const COLUMN_COUNT: usize = $columns.len();
-            const KIND: clickhouse::_priv::RowKind = clickhouse::_priv::RowKind::Struct;
-            type Value<'a> = $ty<'a>;
-        }
+/// The INSERTs into the events table: RowBinary rows copied from the spool's records (an
+/// event is never decoded to be serialized again), one INSERT open at a time, ended once
+/// it holds `batch_rows` rows or `batch_bytes` bytes, or has been open `batch_period_ms`.
+struct RowInsert {
+    client: Client,
+    /// `INSERT INTO events (columns) FORMAT RowBinary`, for the server's layout.
+    sql: String,
+    compat: bool,
+    insert: Option<InsertFormatted>,
+    /// Rows and bytes in the open INSERT, and when it must end.
+    rows: u64,
+    bytes: u64,
+    ends_at: Instant,
+    max_rows: u64,
+    max_bytes: u64,
+    period: Duration,
+    /// Rows copied since the last `send`: handed to the connection as they are (a chunk
+    /// of the request's body), not copied again.
+    rows_buf: Vec<u8>,
+    /// A record of the JSON layout re-encoded (see `record::to_row`).
+    scratch: Vec<u8>,
+}
 
-        impl Serialize for $ty<'_> {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                let mut st = s.serialize_struct("AuditEvent", $columns.len())?;
-                self.0.write_clickhouse($compat, &mut st)?;
-                st.end()
+impl RowInsert {
+    fn new(client: &Client, cfg: &ClickHouseConfig, f: Features) -> Self {
+        let compat = f.style().compat;
+        let columns: &[&str] = if compat {
+            &COMPAT_COLUMNS
+        } else {
+            &MODERN_COLUMNS
+        };
+        let columns: Vec<String> = columns.iter().map(|c| format!("`{c}`")).collect();
+        RowInsert {
+            client: client.clone(),
+            sql: format!(
+                "INSERT INTO events ({}) FORMAT RowBinary",
+                columns.join(",")
+            ),
+            compat,
+            insert: None,
+            rows: 0,
+            bytes: 0,
+            ends_at: Instant::now(),
+            max_rows: cfg.batch_rows,
+            max_bytes: cfg.batch_bytes,
+            period: Duration::from_millis(cfg.batch_period_ms),
+            rows_buf: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Copies the rows of `records`; each that is not an event this version can read is
+    /// skipped (nothing of it copied) and counted in the result.
+    fn push(&mut self, records: &Records) -> u64 {
+        // A row takes about its record's size.
+        let size: usize = records.iter().map(<[u8]>::len).sum();
+        self.rows_buf.reserve(size + size / 8);
+        let mut skipped = 0;
+        for rec in records.iter() {
+            match record::to_row(rec, &mut self.scratch, self.compat, &mut self.rows_buf) {
+                Ok(()) => self.rows += 1,
+                Err(_) => skipped += 1,
             }
         }
-    };
-}
+        skipped
+    }
 
-row!(ModernRow, MODERN_COLUMNS, false);
-row!(CompatRow, COMPAT_COLUMNS, true);
-
-/// Inserts into one server, with the row layout its version calls for.
-enum RowInserter {
-    Modern(clickhouse::inserter::Inserter<ModernRow<'static>>),
-    Compat(clickhouse::inserter::Inserter<CompatRow<'static>>),
-}
-
-impl RowInserter {
-    async fn write<'a>(&mut self, ev: &'a EventRef<'a>) -> Result<(), clickhouse::error::Error> {
-        match self {
-            RowInserter::Modern(i) => i.write(&ModernRow(ev)).await,
-            RowInserter::Compat(i) => i.write(&CompatRow(ev)).await,
+    /// Sends the rows copied since the last call on the open INSERT (opening one).
+    async fn send(&mut self) -> Result<(), clickhouse::error::Error> {
+        if self.rows_buf.is_empty() {
+            return Ok(());
         }
-    }
-
-    /// Ends an insert if a limit is reached; Some(rows) when one was sent.
-    async fn commit(&mut self) -> Result<u64, clickhouse::error::Error> {
-        let q = match self {
-            RowInserter::Modern(i) => i.commit().await?,
-            RowInserter::Compat(i) => i.commit().await?,
+        let insert = match &mut self.insert {
+            Some(insert) => insert,
+            None => {
+                self.ends_at = Instant::now() + self.period;
+                self.insert
+                    .insert(self.client.insert_formatted_with(self.sql.clone()))
+            }
         };
-        Ok(q.rows)
+        self.bytes += self.rows_buf.len() as u64;
+        insert
+            .send(bytes::Bytes::from(std::mem::take(&mut self.rows_buf)))
+            .await
     }
 
-    async fn force_commit(&mut self) -> Result<u64, clickhouse::error::Error> {
-        let q = match self {
-            RowInserter::Modern(i) => i.force_commit().await?,
-            RowInserter::Compat(i) => i.force_commit().await?,
-        };
-        Ok(q.rows)
-    }
-
-    fn pending_rows(&self) -> u64 {
-        match self {
-            RowInserter::Modern(i) => i.pending().rows,
-            RowInserter::Compat(i) => i.pending().rows,
+    /// Ends the open INSERT if it reached a limit (`force`: in any case): the server has
+    /// then acknowledged every row sent. Ok(true) when no row waits unacknowledged.
+    async fn commit(&mut self, force: bool) -> Result<bool, clickhouse::error::Error> {
+        self.send().await?;
+        let due = self.rows >= self.max_rows
+            || self.bytes >= self.max_bytes
+            || Instant::now() >= self.ends_at;
+        if let Some(insert) = self.insert.take_if(|_| force || due) {
+            insert.end().await?;
+            self.rows = 0;
+            self.bytes = 0;
         }
+        Ok(self.insert.is_none())
     }
 }
 
@@ -800,30 +836,27 @@ fn spool_loop(
     let mut dropped_unreported = 0u64;
     let mut buf = Vec::with_capacity(4096);
     while let Ok(batch) = rx.recv() {
-        // Room for this batch?
-        loop {
-            let pending = spool.lock().map(|s| s.pending_bytes()).unwrap_or(0);
+        // Room for this batch? The spool's size is asked once per batch (a directory
+        // listing and a stat per segment), under the lock the batch is then appended in:
+        // the sender cannot commit in between, so the size after it is exact.
+        let (mut s, mut pending) = loop {
+            let Ok(s) = spool.lock() else { return };
+            let pending = s.pending_bytes();
             shared.spool_bytes.store(pending, Ordering::Relaxed);
-            if pending < max_bytes {
-                break;
+            if pending < max_bytes || policy == WhenSpoolFull::Drop {
+                break (s, pending);
             }
-            match policy {
-                WhenSpoolFull::Block => std::thread::sleep(Duration::from_millis(100)),
-                WhenSpoolFull::Drop => break,
-            }
-        }
-        let full = spool
-            .lock()
-            .map(|s| s.pending_bytes() >= max_bytes)
-            .unwrap_or(true);
-        if full && policy == WhenSpoolFull::Drop {
+            drop(s);
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        if pending >= max_bytes {
+            drop(s);
             let events = batch.records.len() as u64;
             dropped_unreported += events;
             shared.dropped.fetch_add(events, Ordering::Relaxed);
             batch.recycle(&back);
             continue;
         }
-        let Ok(mut s) = spool.lock() else { return };
         if dropped_unreported > 0 {
             let gap = AuditEvent {
                 event_id: crate::audit::event::new_event_id(),
@@ -840,6 +873,7 @@ fn spool_loop(
             record::encode(&gap, &mut buf);
             if s.append(&buf).is_ok() {
                 dropped_unreported = 0;
+                pending += 8 + buf.len() as u64;
             }
         }
         for rec in batch.records.iter() {
@@ -847,42 +881,20 @@ fn spool_loop(
                 tracing::error!("clickhouse spool: {e}");
                 break;
             }
+            // A record's length and checksum, then the record.
+            pending += 8 + rec.len() as u64;
             shared.spooled.fetch_add(1, Ordering::Relaxed);
         }
         if let Err(e) = s.flush() {
             tracing::error!("clickhouse spool: {e}");
         }
-        shared
-            .spool_bytes
-            .store(s.pending_bytes(), Ordering::Relaxed);
+        shared.spool_bytes.store(pending, Ordering::Relaxed);
         drop(s);
         wake.notify_one();
         batch.recycle(&back);
     }
     if let Ok(mut s) = spool.lock() {
         let _ = s.sync();
-    }
-}
-
-fn make_inserter(client: &Client, cfg: &ClickHouseConfig, f: Features) -> RowInserter {
-    let table = "events";
-    let period = Some(Duration::from_millis(cfg.batch_period_ms));
-    if !f.style().compat {
-        RowInserter::Modern(
-            client
-                .inserter::<ModernRow<'static>>(table)
-                .with_max_rows(cfg.batch_rows)
-                .with_max_bytes(cfg.batch_bytes)
-                .with_period(period),
-        )
-    } else {
-        RowInserter::Compat(
-            client
-                .inserter::<CompatRow<'static>>(table)
-                .with_max_rows(cfg.batch_rows)
-                .with_max_bytes(cfg.batch_bytes)
-                .with_period(period),
-        )
     }
 }
 
@@ -936,7 +948,7 @@ async fn send_loop(
                 continue;
             }
         };
-        let mut inserter = make_inserter(&client, &cfg, features);
+        let mut inserter = RowInsert::new(&client, &cfg, features);
         // Everything before `acked` is in ClickHouse; the inserter holds what follows, up
         // to `written`.
         let mut acked = {
@@ -947,7 +959,6 @@ async fn send_loop(
         };
         let mut written: Position = acked;
         let mut written_rows = 0u64;
-        let mut scratch = Vec::new();
         loop {
             let read = {
                 let (spool, shared, max_bytes) = (spool.clone(), shared.clone(), cfg.batch_bytes);
@@ -978,89 +989,72 @@ async fn send_loop(
                     continue;
                 }
             };
-            let mut failed = None;
-            for rec in records.iter() {
-                // A record that does not decode passed its checksum but is not an event
-                // this version can read: counted and skipped (never a crash).
-                let Ok(ev) = record::decode_any(rec, &mut scratch) else {
-                    shared.corrupt.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                };
-                if let Err(e) = inserter.write(&ev).await {
-                    failed = Some(e);
-                    break;
-                }
-                written_rows += 1;
-            }
-            if failed.is_none() {
-                written = next;
-                // An insert ends at a limit or at its period (`batch_period_ms`), not each
-                // time the spool is drained: ClickHouse takes about one insert (one part)
-                // per period, not one per hand-over from the capture (every 20 ms under
-                // load), and this loop one HTTP request. A stop sends what is held.
-                let result = if records.is_empty() && stopped() {
-                    inserter.force_commit().await
-                } else {
-                    inserter.commit().await
-                };
-                match result {
-                    Ok(_) if inserter.pending_rows() == 0 && written != acked => {
-                        // Acknowledged: everything written so far is in ClickHouse.
-                        acked = written;
-                        let (spool, sh) = (spool.clone(), shared.clone());
-                        blocking(move || {
-                            if let Ok(mut s) = spool.lock() {
-                                if let Err(e) = s.commit(acked) {
-                                    tracing::error!("clickhouse spool: {e}");
-                                }
-                                sh.spool_bytes.store(s.pending_bytes(), Ordering::Relaxed);
+            // A record that does not decode passed its checksum but is not an event this
+            // version can read: counted and skipped (never a crash).
+            let skipped = inserter.push(&records);
+            shared.corrupt.fetch_add(skipped, Ordering::Relaxed);
+            written_rows += records.len() as u64 - skipped;
+            written = next;
+            // An insert ends at a limit or at its period (`batch_period_ms`), not each
+            // time the spool is drained: ClickHouse takes about one insert (one part)
+            // per period, not one per hand-over from the capture (every 20 ms under
+            // load), and this loop one HTTP request. A stop sends what is held.
+            match inserter.commit(records.is_empty() && stopped()).await {
+                Ok(true) if written != acked => {
+                    // Acknowledged: everything written so far is in ClickHouse.
+                    acked = written;
+                    let (spool, sh) = (spool.clone(), shared.clone());
+                    blocking(move || {
+                        if let Ok(mut s) = spool.lock() {
+                            if let Err(e) = s.commit(acked) {
+                                tracing::error!("clickhouse spool: {e}");
                             }
-                        })
-                        .await;
-                        shared.inserted.fetch_add(written_rows, Ordering::Relaxed);
-                        written_rows = 0;
-                        if let Some(a) = &anchor {
-                            send_head(&client, &cfg.database, a, &mut anchored).await;
+                            sh.spool_bytes.store(s.pending_bytes(), Ordering::Relaxed);
                         }
-                        refusals = 0;
-                        backoff = Duration::from_millis(200);
-                        shared.connected.store(1, Ordering::Relaxed);
-                        if failing {
-                            tracing::warn!("clickhouse: delivering again");
-                            failing = false;
-                            last_error.clear();
-                        }
+                    })
+                    .await;
+                    shared.inserted.fetch_add(written_rows, Ordering::Relaxed);
+                    written_rows = 0;
+                    if let Some(a) = &anchor {
+                        send_head(&client, &cfg.database, a, &mut anchored).await;
                     }
-                    Ok(_) => {}
-                    Err(e) => failed = Some(e),
-                }
-            }
-            if let Some(e) = failed {
-                // The insert may or may not have landed: it is sent again from `acked`
-                // (event ids make a repeat harmless in the views). A batch the server
-                // keeps refusing is set aside instead of blocking everything after it.
-                shared.insert_errors.fetch_add(1, Ordering::Relaxed);
-                if matches!(e, clickhouse::error::Error::BadResponse(_)) {
-                    refusals += 1;
-                }
-                report(&shared, &e, &mut failing, &mut last_error);
-                if refusals >= MAX_REFUSALS {
                     refusals = 0;
-                    let (spool, cfg, sh) = (spool.clone(), cfg.clone(), shared.clone());
-                    blocking(move || set_aside(&spool, acked, &cfg, &sh)).await;
+                    backoff = Duration::from_millis(200);
+                    shared.connected.store(1, Ordering::Relaxed);
+                    if failing {
+                        tracing::warn!("clickhouse: delivering again");
+                        failing = false;
+                        last_error.clear();
+                    }
                 }
-                if stopped() {
-                    break 'connect;
+                Ok(_) => {}
+                Err(e) => {
+                    // The insert may or may not have landed: it is sent again from `acked`
+                    // (event ids make a repeat harmless in the views). A batch the server
+                    // keeps refusing is set aside instead of blocking everything after it.
+                    shared.insert_errors.fetch_add(1, Ordering::Relaxed);
+                    if matches!(e, clickhouse::error::Error::BadResponse(_)) {
+                        refusals += 1;
+                    }
+                    report(&shared, &e, &mut failing, &mut last_error);
+                    if refusals >= MAX_REFUSALS {
+                        refusals = 0;
+                        let (spool, cfg, sh) = (spool.clone(), cfg.clone(), shared.clone());
+                        blocking(move || set_aside(&spool, acked, &cfg, &sh)).await;
+                    }
+                    if stopped() {
+                        break 'connect;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue 'connect;
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue 'connect;
             }
             if records.is_empty() {
                 if stopped() {
                     break 'connect;
                 }
-                // New events, a stop, or the batch period (the inserter's own timer).
+                // New events, a stop, or the end of the open INSERT's period.
                 let _ = tokio::time::timeout(Duration::from_millis(100), wake.notified()).await;
             }
         }
@@ -1201,6 +1195,94 @@ mod tests {
         );
     }
 
+    /// The spool thread with a full spool (drop mode): a batch that finds no room is
+    /// dropped and counted, and the next one that does is preceded by a gap saying how
+    /// many; the spool's size it reports is exact.
+    #[test]
+    fn a_full_spool_drops_batches_and_records_the_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Mutex::new(Spool::open(dir.path(), 1 << 20).unwrap()));
+        let shared = Arc::new(Shared::default());
+        // A rendezvous: a send returns once the thread took it.
+        let (tx, rx) = mpsc::sync_channel(0);
+        let (back, _recycled) = mpsc::sync_channel(4);
+        let thread = {
+            let (spool, shared) = (spool.clone(), shared.clone());
+            std::thread::spawn(move || {
+                spool_loop(
+                    rx,
+                    back,
+                    spool,
+                    shared,
+                    Arc::new(Notify::new()),
+                    1000,
+                    WhenSpoolFull::Drop,
+                )
+            })
+        };
+        let batch = |first: u64, n: u64| -> Vec<Box<AuditEvent>> {
+            (first..first + n)
+                .map(|seq| {
+                    Box::new(AuditEvent {
+                        seq,
+                        statement: "SELECT pad FROM t".repeat(20).into(),
+                        ..AuditEvent::of_kind(EventKind::Statement)
+                    })
+                })
+                .collect()
+        };
+        let sent = |tx: &mpsc::SyncSender<Encoded>, b: Vec<Box<AuditEvent>>| {
+            tx.send(Encoded::of(&b, Records::default())).unwrap();
+            // An empty one: taken once the thread is done with the batch.
+            tx.send(Encoded::of(&[], Records::default())).unwrap();
+        };
+        let seqs = |spool: &Arc<Mutex<Spool>>| -> Vec<(u64, String)> {
+            let mut s = spool.lock().unwrap();
+            let from = s.cursor();
+            let (records, _) = s.read_from(from, 1000, u64::MAX).unwrap();
+            records
+                .iter()
+                .map(|r| {
+                    let ev = record::decode(r).unwrap().to_event().unwrap();
+                    (ev.seq, ev.statement.as_str().to_string())
+                })
+                .collect()
+        };
+        // The first batch finds an empty spool (and fills it past 1000 bytes).
+        sent(&tx, batch(1, 3));
+        let full = spool.lock().unwrap().pending_bytes();
+        assert!(full >= 1000, "{full}");
+        assert_eq!(shared.spool_bytes.load(Ordering::Relaxed), full);
+        sent(&tx, batch(4, 2));
+        assert_eq!(shared.dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(seqs(&spool).len(), 3);
+        // Delivered: room again. The gap comes before the next batch.
+        {
+            let mut s = spool.lock().unwrap();
+            let from = s.cursor();
+            let (_, end) = s.read_from(from, 1000, u64::MAX).unwrap();
+            s.commit(end).unwrap();
+        }
+        sent(&tx, batch(6, 1));
+        let after = seqs(&spool);
+        assert_eq!(after.len(), 2, "{after:?}");
+        assert_eq!(
+            after[0],
+            (
+                0,
+                "(2 events were dropped: the ClickHouse spool was full)".to_string()
+            )
+        );
+        assert_eq!(after[1].0, 6);
+        assert_eq!(
+            shared.spool_bytes.load(Ordering::Relaxed),
+            spool.lock().unwrap().pending_bytes()
+        );
+        assert_eq!(shared.spooled.load(Ordering::Relaxed), 4);
+        drop(tx);
+        thread.join().unwrap();
+    }
+
     #[test]
     fn features_by_version() {
         let old = Features::of_version("18.16.1");
@@ -1224,8 +1306,8 @@ mod tests {
         assert!(new.windows(2).all(|w| w[0].version < w[1].version));
     }
 
-    /// The inserter names its columns from the row type: they must be the table's, in
-    /// the order the row serializes them, for both layouts.
+    /// The INSERT names its columns: they must be the table's, in the order a row holds
+    /// them (the fields' order), for both layouts.
     #[test]
     fn row_columns_are_the_tables() {
         for (version, columns) in [
@@ -1240,34 +1322,6 @@ mod tests {
             assert_eq!(table, columns, "{version}");
         }
         assert!(COMPAT_COLUMNS.contains(&"ts_us") && COMPAT_COLUMNS.contains(&"label_values"));
-    }
-
-    /// Counts the fields a row serializes.
-    struct Counter(usize);
-    impl SerializeStruct for &mut Counter {
-        type Ok = ();
-        type Error = std::fmt::Error;
-        fn serialize_field<T: Serialize + ?Sized>(
-            &mut self,
-            _: &'static str,
-            _: &T,
-        ) -> Result<(), std::fmt::Error> {
-            self.0 += 1;
-            Ok(())
-        }
-        fn end(self) -> Result<(), std::fmt::Error> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn rows_serialize_one_value_per_column() {
-        let ev = EventRef::default();
-        for (compat, columns) in [(true, COMPAT_COLUMNS.len()), (false, MODERN_COLUMNS.len())] {
-            let mut c = Counter(0);
-            ev.write_clickhouse(compat, &mut &mut c).unwrap();
-            assert_eq!(c.0, columns);
-        }
     }
 
     #[test]

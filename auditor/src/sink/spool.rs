@@ -160,12 +160,12 @@ impl Spool {
             self.rotate()?;
         }
         let (n, w, written) = self.writer.as_mut().expect("writer");
-        let path = self.dir.join(segment_name(*n));
         let crc = crc32fast::hash(payload);
+        // (The segment's path is made for an error only: not on the path of every record.)
         w.write_all(&(payload.len() as u32).to_le_bytes())
             .and_then(|_| w.write_all(&crc.to_le_bytes()))
             .and_then(|_| w.write_all(payload))
-            .map_err(io_err(&path))?;
+            .map_err(|e| io_err(&self.dir.join(segment_name(*n)))(e))?;
         *written += 8 + payload.len() as u64;
         self.counters.appended += 1;
         Ok(())
@@ -197,8 +197,8 @@ impl Spool {
 
     pub fn flush(&mut self) -> Result<(), SpoolError> {
         if let Some((n, w, _)) = self.writer.as_mut() {
-            let path = self.dir.join(segment_name(*n));
-            w.flush().map_err(io_err(&path))?;
+            w.flush()
+                .map_err(|e| io_err(&self.dir.join(segment_name(*n)))(e))?;
         }
         Ok(())
     }
