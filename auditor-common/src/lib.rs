@@ -8,8 +8,8 @@ use core::mem::size_of;
 
 /// Bytes of payload carried by one ring-buffer chunk.
 pub const CHUNK_DATA: usize = 16384;
-/// The fewest chunks one call may take (2 MiB); the daemon raises it with the ring's size
-/// (`CHUNKS_PER_CALL`). A syscall moving more is truncated (and counted): the
+/// The fewest chunks one call may take (2 MiB); the daemon raises it to
+/// `capture.max_call_bytes` (`CHUNKS_PER_CALL`). A syscall moving more is truncated (and counted): the
 /// per-direction offset still advances by the real length, so the daemon records a gap.
 /// Drivers read big: asyncio's transports (asyncpg, psycopg's async mode) ask for 256 KiB
 /// per recv, and a large result fills them.

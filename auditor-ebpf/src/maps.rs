@@ -106,8 +106,8 @@ pub static WAKE_CHECK_BYTES: Global<u64> = Global::new(0);
 pub static WAKE_CHECK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Chunks of CHUNK_DATA bytes one read or write call may take (with bpf_loop): set by the
-/// daemon at load time from the ring's size (an eighth of it); what a call moves beyond
-/// is counted as truncated and becomes a gap.
+/// daemon at load time (`capture.max_call_bytes`, at most half the ring); what a call moves
+/// beyond is counted as truncated and becomes a gap.
 #[unsafe(no_mangle)]
 pub static CHUNKS_PER_CALL: Global<u32> = Global::new(0);
 

@@ -901,7 +901,7 @@ impl Chunks {
     }
 }
 
-/// Chunks one call may take with bpf_loop: set by the daemon from the ring's size,
+/// Chunks one call may take with bpf_loop: set by the daemon (`capture.max_call_bytes`),
 /// never fewer than MAX_CHUNKS_PER_CALL.
 #[inline(always)]
 fn chunks_per_call() -> u64 {

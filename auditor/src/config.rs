@@ -53,8 +53,16 @@ pub struct Recording {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CaptureConfig {
-    /// Size of the kernel ring buffer (a power of two, at least 64 KiB). Default: 64 MiB.
+    /// Size of the kernel ring buffer (a power of two, at least 64 KiB). Default: 16 MiB.
+    /// It is allocated once and mapped into the daemon twice (so the resident set counts
+    /// it twice), and every record moves through it: a larger ring holds a longer daemon
+    /// stop or a longer burst, at the cost of memory and of caches it shares with Postgres.
     pub ring_buffer_bytes: u32,
+    /// Largest read or write call copied whole (2-64 MiB; with a ring smaller than twice
+    /// this, half the ring, but never less than 2 MiB); what a call moves beyond it is
+    /// recorded as a gap (a huge message keeps its head and its end). Default: 8 MiB (ORMs' bulk inserts and JSON documents of a few megabytes
+    /// arrive whole). Linux 5.17+; before, 128 KiB per call.
+    pub max_call_bytes: u32,
     /// Largest client message decoded whole (Query, Parse, Bind); a larger one is recorded
     /// from its first 64 KiB, flagged `truncated`, with its outcome. Default: 16 MiB (bulk
     /// INSERTs and long IN lists run to megabytes).
@@ -88,7 +96,8 @@ pub struct CaptureConfig {
 impl Default for CaptureConfig {
     fn default() -> Self {
         CaptureConfig {
-            ring_buffer_bytes: 64 << 20,
+            ring_buffer_bytes: 16 << 20,
+            max_call_bytes: 8 << 20,
             max_message_bytes: 16 << 20,
             tls: true,
             nice: -5,
@@ -454,6 +463,13 @@ impl Config {
                 format!("{rb} must be a power of two of at least 65536"),
             ));
         }
+        let call = self.capture.max_call_bytes;
+        if !(MIN_CALL_BYTES..=MAX_CALL_BYTES).contains(&call) {
+            return Err(invalid(
+                "capture.max_call_bytes",
+                format!("{call} must be between {MIN_CALL_BYTES} and {MAX_CALL_BYTES}"),
+            ));
+        }
         let m = self.capture.max_message_bytes;
         if !(1024..=(1 << 30)).contains(&m) {
             return Err(invalid(
@@ -532,6 +548,12 @@ impl Config {
     }
 }
 
+/// Bounds of `capture.max_call_bytes`: the fewest chunks the programs take per call (2
+/// MiB) and 64 MiB.
+pub const MIN_CALL_BYTES: u32 =
+    auditor_common::MAX_CHUNKS_PER_CALL * auditor_common::CHUNK_DATA as u32;
+pub const MAX_CALL_BYTES: u32 = 64 << 20;
+
 pub const DEFAULT_POLICIES_DIR: &str = "/etc/auditor/policies";
 
 /// The commented default configuration (`auditor config-example`).
@@ -593,7 +615,8 @@ local_log:
   enabled: true
   rotate_bytes: 104857600          # start a new file past 100 MiB
 capture:
-  ring_buffer_bytes: 67108864      # kernel ring buffer, a power of two
+  ring_buffer_bytes: 16777216      # kernel ring buffer, a power of two
+  max_call_bytes: 8388608          # largest read/write call copied whole (at most half the ring)
   max_message_bytes: 16777216      # larger client messages are recorded as truncated gaps
   tls: true                        # plaintext of TLS connections through uprobes on OpenSSL
   nice: -5                         # scheduling priority: keep up with the kernel under load
@@ -659,5 +682,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("capture.ring_buffer_bytes"), "{err}");
+        for call in [1 << 20, 128 << 20] {
+            let err = Config::parse(
+                &format!("capture:\n  max_call_bytes: {call}\n"),
+                Path::new("c.yaml"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("capture.max_call_bytes"), "{err}");
+        }
+        // A small ring with the default per-call bound is valid (the bound halves with it).
+        Config::parse(
+            "capture:\n  ring_buffer_bytes: 1048576\n",
+            Path::new("c.yaml"),
+        )
+        .unwrap();
     }
 }

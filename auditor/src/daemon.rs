@@ -417,6 +417,7 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
     let mut capture = Capture::start(
         &cfg.endpoints,
         cfg.capture.ring_buffer_bytes,
+        cfg.capture.max_call_bytes,
         tls,
         pins.as_deref(),
         handover.as_ref(),

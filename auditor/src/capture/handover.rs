@@ -63,16 +63,23 @@ pub struct Pins {
     pub keep_ns: u64,
 }
 
-/// The id of the capture of state directory `state_dir` with the eBPF object `object` and
-/// a ring of `ring_bytes`, its read/write family taken at the exits alone (`exit_only` 1)
+/// The id of the capture of state directory `state_dir` with the eBPF object `object`, a
+/// ring of `ring_bytes` and `chunks_per_call` chunks per call, its read/write family taken at the exits alone (`exit_only` 1)
 /// or noted at the entries.
-pub fn capture_id(state_dir: &Path, object: &[u8], ring_bytes: u32, exit_only: u8) -> String {
+pub fn capture_id(
+    state_dir: &Path,
+    object: &[u8],
+    ring_bytes: u32,
+    chunks_per_call: u32,
+    exit_only: u8,
+) -> String {
     let state = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
     let mut h = Sha256::new();
     h.update(state.as_os_str().as_encoded_bytes());
     h.update([0]);
     h.update(object);
     h.update(ring_bytes.to_le_bytes());
+    h.update(chunks_per_call.to_le_bytes());
     if exit_only != 0 {
         h.update(b"exit-only");
     }
@@ -237,27 +244,31 @@ mod tests {
 
     #[test]
     fn the_id_names_the_trail_and_the_build() {
-        let a = capture_id(Path::new("/var/lib/auditor"), b"object", 1 << 26, 0);
+        let a = capture_id(Path::new("/var/lib/auditor"), b"object", 1 << 26, 512, 0);
         assert_eq!(a.len(), 16);
         assert_eq!(
             a,
-            capture_id(Path::new("/var/lib/auditor"), b"object", 1 << 26, 0)
+            capture_id(Path::new("/var/lib/auditor"), b"object", 1 << 26, 512, 0)
         );
         assert_ne!(
             a,
-            capture_id(Path::new("/var/lib/other"), b"object", 1 << 26, 0)
+            capture_id(Path::new("/var/lib/other"), b"object", 1 << 26, 512, 0)
         );
         assert_ne!(
             a,
-            capture_id(Path::new("/var/lib/auditor"), b"object2", 1 << 26, 0)
+            capture_id(Path::new("/var/lib/auditor"), b"object2", 1 << 26, 512, 0)
         );
         assert_ne!(
             a,
-            capture_id(Path::new("/var/lib/auditor"), b"object", 1 << 25, 0)
+            capture_id(Path::new("/var/lib/auditor"), b"object", 1 << 25, 512, 0)
         );
         assert_ne!(
             a,
-            capture_id(Path::new("/var/lib/auditor"), b"object", 1 << 26, 1)
+            capture_id(Path::new("/var/lib/auditor"), b"object", 1 << 26, 512, 1)
+        );
+        assert_ne!(
+            a,
+            capture_id(Path::new("/var/lib/auditor"), b"object", 1 << 26, 256, 0)
         );
     }
 }

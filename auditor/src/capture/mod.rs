@@ -398,13 +398,15 @@ fn brief(e: &CaptureError) -> String {
     format!("eBPF program {name}: {io_error}; verifier: {tail}")
 }
 
-/// Chunks one read or write call may take: an eighth of the ring (so one huge call cannot
-/// crowd out every other connection), at least MAX_CHUNKS_PER_CALL (2 MiB), at most 64 MiB.
-/// With the default 64 MiB ring, a call is copied up to 8 MiB: ORMs' bulk inserts and
-/// JSON documents of a few megabytes arrive whole; what a call moves beyond is a gap.
-pub fn chunks_per_call(ring_buffer_bytes: u32) -> u32 {
+/// Chunks one read or write call may take: `max_call_bytes` (the configuration bounds it to
+/// 2-64 MiB), but no more than half the ring, so that a huge call leaves room for the other
+/// connections' records; never fewer than MAX_CHUNKS_PER_CALL (2 MiB), the programs' own
+/// floor. With the defaults (16 MiB ring, 8 MiB per call) ORMs' bulk inserts and JSON
+/// documents of a few megabytes arrive whole; what a call moves beyond is a gap.
+pub fn chunks_per_call(ring_buffer_bytes: u32, max_call_bytes: u32) -> u32 {
     let chunk = auditor_common::CHUNK_DATA as u32;
-    (ring_buffer_bytes / 8 / chunk).clamp(auditor_common::MAX_CHUNKS_PER_CALL, (64 << 20) / chunk)
+    (max_call_bytes.min(ring_buffer_bytes / 2) / chunk)
+        .clamp(auditor_common::MAX_CHUNKS_PER_CALL, (64 << 20) / chunk)
 }
 
 impl Capture {
@@ -420,6 +422,7 @@ impl Capture {
     pub fn start(
         endpoints: &[Endpoint],
         ring_buffer_bytes: u32,
+        max_call_bytes: u32,
         tls: bool,
         redirect_pins: Option<&Path>,
         handover: Option<&HandoverSettings>,
@@ -438,7 +441,7 @@ impl Capture {
         ensure_tracefs()?;
         let offsets = btf::Btf::from_sys_fs()?.kernel_offsets()?;
         let tgid = std::process::id();
-        let chunks_per_call = chunks_per_call(ring_buffer_bytes);
+        let chunks_per_call = chunks_per_call(ring_buffer_bytes, max_call_bytes);
         let pin_paths: Vec<(&str, PathBuf)> = redirect_pins
             .map(|dir| {
                 crate::proxy::redirect::PINNED_MAPS
@@ -453,7 +456,13 @@ impl Capture {
         let pins = handover.and_then(|h| {
             // Programs that note calls at their entries and ones that take them at their
             // exits alone cannot complete each other's calls: another capture.
-            let id = handover::capture_id(&h.state_dir, object, ring_buffer_bytes, exit_only);
+            let id = handover::capture_id(
+                &h.state_dir,
+                object,
+                ring_buffer_bytes,
+                chunks_per_call,
+                exit_only,
+            );
             match perf_links_pin().and_then(|()| handover::prepare(&h.base, &id, h.keep_s)) {
                 Ok(p) => Some(p),
                 Err(e) => {
@@ -1072,5 +1081,24 @@ impl Capture {
             pending_full: get(counter::PENDING_FULL),
             tls_calls_full: get(counter::TLS_CALLS_FULL),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunks_per_call;
+
+    #[test]
+    fn a_call_takes_its_bound_within_half_the_ring_and_never_under_2_mib() {
+        let mib = |n: u32| n << 20;
+        let chunks = |ring, call| chunks_per_call(ring, call) as u64 * 16384;
+        // The defaults: 8 MiB per call from a 16 MiB ring.
+        assert_eq!(chunks(mib(16), mib(8)), 8 << 20);
+        assert_eq!(chunks(mib(256), mib(64)), 64 << 20);
+        // Half the ring at most ...
+        assert_eq!(chunks(mib(8), mib(8)), 4 << 20);
+        // ... but never fewer chunks than the programs' floor.
+        assert_eq!(chunks(mib(1), mib(8)), 2 << 20);
+        assert_eq!(chunks(1 << 16, mib(2)), 2 << 20);
     }
 }
