@@ -84,8 +84,10 @@ fn restart_during_pgbench(how: Restart) {
     let mut load = pg.pgbench();
     // Long enough for a stop, 3 s down, and a start (about 4 s until the capture is
     // attached, more on a loaded machine) to leave seconds of load after the restart.
+    // At a bounded rate: what runs while no daemon does must fit in the test's ring
+    // however fast the machine is (unbounded, a fast one filled 256 MiB in 6 s).
     load.args([
-        "-n", "-S", "-M", "prepared", "-c", "4", "-j", "2", "-T", "22",
+        "-n", "-S", "-M", "prepared", "-c", "4", "-j", "2", "-T", "22", "-R", "8000",
     ])
     .arg("postgres")
     .stdout(Stdio::piped())
