@@ -2,5 +2,6 @@
 //! and the recorder that builds events from a conversation's outcomes.
 
 pub mod event;
+pub mod keyed;
 pub mod recorder;
 pub mod schema;

@@ -4,11 +4,9 @@
 
 use std::sync::Arc;
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-
 use crate::{
     audit::event::{AuditEvent, EventKind, Flag, Flags, Params},
+    audit::keyed::KeyedHash,
     conversation::{
         BoundParams, FunctionResult, Outcome, Protocol, StatementOutcome, StatementResult,
         StatementText,
@@ -25,9 +23,9 @@ pub struct RecordingPolicy {
     pub raw_statements: bool,
     /// Record parameter values as sent instead of keyed hashes.
     pub raw_params: bool,
-    /// HMAC-SHA256 keyed with the installation's parameter key, cloned per value (the key
-    /// schedule is done once): equal values hash equal within one installation.
-    param_mac: Hmac<Sha256>,
+    /// HMAC-SHA256 keyed with the installation's parameter key: equal values hash equal
+    /// within one installation.
+    param_mac: KeyedHash,
 }
 
 impl RecordingPolicy {
@@ -35,8 +33,7 @@ impl RecordingPolicy {
         RecordingPolicy {
             raw_statements,
             raw_params,
-            param_mac: <Hmac<Sha256> as Mac>::new_from_slice(param_key)
-                .expect("HMAC takes any key length"),
+            param_mac: KeyedHash::new(param_key),
         }
     }
 }
@@ -350,9 +347,7 @@ impl RecordingPolicy {
                     String::from_utf8_lossy(v).into_owned()
                 })
             } else {
-                let mut mac = self.param_mac.clone();
-                mac.update(v);
-                let digest = mac.finalize().into_bytes();
+                let digest = self.param_mac.digest(v);
                 let mut text = *b"hmac:0000000000000000";
                 hex::encode_to_slice(&digest[..8], &mut text[5..]).expect("16 hex digits");
                 One::Hash(text)

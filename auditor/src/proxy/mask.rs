@@ -16,6 +16,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::detect::Scanner;
+use crate::audit::keyed::KeyedHash;
 use crate::policy::model::ColumnPattern;
 pub use crate::policy::model::MaskFunction;
 
@@ -650,7 +651,7 @@ pub const REDACTED: &str = "****";
 /// The masking functions, keyed per installation (the hash).
 #[derive(Clone)]
 pub struct Masker {
-    mac: Hmac<Sha256>,
+    mac: KeyedHash,
 }
 
 impl Masker {
@@ -659,14 +660,12 @@ impl Masker {
         domain.update(b"auditor mask key v1");
         let derived = domain.finalize().into_bytes();
         Masker {
-            mac: <Hmac<Sha256> as Mac>::new_from_slice(&derived).expect("any key length"),
+            mac: KeyedHash::new(&derived),
         }
     }
 
     fn digest(&self, value: &[u8]) -> [u8; 32] {
-        let mut m = self.mac.clone();
-        m.update(value);
-        m.finalize().into_bytes().into()
+        self.mac.digest(value)
     }
 
     /// The masked text of a text value (always UTF-8).
