@@ -425,7 +425,7 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
     )?;
     let sinks = sink::build(cfg).map_err(DaemonError::Sink)?;
     let mut tracker = Tracker::new(TrackerConfig {
-        host: cfg.host_name().into(),
+        host: crate::text::Text::lasting(&cfg.host_name()),
         policy: RecordingPolicy::new(cfg.record.raw_statements, cfg.record.raw_params, &key),
         limits: TokenizerLimits {
             max_buffered: cfg.capture.max_message_bytes,

@@ -21,6 +21,29 @@ pub struct Text {
 
 const SHARED: usize = 1 << (usize::BITS - 1);
 
+/// Bytes [`Text::lasting`] keeps at most, its set's entries counted: a host sees a few
+/// hundred users, databases, programs and units, a node a few thousand pods over weeks;
+/// what comes past the bound is shared text as before, so the bound is only a cost.
+pub const LASTING_BUDGET: usize = 4 << 20;
+
+/// The longest value kept for the process's life.
+const LASTING_MAX: usize = 1024;
+
+/// What an entry of the set costs besides its bytes (the set's slot, the allocation).
+const LASTING_ENTRY: usize = 48;
+
+struct Lasting {
+    texts: std::collections::HashSet<&'static str>,
+    bytes: usize,
+}
+
+static LASTING: std::sync::LazyLock<std::sync::Mutex<Lasting>> = std::sync::LazyLock::new(|| {
+    std::sync::Mutex::new(Lasting {
+        texts: std::collections::HashSet::new(),
+        bytes: 0,
+    })
+});
+
 // SAFETY: a Text is either a `&'static str` or an `Arc<str>`, both Send and Sync; it only
 // reads its bytes and moves the Arc's count as the Arc would.
 unsafe impl Send for Text {}
@@ -46,6 +69,33 @@ impl Text {
             ptr: unsafe { std::ptr::NonNull::new_unchecked(raw) },
             len: len | SHARED,
         }
+    }
+
+    /// Text kept for the life of the process, for values that repeat on every event of
+    /// a session and across sessions (names of users, databases, processes, units,
+    /// addresses, policies): copying it costs no atomic count on the path of each event,
+    /// where a shared text costs two (its clone and its drop, on a line another thread
+    /// reads). Equal values are kept once. Kept text is bounded ([`LASTING_BUDGET`]); past
+    /// the bound, or for a long value, the text is shared as [`Text::from`] shares it.
+    pub fn lasting(s: &str) -> Text {
+        if s.is_empty() {
+            return Text::default();
+        }
+        if s.len() > LASTING_MAX {
+            return Text::from(s);
+        }
+        let mut kept = LASTING.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = kept.texts.get(s) {
+            return Text::Static(k);
+        }
+        let cost = s.len() + LASTING_ENTRY;
+        if kept.bytes + cost > LASTING_BUDGET {
+            return Text::from(s);
+        }
+        let k: &'static str = Box::leak(s.to_owned().into_boxed_str());
+        kept.bytes += cost;
+        kept.texts.insert(k);
+        Text::Static(k)
     }
 
     fn is_shared(&self) -> bool {
@@ -241,6 +291,36 @@ mod tests {
     use std::sync::Arc;
 
     use super::{ShortText, Text};
+
+    /// Equal values are kept once and copied without a count; past the bound (and for a
+    /// long value) text is shared as before, and what was kept stays kept.
+    #[test]
+    fn lasting_text_is_kept_once_and_bounded() {
+        let a = Text::lasting("lasting-test-user");
+        let b = Text::lasting(&String::from("lasting-test-user"));
+        assert!(!a.is_shared());
+        assert_eq!(a.as_str().as_ptr(), b.as_str().as_ptr());
+        assert!(!Text::lasting("").is_shared());
+        assert!(Text::lasting(&"x".repeat(super::LASTING_MAX + 1)).is_shared());
+        // Filled to its bound (other tests of this process may have kept some already).
+        let mut i = 0u64;
+        loop {
+            let t = Text::lasting(&format!("{i:01000}"));
+            if t.is_shared() {
+                assert_eq!(&*t, format!("{i:01000}"));
+                break;
+            }
+            i += 1;
+            assert!(
+                i < (super::LASTING_BUDGET / 1000) as u64 + 1,
+                "never bounded"
+            );
+        }
+        let again = Text::lasting("lasting-test-user");
+        assert!(!again.is_shared());
+        assert_eq!(again.as_str().as_ptr(), a.as_str().as_ptr());
+        assert!(Text::lasting("a value first seen past the bound").is_shared());
+    }
 
     #[test]
     fn short_text_inline_and_boxed() {

@@ -761,9 +761,9 @@ impl Conversation {
                 for (k, v) in params {
                     let v = String::from_utf8_lossy(v);
                     match *k {
-                        b"user" => self.meta.db_user = v.as_ref().into(),
-                        b"database" => self.meta.database = v.as_ref().into(),
-                        b"application_name" => self.meta.application_name = v.as_ref().into(),
+                        b"user" => self.meta.db_user = Text::lasting(&v),
+                        b"database" => self.meta.database = Text::lasting(&v),
+                        b"application_name" => self.meta.application_name = Text::lasting(&v),
                         _ => {}
                     }
                 }
@@ -1021,7 +1021,7 @@ impl Conversation {
             BackendMessage::DataRow(_) => return self.on_data_rows(1),
             BackendMessage::ParameterStatus { name, value } => {
                 if *name == b"application_name" {
-                    self.meta.application_name = String::from_utf8_lossy(value).as_ref().into();
+                    self.meta.application_name = Text::lasting(&String::from_utf8_lossy(value));
                 } else if *name == b"session_authorization"
                     && self.phase == Phase::Authenticating
                     && !value.is_empty()
@@ -1029,7 +1029,7 @@ impl Conversation {
                     // The role the session authenticated as, which the server reports
                     // at start-up: the startup packet's user unless something between
                     // client and server logged in for it (the proxy's credentials).
-                    self.meta.db_user = String::from_utf8_lossy(value).as_ref().into();
+                    self.meta.db_user = Text::lasting(&String::from_utf8_lossy(value));
                 }
                 return;
             }

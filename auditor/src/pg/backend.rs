@@ -466,16 +466,22 @@ pub fn encode_data_row<'v>(
 /// Rows affected or returned, from a CommandComplete tag ("INSERT 0 5", "SELECT 3",
 /// "UPDATE 2", "COPY 10"); None for tags without a count ("BEGIN", "CREATE TABLE").
 pub fn rows_of_tag(tag: &str) -> Option<u64> {
-    let mut words = tag.split_ascii_whitespace();
-    let first = words.next()?;
+    // Bytes, not iterators of words: a tag ends every statement.
+    let b = tag.as_bytes();
+    let start = b.iter().position(|c| !c.is_ascii_whitespace())?;
+    let end = b[start..]
+        .iter()
+        .position(|c| c.is_ascii_whitespace())
+        .map_or(b.len(), |e| start + e);
     let counted = matches!(
-        first,
-        "INSERT" | "SELECT" | "UPDATE" | "DELETE" | "MERGE" | "COPY" | "FETCH" | "MOVE"
+        &b[start..end],
+        b"INSERT" | b"SELECT" | b"UPDATE" | b"DELETE" | b"MERGE" | b"COPY" | b"FETCH" | b"MOVE"
     );
     if !counted {
         return None;
     }
-    tag.rsplit(' ').next()?.parse().ok()
+    let last = b.iter().rposition(|&c| c == b' ').map_or(0, |i| i + 1);
+    tag[last..].parse().ok()
 }
 
 /// The command of a CommandComplete tag without its counts ("INSERT 0 5" -> "INSERT").
@@ -518,6 +524,14 @@ mod tests {
         assert_eq!(rows_of_tag("INSERT 0 5"), Some(5));
         assert_eq!(rows_of_tag("SELECT 3"), Some(3));
         assert_eq!(rows_of_tag("CREATE TABLE"), None);
+        assert_eq!(rows_of_tag("  UPDATE\t7"), None);
+        assert_eq!(rows_of_tag("  UPDATE 7"), Some(7));
+        assert_eq!(rows_of_tag("SELECT 3 "), None);
+        assert_eq!(rows_of_tag("SELECT"), None);
+        assert_eq!(rows_of_tag("SELECTED 3"), None);
+        assert_eq!(rows_of_tag(""), None);
+        assert_eq!(rows_of_tag("COPY 18446744073709551615"), Some(u64::MAX));
+        assert_eq!(rows_of_tag("MERGE x"), None);
         assert_eq!(command_of_tag("INSERT 0 5"), "INSERT");
         assert_eq!(command_of_tag("CREATE TABLE"), "CREATE TABLE");
         assert_eq!(command_of_tag("SELECT 1"), "SELECT");

@@ -281,12 +281,12 @@ impl PolicySet {
         Applied {
             name: policies
                 .first()
-                .map(|p| Text::from(p.policy.name.as_str()))
+                .map(|p| Text::lasting(&p.policy.name))
                 .unwrap_or_default(),
             version: if policies.is_empty() {
                 Text::default()
             } else {
-                short_hash(policies.iter().map(|p| p.hash.as_str())).into()
+                Text::lasting(&short_hash(policies.iter().map(|p| p.hash.as_str())))
             },
             policies,
             mode,

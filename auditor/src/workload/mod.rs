@@ -123,17 +123,17 @@ pub struct Workload {
 /// `process:<comm>` for a process in the root cgroup.
 pub fn workload_name(p: &ProcessIdentity) -> Text {
     if !p.pod_name.is_empty() {
-        format!("pod:{}/{}", p.namespace, p.pod_name).into()
+        Text::lasting(&format!("pod:{}/{}", p.namespace, p.pod_name))
     } else if !p.pod_uid.is_empty() {
-        format!("pod-uid:{}", p.pod_uid).into()
+        Text::lasting(&format!("pod-uid:{}", p.pod_uid))
     } else if !p.container_id.is_empty() {
-        format!("container:{}", p.container_id).into()
+        Text::lasting(&format!("container:{}", p.container_id))
     } else if !p.systemd_unit.is_empty() {
-        format!("unit:{}", p.systemd_unit).into()
+        Text::lasting(&format!("unit:{}", p.systemd_unit))
     } else if !p.cgroup_path.is_empty() && &*p.cgroup_path != "/" {
-        format!("cgroup:{}", p.cgroup_path).into()
+        Text::lasting(&format!("cgroup:{}", p.cgroup_path))
     } else {
-        format!("process:{}", p.comm).into()
+        Text::lasting(&format!("process:{}", p.comm))
     }
 }
 
@@ -203,10 +203,10 @@ impl WorkloadResolver {
         }
         let mut process = process.clone();
         if let Some(name) = labels.get("k8s.pod.name") {
-            process.pod_name = name.as_str().into();
+            process.pod_name = Text::lasting(name);
         }
         if let Some(ns) = labels.get("k8s.namespace") {
-            process.namespace = ns.as_str().into();
+            process.namespace = Text::lasting(ns);
         }
         Workload {
             name: workload_name(&process),

@@ -222,14 +222,14 @@ impl IdentityResolver {
         }
         let mut id = ProcessIdentity {
             pid: tgid,
-            comm: comm.into(),
+            comm: crate::text::Text::lasting(comm),
             uid,
             cgroup_id,
             ..ProcessIdentity::default()
         };
         let proc_dir = self.proc_root.join(tgid.to_string());
         id.exe = std::fs::read_link(proc_dir.join("exe"))
-            .map(|p| p.to_string_lossy().into())
+            .map(|p| crate::text::Text::lasting(&p.to_string_lossy()))
             .unwrap_or_default();
         let audit_id = |file: &str| {
             std::fs::read_to_string(proc_dir.join(file))
@@ -239,14 +239,12 @@ impl IdentityResolver {
         };
         id.loginuid = audit_id("loginuid");
         id.sessionid = audit_id("sessionid");
-        id.cgroup_path = self
-            .cgroup_path(cgroup_id, &proc_dir)
-            .unwrap_or_default()
-            .into();
+        id.cgroup_path =
+            crate::text::Text::lasting(&self.cgroup_path(cgroup_id, &proc_dir).unwrap_or_default());
         let facts = parse_cgroup_path(&id.cgroup_path);
-        id.container_id = facts.container_id.into();
-        id.pod_uid = facts.pod_uid.into();
-        id.systemd_unit = facts.systemd_unit.into();
+        id.container_id = crate::text::Text::lasting(&facts.container_id);
+        id.pod_uid = crate::text::Text::lasting(&facts.pod_uid);
+        id.systemd_unit = crate::text::Text::lasting(&facts.systemd_unit);
         if self.processes.len() > 65536 {
             self.processes.retain(|_, c| c.at.elapsed() < PROCESS_TTL);
         }
