@@ -167,17 +167,17 @@ fn analyze_uncached(sql: &str) -> Analysis {
                 .map(|f| f.hex)
                 .unwrap_or_default();
             Analysis {
-                normalized: normalized.into(),
-                command: command.into(),
+                normalized: Text::lasting_shape(&normalized),
+                command: Text::lasting_shape(&command),
                 tables: tables.into(),
-                fingerprint: fingerprint.into(),
+                fingerprint: Text::lasting_shape(&fingerprint),
                 unparsed: false,
                 facts: Default::default(),
             }
         }
         _ => Analysis {
-            normalized: redact_literals(sql).into(),
-            command: first_keyword(sql).into(),
+            normalized: Text::lasting_shape(&redact_literals(sql)),
+            command: Text::lasting_shape(&first_keyword(sql)),
             tables: Arc::from([]),
             fingerprint: Text::default(),
             unparsed: true,

@@ -24,6 +24,7 @@ const SHARED: usize = 1 << (usize::BITS - 1);
 /// Bytes [`Text::lasting`] keeps at most, its set's entries counted: a host sees a few
 /// hundred users, databases, programs and units, a node a few thousand pods over weeks;
 /// what comes past the bound is shared text as before, so the bound is only a cost.
+/// Statement shapes ([`Text::lasting_shape`]) have four times as much.
 pub const LASTING_BUDGET: usize = 4 << 20;
 
 /// The longest value kept for the process's life.
@@ -33,16 +34,49 @@ const LASTING_MAX: usize = 1024;
 const LASTING_ENTRY: usize = 48;
 
 struct Lasting {
-    texts: std::collections::HashSet<&'static str>,
-    bytes: usize,
+    texts: std::sync::Mutex<Option<std::collections::HashSet<&'static str>>>,
+    bytes: std::sync::atomic::AtomicUsize,
+    budget: usize,
 }
 
-static LASTING: std::sync::LazyLock<std::sync::Mutex<Lasting>> = std::sync::LazyLock::new(|| {
-    std::sync::Mutex::new(Lasting {
-        texts: std::collections::HashSet::new(),
-        bytes: 0,
-    })
-});
+/// Identity, then statement shapes.
+static LASTING: [Lasting; 2] = [
+    Lasting::new(LASTING_BUDGET),
+    Lasting::new(4 * LASTING_BUDGET),
+];
+
+impl Lasting {
+    const fn new(budget: usize) -> Lasting {
+        Lasting {
+            texts: std::sync::Mutex::new(None),
+            bytes: std::sync::atomic::AtomicUsize::new(0),
+            budget,
+        }
+    }
+
+    fn keep(&self, s: &str) -> Text {
+        use std::sync::atomic::Ordering::Relaxed;
+        if s.is_empty() {
+            return Text::default();
+        }
+        if s.len() > LASTING_MAX {
+            return Text::from(s);
+        }
+        let mut texts = self.texts.lock().unwrap_or_else(|e| e.into_inner());
+        let texts = texts.get_or_insert_with(Default::default);
+        if let Some(k) = texts.get(s) {
+            return Text::Static(k);
+        }
+        let cost = s.len() + LASTING_ENTRY;
+        if self.bytes.load(Relaxed) + cost > self.budget {
+            return Text::from(s);
+        }
+        let k: &'static str = Box::leak(s.to_owned().into_boxed_str());
+        self.bytes.fetch_add(cost, Relaxed);
+        texts.insert(k);
+        Text::Static(k)
+    }
+}
 
 // SAFETY: a Text is either a `&'static str` or an `Arc<str>`, both Send and Sync; it only
 // reads its bytes and moves the Arc's count as the Arc would.
@@ -78,24 +112,15 @@ impl Text {
     /// reads). Equal values are kept once. Kept text is bounded ([`LASTING_BUDGET`]); past
     /// the bound, or for a long value, the text is shared as [`Text::from`] shares it.
     pub fn lasting(s: &str) -> Text {
-        if s.is_empty() {
-            return Text::default();
-        }
-        if s.len() > LASTING_MAX {
-            return Text::from(s);
-        }
-        let mut kept = LASTING.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(k) = kept.texts.get(s) {
-            return Text::Static(k);
-        }
-        let cost = s.len() + LASTING_ENTRY;
-        if kept.bytes + cost > LASTING_BUDGET {
-            return Text::from(s);
-        }
-        let k: &'static str = Box::leak(s.to_owned().into_boxed_str());
-        kept.bytes += cost;
-        kept.texts.insert(k);
-        Text::Static(k)
+        LASTING[0].keep(s)
+    }
+
+    /// As [`Text::lasting`], for what the analysis of a statement's text makes of it (its
+    /// normalised text, without literals, its command and fingerprint), with a bound of
+    /// its own: a host's statements are many more than its users and programs, and do not
+    /// crowd them out.
+    pub fn lasting_shape(s: &str) -> Text {
+        LASTING[1].keep(s)
     }
 
     fn is_shared(&self) -> bool {

@@ -220,11 +220,11 @@ impl Recorder {
         }
     }
 
-    fn statement(&self, s: StatementOutcome, flags: &mut Flags) -> Draft {
+    fn statement(&self, mut s: StatementOutcome, flags: &mut Flags) -> Draft {
         let mut ev = boxed(kind_event(EventKind::Statement));
         let mut source = Source {
             multi: s.multi,
-            whole: s.whole.clone(),
+            whole: s.whole.take(),
             ..Source::default()
         };
         ev.protocol = Text::Static(match s.protocol {
@@ -232,16 +232,19 @@ impl Recorder {
             Protocol::Extended => "extended",
             Protocol::Unknown => "",
         });
-        match &s.text {
+        // Taken apart: its text and analysis move to the source rather than be counted
+        // again.
+        let from_server = matches!(s.text, StatementText::FromServer { .. });
+        match std::mem::replace(&mut s.text, StatementText::Lost) {
             StatementText::Lost => ev.flags.insert(Flag::RequestLost),
             StatementText::Known { sql, analysis }
             | StatementText::FromServer { sql, analysis } => {
-                if matches!(s.text, StatementText::FromServer { .. }) {
+                if from_server {
                     ev.flags.insert(Flag::TextFromServer);
                 }
-                apply_text(&mut ev, sql, analysis, self.policy.raw_statements);
-                source.sql = Some(sql.clone());
-                source.analysis = Some(analysis.clone());
+                apply_text(&mut ev, &sql, &analysis, self.policy.raw_statements);
+                source.sql = Some(sql);
+                source.analysis = Some(analysis);
             }
             StatementText::PreparedBeforeCapture => {
                 // A statement refused before it ran, of which nothing was seen, is not
@@ -259,7 +262,7 @@ impl Recorder {
             }
             StatementText::Unsplit { whole } => {
                 ev.flags.insert(Flag::SplitMismatch);
-                ev.statement = redact_literals(whole).into();
+                ev.statement = redact_literals(&whole).into();
             }
         }
         ev.flags |= std::mem::take(flags);
@@ -273,7 +276,7 @@ impl Recorder {
                 Some(p) => self.policy.params_of(p, self.policy.raw_params),
                 None => Params::default(),
             };
-            source.params = s.params.clone();
+            source.params = s.params.take();
         }
         match s.result {
             StatementResult::Completed { tag, rows } => {
