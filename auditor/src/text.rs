@@ -34,9 +34,14 @@ const LASTING_MAX: usize = 1024;
 const LASTING_ENTRY: usize = 48;
 
 struct Lasting {
-    texts: std::sync::Mutex<Option<std::collections::HashSet<&'static str>>>,
-    bytes: std::sync::atomic::AtomicUsize,
+    kept: std::sync::Mutex<Kept>,
     budget: usize,
+}
+
+/// What a pool keeps, and its cost so far (entries counted).
+struct Kept {
+    texts: Option<std::collections::HashSet<&'static str>>,
+    bytes: usize,
 }
 
 /// Identity, then statement shapes.
@@ -48,31 +53,33 @@ static LASTING: [Lasting; 2] = [
 impl Lasting {
     const fn new(budget: usize) -> Lasting {
         Lasting {
-            texts: std::sync::Mutex::new(None),
-            bytes: std::sync::atomic::AtomicUsize::new(0),
+            kept: std::sync::Mutex::new(Kept {
+                texts: None,
+                bytes: 0,
+            }),
             budget,
         }
     }
 
     fn keep(&self, s: &str) -> Text {
-        use std::sync::atomic::Ordering::Relaxed;
         if s.is_empty() {
             return Text::default();
         }
         if s.len() > LASTING_MAX {
             return Text::from(s);
         }
-        let mut texts = self.texts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let Kept { texts, bytes } = &mut *kept;
         let texts = texts.get_or_insert_with(Default::default);
         if let Some(k) = texts.get(s) {
             return Text::Static(k);
         }
         let cost = s.len() + LASTING_ENTRY;
-        if self.bytes.load(Relaxed) + cost > self.budget {
+        if *bytes + cost > self.budget {
             return Text::from(s);
         }
         let k: &'static str = Box::leak(s.to_owned().into_boxed_str());
-        self.bytes.fetch_add(cost, Relaxed);
+        *bytes += cost;
         texts.insert(k);
         Text::Static(k)
     }
