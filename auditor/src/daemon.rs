@@ -196,13 +196,19 @@ fn hand_on(
 ) -> bool {
     let n = batch.len() as u64;
     let next = match tx.reuse() {
-        // A batch a burst grew (an event is about 1 KB) is not kept for the quiet after.
-        Some(mut used) if used.capacity() <= 2 * SEND_AT => {
-            // Their boxes are kept for the next events (see `recorder::boxed`).
+        Some(mut used) => {
+            // Their boxes are kept for the next events (see `recorder::boxed`), those of
+            // a burst's batch too: freeing them here and allocating anew would cost a
+            // malloc and a free per event at the busiest time.
             used.drain(..).for_each(crate::audit::recorder::recycle);
-            used
+            // A list a burst grew is not kept for the quiet after.
+            if used.capacity() <= 2 * SEND_AT {
+                used
+            } else {
+                Vec::with_capacity(SEND_AT)
+            }
         }
-        _ => Vec::with_capacity(SEND_AT),
+        None => Vec::with_capacity(SEND_AT),
     };
     // While the sinks catch up the ring holds what comes (what it cannot hold is counted
     // and becomes a gap); the lease is kept, or the capture would go quiet.

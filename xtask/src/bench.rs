@@ -960,7 +960,7 @@ pub fn bench(opts: Options) -> Result<()> {
     let smoke = opts.smoke;
     let partial = !smoke && opts.partial();
     crate::setup::setup(crate::setup::Purpose::Test)?;
-    crate::run(crate::cargo().args(["build", "--release", "-p", "auditor"]))?;
+    crate::build_daemon()?;
     let started = Instant::now();
     let _bpf_stats = BpfStats::enable();
     let (mut seconds, mut reps, clients, scale) = if smoke { (3, 1, 2, 2) } else { (10, 3, 4, 10) };

@@ -26,8 +26,9 @@ enum Cmd {
         #[arg(long)]
         tests: bool,
     },
-    /// Set up, build in release mode and run the auditor on this host in the foreground
-    /// with the embedded default (the sealed local log under /var/lib/auditor).
+    /// Set up, build as installed (the `dist` profile) and run the auditor on this host in
+    /// the foreground with the embedded default (the sealed local log under
+    /// /var/lib/auditor).
     Run {
         /// Arguments after `--` go to `auditor run` (for example `-- --config my.yaml`).
         #[arg(last = true)]
@@ -39,7 +40,7 @@ enum Cmd {
     Ci,
     /// Validate the deployment files: deploy/kubernetes rendered by kustomize and checked
     /// against the Kubernetes API schemas, its policies linted, deploy/systemd verified
-    /// (part of `ci`; needs a release build).
+    /// (part of `ci`; builds the daemon first).
     DeployCheck,
     /// Measure what auditing costs next to no auditing, pgaudit and log_statement=all,
     /// interleaved, and write docs/benchmarks.md (about 45 minutes; --smoke: seconds, report
@@ -106,6 +107,18 @@ pub fn cargo() -> Command {
     c.current_dir(workspace_root());
     c.env("PATH", setup::path_with_cargo_bin());
     c
+}
+
+/// Builds the daemon as it is installed (the `dist` profile: `release` optimised across
+/// crates) and returns its path.
+pub fn build_daemon() -> Result<std::path::PathBuf> {
+    run(cargo().args(["build", "--profile", "dist", "-p", "auditor"]))?;
+    Ok(daemon_path())
+}
+
+/// Where [`build_daemon`] puts the daemon.
+pub fn daemon_path() -> std::path::PathBuf {
+    workspace_root().join("target/dist/auditor")
 }
 
 /// Fuzz targets in auditor/fuzz/fuzz_targets.
@@ -183,7 +196,7 @@ fn seed_corpus(dir: &std::path::Path) -> Result<()> {
 /// and policies loaded by the daemon's own checks, and the systemd unit verified.
 fn check_deploy() -> Result<()> {
     let root = workspace_root();
-    let auditor = root.join("target/release/auditor");
+    let auditor = daemon_path();
     let out = Command::new("kubectl")
         .args(["kustomize"])
         .arg(root.join("deploy/kubernetes"))
@@ -247,8 +260,7 @@ fn main() -> Result<()> {
         }),
         Cmd::Run { args } => {
             setup::setup(setup::Purpose::Build)?;
-            run(cargo().args(["build", "--release", "-p", "auditor"]))?;
-            let bin = workspace_root().join("target/release/auditor");
+            let bin = build_daemon()?;
             let mut cmd = Command::new(bin);
             cmd.arg("run").args(args);
             run(&mut cmd)
@@ -273,8 +285,8 @@ fn main() -> Result<()> {
                 .args(["run", setup::EBPF_TOOLCHAIN, "cargo", "clippy", "--release"])
                 .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
                 .args(["--", "-D", "warnings"]))?;
-            // The daemon the integration tests start is this release build.
-            run(cargo().args(["build", "--release", "-p", "auditor"]))?;
+            // The daemon the integration tests start is this build, as installed.
+            build_daemon()?;
             check_deploy()?;
             // Default members: every host crate (the eBPF crate is built by auditor/build.rs).
             // One test at a time: the integration tests load this 2-core machine fully.
@@ -311,7 +323,7 @@ fn main() -> Result<()> {
         }
         Cmd::DeployCheck => {
             setup::setup(setup::Purpose::Test)?;
-            run(cargo().args(["build", "--release", "-p", "auditor"]))?;
+            build_daemon()?;
             check_deploy()
         }
         Cmd::Fixtures { out } => fixtures::record(&workspace_root().join(out)),

@@ -70,8 +70,9 @@ impl Draft {
 /// Boxes of events this thread made, kept for its next drafts when the sink thread sends
 /// their batch back ([`recycle`]): every statement would otherwise allocate and free an
 /// event's worth of memory (about 1 KB, freed a batch at a time, past the allocator's fast
-/// paths). At most this many are kept.
-const SPARE_BOXES: usize = 1024;
+/// paths). At most this many are kept (about 1.6 MB: a burst's batch of a few thousand
+/// events).
+const SPARE_BOXES: usize = 2048;
 
 thread_local! {
     static SPARE: std::cell::RefCell<Vec<Box<std::mem::MaybeUninit<AuditEvent>>>> =

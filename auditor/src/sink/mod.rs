@@ -111,9 +111,8 @@ pub struct SinkThread {
 /// How long the thread waits for a batch before it refreshes the sinks' health.
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
 
-/// Delivered batches waiting to be reused, at most; and the largest reused (in events).
+/// Delivered batches waiting to be reused, at most.
 const RECYCLE_QUEUE: usize = 2;
-const RECYCLE_CAPACITY: usize = 4096;
 
 /// Events queued for the sinks, at most, in bytes (about: see [`queued_size`]). Beyond it
 /// the daemon waits for the sinks, and the kernel ring holds what is captured meanwhile
@@ -167,8 +166,8 @@ impl Drop for CloseOnDrop {
 /// ([`MAX_QUEUED_BYTES`]).
 pub struct SinkSender {
     tx: mpsc::SyncSender<(Vec<Box<AuditEvent>>, u64)>,
-    /// Batches delivered, sent back to the thread that made them (at most a few, and
-    /// none grown past RECYCLE_CAPACITY): it drops their events and fills them again.
+    /// Batches delivered, sent back to the thread that made them (at most a few): it
+    /// drops their events, keeps their boxes, and fills them again.
     /// Dropped by the sink thread, the events' shared text would have its reference
     /// counts decremented there while this thread increments them for new events: each
     /// count's cache line would move between the two cores for every event.
@@ -313,10 +312,10 @@ impl SinkThread {
                     counter.store(report.events, Ordering::Relaxed);
                     queued.add(-i128::from(size));
                     // Back to its maker unless a sink kept it (or the queue is full).
+                    // Its events are dropped there too, their boxes kept (a large batch's
+                    // list is dropped there, not its boxes).
                     if let Ok(used) = Arc::try_unwrap(batch) {
-                        if used.capacity() <= RECYCLE_CAPACITY {
-                            let _ = back.try_send(used);
-                        }
+                        let _ = back.try_send(used);
                     }
                 };
                 publish(&sinks);
