@@ -145,11 +145,21 @@ pub struct SessionMeta {
 /// description the format is always 0: formats are chosen at Bind.)
 pub type Column = Field<String>;
 
+/// Bytes as text: as they came when they are UTF-8 (as names, tags and statements almost
+/// always are: no copy, and none of `from_utf8_lossy`'s walk per chunk), else with
+/// replacement characters.
+fn text_of(b: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(b) {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(b),
+    }
+}
+
 pub fn columns_of(fields: &Fields<'_>) -> Arc<[Column]> {
     fields
         .iter()
         .map(|f| Column {
-            name: String::from_utf8_lossy(f.name).into_owned(),
+            name: text_of(f.name).into_owned(),
             table_oid: f.table_oid,
             column: f.column,
             type_oid: f.type_oid,
@@ -858,7 +868,7 @@ impl Conversation {
         }
         match m {
             FrontendMessage::Query { sql } => {
-                let whole: Arc<str> = String::from_utf8_lossy(sql).into();
+                let whole: Arc<str> = text_of(sql).into();
                 let split = split_statements(&whole);
                 let multi = split.len() > 1;
                 let statements = split
@@ -886,8 +896,8 @@ impl Conversation {
                 sql,
                 param_types,
             } => {
-                let name = String::from_utf8_lossy(name).into_owned();
-                let sql = String::from_utf8_lossy(sql);
+                let name = text_of(name).into_owned();
+                let sql = text_of(sql);
                 let statement = Arc::new(PreparedStatement {
                     name: name.as_str().into(),
                     analysis: analyzer.analyze(&sql),
@@ -910,8 +920,8 @@ impl Conversation {
                 params,
                 result_formats,
             } => {
-                let portal = String::from_utf8_lossy(portal).into_owned();
-                let name = String::from_utf8_lossy(statement);
+                let portal = text_of(portal).into_owned();
+                let name = text_of(statement);
                 let statement = self.prepared.get(name.as_ref()).cloned();
                 let statement_name = match &statement {
                     Some(p) => p.name.clone(),
@@ -936,7 +946,7 @@ impl Conversation {
                 self.pending.push_back(Pending::Bind { portal });
             }
             FrontendMessage::Describe { target, name } => {
-                let name = String::from_utf8_lossy(name).into_owned();
+                let name = text_of(name).into_owned();
                 let statement = match target {
                     Target::Statement => self.prepared.get(&name).cloned(),
                     Target::Portal => None,
@@ -949,7 +959,7 @@ impl Conversation {
                 });
             }
             FrontendMessage::Execute { portal, .. } => {
-                let portal = String::from_utf8_lossy(portal).into_owned();
+                let portal = text_of(portal).into_owned();
                 let p = match self.portals.get_mut(&portal) {
                     Some(p) => {
                         let taken = p.clone();
@@ -970,7 +980,7 @@ impl Conversation {
                 });
             }
             FrontendMessage::Close { target, name } => {
-                let name = String::from_utf8_lossy(name);
+                let name = text_of(name);
                 if target == Target::Statement {
                     self.prepared.remove(name.as_ref());
                 } else if let Some(old) = self.portals.remove(name.as_ref()) {
@@ -1058,7 +1068,7 @@ impl Conversation {
         if let Some(Pending::Lost { rows }) = self.pending.front_mut() {
             let result = match m {
                 BackendMessage::CommandComplete { tag } => {
-                    let tag = String::from_utf8_lossy(tag);
+                    let tag = text_of(tag);
                     let rows = rows_of(&tag, std::mem::take(rows), 0);
                     Some(StatementResult::Completed {
                         tag: ShortText::new(&tag),
@@ -1133,7 +1143,7 @@ impl Conversation {
                 _ => self.counters.unmatched_responses += 1,
             },
             BackendMessage::CommandComplete { tag } => {
-                self.complete(Some(&String::from_utf8_lossy(tag)), None, ts, out)
+                self.complete(Some(&text_of(tag)), None, ts, out)
             }
             BackendMessage::EmptyQueryResponse => self.complete(None, None, ts, out),
             BackendMessage::ErrorResponse(e) => self.complete(None, Some(e.summary()), ts, out),
