@@ -37,10 +37,7 @@ pub fn can_run(test: &str) -> bool {
         missing.push("postgresql-15 (run `cargo xtask setup`)");
     }
     if !auditor_bin().exists() {
-        missing.push(
-            "the daemon as installed (cargo build --profile dist -p auditor; or \
-             AUDITOR_BIN=target/release/auditor after a quicker cargo build --release)",
-        );
+        missing.push("the release daemon (cargo build --release -p auditor)");
     }
     if missing.is_empty() {
         return true;
@@ -60,12 +57,12 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The daemon the tests start: `$AUDITOR_BIN`, or the build `cargo xtask ci` makes (the
-/// `dist` profile, as installed).
+/// The daemon the tests start: `$AUDITOR_BIN`, or the release build (`cargo xtask bench`
+/// names the `dist` build, as installed, here).
 pub fn auditor_bin() -> PathBuf {
     std::env::var_os("AUDITOR_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target/dist/auditor"))
+        .unwrap_or_else(|| workspace_root().join("target/release/auditor"))
 }
 
 pub fn free_port() -> u16 {

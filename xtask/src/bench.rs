@@ -960,7 +960,17 @@ pub fn bench(opts: Options) -> Result<()> {
     let smoke = opts.smoke;
     let partial = !smoke && opts.partial();
     crate::setup::setup(crate::setup::Purpose::Test)?;
-    crate::build_daemon()?;
+    // The daemon measured is the one installed (`dist`); the smoke run in `ci` only
+    // checks that the command works, with the release build the tests use.
+    if std::env::var_os("AUDITOR_BIN").is_none() {
+        let bin = if smoke {
+            crate::run(crate::cargo().args(["build", "--release", "-p", "auditor"]))?;
+            crate::workspace_root().join("target/release/auditor")
+        } else {
+            crate::build_daemon()?
+        };
+        std::env::set_var("AUDITOR_BIN", bin);
+    }
     let started = Instant::now();
     let _bpf_stats = BpfStats::enable();
     let (mut seconds, mut reps, clients, scale) = if smoke { (3, 1, 2, 2) } else { (10, 3, 4, 10) };
