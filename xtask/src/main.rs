@@ -113,12 +113,7 @@ pub fn cargo() -> Command {
 /// crates) and returns its path.
 pub fn build_daemon() -> Result<std::path::PathBuf> {
     run(cargo().args(["build", "--profile", "dist", "-p", "auditor"]))?;
-    Ok(daemon_path())
-}
-
-/// Where [`build_daemon`] puts the daemon.
-pub fn daemon_path() -> std::path::PathBuf {
-    workspace_root().join("target/dist/auditor")
+    Ok(workspace_root().join("target/dist/auditor"))
 }
 
 /// Fuzz targets in auditor/fuzz/fuzz_targets.
