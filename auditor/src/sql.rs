@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::text::Text;
+use crate::text::{List, Text};
 
 use ahash::AHashMap as HashMap;
 
@@ -14,7 +14,7 @@ use ahash::AHashMap as HashMap;
 pub struct Analysis {
     pub normalized: Text,
     pub command: Text,
-    pub tables: Arc<[String]>,
+    pub tables: List<String>,
     pub fingerprint: Text,
     /// pg_query could not parse the text (it was redacted by the fallback lexer).
     pub unparsed: bool,
@@ -169,7 +169,7 @@ fn analyze_uncached(sql: &str) -> Analysis {
             Analysis {
                 normalized: Text::lasting_shape(&normalized),
                 command: Text::lasting_shape(&command),
-                tables: tables.into(),
+                tables: List::lasting(tables),
                 fingerprint: Text::lasting_shape(&fingerprint),
                 unparsed: false,
                 facts: Default::default(),
@@ -178,7 +178,7 @@ fn analyze_uncached(sql: &str) -> Analysis {
         _ => Analysis {
             normalized: Text::lasting_shape(&redact_literals(sql)),
             command: Text::lasting_shape(&first_keyword(sql)),
-            tables: Arc::from([]),
+            tables: List::default(),
             fingerprint: Text::default(),
             unparsed: true,
             facts: Default::default(),

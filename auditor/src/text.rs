@@ -34,14 +34,23 @@ const LASTING_MAX: usize = 1024;
 const LASTING_ENTRY: usize = 48;
 
 struct Lasting {
-    kept: std::sync::Mutex<Kept>,
+    kept: std::sync::Mutex<Kept<str>>,
     budget: usize,
 }
 
 /// What a pool keeps, and its cost so far (entries counted).
-struct Kept {
-    texts: Option<std::collections::HashSet<&'static str>>,
+struct Kept<K: ?Sized + 'static> {
+    texts: Option<std::collections::HashSet<&'static K>>,
     bytes: usize,
+}
+
+impl<K: ?Sized + 'static> Kept<K> {
+    const fn new() -> Kept<K> {
+        Kept {
+            texts: None,
+            bytes: 0,
+        }
+    }
 }
 
 /// Identity, then statement shapes.
@@ -53,10 +62,7 @@ static LASTING: [Lasting; 2] = [
 impl Lasting {
     const fn new(budget: usize) -> Lasting {
         Lasting {
-            kept: std::sync::Mutex::new(Kept {
-                texts: None,
-                bytes: 0,
-            }),
+            kept: std::sync::Mutex::new(Kept::new()),
             budget,
         }
     }
@@ -68,21 +74,37 @@ impl Lasting {
         if s.len() > LASTING_MAX {
             return Text::from(s);
         }
-        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        let Kept { texts, bytes } = &mut *kept;
-        let texts = texts.get_or_insert_with(Default::default);
-        if let Some(k) = texts.get(s) {
-            return Text::Static(k);
+        match keep_in(&self.kept, self.budget, s, s.len() + LASTING_ENTRY, || {
+            Box::leak(s.to_owned().into_boxed_str())
+        }) {
+            Some(k) => Text::Static(k),
+            None => Text::from(s),
         }
-        let cost = s.len() + LASTING_ENTRY;
-        if *bytes + cost > self.budget {
-            return Text::from(s);
-        }
-        let k: &'static str = Box::leak(s.to_owned().into_boxed_str());
-        *bytes += cost;
-        texts.insert(k);
-        Text::Static(k)
     }
+}
+
+/// The value equal to `key` that `pool` keeps for the process's life, kept now (`leak`
+/// makes it) if `cost` more bytes stay within `budget`; None past the bound.
+fn keep_in<K: ?Sized + Eq + std::hash::Hash + 'static>(
+    pool: &std::sync::Mutex<Kept<K>>,
+    budget: usize,
+    key: &K,
+    cost: usize,
+    leak: impl FnOnce() -> &'static K,
+) -> Option<&'static K> {
+    let mut kept = pool.lock().unwrap_or_else(|e| e.into_inner());
+    let Kept { texts, bytes } = &mut *kept;
+    let texts = texts.get_or_insert_with(Default::default);
+    if let Some(k) = texts.get(key) {
+        return Some(k);
+    }
+    if *bytes + cost > budget {
+        return None;
+    }
+    let k = leak();
+    *bytes += cost;
+    texts.insert(k);
+    Some(k)
 }
 
 // SAFETY: a Text is either a `&'static str` or an `Arc<str>`, both Send and Sync; it only
@@ -271,6 +293,267 @@ impl<'de> Deserialize<'de> for Text {
     }
 }
 
+/// A list an event holds (the tables a statement touches, the columns a mask covered and
+/// their counts), as [`Text`] holds text: an empty list or one kept for the process's life
+/// is static and costs nothing to copy, another is an `Arc<[T]>` this value holds a count
+/// of. An `Arc<[T]>` alone would move a count on every event's copy and drop, empty or not
+/// (std's empty `Arc<[T]>` is one static count that every thread moves), on cache lines the
+/// sink thread reads: a line passed between cores twice per event and field.
+pub struct List<T: 'static> {
+    ptr: std::ptr::NonNull<T>,
+    /// The top bit says whether the elements are an `Arc<[T]>`'s.
+    len: usize,
+    _owns: std::marker::PhantomData<Arc<[T]>>,
+}
+
+// SAFETY: a List is either a `&'static [T]` or an `Arc<[T]>`, Send and Sync when `T` is
+// both; it only reads its elements and moves the Arc's count as the Arc would.
+unsafe impl<T: Send + Sync> Send for List<T> {}
+unsafe impl<T: Send + Sync> Sync for List<T> {}
+
+#[allow(non_snake_case)]
+impl<T: 'static> List<T> {
+    /// A static list: no count to keep.
+    pub const fn Static(s: &'static [T]) -> List<T> {
+        List {
+            // SAFETY: a reference's pointer is never null.
+            ptr: unsafe { std::ptr::NonNull::new_unchecked(s.as_ptr() as *mut T) },
+            len: s.len(),
+            _owns: std::marker::PhantomData,
+        }
+    }
+
+    /// A shared list: this value holds the Arc's count (given back when it is dropped). An
+    /// empty one is given back at once (the static empty list costs no count).
+    pub fn Shared(s: Arc<[T]>) -> List<T> {
+        if s.is_empty() {
+            return List::Static(&[]);
+        }
+        let len = s.len();
+        let raw = Arc::into_raw(s) as *const T as *mut T;
+        List {
+            // SAFETY: `Arc::into_raw` never returns null.
+            ptr: unsafe { std::ptr::NonNull::new_unchecked(raw) },
+            len: len | SHARED,
+            _owns: std::marker::PhantomData,
+        }
+    }
+
+    fn is_shared(&self) -> bool {
+        self.len & SHARED != 0
+    }
+
+    /// The elements as a raw slice; for a shared list, what `Arc::into_raw` gave.
+    fn raw(&self) -> *const [T] {
+        std::ptr::slice_from_raw_parts(self.ptr.as_ptr() as *const T, self.len & !SHARED)
+    }
+
+    pub fn as_slice(&self) -> &[T] {
+        // SAFETY: the elements of a `&'static [T]`, or of an `Arc<[T]>` kept alive by the
+        // count this value holds.
+        unsafe { &*self.raw() }
+    }
+}
+
+impl List<String> {
+    /// As [`Text::lasting_shape`], for the tables of a statement's shape: kept for the
+    /// process's life (equal lists once, bounded by [`LASTING_BUDGET`]), shared past the
+    /// bound.
+    pub fn lasting(items: Vec<String>) -> List<String> {
+        static KEPT: std::sync::Mutex<Kept<[String]>> = std::sync::Mutex::new(Kept::new());
+        if items.is_empty() {
+            return List::default();
+        }
+        let cost = LASTING_ENTRY + items.iter().map(|s| s.len() + LASTING_ENTRY).sum::<usize>();
+        match keep_in(&KEPT, LASTING_BUDGET, items.as_slice(), cost, || {
+            Box::leak(items.clone().into_boxed_slice())
+        }) {
+            Some(k) => List::Static(k),
+            None => List::from(items),
+        }
+    }
+}
+
+/// Workload labels, shared by the events of a session (and of other sessions of the
+/// workload): kept for the process's life as [`Text::lasting`] keeps text, so that an
+/// event's copy costs no count; shared past the bound.
+#[derive(Clone)]
+pub enum Labels {
+    Static(&'static std::collections::BTreeMap<String, String>),
+    Shared(Arc<std::collections::BTreeMap<String, String>>),
+}
+
+impl Labels {
+    /// `labels`, the copy kept for the process's life if there is room for it.
+    pub fn lasting(labels: std::collections::BTreeMap<String, String>) -> Labels {
+        static KEPT: std::sync::Mutex<Kept<std::collections::BTreeMap<String, String>>> =
+            std::sync::Mutex::new(Kept::new());
+        if labels.is_empty() {
+            return Labels::default();
+        }
+        let cost = LASTING_ENTRY
+            + labels
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 2 * LASTING_ENTRY)
+                .sum::<usize>();
+        match keep_in(&KEPT, LASTING_BUDGET, &labels, cost, || {
+            Box::leak(Box::new(labels.clone()))
+        }) {
+            Some(k) => Labels::Static(k),
+            None => Labels::Shared(Arc::new(labels)),
+        }
+    }
+}
+
+impl Default for Labels {
+    fn default() -> Self {
+        static NONE: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+        Labels::Static(&NONE)
+    }
+}
+
+impl From<std::collections::BTreeMap<String, String>> for Labels {
+    fn from(labels: std::collections::BTreeMap<String, String>) -> Self {
+        if labels.is_empty() {
+            Labels::default()
+        } else {
+            Labels::Shared(Arc::new(labels))
+        }
+    }
+}
+
+impl std::ops::Deref for Labels {
+    type Target = std::collections::BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        match self {
+            Labels::Static(l) => l,
+            Labels::Shared(l) => l,
+        }
+    }
+}
+
+impl PartialEq for Labels {
+    fn eq(&self, other: &Self) -> bool {
+        // The same map (a session's events share theirs) without comparing its strings.
+        std::ptr::eq::<std::collections::BTreeMap<String, String>>(&**self, &**other)
+            || **self == **other
+    }
+}
+
+impl Eq for Labels {}
+
+impl std::fmt::Debug for Labels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
+    }
+}
+
+impl Serialize for Labels {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (**self).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Labels {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        std::collections::BTreeMap::deserialize(d).map(Labels::from)
+    }
+}
+
+impl<T: 'static> Clone for List<T> {
+    fn clone(&self) -> Self {
+        if self.is_shared() {
+            // SAFETY: `raw` came from `Arc::into_raw` and the Arc lives (this value holds
+            // a count of it); the new value holds the new count.
+            unsafe { Arc::increment_strong_count(self.raw()) };
+        }
+        List {
+            ptr: self.ptr,
+            len: self.len,
+            _owns: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T: 'static> Drop for List<T> {
+    fn drop(&mut self) {
+        if self.is_shared() {
+            // SAFETY: as in `clone`: gives back the count this value holds.
+            unsafe { drop(Arc::from_raw(self.raw())) };
+        }
+    }
+}
+
+impl<T: 'static> Default for List<T> {
+    fn default() -> Self {
+        List::Static(&[])
+    }
+}
+
+impl<T: 'static> std::ops::Deref for List<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        self.as_slice()
+    }
+}
+
+impl<T: 'static> From<Vec<T>> for List<T> {
+    fn from(v: Vec<T>) -> Self {
+        List::Shared(Arc::from(v))
+    }
+}
+
+impl<T: Clone + 'static> From<&[T]> for List<T> {
+    fn from(v: &[T]) -> Self {
+        List::Shared(Arc::from(v))
+    }
+}
+
+impl<T: 'static> From<Arc<[T]>> for List<T> {
+    fn from(v: Arc<[T]>) -> Self {
+        List::Shared(v)
+    }
+}
+
+impl<T: 'static> FromIterator<T> for List<T> {
+    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
+        List::from(iter.into_iter().collect::<Vec<T>>())
+    }
+}
+
+impl<T: PartialEq + 'static> PartialEq for List<T> {
+    fn eq(&self, other: &Self) -> bool {
+        // The same list (an empty one, or one the events of a shape share) without
+        // comparing its elements: slices of plain values compare with `memcmp`, which
+        // costs a fault-suppression assist on an empty list's dangling pointer (see
+        // `same_bytes`).
+        if self.len() != other.len() {
+            return false;
+        }
+        self.is_empty() || self.as_ptr() == other.as_ptr() || self.as_slice() == other.as_slice()
+    }
+}
+
+impl<T: Eq + 'static> Eq for List<T> {}
+
+impl<T: std::fmt::Debug + 'static> std::fmt::Debug for List<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_slice(), f)
+    }
+}
+
+impl<T: Serialize + 'static> Serialize for List<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.as_slice().serialize(s)
+    }
+}
+
+impl<'de, T: Deserialize<'de> + 'static> Deserialize<'de> for List<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::<T>::deserialize(d).map(List::from)
+    }
+}
+
 /// A short string kept inline (no allocation) up to 30 bytes, a longer one boxed: a
 /// command tag ("SELECT 1", "INSERT 0 1") on the path of every statement.
 #[derive(Clone, PartialEq, Eq)]
@@ -322,7 +605,7 @@ impl std::fmt::Debug for ShortText {
 mod tests {
     use std::sync::Arc;
 
-    use super::{ShortText, Text};
+    use super::{Labels, List, ShortText, Text};
 
     /// Equal values are kept once and copied without a count; past the bound (and for a
     /// long value) text is shared as before, and what was kept stays kept.
@@ -395,5 +678,74 @@ mod tests {
         }
         assert_eq!(Text::from("é".repeat(3)).as_str(), "ééé");
         assert_eq!(Text::from(String::new()), Text::Static(""));
+    }
+
+    #[test]
+    fn list_is_two_words_keeps_the_arc_count_and_empty_costs_none() {
+        assert_eq!(std::mem::size_of::<List<String>>(), 16);
+        let arc: Arc<[u64]> = Arc::from(vec![3, 4]);
+        let l = List::Shared(arc.clone());
+        assert_eq!(Arc::strong_count(&arc), 2);
+        let copies: Vec<List<u64>> = (0..3).map(|_| l.clone()).collect();
+        assert_eq!(Arc::strong_count(&arc), 5);
+        assert!(copies.iter().all(|c| c[..] == [3, 4]));
+        drop(copies);
+        drop(l);
+        assert_eq!(Arc::strong_count(&arc), 1);
+        // Empty lists hold no count, whichever way they are made.
+        for l in [
+            List::<String>::default(),
+            List::from(Vec::new()),
+            List::Shared(Arc::from(Vec::new())),
+            List::lasting(Vec::new()),
+        ] {
+            assert!(!l.is_shared() && l.is_empty());
+            assert!(!l.clone().is_shared());
+        }
+        let json = serde_json::to_string(&List::from(vec!["a".to_string()])).unwrap();
+        assert_eq!(json, r#"["a"]"#);
+        let back: List<String> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back[..], ["a".to_string()]);
+    }
+
+    /// Equal table lists are kept once, static (no count to move per event).
+    #[test]
+    fn lasting_lists_are_kept_once() {
+        let a = List::lasting(vec!["lasting_list_test".to_string(), "b".to_string()]);
+        let b = List::lasting(vec!["lasting_list_test".to_string(), "b".to_string()]);
+        assert!(!a.is_shared());
+        assert_eq!(a.as_ptr(), b.as_ptr());
+        assert_eq!(a, b);
+        assert_eq!(a[..], ["lasting_list_test".to_string(), "b".to_string()]);
+    }
+
+    /// Equal label sets are kept once and compared by address; an empty set is the
+    /// static one; `from` shares without keeping.
+    #[test]
+    fn lasting_labels_are_kept_once() {
+        let map = |v: &str| {
+            std::collections::BTreeMap::from([
+                ("k8s.pod/app".to_string(), v.to_string()),
+                (
+                    "process.comm".to_string(),
+                    "lasting-labels-test".to_string(),
+                ),
+            ])
+        };
+        let a = Labels::lasting(map("web"));
+        let b = Labels::lasting(map("web"));
+        assert!(matches!((&a, &b), (Labels::Static(x), Labels::Static(y)) if std::ptr::eq(*x, *y)));
+        assert_eq!(a, b);
+        assert_ne!(a, Labels::lasting(map("api")));
+        assert_eq!(a.get("k8s.pod/app").map(String::as_str), Some("web"));
+        assert!(matches!(Labels::lasting(Default::default()), Labels::Static(m) if m.is_empty()));
+        assert!(matches!(Labels::from(map("web")), Labels::Shared(_)));
+        assert_eq!(Labels::from(map("web")), a);
+        let json = serde_json::to_string(&a).unwrap();
+        assert_eq!(
+            json,
+            r#"{"k8s.pod/app":"web","process.comm":"lasting-labels-test"}"#
+        );
+        assert_eq!(serde_json::from_str::<Labels>(&json).unwrap(), a);
     }
 }

@@ -335,7 +335,7 @@ impl Field for Flags {
         Ok(flags)
     }
     fn ch_columns(name: &'static str, _: bool, style: ColumnStyle) -> Vec<String> {
-        <std::sync::Arc<[String]>>::ch_columns(name, false, style)
+        <crate::text::List<String>>::ch_columns(name, false, style)
     }
     fn ch_copy(r: &mut RecordReader<'_>, _: bool, out: &mut Vec<u8>) -> Result<(), RecordError> {
         r.copy_strs(out)
@@ -488,7 +488,7 @@ audit_event! {
     /// SELECT, INSERT, CREATE TABLE, ...
     command: Text [lc],
     /// Relations the statement touches.
-    tables: std::sync::Arc<[String]>,
+    tables: crate::text::List<String>,
     /// Query fingerprint (pg_query).
     fingerprint: Text,
     /// "simple", "extended" or "function_call"; empty for session and gap events.
@@ -558,7 +558,7 @@ audit_event! {
     /// For a mask decision: the columns it masks (`table.column` as the rules name them; in
     /// a proxied session that returned rows, the result's masked columns as the proxy
     /// resolved them, `schema.table.column`).
-    masked_columns: std::sync::Arc<[String]> [since = 4],
+    masked_columns: crate::text::List<String> [since = 4],
     /// The approval request a held statement waited on (its statement event and the
     /// request's `approval_*` events share it).
     approval_id: Text [since = 5],
@@ -566,7 +566,7 @@ audit_event! {
     approver: Text [lc, since = 5],
     /// How many values of each of `masked_columns` (same order) the proxy masked in the
     /// statement's results; empty when it masked nothing (no rows, or not proxied).
-    masked_values: std::sync::Arc<[u64]> [since = 6],
+    masked_values: crate::text::List<u64> [since = 6],
 }
 
 impl AuditEvent {
@@ -903,7 +903,7 @@ impl Field for Params {
         Ok(Params::collect(r.iter()))
     }
     fn ch_columns(name: &'static str, _: bool, style: ColumnStyle) -> Vec<String> {
-        <std::sync::Arc<[String]>>::ch_columns(name, false, style)
+        <crate::text::List<String>>::ch_columns(name, false, style)
     }
     fn ch_copy(r: &mut RecordReader<'_>, _: bool, out: &mut Vec<u8>) -> Result<(), RecordError> {
         r.copy_strs(out)

@@ -12,9 +12,9 @@
 //! A new field is one line in the declaration: the struct, the JSON writer, the spool
 //! record, the ClickHouse row, its column and the migration adding it all follow.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::collections::BTreeMap;
 
-use crate::text::Text;
+use crate::text::{List, Text};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RecordError {
@@ -510,11 +510,11 @@ impl Field for Option<u64> {
     }
 }
 
-impl Field for Arc<[String]> {
+impl Field for List<String> {
     type Ref<'a> = Vec<&'a str>;
     #[inline]
     fn same(&self, other: &Self) -> bool {
-        Arc::ptr_eq(self, other)
+        (self.as_ptr() == other.as_ptr() && self.len() == other.len())
             || (self.len() == other.len()
                 && self.iter().zip(other.iter()).all(|(a, b)| same_str(a, b)))
     }
@@ -538,7 +538,7 @@ impl Field for Arc<[String]> {
     }
 }
 
-impl Field for Arc<[u64]> {
+impl Field for List<u64> {
     type Ref<'a> = Vec<u64>;
     fn json(&self, out: &mut Vec<u8>) {
         out.push(b'[');
@@ -574,18 +574,9 @@ impl Field for Arc<[u64]> {
     }
 }
 
-/// Workload labels, shared by the events of a session.
-pub type Labels = Arc<BTreeMap<String, String>>;
+pub use crate::text::Labels;
 
 impl Field for Labels {
-    /// No labels: one empty map per thread, shared (a default `Labels` allocates).
-    fn empty() -> Self {
-        thread_local! {
-            static NONE: Labels = Labels::default();
-        }
-        NONE.with(Labels::clone)
-    }
-
     type Ref<'a> = Vec<(&'a str, &'a str)>;
     const COMPAT_SPLIT: Option<[&'static str; 2]> = Some(["label_keys", "label_values"]);
     fn json(&self, out: &mut Vec<u8>) {
@@ -612,10 +603,10 @@ impl Field for Labels {
         (0..n).map(|_| Ok((r.str()?, r.str()?))).collect()
     }
     fn own(r: &Vec<(&str, &str)>) -> Result<Self, RecordError> {
-        Ok(Arc::new(
+        Ok(Labels::from(
             r.iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+                .collect::<BTreeMap<_, _>>(),
         ))
     }
     fn ch_columns(name: &'static str, _: bool, style: ColumnStyle) -> Vec<String> {

@@ -153,7 +153,8 @@ mod tests {
             pod_name: "payments-1".into(),
             namespace: "prod".into(),
             workload: "pod:prod/payments-1".into(),
-            labels: std::sync::Arc::new([("app".to_string(), "payments".to_string())].into()),
+            labels: std::collections::BTreeMap::from([("app".to_string(), "payments".to_string())])
+                .into(),
             capture: "ebpf".into(),
             flags: Flag::MidStream.into(),
             server_pid: 9,
@@ -367,11 +368,10 @@ mod tests {
     #[test]
     fn a_record_is_copied_into_the_row_the_table_reads() {
         let mut ev = sample();
-        ev.labels = std::sync::Arc::new(
-            [("app", "payments"), ("tier", "ü")]
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .into(),
-        );
+        ev.labels = std::collections::BTreeMap::from(
+            [("app", "payments"), ("tier", "ü")].map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+        .into();
         ev.masked_values = vec![3, 1 << 40].into();
         ev.message_bytes = 300;
         ev.error_message = "x".repeat(200);

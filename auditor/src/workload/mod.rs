@@ -10,7 +10,7 @@ pub mod kubernetes;
 pub mod process;
 pub mod systemd;
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::collections::BTreeMap;
 
 use crate::{
     audit::event::{Labels, ProcessIdentity},
@@ -211,7 +211,13 @@ impl WorkloadResolver {
         Workload {
             name: workload_name(&process),
             process,
-            labels: Arc::new(labels),
+            // Kept for the process's life once complete (a pod the watch has not shown
+            // yet has more to come).
+            labels: if pending {
+                Labels::from(labels)
+            } else {
+                Labels::lasting(labels)
+            },
             pending,
         }
     }
