@@ -1,4 +1,5 @@
-//! Shared immutable text: constants cost nothing to copy, other text is reference-counted.
+//! Shared immutable text, lists and label sets: constants and values kept for the
+//! process's life cost nothing to copy, others are reference-counted.
 
 use std::sync::Arc;
 
