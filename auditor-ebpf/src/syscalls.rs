@@ -355,10 +355,16 @@ fn emit_control(kind: u32, sk: u64, state: &ConnState, dir: u8) {
         copy_words(&mut h.aux, &state.tls_offsets);
         h.ssl = 0;
         fill_identity(h);
-        if EVENTS
-            .output::<RecordHeader>(h, wake_flags(HEADER_LEN as u64))
-            .is_err()
-        {
+        // A new connection wakes the daemon at once: it reads the process's /proc entry
+        // (executable, login uid and session) while the process lives. A client that
+        // connects, runs a statement and exits within a drain interval would be gone
+        // first. One wake-up per connection, not per statement.
+        let flags = if kind == RECORD_OPEN {
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            wake_flags(HEADER_LEN as u64)
+        };
+        if EVENTS.output::<RecordHeader>(h, flags).is_err() {
             count(counter::CONTROL_DROPS, 1);
         }
     }

@@ -76,7 +76,8 @@ pub struct CaptureConfig {
     /// recorded as gaps); at the default niceness a busy 2-core host starved it.
     pub nice: i32,
     /// How often the daemon drains the kernel ring buffer, in ms (1-1000), unless an eighth
-    /// of it fills first. Default: 10. Waking the daemon for every record instead costs a
+    /// of it fills first or a connection opens (its process is identified at once, while
+    /// it lives). Default: 10. Waking the daemon for every record instead costs a
     /// context switch per transaction: several times the auditing itself under load.
     pub drain_every_ms: u32,
     /// How long, in seconds, the capture goes on after the daemon stops or dies, for the
