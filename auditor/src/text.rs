@@ -510,12 +510,6 @@ impl<T: Clone + 'static> From<&[T]> for List<T> {
     }
 }
 
-impl<T: 'static> From<Arc<[T]>> for List<T> {
-    fn from(v: Arc<[T]>) -> Self {
-        List::Shared(v)
-    }
-}
-
 impl<T: 'static> FromIterator<T> for List<T> {
     fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
         List::from(iter.into_iter().collect::<Vec<T>>())
