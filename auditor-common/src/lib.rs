@@ -244,6 +244,20 @@ const _: () = assert!(size_of::<RecordHeader>() == 168);
 // The kernel side zeroes `comm` as two words.
 const _: () = assert!(core::mem::offset_of!(RecordHeader, comm).is_multiple_of(8));
 
+/// An open record's `aux[1]` bit: `aux[0]` holds the task's audit login uid (low 32 bits)
+/// and session id (high 32), read by the kernel side when the connection was first seen
+/// (u32::MAX: never logged in). Other kinds give `aux` other meanings.
+pub const OPEN_AUDIT_IDS: u64 = 1;
+
+impl RecordHeader {
+    /// The audit login uid and session id an open record carries, if the kernel side read
+    /// them.
+    pub fn audit_ids(&self) -> Option<(u32, u32)> {
+        (self.kind == RECORD_OPEN && self.aux[1] & OPEN_AUDIT_IDS != 0)
+            .then(|| (self.aux[0] as u32, (self.aux[0] >> 32) as u32))
+    }
+}
+
 /// A data record as the kernel side assembles it in per-CPU scratch space.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -305,9 +319,14 @@ pub struct KernelOffsets {
     /// `r10`; arm64: `orig_x0`, then `regs[1..4]`): the exits read their call's arguments
     /// there (see `EXIT_ONLY`). u32::MAX where this architecture's layout is not known.
     pub regs_args: [u32; 4],
+    /// `task_struct.loginuid` (a `kuid_t`, one u32) and `task_struct.sessionid`: the
+    /// audit login uid and session an open record carries; u32::MAX where the kernel has
+    /// none (built without audit support).
+    pub task_loginuid: u32,
+    pub task_sessionid: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 136);
+const _: () = assert!(size_of::<KernelOffsets>() == 144);
 
 /// Key of the `ENDPOINTS` map: one watched address and port.
 #[repr(C, align(8))]

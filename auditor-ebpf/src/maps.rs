@@ -43,6 +43,8 @@ pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     net_ns_inum: u32::MAX,
     socket_inode: u32::MAX,
     regs_args: [u32::MAX; 4],
+    task_loginuid: u32::MAX,
+    task_sessionid: u32::MAX,
     _pad: 0,
 });
 

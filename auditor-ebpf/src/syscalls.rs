@@ -12,14 +12,15 @@ use core::ffi::c_void;
 
 use auditor_common::{
     counter, lost_bit, RecordHeader, AF_UNIX, CHUNK_DATA, COMPAT_CHUNKS_PER_CALL, COMPAT_IOVECS,
-    DIR_TO_CLIENT, DIR_TO_SERVER, MAX_CHUNKS_PER_CALL, MAX_IOVECS, RECORD_CLOSE, RECORD_DATA,
-    RECORD_FILE, RECORD_LOST_BEFORE, RECORD_OPEN, RECORD_SAME_IDENTITY, ROLE_CLIENT, SEEN_ACCEPT,
-    SEEN_CONNECT, SEEN_IO, STREAM_RAW, STREAM_TLS,
+    DIR_TO_CLIENT, DIR_TO_SERVER, MAX_CHUNKS_PER_CALL, MAX_IOVECS, OPEN_AUDIT_IDS, RECORD_CLOSE,
+    RECORD_DATA, RECORD_FILE, RECORD_LOST_BEFORE, RECORD_OPEN, RECORD_SAME_IDENTITY, ROLE_CLIENT,
+    SEEN_ACCEPT, SEEN_CONNECT, SEEN_IO, STREAM_RAW, STREAM_TLS,
 };
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
-        bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_current_task_btf, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_user,
         generated::{
             bpf_get_current_comm as get_current_comm_raw, bpf_loop,
             bpf_probe_read_user as probe_read_user_raw, bpf_task_pt_regs,
@@ -352,7 +353,11 @@ fn emit_control(kind: u32, sk: u64, state: &ConnState, dir: u8) {
         h._pad = [0; 2];
         h.offset = state.offsets[DIR_TO_SERVER as usize];
         h.call_len = state.offsets[DIR_TO_CLIENT as usize];
-        copy_words(&mut h.aux, &state.tls_offsets);
+        if kind == RECORD_OPEN {
+            audit_ids(h);
+        } else {
+            copy_words(&mut h.aux, &state.tls_offsets);
+        }
         h.ssl = 0;
         fill_identity(h);
         // A new connection wakes the daemon at once: it reads the process's /proc entry
@@ -367,6 +372,27 @@ fn emit_control(kind: u32, sk: u64, state: &ConnState, dir: u8) {
         if EVENTS.output::<RecordHeader>(h, flags).is_err() {
             count(counter::CONTROL_DROPS, 1);
         }
+    }
+}
+
+/// An open record's audit login uid and session id, read from the current task (see
+/// `OPEN_AUDIT_IDS`): the kernel's, where the daemon's read of /proc finds nothing once a
+/// short-lived client has exited. Once per connection.
+#[inline(always)]
+fn audit_ids(h: &mut RecordHeader) {
+    h.aux[0] = 0;
+    h.aux[1] = 0;
+    let Some(off) = offsets() else {
+        return;
+    };
+    if off.task_loginuid == u32::MAX || off.task_sessionid == u32::MAX {
+        return;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    let read = |at: u32| unsafe { bpf_probe_read_kernel((task + at as u64) as *const u32) };
+    if let (Ok(loginuid), Ok(sessionid)) = (read(off.task_loginuid), read(off.task_sessionid)) {
+        h.aux[0] = loginuid as u64 | (sessionid as u64) << 32;
+        h.aux[1] = OPEN_AUDIT_IDS;
     }
 }
 

@@ -700,8 +700,13 @@ impl Tracker {
             self.counters.identities_from_proc += 1;
             return self.workloads.process_by_pid(pid);
         }
-        self.workloads
-            .process(pid, &comm_str(&h.comm), h.uid_gid as u32, h.cgroup_id)
+        self.workloads.process(
+            pid,
+            &comm_str(&h.comm),
+            h.uid_gid as u32,
+            h.cgroup_id,
+            h.audit_ids(),
+        )
     }
 
     /// Finds or creates the end and its session; returns whether this end is the primary.
@@ -842,7 +847,7 @@ impl Tracker {
             entry.title_tried = true;
             // The end not seen here (muted by the daemon before) keeps its process.
             let process = |p: &crate::continuity::CarriedProcess, w: &mut WorkloadResolver| {
-                w.process(p.pid, &p.comm, p.uid, p.cgroup_id)
+                w.process(p.pid, &p.comm, p.uid, p.cgroup_id, None)
             };
             if entry.client.is_none() {
                 entry.client = c.client.as_ref().map(|p| process(p, &mut self.workloads));
@@ -1616,6 +1621,9 @@ fn finish(
             ev.labels = s.workload.labels.clone();
             if pod_unknown {
                 ev.flags.insert(Flag::PodUnknown);
+            }
+            if s.workload.process.gone {
+                ev.flags.insert(Flag::ProcessGone);
             }
         }
         if let Some(n) = &source.note {
@@ -2452,7 +2460,12 @@ mod tests {
             .collect();
         assert_eq!(statements.len(), 2, "{out:#?}");
         for e in &out {
-            assert!(e.flags.is_empty(), "{e:#?}");
+            // (Made-up pids: no such processes, said so.)
+            assert_eq!(
+                e.flags,
+                crate::audit::event::Flags::of(&[Flag::ProcessGone]),
+                "{e:#?}"
+            );
             let mine = if e.pid == 100 { 101 } else { 201 };
             assert!(e.pid == 100 || e.pid == 200, "{e:#?}");
             if e.kind == EventKind::Statement {

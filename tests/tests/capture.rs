@@ -149,6 +149,15 @@ ROLLBACK;
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     cg.enter(&mut cmd);
+    // A login uid of its own (the audit id that `sudo` keeps): its events carry what the
+    // kernel read at connect, not what /proc says after psql is gone.
+    // SAFETY: between fork and exec only a write to the child's own /proc file.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            let _ = std::fs::write("/proc/self/loginuid", "54321");
+            Ok(())
+        });
+    }
     let mut child = cmd.spawn().unwrap();
     child
         .stdin
@@ -200,6 +209,20 @@ ROLLBACK;
         assert_eq!(e["pid"].as_u64(), Some(psql_pid as u64));
         assert_eq!(str_of(e, "comm"), "psql");
         assert!(str_of(e, "exe").ends_with("psql"), "{e}");
+        assert_eq!(
+            e["labels"]["process.loginuid"].as_str(),
+            Some("54321"),
+            "{e}"
+        );
+        assert!(e["labels"]["process.sessionid"].as_str().is_some(), "{e}");
+        assert!(
+            !e["flags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f == "process_gone"),
+            "{e}"
+        );
         assert!(e["server_pid"].as_u64().unwrap() > 0, "backend joined: {e}");
         assert_eq!(e["server_port"].as_u64(), Some(pg.port as u64));
         assert_eq!(str_of(e, "client_addr"), "127.0.0.1");

@@ -316,6 +316,13 @@ impl Btf {
                 _ => u32::MAX,
             },
             regs_args: self.syscall_regs(),
+            // Audit ids: a kernel built without audit support has neither field.
+            task_loginuid: self
+                .field_offset("task_struct", "loginuid")
+                .unwrap_or(u32::MAX),
+            task_sessionid: self
+                .field_offset("task_struct", "sessionid")
+                .unwrap_or(u32::MAX),
             _pad: 0,
         })
     }
@@ -422,5 +429,8 @@ mod tests {
             // struct pt_regs: r15 r14 r13 r12 bp bx r11 r10 r9 r8 ax cx dx si di ...
             assert_eq!(off.regs_args, [112, 104, 96, 56]);
         }
+        // This kernel has audit support: the task's login uid and session.
+        assert!(off.task_loginuid != u32::MAX && off.task_loginuid > 0);
+        assert!(off.task_sessionid != u32::MAX && off.task_sessionid > 0);
     }
 }

@@ -328,6 +328,7 @@ async fn relay(
         &comm,
         orig.uid_gid as u32,
         orig.cgroup_id,
+        None,
     );
     let labels = Arc::new(labels_of(&shared, &identity).await);
     let origin = super::hold::Origin {

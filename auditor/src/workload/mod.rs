@@ -184,8 +184,15 @@ impl WorkloadResolver {
     }
 
     /// The process `tgid` as seen at a syscall with these kernel facts.
-    pub fn process(&mut self, tgid: u32, comm: &str, uid: u32, cgroup_id: u64) -> ProcessIdentity {
-        self.processes.resolve(tgid, comm, uid, cgroup_id)
+    pub fn process(
+        &mut self,
+        tgid: u32,
+        comm: &str,
+        uid: u32,
+        cgroup_id: u64,
+        audit: Option<(u32, u32)>,
+    ) -> ProcessIdentity {
+        self.processes.resolve(tgid, comm, uid, cgroup_id, audit)
     }
 
     /// The identity of `tgid` from /proc alone (see `IdentityResolver::resolve_pid`).

@@ -210,14 +210,29 @@ impl IdentityResolver {
         }
     }
 
-    /// The identity of `tgid` as seen at a syscall with the given kernel facts.
-    pub fn resolve(&mut self, tgid: u32, comm: &str, uid: u32, cgroup_id: u64) -> ProcessIdentity {
+    /// The identity of `tgid` as seen at a syscall with the given kernel facts; `audit`:
+    /// its audit login uid and session id as the kernel read them (an open record's),
+    /// which /proc is not asked for then.
+    pub fn resolve(
+        &mut self,
+        tgid: u32,
+        comm: &str,
+        uid: u32,
+        cgroup_id: u64,
+        audit: Option<(u32, u32)>,
+    ) -> ProcessIdentity {
+        let logged_in = |v: u32| (v != u32::MAX).then_some(v); // (uid_t)-1: never logged in
         if let Some(c) = self.processes.get(&tgid) {
             if c.at.elapsed() < PROCESS_TTL
                 && c.identity.cgroup_id == cgroup_id
                 && &*c.identity.comm == comm
             {
-                return c.identity.clone();
+                let mut id = c.identity.clone();
+                if let Some((loginuid, sessionid)) = audit {
+                    id.loginuid = logged_in(loginuid);
+                    id.sessionid = logged_in(sessionid);
+                }
+                return id;
             }
         }
         let mut id = ProcessIdentity {
@@ -228,17 +243,30 @@ impl IdentityResolver {
             ..ProcessIdentity::default()
         };
         let proc_dir = self.proc_root.join(tgid.to_string());
-        id.exe = std::fs::read_link(proc_dir.join("exe"))
-            .map(|p| crate::text::Text::lasting(&p.to_string_lossy()))
-            .unwrap_or_default();
-        let audit_id = |file: &str| {
-            std::fs::read_to_string(proc_dir.join(file))
-                .ok()
-                .and_then(|t| t.trim().parse::<u32>().ok())
-                .filter(|&v| v != u32::MAX) // (uid_t)-1: never logged in
-        };
-        id.loginuid = audit_id("loginuid");
-        id.sessionid = audit_id("sessionid");
+        match std::fs::read_link(proc_dir.join("exe")) {
+            Ok(p) => id.exe = crate::text::Text::lasting(&p.to_string_lossy()),
+            // Ended before the daemon got here (a client that connected, ran its
+            // statements and exited within one drain of the ring): said on its events.
+            Err(_) if !proc_dir.exists() => id.gone = true,
+            // A kernel thread, or no permission: no executable to name.
+            Err(_) => {}
+        }
+        match audit {
+            Some((loginuid, sessionid)) => {
+                id.loginuid = logged_in(loginuid);
+                id.sessionid = logged_in(sessionid);
+            }
+            None => {
+                let audit_id = |file: &str| {
+                    std::fs::read_to_string(proc_dir.join(file))
+                        .ok()
+                        .and_then(|t| t.trim().parse::<u32>().ok())
+                        .and_then(logged_in)
+                };
+                id.loginuid = audit_id("loginuid");
+                id.sessionid = audit_id("sessionid");
+            }
+        }
         id.cgroup_path =
             crate::text::Text::lasting(&self.cgroup_path(cgroup_id, &proc_dir).unwrap_or_default());
         let facts = parse_cgroup_path(&id.cgroup_path);
@@ -283,7 +311,7 @@ impl IdentityResolver {
             .as_ref()
             .and_then(|root| inode_of(root, &cgroup_of_proc(&proc_dir)?))
             .unwrap_or(0);
-        self.resolve(tgid, comm.trim_end_matches('\n'), uid, cgroup_id)
+        self.resolve(tgid, comm.trim_end_matches('\n'), uid, cgroup_id, None)
     }
 
     /// The path of cgroup `id` (its directory's inode number under the v2 mount): cached;
@@ -469,6 +497,33 @@ mod tests {
             (gone.pid, &*gone.comm, gone.uid, gone.cgroup_id),
             (u32::MAX - 1, "", u32::MAX, 0)
         );
+    }
+
+    #[test]
+    fn a_process_gone_before_its_lookup_is_said_so_and_keeps_the_kernels_audit_ids() {
+        // A client that exited before the daemon read /proc: no executable, said so; its
+        // login uid and session are those its open record carried.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        let mut r = IdentityResolver::new();
+        let id = r.resolve(pid, "true", 1000, 1, Some((1000, 7)));
+        assert!(id.gone);
+        assert_eq!(&*id.exe, "");
+        assert_eq!((id.loginuid, id.sessionid), (Some(1000), Some(7)));
+        // A live one: its executable, not gone; the kernel's "never logged in" (u32::MAX)
+        // is taken over whatever /proc says, in a fresh lookup and from the cache.
+        let me = std::process::id();
+        let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let unset = Some((u32::MAX, u32::MAX));
+        let id = r.resolve(me, comm.trim_end(), 0, 2, unset);
+        assert!(!id.gone);
+        assert_eq!(&*id.exe, exe.to_string_lossy());
+        assert_eq!((id.loginuid, id.sessionid), (None, None));
+        let cached = r.resolve(me, comm.trim_end(), 0, 2, Some((42, 43)));
+        assert_eq!((cached.loginuid, cached.sessionid), (Some(42), Some(43)));
+        assert_eq!(&*cached.exe, exe.to_string_lossy());
     }
 
     #[test]
