@@ -191,7 +191,9 @@ pub const TLS_UNREADABLE_AFTER_NS: u64 = 1_000_000_000;
 const HOLD_FOR_READY_NS: i128 = 1_000_000_000;
 
 struct SessionEntry {
-    id: Text,
+    /// Its session id: a UUID held in place (every event copies it; a shared text would
+    /// cost an atomic count there and another when the event is dropped).
+    id: crate::audit::event::EventId,
     seq: u64,
     /// Kernel time of the last record for this connection, from either end.
     last_ns: u64,
@@ -793,7 +795,7 @@ impl Tracker {
         } else if mid_stream && first_data.is_some_and(looks_like_tls_record) {
             session.assume_tls();
         }
-        let id = Text::from(new_event_id().as_str());
+        let id = new_event_id();
         let client_addr = endpoint_string(h.tuple.family, &conn.client_addr);
         let server_addr = endpoint_string(h.tuple.family, &conn.server_addr);
         let span = tracing::debug_span!(

@@ -487,7 +487,7 @@ audit_event! {
     duration_us: u64,
     host: Text [lc],
     /// Stable for the connection's life.
-    session_id: Text,
+    session_id: EventId,
     /// Order of the event within its session, from 1.
     seq: u64,
     /// SQL text, literals replaced by $n unless the policy records raw text.

@@ -201,7 +201,9 @@ pub struct Description {
 /// A prepared statement, named or unnamed, as the client parsed it.
 #[derive(Debug)]
 pub struct PreparedStatement {
-    /// The statement's name, shared by the outcomes of its executions.
+    /// The statement's name, shared by the outcomes of its executions: kept for the
+    /// process's life (names recur: `S_1`, `P0_1`), so copying it into every portal and
+    /// event costs no atomic count.
     pub name: Text,
     pub sql: Arc<str>,
     pub analysis: Arc<Analysis>,
@@ -610,7 +612,7 @@ impl Conversation {
             self.prepared.insert(
                 name.as_str(),
                 Arc::new(PreparedStatement {
-                    name: name.as_str().into(),
+                    name: Text::lasting_shape(name),
                     analysis: analyzer.analyze(sql),
                     sql: sql.as_str().into(),
                     declared_types: Box::default(),
@@ -899,7 +901,7 @@ impl Conversation {
                 let name = text_of(name).into_owned();
                 let sql = text_of(sql);
                 let statement = Arc::new(PreparedStatement {
-                    name: name.as_str().into(),
+                    name: Text::lasting_shape(&name),
                     analysis: analyzer.analyze(&sql),
                     sql: sql.as_ref().into(),
                     declared_types: param_types.iter().collect(),
@@ -925,7 +927,7 @@ impl Conversation {
                 let statement = self.prepared.get(name.as_ref()).cloned();
                 let statement_name = match &statement {
                     Some(p) => p.name.clone(),
-                    None => name.as_ref().into(),
+                    None => Text::lasting_shape(&name),
                 };
                 let replaced = self.portals.insert(
                     portal.clone(),
