@@ -256,6 +256,13 @@ impl RecordHeader {
         (self.kind == RECORD_OPEN && self.aux[1] & OPEN_AUDIT_IDS != 0)
             .then(|| (self.aux[0] as u32, (self.aux[0] >> 32) as u32))
     }
+
+    /// When the process (its thread group leader) started, in ns since boot, as an open
+    /// record carries it in `ssl` (0: not read): /proc/PID/stat's start time, to tell the
+    /// process from a later one that took its pid.
+    pub fn process_start_ns(&self) -> Option<u64> {
+        (self.kind == RECORD_OPEN && self.ssl != 0).then_some(self.ssl)
+    }
 }
 
 /// A data record as the kernel side assembles it in per-CPU scratch space.
@@ -324,9 +331,14 @@ pub struct KernelOffsets {
     /// none (built without audit support).
     pub task_loginuid: u32,
     pub task_sessionid: u32,
-    pub _pad: u32,
+    /// `task_struct.group_leader` and `task_struct.start_boottime`: the process's start
+    /// time an open record carries (what /proc/PID/stat says, in ns); u32::MAX where the
+    /// kernel's BTF does not say.
+    pub task_group_leader: u32,
+    pub task_start_boottime: u32,
+    pub _pad: [u32; 3],
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 144);
+const _: () = assert!(size_of::<KernelOffsets>() == 160);
 
 /// Key of the `ENDPOINTS` map: one watched address and port.
 #[repr(C, align(8))]

@@ -45,7 +45,9 @@ pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     regs_args: [u32::MAX; 4],
     task_loginuid: u32::MAX,
     task_sessionid: u32::MAX,
-    _pad: 0,
+    task_group_leader: u32::MAX,
+    task_start_boottime: u32::MAX,
+    _pad: [0; 3],
 });
 
 /// 1 where the kernel has `bpf_get_current_task_btf` (Linux 5.11+): the walk from the task

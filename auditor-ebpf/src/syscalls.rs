@@ -353,12 +353,12 @@ fn emit_control(kind: u32, sk: u64, state: &ConnState, dir: u8) {
         h._pad = [0; 2];
         h.offset = state.offsets[DIR_TO_SERVER as usize];
         h.call_len = state.offsets[DIR_TO_CLIENT as usize];
+        h.ssl = 0;
         if kind == RECORD_OPEN {
-            audit_ids(h);
+            task_facts(h);
         } else {
             copy_words(&mut h.aux, &state.tls_offsets);
         }
-        h.ssl = 0;
         fill_identity(h);
         // A new connection wakes the daemon at once: it reads the process's /proc entry
         // (executable, login uid and session) while the process lives. A client that
@@ -375,24 +375,37 @@ fn emit_control(kind: u32, sk: u64, state: &ConnState, dir: u8) {
     }
 }
 
-/// An open record's audit login uid and session id, read from the current task (see
-/// `OPEN_AUDIT_IDS`): the kernel's, where the daemon's read of /proc finds nothing once a
-/// short-lived client has exited. Once per connection.
+/// What an open record says of the current task beyond its ids: its audit login uid and
+/// session id (see `OPEN_AUDIT_IDS`), the kernel's where the daemon's read of /proc finds
+/// nothing once a short-lived client has exited; and its process's start time (in `ssl`),
+/// which tells the daemon whether the /proc entry it reads is still this process's.
+/// Once per connection.
 #[inline(always)]
-fn audit_ids(h: &mut RecordHeader) {
+fn task_facts(h: &mut RecordHeader) {
     h.aux[0] = 0;
     h.aux[1] = 0;
     let Some(off) = offsets() else {
         return;
     };
-    if off.task_loginuid == u32::MAX || off.task_sessionid == u32::MAX {
-        return;
-    }
     let task = unsafe { bpf_get_current_task() };
-    let read = |at: u32| unsafe { bpf_probe_read_kernel((task + at as u64) as *const u32) };
-    if let (Ok(loginuid), Ok(sessionid)) = (read(off.task_loginuid), read(off.task_sessionid)) {
-        h.aux[0] = loginuid as u64 | (sessionid as u64) << 32;
-        h.aux[1] = OPEN_AUDIT_IDS;
+    if off.task_loginuid != u32::MAX && off.task_sessionid != u32::MAX {
+        let read = |at: u32| unsafe { bpf_probe_read_kernel((task + at as u64) as *const u32) };
+        if let (Ok(loginuid), Ok(sessionid)) = (read(off.task_loginuid), read(off.task_sessionid)) {
+            h.aux[0] = loginuid as u64 | (sessionid as u64) << 32;
+            h.aux[1] = OPEN_AUDIT_IDS;
+        }
+    }
+    if off.task_group_leader != u32::MAX && off.task_start_boottime != u32::MAX {
+        let leader: Result<u64, _> =
+            unsafe { bpf_probe_read_kernel((task + off.task_group_leader as u64) as *const u64) };
+        if let Ok(leader) = leader {
+            if leader != 0 {
+                let start: Result<u64, _> = unsafe {
+                    bpf_probe_read_kernel((leader + off.task_start_boottime as u64) as *const u64)
+                };
+                h.ssl = start.unwrap_or(0);
+            }
+        }
     }
 }
 

@@ -707,7 +707,10 @@ impl Tracker {
             &comm_str(&h.comm),
             h.uid_gid as u32,
             h.cgroup_id,
-            h.audit_ids(),
+            crate::workload::process::TaskFacts {
+                audit: h.audit_ids(),
+                start_ns: h.process_start_ns(),
+            },
         )
     }
 
@@ -849,7 +852,7 @@ impl Tracker {
             entry.title_tried = true;
             // The end not seen here (muted by the daemon before) keeps its process.
             let process = |p: &crate::continuity::CarriedProcess, w: &mut WorkloadResolver| {
-                w.process(p.pid, &p.comm, p.uid, p.cgroup_id, None)
+                w.process(p.pid, &p.comm, p.uid, p.cgroup_id, Default::default())
             };
             if entry.client.is_none() {
                 entry.client = c.client.as_ref().map(|p| process(p, &mut self.workloads));

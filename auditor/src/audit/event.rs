@@ -219,8 +219,9 @@ flags! {
     /// Bytes the server sent were lost (see the gap event before it) while the statement
     /// waited for its answer: whether and how it ran is unknown.
     ResponseLost = "response_lost",
-    /// The session's process had exited when the daemon read its /proc entry: `exe` is
-    /// empty (pid, name, uid, cgroup, login uid and session are what the kernel saw).
+    /// The session's process had exited when the daemon read its /proc entry (or its pid
+    /// was another process's by then, which started later): `exe` is empty (pid, name,
+    /// uid, cgroup, login uid and session are what the kernel saw).
     ProcessGone = "process_gone",
 }
 
@@ -471,8 +472,10 @@ pub struct ProcessIdentity {
     /// `sessionid`): who logged in, even after `sudo -u postgres psql`. None when unset.
     pub loginuid: Option<u32>,
     pub sessionid: Option<u32>,
-    /// The process had ended when the daemon looked it up in /proc: its executable is
-    /// unknown (pid, name, uid, cgroup, login uid and session are the kernel's).
+    /// The process had ended when the daemon looked it up in /proc (or its pid was taken
+    /// by a later process, whose start time is not the one the kernel gave): its
+    /// executable is unknown (pid, name, uid, cgroup, login uid and session are the
+    /// kernel's).
     #[serde(default)]
     pub gone: bool,
 }

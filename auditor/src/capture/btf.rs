@@ -323,7 +323,13 @@ impl Btf {
             task_sessionid: self
                 .field_offset("task_struct", "sessionid")
                 .unwrap_or(u32::MAX),
-            _pad: 0,
+            task_group_leader: self
+                .field_offset("task_struct", "group_leader")
+                .unwrap_or(u32::MAX),
+            task_start_boottime: self
+                .field_offset("task_struct", "start_boottime")
+                .unwrap_or(u32::MAX),
+            _pad: [0; 3],
         })
     }
 
@@ -432,5 +438,6 @@ mod tests {
         // This kernel has audit support: the task's login uid and session.
         assert!(off.task_loginuid != u32::MAX && off.task_loginuid > 0);
         assert!(off.task_sessionid != u32::MAX && off.task_sessionid > 0);
+        assert!(off.task_group_leader != u32::MAX && off.task_start_boottime != u32::MAX);
     }
 }

@@ -328,7 +328,7 @@ async fn relay(
         &comm,
         orig.uid_gid as u32,
         orig.cgroup_id,
-        None,
+        Default::default(),
     );
     let labels = Arc::new(labels_of(&shared, &identity).await);
     let origin = super::hold::Origin {

@@ -190,9 +190,9 @@ impl WorkloadResolver {
         comm: &str,
         uid: u32,
         cgroup_id: u64,
-        audit: Option<(u32, u32)>,
+        task: process::TaskFacts,
     ) -> ProcessIdentity {
-        self.processes.resolve(tgid, comm, uid, cgroup_id, audit)
+        self.processes.resolve(tgid, comm, uid, cgroup_id, task)
     }
 
     /// The identity of `tgid` from /proc alone (see `IdentityResolver::resolve_pid`).

@@ -168,7 +168,39 @@ pub fn parse_backend_title(title: &str, client_port: Option<u16>) -> Option<(Str
 
 struct Cached {
     identity: ProcessIdentity,
+    /// The process's start time its open record gave, if it gave one.
+    start_ns: Option<u64>,
     at: Instant,
+}
+
+/// What an open record tells of its process beyond its pid, name, uid and cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TaskFacts {
+    /// Audit login uid and session id as the kernel read them (u32::MAX: unset).
+    pub audit: Option<(u32, u32)>,
+    /// When the process started, ns since boot (its thread group leader's
+    /// `start_boottime`, what /proc/PID/stat gives in clock ticks).
+    pub start_ns: Option<u64>,
+}
+
+/// Nanoseconds per clock tick of /proc/PID/stat's times.
+fn ns_per_tick() -> u64 {
+    static NS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *NS.get_or_init(|| {
+        // SAFETY: sysconf reads a constant of the system.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        1_000_000_000 / u64::try_from(hz).ok().filter(|&h| h > 0).unwrap_or(100)
+    })
+}
+
+/// A process's start time in clock ticks since boot (field 22 of /proc/PID/stat); None
+/// when it cannot be read (the process is gone).
+fn start_ticks(proc_dir: &Path) -> Option<u64> {
+    let stat = std::fs::read_to_string(proc_dir.join("stat")).ok()?;
+    // After the name in parentheses (which may hold spaces and parentheses itself).
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // Fields 3.. follow: the start time is field 22, the 20th of them.
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// Resolves identities, caching per process for a short while (pids are reused).
@@ -210,22 +242,25 @@ impl IdentityResolver {
         }
     }
 
-    /// The identity of `tgid` as seen at a syscall with the given kernel facts; `audit`:
-    /// its audit login uid and session id as the kernel read them (an open record's),
-    /// which /proc is not asked for then.
+    /// The identity of `tgid` as seen at a syscall with the given kernel facts; `task`:
+    /// what an open record adds (its audit login uid and session id, which /proc is not
+    /// asked for then; its start time, which tells this process from a later one that
+    /// took its pid before /proc was read).
     pub fn resolve(
         &mut self,
         tgid: u32,
         comm: &str,
         uid: u32,
         cgroup_id: u64,
-        audit: Option<(u32, u32)>,
+        task: TaskFacts,
     ) -> ProcessIdentity {
+        let audit = task.audit;
         let logged_in = |v: u32| (v != u32::MAX).then_some(v); // (uid_t)-1: never logged in
         if let Some(c) = self.processes.get(&tgid) {
             if c.at.elapsed() < PROCESS_TTL
                 && c.identity.cgroup_id == cgroup_id
                 && &*c.identity.comm == comm
+                && (task.start_ns.is_none() || c.start_ns.is_none() || c.start_ns == task.start_ns)
             {
                 let mut id = c.identity.clone();
                 if let Some((loginuid, sessionid)) = audit {
@@ -243,7 +278,14 @@ impl IdentityResolver {
             ..ProcessIdentity::default()
         };
         let proc_dir = self.proc_root.join(tgid.to_string());
+        // The pid taken by a later process (this one exited first): nothing of /proc is
+        // its.
+        let reused = task
+            .start_ns
+            .zip(start_ticks(&proc_dir))
+            .is_some_and(|(ns, ticks)| ns / ns_per_tick() != ticks);
         match std::fs::read_link(proc_dir.join("exe")) {
+            _ if reused => id.gone = true,
             Ok(p) => id.exe = crate::text::Text::lasting(&p.to_string_lossy()),
             // Ended before the daemon got here (a client that connected, ran its
             // statements and exited within one drain of the ring): said on its events.
@@ -267,8 +309,14 @@ impl IdentityResolver {
                 id.sessionid = audit_id("sessionid");
             }
         }
+        // (By id first: a process's own cgroup file is read only when the id finds none.)
+        let own = if reused {
+            Path::new("/nonexistent")
+        } else {
+            proc_dir.as_path()
+        };
         id.cgroup_path =
-            crate::text::Text::lasting(&self.cgroup_path(cgroup_id, &proc_dir).unwrap_or_default());
+            crate::text::Text::lasting(&self.cgroup_path(cgroup_id, own).unwrap_or_default());
         let facts = parse_cgroup_path(&id.cgroup_path);
         id.container_id = crate::text::Text::lasting(&facts.container_id);
         id.pod_uid = crate::text::Text::lasting(&facts.pod_uid);
@@ -280,6 +328,7 @@ impl IdentityResolver {
             tgid,
             Cached {
                 identity: id.clone(),
+                start_ns: task.start_ns,
                 at: Instant::now(),
             },
         );
@@ -311,7 +360,13 @@ impl IdentityResolver {
             .as_ref()
             .and_then(|root| inode_of(root, &cgroup_of_proc(&proc_dir)?))
             .unwrap_or(0);
-        self.resolve(tgid, comm.trim_end_matches('\n'), uid, cgroup_id, None)
+        self.resolve(
+            tgid,
+            comm.trim_end_matches('\n'),
+            uid,
+            cgroup_id,
+            TaskFacts::default(),
+        )
     }
 
     /// The path of cgroup `id` (its directory's inode number under the v2 mount): cached;
@@ -507,7 +562,11 @@ mod tests {
         let pid = child.id();
         child.wait().unwrap();
         let mut r = IdentityResolver::new();
-        let id = r.resolve(pid, "true", 1000, 1, Some((1000, 7)));
+        let audit = |a: (u32, u32)| TaskFacts {
+            audit: Some(a),
+            start_ns: None,
+        };
+        let id = r.resolve(pid, "true", 1000, 1, audit((1000, 7)));
         assert!(id.gone);
         assert_eq!(&*id.exe, "");
         assert_eq!((id.loginuid, id.sessionid), (Some(1000), Some(7)));
@@ -516,14 +575,42 @@ mod tests {
         let me = std::process::id();
         let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
         let exe = std::fs::read_link("/proc/self/exe").unwrap();
-        let unset = Some((u32::MAX, u32::MAX));
+        let unset = audit((u32::MAX, u32::MAX));
         let id = r.resolve(me, comm.trim_end(), 0, 2, unset);
         assert!(!id.gone);
         assert_eq!(&*id.exe, exe.to_string_lossy());
         assert_eq!((id.loginuid, id.sessionid), (None, None));
-        let cached = r.resolve(me, comm.trim_end(), 0, 2, Some((42, 43)));
+        let cached = r.resolve(me, comm.trim_end(), 0, 2, audit((42, 43)));
         assert_eq!((cached.loginuid, cached.sessionid), (Some(42), Some(43)));
         assert_eq!(&*cached.exe, exe.to_string_lossy());
+    }
+
+    #[test]
+    fn a_pid_another_process_took_is_not_read_as_the_one_that_connected() {
+        let me = std::process::id();
+        let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let ticks = start_ticks(Path::new("/proc/self")).unwrap();
+        let at = |ns: u64| TaskFacts {
+            audit: None,
+            start_ns: Some(ns),
+        };
+        // Started when /proc says (the kernel's ns, within the tick): this process.
+        let mut r = IdentityResolver::new();
+        let id = r.resolve(me, comm.trim_end(), 0, 2, at(ticks * ns_per_tick() + 7));
+        assert!(!id.gone);
+        assert_eq!(&*id.exe, exe.to_string_lossy());
+        // A process that started a second earlier had this pid: it is gone, and this one's
+        // executable is not its.
+        let mut r = IdentityResolver::new();
+        let earlier = (ticks * ns_per_tick()).saturating_sub(1_000_000_000);
+        let id = r.resolve(me, comm.trim_end(), 0, 2, at(earlier));
+        assert!(id.gone);
+        assert_eq!(&*id.exe, "");
+        // Cached by its start: the same pid with the right start is read afresh.
+        let id = r.resolve(me, comm.trim_end(), 0, 2, at(ticks * ns_per_tick()));
+        assert!(!id.gone);
+        assert_eq!(&*id.exe, exe.to_string_lossy());
     }
 
     #[test]
