@@ -193,6 +193,35 @@ fn ns_per_tick() -> u64 {
     })
 }
 
+/// The boot-time offset of the daemon's time namespace, in ns (/proc/self/timens_offsets;
+/// 0 in the host's): /proc shows start times shifted by it, the kernel's are not.
+fn boottime_offset_ns() -> i64 {
+    static NS: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *NS.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/self/timens_offsets").unwrap_or_default();
+        parse_boottime_offset(&text)
+    })
+}
+
+fn parse_boottime_offset(text: &str) -> i64 {
+    text.lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next()? == "boottime").then_some(())?;
+            let secs: i64 = f.next()?.parse().ok()?;
+            let nanos: i64 = f.next()?.parse().ok()?;
+            Some(secs.saturating_mul(1_000_000_000).saturating_add(nanos))
+        })
+        .unwrap_or(0)
+}
+
+/// Whether a process the kernel says started at `start_ns` (ns since boot) is the one
+/// /proc says started at `ticks` (clock ticks, as the daemon's time namespace sees them).
+fn same_start(start_ns: u64, ticks: u64) -> bool {
+    let seen = i128::from(start_ns) + i128::from(boottime_offset_ns());
+    seen.max(0) as u64 / ns_per_tick() == ticks
+}
+
 /// A process's start time in clock ticks since boot (field 22 of /proc/PID/stat); None
 /// when it cannot be read (the process is gone).
 fn start_ticks(proc_dir: &Path) -> Option<u64> {
@@ -283,7 +312,7 @@ impl IdentityResolver {
         let reused = task
             .start_ns
             .zip(start_ticks(&proc_dir))
-            .is_some_and(|(ns, ticks)| ns / ns_per_tick() != ticks);
+            .is_some_and(|(ns, ticks)| !same_start(ns, ticks));
         match std::fs::read_link(proc_dir.join("exe")) {
             _ if reused => id.gone = true,
             Ok(p) => id.exe = crate::text::Text::lasting(&p.to_string_lossy()),
@@ -586,29 +615,43 @@ mod tests {
     }
 
     #[test]
+    fn time_namespace_offsets() {
+        let host = "monotonic           0         0\nboottime            0         0\n";
+        assert_eq!(parse_boottime_offset(host), 0);
+        let shifted = "monotonic 5 0\nboottime -86400 250\n";
+        assert_eq!(parse_boottime_offset(shifted), -86_400_000_000_000 + 250);
+        assert_eq!(parse_boottime_offset(""), 0);
+        assert_eq!(parse_boottime_offset("boottime x y"), 0);
+    }
+
+    #[test]
     fn a_pid_another_process_took_is_not_read_as_the_one_that_connected() {
         let me = std::process::id();
         let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
         let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        // The kernel's start (ns since boot), as /proc gives it (in ticks, shifted by this
+        // time namespace's boot-time offset).
         let ticks = start_ticks(Path::new("/proc/self")).unwrap();
+        let kernel_ns =
+            (i128::from(ticks * ns_per_tick()) - i128::from(boottime_offset_ns())) as u64;
         let at = |ns: u64| TaskFacts {
             audit: None,
             start_ns: Some(ns),
         };
         // Started when /proc says (the kernel's ns, within the tick): this process.
         let mut r = IdentityResolver::new();
-        let id = r.resolve(me, comm.trim_end(), 0, 2, at(ticks * ns_per_tick() + 7));
+        let id = r.resolve(me, comm.trim_end(), 0, 2, at(kernel_ns + 7));
         assert!(!id.gone);
         assert_eq!(&*id.exe, exe.to_string_lossy());
         // A process that started a second earlier had this pid: it is gone, and this one's
         // executable is not its.
         let mut r = IdentityResolver::new();
-        let earlier = (ticks * ns_per_tick()).saturating_sub(1_000_000_000);
+        let earlier = kernel_ns.saturating_sub(1_000_000_000);
         let id = r.resolve(me, comm.trim_end(), 0, 2, at(earlier));
         assert!(id.gone);
         assert_eq!(&*id.exe, "");
         // Cached by its start: the same pid with the right start is read afresh.
-        let id = r.resolve(me, comm.trim_end(), 0, 2, at(ticks * ns_per_tick()));
+        let id = r.resolve(me, comm.trim_end(), 0, 2, at(kernel_ns));
         assert!(!id.gone);
         assert_eq!(&*id.exe, exe.to_string_lossy());
     }
