@@ -235,9 +235,11 @@ pub struct RecordHeader {
     pub flags: u8,
     pub _pad: [u8; 2],
     /// For a close record, the TLS plaintext totals [towards server, towards client]; for
-    /// a file record, [kernel dev_t, inode].
+    /// a file record, [kernel dev_t, inode]; for an open record, the task's audit ids
+    /// ([`OPEN_AUDIT_IDS`]).
     pub aux: [u64; 2],
-    /// The TLS library's connection object (`SSL *`) of a STREAM_TLS record.
+    /// The TLS library's connection object (`SSL *`) of a STREAM_TLS record; for an open
+    /// record, its process's start time ([`RecordHeader::process_start_ns`]).
     pub ssl: u64,
 }
 const _: () = assert!(size_of::<RecordHeader>() == 168);
