@@ -279,6 +279,8 @@ impl Btf {
             Some((net, inum)) => (sk_common + net, inum),
             None => (u32::MAX, u32::MAX),
         };
+        // Fields an open record reads when the kernel has them (u32::MAX: it has not).
+        let task_field = |f: &str| self.field_offset("task_struct", f).unwrap_or(u32::MAX);
         Ok(KernelOffsets {
             task_files: self.field_offset("task_struct", "files")?,
             files_fdt: self.field_offset("files_struct", "fdt")?,
@@ -317,18 +319,10 @@ impl Btf {
             },
             regs_args: self.syscall_regs(),
             // Audit ids: a kernel built without audit support has neither field.
-            task_loginuid: self
-                .field_offset("task_struct", "loginuid")
-                .unwrap_or(u32::MAX),
-            task_sessionid: self
-                .field_offset("task_struct", "sessionid")
-                .unwrap_or(u32::MAX),
-            task_group_leader: self
-                .field_offset("task_struct", "group_leader")
-                .unwrap_or(u32::MAX),
-            task_start_boottime: self
-                .field_offset("task_struct", "start_boottime")
-                .unwrap_or(u32::MAX),
+            task_loginuid: task_field("loginuid"),
+            task_sessionid: task_field("sessionid"),
+            task_group_leader: task_field("group_leader"),
+            task_start_boottime: task_field("start_boottime"),
             _pad: [0; 3],
         })
     }

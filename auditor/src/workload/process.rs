@@ -314,7 +314,7 @@ impl IdentityResolver {
             .zip(start_ticks(&proc_dir))
             .is_some_and(|(ns, ticks)| !same_start(ns, ticks));
         match std::fs::read_link(proc_dir.join("exe")) {
-            _ if reused => id.gone = true,
+            _ if reused => {}
             Ok(p) => id.exe = crate::text::Text::lasting(&p.to_string_lossy()),
             // Ended before the daemon got here (a client that connected, ran its
             // statements and exited within one drain of the ring): said on its events.
@@ -322,11 +322,14 @@ impl IdentityResolver {
             // A kernel thread, or no permission: no executable to name.
             Err(_) => {}
         }
+        id.gone |= reused;
         match audit {
             Some((loginuid, sessionid)) => {
                 id.loginuid = logged_in(loginuid);
                 id.sessionid = logged_in(sessionid);
             }
+            // Another process's login is not this one's.
+            None if reused => {}
             None => {
                 let audit_id = |file: &str| {
                     std::fs::read_to_string(proc_dir.join(file))
