@@ -132,7 +132,7 @@ fn restart_during_pgbench(how: Restart) {
     assert_eq!(
         detached.contains("removed"),
         how != Restart::KilledWithoutHandover,
-        "auditor detach: {detached}"
+        "auditor detach: {detached}\nthe second daemon said: {said:#?}"
     );
     let events = read_events(&state.path().join("log")).unwrap();
     assert_no_duplicates(&events);

@@ -324,8 +324,13 @@ impl Redirect {
             return;
         }
         drop(self.links);
-        if let Err(e) = detach(dir) {
-            tracing::warn!("redirect: removing the pins in {}: {e}", dir.display());
+        match detach(dir) {
+            Ok(removed) => tracing::info!(
+                "redirect detached (no enforce policy in force): {} pins removed from {}",
+                removed.len(),
+                dir.display()
+            ),
+            Err(e) => tracing::warn!("redirect: removing the pins in {}: {e}", dir.display()),
         }
     }
 
