@@ -96,6 +96,9 @@ pub struct Session {
     /// What the proxy masked in the result now ending (proxied sessions): given to the
     /// next statement recorded, the one the result belongs to.
     masked: Option<MaskTally>,
+    /// The pushing direction's tokenizer turns opaque once its push is over (the server
+    /// agreed to encrypt).
+    opaque_after_push: bool,
 }
 
 /// Statements that wait for their ReadyForQuery, at most: a client that pipelines more
@@ -131,6 +134,7 @@ impl Session {
             held_since: None,
             readies: 0,
             masked: None,
+            opaque_after_push: false,
         }
     }
 
@@ -364,31 +368,41 @@ impl Session {
             self.resyncing[d] = false;
             self.tokenizers[d].resync_typed();
         }
-        // Tokens borrow `data`; a push rarely holds more than a few messages besides rows.
+        // Each token is handled as the tokenizer gives it out (handed over in place: a
+        // token copied into a queue first was read back with wide loads over the narrow
+        // stores that built it, a store-forwarding stall per message). The tokenizer is
+        // out of the session meanwhile; what the tokens ask of it is done once it is back.
         // Rows and COPY data are only counted: runs of them travel as counts before the
         // token that follows them (a result of thousands of rows is a few counts here).
-        let mut tokens: smallvec::SmallVec<[(Counted, Token); 8]> = smallvec::SmallVec::new();
+        let mut tokenizer = std::mem::replace(
+            &mut self.tokenizers[d],
+            Tokenizer::new(direction, self.limits),
+        );
         let mut counted = Counted::default();
         // Bodies streamed past are only counted (rows, COPY data); the parts of other
         // messages read in parts are kept.
         let mut keep_chunks = self.partial[d].is_some();
-        let result = self.tokenizers[d].push(data, &mut |t| match t {
+        let result = tokenizer.push(data, &mut |t| match t {
             Token::Chunk { .. } if !keep_chunks => {}
             Token::Message { tag, .. } if is_counted_only(direction, tag) => counted.add(tag),
             Token::Header { tag, .. } if is_counted_only(direction, tag) => {
                 keep_chunks = false;
                 counted.add(tag)
             }
-            Token::Header { .. } => {
-                keep_chunks = true;
-                tokens.push((std::mem::take(&mut counted), t))
+            t => {
+                if matches!(t, Token::Header { .. }) {
+                    keep_chunks = true;
+                }
+                if counted.any() {
+                    self.on_counted(std::mem::take(&mut counted));
+                }
+                self.on_token(direction, t, ts_ns, analyzer, out);
             }
-            t => tokens.push((std::mem::take(&mut counted), t)),
         });
-        for (before, token) in tokens {
-            self.on_counted(before);
-            self.on_token(direction, token, ts_ns, analyzer, out);
+        if std::mem::take(&mut self.opaque_after_push) {
+            tokenizer.make_opaque();
         }
+        self.tokenizers[d] = tokenizer;
         self.on_counted(counted);
         if result.is_err() {
             self.parse_errors += 1;
@@ -431,8 +445,10 @@ impl Session {
             (Direction::ToClient, Token::EncryptionReply { reply, .. }) => {
                 self.conversation.on_encryption_reply(reply);
                 if self.awaiting_plaintext() {
-                    self.tokenizers[0].make_opaque();
-                    self.tokenizers[1].make_opaque();
+                    // This direction's tokenizer is out while its tokens are handled
+                    // (`push`): it turns opaque once back.
+                    self.tokenizers[Direction::ToServer.index()].make_opaque();
+                    self.opaque_after_push = true;
                 } else {
                     // Refused: the client continues in plaintext with a startup packet.
                     self.tokenizers[Direction::ToServer.index()].expect_startup();
@@ -675,6 +691,11 @@ struct Counted {
 }
 
 impl Counted {
+    #[inline]
+    fn any(&self) -> bool {
+        self.rows + self.other > 0
+    }
+
     #[inline]
     fn add(&mut self, tag: u8) {
         if tag == b'D' {
