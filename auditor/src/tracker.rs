@@ -700,7 +700,9 @@ impl Tracker {
             // The kernel sent this socket's identity before, to an end this daemon no
             // longer keeps (let go of while idle) or never got (a record dropped).
             self.counters.identities_from_proc += 1;
-            return self.workloads.process_by_pid(pid);
+            return self
+                .workloads
+                .process_by_pid(pid, (h.ts_ns != 0).then_some(h.ts_ns));
         }
         self.workloads.process(
             pid,
@@ -710,6 +712,7 @@ impl Tracker {
             crate::workload::process::TaskFacts {
                 audit: h.audit_ids(),
                 start_ns: h.process_start_ns(),
+                seen_ns: (h.ts_ns != 0).then_some(h.ts_ns),
             },
         )
     }
@@ -1957,7 +1960,8 @@ mod tests {
                 sock,
                 role,
                 offsets: [[0; 2]; 2],
-                ts: 1_000,
+                // Now: the process seen (this test's) started before it.
+                ts: monotonic_ns(),
                 start: 7,
                 pid: std::process::id(),
                 unix_peer: None,

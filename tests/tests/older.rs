@@ -74,6 +74,8 @@ fn statements_prepared_before_the_daemon_are_recorded_with_their_text() {
     let stmts = statements_of_backend(&daemon, backend);
     daemon.stop().unwrap();
     let stats = daemon.stats().unwrap();
+    let exe = std::fs::read_link("/proc/self/exe").unwrap();
+    let exe = exe.to_string_lossy();
     assert_eq!(stmts.len(), 150, "{stmts:#?}");
     for (i, e) in stmts.iter().enumerate() {
         let (name, _) = STATEMENTS[i % 3];
@@ -85,6 +87,16 @@ fn statements_prepared_before_the_daemon_are_recorded_with_their_text() {
         assert_eq!(str_of(e, "db_user"), "postgres", "{e:#}");
         assert_eq!(str_of(e, "database"), "postgres", "{e:#}");
         assert_eq!(e["rows"].as_u64(), Some(1), "{e:#}");
+        // A connection older than the daemon has no open record: its first record is
+        // data, and the process it names is checked against the time the kernel saw it
+        // (this test process, which started long before).
+        assert_eq!(
+            e["pid"].as_u64(),
+            Some(u64::from(std::process::id())),
+            "{e:#}"
+        );
+        assert_eq!(str_of(e, "exe"), exe, "{e:#}");
+        assert!(!flags.contains(&"process_gone"), "{e:#}");
     }
     // The texts, normalised (literals redacted) like any other statement's.
     assert_eq!(str_of(&stmts[0], "statement"), "SELECT $1::int + $2 AS n");

@@ -196,8 +196,8 @@ impl WorkloadResolver {
     }
 
     /// The identity of `tgid` from /proc alone (see `IdentityResolver::resolve_pid`).
-    pub fn process_by_pid(&mut self, tgid: u32) -> ProcessIdentity {
-        self.processes.resolve_pid(tgid)
+    pub fn process_by_pid(&mut self, tgid: u32, seen_ns: Option<u64>) -> ProcessIdentity {
+        self.processes.resolve_pid(tgid, seen_ns)
     }
 
     /// The workload of a process: its labels from every source.

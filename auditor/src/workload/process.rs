@@ -170,6 +170,8 @@ struct Cached {
     identity: ProcessIdentity,
     /// The process's start time its open record gave, if it gave one.
     start_ns: Option<u64>,
+    /// Its start time as /proc gave it (clock ticks), when it was read.
+    proc_ticks: Option<u64>,
     at: Instant,
 }
 
@@ -181,6 +183,11 @@ pub struct TaskFacts {
     /// When the process started, ns since boot (its thread group leader's
     /// `start_boottime`, what /proc/PID/stat gives in clock ticks).
     pub start_ns: Option<u64>,
+    /// When the kernel saw the process at the socket (the record's time, CLOCK_MONOTONIC
+    /// ns): a process that started after it holds a pid the one seen gave up. What tells
+    /// them apart when no open record came (it was lost, or the connection is older than
+    /// the capture).
+    pub seen_ns: Option<u64>,
 }
 
 /// Nanoseconds per clock tick of /proc/PID/stat's times.
@@ -203,11 +210,24 @@ fn boottime_offset_ns() -> i64 {
     })
 }
 
+/// The monotonic clock's offset of the daemon's time namespace, in ns (0 in the host's).
+fn monotonic_offset_ns() -> i64 {
+    static NS: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *NS.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/self/timens_offsets").unwrap_or_default();
+        parse_offset(&text, "monotonic")
+    })
+}
+
 fn parse_boottime_offset(text: &str) -> i64 {
+    parse_offset(text, "boottime")
+}
+
+fn parse_offset(text: &str, clock: &str) -> i64 {
     text.lines()
         .find_map(|l| {
             let mut f = l.split_whitespace();
-            (f.next()? == "boottime").then_some(())?;
+            (f.next()? == clock).then_some(())?;
             let secs: i64 = f.next()?.parse().ok()?;
             let nanos: i64 = f.next()?.parse().ok()?;
             Some(secs.saturating_mul(1_000_000_000).saturating_add(nanos))
@@ -220,6 +240,30 @@ fn parse_boottime_offset(text: &str) -> i64 {
 fn same_start(start_ns: u64, ticks: u64) -> bool {
     let seen = i128::from(start_ns) + i128::from(boottime_offset_ns());
     seen.max(0) as u64 / ns_per_tick() == ticks
+}
+
+/// Nanoseconds the host's boot-time clock is ahead of its monotonic clock now (the time
+/// the machine was suspended).
+fn suspended_ns() -> i128 {
+    let now = |clock| {
+        // SAFETY: clock_gettime fills the timespec it is given.
+        let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+    };
+    let boot = now(libc::CLOCK_BOOTTIME) - i128::from(boottime_offset_ns());
+    let mono = now(libc::CLOCK_MONOTONIC) - i128::from(monotonic_offset_ns());
+    (boot - mono).max(0)
+}
+
+/// Whether the process /proc says started at `ticks` (clock ticks since boot, as the
+/// daemon's time namespace sees them) started after the kernel saw the socket's process
+/// at `seen_ns` (CLOCK_MONOTONIC): then it is a later process that took the pid. A tick
+/// rounds down, so the process seen is never taken for a later one; a later one that
+/// started within the tick of `seen_ns` is not told apart.
+fn started_after(ticks: u64, seen_ns: u64) -> bool {
+    let started = i128::from(ticks) * i128::from(ns_per_tick()) - i128::from(boottime_offset_ns());
+    started > i128::from(seen_ns) + suspended_ns()
 }
 
 /// A process's start time in clock ticks since boot (field 22 of /proc/PID/stat); None
@@ -288,8 +332,12 @@ impl IdentityResolver {
         if let Some(c) = self.processes.get(&tgid) {
             if c.at.elapsed() < PROCESS_TTL
                 && c.identity.cgroup_id == cgroup_id
+                && c.identity.uid == uid
                 && &*c.identity.comm == comm
                 && (task.start_ns.is_none() || c.start_ns.is_none() || c.start_ns == task.start_ns)
+                && !task.seen_ns.zip(c.proc_ticks).is_some_and(|(seen, ticks)| {
+                    task.start_ns.is_none() && started_after(ticks, seen)
+                })
             {
                 let mut id = c.identity.clone();
                 if let Some((loginuid, sessionid)) = audit {
@@ -309,10 +357,16 @@ impl IdentityResolver {
         let proc_dir = self.proc_root.join(tgid.to_string());
         // The pid taken by a later process (this one exited first): nothing of /proc is
         // its.
-        let reused = task
-            .start_ns
-            .zip(start_ticks(&proc_dir))
-            .is_some_and(|(ns, ticks)| !same_start(ns, ticks));
+        // Without the kernel's start time, the time it saw the process tells: one that
+        // started later is not it.
+        let ticks = (task.start_ns.is_some() || task.seen_ns.is_some())
+            .then(|| start_ticks(&proc_dir))
+            .flatten();
+        let reused = match (task.start_ns, task.seen_ns, ticks) {
+            (Some(ns), _, Some(ticks)) => !same_start(ns, ticks),
+            (None, Some(seen), Some(ticks)) => started_after(ticks, seen),
+            _ => false,
+        };
         match std::fs::read_link(proc_dir.join("exe")) {
             _ if reused => {}
             Ok(p) => id.exe = crate::text::Text::lasting(&p.to_string_lossy()),
@@ -361,6 +415,7 @@ impl IdentityResolver {
             Cached {
                 identity: id.clone(),
                 start_ns: task.start_ns,
+                proc_ticks: ticks,
                 at: Instant::now(),
             },
         );
@@ -372,9 +427,12 @@ impl IdentityResolver {
     /// while idle): the process's cached identity while fresh, else its name, real uid and
     /// cgroup as /proc tells them now. A process gone meanwhile is known by its pid alone
     /// (no name, uid u32::MAX, cgroup 0).
-    pub fn resolve_pid(&mut self, tgid: u32) -> ProcessIdentity {
+    pub fn resolve_pid(&mut self, tgid: u32, seen_ns: Option<u64>) -> ProcessIdentity {
         if let Some(c) = self.processes.get(&tgid) {
-            if c.at.elapsed() < PROCESS_TTL {
+            let later = seen_ns
+                .zip(c.proc_ticks)
+                .is_some_and(|(seen, ticks)| started_after(ticks, seen));
+            if c.at.elapsed() < PROCESS_TTL && !later {
                 return c.identity.clone();
             }
         }
@@ -397,7 +455,10 @@ impl IdentityResolver {
             comm.trim_end_matches('\n'),
             uid,
             cgroup_id,
-            TaskFacts::default(),
+            TaskFacts {
+                seen_ns,
+                ..TaskFacts::default()
+            },
         )
     }
 
@@ -561,7 +622,7 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let me = std::process::id();
         let mut r = IdentityResolver::new();
-        let id = r.resolve_pid(me);
+        let id = r.resolve_pid(me, None);
         let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
         assert_eq!(id.pid, me);
         assert_eq!(&*id.comm, comm.trim_end());
@@ -577,9 +638,9 @@ mod tests {
         assert!(!id.exe.is_empty());
         // Cached: the same answer without /proc.
         r.proc_root = PathBuf::from("/nonexistent");
-        assert_eq!(r.resolve_pid(me).comm, id.comm);
+        assert_eq!(r.resolve_pid(me, None).comm, id.comm);
         // A process /proc does not know: its pid alone.
-        let gone = r.resolve_pid(u32::MAX - 1);
+        let gone = r.resolve_pid(u32::MAX - 1, None);
         assert_eq!(
             (gone.pid, &*gone.comm, gone.uid, gone.cgroup_id),
             (u32::MAX - 1, "", u32::MAX, 0)
@@ -596,7 +657,7 @@ mod tests {
         let mut r = IdentityResolver::new();
         let audit = |a: (u32, u32)| TaskFacts {
             audit: Some(a),
-            start_ns: None,
+            ..TaskFacts::default()
         };
         let id = r.resolve(pid, "true", 1000, 1, audit((1000, 7)));
         assert!(id.gone);
@@ -638,8 +699,8 @@ mod tests {
         let kernel_ns =
             (i128::from(ticks * ns_per_tick()) - i128::from(boottime_offset_ns())) as u64;
         let at = |ns: u64| TaskFacts {
-            audit: None,
             start_ns: Some(ns),
+            ..TaskFacts::default()
         };
         // Started when /proc says (the kernel's ns, within the tick): this process.
         let mut r = IdentityResolver::new();
@@ -657,6 +718,46 @@ mod tests {
         let id = r.resolve(me, comm.trim_end(), 0, 2, at(kernel_ns));
         assert!(!id.gone);
         assert_eq!(&*id.exe, exe.to_string_lossy());
+    }
+
+    #[test]
+    fn without_an_open_record_a_process_started_after_the_socket_was_seen_is_not_it() {
+        let me = std::process::id();
+        let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let mono_now =
+            (i128::from(crate::tracker::monotonic_ns()) - i128::from(monotonic_offset_ns())) as u64;
+        let seen = |ns: u64| TaskFacts {
+            seen_ns: Some(ns),
+            ..TaskFacts::default()
+        };
+        // Seen now: this process (it started before).
+        let mut r = IdentityResolver::new();
+        let id = r.resolve(me, comm.trim_end(), 0, 2, seen(mono_now));
+        assert!(!id.gone);
+        assert_eq!(&*id.exe, exe.to_string_lossy());
+        // Seen a minute before this process started (what a record of the process that
+        // had the pid before says): not this one; nothing of /proc is used, and the
+        // cached identity is not taken for it either.
+        let ticks = start_ticks(Path::new("/proc/self")).unwrap();
+        let started_mono = (i128::from(ticks * ns_per_tick())
+            - i128::from(boottime_offset_ns())
+            - suspended_ns()) as u64;
+        let before = started_mono.saturating_sub(60_000_000_000);
+        assert!(started_after(ticks, before));
+        assert!(!started_after(ticks, started_mono + ns_per_tick()));
+        let id = r.resolve(me, comm.trim_end(), 0, 2, seen(before));
+        assert!(id.gone);
+        assert_eq!(&*id.exe, "");
+        let id = r.resolve_pid(me, Some(before));
+        assert!(id.gone);
+        // And seen now again: read afresh, this process.
+        let id = r.resolve(me, comm.trim_end(), 0, 2, seen(mono_now));
+        assert!(!id.gone);
+        assert_eq!(&*id.exe, exe.to_string_lossy());
+        // A different uid than the one cached: read afresh, not taken from the cache.
+        let id = r.resolve(me, comm.trim_end(), 5, 2, seen(mono_now));
+        assert_eq!(id.uid, 5);
     }
 
     #[test]
