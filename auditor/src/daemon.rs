@@ -567,6 +567,23 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
             }
             Err(e) => {
                 tracing::warn!("enforcement is unavailable: {e}; enforce policies loaded later will not be enforced");
+                // A redirect a daemon before this one left pinned (it was killed) would go
+                // on sending cgroups it enforced to a proxy port nobody serves now (or
+                // somebody else does): with no enforce policy in force, it goes.
+                if let Some(dir) = &pins {
+                    match crate::proxy::redirect::detach(dir) {
+                        Ok(removed) if !removed.is_empty() => tracing::info!(
+                            "removed the redirect a previous daemon left in {} ({} pins)",
+                            dir.display(),
+                            removed.len()
+                        ),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(
+                            "the redirect a previous daemon left in {} could not be removed: {e} (`auditor detach` removes it)",
+                            dir.display()
+                        ),
+                    }
+                }
                 None
             }
         }
