@@ -567,19 +567,20 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
             }
             Err(e) => {
                 tracing::warn!("enforcement is unavailable: {e}; enforce policies loaded later will not be enforced");
-                // A redirect a daemon before this one left pinned (it was killed) would go
-                // on sending cgroups it enforced to a proxy port nobody serves now (or
-                // somebody else does): with no enforce policy in force, it goes.
+                // The redirect's pins go: those attached before the proxy failed, and
+                // those a daemon before this one left (it was killed), which would go on
+                // sending the cgroups it enforced to a proxy port nobody serves now (or
+                // somebody else does). No enforce policy is in force.
                 if let Some(dir) = &pins {
                     match crate::proxy::redirect::detach(dir) {
                         Ok(removed) if !removed.is_empty() => tracing::info!(
-                            "removed the redirect a previous daemon left in {} ({} pins)",
+                            "removed the redirect's {1} pins in {0}: nothing is redirected without enforcement",
                             dir.display(),
                             removed.len()
                         ),
                         Ok(_) => {}
                         Err(e) => tracing::warn!(
-                            "the redirect a previous daemon left in {} could not be removed: {e} (`auditor detach` removes it)",
+                            "the redirect's pins in {} could not be removed: {e} (`auditor detach` removes them)",
                             dir.display()
                         ),
                     }
