@@ -6,7 +6,7 @@ use auditor_common::{
 };
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
     Global,
 };
 
@@ -343,6 +343,15 @@ pub static ENFORCED: HashMap<u64, u8> = HashMap::with_max_entries(65536, 0);
 /// Where the proxy listens.
 #[map]
 pub static REDIRECT: Array<RedirectConfig> = Array::with_max_entries(1, 0);
+
+/// The running daemon's proxy listeners, by network namespace: key `netns cookie << 1`,
+/// its low bit set for the IPv6 one. The kernel drops a socket from it when the socket
+/// closes, so a connection is redirected only into a namespace where this daemon's own
+/// listener holds the proxy port: not to a port another process took (a sidecar of the
+/// pod, a local user while the daemon is down), not after the daemon died. Not pinned:
+/// a daemon's programs and this map go together.
+#[map]
+pub static PROXY_LISTENERS: SockHash<u64> = SockHash::with_max_entries(65536, 0);
 
 /// Original destinations of redirected sockets, by socket cookie (connect4/6, then read by
 /// getpeername4/6). LRU: a cookie is never reused, so an entry whose socket closed is

@@ -19,19 +19,22 @@
 //! redirected.
 
 use auditor_common::{counter, v4_mapped, OrigDst, PeerKey, AF_INET, AF_INET6};
+use aya_ebpf::cty::c_void;
 use aya_ebpf::{
     bindings::{bpf_sock_addr, bpf_sock_ops},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_ktime_get_ns,
-        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+        generated::{
+            bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_sk_release,
+        },
     },
     macros::{cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
 };
 
 use crate::{
-    maps::{count, DAEMON_TGID, ENFORCED, ORIG_BY_COOKIE, ORIG_BY_PEER, REDIRECT},
+    maps::{count, DAEMON_TGID, ENFORCED, ORIG_BY_COOKIE, ORIG_BY_PEER, PROXY_LISTENERS, REDIRECT},
     sock::is_endpoint,
 };
 
@@ -59,12 +62,33 @@ fn enforced(sa: *const bpf_sock_addr) -> bool {
     }
 }
 
-/// Keeps the original destination under the socket's cookie; the proxy port to rewrite
-/// to, or None to refuse the connect.
+/// Whether this daemon's proxy listens in the caller's network namespace (for IPv6
+/// destinations, `v6`, on its IPv6 address): its listener is in PROXY_LISTENERS.
 #[inline(always)]
-fn keep(ctx: &SockAddrContext, addr: [u8; 16], port: u16, family: u16) -> Option<u16> {
+fn proxy_listens(ctx: &SockAddrContext, v6: bool) -> bool {
+    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut _) };
+    let key: u64 = (netns << 1) | u64::from(v6);
+    // A socket from the map is a reference the program must give back.
+    let sk = unsafe {
+        bpf_map_lookup_elem(
+            core::ptr::addr_of!(PROXY_LISTENERS) as *mut c_void,
+            core::ptr::addr_of!(key) as *const c_void,
+        )
+    };
+    if sk.is_null() {
+        return false;
+    }
+    unsafe { bpf_sk_release(sk) };
+    true
+}
+
+/// Keeps the original destination under the socket's cookie; the proxy port to rewrite
+/// to, or None to refuse the connect (no proxy port set, or this daemon's proxy does not
+/// hold it in the caller's namespace).
+#[inline(always)]
+fn keep(ctx: &SockAddrContext, addr: [u8; 16], port: u16, family: u16, v6: bool) -> Option<u16> {
     let proxy_port = REDIRECT.get(0).map(|c| c.proxy_port).unwrap_or(0);
-    if proxy_port == 0 {
+    if proxy_port == 0 || !proxy_listens(ctx, v6) {
         return None;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
@@ -98,7 +122,7 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     if !is_endpoint(&addr, port) {
         return ALLOW;
     }
-    match keep(&ctx, addr, port, AF_INET) {
+    match keep(&ctx, addr, port, AF_INET, false) {
         Some(proxy_port) => {
             unsafe {
                 (*sa).user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -136,7 +160,7 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     let mapped = addr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
-    match keep(&ctx, addr, port, AF_INET6) {
+    match keep(&ctx, addr, port, AF_INET6, !mapped) {
         Some(proxy_port) => {
             // An IPv4-mapped destination goes to the proxy's IPv4 address (a dual-stack
             // socket), any other to its IPv6 one.

@@ -217,7 +217,19 @@ SELECT 'after-' || bbalance AS balance FROM pgbench_branches WHERE bid = 1;
         !ok,
         "an enforced client got through while the daemon was down"
     );
-    assert!(err.contains("Connection refused"), "{err}");
+    // Refused by the redirect itself: the dead daemon's listener is gone with it.
+    assert!(err.contains("Operation not permitted"), "{err}");
+    // Another process that takes the proxy's port meanwhile (any local user may bind
+    // it) gets nothing: the redirect sends connections only to the daemon's own listener.
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", proxy_port)).unwrap();
+    squatter.set_nonblocking(true).unwrap();
+    let (ok, _, err) = attempt(&enforced, "to_a_squatter");
+    assert!(!ok && err.contains("Operation not permitted"), "{err}");
+    assert!(
+        squatter.accept().is_err(),
+        "a process that took the proxy's port received an enforced client's connection"
+    );
+    drop(squatter);
     let log = std::fs::read_to_string(pg.log_path()).unwrap();
     assert!(
         !log.contains("DROP TABLE IF EXISTS pgbench_history"),

@@ -289,6 +289,12 @@ pub fn default_threads() -> usize {
 pub fn start(port: u16, threads: usize, shared: Arc<Shared>) -> std::io::Result<Proxy> {
     let (v4, v6) = netns::bind_listeners(port)?;
     let port = v4.local_addr()?.port();
+    // The redirect sends connections to these listeners only once they are registered.
+    let added = match shared.maps.lock() {
+        Ok(mut m) => m.add_listeners(&v4, v6.as_ref()),
+        Err(_) => Err("the redirect's maps are unusable".to_string()),
+    };
+    added.map_err(|e| std::io::Error::other(format!("registering the proxy's listeners: {e}")))?;
     if v6.is_none() {
         tracing::info!("proxy: not listening on [::1]:{port}; IPv6 connections of enforced workloads on this host will be refused");
     }

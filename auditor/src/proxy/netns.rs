@@ -94,7 +94,7 @@ fn upstream_socket(dest: SocketAddr) -> std::io::Result<(TcpSocket, SocketAddr)>
 }
 
 /// The cookie of the namespace `socket` is in (`SO_NETNS_COOKIE`, Linux 5.14).
-fn netns_cookie(socket: &impl AsRawFd) -> std::io::Result<u64> {
+pub(crate) fn netns_cookie(socket: &impl AsRawFd) -> std::io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
@@ -261,7 +261,17 @@ impl Namespaces {
             if self.listening.contains_key(&ino) || self.failed.contains_key(&ino) {
                 continue;
             }
-            match enter(pid, ino, self.port) {
+            let entered = enter(pid, ino, self.port).and_then(|(place, (v4, v6, c))| {
+                // The redirect sends the namespace's connections here only from now on.
+                let added = match self.shared.maps.lock() {
+                    Ok(mut m) => m.add_listeners(&v4, v6.as_ref()),
+                    Err(_) => Err("the redirect's maps are unusable".to_string()),
+                };
+                added
+                    .map(|()| (place, (v4, v6, c)))
+                    .map_err(|e| std::io::Error::other(format!("registering its listeners: {e}")))
+            });
+            match entered {
                 Ok((place, (v4, v6, _))) => {
                     tracing::info!(
                         "proxy: listening on 127.0.0.1:{} in network namespace {ino} (of pid {pid})",

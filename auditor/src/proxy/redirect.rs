@@ -10,7 +10,7 @@ use std::{
 
 use auditor_common::{OrigDst, PeerKey, ProxyPeerKey, RedirectConfig};
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData},
+    maps::{Array, HashMap as BpfHashMap, MapData, SockHash},
     programs::{links::CgroupAttachMode, CgroupSockAddr, SockOps},
     Ebpf,
 };
@@ -125,6 +125,9 @@ where
 pub struct RedirectMaps {
     by_peer: BpfHashMap<MapData, PeerKey, OrigDst>,
     proxy_peers: BpfHashMap<MapData, ProxyPeerKey, u8>,
+    /// The proxy's listeners, by namespace (see `PROXY_LISTENERS` in the programs): a
+    /// namespace is redirected into only while this daemon's listener holds the port there.
+    listeners: SockHash<MapData, u64>,
 }
 
 impl RedirectMaps {
@@ -150,6 +153,25 @@ impl RedirectMaps {
 
     pub fn remove_upstream(&mut self, local: SocketAddr, netns: u32) {
         let _ = self.proxy_peers.remove(&peer_key(local, netns));
+    }
+
+    /// Lets the redirect send connections of `v4`'s network namespace to these listeners
+    /// (`v6` takes those of IPv6 destinations): until then, and once they close, the
+    /// namespace's enforced connections are refused.
+    pub fn add_listeners(
+        &mut self,
+        v4: &std::net::TcpListener,
+        v6: Option<&std::net::TcpListener>,
+    ) -> Result<(), String> {
+        use std::os::fd::AsRawFd;
+        let netns = super::netns::netns_cookie(v4).map_err(|e| format!("its namespace: {e}"))?;
+        for (l, bit) in [(Some(v4), 0u64), (v6, 1)] {
+            let Some(l) = l else { continue };
+            self.listeners
+                .insert((netns << 1) | bit, l.as_raw_fd(), 0)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 }
 
@@ -201,6 +223,7 @@ impl Redirect {
         let config = take(ebpf, "REDIRECT")?;
         let by_peer = take(ebpf, "ORIG_BY_PEER")?;
         let proxy_peers = take(ebpf, "PROXY_PEERS")?;
+        let listeners = take(ebpf, "PROXY_LISTENERS")?;
         let mut links = Vec::new();
         for name in SOCK_ADDR_PROGRAMS {
             let p: &mut CgroupSockAddr = ebpf
@@ -254,6 +277,7 @@ impl Redirect {
             maps: Arc::new(Mutex::new(RedirectMaps {
                 by_peer,
                 proxy_peers,
+                listeners,
             })),
         })
     }
