@@ -242,11 +242,6 @@ SELECT 'after-' || bbalance AS balance FROM pgbench_branches WHERE bid = 1;
     assert!(ok, "{err}");
 }
 
-/// A workload in a network namespace of its own (a pod) dialling a Postgres on its own
-/// loopback: the redirect sends it to the proxy port of that namespace's loopback, where
-/// the daemon listens once it has seen a redirected process there (as a pod's sandbox
-/// precedes its containers); the proxy reaches the server from inside the namespace, and
-/// the session is recorded once.
 /// An enforcing daemon's surroundings: `policy` (one file) and the redirect pinned in a
 /// directory of the test's own, removed on drop (after the daemons, declared later).
 struct Enforcing {
@@ -288,6 +283,11 @@ impl Enforcing {
     }
 }
 
+/// A workload in a network namespace of its own (a pod) dialling a Postgres on its own
+/// loopback: the redirect sends it to the proxy port of that namespace's loopback, where
+/// the daemon listens once it has seen a redirected process there (as a pod's sandbox
+/// precedes its containers); the proxy reaches the server from inside the namespace, and
+/// the session is recorded once.
 #[test]
 fn a_workload_in_its_own_network_namespace_is_enforced_there() {
     if !can_run("a_workload_in_its_own_network_namespace_is_enforced_there") {
