@@ -696,13 +696,13 @@ impl Tracker {
 
     fn identity_of(&mut self, h: &RecordHeader) -> ProcessIdentity {
         let pid = (h.pid_tgid >> 32) as u32;
+        // When the kernel saw the process: a later holder of its pid started after it.
+        let seen_ns = (h.ts_ns != 0).then_some(h.ts_ns);
         if h.kind == RECORD_DATA && h.flags & RECORD_SAME_IDENTITY != 0 {
             // The kernel sent this socket's identity before, to an end this daemon no
             // longer keeps (let go of while idle) or never got (a record dropped).
             self.counters.identities_from_proc += 1;
-            return self
-                .workloads
-                .process_by_pid(pid, (h.ts_ns != 0).then_some(h.ts_ns));
+            return self.workloads.process_by_pid(pid, seen_ns);
         }
         self.workloads.process(
             pid,
@@ -712,7 +712,7 @@ impl Tracker {
             crate::workload::process::TaskFacts {
                 audit: h.audit_ids(),
                 start_ns: h.process_start_ns(),
-                seen_ns: (h.ts_ns != 0).then_some(h.ts_ns),
+                seen_ns,
             },
         )
     }

@@ -175,6 +175,16 @@ struct Cached {
     at: Instant,
 }
 
+impl Cached {
+    /// Whether the process this was read from started after the kernel saw the one it is
+    /// asked for (at `seen_ns`): a later holder of the pid.
+    fn started_after(&self, seen_ns: Option<u64>) -> bool {
+        seen_ns
+            .zip(self.proc_ticks)
+            .is_some_and(|(seen, ticks)| started_after(ticks, seen))
+    }
+}
+
 /// What an open record tells of its process beyond its pid, name, uid and cgroup.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TaskFacts {
@@ -200,27 +210,26 @@ fn ns_per_tick() -> u64 {
     })
 }
 
-/// The boot-time offset of the daemon's time namespace, in ns (/proc/self/timens_offsets;
-/// 0 in the host's): /proc shows start times shifted by it, the kernel's are not.
+/// The boot-time and monotonic offsets of the daemon's time namespace, in ns
+/// (/proc/self/timens_offsets; 0 in the host's): /proc and the daemon's clocks show times
+/// shifted by them, the kernel's records do not.
+fn timens_offsets() -> (i64, i64) {
+    static NS: std::sync::OnceLock<(i64, i64)> = std::sync::OnceLock::new();
+    *NS.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/self/timens_offsets").unwrap_or_default();
+        (
+            parse_offset(&text, "boottime"),
+            parse_offset(&text, "monotonic"),
+        )
+    })
+}
+
 fn boottime_offset_ns() -> i64 {
-    static NS: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
-    *NS.get_or_init(|| {
-        let text = std::fs::read_to_string("/proc/self/timens_offsets").unwrap_or_default();
-        parse_boottime_offset(&text)
-    })
+    timens_offsets().0
 }
 
-/// The monotonic clock's offset of the daemon's time namespace, in ns (0 in the host's).
 fn monotonic_offset_ns() -> i64 {
-    static NS: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
-    *NS.get_or_init(|| {
-        let text = std::fs::read_to_string("/proc/self/timens_offsets").unwrap_or_default();
-        parse_offset(&text, "monotonic")
-    })
-}
-
-fn parse_boottime_offset(text: &str) -> i64 {
-    parse_offset(text, "boottime")
+    timens_offsets().1
 }
 
 fn parse_offset(text: &str, clock: &str) -> i64 {
@@ -335,9 +344,7 @@ impl IdentityResolver {
                 && c.identity.uid == uid
                 && &*c.identity.comm == comm
                 && (task.start_ns.is_none() || c.start_ns.is_none() || c.start_ns == task.start_ns)
-                && !task.seen_ns.zip(c.proc_ticks).is_some_and(|(seen, ticks)| {
-                    task.start_ns.is_none() && started_after(ticks, seen)
-                })
+                && (task.start_ns.is_some() || !c.started_after(task.seen_ns))
             {
                 let mut id = c.identity.clone();
                 if let Some((loginuid, sessionid)) = audit {
@@ -356,9 +363,8 @@ impl IdentityResolver {
         };
         let proc_dir = self.proc_root.join(tgid.to_string());
         // The pid taken by a later process (this one exited first): nothing of /proc is
-        // its.
-        // Without the kernel's start time, the time it saw the process tells: one that
-        // started later is not it.
+        // its. The kernel's start time tells, else the time the kernel saw the process: one
+        // that started after it is not it.
         let ticks = (task.start_ns.is_some() || task.seen_ns.is_some())
             .then(|| start_ticks(&proc_dir))
             .flatten();
@@ -396,11 +402,7 @@ impl IdentityResolver {
             }
         }
         // (By id first: a process's own cgroup file is read only when the id finds none.)
-        let own = if reused {
-            Path::new("/nonexistent")
-        } else {
-            proc_dir.as_path()
-        };
+        let own = (!reused).then_some(proc_dir.as_path());
         id.cgroup_path =
             crate::text::Text::lasting(&self.cgroup_path(cgroup_id, own).unwrap_or_default());
         let facts = parse_cgroup_path(&id.cgroup_path);
@@ -429,10 +431,7 @@ impl IdentityResolver {
     /// (no name, uid u32::MAX, cgroup 0).
     pub fn resolve_pid(&mut self, tgid: u32, seen_ns: Option<u64>) -> ProcessIdentity {
         if let Some(c) = self.processes.get(&tgid) {
-            let later = seen_ns
-                .zip(c.proc_ticks)
-                .is_some_and(|(seen, ticks)| started_after(ticks, seen));
-            if c.at.elapsed() < PROCESS_TTL && !later {
+            if c.at.elapsed() < PROCESS_TTL && !c.started_after(seen_ns) {
                 return c.identity.clone();
             }
         }
@@ -463,9 +462,10 @@ impl IdentityResolver {
     }
 
     /// The path of cgroup `id` (its directory's inode number under the v2 mount): cached;
-    /// else opened by its handle; else the process's own cgroup if its inode is `id`; else,
-    /// on kernels that cannot open cgroups by handle, a walk of the tree.
-    fn cgroup_path(&mut self, id: u64, proc_dir: &Path) -> Option<String> {
+    /// else opened by its handle; else the process's own cgroup (`proc_dir`, None when
+    /// /proc is not the process's) if its inode is `id`; else, on kernels that cannot open
+    /// cgroups by handle, a walk of the tree.
+    fn cgroup_path(&mut self, id: u64, proc_dir: Option<&Path>) -> Option<String> {
         if let Some(p) = self.cgroup_paths.get(&id) {
             return Some(p.clone());
         }
@@ -476,10 +476,13 @@ impl IdentityResolver {
             .and_then(|fd| cgroup_path_by_handle(fd, &root, id));
         let found = match by_handle {
             Some(p) => p,
-            None => cgroup_of_proc(proc_dir)
-                .filter(|p| inode_of(&root, p) == Some(id))
-                .or_else(|| find_cgroup(&root, &root, id, 0))
-                .or_else(|| cgroup_of_proc(proc_dir))?,
+            None => {
+                let own = || proc_dir.and_then(cgroup_of_proc);
+                own()
+                    .filter(|p| inode_of(&root, p) == Some(id))
+                    .or_else(|| find_cgroup(&root, &root, id, 0))
+                    .or_else(own)?
+            }
         };
         if self.cgroup_paths.len() > 16384 {
             self.cgroup_paths.clear();
@@ -603,7 +606,7 @@ mod tests {
                 Some(want.as_str())
             );
             assert_eq!(
-                r.cgroup_path(id, Path::new("/proc/self")).as_deref(),
+                r.cgroup_path(id, Some(Path::new("/proc/self"))).as_deref(),
                 Some(want.as_str())
             );
         }
@@ -681,11 +684,12 @@ mod tests {
     #[test]
     fn time_namespace_offsets() {
         let host = "monotonic           0         0\nboottime            0         0\n";
-        assert_eq!(parse_boottime_offset(host), 0);
+        assert_eq!(parse_offset(host, "boottime"), 0);
         let shifted = "monotonic 5 0\nboottime -86400 250\n";
-        assert_eq!(parse_boottime_offset(shifted), -86_400_000_000_000 + 250);
-        assert_eq!(parse_boottime_offset(""), 0);
-        assert_eq!(parse_boottime_offset("boottime x y"), 0);
+        assert_eq!(parse_offset(shifted, "boottime"), -86_400_000_000_000 + 250);
+        assert_eq!(parse_offset(shifted, "monotonic"), 5_000_000_000);
+        assert_eq!(parse_offset("", "boottime"), 0);
+        assert_eq!(parse_offset("boottime x y", "boottime"), 0);
     }
 
     #[test]
