@@ -766,25 +766,7 @@ fn one_run(
         std::thread::sleep(Duration::from_millis(500));
         if config == Config::AuditorClickHouse {
             // Delivered, not just spooled: wait until ClickHouse acknowledged everything.
-            let waited = Instant::now();
-            loop {
-                std::thread::sleep(Duration::from_millis(250));
-                let st = d.stats()?;
-                let ch = &st["clickhouse"];
-                let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
-                let written = n(&st["events_written"]);
-                if n(&ch["spooled"]) >= written
-                    && n(&ch["inserted"]) >= n(&ch["spooled"])
-                    && n(&ch["spool_bytes"]) == 0
-                {
-                    break;
-                }
-                if waited.elapsed() > Duration::from_secs(180) {
-                    eprintln!("bench: ClickHouse did not catch up in 180 s: {ch}");
-                    break;
-                }
-            }
-            s.clickhouse_catchup_s = Some(waited.elapsed().as_secs_f64());
+            s.clickhouse_catchup_s = Some(wait_delivered(&d)?.as_secs_f64());
             // The daemon's CPU includes delivering what it had spooled.
             dcpu1 = process_cpu_ns(pid);
         }
@@ -1423,15 +1405,12 @@ pub fn bench(opts: Options) -> Result<()> {
     }
     if profile_run {
         writeln!(md, "## Where the daemon's time goes\n")?;
-        match profile(&pg, seconds, clients) {
-            Ok(top) => {
-                writeln!(
-                    md,
-                    "`perf record` on the daemon during one more select-only (prepared) run; \
-                     self time of the top symbols, per thread (`auditor` decodes, `sink` \
-                     serializes, hashes and writes):\n\n```\n{top}```\n"
-                )?;
-            }
+        let server = auditor_tests::ClickHouse::start();
+        if let Err(e) = &server {
+            writeln!(md, "(No ClickHouse for its profile: {e}.)\n")?;
+        }
+        match profile(&pg, seconds, clients, server.as_ref().ok()) {
+            Ok(text) => md.push_str(&text),
             Err(e) => writeln!(md, "No profile: {e}.\n")?,
         }
     }
@@ -1553,8 +1532,84 @@ fn pipeline_section(
     Ok(())
 }
 
-/// The daemon's top symbols under the select-only load, from perf (Debian's linux-perf).
-fn profile(pg: &Postgres, seconds: u32, clients: u32) -> Result<String> {
+/// CPU time (utime + stime, ns) of each of a process's threads, summed by thread name;
+/// the process's first thread is named `main`.
+fn threads_cpu_ns(pid: u32) -> BTreeMap<String, u64> {
+    let mut by_name = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for t in tasks.flatten() {
+        let tid: u32 = match t.file_name().to_str().and_then(|n| n.parse().ok()) {
+            Some(tid) => tid,
+            None => continue,
+        };
+        let name = if tid == pid {
+            "main".to_string()
+        } else {
+            std::fs::read_to_string(t.path().join("comm"))
+                .map(|c| c.trim().to_string())
+                .unwrap_or_default()
+        };
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let Some((_, after)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        *by_name.entry(name).or_insert(0) += ticks * 10_000_000;
+    }
+    by_name
+}
+
+/// What a daemon thread does, by its name.
+fn thread_role(name: &str) -> &'static str {
+    match name {
+        "main" => "reads the ring buffer, decodes the protocol, matches requests to responses, builds events (parameters' keyed hashes included)",
+        "sink" => "the local log: each event encoded against its session's context, a digest per record, blocks sealed and written; with ClickHouse on, also each event's spool record",
+        "ch-spool" => "appends the spool records to disk (a checksum each)",
+        "ch-send" => "reads the spool back, copies each record into a RowBinary row, sends the inserts over HTTP",
+        "tokio-rt-worker" => "ch-send's blocking pool: spool reads (checksums verified) and cursor commits",
+        _ => "other",
+    }
+}
+
+/// Waits until the daemon's ClickHouse sink has delivered everything it was given (at
+/// most 180 s); returns how long it waited.
+fn wait_delivered(d: &Daemon) -> Result<Duration> {
+    let waited = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let st = d.stats()?;
+        let ch = &st["clickhouse"];
+        let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        let written = n(&st["events_written"]);
+        if n(&ch["spooled"]) >= written
+            && n(&ch["inserted"]) >= n(&ch["spooled"])
+            && n(&ch["spool_bytes"]) == 0
+        {
+            break;
+        }
+        if waited.elapsed() > Duration::from_secs(180) {
+            eprintln!("bench: ClickHouse did not catch up in 180 s: {ch}");
+            break;
+        }
+    }
+    Ok(waited.elapsed())
+}
+
+/// Where the daemon's time goes under the select-only (prepared) load, with the local log
+/// and, given a server, with ClickHouse too: each thread's CPU per statement, and the top
+/// symbols from perf (Debian's linux-perf).
+fn profile(
+    pg: &Postgres,
+    seconds: u32,
+    clients: u32,
+    clickhouse: Option<&auditor_tests::ClickHouse>,
+) -> Result<String> {
     let ok = Command::new("perf")
         .args(["--version"])
         .output()
@@ -1563,76 +1618,140 @@ fn profile(pg: &Postgres, seconds: u32, clients: u32) -> Result<String> {
     if !ok {
         bail!("perf is not installed (apt-get install linux-perf)");
     }
-    let mut daemon = Daemon::start(pg.port, "")?;
-    let data = std::env::temp_dir().join("auditor-bench-perf.data");
-    let mut load = pg.pgbench();
-    load.args(["-n", "-S", "-M", "prepared", "-c", &clients.to_string()])
-        .args([
-            "-j",
-            &clients.to_string(),
-            "-T",
-            &(seconds + 2).to_string(),
-            "postgres",
-        ]);
-    let mut load = load.spawn()?;
-    std::thread::sleep(Duration::from_secs(1));
-    let rec = Command::new("perf")
-        .args([
-            "record",
-            "-F",
-            "999",
-            "-g",
-            "-p",
-            &daemon.pid().to_string(),
-            "-o",
-        ])
-        .arg(&data)
-        .args(["--", "sleep", &seconds.to_string()])
-        .output()?;
-    load.wait()?;
-    daemon.stop()?;
-    if !rec.status.success() {
-        bail!(
-            "perf record failed: {}",
-            String::from_utf8_lossy(&rec.stderr).trim()
-        );
+    let mut md = String::new();
+    writeln!(
+        md,
+        "The daemon during one more select-only (prepared) run per configuration. Per thread: \
+         its CPU time (utime and stime, from the start of the load until the daemon had \
+         written, and with ClickHouse delivered, everything) per statement recorded. Then \
+         `perf record` during the load: self time of the top symbols, and each thread's \
+         share by object (user or kernel).\n"
+    )?;
+    let mut runs: Vec<(&str, String, std::path::PathBuf)> = vec![(
+        "auditor, local log",
+        String::new(),
+        std::env::temp_dir().join("auditor-bench-perf.data"),
+    )];
+    if let Some(ch) = clickhouse {
+        runs.push((
+            "auditor, local log + ClickHouse",
+            format!(
+                "clickhouse:\n  enabled: true\n  url: {}\n  database: audit_bench_profile_{}\n",
+                ch.url(),
+                std::process::id()
+            ),
+            std::env::temp_dir().join("auditor-bench-perf-clickhouse.data"),
+        ));
     }
-    let report = Command::new("perf")
-        .args([
-            "report",
-            "--stdio",
-            "--no-children",
-            "-g",
-            "none",
-            "--percent-limit",
-            "1",
-            "-i",
-        ])
-        .arg(&data)
-        .output()?;
-    let text = String::from_utf8_lossy(&report.stdout);
-    let mut top: String = text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .take(25)
-        .map(|l| format!("{}\n", l.trim_end()))
-        .collect();
-    // Each thread's share, user and kernel apart.
-    let threads = Command::new("perf")
-        .args(["report", "--stdio", "--no-children", "-g", "none"])
-        .args(["--sort", "comm,dso", "--percent-limit", "1", "-i"])
-        .arg(&data)
-        .output()?;
-    top.push_str("\nBy thread and object:\n");
-    for l in String::from_utf8_lossy(&threads.stdout)
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .take(10)
-    {
-        top.push_str(l.trim_end());
-        top.push('\n');
+    for (label, config, data) in runs {
+        let daemon = Daemon::start(pg.port, &config)?;
+        let pid = daemon.pid();
+        let before = threads_cpu_ns(pid);
+        let mut load = pg.pgbench();
+        // The application name the count of recorded statements looks for.
+        load.env("PGAPPNAME", "bench")
+            .args(["-n", "-S", "-M", "prepared", "-c", &clients.to_string()])
+            .args([
+                "-j",
+                &clients.to_string(),
+                "-T",
+                &(seconds + 2).to_string(),
+                "postgres",
+            ]);
+        let mut load = load.spawn()?;
+        std::thread::sleep(Duration::from_secs(1));
+        let rec = Command::new("perf")
+            .args(["record", "-F", "999", "-g", "-p", &pid.to_string(), "-o"])
+            .arg(&data)
+            .args(["--", "sleep", &seconds.to_string()])
+            .output()?;
+        load.wait()?;
+        std::thread::sleep(Duration::from_millis(500));
+        if !config.is_empty() {
+            wait_delivered(&daemon)?;
+        }
+        let after = threads_cpu_ns(pid);
+        let mut daemon = daemon;
+        daemon.stop()?;
+        if !rec.status.success() {
+            bail!(
+                "perf record failed: {}",
+                String::from_utf8_lossy(&rec.stderr).trim()
+            );
+        }
+        let statements = recorded_statements(&daemon)?.max(1) as f64;
+        writeln!(md, "### {label}\n")?;
+        writeln!(
+            md,
+            "{statements:.0} statements recorded.\n\n| thread | what it does | CPU µs per statement | share |\n|---|---|---|---|"
+        )?;
+        let mut spent: Vec<(String, f64)> = after
+            .iter()
+            .map(|(name, ns)| {
+                let ns0 = before.get(name).copied().unwrap_or(0);
+                (
+                    name.clone(),
+                    ns.saturating_sub(ns0) as f64 / 1e3 / statements,
+                )
+            })
+            .filter(|(_, us)| *us > 0.0)
+            .collect();
+        // The decoding thread first, then the local log's, then the others by name.
+        spent.sort_by_key(|(name, _)| match name.as_str() {
+            "main" => (0, String::new()),
+            "sink" => (1, String::new()),
+            other => (2, other.to_string()),
+        });
+        let total: f64 = spent.iter().map(|(_, us)| us).sum();
+        for (name, us) in &spent {
+            writeln!(
+                md,
+                "| {name} | {} | {us:.2} | {:.0}% |",
+                thread_role(name),
+                us / total.max(f64::MIN_POSITIVE) * 100.0
+            )?;
+        }
+        writeln!(md, "| all | | **{total:.2}** | 100% |\n")?;
+        let report = Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "-g",
+                "none",
+                "--sort",
+                "comm,dso,sym",
+                "--percent-limit",
+                "1",
+                "-i",
+            ])
+            .arg(&data)
+            .output()?;
+        let text = String::from_utf8_lossy(&report.stdout);
+        let mut top: String = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .take(25)
+            .map(|l| format!("{}\n", l.trim_end()))
+            .collect();
+        // Each thread's share, user and kernel apart.
+        let threads = Command::new("perf")
+            .args(["report", "--stdio", "--no-children", "-g", "none"])
+            .args(["--sort", "comm,dso", "--percent-limit", "1", "-i"])
+            .arg(&data)
+            .output()?;
+        top.push_str("\nBy thread and object:\n");
+        for l in String::from_utf8_lossy(&threads.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .take(12)
+        {
+            top.push_str(l.trim_end());
+            top.push('\n');
+        }
+        writeln!(md, "```\n{top}```\n")?;
     }
-    Ok(top)
+    Ok(md)
 }
 
 /// Turns on the kernel's BPF run-time accounting for the benchmark, restoring it after.
