@@ -844,6 +844,87 @@ macro_rules! audit_event {
         }
 
         impl AuditEvent {
+            /// Copies the first `fields` fields of a record into RowBinary (as
+            /// [`AuditEvent::record_to_row`]), pushing where each one's bytes end in `out`
+            /// to `ends`: the parts a row is assembled from.
+            pub fn record_to_row_parts(
+                r: &mut $crate::audit::schema::RecordReader<'_>,
+                fields: usize,
+                compat: bool,
+                out: &mut Vec<u8>,
+                ends: &mut Vec<u32>,
+            ) -> Result<(), $crate::audit::schema::RecordError> {
+                use $crate::audit::schema::Field;
+                let mut i = 0usize;
+                $(
+                    if i < fields {
+                        <$ty as Field>::ch_copy(r, compat, out)?;
+                        ends.push(out.len() as u32);
+                    }
+                    i += 1;
+                )*
+                let _ = i;
+                Ok(())
+            }
+
+            /// As [`AuditEvent::record_to_row`] for a record written against frames
+            /// (`same`: bit i set for each field i a frame holds): field i is copied from
+            /// `r` when its bit is clear, else it is `base(i)`: the bytes `start..end` of
+            /// a frame's row (its fields in RowBinary, one after the other); None: the
+            /// frame does not hold it, the default. Fields that follow each other in the
+            /// same frame are copied in one piece.
+            pub fn diff_record_to_row<'b>(
+                r: &mut $crate::audit::schema::RecordReader<'_>,
+                fields: usize,
+                same: &[u8],
+                mut base: impl FnMut(usize) -> Option<(&'b [u8], usize, usize)>,
+                compat: bool,
+                out: &mut Vec<u8>,
+            ) -> Result<(), $crate::audit::schema::RecordError> {
+                use $crate::audit::schema::{Field, RecordReader};
+                // The frame bytes not copied yet: a row, and a range of it.
+                let mut run: Option<(&'b [u8], usize, usize)> = None;
+                let flush = |run: &mut Option<(&'b [u8], usize, usize)>, out: &mut Vec<u8>| {
+                    if let Some((row, start, end)) = run.take() {
+                        out.extend_from_slice(&row[start..end]);
+                    }
+                };
+                let mut i = 0usize;
+                $(
+                    let from_base = same.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0);
+                    let framed = if i < fields && from_base { base(i) } else { None };
+                    match framed {
+                        Some((row, start, end)) => match &mut run {
+                            Some((r0, _, e0)) if std::ptr::eq(*r0, row) && *e0 == start => {
+                                *e0 = end;
+                            }
+                            _ => {
+                                flush(&mut run, out);
+                                run = Some((row, start, end));
+                            }
+                        },
+                        None => {
+                            flush(&mut run, out);
+                            if i < fields && !from_base {
+                                <$ty as Field>::ch_copy(r, compat, out)?;
+                            } else {
+                                let mut default = Vec::new();
+                                <$ty as Default>::default().put(&mut default);
+                                <$ty as Field>::ch_copy(
+                                    &mut RecordReader::new(&default),
+                                    compat,
+                                    out,
+                                )?;
+                            }
+                        }
+                    }
+                    i += 1;
+                )*
+                let _ = i;
+                flush(&mut run, out);
+                Ok(())
+            }
+
             /// Copies the fields of a spool record into one ClickHouse RowBinary row (the
             /// columns of a server of style `compat`, in order), straight from its bytes;
             /// fields after the first `fields` (a record of an earlier version) take their

@@ -1,8 +1,9 @@
 //! Audit events into ClickHouse, with nothing lost.
 //!
 //! Every event is first appended to an on-disk spool (checksummed segments, see
-//! `spool.rs`) by the `ch-spool` thread; the `ch-send` thread reads the spool in order,
-//! copies each record into a RowBinary row (no decoding of an event to serialize it again)
+//! `spool.rs`, of records written against their session's context, see `framed.rs`) by the
+//! `ch-spool` thread; the `ch-send` thread reads the spool in order, copies each record and
+//! its frames' fields into a RowBinary row (no decoding of an event to serialize it again)
 //! and inserts the rows over HTTP (one INSERT ended at row, byte or period limits),
 //! moving the spool's cursor only after ClickHouse acknowledged an insert. So events
 //! survive ClickHouse being slow or down, and the daemon restarting; an insert whose
@@ -33,6 +34,8 @@ use crate::{
         schema::{column_names, compat_column_names, split_count, ColumnStyle, FieldSpec},
     },
     sink::{
+        framed::{self, Framer, Frames},
+        local::compact::ContextTable,
         record,
         spool::{Position, Records, Spool, SpoolError},
         Batch, Health, Sink, SinkError,
@@ -433,20 +436,37 @@ impl RowInsert {
         }
     }
 
-    /// Copies the rows of `records`; each that is not an event this version can read is
-    /// skipped (nothing of it copied) and counted in the result.
-    fn push(&mut self, records: &Records) -> u64 {
-        // A row takes about its record's size.
+    /// Copies the rows of `records` (reading the frames among them into `frames`); each
+    /// record that is not an event this version can read (or refers to a frame that was
+    /// not read) is skipped, nothing of it copied. Returns the rows copied and the records
+    /// skipped.
+    fn push(&mut self, records: &Records, frames: &mut Frames) -> (u64, u64) {
+        // A row takes about its record's size (a framed record's, several times that).
         let size: usize = records.iter().map(<[u8]>::len).sum();
-        self.rows_buf.reserve(size + size / 8);
-        let mut skipped = 0;
-        for rec in records.iter() {
-            match record::to_row(rec, &mut self.scratch, self.compat, &mut self.rows_buf) {
-                Ok(()) => self.rows += 1,
+        self.rows_buf.reserve(size * 4);
+        let (mut rows, mut skipped) = (0, 0);
+        for (segment, rec) in records.iter_with_segments() {
+            let framed = framed::is_frame(rec) || framed::is_framed_record(rec);
+            if framed && frames.segment() != Some(segment) {
+                frames.start(segment);
+            }
+            let copied = if framed::is_frame(rec) {
+                match frames.add(rec, self.compat) {
+                    Ok(()) => continue,
+                    Err(e) => Err(e),
+                }
+            } else if framed {
+                frames.to_row(rec, self.compat, &mut self.rows_buf)
+            } else {
+                record::to_row(rec, &mut self.scratch, self.compat, &mut self.rows_buf)
+            };
+            match copied {
+                Ok(()) => rows += 1,
                 Err(_) => skipped += 1,
             }
         }
-        skipped
+        self.rows += rows;
+        (rows, skipped)
     }
 
     /// Sends the rows copied since the last call on the open INSERT (opening one).
@@ -663,6 +683,11 @@ pub struct ClickHouseSink {
     stop: Arc<AtomicBool>,
     wake: Arc<Notify>,
     pub shared: Arc<Shared>,
+    /// The spool records' encoder (on the sink thread).
+    framer: Framer,
+    /// Set by the spool thread when a batch did not reach the spool: the batches after it
+    /// refer to frames that are not there, so the encoder starts over.
+    start_over: Arc<AtomicBool>,
 }
 
 impl ClickHouseSink {
@@ -681,6 +706,7 @@ impl ClickHouseSink {
         let wake = Arc::new(Notify::new());
         let (tx, rx) = mpsc::sync_channel::<Encoded>(256);
         let (back, recycled) = mpsc::sync_channel::<Records>(4);
+        let start_over = Arc::new(AtomicBool::new(false));
 
         let spooler = {
             let spool = spool.clone();
@@ -688,9 +714,10 @@ impl ClickHouseSink {
             let wake = wake.clone();
             let max = cfg.spool_max_bytes;
             let policy = cfg.when_spool_full;
+            let start_over = start_over.clone();
             std::thread::Builder::new()
                 .name("ch-spool".into())
-                .spawn(move || spool_loop(rx, back, spool, shared, wake, max, policy))
+                .spawn(move || spool_loop(rx, back, spool, shared, wake, max, policy, start_over))
                 .expect("spawning ch-spool")
         };
         let sender = {
@@ -723,6 +750,8 @@ impl ClickHouseSink {
             stop,
             wake,
             shared,
+            framer: Framer::default(),
+            start_over,
         })
     }
 
@@ -757,7 +786,14 @@ impl Sink for ClickHouseSink {
         let Some(tx) = &self.tx else {
             return Err("stopped".into());
         };
-        let encoded = Encoded::of(batch, self.recycled.try_recv().unwrap_or_default());
+        if self.start_over.swap(false, Ordering::AcqRel) {
+            self.framer.start_over();
+        }
+        let encoded = Encoded::of(
+            batch,
+            self.recycled.try_recv().unwrap_or_default(),
+            &mut self.framer,
+        );
         tx.send(encoded)
             .map_err(|_| "the spool thread has stopped".into())
     }
@@ -795,22 +831,26 @@ impl Drop for ClickHouseSink {
 /// The largest batch buffer kept for reuse.
 const RECYCLE_BYTES: usize = 4 << 20;
 
-/// One batch's spool records, encoded by the sink thread.
+/// One batch's spool records (see `framed.rs`), encoded by the sink thread.
 struct Encoded {
     records: Records,
+    /// Events in the batch (`records` holds frames too).
+    events: u64,
+    /// The batch begins a new spool segment (its encoder started over).
+    new_segment: bool,
     /// The time of the batch's first event.
     first_ts: Option<Timestamp>,
 }
 
 impl Encoded {
     /// The records of `batch`, in `records` (buffers to reuse).
-    fn of(batch: &[Box<AuditEvent>], mut records: Records) -> Self {
+    fn of(batch: &[Box<AuditEvent>], mut records: Records, framer: &mut Framer) -> Self {
         records.clear();
-        for ev in batch {
-            records.push_with(|out| record::encode(ev, out));
-        }
+        let new_segment = framer.encode(batch, &mut records);
         Encoded {
             records,
+            events: batch.len() as u64,
+            new_segment,
             first_ts: batch.first().map(|e| e.ts),
         }
     }
@@ -824,6 +864,7 @@ impl Encoded {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn spool_loop(
     rx: mpsc::Receiver<Encoded>,
     back: mpsc::SyncSender<Records>,
@@ -832,10 +873,30 @@ fn spool_loop(
     wake: Arc<Notify>,
     max_bytes: u64,
     policy: WhenSpoolFull,
+    start_over: Arc<AtomicBool>,
 ) {
     let mut dropped_unreported = 0u64;
+    // After a batch that did not reach the spool, the batches encoded after it refer to
+    // its frames: they are dropped too (and counted) until the encoder has started over.
+    let mut awaiting_start = false;
     let mut buf = Vec::with_capacity(4096);
+    // (Each drop asks again: a batch that started over may be dropped too.)
+    let drop_batch = |batch: Encoded, unreported: &mut u64, awaiting: &mut bool| {
+        *unreported += batch.events;
+        shared.dropped.fetch_add(batch.events, Ordering::Relaxed);
+        *awaiting = true;
+        start_over.store(true, Ordering::Release);
+        batch.recycle(&back);
+    };
     while let Ok(batch) = rx.recv() {
+        if batch.records.is_empty() && !batch.new_segment {
+            batch.recycle(&back);
+            continue;
+        }
+        if awaiting_start && !batch.new_segment {
+            drop_batch(batch, &mut dropped_unreported, &mut awaiting_start);
+            continue;
+        }
         // Room for this batch? The spool's size is asked once per batch (a directory
         // listing and a stat per segment), under the lock the batch is then appended in:
         // the sender cannot commit in between, so the size after it is exact.
@@ -851,11 +912,17 @@ fn spool_loop(
         };
         if pending >= max_bytes {
             drop(s);
-            let events = batch.records.len() as u64;
-            dropped_unreported += events;
-            shared.dropped.fetch_add(events, Ordering::Relaxed);
-            batch.recycle(&back);
+            drop_batch(batch, &mut dropped_unreported, &mut awaiting_start);
             continue;
+        }
+        if batch.new_segment {
+            if let Err(e) = s.start_segment() {
+                tracing::error!("clickhouse spool: {e}");
+                drop(s);
+                drop_batch(batch, &mut dropped_unreported, &mut awaiting_start);
+                continue;
+            }
+            awaiting_start = false;
         }
         if dropped_unreported > 0 {
             let gap = AuditEvent {
@@ -871,26 +938,42 @@ fn spool_loop(
             };
             buf.clear();
             record::encode(&gap, &mut buf);
-            if s.append(&buf).is_ok() {
+            if s.append_here(&buf).is_ok() {
                 dropped_unreported = 0;
                 pending += 8 + buf.len() as u64;
             }
         }
+        let mut appended = 0u64;
+        let mut failed = false;
         for rec in batch.records.iter() {
-            if let Err(e) = s.append(rec) {
+            if let Err(e) = s.append_here(rec) {
                 tracing::error!("clickhouse spool: {e}");
+                failed = true;
                 break;
             }
             // A record's length and checksum, then the record.
             pending += 8 + rec.len() as u64;
-            shared.spooled.fetch_add(1, Ordering::Relaxed);
+            if !framed::is_frame(rec) {
+                appended += 1;
+            }
         }
+        shared.spooled.fetch_add(appended, Ordering::Relaxed);
         if let Err(e) = s.flush() {
             tracing::error!("clickhouse spool: {e}");
         }
         shared.spool_bytes.store(pending, Ordering::Relaxed);
         drop(s);
         wake.notify_one();
+        if failed {
+            // What was not written is counted as dropped (a gap says how many).
+            let lost = Encoded {
+                records: Records::default(),
+                events: batch.events - appended,
+                new_segment: false,
+                first_ts: None,
+            };
+            drop_batch(lost, &mut dropped_unreported, &mut awaiting_start);
+        }
         batch.recycle(&back);
     }
     if let Ok(mut s) = spool.lock() {
@@ -912,6 +995,9 @@ async fn send_loop(
     anchor: Option<Anchor>,
 ) {
     let mut anchored: Option<u64> = None;
+    // The frames of the segment being read (kept across reconnections: a segment's frames
+    // are read once, in order).
+    let mut frames = Frames::default();
     // Spool reads and commits are file I/O under a lock shared with the spool thread: they
     // run on the blocking pool, never on this runtime's thread (which drives the HTTP
     // connection), and the loop waits for new events on `wake`, not on a std Condvar.
@@ -949,6 +1035,11 @@ async fn send_loop(
             }
         };
         let mut inserter = RowInsert::new(&client, &cfg, features);
+        if frames.compat().is_some_and(|c| c != inserter.compat) {
+            // Frames are kept rendered for the server's column style; another server's
+            // reads them again (from the start of the segment being read).
+            frames = Frames::default();
+        }
         // Everything before `acked` is in ClickHouse; the inserter holds what follows, up
         // to `written`.
         let mut acked = {
@@ -989,11 +1080,37 @@ async fn send_loop(
                     continue;
                 }
             };
+            // Read from the middle of a segment whose frames were not read (after a
+            // restart, or again after a failed insert from an earlier segment): its frames
+            // before that point first.
+            let first_segment = records.iter_with_segments().next().map(|(seg, _)| seg);
+            if first_segment == Some(written.segment)
+                && written.offset > 0
+                && frames.segment() != Some(written.segment)
+            {
+                let spool = spool.clone();
+                let before =
+                    blocking(move || spool.lock().ok().map(|mut s| s.frames_before(written)))
+                        .await
+                        .flatten();
+                frames.start(written.segment);
+                match before {
+                    Some(Ok(before)) => {
+                        for f in before.iter() {
+                            // A frame that does not read: the records referring to it are
+                            // skipped and counted below.
+                            let _ = frames.add(f, inserter.compat);
+                        }
+                    }
+                    Some(Err(e)) => tracing::error!("clickhouse spool: {e}"),
+                    None => return,
+                }
+            }
             // A record that does not decode passed its checksum but is not an event this
             // version can read: counted and skipped (never a crash).
-            let skipped = inserter.push(&records);
+            let (rows, skipped) = inserter.push(&records, &mut frames);
             shared.corrupt.fetch_add(skipped, Ordering::Relaxed);
-            written_rows += records.len() as u64 - skipped;
+            written_rows += rows;
             written = next;
             // An insert ends at a limit or at its period (`batch_period_ms`), not each
             // time the spool is drained: ClickHouse takes about one insert (one part)
@@ -1107,20 +1224,36 @@ fn set_aside(spool: &Arc<Mutex<Spool>>, from: Position, cfg: &ClickHouseConfig, 
     let path = dir.join(format!("{}-{}.jsonl", from.segment, from.offset));
     let mut text = Vec::new();
     let mut scratch = Vec::new();
-    for r in records.iter() {
-        match record::decode_any(r, &mut scratch) {
-            Ok(ev) => match ev.to_event() {
-                Ok(ev) => {
-                    let _ = serde_json::to_writer(&mut text, &ev);
-                }
-                Err(e) => {
-                    let _ = write!(
-                        text,
-                        "{{\"undecodable_record\":\"{e}\",\"hex\":\"{}\"}}",
-                        hex::encode(r)
-                    );
-                }
-            },
+    // Records written against frames are read with the frames of their segment.
+    let mut table = ContextTable::default();
+    let mut segment = from.segment;
+    if from.offset > 0 {
+        if let Ok(before) = s.frames_before(from) {
+            for f in before.iter() {
+                let _ = table.add(&f[1..]);
+            }
+        }
+    }
+    let mut events = 0u64;
+    for (seg, r) in records.iter_with_segments() {
+        if seg != segment {
+            table.clear();
+            segment = seg;
+        }
+        if framed::is_frame(r) {
+            let _ = table.add(&r[1..]);
+            continue;
+        }
+        events += 1;
+        let decoded = if framed::is_framed_record(r) {
+            table.event(r)
+        } else {
+            record::decode_any(r, &mut scratch).and_then(|ev| ev.to_event())
+        };
+        match decoded {
+            Ok(ev) => {
+                let _ = serde_json::to_writer(&mut text, &ev);
+            }
             // Kept as it is, for a person with a hex editor.
             Err(e) => {
                 let _ = write!(
@@ -1136,13 +1269,10 @@ fn set_aside(spool: &Arc<Mutex<Spool>>, from: Position, cfg: &ClickHouseConfig, 
     match saved {
         Ok(()) => {
             tracing::warn!(
-                "clickhouse refused {} events {MAX_REFUSALS} times; set aside in {}",
-                records.len(),
+                "clickhouse refused {events} events {MAX_REFUSALS} times; set aside in {}",
                 path.display()
             );
-            shared
-                .rejected
-                .fetch_add(records.len() as u64, Ordering::Relaxed);
+            shared.rejected.fetch_add(events, Ordering::Relaxed);
             if let Err(e) = s.commit(next) {
                 tracing::error!("clickhouse spool: {e}");
             }
@@ -1154,6 +1284,22 @@ fn set_aside(spool: &Arc<Mutex<Spool>>, from: Position, cfg: &ClickHouseConfig, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The sequence numbers and texts of the events among `records` (its frames read into
+    /// `table` as they come).
+    fn seqs_of(table: &mut ContextTable, records: &Records) -> Vec<(u64, String)> {
+        records
+            .iter()
+            .filter_map(|r| {
+                if framed::is_frame(r) {
+                    table.add(&r[1..]).unwrap();
+                    return None;
+                }
+                let ev = table.event(r).unwrap();
+                Some((ev.seq, ev.statement.as_str().to_string()))
+            })
+            .collect()
+    }
 
     #[test]
     fn a_batch_encoded_for_the_spool_reads_back_event_by_event() {
@@ -1171,20 +1317,10 @@ mod tests {
         // A reused buffer's old records do not leak into the batch.
         let mut stale = Records::default();
         stale.push_with(|out| out.extend_from_slice(b"stale bytes"));
-        let enc = Encoded::of(&batch, stale);
-        assert_eq!(enc.records.len(), 3);
-        let mut scratch = Vec::new();
-        let back: Vec<(u64, String)> = enc
-            .records
-            .iter()
-            .map(|r| {
-                let ev = record::decode_any(r, &mut scratch)
-                    .unwrap()
-                    .to_event()
-                    .unwrap();
-                (ev.seq, ev.statement.as_str().to_string())
-            })
-            .collect();
+        let enc = Encoded::of(&batch, stale, &mut Framer::default());
+        assert!(enc.new_segment);
+        assert_eq!(enc.events, 3);
+        let back = seqs_of(&mut ContextTable::default(), &enc.records);
         assert_eq!(
             back,
             [
@@ -1206,8 +1342,9 @@ mod tests {
         // A rendezvous: a send returns once the thread took it.
         let (tx, rx) = mpsc::sync_channel(0);
         let (back, _recycled) = mpsc::sync_channel(4);
+        let start_over = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (spool, shared) = (spool.clone(), shared.clone());
+            let (spool, shared, start_over) = (spool.clone(), shared.clone(), start_over.clone());
             std::thread::spawn(move || {
                 spool_loop(
                     rx,
@@ -1217,9 +1354,12 @@ mod tests {
                     Arc::new(Notify::new()),
                     1000,
                     WhenSpoolFull::Drop,
+                    start_over,
                 )
             })
         };
+        // The sink thread's encoder, starting over when the spool thread says so.
+        let framer = std::cell::RefCell::new(Framer::default());
         let batch = |first: u64, n: u64| -> Vec<Box<AuditEvent>> {
             (first..first + n)
                 .map(|seq| {
@@ -1232,21 +1372,32 @@ mod tests {
                 .collect()
         };
         let sent = |tx: &mpsc::SyncSender<Encoded>, b: Vec<Box<AuditEvent>>| {
-            tx.send(Encoded::of(&b, Records::default())).unwrap();
+            let mut framer = framer.borrow_mut();
+            if start_over.swap(false, Ordering::AcqRel) {
+                framer.start_over();
+            }
+            tx.send(Encoded::of(&b, Records::default(), &mut framer))
+                .unwrap();
             // An empty one: taken once the thread is done with the batch.
-            tx.send(Encoded::of(&[], Records::default())).unwrap();
+            tx.send(Encoded {
+                records: Records::default(),
+                events: 0,
+                new_segment: false,
+                first_ts: None,
+            })
+            .unwrap();
         };
+        // What the spool holds from its cursor on (frames read as they come, from the
+        // cursor's segment's start).
         let seqs = |spool: &Arc<Mutex<Spool>>| -> Vec<(u64, String)> {
             let mut s = spool.lock().unwrap();
             let from = s.cursor();
+            let mut table = ContextTable::default();
+            for f in s.frames_before(from).unwrap().iter() {
+                table.add(&f[1..]).unwrap();
+            }
             let (records, _) = s.read_from(from, 1000, u64::MAX).unwrap();
-            records
-                .iter()
-                .map(|r| {
-                    let ev = record::decode(r).unwrap().to_event().unwrap();
-                    (ev.seq, ev.statement.as_str().to_string())
-                })
-                .collect()
+            seqs_of(&mut table, &records)
         };
         // The first batch finds an empty spool (and fills it past 1000 bytes).
         sent(&tx, batch(1, 3));

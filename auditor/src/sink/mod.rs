@@ -6,6 +6,7 @@
 //! spool) can run beside it.
 
 pub mod clickhouse;
+pub mod framed;
 pub mod local;
 pub mod record;
 pub mod spool;

@@ -62,6 +62,14 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
     }
 }
 
+/// A record's length and checksum, then the record.
+fn write_record(w: &mut BufWriter<File>, payload: &[u8]) -> std::io::Result<()> {
+    let crc = crc32fast::hash(payload);
+    w.write_all(&(payload.len() as u32).to_le_bytes())?;
+    w.write_all(&crc.to_le_bytes())?;
+    w.write_all(payload)
+}
+
 fn segment_name(n: u64) -> String {
     format!("{n:010}.seg")
 }
@@ -160,15 +168,67 @@ impl Spool {
             self.rotate()?;
         }
         let (n, w, written) = self.writer.as_mut().expect("writer");
-        let crc = crc32fast::hash(payload);
         // (The segment's path is made for an error only: not on the path of every record.)
-        w.write_all(&(payload.len() as u32).to_le_bytes())
-            .and_then(|_| w.write_all(&crc.to_le_bytes()))
-            .and_then(|_| w.write_all(payload))
-            .map_err(|e| io_err(&self.dir.join(segment_name(*n)))(e))?;
+        write_record(w, payload).map_err(|e| io_err(&self.dir.join(segment_name(*n)))(e))?;
         *written += 8 + payload.len() as u64;
         self.counters.appended += 1;
         Ok(())
+    }
+
+    /// Appends one record to the segment being written (starting one if there is none):
+    /// for writers that begin segments themselves ([`Spool::start_segment`]), whose
+    /// records refer to earlier ones of their segment.
+    pub fn append_here(&mut self, payload: &[u8]) -> Result<(), SpoolError> {
+        if self.writer.is_none() {
+            self.rotate()?;
+        }
+        let (n, w, written) = self.writer.as_mut().expect("writer");
+        write_record(w, payload).map_err(|e| io_err(&self.dir.join(segment_name(*n)))(e))?;
+        *written += 8 + payload.len() as u64;
+        self.counters.appended += 1;
+        Ok(())
+    }
+
+    /// Ends the segment being written (flushed and synced) and begins a new one.
+    pub fn start_segment(&mut self) -> Result<(), SpoolError> {
+        self.rotate()
+    }
+
+    /// The frames (records whose first byte is `framed::FRAME`) of `pos`'s segment before
+    /// `pos`: what a reader beginning there needs for the records that follow. The spool's
+    /// counters are not moved; a corrupt record ends the reading (the records after it
+    /// were never delivered from this segment either).
+    pub fn frames_before(&mut self, pos: Position) -> Result<Records, SpoolError> {
+        self.flush()?;
+        let mut out = Records::default();
+        let path = self.dir.join(segment_name(pos.segment));
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, f);
+        let mut offset = 0u64;
+        let mut payload = Vec::new();
+        while offset + 8 <= pos.offset {
+            let mut head = [0u8; 8];
+            reader.read_exact(&mut head).map_err(io_err(&path))?;
+            let rlen = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+            let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+            if rlen > MAX_RECORD || offset + 8 + rlen as u64 > pos.offset {
+                break;
+            }
+            payload.resize(rlen as usize, 0);
+            reader.read_exact(&mut payload).map_err(io_err(&path))?;
+            if crc32fast::hash(&payload) != crc {
+                break;
+            }
+            if crate::sink::framed::is_frame(&payload) {
+                out.push_with(|o| o.extend_from_slice(&payload));
+            }
+            offset += 8 + rlen as u64;
+        }
+        Ok(out)
     }
 
     fn rotate(&mut self) -> Result<(), SpoolError> {
@@ -293,6 +353,9 @@ impl Spool {
                 pos.offset += 8 + rlen as u64;
                 bytes += rlen as u64;
                 self.counters.read += 1;
+                if out.segments.last().map(|&(_, s)| s) != Some(seg) {
+                    out.segments.push((out.ends.len(), seg));
+                }
                 out.ends.push(out.data.len());
             }
         }
@@ -332,6 +395,9 @@ pub struct Records {
     data: Vec<u8>,
     /// Where each record ends in `data`.
     ends: Vec<usize>,
+    /// Records read from the spool: the index of the first record read from each segment,
+    /// and the segment.
+    segments: Vec<(usize, u64)>,
 }
 
 impl Records {
@@ -344,6 +410,24 @@ impl Records {
     pub fn clear(&mut self) {
         self.data.clear();
         self.ends.clear();
+        self.segments.clear();
+    }
+
+    /// The records with the spool segment each was read from (0 for records not read
+    /// from the spool).
+    pub fn iter_with_segments(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        let mut marks = self.segments.iter().copied().peekable();
+        let mut segment = 0;
+        self.iter().enumerate().map(move |(i, r)| {
+            while let Some(&(at, s)) = marks.peek() {
+                if at > i {
+                    break;
+                }
+                segment = s;
+                marks.next();
+            }
+            (segment, r)
+        })
     }
 
     /// Bytes the buffer holds room for.

@@ -29,7 +29,7 @@ use crate::{
 /// First byte of a record written against a context and, maybe, a shape.
 pub const VERSION: u8 = 4;
 /// The layout before shapes: `3 | context id | field count | same | fields`.
-const VERSION_CONTEXT_ONLY: u8 = 3;
+pub(crate) const VERSION_CONTEXT_ONLY: u8 = 3;
 // The `same` bitmap is built on the stack: 256 fields at most.
 const _: () = assert!(FIELDS.len() <= 256);
 const SAME_MAX: usize = 32;
@@ -49,7 +49,7 @@ const MAX_SHAPE_TEXT: usize = 2048;
 const SHAPE_FIELDS: [&str; 4] = ["statement", "command", "tables", "fingerprint"];
 
 /// Bit i set for each field i of [`SHAPE_FIELDS`].
-fn shape_mask() -> &'static [u8; SAME_MAX] {
+pub(crate) fn shape_mask() -> &'static [u8; SAME_MAX] {
     static MASK: OnceLock<[u8; SAME_MAX]> = OnceLock::new();
     MASK.get_or_init(|| {
         let mut m = [0u8; SAME_MAX];

@@ -1,0 +1,417 @@
+//! The ClickHouse spool's compact layout: events written against their session's context
+//! and their statement's shape, as the local log writes them (`local/compact.rs`), so a
+//! statement's spool record holds what differs from its session (about 130 bytes for a
+//! pgbench statement, against 700 for the whole event), and the rows sent to ClickHouse
+//! are copied from the record and its frames' bytes as they are.
+//!
+//! Payloads in a segment: a frame `0xC0 | id u32 | field count u16 | fields` (a session's
+//! context or a statement shape, numbered in one sequence), a record `4 | context id u32 |
+//! shape id u32 | field count u16 | same | fields` (`compact.rs`), and whole records of
+//! `record.rs` (the spool's own gap events; spools written by earlier versions).
+//!
+//! A segment reads on its own: the encoder starts over, and the spool a new segment, at a
+//! size bound and whenever a batch did not reach the spool (dropped when it was full, or a
+//! write failed), so every frame a record refers to is earlier in the record's segment.
+//! A reader that begins in the middle of a segment (after a restart) reads the segment's
+//! frames before that point first ([`crate::sink::spool::Spool::frames_before`]).
+
+use ahash::AHashMap;
+
+use crate::{
+    audit::{
+        event::{AuditEvent, FIELDS},
+        schema::{RecordError, RecordReader},
+    },
+    sink::{
+        local::compact::{self, Contexts},
+        spool::Records,
+    },
+};
+
+/// First byte of a frame (a context or a shape).
+pub const FRAME: u8 = 0xC0;
+
+/// The encoder starts over (and the spool a new segment) after this many bytes.
+pub const SEGMENT_BYTES: u64 = 64 << 20;
+
+/// Whether a payload is a frame.
+pub fn is_frame(payload: &[u8]) -> bool {
+    payload.first() == Some(&FRAME)
+}
+
+/// Whether a payload is a record written against frames.
+pub fn is_framed_record(payload: &[u8]) -> bool {
+    matches!(
+        payload.first(),
+        Some(&(compact::VERSION | compact::VERSION_CONTEXT_ONLY))
+    )
+}
+
+/// The sink thread's encoder of spool records.
+#[derive(Default)]
+pub struct Framer {
+    contexts: Contexts,
+    /// Bytes encoded since the encoder started over.
+    since_start: u64,
+    /// False until the first batch, and after [`Framer::start_over`].
+    started: bool,
+    context: Vec<u8>,
+    shape: Vec<u8>,
+    record: Vec<u8>,
+}
+
+impl Framer {
+    /// The next batch starts a new segment, written as if no frame were known.
+    pub fn start_over(&mut self) {
+        self.started = false;
+    }
+
+    /// Appends the spool payloads of `batch` to `records` (frames before the records that
+    /// refer to them). True when the batch must begin a new spool segment.
+    pub fn encode(&mut self, batch: &[Box<AuditEvent>], records: &mut Records) -> bool {
+        let new_segment = !self.started || self.since_start >= SEGMENT_BYTES;
+        if new_segment {
+            self.contexts.clear();
+            self.since_start = 0;
+            self.started = true;
+        }
+        for ev in batch {
+            self.context.clear();
+            self.shape.clear();
+            self.record.clear();
+            let before =
+                self.contexts
+                    .encode(ev, &mut self.context, &mut self.shape, &mut self.record);
+            for (wrote, payload) in [(before.context, &self.context), (before.shape, &self.shape)] {
+                if wrote {
+                    records.push_with(|out| {
+                        out.push(FRAME);
+                        out.extend_from_slice(payload);
+                    });
+                    self.since_start += 9 + payload.len() as u64;
+                }
+            }
+            let record = &self.record;
+            records.push_with(|out| out.extend_from_slice(record));
+            self.since_start += 8 + record.len() as u64;
+        }
+        new_segment
+    }
+}
+
+/// A frame as the reader keeps it: its fields as RowBinary, ready to copy into rows.
+struct Frame {
+    fields: usize,
+    row: Vec<u8>,
+    /// Where each field's bytes end in `row`.
+    ends: Vec<u32>,
+}
+
+impl Frame {
+    /// The frame's row, and where field `i` is in it.
+    fn field(&self, i: usize) -> Option<(&[u8], usize, usize)> {
+        if i >= self.fields {
+            return None;
+        }
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        Some((&self.row, start, self.ends[i] as usize))
+    }
+}
+
+/// The frames of the spool segment being read, rendered for a server of one column style.
+#[derive(Default)]
+pub struct Frames {
+    segment: Option<u64>,
+    /// The column style the frames are rendered for (of the last one read).
+    compat: Option<bool>,
+    by_id: AHashMap<u32, Frame>,
+}
+
+impl Frames {
+    /// The segment whose frames these are.
+    pub fn segment(&self) -> Option<u64> {
+        self.segment
+    }
+
+    /// The column style the frames read are rendered for.
+    pub fn compat(&self) -> Option<bool> {
+        self.compat
+    }
+
+    /// Forgets every frame: the records that follow are of `segment`.
+    pub fn start(&mut self, segment: u64) {
+        self.segment = Some(segment);
+        self.by_id.clear();
+    }
+
+    /// Reads a frame (with its first byte), rendered for a server of style `compat` (the
+    /// style its records' rows are then copied in).
+    pub fn add(&mut self, payload: &[u8], compat: bool) -> Result<(), RecordError> {
+        let body = payload.get(1..).unwrap_or_default();
+        let mut r = RecordReader::new(body);
+        let id = r.u32()?;
+        let fields = usize::from(r.u16()?);
+        if fields > FIELDS.len() {
+            return Err(RecordError::UnknownVersion(FRAME));
+        }
+        let (mut row, mut ends) = (Vec::with_capacity(body.len()), Vec::with_capacity(fields));
+        AuditEvent::record_to_row_parts(&mut r, fields, compat, &mut row, &mut ends)?;
+        if !r.is_empty() {
+            return Err(RecordError::Trailing(r.remaining()));
+        }
+        self.compat = Some(compat);
+        self.by_id.insert(id, Frame { fields, row, ends });
+        Ok(())
+    }
+
+    /// Appends the ClickHouse row of a record written against frames (see
+    /// [`crate::sink::record::to_row`]). A frame it refers to that was not read is an
+    /// error, never a guess; on an error `out` is as it was.
+    pub fn to_row(&self, rec: &[u8], compat: bool, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        let start = out.len();
+        let copied = self.copy_row(rec, compat, out);
+        if copied.is_err() {
+            out.truncate(start);
+        }
+        copied
+    }
+
+    fn copy_row(&self, rec: &[u8], compat: bool, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        let mut r = RecordReader::new(rec);
+        let version = r.u8()?;
+        let id = r.u32()?;
+        let shape_id = if version == compact::VERSION {
+            r.u32()?
+        } else {
+            0
+        };
+        let fields = usize::from(r.u16()?);
+        if fields > FIELDS.len() {
+            return Err(RecordError::UnknownVersion(version));
+        }
+        let same = r.bytes(fields.div_ceil(8))?;
+        let frame = |id: u32| match id {
+            0 => Ok(None),
+            id => self
+                .by_id
+                .get(&id)
+                .map(Some)
+                .ok_or(RecordError::NoContext(id)),
+        };
+        let (context, shape) = (frame(id)?, frame(shape_id)?);
+        let mask = compact::shape_mask();
+        AuditEvent::diff_record_to_row(
+            &mut r,
+            fields,
+            same,
+            |i| {
+                let from = match shape {
+                    Some(s) if mask[i / 8] & (1 << (i % 8)) != 0 => Some(s),
+                    _ => context,
+                };
+                from.and_then(|f| f.field(i))
+            },
+            compat,
+            out,
+        )?;
+        if !r.is_empty() {
+            return Err(RecordError::Trailing(r.remaining()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        audit::event::{EventKind, Flag, Timestamp},
+        sink::record,
+        text::Labels,
+    };
+
+    fn session(id: &str, n: u64) -> Vec<Box<AuditEvent>> {
+        let start = AuditEvent {
+            event_id: format!("{id}-0").as_str().into(),
+            session_id: id.into(),
+            kind: EventKind::SessionStart,
+            ts: Timestamp::parse("2026-12-06T11:29:40.381256Z").unwrap(),
+            host: "vm".into(),
+            comm: "pgbench".into(),
+            exe: "/usr/lib/postgresql/15/bin/pgbench".into(),
+            cgroup_path: "/system.slice/bench.service".into(),
+            db_user: "app".into(),
+            labels: Labels::from(std::collections::BTreeMap::from([(
+                "team".to_string(),
+                "core".to_string(),
+            )])),
+            ..AuditEvent::default()
+        };
+        let mut out = vec![Box::new(start.clone())];
+        for seq in 1..=n {
+            out.push(Box::new(AuditEvent {
+                event_id: format!("{id}-{seq}").as_str().into(),
+                kind: EventKind::Statement,
+                seq,
+                duration_us: seq * 7,
+                statement: "SELECT abalance FROM pgbench_accounts WHERE aid = $1".into(),
+                command: "SELECT".into(),
+                tables: vec!["pgbench_accounts".into()].into(),
+                protocol: "extended".into(),
+                rows: Some(1),
+                flags: if seq == 2 {
+                    Flag::Truncated.into()
+                } else {
+                    Default::default()
+                },
+                ..start.clone()
+            }));
+        }
+        out
+    }
+
+    /// Rows from the framed records (the frames read as the reader meets them) are byte
+    /// for byte the rows of the whole records, in both column styles.
+    #[test]
+    fn rows_of_framed_records_are_the_rows_of_whole_ones() {
+        let mut events = session("s1", 3);
+        events.extend(session("s2", 2));
+        events.push(Box::new(AuditEvent {
+            kind: EventKind::Gap,
+            statement: "(gap)".into(),
+            ..AuditEvent::default()
+        }));
+        let mut framer = Framer::default();
+        let mut records = Records::default();
+        assert!(framer.encode(&events, &mut records));
+        let framed = records.iter().filter(|r| is_framed_record(r)).count();
+        assert_eq!(framed, events.len());
+        // Both sessions' contexts, and the shape at its second sighting.
+        assert_eq!(records.iter().filter(|r| is_frame(r)).count(), 3);
+        for compat in [false, true] {
+            let mut frames = Frames::default();
+            frames.start(1);
+            let mut rows = Vec::new();
+            for r in records.iter() {
+                if is_frame(r) {
+                    frames.add(r, compat).unwrap();
+                } else {
+                    frames.to_row(r, compat, &mut rows).unwrap();
+                }
+            }
+            let (mut whole, mut scratch, mut expected) = (Vec::new(), Vec::new(), Vec::new());
+            for ev in &events {
+                whole.clear();
+                record::encode(ev, &mut whole);
+                record::to_row(&whole, &mut scratch, compat, &mut expected).unwrap();
+            }
+            assert_eq!(rows, expected, "compat {compat}");
+        }
+        // The next batch refers to the frames of the first.
+        let mut more = Records::default();
+        assert!(!framer.encode(&session("s1", 1)[1..], &mut more));
+        assert_eq!(more.len(), 1);
+        // A record whose frame was not read is an error, and nothing of it is copied.
+        let lone = Frames::default();
+        let mut rows = b"before".to_vec();
+        let record = more.iter().next().unwrap();
+        assert!(matches!(
+            lone.to_row(record, false, &mut rows),
+            Err(RecordError::NoContext(_))
+        ));
+        assert_eq!(rows, b"before");
+        // Starting over writes the frames again.
+        framer.start_over();
+        let mut again = Records::default();
+        assert!(framer.encode(&session("s1", 1)[1..], &mut again));
+        assert!(again.iter().any(is_frame));
+    }
+
+    /// A reader that begins in the middle of a segment (the daemon restarted after part of
+    /// it was delivered) reads the segment's frames before that point first, and then
+    /// copies the rest exactly; the next segment (the encoder started over) reads on its
+    /// own.
+    #[test]
+    fn a_segment_read_from_its_middle_after_a_restart() {
+        use crate::sink::spool::{Position, Spool};
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let mut framer = Framer::default();
+        let batches = [
+            session("s1", 4),
+            session("s2", 3),
+            session("s1", 2)[1..].to_vec(),
+        ];
+        let mut all = Vec::new();
+        for (i, b) in batches.iter().enumerate() {
+            if i == 2 {
+                framer.start_over();
+            }
+            let mut records = Records::default();
+            if framer.encode(b, &mut records) {
+                spool.start_segment().unwrap();
+            }
+            for r in records.iter() {
+                spool.append_here(r).unwrap();
+            }
+            all.extend(b.iter().cloned());
+        }
+        spool.sync().unwrap();
+        // Delivered: the first session's events (its context and shape frames among them).
+        let (first, _) = spool.read_from(spool.cursor(), 5 + 2, u64::MAX).unwrap();
+        let mut at = Position::default();
+        let mut read = 0;
+        for (seg, r) in first.iter_with_segments() {
+            at.segment = seg;
+            at.offset += 8 + r.len() as u64;
+            read += usize::from(!is_frame(r));
+        }
+        assert_eq!(read, 5);
+        spool.commit(at).unwrap();
+        drop(spool);
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let from = spool.cursor();
+        assert_eq!(from, at);
+        let mut frames = Frames::default();
+        frames.start(from.segment);
+        for f in spool.frames_before(from).unwrap().iter() {
+            frames.add(f, false).unwrap();
+        }
+        let (rest, _) = spool.read_from(from, usize::MAX, u64::MAX).unwrap();
+        let mut rows = Vec::new();
+        let mut segments = Vec::new();
+        for (seg, r) in rest.iter_with_segments() {
+            if frames.segment() != Some(seg) {
+                frames.start(seg);
+            }
+            segments.push(seg);
+            if is_frame(r) {
+                frames.add(r, false).unwrap();
+            } else {
+                frames.to_row(r, false, &mut rows).unwrap();
+            }
+        }
+        assert!(segments.first() < segments.last(), "{segments:?}");
+        let (mut whole, mut scratch, mut expected) = (Vec::new(), Vec::new(), Vec::new());
+        for ev in &all[5..] {
+            whole.clear();
+            record::encode(ev, &mut whole);
+            record::to_row(&whole, &mut scratch, false, &mut expected).unwrap();
+        }
+        assert_eq!(rows, expected);
+        // Without the frames before it, the same reading is an error, not a wrong row.
+        let mut bare = Frames::default();
+        bare.start(from.segment);
+        let mut out = Vec::new();
+        let mut failed = 0;
+        for r in rest.iter() {
+            if is_frame(r) {
+                bare.add(r, false).unwrap();
+            } else if bare.to_row(r, false, &mut out).is_err() {
+                failed += 1;
+            }
+        }
+        // The second session's statements refer to the shape the first one's interned.
+        assert_eq!(failed, 3);
+    }
+}
