@@ -880,13 +880,13 @@ fn spool_loop(
     // its frames: they are dropped too (and counted) until the encoder has started over.
     let mut awaiting_start = false;
     let mut buf = Vec::with_capacity(4096);
-    // (Each drop asks again: a batch that started over may be dropped too.)
-    let drop_batch = |batch: Encoded, unreported: &mut u64, awaiting: &mut bool| {
-        *unreported += batch.events;
-        shared.dropped.fetch_add(batch.events, Ordering::Relaxed);
+    // Counts `events` that did not reach the spool, and asks the encoder to start over
+    // (each drop asks again: a batch that started over may be dropped too).
+    let dropped = |events: u64, unreported: &mut u64, awaiting: &mut bool| {
+        *unreported += events;
+        shared.dropped.fetch_add(events, Ordering::Relaxed);
         *awaiting = true;
         start_over.store(true, Ordering::Release);
-        batch.recycle(&back);
     };
     while let Ok(batch) = rx.recv() {
         if batch.records.is_empty() && !batch.new_segment {
@@ -894,7 +894,8 @@ fn spool_loop(
             continue;
         }
         if awaiting_start && !batch.new_segment {
-            drop_batch(batch, &mut dropped_unreported, &mut awaiting_start);
+            dropped(batch.events, &mut dropped_unreported, &mut awaiting_start);
+            batch.recycle(&back);
             continue;
         }
         // Room for this batch? The spool's size is asked once per batch (a directory
@@ -912,14 +913,16 @@ fn spool_loop(
         };
         if pending >= max_bytes {
             drop(s);
-            drop_batch(batch, &mut dropped_unreported, &mut awaiting_start);
+            dropped(batch.events, &mut dropped_unreported, &mut awaiting_start);
+            batch.recycle(&back);
             continue;
         }
         if batch.new_segment {
             if let Err(e) = s.start_segment() {
                 tracing::error!("clickhouse spool: {e}");
                 drop(s);
-                drop_batch(batch, &mut dropped_unreported, &mut awaiting_start);
+                dropped(batch.events, &mut dropped_unreported, &mut awaiting_start);
+                batch.recycle(&back);
                 continue;
             }
             awaiting_start = false;
@@ -966,13 +969,11 @@ fn spool_loop(
         wake.notify_one();
         if failed {
             // What was not written is counted as dropped (a gap says how many).
-            let lost = Encoded {
-                records: Records::default(),
-                events: batch.events - appended,
-                new_segment: false,
-                first_ts: None,
-            };
-            drop_batch(lost, &mut dropped_unreported, &mut awaiting_start);
+            dropped(
+                batch.events - appended,
+                &mut dropped_unreported,
+                &mut awaiting_start,
+            );
         }
         batch.recycle(&back);
     }
