@@ -223,6 +223,9 @@ flags! {
     /// was another process's by then, which started later): `exe` is empty (pid, name,
     /// uid, cgroup, login uid and session are what the kernel saw).
     ProcessGone = "process_gone",
+    /// Events were dropped because writing them to the ClickHouse spool failed (the
+    /// daemon's log says why: a full disk, an I/O error): they are in the local log only.
+    ClickhouseSpoolWriteFailed = "clickhouse_spool_write_failed",
 }
 
 /// A set of flags; written as their names, in declaration order.

@@ -30,7 +30,7 @@ use tokio::sync::Notify;
 
 use crate::{
     audit::{
-        event::{AuditEvent, EventKind, Flag, Timestamp, FIELDS},
+        event::{AuditEvent, EventKind, Flag, Flags, Timestamp, FIELDS},
         schema::{column_names, compat_column_names, split_count, ColumnStyle, FieldSpec},
     },
     sink::{
@@ -864,6 +864,60 @@ impl Encoded {
     }
 }
 
+/// Why events did not reach the ClickHouse spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DropReason {
+    /// The spool was at `max_spool_bytes` (`when_spool_full: drop`).
+    Full,
+    /// Writing the spool failed (the error is in the daemon's log).
+    WriteFailed,
+}
+
+/// Events dropped since the last gap event that said so, by reason.
+#[derive(Debug, Default)]
+struct Unreported {
+    full: u64,
+    write_failed: u64,
+}
+
+impl Unreported {
+    fn add(&mut self, why: DropReason, events: u64) {
+        match why {
+            DropReason::Full => self.full += events,
+            DropReason::WriteFailed => self.write_failed += events,
+        }
+    }
+
+    fn any(&self) -> bool {
+        self.full + self.write_failed > 0
+    }
+
+    /// The gap event's statement: how many, and why.
+    fn statement(&self) -> String {
+        match (self.full, self.write_failed) {
+            (n, 0) => format!("({n} events were dropped: the ClickHouse spool was full)"),
+            (0, n) => format!(
+                "({n} events were dropped: writing the ClickHouse spool failed, see the daemon's log)"
+            ),
+            (f, w) => format!(
+                "({} events were dropped: {f} when the ClickHouse spool was full, {w} when writing it failed, see the daemon's log)",
+                f + w
+            ),
+        }
+    }
+
+    fn flags(&self) -> Flags {
+        let mut flags = Flags::empty();
+        if self.full > 0 {
+            flags.insert(Flag::ClickhouseSpoolFull);
+        }
+        if self.write_failed > 0 {
+            flags.insert(Flag::ClickhouseSpoolWriteFailed);
+        }
+        flags
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn spool_loop(
     rx: mpsc::Receiver<Encoded>,
@@ -875,26 +929,34 @@ fn spool_loop(
     policy: WhenSpoolFull,
     start_over: Arc<AtomicBool>,
 ) {
-    let mut dropped_unreported = 0u64;
+    let mut dropped_unreported = Unreported::default();
     // After a batch that did not reach the spool, the batches encoded after it refer to
     // its frames: they are dropped too (and counted) until the encoder has started over.
     let mut awaiting_start = false;
     let mut buf = Vec::with_capacity(4096);
     // Counts `events` that did not reach the spool, and asks the encoder to start over
-    // (each drop asks again: a batch that started over may be dropped too).
-    let dropped = |events: u64, unreported: &mut u64, awaiting: &mut bool| {
-        *unreported += events;
-        shared.dropped.fetch_add(events, Ordering::Relaxed);
-        *awaiting = true;
-        start_over.store(true, Ordering::Release);
-    };
+    // (each drop asks again: a batch that started over may be dropped too). The batches
+    // dropped while awaiting the start are counted under the reason of the drop before.
+    let mut reason = DropReason::Full;
+    let dropped =
+        |events: u64, why: DropReason, unreported: &mut Unreported, awaiting: &mut bool| {
+            unreported.add(why, events);
+            shared.dropped.fetch_add(events, Ordering::Relaxed);
+            *awaiting = true;
+            start_over.store(true, Ordering::Release);
+        };
     while let Ok(batch) = rx.recv() {
         if batch.records.is_empty() && !batch.new_segment {
             batch.recycle(&back);
             continue;
         }
         if awaiting_start && !batch.new_segment {
-            dropped(batch.events, &mut dropped_unreported, &mut awaiting_start);
+            dropped(
+                batch.events,
+                reason,
+                &mut dropped_unreported,
+                &mut awaiting_start,
+            );
             batch.recycle(&back);
             continue;
         }
@@ -913,7 +975,13 @@ fn spool_loop(
         };
         if pending >= max_bytes {
             drop(s);
-            dropped(batch.events, &mut dropped_unreported, &mut awaiting_start);
+            reason = DropReason::Full;
+            dropped(
+                batch.events,
+                reason,
+                &mut dropped_unreported,
+                &mut awaiting_start,
+            );
             batch.recycle(&back);
             continue;
         }
@@ -921,28 +989,31 @@ fn spool_loop(
             if let Err(e) = s.start_segment() {
                 tracing::error!("clickhouse spool: {e}");
                 drop(s);
-                dropped(batch.events, &mut dropped_unreported, &mut awaiting_start);
+                reason = DropReason::WriteFailed;
+                dropped(
+                    batch.events,
+                    reason,
+                    &mut dropped_unreported,
+                    &mut awaiting_start,
+                );
                 batch.recycle(&back);
                 continue;
             }
             awaiting_start = false;
         }
-        if dropped_unreported > 0 {
+        if dropped_unreported.any() {
             let gap = AuditEvent {
                 event_id: crate::audit::event::new_event_id(),
                 kind: EventKind::Gap,
                 ts: batch.first_ts.unwrap_or_else(Timestamp::now),
-                statement: format!(
-                    "({dropped_unreported} events were dropped: the ClickHouse spool was full)"
-                )
-                .into(),
-                flags: Flag::ClickhouseSpoolFull.into(),
+                statement: dropped_unreported.statement().into(),
+                flags: dropped_unreported.flags(),
                 ..AuditEvent::default()
             };
             buf.clear();
             record::encode(&gap, &mut buf);
             if s.append_here(&buf).is_ok() {
-                dropped_unreported = 0;
+                dropped_unreported = Unreported::default();
                 pending += 8 + buf.len() as u64;
             }
         }
@@ -969,8 +1040,10 @@ fn spool_loop(
         wake.notify_one();
         if failed {
             // What was not written is counted as dropped (a gap says how many).
+            reason = DropReason::WriteFailed;
             dropped(
                 batch.events - appended,
+                reason,
                 &mut dropped_unreported,
                 &mut awaiting_start,
             );
@@ -1433,6 +1506,32 @@ mod tests {
         assert_eq!(shared.spooled.load(Ordering::Relaxed), 4);
         drop(tx);
         thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_gap_for_dropped_events_says_why() {
+        let mut u = Unreported::default();
+        assert!(!u.any());
+        u.add(DropReason::Full, 2);
+        assert_eq!(
+            u.statement(),
+            "(2 events were dropped: the ClickHouse spool was full)"
+        );
+        assert!(u.flags() == ["clickhouse_spool_full"][..]);
+        let mut w = Unreported::default();
+        w.add(DropReason::WriteFailed, 3);
+        assert!(w.any());
+        assert_eq!(
+            w.statement(),
+            "(3 events were dropped: writing the ClickHouse spool failed, see the daemon's log)"
+        );
+        assert!(w.flags() == ["clickhouse_spool_write_failed"][..]);
+        u.add(DropReason::WriteFailed, 3);
+        assert_eq!(
+            u.statement(),
+            "(5 events were dropped: 2 when the ClickHouse spool was full, 3 when writing it failed, see the daemon's log)"
+        );
+        assert!(u.flags() == ["clickhouse_spool_full", "clickhouse_spool_write_failed"][..]);
     }
 
     #[test]
