@@ -410,6 +410,13 @@ pub fn stats(path: &Path, json: bool) -> Result<(), CliError> {
             "enforcement        {} blocked, {} values masked, {} held for approval ({} waiting now)",
             p.blocked, p.masked_values, p.held, p.pending_approvals
         );
+        if p.namespaces + p.namespaces_refused > 0 {
+            println!(
+                "pod namespaces     listening in {}, {} refused (the proxy's port is taken there: \
+                 their enforced connections are refused)",
+                p.namespaces, p.namespaces_refused
+            );
+        }
     }
     if !s.bpf_programs.is_empty() {
         // Counted only while kernel.bpf_stats_enabled = 1.

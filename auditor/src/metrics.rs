@@ -326,6 +326,18 @@ pub fn render(s: &Stats) -> String {
                 "Cgroups whose connections are redirected into the proxy.",
                 p.redirected_cgroups,
             ),
+            (
+                "proxy_namespaces",
+                "gauge",
+                "Workloads' network namespaces (besides the host's) the proxy listens in.",
+                p.namespaces,
+            ),
+            (
+                "proxy_namespaces_refused",
+                "gauge",
+                "Redirected workloads' network namespaces where the proxy's port is taken: their enforced connections are refused.",
+                p.namespaces_refused,
+            ),
         ] {
             metric(&mut o, name, kind, help, value);
         }

@@ -270,12 +270,27 @@ impl Enforcing {
 
     /// The same, with more settings (`config_extra`, whole YAML lines).
     fn daemon_with(&self, pg_port: u16, proxy_extra: &str, config_extra: &str) -> Daemon {
+        self.daemon_at(
+            pg_port,
+            auditor_tests::free_port(),
+            proxy_extra,
+            config_extra,
+        )
+    }
+
+    /// The same, its proxy on `proxy_port`.
+    fn daemon_at(
+        &self,
+        pg_port: u16,
+        proxy_port: u16,
+        proxy_extra: &str,
+        config_extra: &str,
+    ) -> Daemon {
         Daemon::start(
             pg_port,
             &format!(
-                "policies_dir: {}\nproxy: {{port: {}, pin_dir: {}{proxy_extra}}}\n{config_extra}",
+                "policies_dir: {}\nproxy: {{port: {proxy_port}, pin_dir: {}{proxy_extra}}}\n{config_extra}",
                 self.policies.path().display(),
-                auditor_tests::free_port(),
                 self.pin_dir,
             ),
         )
@@ -368,6 +383,136 @@ fn a_workload_in_its_own_network_namespace_is_enforced_there() {
         .count();
     assert_eq!(all_bench, pg.logged_statements("pod_pgbench").unwrap());
     assert_eq!(blocked, ["DROP TABLE pgbench_history"]);
+}
+
+/// A process that holds the proxy's port inside a pod's network namespace before the
+/// daemon listens there (a container of the pod that is not enforced, sharing its
+/// namespace) receives nothing: the daemon cannot listen there, says so, and the pod's
+/// enforced connections are refused rather than handed to whatever holds the port. Once
+/// the port is free again, the daemon listens there at its next try (every 30 s) and they
+/// go through the proxy.
+#[test]
+fn a_process_holding_the_proxy_port_in_a_pod_namespace_receives_nothing() {
+    if !can_run("a_process_holding_the_proxy_port_in_a_pod_namespace_receives_nothing") {
+        return;
+    }
+    let ns = auditor_tests::Netns::new("squatted").unwrap();
+    let port = auditor_tests::free_port();
+    let pg = Postgres::start_in_netns(&ns, port).unwrap();
+    let pod = Cgroup::new("squatted").unwrap();
+    let setup = Enforcing::new("squat", &POLICY.replace("CGROUP", &pod.name));
+    let proxy_port = auditor_tests::free_port();
+    // The squatter: outside the enforced cgroup, in the pod's namespace, on the proxy's
+    // port; it says whenever it accepts a connection.
+    const SQUATTER: &str = r#"
+import select, socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(16)
+print("listening", flush=True)
+while True:
+    select.select([s], [], [])
+    c, _ = s.accept()
+    print("accepted", flush=True)
+    c.close()
+"#;
+    let mut squatter = ns
+        .command(auditor_tests::python3())
+        .args(["-c", SQUATTER, &proxy_port.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut squatter_out = std::io::BufReader::new(squatter.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut squatter_out, &mut line).unwrap();
+    assert_eq!(line, "listening\n");
+
+    let mut daemon = setup.daemon_at(port, proxy_port, "", "");
+    // The pod's sandbox, enforced: the daemon tries its namespace and finds the port taken.
+    let mut sandbox = ns.command("sleep");
+    sandbox.arg("120");
+    pod.enter(&mut sandbox);
+    let mut sandbox = sandbox.spawn().unwrap();
+    let stats = daemon.wait_for_stats(std::time::Duration::from_secs(10), |s| {
+        s["proxy"]["namespaces_refused"] == 1
+    });
+    assert_eq!(stats["proxy"]["namespaces_refused"], 1, "{stats:#}");
+    assert_eq!(stats["proxy"]["namespaces"], 0, "{stats:#}");
+
+    let conn = ["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"].map(String::from);
+    let attempt = |app: &str, sql: &str| {
+        let mut cmd = ns.command("psql");
+        cmd.args(["-X", "-At"])
+            .args(&conn)
+            .args(["-c", sql])
+            .arg("postgres")
+            .env("PGAPPNAME", app)
+            .env("PGCONNECT_TIMEOUT", "5");
+        pod.enter(&mut cmd);
+        run(&mut cmd)
+    };
+    let (ok, _, err) = attempt("squatted", "CREATE TABLE squatted_pod (x int)");
+    assert!(
+        !ok,
+        "an enforced client got through while the proxy's port was taken"
+    );
+    assert!(err.contains("Operation not permitted"), "{err}");
+    // The squatter accepted nothing (it would have said so before exiting).
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut squatter_out, &mut rest).unwrap();
+    assert_eq!(
+        rest, "",
+        "the process holding the proxy's port received a connection"
+    );
+
+    // The port is free: at its next try the daemon listens there, and the pod's
+    // connections go through the proxy (its policy refuses the DDL, runs the rest).
+    let stats = daemon.wait_for_stats(std::time::Duration::from_secs(40), |s| {
+        s["proxy"]["namespaces"] == 1
+    });
+    assert_eq!(stats["proxy"]["namespaces"], 1, "{stats:#}");
+    assert_eq!(stats["proxy"]["namespaces_refused"], 0, "{stats:#}");
+    let (ok, out, err) = attempt("after_squatter", "SELECT 7");
+    assert!(ok && out == "7\n", "{out} {err}");
+    let (ok, _, err) = attempt("after_squatter", "CREATE TABLE squatted_pod (x int)");
+    assert!(!ok && err.contains("rule \"no-ddl\""), "{err}");
+    let log = std::fs::read_to_string(pg.log_path()).unwrap();
+    assert!(!log.contains("squatted_pod"), "{log}");
+    daemon.wait_sessions_ended(&pod.name);
+    let _ = sandbox.kill();
+    let _ = sandbox.wait();
+    let output = daemon.stop().unwrap();
+    assert!(
+        output
+            .iter()
+            .any(|l| l.contains("proxy: cannot listen in network namespace")
+                && l.contains("Address already in use")),
+        "{output:#?}"
+    );
+    let events = daemon.events().unwrap();
+    let selects: Vec<_> = events
+        .iter()
+        .filter(|e| str_of(e, "kind") == "statement")
+        .filter(|e| str_of(e, "application_name") == "after_squatter")
+        .map(|e| {
+            (
+                str_of(e, "statement"),
+                str_of(e, "capture"),
+                str_of(e, "decision"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        selects,
+        [
+            ("SELECT 7", "proxy", ""),
+            ("CREATE TABLE squatted_pod (x int)", "proxy", "blocked")
+        ],
+        "{events:#?}"
+    );
 }
 
 /// A workload under a policy that holds a credential connects under a user name of its

@@ -77,6 +77,10 @@ pub struct ProxyStats {
     /// Network namespaces besides the host's the proxy listens in.
     #[serde(default)]
     pub namespaces: u64,
+    /// Network namespaces of redirected workloads where the proxy cannot listen (its port
+    /// is taken there): their enforced connections are refused; tried again every 30 s.
+    #[serde(default)]
+    pub namespaces_refused: u64,
     /// Values the proxy masked in results.
     #[serde(default)]
     pub masked_values: u64,
@@ -126,6 +130,7 @@ impl ProxyCounters {
             approvals_store_down: 0,
             redirected_cgroups: 0,
             namespaces: 0,
+            namespaces_refused: 0,
         }
     }
 }
@@ -525,6 +530,7 @@ impl Enforcement {
         let mut s = self.proxy.shared.counters.stats();
         s.redirected_cgroups = self.redirect.redirected_cgroups() as u64;
         s.namespaces = self.proxy.namespaces.count() as u64;
+        s.namespaces_refused = self.proxy.namespaces.refused() as u64;
         let hub = &self.proxy.shared.approvals;
         s.pending_approvals = hub.pending_count() as u64;
         if let Some(w) = hub.webhook() {

@@ -243,6 +243,11 @@ impl Namespaces {
         self.listening.len()
     }
 
+    /// Namespaces where listening failed (until tried again).
+    pub fn refused(&self) -> usize {
+        self.failed.len()
+    }
+
     /// Listens in the namespaces of `pids` (the processes of redirected cgroups) where it
     /// does not yet, and stops listening in those none of them is in any more.
     pub fn update(&mut self, pids: impl IntoIterator<Item = u32>) {
