@@ -1449,6 +1449,110 @@ mod partial_tests {
     }
 
     #[test]
+    fn answers_to_lost_requests_that_come_after_the_next_request_are_theirs() {
+        let mut c = Fed::new(1 << 20);
+        let parse = |name: &str, sql: &str| {
+            msg(
+                b'P',
+                &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat(),
+            )
+        };
+        let bind = |stmt: &str| msg(b'B', &[b"\0", stmt.as_bytes(), b"\0\0\0\0\0\0\0"].concat());
+        let exec = msg(b'E', b"\0\0\0\0\0");
+        let sync = msg(b'S', b"");
+        let row = msg(b'D', b"\0\x01\0\0\0\x01x");
+        c.push(
+            Direction::ToServer,
+            &[
+                parse("u", "UPDATE t SET x = 1"),
+                parse("s", "SELECT x FROM t"),
+                sync.clone(),
+            ]
+            .concat(),
+        );
+        c.push(
+            Direction::ToClient,
+            &[msg(b'1', b""), msg(b'1', b""), msg(b'Z', b"I")].concat(),
+        );
+        // A pipelining client's write that the capture lost ends inside a Sync's group
+        // (Bind and Execute of "u"); the next write has that group's Sync, then a group
+        // of its own. The server read both before answering (its answers to the lost
+        // requests are written after the next request is read).
+        let lost = [bind("s"), exec.clone(), bind("u"), exec.clone()].concat();
+        c.lose(Direction::ToServer, lost.len() as u64);
+        c.push(
+            Direction::ToServer,
+            &[sync.clone(), bind("s"), exec.clone(), sync.clone()].concat(),
+        );
+        c.push(
+            Direction::ToClient,
+            &[
+                msg(b'2', b""),
+                row.clone(),
+                row.clone(),
+                row.clone(),
+                msg(b'C', b"SELECT 3\0"),
+                msg(b'2', b""),
+                msg(b'C', b"UPDATE 5\0"),
+                msg(b'Z', b"I"),
+                msg(b'2', b""),
+                row.clone(),
+                msg(b'C', b"SELECT 1\0"),
+                msg(b'Z', b"I"),
+            ]
+            .concat(),
+        );
+        let st: Vec<(String, String, Option<u64>, Vec<&str>)> = c
+            .statements()
+            .iter()
+            .map(|e| {
+                (
+                    e.statement.to_string(),
+                    e.command.to_string(),
+                    e.rows,
+                    e.flags.names().collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            st,
+            [
+                (
+                    String::new(),
+                    "SELECT".to_string(),
+                    Some(3),
+                    vec!["gap_before", "request_lost"]
+                ),
+                (
+                    String::new(),
+                    "UPDATE".to_string(),
+                    Some(5),
+                    vec!["request_lost"]
+                ),
+                (
+                    "SELECT x FROM t".to_string(),
+                    "SELECT".to_string(),
+                    Some(1),
+                    vec![]
+                ),
+            ],
+            "{:#?}",
+            c.out
+        );
+        // The group after them is matched as usual.
+        c.push(Direction::ToServer, &[bind("u"), exec, sync].concat());
+        c.push(
+            Direction::ToClient,
+            &[msg(b'2', b""), msg(b'C', b"UPDATE 2\0"), msg(b'Z', b"I")].concat(),
+        );
+        let last = c
+            .statements()
+            .last()
+            .map(|e| (e.statement.to_string(), e.rows));
+        assert_eq!(last, Some(("UPDATE t SET x = $1".to_string(), Some(2))));
+    }
+
+    #[test]
     fn a_whole_answer_lost_does_not_shift_the_statements_after_it() {
         let mut c = Fed::new(1 << 20);
         let answer = |tag: &str| super::tests::complete(tag, b"I");

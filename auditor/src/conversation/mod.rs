@@ -511,7 +511,23 @@ pub struct Conversation {
     /// The last RowDescription's columns: a driver that describes its portal before each
     /// Execute (pgbench, libpq's PQexecPrepared) gets the same ones each time, shared.
     last_columns: Option<Arc<[Column]>>,
+    /// Requests were lost, and their answers may not all have come when the next request
+    /// was seen: the last of the lost ones may belong to the same Sync as the requests seen
+    /// after them (their answers come first, before that Sync's ReadyForQuery). An answer
+    /// that ends a statement where no request seen can own it (before the first Sync
+    /// queued) is one of theirs: recorded with its request lost, not left uncounted.
+    lost_tail: Option<LostTail>,
     pub counters: ConversationCounters,
+}
+
+/// What came of the lost requests' answers after the next request was seen.
+#[derive(Debug, Default, Clone, Copy)]
+struct LostTail {
+    /// Rows of the statement being answered.
+    rows: u64,
+    /// A statement of the lost ones was recorded from its answer (an error after it, at
+    /// the Sync, is the implicit transaction's commit failing, not a statement).
+    recorded: bool,
 }
 
 impl Default for Conversation {
@@ -537,6 +553,7 @@ impl Conversation {
             portals: Names::default(),
             pending: VecDeque::new(),
             last_columns: None,
+            lost_tail: None,
             counters: ConversationCounters::default(),
         }
     }
@@ -762,6 +779,7 @@ impl Conversation {
         if !matches!(self.pending.back(), Some(Pending::Lost { .. })) {
             self.pending.push_back(Pending::Lost { rows: 0 });
         }
+        self.lost_tail = Some(LostTail::default());
     }
 
     /// An untyped startup-phase packet from the client.
@@ -1014,6 +1032,27 @@ impl Conversation {
             *rows += n;
             return;
         }
+        if let Some(tail) = &mut self.lost_tail {
+            // Rows before the first Sync queued belong to no request seen since.
+            let owner = self.pending.iter().position(|p| {
+                matches!(
+                    p,
+                    Pending::Simple { .. }
+                        | Pending::Execute { .. }
+                        | Pending::Sync
+                        | Pending::FunctionCall { .. }
+                )
+            });
+            if !owner.is_some_and(|i| {
+                matches!(
+                    self.pending[i],
+                    Pending::Simple { .. } | Pending::Execute { .. }
+                )
+            }) {
+                tail.rows += n;
+                return;
+            }
+        }
         match self
             .pending
             .iter_mut()
@@ -1176,6 +1215,15 @@ impl Conversation {
                     ) {
                         break;
                     }
+                }
+                // The lost requests' answers end with the first ReadyForQuery after the
+                // next request seen, at the latest.
+                if !self
+                    .pending
+                    .iter()
+                    .any(|p| matches!(p, Pending::Lost { .. }))
+                {
+                    self.lost_tail = None;
                 }
                 if status == b'I' {
                     // Transaction over: every portal is gone (prepared statements stay).
@@ -1370,6 +1418,23 @@ impl Conversation {
         ts: i128,
         out: &mut Vec<Outcome>,
     ) {
+        let owned = match self.pending.front() {
+            None | Some(Pending::Sync) => false,
+            Some(Pending::Parse { .. } | Pending::Bind { .. } | Pending::Describe { .. }) => {
+                // Extended requests seen: owned by an Execute before the first Sync (an
+                // error, by whichever of them failed).
+                error.is_some()
+                    || self
+                        .pending
+                        .iter()
+                        .take_while(|p| !matches!(p, Pending::Sync))
+                        .any(|p| matches!(p, Pending::Execute { .. }))
+            }
+            Some(_) => true,
+        };
+        if !owned && self.lost_tail.is_some() {
+            return self.lost_answer(tag, error, ts, out);
+        }
         let Some(front) = self.pending.front_mut() else {
             self.counters.unmatched_responses += 1;
             return;
@@ -1476,6 +1541,52 @@ impl Conversation {
             // Answered in `on_backend` before it gets here.
             Pending::Lost { .. } => self.counters.unmatched_responses += 1,
         }
+    }
+
+    /// The end of a statement no request seen owns, while the lost requests' answers may
+    /// still come: one of theirs, recorded with its request lost. An error after one of
+    /// them was recorded is the implicit transaction's commit failing at its Sync.
+    fn lost_answer(
+        &mut self,
+        tag: Option<&str>,
+        error: Option<ErrorFields>,
+        ts: i128,
+        out: &mut Vec<Outcome>,
+    ) {
+        let Some(tail) = &mut self.lost_tail else {
+            return;
+        };
+        let rows = std::mem::take(&mut tail.rows);
+        let result = match (tag, error) {
+            (_, Some(_)) if tail.recorded => None,
+            (_, Some(error)) => Some(StatementResult::Failed {
+                error,
+                before_execute: false,
+            }),
+            (Some(tag), None) => Some(StatementResult::Completed {
+                rows: rows_of(tag, rows, 0),
+                tag: ShortText::new(tag),
+            }),
+            // An empty query: nothing ran.
+            (None, None) => return,
+        };
+        let Some(result) = result else {
+            self.counters.unmatched_responses += 1;
+            return;
+        };
+        tail.recorded = true;
+        out.push(Outcome::Statement(StatementOutcome {
+            protocol: Protocol::Unknown,
+            text: StatementText::Lost,
+            cut: None,
+            prepared_name: Text::default(),
+            params: None,
+            result,
+            started_ns: ts,
+            ended_ns: ts,
+            multi: false,
+            whole: None,
+        }));
     }
 
     /// An error in the extended protocol: it belongs to the statement being prepared,
