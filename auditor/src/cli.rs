@@ -411,11 +411,15 @@ pub fn stats(path: &Path, json: bool) -> Result<(), CliError> {
             p.blocked, p.masked_values, p.held, p.pending_approvals
         );
         if p.namespaces + p.namespaces_refused > 0 {
-            println!(
-                "pod namespaces     listening in {}, {} refused (the proxy's port is taken there: \
-                 their enforced connections are refused)",
-                p.namespaces, p.namespaces_refused
-            );
+            print!("pod namespaces     the proxy listens in {}", p.namespaces);
+            if p.namespaces_refused > 0 {
+                print!(
+                    "; {} where its port is taken (their enforced connections are refused; \
+                     tried again every 30 s)",
+                    p.namespaces_refused
+                );
+            }
+            println!();
         }
     }
     if !s.bpf_programs.is_empty() {
