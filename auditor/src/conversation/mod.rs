@@ -1034,7 +1034,7 @@ impl Conversation {
         }
         if let Some(tail) = &mut self.lost_tail {
             // Rows before the first Sync queued belong to no request seen since.
-            let owner = self.pending.iter().position(|p| {
+            let owner = self.pending.iter().find(|p| {
                 matches!(
                     p,
                     Pending::Simple { .. }
@@ -1043,12 +1043,10 @@ impl Conversation {
                         | Pending::FunctionCall { .. }
                 )
             });
-            if !owner.is_some_and(|i| {
-                matches!(
-                    self.pending[i],
-                    Pending::Simple { .. } | Pending::Execute { .. }
-                )
-            }) {
+            if !matches!(
+                owner,
+                Some(Pending::Simple { .. } | Pending::Execute { .. })
+            ) {
                 tail.rows += n;
                 return;
             }
@@ -1134,18 +1132,7 @@ impl Conversation {
                 _ => None,
             };
             if let Some(result) = result {
-                out.push(Outcome::Statement(StatementOutcome {
-                    protocol: Protocol::Unknown,
-                    text: StatementText::Lost,
-                    cut: None,
-                    prepared_name: Text::default(),
-                    params: None,
-                    result,
-                    started_ns: ts,
-                    ended_ns: ts,
-                    multi: false,
-                    whole: None,
-                }));
+                out.push(lost_statement(result, ts));
             }
             return;
         }
@@ -1575,18 +1562,7 @@ impl Conversation {
             return;
         };
         tail.recorded = true;
-        out.push(Outcome::Statement(StatementOutcome {
-            protocol: Protocol::Unknown,
-            text: StatementText::Lost,
-            cut: None,
-            prepared_name: Text::default(),
-            params: None,
-            result,
-            started_ns: ts,
-            ended_ns: ts,
-            multi: false,
-            whole: None,
-        }));
+        out.push(lost_statement(result, ts));
     }
 
     /// An error in the extended protocol: it belongs to the statement being prepared,
@@ -1770,6 +1746,22 @@ impl Conversation {
 
 /// Rows of a completed statement: the tag's count, else the DataRows seen (if any), plus
 /// rows of earlier Executes of the same portal (a tag counts only the last one).
+/// A statement whose request was lost, recorded from its answer (`result`, at `ts`).
+fn lost_statement(result: StatementResult, ts: i128) -> Outcome {
+    Outcome::Statement(StatementOutcome {
+        protocol: Protocol::Unknown,
+        text: StatementText::Lost,
+        cut: None,
+        prepared_name: Text::default(),
+        params: None,
+        result,
+        started_ns: ts,
+        ended_ns: ts,
+        multi: false,
+        whole: None,
+    })
+}
+
 fn rows_of(tag: &str, data_rows: u64, prior_rows: u64) -> Option<u64> {
     rows_of_tag(tag)
         .or((data_rows > 0).then_some(data_rows))

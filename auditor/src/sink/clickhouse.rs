@@ -874,18 +874,44 @@ enum DropReason {
 }
 
 /// Events dropped since the last gap event that said so, by reason.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Unreported {
     full: u64,
     write_failed: u64,
+    /// The reason of the last drop: the batches dropped while awaiting the encoder's
+    /// start count under it.
+    last: DropReason,
+    /// After a batch that did not reach the spool, the batches encoded after it refer to
+    /// its frames: they are dropped too (and counted) until the encoder has started over.
+    awaiting_start: bool,
+}
+
+impl Default for Unreported {
+    fn default() -> Self {
+        Unreported {
+            full: 0,
+            write_failed: 0,
+            last: DropReason::Full,
+            awaiting_start: false,
+        }
+    }
 }
 
 impl Unreported {
-    fn add(&mut self, why: DropReason, events: u64) {
-        match why {
+    /// `events` dropped, for `why` (None: the reason of the drop before).
+    fn add(&mut self, why: Option<DropReason>, events: u64) {
+        self.last = why.unwrap_or(self.last);
+        self.awaiting_start = true;
+        match self.last {
             DropReason::Full => self.full += events,
             DropReason::WriteFailed => self.write_failed += events,
         }
+    }
+
+    /// A gap event said how many.
+    fn reported(&mut self) {
+        self.full = 0;
+        self.write_failed = 0;
     }
 
     fn any(&self) -> bool {
@@ -929,34 +955,22 @@ fn spool_loop(
     policy: WhenSpoolFull,
     start_over: Arc<AtomicBool>,
 ) {
-    let mut dropped_unreported = Unreported::default();
-    // After a batch that did not reach the spool, the batches encoded after it refer to
-    // its frames: they are dropped too (and counted) until the encoder has started over.
-    let mut awaiting_start = false;
+    let mut unreported = Unreported::default();
     let mut buf = Vec::with_capacity(4096);
     // Counts `events` that did not reach the spool, and asks the encoder to start over
-    // (each drop asks again: a batch that started over may be dropped too). The batches
-    // dropped while awaiting the start are counted under the reason of the drop before.
-    let mut reason = DropReason::Full;
-    let dropped =
-        |events: u64, why: DropReason, unreported: &mut Unreported, awaiting: &mut bool| {
-            unreported.add(why, events);
-            shared.dropped.fetch_add(events, Ordering::Relaxed);
-            *awaiting = true;
-            start_over.store(true, Ordering::Release);
-        };
+    // (each drop asks again: a batch that started over may be dropped too).
+    let dropped = |events: u64, why: Option<DropReason>, unreported: &mut Unreported| {
+        unreported.add(why, events);
+        shared.dropped.fetch_add(events, Ordering::Relaxed);
+        start_over.store(true, Ordering::Release);
+    };
     while let Ok(batch) = rx.recv() {
         if batch.records.is_empty() && !batch.new_segment {
             batch.recycle(&back);
             continue;
         }
-        if awaiting_start && !batch.new_segment {
-            dropped(
-                batch.events,
-                reason,
-                &mut dropped_unreported,
-                &mut awaiting_start,
-            );
+        if unreported.awaiting_start && !batch.new_segment {
+            dropped(batch.events, None, &mut unreported);
             batch.recycle(&back);
             continue;
         }
@@ -975,13 +989,7 @@ fn spool_loop(
         };
         if pending >= max_bytes {
             drop(s);
-            reason = DropReason::Full;
-            dropped(
-                batch.events,
-                reason,
-                &mut dropped_unreported,
-                &mut awaiting_start,
-            );
+            dropped(batch.events, Some(DropReason::Full), &mut unreported);
             batch.recycle(&back);
             continue;
         }
@@ -989,31 +997,25 @@ fn spool_loop(
             if let Err(e) = s.start_segment() {
                 tracing::error!("clickhouse spool: {e}");
                 drop(s);
-                reason = DropReason::WriteFailed;
-                dropped(
-                    batch.events,
-                    reason,
-                    &mut dropped_unreported,
-                    &mut awaiting_start,
-                );
+                dropped(batch.events, Some(DropReason::WriteFailed), &mut unreported);
                 batch.recycle(&back);
                 continue;
             }
-            awaiting_start = false;
+            unreported.awaiting_start = false;
         }
-        if dropped_unreported.any() {
+        if unreported.any() {
             let gap = AuditEvent {
                 event_id: crate::audit::event::new_event_id(),
                 kind: EventKind::Gap,
                 ts: batch.first_ts.unwrap_or_else(Timestamp::now),
-                statement: dropped_unreported.statement().into(),
-                flags: dropped_unreported.flags(),
+                statement: unreported.statement().into(),
+                flags: unreported.flags(),
                 ..AuditEvent::default()
             };
             buf.clear();
             record::encode(&gap, &mut buf);
             if s.append_here(&buf).is_ok() {
-                dropped_unreported = Unreported::default();
+                unreported.reported();
                 pending += 8 + buf.len() as u64;
             }
         }
@@ -1040,12 +1042,10 @@ fn spool_loop(
         wake.notify_one();
         if failed {
             // What was not written is counted as dropped (a gap says how many).
-            reason = DropReason::WriteFailed;
             dropped(
                 batch.events - appended,
-                reason,
-                &mut dropped_unreported,
-                &mut awaiting_start,
+                Some(DropReason::WriteFailed),
+                &mut unreported,
             );
         }
         batch.recycle(&back);
@@ -1512,21 +1512,23 @@ mod tests {
     fn a_gap_for_dropped_events_says_why() {
         let mut u = Unreported::default();
         assert!(!u.any());
-        u.add(DropReason::Full, 2);
+        u.add(Some(DropReason::Full), 2);
         assert_eq!(
             u.statement(),
             "(2 events were dropped: the ClickHouse spool was full)"
         );
         assert!(u.flags() == ["clickhouse_spool_full"][..]);
         let mut w = Unreported::default();
-        w.add(DropReason::WriteFailed, 3);
+        w.add(Some(DropReason::WriteFailed), 3);
         assert!(w.any());
         assert_eq!(
             w.statement(),
             "(3 events were dropped: writing the ClickHouse spool failed, see the daemon's log)"
         );
         assert!(w.flags() == ["clickhouse_spool_write_failed"][..]);
-        u.add(DropReason::WriteFailed, 3);
+        u.add(Some(DropReason::WriteFailed), 2);
+        // Dropped while awaiting the start: under the reason before.
+        u.add(None, 1);
         assert_eq!(
             u.statement(),
             "(5 events were dropped: 2 when the ClickHouse spool was full, 3 when writing it failed, see the daemon's log)"
