@@ -41,7 +41,9 @@ impl Analysis {
 /// statements written with literals, by shape (the same statement with other values), so
 /// that a stream of `SELECT ... WHERE id = 42`, `... = 43` is parsed once, not per query.
 pub struct Analyzer {
-    cache: HashMap<String, Arc<Analysis>>,
+    /// By exact text; the key is shared with the statements of that text
+    /// ([`Analyzer::analyze_text`]).
+    cache: HashMap<Arc<str>, Arc<Analysis>>,
     shapes: HashMap<String, Arc<Analysis>>,
     capacity: usize,
 }
@@ -72,9 +74,35 @@ impl Analyzer {
     }
 
     pub fn analyze(&mut self, sql: &str) -> Arc<Analysis> {
-        if let Some(a) = self.cache.get(sql) {
-            return a.clone();
+        self.analyze_text(sql).1
+    }
+
+    /// The analysis of `sql` and its text shared: a text seen before (a statement
+    /// prepared again and again, a repeated query) is not copied once more.
+    pub fn analyze_text(&mut self, sql: &str) -> (Arc<str>, Arc<Analysis>) {
+        self.analyze_with(sql, || sql.into())
+    }
+
+    /// The analysis of a text the caller already shares.
+    pub fn analyze_shared(&mut self, sql: &Arc<str>) -> Arc<Analysis> {
+        self.analyze_with(sql, || sql.clone()).1
+    }
+
+    /// `shared`: the text to keep (as the exact-text cache's key) and return.
+    fn analyze_with(
+        &mut self,
+        sql: &str,
+        shared: impl FnOnce() -> Arc<str>,
+    ) -> (Arc<str>, Arc<Analysis>) {
+        if let Some((text, a)) = self.cache.get_key_value(sql) {
+            return (text.clone(), a.clone());
         }
+        let text = shared();
+        let a = self.analyze_new(&text);
+        (text, a)
+    }
+
+    fn analyze_new(&mut self, sql: &Arc<str>) -> Arc<Analysis> {
         let shape = (shape_cacheable(sql) && !sql.contains('\u{1}'))
             .then(|| shape_of(sql))
             .filter(|(_, literals)| *literals > 0)
@@ -96,7 +124,7 @@ impl Analyzer {
                 if self.cache.len() >= self.capacity {
                     self.cache.clear();
                 }
-                self.cache.insert(sql.to_string(), a.clone());
+                self.cache.insert(sql.clone(), a.clone());
             }
         }
         a
@@ -114,14 +142,31 @@ fn maybe_several(sql: &str) -> bool {
     }
 }
 
+/// [`split_statements`] of a shared query string: its one statement (most strings have
+/// one) shared with the string when it is all of it.
+pub fn split_shared(whole: &Arc<str>) -> Vec<Arc<str>> {
+    if !maybe_several(whole) {
+        let one = the_one(whole);
+        return vec![if one.len() == whole.len() {
+            whole.clone()
+        } else {
+            one.into()
+        }];
+    }
+    split_statements(whole).into_iter().map(Arc::from).collect()
+}
+
+/// A string of one statement as the splitter returns it: without the terminating
+/// semicolons.
+fn the_one(sql: &str) -> &str {
+    sql.trim()
+        .trim_end_matches(|c: char| c == ';' || c.is_whitespace())
+}
+
 /// Splits a simple-protocol query string into its statements (for one event each).
 pub fn split_statements(sql: &str) -> Vec<String> {
     if !maybe_several(sql) {
-        // As the splitter returns it: without the terminating semicolons.
-        let one = sql
-            .trim()
-            .trim_end_matches(|c: char| c == ';' || c.is_whitespace());
-        return vec![one.to_string()];
+        return vec![the_one(sql).to_string()];
     }
     match pg_query::split_with_parser(sql) {
         Ok(parts) => {
@@ -267,30 +312,46 @@ fn shape_of(sql: &str) -> (String, u32) {
     scan_literals(sql, true)
 }
 
+/// Copies `sql` with each literal replaced (by `\u{1}` for a shape, `$n` otherwise);
+/// comments kept in a shape, dropped otherwise. What is kept is copied in runs, not a
+/// character at a time: this runs on every simple query's text.
 fn scan_literals(sql: &str, shape: bool) -> (String, u32) {
     let b = sql.as_bytes();
     let mut out = String::with_capacity(sql.len());
     let mut n = 0u32;
     let mut i = 0usize;
-    let mut placeholder = |out: &mut String| {
-        n += 1;
-        if shape {
-            out.push('\u{1}');
-        } else {
-            out.push('$');
-            out.push_str(&n.to_string());
-        }
-    };
+    // Bytes before `copied` are in `out` (or were left out on purpose).
+    let mut copied = 0usize;
+    // Replaces sql[from..to] in the output by a placeholder (or nothing).
+    let mut replace =
+        |out: &mut String, copied: &mut usize, from: usize, to: usize, literal: bool| {
+            out.push_str(&sql[*copied..from]);
+            if literal {
+                n += 1;
+                if shape {
+                    out.push('\u{1}');
+                } else {
+                    out.push('$');
+                    out.push_str(itoa::Buffer::new().format(n));
+                }
+            }
+            *copied = to;
+        };
     while i < b.len() {
-        let c = b[i];
+        // Only ASCII bytes start a token the scanner looks at: the others (letters,
+        // spaces, operators, every byte of a multi-byte character) are kept as they are.
+        while i < b.len() && !STARTS_TOKEN[usize::from(b[i])] {
+            i += 1;
+        }
+        let Some(&c) = b.get(i) else {
+            break;
+        };
         // Comments
         if c == b'-' && b.get(i + 1) == Some(&b'-') {
             let start = i;
-            while i < b.len() && b[i] != b'\n' {
-                i += 1;
-            }
-            if shape {
-                out.push_str(&sql[start..i]);
+            i = memchr_newline(b, i);
+            if !shape {
+                replace(&mut out, &mut copied, start, i, false);
             }
             continue;
         }
@@ -301,14 +362,13 @@ fn scan_literals(sql: &str, shape: bool) -> (String, u32) {
                 i += 1;
             }
             i = (i + 2).min(b.len());
-            if shape {
-                out.push_str(sql.get(start..i).unwrap_or(""));
+            if !shape {
+                replace(&mut out, &mut copied, start, i, false);
             }
             continue;
         }
-        // Quoted identifier
+        // Quoted identifier: kept.
         if c == b'"' {
-            let start = i;
             i += 1;
             while i < b.len() {
                 if b[i] == b'"' {
@@ -321,33 +381,29 @@ fn scan_literals(sql: &str, shape: bool) -> (String, u32) {
                 }
                 i += 1;
             }
-            out.push_str(&sql[start..i]);
             continue;
         }
-        // String literals, with optional E/B/X/N/U& prefixes
-        let prefix_len = if (c == b'E'
-            || c == b'e'
-            || c == b'B'
-            || c == b'b'
-            || c == b'X'
-            || c == b'x'
-            || c == b'N'
-            || c == b'n')
-            && b.get(i + 1) == Some(&b'\'')
-            && (i == 0 || !is_ident(b[i - 1]))
-        {
-            1
-        } else if (c == b'U' || c == b'u')
-            && b.get(i + 1) == Some(&b'&')
-            && b.get(i + 2) == Some(&b'\'')
-        {
-            2
-        } else {
-            0
-        };
-        if c == b'\'' || prefix_len > 0 {
-            let escapes = c == b'E' || c == b'e';
-            i += prefix_len + 1;
+        // String literals, with optional E/B/X/N/U& prefixes: the prefix is the letters
+        // just before the quote, unless a token before took them (a number's `1e`) or
+        // (E, B, X, N) they end a word.
+        if c == b'\'' {
+            let prefix = |at: usize| at >= copied;
+            let (start, escapes) = if i >= 1
+                && matches!(
+                    b[i - 1],
+                    b'E' | b'e' | b'B' | b'b' | b'X' | b'x' | b'N' | b'n'
+                )
+                && prefix(i - 1)
+                && (i == 1 || !is_ident(b[i - 2]))
+            {
+                (i - 1, matches!(b[i - 1], b'E' | b'e'))
+            } else if i >= 2 && b[i - 1] == b'&' && matches!(b[i - 2], b'U' | b'u') && prefix(i - 2)
+            {
+                (i - 2, false)
+            } else {
+                (i, false)
+            };
+            i += 1;
             while i < b.len() {
                 if escapes && b[i] == b'\\' {
                     i += 2;
@@ -364,7 +420,12 @@ fn scan_literals(sql: &str, shape: bool) -> (String, u32) {
                 i += 1;
             }
             i = i.min(b.len());
-            placeholder(&mut out);
+            // An escape can end inside a character (E'\é...' cut short): the rest of
+            // it is the literal's.
+            while !sql.is_char_boundary(i) {
+                i += 1;
+            }
+            replace(&mut out, &mut copied, start, i, true);
             continue;
         }
         // Dollar quoting: $tag$ ... $tag$ (a $n parameter is kept)
@@ -374,21 +435,19 @@ fn scan_literals(sql: &str, shape: bool) -> (String, u32) {
                 j += 1;
             }
             if j < b.len() && b[j] == b'$' {
+                let start = i;
                 let tag = &sql[i..=j];
                 let body_start = j + 1;
-                let end = sql[body_start..]
+                i = sql[body_start..]
                     .find(tag)
                     .map(|p| body_start + p + tag.len())
                     .unwrap_or(b.len());
-                i = end;
-                placeholder(&mut out);
+                replace(&mut out, &mut copied, start, i, true);
                 continue;
             }
-            // $n parameter
-            out.push('$');
+            // $n parameter: kept.
             i += 1;
             while i < b.len() && b[i].is_ascii_digit() {
-                out.push(b[i] as char);
                 i += 1;
             }
             continue;
@@ -397,6 +456,7 @@ fn scan_literals(sql: &str, shape: bool) -> (String, u32) {
         if (c.is_ascii_digit() || (c == b'.' && b.get(i + 1).is_some_and(|d| d.is_ascii_digit())))
             && (i == 0 || !is_ident(b[i - 1]))
         {
+            let start = i;
             while i < b.len()
                 && (b[i].is_ascii_alphanumeric()
                     || b[i] == b'.'
@@ -405,34 +465,295 @@ fn scan_literals(sql: &str, shape: bool) -> (String, u32) {
             {
                 i += 1;
             }
-            placeholder(&mut out);
+            replace(&mut out, &mut copied, start, i, true);
             continue;
         }
-        // Anything else, copied whole (multi-byte UTF-8 stays intact)
-        let len = utf8_len(c);
-        let end = (i + len).min(b.len());
-        out.push_str(sql.get(i..end).unwrap_or(""));
-        i = end;
+        // A byte that starts no token here (a digit within a word, a lone `-`).
+        i += 1;
     }
+    out.push_str(&sql[copied..]);
     (out, n)
+}
+
+/// The bytes that may start a token [`scan_literals`] replaces or skips whole: comments,
+/// quotes, dollar signs, numbers.
+const STARTS_TOKEN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = b'0';
+    while c <= b'9' {
+        t[c as usize] = true;
+        c += 1;
+    }
+    t[b'-' as usize] = true;
+    t[b'/' as usize] = true;
+    t[b'"' as usize] = true;
+    t[b'\'' as usize] = true;
+    t[b'$' as usize] = true;
+    t[b'.' as usize] = true;
+    t
+};
+
+/// The index of the first newline at or after `from`, or the end.
+fn memchr_newline(b: &[u8], from: usize) -> usize {
+    b[from..]
+        .iter()
+        .position(|&c| c == b'\n')
+        .map_or(b.len(), |p| from + p)
 }
 
 fn is_ident(c: u8) -> bool {
     c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80
 }
 
-fn utf8_len(first: u8) -> usize {
-    match first {
-        0xf0..=0xff => 4,
-        0xe0..=0xef => 3,
-        0xc0..=0xdf => 2,
-        _ => 1,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn utf8_len(first: u8) -> usize {
+        match first {
+            0xf0..=0xff => 4,
+            0xe0..=0xef => 3,
+            0xc0..=0xdf => 2,
+            _ => 1,
+        }
+    }
+
+    /// The scanner as it was (a character at a time), to check the one that copies runs.
+    fn scan_literals_reference(sql: &str, shape: bool) -> (String, u32) {
+        let b = sql.as_bytes();
+        let mut out = String::with_capacity(sql.len());
+        let mut n = 0u32;
+        let mut i = 0usize;
+        let mut placeholder = |out: &mut String| {
+            n += 1;
+            if shape {
+                out.push('\u{1}');
+            } else {
+                out.push('$');
+                out.push_str(&n.to_string());
+            }
+        };
+        while i < b.len() {
+            let c = b[i];
+            // Comments
+            if c == b'-' && b.get(i + 1) == Some(&b'-') {
+                let start = i;
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+                if shape {
+                    out.push_str(&sql[start..i]);
+                }
+                continue;
+            }
+            if c == b'/' && b.get(i + 1) == Some(&b'*') {
+                let start = i;
+                i += 2;
+                while i < b.len() && !(b[i] == b'*' && b.get(i + 1) == Some(&b'/')) {
+                    i += 1;
+                }
+                i = (i + 2).min(b.len());
+                if shape {
+                    out.push_str(sql.get(start..i).unwrap_or(""));
+                }
+                continue;
+            }
+            // Quoted identifier
+            if c == b'"' {
+                let start = i;
+                i += 1;
+                while i < b.len() {
+                    if b[i] == b'"' {
+                        if b.get(i + 1) == Some(&b'"') {
+                            i += 2;
+                            continue;
+                        }
+                        i += 1;
+                        break;
+                    }
+                    i += 1;
+                }
+                out.push_str(&sql[start..i]);
+                continue;
+            }
+            // String literals, with optional E/B/X/N/U& prefixes
+            let prefix_len = if (c == b'E'
+                || c == b'e'
+                || c == b'B'
+                || c == b'b'
+                || c == b'X'
+                || c == b'x'
+                || c == b'N'
+                || c == b'n')
+                && b.get(i + 1) == Some(&b'\'')
+                && (i == 0 || !is_ident(b[i - 1]))
+            {
+                1
+            } else if (c == b'U' || c == b'u')
+                && b.get(i + 1) == Some(&b'&')
+                && b.get(i + 2) == Some(&b'\'')
+            {
+                2
+            } else {
+                0
+            };
+            if c == b'\'' || prefix_len > 0 {
+                let escapes = c == b'E' || c == b'e';
+                i += prefix_len + 1;
+                while i < b.len() {
+                    if escapes && b[i] == b'\\' {
+                        i += 2;
+                        continue;
+                    }
+                    if b[i] == b'\'' {
+                        if b.get(i + 1) == Some(&b'\'') {
+                            i += 2;
+                            continue;
+                        }
+                        i += 1;
+                        break;
+                    }
+                    i += 1;
+                }
+                i = i.min(b.len());
+                placeholder(&mut out);
+                continue;
+            }
+            // Dollar quoting: $tag$ ... $tag$ (a $n parameter is kept)
+            if c == b'$' {
+                let mut j = i + 1;
+                while j < b.len() && is_ident(b[j]) && !b[j].is_ascii_digit() {
+                    j += 1;
+                }
+                if j < b.len() && b[j] == b'$' {
+                    let tag = &sql[i..=j];
+                    let body_start = j + 1;
+                    let end = sql[body_start..]
+                        .find(tag)
+                        .map(|p| body_start + p + tag.len())
+                        .unwrap_or(b.len());
+                    i = end;
+                    placeholder(&mut out);
+                    continue;
+                }
+                // $n parameter
+                out.push('$');
+                i += 1;
+                while i < b.len() && b[i].is_ascii_digit() {
+                    out.push(b[i] as char);
+                    i += 1;
+                }
+                continue;
+            }
+            // Numbers not part of an identifier
+            if (c.is_ascii_digit()
+                || (c == b'.' && b.get(i + 1).is_some_and(|d| d.is_ascii_digit())))
+                && (i == 0 || !is_ident(b[i - 1]))
+            {
+                while i < b.len()
+                    && (b[i].is_ascii_alphanumeric()
+                        || b[i] == b'.'
+                        || b[i] == b'_'
+                        || ((b[i] == b'+' || b[i] == b'-') && matches!(b[i - 1], b'e' | b'E')))
+                {
+                    i += 1;
+                }
+                placeholder(&mut out);
+                continue;
+            }
+            // Anything else, copied whole (multi-byte UTF-8 stays intact)
+            let len = utf8_len(c);
+            let end = (i + len).min(b.len());
+            out.push_str(sql.get(i..end).unwrap_or(""));
+            i = end;
+        }
+        (out, n)
+    }
+
+    /// Texts made of the pieces the scanner tells apart (quotes of every kind, comments,
+    /// dollar tags, numbers, parameters, multi-byte characters, cut-off ends): redacted
+    /// and shaped as the character-at-a-time scanner did.
+    #[test]
+    fn scanning_in_runs_is_scanning_a_character_at_a_time() {
+        use rand::{Rng, SeedableRng};
+        let pieces = [
+            "SELECT ",
+            "a",
+            " = ",
+            "42",
+            "1.5e-3",
+            ".5",
+            "x1",
+            "_9",
+            "'it''s'",
+            "'open",
+            "E'a\\'b'",
+            "e'\\",
+            "E'\\é'",
+            "B'101'",
+            "X'ff'",
+            "N'n'",
+            "U&'d'",
+            "u&'",
+            "$1",
+            "$12",
+            "$$body$$",
+            "$t$x$t$",
+            "$t$open",
+            "$",
+            "-- c\n",
+            "--",
+            "/* c */",
+            "/*",
+            "\"q\"\"i\"",
+            "\"open",
+            "é",
+            "日本",
+            "🙂",
+            ";",
+            " ",
+            "\n",
+            "-",
+            "/",
+            "*",
+            "e",
+            "u",
+            "'",
+            "\"",
+            "\\",
+            "0",
+            "U",
+            "E",
+            "n",
+            "&",
+            "1e",
+            "1u",
+            "1E+",
+            "x",
+            "é'",
+            "_",
+            "$a",
+            "9",
+            "é1",
+            "u&",
+            "E'\\",
+            "-1",
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for _ in 0..100_000 {
+            let n = rng.gen_range(0..12);
+            let sql: String = (0..n)
+                .map(|_| pieces[rng.gen_range(0..pieces.len())])
+                .collect();
+            for shape in [false, true] {
+                assert_eq!(
+                    scan_literals(&sql, shape),
+                    scan_literals_reference(&sql, shape),
+                    "{sql:?}, shape {shape}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn pg_query_normalizes() {

@@ -351,9 +351,8 @@ impl RecordingPolicy {
                     String::from_utf8_lossy(v).into_owned()
                 })
             } else {
-                let digest = self.param_mac.digest(v);
                 let mut text = *b"hmac:0000000000000000";
-                hex::encode_to_slice(&digest[..8], &mut text[5..]).expect("16 hex digits");
+                text[5..].copy_from_slice(&self.param_mac.short_hex(v));
                 One::Hash(text)
             }
         };

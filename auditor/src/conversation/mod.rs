@@ -23,7 +23,7 @@ use crate::{
         frontend::{FrontendMessage, Target},
         wire::{I16s, Values},
     },
-    sql::{split_statements, Analysis, Analyzer},
+    sql::{split_shared, Analysis, Analyzer},
     text::{ShortText, Text},
 };
 
@@ -889,14 +889,14 @@ impl Conversation {
         match m {
             FrontendMessage::Query { sql } => {
                 let whole: Arc<str> = text_of(sql).into();
-                let split = split_statements(&whole);
+                let split = split_shared(&whole);
                 let multi = split.len() > 1;
                 let statements = split
                     .into_iter()
                     .map(|s| {
-                        let analysis = analyzer.analyze(&s);
+                        let analysis = analyzer.analyze_shared(&s);
                         SimpleStatement {
-                            sql: s.into(),
+                            sql: s,
                             analysis,
                             cut: self.partial,
                             multi,
@@ -917,11 +917,11 @@ impl Conversation {
                 param_types,
             } => {
                 let name = text_of(name).into_owned();
-                let sql = text_of(sql);
+                let (sql, analysis) = analyzer.analyze_text(&text_of(sql));
                 let statement = Arc::new(PreparedStatement {
                     name: Text::lasting_shape(&name),
-                    analysis: analyzer.analyze(&sql),
-                    sql: sql.as_ref().into(),
+                    analysis,
+                    sql,
                     declared_types: param_types.iter().collect(),
                     description: OnceLock::new(),
                     cut: self.partial,
