@@ -387,17 +387,19 @@ fn scan_literals(sql: &str, shape: bool) -> (String, u32) {
         // just before the quote, unless a token before took them (a number's `1e`) or
         // (E, B, X, N) they end a word.
         if c == b'\'' {
-            let prefix = |at: usize| at >= copied;
             let (start, escapes) = if i >= 1
                 && matches!(
                     b[i - 1],
                     b'E' | b'e' | b'B' | b'b' | b'X' | b'x' | b'N' | b'n'
                 )
-                && prefix(i - 1)
+                && i > copied
                 && (i == 1 || !is_ident(b[i - 2]))
             {
                 (i - 1, matches!(b[i - 1], b'E' | b'e'))
-            } else if i >= 2 && b[i - 1] == b'&' && matches!(b[i - 2], b'U' | b'u') && prefix(i - 2)
+            } else if i >= 2
+                && b[i - 1] == b'&'
+                && matches!(b[i - 2], b'U' | b'u')
+                && i - 2 >= copied
             {
                 (i - 2, false)
             } else {

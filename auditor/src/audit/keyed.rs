@@ -78,8 +78,7 @@ impl KeyedHash {
         let slot = memo_slot(value);
         let hit = MEMO
             .try_with(|m| {
-                let m = m.borrow();
-                let e = &m[slot];
+                let e = &m.borrow().0[slot];
                 (e.key == self.id
                     && usize::from(e.len) == value.len()
                     && &e.value[..value.len()] == value)
@@ -92,7 +91,7 @@ impl KeyedHash {
         }
         let hex = hex_of(self.digest(value));
         let _ = MEMO.try_with(|m| {
-            let e = &mut m.borrow_mut()[slot];
+            let e = &mut m.borrow_mut().0[slot];
             e.key = self.id;
             e.len = value.len() as u8;
             e.value = [0; MEMO_VALUE];
@@ -160,19 +159,6 @@ struct MemoEntry {
 /// A thread's memo of short values and their hashes. The values are parameters of
 /// statements this thread recorded: wiped when the thread ends.
 struct Memo(Box<[MemoEntry; MEMO_SLOTS]>);
-
-impl std::ops::Deref for Memo {
-    type Target = [MemoEntry; MEMO_SLOTS];
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Memo {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
-    }
-}
 
 impl Drop for Memo {
     fn drop(&mut self) {
