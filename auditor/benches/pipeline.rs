@@ -2,11 +2,20 @@
 //! 15 (tests/fixtures): the decoder and session machine (framing, message decoding,
 //! request/response matching, SQL normalisation), and the local log sink.
 //!
-//! `cargo xtask bench` runs these and turns the times into messages/s, MB/s and events/s
-//! in docs/benchmarks.md, using the per-iteration sizes this program writes to
-//! target/criterion/pipeline-sizes.json.
+//! The steady state: an established session answering one more transaction, again and
+//! again, as the daemon's decoding thread spends most of its time (the replays from the
+//! startup packet on include what happens once per session).
+//!
+//! `cargo xtask bench` runs these and turns the times into messages/s, MB/s, events/s and
+//! ns per statement in docs/benchmarks.md, using the per-iteration sizes (and allocations
+//! per statement, counted here) this program writes to target/criterion/pipeline-sizes.json.
 
-use std::{collections::BTreeMap, hint::black_box, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    hint::black_box,
+    path::PathBuf,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use auditor::{
     audit::event::{new_event_id, AuditEvent},
@@ -20,6 +29,160 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 #[path = "../tests/support/fixture_io.rs"]
 mod fixture_io;
+
+/// The system allocator, counting allocations (one relaxed add each; every benchmark here
+/// pays it alike).
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is passed on to the system allocator unchanged.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { std::alloc::System.realloc(ptr, layout, size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// One protocol message: tag, length, body.
+fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// An established session and the chunks of the transaction it answers in a loop.
+struct Steady {
+    session: Session,
+    analyzer: Analyzer,
+    /// Each turn's chunks; turn `i` replays `turns[i % turns.len()]`.
+    turns: Vec<Vec<(Direction, Vec<u8>)>>,
+    statements_per_turn: u64,
+    out: Vec<auditor::audit::recorder::Draft>,
+    ts: i128,
+    turn: usize,
+}
+
+impl Steady {
+    /// The session of `setup` (replayed once), then `turns`.
+    fn new(setup: &[(Direction, Vec<u8>)], turns: Vec<Vec<(Direction, Vec<u8>)>>) -> Self {
+        let mut s = Steady {
+            session: Session::new(
+                RecordingPolicy::default(),
+                TokenizerLimits::default(),
+                false,
+            ),
+            analyzer: Analyzer::default(),
+            turns,
+            statements_per_turn: 0,
+            out: Vec::new(),
+            ts: 0,
+            turn: 0,
+        };
+        for (dir, bytes) in setup {
+            s.ts += 1000;
+            s.session
+                .push(*dir, bytes, true, s.ts, &mut s.analyzer, &mut s.out);
+        }
+        s.out.clear();
+        s.turn();
+        s.statements_per_turn = s.out.len() as u64;
+        assert!(s.statements_per_turn > 0, "a turn records statements");
+        s.out.clear();
+        s
+    }
+
+    /// One transaction: pushed, its events taken and their boxes handed back as the sink
+    /// hands them back to the decoding thread.
+    fn turn(&mut self) {
+        let chunks = &self.turns[self.turn % self.turns.len()];
+        self.turn += 1;
+        for (dir, bytes) in chunks {
+            self.ts += 1000;
+            self.session.push(
+                *dir,
+                bytes,
+                true,
+                self.ts,
+                &mut self.analyzer,
+                &mut self.out,
+            );
+        }
+    }
+
+    fn recycle(&mut self) {
+        for d in self.out.drain(..) {
+            auditor::audit::recorder::recycle(d.event);
+        }
+    }
+
+    /// Allocations per statement, once warm.
+    fn allocations_per_statement(&mut self) -> f64 {
+        const TURNS: u64 = 2000;
+        for _ in 0..TURNS {
+            self.turn();
+            self.recycle();
+        }
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        for _ in 0..TURNS {
+            self.turn();
+            self.recycle();
+        }
+        (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64
+            / (TURNS * self.statements_per_turn) as f64
+    }
+}
+
+/// The last transaction of a pgbench transcript (its last `chunks` chunks before
+/// Terminate), after the rest as the setup.
+fn pgbench_steady(name: &str, chunks: usize) -> Steady {
+    let mut all = fixture_io::load(name);
+    all.pop(); // Terminate
+    let turn = all.split_off(all.len() - chunks);
+    Steady::new(&all, vec![turn])
+}
+
+/// `SELECT abalance FROM pgbench_accounts WHERE aid = N;` in the simple protocol, N one of
+/// 1,000 values, after psql's startup.
+fn simple_select_steady() -> Steady {
+    let setup = fixture_io::load("psql-simple-0");
+    let mut row_description = 1u16.to_be_bytes().to_vec();
+    row_description.extend_from_slice(b"abalance\0");
+    row_description.extend_from_slice(&[
+        0, 0, 0x40, 0x06, 0, 3, 0, 0, 0, 0x17, 0, 4, 0xff, 0xff, 0xff, 0xff, 0, 0,
+    ]);
+    let mut response = message(b'T', &row_description);
+    response.extend(message(b'D', &[0, 1, 0, 0, 0, 4, b'2', b'9', b'7', b'0']));
+    response.extend(message(b'C', b"SELECT 1\0"));
+    response.extend(message(b'Z', b"I"));
+    let turns = (0..1000u64)
+        .map(|i| {
+            let sql = format!(
+                "SELECT abalance FROM pgbench_accounts WHERE aid = {};\0",
+                1 + i * 7919 % 100_000
+            );
+            vec![
+                (Direction::ToServer, message(b'Q', sql.as_bytes())),
+                (Direction::ToClient, response.clone()),
+            ]
+        })
+        .collect();
+    Steady::new(&setup[..2], turns)
+}
 
 /// Replays a transcript through a new session; returns (messages, events).
 fn replay(
@@ -64,6 +227,38 @@ fn benches(c: &mut Criterion) {
         group.throughput(Throughput::Bytes(bytes));
         group.bench_function(name, |b| {
             b.iter(|| black_box(replay(black_box(&chunks), &mut analyzer, &mut out)))
+        });
+    }
+    group.finish();
+
+    // The steady state: ns and allocations per statement in an established session.
+    let mut group = c.benchmark_group("steady");
+    for (name, mut steady) in [
+        // pgbench's TPC-B-like transaction: 7 statements, 14 chunks.
+        (
+            "pgbench-prepared-1",
+            pgbench_steady("pgbench-prepared-1", 14),
+        ),
+        (
+            "pgbench-extended-1",
+            pgbench_steady("pgbench-extended-1", 14),
+        ),
+        ("simple-select", simple_select_steady()),
+    ] {
+        let allocations = steady.allocations_per_statement();
+        sizes.insert(
+            format!("steady/{name}"),
+            serde_json::json!({
+                "statements": steady.statements_per_turn,
+                "allocations_per_statement": allocations,
+            }),
+        );
+        group.throughput(Throughput::Elements(steady.statements_per_turn));
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                steady.turn();
+                steady.recycle();
+            })
         });
     }
     group.finish();

@@ -1504,6 +1504,32 @@ fn pipeline_section(
             )?;
         }
     }
+    writeln!(
+        md,
+        "\nThe steady state, where the daemon's decoding thread spends its time: an established \
+         session answering one more transaction, again and again (the same pgbench \
+         TPC-B-like transaction; a simple `SELECT ... WHERE aid = N` with 1,000 values of N), \
+         its events taken and their boxes handed back as the sink does. Allocations are \
+         counted by the benchmark's allocator.\n"
+    )?;
+    writeln!(
+        md,
+        "| transaction | statements | ns per statement | allocations per statement |"
+    )?;
+    writeln!(md, "|---|---|---|---|")?;
+    if let Some(map) = sizes.as_object() {
+        for (id, size) in map.iter().filter(|(id, _)| id.starts_with("steady/")) {
+            let statements = size["statements"].as_f64().unwrap_or(0.0);
+            let ns = median_ns(id)?;
+            writeln!(
+                md,
+                "| {} | {statements:.0} | {:.0} | {:.2} |",
+                id.trim_start_matches("steady/"),
+                ns / statements.max(1.0),
+                size["allocations_per_statement"].as_f64().unwrap_or(0.0),
+            )?;
+        }
+    }
     writeln!(md, "\n## Sink throughput\n")?;
     let events = sizes["sink/local-log"]["events"].as_f64().unwrap_or(0.0);
     let ns = median_ns("sink/local-log")?;

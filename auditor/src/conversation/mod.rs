@@ -508,6 +508,9 @@ pub struct Conversation {
     prepared: Names<Arc<PreparedStatement>>,
     portals: Names<Portal>,
     pending: VecDeque<Pending>,
+    /// A `Pending::Lost` was queued since the last request (that request removed those
+    /// before it): the next one looks for them, the others need not.
+    lost_queued: bool,
     /// The last RowDescription's columns: a driver that describes its portal before each
     /// Execute (pgbench, libpq's PQexecPrepared) gets the same ones each time, shared.
     last_columns: Option<Arc<[Column]>>,
@@ -552,6 +555,7 @@ impl Conversation {
             prepared: Names::default(),
             portals: Names::default(),
             pending: VecDeque::new(),
+            lost_queued: false,
             last_columns: None,
             lost_tail: None,
             counters: ConversationCounters::default(),
@@ -778,6 +782,7 @@ impl Conversation {
     pub fn requests_lost(&mut self) {
         if !matches!(self.pending.back(), Some(Pending::Lost { .. })) {
             self.pending.push_back(Pending::Lost { rows: 0 });
+            self.lost_queued = true;
         }
         self.lost_tail = Some(LostTail::default());
     }
@@ -881,7 +886,7 @@ impl Conversation {
             self.responses_unreliable = false;
             self.pending.clear();
         }
-        if is_request {
+        if is_request && std::mem::take(&mut self.lost_queued) {
             // The lost requests are answered by now (or the client pipelines past them,
             // and matching goes on from the requests it is seen to send).
             self.pending.retain(|p| !matches!(p, Pending::Lost { .. }));
