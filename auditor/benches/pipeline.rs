@@ -73,6 +73,8 @@ struct Steady {
     turns: Vec<Vec<(Direction, Vec<u8>)>>,
     statements_per_turn: u64,
     out: Vec<auditor::audit::recorder::Draft>,
+    /// Events of the turn, their drafts' sources dropped as the tracker drops them.
+    events: Vec<Box<auditor::audit::event::AuditEvent>>,
     ts: i128,
     turn: usize,
 }
@@ -90,6 +92,7 @@ impl Steady {
             turns,
             statements_per_turn: 0,
             out: Vec::new(),
+            events: Vec::new(),
             ts: 0,
             turn: 0,
         };
@@ -100,14 +103,14 @@ impl Steady {
         }
         s.out.clear();
         s.turn();
-        s.statements_per_turn = s.out.len() as u64;
+        s.statements_per_turn = s.events.len() as u64;
         assert!(s.statements_per_turn > 0, "a turn records statements");
-        s.out.clear();
+        s.events.clear();
         s
     }
 
-    /// One transaction: pushed, its events taken and their boxes handed back as the sink
-    /// hands them back to the decoding thread.
+    /// One transaction, pushed a chunk at a time; after each chunk, the events it ended
+    /// are taken from their drafts (the tracker's part: the rest of a draft is dropped).
     fn turn(&mut self) {
         let chunks = &self.turns[self.turn % self.turns.len()];
         self.turn += 1;
@@ -121,13 +124,16 @@ impl Steady {
                 &mut self.analyzer,
                 &mut self.out,
             );
+            self.events.extend(self.out.drain(..).map(|d| d.event));
         }
     }
 
+    /// The turn's events dropped, their boxes kept, as when the sink thread hands a batch
+    /// back to the decoding thread.
     fn recycle(&mut self) {
-        for d in self.out.drain(..) {
-            auditor::audit::recorder::recycle(d.event);
-        }
+        self.events
+            .drain(..)
+            .for_each(auditor::audit::recorder::recycle);
     }
 
     /// Allocations per statement, once warm.

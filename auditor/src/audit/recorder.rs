@@ -79,16 +79,31 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `ev` in a box, one of this thread's spare ones if it has any.
-pub fn boxed(ev: AuditEvent) -> Box<AuditEvent> {
-    let spare = SPARE
+/// One of this thread's spare boxes, if it has any.
+fn spare_box() -> Option<Box<std::mem::MaybeUninit<AuditEvent>>> {
+    SPARE
         .try_with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()))
         .ok()
-        .flatten();
-    match spare {
+        .flatten()
+}
+
+/// `ev` in a box, one of this thread's spare ones if it has any.
+pub fn boxed(ev: AuditEvent) -> Box<AuditEvent> {
+    match spare_box() {
         Some(b) => Box::write(b, ev),
         None => Box::new(ev),
     }
+}
+
+/// An empty event of `kind` in a box, written where it lies (an event built first and
+/// then boxed is copied: about 800 bytes per statement).
+fn boxed_of_kind(kind: EventKind) -> Box<AuditEvent> {
+    // The box first, then the event made into it (one path: the compiler writes the
+    // event where it goes).
+    let mut b = spare_box().unwrap_or_else(Box::new_uninit);
+    b.write(AuditEvent::of_kind(kind));
+    // SAFETY: written just above.
+    unsafe { b.assume_init() }
 }
 
 /// Drops the event in `b`, the box kept as a spare of this thread.
@@ -222,7 +237,7 @@ impl Recorder {
     }
 
     fn statement(&self, mut s: StatementOutcome, flags: &mut Flags) -> Draft {
-        let mut ev = boxed(kind_event(EventKind::Statement));
+        let mut ev = boxed_of_kind(EventKind::Statement);
         let mut source = Source {
             multi: s.multi,
             whole: s.whole.take(),

@@ -705,6 +705,7 @@ macro_rules! audit_event {
 
         impl AuditEvent {
             /// An empty event of `kind`, made in place without allocating.
+            #[inline]
             pub fn of_kind(kind: EventKind) -> AuditEvent {
                 let mut ev = AuditEvent {
                     $( $name: <$ty as $crate::audit::schema::Field>::empty(), )*

@@ -225,10 +225,13 @@ pub struct PreparedStatement {
 /// values, an approval binds them, masking reads the result formats.
 #[derive(Debug, Clone)]
 pub struct BoundParams {
+    /// Formats, values and result formats from its start to `end`; what follows is room
+    /// a later Bind of the same portal may write its own into ([`BoundParams::of`]).
     raw: Arc<[u8]>,
     count: u16,
     values_at: usize,
     results_at: usize,
+    end: usize,
 }
 
 impl Default for BoundParams {
@@ -241,32 +244,78 @@ impl Default for BoundParams {
             count: 0,
             values_at: 0,
             results_at: 0,
+            end: 0,
         }
     }
 }
 
+/// A Bind's buffer is allocated in steps of this many bytes, so the next Bind (values of
+/// another length) fits in it.
+const BIND_ROOM: usize = 64;
+
+/// The largest Bind buffer a conversation keeps for the next Bind once its portal is gone.
+const SPARE_BIND_MAX: usize = 4096;
+
 impl BoundParams {
-    fn of(formats: I16s<'_>, values: Values<'_>, results: I16s<'_>) -> Self {
+    /// A Bind's parts in one buffer: `spare` (the buffer of a Bind before) when they fit
+    /// in it and nothing else holds it any more, else a new one.
+    fn of(
+        formats: I16s<'_>,
+        values: Values<'_>,
+        results: I16s<'_>,
+        spare: Option<Arc<[u8]>>,
+    ) -> Self {
         let parts = [formats.0, values.raw(), results.0];
-        let len = parts.iter().map(|p| p.len()).sum();
+        let len: usize = parts.iter().map(|p| p.len()).sum();
         if len == 0 {
             return BoundParams::default();
         }
-        // Straight into the shared allocation (a Vec first would be a second one).
-        let mut raw = Arc::<[u8]>::new_uninit_slice(len);
-        let slots = Arc::get_mut(&mut raw).expect("a new Arc is not shared");
-        let mut at = 0;
-        for p in parts {
-            slots[at..at + p.len()].write_copy_of_slice(p);
-            at += p.len();
+        // (A buffer much larger than these parts is let go: one huge Bind does not keep
+        // its memory for the session's life.)
+        let fits = |spare: &Arc<[u8]>| (len..=(2 * len).max(4 * BIND_ROOM)).contains(&spare.len());
+        if let Some(mut raw) = spare.filter(fits) {
+            if let Some(slots) = Arc::get_mut(&mut raw) {
+                for (p, to) in parts.iter().zip(slot_ranges(&parts)) {
+                    slots[to].copy_from_slice(p);
+                }
+                return BoundParams::laid_out(raw, &parts, values.len());
+            }
         }
-        // SAFETY: the parts' lengths sum to `len`: every byte was written.
+        // Straight into the shared allocation (a Vec first would be a second one), the
+        // room after the parts zeroed.
+        let room = len.next_multiple_of(BIND_ROOM);
+        let mut raw = Arc::<[u8]>::new_uninit_slice(room);
+        let slots = Arc::get_mut(&mut raw).expect("a new Arc is not shared");
+        for b in &mut slots[len..] {
+            b.write(0);
+        }
+        for (p, to) in parts.iter().zip(slot_ranges(&parts)) {
+            slots[to].write_copy_of_slice(p);
+        }
+        // SAFETY: the parts fill `..len`, the room after was zeroed: every byte was
+        // written.
         let raw = unsafe { raw.assume_init() };
+        BoundParams::laid_out(raw, &parts, values.len())
+    }
+
+    fn laid_out(raw: Arc<[u8]>, parts: &[&[u8]; 3], count: usize) -> Self {
         BoundParams {
             raw,
-            count: values.len() as u16,
-            values_at: formats.0.len(),
-            results_at: formats.0.len() + values.raw().len(),
+            count: count as u16,
+            values_at: parts[0].len(),
+            results_at: parts[0].len() + parts[1].len(),
+            end: parts.iter().map(|p| p.len()).sum(),
+        }
+    }
+
+    /// The buffer, for a later Bind to write into if by then nothing else holds it (the
+    /// Execute that took it answered, its event recorded); these params are empty after.
+    /// None for a large one (not kept past its portal).
+    fn take_buffer(&mut self) -> Option<Arc<[u8]>> {
+        if self.end > 0 && self.raw.len() <= SPARE_BIND_MAX {
+            Some(std::mem::take(self).raw)
+        } else {
+            None
         }
     }
     /// Parameter format codes.
@@ -281,8 +330,15 @@ impl BoundParams {
     }
     /// Result-column format codes.
     pub fn result_formats(&self) -> I16s<'_> {
-        I16s(&self.raw[self.results_at..])
+        I16s(&self.raw[self.results_at..self.end])
     }
+}
+
+/// Where each of `parts` goes in a buffer of them all, one after another.
+fn slot_ranges(parts: &[&[u8]; 3]) -> [std::ops::Range<usize>; 3] {
+    let a = parts[0].len();
+    let b = a + parts[1].len();
+    [0..a, a..b, b..b + parts[2].len()]
 }
 
 /// A portal: a statement bound to values, executed by Execute.
@@ -511,6 +567,10 @@ pub struct Conversation {
     /// A `Pending::Lost` was queued since the last request (that request removed those
     /// before it): the next one looks for them, the others need not.
     lost_queued: bool,
+    /// The buffer of the last unnamed portal that went away (at the end of its
+    /// transaction), for the next Bind: held by that portal's statement until its event is
+    /// recorded, then free to write over ([`BoundParams::of`]).
+    spare_params: Option<Arc<[u8]>>,
     /// The last RowDescription's columns: a driver that describes its portal before each
     /// Execute (pgbench, libpq's PQexecPrepared) gets the same ones each time, shared.
     last_columns: Option<Arc<[Column]>>,
@@ -556,6 +616,7 @@ impl Conversation {
             portals: Names::default(),
             pending: VecDeque::new(),
             lost_queued: false,
+            spare_params: None,
             last_columns: None,
             lost_tail: None,
             counters: ConversationCounters::default(),
@@ -946,6 +1007,16 @@ impl Conversation {
                 result_formats,
             } => {
                 let portal = text_of(portal).into_owned();
+                // The buffer of the portal this Bind replaces (unless it is suspended: its
+                // statement is recorded below, with its values), or of the last portal
+                // gone: written over if nothing holds it any more (no allocation per
+                // statement).
+                let spare = self
+                    .portals
+                    .get_mut(&portal)
+                    .filter(|p| p.started_ns.is_none())
+                    .and_then(|p| p.params.take_buffer())
+                    .or_else(|| self.spare_params.take());
                 let name = text_of(statement);
                 let statement = self.prepared.get(name.as_ref()).cloned();
                 let statement_name = match &statement {
@@ -957,7 +1028,7 @@ impl Conversation {
                     Portal {
                         statement_name,
                         statement,
-                        params: BoundParams::of(param_formats, params, result_formats),
+                        params: BoundParams::of(param_formats, params, result_formats, spare),
                         columns: None,
                         rows_so_far: 0,
                         started_ns: None,
@@ -1657,6 +1728,9 @@ impl Conversation {
     /// Every portal is gone (the transaction or the session ended).
     fn end_portals(&mut self, ts: i128, out: &mut Vec<Outcome>) {
         if self.portals.values().all(|p| p.started_ns.is_none()) {
+            if let Some(p) = self.portals.unnamed.as_mut() {
+                self.spare_params = p.params.take_buffer().or(self.spare_params.take());
+            }
             self.portals.clear(); // (keeps the map's allocation)
             return;
         }
@@ -2105,6 +2179,125 @@ mod tests {
             params.values().iter().collect::<Vec<_>>(),
             vec![Some(&b"7"[..])]
         );
+        assert_eq!(c.counters.unmatched_responses, 0);
+    }
+
+    /// A Bind of the unnamed portal: `values` (None: NULL) in text, results in binary.
+    fn bind_unnamed(values: &[Option<&[u8]>], results: &[i16]) -> Vec<u8> {
+        let mut b = [cstr(""), cstr("")].concat();
+        b.extend(0u16.to_be_bytes());
+        b.extend((values.len() as u16).to_be_bytes());
+        for v in values {
+            match v {
+                Some(v) => {
+                    b.extend((v.len() as i32).to_be_bytes());
+                    b.extend_from_slice(v);
+                }
+                None => b.extend((-1i32).to_be_bytes()),
+            }
+        }
+        b.extend((results.len() as u16).to_be_bytes());
+        for r in results {
+            b.extend(r.to_be_bytes());
+        }
+        let mut m = frame(b'B', &b);
+        m.extend(frame(b'E', b"\0\0\0\0\0"));
+        m
+    }
+
+    fn answered(n: usize) -> Vec<u8> {
+        let mut server = Vec::new();
+        for _ in 0..n {
+            server.extend(frame(b'2', b""));
+            server.extend(frame(b'C', b"SELECT 1\0"));
+        }
+        server.extend(frame(b'Z', b"I"));
+        server
+    }
+
+    /// A statement's values (None: NULL) and result formats.
+    type Bound = (Vec<Option<Vec<u8>>>, Vec<i16>);
+
+    fn bound(out: &[Outcome]) -> Vec<Bound> {
+        out.iter()
+            .filter_map(|o| match o {
+                Outcome::Statement(s) => s.params.as_ref(),
+                _ => None,
+            })
+            .map(|p| {
+                (
+                    p.values().iter().map(|v| v.map(<[u8]>::to_vec)).collect(),
+                    p.result_formats().iter().collect(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_bind_writes_over_the_buffer_of_the_one_before_only_when_nothing_holds_it() {
+        let mut c = ready();
+        let mut out = Vec::new();
+        let mut client = frame(
+            b'P',
+            &[cstr(""), cstr("select $1, $2"), vec![0, 0]].concat(),
+        );
+        client.extend(frame(b'S', b""));
+        feed(&mut c, true, &client, &mut out);
+        feed(
+            &mut c,
+            false,
+            &[frame(b'1', b""), frame(b'Z', b"I")].concat(),
+            &mut out,
+        );
+        // One after another, each answered and its outcome dropped: each Bind writes over
+        // the buffer of the one before, whatever the values' lengths; each statement has
+        // its own values.
+        type Run<'a> = (&'a [Option<&'a [u8]>], &'a [i16]);
+        let runs: [Run<'_>; 4] = [
+            (&[Some(b"12345"), Some(b"tenant-a")], &[1, 0]),
+            (&[Some(b"7"), None], &[1]),
+            (&[Some(&[b'x'; 40]), Some(b"")], &[]),
+            (&[None, Some(b"9")], &[0, 1]),
+        ];
+        for (i, (values, results)) in runs.into_iter().enumerate() {
+            out.clear();
+            let mut client = bind_unnamed(values, results);
+            client.extend(frame(b'S', b""));
+            feed(&mut c, true, &client, &mut out);
+            // Written over: past this Bind's bytes, those of the longer one before (a new
+            // buffer's room is zeroed).
+            let p = &c.portal("").unwrap().params;
+            let over = p.raw[p.end..].iter().any(|b| *b != 0);
+            assert_eq!(over, i == 1 || i == 3, "run {i}");
+            feed(&mut c, false, &answered(1), &mut out);
+            let expected: Vec<Option<Vec<u8>>> =
+                values.iter().map(|v| v.map(<[u8]>::to_vec)).collect();
+            assert_eq!(bound(&out), vec![(expected, results.to_vec())]);
+        }
+        // Pipelined: the first Execute still holds its buffer when the second Bind comes,
+        // and its outcome has its own values (its event is made after the second Bind).
+        out.clear();
+        let mut client = bind_unnamed(&[Some(b"1"), Some(b"first")], &[1]);
+        client.extend(bind_unnamed(&[Some(b"2"), Some(b"other")], &[0]));
+        client.extend(frame(b'S', b""));
+        feed(&mut c, true, &client, &mut out);
+        feed(&mut c, false, &answered(2), &mut out);
+        let one = |a: &[u8], b: &[u8]| vec![Some(a.to_vec()), Some(b.to_vec())];
+        assert_eq!(
+            bound(&out),
+            vec![
+                (one(b"1", b"first"), vec![1]),
+                (one(b"2", b"other"), vec![0])
+            ]
+        );
+        // An outcome kept (its event not yet recorded) keeps its buffer from the next Bind.
+        let kept = std::mem::take(&mut out);
+        let mut client = bind_unnamed(&[Some(b"3"), Some(b"third")], &[]);
+        client.extend(frame(b'S', b""));
+        feed(&mut c, true, &client, &mut out);
+        feed(&mut c, false, &answered(1), &mut out);
+        assert_eq!(bound(&out), vec![(one(b"3", b"third"), vec![])]);
+        assert_eq!(bound(&kept)[1], (one(b"2", b"other"), vec![0]));
         assert_eq!(c.counters.unmatched_responses, 0);
     }
 
