@@ -226,7 +226,7 @@ pub struct PreparedStatement {
 #[derive(Debug, Clone)]
 pub struct BoundParams {
     /// Formats, values and result formats from its start to `end`; what follows is room
-    /// a later Bind of the same portal may write its own into ([`BoundParams::of`]).
+    /// a later Bind may write its own into ([`BoundParams::of`]). Nothing reads past `end`.
     raw: Arc<[u8]>,
     count: u16,
     values_at: usize,
