@@ -10,12 +10,7 @@
 //! ns per statement in docs/benchmarks.md, using the per-iteration sizes (and allocations
 //! per statement, counted here) this program writes to target/criterion/pipeline-sizes.json.
 
-use std::{
-    collections::BTreeMap,
-    hint::black_box,
-    path::PathBuf,
-    sync::atomic::{AtomicU64, Ordering},
-};
+use std::{collections::BTreeMap, hint::black_box, path::PathBuf};
 
 use auditor::{
     audit::event::{new_event_id, AuditEvent},
@@ -30,32 +25,8 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 #[path = "../tests/support/fixture_io.rs"]
 mod fixture_io;
 
-/// The system allocator, counting allocations (one relaxed add each; every benchmark here
-/// pays it alike).
-struct Counting;
-
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: every call is passed on to the system allocator unchanged.
-unsafe impl std::alloc::GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller's contract, passed on.
-        unsafe { std::alloc::System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-        // SAFETY: the caller's contract, passed on.
-        unsafe { std::alloc::System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller's contract, passed on.
-        unsafe { std::alloc::System.realloc(ptr, layout, size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
+#[path = "../tests/support/counting.rs"]
+mod counting;
 
 /// One protocol message: tag, length, body.
 fn message(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -143,13 +114,13 @@ impl Steady {
             self.turn();
             self.recycle();
         }
-        let before = ALLOCATIONS.load(Ordering::Relaxed);
-        for _ in 0..TURNS {
-            self.turn();
-            self.recycle();
-        }
-        (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64
-            / (TURNS * self.statements_per_turn) as f64
+        let allocations = counting::counted(|| {
+            for _ in 0..TURNS {
+                self.turn();
+                self.recycle();
+            }
+        });
+        allocations as f64 / (TURNS * self.statements_per_turn) as f64
     }
 }
 

@@ -3,11 +3,6 @@
 //! counting allocator. A bound, so a change that adds allocations per statement fails here
 //! (the daemon's cost per statement is mostly allocation and what follows from it).
 
-use std::{
-    alloc::{GlobalAlloc, Layout, System},
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
-};
-
 use auditor::{
     audit::recorder::{recycle, Draft, RecordingPolicy},
     capture::session::Session,
@@ -18,34 +13,8 @@ use auditor::{
 #[path = "support/fixture_io.rs"]
 mod fixture_io;
 
-struct Counting;
-
-static COUNTING: AtomicBool = AtomicBool::new(false);
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: the caller's contract is System's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+#[path = "support/counting.rs"]
+mod counting;
 
 /// Allocations per statement of pgbench's TPC-B-like transaction (`-M prepared`: Bind,
 /// Describe, Execute, Sync per statement), with parameters hashed as by default: the
@@ -91,14 +60,14 @@ fn a_steady_prepared_statement_allocates_a_bounded_few_times() {
     events.drain(..).for_each(recycle);
     const ROUNDS: usize = 200;
     let mut statements = 0usize;
-    COUNTING.store(true, Ordering::Relaxed);
-    for _ in 0..ROUNDS {
-        replay(steady, &mut events);
-        statements += events.len();
-        events.drain(..).for_each(recycle);
-    }
-    COUNTING.store(false, Ordering::Relaxed);
-    let per = ALLOCATIONS.load(Ordering::Relaxed) as f64 / statements as f64;
+    let allocations = counting::counted(|| {
+        for _ in 0..ROUNDS {
+            replay(steady, &mut events);
+            statements += events.len();
+            events.drain(..).for_each(recycle);
+        }
+    });
+    let per = allocations as f64 / statements as f64;
     println!("{statements} statements, {per:.2} allocations per statement");
     assert_eq!(statements, ROUNDS * 14);
     assert!(
