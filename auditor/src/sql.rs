@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use crate::text::{List, Text};
 
 use ahash::AHashMap as HashMap;
@@ -46,6 +48,8 @@ pub struct Analyzer {
     cache: HashMap<Arc<str>, Arc<Analysis>>,
     shapes: HashMap<String, Arc<Analysis>>,
     capacity: usize,
+    /// The last statement's shape: the buffer the next one is written into.
+    shape: String,
 }
 
 impl Default for Analyzer {
@@ -70,6 +74,7 @@ impl Analyzer {
             cache: HashMap::default(),
             shapes: HashMap::default(),
             capacity,
+            shape: String::new(),
         }
     }
 
@@ -103,33 +108,40 @@ impl Analyzer {
     }
 
     fn analyze_new(&mut self, sql: &Arc<str>) -> Arc<Analysis> {
-        let shape = (shape_cacheable(sql) && !sql.contains('\u{1}'))
-            .then(|| shape_of(sql))
-            .filter(|(_, literals)| *literals > 0)
-            .map(|(shape, _)| shape);
-        if let Some(a) = shape.as_ref().and_then(|s| self.shapes.get(s)) {
-            return a.clone();
-        }
-        let a = Arc::new(analyze_uncached(sql));
-        // Simple and bounded: start over rather than track recency.
-        match shape {
-            // Only what pg_query parsed: the fallback lexer's text is not pg_query's.
-            Some(shape) if !a.unparsed => {
-                if self.shapes.len() >= self.capacity {
-                    self.shapes.clear();
+        // The shape is written into the analyzer's buffer and copied only when it is kept.
+        let mut shape = std::mem::take(&mut self.shape);
+        let shaped =
+            shape_cacheable(sql) && !sql.contains('\u{1}') && shape_into(sql, &mut shape) > 0;
+        let a = match shaped.then(|| self.shapes.get(shape.as_str())).flatten() {
+            Some(a) => a.clone(),
+            None => {
+                let a = Arc::new(analyze_uncached(sql));
+                // Simple and bounded: start over rather than track recency.
+                if shaped && !a.unparsed {
+                    // Only what pg_query parsed: the fallback lexer's text is not pg_query's.
+                    if self.shapes.len() >= self.capacity {
+                        self.shapes.clear();
+                    }
+                    self.shapes.insert(shape.clone(), a.clone());
+                } else {
+                    if self.cache.len() >= self.capacity {
+                        self.cache.clear();
+                    }
+                    self.cache.insert(sql.clone(), a.clone());
                 }
-                self.shapes.insert(shape, a.clone());
+                a
             }
-            _ => {
-                if self.cache.len() >= self.capacity {
-                    self.cache.clear();
-                }
-                self.cache.insert(sql.clone(), a.clone());
-            }
+        };
+        // A huge statement's shape does not keep its memory.
+        if shape.capacity() <= SHAPE_BUFFER_MAX {
+            self.shape = shape;
         }
         a
     }
 }
+
+/// The largest shape buffer an [`Analyzer`] keeps for the next statement.
+const SHAPE_BUFFER_MAX: usize = 16 << 10;
 
 /// Whether `sql` can hold more than one statement: a `;` followed by anything but
 /// whitespace. Most query strings are one statement and skip the splitter's full parse.
@@ -142,18 +154,17 @@ fn maybe_several(sql: &str) -> bool {
     }
 }
 
-/// [`split_statements`] of a shared query string: its one statement (most strings have
-/// one) shared with the string when it is all of it.
-pub fn split_shared(whole: &Arc<str>) -> Vec<Arc<str>> {
-    if !maybe_several(whole) {
-        let one = the_one(whole);
-        return vec![if one.len() == whole.len() {
-            whole.clone()
-        } else {
-            one.into()
-        }];
+/// A simple-protocol query string split as [`split_statements`] does, shared: the whole
+/// string and its statements. Most strings hold one statement: the whole is then that
+/// statement's text (without its terminating semicolons and spaces), one allocation for
+/// both, and the list holds it in place.
+pub fn split_query(text: &str) -> (Arc<str>, SmallVec<[Arc<str>; 1]>) {
+    if !maybe_several(text) {
+        let one: Arc<str> = the_one(text).into();
+        return (one.clone(), smallvec::smallvec![one]);
     }
-    split_statements(whole).into_iter().map(Arc::from).collect()
+    let parts = split_statements(text).into_iter().map(Arc::from).collect();
+    (text.into(), parts)
 }
 
 /// A string of one statement as the splitter returns it: without the terminating
@@ -302,22 +313,33 @@ fn first_keyword(sql: &str) -> String {
 /// identifiers, keywords, operators and existing $n parameters. Tolerates text that ends
 /// in the middle of anything (an unterminated literal is replaced whole).
 pub fn redact_literals(sql: &str) -> String {
-    scan_literals(sql, false).0
+    let mut out = String::with_capacity(sql.len());
+    scan_literals_into(sql, false, &mut out);
+    out
 }
 
-/// The text with every literal replaced by a \x01 byte and everything else (comments
-/// included) kept, and the number of literals: texts with equal shapes differ only in
-/// literal values.
-fn shape_of(sql: &str) -> (String, u32) {
-    scan_literals(sql, true)
+/// Writes into `out` (emptied first) the text with every literal replaced by a \x01 byte
+/// and everything else (comments included) kept; returns the number of literals: texts
+/// with equal shapes differ only in literal values.
+fn shape_into(sql: &str, out: &mut String) -> u32 {
+    out.clear();
+    scan_literals_into(sql, true, out)
 }
 
 /// Copies `sql` with each literal replaced (by `\u{1}` for a shape, `$n` otherwise);
-/// comments kept in a shape, dropped otherwise. What is kept is copied in runs, not a
-/// character at a time: this runs on every simple query's text.
+/// comments kept in a shape, dropped otherwise.
+#[cfg(test)]
 fn scan_literals(sql: &str, shape: bool) -> (String, u32) {
-    let b = sql.as_bytes();
     let mut out = String::with_capacity(sql.len());
+    let n = scan_literals_into(sql, shape, &mut out);
+    (out, n)
+}
+
+/// As [`scan_literals`], appending to `out`. What is kept is copied in runs, not a
+/// character at a time: this runs on every simple query's text.
+fn scan_literals_into(sql: &str, shape: bool, out: &mut String) -> u32 {
+    let b = sql.as_bytes();
+    out.reserve(sql.len());
     let mut n = 0u32;
     let mut i = 0usize;
     // Bytes before `copied` are in `out` (or were left out on purpose).
@@ -351,7 +373,7 @@ fn scan_literals(sql: &str, shape: bool) -> (String, u32) {
             let start = i;
             i = memchr_newline(b, i);
             if !shape {
-                replace(&mut out, &mut copied, start, i, false);
+                replace(out, &mut copied, start, i, false);
             }
             continue;
         }
@@ -363,7 +385,7 @@ fn scan_literals(sql: &str, shape: bool) -> (String, u32) {
             }
             i = (i + 2).min(b.len());
             if !shape {
-                replace(&mut out, &mut copied, start, i, false);
+                replace(out, &mut copied, start, i, false);
             }
             continue;
         }
@@ -427,7 +449,7 @@ fn scan_literals(sql: &str, shape: bool) -> (String, u32) {
             while !sql.is_char_boundary(i) {
                 i += 1;
             }
-            replace(&mut out, &mut copied, start, i, true);
+            replace(out, &mut copied, start, i, true);
             continue;
         }
         // Dollar quoting: $tag$ ... $tag$ (a $n parameter is kept)
@@ -444,7 +466,7 @@ fn scan_literals(sql: &str, shape: bool) -> (String, u32) {
                     .find(tag)
                     .map(|p| body_start + p + tag.len())
                     .unwrap_or(b.len());
-                replace(&mut out, &mut copied, start, i, true);
+                replace(out, &mut copied, start, i, true);
                 continue;
             }
             // $n parameter: kept.
@@ -467,14 +489,14 @@ fn scan_literals(sql: &str, shape: bool) -> (String, u32) {
             {
                 i += 1;
             }
-            replace(&mut out, &mut copied, start, i, true);
+            replace(out, &mut copied, start, i, true);
             continue;
         }
         // A byte that starts no token here (a digit within a word, a lone `-`).
         i += 1;
     }
     out.push_str(&sql[copied..]);
-    (out, n)
+    n
 }
 
 /// The bytes that may start a token [`scan_literals`] replaces or skips whole: comments,

@@ -23,7 +23,7 @@ use crate::{
         frontend::{FrontendMessage, Target},
         wire::{I16s, Values},
     },
-    sql::{split_shared, Analysis, Analyzer},
+    sql::{split_query, Analysis, Analyzer},
     text::{ShortText, Text},
 };
 
@@ -387,10 +387,38 @@ struct SimpleStatement {
     multi: bool,
 }
 
+/// A simple query's statements not answered yet, in order. Held last first, so that the
+/// next is taken from the end (a string of thousands of statements is not moved for each),
+/// and one statement (most strings) in place.
+#[derive(Debug, Default)]
+struct Statements(smallvec::SmallVec<[SimpleStatement; 1]>);
+
+impl Statements {
+    fn new(in_order: impl Iterator<Item = SimpleStatement>) -> Statements {
+        let mut v: smallvec::SmallVec<[SimpleStatement; 1]> = in_order.collect();
+        v.reverse();
+        Statements(v)
+    }
+    /// The next statement to be answered.
+    fn front(&self) -> Option<&SimpleStatement> {
+        self.0.last()
+    }
+    fn pop_front(&mut self) -> Option<SimpleStatement> {
+        self.0.pop()
+    }
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+    /// The statements, in order.
+    fn into_ordered(self) -> impl Iterator<Item = SimpleStatement> {
+        self.0.into_iter().rev()
+    }
+}
+
 #[derive(Debug)]
 enum Pending {
     Simple {
-        statements: VecDeque<SimpleStatement>,
+        statements: Statements,
         /// Shared by the outcomes of its statements (one Arc per query message).
         whole: Arc<str>,
         started_ns: i128,
@@ -954,21 +982,17 @@ impl Conversation {
         }
         match m {
             FrontendMessage::Query { sql } => {
-                let whole: Arc<str> = text_of(sql).into();
-                let split = split_shared(&whole);
+                let (whole, split) = split_query(&text_of(sql));
                 let multi = split.len() > 1;
-                let statements = split
-                    .into_iter()
-                    .map(|s| {
-                        let analysis = analyzer.analyze_shared(&s);
-                        SimpleStatement {
-                            sql: s,
-                            analysis,
-                            cut: self.partial,
-                            multi,
-                        }
-                    })
-                    .collect();
+                let statements = Statements::new(split.into_iter().map(|s| {
+                    let analysis = analyzer.analyze_shared(&s);
+                    SimpleStatement {
+                        sql: s,
+                        analysis,
+                        cut: self.partial,
+                        multi,
+                    }
+                }));
                 self.pending.push_back(Pending::Simple {
                     statements,
                     whole,
@@ -1783,10 +1807,11 @@ impl Conversation {
             match p {
                 Pending::Simple {
                     statements,
+                    whole,
                     started_ns,
                     ..
                 } => {
-                    for s in statements {
+                    for s in statements.into_ordered() {
                         out.push(Outcome::Statement(StatementOutcome {
                             protocol: Protocol::Simple,
                             cut: s.cut,
@@ -1800,7 +1825,7 @@ impl Conversation {
                             started_ns,
                             ended_ns: ts,
                             multi: s.multi,
-                            whole: None,
+                            whole: s.multi.then(|| whole.clone()),
                         }));
                     }
                 }
@@ -2299,6 +2324,92 @@ mod tests {
         assert_eq!(bound(&out), vec![(one(b"3", b"third"), vec![])]);
         assert_eq!(bound(&kept)[1], (one(b"2", b"other"), vec![0]));
         assert_eq!(c.counters.unmatched_responses, 0);
+    }
+
+    /// (text, whole string if one of several, how it ended) of each statement outcome.
+    fn simple_outcomes(out: &[Outcome]) -> Vec<(String, Option<String>, String)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Outcome::Statement(s) => Some(s),
+                _ => None,
+            })
+            .map(|s| {
+                let text = match &s.text {
+                    StatementText::Known { sql, .. } => sql.to_string(),
+                    other => format!("{other:?}"),
+                };
+                let end = match &s.result {
+                    StatementResult::Completed { tag, .. } => tag.to_string(),
+                    StatementResult::Failed { .. } => "failed".into(),
+                    other => format!("{other:?}"),
+                };
+                (text, s.whole.as_ref().map(|w| w.to_string()), end)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_query_strings_statements_end_in_order_and_an_error_ends_the_rest() {
+        let mut c = ready();
+        let mut out = Vec::new();
+        let one = |t: &str, w: Option<&str>, e: &str| {
+            (t.to_string(), w.map(str::to_string), e.to_string())
+        };
+        // One statement: its text without the terminating semicolon, no whole string.
+        feed(&mut c, true, &frame(b'Q', &cstr(" SELECT 1 ;; ")), &mut out);
+        let mut server = frame(b'C', b"SELECT 1\0");
+        server.extend(frame(b'Z', b"I"));
+        feed(&mut c, false, &server, &mut out);
+        assert_eq!(simple_outcomes(&out), [one("SELECT 1", None, "SELECT 1")]);
+        // Three: answered in order.
+        out.clear();
+        let three = "BEGIN; SELECT 2; COMMIT;";
+        feed(&mut c, true, &frame(b'Q', &cstr(three)), &mut out);
+        let mut server = frame(b'C', b"BEGIN\0");
+        server.extend(frame(b'C', b"SELECT 1\0"));
+        server.extend(frame(b'C', b"COMMIT\0"));
+        server.extend(frame(b'Z', b"I"));
+        feed(&mut c, false, &server, &mut out);
+        assert_eq!(
+            simple_outcomes(&out),
+            [
+                one("BEGIN", Some(three), "BEGIN"),
+                one("SELECT 2", Some(three), "SELECT 1"),
+                one("COMMIT", Some(three), "COMMIT"),
+            ]
+        );
+        // The second fails: the third never runs, and is not recorded.
+        out.clear();
+        let failing = "SELECT 3; SELECT nope; SELECT 4";
+        feed(&mut c, true, &frame(b'Q', &cstr(failing)), &mut out);
+        let mut server = frame(b'C', b"SELECT 1\0");
+        server.extend(frame(
+            b'E',
+            &[cstr("SERROR"), cstr("C42703"), cstr("Mcolumn"), vec![0]].concat(),
+        ));
+        server.extend(frame(b'Z', b"I"));
+        feed(&mut c, false, &server, &mut out);
+        assert_eq!(
+            simple_outcomes(&out),
+            [
+                one("SELECT 3", Some(failing), "SELECT 1"),
+                one("SELECT nope", Some(failing), "failed"),
+            ]
+        );
+        // The connection ends after the first answer: the others end unanswered, in order.
+        out.clear();
+        let cut = "SELECT 5; SELECT 6; SELECT 7";
+        feed(&mut c, true, &frame(b'Q', &cstr(cut)), &mut out);
+        feed(&mut c, false, &frame(b'C', b"SELECT 1\0"), &mut out);
+        c.end_pending(StatementResult::NoResponse, 0, &mut out);
+        assert_eq!(
+            simple_outcomes(&out),
+            [
+                one("SELECT 5", Some(cut), "SELECT 1"),
+                one("SELECT 6", Some(cut), "NoResponse"),
+                one("SELECT 7", Some(cut), "NoResponse"),
+            ]
+        );
     }
 
     #[test]
