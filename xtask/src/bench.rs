@@ -241,7 +241,7 @@ const MEMORY_CLIENTS: u32 = 1000;
 /// daemon twice (its data pages follow each other twice so that a record wrapping the
 /// end reads as one): VmRSS counts it twice.
 fn memory_section(md: &mut String, pg: &Postgres, seconds: u32) -> Result<()> {
-    let mut daemon = Daemon::start(pg.port, "")?;
+    let mut daemon = Daemon::start(pg.port, &pinned(""))?;
     let pid = daemon.pid();
     // The stats file comes with the daemon's first second.
     let mut ring_mib = None;
@@ -397,11 +397,11 @@ fn masking_section(
     )?;
     let mut daemon = Daemon::start(
         pg.port,
-        &format!(
+        &pinned(&format!(
             "policies_dir: {}\nproxy: {{port: {}}}\n",
             policies.path().display(),
             auditor_tests::free_port()
-        ),
+        )),
     )?;
     let masked_counter = |d: &Daemon| -> u64 {
         d.stats()
@@ -683,23 +683,27 @@ fn one_run(
             sql(pg, "ALTER SYSTEM SET pgaudit.log = 'all'")?;
             sql(pg, "SELECT pg_reload_conf()")?;
         }
-        Config::AuditorLocalLog => daemon = Some(Daemon::start(pg.port, "")?),
+        Config::AuditorLocalLog => daemon = Some(Daemon::start(pg.port, &pinned(""))?),
         Config::BareHooks => {
-            daemon = Some(Daemon::start_with_args(pg.port, "", &["--bare-hooks"])?)
+            daemon = Some(Daemon::start_with_args(
+                pg.port,
+                &pinned(""),
+                &["--bare-hooks"],
+            )?)
         }
         Config::AuditorClickHouse => {
             let ch = clickhouse.context("no ClickHouse server for this configuration")?;
             daemon = Some(Daemon::start(
                 pg.port,
-                &format!(
+                &pinned(&format!(
                     "clickhouse:\n  enabled: true\n  url: {}\n  database: {ch_database}\n",
                     ch.url()
-                ),
+                )),
             )?)
         }
         Config::AuditorProxy => {
             let p = proxy.context("no proxy setup")?;
-            daemon = Some(Daemon::start(pg.port, &p.daemon_config)?)
+            daemon = Some(Daemon::start(pg.port, &pinned(&p.daemon_config))?)
         }
         Config::None | Config::Pgbouncer => {}
     }
@@ -938,6 +942,22 @@ impl Options {
     }
 }
 
+/// Where the bench's daemons pin their redirect: a directory of the bench's own, so that
+/// a daemon this host runs (its pins in the default /sys/fs/bpf/auditor) is never taken
+/// over or detached by the bench, and what a bench stopped by a signal left pinned (its
+/// enforcing daemon keeps enforcing while stopped, by design) is removed when the next
+/// one starts.
+const PIN_DIR: &str = "/sys/fs/bpf/auditor-bench";
+
+/// A daemon's configuration in the bench: `extra` with the bench's pin directory.
+fn pinned(extra: &str) -> String {
+    if extra.contains("proxy: {") {
+        extra.replacen("proxy: {", &format!("proxy: {{pin_dir: {PIN_DIR}, "), 1)
+    } else {
+        format!("{extra}proxy:\n  pin_dir: {PIN_DIR}\n")
+    }
+}
+
 pub fn bench(opts: Options) -> Result<()> {
     let smoke = opts.smoke;
     let partial = !smoke && opts.partial();
@@ -954,6 +974,10 @@ pub fn bench(opts: Options) -> Result<()> {
         std::env::set_var("AUDITOR_BIN", bin);
     }
     let started = Instant::now();
+    // What an earlier bench stopped by a signal left pinned; and, at the end (or an
+    // error), what this one leaves.
+    drop(auditor_tests::DetachOnDrop::new(PIN_DIR));
+    let _detach = auditor_tests::DetachOnDrop::new(PIN_DIR);
     let _bpf_stats = BpfStats::enable();
     let (mut seconds, mut reps, clients, scale) = if smoke { (3, 1, 2, 2) } else { (10, 3, 4, 10) };
     if !smoke {
@@ -1083,9 +1107,8 @@ pub fn bench(opts: Options) -> Result<()> {
             cgroup.name
         ),
     )?;
-    // Every daemon of the bench pins its redirect in the default place, each taking over
-    // from the last; what the last leaves is removed at the end.
-    let _detach = auditor_tests::DetachOnDrop::new("/sys/fs/bpf/auditor");
+    // Every daemon of the bench pins its redirect in the bench's place, each taking over
+    // from the last; what the last leaves is removed at the end (`bench`).
     let proxy = ProxySetup {
         cgroup,
         daemon_config: format!(
@@ -1670,7 +1693,7 @@ fn profile(
         ));
     }
     for (label, config, data) in runs {
-        let daemon = Daemon::start(pg.port, &config)?;
+        let daemon = Daemon::start(pg.port, &pinned(&config))?;
         let pid = daemon.pid();
         let before = threads_cpu_ns(pid);
         let mut load = pg.pgbench();
