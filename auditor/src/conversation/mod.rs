@@ -198,6 +198,19 @@ pub struct Description {
     pub columns: Option<Arc<[Column]>>,
 }
 
+/// Parameter types: the list of none shared (most drivers declare none; an empty `Arc`
+/// of its own would be an allocation per statement).
+fn param_types_of(types: &[u32]) -> Arc<[u32]> {
+    thread_local! {
+        static NONE: Arc<[u32]> = Arc::from([]);
+    }
+    if types.is_empty() {
+        NONE.with(Arc::clone)
+    } else {
+        types.into()
+    }
+}
+
 /// A prepared statement, named or unnamed, as the client parsed it.
 #[derive(Debug)]
 pub struct PreparedStatement {
@@ -1337,7 +1350,7 @@ impl Conversation {
             Target::Statement => {
                 if let Some(s) = statement {
                     let _ = s.description.set(Description {
-                        param_types: param_types.unwrap_or_else(|| Arc::from([])),
+                        param_types: param_types.unwrap_or_else(|| param_types_of(&[])),
                         columns,
                     });
                 }
@@ -1379,7 +1392,7 @@ impl Conversation {
                 // executes the statement again without any Describe.
                 if let Some(s) = statement.filter(|s| s.description.get().is_none()) {
                     let _ = s.description.set(Description {
-                        param_types: s.declared_types.iter().copied().collect(),
+                        param_types: param_types_of(&s.declared_types),
                         columns: columns.map(|cols| {
                             cols.iter()
                                 .map(|c| Column {
