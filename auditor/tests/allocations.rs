@@ -6,7 +6,7 @@
 use auditor::{
     audit::recorder::{recycle, Draft, RecordingPolicy},
     capture::session::Session,
-    pg::TokenizerLimits,
+    pg::{Direction, TokenizerLimits},
     sql::Analyzer,
 };
 
@@ -36,13 +36,16 @@ const MAX_PER_STATEMENT: f64 = 0.3;
 /// list).
 const MAX_PER_EXTENDED_STATEMENT: f64 = 1.6;
 
-/// Allocations per statement while the last transaction of a pgbench transcript (its last
-/// `turn` chunks before Terminate) is answered again and again, after the rest.
-fn steady_allocations(name: &str, turn: usize) -> f64 {
-    let mut chunks = fixture_io::load(name);
-    chunks.pop(); // Terminate
-    let steady = chunks.split_off(chunks.len() - turn);
-    let setup = chunks;
+type Chunks = Vec<(Direction, Vec<u8>)>;
+
+/// Allocations per statement of `turns` (each a request and its answers, in chunks)
+/// replayed one after another, again and again, after `setup`; each turn records
+/// `statements` statements.
+fn allocations_per_statement(
+    setup: &[(Direction, Vec<u8>)],
+    turns: &[Chunks],
+    statements: usize,
+) -> f64 {
     let mut session = Session::new(
         RecordingPolicy::new(false, false, b"a key for the test"),
         TokenizerLimits::default(),
@@ -55,37 +58,47 @@ fn steady_allocations(name: &str, turn: usize) -> f64 {
     // rest of each draft dropped), and the boxes of a batch the sink thread sent back are
     // kept for the next drafts.
     let mut events = Vec::with_capacity(64);
-    let mut replay = |chunks: &[(auditor::pg::Direction, Vec<u8>)], events: &mut Vec<_>| {
+    let mut replay = |chunks: &[(Direction, Vec<u8>)], events: &mut Vec<_>| {
         for (dir, bytes) in chunks {
             ts += 1000;
             session.push(*dir, bytes, true, ts, &mut analyzer, &mut drafts);
             events.extend(drafts.drain(..).map(|d: Draft| d.event));
         }
     };
-    replay(&setup, &mut events);
-    for _ in 0..10 {
-        replay(&steady, &mut events);
+    replay(setup, &mut events);
+    // Warm: statements analysed, boxes made.
+    for turn in turns.iter().cycle().take(100) {
+        replay(turn, &mut events);
     }
     events.drain(..).for_each(recycle);
-    const ROUNDS: usize = 200;
-    let mut statements = 0usize;
+    const TURNS: usize = 1000;
+    let mut recorded = 0usize;
     let allocations = counting::counted(|| {
-        for _ in 0..ROUNDS {
-            replay(&steady, &mut events);
-            statements += events.len();
+        for turn in turns.iter().cycle().take(TURNS) {
+            replay(turn, &mut events);
+            recorded += events.len();
             events.drain(..).for_each(recycle);
         }
     });
-    let per = allocations as f64 / statements as f64;
-    println!("{name}: {statements} statements, {per:.2} allocations per statement");
+    assert_eq!(recorded, TURNS * statements);
+    allocations as f64 / recorded as f64
+}
+
+/// The last transaction of a pgbench transcript (its last `turn` chunks before
+/// Terminate) as the turn, after the rest.
+fn pgbench_allocations(name: &str, turn: usize) -> f64 {
+    let mut chunks = fixture_io::load(name);
+    chunks.pop(); // Terminate
+    let steady = chunks.split_off(chunks.len() - turn);
     // Seven statements a transaction.
-    assert_eq!(statements, ROUNDS * 7);
+    let per = allocations_per_statement(&chunks, &[steady], 7);
+    println!("{name}: {per:.2} allocations per statement");
     per
 }
 
 #[test]
 fn a_steady_prepared_statement_allocates_a_bounded_few_times() {
-    let per = steady_allocations("pgbench-prepared-1", 14);
+    let per = pgbench_allocations("pgbench-prepared-1", 14);
     assert!(
         per <= MAX_PER_STATEMENT,
         "{per:.2} allocations per statement, at most {MAX_PER_STATEMENT} expected"
@@ -94,7 +107,7 @@ fn a_steady_prepared_statement_allocates_a_bounded_few_times() {
 
 #[test]
 fn a_steady_extended_statement_allocates_a_bounded_few_times() {
-    let per = steady_allocations("pgbench-extended-1", 14);
+    let per = pgbench_allocations("pgbench-extended-1", 14);
     assert!(
         per <= MAX_PER_EXTENDED_STATEMENT,
         "{per:.2} allocations per statement, at most {MAX_PER_EXTENDED_STATEMENT} expected"
@@ -117,7 +130,6 @@ fn message(tag: u8, body: &[u8]) -> Vec<u8> {
 
 #[test]
 fn a_steady_simple_statement_allocates_only_its_text() {
-    use auditor::pg::Direction;
     let setup = fixture_io::load("psql-simple-0");
     let mut columns = 1u16.to_be_bytes().to_vec();
     columns.extend_from_slice(b"abalance\0");
@@ -129,62 +141,19 @@ fn a_steady_simple_statement_allocates_only_its_text() {
     response.extend(message(b'D', &[0, 1, 0, 0, 0, 4, b'2', b'9', b'7', b'0']));
     response.extend(message(b'C', b"SELECT 1\0"));
     response.extend(message(b'Z', b"I"));
-    let queries: Vec<Vec<u8>> = (0..1000u64)
+    let turns: Vec<Chunks> = (0..1000u64)
         .map(|i| {
             let aid = 1 + i * 7919 % 100_000;
             let sql = format!("SELECT abalance FROM pgbench_accounts WHERE aid = {aid};\0");
-            message(b'Q', sql.as_bytes())
+            vec![
+                (Direction::ToServer, message(b'Q', sql.as_bytes())),
+                (Direction::ToClient, response.clone()),
+            ]
         })
         .collect();
-    let mut session = Session::new(
-        RecordingPolicy::new(false, false, b"a key for the test"),
-        TokenizerLimits::default(),
-        false,
-    );
-    let mut analyzer = Analyzer::default();
-    let mut drafts = Vec::with_capacity(64);
-    let mut events = Vec::with_capacity(64);
-    // psql's startup, then one round to warm up (the shape analysed, the boxes made).
-    for (dir, bytes) in &setup[..2] {
-        session.push(*dir, bytes, true, 0, &mut analyzer, &mut drafts);
-    }
-    let mut ts = 0i128;
-    let mut turn = |query: &[u8], events: &mut Vec<_>| {
-        ts += 1000;
-        session.push(
-            Direction::ToServer,
-            query,
-            true,
-            ts,
-            &mut analyzer,
-            &mut drafts,
-        );
-        events.extend(drafts.drain(..).map(|d: Draft| d.event));
-        session.push(
-            Direction::ToClient,
-            &response,
-            true,
-            ts + 500,
-            &mut analyzer,
-            &mut drafts,
-        );
-        events.extend(drafts.drain(..).map(|d: Draft| d.event));
-    };
-    for q in &queries[..100] {
-        turn(q, &mut events);
-    }
-    events.drain(..).for_each(recycle);
-    let mut statements = 0usize;
-    let allocations = counting::counted(|| {
-        for q in &queries[100..] {
-            turn(q, &mut events);
-            statements += events.len();
-            events.drain(..).for_each(recycle);
-        }
-    });
-    let per = allocations as f64 / statements as f64;
-    println!("{statements} statements, {per:.2} allocations per statement");
-    assert_eq!(statements, 900);
+    // psql's startup first.
+    let per = allocations_per_statement(&setup[..2], &turns, 1);
+    println!("simple: {per:.2} allocations per statement");
     assert!(
         per <= MAX_PER_SIMPLE_STATEMENT,
         "{per:.2} allocations per statement, at most {MAX_PER_SIMPLE_STATEMENT} expected"
