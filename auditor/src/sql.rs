@@ -313,9 +313,7 @@ fn first_keyword(sql: &str) -> String {
 /// identifiers, keywords, operators and existing $n parameters. Tolerates text that ends
 /// in the middle of anything (an unterminated literal is replaced whole).
 pub fn redact_literals(sql: &str) -> String {
-    let mut out = String::with_capacity(sql.len());
-    scan_literals_into(sql, false, &mut out);
-    out
+    scan_literals(sql, false).0
 }
 
 /// Writes into `out` (emptied first) the text with every literal replaced by a \x01 byte
@@ -328,7 +326,6 @@ fn shape_into(sql: &str, out: &mut String) -> u32 {
 
 /// Copies `sql` with each literal replaced (by `\u{1}` for a shape, `$n` otherwise);
 /// comments kept in a shape, dropped otherwise.
-#[cfg(test)]
 fn scan_literals(sql: &str, shape: bool) -> (String, u32) {
     let mut out = String::with_capacity(sql.len());
     let n = scan_literals_into(sql, shape, &mut out);
