@@ -13,7 +13,7 @@
 use std::{collections::BTreeMap, hint::black_box, path::PathBuf};
 
 use auditor::{
-    audit::event::{new_event_id, AuditEvent},
+    audit::event::{event_id_at, new_event_id, AuditEvent, EventKind, Timestamp},
     audit::recorder::RecordingPolicy,
     capture::session::Session,
     pg::{Direction, TokenizerLimits},
@@ -245,23 +245,45 @@ fn benches(c: &mut Criterion) {
     let mut analyzer = Analyzer::default();
     let mut drafts = Vec::new();
     replay(&chunks, &mut analyzer, &mut drafts);
-    let template: Vec<AuditEvent> = drafts
-        .iter()
-        .map(|d| {
-            let mut ev = (*d.event).clone();
-            ev.event_id = new_event_id();
-            ev.session_id = new_event_id().as_str().into();
-            ev.host = "bench-host".into();
-            ev.comm = "pgbench".into();
-            ev.exe = "/usr/lib/postgresql/15/bin/pgbench".into();
-            ev.cgroup_path = "/system.slice/bench.service".into();
-            ev.db_user = "postgres".into();
-            ev.database = "postgres".into();
-            ev
-        })
-        .collect();
+    // As the daemon hands them over: one pgbench connection's statements (its session's
+    // start first), each with its own id, time and place in the session.
+    let session = AuditEvent {
+        session_id: new_event_id().as_str().into(),
+        host: "bench-host".into(),
+        comm: "pgbench".into(),
+        exe: "/usr/lib/postgresql/15/bin/pgbench".into(),
+        cgroup_path: "/system.slice/bench.service".into(),
+        db_user: "postgres".into(),
+        database: "postgres".into(),
+        ..AuditEvent::of_kind(EventKind::SessionStart)
+    };
+    let statements = |n: usize| -> Vec<AuditEvent> {
+        let start = Timestamp::now().unix_micros() as i128 * 1000;
+        drafts
+            .iter()
+            .cycle()
+            .take(n)
+            .enumerate()
+            .map(|(i, d)| {
+                let ts = start + 10_000 * i as i128;
+                AuditEvent {
+                    event_id: event_id_at(ts),
+                    ts: Timestamp::from_unix_ns(ts),
+                    seq: 1 + i as u64,
+                    session_id: session.session_id.clone(),
+                    host: session.host.clone(),
+                    comm: session.comm.clone(),
+                    exe: session.exe.clone(),
+                    cgroup_path: session.cgroup_path.clone(),
+                    db_user: session.db_user.clone(),
+                    database: session.database.clone(),
+                    ..(*d.event).clone()
+                }
+            })
+            .collect()
+    };
     const BATCH: usize = 1000;
-    let batch: Vec<AuditEvent> = template.iter().cycle().take(BATCH).cloned().collect();
+    let batch = statements(BATCH);
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut log, _) = SealedLog::open(
         &dir.path().join("log"),
@@ -269,9 +291,25 @@ fn benches(c: &mut Criterion) {
         1 << 30,
     )
     .expect("local log");
+    log.append(&session).expect("append");
+    // What one batch adds to the log on disk (records, frames, seals), per event.
+    let log_bytes = || -> u64 {
+        std::fs::read_dir(dir.path().join("log"))
+            .expect("log dir")
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum()
+    };
+    let at = log_bytes();
+    for ev in &batch {
+        log.append(ev).expect("append");
+    }
+    log.flush().expect("flush");
+    let per_event = (log_bytes() - at) as f64 / BATCH as f64;
     sizes.insert(
         "sink/local-log".into(),
-        serde_json::json!({"events": BATCH}),
+        serde_json::json!({"events": BATCH, "bytes_per_event": per_event}),
     );
     let mut group = c.benchmark_group("sink");
     group.throughput(Throughput::Elements(BATCH as u64));
@@ -289,7 +327,8 @@ fn benches(c: &mut Criterion) {
     // (`cargo xtask bench` starts one and sets AUDITOR_BENCH_CLICKHOUSE_URL).
     if let Ok(url) = std::env::var("AUDITOR_BENCH_CLICKHOUSE_URL") {
         const PER_ITER: usize = 50_000;
-        let events: Vec<AuditEvent> = template.iter().cycle().take(PER_ITER).cloned().collect();
+        let mut events = vec![session.clone()];
+        events.extend(statements(PER_ITER - 1));
         let spool_dir = tempfile::tempdir().expect("tempdir");
         let cfg = auditor::config::ClickHouseConfig {
             enabled: true,

@@ -5,8 +5,9 @@
 //! are copied from the record and its frames' bytes as they are.
 //!
 //! Payloads in a segment: a frame `0xC0 | id u32 | field count u16 | fields` (a session's
-//! context or a statement shape, numbered in one sequence), a record `4 | context id u32 |
-//! shape id u32 | field count u16 | same | fields` (`compact.rs`), and whole records of
+//! context or a statement shape, numbered in one sequence), a record `5 | context id u32 |
+//! shape id u32 | field count u16 | same | fields` (`compact.rs`; the layouts `4` and `3`
+//! of earlier versions still read), and whole records of
 //! `record.rs` (the spool's own gap events; spools written by earlier versions).
 //!
 //! A segment reads on its own: the encoder starts over, and the spool a new segment, at a
@@ -41,10 +42,7 @@ pub fn is_frame(payload: &[u8]) -> bool {
 
 /// Whether a payload is a record written against frames.
 pub fn is_framed_record(payload: &[u8]) -> bool {
-    matches!(
-        payload.first(),
-        Some(&(compact::VERSION | compact::VERSION_CONTEXT_ONLY))
-    )
+    compact::is_compact(payload.first())
 }
 
 /// The sink thread's encoder of spool records.
@@ -179,11 +177,14 @@ impl Frames {
     fn copy_row(&self, rec: &[u8], compat: bool, out: &mut Vec<u8>) -> Result<(), RecordError> {
         let mut r = RecordReader::new(rec);
         let version = r.u8()?;
+        if !compact::is_compact(Some(&version)) {
+            return Err(RecordError::UnknownVersion(version));
+        }
         let id = r.u32()?;
-        let shape_id = if version == compact::VERSION {
-            r.u32()?
-        } else {
+        let shape_id = if version == compact::VERSION_CONTEXT_ONLY {
             0
+        } else {
+            r.u32()?
         };
         let fields = usize::from(r.u16()?);
         if fields > FIELDS.len() {
@@ -199,7 +200,7 @@ impl Frames {
                 .ok_or(RecordError::NoContext(id)),
         };
         let (context, shape) = (frame(id)?, frame(shape_id)?);
-        let mask = compact::shape_mask();
+        let mask = compact::shape_mask(version);
         AuditEvent::diff_record_to_row(
             &mut r,
             fields,
@@ -258,6 +259,10 @@ mod tests {
                 command: "SELECT".into(),
                 tables: vec!["pgbench_accounts".into()].into(),
                 protocol: "extended".into(),
+                prepared_name: "P0_1".into(),
+                // What the shape holds besides its analysis, and differing from it (the
+                // shape is interned at the second statement): written in the record.
+                tx_status: if seq == 3 { "in_transaction" } else { "idle" }.into(),
                 rows: Some(1),
                 flags: if seq == 2 {
                     Flag::Truncated.into()
@@ -325,6 +330,68 @@ mod tests {
         let mut again = Records::default();
         assert!(framer.encode(&session("s1", 1)[1..], &mut again));
         assert!(again.iter().any(is_frame));
+    }
+
+    /// A spool written by the version before (records `4`, whose shapes hold only the
+    /// statement's analysis) still gives the rows of its events: the fields besides are
+    /// the context's or the record's, never the shape's. (The context is the session's
+    /// first statement, as when a segment begins in the middle of a session: its
+    /// protocol, name and status are the records' too, and the shape's are empty.)
+    #[test]
+    fn rows_of_records_of_the_layout_before_are_the_rows_of_whole_ones() {
+        let events = session("s1", 4);
+        let start = &events[1];
+        // The frames as that version wrote them: the context, a shape of the analysis.
+        let analysis = AuditEvent {
+            statement: start.statement.clone(),
+            command: start.command.clone(),
+            tables: start.tables.clone(),
+            fingerprint: start.fingerprint.clone(),
+            ..AuditEvent::of_kind(EventKind::Statement)
+        };
+        let frame = |id: u32, ev: &AuditEvent| {
+            let mut f = vec![FRAME];
+            f.extend_from_slice(&id.to_le_bytes());
+            f.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
+            ev.put_fields(&mut f);
+            f
+        };
+        let v4 = compact::VERSION_ANALYSIS_SHAPES;
+        let same_len = FIELDS.len().div_ceil(8);
+        for compat in [false, true] {
+            let mut frames = Frames::default();
+            frames.start(1);
+            frames.add(&frame(1, start), compat).unwrap();
+            frames.add(&frame(2, &analysis), compat).unwrap();
+            let (mut rows, mut expected, mut whole, mut scratch) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for ev in &events[2..] {
+                let mut rec = vec![v4];
+                rec.extend_from_slice(&1u32.to_le_bytes());
+                rec.extend_from_slice(&2u32.to_le_bytes());
+                rec.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
+                let at = rec.len();
+                rec.resize(at + same_len, 0);
+                let mut same = vec![0u8; same_len];
+                let mask = &compact::shape_mask(v4)[..];
+                ev.put_fields_diff(start, Some((&analysis, mask)), &mut rec, &mut same);
+                rec[at..at + same_len].copy_from_slice(&same);
+                frames.to_row(&rec, compat, &mut rows).unwrap();
+                whole.clear();
+                record::encode(ev, &mut whole);
+                record::to_row(&whole, &mut scratch, compat, &mut expected).unwrap();
+            }
+            assert_eq!(rows, expected, "compat {compat}");
+        }
+        // A layout this version does not know is an error, not a guess.
+        let mut frames = Frames::default();
+        frames.add(&frame(1, start), false).unwrap();
+        let mut rec = vec![6];
+        rec.extend_from_slice(&[0; 16]);
+        assert!(matches!(
+            frames.to_row(&rec, false, &mut Vec::new()),
+            Err(RecordError::UnknownVersion(6))
+        ));
     }
 
     /// A reader that begins in the middle of a segment (the daemon restarted after part of

@@ -6,12 +6,17 @@
 //!
 //! A context frame's payload: `id u32 | field count u16 | fields` (the event's fields in
 //! the spool's record layout: the first event of the session in this segment; for a
-//! shape, an event holding only the shape's fields). A record frame's payload: `4 |
+//! shape, an event holding only the shape's fields). A record frame's payload: `5 |
 //! context id u32 (0: none) | shape id u32 (0: none) | field count u16 | same
 //! [⌈count/8⌉] | the fields whose bit in `same` is clear`. A field whose bit is set is the
 //! shape's when it is one of the shape's fields and the record names a shape, else the
-//! context's. Records of the previous layout (`3`, no shape id) still read. Contexts and
-//! shapes are numbered per segment (one sequence), so a segment reads on its own.
+//! context's. A shape holds the statement's analysis (text, command, tables, fingerprint)
+//! and what the statements of one text mostly share besides, which a session's context
+//! (its first event: a session start) does not: the event's kind, protocol, prepared
+//! statement's name and transaction status (each compared as any field: one that differs
+//! is written in the record). Records of the earlier layouts still read: `4` (a shape
+//! holds only the analysis) and `3` (no shape id). Contexts and shapes are numbered per
+//! segment (one sequence), so a segment reads on its own.
 
 use std::{collections::HashMap, sync::OnceLock};
 
@@ -27,9 +32,20 @@ use crate::{
 };
 
 /// First byte of a record written against a context and, maybe, a shape.
-pub const VERSION: u8 = 4;
+pub const VERSION: u8 = 5;
+/// The layout whose shapes hold only the statement's analysis ([`ANALYSIS_FIELDS`]).
+pub(crate) const VERSION_ANALYSIS_SHAPES: u8 = 4;
 /// The layout before shapes: `3 | context id | field count | same | fields`.
 pub(crate) const VERSION_CONTEXT_ONLY: u8 = 3;
+
+/// Whether a payload's first byte is that of a record written against a context (any
+/// layout this version reads).
+pub fn is_compact(first: Option<&u8>) -> bool {
+    matches!(
+        first,
+        Some(&(VERSION | VERSION_ANALYSIS_SHAPES | VERSION_CONTEXT_ONLY))
+    )
+}
 // The `same` bitmap is built on the stack: 256 fields at most.
 const _: () = assert!(FIELDS.len() <= 256);
 const SAME_MAX: usize = 32;
@@ -45,23 +61,43 @@ const MAX_SHAPES: usize = 4096;
 const MAX_SEEN: usize = 16_384;
 const MAX_SHAPE_TEXT: usize = 2048;
 
-/// The fields a statement shape holds.
-const SHAPE_FIELDS: [&str; 4] = ["statement", "command", "tables", "fingerprint"];
+/// A statement's analysis: what identifies a shape (its text) and what must match for a
+/// statement to use it (else the shape is replaced).
+const ANALYSIS_FIELDS: [&str; 4] = ["statement", "command", "tables", "fingerprint"];
+/// What a shape holds besides, from the statement that interned it: most statements of
+/// one text share them, and a session's context (its start) holds none of them. A
+/// statement that differs writes its own.
+const SHARED_FIELDS: [&str; 4] = ["kind", "protocol", "prepared_name", "tx_status"];
 
-/// Bit i set for each field i of [`SHAPE_FIELDS`].
-pub(crate) fn shape_mask() -> &'static [u8; SAME_MAX] {
-    static MASK: OnceLock<[u8; SAME_MAX]> = OnceLock::new();
-    MASK.get_or_init(|| {
+/// Bit i set for each field i a shape holds in records of layout `version` (none before
+/// shapes).
+pub(crate) fn shape_mask(version: u8) -> &'static [u8; SAME_MAX] {
+    fn mask_of(names: &[&str]) -> [u8; SAME_MAX] {
         let mut m = [0u8; SAME_MAX];
-        for name in SHAPE_FIELDS {
+        for name in names {
             let i = FIELDS
                 .iter()
-                .position(|f| f.name == name)
+                .position(|f| f.name == *name)
                 .expect("a shape field is an event field");
             m[i / 8] |= 1 << (i % 8);
         }
         m
-    })
+    }
+    static ANALYSIS: OnceLock<[u8; SAME_MAX]> = OnceLock::new();
+    static ALL: OnceLock<[u8; SAME_MAX]> = OnceLock::new();
+    static NONE: [u8; SAME_MAX] = [0; SAME_MAX];
+    match version {
+        VERSION => ALL.get_or_init(|| {
+            let both: Vec<&str> = ANALYSIS_FIELDS
+                .iter()
+                .chain(&SHARED_FIELDS)
+                .copied()
+                .collect();
+            mask_of(&both)
+        }),
+        VERSION_ANALYSIS_SHAPES => ANALYSIS.get_or_init(|| mask_of(&ANALYSIS_FIELDS)),
+        _ => &NONE,
+    }
 }
 
 struct Context {
@@ -160,7 +196,7 @@ impl Contexts {
         let same_at = out.len();
         out.resize(same_at + same_len, 0);
         let mut same = [0u8; SAME_MAX];
-        let base = base.map(|s| (&s.event, &shape_mask()[..]));
+        let base = base.map(|s| (&s.event, &shape_mask(VERSION)[..]));
         ev.put_fields_diff(&c.event, base, out, &mut same[..same_len]);
         out[same_at..same_at + same_len].copy_from_slice(&same[..same_len]);
         if ev.kind == EventKind::SessionEnd {
@@ -213,12 +249,16 @@ impl Shapes {
                 }
             }
         }
+        // (The fields of ANALYSIS_FIELDS and SHARED_FIELDS.)
         let shape = AuditEvent {
             statement: ev.statement.clone(),
             command: ev.command.clone(),
             tables: ev.tables.clone(),
             fingerprint: ev.fingerprint.clone(),
-            ..AuditEvent::of_kind(EventKind::Statement)
+            protocol: ev.protocol.clone(),
+            prepared_name: ev.prepared_name.clone(),
+            tx_status: ev.tx_status.clone(),
+            ..AuditEvent::of_kind(ev.kind)
         };
         *next_id += 1;
         let id = *next_id;
@@ -276,16 +316,19 @@ impl ContextTable {
         Ok(())
     }
 
-    /// Reads a record frame's payload (this layout, the one before shapes, or the
-    /// spool's).
+    /// Reads a record frame's payload (this layout, an earlier one, or the spool's).
     pub fn event(&self, payload: &[u8]) -> Result<AuditEvent, RecordError> {
-        let version = match payload.first() {
-            Some(&v @ (VERSION | VERSION_CONTEXT_ONLY)) => v,
-            _ => return record::decode(payload)?.to_event(),
-        };
+        if !is_compact(payload.first()) {
+            return record::decode(payload)?.to_event();
+        }
+        let version = payload[0];
         let mut r = RecordReader::new(&payload[1..]);
         let id = r.u32()?;
-        let shape_id = if version == VERSION { r.u32()? } else { 0 };
+        let shape_id = if version == VERSION_CONTEXT_ONLY {
+            0
+        } else {
+            r.u32()?
+        };
         let fields = usize::from(r.u16()?);
         if fields > FIELDS.len() {
             return Err(RecordError::UnknownVersion(version));
@@ -302,10 +345,11 @@ impl ContextTable {
                 .by_id
                 .get(&shape_id)
                 .ok_or(RecordError::NoContext(shape_id))?;
+            let mask = shape_mask(version);
             let mut from_shape = [0u8; SAME_MAX];
             for (i, b) in same.iter().enumerate() {
-                from_shape[i] = b & shape_mask()[i];
-                from_ctx[i] = b & !shape_mask()[i];
+                from_shape[i] = b & mask[i];
+                from_ctx[i] = b & !mask[i];
             }
             ev.take_same(shape, &from_shape[..same.len()]);
         }
@@ -479,6 +523,140 @@ mod tests {
         let (before, r7) = enc(&mut w, &mut t, &select(&s1, 6, "fp2"));
         assert_eq!(before, NOTHING);
         assert_eq!(r7.len(), r1.len());
+    }
+
+    /// What the statements of a text share besides its analysis (kind, protocol,
+    /// prepared statement's name, transaction status) is the shape's: not in their
+    /// records; a statement that differs in one writes its own, and each reads as it was.
+    #[test]
+    fn a_shape_holds_what_the_statements_of_its_text_share() {
+        let start = AuditEvent {
+            session_id: "s1".into(),
+            kind: EventKind::SessionStart,
+            comm: "pgbench".into(),
+            db_user: "app".into(),
+            ..AuditEvent::default()
+        };
+        let select = |seq: u64, tx: &str| AuditEvent {
+            seq,
+            kind: EventKind::Statement,
+            statement: "SELECT abalance FROM pgbench_accounts WHERE aid = $1".into(),
+            command: "SELECT".into(),
+            tables: vec!["pgbench_accounts".to_string()].into(),
+            fingerprint: "fp".into(),
+            protocol: "extended".into(),
+            prepared_name: "P0_1".into(),
+            tx_status: tx.into(),
+            params: vec![format!("hmac:{seq:016x}")].into(),
+            rows: Some(1),
+            ..start.clone()
+        };
+        let mut w = Contexts::default();
+        let mut t = ContextTable::default();
+        enc(&mut w, &mut t, &start);
+        let (_, first) = enc(&mut w, &mut t, &select(1, "idle"));
+        let (before, second) = enc(&mut w, &mut t, &select(2, "idle"));
+        assert!(before.shape);
+        let (_, third) = enc(&mut w, &mut t, &select(3, "idle"));
+        // What the record of layout 4 held besides (its shape held the analysis only):
+        // each of the four with its 4-byte length.
+        let shared = ["statement", "extended", "P0_1", "idle"]
+            .iter()
+            .map(|v| 4 + v.len())
+            .sum::<usize>();
+        let analysis_and_shared = 4
+            + "SELECT abalance FROM pgbench_accounts WHERE aid = $1".len()
+            + 4
+            + "SELECT".len()
+            + 4
+            + 4
+            + "pgbench_accounts".len()
+            + 4
+            + "fp".len()
+            + shared;
+        assert_eq!(first.len(), third.len() + analysis_and_shared);
+        assert_eq!(second.len(), third.len());
+        // Another transaction status: written in the record, the shape kept.
+        let (before, other) = enc(&mut w, &mut t, &select(4, "in_transaction"));
+        assert_eq!(before, NOTHING);
+        assert_eq!(other.len(), third.len() + 4 + "in_transaction".len());
+        // Another kind of event of the same text (no prepared name, another protocol).
+        let simple = AuditEvent {
+            protocol: "simple".into(),
+            prepared_name: "".into(),
+            ..select(5, "idle")
+        };
+        let (before, s5) = enc(&mut w, &mut t, &simple);
+        assert_eq!(before, NOTHING);
+        for (r, ev) in [
+            (&first, select(1, "idle")),
+            (&second, select(2, "idle")),
+            (&third, select(3, "idle")),
+            (&other, select(4, "in_transaction")),
+            (&s5, simple),
+        ] {
+            assert_eq!(t.event(r).unwrap(), ev);
+        }
+    }
+
+    /// Records of layout 4 (shapes holding only the analysis) read: the fields besides
+    /// are the context's or the record's, never the shape's. (The context here is a
+    /// statement, as when a session's first event in a segment is one: its protocol and
+    /// status are the record's too, and the shape's are empty.)
+    #[test]
+    fn records_of_analysis_only_shapes_still_read() {
+        let ctx_ev = AuditEvent {
+            session_id: "s1".into(),
+            kind: EventKind::Statement,
+            seq: 1,
+            comm: "psql".into(),
+            statement: "BEGIN".into(),
+            command: "BEGIN".into(),
+            protocol: "extended".into(),
+            prepared_name: "P0_1".into(),
+            tx_status: "in_transaction".into(),
+            ..AuditEvent::default()
+        };
+        let ev = AuditEvent {
+            seq: 2,
+            statement: "SELECT 1".into(),
+            command: "SELECT".into(),
+            ..ctx_ev.clone()
+        };
+        // The shape frame as that version wrote it (protocol and status empty, kind
+        // `statement`), and the record against it.
+        let analysis = AuditEvent {
+            statement: ev.statement.clone(),
+            command: ev.command.clone(),
+            ..AuditEvent::of_kind(EventKind::Statement)
+        };
+        let mut t = ContextTable::default();
+        for (id, e) in [(7u32, &ctx_ev), (8, &analysis)] {
+            let mut f = id.to_le_bytes().to_vec();
+            f.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
+            e.put_fields(&mut f);
+            t.add(&f).unwrap();
+        }
+        let same_len = FIELDS.len().div_ceil(8);
+        let mut rec = vec![VERSION_ANALYSIS_SHAPES];
+        rec.extend_from_slice(&7u32.to_le_bytes());
+        rec.extend_from_slice(&8u32.to_le_bytes());
+        rec.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
+        let at = rec.len();
+        rec.resize(at + same_len, 0);
+        let mut same = [0u8; SAME_MAX];
+        let mask = &shape_mask(VERSION_ANALYSIS_SHAPES)[..];
+        ev.put_fields_diff(
+            &ctx_ev,
+            Some((&analysis, mask)),
+            &mut rec,
+            &mut same[..same_len],
+        );
+        rec[at..at + same_len].copy_from_slice(&same[..same_len]);
+        assert_eq!(t.event(&rec).unwrap(), ev);
+        // An unknown layout is not read as one of these.
+        rec[0] = 6;
+        assert!(t.event(&rec).is_err());
     }
 
     #[test]
