@@ -356,8 +356,6 @@ mod tests {
             ev.put_fields(&mut f);
             f
         };
-        let v4 = compact::VERSION_ANALYSIS_SHAPES;
-        let same_len = FIELDS.len().div_ceil(8);
         for compat in [false, true] {
             let mut frames = Frames::default();
             frames.start(1);
@@ -366,16 +364,12 @@ mod tests {
             let (mut rows, mut expected, mut whole, mut scratch) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for ev in &events[2..] {
-                let mut rec = vec![v4];
-                rec.extend_from_slice(&1u32.to_le_bytes());
-                rec.extend_from_slice(&2u32.to_le_bytes());
-                rec.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
-                let at = rec.len();
-                rec.resize(at + same_len, 0);
-                let mut same = vec![0u8; same_len];
-                let mask = &compact::shape_mask(v4)[..];
-                ev.put_fields_diff(start, Some((&analysis, mask)), &mut rec, &mut same);
-                rec[at..at + same_len].copy_from_slice(&same);
+                let rec = compact::record_of_layout(
+                    compact::VERSION_ANALYSIS_SHAPES,
+                    ev,
+                    (1, start),
+                    Some((2, &analysis)),
+                );
                 frames.to_row(&rec, compat, &mut rows).unwrap();
                 whole.clear();
                 record::encode(ev, &mut whole);

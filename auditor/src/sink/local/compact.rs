@@ -249,17 +249,9 @@ impl Shapes {
                 }
             }
         }
-        // (The fields of ANALYSIS_FIELDS and SHARED_FIELDS.)
-        let shape = AuditEvent {
-            statement: ev.statement.clone(),
-            command: ev.command.clone(),
-            tables: ev.tables.clone(),
-            fingerprint: ev.fingerprint.clone(),
-            protocol: ev.protocol.clone(),
-            prepared_name: ev.prepared_name.clone(),
-            tx_status: ev.tx_status.clone(),
-            ..AuditEvent::of_kind(ev.kind)
-        };
+        // The fields the mask names (ANALYSIS_FIELDS and SHARED_FIELDS), nothing else.
+        let mut shape = AuditEvent::default();
+        shape.take_same(ev, &shape_mask(VERSION)[..]);
         *next_id += 1;
         let id = *next_id;
         payload.extend_from_slice(&id.to_le_bytes());
@@ -359,6 +351,31 @@ impl ContextTable {
         }
         Ok(ev)
     }
+}
+
+/// A record of an earlier layout (`3`: no shape; `4`: `shape` holds only the analysis),
+/// as the versions before wrote them, for tests that read them.
+#[cfg(test)]
+pub(crate) fn record_of_layout(
+    version: u8,
+    ev: &AuditEvent,
+    (ctx_id, ctx): (u32, &AuditEvent),
+    shape: Option<(u32, &AuditEvent)>,
+) -> Vec<u8> {
+    let same_len = FIELDS.len().div_ceil(8);
+    let mut rec = vec![version];
+    rec.extend_from_slice(&ctx_id.to_le_bytes());
+    if version != VERSION_CONTEXT_ONLY {
+        rec.extend_from_slice(&shape.map_or(0, |(id, _)| id).to_le_bytes());
+    }
+    rec.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
+    let at = rec.len();
+    rec.resize(at + same_len, 0);
+    let mut same = [0u8; SAME_MAX];
+    let base = shape.map(|(_, s)| (s, &shape_mask(version)[..]));
+    ev.put_fields_diff(ctx, base, &mut rec, &mut same[..same_len]);
+    rec[at..at + same_len].copy_from_slice(&same[..same_len]);
+    rec
 }
 
 #[cfg(test)]
@@ -637,22 +654,12 @@ mod tests {
             e.put_fields(&mut f);
             t.add(&f).unwrap();
         }
-        let same_len = FIELDS.len().div_ceil(8);
-        let mut rec = vec![VERSION_ANALYSIS_SHAPES];
-        rec.extend_from_slice(&7u32.to_le_bytes());
-        rec.extend_from_slice(&8u32.to_le_bytes());
-        rec.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
-        let at = rec.len();
-        rec.resize(at + same_len, 0);
-        let mut same = [0u8; SAME_MAX];
-        let mask = &shape_mask(VERSION_ANALYSIS_SHAPES)[..];
-        ev.put_fields_diff(
-            &ctx_ev,
-            Some((&analysis, mask)),
-            &mut rec,
-            &mut same[..same_len],
+        let mut rec = record_of_layout(
+            VERSION_ANALYSIS_SHAPES,
+            &ev,
+            (7, &ctx_ev),
+            Some((8, &analysis)),
         );
-        rec[at..at + same_len].copy_from_slice(&same[..same_len]);
         assert_eq!(t.event(&rec).unwrap(), ev);
         // An unknown layout is not read as one of these.
         rec[0] = 6;
@@ -677,15 +684,7 @@ mod tests {
         let mut ctx = 7u32.to_le_bytes().to_vec();
         ctx.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
         ctx_ev.put_fields(&mut ctx);
-        let same_len = FIELDS.len().div_ceil(8);
-        let mut rec = vec![VERSION_CONTEXT_ONLY];
-        rec.extend_from_slice(&7u32.to_le_bytes());
-        rec.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
-        let at = rec.len();
-        rec.resize(at + same_len, 0);
-        let mut same = [0u8; SAME_MAX];
-        ev.put_fields_diff(&ctx_ev, None, &mut rec, &mut same[..same_len]);
-        rec[at..at + same_len].copy_from_slice(&same[..same_len]);
+        let rec = record_of_layout(VERSION_CONTEXT_ONLY, &ev, (7, &ctx_ev), None);
         let mut t = ContextTable::default();
         t.add(&ctx).unwrap();
         assert_eq!(t.event(&rec).unwrap(), ev);
