@@ -896,10 +896,12 @@ mod tests {
         m.extend(execute("", 1));
         m.extend(sync.clone());
         out.extend(feed(&mut c, Direction::ToServer, &m));
+        let fetchval_at = c.ts;
         let (parsed, bound, suspended) = (msg(b'1', b""), msg(b'2', b""), msg(b's', b""));
         let idle = msg(b'Z', b"I");
         let r = [&parsed, &bound, &row, &suspended, &idle].map(|m| &m[..]);
         out.extend(feed(&mut c, Direction::ToClient, &r.concat()));
+        let fetchval_ended = c.ts;
         // In a transaction: a cursor-like portal fetched 1 row at a time, then to the end.
         out.extend(feed(&mut c, Direction::ToServer, &msg(b'Q', b"BEGIN\0")));
         let mut r = msg(b'C', b"BEGIN\0");
@@ -910,6 +912,7 @@ mod tests {
         m.extend(execute("cur", 1));
         m.extend(sync.clone());
         out.extend(feed(&mut c, Direction::ToServer, &m));
+        let cursor_at = c.ts;
         let in_tx = msg(b'Z', b"T");
         let r = [&parsed, &bound, &row, &suspended, &in_tx].map(|m| &m[..]);
         out.extend(feed(&mut c, Direction::ToClient, &r.concat()));
@@ -921,16 +924,19 @@ mod tests {
         r.extend(msg(b'C', b"SELECT 2\0"));
         r.extend(msg(b'Z', b"T"));
         out.extend(feed(&mut c, Direction::ToClient, &r));
+        let cursor_done = c.ts;
         // A second cursor left suspended, then closed.
         let mut m = bind("cur2", "big");
         m.extend(execute("cur2", 1));
         m.extend(sync.clone());
         out.extend(feed(&mut c, Direction::ToServer, &m));
+        let second_at = c.ts;
         let r = [&bound, &row, &suspended, &in_tx].map(|m| &m[..]);
         out.extend(feed(&mut c, Direction::ToClient, &r.concat()));
         let mut m = msg(b'C', b"Pcur2\0");
         m.extend(sync.clone());
         out.extend(feed(&mut c, Direction::ToServer, &m));
+        let closed_at = c.ts;
         out.extend(feed(&mut c, Direction::ToServer, &msg(b'Q', b"COMMIT\0")));
         let mut r = msg(b'3', b"");
         r.extend(msg(b'Z', b"T"));
@@ -964,6 +970,17 @@ mod tests {
                 ("COMMIT", None, vec![]),
             ],
             "{out:#?}"
+        );
+        // An execution begins at its first Execute, resumed or not, and the resumed
+        // cursor ends at the completion of its last.
+        let duration = |e: &AuditEvent| i128::from(e.duration_us) * 1000;
+        assert_eq!(
+            [duration(st[0]), duration(st[2]), duration(st[3])],
+            [
+                fetchval_ended - fetchval_at,
+                cursor_done - cursor_at,
+                closed_at - second_at
+            ]
         );
     }
 

@@ -242,9 +242,10 @@ pub struct BoundParams {
     /// a later Bind may write its own into ([`BoundParams::of`]). Nothing reads past `end`.
     raw: Arc<[u8]>,
     count: u16,
-    values_at: usize,
-    results_at: usize,
-    end: usize,
+    /// Offsets into `raw` (a Bind is one message: its parts are under 4 GiB).
+    values_at: u32,
+    results_at: u32,
+    end: u32,
 }
 
 impl Default for BoundParams {
@@ -312,12 +313,13 @@ impl BoundParams {
     }
 
     fn laid_out(raw: Arc<[u8]>, parts: &[&[u8]; 3], count: usize) -> Self {
+        let [values, results, end] = slot_ranges(parts).map(|r| r.end as u32);
         BoundParams {
             raw,
             count: count as u16,
-            values_at: parts[0].len(),
-            results_at: parts[0].len() + parts[1].len(),
-            end: parts.iter().map(|p| p.len()).sum(),
+            values_at: values,
+            results_at: results,
+            end,
         }
     }
 
@@ -333,18 +335,24 @@ impl BoundParams {
     }
     /// Parameter format codes.
     pub fn formats(&self) -> I16s<'_> {
-        I16s(&self.raw[..self.values_at])
+        I16s(&self.raw[..self.values_at as usize])
     }
     pub fn values(&self) -> Values<'_> {
         Values {
             count: self.count,
-            raw: &self.raw[self.values_at..self.results_at],
+            raw: &self.raw[self.values_at as usize..self.results_at as usize],
         }
     }
     /// Result-column format codes.
     pub fn result_formats(&self) -> I16s<'_> {
-        I16s(&self.raw[self.results_at..self.end])
+        I16s(&self.raw[self.results_at as usize..self.end as usize])
     }
+}
+
+/// A kernel timestamp as the request queue holds it: nanoseconds fit an i64 until 2262
+/// (saturated past it, never wrapped).
+fn held(ts: i128) -> i64 {
+    ts.clamp(i64::MIN.into(), i64::MAX.into()) as i64
 }
 
 /// Where each of `parts` goes in a buffer of them all, one after another.
@@ -366,8 +374,9 @@ pub struct Portal {
     pub columns: Option<Arc<[Column]>>,
     /// Rows from earlier Executes that stopped at their row limit.
     pub rows_so_far: u64,
-    /// When the first of those Executes started (a suspended portal).
-    pub started_ns: Option<i128>,
+    /// When its execution began (kernel ns): the first of those Executes (a portal held
+    /// between Executes has it only while suspended), or the Execute it is queued for.
+    pub started_ns: Option<i64>,
     /// Only the beginning of the Bind was read (its parameters are unknown): its size.
     pub params_cut: Option<u32>,
 }
@@ -428,13 +437,17 @@ impl Statements {
     }
 }
 
+/// A request waiting for its answer. Every request is moved into the queue and out of
+/// it: kept to 128 bytes (times as i64, a portal's offsets as u32, its name as two words),
+/// a move is a few inlined stores, not a call to `memcpy` (at 192 bytes, the queue's
+/// moves were a twentieth of the decoder's time).
 #[derive(Debug)]
 enum Pending {
     Simple {
         statements: Statements,
         /// Shared by the outcomes of its statements (one Arc per query message).
         whole: Arc<str>,
-        started_ns: i128,
+        started_ns: i64,
         rows: u64,
         /// Columns of the statement whose rows are coming.
         columns: Option<Arc<[Column]>>,
@@ -458,16 +471,17 @@ enum Pending {
         statement: Option<Arc<PreparedStatement>>,
         param_types: Option<Arc<[u32]>>,
     },
+    /// An Execute not answered yet: its portal as it was then (a later Bind may reuse
+    /// the name), its start in `portal.started_ns`.
     Execute {
-        portal_name: String,
+        portal_name: Text,
         portal: Portal,
-        started_ns: i128,
         rows: u64,
     },
     Sync,
     FunctionCall {
         oid: u32,
-        started_ns: i128,
+        started_ns: i64,
         /// Its result or error came (it stays queued until its ReadyForQuery).
         answered: bool,
     },
@@ -477,6 +491,9 @@ enum Pending {
         rows: u64,
     },
 }
+
+// (See [`Pending`]: a larger entry moves through `memcpy` again.)
+const _: () = assert!(std::mem::size_of::<Pending>() <= 128);
 
 /// Which protocol ran a statement.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -752,9 +769,10 @@ impl Conversation {
         self.pending
             .iter()
             .filter_map(|p| match p {
-                Pending::Simple { started_ns, .. }
-                | Pending::Execute { started_ns, .. }
-                | Pending::FunctionCall { started_ns, .. } => Some(*started_ns),
+                Pending::Simple { started_ns, .. } | Pending::FunctionCall { started_ns, .. } => {
+                    Some(i128::from(*started_ns))
+                }
+                Pending::Execute { portal, .. } => portal.started_ns.map(i128::from),
                 _ => None,
             })
             .min()
@@ -1009,7 +1027,7 @@ impl Conversation {
                 self.pending.push_back(Pending::Simple {
                     statements,
                     whole,
-                    started_ns: ts,
+                    started_ns: held(ts),
                     rows: 0,
                     columns: None,
                 });
@@ -1092,8 +1110,8 @@ impl Conversation {
                 });
             }
             FrontendMessage::Execute { portal, .. } => {
-                let portal = text_of(portal).into_owned();
-                let p = match self.portals.get_mut(&portal) {
+                let portal = text_of(portal);
+                let mut p = match self.portals.get_mut(&portal) {
                     Some(p) => {
                         let taken = p.clone();
                         // A suspended portal resumes in this Execute: it is recorded when
@@ -1104,11 +1122,10 @@ impl Conversation {
                     }
                     None => Portal::unknown(),
                 };
-                let started_ns = p.started_ns.unwrap_or(ts);
+                p.started_ns = p.started_ns.or(Some(held(ts)));
                 self.pending.push_back(Pending::Execute {
-                    portal_name: portal,
+                    portal_name: Text::from(portal),
                     portal: p,
-                    started_ns,
                     rows: 0,
                 });
             }
@@ -1124,7 +1141,7 @@ impl Conversation {
             FrontendMessage::FunctionCall { oid, .. } => {
                 self.pending.push_back(Pending::FunctionCall {
                     oid,
-                    started_ns: ts,
+                    started_ns: held(ts),
                     answered: false,
                 })
             }
@@ -1299,7 +1316,7 @@ impl Conversation {
                     out.push(Outcome::FunctionCall {
                         oid: *oid,
                         result: FunctionResult::Returned,
-                        started_ns: *started_ns,
+                        started_ns: (*started_ns).into(),
                         ended_ns: ts,
                     });
                 }
@@ -1437,51 +1454,51 @@ impl Conversation {
         let Some(Pending::Execute {
             portal_name,
             mut portal,
-            started_ns,
             rows,
         }) = self.pop_until_execute()
         else {
             return;
         };
+        let started_ns = portal.started_ns;
         let carried = portal.rows_so_far + rows;
         let mut rebound = false;
         let mut queued = None;
         for p in self.pending.iter_mut() {
             match p {
-                Pending::Bind { portal: n } if *n == portal_name => {
+                Pending::Bind { portal: n } if same_str(n, &portal_name) => {
                     rebound = true;
                     break;
                 }
                 Pending::Execute {
                     portal_name: n,
                     portal: q,
-                    started_ns: s,
                     ..
-                } if *n == portal_name => {
-                    queued = Some((q, s));
+                } if same_str(n, &portal_name) => {
+                    queued = Some(q);
                     break;
                 }
                 _ => {}
             }
         }
         portal.rows_so_far = carried;
-        portal.started_ns = Some(started_ns);
         match queued {
-            Some((next, next_start)) => {
+            Some(next) => {
                 next.rows_so_far = carried;
-                *next_start = started_ns;
+                next.started_ns = started_ns;
             }
             // A new portal of that name is already bound: this one is over.
             None if rebound => self.finish_suspended(portal, ts, out),
             None => {
-                if let Some(old) = self.portals.insert(portal_name, portal) {
+                if let Some(old) = self.portals.insert(portal_name.as_str(), portal) {
                     self.finish_suspended(old, ts, out);
                 }
             }
         }
     }
 
-    fn extended(portal: Portal, result: StatementResult, started: i128, ended: i128) -> Outcome {
+    /// The outcome of an Execute of `portal` (begun at its `started_ns`, else `ended`).
+    fn extended(portal: Portal, result: StatementResult, ended: i128) -> Outcome {
+        let started = portal.started_ns.map_or(ended, i128::from);
         Outcome::Statement(StatementOutcome {
             protocol: Protocol::Extended,
             cut: portal
@@ -1550,8 +1567,8 @@ impl Conversation {
                 let st = statements.pop_front();
                 let data_rows = std::mem::take(rows);
                 *columns = None;
-                let start = *started_ns;
-                *started_ns = ts;
+                let start = i128::from(*started_ns);
+                *started_ns = held(ts);
                 if tag.is_none() && error.is_none() {
                     return; // empty query
                 }
@@ -1601,13 +1618,7 @@ impl Conversation {
                     self.fail_extended(e, ts, out);
                     return;
                 }
-                let Some(Pending::Execute {
-                    portal,
-                    started_ns,
-                    rows,
-                    ..
-                }) = self.pop_until_execute()
-                else {
+                let Some(Pending::Execute { portal, rows, .. }) = self.pop_until_execute() else {
                     self.counters.unmatched_responses += 1;
                     return;
                 };
@@ -1618,7 +1629,7 @@ impl Conversation {
                     rows: rows_of(tag, rows, portal.rows_so_far),
                     tag: ShortText::new(tag),
                 };
-                out.push(Self::extended(portal, result, started_ns, ts));
+                out.push(Self::extended(portal, result, ts));
             }
             Pending::FunctionCall {
                 oid,
@@ -1630,7 +1641,7 @@ impl Conversation {
                     out.push(Outcome::FunctionCall {
                         oid: *oid,
                         result: FunctionResult::Failed(e),
-                        started_ns: *started_ns,
+                        started_ns: (*started_ns).into(),
                         ended_ns: ts,
                     })
                 }
@@ -1684,7 +1695,7 @@ impl Conversation {
     /// flagged `before_execute`; Parses that failed or were skipped did not create their
     /// statements, so the names keep what the server still has.
     fn fail_extended(&mut self, e: ErrorFields, ts: i128, out: &mut Vec<Outcome>) {
-        let mut victim: Option<(Portal, i128)> = None;
+        let mut victim: Option<Portal> = None;
         let mut failed_parse: Option<Arc<PreparedStatement>> = None;
         let mut undone: Vec<(Arc<PreparedStatement>, Option<Arc<PreparedStatement>>)> = Vec::new();
         let mut before_execute = true;
@@ -1703,14 +1714,12 @@ impl Conversation {
                     }
                     undone.push((statement, replaced));
                 }
-                Pending::Execute {
-                    portal, started_ns, ..
-                } => {
+                Pending::Execute { portal, .. } => {
                     if first {
                         before_execute = false;
                     }
                     if victim.is_none() {
-                        victim = Some((portal, started_ns));
+                        victim = Some(portal);
                     }
                 }
                 _ => {}
@@ -1736,30 +1745,27 @@ impl Conversation {
                 }
             }
         }
-        let (portal, start) = match (failed_parse, victim) {
-            (Some(failed), Some((p, start)))
+        let portal = match (failed_parse, victim) {
+            (Some(failed), Some(p))
                 if p.statement
                     .as_ref()
                     .is_some_and(|bound| Arc::ptr_eq(bound, &failed)) =>
             {
-                (p, start)
+                p
             }
-            (Some(failed), _) => (
-                Portal {
-                    statement_name: failed.name.clone(),
-                    statement: Some(failed),
-                    ..Portal::unknown()
-                },
-                ts,
-            ),
-            (None, Some((p, start))) => (p, start),
-            (None, None) => (Portal::unknown(), ts),
+            (Some(failed), _) => Portal {
+                statement_name: failed.name.clone(),
+                statement: Some(failed),
+                ..Portal::unknown()
+            },
+            (None, Some(p)) => p,
+            (None, None) => Portal::unknown(),
         };
         let result = StatementResult::Failed {
             error: e,
             before_execute,
         };
-        out.push(Self::extended(portal, result, start, ts));
+        out.push(Self::extended(portal, result, ts));
     }
 
     /// Every portal is gone (the transaction or the session ended).
@@ -1785,14 +1791,13 @@ impl Conversation {
     /// not run to completion: it ends unresumed when the portal goes away (Close, a Bind
     /// reusing its name, the end of the transaction, the end of the session).
     fn finish_suspended(&mut self, portal: Portal, ts: i128, out: &mut Vec<Outcome>) {
-        let Some(start) = portal.started_ns else {
+        if portal.started_ns.is_none() {
             return;
-        };
+        }
         let rows = portal.rows_so_far;
         out.push(Self::extended(
             portal,
             StatementResult::Suspended { rows },
-            start,
             ts,
         ));
     }
@@ -1835,16 +1840,16 @@ impl Conversation {
                             prepared_name: Text::default(),
                             params: None,
                             result: result.clone(),
-                            started_ns,
+                            started_ns: started_ns.into(),
                             ended_ns: ts,
                             multi: s.multi,
                             whole: s.multi.then(|| whole.clone()),
                         }));
                     }
                 }
-                Pending::Execute {
-                    portal, started_ns, ..
-                } => out.push(Self::extended(portal, result.clone(), started_ns, ts)),
+                Pending::Execute { portal, .. } => {
+                    out.push(Self::extended(portal, result.clone(), ts))
+                }
                 Pending::FunctionCall {
                     oid,
                     started_ns,
@@ -1852,7 +1857,7 @@ impl Conversation {
                 } => out.push(Outcome::FunctionCall {
                     oid,
                     result: FunctionResult::Unanswered(result.clone()),
-                    started_ns,
+                    started_ns: started_ns.into(),
                     ended_ns: ts,
                 }),
                 _ => {}
@@ -2305,7 +2310,7 @@ mod tests {
             // Written over: past this Bind's bytes, those of the longer one before (a new
             // buffer's room is zeroed).
             let p = &c.portal("").unwrap().params;
-            let over = p.raw[p.end..].iter().any(|b| *b != 0);
+            let over = p.raw[p.end as usize..].iter().any(|b| *b != 0);
             assert_eq!(over, i == 1 || i == 3, "run {i}");
             feed(&mut c, false, &answered(1), &mut out);
             let expected: Vec<Option<Vec<u8>>> =
