@@ -396,7 +396,12 @@ impl Session {
                 if counted.any() {
                     self.on_counted(std::mem::take(&mut counted));
                 }
-                self.on_token(direction, t, ts_ns, analyzer, out);
+                match t {
+                    Token::Message { tag, body, .. } => {
+                        self.on_message(direction, tag, &body, ts_ns, analyzer, out)
+                    }
+                    t => self.on_token(direction, t, ts_ns, analyzer, out),
+                }
             }
         });
         if std::mem::take(&mut self.opaque_after_push) {
@@ -428,6 +433,12 @@ impl Session {
         analyzer: &mut Analyzer,
         out: &mut Vec<Draft>,
     ) {
+        let token = match token {
+            Token::Message { tag, body, .. } => {
+                return self.on_message(direction, tag, &body, ts, analyzer, out)
+            }
+            t => t,
+        };
         self.messages += 1;
         match (direction, token) {
             (Direction::ToServer, Token::Startup { body, .. }) => {
@@ -452,14 +463,6 @@ impl Session {
                 } else {
                     // Refused: the client continues in plaintext with a startup packet.
                     self.tokenizers[Direction::ToServer.index()].expect_startup();
-                }
-            }
-            (Direction::ToServer, Token::Message { tag, body, .. }) => {
-                match frontend::decode(tag, &body) {
-                    Ok(m) => self
-                        .conversation
-                        .on_frontend(m, ts, analyzer, &mut self.outcomes),
-                    Err(_) => self.parse_errors += 1,
                 }
             }
             (Direction::ToServer, Token::Header { tag, body_len, .. })
@@ -487,13 +490,35 @@ impl Session {
                     }
                 }
             }
-            (Direction::ToClient, Token::Message { tag, body, .. }) => {
-                match backend::decode(tag, &body) {
-                    Ok(m) => self.conversation.on_backend(m, ts, &mut self.outcomes),
-                    Err(_) => self.parse_errors += 1,
-                }
-            }
             _ => {}
+        }
+        self.drain_outcomes(ts, out);
+    }
+
+    /// A whole typed message: the most frequent token, its tag and body handed on as they
+    /// are (a `Token` moved whole is read back with wide loads over the narrow stores
+    /// that built it: a store-forwarding stall per message).
+    fn on_message(
+        &mut self,
+        direction: Direction,
+        tag: u8,
+        body: &[u8],
+        ts: i128,
+        analyzer: &mut Analyzer,
+        out: &mut Vec<Draft>,
+    ) {
+        self.messages += 1;
+        match direction {
+            Direction::ToServer => match frontend::decode(tag, body) {
+                Ok(m) => self
+                    .conversation
+                    .on_frontend(m, ts, analyzer, &mut self.outcomes),
+                Err(_) => self.parse_errors += 1,
+            },
+            Direction::ToClient => match backend::decode(tag, body) {
+                Ok(m) => self.conversation.on_backend(&m, ts, &mut self.outcomes),
+                Err(_) => self.parse_errors += 1,
+            },
         }
         self.drain_outcomes(ts, out);
     }
@@ -645,11 +670,11 @@ impl Session {
                 }
             },
             Direction::ToClient if p.complete() => match backend::decode(p.tag, &p.prefix) {
-                Ok(m) => self.conversation.on_backend(m, ts, &mut self.outcomes),
+                Ok(m) => self.conversation.on_backend(&m, ts, &mut self.outcomes),
                 Err(_) => self.parse_errors += 1,
             },
             Direction::ToClient => match backend::decode_partial(p.tag, &p.prefix) {
-                Some(m) => self.conversation.on_backend(m, ts, &mut self.outcomes),
+                Some(m) => self.conversation.on_backend(&m, ts, &mut self.outcomes),
                 // A huge RowDescription or notification, cut: nothing the trail needs.
                 None => self.parse_errors += 1,
             },

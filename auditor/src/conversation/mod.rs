@@ -1191,12 +1191,14 @@ impl Conversation {
         }
     }
 
-    pub fn on_backend(&mut self, m: BackendMessage<'_>, ts: i128, out: &mut Vec<Outcome>) {
-        if let BackendMessage::ReadyForQuery { status } = &m {
+    /// (By reference: a message moved out of its decoder's result is read back with wide
+    /// loads over the narrow stores that built it, a store-forwarding stall per message.)
+    pub fn on_backend(&mut self, m: &BackendMessage<'_>, ts: i128, out: &mut Vec<Outcome>) {
+        if let BackendMessage::ReadyForQuery { status } = m {
             self.readies += 1;
             self.last_ready = *status;
         }
-        match &m {
+        match m {
             BackendMessage::DataRow(_) => return self.on_data_rows(1),
             BackendMessage::ParameterStatus { name, value } => {
                 if *name == b"application_name" {
@@ -1255,7 +1257,7 @@ impl Conversation {
                     rows: std::mem::take(rows),
                 }),
                 BackendMessage::ReadyForQuery { status } => {
-                    self.transaction = status;
+                    self.transaction = *status;
                     None
                 }
                 // ParseComplete, BindComplete, descriptions: of statements not seen.
@@ -1283,9 +1285,9 @@ impl Conversation {
             },
             BackendMessage::RowDescription(fields) => {
                 let columns = match &self.last_columns {
-                    Some(c) if same_columns(&fields, c) => c.clone(),
+                    Some(c) if same_columns(fields, c) => c.clone(),
                     _ => {
-                        let c = columns_of(&fields);
+                        let c = columns_of(fields);
                         self.last_columns = Some(c.clone());
                         c
                     }
@@ -1323,7 +1325,7 @@ impl Conversation {
                 _ => self.counters.unmatched_responses += 1,
             },
             BackendMessage::ReadyForQuery { status } => {
-                self.transaction = status;
+                self.transaction = *status;
                 // Ends one Sync, simple Query or FunctionCall, with everything before it.
                 while let Some(p) = self.pending.pop_front() {
                     if matches!(
@@ -1342,7 +1344,7 @@ impl Conversation {
                 {
                     self.lost_tail = None;
                 }
-                if status == b'I' {
+                if *status == b'I' {
                     // Transaction over: every portal is gone (prepared statements stay).
                     self.end_portals(ts, out);
                 }
@@ -1906,7 +1908,7 @@ mod tests {
             if from_client {
                 c.on_frontend(frontend::decode(tag, body).unwrap(), 0, &mut analyzer, out);
             } else {
-                c.on_backend(backend::decode(tag, body).unwrap(), 0, out);
+                c.on_backend(&backend::decode(tag, body).unwrap(), 0, out);
             }
             at += 1 + len;
         }

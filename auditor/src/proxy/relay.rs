@@ -1699,7 +1699,7 @@ impl Relay {
             self.cancel_key = Some(cancel_digest(*pid, key.0));
         }
         let mut ignored = Vec::new();
-        self.conv.on_backend(m, 0, &mut ignored);
+        self.conv.on_backend(&m, 0, &mut ignored);
         if tag == b'R' && self.strip_channel_binding && body.get(..4) == Some(&[0, 0, 0, 10]) {
             if let Some(list) = super::tls::without_channel_binding(&body[4..]) {
                 let mut b = vec![0, 0, 0, 10];
