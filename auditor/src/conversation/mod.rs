@@ -1409,10 +1409,15 @@ impl Conversation {
                 // Its statement returns the same columns each time it runs: a driver that
                 // described a portal once (pgjdbc, when it switches to a named statement)
                 // executes the statement again without any Describe.
+                // (As a statement's description has them: in text format, shared as they
+                // are when the portal's are, as most are.)
                 if let Some(s) = statement.filter(|s| s.description.get().is_none()) {
                     let _ = s.description.set(Description {
                         param_types: param_types_of(&s.declared_types),
                         columns: columns.map(|cols| {
+                            if cols.iter().all(|c| c.format == 0) {
+                                return cols;
+                            }
                             cols.iter()
                                 .map(|c| Column {
                                     format: 0,
@@ -1921,6 +1926,11 @@ mod tests {
     }
 
     fn row_description(cols: &[(&str, u32, i16, u32)]) -> Vec<u8> {
+        row_description_in(cols, 0)
+    }
+
+    /// A RowDescription whose columns are all in `format`.
+    fn row_description_in(cols: &[(&str, u32, i16, u32)], format: i16) -> Vec<u8> {
         let mut b = (cols.len() as u16).to_be_bytes().to_vec();
         for (name, table, attnum, type_oid) in cols {
             b.extend(cstr(name));
@@ -1929,7 +1939,7 @@ mod tests {
             b.extend(type_oid.to_be_bytes());
             b.extend((-1i16).to_be_bytes());
             b.extend((-1i32).to_be_bytes());
-            b.extend(0i16.to_be_bytes());
+            b.extend(format.to_be_bytes());
         }
         frame(b'T', &b)
     }
@@ -2147,6 +2157,44 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![(1, 1), (2, 0)]
         );
+    }
+
+    #[test]
+    fn a_statement_described_through_its_portal_holds_its_columns_in_text_format() {
+        // Parse, Bind (results in `format`), Describe of the portal, Execute, Sync.
+        let run = |format: i16| {
+            let mut c = ready();
+            let mut out = Vec::new();
+            let mut client = frame(
+                b'P',
+                &[cstr(""), cstr("select id from t"), vec![0, 0]].concat(),
+            );
+            let results = [vec![0, 1], format.to_be_bytes().to_vec()].concat();
+            client.extend(frame(
+                b'B',
+                &[cstr(""), cstr(""), vec![0, 0, 0, 0], results].concat(),
+            ));
+            client.extend(frame(b'D', b"P\0"));
+            client.extend(frame(b'E', b"\0\0\0\0\0"));
+            client.extend(frame(b'S', b""));
+            feed(&mut c, true, &client, &mut out);
+            let mut server = frame(b'1', b"");
+            server.extend(frame(b'2', b""));
+            server.extend(row_description_in(&[("id", 16384, 1, 23)], format));
+            feed(&mut c, false, &server, &mut out);
+            let portal = c.portal("").unwrap().columns.clone().unwrap();
+            let statement = c.statement("").unwrap();
+            let described = statement.description.get().unwrap().columns.clone();
+            (portal, described.unwrap())
+        };
+        // In text already: the portal's columns, shared (no copy per statement).
+        let (portal, described) = run(0);
+        assert!(Arc::ptr_eq(&portal, &described));
+        // In binary: the statement's copy says text (formats are chosen at each Bind).
+        let (portal, described) = run(1);
+        assert_eq!(portal[0].format, 1);
+        assert_eq!(described[0].format, 0);
+        assert_eq!(described[0].name, "id");
     }
 
     #[test]
