@@ -4,6 +4,7 @@
 //! state cloned, no buffering). The result is HMAC-SHA256 as RFC 2104 defines it (tested
 //! against the `hmac` crate).
 
+use crate::audit::schema::same_bytes;
 use sha2::{
     compress256,
     digest::generic_array::{typenum::U64, GenericArray},
@@ -76,29 +77,25 @@ impl KeyedHash {
             return hex_of(self.digest(value));
         }
         let slot = memo_slot(value);
-        let hit = MEMO
-            .try_with(|m| {
-                let e = &m.borrow().0[slot];
-                (e.key == self.id
-                    && usize::from(e.len) == value.len()
-                    && &e.value[..value.len()] == value)
-                    .then_some(e.hex)
-            })
-            .ok()
-            .flatten();
-        if let Some(hex) = hit {
-            return hex;
-        }
-        let hex = hex_of(self.digest(value));
-        let _ = MEMO.try_with(|m| {
-            let e = &mut m.borrow_mut().0[slot];
+        // One visit to the thread's memo: a hit returns its hex, a miss hashes and
+        // stores (the digest does not touch the memo).
+        MEMO.try_with(|m| {
+            let mut m = m.borrow_mut();
+            let e = &mut m.0[slot];
+            if e.key == self.id
+                && usize::from(e.len) == value.len()
+                && same_bytes(&e.value[..value.len()], value)
+            {
+                return e.hex;
+            }
+            let hex = hex_of(self.digest(value));
             e.key = self.id;
             e.len = value.len() as u8;
-            e.value = [0; MEMO_VALUE];
             e.value[..value.len()].copy_from_slice(value);
             e.hex = hex;
-        });
-        hex
+            hex
+        })
+        .unwrap_or_else(|_| hex_of(self.digest(value)))
     }
 
     /// HMAC-SHA256(key, value).
@@ -175,16 +172,31 @@ thread_local! {
 }
 
 /// The memo slot of a value: its bytes mixed (no key: the slot says nothing the value in
-/// it does not).
+/// it does not). Read a word at a time, the last part of one without a copy of variable
+/// length (most values are a few digits).
 fn memo_slot(value: &[u8]) -> usize {
+    let mix = |h: u64, w: u64| {
+        let h = (h ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        h ^ h >> 29
+    };
     let mut h: u64 = value.len() as u64;
-    for c in value.chunks(8) {
-        let mut w = [0u8; 8];
-        w[..c.len()].copy_from_slice(c);
-        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        h ^= h >> 29;
+    let mut words = value.chunks_exact(8);
+    for w in &mut words {
+        h = mix(h, u64::from_le_bytes(w.try_into().expect("8 bytes")));
     }
-    (h >> 32) as usize % MEMO_SLOTS
+    let rest = words.remainder();
+    let n = rest.len();
+    let last = match n {
+        0 => return (h >> 32) as usize % MEMO_SLOTS,
+        // Two overlapping halves cover every byte of 4 to 7.
+        4.. => {
+            let lo = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes"));
+            let hi = u32::from_le_bytes(rest[n - 4..].try_into().expect("4 bytes"));
+            u64::from(lo) | u64::from(hi) << 32
+        }
+        _ => u64::from(rest[0]) | u64::from(rest[n / 2]) << 8 | u64::from(rest[n - 1]) << 16,
+    };
+    (mix(h, last) >> 32) as usize % MEMO_SLOTS
 }
 
 #[cfg(test)]
