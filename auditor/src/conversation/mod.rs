@@ -629,6 +629,10 @@ pub struct Conversation {
     /// transaction), for the next Bind: held by that portal's statement until its event is
     /// recorded, then free to write over ([`BoundParams::of`]).
     spare_params: Option<Arc<[u8]>>,
+    /// A statement nothing refers to any more (the unnamed one a Parse replaced, once its
+    /// portal went too), for the next Parse to write over: drivers that parse the unnamed
+    /// statement for each query do not allocate one each time.
+    spare_statement: Option<Arc<PreparedStatement>>,
     /// The last RowDescription's columns: a driver that describes its portal before each
     /// Execute (pgbench, libpq's PQexecPrepared) gets the same ones each time, shared.
     last_columns: Option<Arc<[Column]>>,
@@ -675,6 +679,7 @@ impl Conversation {
             pending: VecDeque::new(),
             lost_queued: false,
             spare_params: None,
+            spare_statement: None,
             last_columns: None,
             lost_tail: None,
             counters: ConversationCounters::default(),
@@ -1039,7 +1044,7 @@ impl Conversation {
             } => {
                 let name = text_of(name).into_owned();
                 let (sql, analysis) = analyzer.analyze_text(&text_of(sql));
-                let statement = Arc::new(PreparedStatement {
+                let parsed = PreparedStatement {
                     name: Text::lasting_shape(&name),
                     analysis,
                     sql,
@@ -1047,7 +1052,17 @@ impl Conversation {
                     description: OnceLock::new(),
                     cut: self.partial,
                     from_server: false,
-                });
+                };
+                let statement = match self.spare_statement.take() {
+                    Some(mut spare) => match Arc::get_mut(&mut spare) {
+                        Some(s) => {
+                            *s = parsed;
+                            spare
+                        }
+                        None => Arc::new(parsed),
+                    },
+                    None => Arc::new(parsed),
+                };
                 let replaced = self.prepared.insert(name, statement.clone());
                 self.pending.push_back(Pending::Parse {
                     statement,
@@ -1090,7 +1105,10 @@ impl Conversation {
                         params_cut: self.partial,
                     },
                 );
-                if let Some(old) = replaced {
+                if let Some(mut old) = replaced {
+                    if old.started_ns.is_none() {
+                        self.spare(old.statement.take());
+                    }
                     // A portal left suspended at its row limit ends here.
                     self.finish_suspended(old, ts, out);
                 }
@@ -1269,9 +1287,14 @@ impl Conversation {
             return;
         }
         match m {
-            BackendMessage::ParseComplete => {
-                self.pop_front_matching(|p| matches!(p, Pending::Parse { .. }))
-            }
+            BackendMessage::ParseComplete => match self.pending.front() {
+                Some(Pending::Parse { .. }) => {
+                    if let Some(Pending::Parse { replaced, .. }) = self.pending.pop_front() {
+                        self.spare(replaced);
+                    }
+                }
+                _ => self.counters.unmatched_responses += 1,
+            },
             BackendMessage::BindComplete => {
                 self.pop_front_matching(|p| matches!(p, Pending::Bind { .. }))
             }
@@ -1773,6 +1796,13 @@ impl Conversation {
             before_execute,
         };
         out.push(Self::extended(portal, result, ts));
+    }
+
+    /// Keeps `statement` for the next Parse if nothing else holds it.
+    fn spare(&mut self, statement: Option<Arc<PreparedStatement>>) {
+        if let Some(s) = statement.filter(|s| Arc::strong_count(s) == 1) {
+            self.spare_statement = Some(s);
+        }
     }
 
     /// Every portal is gone (the transaction or the session ended).
