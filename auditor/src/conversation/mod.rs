@@ -1959,6 +1959,21 @@ mod tests {
         row_description_in(cols, 0)
     }
 
+    /// Describe of the unnamed portal, Execute, Sync.
+    fn portal_described_and_run() -> Vec<u8> {
+        let mut m = frame(b'D', b"P\0");
+        m.extend(frame(b'E', b"\0\0\0\0\0"));
+        m.extend(frame(b'S', b""));
+        m
+    }
+
+    /// ParseComplete, BindComplete.
+    fn parsed_and_bound() -> Vec<u8> {
+        let mut m = frame(b'1', b"");
+        m.extend(frame(b'2', b""));
+        m
+    }
+
     /// A RowDescription whose columns are all in `format`.
     fn row_description_in(cols: &[(&str, u32, i16, u32)], format: i16) -> Vec<u8> {
         let mut b = (cols.len() as u16).to_be_bytes().to_vec();
@@ -2119,8 +2134,7 @@ mod tests {
         client.extend(frame(b'E', b"\0\0\0\0\0"));
         client.extend(frame(b'S', b""));
         feed(&mut c, true, &client, &mut out);
-        let mut server = frame(b'1', b"");
-        server.extend(frame(b'2', b""));
+        let mut server = parsed_and_bound();
         server.extend(row_description(&[("email", 16384, 2, 25)]));
         feed(&mut c, false, &server, &mut out);
         let (_, columns) = c.rows_source().unwrap();
@@ -2157,12 +2171,9 @@ mod tests {
             b'B',
             &[cstr(""), cstr("S_1"), vec![0, 0, 0, 0, 0, 0]].concat(),
         ));
-        client.extend(frame(b'D', b"P\0"));
-        client.extend(frame(b'E', b"\0\0\0\0\0"));
-        client.extend(frame(b'S', b""));
+        client.extend(portal_described_and_run());
         feed(&mut c, true, &client, &mut out);
-        let mut server = frame(b'1', b"");
-        server.extend(frame(b'2', b""));
+        let mut server = parsed_and_bound();
         server.extend(row_description(&[
             ("id", 16384, 1, 23),
             ("email", 16384, 2, 25),
@@ -2204,12 +2215,9 @@ mod tests {
                 b'B',
                 &[cstr(""), cstr(""), vec![0, 0, 0, 0], results].concat(),
             ));
-            client.extend(frame(b'D', b"P\0"));
-            client.extend(frame(b'E', b"\0\0\0\0\0"));
-            client.extend(frame(b'S', b""));
+            client.extend(portal_described_and_run());
             feed(&mut c, true, &client, &mut out);
-            let mut server = frame(b'1', b"");
-            server.extend(frame(b'2', b""));
+            let mut server = parsed_and_bound();
             server.extend(row_description_in(&[("id", 16384, 1, 23)], format));
             feed(&mut c, false, &server, &mut out);
             let portal = c.portal("").unwrap().columns.clone().unwrap();
@@ -2524,8 +2532,7 @@ mod tests {
         ));
         client.extend(frame(b'D', b"Pp\0"));
         feed(&mut c, true, &client, &mut out);
-        let mut server = frame(b'1', b"");
-        server.extend(frame(b'2', b""));
+        let mut server = parsed_and_bound();
         server.extend(row_description(&[("one", 0, 0, 23)]));
         feed(&mut c, false, &server, &mut out);
         let (_, columns) = c.execute_target("p").unwrap();
