@@ -618,23 +618,23 @@ fn event_id_at_millis(millis: u64) -> EventId {
     use rand::RngCore;
     let mut random = [0u8; 10];
     rand::thread_rng().fill_bytes(&mut random);
-    let mut text = [0u8; EventId::INLINE];
-    uuid::Builder::from_unix_timestamp_millis(millis, &random)
-        .into_uuid()
-        .hyphenated()
-        .encode_lower(&mut text);
-    EventId(IdRepr::Inline(text))
+    let uuid = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
+    EventId::of_uuid(*uuid.as_bytes())
 }
 
-/// An event's id, as text. The daemon's own (a UUID's 36 characters) are held inline, so
-/// making one allocates nothing; any other (from a record or a test) is kept as it came.
+/// An event's id, as text. The daemon's own (UUIDs) are held inline, so making one
+/// allocates nothing, and a record holds their 16 bytes, not the text; any other (from a
+/// record of another source, or a test) is kept as it came.
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct EventId(IdRepr);
 
-/// One representation per text (36 bytes: inline), so the derived equality is the text's.
+/// One representation per text (a UUID's text in its canonical form, lowercase and
+/// hyphenated: `Uuid`; any other: `Other`), so the derived equality is the text's. The
+/// text alone, not its bytes too: an event is copied between threads a cache line at a
+/// time, and the bytes are read back from the text only where a record is written.
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum IdRepr {
-    Inline([u8; EventId::INLINE]),
+    Uuid([u8; EventId::UUID_TEXT]),
     Other(Box<str>),
 }
 
@@ -644,26 +644,79 @@ impl Default for IdRepr {
     }
 }
 
+/// A compact event id's first byte: its 16 bytes follow, or its text.
+const ID_UUID: u8 = 0;
+const ID_TEXT: u8 = 1;
+
+/// Where each byte's two hex digits are in a UUID's hyphenated text.
+const UUID_DIGITS: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
+
+/// The value of each lowercase hex digit (the text is canonical: no other byte is looked
+/// up).
+const HEX_VALUE: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
 impl EventId {
-    const INLINE: usize = uuid::fmt::Hyphenated::LENGTH;
+    const UUID_TEXT: usize = uuid::fmt::Hyphenated::LENGTH;
+
+    fn of_uuid(bytes: [u8; 16]) -> EventId {
+        let mut text = [0u8; EventId::UUID_TEXT];
+        uuid::Uuid::from_bytes(bytes)
+            .hyphenated()
+            .encode_lower(&mut text);
+        EventId(IdRepr::Uuid(text))
+    }
 
     pub fn as_str(&self) -> &str {
         match &self.0 {
-            // SAFETY: an inline id is made from a whole `&str`'s bytes (`From<&str>`) or a
-            // UUID's ASCII (`event_id_at_millis`), and never changed: always UTF-8. (Not
+            // SAFETY: a UUID's ASCII (`of_uuid`), never changed: always UTF-8. (Not
             // checked again: the sink compares and copies every event's id.)
-            IdRepr::Inline(b) => unsafe { std::str::from_utf8_unchecked(b) },
+            IdRepr::Uuid(text) => unsafe { std::str::from_utf8_unchecked(text) },
             IdRepr::Other(s) => s,
+        }
+    }
+
+    /// The UUID's bytes, when the id is a UUID's canonical text.
+    fn uuid_bytes(&self) -> Option<[u8; 16]> {
+        match &self.0 {
+            IdRepr::Uuid(text) => {
+                let mut b = [0u8; 16];
+                for (b, &at) in b.iter_mut().zip(&UUID_DIGITS) {
+                    *b = (HEX_VALUE[usize::from(text[at])] << 4)
+                        | HEX_VALUE[usize::from(text[at + 1])];
+                }
+                Some(b)
+            }
+            IdRepr::Other(_) => None,
         }
     }
 }
 
 impl From<&str> for EventId {
     fn from(s: &str) -> Self {
-        match <[u8; EventId::INLINE]>::try_from(s.as_bytes()) {
-            Ok(b) => EventId(IdRepr::Inline(b)),
-            Err(_) => EventId(IdRepr::Other(Box::from(s))),
+        if s.len() == EventId::UUID_TEXT {
+            if let Ok(u) = uuid::Uuid::try_parse(s) {
+                let id = EventId::of_uuid(*u.as_bytes());
+                // Only the canonical text: another spelling of the same UUID (upper case)
+                // is another id, kept as it came.
+                if id.as_str() == s {
+                    return id;
+                }
+            }
         }
+        EventId(IdRepr::Other(Box::from(s)))
     }
 }
 
@@ -714,6 +767,74 @@ impl<'de> Deserialize<'de> for EventId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
         Ok(EventId::from(s.as_ref()))
+    }
+}
+
+impl Field for EventId {
+    /// Owned: a compact id's text is made as it is read (36 bytes, held inline).
+    type Ref<'a> = EventId;
+    #[inline]
+    fn same(&self, other: &Self) -> bool {
+        self == other
+    }
+    fn json(&self, out: &mut Vec<u8>) {
+        json_str(out, self.as_str());
+    }
+    fn put(&self, out: &mut Vec<u8>) {
+        self.put_as(out, true)
+    }
+    /// Compact: a UUID's 16 bytes after `0`, any other id's text after `1`.
+    #[inline]
+    fn put_as(&self, out: &mut Vec<u8>, compact_ids: bool) {
+        match (compact_ids, self.uuid_bytes()) {
+            (false, _) => put_str(out, self.as_str()),
+            (true, Some(b)) => {
+                out.push(ID_UUID);
+                out.extend_from_slice(&b);
+            }
+            (true, None) => {
+                out.push(ID_TEXT);
+                put_str(out, self.as_str());
+            }
+        }
+    }
+    fn get(r: &mut RecordReader<'_>) -> Result<EventId, RecordError> {
+        if !r.compact_ids {
+            return Ok(EventId::from(r.str()?));
+        }
+        match r.u8()? {
+            ID_UUID => {
+                let b: [u8; 16] = r.bytes(16)?.try_into().expect("16 bytes");
+                Ok(EventId::of_uuid(b))
+            }
+            ID_TEXT => Ok(EventId::from(r.str()?)),
+            t => Err(RecordError::UnknownTag(t)),
+        }
+    }
+    fn own(r: &EventId) -> Result<Self, RecordError> {
+        Ok(r.clone())
+    }
+    fn ch_columns(name: &'static str, lc: bool, style: ColumnStyle) -> Vec<String> {
+        <String as Field>::ch_columns(name, lc, style)
+    }
+    fn ch_copy(r: &mut RecordReader<'_>, _: bool, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        if !r.compact_ids {
+            return r.copy_str(out);
+        }
+        match r.u8()? {
+            ID_UUID => {
+                let b: [u8; 16] = r.bytes(16)?.try_into().expect("16 bytes");
+                let mut text = [0u8; EventId::UUID_TEXT];
+                uuid::Uuid::from_bytes(b)
+                    .hyphenated()
+                    .encode_lower(&mut text);
+                out.push(EventId::UUID_TEXT as u8);
+                out.extend_from_slice(&text);
+                Ok(())
+            }
+            ID_TEXT => r.copy_str(out),
+            t => Err(RecordError::UnknownTag(t)),
+        }
     }
 }
 
@@ -881,8 +1002,43 @@ impl<'de> Deserialize<'de> for Params {
     }
 }
 
+/// A keyed hash's text: `hmac:` and 16 lowercase hex digits (see
+/// `RecordingPolicy::params_of`).
+const HASH_PREFIX: &[u8; 5] = b"hmac:";
+const HASH_TEXT: usize = 21;
+/// A compact parameter's first byte: a keyed hash's 8 bytes follow, or a value's text.
+const PARAM_HASH: u8 = 0;
+const PARAM_TEXT: u8 = 1;
+
+/// The 8 bytes of a keyed hash's text, if `text` is one in its canonical form (so that
+/// the text made from them again is the same).
+fn keyed_hash_bytes(text: &[u8]) -> Option<[u8; 8]> {
+    if text.len() != HASH_TEXT || &text[..5] != HASH_PREFIX {
+        return None;
+    }
+    let mut b = [0u8; 8];
+    for (i, pair) in text[5..].chunks_exact(2).enumerate() {
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        b[i] = (digit(pair[0])? << 4) | digit(pair[1])?;
+    }
+    Some(b)
+}
+
+/// A keyed hash's text from its 8 bytes.
+fn keyed_hash_text(b: &[u8]) -> [u8; HASH_TEXT] {
+    let mut text = *b"hmac:0000000000000000";
+    hex::encode_to_slice(b, &mut text[5..]).expect("16 hex digits");
+    text
+}
+
 impl Field for Params {
-    type Ref<'a> = Vec<&'a str>;
+    /// Owned: a compact keyed hash's text is made as it is read (held in place for a few
+    /// values).
+    type Ref<'a> = Params;
     #[inline]
     fn same(&self, other: &Self) -> bool {
         self == other
@@ -891,8 +1047,14 @@ impl Field for Params {
         json_strs(out, self.iter());
     }
     fn put(&self, out: &mut Vec<u8>) {
-        // As `put_strs` writes the values, from the bytes as they are (each value was a
-        // whole `&str`: nothing to check again on the path of every event).
+        self.put_as(out, true)
+    }
+    /// `count u32`, then each value: compact, a keyed hash's 8 bytes after `0` and any
+    /// other value's text after `1`; before, each value's text.
+    #[inline]
+    fn put_as(&self, out: &mut Vec<u8>, compact_ids: bool) {
+        // From the bytes as they are (each value was a whole `&str`: nothing to check
+        // again on the path of every event).
         let Some(b) = self.bytes() else {
             return put_strs(out, 0, std::iter::empty());
         };
@@ -904,22 +1066,64 @@ impl Field for Params {
         for end in ends.chunks_exact(4) {
             let end = u32::from_le_bytes([end[0], end[1], end[2], end[3]]) as usize;
             let text = texts.get(start..end).unwrap_or_default();
+            start = end;
+            if compact_ids {
+                if let Some(h) = keyed_hash_bytes(text) {
+                    out.push(PARAM_HASH);
+                    out.extend_from_slice(&h);
+                    continue;
+                }
+                out.push(PARAM_TEXT);
+            }
             out.extend_from_slice(&(text.len() as u32).to_le_bytes());
             out.extend_from_slice(text);
-            start = end;
         }
     }
-    fn get<'a>(r: &mut RecordReader<'a>) -> Result<Vec<&'a str>, RecordError> {
-        r.strs()
+    fn get(r: &mut RecordReader<'_>) -> Result<Params, RecordError> {
+        if !r.compact_ids {
+            let items = r.strs()?;
+            return Ok(Params::collect(items.iter()));
+        }
+        // Each value takes a tag and at least a length.
+        let n = r.count(5)?;
+        let mut items: Vec<std::borrow::Cow<'_, str>> = Vec::with_capacity(n);
+        for _ in 0..n {
+            items.push(match r.u8()? {
+                PARAM_HASH => {
+                    let text = keyed_hash_text(r.bytes(8)?);
+                    // Hex digits and `hmac:`: ASCII.
+                    String::from_utf8_lossy(&text).into_owned().into()
+                }
+                PARAM_TEXT => r.str()?.into(),
+                t => return Err(RecordError::UnknownTag(t)),
+            });
+        }
+        Ok(Params::collect(items.iter()))
     }
-    fn own(r: &Vec<&str>) -> Result<Self, RecordError> {
-        Ok(Params::collect(r.iter()))
+    fn own(r: &Params) -> Result<Self, RecordError> {
+        Ok(r.clone())
     }
     fn ch_columns(name: &'static str, _: bool, style: ColumnStyle) -> Vec<String> {
         <crate::text::List<String>>::ch_columns(name, false, style)
     }
     fn ch_copy(r: &mut RecordReader<'_>, _: bool, out: &mut Vec<u8>) -> Result<(), RecordError> {
-        r.copy_strs(out)
+        if !r.compact_ids {
+            return r.copy_strs(out);
+        }
+        let n = r.count(5)?;
+        super::schema::put_varint(out, n as u64);
+        for _ in 0..n {
+            match r.u8()? {
+                PARAM_HASH => {
+                    // A String of 21 bytes: its length is one varint byte.
+                    out.push(HASH_TEXT as u8);
+                    out.extend_from_slice(&keyed_hash_text(r.bytes(8)?));
+                }
+                PARAM_TEXT => r.copy_str(out)?,
+                t => return Err(RecordError::UnknownTag(t)),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1077,14 +1281,46 @@ mod tests {
         assert!(uuid::Uuid::parse_str(&made).is_ok_and(|u| u.get_version_num() == 7));
         assert_ne!(made, new_event_id());
         // Any text reads back as it came, inline or not, and equal texts are equal ids.
+        let upper = made.to_uppercase();
+        let simple = made.replace('-', "");
         for text in [
             made.as_str(),
             "",
             "e1",
+            "x".repeat(36).as_str(),
             "x".repeat(37).as_str(),
             "ü".repeat(18).as_str(),
+            // Other spellings of a UUID are other ids, kept as they came.
+            upper.as_str(),
+            simple.as_str(),
+            "{01a20304-de26-7265-b42c-353bcf4fdf7}",
         ] {
             let id = EventId::from(text);
+            // Held as a UUID (and written as its 16 bytes) only in its canonical text.
+            assert_eq!(id.uuid_bytes().is_some(), text == made.as_str(), "{text}");
+            let (mut compact, mut old) = (Vec::new(), Vec::new());
+            id.put(&mut compact);
+            id.put_as(&mut old, false);
+            assert_eq!(old.len(), 4 + text.len());
+            assert_eq!(
+                compact.len(),
+                if text == made.as_str() {
+                    17
+                } else {
+                    5 + text.len()
+                }
+            );
+            for (bytes, compact_ids) in [(&compact, true), (&old, false)] {
+                let mut r = RecordReader::with_ids(bytes, compact_ids);
+                assert_eq!(<EventId as Field>::get(&mut r).unwrap(), id);
+                assert!(r.is_empty());
+            }
+            // ClickHouse's row is the same from either.
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            <EventId as Field>::ch_copy(&mut RecordReader::new(&compact), false, &mut a).unwrap();
+            <EventId as Field>::ch_copy(&mut RecordReader::with_ids(&old, false), false, &mut b)
+                .unwrap();
+            assert_eq!(a, b);
             assert_eq!(id, text);
             assert_eq!(id, EventId::from(text.to_string()));
             let json = serde_json::to_string(&id).unwrap();
@@ -1110,12 +1346,23 @@ mod tests {
 
     #[test]
     fn params_are_a_list_of_texts_in_one_allocation() {
-        let lists: [&[&str]; 5] = [
+        let lists: [&[&str]; 7] = [
             &[],
             &["hmac:1b9891be7a5a66b4"],
             &["", "NULL", "\\x00ff"],
             &["ü日本😀", "a\"b", "", "x"],
             &["5"; 300],
+            // Keyed hashes, and values that only look like one: kept as they came.
+            &[
+                "hmac:0000000000000000",
+                "hmac:1B9891BE7A5A66B4",
+                "hmac:1b9891be7a5a66b",
+                "hmac:1b9891be7a5a66b4a",
+                "hmac:1b9891be7a5a66g4",
+                "HMAC:1b9891be7a5a66b4",
+                "hmac:ffffffffffffffff",
+            ],
+            &["hmac:1b9891be7a5a66b4"; 40],
         ];
         for list in lists {
             let p = Params::from(list.to_vec());
@@ -1132,16 +1379,42 @@ mod tests {
             let mut out = Vec::new();
             p.json(&mut out);
             assert_eq!(out, json.as_bytes());
-            let mut rec = Vec::new();
-            p.put(&mut rec);
+            // A record of the layouts before: a list of texts, byte for byte.
+            let mut text = Vec::new();
+            p.put_as(&mut text, false);
             let mut strs = Vec::new();
             crate::audit::schema::put_strs(&mut strs, list.len(), list.iter().copied());
-            assert_eq!(rec, strs, "a record's list of texts, byte for byte");
-            let mut r = RecordReader::new(&rec);
+            assert_eq!(text, strs, "a record's list of texts, byte for byte");
+            let back = <Params as Field>::get(&mut RecordReader::with_ids(&text, false)).unwrap();
+            assert_eq!(back, p);
+            // This version's: each keyed hash in 9 bytes (a tag and 8), any other value
+            // a tag and its text; read back as the same texts.
+            let mut compact = Vec::new();
+            p.put(&mut compact);
+            let hashes = list
+                .iter()
+                .filter(|v| keyed_hash_bytes(v.as_bytes()).is_some())
+                .count();
+            assert_eq!(
+                compact.len(),
+                strs.len() + (list.len() - hashes) - 16 * hashes
+            );
+            let mut r = RecordReader::new(&compact);
             let back = <Params as Field>::get(&mut r).unwrap();
-            assert_eq!(back, list);
+            assert!(r.is_empty());
+            assert_eq!(back, p);
             assert_eq!(<Params as Field>::own(&back).unwrap(), p);
+            // ClickHouse's row is the same from either.
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            <Params as Field>::ch_copy(&mut RecordReader::with_ids(&text, false), false, &mut a)
+                .unwrap();
+            <Params as Field>::ch_copy(&mut RecordReader::new(&compact), false, &mut b).unwrap();
+            assert_eq!(a, b);
         }
+        assert_eq!(
+            keyed_hash_bytes(b"hmac:1b9891be7a5a66b4"),
+            Some([0x1b, 0x98, 0x91, 0xbe, 0x7a, 0x5a, 0x66, 0xb4])
+        );
         assert_ne!(Params::from(["a", "b"]), Params::from(["ab"]));
         assert_ne!(Params::from(["a"]), Params::default());
         assert_eq!(Params::from(Vec::<String>::new()), Params::default());

@@ -24,6 +24,8 @@ pub enum RecordError {
     NotUtf8,
     #[error("unknown record layout {0}")]
     UnknownVersion(u8),
+    #[error("unknown value tag {0}")]
+    UnknownTag(u8),
     #[error("{0} bytes after the last field")]
     Trailing(usize),
     #[error("not an audit event in JSON: {0}")]
@@ -127,11 +129,24 @@ pub const fn split_count(fields: &[FieldSpec]) -> usize {
 /// Reads a spool record field by field.
 pub struct RecordReader<'a> {
     pub(crate) buf: &'a [u8],
+    /// Event ids and keyed hashes in their compact form (see [`Field::put_as`]): what
+    /// this version writes. Records and frames of earlier layouts hold them as text.
+    pub(crate) compact_ids: bool,
 }
 
 impl<'a> RecordReader<'a> {
+    /// A reader of what this version writes.
     pub fn new(buf: &'a [u8]) -> Self {
-        RecordReader { buf }
+        RecordReader {
+            buf,
+            compact_ids: true,
+        }
+    }
+
+    /// A reader of a record or frame whose ids are compact (this version's) or text (the
+    /// layouts before).
+    pub fn with_ids(buf: &'a [u8], compact_ids: bool) -> Self {
+        RecordReader { buf, compact_ids }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -183,7 +198,7 @@ impl<'a> RecordReader<'a> {
     }
 
     /// A string's bytes, as they are.
-    fn str_bytes(&mut self) -> Result<&'a [u8], RecordError> {
+    pub(crate) fn str_bytes(&mut self) -> Result<&'a [u8], RecordError> {
         let n = self.u32()? as usize;
         self.take(n)
     }
@@ -330,6 +345,15 @@ pub trait Field: Sized + PartialEq {
     fn json(&self, out: &mut Vec<u8>);
     /// Appends the value to a spool record.
     fn put(&self, out: &mut Vec<u8>);
+    /// Appends the value as this version writes it (`compact_ids`) or as the layouts
+    /// before did. Only event ids and parameter lists differ: a UUID as its 16 bytes, a
+    /// keyed hash as its 8 (each tagged; any other text as text), where those layouts
+    /// wrote the text (40 and 25 bytes).
+    #[inline]
+    fn put_as(&self, out: &mut Vec<u8>, compact_ids: bool) {
+        let _ = compact_ids;
+        self.put(out)
+    }
     /// Reads the value from a spool record.
     fn get<'a>(r: &mut RecordReader<'a>) -> Result<Self::Ref<'a>, RecordError>;
     /// The owned value of what a record holds.
@@ -407,7 +431,6 @@ macro_rules! text_field {
 
 text_field!(String);
 text_field!(Text);
-text_field!(super::event::EventId);
 
 macro_rules! int_field {
     ($t:ty, $ch:literal) => {
@@ -626,7 +649,7 @@ impl Field for Labels {
         put_varint(out, n as u64);
         if Self::COMPAT_SPLIT.is_some() && compat {
             // Two arrays: the keys, then (the pairs read again) the values.
-            let mut values = RecordReader { buf: r.buf };
+            let mut values = RecordReader::with_ids(r.buf, r.compact_ids);
             for _ in 0..n {
                 r.copy_str(out)?;
                 r.str_bytes()?;
@@ -728,7 +751,13 @@ macro_rules! audit_event {
 
             /// Appends the fields to a spool record.
             pub fn put_fields(&self, out: &mut Vec<u8>) {
-                $( $crate::audit::schema::Field::put(&self.$name, out); )*
+                self.put_fields_as(out, true);
+            }
+
+            /// Appends the fields as this version writes them (`compact_ids`), or as the
+            /// layouts before did (see [`Field::put_as`]).
+            pub fn put_fields_as(&self, out: &mut Vec<u8>, compact_ids: bool) {
+                $( $crate::audit::schema::Field::put_as(&self.$name, out, compact_ids); )*
             }
 
             /// Appends only the fields that differ from the context's (`ctx`: the event
@@ -746,6 +775,20 @@ macro_rules! audit_event {
                 out: &mut Vec<u8>,
                 same: &mut [u8],
             ) {
+                self.put_fields_diff_as(ctx, shape, out, same, true)
+            }
+
+            /// As [`AuditEvent::put_fields_diff`], the fields as this version writes them
+            /// (`compact_ids`) or as the layouts before did.
+            #[inline]
+            pub fn put_fields_diff_as(
+                &self,
+                ctx: &AuditEvent,
+                shape: Option<(&AuditEvent, &[u8])>,
+                out: &mut Vec<u8>,
+                same: &mut [u8],
+                compact_ids: bool,
+            ) {
                 let mut i = 0usize;
                 $(
                     let base = match shape {
@@ -755,7 +798,7 @@ macro_rules! audit_event {
                     if $crate::audit::schema::Field::same(&self.$name, &base.$name) {
                         same[i / 8] |= 1 << (i % 8);
                     } else {
-                        $crate::audit::schema::Field::put(&self.$name, out);
+                        $crate::audit::schema::Field::put_as(&self.$name, out, compact_ids);
                     }
                     i += 1;
                 )*

@@ -5,9 +5,10 @@
 //! are copied from the record and its frames' bytes as they are.
 //!
 //! Payloads in a segment: a frame `0xC0 | id u32 | field count u16 | fields` (a session's
-//! context or a statement shape, numbered in one sequence), a record `5 | context id u32 |
-//! shape id u32 | field count u16 | same | fields` (`compact.rs`; the layouts `4` and `3`
-//! of earlier versions still read), and whole records of
+//! context or a statement shape, numbered in one sequence; the count's top bit set when
+//! its fields hold compact ids), a record `6 | context id u32 | shape id u32 | field count
+//! u16 | same | fields` (`compact.rs`; the layouts `5`, `4` and `3` of earlier versions
+//! still read), and whole records of
 //! `record.rs` (the spool's own gap events; spools written by earlier versions).
 //!
 //! A segment reads on its own: the encoder starts over, and the spool a new segment, at a
@@ -148,7 +149,8 @@ impl Frames {
         let body = payload.get(1..).unwrap_or_default();
         let mut r = RecordReader::new(body);
         let id = r.u32()?;
-        let fields = usize::from(r.u16()?);
+        let (fields, compact) = compact::read_frame_field_count(&mut r)?;
+        r.compact_ids = compact;
         if fields > FIELDS.len() {
             return Err(RecordError::UnknownVersion(FRAME));
         }
@@ -180,6 +182,7 @@ impl Frames {
         if !compact::is_compact(Some(&version)) {
             return Err(RecordError::UnknownVersion(version));
         }
+        r.compact_ids = compact::compact_ids(version);
         let id = r.u32()?;
         let shape_id = if version == compact::VERSION_CONTEXT_ONLY {
             0
@@ -231,9 +234,28 @@ mod tests {
         text::Labels,
     };
 
+    /// The id of event `seq` of session `id`: a UUID's text (as the daemon makes them),
+    /// but for the second statement's, which is any text (as from another source).
+    fn id_of(id: &str, seq: u64) -> crate::audit::event::EventId {
+        if seq == 2 {
+            return format!("{id}-{seq}").as_str().into();
+        }
+        let n = id.bytes().fold(seq, |n, b| n * 31 + u64::from(b));
+        format!("01a20304-de26-7265-b42c-{:012x}", n & 0xffff_ffff_ffff)
+            .as_str()
+            .into()
+    }
+
+    /// A spool frame as the versions before compact ids wrote it.
+    fn frame_of_text_ids(id: u32, ev: &AuditEvent) -> Vec<u8> {
+        let mut f = vec![FRAME];
+        f.extend(compact::frame_of_text_ids(id, ev));
+        f
+    }
+
     fn session(id: &str, n: u64) -> Vec<Box<AuditEvent>> {
         let start = AuditEvent {
-            event_id: format!("{id}-0").as_str().into(),
+            event_id: id_of(id, 0),
             session_id: id.into(),
             kind: EventKind::SessionStart,
             ts: Timestamp::parse("2026-12-06T11:29:40.381256Z").unwrap(),
@@ -251,8 +273,14 @@ mod tests {
         let mut out = vec![Box::new(start.clone())];
         for seq in 1..=n {
             out.push(Box::new(AuditEvent {
-                event_id: format!("{id}-{seq}").as_str().into(),
+                event_id: id_of(id, seq),
                 kind: EventKind::Statement,
+                // Keyed hashes (compact in a record) among other values (their text).
+                params: match seq % 3 {
+                    0 => ["hmac:1b9891be7a5a66b4", "NULL"].into(),
+                    1 => [format!("hmac:{:016x}", seq * 0x9e37_79b9)].into(),
+                    _ => ["42", "hmac:1B9891BE7A5A66B4"].into(),
+                },
                 seq,
                 duration_us: seq * 7,
                 statement: "SELECT abalance FROM pgbench_accounts WHERE aid = $1".into(),
@@ -332,6 +360,50 @@ mod tests {
         assert!(again.iter().any(is_frame));
     }
 
+    /// A spool written before ids were compact (records `5`, frames without the flag:
+    /// event ids and keyed hashes as text) gives the rows it gave then, which are the
+    /// rows of this version's records: the same columns, byte for byte.
+    #[test]
+    fn rows_of_records_with_text_ids_are_the_rows_of_compact_ones() {
+        let events = session("s1", 6);
+        let (start, shape_ev) = (&events[0], &events[1]);
+        let mut shape = AuditEvent::default();
+        shape.take_same(
+            shape_ev,
+            &compact::shape_mask(compact::VERSION_TEXT_IDS)[..],
+        );
+        let mut framer = Framer::default();
+        let mut records = Records::default();
+        framer.encode(&events, &mut records);
+        for compat in [false, true] {
+            let mut frames = Frames::default();
+            frames.start(1);
+            frames.add(&frame_of_text_ids(1, start), compat).unwrap();
+            frames.add(&frame_of_text_ids(2, &shape), compat).unwrap();
+            let mut old = Vec::new();
+            for ev in &events {
+                let rec = compact::record_of_layout(
+                    compact::VERSION_TEXT_IDS,
+                    ev,
+                    (1, start),
+                    Some((2, &shape)),
+                );
+                frames.to_row(&rec, compat, &mut old).unwrap();
+            }
+            let mut now = Vec::new();
+            let mut current = Frames::default();
+            current.start(1);
+            for r in records.iter() {
+                if is_frame(r) {
+                    current.add(r, compat).unwrap();
+                } else {
+                    current.to_row(r, compat, &mut now).unwrap();
+                }
+            }
+            assert_eq!(old, now, "compat {compat}");
+        }
+    }
+
     /// A spool written by the version before (records `4`, whose shapes hold only the
     /// statement's analysis) still gives the rows of its events: the fields besides are
     /// the context's or the record's, never the shape's. (The context is the session's
@@ -349,18 +421,13 @@ mod tests {
             fingerprint: start.fingerprint.clone(),
             ..AuditEvent::of_kind(EventKind::Statement)
         };
-        let frame = |id: u32, ev: &AuditEvent| {
-            let mut f = vec![FRAME];
-            f.extend_from_slice(&id.to_le_bytes());
-            f.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
-            ev.put_fields(&mut f);
-            f
-        };
         for compat in [false, true] {
             let mut frames = Frames::default();
             frames.start(1);
-            frames.add(&frame(1, start), compat).unwrap();
-            frames.add(&frame(2, &analysis), compat).unwrap();
+            frames.add(&frame_of_text_ids(1, start), compat).unwrap();
+            frames
+                .add(&frame_of_text_ids(2, &analysis), compat)
+                .unwrap();
             let (mut rows, mut expected, mut whole, mut scratch) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for ev in &events[2..] {
@@ -379,12 +446,12 @@ mod tests {
         }
         // A layout this version does not know is an error, not a guess.
         let mut frames = Frames::default();
-        frames.add(&frame(1, start), false).unwrap();
-        let mut rec = vec![6];
+        frames.add(&frame_of_text_ids(1, start), false).unwrap();
+        let mut rec = vec![8];
         rec.extend_from_slice(&[0; 16]);
         assert!(matches!(
             frames.to_row(&rec, false, &mut Vec::new()),
-            Err(RecordError::UnknownVersion(6))
+            Err(RecordError::UnknownVersion(8))
         ));
     }
 

@@ -5,9 +5,10 @@
 //! spool thread, read by the sender): parsing and escaping JSON there cost more CPU than
 //! ClickHouse spends storing the row. The fields and their layout come from the event's
 //! declaration (`audit/schema.rs`): a version byte, the number of fields, then the fields in
-//! declaration order. A record with fewer fields (an earlier version) reads the missing
-//! ones as their defaults; layout 1 (no field count) and the JSON of earlier versions are
-//! still read, so a spool survives upgrades.
+//! declaration order (event ids and keyed hashes compact: see `Field::put_as`). A record
+//! with fewer fields (an earlier version) reads the missing ones as their defaults; layout
+//! 2 (ids and hashes as text), layout 1 (no field count) and the JSON of earlier versions
+//! are still read, so a spool survives upgrades.
 
 use crate::{
     audit::{
@@ -19,8 +20,16 @@ use crate::{
 
 pub use crate::audit::schema::RecordError;
 
-/// First byte of every record in this layout.
-pub const VERSION: u8 = 2;
+/// First byte of every record in this layout. The first bytes of records written against
+/// frames (`local/compact.rs`: 3 to 6) are in the same place of a log or spool, so no
+/// layout of either takes a number of the other.
+pub const VERSION: u8 = 7;
+/// This layout before compact ids: event ids and keyed hashes as text.
+const VERSION_TEXT_IDS: u8 = 2;
+const _: () = assert!(
+    !crate::sink::local::compact::is_compact(Some(&VERSION))
+        && !crate::sink::local::compact::is_compact(Some(&VERSION_TEXT_IDS))
+);
 /// Fields of layout 1, which had no field count.
 const V1_FIELDS: usize = 43;
 
@@ -35,11 +44,13 @@ pub fn encode(ev: &AuditEvent, out: &mut Vec<u8>) {
 /// of fields it holds.
 fn fields_of(rec: &[u8]) -> Result<(RecordReader<'_>, usize), RecordError> {
     let mut r = RecordReader::new(rec);
-    let fields = match r.u8()? {
+    let version = r.u8()?;
+    let fields = match version {
         1 => V1_FIELDS,
-        VERSION => usize::from(r.u16()?),
+        VERSION | VERSION_TEXT_IDS => usize::from(r.u16()?),
         v => return Err(RecordError::UnknownVersion(v)),
     };
+    r.compact_ids = version == VERSION;
     if fields > FIELDS.len() {
         // Written by a newer version: its extra fields cannot be read (or dropped).
         return Err(RecordError::UnknownVersion(VERSION));
@@ -189,8 +200,8 @@ mod tests {
         ev.approval_id.put(&mut tail);
         ev.approver.put(&mut tail);
         ev.masked_values.put(&mut tail);
-        let mut buf = Vec::new();
-        encode(ev, &mut buf);
+        let mut buf = vec![1, 0, 0];
+        ev.put_fields_as(&mut buf, false);
         buf.drain(1..3);
         buf[0] = 1;
         buf.truncate(buf.len() - tail.len());
@@ -203,12 +214,12 @@ mod tests {
         let r = decode(&v1_record(&ev)).unwrap().to_event().unwrap();
         assert_eq!(r, ev);
         // A record with fewer fields than this version declares: the rest default.
-        let mut short = vec![VERSION];
+        let mut short = vec![VERSION_TEXT_IDS];
         short.extend_from_slice(&2u16.to_le_bytes());
         crate::audit::schema::put_str(&mut short, "id-1");
         crate::audit::schema::put_str(&mut short, "gap");
         let r = decode(&short).unwrap();
-        assert_eq!((r.event_id, r.kind, r.seq), ("id-1", "gap", 0));
+        assert_eq!((r.event_id.as_str(), r.kind, r.seq), ("id-1", "gap", 0));
         // More fields than this version knows: refused, not misread.
         let mut long = vec![VERSION];
         long.extend_from_slice(&(FIELDS.len() as u16 + 1).to_le_bytes());

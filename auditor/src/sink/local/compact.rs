@@ -6,7 +6,8 @@
 //!
 //! A context frame's payload: `id u32 | field count u16 | fields` (the event's fields in
 //! the spool's record layout: the first event of the session in this segment; for a
-//! shape, an event holding only the shape's fields). A record frame's payload: `5 |
+//! shape, an event holding only the shape's fields; the count's top bit is set: event ids
+//! and keyed hashes are compact, see `Field::put_as`). A record frame's payload: `6 |
 //! context id u32 (0: none) | shape id u32 (0: none) | field count u16 | same
 //! [⌈count/8⌉] | the fields whose bit in `same` is clear`. A field whose bit is set is the
 //! shape's when it is one of the shape's fields and the record names a shape, else the
@@ -14,8 +15,9 @@
 //! and what the statements of one text mostly share besides, which a session's context
 //! (its first event: a session start) does not: the event's kind, protocol, prepared
 //! statement's name and transaction status (each compared as any field: one that differs
-//! is written in the record). Records of the earlier layouts still read: `4` (a shape
-//! holds only the analysis) and `3` (no shape id). Contexts and shapes are numbered per
+//! is written in the record). Records of the earlier layouts still read: `5` (ids and
+//! keyed hashes as text, as in frames without the count's top bit), `4` (a shape holds
+//! only the analysis) and `3` (no shape id). Contexts and shapes are numbered per
 //! segment (one sequence), so a segment reads on its own.
 
 use std::{collections::HashMap, sync::OnceLock};
@@ -32,7 +34,9 @@ use crate::{
 };
 
 /// First byte of a record written against a context and, maybe, a shape.
-pub const VERSION: u8 = 5;
+pub const VERSION: u8 = 6;
+/// Layout 6 before compact ids: event ids and keyed hashes as text.
+pub(crate) const VERSION_TEXT_IDS: u8 = 5;
 /// The layout whose shapes hold only the statement's analysis ([`ANALYSIS_FIELDS`]).
 pub(crate) const VERSION_ANALYSIS_SHAPES: u8 = 4;
 /// The layout before shapes: `3 | context id | field count | same | fields`.
@@ -40,11 +44,37 @@ pub(crate) const VERSION_CONTEXT_ONLY: u8 = 3;
 
 /// Whether a payload's first byte is that of a record written against a context (any
 /// layout this version reads).
-pub fn is_compact(first: Option<&u8>) -> bool {
+pub const fn is_compact(first: Option<&u8>) -> bool {
     matches!(
         first,
-        Some(&(VERSION | VERSION_ANALYSIS_SHAPES | VERSION_CONTEXT_ONLY))
+        Some(&(VERSION | VERSION_TEXT_IDS | VERSION_ANALYSIS_SHAPES | VERSION_CONTEXT_ONLY))
     )
+}
+
+/// Whether the fields of a record of `version` hold event ids and keyed hashes compact
+/// (see [`crate::audit::schema::Field::put_as`]).
+pub(crate) fn compact_ids(version: u8) -> bool {
+    version == VERSION
+}
+
+/// The top bit of a frame's field count: its fields hold event ids and keyed hashes
+/// compact (set by this version; frames of the layouts before hold their text).
+pub(crate) const FRAME_COMPACT_IDS: u16 = 0x8000;
+
+/// A frame's field count as this version writes it.
+pub(crate) fn frame_field_count() -> [u8; 2] {
+    (FIELDS.len() as u16 | FRAME_COMPACT_IDS).to_le_bytes()
+}
+
+/// Reads a frame's field count: how many fields, and whether they hold compact ids.
+pub(crate) fn read_frame_field_count(
+    r: &mut RecordReader<'_>,
+) -> Result<(usize, bool), RecordError> {
+    let raw = r.u16()?;
+    Ok((
+        usize::from(raw & !FRAME_COMPACT_IDS),
+        raw & FRAME_COMPACT_IDS != 0,
+    ))
 }
 // The `same` bitmap is built on the stack: 256 fields at most.
 const _: () = assert!(FIELDS.len() <= 256);
@@ -87,7 +117,7 @@ pub(crate) fn shape_mask(version: u8) -> &'static [u8; SAME_MAX] {
     static ALL: OnceLock<[u8; SAME_MAX]> = OnceLock::new();
     static NONE: [u8; SAME_MAX] = [0; SAME_MAX];
     match version {
-        VERSION => ALL.get_or_init(|| {
+        VERSION | VERSION_TEXT_IDS => ALL.get_or_init(|| {
             let both: Vec<&str> = ANALYSIS_FIELDS
                 .iter()
                 .chain(&SHARED_FIELDS)
@@ -179,7 +209,7 @@ impl Contexts {
                     event: ev.clone(),
                 });
                 context.extend_from_slice(&c.id.to_le_bytes());
-                context.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
+                context.extend_from_slice(&frame_field_count());
                 ev.put_fields(context);
                 self.by_session
                     .insert(ev.session_id.to_string().into_boxed_str(), c);
@@ -255,7 +285,7 @@ impl Shapes {
         *next_id += 1;
         let id = *next_id;
         payload.extend_from_slice(&id.to_le_bytes());
-        payload.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
+        payload.extend_from_slice(&frame_field_count());
         shape.put_fields(payload);
         before.shape = true;
         let shape = Box::new(Context { id, event: shape });
@@ -296,7 +326,8 @@ impl ContextTable {
     pub fn add(&mut self, payload: &[u8]) -> Result<(), RecordError> {
         let mut r = RecordReader::new(payload);
         let id = r.u32()?;
-        let fields = usize::from(r.u16()?);
+        let (fields, compact) = read_frame_field_count(&mut r)?;
+        r.compact_ids = compact;
         if fields > FIELDS.len() {
             return Err(RecordError::UnknownVersion(VERSION));
         }
@@ -314,7 +345,7 @@ impl ContextTable {
             return record::decode(payload)?.to_event();
         }
         let version = payload[0];
-        let mut r = RecordReader::new(&payload[1..]);
+        let mut r = RecordReader::with_ids(&payload[1..], compact_ids(version));
         let id = r.u32()?;
         let shape_id = if version == VERSION_CONTEXT_ONLY {
             0
@@ -373,9 +404,26 @@ pub(crate) fn record_of_layout(
     rec.resize(at + same_len, 0);
     let mut same = [0u8; SAME_MAX];
     let base = shape.map(|(_, s)| (s, &shape_mask(version)[..]));
-    ev.put_fields_diff(ctx, base, &mut rec, &mut same[..same_len]);
+    ev.put_fields_diff_as(
+        ctx,
+        base,
+        &mut rec,
+        &mut same[..same_len],
+        // As those versions wrote them (not `compact_ids`, which tests check).
+        version == VERSION,
+    );
     rec[at..at + same_len].copy_from_slice(&same[..same_len]);
     rec
+}
+
+/// A context or shape frame's payload as the versions before compact ids wrote it (no
+/// flag in the field count, ids and keyed hashes as text), for tests that read them.
+#[cfg(test)]
+pub(crate) fn frame_of_text_ids(id: u32, ev: &AuditEvent) -> Vec<u8> {
+    let mut f = id.to_le_bytes().to_vec();
+    f.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
+    ev.put_fields_as(&mut f, false);
+    f
 }
 
 #[cfg(test)]
@@ -649,10 +697,7 @@ mod tests {
         };
         let mut t = ContextTable::default();
         for (id, e) in [(7u32, &ctx_ev), (8, &analysis)] {
-            let mut f = id.to_le_bytes().to_vec();
-            f.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
-            e.put_fields(&mut f);
-            t.add(&f).unwrap();
+            t.add(&frame_of_text_ids(id, e)).unwrap();
         }
         let mut rec = record_of_layout(
             VERSION_ANALYSIS_SHAPES,
@@ -662,8 +707,48 @@ mod tests {
         );
         assert_eq!(t.event(&rec).unwrap(), ev);
         // An unknown layout is not read as one of these.
-        rec[0] = 6;
+        rec[0] = 8;
         assert!(t.event(&rec).is_err());
+    }
+
+    /// Records of layout 5 (ids and keyed hashes as text, frames without the flag)
+    /// read as they did; this version's record of the same event is the same but for
+    /// those fields: 23 bytes fewer for a UUID id (17 for 40), 16 for each keyed hash (9
+    /// for 25), one more for any other value (its tag).
+    #[test]
+    fn records_with_text_ids_still_read_and_compact_ones_are_smaller() {
+        let ctx_ev = AuditEvent {
+            event_id: "01a20304-de26-7265-b42c-353bcf4fdf7c".into(),
+            session_id: "s1".into(),
+            kind: EventKind::SessionStart,
+            comm: "pgbench".into(),
+            ..AuditEvent::default()
+        };
+        let ev = AuditEvent {
+            event_id: "01a20304-de26-7265-b42c-353bcf4fdf7d".into(),
+            seq: 1,
+            kind: EventKind::Statement,
+            statement: "UPDATE t SET a = $1 WHERE b = $2".into(),
+            params: ["hmac:1b9891be7a5a66b4", "hmac:00000000000000ff", "NULL"].into(),
+            ..ctx_ev.clone()
+        };
+        let ctx = frame_of_text_ids(7, &ctx_ev);
+        let old = record_of_layout(VERSION_TEXT_IDS, &ev, (7, &ctx_ev), None);
+        let mut t = ContextTable::default();
+        t.add(&ctx).unwrap();
+        assert_eq!(t.event(&old).unwrap(), ev);
+        // The same with compact ids: this version's frames and record.
+        let mut now = ContextTable::default();
+        let mut w = Contexts::default();
+        enc(&mut w, &mut now, &ctx_ev);
+        let (_, rec) = enc(&mut w, &mut now, &ev);
+        assert_eq!(now.event(&rec).unwrap(), ev);
+        assert_eq!(rec[0], VERSION);
+        assert_eq!(old.len() - rec.len(), 23 + 2 * 16 - 1);
+        // A record of one layout is not read as the other's.
+        let mut swapped = rec.clone();
+        swapped[0] = VERSION_TEXT_IDS;
+        assert_ne!(t.event(&swapped).ok(), Some(ev.clone()));
     }
 
     #[test]
@@ -681,9 +766,7 @@ mod tests {
             statement: "SELECT 1".into(),
             ..ctx_ev.clone()
         };
-        let mut ctx = 7u32.to_le_bytes().to_vec();
-        ctx.extend_from_slice(&(FIELDS.len() as u16).to_le_bytes());
-        ctx_ev.put_fields(&mut ctx);
+        let ctx = frame_of_text_ids(7, &ctx_ev);
         let rec = record_of_layout(VERSION_CONTEXT_ONLY, &ev, (7, &ctx_ev), None);
         let mut t = ContextTable::default();
         t.add(&ctx).unwrap();
