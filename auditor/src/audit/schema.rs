@@ -5,7 +5,8 @@
 //!   without serde's per-field dispatch: this runs for every event;
 //! - the spool record (ClickHouse's on-disk queue), little endian by field order: strings
 //!   as a u32 length and UTF-8, integers fixed width, lists as a u32 count and their items,
-//!   read back without copying ([`Field::Ref`] borrows the record);
+//!   read back without copying ([`Field::Ref`] borrows the record), but for event ids and
+//!   keyed hashes, written as their bytes ([`Field::put_as`]) and made text again;
 //! - ClickHouse: the column's type for the server at hand and its RowBinary value, copied
 //!   from the spool record's bytes (the sender never decodes an event to encode it again).
 //!

@@ -1,5 +1,6 @@
 //! The ClickHouse spool's record: one audit event in a compact binary layout, read back
-//! without copying (every string of an [`EventRef`] borrows the spool's buffer).
+//! without copying (the strings of an [`EventRef`] borrow the spool's buffer; its event id
+//! and parameters are made again from their bytes).
 //!
 //! JSON would do, but the spool sits on the path of every event twice (written by the
 //! spool thread, read by the sender): parsing and escaping JSON there cost more CPU than
