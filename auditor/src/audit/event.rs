@@ -823,12 +823,9 @@ impl Field for EventId {
         match r.u8()? {
             ID_UUID => {
                 let b: [u8; 16] = r.bytes(16)?.try_into().expect("16 bytes");
-                let mut text = [0u8; EventId::UUID_TEXT];
-                uuid::Uuid::from_bytes(b)
-                    .hyphenated()
-                    .encode_lower(&mut text);
-                out.push(EventId::UUID_TEXT as u8);
-                out.extend_from_slice(&text);
+                let id = EventId::of_uuid(b);
+                super::schema::put_varint(out, id.len() as u64);
+                out.extend_from_slice(id.as_bytes());
                 Ok(())
             }
             ID_TEXT => r.copy_str(out),
@@ -1116,8 +1113,7 @@ impl Field for Params {
         for _ in 0..n {
             match r.u8()? {
                 PARAM_HASH => {
-                    // A String of 21 bytes: its length is one varint byte.
-                    out.push(HASH_TEXT as u8);
+                    super::schema::put_varint(out, HASH_TEXT as u64);
                     out.extend_from_slice(&keyed_hash_text(r.bytes(8)?));
                 }
                 PARAM_TEXT => r.copy_str(out)?,

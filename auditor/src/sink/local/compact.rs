@@ -35,7 +35,7 @@ use crate::{
 
 /// First byte of a record written against a context and, maybe, a shape.
 pub const VERSION: u8 = 6;
-/// Layout 6 before compact ids: event ids and keyed hashes as text.
+/// The layout before compact ids: the same, event ids and keyed hashes as text.
 pub(crate) const VERSION_TEXT_IDS: u8 = 5;
 /// The layout whose shapes hold only the statement's analysis ([`ANALYSIS_FIELDS`]).
 pub(crate) const VERSION_ANALYSIS_SHAPES: u8 = 4;
