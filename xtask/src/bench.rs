@@ -1618,7 +1618,7 @@ fn threads_cpu_ns(pid: u32) -> BTreeMap<String, u64> {
 fn thread_role(name: &str) -> &'static str {
     match name {
         "main" => "reads the ring buffer, decodes the protocol, matches requests to responses, builds events (parameters' keyed hashes included)",
-        "sink" => "the local log: each event encoded against its session's context, a digest per record, blocks sealed and written; with ClickHouse on, also each event's spool record (against the spool's contexts)",
+        "sink" => "the local log: each event encoded against its session's context, a digest per record, blocks sealed and written; with ClickHouse on, the same frames and records copied for the spool (encoded once)",
         "ch-spool" => "appends the spool records to disk (a checksum each)",
         "ch-send" => "reads the spool back, copies each record and its context's fields into a RowBinary row, sends the inserts over HTTP",
         "tokio-rt-worker" => "ch-send's blocking pool: spool reads (checksums verified) and cursor commits",

@@ -38,7 +38,7 @@ use crate::{
         local::compact::ContextTable,
         record,
         spool::{Position, Records, Spool, SpoolError},
-        Batch, Health, Sink, SinkError,
+        Batch, Handover, Health, Sink, SinkError,
     },
 };
 
@@ -783,17 +783,46 @@ impl Sink for ClickHouseSink {
     /// it is behind). The batch itself is not kept: it goes back to the capture's thread
     /// to be filled again, as without ClickHouse (no event is allocated anew for it).
     fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
-        let Some(tx) = &self.tx else {
-            return Err("stopped".into());
-        };
+        self.send_with(batch, &mut Handover::default())
+    }
+
+    /// Asks for the batch's records: the local log, when on, encodes them as it writes
+    /// its own (a new spool segment, when one is due, begins with this batch: the records
+    /// must then refer to no frame before it).
+    fn want_records(&mut self, handover: &mut Handover) {
+        if self.tx.is_none() {
+            return;
+        }
         if self.start_over.swap(false, Ordering::AcqRel) {
             self.framer.start_over();
         }
-        let encoded = Encoded::of(
-            batch,
+        handover.want(
             self.recycled.try_recv().unwrap_or_default(),
-            &mut self.framer,
+            self.framer.due(),
         );
+    }
+
+    /// Queues the batch's records, as a sink before this one encoded them or, when none
+    /// did, encoded here.
+    fn send_with(&mut self, batch: &Batch, handover: &mut Handover) -> Result<(), SinkError> {
+        let Some(tx) = &self.tx else {
+            return Err("stopped".into());
+        };
+        let encoded = match handover.take() {
+            Some((records, fresh)) => {
+                self.framer.took(&records, fresh);
+                Encoded::handed(batch, records, fresh)
+            }
+            None => {
+                if self.start_over.swap(false, Ordering::AcqRel) {
+                    self.framer.start_over();
+                }
+                let buffer = handover
+                    .unfilled()
+                    .unwrap_or_else(|| self.recycled.try_recv().unwrap_or_default());
+                Encoded::of(batch, buffer, &mut self.framer)
+            }
+        };
         tx.send(encoded)
             .map_err(|_| "the spool thread has stopped".into())
     }
@@ -851,6 +880,16 @@ impl Encoded {
             records,
             events: batch.len() as u64,
             new_segment,
+            first_ts: batch.first().map(|e| e.ts),
+        }
+    }
+
+    /// The records of `batch`, encoded by another sink (`fresh`: they begin a new segment).
+    fn handed(batch: &[Box<AuditEvent>], records: Records, fresh: bool) -> Self {
+        Encoded {
+            records,
+            events: batch.len() as u64,
+            new_segment: fresh,
             first_ts: batch.first().map(|e| e.ts),
         }
     }
@@ -1403,6 +1442,170 @@ mod tests {
                 (3, "UPDATE t SET a = $1".to_string())
             ]
         );
+    }
+
+    /// Events of `sessions` sessions, `per` each after its start, interleaved: statements
+    /// whose texts repeat (shapes) and differ (records of their own), with parameters.
+    fn sessions(first: u64, sessions: u64, per: u64) -> Vec<Box<AuditEvent>> {
+        let mut out = Vec::new();
+        for i in 0..per + 1 {
+            for s in 0..sessions {
+                let session = first + s;
+                let mut ev = if i == 0 {
+                    AuditEvent::of_kind(EventKind::SessionStart)
+                } else {
+                    AuditEvent {
+                        statement: match i % 3 {
+                            0 => "SELECT abalance FROM pgbench_accounts WHERE aid = $1".into(),
+                            1 => format!("SELECT {i} FROM t{session}").into(),
+                            _ => "UPDATE pgbench_branches SET bbalance = bbalance + $1".into(),
+                        },
+                        params: [format!("hmac:{:016x}", session * 1000 + i)].into(),
+                        ..AuditEvent::of_kind(EventKind::Statement)
+                    }
+                };
+                ev.event_id = crate::audit::event::new_event_id();
+                ev.session_id = format!("host:{session}").into();
+                ev.pid = 1000 + session as u32;
+                ev.db_user = format!("user{session}").into();
+                ev.seq = i;
+                out.push(Box::new(ev));
+            }
+        }
+        out
+    }
+
+    /// A local log writing new files past 4 KiB, and a ClickHouse sink whose server is
+    /// not there (every record stays in its spool), in `dir`.
+    fn log_and_spool(dir: &std::path::Path) -> (crate::sink::local::LocalLogSink, ClickHouseSink) {
+        use crate::sink::local::{LocalLogConfig, LocalLogSink};
+        let log_cfg = LocalLogConfig {
+            enabled: true,
+            rotate_bytes: 4096,
+        };
+        let log = LocalLogSink::open(&dir.join("log"), &dir.join("seal.key"), &log_cfg, "h", None)
+            .unwrap();
+        let cfg = ClickHouseConfig {
+            enabled: true,
+            // Nothing listens (loopback).
+            url: "http://127.0.0.1:9".into(),
+            ..Default::default()
+        };
+        (
+            log,
+            ClickHouseSink::start(&cfg, &dir.join("spool"), None).unwrap(),
+        )
+    }
+
+    /// Sends `batch` to the log then the spool as the sink thread does (the spool asks
+    /// for the records, the log fills them); the log's result.
+    fn send_both(
+        log: &mut crate::sink::local::LocalLogSink,
+        ch: &mut ClickHouseSink,
+        batch: &Batch,
+    ) -> Result<(), SinkError> {
+        let mut handover = Handover::default();
+        ch.want_records(&mut handover);
+        let logged = log.send_with(batch, &mut handover);
+        assert!(handover.to_fill().is_none(), "the log filled them");
+        ch.send_with(batch, &mut handover).unwrap();
+        // As the sink thread does after each batch: the log seals a block.
+        logged.and_then(|()| log.flush())
+    }
+
+    /// The events in the spool at `dir`, each segment's records read with its frames only.
+    fn spooled(dir: &std::path::Path) -> Vec<AuditEvent> {
+        let mut spool = Spool::open(dir, 64 << 20).unwrap();
+        let (records, _) = spool.read_from(spool.cursor(), 100_000, u64::MAX).unwrap();
+        let mut table = ContextTable::default();
+        let mut segment = None;
+        let mut events = Vec::new();
+        for (seg, r) in records.iter_with_segments() {
+            if segment != Some(seg) {
+                table.clear();
+                segment = Some(seg);
+            }
+            if framed::is_frame(r) {
+                table.add(&r[1..]).unwrap();
+            } else {
+                events.push(table.event(r).unwrap());
+            }
+        }
+        events
+    }
+
+    fn assert_events(got: &[AuditEvent], want: &[&AuditEvent]) {
+        assert_eq!(got.len(), want.len());
+        for (got, want) in got.iter().zip(want) {
+            assert_eq!(got, *want);
+        }
+    }
+
+    /// With the local log on, the spool takes the records the log encoded (no second
+    /// encoding), and they read back as the events, each spool segment on its own: also
+    /// when the log knew the sessions before the ClickHouse sink's first batch (its first
+    /// spool segment must not refer to frames the log wrote earlier), and when the log
+    /// starts new files in the middle of batches.
+    #[test]
+    fn the_spool_takes_the_local_logs_encoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, mut ch) = log_and_spool(dir.path());
+        // Before the spool's first batch: the log alone knows these sessions' contexts
+        // and shapes.
+        let before: Batch = Arc::new(sessions(1, 3, 4));
+        log.send(&before).unwrap();
+        let batches: Vec<Batch> = vec![
+            Arc::new(sessions(1, 3, 5)),
+            Arc::new(sessions(2, 4, 60)),
+            Arc::new(sessions(10, 2, 3)),
+        ];
+        for batch in &batches {
+            send_both(&mut log, &mut ch, batch).unwrap();
+        }
+        let ch: Box<dyn Sink> = Box::new(ch);
+        ch.finish(Duration::ZERO).unwrap();
+        Box::new(log).finish(Duration::ZERO).unwrap();
+
+        let sent: Vec<&AuditEvent> = batches
+            .iter()
+            .flat_map(|b| b.iter().map(|e| &**e))
+            .collect();
+        assert_events(&spooled(&dir.path().join("spool")), &sent);
+        let log_dir = dir.path().join("log");
+        let mut logged = Vec::new();
+        crate::sink::local::read(&log_dir, |ev| logged.push(ev)).unwrap();
+        let all: Vec<&AuditEvent> = before.iter().map(|e| &**e).chain(sent).collect();
+        assert_events(&logged, &all);
+        let files = crate::sink::local::segment_files(&log_dir).unwrap().len();
+        assert!(
+            files > 3,
+            "the log started new files in the middle of batches: {files}"
+        );
+    }
+
+    /// A log that cannot write (its directory gone: no new file can be made) costs the
+    /// spool nothing: it still gets every event, encoded by the failing log.
+    #[test]
+    fn the_spool_keeps_what_the_local_log_cannot_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, mut ch) = log_and_spool(dir.path());
+        let first: Batch = Arc::new(sessions(1, 2, 3));
+        send_both(&mut log, &mut ch, &first).unwrap();
+        std::fs::remove_dir_all(dir.path().join("log")).unwrap();
+        let batches: Vec<Batch> = vec![Arc::new(sessions(1, 3, 60)), Arc::new(sessions(5, 1, 2))];
+        for batch in &batches {
+            assert!(
+                send_both(&mut log, &mut ch, batch).is_err(),
+                "the log fails"
+            );
+        }
+        let ch: Box<dyn Sink> = Box::new(ch);
+        ch.finish(Duration::ZERO).unwrap();
+        let sent: Vec<&AuditEvent> = std::iter::once(&first)
+            .chain(&batches)
+            .flat_map(|b| b.iter().map(|e| &**e))
+            .collect();
+        assert_events(&spooled(&dir.path().join("spool")), &sent);
     }
 
     /// The spool thread with a full spool (drop mode): a batch that finds no room is

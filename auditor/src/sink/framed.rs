@@ -11,6 +11,10 @@
 //! still read), and whole records of
 //! `record.rs` (the spool's own gap events; spools written by earlier versions).
 //!
+//! With the local log on, the records are those the log encodes for its own segments,
+//! handed on ([`crate::sink::Handover`]): each event is encoded once. The [`Framer`]
+//! encodes them only when no log does.
+//!
 //! A segment reads on its own: the encoder starts over, and the spool a new segment, at a
 //! size bound and whenever a batch did not reach the spool (dropped when it was full, or a
 //! write failed), so every frame a record refers to is earlier in the record's segment.
@@ -46,14 +50,43 @@ pub fn is_framed_record(payload: &[u8]) -> bool {
     compact::is_compact(payload.first())
 }
 
-/// The sink thread's encoder of spool records.
+/// Appends to `records` what [`Contexts::encode`] wrote for one event: the frames it
+/// wrote before the record (`before`), then the record. Returns the bytes this adds to a
+/// spool segment (each payload with its length and checksum).
+pub fn push_encoded(
+    records: &mut Records,
+    before: compact::Before,
+    context: &[u8],
+    shape: &[u8],
+    record: &[u8],
+) -> u64 {
+    let mut bytes = 0;
+    for (wrote, payload) in [(before.context, context), (before.shape, shape)] {
+        if wrote {
+            records.push_with(|out| {
+                out.push(FRAME);
+                out.extend_from_slice(payload);
+            });
+            bytes += 9 + payload.len() as u64;
+        }
+    }
+    records.push_with(|out| out.extend_from_slice(record));
+    bytes + 8 + record.len() as u64
+}
+
+/// The ClickHouse sink's spool segments, and its own encoder of spool records for when no
+/// sink before it encoded them (with the local log on, the log's encoding is handed on:
+/// [`crate::sink::Handover`]).
 #[derive(Default)]
 pub struct Framer {
     contexts: Contexts,
-    /// Bytes encoded since the encoder started over.
+    /// Bytes spooled since the segment began.
     since_start: u64,
     /// False until the first batch, and after [`Framer::start_over`].
     started: bool,
+    /// A batch encoded elsewhere was taken since `contexts` last started over: the frames
+    /// they know may not be in the segment.
+    handed: bool,
     context: Vec<u8>,
     shape: Vec<u8>,
     record: Vec<u8>,
@@ -65,14 +98,21 @@ impl Framer {
         self.started = false;
     }
 
+    /// Whether the next batch must begin a new spool segment (records that refer to no
+    /// frame before the batch).
+    pub fn due(&self) -> bool {
+        !self.started || self.since_start >= SEGMENT_BYTES
+    }
+
     /// Appends the spool payloads of `batch` to `records` (frames before the records that
     /// refer to them). True when the batch must begin a new spool segment.
     pub fn encode(&mut self, batch: &[Box<AuditEvent>], records: &mut Records) -> bool {
-        let new_segment = !self.started || self.since_start >= SEGMENT_BYTES;
+        let new_segment = self.due() || self.handed;
         if new_segment {
-            self.contexts.clear();
+            self.contexts.forget();
             self.since_start = 0;
             self.started = true;
+            self.handed = false;
         }
         for ev in batch {
             self.context.clear();
@@ -81,20 +121,21 @@ impl Framer {
             let before =
                 self.contexts
                     .encode(ev, &mut self.context, &mut self.shape, &mut self.record);
-            for (wrote, payload) in [(before.context, &self.context), (before.shape, &self.shape)] {
-                if wrote {
-                    records.push_with(|out| {
-                        out.push(FRAME);
-                        out.extend_from_slice(payload);
-                    });
-                    self.since_start += 9 + payload.len() as u64;
-                }
-            }
-            let record = &self.record;
-            records.push_with(|out| out.extend_from_slice(record));
-            self.since_start += 8 + record.len() as u64;
+            self.since_start +=
+                push_encoded(records, before, &self.context, &self.shape, &self.record);
         }
         new_segment
+    }
+
+    /// Counts a batch's records encoded elsewhere, which begin a new segment when `fresh`
+    /// (they refer to no frame before them: asked for when [`Framer::due`]).
+    pub fn took(&mut self, records: &Records, fresh: bool) {
+        if fresh {
+            self.since_start = 0;
+            self.started = true;
+        }
+        self.since_start += records.iter().map(|r| 8 + r.len() as u64).sum::<u64>();
+        self.handed = true;
     }
 }
 

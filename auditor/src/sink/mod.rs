@@ -40,6 +40,61 @@ pub struct Health {
     pub detail: serde_json::Value,
 }
 
+/// A batch's spool records (`framed.rs`: frames, then the records written against them),
+/// encoded once for the sinks that store records: a sink that wants them asks before the
+/// batch is sent ([`Sink::want_records`]), the first sink that encodes the batch anyway
+/// (the local log, whose segments hold the same payloads) fills them, and the sink that
+/// asked takes them ([`Sink::send_with`]) instead of encoding every event a second time.
+#[derive(Default)]
+pub struct Handover {
+    records: Option<spool::Records>,
+    /// The records must begin afresh: every frame they refer to among them.
+    fresh: bool,
+    filled: bool,
+}
+
+impl Handover {
+    /// Asks for the batch's records, in `buffer` (cleared here); `fresh`: they must refer
+    /// to no frame of an earlier batch.
+    pub fn want(&mut self, mut buffer: spool::Records, fresh: bool) {
+        buffer.clear();
+        self.records = Some(buffer);
+        self.fresh = fresh;
+        self.filled = false;
+    }
+
+    /// The buffer to fill, and whether the records must begin afresh, if a sink asked and
+    /// none filled it yet. Whoever fills it calls [`Handover::filled`] after.
+    pub fn to_fill(&mut self) -> Option<(&mut spool::Records, bool)> {
+        match &mut self.records {
+            Some(r) if !self.filled => Some((r, self.fresh)),
+            _ => None,
+        }
+    }
+
+    /// The buffer holds the batch's records.
+    pub fn filled(&mut self) {
+        self.filled = self.records.is_some();
+    }
+
+    /// The buffer asked for, if no sink filled it (to encode the batch in).
+    pub fn unfilled(&mut self) -> Option<spool::Records> {
+        if self.filled {
+            return None;
+        }
+        self.records.take()
+    }
+
+    /// The batch's records, if a sink filled them, and whether they begin afresh.
+    pub fn take(&mut self) -> Option<(spool::Records, bool)> {
+        if !self.filled {
+            return None;
+        }
+        self.filled = false;
+        self.records.take().map(|r| (r, self.fresh))
+    }
+}
+
 /// A destination of audit events.
 pub trait Sink: Send {
     /// Its name in logs and stats ("local_log", "clickhouse").
@@ -47,6 +102,13 @@ pub trait Sink: Send {
     /// Takes a batch, in order. An error is logged and counted by the caller; the sink
     /// keeps taking later batches.
     fn send(&mut self, batch: &Batch) -> Result<(), SinkError>;
+    /// Asks, before a batch is sent to any sink, for its spool records
+    /// ([`Handover::want`]) when the sink stores them.
+    fn want_records(&mut self, _handover: &mut Handover) {}
+    /// As `send`, filling or taking the batch's records in `handover` (see [`Handover`]).
+    fn send_with(&mut self, batch: &Batch, _handover: &mut Handover) -> Result<(), SinkError> {
+        self.send(batch)
+    }
     /// Makes what it took visible to readers (called when no batch is waiting).
     fn flush(&mut self) -> Result<(), SinkError>;
     /// Called about once a second, with or without events (time-driven work: the local
@@ -303,8 +365,12 @@ impl SinkThread {
                                report: &mut SinkReport| {
                     let n = batch.len() as u64;
                     let batch = Arc::new(batch);
+                    let mut handover = Handover::default();
                     for s in sinks.iter_mut() {
-                        if let Err(e) = s.send(&batch) {
+                        s.want_records(&mut handover);
+                    }
+                    for s in sinks.iter_mut() {
+                        if let Err(e) = s.send_with(&batch, &mut handover) {
                             report.errors += 1;
                             tracing::error!("{}: {e}", s.name());
                         }

@@ -145,13 +145,21 @@ pub struct Before {
     pub shape: bool,
 }
 
-/// The writer's contexts and shapes of the current segment.
+/// The writer's contexts and shapes: those whose frames the segments being written hold.
+///
+/// Ids go on across [`Contexts::forget`]: one encoding can feed two files that start new
+/// segments at different times (the local log and the ClickHouse spool, `sink/mod.rs`),
+/// and a frame written again after a forget never takes an id that the same segment
+/// already gave to another. (Readers take a segment's frames in order, a later frame of an
+/// id replacing an earlier one, so even the wrap of the id after 2^32 frames, which
+/// forgets everything first, never makes a record refer to the wrong frame.)
 #[derive(Default)]
 pub struct Contexts {
     /// By session id (ids the daemon makes: a fast hash is safe). Contexts and shapes are
     /// boxed: an event is about 1 KB, which a table would otherwise hold per free slot.
     by_session: AHashMap<Box<str>, Box<Context>>,
     shapes: Shapes,
+    /// The last id given (0: none yet).
     next_id: u32,
 }
 
@@ -168,11 +176,11 @@ struct Shapes {
 }
 
 impl Contexts {
-    /// A new segment: no context or shape is known in it.
-    pub fn clear(&mut self) {
+    /// No context or shape is known any more (a new segment begins, in one of the files
+    /// this encoding feeds): each is written again, under a new id, when next used.
+    pub fn forget(&mut self) {
         self.by_session.clear();
         self.shapes.clear();
-        self.next_id = 0;
     }
 
     /// Encodes `ev` into `out`. When its session has no context in this segment yet, the
@@ -187,6 +195,12 @@ impl Contexts {
     ) -> Before {
         let same_len = FIELDS.len().div_ceil(8);
         let mut before = Before::default();
+        // An event takes two ids at most (a context and a shape); before the id would wrap,
+        // everything is forgotten and ids start again.
+        if self.next_id > u32::MAX - 2 {
+            self.forget();
+            self.next_id = 0;
+        }
         out.push(VERSION);
         if ev.session_id.is_empty() {
             out.extend_from_slice(&0u32.to_le_bytes());
@@ -521,6 +535,50 @@ mod tests {
         assert!(enc(&mut w, &mut t, &stmt(5)).0.context);
     }
 
+    /// Ids go on after a forget (one encoding feeds files whose segments begin at other
+    /// times: no id means two frames in one segment); before an id would wrap, everything
+    /// is forgotten and ids start again at 1.
+    #[test]
+    fn forgotten_contexts_take_new_ids_and_ids_wrap_forgetting_all() {
+        let start = |id: &str| AuditEvent {
+            session_id: id.into(),
+            kind: EventKind::SessionStart,
+            db_user: "app".into(),
+            ..AuditEvent::default()
+        };
+        let stmt = |id: &str, n: u64| AuditEvent {
+            seq: n,
+            kind: EventKind::Statement,
+            statement: format!("SELECT {n}").into(),
+            ..start(id)
+        };
+        let ids = |rec: &[u8]| u32::from_le_bytes(rec[1..5].try_into().unwrap());
+        let mut w = Contexts::default();
+        let mut t = ContextTable::default();
+        let (_, r1) = enc(&mut w, &mut t, &start("s1"));
+        assert_eq!(ids(&r1), 1);
+        w.forget();
+        let (before, r2) = enc(&mut w, &mut t, &stmt("s1", 1));
+        assert!(before.context, "written again after a forget");
+        assert_eq!(ids(&r2), 2);
+        assert_eq!(t.event(&r2).unwrap(), stmt("s1", 1));
+        // The last ids before the wrap are given (while an event's two fit); then all is
+        // forgotten, and ids start over.
+        w.next_id = u32::MAX - 3;
+        let (_, r3) = enc(&mut w, &mut t, &start("s2"));
+        assert_eq!(ids(&r3), u32::MAX - 2);
+        let (_, r4) = enc(&mut w, &mut t, &start("s3"));
+        assert_eq!(ids(&r4), u32::MAX - 1);
+        let (before, r5) = enc(&mut w, &mut t, &stmt("s2", 2));
+        assert!(before.context, "forgotten at the wrap");
+        assert_eq!(ids(&r5), 1);
+        assert_eq!(t.event(&r5).unwrap(), stmt("s2", 2));
+        let (before, r6) = enc(&mut w, &mut t, &stmt("s1", 3));
+        assert!(before.context);
+        assert_eq!(ids(&r6), 2);
+        assert_eq!(t.event(&r6).unwrap(), stmt("s1", 3));
+    }
+
     #[test]
     fn a_statement_shape_seen_twice_is_written_once_and_referred_to() {
         let session = |id: &str| AuditEvent {
@@ -582,7 +640,7 @@ mod tests {
             Err(RecordError::NoContext(_))
         ));
         // A new segment knows no shape: the first use is written whole again.
-        w.clear();
+        w.forget();
         let mut t = ContextTable::default();
         enc(&mut w, &mut t, &s1);
         let (before, r7) = enc(&mut w, &mut t, &select(&s1, 6, "fp2"));

@@ -37,7 +37,7 @@ use self::{
 };
 use crate::{
     audit::event::{AuditEvent, EventKind, Flag, Timestamp},
-    sink::{Batch, Health, Sink, SinkError},
+    sink::{framed, spool::Records, Batch, Handover, Health, Sink, SinkError},
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -441,23 +441,44 @@ impl SealedLog {
     /// Appends one event to the open block (written when the block is sealed), after its
     /// session's context when the segment does not hold that yet.
     pub fn append(&mut self, ev: &AuditEvent) -> Result<(), LocalLogError> {
+        self.append_to(ev, None)
+    }
+
+    /// As `append`, also appending the event's payloads to `tee` as the ClickHouse spool
+    /// takes them (`framed.rs`; the same frames and record, encoded once), whether or not
+    /// the log could take the event: the spool never loses an event to the log's failure.
+    pub fn append_to(
+        &mut self,
+        ev: &AuditEvent,
+        tee: Option<&mut Records>,
+    ) -> Result<(), LocalLogError> {
         // A new segment begins at a block's edge, before anything is written against the
-        // contexts of the one before.
-        if self.broken
+        // contexts of the one before. After a failure the log writes again only from a new
+        // segment, whose contexts start empty: a frame encoded while it failed is written
+        // again there.
+        let room = if self.broken
             || (self.size > segment::HEADER_LEN as u64
                 && self.size + self.pending.len() as u64 >= self.rotate_bytes)
         {
             if self.count > 0 && !self.broken {
-                self.seal(Reason::Flush)?;
+                self.seal(Reason::Flush)
+            } else {
+                Ok(())
             }
-            self.new_segment()?;
-        }
+            .and_then(|()| self.new_segment())
+        } else {
+            Ok(())
+        };
         self.scratch.clear();
         self.context.clear();
         self.shape.clear();
         let before =
             self.contexts
                 .encode(ev, &mut self.context, &mut self.shape, &mut self.scratch);
+        if let Some(tee) = tee {
+            framed::push_encoded(tee, before, &self.context, &self.shape, &self.scratch);
+        }
+        room?;
         for (wrote, payload) in [(before.context, &self.context), (before.shape, &self.shape)] {
             if wrote {
                 self.digests.extend_from_slice(&segment::digest(payload));
@@ -473,6 +494,12 @@ impl SealedLog {
             self.seal(Reason::Flush)?;
         }
         Ok(())
+    }
+
+    /// Forgets every context and shape (see [`compact::Contexts::forget`]): the events
+    /// that follow write their frames again, as the first of a segment do.
+    pub fn forget_contexts(&mut self) {
+        self.contexts.forget();
     }
 
     /// Continues the chain in a new segment file; the contexts of the old one are not
@@ -494,7 +521,7 @@ impl SealedLog {
         self.file = file;
         self.size = size;
         self.broken = false;
-        self.contexts.clear();
+        self.contexts.forget();
         Ok(())
     }
 
@@ -694,15 +721,29 @@ impl Sink for LocalLogSink {
     }
 
     fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        self.send_with(batch, &mut Handover::default())
+    }
+
+    /// Appends the batch, filling `handover`'s records when a later sink asked for them.
+    fn send_with(&mut self, batch: &Batch, handover: &mut Handover) -> Result<(), SinkError> {
+        let mut tee = handover.to_fill().map(|(records, fresh)| {
+            if fresh {
+                self.log.forget_contexts();
+            }
+            records
+        });
         let mut first = None;
         for ev in batch.iter() {
-            match self.log.append(ev) {
+            match self.log.append_to(ev, tee.as_deref_mut()) {
                 Ok(()) => self.events += 1,
                 Err(e) => {
                     self.errors += 1;
                     first.get_or_insert(e);
                 }
             }
+        }
+        if tee.is_some() {
+            handover.filled();
         }
         self.failing = first.is_some();
         match first {
