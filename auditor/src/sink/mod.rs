@@ -46,11 +46,16 @@ pub struct Health {
 /// (the local log, whose segments hold the same payloads) fills them, and the sink that
 /// asked takes them ([`Sink::send_with`]) instead of encoding every event a second time.
 #[derive(Default)]
-pub struct Handover {
-    records: Option<spool::Records>,
-    /// The records must begin afresh: every frame they refer to among them.
-    fresh: bool,
-    filled: bool,
+pub struct Handover(Handed);
+
+/// Where a batch's records are: not asked for, asked for (a buffer to fill, and whether
+/// they must begin afresh: every frame they refer to among them), or filled.
+#[derive(Default)]
+enum Handed {
+    #[default]
+    NotAsked,
+    Wanted(spool::Records, bool),
+    Filled(spool::Records, bool),
 }
 
 impl Handover {
@@ -58,40 +63,45 @@ impl Handover {
     /// to no frame of an earlier batch.
     pub fn want(&mut self, mut buffer: spool::Records, fresh: bool) {
         buffer.clear();
-        self.records = Some(buffer);
-        self.fresh = fresh;
-        self.filled = false;
+        self.0 = Handed::Wanted(buffer, fresh);
     }
 
     /// The buffer to fill, and whether the records must begin afresh, if a sink asked and
     /// none filled it yet. Whoever fills it calls [`Handover::filled`] after.
     pub fn to_fill(&mut self) -> Option<(&mut spool::Records, bool)> {
-        match &mut self.records {
-            Some(r) if !self.filled => Some((r, self.fresh)),
+        match &mut self.0 {
+            Handed::Wanted(records, fresh) => Some((records, *fresh)),
             _ => None,
         }
     }
 
     /// The buffer holds the batch's records.
     pub fn filled(&mut self) {
-        self.filled = self.records.is_some();
+        if let Handed::Wanted(records, fresh) = std::mem::take(&mut self.0) {
+            self.0 = Handed::Filled(records, fresh);
+        }
     }
 
     /// The buffer asked for, if no sink filled it (to encode the batch in).
     pub fn unfilled(&mut self) -> Option<spool::Records> {
-        if self.filled {
-            return None;
+        match std::mem::take(&mut self.0) {
+            Handed::Wanted(records, _) => Some(records),
+            other => {
+                self.0 = other;
+                None
+            }
         }
-        self.records.take()
     }
 
     /// The batch's records, if a sink filled them, and whether they begin afresh.
     pub fn take(&mut self) -> Option<(spool::Records, bool)> {
-        if !self.filled {
-            return None;
+        match std::mem::take(&mut self.0) {
+            Handed::Filled(records, fresh) => Some((records, fresh)),
+            other => {
+                self.0 = other;
+                None
+            }
         }
-        self.filled = false;
-        self.records.take().map(|r| (r, self.fresh))
     }
 }
 
