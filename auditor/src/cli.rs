@@ -422,6 +422,7 @@ pub fn stats(path: &Path, json: bool) -> Result<(), CliError> {
             println!();
         }
     }
+    print!("{}", cpu_lines(&s));
     if !s.bpf_programs.is_empty() {
         // Counted only while kernel.bpf_stats_enabled = 1.
         let mut by_time: Vec<_> = s.bpf_programs.iter().collect();
@@ -436,6 +437,52 @@ pub fn stats(path: &Path, json: bool) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// What observing has cost so far: the daemon's CPU time (all of its work: startup,
+/// capture, the sinks, the proxy when it runs) per statement recorded, by thread; and the
+/// eBPF programs' run time per statement, while the kernel counts it.
+fn cpu_lines(s: &Stats) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let c = &s.cpu;
+    if c.process.total() <= 0.0 && c.threads.is_empty() {
+        // Stats of a daemon that did not count it.
+        return o;
+    }
+    let per = |secs: f64| {
+        if s.tracker.statements == 0 {
+            String::new()
+        } else {
+            format!(
+                ", {:.2} µs per statement",
+                secs * 1e6 / s.tracker.statements as f64
+            )
+        }
+    };
+    let _ = writeln!(
+        o,
+        "daemon CPU         {:.2} s (user {:.2}, system {:.2}){}",
+        c.process.total(),
+        c.process.user_s,
+        c.process.system_s,
+        per(c.process.total())
+    );
+    let mut threads: Vec<_> = c.threads.iter().filter(|(_, t)| t.total() > 0.0).collect();
+    threads.sort_by(|a, b| b.1.total().total_cmp(&a.1.total()));
+    for (name, t) in threads {
+        let _ = writeln!(o, "  {name:<24} {:>9.2} s{}", t.total(), per(t.total()));
+    }
+    let bpf_ns: u64 = s.bpf_programs.values().map(|r| r.run_time_ns).sum();
+    if bpf_ns > 0 && s.tracker.statements > 0 {
+        let _ = writeln!(
+            o,
+            "eBPF run time      {:.2} s, {:.2} µs per statement (while kernel.bpf_stats_enabled = 1)",
+            bpf_ns as f64 / 1e9,
+            bpf_ns as f64 / 1e3 / s.tracker.statements as f64
+        );
+    }
+    o
 }
 
 /// `auditor verify`: checks the log, prints what it found; Err if it is not intact.
@@ -570,4 +617,46 @@ fn render_report(dir: &Path, r: &local::Report, keyed: bool) -> String {
         s.push_str(&format!("note: {n}\n"));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_show_what_observing_costs_per_statement() {
+        let mut s = Stats::default();
+        assert_eq!(cpu_lines(&s), "", "a daemon that did not count it");
+        s.tracker.statements = 1_000_000;
+        s.cpu.process = crate::cpu::Seconds {
+            user_s: 1.0,
+            system_s: 0.25,
+        };
+        for (name, user_s) in [("main", 0.75), ("sink", 0.5), ("idle", 0.0)] {
+            s.cpu.threads.insert(
+                name.into(),
+                crate::cpu::Seconds {
+                    user_s,
+                    system_s: 0.0,
+                },
+            );
+        }
+        s.bpf_programs.insert(
+            "tp_sys_exit_read".into(),
+            crate::capture::ProgramRuns {
+                runs: 5_000_000,
+                run_time_ns: 1_500_000_000,
+            },
+        );
+        let text = cpu_lines(&s);
+        assert_eq!(
+            text,
+            "daemon CPU         1.25 s (user 1.00, system 0.25), 1.25 µs per statement\n\
+             \x20 main                          0.75 s, 0.75 µs per statement\n\
+             \x20 sink                          0.50 s, 0.50 µs per statement\n\
+             eBPF run time      1.50 s, 1.50 µs per statement (while kernel.bpf_stats_enabled = 1)\n"
+        );
+        s.tracker.statements = 0;
+        assert!(cpu_lines(&s).starts_with("daemon CPU         1.25 s (user 1.00, system 0.25)\n"));
+    }
 }

@@ -279,6 +279,10 @@ pub struct Stats {
     /// kernel ring held what came meanwhile; what it could not hold is a gap).
     #[serde(default)]
     pub sink_waits: u64,
+    /// The daemon's own CPU time since it started, by thread: what observing costs this
+    /// host (absent from stats of older daemons).
+    #[serde(default)]
+    pub cpu: crate::cpu::CpuStats,
     /// Each sink's health, by name.
     pub sinks: std::collections::BTreeMap<String, Health>,
     /// The ClickHouse sink's counters (also under `sinks`), when it runs.
@@ -826,7 +830,8 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
                       finder: &TlsFinder,
                       policies: crate::policy::live::PolicyCounters,
                       proxy_stats: Option<crate::proxy::ProxyStats>,
-                      sink_errors: u64| Stats {
+                      sink_errors: u64,
+                      cpu: crate::cpu::CpuStats| Stats {
         pid: std::process::id(),
         started_at: started_at.clone(),
         updated_at: Timestamp::now().to_string(),
@@ -848,6 +853,7 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
         sink_backlog_events: 0,
         sink_backlog_bytes: 0,
         sink_waits: 0,
+        cpu,
         sinks: sinks_health(&health),
         clickhouse: sinks_health(&health)
             .get("clickhouse")
@@ -855,6 +861,8 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
     };
 
     let mut malformed_records = 0u64;
+    // The daemon's CPU time, by thread, for the stats (read each second).
+    let mut cpu = crate::cpu::CpuCounter::default();
     // A failed mute only costs duplicate copying: counted, not fatal.
     let mut mute_failures = 0u64;
     let drain_every = Duration::from_millis(u64::from(cfg.capture.drain_every_ms));
@@ -999,6 +1007,7 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
                 policies.counters,
                 enforcement.as_ref().map(|e| e.stats()),
                 0,
+                cpu.read(),
             );
             stats.trail_lag_ms = watermark
                 .lag(Timestamp::now())
@@ -1061,6 +1070,7 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
         policies.counters,
         final_proxy_stats,
         report.errors,
+        cpu.read(),
     );
     write_stats(&stats_path, &stats);
     // The sessions as the next daemon continues them: exactly (same ids, next seq, stream

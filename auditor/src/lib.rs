@@ -10,6 +10,7 @@ pub mod config;
 pub mod console;
 pub mod continuity;
 pub mod conversation;
+pub mod cpu;
 pub mod daemon;
 pub mod doctor;
 pub mod fsutil;

@@ -101,10 +101,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Counters of the running (or last) daemon: events, bytes, drops, truncations, gaps.
+    /// Counters of the running (or last) daemon: events, bytes, drops, truncations, gaps,
+    /// and what observing costs: its CPU time per statement recorded, by thread, and the
+    /// eBPF programs' (while `kernel.bpf_stats_enabled = 1`).
     Stats {
         #[command(flatten)]
         dir: StateDir,
+        /// Print stats.json as the daemon wrote it (every second).
         #[arg(long)]
         json: bool,
     },

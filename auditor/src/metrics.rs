@@ -18,9 +18,44 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: impl std:
     let _ = writeln!(out, "auditor_{name} {value}");
 }
 
+/// The daemon's CPU seconds by thread and mode, and its whole process's (threads that
+/// ended included).
+fn cpu(o: &mut String, c: &crate::cpu::CpuStats) {
+    if c.threads.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "# HELP auditor_cpu_seconds_total The daemon's CPU time by thread (running ones) and mode."
+    );
+    let _ = writeln!(o, "# TYPE auditor_cpu_seconds_total counter");
+    for (thread, t) in &c.threads {
+        // Thread names are the daemon's own (and the kernel's 15 bytes): no quotes or
+        // backslashes to escape, but escaped anyway.
+        let name = thread
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n");
+        for (mode, v) in [("user", t.user_s), ("system", t.system_s)] {
+            let _ = writeln!(
+                o,
+                "auditor_cpu_seconds_total{{thread=\"{name}\",mode=\"{mode}\"}} {v}"
+            );
+        }
+    }
+    metric(
+        o,
+        "process_cpu_seconds_total",
+        "counter",
+        "The daemon's CPU time, all threads (ended ones included), user and system.",
+        c.process.total(),
+    );
+}
+
 /// The exposition of a stats snapshot.
 pub fn render(s: &Stats) -> String {
     let mut o = String::new();
+    cpu(&mut o, &s.cpu);
     let t = &s.tracker;
     let k = &s.kernel;
     metric(
@@ -399,6 +434,35 @@ mod tests {
         assert!(text.contains("auditor_policy_reload_errors_total 1\n"));
         assert!(text.contains("\nauditor_trail_lag_seconds 1.5\n"));
         assert!(!text.contains("kubernetes"));
+        assert!(!text.contains("cpu_seconds"), "not counted: not shown");
+        s.cpu.process = crate::cpu::Seconds {
+            user_s: 2.5,
+            system_s: 0.75,
+        };
+        s.cpu.threads.insert(
+            "main".into(),
+            crate::cpu::Seconds {
+                user_s: 2.0,
+                system_s: 0.25,
+            },
+        );
+        s.cpu.threads.insert(
+            "a\"b".into(),
+            crate::cpu::Seconds {
+                user_s: 0.5,
+                system_s: 0.0,
+            },
+        );
+        let with_cpu = render(&s);
+        for line in [
+            "\n# TYPE auditor_cpu_seconds_total counter\n",
+            "\nauditor_cpu_seconds_total{thread=\"main\",mode=\"user\"} 2\n",
+            "\nauditor_cpu_seconds_total{thread=\"main\",mode=\"system\"} 0.25\n",
+            "\nauditor_cpu_seconds_total{thread=\"a\\\"b\",mode=\"user\"} 0.5\n",
+            "\nauditor_process_cpu_seconds_total 3.25\n",
+        ] {
+            assert!(with_cpu.contains(line), "{line} in {with_cpu}");
+        }
         assert!(!text.contains("proxy"));
         s.proxy = Some(crate::proxy::ProxyStats {
             held: 3,

@@ -138,6 +138,34 @@ fn a_reload_under_load_loses_nothing_and_switches_the_policy() {
     assert!(msg.contains("did you mean `selector`?"), "{msg}");
     assert_eq!(stats["policies"]["reloads"], 1, "{stats:#}");
     assert_eq!(stats["policies"]["reload_errors"], 1, "{stats:#}");
+    // What observing cost: the daemon's CPU time, by thread (more than 10,000 statements
+    // were decoded and written: its decoding and sink threads worked).
+    for thread in ["main", "sink"] {
+        let t = &stats["cpu"]["threads"][thread];
+        assert!(
+            t["user_s"].as_f64().unwrap() + t["system_s"].as_f64().unwrap() > 0.0,
+            "{stats:#}"
+        );
+        assert!(
+            metrics.contains(&format!(
+                "\nauditor_cpu_seconds_total{{thread=\"{thread}\",mode=\"user\"}} "
+            )),
+            "{metrics}"
+        );
+    }
+    assert!(stats["cpu"]["process"]["user_s"].as_f64().unwrap() > 0.0);
+    let out = Command::new(auditor_bin())
+        .args(["stats", "--state-dir"])
+        .arg(&daemon.state)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("daemon CPU ") && l.ends_with(" µs per statement")),
+        "{text}"
+    );
 
     // explain: the session's policies, recorded and as they are now.
     let some_session = recorded[recorded.len() / 2]["session_id"].as_str().unwrap();
