@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::workload::process::{ns_per_tick, stat_fields};
+
 /// CPU seconds in user and in kernel mode.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Seconds {
@@ -37,36 +39,21 @@ pub struct CpuStats {
 }
 
 /// The user and system time of a `stat` line of `/proc` (fields 14 and 15), in clock
-/// ticks, and the thread's name. The name is between the first `(` and the last `)`: it
-/// may hold spaces and parentheses itself.
+/// ticks, and the thread's name.
 fn parse_stat(line: &str) -> Option<(&str, u64, u64)> {
-    let open = line.find('(')?;
-    let close = line.rfind(')')?;
-    let name = line.get(open + 1..close)?;
-    // After the name: state (field 3), then fields 4 to 13, utime (14), stime (15).
-    let mut rest = line.get(close + 1..)?.split_ascii_whitespace().skip(11);
-    let user = rest.next()?.parse().ok()?;
-    let system = rest.next()?.parse().ok()?;
+    let (name, mut fields) = stat_fields(line)?;
+    let user = fields.nth(14 - 3)?.parse().ok()?;
+    let system = fields.next()?.parse().ok()?;
     Some((name, user, system))
-}
-
-fn ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
 }
 
 /// This process's CPU time now, and its threads' by id (with their names). What cannot be
 /// read (a thread that ended meanwhile) is left out; an unreadable `/proc` gives zeros.
 fn read_tasks() -> (Seconds, BTreeMap<u32, (String, Seconds)>) {
-    let tick = ticks_per_second();
+    let tick = ns_per_tick() as f64 / 1e9;
     let seconds = |user: u64, system: u64| Seconds {
-        user_s: user as f64 / tick,
-        system_s: system as f64 / tick,
+        user_s: user as f64 * tick,
+        system_s: system as f64 * tick,
     };
     let mut process = Seconds::default();
     if let Ok(line) = std::fs::read_to_string("/proc/self/stat") {

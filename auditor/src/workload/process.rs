@@ -201,7 +201,7 @@ pub struct TaskFacts {
 }
 
 /// Nanoseconds per clock tick of /proc/PID/stat's times.
-fn ns_per_tick() -> u64 {
+pub(crate) fn ns_per_tick() -> u64 {
     static NS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *NS.get_or_init(|| {
         // SAFETY: sysconf reads a constant of the system.
@@ -279,10 +279,17 @@ fn started_after(ticks: u64, seen_ns: u64) -> bool {
 /// when it cannot be read (the process is gone).
 fn start_ticks(proc_dir: &Path) -> Option<u64> {
     let stat = std::fs::read_to_string(proc_dir.join("stat")).ok()?;
-    // After the name in parentheses (which may hold spaces and parentheses itself).
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // Fields 3.. follow: the start time is field 22, the 20th of them.
-    rest.split_whitespace().nth(19)?.parse().ok()
+    stat_fields(&stat)?.1.nth(22 - 3)?.parse().ok()
+}
+
+/// A `stat` line of /proc (of a process or a thread): its name, and its fields from the
+/// third (the state) on. The name is between the first `(` and the last `)`: it may hold
+/// spaces and parentheses itself.
+pub(crate) fn stat_fields(line: &str) -> Option<(&str, std::str::SplitAsciiWhitespace<'_>)> {
+    let open = line.find('(')?;
+    let close = line.rfind(')')?;
+    let name = line.get(open + 1..close)?;
+    Some((name, line.get(close + 1..)?.split_ascii_whitespace()))
 }
 
 /// Resolves identities, caching per process for a short while (pids are reused).
