@@ -86,11 +86,6 @@ fn read_tasks() -> (Seconds, BTreeMap<u32, (String, Seconds)>) {
     (process, threads)
 }
 
-/// This process's CPU time now (threads running now only).
-pub fn read_self() -> CpuStats {
-    CpuCounter::default().read()
-}
-
 /// The daemon's CPU time read again and again (each second): a thread that ends keeps,
 /// under its name, the time it had when last read, so each name's count only grows (the
 /// sink thread's is still there in the stats written after it stopped).
@@ -121,6 +116,11 @@ impl CpuCounter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// This process's CPU time now (threads running now only).
+    fn read_self() -> CpuStats {
+        CpuCounter::default().read()
+    }
 
     #[test]
     fn a_stat_line_gives_its_name_and_times() {

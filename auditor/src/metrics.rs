@@ -26,7 +26,7 @@ fn cpu(o: &mut String, c: &crate::cpu::CpuStats) {
     }
     let _ = writeln!(
         o,
-        "# HELP auditor_cpu_seconds_total The daemon's CPU time by thread (running ones) and mode."
+        "# HELP auditor_cpu_seconds_total The daemon's CPU time by thread name and mode (a thread that ended: as last read)."
     );
     let _ = writeln!(o, "# TYPE auditor_cpu_seconds_total counter");
     for (thread, t) in &c.threads {
