@@ -200,7 +200,7 @@ fn hand_on(
             // Their boxes are kept for the next events (see `recorder::boxed`), those of
             // a burst's batch too: freeing them here and allocating anew would cost a
             // malloc and a free per event at the busiest time.
-            used.drain(..).for_each(crate::audit::recorder::recycle);
+            crate::cache::prefetched_drain(&mut used, crate::audit::recorder::recycle);
             // A list a burst grew is not kept for the quiet after.
             if used.capacity() <= 2 * SEND_AT {
                 used

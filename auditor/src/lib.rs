@@ -4,6 +4,7 @@
 
 pub mod approvals;
 pub mod audit;
+pub mod cache;
 pub mod capture;
 pub mod cli;
 pub mod config;

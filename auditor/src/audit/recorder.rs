@@ -82,7 +82,20 @@ thread_local! {
 /// One of this thread's spare boxes, if it has any.
 fn spare_box() -> Option<Box<std::mem::MaybeUninit<AuditEvent>>> {
     SPARE
-        .try_with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()))
+        .try_with(|s| {
+            let mut s = s.try_borrow_mut().ok()?;
+            let b = s.pop();
+            // The next one is written at the next event: its lines, which the sink
+            // thread read last, are taken for writing now (see `cache`).
+            if let Some(next) = s.last() {
+                crate::cache::prefetch_bytes(
+                    next.as_ptr().cast(),
+                    std::mem::size_of::<AuditEvent>(),
+                    true,
+                );
+            }
+            b
+        })
         .ok()
         .flatten()
 }

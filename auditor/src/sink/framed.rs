@@ -114,7 +114,7 @@ impl Framer {
             self.started = true;
             self.handed = false;
         }
-        for ev in batch {
+        for ev in crate::cache::prefetched(batch) {
             self.context.clear();
             self.shape.clear();
             self.record.clear();

@@ -733,7 +733,7 @@ impl Sink for LocalLogSink {
             records
         });
         let mut first = None;
-        for ev in batch.iter() {
+        for ev in crate::cache::prefetched(batch) {
             match self.log.append_to(ev, tee.as_deref_mut()) {
                 Ok(()) => self.events += 1,
                 Err(e) => {
