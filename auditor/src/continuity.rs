@@ -42,8 +42,20 @@ impl Watermark {
         read_json(&Self::path(state_dir))
     }
 
+    /// Writes it (the last one, of a daemon that stops: replaced, its data written back
+    /// before the name points at it).
     pub fn write(&self, state_dir: &Path) -> std::io::Result<()> {
         write_json(&Self::path(state_dir), self)
+    }
+
+    /// Writes it while the daemon runs (every second): written over in place (see
+    /// [`crate::fsutil::rewrite_private`]; after a crash of the host an older watermark
+    /// makes the next run's gap start earlier, never later).
+    pub fn write_running(&self, state_dir: &Path) -> std::io::Result<()> {
+        crate::fsutil::rewrite_private(
+            &Self::path(state_dir),
+            &serde_json::to_vec(self).unwrap_or_default(),
+        )
     }
 }
 

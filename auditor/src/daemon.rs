@@ -323,7 +323,7 @@ fn sinks_health(board: &sink::HealthBoard) -> std::collections::BTreeMap<String,
 
 fn write_stats(path: &Path, stats: &Stats) {
     if let Ok(text) = serde_json::to_vec_pretty(stats) {
-        let _ = crate::fsutil::write_private(path, &text);
+        let _ = crate::fsutil::rewrite_private(path, &text);
     }
 }
 
@@ -968,7 +968,7 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<(), DaemonError> {
                 complete_until: t.to_string(),
                 stopped: false,
             };
-            if let Err(e) = w.write(&cfg.state_dir) {
+            if let Err(e) = w.write_running(&cfg.state_dir) {
                 tracing::warn!(
                     "{}: {e}",
                     continuity::Watermark::path(&cfg.state_dir).display()

@@ -1710,9 +1710,23 @@ fn apply_policy(
         s.applied = Some(Arc::new(applied));
         s.applied_for = (generation, s.workload_of, ev.db_user.clone());
     }
-    let Some(applied) = s.applied.clone() else {
+    // Lent for the judgement (a clone would be a shared count touched per event).
+    let Some(applied) = s.applied.take() else {
         return;
     };
+    judge_event(s, ev, source, &applied, recording, counters);
+    s.applied = Some(applied);
+}
+
+/// What the session's policies (`applied`) make of an event.
+fn judge_event(
+    s: &mut SessionEntry,
+    ev: &mut AuditEvent,
+    source: &crate::audit::recorder::Source,
+    applied: &crate::policy::Applied,
+    recording: &RecordingPolicy,
+    counters: &mut TrackerCounters,
+) {
     ev.policy = applied.name.clone();
     ev.policy_version = applied.version.clone();
     let requested = ev.kind == EventKind::ApprovalRequested;

@@ -236,31 +236,17 @@ pub struct PreparedStatement {
 /// What a Bind carried, kept as it came on the wire (one shared allocation: parameter
 /// formats, values, result formats; a clone shares it): the audit hashes or shows the
 /// values, an approval binds them, masking reads the result formats.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct BoundParams {
     /// Formats, values and result formats from its start to `end`; what follows is room
     /// a later Bind may write its own into ([`BoundParams::of`]). Nothing reads past `end`.
-    raw: Arc<[u8]>,
+    /// None: no parts (made and dropped without touching a shared count).
+    raw: Option<Arc<[u8]>>,
     count: u16,
     /// Offsets into `raw` (a Bind is one message: its parts are under 4 GiB).
     values_at: u32,
     results_at: u32,
     end: u32,
-}
-
-impl Default for BoundParams {
-    fn default() -> Self {
-        thread_local! {
-            static EMPTY: Arc<[u8]> = Arc::from([]);
-        }
-        BoundParams {
-            raw: EMPTY.with(Arc::clone),
-            count: 0,
-            values_at: 0,
-            results_at: 0,
-            end: 0,
-        }
-    }
 }
 
 /// A Bind's buffer is allocated in steps of this many bytes, so the next Bind (values of
@@ -315,7 +301,7 @@ impl BoundParams {
     fn laid_out(raw: Arc<[u8]>, parts: &[&[u8]; 3], count: usize) -> Self {
         let [values, results, end] = slot_ranges(parts).map(|r| r.end as u32);
         BoundParams {
-            raw,
+            raw: Some(raw),
             count: count as u16,
             values_at: values,
             results_at: results,
@@ -327,25 +313,29 @@ impl BoundParams {
     /// Execute that took it answered, its event recorded); these params are empty after.
     /// None for a large one (not kept past its portal).
     fn take_buffer(&mut self) -> Option<Arc<[u8]>> {
-        if self.end > 0 && self.raw.len() <= SPARE_BIND_MAX {
-            Some(std::mem::take(self).raw)
+        if self.end > 0 && self.raw().len() <= SPARE_BIND_MAX {
+            std::mem::take(self).raw
         } else {
             None
         }
     }
+    /// The buffer (empty for no parts).
+    fn raw(&self) -> &[u8] {
+        self.raw.as_deref().unwrap_or_default()
+    }
     /// Parameter format codes.
     pub fn formats(&self) -> I16s<'_> {
-        I16s(&self.raw[..self.values_at as usize])
+        I16s(&self.raw()[..self.values_at as usize])
     }
     pub fn values(&self) -> Values<'_> {
         Values {
             count: self.count,
-            raw: &self.raw[self.values_at as usize..self.results_at as usize],
+            raw: &self.raw()[self.values_at as usize..self.results_at as usize],
         }
     }
     /// Result-column format codes.
     pub fn result_formats(&self) -> I16s<'_> {
-        I16s(&self.raw[self.results_at as usize..self.end as usize])
+        I16s(&self.raw()[self.results_at as usize..self.end as usize])
     }
 }
 
@@ -1378,7 +1368,7 @@ impl Conversation {
 
     /// A Describe is answered (RowDescription or NoData): the statement or portal keeps
     /// its columns.
-    fn described(&mut self, columns: Option<Arc<[Column]>>) {
+    fn described(&mut self, mut columns: Option<Arc<[Column]>>) {
         let Some(Pending::Describe {
             target,
             name,
@@ -1403,7 +1393,12 @@ impl Conversation {
                 // came: they get them too, up to a Bind that makes the name another
                 // portal.
                 let mut rebound = false;
-                let mut statement = None;
+                // The portal's statement (the first of these that has one: all are the
+                // same portal's), taken only if it has no description yet (most have
+                // one: a shared count not touched per statement).
+                let mut statement: Option<Option<Arc<PreparedStatement>>> = None;
+                let undescribed =
+                    |s: &Arc<PreparedStatement>| s.description.get().is_none().then(|| s.clone());
                 for p in self.pending.iter_mut() {
                     match p {
                         Pending::Bind { portal } if same_str(portal, &name) => {
@@ -1418,23 +1413,34 @@ impl Conversation {
                             if portal.columns.is_none() {
                                 portal.columns = columns.clone();
                             }
-                            statement = statement.or_else(|| portal.statement.clone());
+                            if statement.is_none() {
+                                statement = portal.statement.as_ref().map(undescribed);
+                            }
                         }
                         _ => {}
                     }
                 }
-                if !rebound {
-                    if let Some(p) = self.portals.get_mut(&name) {
-                        p.columns = columns.clone();
-                        statement = statement.or_else(|| p.statement.clone());
+                let statement = match self.portals.get_mut(&name).filter(|_| !rebound) {
+                    Some(p) => {
+                        let statement = statement.or_else(|| p.statement.as_ref().map(undescribed));
+                        let statement = statement.flatten();
+                        // The columns move to the portal unless its statement takes them
+                        // too.
+                        p.columns = if statement.is_some() {
+                            columns.clone()
+                        } else {
+                            columns.take()
+                        };
+                        statement
                     }
-                }
+                    None => statement.flatten(),
+                };
                 // Its statement returns the same columns each time it runs: a driver that
                 // described a portal once (pgjdbc, when it switches to a named statement)
                 // executes the statement again without any Describe.
                 // (As a statement's description has them: in text format, shared as they
                 // are when the portal's are, as most are.)
-                if let Some(s) = statement.filter(|s| s.description.get().is_none()) {
+                if let Some(s) = statement {
                     let _ = s.description.set(Description {
                         param_types: param_types_of(&s.declared_types),
                         columns: columns.map(|cols| {
@@ -2398,7 +2404,7 @@ mod tests {
             // Written over: past this Bind's bytes, those of the longer one before (a new
             // buffer's room is zeroed).
             let p = &c.portal("").unwrap().params;
-            let over = p.raw[p.end as usize..].iter().any(|b| *b != 0);
+            let over = p.raw()[p.end as usize..].iter().any(|b| *b != 0);
             assert_eq!(over, i == 1 || i == 3, "run {i}");
             feed(&mut c, false, &answered(1), &mut out);
             let expected: Vec<Option<Vec<u8>>> =
