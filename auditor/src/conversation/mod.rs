@@ -1033,7 +1033,16 @@ impl Conversation {
                 param_types,
             } => {
                 let name = text_of(name).into_owned();
-                let (sql, analysis) = analyzer.analyze_text(&text_of(sql));
+                // The same text parsed again under the same name (the unnamed statement
+                // before each execution: libpq's extended protocol, most drivers'
+                // unprepared statements) shares the text and analysis it had: no UTF-8
+                // check, cache lookup or shape per statement.
+                let again = self
+                    .prepared
+                    .get(&name)
+                    .filter(|old| self.partial.is_none() && same_bytes(old.sql.as_bytes(), sql))
+                    .map(|old| (old.sql.clone(), old.analysis.clone()));
+                let (sql, analysis) = again.unwrap_or_else(|| analyzer.analyze_text(&text_of(sql)));
                 let parsed = PreparedStatement {
                     name: Text::lasting_shape(&name),
                     analysis,
@@ -2114,6 +2123,81 @@ mod tests {
         }
         assert_eq!(c.pending.len(), 0);
         assert!(c.portals.values().count() <= 1);
+    }
+
+    #[test]
+    fn the_same_text_parsed_again_shares_its_analysis_and_another_does_not() {
+        // libpq's extended protocol: Parse of the unnamed statement before each run.
+        let mut c = ready();
+        let mut out = Vec::new();
+        let mut run = |c: &mut Conversation, sql: &str| {
+            let client = [
+                frame(b'P', &[cstr(""), cstr(sql), vec![0, 0]].concat()),
+                frame(b'B', &[cstr(""), cstr(""), vec![0, 0, 0, 0, 0, 0]].concat()),
+                portal_described_and_run(),
+            ]
+            .concat();
+            feed(c, true, &client, &mut out);
+            let parsed = c.statement("").expect("parsed").clone();
+            let server = [
+                parsed_and_bound(),
+                row_description(&[("x", 0, 0, 23)]),
+                frame(b'C', b"SELECT 1\0"),
+                frame(b'Z', b"I"),
+            ]
+            .concat();
+            feed(c, false, &server, &mut out);
+            parsed
+        };
+        let a = run(&mut c, "select x from t where id = $1");
+        let b = run(&mut c, "select x from t where id = $1");
+        assert!(
+            !Arc::ptr_eq(&a, &b),
+            "a new statement (its own description)"
+        );
+        assert!(Arc::ptr_eq(&a.sql, &b.sql) && Arc::ptr_eq(&a.analysis, &b.analysis));
+        for other in [
+            "select x from t where id = $2",
+            "select x from t where id = $",
+            "select x from t where id = $1 ",
+        ] {
+            let d = run(&mut c, other);
+            assert_eq!(&*d.sql, other);
+            assert!(!Arc::ptr_eq(&a.sql, &d.sql));
+        }
+        // Every run recorded with its own text.
+        let texts: Vec<String> = out
+            .iter()
+            .filter_map(|o| match o {
+                Outcome::Statement(StatementOutcome {
+                    text: StatementText::Known { sql, .. },
+                    ..
+                }) => Some(sql.to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                "select x from t where id = $1",
+                "select x from t where id = $1",
+                "select x from t where id = $2",
+                "select x from t where id = $",
+                "select x from t where id = $1 ",
+            ]
+        );
+        // Invalid UTF-8 is never shared as the text it was made into.
+        let mut c = ready();
+        let bad = [b"select '".as_slice(), &[0xff], b"'"].concat();
+        for _ in 0..2 {
+            let client = [
+                frame(b'P', &[cstr(""), bad.clone(), vec![0], vec![0, 0]].concat()),
+                frame(b'S', b""),
+            ]
+            .concat();
+            feed(&mut c, true, &client, &mut out);
+            assert_eq!(&*c.statement("").unwrap().sql, "select '\u{fffd}'");
+        }
     }
 
     #[test]
