@@ -69,16 +69,13 @@ fn tmp_of(path: &Path) -> std::path::PathBuf {
 /// decoding thread's time, in a profile under load.
 ///
 /// No write-back is forced: after a crash of the host the file may hold the content of
-/// an earlier write (whole: it is one block). Only for files where an older content is
+/// an earlier write (whole, for a file of one block). Only for files where an older content is
 /// safe to read (an older watermark makes a larger gap, never a smaller one).
 pub fn rewrite_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = tmp_of(path);
     let mut f = private_options().create(true).write(true).open(&tmp)?;
     // The exchanged file may be one an older version created 0644.
-    let mode = f.metadata()?.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        f.set_permissions(std::fs::Permissions::from_mode(mode & 0o700))?;
-    }
+    make_private(&tmp)?;
     f.write_all(bytes)?;
     f.set_len(bytes.len() as u64)?;
     drop(f);
